@@ -1,0 +1,26 @@
+# The two set-up commands of the README live here, so a new user and CI run the same thing.
+PYTHON ?= python3
+PIP ?= $(PYTHON) -m pip
+DEB_PACKAGES := mosquitto swtpm swtpm-tools tpm2-tools libtss2-dev pkg-config tmux
+
+.PHONY: up install test test-deps system-deps
+
+install:
+	$(PIP) install -q -e .
+
+up: install
+	edgeward up
+
+system-deps:
+	@missing=""; for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -z "$$missing" ]; then echo "system packages present"; \
+	elif [ "$$(id -u)" = 0 ]; then echo "installing:$$missing"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null) \
+	  || { echo "apt-get failed for:$$missing" >&2; exit 1; }; \
+	else echo "NOTE: not root, cannot install:$$missing -- tests that need them will be skipped with a reason"; fi
+
+test-deps: system-deps
+	$(PIP) install -q -e '.[dev]'
+
+test: test-deps
+	$(PYTHON) -m pytest

@@ -1,0 +1,59 @@
+"""``edgeward agent -c node.yaml``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ctypes
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from .agent import NodeAgent
+from .config import AgentConfigError, load_agent_config
+
+
+def _die_with_parent() -> None:
+    """Under `edgeward up`, end with the parent even if it is killed with SIGKILL (Linux)."""
+    parent = os.environ.get("EDGEWARD_DIE_WITH_PARENT")
+    if not parent:
+        return
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != int(parent):  # the parent died before prctl took effect
+        sys.exit(1)
+
+
+def cmd_agent(args: argparse.Namespace) -> int:
+    _die_with_parent()
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose > 1 else logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        config = load_agent_config(Path(args.config))
+    except AgentConfigError as err:
+        print(f"edgeward agent: {err}", file=sys.stderr)
+        return 2
+    if args.broker_url:
+        config = config.model_copy(update={"broker": config.broker.model_copy(update={"url": args.broker_url})})
+    return asyncio.run(_run(config))
+
+
+async def _run(config) -> int:  # noqa: ANN001
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        async with NodeAgent(config) as agent:
+            print(f"node {agent.node_id} ready inference={agent.inference_endpoint}", flush=True)
+            await stop.wait()
+    except Exception as err:
+        print(f"edgeward agent: {type(err).__name__}: {err}", file=sys.stderr)
+        return 1
+    return 0

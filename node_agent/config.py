@@ -1,0 +1,81 @@
+"""Node agent configuration (``edgeward agent -c node.yaml``): typed, unknown keys rejected."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from edgeward.mqtt.topics import validate_node_id
+
+
+class AgentConfigError(Exception):
+    pass
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class AgentBrokerConfig(_Strict):
+    url: str = Field("mqtt://127.0.0.1:1883", description="mqtt://host:port or mqtts://host:port.")
+    ca_file: Path | None = Field(None, description="CA bundle for mqtts://.")
+    cert_file: Path | None = Field(None, description="This node's client certificate (mTLS).")
+    key_file: Path | None = Field(None, description="This node's client key (mTLS).")
+    topic_prefix: str = Field("edgeward/v1", description="Prefix of every edgeward topic.")
+    max_payload: Annotated[int, Field(ge=1024, le=64 * 1024 * 1024)] = Field(
+        256 * 1024, description="Commands larger than this are dropped and counted."
+    )
+
+
+class PowerProfile(_Strict):
+    idle_w: Annotated[float, Field(ge=0)] = Field(2.0, description="Board power when idle, watts.")
+    active_w: Annotated[float, Field(gt=0)] = Field(6.0, description="Board power at full load, watts.")
+
+
+class AcceleratorConfig(_Strict):
+    kind: str = Field("cpu-litert", description="Registered backend kind.")
+    options: dict[str, Any] = Field(default_factory=dict, description="Backend-specific settings.")
+
+
+class AgentConfig(_Strict):
+    """Settings of one node agent."""
+
+    node_id: str = Field(description="Unique node id: lowercase letters, digits, '.', '_' or '-'.")
+    labels: dict[str, str] = Field(default_factory=dict, description="Labels the scheduler can select on.")
+    hardware_profile: str = Field("generic", description="Name of the board's hardware profile.")
+    broker: AgentBrokerConfig = Field(default_factory=AgentBrokerConfig)
+    accelerators: list[AcceleratorConfig] = Field(
+        default_factory=lambda: [AcceleratorConfig()], min_length=1, description="Backends to bring up."
+    )
+    power: PowerProfile = Field(default_factory=PowerProfile)
+    memory_bytes: Annotated[int, Field(ge=0)] = Field(512 * 1024**2, description="Memory offered to models.")
+    max_replicas: Annotated[int, Field(ge=1, le=1024)] = Field(8, description="Most replicas this node runs.")
+    heartbeat_s: Annotated[float, Field(gt=0, le=300)] = Field(
+        5.0, description="Interval of status and telemetry messages."
+    )
+    inference_bind: str = Field("127.0.0.1:0", description="host:port of the inference server; port 0 picks one.")
+    state_dir: Path = Field(Path("state/agent"), description="Local cache of model artifacts.")
+
+    @field_validator("node_id")
+    @classmethod
+    def _node_id(cls, value: str) -> str:
+        validate_node_id(value)
+        return value
+
+
+def load_agent_config(path: Path) -> AgentConfig:
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise AgentConfigError(f"cannot read {path}: {err}") from err
+    if not isinstance(data, dict):
+        raise AgentConfigError(f"{path}: top level must be a mapping")
+    try:
+        return AgentConfig.model_validate(data)
+    except ValidationError as err:
+        raise AgentConfigError(
+            f"{path}: " + "; ".join(".".join(map(str, e["loc"])) + ": " + e["msg"] for e in err.errors())
+        ) from err

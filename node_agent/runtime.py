@@ -1,0 +1,238 @@
+"""The node's model runtime: replicas, their artifacts, their backends, and inference on them.
+
+Replica lifecycle on the node: Loading -> Running, or -> Failed with a reason id. Artifacts are
+fetched once per sha256 into the local cache (write-then-rename, digest checked before use), so
+an agent restart serves again from disk. Every blocking call (disk, interpreter) goes through
+``run_blocking``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from accelerators.base import AcceleratorError, Backend, InferResult, ModelArtifact, ModelHandle
+from edgeward.v1 import node_pb2
+
+from .stats import LatencyWindow
+
+log = logging.getLogger(__name__)
+
+Fetch = Callable[[node_pb2.DeployReplica], Awaitable[bytes]]
+RunBlocking = Callable[..., Awaitable[Any]]
+
+
+class ArtifactError(Exception):
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+@dataclass
+class ReplicaState:
+    spec: node_pb2.DeployReplica
+    phase: int = node_pb2.REPLICA_PHASE_LOADING
+    reason: str = ""
+    message: str = ""
+    backend: Backend | None = None
+    handle: ModelHandle | None = None
+    task: asyncio.Task | None = field(default=None, repr=False)
+
+    def report(self) -> node_pb2.ReplicaReport:
+        return node_pb2.ReplicaReport(
+            replica_id=self.spec.replica_id, deployment=self.spec.deployment, model_name=self.spec.model_name,
+            model_version=self.spec.model_version, phase=self.phase, reason=self.reason, message=self.message,
+            accelerator=self.spec.accelerator,
+        )
+
+
+@dataclass
+class ModelCounters:
+    inferences: int = 0
+    errors: int = 0
+    latency: LatencyWindow = field(default_factory=LatencyWindow)
+
+
+class Runtime:
+    def __init__(
+        self, backends: dict[str, Backend], cache_dir: Path, run_blocking: RunBlocking,
+        on_change: Callable[[], None],
+    ) -> None:
+        self.backends = backends
+        self.cache_dir = Path(cache_dir)
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        self._run_blocking = run_blocking
+        self._on_change = on_change
+        self.replicas: dict[str, ReplicaState] = {}
+        self.counters: dict[tuple[str, str], ModelCounters] = {}
+        self.energy_j = 0.0              # energy of inference work, from the backends
+        self.busy_s = 0.0
+        self.energy_source = "modelled"
+        self._rr = 0
+        self.in_flight = 0
+
+    # ------------------------------------------------------------ desired state
+
+    def deploy(self, spec: node_pb2.DeployReplica, fetch: Fetch) -> bool:
+        """Start loading ``spec`` unless already there; returns False when it was a no-op."""
+        current = self.replicas.get(spec.replica_id)
+        if current is not None and current.spec.sha256 == spec.sha256 and current.phase != node_pb2.REPLICA_PHASE_FAILED:
+            return False
+        if current is not None:
+            self._drop(current)
+        state = ReplicaState(spec)
+        self.replicas[spec.replica_id] = state
+        state.task = asyncio.get_running_loop().create_task(self._load(state, fetch), name=f"load-{spec.replica_id}")
+        self._on_change()
+        return True
+
+    async def undeploy(self, replica_id: str) -> bool:
+        state = self.replicas.pop(replica_id, None)
+        if state is None:
+            return False
+        await self._unload(state)
+        self._on_change()
+        return True
+
+    async def sync(self, wanted: list[node_pb2.DeployReplica], fetch: Fetch) -> None:
+        ids = {spec.replica_id for spec in wanted}
+        for rid in [r for r in self.replicas if r not in ids]:
+            await self.undeploy(rid)
+        for spec in wanted:
+            self.deploy(spec, fetch)
+
+    async def close(self) -> None:
+        for state in list(self.replicas.values()):
+            await self._unload(state)
+        self.replicas.clear()
+
+    def _drop(self, state: ReplicaState) -> None:
+        if state.task is not None and not state.task.done():
+            state.task.cancel()
+        if state.backend is not None and state.handle is not None:
+            state.backend.unload(state.handle)
+
+    async def _unload(self, state: ReplicaState) -> None:
+        if state.task is not None and not state.task.done():
+            state.task.cancel()
+            await asyncio.gather(state.task, return_exceptions=True)
+        if state.backend is not None and state.handle is not None:
+            await self._run_blocking(state.backend.unload, state.handle)
+            state.handle = None
+
+    async def _load(self, state: ReplicaState, fetch: Fetch) -> None:
+        spec = state.spec
+        try:
+            backend = self.backends.get(spec.accelerator) or next(iter(self.backends.values()))
+            data = await self._run_blocking(self._read_cache, spec.sha256)
+            if data is None:
+                data = await fetch(spec)
+                if hashlib.sha256(data).hexdigest() != spec.sha256:
+                    raise ArtifactError("agent.artifact.sha256_mismatch", "downloaded bytes do not match the digest")
+                await self._run_blocking(self._write_cache, spec.sha256, data)
+            artifact = ModelArtifact.from_bytes(spec.model_name, spec.model_version, data)
+            handle = await self._run_blocking(backend.load, artifact)
+        except asyncio.CancelledError:
+            raise
+        except (AcceleratorError, ArtifactError) as err:
+            reason = getattr(err, "reason", None) if isinstance(err, ArtifactError) else type(err).event_id
+            self._fail(state, reason or "agent.model.load_failed", str(err))
+            return
+        except Exception as err:  # the artifact server is away, the disk is full, ...
+            self._fail(state, "agent.model.fetch_failed", f"{type(err).__name__}: {err}")
+            return
+        if self.replicas.get(spec.replica_id) is not state:  # undeployed while loading
+            await self._run_blocking(backend.unload, handle)
+            return
+        state.backend, state.handle = backend, handle
+        state.phase, state.reason, state.message = node_pb2.REPLICA_PHASE_RUNNING, "", ""
+        log.info("replica %s running %s:%s on %s", spec.replica_id, spec.model_name, spec.model_version, backend.kind)
+        self._on_change()
+
+    def _fail(self, state: ReplicaState, reason: str, message: str) -> None:
+        log.warning("replica %s failed: %s %s", state.spec.replica_id, reason, message)
+        state.phase, state.reason, state.message = node_pb2.REPLICA_PHASE_FAILED, reason, message[:500]
+        self._on_change()
+
+    def _read_cache(self, sha256: str) -> bytes | None:
+        path = self.cache_dir / sha256
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        if hashlib.sha256(data).hexdigest() != sha256:
+            path.unlink(missing_ok=True)  # torn or tampered: fetch again
+            return None
+        return data
+
+    def _write_cache(self, sha256: str, data: bytes) -> None:
+        fd, tmp = tempfile.mkstemp(dir=self.cache_dir, prefix=".tmp-")
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.cache_dir / sha256)
+
+    # ------------------------------------------------------------ serving
+
+    def running(self, name: str, version: str = "") -> list[ReplicaState]:
+        return [
+            s for s in self.replicas.values()
+            if s.phase == node_pb2.REPLICA_PHASE_RUNNING and s.spec.model_name == name
+            and (not version or s.spec.model_version == version)
+        ]
+
+    def loading(self, name: str, version: str = "") -> bool:
+        return any(
+            s.phase == node_pb2.REPLICA_PHASE_LOADING and s.spec.model_name == name
+            and (not version or s.spec.model_version == version)
+            for s in self.replicas.values()
+        )
+
+    def resolve(self, name: str, version: str = "") -> tuple[Backend, ModelHandle] | None:
+        states = self.running(name, version)
+        if not states:
+            return None
+        self._rr += 1
+        state = states[self._rr % len(states)]
+        assert state.backend is not None and state.handle is not None
+        return state.backend, state.handle
+
+    async def infer(self, backend: Backend, handle: ModelHandle, inputs: Any) -> InferResult:
+        key = (handle.name, handle.version)
+        counters = self.counters.get(key)
+        if counters is None:
+            counters = self.counters[key] = ModelCounters()
+        self.in_flight += 1
+        started = time.perf_counter()
+        try:
+            result: InferResult = await self._run_blocking(backend.infer, handle, inputs)
+        except Exception:
+            counters.errors += 1
+            raise
+        finally:
+            self.in_flight -= 1
+        counters.inferences += 1
+        counters.latency.add((time.perf_counter() - started) * 1000.0)
+        self.energy_j += result.energy_j
+        self.busy_s += result.latency_s
+        self.energy_source = result.energy_source
+        return result
+
+    def model_stats(self) -> list[node_pb2.ModelStats]:
+        out = []
+        for (name, version), c in sorted(self.counters.items()):
+            p50, p95, p99 = c.latency.percentiles((50, 95, 99))
+            out.append(node_pb2.ModelStats(
+                model_name=name, model_version=version, inferences=c.inferences, errors=c.errors,
+                latency_p50_ms=p50, latency_p95_ms=p95, latency_p99_ms=p99,
+            ))
+        return out

@@ -1,0 +1,344 @@
+"""gRPC services of the orchestrator (edgeward.v1): deployments, nodes, models.
+
+Errors raised by the control plane are mapped to status codes in one place (:func:`_status`):
+an invalid manifest is INVALID_ARGUMENT with every field path, an unknown model NOT_FOUND.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+import grpc
+
+from edgeward.v1 import api_pb2, api_pb2_grpc, node_pb2
+from edgeward.wire import now_ms
+
+from .errors import AlreadyExists, InvalidManifest, InvalidModel, NotFound, OrchestratorError
+from .manifest import NAME_RE, SEMVER_RE, parse_manifest
+from .phases import ACTIVE, Phase, to_pb
+from .store import DeploymentRecord, ModelRecord, NodeRecord, ReplicaChange, ReplicaRecord
+
+if TYPE_CHECKING:
+    from .server import Orchestrator
+
+log = logging.getLogger(__name__)
+
+MAX_MODEL_BYTES = 64 * 1024 * 1024
+CHUNK = 256 * 1024
+
+
+def _status(err: Exception) -> tuple[grpc.StatusCode, str]:
+    if isinstance(err, InvalidManifest | InvalidModel):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(err)
+    if isinstance(err, NotFound):
+        return grpc.StatusCode.NOT_FOUND, str(err)
+    if isinstance(err, AlreadyExists):
+        return grpc.StatusCode.ALREADY_EXISTS, str(err)
+    return grpc.StatusCode.INTERNAL, f"internal error: {type(err).__name__}"
+
+
+def _rpc(method: Callable) -> Callable:
+    """Convert our errors into gRPC status codes at the boundary."""
+
+    @functools.wraps(method)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await method(self, request, context)
+        except OrchestratorError as err:
+            code, detail = _status(err)
+            await context.abort(code, detail)
+        except asyncio.CancelledError:
+            raise
+        except grpc.aio.AbortError:
+            raise
+        except Exception as err:
+            log.exception("%s failed", method.__name__)
+            code, detail = _status(err)
+            await context.abort(code, detail)
+
+    return wrapper
+
+
+# ---------------------------------------------------------------- conversions
+
+
+def replica_to_pb(rep: ReplicaRecord) -> api_pb2.Replica:
+    return api_pb2.Replica(
+        id=rep.id, node_id=rep.node_id or "", phase=to_pb(rep.phase), reason=rep.reason, message=rep.message,
+        updated_unix_ms=rep.updated_ms, accelerator=rep.accelerator or "", model_version=rep.model_version,
+    )
+
+
+def deployment_to_pb(record: DeploymentRecord, replicas: list[ReplicaRecord]) -> api_pb2.Deployment:
+    spec = record.manifest.spec
+    req = spec.requirements
+    live = [r for r in replicas if r.phase != Phase.EVICTED]
+    return api_pb2.Deployment(
+        name=record.name,
+        labels=record.manifest.metadata.labels,
+        generation=record.generation,
+        spec=api_pb2.DeploymentSpec(
+            model=api_pb2.ModelRef(name=spec.model.name, version=spec.model.version),
+            replicas=spec.replicas,
+            requirements=api_pb2.Requirements(
+                accelerators=req.accelerators, max_latency_ms=req.max_latency_ms,
+                memory_bytes=req.memory_bytes, attestation_tier="" if req.attestation == "none" else req.attestation,
+            ),
+            selector=spec.selector.match_labels,
+        ),
+        status=api_pb2.DeploymentStatus(
+            replicas=spec.replicas,
+            running=sum(r.phase == Phase.RUNNING and r.generation == record.generation for r in live),
+            replica_list=[replica_to_pb(r) for r in replicas],
+            observed_generation=record.generation,
+        ),
+        created_unix_ms=record.created_ms,
+        updated_unix_ms=record.updated_ms,
+    )
+
+
+# ---------------------------------------------------------------- deployments
+
+
+class DeploymentService(api_pb2_grpc.DeploymentServiceServicer):
+    def __init__(self, orch: Orchestrator) -> None:
+        self._orch = orch
+
+    @_rpc
+    async def Apply(self, request: api_pb2.ApplyRequest, context: grpc.aio.ServicerContext) -> api_pb2.ApplyResponse:
+        manifest = parse_manifest(request.manifest)
+        store = self._orch.store
+        model = manifest.spec.model
+        await self._orch.db(store.get_model, model.name, model.version)  # NotFound -> NOT_FOUND
+        if request.dry_run:
+            try:
+                record = await self._orch.db(store.get_deployment, manifest.metadata.name)
+            except NotFound:
+                record = DeploymentRecord(manifest.metadata.name, 0, manifest, now_ms(), now_ms())
+            return api_pb2.ApplyResponse(deployment=deployment_to_pb(replace(record, manifest=manifest), []))
+        record, created, changed = await self._orch.db(store.put_deployment, manifest, now_ms())
+        log.info("deployment %s %s (generation %d)", record.name,
+                 "created" if created else "changed" if changed else "unchanged", record.generation)
+        self._orch.reconciler.trigger()
+        replicas = await self._orch.db(store.list_replicas, record.name)
+        pb = deployment_to_pb(record, replicas)
+        if created or changed:
+            self._orch.watch.publish(api_pb2.WATCH_EVENT_TYPE_ADDED if created else api_pb2.WATCH_EVENT_TYPE_MODIFIED, pb)
+        return api_pb2.ApplyResponse(deployment=pb, created=created, changed=changed)
+
+    @_rpc
+    async def Get(self, request: api_pb2.GetDeploymentRequest, context: grpc.aio.ServicerContext) -> api_pb2.Deployment:
+        return await self._orch.deployment_pb(request.name)
+
+    @_rpc
+    async def List(self, request: api_pb2.ListDeploymentsRequest, context: grpc.aio.ServicerContext) -> api_pb2.ListDeploymentsResponse:
+        return api_pb2.ListDeploymentsResponse(deployments=await self._orch.all_deployments_pb())
+
+    @_rpc
+    async def Delete(self, request: api_pb2.DeleteDeploymentRequest, context: grpc.aio.ServicerContext) -> api_pb2.DeleteDeploymentResponse:
+        record = await self._orch.db(self._orch.store.get_deployment, request.name)
+        evicted = await self._orch.db(self._orch.store.delete_deployment, request.name, now_ms())
+        self._orch.reconciler.trigger()
+        self._orch.watch.publish(api_pb2.WATCH_EVENT_TYPE_DELETED, deployment_to_pb(record, evicted))
+        return api_pb2.DeleteDeploymentResponse(replicas_evicted=len(evicted))
+
+    async def Watch(self, request: api_pb2.WatchDeploymentsRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[api_pb2.DeploymentEvent]:
+        queue = self._orch.watch.subscribe()
+        try:
+            for dep in await self._orch.all_deployments_pb():
+                if not request.name or dep.name == request.name:
+                    yield api_pb2.DeploymentEvent(type=api_pb2.WATCH_EVENT_TYPE_ADDED, deployment=dep)
+            while True:
+                event = await queue.get()
+                if not request.name or event.deployment.name == request.name:
+                    yield event
+        finally:
+            self._orch.watch.unsubscribe(queue)
+
+
+class WatchHub:
+    """Fan-out of deployment events to Watch streams; a slow watcher loses its oldest events."""
+
+    def __init__(self, depth: int = 1024) -> None:
+        self._subscribers: set[asyncio.Queue[api_pb2.DeploymentEvent]] = set()
+        self._depth = depth
+        self.dropped = 0
+
+    def subscribe(self) -> asyncio.Queue[api_pb2.DeploymentEvent]:
+        queue: asyncio.Queue[api_pb2.DeploymentEvent] = asyncio.Queue(self._depth)
+        self._subscribers.add(queue)
+        return queue
+
+    def unsubscribe(self, queue: asyncio.Queue) -> None:
+        self._subscribers.discard(queue)
+
+    def publish(self, kind: int, deployment: api_pb2.Deployment) -> None:
+        event = api_pb2.DeploymentEvent(type=kind, deployment=deployment)
+        for queue in self._subscribers:
+            if queue.full():
+                queue.get_nowait()
+                self.dropped += 1
+            queue.put_nowait(event)
+
+    @property
+    def watchers(self) -> int:
+        return len(self._subscribers)
+
+
+# ---------------------------------------------------------------- nodes
+
+
+class NodeService(api_pb2_grpc.NodeServiceServicer):
+    def __init__(self, orch: Orchestrator) -> None:
+        self._orch = orch
+
+    @_rpc
+    async def List(self, request: api_pb2.ListNodesRequest, context: grpc.aio.ServicerContext) -> api_pb2.ListNodesResponse:
+        return api_pb2.ListNodesResponse(nodes=await self._orch.nodes_pb())
+
+    @_rpc
+    async def Get(self, request: api_pb2.GetNodeRequest, context: grpc.aio.ServicerContext) -> api_pb2.Node:
+        return await self._orch.node_pb(request.node_id)
+
+    @_rpc
+    async def Cordon(self, request: api_pb2.CordonRequest, context: grpc.aio.ServicerContext) -> api_pb2.Node:
+        await self._orch.set_cordon(request.node_id, request.cordon)
+        return await self._orch.node_pb(request.node_id)
+
+    @_rpc
+    async def Drain(self, request: api_pb2.DrainRequest, context: grpc.aio.ServicerContext) -> api_pb2.DrainResponse:
+        await self._orch.set_cordon(request.node_id, True)
+        store = self._orch.store
+
+        def evict() -> int:
+            wall = now_ms()
+            reps = [r for r in store.list_replicas() if r.node_id == request.node_id and r.phase in ACTIVE | {Phase.PENDING, Phase.FAILED}]
+            store.apply_replica_changes(
+                ReplicaChange(replace(r, phase=Phase.EVICTED, reason="node.drained", message="", updated_ms=wall))
+                for r in reps
+            )
+            return len(reps)
+
+        count = await self._orch.db(evict)
+        self._orch.reconciler.trigger()
+        return api_pb2.DrainResponse(node=await self._orch.node_pb(request.node_id), replicas_evicted=count)
+
+
+# ---------------------------------------------------------------- models
+
+
+class ModelService(api_pb2_grpc.ModelServiceServicer):
+    def __init__(self, orch: Orchestrator) -> None:
+        self._orch = orch
+
+    @_rpc
+    async def Push(self, request_iterator: AsyncIterator[api_pb2.PushModelRequest], context: grpc.aio.ServicerContext) -> api_pb2.Model:
+        meta: api_pb2.ModelMetadata | None = None
+        data = bytearray()
+        async for part in request_iterator:
+            which = part.WhichOneof("part")
+            if which == "metadata":
+                if meta is not None:
+                    raise InvalidModel("model.push.metadata_twice", "metadata must be sent once, first")
+                meta = part.metadata
+                _check_metadata(meta)
+            elif which == "chunk":
+                if meta is None:
+                    raise InvalidModel("model.push.no_metadata", "the first message must carry the metadata")
+                data.extend(part.chunk)
+                if len(data) > meta.size or len(data) > MAX_MODEL_BYTES:
+                    raise InvalidModel("model.push.too_large", f"more than the announced {meta.size} bytes")
+        if meta is None:
+            raise InvalidModel("model.push.no_metadata", "empty push")
+        if len(data) != meta.size:
+            raise InvalidModel("model.push.size_mismatch", f"received {len(data)} bytes, announced {meta.size}")
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != meta.sha256:
+            raise InvalidModel("model.push.sha256_mismatch", f"received {digest}, announced {meta.sha256}")
+        info = await self._orch.run_blocking(_inspect, bytes(data))
+        model = api_pb2.Model(
+            name=meta.name, version=meta.version, sha256=digest, size=len(data), use_case=meta.use_case,
+            description=meta.description, labels=meta.labels, created_unix_ms=now_ms(),
+            inputs=[_tensor(t) for t in info.inputs], outputs=[_tensor(t) for t in info.outputs],
+            ops=sorted(info.ops), dtypes=sorted(info.dtypes),
+        )
+        record = ModelRecord(meta.name, meta.version, digest, len(data), model.SerializeToString(), model.created_unix_ms)
+        await self._orch.db(self._orch.store.put_model, record, bytes(data))
+        log.info("model %s:%s pushed (%d bytes, sha256 %s)", meta.name, meta.version, len(data), digest[:12])
+        self._orch.reconciler.trigger()
+        return model
+
+    @_rpc
+    async def List(self, request: api_pb2.ListModelsRequest, context: grpc.aio.ServicerContext) -> api_pb2.ListModelsResponse:
+        records = await self._orch.db(self._orch.store.list_models)
+        return api_pb2.ListModelsResponse(models=[_model_pb(r) for r in records])
+
+    @_rpc
+    async def Get(self, request: api_pb2.GetModelRequest, context: grpc.aio.ServicerContext) -> api_pb2.Model:
+        return _model_pb(await self._orch.db(self._orch.store.get_model, request.name, request.version or None))
+
+    async def Download(self, request: api_pb2.DownloadModelRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[api_pb2.ModelChunk]:
+        try:
+            record = await self._orch.db(self._orch.store.get_model, request.name, request.version or None)
+            data = await self._orch.db(self._orch.store.read_artifact, record.sha256)
+        except NotFound as err:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(err))
+        for offset in range(0, len(data), CHUNK):
+            yield api_pb2.ModelChunk(data=data[offset : offset + CHUNK], offset=offset, size=len(data), sha256=record.sha256)
+
+
+def _check_metadata(meta: api_pb2.ModelMetadata) -> None:
+    if not NAME_RE.match(meta.name):
+        raise InvalidModel("model.push.bad_name", "metadata.name must be a DNS-1123 label")
+    if not SEMVER_RE.match(meta.version):
+        raise InvalidModel("model.push.bad_version", "metadata.version must be a semantic version such as 1.0.0")
+    if len(meta.sha256) != 64:
+        raise InvalidModel("model.push.bad_sha256", "metadata.sha256 must be 64 hex digits")
+    if not 0 < meta.size <= MAX_MODEL_BYTES:
+        raise InvalidModel("model.push.bad_size", f"metadata.size must be within 1..{MAX_MODEL_BYTES}")
+
+
+def _inspect(data: bytes) -> Any:
+    from accelerators.base import InvalidModel as NotTflite
+    from accelerators.tflite_model import inspect_tflite
+
+    try:
+        return inspect_tflite(data)
+    except NotTflite as err:
+        raise InvalidModel("model.push.not_tflite", str(err)) from err
+
+
+def _tensor(spec: Any) -> api_pb2.TensorSpec:
+    quant = spec.quantization
+    scale, zero = (quant.scale, quant.zero_point) if quant is not None else (0.0, 0)
+    return api_pb2.TensorSpec(name=spec.name, datatype=spec.dtype, shape=list(spec.shape), scale=scale, zero_point=zero)
+
+
+def _model_pb(record: ModelRecord) -> api_pb2.Model:
+    model = api_pb2.Model()
+    model.ParseFromString(record.info)
+    return model
+
+
+def node_to_pb(node_id: str, record: NodeRecord | None, view: Any, online: bool,
+               replicas: list[ReplicaRecord]) -> api_pb2.Node:
+    pb = api_pb2.Node(id=node_id, cordoned=bool(record and record.cordoned))
+    pb.state = node_pb2.NODE_STATE_ONLINE if online else node_pb2.NODE_STATE_OFFLINE
+    if view is not None and view.hello is not None:
+        pb.inventory.CopyFrom(view.hello)
+    elif record is not None and record.inventory:
+        pb.inventory.ParseFromString(record.inventory)
+    if view is not None:
+        pb.last_seen_unix_ms = view.last_seen_ms
+        if view.telemetry is not None:
+            pb.telemetry.CopyFrom(view.telemetry)
+    elif record is not None:
+        pb.last_seen_unix_ms = record.last_seen_ms
+    pb.replicas.extend(replica_to_pb(r) for r in replicas if r.node_id == node_id and r.phase != Phase.EVICTED)
+    return pb

@@ -1,0 +1,252 @@
+"""Orchestrator-side commands: ``orchestrator``, ``up``, ``apply``, ``get``, ``delete``, ``models push``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from google.protobuf.json_format import MessageToDict
+from rich.console import Console
+from rich.table import Table
+
+from edgeward.v1 import api_pb2, node_pb2
+
+from .client import ClientError, EdgewardClient
+from .config import ConfigError, load_config
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def setup_logging(verbose: int) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def phase_name(value: int) -> str:
+    return node_pb2.ReplicaPhase.Name(value).removeprefix("REPLICA_PHASE_").capitalize()
+
+
+def state_name(value: int) -> str:
+    return node_pb2.NodeState.Name(value).removeprefix("NODE_STATE_").lower()
+
+
+def _fail(err: Exception) -> int:
+    err_console.print(f"[red]error:[/red] {err}")
+    return 1
+
+
+# ------------------------------------------------------------ orchestrator
+
+
+def cmd_orchestrator(args: argparse.Namespace) -> int:
+    setup_logging(max(args.verbose, 1))
+    from .config import BrokerConfig
+
+    overrides: dict[str, Any] = {"state_dir": args.state_dir, "grpc_bind": args.grpc_bind}
+    try:
+        config = load_config(Path(args.config) if args.config else None, **overrides)
+        if args.broker_url or args.broker_port is not None:
+            broker = config.broker.model_dump()
+            if args.broker_url:
+                broker["url"] = args.broker_url
+            if args.broker_port is not None:
+                broker["embedded_port"] = args.broker_port
+            config = config.model_copy(update={"broker": BrokerConfig.model_validate(broker)})
+    except (ConfigError, ValueError) as err:
+        return _fail(err)
+    return asyncio.run(_serve(config))
+
+
+async def _serve(config: Any) -> int:
+    from .server import Orchestrator
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with Orchestrator(config) as orch:
+        print(f"orchestrator ready grpc={orch.address} broker={orch.broker_url}", flush=True)
+        await stop.wait()
+    return 0
+
+
+# ------------------------------------------------------------ apply / get / delete
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    results = []
+    with EdgewardClient(args.server) as client:
+        for filename in args.filename:
+            try:
+                text = Path(filename).read_text()
+            except OSError as err:
+                return _fail(err)
+            try:
+                resp = client.apply(text, dry_run=args.dry_run)
+            except ClientError as err:
+                err_console.print(f"[red]{filename}: {err.code}[/red]")
+                for part in err.detail.split("; "):
+                    err_console.print(f"  {part}")
+                return 1
+            verb = "validated" if args.dry_run else "created" if resp.created else "configured" if resp.changed else "unchanged"
+            results.append({"name": resp.deployment.name, "result": verb})
+            if not args.json:
+                console.print(f"deployment/{resp.deployment.name} {verb}")
+        if args.wait and not args.dry_run:
+            names = [r["name"] for r in results]
+            if not _wait_running(client, names, args.wait, quiet=args.json):
+                return 1
+    if args.json:
+        print(json.dumps(results))
+    return 0
+
+
+def _wait_running(client: EdgewardClient, names: list[str], timeout: float, quiet: bool) -> bool:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    deadline = time.monotonic() + timeout
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} running"),
+                  TimeElapsedColumn(), console=err_console, disable=quiet) as progress:
+        tasks = {n: progress.add_task(f"deployment/{n}", total=None) for n in names}
+        while True:
+            done = True
+            for name in names:
+                dep = client.get_deployment(name)
+                progress.update(tasks[name], total=dep.spec.replicas, completed=dep.status.running)
+                done &= dep.status.running >= dep.spec.replicas
+            if done:
+                return True
+            if time.monotonic() > deadline:
+                err_console.print("[yellow]timed out waiting; see `edgeward get deployment NAME` for reasons[/yellow]")
+                return False
+            time.sleep(0.3)
+
+
+def cmd_get(args: argparse.Namespace) -> int:
+    kind = args.kind.rstrip("s")
+    try:
+        with EdgewardClient(args.server) as client:
+            if kind == "deployment":
+                items = [client.get_deployment(args.name)] if args.name else client.list_deployments()
+            elif kind == "node":
+                items = [client.get_node(args.name)] if args.name else client.list_nodes()
+            else:
+                items = [client.get_model(args.name)] if args.name else client.list_models()
+    except ClientError as err:
+        return _fail(err)
+    if args.json:
+        print(json.dumps([MessageToDict(i, preserving_proto_field_name=True) for i in items], indent=2))
+        return 0
+    if kind == "deployment":
+        console.print(deployments_table(items, detail=bool(args.name)))
+    elif kind == "node":
+        console.print(nodes_table(items))
+    else:
+        console.print(models_table(items))
+    return 0
+
+
+def deployments_table(items: list[api_pb2.Deployment], detail: bool = False) -> Table:
+    table = Table(title="deployments", title_justify="left")
+    for col in ("NAME", "MODEL", "READY", "PHASES", "REASON"):
+        table.add_column(col)
+    for dep in items:
+        phases: dict[str, int] = {}
+        reasons = set()
+        for rep in dep.status.replica_list:
+            phases[phase_name(rep.phase)] = phases.get(phase_name(rep.phase), 0) + 1
+            if rep.phase == node_pb2.REPLICA_PHASE_PENDING or rep.phase == node_pb2.REPLICA_PHASE_FAILED:
+                reasons.add(f"{rep.reason}: {rep.message}" if rep.message else rep.reason)
+        table.add_row(
+            dep.name, f"{dep.spec.model.name}:{dep.spec.model.version}", f"{dep.status.running}/{dep.spec.replicas}",
+            " ".join(f"{k}={v}" for k, v in sorted(phases.items())), "; ".join(sorted(reasons)),
+        )
+    if detail and items:
+        for rep in items[0].status.replica_list:
+            table.add_row(f"  {rep.id}", rep.node_id or "-", phase_name(rep.phase), rep.accelerator, rep.reason)
+    return table
+
+
+def nodes_table(items: list[api_pb2.Node]) -> Table:
+    table = Table(title="nodes", title_justify="left")
+    for col in ("NODE", "STATUS", "PROFILE", "ACCELERATORS", "REPLICAS", "POWER W", "ENDPOINT"):
+        table.add_column(col)
+    for node in items:
+        status = state_name(node.state) + (" (cordoned)" if node.cordoned else "")
+        accs = ", ".join(
+            a.kind + (" (simulated)" if a.simulated else "") + ("" if a.availability in ("", "ok") else " !")
+            for a in node.inventory.accelerators
+        )
+        power = f"{node.telemetry.power_w:.2f}" if node.HasField("telemetry") else "-"
+        table.add_row(node.id, status, node.inventory.hardware_profile, accs, str(len(node.replicas)), power,
+                      node.inventory.inference_endpoint)
+    return table
+
+
+def models_table(items: list[api_pb2.Model]) -> Table:
+    table = Table(title="models", title_justify="left")
+    for col in ("NAME", "VERSION", "SIZE", "DTYPES", "USE CASE", "SHA256"):
+        table.add_column(col)
+    for m in items:
+        table.add_row(m.name, m.version, f"{m.size / 1024:.1f} KiB", ",".join(m.dtypes), m.use_case, m.sha256[:12])
+    return table
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    kind, _, name = args.target.rpartition("/")
+    if kind not in ("", "deployment", "deployments"):
+        return _fail(ValueError(f"can only delete deployments, not {kind!r}"))
+    try:
+        with EdgewardClient(args.server) as client:
+            resp = client.delete_deployment(name)
+    except ClientError as err:
+        return _fail(err)
+    if args.json:
+        print(json.dumps({"name": name, "replicas_evicted": resp.replicas_evicted}))
+    else:
+        console.print(f"deployment/{name} deleted ({resp.replicas_evicted} replicas evicted)")
+    return 0
+
+
+def cmd_models_push(args: argparse.Namespace) -> int:
+    from rich.progress import Progress
+
+    try:
+        data = Path(args.file).read_bytes()
+    except OSError as err:
+        return _fail(err)
+    try:
+        with EdgewardClient(args.server) as client, Progress(console=err_console, disable=args.json) as progress:
+            task = progress.add_task(f"push {args.name}:{args.version}", total=len(data))
+            model = client.push_model(
+                data, args.name, args.version, use_case=args.use_case, description=args.description,
+                progress=lambda done, total: progress.update(task, completed=done),
+            )
+    except ClientError as err:
+        return _fail(err)
+    if args.json:
+        print(json.dumps(MessageToDict(model, preserving_proto_field_name=True)))
+    else:
+        console.print(f"model/{model.name}:{model.version} pushed ({model.size} bytes, sha256 {model.sha256[:12]})")
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from .up import run_up
+
+    setup_logging(args.verbose)
+    if args.nodes < 1:
+        return _fail(ValueError("--nodes must be at least 1"))
+    return run_up(args)
+
+

@@ -1,0 +1,95 @@
+"""A small synchronous Python client of the orchestrator's gRPC API, used by the CLI and by
+use-case teams' scripts."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+
+from edgeward.v1 import api_pb2, api_pb2_grpc
+
+CHUNK = 256 * 1024
+
+
+class ClientError(Exception):
+    """A call failed; ``code`` is the gRPC status code name (NOT_FOUND, INVALID_ARGUMENT, ...)."""
+
+    def __init__(self, code: str, detail: str) -> None:
+        super().__init__(f"{code}: {detail}")
+        self.code = code
+        self.detail = detail
+
+
+def _call(fn: Callable, request: object, timeout: float) -> object:
+    try:
+        return fn(request, timeout=timeout)
+    except grpc.RpcError as err:
+        raise ClientError(err.code().name, err.details() or "") from err
+
+
+class EdgewardClient:
+    def __init__(self, server: str, timeout: float = 15.0) -> None:
+        self._channel = grpc.insecure_channel(server)
+        self.deployments = api_pb2_grpc.DeploymentServiceStub(self._channel)
+        self.nodes = api_pb2_grpc.NodeServiceStub(self._channel)
+        self.models = api_pb2_grpc.ModelServiceStub(self._channel)
+        self.timeout = timeout
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> EdgewardClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def apply(self, manifest: str, dry_run: bool = False) -> api_pb2.ApplyResponse:
+        return _call(self.deployments.Apply, api_pb2.ApplyRequest(manifest=manifest, dry_run=dry_run), self.timeout)
+
+    def get_deployment(self, name: str) -> api_pb2.Deployment:
+        return _call(self.deployments.Get, api_pb2.GetDeploymentRequest(name=name), self.timeout)
+
+    def list_deployments(self) -> list[api_pb2.Deployment]:
+        return list(_call(self.deployments.List, api_pb2.ListDeploymentsRequest(), self.timeout).deployments)
+
+    def delete_deployment(self, name: str) -> api_pb2.DeleteDeploymentResponse:
+        return _call(self.deployments.Delete, api_pb2.DeleteDeploymentRequest(name=name), self.timeout)
+
+    def list_nodes(self) -> list[api_pb2.Node]:
+        return list(_call(self.nodes.List, api_pb2.ListNodesRequest(), self.timeout).nodes)
+
+    def get_node(self, node_id: str) -> api_pb2.Node:
+        return _call(self.nodes.Get, api_pb2.GetNodeRequest(node_id=node_id), self.timeout)
+
+    def list_models(self) -> list[api_pb2.Model]:
+        return list(_call(self.models.List, api_pb2.ListModelsRequest(), self.timeout).models)
+
+    def get_model(self, name: str, version: str = "") -> api_pb2.Model:
+        return _call(self.models.Get, api_pb2.GetModelRequest(name=name, version=version), self.timeout)
+
+    def push_model(
+        self, data: bytes | Path, name: str, version: str, *, use_case: str = "", description: str = "",
+        labels: dict[str, str] | None = None, progress: Callable[[int, int], None] | None = None,
+    ) -> api_pb2.Model:
+        if isinstance(data, Path):
+            data = data.read_bytes()
+        meta = api_pb2.ModelMetadata(
+            name=name, version=version, sha256=hashlib.sha256(data).hexdigest(), size=len(data),
+            use_case=use_case, description=description, labels=labels or {},
+        )
+
+        def parts() -> Iterator[api_pb2.PushModelRequest]:
+            yield api_pb2.PushModelRequest(metadata=meta)
+            for offset in range(0, len(data), CHUNK):
+                yield api_pb2.PushModelRequest(chunk=data[offset : offset + CHUNK])
+                if progress is not None:
+                    progress(min(offset + CHUNK, len(data)), len(data))
+
+        try:
+            return self.models.Push(parts(), timeout=self.timeout * 4)
+        except grpc.RpcError as err:
+            raise ClientError(err.code().name, err.details() or "") from err

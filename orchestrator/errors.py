@@ -1,0 +1,41 @@
+"""The orchestrator's exception tree. gRPC handlers map these to status codes in one place."""
+
+from __future__ import annotations
+
+
+class OrchestratorError(Exception):
+    """Base of every error the orchestrator raises on purpose."""
+
+
+class InvalidManifest(OrchestratorError):
+    """A manifest failed validation; ``errors`` holds ``(field_path, reason)`` pairs."""
+
+    def __init__(self, errors: list[tuple[str, str]]) -> None:
+        self.errors = errors
+        super().__init__("; ".join(f"{path}: {reason}" for path, reason in errors))
+
+
+class NotFound(OrchestratorError):
+    def __init__(self, kind: str, name: str) -> None:
+        super().__init__(f"{kind} {name!r} not found")
+        self.kind = kind
+        self.name = name
+
+
+class AlreadyExists(OrchestratorError):
+    def __init__(self, kind: str, name: str) -> None:
+        super().__init__(f"{kind} {name!r} already exists")
+        self.kind = kind
+        self.name = name
+
+
+class InvalidModel(OrchestratorError):
+    """A pushed model artifact was refused (bad metadata, digest mismatch, not a .tflite)."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+class IllegalTransition(OrchestratorError):
+    """A lifecycle moved along an edge its transition table does not have: a bug."""

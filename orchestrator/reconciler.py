@@ -1,0 +1,359 @@
+"""Drives the actual state of the fleet towards the desired state in the store.
+
+One pass reads the deployments and replicas, compares them with what the nodes report, and
+produces a list of replica changes (committed in one transaction) plus the commands to send
+(published only after the commit, so a crash can lose a command but never a decision; lost
+commands are re-sent, and a node that reconnects gets its whole desired set).
+
+Every decision carries a reason id (``node.lost``, ``replica.failed``, ``scheduler.filter.*``...),
+stored on the replica and shown by the CLI as it is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import replace
+
+from edgeward.v1 import api_pb2, node_pb2
+from edgeward.wire import SCHEMA_VERSION, now_ms
+
+from .config import OrchestratorConfig
+from .fleet import Fleet, NodeView
+from .phases import ACTIVE, Phase
+from .scheduler import NodeInfo, PlacementRequest, Scheduler, Unschedulable
+from .store import DeploymentRecord, ReplicaChange, ReplicaRecord, Store
+
+log = logging.getLogger(__name__)
+
+FAILED_RETENTION_MS = 5_000
+_REPORTED_PHASE = {
+    node_pb2.REPLICA_PHASE_LOADING: Phase.LOADING,
+    node_pb2.REPLICA_PHASE_RUNNING: Phase.RUNNING,
+    node_pb2.REPLICA_PHASE_FAILED: Phase.FAILED,
+}
+# Which replica to give up first when scaling down.
+_EVICTION_ORDER = {Phase.PENDING: 0, Phase.FAILED: 1, Phase.DISPATCHED: 2, Phase.LOADING: 3, Phase.RUNNING: 4}
+
+DbCall = Callable[..., Awaitable]
+Publish = Callable[[str, node_pb2.Command], Awaitable[None]]
+
+
+def new_replica_id(deployment: str) -> str:
+    return f"{deployment}-{uuid.uuid4().hex[:8]}"
+
+
+class Reconciler:
+    def __init__(
+        self,
+        store: Store,
+        db: DbCall,
+        fleet: Fleet,
+        scheduler: Scheduler,
+        publish: Publish,
+        config: OrchestratorConfig,
+        artifact_endpoint: Callable[[], str],
+        on_change: Callable[[set[str]], None],
+    ) -> None:
+        self._store = store
+        self._db = db
+        self._fleet = fleet
+        self._scheduler = scheduler
+        self._publish = publish
+        self._config = config
+        self._artifact_endpoint = artifact_endpoint
+        self._on_change = on_change
+        self._wake = asyncio.Event()
+        self._started = time.monotonic()
+        self._last_sent: dict[str, float] = {}      # replica id -> monotonic time of the last command
+        self._needs_sync: set[str] = set()           # nodes that (re)connected: send their full set
+        self._cordoned: set[str] = set()
+        self._models: dict[tuple[str, str], api_pb2.Model] = {}
+        self.passes = 0
+
+    # ------------------------------------------------------------ triggers
+
+    def trigger(self) -> None:
+        self._wake.set()
+
+    def node_connected(self, node_id: str) -> None:
+        self._needs_sync.add(node_id)
+        self.trigger()
+
+    @property
+    def cordoned(self) -> frozenset[str]:
+        return frozenset(self._cordoned)
+
+    def set_cordoned(self, cordoned: Iterable[str]) -> None:
+        self._cordoned = set(cordoned)
+        self.trigger()
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), self._config.reconcile_interval_s)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            try:
+                await self.reconcile_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug in one pass must not stop the control loop
+                log.exception("reconcile pass failed")
+
+    # ------------------------------------------------------------ one pass
+
+    async def reconcile_once(self) -> None:
+        deployments, replicas = await self._db(lambda: (self._store.list_deployments(), self._store.list_replicas()))
+        now = time.monotonic()
+        wall = now_ms()
+        in_grace = now - self._started < self._config.node_timeout_s
+        timeout = self._config.node_timeout_s
+        changes: list[ReplicaChange] = []
+        commands: list[tuple[str, node_pb2.Command]] = []
+        touched: set[str] = set()
+        by_deployment: dict[str, list[ReplicaRecord]] = defaultdict(list)
+
+        def change(rep: ReplicaRecord, **updates: object) -> ReplicaRecord:
+            new = replace(rep, updated_ms=wall, **updates)
+            changes.append(ReplicaChange(new))
+            touched.add(rep.deployment)
+            return new
+
+        # 1. Follow what the nodes report.
+        for rep in replicas:
+            node = self._fleet.nodes.get(rep.node_id) if rep.node_id else None
+            node_ok = node is not None and node.online(now, timeout)
+            node_unknown = rep.node_id is not None and (node is None or node.hello is None) and in_grace
+            if rep.phase == Phase.EVICTED:
+                if node_ok and rep.id in node.reports:
+                    self._resend(commands, rep, now, undeploy=True)
+                elif not node_unknown:
+                    changes.append(ReplicaChange(rep, delete=True))
+                    self._last_sent.pop(rep.id, None)
+                    touched.add(rep.deployment)
+                continue
+            if rep.node_id and rep.phase in ACTIVE and not node_ok:
+                if not node_unknown:
+                    rep = change(rep, phase=Phase.EVICTED, reason="node.lost",
+                                 message=f"node {rep.node_id} went offline or silent")
+                continue
+            report = node.reports.get(rep.id) if node_ok else None
+            if report is not None:
+                reported = _REPORTED_PHASE.get(report.phase)
+                if reported is not None and reported != rep.phase and rep.phase != Phase.PENDING:
+                    rep = change(rep, phase=reported, reason=report.reason, message=report.message)
+            elif rep.phase in (Phase.LOADING, Phase.RUNNING):
+                # The node forgot it (agent restart): back to loading, and tell it again.
+                rep = change(rep, phase=Phase.LOADING, reason="node.replica_missing",
+                             message="the node no longer reports this replica; re-sent")
+                self._resend(commands, rep, now)
+            elif rep.phase == Phase.DISPATCHED:
+                if wall - rep.updated_ms > self._config.dispatch_timeout_s * 1000:
+                    rep = change(rep, phase=Phase.FAILED, reason="dispatch.timeout",
+                                 message="the node never acknowledged the deployment")
+                else:
+                    self._resend(commands, rep, now)
+            if rep.phase == Phase.FAILED and wall - rep.updated_ms > FAILED_RETENTION_MS:
+                rep = change(rep, phase=Phase.EVICTED, reason="replica.failed", message=rep.message)
+                if node_ok and rep.id in node.reports:
+                    self._resend(commands, rep, now, undeploy=True)
+            by_deployment[rep.deployment].append(rep)
+
+        # 2. Scale each deployment to its desired count; retire replicas of older generations.
+        pending: list[tuple[DeploymentRecord, ReplicaRecord]] = []
+        for dep in deployments:
+            reps = [r for r in by_deployment.get(dep.name, []) if r.phase != Phase.EVICTED]
+            current = [r for r in reps if r.generation == dep.generation]
+            old = [r for r in reps if r.generation != dep.generation]
+            want = dep.manifest.spec.replicas
+            spec = dep.manifest.spec
+            for _ in range(want - len(current)):
+                rep = ReplicaRecord(
+                    id=new_replica_id(dep.name), deployment=dep.name, generation=dep.generation,
+                    model_name=spec.model.name, model_version=spec.model.version, phase=Phase.PENDING,
+                    updated_ms=wall, reason="replica.created",
+                )
+                changes.append(ReplicaChange(rep))
+                touched.add(dep.name)
+                current.append(rep)
+            if len(current) > want:
+                surplus = sorted(current, key=lambda r: (_EVICTION_ORDER[r.phase], -r.updated_ms))[: len(current) - want]
+                for rep in surplus:
+                    self._evict(change, commands, rep, "deployment.scaled_down", now)
+                current = [r for r in current if r not in surplus]
+            running_current = sum(r.phase == Phase.RUNNING for r in current)
+            for rep in old:
+                if rep.phase == Phase.PENDING or running_current >= want:
+                    self._evict(change, commands, rep, "deployment.updated", now)
+            pending.extend((dep, r) for r in current if r.phase == Phase.PENDING)
+        live_names = {d.name for d in deployments}
+        for name, reps in by_deployment.items():
+            if name not in live_names:  # deleted while replicas were still being created
+                for rep in reps:
+                    if rep.phase != Phase.EVICTED:
+                        self._evict(change, commands, rep, "deployment.deleted", now)
+
+        # 3. Place the pending replicas on a snapshot of the fleet.
+        if pending:
+            snapshot = self._snapshot(replicas, changes, deployments, now)
+            for dep, rep in pending:
+                model = await self._model(rep.model_name, rep.model_version)
+                if model is None:
+                    if rep.reason != "model.not_found":
+                        change(rep, reason="model.not_found",
+                               message=f"model {rep.model_name}:{rep.model_version} is not in the catalog")
+                    continue
+                result = self._scheduler.place(_request(dep, model), snapshot)
+                if isinstance(result, Unschedulable):
+                    if (rep.reason, rep.message) != (result.reason, result.message):
+                        change(rep, reason=result.reason, message=result.message)
+                    continue
+                bound = change(rep, phase=Phase.DISPATCHED, node_id=result.node_id,
+                               accelerator=result.accelerator, reason="scheduler.bound",
+                               message=f"score {result.score:.1f}")
+                commands.append((bound.node_id, self._deploy_command(bound, model)))
+                self._last_sent[bound.id] = now
+
+        # 4. Nodes that (re)connected get their whole desired set; unknown replicas get unloaded.
+        desired_by_node: dict[str, list[ReplicaRecord]] = defaultdict(list)
+        final = {r.id: r for r in replicas}
+        for ch in changes:
+            if ch.delete:
+                final.pop(ch.replica.id, None)
+            else:
+                final[ch.replica.id] = ch.replica
+        for rep in final.values():
+            if rep.node_id and rep.phase in ACTIVE:
+                desired_by_node[rep.node_id].append(rep)
+        for node_id in list(self._needs_sync):
+            node = self._fleet.nodes.get(node_id)
+            if node is None or not node.online(now, timeout):
+                continue
+            self._needs_sync.discard(node_id)
+            sync = node_pb2.SyncReplicas()
+            for rep in desired_by_node.get(node_id, []):
+                model = await self._model(rep.model_name, rep.model_version)
+                if model is not None:
+                    sync.replicas.append(self._deploy_body(rep, model))
+            commands.append((node_id, _command(node_id, sync=sync)))
+        for node in self._fleet.nodes.values():
+            if not node.online(now, timeout):
+                continue
+            for rid in node.reports:
+                if rid not in final:
+                    key = f"orphan:{node.id}:{rid}"
+                    if now - self._last_sent.get(key, 0.0) >= self._config.resend_interval_s:
+                        self._last_sent[key] = now
+                        commands.append((node.id, _command(node.id, undeploy=node_pb2.UndeployReplica(replica_id=rid))))
+
+        if changes:
+            await self._db(self._store.apply_replica_changes, changes)
+        for node_id, cmd in commands:
+            await self._publish(node_id, cmd)
+        self.passes += 1
+        if touched:
+            self._on_change(touched)
+
+    # ------------------------------------------------------------ helpers
+
+    def _evict(self, change: Callable[..., ReplicaRecord], commands: list, rep: ReplicaRecord,
+               reason: str, now: float) -> None:
+        if rep.phase == Phase.PENDING or rep.node_id is None:
+            change(rep, phase=Phase.EVICTED, reason=reason, message="")
+            return
+        evicted = change(rep, phase=Phase.EVICTED, reason=reason, message="")
+        self._last_sent.pop(rep.id, None)
+        self._resend(commands, evicted, now, undeploy=True)
+
+    def _resend(self, commands: list, rep: ReplicaRecord, now: float, *, undeploy: bool = False) -> None:
+        if now - self._last_sent.get(rep.id, 0.0) < self._config.resend_interval_s:
+            return
+        self._last_sent[rep.id] = now
+        assert rep.node_id is not None
+        if undeploy:
+            commands.append((rep.node_id, _command(rep.node_id, undeploy=node_pb2.UndeployReplica(replica_id=rep.id))))
+            return
+        model = self._models.get((rep.model_name, rep.model_version))
+        if model is not None:
+            commands.append((rep.node_id, self._deploy_command(rep, model)))
+
+    async def _model(self, name: str, version: str) -> api_pb2.Model | None:
+        key = (name, version)
+        if key not in self._models:
+            try:
+                record = await self._db(self._store.get_model, name, version)
+            except Exception:  # NotFound: the catalog has no such version (yet)
+                return None
+            model = api_pb2.Model()
+            model.ParseFromString(record.info)
+            self._models[key] = model
+        return self._models[key]
+
+    def _deploy_body(self, rep: ReplicaRecord, model: api_pb2.Model) -> node_pb2.DeployReplica:
+        return node_pb2.DeployReplica(
+            replica_id=rep.id, deployment=rep.deployment, model_name=model.name,
+            model_version=model.version, sha256=model.sha256, size=model.size,
+            accelerator=rep.accelerator or "", artifact_endpoint=self._artifact_endpoint(),
+        )
+
+    def _deploy_command(self, rep: ReplicaRecord, model: api_pb2.Model) -> node_pb2.Command:
+        assert rep.node_id is not None
+        return _command(rep.node_id, deploy=self._deploy_body(rep, model))
+
+    def _snapshot(self, replicas: list[ReplicaRecord], changes: list[ReplicaChange],
+                  deployments: list[DeploymentRecord], now: float) -> dict[str, NodeInfo]:
+        need = {d.name: d.manifest.spec.requirements.memory_bytes for d in deployments}
+        latest = {r.id: r for r in replicas}
+        for ch in changes:
+            latest[ch.replica.id] = ch.replica
+        count: dict[str, int] = defaultdict(int)
+        per_dep: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+        memory: dict[str, int] = defaultdict(int)
+        for rep in latest.values():
+            if rep.node_id and rep.phase in ACTIVE:
+                count[rep.node_id] += 1
+                per_dep[rep.node_id][rep.deployment] += 1
+                memory[rep.node_id] += need.get(rep.deployment, 0)
+        snapshot = {}
+        for node in self._fleet.nodes.values():
+            if node.hello is None:
+                continue
+            snapshot[node.id] = _node_info(node, now, self._config.node_timeout_s, node.id in self._cordoned,
+                                           count[node.id], memory[node.id], dict(per_dep[node.id]))
+        return snapshot
+
+
+def _node_info(node: NodeView, now: float, timeout: float, cordoned: bool, replicas: int, memory_used: int,
+               per_deployment: dict[str, int]) -> NodeInfo:
+    hello = node.hello
+    assert hello is not None
+    accelerators = {
+        acc.kind: frozenset(acc.dtypes) for acc in hello.accelerators if acc.availability in ("", "ok")
+    }
+    return NodeInfo(
+        id=node.id, online=node.online(now, timeout), cordoned=cordoned, labels=dict(hello.labels),
+        accelerators=accelerators, max_replicas=hello.max_replicas or 8, memory_bytes=hello.memory_bytes,
+        active_w=max((a.active_w for a in hello.accelerators), default=0.0), replicas=replicas,
+        memory_used=memory_used, per_deployment=per_deployment,
+    )
+
+
+def _request(dep: DeploymentRecord, model: api_pb2.Model) -> PlacementRequest:
+    req = dep.manifest.spec.requirements
+    return PlacementRequest(
+        deployment=dep.name, accelerators=frozenset(req.accelerators), dtypes=frozenset(model.dtypes),
+        memory_bytes=req.memory_bytes, selector=dict(dep.manifest.spec.selector.match_labels),
+        attestation_tier=req.attestation,
+    )
+
+
+def _command(node_id: str, **body: object) -> node_pb2.Command:
+    return node_pb2.Command(
+        schema=SCHEMA_VERSION, command_id=uuid.uuid4().hex, node_id=node_id, issued_unix_ms=now_ms(), **body
+    )

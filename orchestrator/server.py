@@ -1,0 +1,254 @@
+"""The orchestrator process: store, MQTT ingest, reconciler and gRPC API in one asyncio loop.
+
+``async with Orchestrator(config) as orch:`` starts everything (and the embedded broker when no
+external one is configured); leaving the block stops it all and leaves no thread or task behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from edgeward.mqtt.broker import EmbeddedBroker
+from edgeward.mqtt.session import BrokerURL, MqttSession
+from edgeward.mqtt.topics import TopicError, TopicKind, node_topic, nodes_filter, parse_node_topic
+from edgeward.v1 import api_pb2, api_pb2_grpc, node_pb2
+from edgeward.wire import DropCounter, WireError, decode_node_message
+
+from .api import DeploymentService, ModelService, NodeService, WatchHub, deployment_to_pb, node_to_pb
+from .config import OrchestratorConfig
+from .errors import NotFound
+from .fleet import Fleet
+from .reconciler import Reconciler
+from .scheduler import Scheduler
+from .store import NodeRecord, SqliteStore
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = tuple(
+    api_pb2.DESCRIPTOR.services_by_name[name].full_name for name in ("DeploymentService", "NodeService", "ModelService")
+)
+INGEST_KINDS = (TopicKind.HELLO, TopicKind.STATUS, TopicKind.TELEMETRY, TopicKind.EVENTS, TopicKind.EVIDENCE)
+
+
+class Orchestrator:
+    def __init__(self, config: OrchestratorConfig) -> None:
+        self.config = config
+        self.fleet = Fleet()
+        self.drops = DropCounter()
+        self.watch = WatchHub()
+        self.scheduler = Scheduler()
+        self.broker_url: str = config.broker.url or ""
+        self.grpc_port = 0
+        self._db_pool = ThreadPoolExecutor(1, thread_name_prefix="edgeward-store")
+        self._blocking_pool = ThreadPoolExecutor(2, thread_name_prefix="edgeward-blocking")
+        self._tasks: list[asyncio.Task] = []
+        self._broker: EmbeddedBroker | None = None
+        self._mqtt: MqttSession | None = None
+        self._server: grpc.aio.Server | None = None
+        self.store: SqliteStore
+        self.reconciler: Reconciler
+
+    # ------------------------------------------------------------ executors
+
+    async def db(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run a store call on the store's single thread (the only committer)."""
+        return await asyncio.get_running_loop().run_in_executor(self._db_pool, partial(fn, *args))
+
+    async def run_blocking(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._blocking_pool, partial(fn, *args))
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def __aenter__(self) -> Orchestrator:
+        try:
+            await self._start()
+        except BaseException:
+            await self._stop()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._stop()
+
+    async def _start(self) -> None:
+        cfg = self.config
+        self.store = await self.db(SqliteStore, cfg.state_dir)
+        nodes = await self.db(self.store.list_nodes)
+        if cfg.broker.url is None:
+            self._broker = EmbeddedBroker(
+                host=cfg.broker.embedded_bind, port=cfg.broker.embedded_port, max_payload=cfg.broker.max_payload
+            )
+            await self._broker.__aenter__()
+            self.broker_url = str(self._broker.url)
+        self._server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", cfg.max_grpc_message),
+                ("grpc.max_send_message_length", cfg.max_grpc_message),
+            ]
+        )
+        api_pb2_grpc.add_DeploymentServiceServicer_to_server(DeploymentService(self), self._server)
+        api_pb2_grpc.add_NodeServiceServicer_to_server(NodeService(self), self._server)
+        api_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(self), self._server)
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, self._server)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            self._server,
+        )
+        self.grpc_port = self._server.add_insecure_port(cfg.grpc_bind)
+        if self.grpc_port == 0:
+            raise OSError(f"cannot bind the gRPC API to {cfg.grpc_bind}")
+        await self._server.start()
+        for name in ("", *SERVICE_NAMES):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+        self.reconciler = Reconciler(
+            self.store, self.db, self.fleet, self.scheduler, self._publish_command, cfg,
+            artifact_endpoint=lambda: self.advertise, on_change=self._deployments_changed,
+        )
+        self.reconciler.set_cordoned(n.id for n in nodes if n.cordoned)
+        b = cfg.broker
+        self._mqtt = MqttSession(
+            BrokerURL.parse(self.broker_url, ca_file=b.ca_file, cert_file=b.cert_file, key_file=b.key_file),
+            f"edgeward-orchestrator-{uuid.uuid4().hex[:8]}",
+            max_payload=b.max_payload,
+        )
+        await self._mqtt.__aenter__()
+        for kind in INGEST_KINDS:
+            await self._mqtt.subscribe(nodes_filter(kind, b.topic_prefix), qos=1)
+        self._tasks.append(asyncio.create_task(self._ingest(), name="edgeward-ingest"))
+        self._tasks.append(asyncio.create_task(self.reconciler.run(), name="edgeward-reconciler"))
+        log.info("orchestrator serving gRPC on %s, broker %s, state in %s", self.address, self.broker_url, cfg.state_dir)
+
+    async def _stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        if self._server is not None:
+            await self._server.stop(grace=0.5)
+            self._server = None
+        if self._mqtt is not None:
+            await self._mqtt.__aexit__(None, None, None)
+            self._mqtt = None
+        if self._broker is not None:
+            await self._broker.__aexit__(None, None, None)
+            self._broker = None
+        if hasattr(self, "store"):
+            await self.db(self.store.close)
+        self._db_pool.shutdown(wait=True)
+        self._blocking_pool.shutdown(wait=True)
+
+    @property
+    def address(self) -> str:
+        host = self.config.grpc_bind.rsplit(":", 1)[0]
+        return f"{host}:{self.grpc_port}"
+
+    @property
+    def advertise(self) -> str:
+        return self.config.advertise or self.address
+
+    # ------------------------------------------------------------ MQTT
+
+    async def _ingest(self) -> None:
+        assert self._mqtt is not None
+        prefix = self.config.broker.topic_prefix
+        max_payload = self.config.broker.max_payload
+        async for message in self._mqtt.messages():
+            try:
+                node_id, kind = parse_node_topic(message.topic, prefix)
+                msg = decode_node_message(message.payload, node_id=node_id, kind=kind.value, max_payload=max_payload)
+            except TopicError:
+                self.drops.drop(WireError("wire.topic.invalid"))
+                continue
+            except WireError as err:
+                if kind == TopicKind.STATUS and not message.payload:
+                    continue  # a cleared retained status
+                self.drops.drop(err)
+                log.debug("dropped payload on %s: %s", message.topic, err)
+                continue
+            what = self.fleet.apply(msg, retained=message.retain)
+            if what == "hello":
+                self.reconciler.node_connected(node_id)
+                await self.db(self.store.put_node, self._node_record(node_id, msg))
+            elif what == "status":
+                self.reconciler.trigger()
+            elif msg.WhichOneof("body") == "event" and msg.event.ack.command_id and not msg.event.ack.ok:
+                log.warning("node %s refused command %s: %s", node_id, msg.event.ack.command_id, msg.event.ack.reason)
+
+    def _node_record(self, node_id: str, msg: node_pb2.NodeMessage) -> NodeRecord:
+        return NodeRecord(node_id, node_id in self.reconciler.cordoned, msg.hello.SerializeToString(), msg.sent_unix_ms)
+
+    async def _publish_command(self, node_id: str, command: node_pb2.Command) -> None:
+        if self._mqtt is None:
+            return
+        topic = node_topic(node_id, TopicKind.CMD, self.config.broker.topic_prefix)
+        try:
+            await self._mqtt.publish(topic, command.SerializeToString(), qos=1)
+        except Exception as err:  # broker away: the reconciler re-sends
+            log.warning("cannot send %s to %s: %s", command.WhichOneof("body"), node_id, err)
+
+    # ------------------------------------------------------------ views for the API
+
+    def _deployments_changed(self, names: set[str]) -> None:
+        if self.watch.watchers:
+            asyncio.get_running_loop().create_task(self._publish_changes(names))
+
+    async def _publish_changes(self, names: set[str]) -> None:
+        for name in sorted(names):
+            try:
+                pb = await self.deployment_pb(name)
+            except NotFound:
+                continue
+            self.watch.publish(api_pb2.WATCH_EVENT_TYPE_MODIFIED, pb)
+
+    async def deployment_pb(self, name: str) -> api_pb2.Deployment:
+        record, replicas = await self.db(lambda: (self.store.get_deployment(name), self.store.list_replicas(name)))
+        return deployment_to_pb(record, replicas)
+
+    async def all_deployments_pb(self) -> list[api_pb2.Deployment]:
+        records, replicas = await self.db(lambda: (self.store.list_deployments(), self.store.list_replicas()))
+        by_dep: dict[str, list] = {}
+        for rep in replicas:
+            by_dep.setdefault(rep.deployment, []).append(rep)
+        return [deployment_to_pb(r, by_dep.get(r.name, [])) for r in records]
+
+    async def nodes_pb(self) -> list[api_pb2.Node]:
+        records, replicas = await self.db(lambda: (self.store.list_nodes(), self.store.list_replicas()))
+        by_id = {r.id: r for r in records}
+        ids = sorted(set(by_id) | {n for n, v in self.fleet.nodes.items() if v.hello is not None})
+        return [self._node_pb(i, by_id.get(i), replicas) for i in ids]
+
+    async def node_pb(self, node_id: str) -> api_pb2.Node:
+        record, replicas = await self.db(lambda: (self.store.get_node(node_id), self.store.list_replicas()))
+        if record is None and node_id not in self.fleet.nodes:
+            raise NotFound("node", node_id)
+        return self._node_pb(node_id, record, replicas)
+
+    def _node_pb(self, node_id: str, record: NodeRecord | None, replicas: list) -> api_pb2.Node:
+        view = self.fleet.nodes.get(node_id)
+        online = view is not None and view.online(time.monotonic(), self.config.node_timeout_s)
+        return node_to_pb(node_id, record, view, online, replicas)
+
+    async def set_cordon(self, node_id: str, cordon: bool) -> None:
+        def update() -> None:
+            record = self.store.get_node(node_id)
+            if record is None:
+                raise NotFound("node", node_id)
+            self.store.put_node(NodeRecord(record.id, cordon, record.inventory, record.last_seen_ms))
+
+        await self.db(update)
+        cordoned = set(self.reconciler.cordoned)
+        (cordoned.add if cordon else cordoned.discard)(node_id)
+        self.reconciler.set_cordoned(cordoned)

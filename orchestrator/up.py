@@ -1,0 +1,362 @@
+"""``edgeward up``: a whole edge fleet on one machine, end to end.
+
+Starts the embedded MQTT broker and the orchestrator in this process, N node agents as child
+processes with different hardware profiles, publishes the use cases' models, applies their
+deployments, drives inference traffic at the nodes over the Open Inference Protocol, and prints
+(and optionally writes as JSON) a summary. Ctrl-C stops everything; agents also die with us
+(see ``node_agent.cli``), so no process is left behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import yaml
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from edgeward.oip import grpc_predict_v2_pb2 as oip
+from edgeward.oip import grpc_predict_v2_pb2_grpc as oip_grpc
+from edgeward.v1 import api_pb2, api_pb2_grpc, node_pb2
+
+from .cli import deployments_table, phase_name, state_name
+from .config import BrokerConfig, OrchestratorConfig
+from .server import Orchestrator
+
+log = logging.getLogger(__name__)
+console = Console(stderr=True)
+
+# Demo boards, cycled over the agents. Figures are nominal board powers for the classes named;
+# energy on these nodes is modelled from them (the hardware-profile catalog refines this).
+PROFILES: list[dict[str, Any]] = [
+    {"hardware_profile": "x86-microserver", "labels": {"zone": "edge-a", "arch": "x86_64"},
+     "power": {"idle_w": 8.0, "active_w": 25.0}, "threads": 2},
+    {"hardware_profile": "arm-sbc", "labels": {"zone": "edge-b", "arch": "arm64"},
+     "power": {"idle_w": 2.7, "active_w": 6.4}, "threads": 1},
+    {"hardware_profile": "arm-sbc-lowpower", "labels": {"zone": "edge-c", "arch": "arm64"},
+     "power": {"idle_w": 1.2, "active_w": 3.5}, "threads": 1},
+]
+NODE_WAIT_S = 60.0
+RUNNING_WAIT_S = 90.0
+
+
+@dataclass
+class AgentFleet:
+    """Node agents as child processes."""
+
+    state_dir: Path
+    broker_url: str
+    heartbeat_s: float = 2.0
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    def start(self, count: int) -> None:
+        conf_dir = self.state_dir / "agents"
+        conf_dir.mkdir(parents=True, exist_ok=True)
+        for i, profile in zip(range(1, count + 1), itertools.cycle(PROFILES), strict=False):
+            node_id = f"node-{i}"
+            config = {
+                "node_id": node_id, "labels": profile["labels"], "hardware_profile": profile["hardware_profile"],
+                "broker": {"url": self.broker_url}, "power": profile["power"],
+                "accelerators": [{"kind": "cpu-litert", "options": {"num_threads": profile["threads"]}}],
+                "heartbeat_s": self.heartbeat_s, "state_dir": str(self.state_dir / "agent-cache"),
+            }
+            path = conf_dir / f"{node_id}.yaml"
+            path.write_text(yaml.safe_dump(config))
+            log_file = (conf_dir / f"{node_id}.log").open("ab")
+            self.procs[node_id] = subprocess.Popen(
+                [sys.executable, "-m", "edgeward", "agent", "-c", str(path)],
+                stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env={**os.environ, "EDGEWARD_DIE_WITH_PARENT": str(os.getpid())},
+            )
+            log_file.close()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for proc in self.procs.values():
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def dead(self) -> list[str]:
+        return [n for n, p in self.procs.items() if p.poll() is not None]
+
+
+@dataclass
+class Traffic:
+    latencies_ms: list[float] = field(default_factory=list)
+    errors: int = 0
+    by_workload: dict[str, list[float]] = field(default_factory=dict)
+
+
+def run_up(args: argparse.Namespace) -> int:
+    try:
+        return asyncio.run(_main(args))
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted; everything stopped[/yellow]")
+        return 130
+
+
+async def _main(args: argparse.Namespace) -> int:
+    main = asyncio.current_task()
+    assert main is not None
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGINT, main.cancel)
+    loop.add_signal_handler(signal.SIGTERM, main.cancel)
+    try:
+        return await _up(args)
+    except asyncio.CancelledError:
+        console.print("[yellow]interrupted; everything stopped[/yellow]")
+        return 130
+
+
+async def _up(args: argparse.Namespace) -> int:
+    from usecases.workloads import workloads
+
+    state_dir = Path(args.state_dir) if args.state_dir else Path(tempfile.mkdtemp(prefix="edgeward-up-"))
+    config = OrchestratorConfig(
+        state_dir=state_dir / "orchestrator", grpc_bind=f"127.0.0.1:{args.grpc_port}", node_timeout_s=10.0,
+        reconcile_interval_s=0.5, broker=BrokerConfig(),
+    )
+    work = workloads()
+    console.print(f"[bold]edgeward up[/bold]: {args.nodes} nodes, {len(work)} use case(s), state in {state_dir}")
+    async with Orchestrator(config) as orch:
+        console.print(f"orchestrator on {orch.address}, embedded broker on {orch.broker_url}")
+        console.print("[bold yellow]WARNING: plain-text MQTT and gRPC without authentication: "
+                      "for this local demo only, never for a real fleet[/bold yellow]")
+        agents = AgentFleet(state_dir, orch.broker_url)
+        try:
+            agents.start(args.nodes)
+            async with grpc.aio.insecure_channel(orch.address) as channel:
+                nodes_api = api_pb2_grpc.NodeServiceStub(channel)
+                deps_api = api_pb2_grpc.DeploymentServiceStub(channel)
+                models_api = api_pb2_grpc.ModelServiceStub(channel)
+                if not await _wait_nodes(nodes_api, agents, args.nodes):
+                    return 1
+                models = await _publish(models_api, work)
+                for w in work:
+                    resp = await deps_api.Apply(api_pb2.ApplyRequest(manifest=w.manifest))
+                    console.print(f"deployment/{resp.deployment.name} {'created' if resp.created else 'configured'}")
+                if not await _wait_running(deps_api, [w.deployment for w in work]):
+                    deps = (await deps_api.List(api_pb2.ListDeploymentsRequest())).deployments
+                    console.print(deployments_table(list(deps)))
+                    return 1
+                traffic = await _drive(nodes_api, deps_api, work, models, args.duration, args.concurrency)
+                nodes = (await nodes_api.List(api_pb2.ListNodesRequest())).nodes
+                deps = (await deps_api.List(api_pb2.ListDeploymentsRequest())).deployments
+        finally:
+            agents.stop()
+    report = _report(list(nodes), list(deps), traffic, work)
+    _print_summary(report)
+    if args.report:
+        Path(args.report).write_text(json.dumps(report, indent=2) + "\n")
+        console.print(f"report written to {args.report}")
+    ok = all(d["running"] == d["replicas"] for d in report["deployments"]) and report["inferences"] > 0
+    return 0 if ok else 1
+
+
+async def _wait_nodes(nodes_api: Any, agents: AgentFleet, count: int) -> bool:
+    deadline = time.monotonic() + NODE_WAIT_S
+    with _progress() as progress:
+        task = progress.add_task("nodes online", total=count)
+        while True:
+            nodes = (await nodes_api.List(api_pb2.ListNodesRequest())).nodes
+            online = sum(n.state == node_pb2.NODE_STATE_ONLINE for n in nodes)
+            progress.update(task, completed=online)
+            if online >= count:
+                return True
+            if agents.dead():
+                console.print(f"[red]agent process(es) exited: {agents.dead()}; see {agents.state_dir}/agents/*.log[/red]")
+                return False
+            if time.monotonic() > deadline:
+                console.print("[red]timed out waiting for nodes[/red]")
+                return False
+            await asyncio.sleep(0.2)
+
+
+async def _publish(models_api: Any, work: list) -> dict[str, api_pb2.Model]:
+    import hashlib
+
+    published = {}
+    for w in work:
+        data = w.model_file.read_bytes()
+        meta = api_pb2.ModelMetadata(
+            name=w.model_name, version=w.model_version, sha256=hashlib.sha256(data).hexdigest(), size=len(data),
+            use_case=w.case, description=f"{w.case} demo model ({w.model_file.name})",
+        )
+
+        async def parts(meta: api_pb2.ModelMetadata = meta, data: bytes = data) -> Any:
+            yield api_pb2.PushModelRequest(metadata=meta)
+            for off in range(0, len(data), 256 * 1024):
+                yield api_pb2.PushModelRequest(chunk=data[off : off + 256 * 1024])
+
+        model = await models_api.Push(parts())
+        console.print(f"model/{model.name}:{model.version} published ({model.size} bytes, {','.join(model.dtypes)})")
+        published[w.deployment] = model
+    return published
+
+
+async def _wait_running(deps_api: Any, names: list[str]) -> bool:
+    deadline = time.monotonic() + RUNNING_WAIT_S
+    with _progress() as progress:
+        tasks = {n: progress.add_task(f"deployment/{n}", total=None) for n in names}
+        while True:
+            done = True
+            for name in names:
+                dep = await deps_api.Get(api_pb2.GetDeploymentRequest(name=name))
+                progress.update(tasks[name], total=dep.spec.replicas, completed=dep.status.running)
+                done &= dep.status.running >= dep.spec.replicas
+            if done:
+                return True
+            if time.monotonic() > deadline:
+                console.print("[red]timed out waiting for replicas to run[/red]")
+                return False
+            await asyncio.sleep(0.2)
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                    TimeElapsedColumn(), console=console, transient=False)
+
+
+def _encode(model: api_pb2.Model, x: np.ndarray) -> tuple[str, bytes, list[int]]:
+    spec = model.inputs[0]
+    shape = [int(d) for d in spec.shape]
+    shape[0] = 1 if shape and shape[0] <= 0 else shape[0]
+    x = x.reshape(shape)
+    if spec.datatype == "INT8":
+        q = np.clip(np.round(x / spec.scale) + spec.zero_point, -128, 127).astype(np.int8)
+        return "INT8", q.tobytes(), shape
+    if spec.datatype == "UINT8":
+        q = np.clip(np.round(x / spec.scale) + spec.zero_point, 0, 255).astype(np.uint8)
+        return "UINT8", q.tobytes(), shape
+    return "FP32", x.astype(np.float32).tobytes(), shape
+
+
+async def _drive(nodes_api: Any, deps_api: Any, work: list, models: dict[str, api_pb2.Model],
+                 duration: float, concurrency: int) -> Traffic:
+    """Send requests round-robin to every running replica's node until ``duration`` has passed."""
+    endpoints = {n.id: n.inventory.inference_endpoint for n in (await nodes_api.List(api_pb2.ListNodesRequest())).nodes}
+    targets = []
+    for w in work:
+        dep = await deps_api.Get(api_pb2.GetDeploymentRequest(name=w.deployment))
+        model = models[w.deployment]
+        inputs = [_encode(model, x) for x in w.make_inputs(64, 7)]
+        for rep in dep.status.replica_list:
+            if rep.phase == node_pb2.REPLICA_PHASE_RUNNING:
+                targets.append((w, model, endpoints[rep.node_id], inputs))
+    traffic = Traffic()
+    channels = {ep: grpc.aio.insecure_channel(ep) for ep in {t[2] for t in targets}}
+    stubs = {ep: oip_grpc.GRPCInferenceServiceStub(ch) for ep, ch in channels.items()}
+    deadline = time.monotonic() + duration
+    counter = itertools.count()
+
+    async def worker() -> None:
+        while time.monotonic() < deadline:
+            i = next(counter)
+            w, model, endpoint, inputs = targets[i % len(targets)]
+            datatype, raw, shape = inputs[i % len(inputs)]
+            request = oip.ModelInferRequest(
+                model_name=model.name, model_version=model.version, id=str(i),
+                inputs=[oip.ModelInferRequest.InferInputTensor(name=model.inputs[0].name, datatype=datatype, shape=shape)],
+                raw_input_contents=[raw],
+            )
+            started = time.perf_counter()
+            try:
+                await stubs[endpoint].ModelInfer(request, timeout=5.0)
+            except grpc.aio.AioRpcError as err:
+                traffic.errors += 1
+                log.debug("inference on %s failed: %s", endpoint, err.code())
+                continue
+            ms = (time.perf_counter() - started) * 1000.0
+            traffic.latencies_ms.append(ms)
+            traffic.by_workload.setdefault(w.case, []).append(ms)
+
+    with _progress() as progress:
+        task = progress.add_task(f"traffic ({len(targets)} replicas)", total=int(duration))
+
+        async def tick() -> None:
+            while time.monotonic() < deadline:
+                await asyncio.sleep(0.5)
+                progress.update(task, completed=min(duration, duration - (deadline - time.monotonic())))
+
+        try:
+            if targets:
+                await asyncio.gather(tick(), *(worker() for _ in range(max(1, concurrency))))
+        finally:
+            for ch in channels.values():
+                with contextlib.suppress(Exception):
+                    await ch.close()
+    return traffic
+
+
+def _pct(values: list[float], q: float) -> float:
+    return round(float(np.percentile(values, q)), 3) if values else 0.0
+
+
+def _report(nodes: list[api_pb2.Node], deps: list[api_pb2.Deployment], traffic: Traffic, work: list) -> dict:
+    return {
+        "nodes": [{"id": n.id, "status": state_name(n.state), "hardware_profile": n.inventory.hardware_profile,
+                   "replicas": len(n.replicas)} for n in nodes],
+        "deployments": [{"name": d.name, "replicas": d.spec.replicas, "running": d.status.running,
+                         "phases": _phases(d)} for d in deps],
+        "inferences": len(traffic.latencies_ms),
+        "errors": traffic.errors,
+        "latency_ms": {"p50": _pct(traffic.latencies_ms, 50), "p95": _pct(traffic.latencies_ms, 95)},
+        "use_cases": {
+            w.case: {"deployment": w.deployment, "inferences": len(traffic.by_workload.get(w.case, [])),
+                     "latency_ms": {"p50": _pct(traffic.by_workload.get(w.case, []), 50),
+                                    "p95": _pct(traffic.by_workload.get(w.case, []), 95)}}
+            for w in work
+        },
+    }
+
+
+def _phases(dep: api_pb2.Deployment) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for rep in dep.status.replica_list:
+        out[phase_name(rep.phase)] = out.get(phase_name(rep.phase), 0) + 1
+    return out
+
+
+def _print_summary(report: dict) -> None:
+    out = Console()
+    nodes = Table(title="nodes", title_justify="left")
+    for col in ("NODE", "STATUS", "PROFILE", "REPLICAS"):
+        nodes.add_column(col)
+    for n in report["nodes"]:
+        nodes.add_row(n["id"], n["status"], n["hardware_profile"], str(n["replicas"]))
+    deps = Table(title="deployments", title_justify="left")
+    for col in ("DEPLOYMENT", "RUNNING", "PHASES", "INFERENCES", "P50 MS", "P95 MS"):
+        deps.add_column(col)
+    by_dep = {u["deployment"]: u for u in report["use_cases"].values()}
+    for d in report["deployments"]:
+        u = by_dep.get(d["name"], {"inferences": 0, "latency_ms": {"p50": 0, "p95": 0}})
+        deps.add_row(d["name"], f"{d['running']}/{d['replicas']}", " ".join(f"{k}={v}" for k, v in d["phases"].items()),
+                     str(u["inferences"]), f"{u['latency_ms']['p50']:.2f}", f"{u['latency_ms']['p95']:.2f}")
+    out.print(nodes)
+    out.print(deps)
+    lat = report["latency_ms"]
+    out.print(f"inferences: {report['inferences']} (errors {report['errors']}), "
+              f"latency p50 {lat['p50']:.2f} ms, p95 {lat['p95']:.2f} ms")

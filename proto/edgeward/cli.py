@@ -1,0 +1,92 @@
+"""``edgeward``: the one command-line entry point.
+
+This module only parses arguments; each command lives with its role (``orchestrator.cli`` or
+``node_agent.cli``) and is imported when it runs, so the agent never loads orchestrator code and
+the other way round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+DEFAULT_SERVER = os.environ.get("EDGEWARD_SERVER", "127.0.0.1:50051")
+
+
+def _server(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--server", default=DEFAULT_SERVER, help="orchestrator gRPC address (env EDGEWARD_SERVER)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edgeward", description="Orchestrate deep-learning models on attested edge nodes.")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("up", help="run a whole demo fleet on this machine (broker, orchestrator, agents, traffic)")
+    p.add_argument("--nodes", type=int, default=3, help="number of node agents to start (default 3)")
+    p.add_argument("--duration", type=float, default=30.0, help="seconds of inference traffic (default 30)")
+    p.add_argument("--report", help="write the summary as JSON to this file")
+    p.add_argument("--state-dir", help="state directory (default: a fresh temporary one)")
+    p.add_argument("--grpc-port", type=int, default=0, help="orchestrator gRPC port (default: a free one)")
+    p.add_argument("--concurrency", type=int, default=4, help="concurrent inference clients (default 4)")
+    p.set_defaults(handler="orchestrator.cli:cmd_up")
+
+    p = sub.add_parser("orchestrator", help="run the orchestrator")
+    p.add_argument("-c", "--config", help="orchestrator config YAML")
+    p.add_argument("--state-dir", help="state directory (overrides the config)")
+    p.add_argument("--grpc-bind", help="host:port of the gRPC API (overrides the config)")
+    p.add_argument("--broker-url", help="external MQTT broker URL; default: the embedded broker")
+    p.add_argument("--broker-port", type=int, help="port of the embedded broker (default: a free one)")
+    p.set_defaults(handler="orchestrator.cli:cmd_orchestrator")
+
+    p = sub.add_parser("agent", help="run a node agent")
+    p.add_argument("-c", "--config", required=True, help="node config YAML")
+    p.add_argument("--broker-url", help="MQTT broker URL (overrides the config)")
+    p.set_defaults(handler="node_agent.cli:cmd_agent")
+
+    p = sub.add_parser("apply", help="create or update deployments from manifest files")
+    p.add_argument("-f", "--filename", action="append", required=True, help="manifest file (YAML/JSON); repeatable")
+    p.add_argument("--dry-run", action="store_true", help="validate only")
+    p.add_argument("--wait", type=float, default=0.0, metavar="S", help="wait up to S seconds until every replica runs")
+    _server(p)
+    p.set_defaults(handler="orchestrator.cli:cmd_apply")
+
+    p = sub.add_parser("get", help="list deployments, nodes or models")
+    p.add_argument("kind", choices=["deployments", "deployment", "nodes", "node", "models", "model"])
+    p.add_argument("name", nargs="?", help="show one object")
+    _server(p)
+    p.set_defaults(handler="orchestrator.cli:cmd_get")
+
+    p = sub.add_parser("delete", help="delete a deployment")
+    p.add_argument("target", help="deployment/NAME or NAME")
+    _server(p)
+    p.set_defaults(handler="orchestrator.cli:cmd_delete")
+
+    p = sub.add_parser("models", help="model catalog")
+    msub = p.add_subparsers(dest="models_command", required=True, metavar="ACTION")
+    mp = msub.add_parser("push", help="publish a .tflite model")
+    mp.add_argument("file")
+    mp.add_argument("--name", required=True)
+    mp.add_argument("--version", required=True, help="semantic version, e.g. 1.0.0")
+    mp.add_argument("--use-case", default="")
+    mp.add_argument("--description", default="")
+    _server(mp)
+    mp.set_defaults(handler="orchestrator.cli:cmd_models_push")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    module, _, func = args.handler.partition(":")
+    handler = getattr(importlib.import_module(module), func)
+    try:
+        return int(handler(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

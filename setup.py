@@ -1,0 +1,45 @@
+"""Build hook: generate the protobuf and gRPC modules from proto/ before packaging.
+
+The .proto files live in proto/edgeward/..., and their proto package names match the Python
+package path (edgeward.v1, edgeward.oip), so the absolute imports protoc writes between sibling
+modules (``from edgeward.v1 import common_pb2``) resolve inside the installed package.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from setuptools import setup
+from setuptools.command.build_py import build_py
+
+ROOT = Path(__file__).resolve().parent
+PROTO_ROOT = ROOT / "proto"
+
+
+def generate_protos() -> None:
+    from grpc_tools import protoc  # build-time only (see [build-system] requires)
+
+    import grpc_tools
+
+    include = Path(grpc_tools.__file__).parent / "_proto"
+    sources = sorted(str(p.relative_to(PROTO_ROOT)) for p in PROTO_ROOT.rglob("*.proto"))
+    args = [
+        "grpc_tools.protoc",
+        f"-I{PROTO_ROOT}",
+        f"-I{include}",
+        f"--python_out={PROTO_ROOT}",
+        f"--pyi_out={PROTO_ROOT}",
+        f"--grpc_python_out={PROTO_ROOT}",
+        *sources,
+    ]
+    if protoc.main(args) != 0:
+        raise SystemExit("protoc failed on " + " ".join(sources))
+
+
+class BuildPyWithProtos(build_py):
+    def run(self) -> None:
+        generate_protos()
+        super().run()
+
+
+setup(cmdclass={"build_py": BuildPyWithProtos})

@@ -1,0 +1,103 @@
+"""The SQLite store: transactions, generations, transition checks, artifacts."""
+
+import hashlib
+import sqlite3
+
+import pytest
+
+from orchestrator.errors import AlreadyExists, IllegalTransition, NotFound
+from orchestrator.manifest import parse_manifest
+from orchestrator.phases import Phase
+from orchestrator.store import ModelRecord, ReplicaChange, ReplicaRecord, SqliteStore
+
+MANIFEST = """
+apiVersion: edgeward/v1
+kind: Deployment
+metadata: {name: d1}
+spec: {model: {name: m, version: 1.0.0}, replicas: REPLICAS}
+"""
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = SqliteStore(tmp_path)
+    yield s
+    s.close()
+
+
+def manifest(replicas=2, version="1.0.0"):
+    return parse_manifest(MANIFEST.replace("REPLICAS", str(replicas)).replace("1.0.0", version))
+
+
+def test_wal_mode(store):
+    assert store._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_generation_grows_on_template_change_not_on_scale(store):
+    rec, created, changed = store.put_deployment(manifest(2), 1)
+    assert (rec.generation, created, changed) == (1, True, False)
+    rec, created, changed = store.put_deployment(manifest(2), 2)
+    assert (rec.generation, created, changed) == (1, False, False)
+    rec, _, changed = store.put_deployment(manifest(5), 3)
+    assert (rec.generation, changed) == (1, True)
+    rec, _, changed = store.put_deployment(manifest(5, "1.1.0"), 4)
+    assert (rec.generation, changed) == (2, True)
+
+
+def test_replica_transitions_are_checked_and_atomic(store):
+    rep = ReplicaRecord("r1", "d1", 1, "m", "1.0.0", Phase.PENDING, 1)
+    store.apply_replica_changes([ReplicaChange(rep)])
+    running = ReplicaRecord("r1", "d1", 1, "m", "1.0.0", Phase.RUNNING, 2, node_id="n1")
+    other = ReplicaRecord("r2", "d1", 1, "m", "1.0.0", Phase.PENDING, 2)
+    with pytest.raises(IllegalTransition):
+        store.apply_replica_changes([ReplicaChange(other), ReplicaChange(running)])
+    # the whole batch was rolled back: r2 was not written
+    assert [r.id for r in store.list_replicas()] == ["r1"]
+
+
+def test_delete_deployment_evicts_bound_and_drops_unbound(store):
+    store.put_deployment(manifest(), 1)
+    store.apply_replica_changes([
+        ReplicaChange(ReplicaRecord("a", "d1", 1, "m", "1.0.0", Phase.DISPATCHED, 1, node_id="n1")),
+        ReplicaChange(ReplicaRecord("b", "d1", 1, "m", "1.0.0", Phase.PENDING, 1)),
+    ])
+    evicted = store.delete_deployment("d1", 5)
+    assert [(r.id, r.phase, r.reason) for r in evicted] == [("a", Phase.EVICTED, "deployment.deleted")]
+    assert [r.id for r in store.list_replicas()] == ["a"]
+    with pytest.raises(NotFound):
+        store.get_deployment("d1")
+
+
+def test_models_are_content_addressed_and_versions_unique(store):
+    data = b"TFL3-model-bytes"
+    digest = hashlib.sha256(data).hexdigest()
+    store.put_model(ModelRecord("m", "1.0.0", digest, len(data), b"", 1), data)
+    store.put_model(ModelRecord("m", "1.10.0", digest, len(data), b"", 2), data)
+    store.put_model(ModelRecord("m", "1.2.0", digest, len(data), b"", 3), data)
+    assert store.get_model("m").version == "1.10.0"
+    assert store.read_artifact(digest) == data
+    with pytest.raises(AlreadyExists):
+        store.put_model(ModelRecord("m", "1.0.0", digest, len(data), b"", 4), data)
+    with pytest.raises(ValueError, match="sha256"):
+        store.put_model(ModelRecord("m", "2.0.0", "0" * 64, 3, b"", 5), b"abc")
+    with pytest.raises(NotFound):
+        store.read_artifact("../../etc/passwd")
+
+
+def test_store_survives_reopen(tmp_path):
+    s = SqliteStore(tmp_path)
+    s.put_deployment(manifest(3), 1)
+    s.close()
+    s = SqliteStore(tmp_path)
+    assert s.get_deployment("d1").manifest.spec.replicas == 3
+    s.close()
+
+
+def test_refuses_foreign_schema(tmp_path):
+    SqliteStore(tmp_path).close()
+    db = sqlite3.connect(tmp_path / "edgeward.db")
+    db.execute("UPDATE meta SET value='99' WHERE key='schema'")
+    db.commit()
+    db.close()
+    with pytest.raises(RuntimeError, match="schema 99"):
+        SqliteStore(tmp_path)

@@ -1,0 +1,62 @@
+"""Boundary validation of MQTT payloads: bad ones raise a WireError with a reason id."""
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from edgeward.v1 import node_pb2
+from edgeward.wire import WireError, decode_command, decode_node_message, node_message
+
+STATUS = node_message("n1", status=node_pb2.Status(state=node_pb2.NODE_STATE_ONLINE)).SerializeToString()
+
+
+def test_valid_status_decodes():
+    msg = decode_node_message(STATUS, node_id="n1", kind="status")
+    assert msg.status.state == node_pb2.NODE_STATE_ONLINE
+
+
+@pytest.mark.parametrize(
+    ("payload", "node_id", "kind", "reason"),
+    [
+        (STATUS, "n2", "status", "wire.payload.wrong_node"),
+        (STATUS, "n1", "telemetry", "wire.payload.wrong_body"),
+        (STATUS, "n1", "cmd", "wire.topic.unknown_kind"),
+        (b"\xff\xff\xff\xff", "n1", "status", "wire.payload.unparseable"),
+        (b"x" * 300_000, "n1", "status", "wire.payload.too_large"),
+        (node_pb2.NodeMessage(schema=7, node_id="n1").SerializeToString(), "n1", "status", "wire.payload.unknown_schema"),
+        (b"", "n1", "status", "wire.payload.unknown_schema"),
+    ],
+)
+def test_bad_node_payloads(payload, node_id, kind, reason):
+    with pytest.raises(WireError) as info:
+        decode_node_message(payload, node_id=node_id, kind=kind)
+    assert info.value.reason == reason
+
+
+def test_commands_need_id_body_and_right_node():
+    ok = node_pb2.Command(schema=1, command_id="c1", node_id="n1", undeploy=node_pb2.UndeployReplica(replica_id="r"))
+    assert decode_command(ok.SerializeToString(), node_id="n1").command_id == "c1"
+    for cmd, reason in [
+        (node_pb2.Command(schema=1, command_id="c1", node_id="n2", undeploy=ok.undeploy), "wire.payload.wrong_node"),
+        (node_pb2.Command(schema=1, node_id="n1", undeploy=ok.undeploy), "wire.command.no_id"),
+        (node_pb2.Command(schema=1, command_id="c", node_id="n1"), "wire.command.empty"),
+    ]:
+        with pytest.raises(WireError) as info:
+            decode_command(cmd.SerializeToString(), node_id="n1")
+        assert info.value.reason == reason
+
+
+@given(st.binary(max_size=2048), st.sampled_from(["hello", "status", "telemetry", "events", "evidence"]))
+def test_random_bytes_never_escape_as_another_error(payload, kind):
+    try:
+        decode_node_message(payload, node_id="n1", kind=kind)
+    except WireError:
+        pass
+
+
+@given(st.binary(max_size=2048))
+def test_random_command_bytes_never_escape(payload):
+    try:
+        decode_command(payload, node_id="n1")
+    except WireError:
+        pass
