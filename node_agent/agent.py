@@ -135,6 +135,13 @@ class NodeAgent:
             await self.run_blocking(backend.close)
         self._pool.shutdown(wait=True)
 
+    def drop_counts(self) -> dict[str, int]:
+        """Refused commands by reason, including those the session dropped for size."""
+        counts = dict(self.drops.counts)
+        if self._mqtt is not None:
+            counts["wire.payload.too_large"] = counts.get("wire.payload.too_large", 0) + self._mqtt.stats.dropped_oversize
+        return counts
+
     @property
     def inference_endpoint(self) -> str:
         host = self.config.inference_bind.rsplit(":", 1)[0]

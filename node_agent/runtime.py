@@ -22,7 +22,7 @@ from typing import Any
 from accelerators.base import AcceleratorError, Backend, InferResult, ModelArtifact, ModelHandle
 from edgeward.v1 import node_pb2
 
-from .stats import LatencyWindow
+from .inference_server import LatencyStats
 
 log = logging.getLogger(__name__)
 
@@ -54,13 +54,6 @@ class ReplicaState:
         )
 
 
-@dataclass
-class ModelCounters:
-    inferences: int = 0
-    errors: int = 0
-    latency: LatencyWindow = field(default_factory=LatencyWindow)
-
-
 class Runtime:
     def __init__(
         self, backends: dict[str, Backend], cache_dir: Path, run_blocking: RunBlocking,
@@ -72,7 +65,7 @@ class Runtime:
         self._run_blocking = run_blocking
         self._on_change = on_change
         self.replicas: dict[str, ReplicaState] = {}
-        self.counters: dict[tuple[str, str], ModelCounters] = {}
+        self.stats: dict[tuple[str, str], LatencyStats] = {}
         self.energy_j = 0.0              # energy of inference work, from the backends
         self.busy_s = 0.0
         self.energy_source = "modelled"
@@ -208,20 +201,19 @@ class Runtime:
 
     async def infer(self, backend: Backend, handle: ModelHandle, inputs: Any) -> InferResult:
         key = (handle.name, handle.version)
-        counters = self.counters.get(key)
-        if counters is None:
-            counters = self.counters[key] = ModelCounters()
+        stats = self.stats.get(key)
+        if stats is None:
+            stats = self.stats[key] = LatencyStats()
         self.in_flight += 1
         started = time.perf_counter()
         try:
             result: InferResult = await self._run_blocking(backend.infer, handle, inputs)
         except Exception:
-            counters.errors += 1
+            stats.record_error()
             raise
         finally:
             self.in_flight -= 1
-        counters.inferences += 1
-        counters.latency.add((time.perf_counter() - started) * 1000.0)
+        stats.record(time.perf_counter() - started, result.energy_j, result.energy_source)
         self.energy_j += result.energy_j
         self.busy_s += result.latency_s
         self.energy_source = result.energy_source
@@ -229,10 +221,10 @@ class Runtime:
 
     def model_stats(self) -> list[node_pb2.ModelStats]:
         out = []
-        for (name, version), c in sorted(self.counters.items()):
-            p50, p95, p99 = c.latency.percentiles((50, 95, 99))
+        for (name, version), stats in sorted(self.stats.items()):
+            snap = stats.snapshot()
             out.append(node_pb2.ModelStats(
-                model_name=name, model_version=version, inferences=c.inferences, errors=c.errors,
-                latency_p50_ms=p50, latency_p95_ms=p95, latency_p99_ms=p99,
+                model_name=name, model_version=version, inferences=snap.count, errors=snap.errors,
+                latency_p50_ms=snap.p50_ms, latency_p95_ms=snap.p95_ms, latency_p99_ms=snap.p99_ms,
             ))
         return out

@@ -1,0 +1,206 @@
+"""An in-process MQTT broker (amqtt 0.12.1) for development and ``edgeward up``.
+
+Production points the same sessions at Mosquitto or EMQX; this broker exists so that one machine
+can run the whole system without installing anything. It speaks MQTT 3.1.1 only.
+
+amqtt 0.12.1 needs the following handled here (the version is pinned in pyproject.toml; re-check
+each point before moving it):
+
+- Its default listener binds 0.0.0.0:1883; we always pass an explicit bind address.
+- Its default plugins include the ``$SYS`` publisher, which emits a DeprecationWarning when loaded
+  (an error under our test settings) and publishes every 20 s, plus two packet/event loggers. Any
+  ``plugins`` mapping replaces the defaults wholesale; one without an authentication plugin makes
+  the broker refuse every CONNECT with "not authorized", and ``None`` falls back to deprecated
+  entry-point loading. So the mapping below names one authentication plugin and nothing else.
+- It has no maximum message size: ``max_payload`` is enforced by dropping larger PUBLISHes before
+  they are routed or retained (the packet has been read into memory by then).
+- Its anonymous-auth plugin flags sessions anonymous, and amqtt then drops a persistent
+  (clean_start=False) session a second after it disconnects, with its subscriptions and queued
+  QoS 1 messages. `_AcceptAll` admits everyone without that flag, so persistent sessions behave as
+  on Mosquitto (kept until the client returns, no expiry).
+- It replays the QoS 1 messages queued for a returning persistent session with the RETAIN flag
+  set, although they reach the client through its subscription [MQTT-3.3.1-9]; `_Broker` clears it.
+- Its stream adapter's ``close()`` skips closing the transport when the final drain fails because
+  the client is already gone (e.g. a client that disconnects while a QoS 1 delivery to it is in
+  flight), leaking the socket. `_Broker` closes every connection's writer when its handler ends.
+- ``shutdown()`` does not wait for the per-connection handler tasks (asyncio's ``wait_closed`` does
+  not either on Python 3.11); `EmbeddedBroker.stop` does, so nothing of the broker outlives it.
+- On every CONNECT it sends the new client the retained messages matching *every* filter any
+  client holds, subscribed or not (a loop over all subscriptions meant for the client's own,
+  persistent ones). `_Broker` only lets that through for filters the client itself holds.
+
+Left as they are: amqtt delivers at the subscription's QoS even when the message was published
+with a lower one (a QoS 0 publish reaches a QoS 1 subscriber as QoS 1), and the queue it keeps for
+an absent persistent session has no bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from types import TracebackType
+from typing import Any, Self
+
+from amqtt.broker import Broker
+from amqtt.contexts import BrokerConfig, ListenerConfig, ListenerType
+from amqtt.errors import BrokerError
+from amqtt.plugins.base import BaseAuthPlugin
+from amqtt.session import Session
+
+from edgeward.mqtt.session import BrokerURL, MqttError
+
+log = logging.getLogger(__name__)
+
+_QUIET_LOGGERS = ("amqtt", "transitions")
+_STOP_TIMEOUT_S = 1.0
+
+
+class _AcceptAll(BaseAuthPlugin):  # type: ignore[misc]  # amqtt ships no type information
+    """Admits every client (the broker is for development, on loopback) as a regular session."""
+
+    async def authenticate(self, *, session: Session) -> bool:
+        return True
+
+
+class _Broker(Broker):  # type: ignore[misc]  # amqtt ships no type information
+    """amqtt's broker with the 0.12.1 workarounds described in the module docstring."""
+
+    def __init__(self, config: BrokerConfig, max_payload: int) -> None:
+        super().__init__(config)
+        self.max_payload = max_payload
+        self.dropped_oversize = 0
+        self.connection_tasks: set[asyncio.Task[Any]] = set()
+
+    async def stream_connected(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener_name: str
+    ) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.connection_tasks.add(task)
+        try:
+            await super().stream_connected(reader, writer, listener_name)
+        finally:
+            self.connection_tasks.discard(task)
+            writer.close()
+            with contextlib.suppress(OSError):  # the client may have reset the connection
+                await writer.wait_closed()
+
+    async def _handle_message_delivery(
+        self, client_session: Session, handler: Any, wait_deliver: asyncio.Future[Any]
+    ) -> bool:
+        message = wait_deliver.result()
+        if message is not None and message.data is not None and len(message.data) > self.max_payload:
+            self.dropped_oversize += 1
+            log.warning(
+                "dropped a %d-byte message from %s on %r (max_payload %d)",
+                len(message.data),
+                client_session.client_id,
+                message.topic,
+                self.max_payload,
+            )
+            return True  # keep the connection: MQTT 3.1.1 itself sets no size limit to break
+        return bool(await super()._handle_message_delivery(client_session, handler, wait_deliver))
+
+    async def _publish_session_retained_messages(self, session: Session) -> None:
+        # amqtt's name for the queue of messages that arrived while a persistent session was away.
+        handler = self._get_handler(session)
+        if handler is None:
+            return
+        replays = []
+        while not session.retained_messages.empty():
+            queued = session.retained_messages.get_nowait()
+            replays.append(handler.mqtt_publish(queued.topic, queued.data, queued.qos, retain=False))
+        for outcome in await asyncio.gather(*replays, return_exceptions=True):
+            if isinstance(outcome, Exception):
+                log.warning("could not replay a queued message to %s: %r", session.client_id, outcome)
+
+    async def _publish_retained_messages_for_subscription(
+        self, subscription: tuple[str, int], session: Session
+    ) -> None:
+        topic_filter = subscription[0]
+        holders = self._subscriptions.get(topic_filter, ())
+        if any(holder.client_id == session.client_id for holder, _qos in holders):
+            await super()._publish_retained_messages_for_subscription(subscription, session)
+
+
+class EmbeddedBroker:
+    """An amqtt broker running on the current event loop, as ``async with EmbeddedBroker() as b:``.
+
+    ``port=0`` picks a free port; `url` tells which. Anonymous clients are allowed, so bind it to a
+    loopback address (the default) unless the network around it is trusted.
+    """
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, max_payload: int = 256 * 1024) -> None:
+        if not host:
+            raise ValueError("host must be an explicit address (amqtt's default is 0.0.0.0)")
+        if not 0 <= port < 65536:
+            raise ValueError(f"invalid port {port!r}")
+        self.host = host
+        self._requested_port = port
+        self.max_payload = max_payload
+        self._broker: _Broker | None = None
+        self._port: int | None = None
+
+    @property
+    def port(self) -> int:
+        if self._port is None:
+            raise MqttError("embedded broker is not running")
+        return self._port
+
+    @property
+    def url(self) -> BrokerURL:
+        return BrokerURL(host=self.host, port=self.port)
+
+    @property
+    def dropped_oversize(self) -> int:
+        """Messages dropped because their payload exceeded ``max_payload``."""
+        return 0 if self._broker is None else self._broker.dropped_oversize
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        if self._broker is not None:
+            raise MqttError("embedded broker already started")
+        for name in _QUIET_LOGGERS:
+            # Both log every connection and state change at INFO; respect an explicit setting.
+            logger = logging.getLogger(name)
+            if logger.level == logging.NOTSET:
+                logger.setLevel(logging.WARNING)
+        config = BrokerConfig(
+            listeners={
+                "default": ListenerConfig(type=ListenerType.TCP, bind=f"{self.host}:{self._requested_port}")
+            },
+            plugins={f"{__name__}.{_AcceptAll.__name__}": {}},
+        )
+        broker = _Broker(config, self.max_payload)
+        try:
+            await broker.start()
+        except BrokerError as err:  # e.g. the port is taken
+            raise MqttError(
+                f"embedded broker cannot listen on {self.host}:{self._requested_port}: {err}"
+            ) from err
+        self._broker = broker
+        # amqtt has no public accessor for the bound address, needed when port 0 picked one.
+        server = broker._servers["default"].instance
+        self._port = server.sockets[0].getsockname()[1]
+        log.info("embedded MQTT broker listening on %s", self.url)
+
+    async def stop(self) -> None:
+        broker, self._broker = self._broker, None
+        if broker is None:
+            return
+        await broker.shutdown()
+        if broker.connection_tasks:
+            _done, stuck = await asyncio.wait(broker.connection_tasks, timeout=_STOP_TIMEOUT_S)
+            for task in stuck:
+                task.cancel()
+            await asyncio.gather(*stuck, return_exceptions=True)
+        self._port = None

@@ -1,0 +1,429 @@
+"""cpu-litert backend, model inspection and the backend registry, on the committed industrial models
+with the real LiteRT interpreter."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import statistics
+import sys
+import time
+from importlib.metadata import EntryPoint
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from accelerators import registry
+from accelerators.base import (
+    BackendUnavailable,
+    InvalidConfig,
+    InvalidInput,
+    InvalidModel,
+    ModelArtifact,
+    ModelNotLoaded,
+    ModelRefused,
+    Quantization,
+)
+from accelerators.cpu_litert import CpuLitertBackend, CpuLitertConfig, RaplCounter
+from accelerators.registry import BackendRegistry
+from accelerators.tflite_model import inspect_tflite, interpreter_runtime
+
+MODELS = Path(__file__).resolve().parents[2] / "usecases" / "industrial" / "models"
+F32 = MODELS / "vibration_cnn_f32.tflite"
+INT8 = MODELS / "vibration_cnn_int8.tflite"
+
+
+@pytest.fixture(scope="module")
+def f32_bytes() -> bytes:
+    return F32.read_bytes()
+
+
+@pytest.fixture(scope="module")
+def int8_bytes() -> bytes:
+    return INT8.read_bytes()
+
+
+@pytest.fixture
+def backend() -> Any:
+    with CpuLitertBackend(CpuLitertConfig(energy_counter=None)) as created:
+        yield created
+
+
+def bare_invoke(data: bytes, inputs: list[np.ndarray]) -> list[np.ndarray]:
+    """The reference: a bare interpreter with default options, as a user would run it."""
+    interpreter = interpreter_runtime().interpreter(model_content=data)
+    interpreter.allocate_tensors()
+    for detail, array in zip(interpreter.get_input_details(), inputs, strict=True):
+        interpreter.set_tensor(detail["index"], array)
+    interpreter.invoke()
+    return [interpreter.get_tensor(d["index"]) for d in interpreter.get_output_details()]
+
+
+def signal(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).normal(0.0, 1.0, shape).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------ inference
+
+
+def test_f32_outputs_equal_bare_interpreter(backend: CpuLitertBackend, f32_bytes: bytes) -> None:
+    handle = backend.load(ModelArtifact.from_bytes("vibration", "1", f32_bytes))
+    (spec,) = handle.inputs
+    assert (spec.dtype, spec.shape, spec.quantization) == ("FP32", (1, 1024, 1), None)
+    for seed in range(3):
+        x = signal(spec.shape, seed)
+        result = backend.infer(handle, {spec.name: x})
+        (expected,) = bare_invoke(f32_bytes, [x])
+        (out_spec,) = handle.outputs
+        np.testing.assert_array_equal(result.outputs[out_spec.name], expected)
+        assert result.latency_s > 0
+        assert result.energy_j > 0
+        assert result.energy_source == "modelled"
+
+
+def test_int8_outputs_equal_bare_interpreter(backend: CpuLitertBackend, int8_bytes: bytes) -> None:
+    handle = backend.load(ModelArtifact.from_bytes("vibration-int8", "1", int8_bytes))
+    (spec,) = handle.inputs
+    assert spec.dtype == "INT8"
+    assert isinstance(spec.quantization, Quantization)
+    x = np.random.default_rng(1).integers(-128, 127, spec.shape, dtype=np.int8, endpoint=True)
+    result = backend.infer(handle, [x])  # positional form
+    (expected,) = bare_invoke(int8_bytes, [x])
+    (out_spec,) = handle.outputs
+    assert out_spec.dtype == "INT8"
+    np.testing.assert_array_equal(result.outputs[out_spec.name], expected)
+
+
+def reference_quantize(x: np.ndarray, scale: float, zero_point: int) -> np.ndarray:
+    """Element by element, in float32, rounding half away from zero (TFLite's QUANTIZE)."""
+    out = []
+    for value in x.ravel():
+        scaled = float(np.float32(value) / np.float32(scale))
+        rounded = int(math.copysign(math.floor(abs(scaled) + 0.5), scaled))
+        out.append(min(127, max(-128, rounded + zero_point)))
+    return np.array(out, dtype=np.int8).reshape(x.shape)
+
+
+def test_int8_model_accepts_float_input_and_quantizes_it(
+    backend: CpuLitertBackend, int8_bytes: bytes
+) -> None:
+    handle = backend.load(ModelArtifact.from_bytes("vibration-int8", "1", int8_bytes))
+    (spec,) = handle.inputs
+    assert spec.quantization is not None
+    x = signal(spec.shape, 2) * 4  # wide enough to saturate at both ends
+    x.ravel()[:3] = [0.5 * spec.quantization.scale, -1.5 * spec.quantization.scale, 1e6]  # ties, clamp
+    quantized = reference_quantize(x, spec.quantization.scale, spec.quantization.zero_point)
+    result = backend.infer(handle, {spec.name: x})
+    (expected,) = bare_invoke(int8_bytes, [quantized])
+    np.testing.assert_array_equal(result.outputs[handle.outputs[0].name], expected)
+    # the same call with float64 data gives the same answer
+    again = backend.infer(handle, {spec.name: x.astype(np.float64)})
+    np.testing.assert_array_equal(again.outputs[handle.outputs[0].name], expected)
+
+
+@pytest.mark.parametrize(
+    ("inputs", "tensor", "problem"),
+    [
+        (lambda name, x: {name: x.astype(np.float64)}, "serving_default_vibration:0", "dtype float64"),
+        (lambda name, x: {name: x.reshape(1, 1024)}, "serving_default_vibration:0", "shape [1, 1024]"),
+        (lambda name, x: {name: x[:, :512]}, "serving_default_vibration:0", "expected [1, 1024, 1]"),
+        (lambda name, x: {}, "serving_default_vibration:0", "missing"),
+        (lambda name, x: {name: x, "extra": x}, "extra", "not an input of the model"),
+        (lambda name, x: [], "serving_default_vibration:0", "got 0 inputs"),
+        (lambda name, x: [x, x], "#1", "got 2 inputs"),
+        (lambda name, x: {name: x.tolist()}, "serving_default_vibration:0", "expected a numpy array"),
+    ],
+    ids=["dtype", "rank", "size", "missing", "unexpected", "too-few", "too-many", "not-array"],
+)
+def test_invalid_inputs_name_the_tensor(
+    backend: CpuLitertBackend, f32_bytes: bytes, inputs: Any, tensor: str, problem: str
+) -> None:
+    handle = backend.load(ModelArtifact.from_bytes("vibration", "1", f32_bytes))
+    name = handle.inputs[0].name
+    with pytest.raises(InvalidInput) as caught:
+        backend.infer(handle, inputs(name, signal((1, 1024, 1))))
+    assert caught.value.tensor == tensor
+    assert problem in caught.value.problem
+
+
+def test_int8_model_refuses_to_quantize_nan(backend: CpuLitertBackend, int8_bytes: bytes) -> None:
+    handle = backend.load(ModelArtifact.from_bytes("vibration-int8", "1", int8_bytes))
+    x = signal((1, 1024, 1))
+    x[0, 7, 0] = np.nan
+    x[0, 8, 0] = np.inf  # infinities saturate like any out-of-range value
+    with pytest.raises(InvalidInput, match="NaN"):
+        backend.infer(handle, [x])
+    x[0, 7, 0] = -np.inf
+    backend.infer(handle, [x])
+
+
+def test_int8_model_rejects_integer_input_of_another_type(
+    backend: CpuLitertBackend, int8_bytes: bytes
+) -> None:
+    handle = backend.load(ModelArtifact.from_bytes("vibration-int8", "1", int8_bytes))
+    with pytest.raises(InvalidInput, match="dtype int32, expected INT8"):
+        backend.infer(handle, [np.zeros((1, 1024, 1), np.int32)])
+
+
+def test_unloaded_handle_and_closed_backend(f32_bytes: bytes) -> None:
+    backend = CpuLitertBackend(CpuLitertConfig(energy_counter=None))
+    artifact = ModelArtifact.from_bytes("vibration", "1", f32_bytes)
+    handle = backend.load(artifact)
+    backend.unload(handle)
+    backend.unload(handle)  # idempotent
+    with pytest.raises(ModelNotLoaded):
+        backend.infer(handle, [signal((1, 1024, 1))])
+    kept = backend.load(artifact)
+    backend.close()
+    with pytest.raises(ModelNotLoaded):
+        backend.infer(kept, [signal((1, 1024, 1))])
+    with pytest.raises(BackendUnavailable, match="closed"):
+        backend.load(artifact)
+
+
+def test_profile(backend: CpuLitertBackend, f32_bytes: bytes) -> None:
+    profile = backend.profile(ModelArtifact.from_bytes("vibration", "1", f32_bytes), runs=20)
+    assert profile.runs == 20
+    assert 0 < profile.p50_ms <= profile.p95_ms
+    assert profile.joules_per_inference > 0
+    assert profile.energy_source == "modelled"
+
+
+def test_infer_overhead_against_bare_invoke(backend: CpuLitertBackend, f32_bytes: bytes) -> None:
+    """Measured, not asserted: the wrapper's cost per call over a bare set/invoke/get."""
+    handle = backend.load(ModelArtifact.from_bytes("vibration", "1", f32_bytes))
+    x = signal((1, 1024, 1))
+    interpreter = interpreter_runtime().interpreter(model_content=f32_bytes)
+    interpreter.allocate_tensors()
+    in_index = interpreter.get_input_details()[0]["index"]
+    out_index = interpreter.get_output_details()[0]["index"]
+    inputs = {handle.inputs[0].name: x}
+
+    def bare() -> None:
+        interpreter.set_tensor(in_index, x)
+        interpreter.invoke()
+        interpreter.get_tensor(out_index)
+
+    def wrapped() -> None:
+        backend.infer(handle, inputs)
+
+    def per_call_us(fn: Any, n: int) -> float:
+        start = time.perf_counter()
+        for _ in range(n):
+            fn()
+        return (time.perf_counter() - start) / n * 1e6
+
+    per_call_us(bare, 100), per_call_us(wrapped, 100)  # warm up
+    rounds = [(per_call_us(bare, 300), per_call_us(wrapped, 300)) for _ in range(9)]  # interleaved
+    bare_us = statistics.median(b for b, _ in rounds)
+    wrapped_us = statistics.median(w for _, w in rounds)
+    print(
+        f"\ncpu-litert infer: bare {bare_us:.1f} us/call, backend.infer {wrapped_us:.1f} us/call, "
+        f"overhead {wrapped_us - bare_us:.1f} us ({wrapped_us / bare_us:.3f}x)"
+    )
+
+
+# ------------------------------------------------------------------------- refusal and integrity
+
+
+def test_fp32_only_backend_refuses_int8_model(f32_bytes: bytes, int8_bytes: bytes) -> None:
+    with CpuLitertBackend.from_config({"dtypes": ["FP32"], "energy_counter": None}) as fp32_only:
+        assert fp32_only.capabilities.dtypes == {"FP32"}
+        with pytest.raises(ModelRefused) as caught:
+            fp32_only.load(ModelArtifact.from_bytes("vibration-int8", "1", int8_bytes))
+        assert caught.value.offending_dtypes == ("INT8",)
+        assert caught.value.offending_ops == ()
+        assert "INT8" in caught.value.reason
+        fp32_only.load(ModelArtifact.from_bytes("vibration", "1", f32_bytes))  # still fine
+
+
+def test_op_allowlist_refuses_other_ops(f32_bytes: bytes) -> None:
+    config = {"ops": ["CONV_2D", "RESHAPE"], "energy_counter": None}
+    with CpuLitertBackend.from_config(config) as conv_only, pytest.raises(ModelRefused) as caught:
+        conv_only.load(ModelArtifact.from_bytes("vibration", "1", f32_bytes))
+    assert caught.value.offending_ops == ("FULLY_CONNECTED", "MEAN", "SOFTMAX")
+
+
+def test_digest_mismatch_is_refused(backend: CpuLitertBackend, f32_bytes: bytes) -> None:
+    artifact = ModelArtifact("vibration", "1", f32_bytes, hashlib.sha256(b"other").hexdigest())
+    with pytest.raises(InvalidModel) as caught:
+        backend.load(artifact)
+    assert caught.value.code == "digest_mismatch"
+
+
+def test_artifact_from_path(backend: CpuLitertBackend, f32_bytes: bytes) -> None:
+    artifact = ModelArtifact("vibration", "1", F32, hashlib.sha256(f32_bytes).hexdigest())
+    assert "source" not in repr(artifact)
+    handle = backend.load(artifact)
+    assert handle.sha256 == artifact.sha256
+
+
+# ------------------------------------------------------------------------------------ inspection
+
+
+def test_inspect_committed_models(f32_bytes: bytes, int8_bytes: bytes) -> None:
+    f32 = inspect_tflite(f32_bytes)
+    int8 = inspect_tflite(int8_bytes)
+    for info, data in ((f32, f32_bytes), (int8, int8_bytes)):
+        assert info.size == len(data)
+        assert info.sha256 == hashlib.sha256(data).hexdigest()
+        assert {"CONV_2D", "FULLY_CONNECTED"} <= set(info.ops)
+        assert "DELEGATE" not in info.ops
+        assert [s.shape for s in info.inputs] == [(1, 1024, 1)]
+    assert f32.dtypes == {"FP32"}
+    assert "INT8" in int8.dtypes
+    assert int8.inputs[0].quantization is not None
+    assert f32.inputs[0].quantization is None
+
+
+def _mutations(data: bytes) -> list[bytes]:
+    rng = np.random.default_rng(7)
+    out = [data[:n] for n in (8, 64, len(data) // 2, len(data) - 1)]
+    for _ in range(150):
+        mutated = bytearray(data)
+        for _ in range(int(rng.integers(1, 8))):
+            mutated[int(rng.integers(8, len(data)))] = int(rng.integers(0, 256))
+        out.append(bytes(mutated))
+    return out
+
+
+@pytest.mark.parametrize(
+    ("data", "code"),
+    [
+        (b"", "empty"),
+        (b"PK\x03\x04 a zip file, not a model", "not_tflite"),
+        (b"1234", "not_tflite"),
+        (np.random.default_rng(3).bytes(4096), "not_tflite"),
+        (b"\x10\x00\x00\x00TFL3" + np.random.default_rng(4).bytes(4096), "malformed"),
+        (b"\x00\x00\x00\x00TFL3", "malformed"),
+    ],
+    ids=["empty", "zip", "short", "random", "random-with-identifier", "identifier-only"],
+)
+def test_garbage_is_invalid_model(backend: CpuLitertBackend, data: bytes, code: str) -> None:
+    with pytest.raises(InvalidModel) as caught:
+        inspect_tflite(data)
+    assert caught.value.code == code
+    with pytest.raises(InvalidModel):
+        backend.load(ModelArtifact.from_bytes("garbage", "1", data))
+
+
+def test_size_cap(f32_bytes: bytes) -> None:
+    with pytest.raises(InvalidModel) as caught:
+        inspect_tflite(f32_bytes, max_bytes=1024)
+    assert caught.value.code == "too_large"
+
+
+def test_mutated_models_never_escape_as_other_errors(int8_bytes: bytes) -> None:
+    outcomes = {"ok": 0, "invalid": 0}
+    for data in _mutations(int8_bytes):
+        try:
+            inspect_tflite(data)
+        except InvalidModel:
+            outcomes["invalid"] += 1
+        else:
+            outcomes["ok"] += 1
+    assert outcomes["invalid"] > 0
+    assert sum(outcomes.values()) == 154
+
+
+# -------------------------------------------------------------------------------------- energy
+
+
+def test_rapl_counter_measures_and_wraps(tmp_path: Path, f32_bytes: bytes) -> None:
+    zone = tmp_path / "intel-rapl:0"
+    zone.mkdir()
+    (zone / "energy_uj").write_text("999990\n")
+    (zone / "max_energy_range_uj").write_text("999999\n")
+    counter = RaplCounter.open(zone / "energy_uj")
+    assert counter is not None
+    try:
+        assert counter.read_uj() == 999990
+        assert counter.joules(999990, 10) == pytest.approx(20e-6)  # wrapped past 999999
+    finally:
+        counter.close()
+    with CpuLitertBackend(CpuLitertConfig(energy_counter=zone / "energy_uj")) as measured:
+        assert measured.energy_measured
+        handle = measured.load(ModelArtifact.from_bytes("vibration", "1", f32_bytes))
+        result = measured.infer(handle, [signal((1, 1024, 1))])
+        assert (result.energy_source, result.energy_j) == ("measured", 0.0)  # the fake never moves
+
+
+def test_missing_energy_counter_falls_back_to_model(tmp_path: Path) -> None:
+    assert RaplCounter.open(tmp_path / "absent" / "energy_uj") is None
+    with CpuLitertBackend(CpuLitertConfig(energy_counter=tmp_path / "absent")) as modelled:
+        assert not modelled.energy_measured
+
+
+# ------------------------------------------------------------------------------------ registry
+
+
+def test_registry_creates_cpu_litert() -> None:
+    assert registry.available()["cpu-litert"] == "ok"
+    with registry.create("cpu-litert", {"num_threads": 2, "power": {"idle_w": 1, "active_w": 4}}) as created:
+        assert isinstance(created, CpuLitertBackend)
+        caps = created.capabilities
+        assert (caps.kind, caps.simulated, caps.ops) == ("cpu-litert", False, None)
+        assert (caps.power.idle_w, caps.power.active_w) == (1, 4)
+        assert caps.memory_bytes > 0
+
+
+def test_registry_rejects_bad_config_and_unknown_kind() -> None:
+    with pytest.raises(InvalidConfig) as caught:
+        registry.create("cpu-litert", {"num_thread": 2, "power": {"idle_w": 5, "active_w": 1}})
+    problems = " | ".join(caught.value.problems)
+    assert "num_thread" in problems
+    assert "active_w must be >= idle_w" in problems
+    with pytest.raises(InvalidConfig, match="unknown datatypes"):
+        registry.create("cpu-litert", {"dtypes": ["FP8"]})
+    with pytest.raises(BackendUnavailable, match="unknown kind"):
+        registry.create("tpu-imaginary")
+
+
+class _MissingLibrary:
+    """A factory whose vendor library is absent."""
+
+    @staticmethod
+    def probe() -> str | None:
+        return "libimaginary.so not found"
+
+    @staticmethod
+    def from_config(config: Any) -> Any:
+        raise AssertionError("must not be called")
+
+
+def test_missing_interpreter_library_reports_unavailable() -> None:
+    interpreter_runtime.cache_clear()
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            for module in ("ai_edge_litert", "ai_edge_litert.interpreter", "tflite_runtime"):
+                patch.setitem(sys.modules, module, None)  # import of these now fails
+            status = BackendRegistry().available()["cpu-litert"]
+            assert status.startswith("unavailable: neither ai-edge-litert")
+            with pytest.raises(BackendUnavailable, match="tflite_runtime"):
+                registry.create("cpu-litert")
+    finally:
+        interpreter_runtime.cache_clear()
+    assert registry.available()["cpu-litert"] == "ok"
+
+
+def test_registry_reports_unavailable_instead_of_raising(monkeypatch: pytest.MonkeyPatch) -> None:
+    eps = [
+        EntryPoint("cpu-litert", "no_such_module:Nope", registry.ENTRY_POINT_GROUP),  # cannot shadow
+        EntryPoint("cpu-alias", "accelerators.cpu_litert:CpuLitertBackend", registry.ENTRY_POINT_GROUP),
+        EntryPoint("broken-plugin", "no_such_module_for_edgeward:Factory", registry.ENTRY_POINT_GROUP),
+    ]
+    monkeypatch.setattr(registry, "entry_points", lambda group: [ep for ep in eps if ep.group == group])
+    reg = BackendRegistry({**registry.BUILTINS, "fpga-missing": "no_such_vendor_sdk:Overlay"})
+    reg.register("asic-missing", _MissingLibrary)
+    report = reg.available()
+    assert report["cpu-litert"] == "ok"
+    assert report["cpu-alias"] == "ok"
+    assert report["asic-missing"] == "unavailable: libimaginary.so not found"
+    assert report["fpga-missing"].startswith("unavailable: cannot import no_such_vendor_sdk:Overlay")
+    assert report["broken-plugin"].startswith("unavailable: cannot import")
+    with pytest.raises(BackendUnavailable, match=r"libimaginary\.so"):
+        reg.create("asic-missing")
+    with pytest.raises(ValueError, match="already registered"):
+        reg.register("cpu-litert", CpuLitertBackend)

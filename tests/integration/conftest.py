@@ -1,0 +1,113 @@
+"""Fixtures that bring up real orchestrators and node agents (in-process or as subprocesses)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import grpc
+import pytest
+
+from edgeward.v1 import api_pb2, api_pb2_grpc
+from node_agent.agent import NodeAgent
+from node_agent.config import AgentConfig
+from orchestrator.config import BrokerConfig, OrchestratorConfig
+from orchestrator.server import Orchestrator
+from usecases import model_path
+
+MODEL_F32 = model_path("industrial", "float32")
+MODEL_INT8 = model_path("industrial", "int8")
+
+
+def manifest(name: str = "vib", replicas: int = 2, model: str = "vib-cnn", version: str = "1.0.0", extra: str = "") -> str:
+    return (
+        "apiVersion: edgeward/v1\nkind: Deployment\n"
+        f"metadata: {{name: {name}}}\n"
+        f"spec:\n  model: {{name: {model}, version: {version}}}\n  replicas: {replicas}\n{extra}"
+    )
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 20.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if await check():
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.1)
+
+
+class Api:
+    """Async stubs of the orchestrator's public API."""
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self.deployments = api_pb2_grpc.DeploymentServiceStub(channel)
+        self.nodes = api_pb2_grpc.NodeServiceStub(channel)
+        self.models = api_pb2_grpc.ModelServiceStub(channel)
+
+    async def push(self, path: Path = MODEL_INT8, name: str = "vib-cnn", version: str = "1.0.0",
+                   data: bytes | None = None, sha256: str | None = None) -> api_pb2.Model:
+        data = path.read_bytes() if data is None else data
+        meta = api_pb2.ModelMetadata(name=name, version=version, size=len(data),
+                                     sha256=sha256 or hashlib.sha256(data).hexdigest())
+
+        async def parts():
+            yield api_pb2.PushModelRequest(metadata=meta)
+            yield api_pb2.PushModelRequest(chunk=data)
+
+        return await self.models.Push(parts())
+
+    async def apply(self, text: str) -> api_pb2.ApplyResponse:
+        return await self.deployments.Apply(api_pb2.ApplyRequest(manifest=text))
+
+    async def deployment(self, name: str) -> api_pb2.Deployment:
+        return await self.deployments.Get(api_pb2.GetDeploymentRequest(name=name))
+
+    async def nodes_list(self) -> list[api_pb2.Node]:
+        return list((await self.nodes.List(api_pb2.ListNodesRequest())).nodes)
+
+
+@pytest.fixture
+async def fleet(mqtt_url, topic_prefix, tmp_path) -> AsyncIterator[Callable]:
+    """``await fleet(nodes=2)`` -> (orchestrator, [agents], api), all in this event loop."""
+    stack: list = []
+    channels: list[grpc.aio.Channel] = []
+
+    async def start(nodes: int = 2, **agent_kw) -> tuple[Orchestrator, list[NodeAgent], Api]:
+        config = OrchestratorConfig(
+            state_dir=tmp_path / "orch", grpc_bind="127.0.0.1:0", node_timeout_s=3.0, reconcile_interval_s=0.2,
+            resend_interval_s=1.0, broker=BrokerConfig(url=str(mqtt_url), topic_prefix=topic_prefix),
+        )
+        orch = Orchestrator(config)
+        await orch.__aenter__()
+        stack.append(orch)
+        agents = []
+        for i in range(nodes):
+            agent = NodeAgent(AgentConfig(
+                node_id=f"n{i + 1}", labels={"zone": "a" if i % 2 == 0 else "b"}, heartbeat_s=0.5,
+                broker={"url": str(mqtt_url), "topic_prefix": topic_prefix}, state_dir=tmp_path / "agents",
+                **agent_kw,
+            ))
+            await agent.__aenter__()
+            stack.append(agent)
+            agents.append(agent)
+        channel = grpc.aio.insecure_channel(orch.address)
+        channels.append(channel)
+        api = Api(channel)
+
+        async def online() -> bool:
+            return sum(n.state == 1 for n in await api.nodes_list()) == nodes
+
+        await eventually(online, what=f"{nodes} nodes online")
+        return orch, agents, api
+
+    try:
+        yield start
+    finally:
+        for channel in channels:
+            await channel.close()
+        for item in reversed(stack):
+            await item.__aexit__(None, None, None)

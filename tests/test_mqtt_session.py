@@ -1,0 +1,537 @@
+"""Topic scheme, value objects, and `MqttSession` against real brokers (Mosquitto and amqtt)."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import os
+import signal
+import socket
+import ssl
+import sys
+import textwrap
+import threading
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import edgeward
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from edgeward.mqtt import (
+    DEFAULT_PREFIX,
+    BrokerURL,
+    Message,
+    MqttConnectError,
+    MqttError,
+    MqttPublishError,
+    MqttSession,
+    MqttSubscribeError,
+    NodeTopic,
+    TopicError,
+    TopicKind,
+    Will,
+    node_topic,
+    nodes_filter,
+    parse_node_topic,
+)
+from edgeward.mqtt.topics import NODE_ID_PATTERN
+from hypothesis import given
+from hypothesis import strategies as st
+
+LOOPBACK = "127.0.0.1"
+RECEIVE_TIMEOUT_S = 5.0
+# So that a child interpreter imports the same edgeward, installed or not.
+EDGEWARD_IMPORT_ROOT = str(Path(edgeward.__file__).resolve().parents[1])
+
+
+def client_id(role: str) -> str:
+    return f"{role}-{uuid.uuid4().hex[:8]}"
+
+
+async def receive(session: MqttSession, within: float = RECEIVE_TIMEOUT_S) -> Message:
+    return await asyncio.wait_for(anext(session.messages()), within)
+
+
+async def nothing_received(session: MqttSession, within: float = 0.5) -> bool:
+    try:
+        await asyncio.wait_for(anext(session.messages()), within)
+    except TimeoutError:
+        return True
+    return False
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((LOOPBACK, 0))
+        return int(sock.getsockname()[1])
+
+
+async def wait_until(condition: Callable[[], bool], within: float = 10.0) -> None:
+    async with asyncio.timeout(within):
+        while not condition():  # noqa: ASYNC110 - counters and flags have no event to wait on
+            await asyncio.sleep(0.05)
+
+
+# ---- topics ---------------------------------------------------------------------------------------
+
+node_ids = st.from_regex(NODE_ID_PATTERN, fullmatch=True)
+
+
+@given(node_id=node_ids, kind=st.sampled_from(TopicKind))
+def test_node_topic_round_trips(node_id: str, kind: TopicKind) -> None:
+    topic = node_topic(node_id, kind)
+    assert topic == f"edgeward/v1/nodes/{node_id}/{kind.value}"
+    assert parse_node_topic(topic) == (node_id, kind)
+
+
+@given(topic=st.text(max_size=80))
+def test_parse_node_topic_accepts_only_exact_node_topics(topic: str) -> None:
+    try:
+        node_id, kind = parse_node_topic(topic)
+    except TopicError:
+        return
+    assert node_topic(node_id, kind) == topic
+
+
+@pytest.mark.parametrize(
+    "topic",
+    [
+        "",
+        "edgeward/v1/nodes",
+        "edgeward/v1/nodes/",
+        "edgeward/v1/nodes/n1",
+        "edgeward/v1/nodes/n1/",
+        "edgeward/v1/nodes//status",
+        "edgeward/v1/nodes/n1/status/extra",
+        "edgeward/v1/nodes/n1/reboot",
+        "edgeward/v1/nodes/N1/status",
+        "edgeward/v1/nodes/+/status",
+        "edgeward/v1/nodes/n1/#",
+        "edgeward/v1/nodes/#",
+        "edgeward/v1/nodes/-n1/status",
+        "edgeward/v1/nodes/n 1/status",
+        "edgeward/v1/nodes/n\x001/status",
+        "edgeward/v1/nodes/" + "n" * 64 + "/status",
+        "edgeward/v2/nodes/n1/status",
+        "/edgeward/v1/nodes/n1/status",
+        "t-other/edgeward/v1/nodes/n1/status",
+        "$SYS/edgeward/v1/nodes/n1/status",
+    ],
+)
+def test_parse_node_topic_rejects_garbage(topic: str) -> None:
+    with pytest.raises(TopicError) as info:
+        parse_node_topic(topic)
+    assert isinstance(info.value, MqttError)
+    assert isinstance(info.value, ValueError)
+
+
+def test_topics_under_a_custom_prefix(topic_prefix: str) -> None:
+    topic = node_topic("edge-01.lab_2", "telemetry", prefix=topic_prefix)
+    assert topic == f"{topic_prefix}/nodes/edge-01.lab_2/telemetry"
+    assert parse_node_topic(topic, prefix=topic_prefix) == ("edge-01.lab_2", TopicKind.TELEMETRY)
+    with pytest.raises(TopicError):
+        parse_node_topic(topic)  # the default prefix does not match
+    assert NodeTopic.parse(topic, topic_prefix) == NodeTopic(
+        "edge-01.lab_2", TopicKind.TELEMETRY, topic_prefix
+    )
+    assert nodes_filter("status", prefix=topic_prefix) == f"{topic_prefix}/nodes/+/status"
+    assert DEFAULT_PREFIX == "edgeward/v1"
+
+
+@pytest.mark.parametrize("node_id", ["", "A", "-a", "_a", ".a", "a/b", "a+", "a#", "a b", "n" * 64, "é"])
+def test_invalid_node_ids_are_rejected(node_id: str) -> None:
+    with pytest.raises(TopicError):
+        node_topic(node_id, TopicKind.STATUS)
+
+
+@pytest.mark.parametrize("prefix", ["", "$SYS", "a/+/b", "a/#", "a//b", "/a", "a/", "a\x00"])
+def test_invalid_prefixes_are_rejected(prefix: str) -> None:
+    with pytest.raises(TopicError):
+        node_topic("n1", TopicKind.STATUS, prefix=prefix)
+
+
+def test_unknown_kind_is_rejected() -> None:
+    with pytest.raises(TopicError):
+        node_topic("n1", "reboot")
+    with pytest.raises(TopicError):
+        nodes_filter("reboot")
+
+
+# ---- value objects --------------------------------------------------------------------------------
+
+
+def test_broker_url_parses_and_defaults_ports() -> None:
+    assert BrokerURL.parse("mqtt://broker.local") == BrokerURL(host="broker.local", port=1883)
+    tls = BrokerURL.parse("mqtts://broker.local", ca_file=Path("ca.pem"))
+    assert (tls.port, tls.tls, tls.ca_file, tls.scheme) == (8883, True, "ca.pem", "mqtts")
+    assert str(BrokerURL.parse("mqtt://127.0.0.1:1999/")) == "mqtt://127.0.0.1:1999"
+    assert str(BrokerURL.parse("mqtts://[::1]:8884")) == "mqtts://[::1]:8884"
+
+
+def test_broker_url_keeps_the_password_out_of_repr_and_str() -> None:
+    secret = uuid.uuid4().hex
+    url = BrokerURL.parse("mqtt://h:1884", username="node", password=secret)
+    assert secret not in repr(url)
+    assert secret not in str(url)
+    assert url.password == secret
+
+
+@pytest.mark.parametrize(
+    ("url", "fields", "complaint"),
+    [
+        ("http://h:1883", {}, "scheme"),
+        ("h:1883", {}, "scheme"),
+        ("mqtt://", {}, "missing host"),
+        ("mqtt://:1883", {}, "missing host"),
+        ("mqtt://h:0", {}, "invalid broker port"),
+        ("mqtt://h:70000", {}, "out of range"),
+        ("mqtt://h:abc", {}, "Port could not be cast"),
+        ("mqtt://user:pw@h:1883", {}, "not in the URL"),
+        ("mqtt://h:1883/path", {}, "no path"),
+        ("mqtt://h:1883?x=1", {}, "no path, query"),
+        ("mqtt://h:1883", {"ca_file": "ca.pem"}, "only meaningful for mqtts"),
+        ("mqtts://h", {"cert_file": "c.pem"}, "go together"),
+        ("mqtt://h", {"password": "pw"}, "needs a username"),
+    ],
+)
+def test_broker_url_rejects_bad_input(url: str, fields: dict[str, str], complaint: str) -> None:
+    with pytest.raises(ValueError, match=complaint):
+        BrokerURL.parse(url, **fields)
+
+
+def test_will_validates_itself() -> None:
+    will = Will("edgeward/v1/nodes/n1/status", b"offline")
+    assert (will.qos, will.retain) == (1, True)
+    with pytest.raises(ValueError, match="invalid will topic"):
+        Will("edgeward/v1/nodes/+/status", b"offline")
+    with pytest.raises(ValueError, match="qos must be 0 or 1"):
+        Will("t", b"x", qos=2)
+    with pytest.raises(TypeError):
+        Will("t", "offline")  # type: ignore[arg-type]
+
+
+# ---- sessions against both brokers -----------------------------------------------------------------
+
+
+@pytest.mark.broker
+@pytest.mark.parametrize("qos", [0, 1])
+async def test_publish_subscribe_round_trip(mqtt_url: BrokerURL, topic_prefix: str, qos: int) -> None:
+    topic = node_topic("n1", TopicKind.TELEMETRY, topic_prefix)
+    async with MqttSession(mqtt_url, client_id("sub")) as sub, MqttSession(mqtt_url, client_id("pub")) as pub:
+        await sub.subscribe(nodes_filter(TopicKind.TELEMETRY, topic_prefix), qos=qos)
+        await pub.publish(topic, b"\x00\x01payload", qos=qos)
+        message = await receive(sub)
+        assert message == Message(topic=topic, payload=b"\x00\x01payload", qos=qos, retain=False)
+        assert parse_node_topic(message.topic, topic_prefix) == ("n1", TopicKind.TELEMETRY)
+        assert pub.stats.published == 1
+        assert sub.stats.received == 1
+        assert pub.connected
+        assert sub.connected
+
+
+@pytest.mark.broker
+async def test_retained_message_reaches_a_late_subscriber(mqtt_url: BrokerURL, topic_prefix: str) -> None:
+    topic = node_topic("n1", TopicKind.HELLO, topic_prefix)
+    async with MqttSession(mqtt_url, client_id("pub")) as pub:
+        await pub.publish(topic, b"inventory", qos=1, retain=True)
+    async with MqttSession(mqtt_url, client_id("late")) as late:
+        await late.subscribe(topic)
+        message = await receive(late)
+        assert (message.topic, message.payload, message.retain) == (topic, b"inventory", True)
+        async with MqttSession(mqtt_url, client_id("clear")) as pub:
+            await pub.publish(topic, b"", qos=1, retain=True)  # empty retained payload clears it
+
+
+_DYING_NODE = textwrap.dedent(
+    """
+    import asyncio, sys
+    from edgeward.mqtt import MqttSession, Will
+
+    async def main():
+        url, client_id, status = sys.argv[1:4]
+        will = Will(status, b"offline", qos=1, retain=True)
+        async with MqttSession(url, client_id, will=will) as session:
+            await session.publish(status, b"online", qos=1, retain=True)
+            print("ready", flush=True)
+            await asyncio.sleep(60)
+
+    asyncio.run(main())
+    """
+)
+
+
+@pytest.mark.broker
+async def test_last_will_is_published_and_retained_when_a_node_dies(
+    mqtt_url: BrokerURL, topic_prefix: str
+) -> None:
+    status = node_topic("n1", TopicKind.STATUS, topic_prefix)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [EDGEWARD_IMPORT_ROOT, env.get("PYTHONPATH")]))
+    async with MqttSession(mqtt_url, client_id("watcher")) as watcher:
+        await watcher.subscribe(status)
+        node = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", _DYING_NODE, str(mqtt_url), client_id("node"), status,
+            stdout=asyncio.subprocess.PIPE, env=env,
+        )  # fmt: skip
+        try:
+            assert await asyncio.wait_for(node.stdout.readline(), 20) == b"ready\n"  # type: ignore[union-attr]
+            assert (await receive(watcher)).payload == b"online"
+            node.send_signal(signal.SIGKILL)  # no DISCONNECT: the broker must fire the will
+            await node.wait()
+        finally:
+            if node.returncode is None:
+                node.kill()
+                await node.wait()
+        will = await receive(watcher)
+        assert (will.topic, will.payload) == (status, b"offline")
+    async with MqttSession(mqtt_url, client_id("late")) as late:
+        await late.subscribe(status)
+        retained = await receive(late)
+        assert (retained.payload, retained.retain) == (b"offline", True)
+
+
+@pytest.mark.broker
+async def test_clean_close_does_not_fire_the_will(mqtt_url: BrokerURL, topic_prefix: str) -> None:
+    status = node_topic("n1", TopicKind.STATUS, topic_prefix)
+    async with MqttSession(mqtt_url, client_id("watcher")) as watcher:
+        await watcher.subscribe(status)
+        async with MqttSession(mqtt_url, client_id("node"), will=Will(status, b"offline")):
+            pass
+        assert await nothing_received(watcher)
+
+
+@pytest.mark.broker
+async def test_oversized_messages_are_dropped_and_counted(mqtt_url: BrokerURL, topic_prefix: str) -> None:
+    topic = node_topic("n1", TopicKind.EVIDENCE, topic_prefix)
+    async with (
+        MqttSession(mqtt_url, client_id("sub"), max_payload=1024) as sub,
+        MqttSession(mqtt_url, client_id("pub")) as pub,
+    ):
+        await sub.subscribe(topic)
+        await pub.publish(topic, b"x" * 1025, qos=1)
+        await pub.publish(topic, b"x" * 1024, qos=1)
+        assert (await receive(sub)).payload == b"x" * 1024
+        assert sub.stats.dropped_oversize == 1
+        assert sub.stats.received == 1
+
+
+@pytest.mark.broker
+async def test_a_slow_consumer_loses_the_oldest_messages(mqtt_url: BrokerURL, topic_prefix: str) -> None:
+    topic = node_topic("n1", TopicKind.EVENTS, topic_prefix)
+    async with (
+        MqttSession(mqtt_url, client_id("sub"), max_queued=3) as sub,
+        MqttSession(mqtt_url, client_id("pub")) as pub,
+    ):
+        await sub.subscribe(topic)
+        for i in range(8):
+            await pub.publish(topic, str(i).encode(), qos=1)
+        await wait_until(lambda: sub.stats.received == 8, within=5)
+        assert sub.stats.dropped_overflow == 5
+        assert [(await receive(sub)).payload for _ in range(3)] == [b"5", b"6", b"7"]
+
+
+@pytest.mark.broker
+async def test_local_errors_are_typed(mqtt_url: BrokerURL) -> None:
+    async with MqttSession(mqtt_url, client_id("s")) as session:
+        with pytest.raises(MqttPublishError):
+            await session.publish("a/#", b"x")
+        with pytest.raises(MqttSubscribeError):
+            await session.subscribe("a/#/b")
+        with pytest.raises(ValueError, match="qos must be 0 or 1"):
+            await session.publish("a", b"x", qos=2)
+        with pytest.raises(TypeError):
+            await session.publish("a", "text")  # type: ignore[arg-type]
+    with pytest.raises(MqttError, match="closed"):
+        await session.publish("a", b"x")
+    with pytest.raises(MqttError, match="once"):
+        await session.connect()
+
+
+@pytest.mark.broker
+async def test_close_ends_iteration_and_leaves_no_thread(mqtt_url: BrokerURL, topic_prefix: str) -> None:
+    topic = f"{topic_prefix}/iter"
+    session = MqttSession(mqtt_url, client_id("iter"))
+    async with session:
+        assert any(t.name.startswith("paho-mqtt-client-") for t in threading.enumerate())
+        await session.subscribe(topic)
+        await session.publish(topic, b"last", qos=1)
+        await wait_until(lambda: session.stats.received == 1, within=5)
+    assert [m.payload async for m in session.messages()] == [b"last"]
+    assert not any(t.name.startswith("paho-mqtt-client-") for t in threading.enumerate())
+
+
+# ---- connection failures --------------------------------------------------------------------------
+
+
+async def test_connect_refused_raises_connect_error() -> None:
+    url = BrokerURL(host=LOOPBACK, port=free_port())
+    with pytest.raises(MqttConnectError) as info:
+        async with MqttSession(url, client_id("nobody")):
+            pass
+    assert info.value.url == str(url)
+    assert isinstance(info.value.__cause__, ConnectionRefusedError)
+
+
+async def test_connect_times_out_when_the_broker_never_answers() -> None:
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # swallow CONNECT, never send CONNACK; return when the client hangs up
+        writer.close()
+        await writer.wait_closed()
+
+    server = await asyncio.start_server(silent, LOOPBACK, 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        with pytest.raises(MqttConnectError, match="no CONNACK") as info:
+            async with MqttSession(BrokerURL(host=LOOPBACK, port=port), client_id("c"), timeout=0.5):
+                pass
+        assert isinstance(info.value.__cause__, TimeoutError)
+    finally:
+        server.close()
+        await server.wait_closed()
+        await asyncio.sleep(0.05)  # let the handler see EOF and finish
+
+
+# ---- reconnect ------------------------------------------------------------------------------------
+
+
+@pytest.mark.broker
+async def test_session_resubscribes_after_the_broker_restarts(
+    mosquitto_factory: Callable[..., Any], topic_prefix: str
+) -> None:
+    broker = mosquitto_factory()
+    topic = node_topic("n1", TopicKind.CMD, topic_prefix)
+    async with MqttSession(broker.url, client_id("node")) as node:
+        await node.subscribe(topic, qos=1)
+        broker.restart()
+        await wait_until(lambda: node.stats.reconnects == 1, within=15)
+        async with MqttSession(broker.url, client_id("orch")) as orchestrator:
+            # The re-issued SUBSCRIBE and this PUBLISH travel on different connections.
+            for _ in range(50):
+                await orchestrator.publish(topic, b"drain", qos=1)
+                if not await nothing_received(node, within=0.1):
+                    break
+            else:
+                pytest.fail("no message after the broker restart")
+        assert node.connected
+
+
+# ---- TLS ------------------------------------------------------------------------------------------
+
+
+def _write_pki(directory: Path) -> dict[str, Path]:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate, as PEM files."""
+    now = datetime.now(UTC)
+
+    def name(common_name: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+    def certificate(
+        common_name: str,
+        key: ec.EllipticCurvePrivateKey,
+        issuer: tuple[x509.Name, ec.EllipticCurvePrivateKey],
+    ) -> x509.CertificateBuilder:
+        return (
+            x509.CertificateBuilder()
+            .subject_name(name(common_name))
+            .issuer_name(issuer[0])
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(minutes=5))
+            .not_valid_after(now + timedelta(hours=1))
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer[1].public_key()), critical=False
+            )
+        )
+
+    def leaf(common_name: str, ca: tuple[x509.Name, ec.EllipticCurvePrivateKey]) -> x509.CertificateBuilder:
+        key = keys[common_name] = ec.generate_private_key(ec.SECP256R1())
+        return certificate(common_name, key, ca).add_extension(
+            x509.BasicConstraints(ca=False, path_length=None), critical=True
+        )
+
+    keys: dict[str, ec.EllipticCurvePrivateKey] = {}
+    ca_key = keys["ca"] = ec.generate_private_key(ec.SECP256R1())
+    ca = (name("edgeward test CA"), ca_key)
+    ca_usage = x509.KeyUsage(
+        digital_signature=True,
+        key_cert_sign=True,
+        crl_sign=True,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        encipher_only=False,
+        decipher_only=False,
+    )
+    loopback_san = x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(LOOPBACK))])
+    certs = {
+        "ca": certificate("edgeward test CA", ca_key, ca)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(ca_usage, critical=True)
+        .sign(ca_key, hashes.SHA256()),
+        "server": leaf("server", ca)
+        .add_extension(loopback_san, critical=False)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256()),
+        "client": leaf("client", ca)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256()),
+    }
+    paths: dict[str, Path] = {}
+    for role, cert in certs.items():
+        paths[f"{role}_cert"] = directory / f"{role}.crt"
+        paths[f"{role}_cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        paths[f"{role}_key"] = directory / f"{role}.key"
+        paths[f"{role}_key"].write_bytes(
+            keys[role].private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
+    return paths
+
+
+@pytest.mark.broker
+async def test_mutual_tls_with_mosquitto(
+    mosquitto_factory: Callable[..., Any], tmp_path: Path, topic_prefix: str
+) -> None:
+    pki = _write_pki(tmp_path)
+    broker = mosquitto_factory(
+        f"cafile {pki['ca_cert']}\ncertfile {pki['server_cert']}\nkeyfile {pki['server_key']}\n"
+        "require_certificate true\n"
+    )
+    url = BrokerURL.parse(
+        f"mqtts://{LOOPBACK}:{broker.port}",
+        ca_file=pki["ca_cert"],
+        cert_file=pki["client_cert"],
+        key_file=pki["client_key"],
+    )
+    topic = node_topic("n1", TopicKind.EVIDENCE, topic_prefix)
+    async with MqttSession(url, client_id("tls")) as session:
+        await session.subscribe(topic)
+        await session.publish(topic, b"quote", qos=1)
+        assert (await receive(session)).payload == b"quote"
+
+    without_client_cert = BrokerURL.parse(f"mqtts://{LOOPBACK}:{broker.port}", ca_file=pki["ca_cert"])
+    with pytest.raises(MqttConnectError):
+        async with MqttSession(without_client_cert, client_id("anon")):
+            pass
+
+    (tmp_path / "other").mkdir()
+    other_ca = _write_pki(tmp_path / "other")
+    untrusting = BrokerURL.parse(
+        f"mqtts://{LOOPBACK}:{broker.port}",
+        ca_file=other_ca["ca_cert"],
+        cert_file=pki["client_cert"],
+        key_file=pki["client_key"],
+    )
+    with pytest.raises(MqttConnectError) as info:
+        async with MqttSession(untrusting, client_id("mitm")):
+            pass
+    assert isinstance(info.value.__cause__, ssl.SSLCertVerificationError)
