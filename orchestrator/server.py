@@ -187,6 +187,13 @@ class Orchestrator:
             elif msg.WhichOneof("body") == "event" and msg.event.ack.command_id and not msg.event.ack.ok:
                 log.warning("node %s refused command %s: %s", node_id, msg.event.ack.command_id, msg.event.ack.reason)
 
+    def drop_counts(self) -> dict[str, int]:
+        """Refused MQTT payloads by reason, including those the session dropped for size."""
+        counts = dict(self.drops.counts)
+        if self._mqtt is not None:
+            counts["wire.payload.too_large"] = counts.get("wire.payload.too_large", 0) + self._mqtt.stats.dropped_oversize
+        return counts
+
     def _node_record(self, node_id: str, msg: node_pb2.NodeMessage) -> NodeRecord:
         return NodeRecord(node_id, node_id in self.reconciler.cordoned, msg.hello.SerializeToString(), msg.sent_unix_ms)
 
