@@ -22,7 +22,7 @@ import grpc
 from accelerators import registry
 from accelerators.base import Backend
 from edgeward import __version__
-from edgeward.mqtt.session import BrokerURL, MqttSession, Will
+from edgeward.mqtt.session import BrokerURL, MqttConnectError, MqttSession, Will
 from edgeward.mqtt.topics import TopicKind, node_topic
 from edgeward.v1 import api_pb2, api_pb2_grpc, node_pb2
 from edgeward.wire import DropCounter, WireError, decode_command, node_message, now_ms
@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 SEEN_COMMANDS = 4096
 DOWNLOAD_TIMEOUT_S = 60.0
+CONNECT_BACKOFF_S = (0.5, 15.0)  # first and largest delay between broker connection attempts
 
 
 class NodeAgent:
@@ -92,23 +93,38 @@ class NodeAgent:
         from .inference_server import serve
 
         self._server, self.inference_port = await serve(self.runtime, cfg.inference_bind)
-        b = cfg.broker
-        offline = node_message(self.node_id, status=node_pb2.Status(state=node_pb2.NODE_STATE_OFFLINE))
-        self._mqtt = MqttSession(
-            BrokerURL.parse(b.url, ca_file=b.ca_file, cert_file=b.cert_file, key_file=b.key_file),
-            f"edgeward-node-{self.node_id}",
-            will=Will(self._topic(TopicKind.STATUS), offline.SerializeToString(), qos=1, retain=True),
-            max_payload=b.max_payload,
-        )
-        await self._mqtt.__aenter__()
-        await self._mqtt.subscribe(self._topic(TopicKind.CMD), qos=1)
+        await self._connect()
         await self._announce()
         self._tasks += [
             asyncio.create_task(self._commands(), name=f"{self.node_id}-commands"),
             asyncio.create_task(self._heartbeat(), name=f"{self.node_id}-heartbeat"),
             asyncio.create_task(self._status_writer(), name=f"{self.node_id}-status"),
         ]
-        log.info("node %s up: inference on %s, broker %s", self.node_id, self.inference_endpoint, b.url)
+        log.info("node %s up: inference on %s, broker %s", self.node_id, self.inference_endpoint, cfg.broker.url)
+
+    async def _connect(self) -> None:
+        """Connect to the broker, retrying with backoff: a device may boot before its broker.
+        Once connected, the session reconnects by itself and ``_heartbeat`` re-announces."""
+        b = self.config.broker
+        url = BrokerURL.parse(b.url, ca_file=b.ca_file, cert_file=b.cert_file, key_file=b.key_file)
+        offline = node_message(self.node_id, status=node_pb2.Status(state=node_pb2.NODE_STATE_OFFLINE))
+        delay = CONNECT_BACKOFF_S[0]
+        while True:
+            session = MqttSession(
+                url, f"edgeward-node-{self.node_id}",
+                will=Will(self._topic(TopicKind.STATUS), offline.SerializeToString(), qos=1, retain=True),
+                max_payload=b.max_payload,
+            )
+            try:
+                await session.__aenter__()
+            except MqttConnectError as err:
+                log.warning("broker not reachable (%s); retrying in %.1f s", err, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, CONNECT_BACKOFF_S[1])
+                continue
+            self._mqtt = session
+            await session.subscribe(self._topic(TopicKind.CMD), qos=1)
+            return
 
     async def _stop(self) -> None:
         for task in self._tasks:

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from .agent import NodeAgent
-from .config import AgentConfigError, load_agent_config
+from .config import AgentConfig, AgentConfigError, load_agent_config
 
 
 def _die_with_parent() -> None:
@@ -44,15 +44,18 @@ def cmd_agent(args: argparse.Namespace) -> int:
     return asyncio.run(_run(config))
 
 
-async def _run(config) -> int:  # noqa: ANN001
-    stop = asyncio.Event()
+async def _run(config: AgentConfig) -> int:
+    main = asyncio.current_task()
+    assert main is not None
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, main.cancel)  # also interrupts the first broker connection
     try:
         async with NodeAgent(config) as agent:
             print(f"node {agent.node_id} ready inference={agent.inference_endpoint}", flush=True)
-            await stop.wait()
+            await asyncio.Event().wait()
+    except asyncio.CancelledError:
+        return 0
     except Exception as err:
         print(f"edgeward agent: {type(err).__name__}: {err}", file=sys.stderr)
         return 1

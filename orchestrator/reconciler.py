@@ -12,6 +12,7 @@ stored on the replica and shown by the CLI as it is.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -94,10 +95,11 @@ class Reconciler:
 
     async def run(self) -> None:
         while True:
-            try:
-                await asyncio.wait_for(self._wake.wait(), self._config.reconcile_interval_s)
-            except TimeoutError:
-                pass
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
+            # arrives as the event fires, and the loop would then never stop.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._config.reconcile_interval_s):
+                    await self._wake.wait()
             self._wake.clear()
             try:
                 await self.reconcile_once()
@@ -121,6 +123,8 @@ class Reconciler:
 
         def change(rep: ReplicaRecord, **updates: object) -> ReplicaRecord:
             new = replace(rep, updated_ms=wall, **updates)
+            if new.phase != rep.phase:
+                log.info("replica %s %s -> %s on %s (%s)", rep.id, rep.phase, new.phase, new.node_id or "-", new.reason)
             changes.append(ReplicaChange(new))
             touched.add(rep.deployment)
             return new
@@ -129,7 +133,12 @@ class Reconciler:
         for rep in replicas:
             node = self._fleet.nodes.get(rep.node_id) if rep.node_id else None
             node_ok = node is not None and node.online(now, timeout)
-            node_unknown = rep.node_id is not None and (node is None or node.hello is None) and in_grace
+            # Just after a start the retained hello/status messages are still arriving: a node
+            # we have not heard from yet is unknown, not lost, unless it said it is offline.
+            node_unknown = (
+                rep.node_id is not None and in_grace and not node_ok
+                and (node is None or node.state != node_pb2.NODE_STATE_OFFLINE)
+            )
             if rep.phase == Phase.EVICTED:
                 if node_ok and rep.id in node.reports:
                     self._resend(commands, rep, now, undeploy=True)
@@ -139,9 +148,11 @@ class Reconciler:
                     touched.add(rep.deployment)
                 continue
             if rep.node_id and rep.phase in ACTIVE and not node_ok:
-                if not node_unknown:
-                    rep = change(rep, phase=Phase.EVICTED, reason="node.lost",
-                                 message=f"node {rep.node_id} went offline or silent")
+                if node_unknown:
+                    by_deployment[rep.deployment].append(rep)  # still counts towards the desired total
+                else:
+                    change(rep, phase=Phase.EVICTED, reason="node.lost",
+                           message=f"node {rep.node_id} went offline or silent")
                 continue
             report = node.reports.get(rep.id) if node_ok else None
             if report is not None:

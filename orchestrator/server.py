@@ -134,16 +134,16 @@ class Orchestrator:
     async def _stop(self) -> None:
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await _bounded("background tasks", asyncio.gather(*self._tasks, return_exceptions=True))
         self._tasks.clear()
         if self._server is not None:
-            await self._server.stop(grace=0.5)
+            await _bounded("gRPC server", self._server.stop(grace=0.5))
             self._server = None
         if self._mqtt is not None:
-            await self._mqtt.__aexit__(None, None, None)
+            await _bounded("MQTT session", self._mqtt.__aexit__(None, None, None))
             self._mqtt = None
         if self._broker is not None:
-            await self._broker.__aexit__(None, None, None)
+            await _bounded("embedded broker", self._broker.__aexit__(None, None, None))
             self._broker = None
         if hasattr(self, "store"):
             await self.db(self.store.close)
@@ -259,3 +259,12 @@ class Orchestrator:
         cordoned = set(self.reconciler.cordoned)
         (cordoned.add if cordon else cordoned.discard)(node_id)
         self.reconciler.set_cordoned(cordoned)
+
+
+async def _bounded(what: str, awaitable: Any, timeout: float = 10.0) -> None:
+    """One shutdown step, bounded: a step that hangs is reported and left behind."""
+    try:
+        async with asyncio.timeout(timeout):
+            await awaitable
+    except TimeoutError:
+        log.error("stopping the %s took longer than %.0f s; continuing shutdown", what, timeout)

@@ -1,13 +1,47 @@
-"""Placement: filter -> score -> bind, as small named plugins (see :mod:`.framework`)."""
+"""Placement: filter -> score -> bind, as small named plugins, vectorised over a fleet snapshot.
 
-from .framework import (
-    FILTERS,
-    SCORERS,
+``Scheduler(profile).plan(FleetSnapshot.from_node_infos(nodes)).place(request)`` is the path;
+``Scheduler.place(request, nodes)`` keeps the older per-call form working.
+"""
+
+from .framework import DEFAULT_PROFILE, PROFILES, Scheduler, SchedulerProfile
+from .placement import (
+    TIERS,
+    Code,
+    FilterStatus,
     NodeInfo,
     Placement,
     PlacementRequest,
-    Scheduler,
+    SchedulerError,
     Unschedulable,
 )
+from .plan import PlacementPlan, RequestShape, Reservation
+from .plugins import FILTERS, SCORERS, FilterPlugin, ScorePlugin, register
+from .snapshot import FleetSnapshot, NodeClass, PerformanceTable, Prediction
 
-__all__ = ["FILTERS", "SCORERS", "NodeInfo", "Placement", "PlacementRequest", "Scheduler", "Unschedulable"]
+__all__ = [
+    "DEFAULT_PROFILE",
+    "FILTERS",
+    "PROFILES",
+    "SCORERS",
+    "TIERS",
+    "Code",
+    "FilterPlugin",
+    "FilterStatus",
+    "FleetSnapshot",
+    "NodeClass",
+    "NodeInfo",
+    "PerformanceTable",
+    "Placement",
+    "PlacementPlan",
+    "PlacementRequest",
+    "Prediction",
+    "RequestShape",
+    "Reservation",
+    "Scheduler",
+    "SchedulerError",
+    "SchedulerProfile",
+    "ScorePlugin",
+    "Unschedulable",
+    "register",
+]

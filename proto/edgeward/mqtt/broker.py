@@ -83,7 +83,9 @@ class _Broker(Broker):  # type: ignore[misc]  # amqtt ships no type information
         finally:
             self.connection_tasks.discard(task)
             writer.close()
-            with contextlib.suppress(OSError):  # the client may have reset the connection
+            # The client may have reset the connection (OSError); a cancellation here comes from
+            # stop() and must not escape: asyncio 3.11 logs a cancelled connection task as an error.
+            with contextlib.suppress(OSError, asyncio.CancelledError):
                 await writer.wait_closed()
 
     async def _handle_message_delivery(

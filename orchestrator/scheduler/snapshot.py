@@ -1,0 +1,228 @@
+"""An immutable, columnar picture of the fleet: one numpy array per node attribute.
+
+The scheduler's hot path works on these arrays, never on per-node Python objects. Nodes are held
+in ascending id order, so a placement never depends on the order the caller listed them in.
+
+Nodes with the same hardware profile and the same accelerators form a *node class*: whether an
+accelerator can run a request, which one is picked and what latency and energy it is predicted to
+give are computed once per class and gathered to the nodes (as Nomad's computed node classes).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+
+import numpy as np
+from numpy.typing import NDArray
+
+from .placement import TIERS, NodeInfo, SchedulerError
+
+#: Bit 0 of a dtype mask: the accelerator kind is present (a kind may list no dtypes at all).
+PRESENT = np.uint64(1)
+#: Free memory of a node that does not declare its memory.
+UNLIMITED = np.int64(1 << 62)
+#: Code of a missing label value.
+MISSING = -1
+
+
+@dataclass(frozen=True, slots=True)
+class Prediction:
+    """Predicted latency and energy of one inference of a model on one accelerator of a profile."""
+
+    latency_ms: float
+    energy_j: float
+
+
+#: (hardware profile, accelerator kind, model) -> prediction, e.g. from the backends' profiles.
+PerformanceTable = Mapping[tuple[str, str, str], Prediction]
+
+
+@dataclass(frozen=True, slots=True)
+class NodeClass:
+    """Nodes that are interchangeable for feasibility and prediction."""
+
+    profile: str
+    accelerators: tuple[tuple[str, frozenset[str]], ...]  # (kind, dtypes), sorted by kind
+
+
+def _frozen(array: NDArray) -> NDArray:
+    array.flags.writeable = False
+    return array
+
+
+@dataclass(frozen=True, eq=False)
+class FleetSnapshot:
+    """The fleet as arrays indexed by node position; build it with :meth:`from_node_infos`.
+
+    Per node (length N): ``online``, ``cordoned``, ``tier``, ``slots_total``/``slots_used``
+    (replica slots), ``memory_free`` (bytes, :data:`UNLIMITED` when undeclared), ``active_w``,
+    ``latency_scale``, ``node_class``, ``zone`` (code into ``zones``) and ``labels`` (N x L codes
+    into ``label_values``, :data:`MISSING` when absent).
+
+    Per class (length C): ``class_dtypes`` (C x K dtype bitmasks per accelerator kind, bit 0 =
+    :data:`PRESENT`, others from ``dtype_bits``), and C x K x M ``latency_ms``/``energy_j``
+    predictions per model (NaN where unknown).
+    """
+
+    node_ids: tuple[str, ...]
+    positions: Mapping[str, int]
+    online: NDArray[np.bool_]
+    cordoned: NDArray[np.bool_]
+    tier: NDArray[np.int8]
+    slots_total: NDArray[np.int32]
+    slots_used: NDArray[np.int32]
+    memory_free: NDArray[np.int64]
+    active_w: NDArray[np.float64]
+    latency_scale: NDArray[np.float64]
+    node_class: NDArray[np.int32]
+    zone: NDArray[np.int32]
+    zones: tuple[str, ...]
+    label_keys: tuple[str, ...]
+    label_values: tuple[tuple[str, ...], ...]
+    labels: NDArray[np.int32]
+    classes: tuple[NodeClass, ...]
+    kinds: tuple[str, ...]
+    dtype_bits: Mapping[str, int]
+    class_dtypes: NDArray[np.uint64]
+    models: tuple[str, ...]
+    latency_ms: NDArray[np.float64]
+    energy_j: NDArray[np.float64]
+    #: deployment -> (node positions, replica counts) of its replicas already bound
+    per_deployment: Mapping[str, tuple[NDArray[np.intp], NDArray[np.int32]]]
+
+    @property
+    def size(self) -> int:
+        return len(self.node_ids)
+
+    def index(self, node_id: str) -> int:
+        """Position of a node; ``SchedulerError`` if the snapshot has no such node."""
+        try:
+            return self.positions[node_id]
+        except KeyError:
+            raise SchedulerError(f"node {node_id!r} is not in the snapshot") from None
+
+    def dtype_mask(self, dtypes: Iterable[str]) -> int | None:
+        """The bitmask of ``dtypes``, or None if a dtype is unknown to every node."""
+        mask = int(PRESENT)
+        for dtype in dtypes:
+            bit = self.dtype_bits.get(dtype)
+            if bit is None:
+                return None
+            mask |= 1 << bit
+        return mask
+
+    def label_code(self, key: str, value: str) -> tuple[int, int] | None:
+        """(column, code) of a label value, or None if no node carries it."""
+        if key not in self.label_keys:
+            return None
+        col = self.label_keys.index(key)
+        values = self.label_values[col]
+        return (col, values.index(value)) if value in values else None
+
+    @classmethod
+    def from_node_infos(
+        cls,
+        nodes: Mapping[str, NodeInfo] | Iterable[NodeInfo],
+        *,
+        performance: PerformanceTable | None = None,
+        zone_label: str = "zone",
+    ) -> FleetSnapshot:
+        """Columnise ``nodes``; ``performance`` gives the predictions, ``zone_label`` the zone."""
+        infos = sorted(nodes.values() if isinstance(nodes, Mapping) else nodes, key=lambda n: n.id)
+        ids = tuple(n.id for n in infos)
+        for a, b in itertools.pairwise(ids):
+            if a == b:
+                raise SchedulerError(f"node {a!r} is listed twice")
+        for info in infos:
+            if info.attestation_tier not in TIERS:
+                raise SchedulerError(f"node {info.id!r}: unknown attestation tier {info.attestation_tier!r}")
+
+        dtype_names = sorted({d for n in infos for dtypes in n.accelerators.values() for d in dtypes})
+        if len(dtype_names) > 63:
+            raise SchedulerError(f"{len(dtype_names)} distinct dtypes do not fit a 64-bit mask")
+        dtype_bits = {name: bit for bit, name in enumerate(dtype_names, start=1)}
+        kinds = tuple(sorted({k for n in infos for k in n.accelerators}))
+        kind_pos = {k: i for i, k in enumerate(kinds)}
+
+        class_pos: dict[NodeClass, int] = {}
+        node_class = np.empty(len(infos), np.int32)
+        for i, info in enumerate(infos):
+            key = NodeClass(info.hardware_profile, tuple(sorted(info.accelerators.items())))
+            node_class[i] = class_pos.setdefault(key, len(class_pos))
+        classes = tuple(class_pos)
+        class_dtypes = np.zeros((len(classes), len(kinds)), np.uint64)
+        for c, klass in enumerate(classes):
+            for kind, dtypes in klass.accelerators:
+                mask = int(PRESENT)
+                for d in dtypes:
+                    mask |= 1 << dtype_bits[d]
+                class_dtypes[c, kind_pos[kind]] = mask
+
+        table = performance or {}
+        models = tuple(sorted({model for (_, _, model) in table}))
+        model_pos = {m: i for i, m in enumerate(models)}
+        latency = np.full((len(classes), len(kinds), len(models)), np.nan)
+        energy = np.full_like(latency, np.nan)
+        for c, klass in enumerate(classes):
+            for kind, _ in klass.accelerators:
+                for model in models:
+                    pred = table.get((klass.profile, kind, model))
+                    if pred is not None:
+                        latency[c, kind_pos[kind], model_pos[model]] = pred.latency_ms
+                        energy[c, kind_pos[kind], model_pos[model]] = pred.energy_j
+
+        label_keys = tuple(sorted({k for n in infos for k in n.labels}))
+        vocab: list[dict[str, int]] = [{} for _ in label_keys]
+        labels = np.full((len(infos), len(label_keys)), MISSING, np.int32)
+        for col, key in enumerate(label_keys):
+            codes = vocab[col]
+            for i, info in enumerate(infos):
+                value = info.labels.get(key)
+                if value is not None:
+                    labels[i, col] = codes.setdefault(value, len(codes))
+        zone_codes: dict[str, int] = {}
+        zone = np.array([zone_codes.setdefault(n.labels.get(zone_label, ""), len(zone_codes)) for n in infos],
+                        np.int32)
+
+        per_dep: dict[str, dict[int, int]] = {}
+        for i, info in enumerate(infos):
+            for dep, count in info.per_deployment.items():
+                if count:
+                    per_dep.setdefault(dep, {})[i] = count
+        per_deployment = {
+            dep: (_frozen(np.fromiter(c.keys(), np.intp, len(c))),
+                  _frozen(np.fromiter(c.values(), np.int32, len(c))))
+            for dep, c in per_dep.items()
+        }
+
+        memory_total = np.array([n.memory_bytes for n in infos], np.int64)
+        memory_used = np.array([n.memory_used for n in infos], np.int64)
+        return cls(
+            node_ids=ids,
+            positions=MappingProxyType({node_id: i for i, node_id in enumerate(ids)}),
+            online=_frozen(np.array([n.online for n in infos], np.bool_)),
+            cordoned=_frozen(np.array([n.cordoned for n in infos], np.bool_)),
+            tier=_frozen(np.array([TIERS[n.attestation_tier] for n in infos], np.int8)),
+            slots_total=_frozen(np.array([n.max_replicas for n in infos], np.int32)),
+            slots_used=_frozen(np.array([n.replicas for n in infos], np.int32)),
+            memory_free=_frozen(np.where(memory_total > 0, memory_total - memory_used, UNLIMITED)),
+            active_w=_frozen(np.array([n.active_w for n in infos], np.float64)),
+            latency_scale=_frozen(np.array([n.latency_scale for n in infos], np.float64)),
+            node_class=_frozen(node_class),
+            zone=_frozen(zone),
+            zones=tuple(zone_codes),
+            label_keys=label_keys,
+            label_values=tuple(tuple(codes) for codes in vocab),
+            labels=_frozen(labels),
+            classes=classes,
+            kinds=kinds,
+            dtype_bits=MappingProxyType(dtype_bits),
+            class_dtypes=_frozen(class_dtypes),
+            models=models,
+            latency_ms=_frozen(latency),
+            energy_j=_frozen(energy),
+            per_deployment=MappingProxyType(per_deployment),
+        )
