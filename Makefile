@@ -9,7 +9,7 @@ install:
 	$(PIP) install -q -e .
 
 up: install
-	edgeward up
+	$(PYTHON) -m edgeward up
 
 system-deps:
 	@missing=""; for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
