@@ -25,22 +25,32 @@ import grpc
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import command, machine, write_section  # noqa: E402
+from _report import command, machine, write_section
 
-from edgeward.v1 import api_pb2, api_pb2_grpc, node_pb2  # noqa: E402
-from usecases import model_path  # noqa: E402
+from edgeward.v1 import api_pb2, api_pb2_grpc, node_pb2
+from usecases import model_path
 
 RUNNING = node_pb2.REPLICA_PHASE_RUNNING
 
 
-def run_agents(broker_url: str, count: int, state_dir: str, ready: multiprocessing.Event, stop: multiprocessing.Event) -> None:
+def run_agents(
+    broker_url: str, count: int, state_dir: str, ready: multiprocessing.Event, stop: multiprocessing.Event
+) -> None:
     from node_agent.agent import NodeAgent
     from node_agent.config import AgentConfig
 
     async def main() -> None:
         agents = [
-            NodeAgent(AgentConfig(node_id=f"sim-{i:04d}", labels={"zone": f"z{i % 4}"}, heartbeat_s=2.0,
-                                  broker={"url": broker_url}, state_dir=Path(state_dir), max_replicas=4))
+            NodeAgent(
+                AgentConfig(
+                    node_id=f"sim-{i:04d}",
+                    labels={"zone": f"z{i % 4}"},
+                    heartbeat_s=2.0,
+                    broker={"url": broker_url},
+                    state_dir=Path(state_dir),
+                    max_replicas=4,
+                )
+            )
             for i in range(count)
         ]
         for agent in agents:
@@ -59,12 +69,15 @@ async def bench(nodes: int, rounds: int) -> dict:
     from orchestrator.server import Orchestrator
 
     tmp = Path(tempfile.mkdtemp(prefix="edgeward-bench-"))
-    config = OrchestratorConfig(state_dir=tmp / "orch", grpc_bind="127.0.0.1:0", reconcile_interval_s=0.5,
-                                node_timeout_s=30.0)
+    config = OrchestratorConfig(
+        state_dir=tmp / "orch", grpc_bind="127.0.0.1:0", reconcile_interval_s=0.5, node_timeout_s=30.0
+    )
     async with Orchestrator(config) as orch:
         ctx = multiprocessing.get_context("spawn")
         ready, stop = ctx.Event(), ctx.Event()
-        child = ctx.Process(target=run_agents, args=(orch.broker_url, nodes, str(tmp / "agents"), ready, stop))
+        child = ctx.Process(
+            target=run_agents, args=(orch.broker_url, nodes, str(tmp / "agents"), ready, stop)
+        )
         child.start()
         try:
             async with grpc.aio.insecure_channel(orch.address) as channel:
@@ -72,14 +85,18 @@ async def bench(nodes: int, rounds: int) -> dict:
                 nodes_api = api_pb2_grpc.NodeServiceStub(channel)
                 models = api_pb2_grpc.ModelServiceStub(channel)
                 t0 = time.monotonic()
-                while sum(n.state == 1 for n in (await nodes_api.List(api_pb2.ListNodesRequest())).nodes) < nodes:
+                while (
+                    sum(n.state == 1 for n in (await nodes_api.List(api_pb2.ListNodesRequest())).nodes)
+                    < nodes
+                ):
                     if time.monotonic() - t0 > 300:
                         raise SystemExit("agents did not come online")
                     await asyncio.sleep(0.5)
                 print(f"{nodes} nodes online after {time.monotonic() - t0:.1f} s", flush=True)
                 data = model_path("industrial", "int8").read_bytes()
-                meta = api_pb2.ModelMetadata(name="vib-cnn", version="1.0.0", size=len(data),
-                                             sha256=hashlib.sha256(data).hexdigest())
+                meta = api_pb2.ModelMetadata(
+                    name="vib-cnn", version="1.0.0", size=len(data), sha256=hashlib.sha256(data).hexdigest()
+                )
 
                 async def parts():
                     yield api_pb2.PushModelRequest(metadata=meta)
@@ -89,8 +106,11 @@ async def bench(nodes: int, rounds: int) -> dict:
                 results = []
                 for r in range(rounds):
                     results.append(await one_round(deps, nodes, f"bench-{r}"))
-                    print(f"round {r + 1}: p50 {results[-1]['p50']:.0f} ms, p99 {results[-1]['p99']:.0f} ms, "
-                          f"all running after {results[-1]['all']:.0f} ms", flush=True)
+                    print(
+                        f"round {r + 1}: p50 {results[-1]['p50']:.0f} ms, p99 {results[-1]['p99']:.0f} ms, "
+                        f"all running after {results[-1]['all']:.0f} ms",
+                        flush=True,
+                    )
         finally:
             stop.set()
             child.join(60)
@@ -105,8 +125,10 @@ async def bench(nodes: int, rounds: int) -> dict:
 
 
 async def one_round(deps: api_pb2_grpc.DeploymentServiceStub, replicas: int, name: str) -> dict:
-    manifest = (f"apiVersion: edgeward/v1\nkind: Deployment\nmetadata: {{name: {name}}}\n"
-                f"spec: {{model: {{name: vib-cnn, version: 1.0.0}}, replicas: {replicas}}}\n")
+    manifest = (
+        f"apiVersion: edgeward/v1\nkind: Deployment\nmetadata: {{name: {name}}}\n"
+        f"spec: {{model: {{name: vib-cnn, version: 1.0.0}}, replicas: {replicas}}}\n"
+    )
     started = time.monotonic()
     await deps.Apply(api_pb2.ApplyRequest(manifest=manifest))
     seen: dict[str, float] = {}
@@ -127,8 +149,11 @@ async def one_round(deps: api_pb2_grpc.DeploymentServiceStub, replicas: int, nam
             break
         await asyncio.sleep(0.1)
     await asyncio.sleep(3.0)
-    return {"p50": float(np.percentile(latencies, 50)), "p99": float(np.percentile(latencies, 99)),
-            "all": float(latencies[-1])}
+    return {
+        "p50": float(np.percentile(latencies, 50)),
+        "p99": float(np.percentile(latencies, 99)),
+        "all": float(latencies[-1]),
+    }
 
 
 def main() -> None:
@@ -138,7 +163,10 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true", help="do not update docs/benchmarks.md")
     args = parser.parse_args()
     result = asyncio.run(bench(args.nodes, args.rounds))
-    rows = "\n".join(f"| {i + 1} | {r['p50']:.0f} | {r['p99']:.0f} | {r['all']:.0f} |" for i, r in enumerate(result["rounds"]))
+    rows = "\n".join(
+        f"| {i + 1} | {r['p50']:.0f} | {r['p99']:.0f} | {r['all']:.0f} |"
+        for i, r in enumerate(result["rounds"])
+    )
     body = f"""## Apply -> Running, {args.nodes} simulated nodes
 
 `{command()}` ({machine()})
@@ -152,8 +180,8 @@ moment it is first seen Running through the gRPC API (polled every 20 ms), from 
 |---|---|---|---|
 {rows}
 
-Median over {args.rounds} rounds: **p50 {result['p50']:.0f} ms, p99 {result['p99']:.0f} ms**, all
-replicas running after {result['all']:.0f} ms.
+Median over {args.rounds} rounds: **p50 {result["p50"]:.0f} ms, p99 {result["p99"]:.0f} ms**, all
+replicas running after {result["all"]:.0f} ms.
 """
     print(body)
     if not args.no_write:

@@ -88,8 +88,9 @@ class NodeAgent:
             except Exception as err:  # a missing vendor library disables that backend only
                 self._availability[acc.kind] = f"unavailable: {err}"
                 log.warning("accelerator %s unavailable: %s", acc.kind, err)
-        self.runtime = Runtime(self._backends, cfg.state_dir / self.node_id / "models", self.run_blocking,
-                               self._status_changed)
+        self.runtime = Runtime(
+            self._backends, cfg.state_dir / self.node_id / "models", self.run_blocking, self._status_changed
+        )
         from .inference_server import serve
 
         self._server, self.inference_port = await serve(self.runtime, cfg.inference_bind)
@@ -100,7 +101,9 @@ class NodeAgent:
             asyncio.create_task(self._heartbeat(), name=f"{self.node_id}-heartbeat"),
             asyncio.create_task(self._status_writer(), name=f"{self.node_id}-status"),
         ]
-        log.info("node %s up: inference on %s, broker %s", self.node_id, self.inference_endpoint, cfg.broker.url)
+        log.info(
+            "node %s up: inference on %s, broker %s", self.node_id, self.inference_endpoint, cfg.broker.url
+        )
 
     async def _connect(self) -> None:
         """Connect to the broker, retrying with backoff: a device may boot before its broker.
@@ -111,7 +114,8 @@ class NodeAgent:
         delay = CONNECT_BACKOFF_S[0]
         while True:
             session = MqttSession(
-                url, f"edgeward-node-{self.node_id}",
+                url,
+                f"edgeward-node-{self.node_id}",
                 will=Will(self._topic(TopicKind.STATUS), offline.SerializeToString(), qos=1, retain=True),
                 max_payload=b.max_payload,
             )
@@ -133,8 +137,12 @@ class NodeAgent:
         self._tasks.clear()
         if self._mqtt is not None:
             try:
-                offline = node_message(self.node_id, status=node_pb2.Status(state=node_pb2.NODE_STATE_OFFLINE))
-                await self._mqtt.publish(self._topic(TopicKind.STATUS), offline.SerializeToString(), qos=1, retain=True)
+                offline = node_message(
+                    self.node_id, status=node_pb2.Status(state=node_pb2.NODE_STATE_OFFLINE)
+                )
+                await self._mqtt.publish(
+                    self._topic(TopicKind.STATUS), offline.SerializeToString(), qos=1, retain=True
+                )
             except Exception as err:
                 log.debug("could not publish offline status: %s", err)
             await self._mqtt.__aexit__(None, None, None)
@@ -155,7 +163,9 @@ class NodeAgent:
         """Refused commands by reason, including those the session dropped for size."""
         counts = dict(self.drops.counts)
         if self._mqtt is not None:
-            counts["wire.payload.too_large"] = counts.get("wire.payload.too_large", 0) + self._mqtt.stats.dropped_oversize
+            counts["wire.payload.too_large"] = (
+                counts.get("wire.payload.too_large", 0) + self._mqtt.stats.dropped_oversize
+            )
         return counts
 
     @property
@@ -174,20 +184,30 @@ class NodeAgent:
             if backend is not None:
                 caps = backend.capabilities
                 pb.device, pb.simulated, pb.memory_bytes, pb.peak_gops = (
-                    caps.device, caps.simulated, caps.memory_bytes, caps.peak_gops)
+                    caps.device,
+                    caps.simulated,
+                    caps.memory_bytes,
+                    caps.peak_gops,
+                )
                 pb.dtypes.extend(sorted(caps.dtypes))
                 pb.idle_w, pb.active_w = caps.power.idle_w, caps.power.active_w
             accelerators.append(pb)
         return node_pb2.Hello(
-            agent_version=__version__, labels=cfg.labels, hardware_profile=cfg.hardware_profile,
-            accelerators=accelerators, memory_bytes=cfg.memory_bytes, inference_endpoint=self.inference_endpoint,
-            max_replicas=cfg.max_replicas, boot_unix_ms=self.boot_ms,
+            agent_version=__version__,
+            labels=cfg.labels,
+            hardware_profile=cfg.hardware_profile,
+            accelerators=accelerators,
+            memory_bytes=cfg.memory_bytes,
+            inference_endpoint=self.inference_endpoint,
+            max_replicas=cfg.max_replicas,
+            boot_unix_ms=self.boot_ms,
         )
 
     def status(self) -> node_pb2.Status:
         self._status_seq += 1
         return node_pb2.Status(
-            state=node_pb2.NODE_STATE_ONLINE, status_seq=self._status_seq,
+            state=node_pb2.NODE_STATE_ONLINE,
+            status_seq=self._status_seq,
             replicas=[s.report() for s in self.runtime.replicas.values()],
         )
 
@@ -224,7 +244,7 @@ class NodeAgent:
             try:
                 if self._mqtt.stats.reconnects != reconnects:
                     reconnects = self._mqtt.stats.reconnects
-                    await self._announce()   # the broker may have lost our retained messages
+                    await self._announce()  # the broker may have lost our retained messages
                 else:
                     self._status_dirty.set()
                 now = time.monotonic()
@@ -237,11 +257,15 @@ class NodeAgent:
                 power = (energy - last_energy) / interval if interval > 0 else 0.0
                 last_energy = energy
                 telemetry = node_pb2.Telemetry(
-                    power_w=power, energy_j=energy,
-                    energy_source=node_pb2.ENERGY_SOURCE_MEASURED if rt.energy_source == "measured"
+                    power_w=power,
+                    energy_j=energy,
+                    energy_source=node_pb2.ENERGY_SOURCE_MEASURED
+                    if rt.energy_source == "measured"
                     else node_pb2.ENERGY_SOURCE_MODELLED,
                     cpu_utilisation=min(1.0, rt.busy_s / max(now - self._started, 1e-9)),
-                    queue_depth=rt.in_flight, models=rt.model_stats(), temperature_c=float("nan"),
+                    queue_depth=rt.in_flight,
+                    models=rt.model_stats(),
+                    temperature_c=float("nan"),
                     interval_s=interval,
                 )
                 await self._publish(TopicKind.TELEMETRY, telemetry=telemetry)
@@ -256,14 +280,18 @@ class NodeAgent:
         assert self._mqtt is not None
         async for message in self._mqtt.messages():
             try:
-                cmd = decode_command(message.payload, node_id=self.node_id, max_payload=self.config.broker.max_payload)
+                cmd = decode_command(
+                    message.payload, node_id=self.node_id, max_payload=self.config.broker.max_payload
+                )
             except WireError as err:
                 self.drops.drop(err)
                 log.debug("dropped command: %s", err)
                 continue
             ack = self._seen.get(cmd.command_id)
             if ack is not None:
-                duplicate = node_pb2.CommandAck(command_id=cmd.command_id, ok=ack.ok, reason=ack.reason, duplicate=True)
+                duplicate = node_pb2.CommandAck(
+                    command_id=cmd.command_id, ok=ack.ok, reason=ack.reason, duplicate=True
+                )
                 await self._ack(duplicate)
                 continue
             ack = await self._execute(cmd)
@@ -283,7 +311,9 @@ class NodeAgent:
                 await self.runtime.sync(list(cmd.sync.replicas), self._fetch)
         except Exception as err:
             log.exception("command %s (%s) failed", cmd.command_id, body)
-            return node_pb2.CommandAck(command_id=cmd.command_id, ok=False, reason=f"agent.command.failed: {err}")
+            return node_pb2.CommandAck(
+                command_id=cmd.command_id, ok=False, reason=f"agent.command.failed: {err}"
+            )
         return node_pb2.CommandAck(command_id=cmd.command_id, ok=True)
 
     async def _ack(self, ack: node_pb2.CommandAck) -> None:
@@ -297,7 +327,9 @@ class NodeAgent:
         """Download an artifact from the orchestrator's ModelService."""
         channel = self._channels.get(spec.artifact_endpoint)
         if channel is None:
-            channel = self._channels[spec.artifact_endpoint] = grpc.aio.insecure_channel(spec.artifact_endpoint)
+            channel = self._channels[spec.artifact_endpoint] = grpc.aio.insecure_channel(
+                spec.artifact_endpoint
+            )
         stub = api_pb2_grpc.ModelServiceStub(channel)
         data = bytearray()
         request = api_pb2.DownloadModelRequest(name=spec.model_name, version=spec.model_version)

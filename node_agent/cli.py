@@ -40,7 +40,9 @@ def cmd_agent(args: argparse.Namespace) -> int:
         print(f"edgeward agent: {err}", file=sys.stderr)
         return 2
     if args.broker_url:
-        config = config.model_copy(update={"broker": config.broker.model_copy(update={"url": args.broker_url})})
+        config = config.model_copy(
+            update={"broker": config.broker.model_copy(update={"url": args.broker_url})}
+        )
     return asyncio.run(_run(config))
 
 

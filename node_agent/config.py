@@ -56,7 +56,9 @@ class AgentConfig(_Strict):
     heartbeat_s: Annotated[float, Field(gt=0, le=300)] = Field(
         5.0, description="Interval of status and telemetry messages."
     )
-    inference_bind: str = Field("127.0.0.1:0", description="host:port of the inference server; port 0 picks one.")
+    inference_bind: str = Field(
+        "127.0.0.1:0", description="host:port of the inference server; port 0 picks one."
+    )
     state_dir: Path = Field(Path("state/agent"), description="Local cache of model artifacts.")
 
     @field_validator("node_id")

@@ -48,15 +48,23 @@ class ReplicaState:
 
     def report(self) -> node_pb2.ReplicaReport:
         return node_pb2.ReplicaReport(
-            replica_id=self.spec.replica_id, deployment=self.spec.deployment, model_name=self.spec.model_name,
-            model_version=self.spec.model_version, phase=self.phase, reason=self.reason, message=self.message,
+            replica_id=self.spec.replica_id,
+            deployment=self.spec.deployment,
+            model_name=self.spec.model_name,
+            model_version=self.spec.model_version,
+            phase=self.phase,
+            reason=self.reason,
+            message=self.message,
             accelerator=self.spec.accelerator,
         )
 
 
 class Runtime:
     def __init__(
-        self, backends: dict[str, Backend], cache_dir: Path, run_blocking: RunBlocking,
+        self,
+        backends: dict[str, Backend],
+        cache_dir: Path,
+        run_blocking: RunBlocking,
         on_change: Callable[[], None],
     ) -> None:
         self.backends = backends
@@ -66,7 +74,7 @@ class Runtime:
         self._on_change = on_change
         self.replicas: dict[str, ReplicaState] = {}
         self.stats: dict[tuple[str, str], LatencyStats] = {}
-        self.energy_j = 0.0              # energy of inference work, from the backends
+        self.energy_j = 0.0  # energy of inference work, from the backends
         self.busy_s = 0.0
         self.energy_source = "modelled"
         self._rr = 0
@@ -77,13 +85,19 @@ class Runtime:
     def deploy(self, spec: node_pb2.DeployReplica, fetch: Fetch) -> bool:
         """Start loading ``spec`` unless already there; returns False when it was a no-op."""
         current = self.replicas.get(spec.replica_id)
-        if current is not None and current.spec.sha256 == spec.sha256 and current.phase != node_pb2.REPLICA_PHASE_FAILED:
+        if (
+            current is not None
+            and current.spec.sha256 == spec.sha256
+            and current.phase != node_pb2.REPLICA_PHASE_FAILED
+        ):
             return False
         if current is not None:
             self._drop(current)
         state = ReplicaState(spec)
         self.replicas[spec.replica_id] = state
-        state.task = asyncio.get_running_loop().create_task(self._load(state, fetch), name=f"load-{spec.replica_id}")
+        state.task = asyncio.get_running_loop().create_task(
+            self._load(state, fetch), name=f"load-{spec.replica_id}"
+        )
         self._on_change()
         return True
 
@@ -129,7 +143,9 @@ class Runtime:
             if data is None:
                 data = await fetch(spec)
                 if hashlib.sha256(data).hexdigest() != spec.sha256:
-                    raise ArtifactError("agent.artifact.sha256_mismatch", "downloaded bytes do not match the digest")
+                    raise ArtifactError(
+                        "agent.artifact.sha256_mismatch", "downloaded bytes do not match the digest"
+                    )
                 await self._run_blocking(self._write_cache, spec.sha256, data)
             artifact = ModelArtifact.from_bytes(spec.model_name, spec.model_version, data)
             handle = await self._run_blocking(backend.load, artifact)
@@ -147,7 +163,13 @@ class Runtime:
             return
         state.backend, state.handle = backend, handle
         state.phase, state.reason, state.message = node_pb2.REPLICA_PHASE_RUNNING, "", ""
-        log.info("replica %s running %s:%s on %s", spec.replica_id, spec.model_name, spec.model_version, backend.kind)
+        log.info(
+            "replica %s running %s:%s on %s",
+            spec.replica_id,
+            spec.model_name,
+            spec.model_version,
+            backend.kind,
+        )
         self._on_change()
 
     def _fail(self, state: ReplicaState, reason: str, message: str) -> None:
@@ -178,14 +200,17 @@ class Runtime:
 
     def running(self, name: str, version: str = "") -> list[ReplicaState]:
         return [
-            s for s in self.replicas.values()
-            if s.phase == node_pb2.REPLICA_PHASE_RUNNING and s.spec.model_name == name
+            s
+            for s in self.replicas.values()
+            if s.phase == node_pb2.REPLICA_PHASE_RUNNING
+            and s.spec.model_name == name
             and (not version or s.spec.model_version == version)
         ]
 
     def loading(self, name: str, version: str = "") -> bool:
         return any(
-            s.phase == node_pb2.REPLICA_PHASE_LOADING and s.spec.model_name == name
+            s.phase == node_pb2.REPLICA_PHASE_LOADING
+            and s.spec.model_name == name
             and (not version or s.spec.model_version == version)
             for s in self.replicas.values()
         )
@@ -196,7 +221,8 @@ class Runtime:
             return None
         self._rr += 1
         state = states[self._rr % len(states)]
-        assert state.backend is not None and state.handle is not None
+        assert state.backend is not None
+        assert state.handle is not None
         return state.backend, state.handle
 
     async def infer(self, backend: Backend, handle: ModelHandle, inputs: Any) -> InferResult:
@@ -223,8 +249,15 @@ class Runtime:
         out = []
         for (name, version), stats in sorted(self.stats.items()):
             snap = stats.snapshot()
-            out.append(node_pb2.ModelStats(
-                model_name=name, model_version=version, inferences=snap.count, errors=snap.errors,
-                latency_p50_ms=snap.p50_ms, latency_p95_ms=snap.p95_ms, latency_p99_ms=snap.p99_ms,
-            ))
+            out.append(
+                node_pb2.ModelStats(
+                    model_name=name,
+                    model_version=version,
+                    inferences=snap.count,
+                    errors=snap.errors,
+                    latency_p50_ms=snap.p50_ms,
+                    latency_p95_ms=snap.p95_ms,
+                    latency_p99_ms=snap.p99_ms,
+                )
+            )
         return out

@@ -70,8 +70,14 @@ def _rpc(method: Callable) -> Callable:
 
 def replica_to_pb(rep: ReplicaRecord) -> api_pb2.Replica:
     return api_pb2.Replica(
-        id=rep.id, node_id=rep.node_id or "", phase=to_pb(rep.phase), reason=rep.reason, message=rep.message,
-        updated_unix_ms=rep.updated_ms, accelerator=rep.accelerator or "", model_version=rep.model_version,
+        id=rep.id,
+        node_id=rep.node_id or "",
+        phase=to_pb(rep.phase),
+        reason=rep.reason,
+        message=rep.message,
+        updated_unix_ms=rep.updated_ms,
+        accelerator=rep.accelerator or "",
+        model_version=rep.model_version,
     )
 
 
@@ -87,8 +93,10 @@ def deployment_to_pb(record: DeploymentRecord, replicas: list[ReplicaRecord]) ->
             model=api_pb2.ModelRef(name=spec.model.name, version=spec.model.version),
             replicas=spec.replicas,
             requirements=api_pb2.Requirements(
-                accelerators=req.accelerators, max_latency_ms=req.max_latency_ms,
-                memory_bytes=req.memory_bytes, attestation_tier="" if req.attestation == "none" else req.attestation,
+                accelerators=req.accelerators,
+                max_latency_ms=req.max_latency_ms,
+                memory_bytes=req.memory_bytes,
+                attestation_tier="" if req.attestation == "none" else req.attestation,
             ),
             selector=spec.selector.match_labels,
         ),
@@ -111,7 +119,9 @@ class DeploymentService(api_pb2_grpc.DeploymentServiceServicer):
         self._orch = orch
 
     @_rpc
-    async def Apply(self, request: api_pb2.ApplyRequest, context: grpc.aio.ServicerContext) -> api_pb2.ApplyResponse:
+    async def Apply(
+        self, request: api_pb2.ApplyRequest, context: grpc.aio.ServicerContext
+    ) -> api_pb2.ApplyResponse:
         manifest = parse_manifest(request.manifest)
         store = self._orch.store
         model = manifest.spec.model
@@ -123,32 +133,46 @@ class DeploymentService(api_pb2_grpc.DeploymentServiceServicer):
                 record = DeploymentRecord(manifest.metadata.name, 0, manifest, now_ms(), now_ms())
             return api_pb2.ApplyResponse(deployment=deployment_to_pb(replace(record, manifest=manifest), []))
         record, created, changed = await self._orch.db(store.put_deployment, manifest, now_ms())
-        log.info("deployment %s %s (generation %d)", record.name,
-                 "created" if created else "changed" if changed else "unchanged", record.generation)
+        log.info(
+            "deployment %s %s (generation %d)",
+            record.name,
+            "created" if created else "changed" if changed else "unchanged",
+            record.generation,
+        )
         self._orch.reconciler.trigger()
         replicas = await self._orch.db(store.list_replicas, record.name)
         pb = deployment_to_pb(record, replicas)
         if created or changed:
-            self._orch.watch.publish(api_pb2.WATCH_EVENT_TYPE_ADDED if created else api_pb2.WATCH_EVENT_TYPE_MODIFIED, pb)
+            self._orch.watch.publish(
+                api_pb2.WATCH_EVENT_TYPE_ADDED if created else api_pb2.WATCH_EVENT_TYPE_MODIFIED, pb
+            )
         return api_pb2.ApplyResponse(deployment=pb, created=created, changed=changed)
 
     @_rpc
-    async def Get(self, request: api_pb2.GetDeploymentRequest, context: grpc.aio.ServicerContext) -> api_pb2.Deployment:
+    async def Get(
+        self, request: api_pb2.GetDeploymentRequest, context: grpc.aio.ServicerContext
+    ) -> api_pb2.Deployment:
         return await self._orch.deployment_pb(request.name)
 
     @_rpc
-    async def List(self, request: api_pb2.ListDeploymentsRequest, context: grpc.aio.ServicerContext) -> api_pb2.ListDeploymentsResponse:
+    async def List(
+        self, request: api_pb2.ListDeploymentsRequest, context: grpc.aio.ServicerContext
+    ) -> api_pb2.ListDeploymentsResponse:
         return api_pb2.ListDeploymentsResponse(deployments=await self._orch.all_deployments_pb())
 
     @_rpc
-    async def Delete(self, request: api_pb2.DeleteDeploymentRequest, context: grpc.aio.ServicerContext) -> api_pb2.DeleteDeploymentResponse:
+    async def Delete(
+        self, request: api_pb2.DeleteDeploymentRequest, context: grpc.aio.ServicerContext
+    ) -> api_pb2.DeleteDeploymentResponse:
         record = await self._orch.db(self._orch.store.get_deployment, request.name)
         evicted = await self._orch.db(self._orch.store.delete_deployment, request.name, now_ms())
         self._orch.reconciler.trigger()
         self._orch.watch.publish(api_pb2.WATCH_EVENT_TYPE_DELETED, deployment_to_pb(record, evicted))
         return api_pb2.DeleteDeploymentResponse(replicas_evicted=len(evicted))
 
-    async def Watch(self, request: api_pb2.WatchDeploymentsRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[api_pb2.DeploymentEvent]:
+    async def Watch(
+        self, request: api_pb2.WatchDeploymentsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[api_pb2.DeploymentEvent]:
         queue = self._orch.watch.subscribe()
         try:
             for dep in await self._orch.all_deployments_pb():
@@ -199,7 +223,9 @@ class NodeService(api_pb2_grpc.NodeServiceServicer):
         self._orch = orch
 
     @_rpc
-    async def List(self, request: api_pb2.ListNodesRequest, context: grpc.aio.ServicerContext) -> api_pb2.ListNodesResponse:
+    async def List(
+        self, request: api_pb2.ListNodesRequest, context: grpc.aio.ServicerContext
+    ) -> api_pb2.ListNodesResponse:
         return api_pb2.ListNodesResponse(nodes=await self._orch.nodes_pb())
 
     @_rpc
@@ -212,15 +238,23 @@ class NodeService(api_pb2_grpc.NodeServiceServicer):
         return await self._orch.node_pb(request.node_id)
 
     @_rpc
-    async def Drain(self, request: api_pb2.DrainRequest, context: grpc.aio.ServicerContext) -> api_pb2.DrainResponse:
+    async def Drain(
+        self, request: api_pb2.DrainRequest, context: grpc.aio.ServicerContext
+    ) -> api_pb2.DrainResponse:
         await self._orch.set_cordon(request.node_id, True)
         store = self._orch.store
 
         def evict() -> int:
             wall = now_ms()
-            reps = [r for r in store.list_replicas() if r.node_id == request.node_id and r.phase in ACTIVE | {Phase.PENDING, Phase.FAILED}]
+            reps = [
+                r
+                for r in store.list_replicas()
+                if r.node_id == request.node_id and r.phase in ACTIVE | {Phase.PENDING, Phase.FAILED}
+            ]
             store.apply_replica_changes(
-                ReplicaChange(replace(r, phase=Phase.EVICTED, reason="node.drained", message="", updated_ms=wall))
+                ReplicaChange(
+                    replace(r, phase=Phase.EVICTED, reason="node.drained", message="", updated_ms=wall)
+                )
                 for r in reps
             )
             return len(reps)
@@ -238,7 +272,9 @@ class ModelService(api_pb2_grpc.ModelServiceServicer):
         self._orch = orch
 
     @_rpc
-    async def Push(self, request_iterator: AsyncIterator[api_pb2.PushModelRequest], context: grpc.aio.ServicerContext) -> api_pb2.Model:
+    async def Push(
+        self, request_iterator: AsyncIterator[api_pb2.PushModelRequest], context: grpc.aio.ServicerContext
+    ) -> api_pb2.Model:
         meta: api_pb2.ModelMetadata | None = None
         data = bytearray()
         async for part in request_iterator:
@@ -257,47 +293,69 @@ class ModelService(api_pb2_grpc.ModelServiceServicer):
         if meta is None:
             raise InvalidModel("model.push.no_metadata", "empty push")
         if len(data) != meta.size:
-            raise InvalidModel("model.push.size_mismatch", f"received {len(data)} bytes, announced {meta.size}")
+            raise InvalidModel(
+                "model.push.size_mismatch", f"received {len(data)} bytes, announced {meta.size}"
+            )
         digest = hashlib.sha256(data).hexdigest()
         if digest != meta.sha256:
             raise InvalidModel("model.push.sha256_mismatch", f"received {digest}, announced {meta.sha256}")
         info = await self._orch.run_blocking(_inspect, bytes(data))
         model = api_pb2.Model(
-            name=meta.name, version=meta.version, sha256=digest, size=len(data), use_case=meta.use_case,
-            description=meta.description, labels=meta.labels, created_unix_ms=now_ms(),
-            inputs=[_tensor(t) for t in info.inputs], outputs=[_tensor(t) for t in info.outputs],
-            ops=sorted(info.ops), dtypes=sorted(info.dtypes),
+            name=meta.name,
+            version=meta.version,
+            sha256=digest,
+            size=len(data),
+            use_case=meta.use_case,
+            description=meta.description,
+            labels=meta.labels,
+            created_unix_ms=now_ms(),
+            inputs=[_tensor(t) for t in info.inputs],
+            outputs=[_tensor(t) for t in info.outputs],
+            ops=sorted(info.ops),
+            dtypes=sorted(info.dtypes),
         )
-        record = ModelRecord(meta.name, meta.version, digest, len(data), model.SerializeToString(), model.created_unix_ms)
+        record = ModelRecord(
+            meta.name, meta.version, digest, len(data), model.SerializeToString(), model.created_unix_ms
+        )
         await self._orch.db(self._orch.store.put_model, record, bytes(data))
         log.info("model %s:%s pushed (%d bytes, sha256 %s)", meta.name, meta.version, len(data), digest[:12])
         self._orch.reconciler.trigger()
         return model
 
     @_rpc
-    async def List(self, request: api_pb2.ListModelsRequest, context: grpc.aio.ServicerContext) -> api_pb2.ListModelsResponse:
+    async def List(
+        self, request: api_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> api_pb2.ListModelsResponse:
         records = await self._orch.db(self._orch.store.list_models)
         return api_pb2.ListModelsResponse(models=[_model_pb(r) for r in records])
 
     @_rpc
     async def Get(self, request: api_pb2.GetModelRequest, context: grpc.aio.ServicerContext) -> api_pb2.Model:
-        return _model_pb(await self._orch.db(self._orch.store.get_model, request.name, request.version or None))
+        return _model_pb(
+            await self._orch.db(self._orch.store.get_model, request.name, request.version or None)
+        )
 
-    async def Download(self, request: api_pb2.DownloadModelRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[api_pb2.ModelChunk]:
+    async def Download(
+        self, request: api_pb2.DownloadModelRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[api_pb2.ModelChunk]:
         try:
             record = await self._orch.db(self._orch.store.get_model, request.name, request.version or None)
             data = await self._orch.db(self._orch.store.read_artifact, record.sha256)
         except NotFound as err:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(err))
         for offset in range(0, len(data), CHUNK):
-            yield api_pb2.ModelChunk(data=data[offset : offset + CHUNK], offset=offset, size=len(data), sha256=record.sha256)
+            yield api_pb2.ModelChunk(
+                data=data[offset : offset + CHUNK], offset=offset, size=len(data), sha256=record.sha256
+            )
 
 
 def _check_metadata(meta: api_pb2.ModelMetadata) -> None:
     if not NAME_RE.match(meta.name):
         raise InvalidModel("model.push.bad_name", "metadata.name must be a DNS-1123 label")
     if not SEMVER_RE.match(meta.version):
-        raise InvalidModel("model.push.bad_version", "metadata.version must be a semantic version such as 1.0.0")
+        raise InvalidModel(
+            "model.push.bad_version", "metadata.version must be a semantic version such as 1.0.0"
+        )
     if len(meta.sha256) != 64:
         raise InvalidModel("model.push.bad_sha256", "metadata.sha256 must be 64 hex digits")
     if not 0 < meta.size <= MAX_MODEL_BYTES:
@@ -317,7 +375,9 @@ def _inspect(data: bytes) -> Any:
 def _tensor(spec: Any) -> api_pb2.TensorSpec:
     quant = spec.quantization
     scale, zero = (quant.scale, quant.zero_point) if quant is not None else (0.0, 0)
-    return api_pb2.TensorSpec(name=spec.name, datatype=spec.dtype, shape=list(spec.shape), scale=scale, zero_point=zero)
+    return api_pb2.TensorSpec(
+        name=spec.name, datatype=spec.dtype, shape=list(spec.shape), scale=scale, zero_point=zero
+    )
 
 
 def _model_pb(record: ModelRecord) -> api_pb2.Model:
@@ -326,8 +386,9 @@ def _model_pb(record: ModelRecord) -> api_pb2.Model:
     return model
 
 
-def node_to_pb(node_id: str, record: NodeRecord | None, view: Any, online: bool,
-               replicas: list[ReplicaRecord]) -> api_pb2.Node:
+def node_to_pb(
+    node_id: str, record: NodeRecord | None, view: Any, online: bool, replicas: list[ReplicaRecord]
+) -> api_pb2.Node:
     pb = api_pb2.Node(id=node_id, cordoned=bool(record and record.cordoned))
     pb.state = node_pb2.NODE_STATE_ONLINE if online else node_pb2.NODE_STATE_OFFLINE
     if view is not None and view.hello is not None:
@@ -340,5 +401,34 @@ def node_to_pb(node_id: str, record: NodeRecord | None, view: Any, online: bool,
             pb.telemetry.CopyFrom(view.telemetry)
     elif record is not None:
         pb.last_seen_unix_ms = record.last_seen_ms
-    pb.replicas.extend(replica_to_pb(r) for r in replicas if r.node_id == node_id and r.phase != Phase.EVICTED)
+    pb.replicas.extend(
+        replica_to_pb(r) for r in replicas if r.node_id == node_id and r.phase != Phase.EVICTED
+    )
     return pb
+
+
+# ---------------------------------------------------------------- telemetry
+
+
+class TelemetryService(api_pb2_grpc.TelemetryServiceServicer):
+    def __init__(self, orch: Orchestrator) -> None:
+        self._orch = orch
+
+    @_rpc
+    async def Query(
+        self, request: api_pb2.QueryTelemetryRequest, context: grpc.aio.ServicerContext
+    ) -> api_pb2.QueryTelemetryResponse:
+        samples = self._orch.telemetry.query(request.node_id, request.since_unix_ms, request.rollup)
+        return api_pb2.QueryTelemetryResponse(samples=samples)
+
+    async def Watch(
+        self, request: api_pb2.WatchTelemetryRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[api_pb2.TelemetrySample]:
+        queue = self._orch.telemetry.subscribe()
+        try:
+            while True:
+                sample = await queue.get()
+                if not request.node_id or sample.node_id == request.node_id:
+                    yield sample
+        finally:
+            self._orch.telemetry.unsubscribe(queue)

@@ -7,7 +7,6 @@ import asyncio
 import json
 import logging
 import signal
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -98,7 +97,15 @@ def cmd_apply(args: argparse.Namespace) -> int:
                 for part in err.detail.split("; "):
                     err_console.print(f"  {part}")
                 return 1
-            verb = "validated" if args.dry_run else "created" if resp.created else "configured" if resp.changed else "unchanged"
+            verb = (
+                "validated"
+                if args.dry_run
+                else "created"
+                if resp.created
+                else "configured"
+                if resp.changed
+                else "unchanged"
+            )
             results.append({"name": resp.deployment.name, "result": verb})
             if not args.json:
                 console.print(f"deployment/{resp.deployment.name} {verb}")
@@ -115,8 +122,14 @@ def _wait_running(client: EdgewardClient, names: list[str], timeout: float, quie
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     deadline = time.monotonic() + timeout
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} running"),
-                  TimeElapsedColumn(), console=err_console, disable=quiet) as progress:
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} running"),
+        TimeElapsedColumn(),
+        console=err_console,
+        disable=quiet,
+    ) as progress:
         tasks = {n: progress.add_task(f"deployment/{n}", total=None) for n in names}
         while True:
             done = True
@@ -127,7 +140,9 @@ def _wait_running(client: EdgewardClient, names: list[str], timeout: float, quie
             if done:
                 return True
             if time.monotonic() > deadline:
-                err_console.print("[yellow]timed out waiting; see `edgeward get deployment NAME` for reasons[/yellow]")
+                err_console.print(
+                    "[yellow]timed out waiting; see `edgeward get deployment NAME` for reasons[/yellow]"
+                )
                 return False
             time.sleep(0.3)
 
@@ -168,12 +183,17 @@ def deployments_table(items: list[api_pb2.Deployment], detail: bool = False) -> 
             if rep.phase == node_pb2.REPLICA_PHASE_PENDING or rep.phase == node_pb2.REPLICA_PHASE_FAILED:
                 reasons.add(f"{rep.reason}: {rep.message}" if rep.message else rep.reason)
         table.add_row(
-            dep.name, f"{dep.spec.model.name}:{dep.spec.model.version}", f"{dep.status.running}/{dep.spec.replicas}",
-            " ".join(f"{k}={v}" for k, v in sorted(phases.items())), "; ".join(sorted(reasons)),
+            dep.name,
+            f"{dep.spec.model.name}:{dep.spec.model.version}",
+            f"{dep.status.running}/{dep.spec.replicas}",
+            " ".join(f"{k}={v}" for k, v in sorted(phases.items())),
+            "; ".join(sorted(reasons)),
         )
     if detail and items:
         for rep in items[0].status.replica_list:
-            table.add_row(f"  {rep.id}", rep.node_id or "-", phase_name(rep.phase), rep.accelerator, rep.reason)
+            table.add_row(
+                f"  {rep.id}", rep.node_id or "-", phase_name(rep.phase), rep.accelerator, rep.reason
+            )
     return table
 
 
@@ -188,8 +208,15 @@ def nodes_table(items: list[api_pb2.Node]) -> Table:
             for a in node.inventory.accelerators
         )
         power = f"{node.telemetry.power_w:.2f}" if node.HasField("telemetry") else "-"
-        table.add_row(node.id, status, node.inventory.hardware_profile, accs, str(len(node.replicas)), power,
-                      node.inventory.inference_endpoint)
+        table.add_row(
+            node.id,
+            status,
+            node.inventory.hardware_profile,
+            accs,
+            str(len(node.replicas)),
+            power,
+            node.inventory.inference_endpoint,
+        )
     return table
 
 
@@ -198,7 +225,9 @@ def models_table(items: list[api_pb2.Model]) -> Table:
     for col in ("NAME", "VERSION", "SIZE", "DTYPES", "USE CASE", "SHA256"):
         table.add_column(col)
     for m in items:
-        table.add_row(m.name, m.version, f"{m.size / 1024:.1f} KiB", ",".join(m.dtypes), m.use_case, m.sha256[:12])
+        table.add_row(
+            m.name, m.version, f"{m.size / 1024:.1f} KiB", ",".join(m.dtypes), m.use_case, m.sha256[:12]
+        )
     return table
 
 
@@ -226,10 +255,17 @@ def cmd_models_push(args: argparse.Namespace) -> int:
     except OSError as err:
         return _fail(err)
     try:
-        with EdgewardClient(args.server) as client, Progress(console=err_console, disable=args.json) as progress:
+        with (
+            EdgewardClient(args.server) as client,
+            Progress(console=err_console, disable=args.json) as progress,
+        ):
             task = progress.add_task(f"push {args.name}:{args.version}", total=len(data))
             model = client.push_model(
-                data, args.name, args.version, use_case=args.use_case, description=args.description,
+                data,
+                args.name,
+                args.version,
+                use_case=args.use_case,
+                description=args.description,
                 progress=lambda done, total: progress.update(task, completed=done),
             )
     except ClientError as err:
@@ -237,7 +273,9 @@ def cmd_models_push(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(MessageToDict(model, preserving_proto_field_name=True)))
     else:
-        console.print(f"model/{model.name}:{model.version} pushed ({model.size} bytes, sha256 {model.sha256[:12]})")
+        console.print(
+            f"model/{model.name}:{model.version} pushed ({model.size} bytes, sha256 {model.sha256[:12]})"
+        )
     return 0
 
 
@@ -248,5 +286,3 @@ def cmd_up(args: argparse.Namespace) -> int:
     if args.nodes < 1:
         return _fail(ValueError("--nodes must be at least 1"))
     return run_up(args)
-
-

@@ -48,7 +48,9 @@ class EdgewardClient:
         self.close()
 
     def apply(self, manifest: str, dry_run: bool = False) -> api_pb2.ApplyResponse:
-        return _call(self.deployments.Apply, api_pb2.ApplyRequest(manifest=manifest, dry_run=dry_run), self.timeout)
+        return _call(
+            self.deployments.Apply, api_pb2.ApplyRequest(manifest=manifest, dry_run=dry_run), self.timeout
+        )
 
     def get_deployment(self, name: str) -> api_pb2.Deployment:
         return _call(self.deployments.Get, api_pb2.GetDeploymentRequest(name=name), self.timeout)
@@ -72,14 +74,26 @@ class EdgewardClient:
         return _call(self.models.Get, api_pb2.GetModelRequest(name=name, version=version), self.timeout)
 
     def push_model(
-        self, data: bytes | Path, name: str, version: str, *, use_case: str = "", description: str = "",
-        labels: dict[str, str] | None = None, progress: Callable[[int, int], None] | None = None,
+        self,
+        data: bytes | Path,
+        name: str,
+        version: str,
+        *,
+        use_case: str = "",
+        description: str = "",
+        labels: dict[str, str] | None = None,
+        progress: Callable[[int, int], None] | None = None,
     ) -> api_pb2.Model:
         if isinstance(data, Path):
             data = data.read_bytes()
         meta = api_pb2.ModelMetadata(
-            name=name, version=version, sha256=hashlib.sha256(data).hexdigest(), size=len(data),
-            use_case=use_case, description=description, labels=labels or {},
+            name=name,
+            version=version,
+            sha256=hashlib.sha256(data).hexdigest(),
+            size=len(data),
+            use_case=use_case,
+            description=description,
+            labels=labels or {},
         )
 
         def parts() -> Iterator[api_pb2.PushModelRequest]:

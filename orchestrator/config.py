@@ -59,6 +59,9 @@ class OrchestratorConfig(BaseModel):
     resend_interval_s: Annotated[float, Field(gt=0, le=600)] = Field(
         5.0, description="How often an unacknowledged command is sent again."
     )
+    metrics_bind: str | None = Field(
+        None, description="host:port of the Prometheus /metrics endpoint; unset: no endpoint."
+    )
     max_grpc_message: Annotated[int, Field(ge=1024 * 1024, le=512 * 1024 * 1024)] = Field(
         64 * 1024 * 1024, description="Largest gRPC message accepted (model pushes are streamed in chunks)."
     )

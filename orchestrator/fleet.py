@@ -17,7 +17,7 @@ class NodeView:
     id: str
     hello: node_pb2.Hello | None = None
     state: int = node_pb2.NODE_STATE_UNSPECIFIED
-    last_seen: float = 0.0                       # time.monotonic() of the last message
+    last_seen: float = 0.0  # time.monotonic() of the last message
     last_seen_ms: int = 0
     reports: dict[str, node_pb2.ReplicaReport] = field(default_factory=dict)
     status_seq: int = -1

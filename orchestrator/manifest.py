@@ -147,7 +147,9 @@ def parse_manifest(text: str | bytes) -> DeploymentManifest:
     except yaml.YAMLError as err:
         raise InvalidManifest([("(root)", f"not valid YAML: {str(err).splitlines()[0]}")]) from err
     if not isinstance(data, dict):
-        raise InvalidManifest([("(root)", "manifest must be a mapping with apiVersion, kind, metadata, spec")])
+        raise InvalidManifest(
+            [("(root)", "manifest must be a mapping with apiVersion, kind, metadata, spec")]
+        )
     try:
         return DeploymentManifest.model_validate(data)
     except ValidationError as err:

@@ -10,12 +10,12 @@ from .errors import IllegalTransition
 
 
 class Phase(StrEnum):
-    PENDING = "Pending"        # wanted, not yet placed (or no node fits: see the reason)
+    PENDING = "Pending"  # wanted, not yet placed (or no node fits: see the reason)
     DISPATCHED = "Dispatched"  # bound to a node, deploy command sent
-    LOADING = "Loading"        # the node acknowledged and is fetching/loading the model
-    RUNNING = "Running"        # the node serves it
-    FAILED = "Failed"          # the node could not load or keep it; the reconciler replaces it
-    EVICTED = "Evicted"        # being removed (scale-down, delete, drain, node lost); terminal
+    LOADING = "Loading"  # the node acknowledged and is fetching/loading the model
+    RUNNING = "Running"  # the node serves it
+    FAILED = "Failed"  # the node could not load or keep it; the reconciler replaces it
+    EVICTED = "Evicted"  # being removed (scale-down, delete, drain, node lost); terminal
 
 
 TRANSITIONS: dict[Phase, frozenset[Phase]] = {

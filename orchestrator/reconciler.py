@@ -70,8 +70,8 @@ class Reconciler:
         self._on_change = on_change
         self._wake = asyncio.Event()
         self._started = time.monotonic()
-        self._last_sent: dict[str, float] = {}      # replica id -> monotonic time of the last command
-        self._needs_sync: set[str] = set()           # nodes that (re)connected: send their full set
+        self._last_sent: dict[str, float] = {}  # replica id -> monotonic time of the last command
+        self._needs_sync: set[str] = set()  # nodes that (re)connected: send their full set
         self._cordoned: set[str] = set()
         self._models: dict[tuple[str, str], api_pb2.Model] = {}
         self.passes = 0
@@ -111,7 +111,9 @@ class Reconciler:
     # ------------------------------------------------------------ one pass
 
     async def reconcile_once(self) -> None:
-        deployments, replicas = await self._db(lambda: (self._store.list_deployments(), self._store.list_replicas()))
+        deployments, replicas = await self._db(
+            lambda: (self._store.list_deployments(), self._store.list_replicas())
+        )
         now = time.monotonic()
         wall = now_ms()
         in_grace = now - self._started < self._config.node_timeout_s
@@ -124,7 +126,14 @@ class Reconciler:
         def change(rep: ReplicaRecord, **updates: object) -> ReplicaRecord:
             new = replace(rep, updated_ms=wall, **updates)
             if new.phase != rep.phase:
-                log.info("replica %s %s -> %s on %s (%s)", rep.id, rep.phase, new.phase, new.node_id or "-", new.reason)
+                log.info(
+                    "replica %s %s -> %s on %s (%s)",
+                    rep.id,
+                    rep.phase,
+                    new.phase,
+                    new.node_id or "-",
+                    new.reason,
+                )
             changes.append(ReplicaChange(new))
             touched.add(rep.deployment)
             return new
@@ -136,7 +145,9 @@ class Reconciler:
             # Just after a start the retained hello/status messages are still arriving: a node
             # we have not heard from yet is unknown, not lost, unless it said it is offline.
             node_unknown = (
-                rep.node_id is not None and in_grace and not node_ok
+                rep.node_id is not None
+                and in_grace
+                and not node_ok
                 and (node is None or node.state != node_pb2.NODE_STATE_OFFLINE)
             )
             if rep.phase == Phase.EVICTED:
@@ -151,8 +162,12 @@ class Reconciler:
                 if node_unknown:
                     by_deployment[rep.deployment].append(rep)  # still counts towards the desired total
                 else:
-                    change(rep, phase=Phase.EVICTED, reason="node.lost",
-                           message=f"node {rep.node_id} went offline or silent")
+                    change(
+                        rep,
+                        phase=Phase.EVICTED,
+                        reason="node.lost",
+                        message=f"node {rep.node_id} went offline or silent",
+                    )
                 continue
             report = node.reports.get(rep.id) if node_ok else None
             if report is not None:
@@ -161,13 +176,21 @@ class Reconciler:
                     rep = change(rep, phase=reported, reason=report.reason, message=report.message)
             elif rep.phase in (Phase.LOADING, Phase.RUNNING):
                 # The node forgot it (agent restart): back to loading, and tell it again.
-                rep = change(rep, phase=Phase.LOADING, reason="node.replica_missing",
-                             message="the node no longer reports this replica; re-sent")
+                rep = change(
+                    rep,
+                    phase=Phase.LOADING,
+                    reason="node.replica_missing",
+                    message="the node no longer reports this replica; re-sent",
+                )
                 self._resend(commands, rep, now)
             elif rep.phase == Phase.DISPATCHED:
                 if wall - rep.updated_ms > self._config.dispatch_timeout_s * 1000:
-                    rep = change(rep, phase=Phase.FAILED, reason="dispatch.timeout",
-                                 message="the node never acknowledged the deployment")
+                    rep = change(
+                        rep,
+                        phase=Phase.FAILED,
+                        reason="dispatch.timeout",
+                        message="the node never acknowledged the deployment",
+                    )
                 else:
                     self._resend(commands, rep, now)
             if rep.phase == Phase.FAILED and wall - rep.updated_ms > FAILED_RETENTION_MS:
@@ -186,15 +209,22 @@ class Reconciler:
             spec = dep.manifest.spec
             for _ in range(want - len(current)):
                 rep = ReplicaRecord(
-                    id=new_replica_id(dep.name), deployment=dep.name, generation=dep.generation,
-                    model_name=spec.model.name, model_version=spec.model.version, phase=Phase.PENDING,
-                    updated_ms=wall, reason="replica.created",
+                    id=new_replica_id(dep.name),
+                    deployment=dep.name,
+                    generation=dep.generation,
+                    model_name=spec.model.name,
+                    model_version=spec.model.version,
+                    phase=Phase.PENDING,
+                    updated_ms=wall,
+                    reason="replica.created",
                 )
                 changes.append(ReplicaChange(rep))
                 touched.add(dep.name)
                 current.append(rep)
             if len(current) > want:
-                surplus = sorted(current, key=lambda r: (_EVICTION_ORDER[r.phase], -r.updated_ms))[: len(current) - want]
+                surplus = sorted(current, key=lambda r: (_EVICTION_ORDER[r.phase], -r.updated_ms))[
+                    : len(current) - want
+                ]
                 for rep in surplus:
                     self._evict(change, commands, rep, "deployment.scaled_down", now)
                 current = [r for r in current if r not in surplus]
@@ -217,17 +247,25 @@ class Reconciler:
                 model = await self._model(rep.model_name, rep.model_version)
                 if model is None:
                     if rep.reason != "model.not_found":
-                        change(rep, reason="model.not_found",
-                               message=f"model {rep.model_name}:{rep.model_version} is not in the catalog")
+                        change(
+                            rep,
+                            reason="model.not_found",
+                            message=f"model {rep.model_name}:{rep.model_version} is not in the catalog",
+                        )
                     continue
                 result = self._scheduler.place(_request(dep, model), snapshot)
                 if isinstance(result, Unschedulable):
                     if (rep.reason, rep.message) != (result.reason, result.message):
                         change(rep, reason=result.reason, message=result.message)
                     continue
-                bound = change(rep, phase=Phase.DISPATCHED, node_id=result.node_id,
-                               accelerator=result.accelerator, reason="scheduler.bound",
-                               message=f"score {result.score:.1f}")
+                bound = change(
+                    rep,
+                    phase=Phase.DISPATCHED,
+                    node_id=result.node_id,
+                    accelerator=result.accelerator,
+                    reason="scheduler.bound",
+                    message=f"score {result.score:.1f}",
+                )
                 commands.append((bound.node_id, self._deploy_command(bound, model)))
                 self._last_sent[bound.id] = now
 
@@ -261,7 +299,9 @@ class Reconciler:
                     key = f"orphan:{node.id}:{rid}"
                     if now - self._last_sent.get(key, 0.0) >= self._config.resend_interval_s:
                         self._last_sent[key] = now
-                        commands.append((node.id, _command(node.id, undeploy=node_pb2.UndeployReplica(replica_id=rid))))
+                        commands.append(
+                            (node.id, _command(node.id, undeploy=node_pb2.UndeployReplica(replica_id=rid)))
+                        )
 
         if changes:
             await self._db(self._store.apply_replica_changes, changes)
@@ -273,8 +313,14 @@ class Reconciler:
 
     # ------------------------------------------------------------ helpers
 
-    def _evict(self, change: Callable[..., ReplicaRecord], commands: list, rep: ReplicaRecord,
-               reason: str, now: float) -> None:
+    def _evict(
+        self,
+        change: Callable[..., ReplicaRecord],
+        commands: list,
+        rep: ReplicaRecord,
+        reason: str,
+        now: float,
+    ) -> None:
         if rep.phase == Phase.PENDING or rep.node_id is None:
             change(rep, phase=Phase.EVICTED, reason=reason, message="")
             return
@@ -288,7 +334,9 @@ class Reconciler:
         self._last_sent[rep.id] = now
         assert rep.node_id is not None
         if undeploy:
-            commands.append((rep.node_id, _command(rep.node_id, undeploy=node_pb2.UndeployReplica(replica_id=rep.id))))
+            commands.append(
+                (rep.node_id, _command(rep.node_id, undeploy=node_pb2.UndeployReplica(replica_id=rep.id)))
+            )
             return
         model = self._models.get((rep.model_name, rep.model_version))
         if model is not None:
@@ -308,17 +356,27 @@ class Reconciler:
 
     def _deploy_body(self, rep: ReplicaRecord, model: api_pb2.Model) -> node_pb2.DeployReplica:
         return node_pb2.DeployReplica(
-            replica_id=rep.id, deployment=rep.deployment, model_name=model.name,
-            model_version=model.version, sha256=model.sha256, size=model.size,
-            accelerator=rep.accelerator or "", artifact_endpoint=self._artifact_endpoint(),
+            replica_id=rep.id,
+            deployment=rep.deployment,
+            model_name=model.name,
+            model_version=model.version,
+            sha256=model.sha256,
+            size=model.size,
+            accelerator=rep.accelerator or "",
+            artifact_endpoint=self._artifact_endpoint(),
         )
 
     def _deploy_command(self, rep: ReplicaRecord, model: api_pb2.Model) -> node_pb2.Command:
         assert rep.node_id is not None
         return _command(rep.node_id, deploy=self._deploy_body(rep, model))
 
-    def _snapshot(self, replicas: list[ReplicaRecord], changes: list[ReplicaChange],
-                  deployments: list[DeploymentRecord], now: float) -> dict[str, NodeInfo]:
+    def _snapshot(
+        self,
+        replicas: list[ReplicaRecord],
+        changes: list[ReplicaChange],
+        deployments: list[DeploymentRecord],
+        now: float,
+    ) -> dict[str, NodeInfo]:
         need = {d.name: d.manifest.spec.requirements.memory_bytes for d in deployments}
         latest = {r.id: r for r in replicas}
         for ch in changes:
@@ -335,31 +393,55 @@ class Reconciler:
         for node in self._fleet.nodes.values():
             if node.hello is None:
                 continue
-            snapshot[node.id] = _node_info(node, now, self._config.node_timeout_s, node.id in self._cordoned,
-                                           count[node.id], memory[node.id], dict(per_dep[node.id]))
+            snapshot[node.id] = _node_info(
+                node,
+                now,
+                self._config.node_timeout_s,
+                node.id in self._cordoned,
+                count[node.id],
+                memory[node.id],
+                dict(per_dep[node.id]),
+            )
         return snapshot
 
 
-def _node_info(node: NodeView, now: float, timeout: float, cordoned: bool, replicas: int, memory_used: int,
-               per_deployment: dict[str, int]) -> NodeInfo:
+def _node_info(
+    node: NodeView,
+    now: float,
+    timeout: float,
+    cordoned: bool,
+    replicas: int,
+    memory_used: int,
+    per_deployment: dict[str, int],
+) -> NodeInfo:
     hello = node.hello
     assert hello is not None
     accelerators = {
         acc.kind: frozenset(acc.dtypes) for acc in hello.accelerators if acc.availability in ("", "ok")
     }
     return NodeInfo(
-        id=node.id, online=node.online(now, timeout), cordoned=cordoned, labels=dict(hello.labels),
-        accelerators=accelerators, max_replicas=hello.max_replicas or 8, memory_bytes=hello.memory_bytes,
-        active_w=max((a.active_w for a in hello.accelerators), default=0.0), replicas=replicas,
-        memory_used=memory_used, per_deployment=per_deployment,
+        id=node.id,
+        online=node.online(now, timeout),
+        cordoned=cordoned,
+        labels=dict(hello.labels),
+        accelerators=accelerators,
+        max_replicas=hello.max_replicas or 8,
+        memory_bytes=hello.memory_bytes,
+        active_w=max((a.active_w for a in hello.accelerators), default=0.0),
+        replicas=replicas,
+        memory_used=memory_used,
+        per_deployment=per_deployment,
     )
 
 
 def _request(dep: DeploymentRecord, model: api_pb2.Model) -> PlacementRequest:
     req = dep.manifest.spec.requirements
     return PlacementRequest(
-        deployment=dep.name, accelerators=frozenset(req.accelerators), dtypes=frozenset(model.dtypes),
-        memory_bytes=req.memory_bytes, selector=dict(dep.manifest.spec.selector.match_labels),
+        deployment=dep.name,
+        accelerators=frozenset(req.accelerators),
+        dtypes=frozenset(model.dtypes),
+        memory_bytes=req.memory_bytes,
+        selector=dict(dep.manifest.spec.selector.match_labels),
         attestation_tier=req.attestation,
     )
 

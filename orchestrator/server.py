@@ -25,18 +25,29 @@ from edgeward.mqtt.topics import TopicError, TopicKind, node_topic, nodes_filter
 from edgeward.v1 import api_pb2, api_pb2_grpc, node_pb2
 from edgeward.wire import DropCounter, WireError, decode_node_message
 
-from .api import DeploymentService, ModelService, NodeService, WatchHub, deployment_to_pb, node_to_pb
+from .api import (
+    DeploymentService,
+    ModelService,
+    NodeService,
+    TelemetryService,
+    WatchHub,
+    deployment_to_pb,
+    node_to_pb,
+)
 from .config import OrchestratorConfig
 from .errors import NotFound
 from .fleet import Fleet
+from .metrics import MetricsServer, render
 from .reconciler import Reconciler
 from .scheduler import Scheduler
 from .store import NodeRecord, SqliteStore
+from .telemetry import TelemetryStore
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAMES = tuple(
-    api_pb2.DESCRIPTOR.services_by_name[name].full_name for name in ("DeploymentService", "NodeService", "ModelService")
+    api_pb2.DESCRIPTOR.services_by_name[name].full_name
+    for name in ("DeploymentService", "NodeService", "ModelService", "TelemetryService")
 )
 INGEST_KINDS = (TopicKind.HELLO, TopicKind.STATUS, TopicKind.TELEMETRY, TopicKind.EVENTS, TopicKind.EVIDENCE)
 
@@ -48,6 +59,9 @@ class Orchestrator:
         self.drops = DropCounter()
         self.watch = WatchHub()
         self.scheduler = Scheduler()
+        self.telemetry = TelemetryStore()
+        self.metrics_port = 0
+        self._metrics: MetricsServer | None = None
         self.broker_url: str = config.broker.url or ""
         self.grpc_port = 0
         self._db_pool = ThreadPoolExecutor(1, thread_name_prefix="edgeward-store")
@@ -87,7 +101,9 @@ class Orchestrator:
         nodes = await self.db(self.store.list_nodes)
         if cfg.broker.url is None:
             self._broker = EmbeddedBroker(
-                host=cfg.broker.embedded_bind, port=cfg.broker.embedded_port, max_payload=cfg.broker.max_payload
+                host=cfg.broker.embedded_bind,
+                port=cfg.broker.embedded_port,
+                max_payload=cfg.broker.max_payload,
             )
             await self._broker.__aenter__()
             self.broker_url = str(self._broker.url)
@@ -100,10 +116,15 @@ class Orchestrator:
         api_pb2_grpc.add_DeploymentServiceServicer_to_server(DeploymentService(self), self._server)
         api_pb2_grpc.add_NodeServiceServicer_to_server(NodeService(self), self._server)
         api_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(self), self._server)
+        api_pb2_grpc.add_TelemetryServiceServicer_to_server(TelemetryService(self), self._server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, self._server)
         reflection.enable_server_reflection(
-            (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            (
+                *SERVICE_NAMES,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
             self._server,
         )
         self.grpc_port = self._server.add_insecure_port(cfg.grpc_bind)
@@ -114,8 +135,14 @@ class Orchestrator:
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
 
         self.reconciler = Reconciler(
-            self.store, self.db, self.fleet, self.scheduler, self._publish_command, cfg,
-            artifact_endpoint=lambda: self.advertise, on_change=self._deployments_changed,
+            self.store,
+            self.db,
+            self.fleet,
+            self.scheduler,
+            self._publish_command,
+            cfg,
+            artifact_endpoint=lambda: self.advertise,
+            on_change=self._deployments_changed,
         )
         self.reconciler.set_cordoned(n.id for n in nodes if n.cordoned)
         b = cfg.broker
@@ -127,15 +154,28 @@ class Orchestrator:
         await self._mqtt.__aenter__()
         for kind in INGEST_KINDS:
             await self._mqtt.subscribe(nodes_filter(kind, b.topic_prefix), qos=1)
+        if cfg.metrics_bind:
+            self._metrics = MetricsServer(self.render_metrics, cfg.metrics_bind)
+            await self._metrics.start()
+            self.metrics_port = self._metrics.port
         self._tasks.append(asyncio.create_task(self._ingest(), name="edgeward-ingest"))
+        self._tasks.append(asyncio.create_task(self._flush_telemetry(), name="edgeward-telemetry"))
         self._tasks.append(asyncio.create_task(self.reconciler.run(), name="edgeward-reconciler"))
-        log.info("orchestrator serving gRPC on %s, broker %s, state in %s", self.address, self.broker_url, cfg.state_dir)
+        log.info(
+            "orchestrator serving gRPC on %s, broker %s, state in %s",
+            self.address,
+            self.broker_url,
+            cfg.state_dir,
+        )
 
     async def _stop(self) -> None:
         for task in self._tasks:
             task.cancel()
         await _bounded("background tasks", asyncio.gather(*self._tasks, return_exceptions=True))
         self._tasks.clear()
+        if self._metrics is not None:
+            await _bounded("metrics server", self._metrics.stop())
+            self._metrics = None
         if self._server is not None:
             await _bounded("gRPC server", self._server.stop(grace=0.5))
             self._server = None
@@ -168,7 +208,9 @@ class Orchestrator:
         async for message in self._mqtt.messages():
             try:
                 node_id, kind = parse_node_topic(message.topic, prefix)
-                msg = decode_node_message(message.payload, node_id=node_id, kind=kind.value, max_payload=max_payload)
+                msg = decode_node_message(
+                    message.payload, node_id=node_id, kind=kind.value, max_payload=max_payload
+                )
             except TopicError:
                 self.drops.drop(WireError("wire.topic.invalid"))
                 continue
@@ -184,18 +226,103 @@ class Orchestrator:
                 await self.db(self.store.put_node, self._node_record(node_id, msg))
             elif what == "status":
                 self.reconciler.trigger()
+            elif msg.WhichOneof("body") == "telemetry" and not self.telemetry.add(
+                node_id, msg.sent_unix_ms, msg.telemetry
+            ):
+                self.drops.drop(WireError("wire.telemetry.invalid_value"))
             elif msg.WhichOneof("body") == "event" and msg.event.ack.command_id and not msg.event.ack.ok:
-                log.warning("node %s refused command %s: %s", node_id, msg.event.ack.command_id, msg.event.ack.reason)
+                log.warning(
+                    "node %s refused command %s: %s", node_id, msg.event.ack.command_id, msg.event.ack.reason
+                )
+
+    async def _flush_telemetry(self) -> None:
+        while True:
+            await asyncio.sleep(0.2)
+            self.telemetry.flush()
+
+    def render_metrics(self) -> bytes:
+        now = time.monotonic()
+        timeout = self.config.node_timeout_s
+        nodes = self.fleet.nodes
+        power = self.telemetry.latest_power()
+        source = {node_pb2.ENERGY_SOURCE_MEASURED: "measured"}
+        fams: list = [
+            (
+                "edgeward_node_up",
+                "gauge",
+                "1 if the node is online",
+                [({"node": n}, 1.0 if v.online(now, timeout) else 0.0) for n, v in sorted(nodes.items())],
+            ),
+            (
+                "edgeward_node_power_watts",
+                "gauge",
+                "Latest board power",
+                [
+                    ({"node": n, "source": source.get(self.telemetry.energy_source(n), "modelled")}, w)
+                    for n, w in sorted(power.items())
+                ],
+            ),
+            (
+                "edgeward_node_energy_joules_total",
+                "counter",
+                "Energy since the agent started",
+                [
+                    (
+                        {"node": n, "source": source.get(v.telemetry.energy_source, "modelled")},
+                        v.telemetry.energy_j,
+                    )
+                    for n, v in sorted(nodes.items())
+                    if v.telemetry is not None
+                ],
+            ),
+            (
+                "edgeward_model_inferences_total",
+                "counter",
+                "Inferences served per node and model",
+                [
+                    ({"node": n, "model": f"{m.model_name}:{m.model_version}"}, float(m.inferences))
+                    for n in sorted(nodes)
+                    for m in self.telemetry.models(n)
+                ],
+            ),
+            (
+                "edgeward_model_latency_p95_ms",
+                "gauge",
+                "p95 latency over the node's recent window",
+                [
+                    ({"node": n, "model": f"{m.model_name}:{m.model_version}"}, m.latency_p95_ms)
+                    for n in sorted(nodes)
+                    for m in self.telemetry.models(n)
+                ],
+            ),
+            (
+                "edgeward_mqtt_dropped_total",
+                "counter",
+                "MQTT payloads refused at the boundary",
+                [({"reason": r}, float(c)) for r, c in sorted(self.drop_counts().items())],
+            ),
+            (
+                "edgeward_telemetry_samples_total",
+                "counter",
+                "Telemetry samples ingested",
+                [({}, float(self.telemetry.ingested))],
+            ),
+        ]
+        return render(fams)
 
     def drop_counts(self) -> dict[str, int]:
         """Refused MQTT payloads by reason, including those the session dropped for size."""
         counts = dict(self.drops.counts)
         if self._mqtt is not None:
-            counts["wire.payload.too_large"] = counts.get("wire.payload.too_large", 0) + self._mqtt.stats.dropped_oversize
+            counts["wire.payload.too_large"] = (
+                counts.get("wire.payload.too_large", 0) + self._mqtt.stats.dropped_oversize
+            )
         return counts
 
     def _node_record(self, node_id: str, msg: node_pb2.NodeMessage) -> NodeRecord:
-        return NodeRecord(node_id, node_id in self.reconciler.cordoned, msg.hello.SerializeToString(), msg.sent_unix_ms)
+        return NodeRecord(
+            node_id, node_id in self.reconciler.cordoned, msg.hello.SerializeToString(), msg.sent_unix_ms
+        )
 
     async def _publish_command(self, node_id: str, command: node_pb2.Command) -> None:
         if self._mqtt is None:
@@ -221,7 +348,9 @@ class Orchestrator:
             self.watch.publish(api_pb2.WATCH_EVENT_TYPE_MODIFIED, pb)
 
     async def deployment_pb(self, name: str) -> api_pb2.Deployment:
-        record, replicas = await self.db(lambda: (self.store.get_deployment(name), self.store.list_replicas(name)))
+        record, replicas = await self.db(
+            lambda: (self.store.get_deployment(name), self.store.list_replicas(name))
+        )
         return deployment_to_pb(record, replicas)
 
     async def all_deployments_pb(self) -> list[api_pb2.Deployment]:
@@ -261,7 +390,7 @@ class Orchestrator:
         self.reconciler.set_cordoned(cordoned)
 
 
-async def _bounded(what: str, awaitable: Any, timeout: float = 10.0) -> None:
+async def _bounded(what: str, awaitable: Any, timeout: float = 10.0) -> None:  # noqa: ASYNC109
     """One shutdown step, bounded: a step that hangs is reported and left behind."""
     try:
         async with asyncio.timeout(timeout):

@@ -102,7 +102,9 @@ class Store(Protocol):
     def get_model(self, name: str, version: str | None = None) -> ModelRecord: ...
     def list_models(self) -> list[ModelRecord]: ...
     def read_artifact(self, sha256: str) -> bytes: ...
-    def put_deployment(self, manifest: DeploymentManifest, now_ms: int) -> tuple[DeploymentRecord, bool, bool]: ...
+    def put_deployment(
+        self, manifest: DeploymentManifest, now_ms: int
+    ) -> tuple[DeploymentRecord, bool, bool]: ...
     def get_deployment(self, name: str) -> DeploymentRecord: ...
     def list_deployments(self) -> list[DeploymentRecord]: ...
     def delete_deployment(self, name: str, now_ms: int) -> list[ReplicaRecord]: ...
@@ -134,7 +136,9 @@ class SqliteStore:
             cur.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
         found = self._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()[0]
         if found != SCHEMA_VERSION:
-            raise RuntimeError(f"state dir {self.state_dir} has store schema {found}, expected {SCHEMA_VERSION}")
+            raise RuntimeError(
+                f"state dir {self.state_dir} has store schema {found}, expected {SCHEMA_VERSION}"
+            )
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Cursor]:
@@ -202,7 +206,9 @@ class SqliteStore:
 
     # ---------------------------------------------------------------- deployments
 
-    def put_deployment(self, manifest: DeploymentManifest, now_ms: int) -> tuple[DeploymentRecord, bool, bool]:
+    def put_deployment(
+        self, manifest: DeploymentManifest, now_ms: int
+    ) -> tuple[DeploymentRecord, bool, bool]:
         """Create or update; returns (record, created, changed). The generation grows on change."""
         text = manifest.model_dump_json(by_alias=True)
         with self._tx() as cur:
@@ -212,7 +218,8 @@ class SqliteStore:
             ).fetchone()
             if row is None:
                 cur.execute(
-                    "INSERT INTO deployments VALUES (?, 1, ?, ?, ?)", (manifest.metadata.name, text, now_ms, now_ms)
+                    "INSERT INTO deployments VALUES (?, 1, ?, ?, ?)",
+                    (manifest.metadata.name, text, now_ms, now_ms),
                 )
                 return DeploymentRecord(manifest.metadata.name, 1, manifest, now_ms, now_ms), True, False
             generation, old_text, created = row
@@ -221,7 +228,11 @@ class SqliteStore:
                 updated = cur.execute(
                     "SELECT updated_ms FROM deployments WHERE name=?", (manifest.metadata.name,)
                 ).fetchone()[0]
-                return DeploymentRecord(manifest.metadata.name, generation, old, created, updated), False, False
+                return (
+                    DeploymentRecord(manifest.metadata.name, generation, old, created, updated),
+                    False,
+                    False,
+                )
             old = DeploymentManifest.model_validate_json(old_text)
             # Scaling alone does not make a new generation: existing replicas stay valid.
             new_generation = generation if _same_template(old, manifest) else generation + 1
@@ -229,7 +240,11 @@ class SqliteStore:
                 "UPDATE deployments SET generation=?, manifest=?, updated_ms=? WHERE name=?",
                 (new_generation, text, now_ms, manifest.metadata.name),
             )
-            return DeploymentRecord(manifest.metadata.name, new_generation, manifest, created, now_ms), False, True
+            return (
+                DeploymentRecord(manifest.metadata.name, new_generation, manifest, created, now_ms),
+                False,
+                True,
+            )
 
     def get_deployment(self, name: str) -> DeploymentRecord:
         row = self._db.execute("SELECT * FROM deployments WHERE name=?", (name,)).fetchone()
@@ -254,7 +269,9 @@ class SqliteStore:
                 if rep.node_id is None:
                     cur.execute("DELETE FROM replicas WHERE id=?", (rep.id,))
                     continue
-                new = replace(rep, phase=Phase.EVICTED, reason="deployment.deleted", message="", updated_ms=now_ms)
+                new = replace(
+                    rep, phase=Phase.EVICTED, reason="deployment.deleted", message="", updated_ms=now_ms
+                )
                 _write_replica(cur, new)
                 evicted.append(new)
             return evicted
@@ -265,7 +282,9 @@ class SqliteStore:
         if deployment is None:
             rows = self._db.execute("SELECT * FROM replicas ORDER BY id").fetchall()
         else:
-            rows = self._db.execute("SELECT * FROM replicas WHERE deployment=? ORDER BY id", (deployment,)).fetchall()
+            rows = self._db.execute(
+                "SELECT * FROM replicas WHERE deployment=? ORDER BY id", (deployment,)
+            ).fetchall()
         return [_replica(row) for row in rows]
 
     def apply_replica_changes(self, changes: Iterable[ReplicaChange]) -> None:
@@ -288,7 +307,10 @@ class SqliteStore:
         return None if row is None else NodeRecord(row[0], bool(row[1]), row[2], row[3])
 
     def list_nodes(self) -> list[NodeRecord]:
-        return [NodeRecord(r[0], bool(r[1]), r[2], r[3]) for r in self._db.execute("SELECT * FROM nodes ORDER BY id")]
+        return [
+            NodeRecord(r[0], bool(r[1]), r[2], r[3])
+            for r in self._db.execute("SELECT * FROM nodes ORDER BY id")
+        ]
 
     def put_node(self, record: NodeRecord) -> None:
         with self._tx() as cur:
@@ -315,16 +337,23 @@ def _deployment(row: tuple) -> DeploymentRecord:
     return DeploymentRecord(name, generation, DeploymentManifest.model_validate_json(text), created, updated)
 
 
-_REPLICA_COLUMNS = (
-    "id, deployment, generation, model_name, model_version, node_id, accelerator, phase, reason, message, updated_ms"
-)
+_REPLICA_COLUMNS = "id, deployment, generation, model_name, model_version, node_id, accelerator, phase, reason, message, updated_ms"
 
 
 def _replica(row: tuple) -> ReplicaRecord:
     (rid, dep, gen, mname, mver, node, acc, phase, reason, message, updated) = row
     return ReplicaRecord(
-        id=rid, deployment=dep, generation=gen, model_name=mname, model_version=mver, phase=Phase(phase),
-        updated_ms=updated, node_id=node, accelerator=acc, reason=reason, message=message,
+        id=rid,
+        deployment=dep,
+        generation=gen,
+        model_name=mname,
+        model_version=mver,
+        phase=Phase(phase),
+        updated_ms=updated,
+        node_id=node,
+        accelerator=acc,
+        reason=reason,
+        message=message,
     )
 
 
@@ -333,7 +362,17 @@ def _write_replica(cur: sqlite3.Cursor, rep: ReplicaRecord) -> None:
         f"INSERT INTO replicas ({_REPLICA_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT(id) DO UPDATE SET "  # noqa: S608
         "node_id=excluded.node_id, accelerator=excluded.accelerator, phase=excluded.phase, "
         "reason=excluded.reason, message=excluded.message, updated_ms=excluded.updated_ms",
-        (rep.id, rep.deployment, rep.generation, rep.model_name, rep.model_version, rep.node_id,
-         rep.accelerator, rep.phase.value, rep.reason, rep.message, rep.updated_ms),
+        (
+            rep.id,
+            rep.deployment,
+            rep.generation,
+            rep.model_name,
+            rep.model_version,
+            rep.node_id,
+            rep.accelerator,
+            rep.phase.value,
+            rep.reason,
+            rep.message,
+            rep.updated_ms,
+        ),
     )
-

@@ -46,12 +46,24 @@ console = Console(stderr=True)
 # Demo boards, cycled over the agents. Figures are nominal board powers for the classes named;
 # energy on these nodes is modelled from them (the hardware-profile catalog refines this).
 PROFILES: list[dict[str, Any]] = [
-    {"hardware_profile": "x86-microserver", "labels": {"zone": "edge-a", "arch": "x86_64"},
-     "power": {"idle_w": 8.0, "active_w": 25.0}, "threads": 2},
-    {"hardware_profile": "arm-sbc", "labels": {"zone": "edge-b", "arch": "arm64"},
-     "power": {"idle_w": 2.7, "active_w": 6.4}, "threads": 1},
-    {"hardware_profile": "arm-sbc-lowpower", "labels": {"zone": "edge-c", "arch": "arm64"},
-     "power": {"idle_w": 1.2, "active_w": 3.5}, "threads": 1},
+    {
+        "hardware_profile": "x86-microserver",
+        "labels": {"zone": "edge-a", "arch": "x86_64"},
+        "power": {"idle_w": 8.0, "active_w": 25.0},
+        "threads": 2,
+    },
+    {
+        "hardware_profile": "arm-sbc",
+        "labels": {"zone": "edge-b", "arch": "arm64"},
+        "power": {"idle_w": 2.7, "active_w": 6.4},
+        "threads": 1,
+    },
+    {
+        "hardware_profile": "arm-sbc-lowpower",
+        "labels": {"zone": "edge-c", "arch": "arm64"},
+        "power": {"idle_w": 1.2, "active_w": 3.5},
+        "threads": 1,
+    },
 ]
 NODE_WAIT_S = 60.0
 RUNNING_WAIT_S = 90.0
@@ -72,17 +84,23 @@ class AgentFleet:
         for i, profile in zip(range(1, count + 1), itertools.cycle(PROFILES), strict=False):
             node_id = f"node-{i}"
             config = {
-                "node_id": node_id, "labels": profile["labels"], "hardware_profile": profile["hardware_profile"],
-                "broker": {"url": self.broker_url}, "power": profile["power"],
+                "node_id": node_id,
+                "labels": profile["labels"],
+                "hardware_profile": profile["hardware_profile"],
+                "broker": {"url": self.broker_url},
+                "power": profile["power"],
                 "accelerators": [{"kind": "cpu-litert", "options": {"num_threads": profile["threads"]}}],
-                "heartbeat_s": self.heartbeat_s, "state_dir": str(self.state_dir / "agent-cache"),
+                "heartbeat_s": self.heartbeat_s,
+                "state_dir": str(self.state_dir / "agent-cache"),
             }
             path = conf_dir / f"{node_id}.yaml"
             path.write_text(yaml.safe_dump(config))
             log_file = (conf_dir / f"{node_id}.log").open("ab")
             self.procs[node_id] = subprocess.Popen(
                 [sys.executable, "-m", "edgeward", "agent", "-c", str(path)],
-                stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
                 env={**os.environ, "EDGEWARD_DIE_WITH_PARENT": str(os.getpid())},
             )
             log_file.close()
@@ -136,15 +154,22 @@ async def _up(args: argparse.Namespace) -> int:
 
     state_dir = Path(args.state_dir) if args.state_dir else Path(tempfile.mkdtemp(prefix="edgeward-up-"))
     config = OrchestratorConfig(
-        state_dir=state_dir / "orchestrator", grpc_bind=f"127.0.0.1:{args.grpc_port}", node_timeout_s=10.0,
-        reconcile_interval_s=0.5, broker=BrokerConfig(),
+        state_dir=state_dir / "orchestrator",
+        grpc_bind=f"127.0.0.1:{args.grpc_port}",
+        node_timeout_s=10.0,
+        reconcile_interval_s=0.5,
+        broker=BrokerConfig(),
     )
     work = workloads()
-    console.print(f"[bold]edgeward up[/bold]: {args.nodes} nodes, {len(work)} use case(s), state in {state_dir}")
+    console.print(
+        f"[bold]edgeward up[/bold]: {args.nodes} nodes, {len(work)} use case(s), state in {state_dir}"
+    )
     async with Orchestrator(config) as orch:
         console.print(f"orchestrator on {orch.address}, embedded broker on {orch.broker_url}")
-        console.print("[bold yellow]WARNING: plain-text MQTT and gRPC without authentication: "
-                      "for this local demo only, never for a real fleet[/bold yellow]")
+        console.print(
+            "[bold yellow]WARNING: plain-text MQTT and gRPC without authentication: "
+            "for this local demo only, never for a real fleet[/bold yellow]"
+        )
         agents = AgentFleet(state_dir, orch.broker_url)
         try:
             agents.start(args.nodes)
@@ -157,7 +182,9 @@ async def _up(args: argparse.Namespace) -> int:
                 models = await _publish(models_api, work)
                 for w in work:
                     resp = await deps_api.Apply(api_pb2.ApplyRequest(manifest=w.manifest))
-                    console.print(f"deployment/{resp.deployment.name} {'created' if resp.created else 'configured'}")
+                    console.print(
+                        f"deployment/{resp.deployment.name} {'created' if resp.created else 'configured'}"
+                    )
                 if not await _wait_running(deps_api, [w.deployment for w in work]):
                     deps = (await deps_api.List(api_pb2.ListDeploymentsRequest())).deployments
                     console.print(deployments_table(list(deps)))
@@ -170,7 +197,7 @@ async def _up(args: argparse.Namespace) -> int:
     report = _report(list(nodes), list(deps), traffic, work)
     _print_summary(report)
     if args.report:
-        Path(args.report).write_text(json.dumps(report, indent=2) + "\n")
+        Path(args.report).write_text(json.dumps(report, indent=2) + "\n")  # noqa: ASYNC240 - after shutdown
         console.print(f"report written to {args.report}")
     ok = all(d["running"] == d["replicas"] for d in report["deployments"]) and report["inferences"] > 0
     return 0 if ok else 1
@@ -187,7 +214,9 @@ async def _wait_nodes(nodes_api: Any, agents: AgentFleet, count: int) -> bool:
             if online >= count:
                 return True
             if agents.dead():
-                console.print(f"[red]agent process(es) exited: {agents.dead()}; see {agents.state_dir}/agents/*.log[/red]")
+                console.print(
+                    f"[red]agent process(es) exited: {agents.dead()}; see {agents.state_dir}/agents/*.log[/red]"
+                )
                 return False
             if time.monotonic() > deadline:
                 console.print("[red]timed out waiting for nodes[/red]")
@@ -202,8 +231,12 @@ async def _publish(models_api: Any, work: list) -> dict[str, api_pb2.Model]:
     for w in work:
         data = w.model_file.read_bytes()
         meta = api_pb2.ModelMetadata(
-            name=w.model_name, version=w.model_version, sha256=hashlib.sha256(data).hexdigest(), size=len(data),
-            use_case=w.case, description=f"{w.case} demo model ({w.model_file.name})",
+            name=w.model_name,
+            version=w.model_version,
+            sha256=hashlib.sha256(data).hexdigest(),
+            size=len(data),
+            use_case=w.case,
+            description=f"{w.case} demo model ({w.model_file.name})",
         )
 
         async def parts(meta: api_pb2.ModelMetadata = meta, data: bytes = data) -> Any:
@@ -212,7 +245,9 @@ async def _publish(models_api: Any, work: list) -> dict[str, api_pb2.Model]:
                 yield api_pb2.PushModelRequest(chunk=data[off : off + 256 * 1024])
 
         model = await models_api.Push(parts())
-        console.print(f"model/{model.name}:{model.version} published ({model.size} bytes, {','.join(model.dtypes)})")
+        console.print(
+            f"model/{model.name}:{model.version} published ({model.size} bytes, {','.join(model.dtypes)})"
+        )
         published[w.deployment] = model
     return published
 
@@ -236,8 +271,14 @@ async def _wait_running(deps_api: Any, names: list[str]) -> bool:
 
 
 def _progress() -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                    TimeElapsedColumn(), console=console, transient=False)
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    )
 
 
 def _encode(model: api_pb2.Model, x: np.ndarray) -> tuple[str, bytes, list[int]]:
@@ -254,10 +295,18 @@ def _encode(model: api_pb2.Model, x: np.ndarray) -> tuple[str, bytes, list[int]]
     return "FP32", x.astype(np.float32).tobytes(), shape
 
 
-async def _drive(nodes_api: Any, deps_api: Any, work: list, models: dict[str, api_pb2.Model],
-                 duration: float, concurrency: int) -> Traffic:
+async def _drive(
+    nodes_api: Any,
+    deps_api: Any,
+    work: list,
+    models: dict[str, api_pb2.Model],
+    duration: float,
+    concurrency: int,
+) -> Traffic:
     """Send requests round-robin to every running replica's node until ``duration`` has passed."""
-    endpoints = {n.id: n.inventory.inference_endpoint for n in (await nodes_api.List(api_pb2.ListNodesRequest())).nodes}
+    endpoints = {
+        n.id: n.inventory.inference_endpoint for n in (await nodes_api.List(api_pb2.ListNodesRequest())).nodes
+    }
     targets = []
     for w in work:
         dep = await deps_api.Get(api_pb2.GetDeploymentRequest(name=w.deployment))
@@ -278,8 +327,14 @@ async def _drive(nodes_api: Any, deps_api: Any, work: list, models: dict[str, ap
             w, model, endpoint, inputs = targets[i % len(targets)]
             datatype, raw, shape = inputs[i % len(inputs)]
             request = oip.ModelInferRequest(
-                model_name=model.name, model_version=model.version, id=str(i),
-                inputs=[oip.ModelInferRequest.InferInputTensor(name=model.inputs[0].name, datatype=datatype, shape=shape)],
+                model_name=model.name,
+                model_version=model.version,
+                id=str(i),
+                inputs=[
+                    oip.ModelInferRequest.InferInputTensor(
+                        name=model.inputs[0].name, datatype=datatype, shape=shape
+                    )
+                ],
                 raw_input_contents=[raw],
             )
             started = time.perf_counter()
@@ -317,17 +372,31 @@ def _pct(values: list[float], q: float) -> float:
 
 def _report(nodes: list[api_pb2.Node], deps: list[api_pb2.Deployment], traffic: Traffic, work: list) -> dict:
     return {
-        "nodes": [{"id": n.id, "status": state_name(n.state), "hardware_profile": n.inventory.hardware_profile,
-                   "replicas": len(n.replicas)} for n in nodes],
-        "deployments": [{"name": d.name, "replicas": d.spec.replicas, "running": d.status.running,
-                         "phases": _phases(d)} for d in deps],
+        "nodes": [
+            {
+                "id": n.id,
+                "status": state_name(n.state),
+                "hardware_profile": n.inventory.hardware_profile,
+                "replicas": len(n.replicas),
+            }
+            for n in nodes
+        ],
+        "deployments": [
+            {"name": d.name, "replicas": d.spec.replicas, "running": d.status.running, "phases": _phases(d)}
+            for d in deps
+        ],
         "inferences": len(traffic.latencies_ms),
         "errors": traffic.errors,
         "latency_ms": {"p50": _pct(traffic.latencies_ms, 50), "p95": _pct(traffic.latencies_ms, 95)},
         "use_cases": {
-            w.case: {"deployment": w.deployment, "inferences": len(traffic.by_workload.get(w.case, [])),
-                     "latency_ms": {"p50": _pct(traffic.by_workload.get(w.case, []), 50),
-                                    "p95": _pct(traffic.by_workload.get(w.case, []), 95)}}
+            w.case: {
+                "deployment": w.deployment,
+                "inferences": len(traffic.by_workload.get(w.case, [])),
+                "latency_ms": {
+                    "p50": _pct(traffic.by_workload.get(w.case, []), 50),
+                    "p95": _pct(traffic.by_workload.get(w.case, []), 95),
+                },
+            }
             for w in work
         },
     }
@@ -353,10 +422,18 @@ def _print_summary(report: dict) -> None:
     by_dep = {u["deployment"]: u for u in report["use_cases"].values()}
     for d in report["deployments"]:
         u = by_dep.get(d["name"], {"inferences": 0, "latency_ms": {"p50": 0, "p95": 0}})
-        deps.add_row(d["name"], f"{d['running']}/{d['replicas']}", " ".join(f"{k}={v}" for k, v in d["phases"].items()),
-                     str(u["inferences"]), f"{u['latency_ms']['p50']:.2f}", f"{u['latency_ms']['p95']:.2f}")
+        deps.add_row(
+            d["name"],
+            f"{d['running']}/{d['replicas']}",
+            " ".join(f"{k}={v}" for k, v in d["phases"].items()),
+            str(u["inferences"]),
+            f"{u['latency_ms']['p50']:.2f}",
+            f"{u['latency_ms']['p95']:.2f}",
+        )
     out.print(nodes)
     out.print(deps)
     lat = report["latency_ms"]
-    out.print(f"inferences: {report['inferences']} (errors {report['errors']}), "
-              f"latency p50 {lat['p50']:.2f} ms, p95 {lat['p95']:.2f} ms")
+    out.print(
+        f"inferences: {report['inferences']} (errors {report['errors']}), "
+        f"latency p50 {lat['p50']:.2f} ms, p95 {lat['p95']:.2f} ms"
+    )

@@ -53,5 +53,9 @@ def workloads() -> list[Workload]:
         spec = yaml.safe_load(manifest)["spec"]["model"]
         from usecases import model_path
 
-        found.append(Workload(case, spec["name"], str(spec["version"]), model_path(case, "int8"), manifest, make_inputs))
+        found.append(
+            Workload(
+                case, spec["name"], str(spec["version"]), model_path(case, "int8"), manifest, make_inputs
+            )
+        )
     return found

@@ -21,11 +21,15 @@ def _server(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="edgeward", description="Orchestrate deep-learning models on attested edge nodes.")
+    parser = argparse.ArgumentParser(
+        prog="edgeward", description="Orchestrate deep-learning models on attested edge nodes."
+    )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("up", help="run a whole demo fleet on this machine (broker, orchestrator, agents, traffic)")
+    p = sub.add_parser(
+        "up", help="run a whole demo fleet on this machine (broker, orchestrator, agents, traffic)"
+    )
     p.add_argument("--nodes", type=int, default=3, help="number of node agents to start (default 3)")
     p.add_argument("--duration", type=float, default=30.0, help="seconds of inference traffic (default 30)")
     p.add_argument("--report", help="write the summary as JSON to this file")
@@ -48,9 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler="node_agent.cli:cmd_agent")
 
     p = sub.add_parser("apply", help="create or update deployments from manifest files")
-    p.add_argument("-f", "--filename", action="append", required=True, help="manifest file (YAML/JSON); repeatable")
+    p.add_argument(
+        "-f", "--filename", action="append", required=True, help="manifest file (YAML/JSON); repeatable"
+    )
     p.add_argument("--dry-run", action="store_true", help="validate only")
-    p.add_argument("--wait", type=float, default=0.0, metavar="S", help="wait up to S seconds until every replica runs")
+    p.add_argument(
+        "--wait", type=float, default=0.0, metavar="S", help="wait up to S seconds until every replica runs"
+    )
     _server(p)
     p.set_defaults(handler="orchestrator.cli:cmd_apply")
 

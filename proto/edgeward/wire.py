@@ -56,7 +56,7 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-def _parse(message_type: type, payload: bytes, max_payload: int):  # noqa: ANN202
+def _parse(message_type: type, payload: bytes, max_payload: int):
     if len(payload) > max_payload:
         raise WireError("wire.payload.too_large", f"{len(payload)} bytes > {max_payload}")
     msg = message_type()

@@ -22,7 +22,9 @@ MODEL_F32 = model_path("industrial", "float32")
 MODEL_INT8 = model_path("industrial", "int8")
 
 
-def manifest(name: str = "vib", replicas: int = 2, model: str = "vib-cnn", version: str = "1.0.0", extra: str = "") -> str:
+def manifest(
+    name: str = "vib", replicas: int = 2, model: str = "vib-cnn", version: str = "1.0.0", extra: str = ""
+) -> str:
     return (
         "apiVersion: edgeward/v1\nkind: Deployment\n"
         f"metadata: {{name: {name}}}\n"
@@ -30,7 +32,9 @@ def manifest(name: str = "vib", replicas: int = 2, model: str = "vib-cnn", versi
     )
 
 
-async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 20.0, what: str = "condition") -> None:
+async def eventually(
+    check: Callable[[], Awaitable[bool]], timeout: float = 20.0, what: str = "condition"
+) -> None:
     deadline = time.monotonic() + timeout
     while True:
         if await check():
@@ -48,11 +52,18 @@ class Api:
         self.nodes = api_pb2_grpc.NodeServiceStub(channel)
         self.models = api_pb2_grpc.ModelServiceStub(channel)
 
-    async def push(self, path: Path = MODEL_INT8, name: str = "vib-cnn", version: str = "1.0.0",
-                   data: bytes | None = None, sha256: str | None = None) -> api_pb2.Model:
+    async def push(
+        self,
+        path: Path = MODEL_INT8,
+        name: str = "vib-cnn",
+        version: str = "1.0.0",
+        data: bytes | None = None,
+        sha256: str | None = None,
+    ) -> api_pb2.Model:
         data = path.read_bytes() if data is None else data
-        meta = api_pb2.ModelMetadata(name=name, version=version, size=len(data),
-                                     sha256=sha256 or hashlib.sha256(data).hexdigest())
+        meta = api_pb2.ModelMetadata(
+            name=name, version=version, size=len(data), sha256=sha256 or hashlib.sha256(data).hexdigest()
+        )
 
         async def parts():
             yield api_pb2.PushModelRequest(metadata=meta)
@@ -78,19 +89,28 @@ async def fleet(mqtt_url, topic_prefix, tmp_path) -> AsyncIterator[Callable]:
 
     async def start(nodes: int = 2, **agent_kw) -> tuple[Orchestrator, list[NodeAgent], Api]:
         config = OrchestratorConfig(
-            state_dir=tmp_path / "orch", grpc_bind="127.0.0.1:0", node_timeout_s=3.0, reconcile_interval_s=0.2,
-            resend_interval_s=1.0, broker=BrokerConfig(url=str(mqtt_url), topic_prefix=topic_prefix),
+            state_dir=tmp_path / "orch",
+            grpc_bind="127.0.0.1:0",
+            node_timeout_s=3.0,
+            reconcile_interval_s=0.2,
+            resend_interval_s=1.0,
+            broker=BrokerConfig(url=str(mqtt_url), topic_prefix=topic_prefix),
         )
         orch = Orchestrator(config)
         await orch.__aenter__()
         stack.append(orch)
         agents = []
         for i in range(nodes):
-            agent = NodeAgent(AgentConfig(
-                node_id=f"n{i + 1}", labels={"zone": "a" if i % 2 == 0 else "b"}, heartbeat_s=0.5,
-                broker={"url": str(mqtt_url), "topic_prefix": topic_prefix}, state_dir=tmp_path / "agents",
-                **agent_kw,
-            ))
+            agent = NodeAgent(
+                AgentConfig(
+                    node_id=f"n{i + 1}",
+                    labels={"zone": "a" if i % 2 == 0 else "b"},
+                    heartbeat_s=0.5,
+                    broker={"url": str(mqtt_url), "topic_prefix": topic_prefix},
+                    state_dir=tmp_path / "agents",
+                    **agent_kw,
+                )
+            )
             await agent.__aenter__()
             stack.append(agent)
             agents.append(agent)

@@ -25,11 +25,18 @@ async def _infer(endpoint: str, model: api_pb2.Model) -> np.ndarray:
     q = np.clip(np.round(x[:1] / spec.scale) + spec.zero_point, -128, 127).astype(np.int8)
     async with grpc.aio.insecure_channel(endpoint) as channel:
         stub = oip_grpc.GRPCInferenceServiceStub(channel)
-        resp = await stub.ModelInfer(oip.ModelInferRequest(
-            model_name=model.name, model_version=model.version,
-            inputs=[oip.ModelInferRequest.InferInputTensor(name=spec.name, datatype="INT8", shape=list(q.shape))],
-            raw_input_contents=[q.tobytes()],
-        ))
+        resp = await stub.ModelInfer(
+            oip.ModelInferRequest(
+                model_name=model.name,
+                model_version=model.version,
+                inputs=[
+                    oip.ModelInferRequest.InferInputTensor(
+                        name=spec.name, datatype="INT8", shape=list(q.shape)
+                    )
+                ],
+                raw_input_contents=[q.tobytes()],
+            )
+        )
     out = resp.outputs[0]
     return np.frombuffer(resp.raw_output_contents[0], dtype=np.int8 if out.datatype == "INT8" else np.float32)
 
@@ -144,12 +151,16 @@ async def test_garbage_on_every_topic_is_dropped_and_counted(fleet, mqtt_url, to
     for kind in ("hello", "status", "telemetry", "events", "evidence"):
         bad.append((node_topic("n1", kind, topic_prefix), b"\x00\xffgarbage"))
         bad.append((node_topic("n1", kind, topic_prefix), b"\x08" * 300_000))  # over the payload cap
-    bad.append((node_topic("n7", "status", topic_prefix), status_for_n1))       # names another node
-    bad.append((node_topic("n1", "telemetry", topic_prefix), status_for_n1))    # wrong body for topic
-    bad.append((f"{topic_prefix}/nodes/n1/hello/extra", b"x"))                  # not a node topic
-    cmd_garbage = [b"\x00\xff", b"\x08" * 300_000,
-                   node_pb2.Command(schema=1, command_id="c", node_id="n2",
-                                    undeploy=node_pb2.UndeployReplica(replica_id="r")).SerializeToString()]
+    bad.append((node_topic("n7", "status", topic_prefix), status_for_n1))  # names another node
+    bad.append((node_topic("n1", "telemetry", topic_prefix), status_for_n1))  # wrong body for topic
+    bad.append((f"{topic_prefix}/nodes/n1/hello/extra", b"x"))  # not a node topic
+    cmd_garbage = [
+        b"\x00\xff",
+        b"\x08" * 300_000,
+        node_pb2.Command(
+            schema=1, command_id="c", node_id="n2", undeploy=node_pb2.UndeployReplica(replica_id="r")
+        ).SerializeToString(),
+    ]
     async with MqttSession(mqtt_url, "attacker", max_payload=1 << 20) as s:
         for topic, payload in bad:
             await s.publish(topic, payload, qos=1)
@@ -159,8 +170,9 @@ async def test_garbage_on_every_topic_is_dropped_and_counted(fleet, mqtt_url, to
     async def counted() -> bool:
         # the topic with an extra level does not match our subscriptions, so it never arrives
         at_broker = broker.dropped_oversize if broker else 0
-        return (sum(orch.drop_counts().values()) - before_orch + at_broker == len(bad) - 1 + (1 if broker else 0)
-                and sum(agent.drop_counts().values()) - before_agent + (1 if broker else 0) == len(cmd_garbage))
+        return sum(orch.drop_counts().values()) - before_orch + at_broker == len(bad) - 1 + (
+            1 if broker else 0
+        ) and sum(agent.drop_counts().values()) - before_agent + (1 if broker else 0) == len(cmd_garbage)
 
     await eventually(counted, what="drops counted")
     counts = orch.drop_counts()
@@ -176,10 +188,10 @@ async def test_garbage_on_every_topic_is_dropped_and_counted(fleet, mqtt_url, to
 
 
 async def test_repeated_command_is_not_executed_twice(fleet, mqtt_url, topic_prefix):
-    orch, agents, api = await fleet(nodes=1)
-    agent = agents[0]
-    cmd = node_pb2.Command(schema=1, command_id="once", node_id="n1",
-                           undeploy=node_pb2.UndeployReplica(replica_id="ghost"))
+    await fleet(nodes=1)
+    cmd = node_pb2.Command(
+        schema=1, command_id="once", node_id="n1", undeploy=node_pb2.UndeployReplica(replica_id="ghost")
+    )
     acks: list[node_pb2.CommandAck] = []
     async with MqttSession(mqtt_url, "observer") as s:
         await s.subscribe(node_topic("n1", "events", topic_prefix), qos=1)

@@ -3,7 +3,6 @@ driven through the public gRPC API, against Mosquitto and against the embedded b
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
@@ -40,8 +39,12 @@ class Proc:
         self.name = name
         self.log = log_dir / f"{name}.log"
         with self.log.open("ab") as fh:
-            self.popen = subprocess.Popen([sys.executable, "-m", "edgeward", *args], stdout=fh,
-                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            self.popen = subprocess.Popen(
+                [sys.executable, "-m", "edgeward", *args],
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
 
     def stop(self) -> None:
         if self.popen.poll() is None:
@@ -57,7 +60,7 @@ class Proc:
         self.popen.wait()
 
 
-def wait_for(check, timeout: float = 30.0, what: str = "condition"):  # noqa: ANN001, ANN201
+def wait_for(check, timeout: float = 30.0, what: str = "condition"):
     deadline = time.monotonic() + timeout
     last_err = None
     while time.monotonic() < deadline:
@@ -84,10 +87,18 @@ def cluster(request, tmp_path, topic_prefix):
         broker["embedded_port"] = free_port()
         agent_url = f"mqtt://127.0.0.1:{broker['embedded_port']}"
     orch_cfg = tmp_path / "orchestrator.yaml"
-    orch_cfg.write_text(yaml.safe_dump({
-        "state_dir": str(tmp_path / "state"), "grpc_bind": f"127.0.0.1:{grpc_port}", "broker": broker,
-        "node_timeout_s": 4.0, "reconcile_interval_s": 0.3, "resend_interval_s": 1.0,
-    }))
+    orch_cfg.write_text(
+        yaml.safe_dump(
+            {
+                "state_dir": str(tmp_path / "state"),
+                "grpc_bind": f"127.0.0.1:{grpc_port}",
+                "broker": broker,
+                "node_timeout_s": 4.0,
+                "reconcile_interval_s": 0.3,
+                "resend_interval_s": 1.0,
+            }
+        )
+    )
 
     class Cluster:
         server = f"127.0.0.1:{grpc_port}"
@@ -100,11 +111,17 @@ def cluster(request, tmp_path, topic_prefix):
 
         def agent(self, i: int) -> Proc:
             cfg = tmp_path / f"node-{i}.yaml"
-            cfg.write_text(yaml.safe_dump({
-                "node_id": f"node-{i}", "labels": {"zone": f"z{i % 2}"}, "heartbeat_s": 0.5,
-                "broker": {"url": agent_url, "topic_prefix": topic_prefix},
-                "state_dir": str(tmp_path / "agents"),
-            }))
+            cfg.write_text(
+                yaml.safe_dump(
+                    {
+                        "node_id": f"node-{i}",
+                        "labels": {"zone": f"z{i % 2}"},
+                        "heartbeat_s": 0.5,
+                        "broker": {"url": agent_url, "topic_prefix": topic_prefix},
+                        "state_dir": str(tmp_path / "agents"),
+                    }
+                )
+            )
             proc = Proc(f"node-{i}", ["agent", "-c", str(cfg)], tmp_path)
             procs.append(proc)
             return proc
@@ -127,7 +144,10 @@ spec:
 
 def _running(client: EdgewardClient, n: int) -> bool:
     dep = client.get_deployment("vib")
-    return dep.status.running == n and sum(r.phase != node_pb2.REPLICA_PHASE_EVICTED for r in dep.status.replica_list) == n
+    return (
+        dep.status.running == n
+        and sum(r.phase != node_pb2.REPLICA_PHASE_EVICTED for r in dep.status.replica_list) == n
+    )
 
 
 def _infer(endpoint: str, client: EdgewardClient) -> int:
@@ -136,10 +156,18 @@ def _infer(endpoint: str, client: EdgewardClient) -> int:
     x, _ = make_dataset(1, seed=5)
     q = np.clip(np.round(x[:1] / spec.scale) + spec.zero_point, -128, 127).astype(np.int8)
     with grpc.insecure_channel(endpoint) as channel:
-        resp = oip_grpc.GRPCInferenceServiceStub(channel).ModelInfer(oip.ModelInferRequest(
-            model_name="vib-cnn", inputs=[oip.ModelInferRequest.InferInputTensor(
-                name=spec.name, datatype="INT8", shape=list(q.shape))],
-            raw_input_contents=[q.tobytes()]), timeout=10)
+        resp = oip_grpc.GRPCInferenceServiceStub(channel).ModelInfer(
+            oip.ModelInferRequest(
+                model_name="vib-cnn",
+                inputs=[
+                    oip.ModelInferRequest.InferInputTensor(
+                        name=spec.name, datatype="INT8", shape=list(q.shape)
+                    )
+                ],
+                raw_input_contents=[q.tobytes()],
+            ),
+            timeout=10,
+        )
     return len(resp.raw_output_contents[0])
 
 
@@ -148,7 +176,10 @@ def test_processes_end_to_end(cluster):
     for i in range(1, 4):
         cluster.agent(i)
     with EdgewardClient(cluster.server) as client:
-        wait_for(lambda: sum(n.state == node_pb2.NODE_STATE_ONLINE for n in client.list_nodes()) == 3, what="3 nodes")
+        wait_for(
+            lambda: sum(n.state == node_pb2.NODE_STATE_ONLINE for n in client.list_nodes()) == 3,
+            what="3 nodes",
+        )
         client.push_model(model_path("industrial", "int8"), "vib-cnn", "1.0.0")
         assert client.apply(MANIFEST).created
         wait_for(lambda: _running(client, 3), what="3 replicas running")
@@ -167,7 +198,10 @@ def test_kill9_orchestrator_restart_converges_without_double_placement(cluster):
     for i in range(1, 4):
         cluster.agent(i)
     with EdgewardClient(cluster.server) as client:
-        wait_for(lambda: sum(n.state == node_pb2.NODE_STATE_ONLINE for n in client.list_nodes()) == 3, what="3 nodes")
+        wait_for(
+            lambda: sum(n.state == node_pb2.NODE_STATE_ONLINE for n in client.list_nodes()) == 3,
+            what="3 nodes",
+        )
         client.push_model(model_path("industrial", "int8"), "vib-cnn", "1.0.0")
         client.apply(MANIFEST)
         wait_for(lambda: _running(client, 3), what="3 replicas running")
@@ -190,7 +224,13 @@ def test_reflection_lists_the_api(cluster):
         wait_for(lambda: client.list_models() == [] or True, what="server up")
     with grpc.insecure_channel(cluster.server) as channel:
         stub = reflection_pb2_grpc.ServerReflectionStub(channel)
-        responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10)
+        responses = stub.ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10
+        )
         names = {s.name for r in responses for s in r.list_services_response.service}
-    assert {"edgeward.v1.DeploymentService", "edgeward.v1.NodeService", "edgeward.v1.ModelService",
-            "grpc.health.v1.Health"} <= names
+    assert {
+        "edgeward.v1.DeploymentService",
+        "edgeward.v1.NodeService",
+        "edgeward.v1.ModelService",
+        "grpc.health.v1.Health",
+    } <= names

@@ -9,8 +9,15 @@ def test_evicted_is_terminal_and_every_phase_has_a_row():
     assert TRANSITIONS[Phase.EVICTED] == frozenset()
 
 
-@pytest.mark.parametrize(("old", "new"), [(Phase.EVICTED, Phase.RUNNING), (Phase.PENDING, Phase.RUNNING),
-                                          (Phase.FAILED, Phase.RUNNING), (Phase.RUNNING, Phase.PENDING)])
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        (Phase.EVICTED, Phase.RUNNING),
+        (Phase.PENDING, Phase.RUNNING),
+        (Phase.FAILED, Phase.RUNNING),
+        (Phase.RUNNING, Phase.PENDING),
+    ],
+)
 def test_illegal_transitions_raise(old, new):
     with pytest.raises(IllegalTransition):
         check_transition(old, new)

@@ -57,10 +57,12 @@ def test_replica_transitions_are_checked_and_atomic(store):
 
 def test_delete_deployment_evicts_bound_and_drops_unbound(store):
     store.put_deployment(manifest(), 1)
-    store.apply_replica_changes([
-        ReplicaChange(ReplicaRecord("a", "d1", 1, "m", "1.0.0", Phase.DISPATCHED, 1, node_id="n1")),
-        ReplicaChange(ReplicaRecord("b", "d1", 1, "m", "1.0.0", Phase.PENDING, 1)),
-    ])
+    store.apply_replica_changes(
+        [
+            ReplicaChange(ReplicaRecord("a", "d1", 1, "m", "1.0.0", Phase.DISPATCHED, 1, node_id="n1")),
+            ReplicaChange(ReplicaRecord("b", "d1", 1, "m", "1.0.0", Phase.PENDING, 1)),
+        ]
+    )
     evicted = store.delete_deployment("d1", 5)
     assert [(r.id, r.phase, r.reason) for r in evicted] == [("a", Phase.EVICTED, "deployment.deleted")]
     assert [r.id for r in store.list_replicas()] == ["a"]

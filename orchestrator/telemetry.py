@@ -1,0 +1,215 @@
+"""Bounded in-memory time series of node telemetry, ingested in batches.
+
+Every node gets a row in fixed-size numpy rings (the last ``RAW_SLOTS`` raw samples and the last
+``ROLLUP_SLOTS`` one-minute roll-ups). Samples decoded from MQTT are queued and written in one
+vectorised step per flush, so ingest costs a few array operations per batch, not a Python loop
+per node per metric. Memory is bounded: rows x slots x metrics, float32.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from edgeward.v1 import api_pb2, node_pb2
+
+RAW_SLOTS = 120  # at a 5 s heartbeat: the last 10 minutes
+ROLLUP_SLOTS = 240  # the last 4 hours, one point per minute
+METRICS = ("power_w", "energy_j", "cpu_utilisation", "queue_depth")
+MINUTE_MS = 60_000
+
+
+@dataclass
+class _Rings:
+    t: np.ndarray  # int64 [rows, slots], unix ms; 0 = empty slot
+    v: np.ndarray  # float32 [rows, slots, metrics]
+    n: np.ndarray  # int32 [rows, slots]: samples folded into the point
+    head: np.ndarray  # int64 [rows]: samples written so far
+
+    @classmethod
+    def empty(cls, rows: int, slots: int) -> _Rings:
+        return cls(
+            np.zeros((rows, slots), np.int64),
+            np.zeros((rows, slots, len(METRICS)), np.float32),
+            np.zeros((rows, slots), np.int32),
+            np.zeros(rows, np.int64),
+        )
+
+    def grow(self, rows: int) -> None:
+        extra = rows - len(self.head)
+        self.t = np.concatenate([self.t, np.zeros((extra, self.t.shape[1]), np.int64)])
+        self.v = np.concatenate([self.v, np.zeros((extra, *self.v.shape[1:]), np.float32)])
+        self.n = np.concatenate([self.n, np.zeros((extra, self.n.shape[1]), np.int32)])
+        self.head = np.concatenate([self.head, np.zeros(extra, np.int64)])
+
+    def write(self, rows: np.ndarray, t: np.ndarray, v: np.ndarray, n: np.ndarray) -> None:
+        slots = self.head[rows] % self.t.shape[1]
+        self.t[rows, slots] = t
+        self.v[rows, slots] = v
+        self.n[rows, slots] = n
+        self.head[rows] += 1
+
+    def series(self, row: int) -> Iterator[tuple[int, np.ndarray, int]]:
+        slots = self.t.shape[1]
+        head = int(self.head[row])
+        for k in range(max(0, head - slots), head):
+            s = k % slots
+            yield int(self.t[row, s]), self.v[row, s], int(self.n[row, s])
+
+
+class TelemetryStore:
+    def __init__(self, flush_every: int = 1024) -> None:
+        self._rows: dict[str, int] = {}
+        self._ids: list[str] = []
+        self._raw = _Rings.empty(0, RAW_SLOTS)
+        self._rollup = _Rings.empty(0, ROLLUP_SLOTS)
+        # per-row accumulator of the minute being rolled up
+        self._acc_minute = np.zeros(0, np.int64)
+        self._acc_sum = np.zeros((0, len(METRICS)), np.float64)
+        self._acc_last = np.zeros((0, len(METRICS)), np.float64)
+        self._acc_n = np.zeros(0, np.int32)
+        self._pending: list[tuple[int, int, tuple[float, ...]]] = []
+        self._models: dict[str, list[node_pb2.ModelStats]] = {}
+        self._source: dict[str, int] = {}
+        self._watchers: set[asyncio.Queue[api_pb2.TelemetrySample]] = set()
+        self.flush_every = flush_every
+        self.ingested = 0
+
+    # ------------------------------------------------------------ ingest
+
+    def add(self, node_id: str, sent_unix_ms: int, t: node_pb2.Telemetry) -> bool:
+        """Queue one sample (written at the next :meth:`flush`); False if it was refused."""
+        values = (t.power_w, t.energy_j, t.cpu_utilisation, float(t.queue_depth))
+        if not all(math.isfinite(x) and x >= 0 for x in values):
+            return False  # NaN, inf or negative would poison the roll-ups
+        row = self._rows.get(node_id)
+        if row is None:
+            row = self._new_row(node_id)
+        self._pending.append((row, sent_unix_ms, values))
+        self._models[node_id] = list(t.models)
+        self._source[node_id] = t.energy_source
+        if self._watchers:
+            sample = self._sample(node_id, sent_unix_ms, np.asarray(values), 1)
+            for queue in self._watchers:
+                if queue.full():
+                    queue.get_nowait()
+                queue.put_nowait(sample)
+        if len(self._pending) >= self.flush_every:
+            self.flush()
+        return True
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        batch, self._pending = self._pending, []
+        rows = np.fromiter((b[0] for b in batch), np.int64, len(batch))
+        t = np.fromiter((b[1] for b in batch), np.int64, len(batch))
+        v = np.array([b[2] for b in batch], np.float64)
+        # Samples of one node must be written in order: handle the k-th sample of each node in
+        # the batch in round k (almost always a single round).
+        order = np.lexsort((t, rows))
+        rows, t, v = rows[order], t[order], v[order]
+        first = np.r_[0, np.flatnonzero(np.diff(rows)) + 1]
+        rank = np.arange(len(rows)) - np.repeat(first, np.diff(np.r_[first, len(rows)]))
+        for k in range(int(rank.max()) + 1):
+            sel = rank == k
+            self._write(rows[sel], t[sel], v[sel])
+        self.ingested += len(batch)
+
+    def _write(self, rows: np.ndarray, t: np.ndarray, v: np.ndarray) -> None:
+        self._raw.write(rows, t, v.astype(np.float32), np.ones(len(rows), np.int32))
+        minute = t // MINUTE_MS
+        done = (self._acc_n[rows] > 0) & (minute != self._acc_minute[rows])
+        if done.any():
+            r = rows[done]
+            mean = self._acc_sum[r] / self._acc_n[r][:, None]
+            # power, utilisation and queue are averaged; the energy counter keeps its last value
+            mean[:, 1] = self._acc_last[r, 1]
+            self._rollup.write(r, self._acc_minute[r] * MINUTE_MS, mean.astype(np.float32), self._acc_n[r])
+            self._acc_sum[r] = 0.0
+            self._acc_n[r] = 0
+        self._acc_minute[rows] = minute
+        self._acc_sum[rows] += v
+        self._acc_last[rows] = v
+        self._acc_n[rows] += 1
+
+    def _new_row(self, node_id: str) -> int:
+        row = len(self._ids)
+        self._rows[node_id] = row
+        self._ids.append(node_id)
+        if row >= len(self._raw.head):
+            size = max(16, 2 * len(self._raw.head))
+            self._raw.grow(size)
+            self._rollup.grow(size)
+            extra = size - len(self._acc_n)
+            self._acc_minute = np.r_[self._acc_minute, np.zeros(extra, np.int64)]
+            self._acc_sum = np.r_[self._acc_sum, np.zeros((extra, len(METRICS)))]
+            self._acc_last = np.r_[self._acc_last, np.zeros((extra, len(METRICS)))]
+            self._acc_n = np.r_[self._acc_n, np.zeros(extra, np.int32)]
+        return row
+
+    # ------------------------------------------------------------ queries
+
+    def query(
+        self, node_id: str = "", since_unix_ms: int = 0, rollup: bool = False
+    ) -> list[api_pb2.TelemetrySample]:
+        self.flush()
+        ids = [node_id] if node_id else sorted(self._ids)
+        rings = self._rollup if rollup else self._raw
+        out = []
+        for nid in ids:
+            row = self._rows.get(nid)
+            if row is None:
+                continue
+            points = [(t, v, n) for t, v, n in rings.series(row) if t >= since_unix_ms]
+            for i, (t, v, n) in enumerate(points):
+                sample = self._sample(nid, t, v, n)
+                if i == len(points) - 1 and not rollup:
+                    sample.models.extend(self._models.get(nid, []))
+                out.append(sample)
+        return out
+
+    def latest_power(self) -> dict[str, float]:
+        self.flush()
+        out = {}
+        for nid, row in self._rows.items():
+            head = int(self._raw.head[row])
+            if head:
+                out[nid] = float(self._raw.v[row, (head - 1) % RAW_SLOTS, 0])
+        return out
+
+    def _sample(self, node_id: str, t: int, v: np.ndarray, n: int) -> api_pb2.TelemetrySample:
+        return api_pb2.TelemetrySample(
+            node_id=node_id,
+            unix_ms=t,
+            power_w=float(v[0]),
+            energy_j=float(v[1]),
+            energy_source=self._source.get(node_id, node_pb2.ENERGY_SOURCE_UNSPECIFIED),
+            cpu_utilisation=float(v[2]),
+            queue_depth=int(v[3]),
+            samples=n,
+        )
+
+    # ------------------------------------------------------------ watch
+
+    def subscribe(self, depth: int = 4096) -> asyncio.Queue[api_pb2.TelemetrySample]:
+        queue: asyncio.Queue[api_pb2.TelemetrySample] = asyncio.Queue(depth)
+        self._watchers.add(queue)
+        return queue
+
+    def unsubscribe(self, queue: asyncio.Queue) -> None:
+        self._watchers.discard(queue)
+
+    @property
+    def nodes(self) -> list[str]:
+        return list(self._ids)
+
+    def models(self, node_id: str) -> list[node_pb2.ModelStats]:
+        return self._models.get(node_id, [])
+
+    def energy_source(self, node_id: str) -> int:
+        return self._source.get(node_id, node_pb2.ENERGY_SOURCE_UNSPECIFIED)
