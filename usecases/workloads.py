@@ -32,14 +32,23 @@ class Workload:
         return yaml.safe_load(self.manifest)["metadata"]["name"]
 
 
-def _industrial_inputs(n: int, seed: int) -> np.ndarray:
-    generator = importlib.import_module("usecases.industrial.generator")
-    per_class = max(1, -(-n // len(generator.Condition)))
-    x, _ = generator.make_dataset(per_class, seed)
-    return x[:n]
+def _dataset_inputs(case: str) -> Callable[[int, int], np.ndarray]:
+    """Inputs from a use case's ``generator.make_dataset(n_per_class, seed)``."""
+
+    def make(n: int, seed: int) -> np.ndarray:
+        generator = importlib.import_module(f"usecases.{case}.generator")
+        x, labels = generator.make_dataset(1, seed)
+        classes = len(set(labels.tolist()))
+        x, _ = generator.make_dataset(max(1, -(-n // classes)), seed)
+        return x[:n]
+
+    return make
 
 
-_INPUTS: dict[str, Callable[[int, int], np.ndarray]] = {"industrial": _industrial_inputs}
+_INPUTS: dict[str, Callable[[int, int], np.ndarray]] = {
+    "industrial": _dataset_inputs("industrial"),
+    "smart_home": _dataset_inputs("smart_home"),
+}
 
 
 def workloads() -> list[Workload]:
