@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ctypes
 import logging
-import os
 import signal
 import sys
 from pathlib import Path
@@ -15,21 +13,7 @@ from .agent import NodeAgent
 from .config import AgentConfig, AgentConfigError, load_agent_config
 
 
-def _die_with_parent() -> None:
-    """Under `edgeward up`, end with the parent even if it is killed with SIGKILL (Linux)."""
-    parent = os.environ.get("EDGEWARD_DIE_WITH_PARENT")
-    if not parent:
-        return
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        return
-    if os.getppid() != int(parent):  # the parent died before prctl took effect
-        sys.exit(1)
-
-
 def cmd_agent(args: argparse.Namespace) -> int:
-    _die_with_parent()
     logging.basicConfig(
         level=logging.DEBUG if args.verbose > 1 else logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -8,8 +8,10 @@ the other way round.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import importlib
 import os
+import signal
 import sys
 
 DEFAULT_SERVER = os.environ.get("EDGEWARD_SERVER", "127.0.0.1:50051")
@@ -86,8 +88,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _die_with_parent() -> None:
+    """When a supervisor (``edgeward up``, the test suite) sets EDGEWARD_DIE_WITH_PARENT to its
+    pid, end with it even if it is killed with SIGKILL, so no process is left behind (Linux)."""
+    parent = os.environ.get("EDGEWARD_DIE_WITH_PARENT")
+    if not parent:
+        return
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != int(parent):  # the parent died before prctl took effect
+        sys.exit(1)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _die_with_parent()
     module, _, func = args.handler.partition(":")
     handler = getattr(importlib.import_module(module), func)
     try:

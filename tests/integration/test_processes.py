@@ -3,6 +3,7 @@ driven through the public gRPC API, against Mosquitto and against the embedded b
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -44,6 +45,7 @@ class Proc:
                 stdout=fh,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
+                env={**os.environ, "EDGEWARD_DIE_WITH_PARENT": str(os.getpid())},
             )
 
     def stop(self) -> None:
