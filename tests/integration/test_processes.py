@@ -236,3 +236,30 @@ def test_reflection_lists_the_api(cluster):
         "edgeward.v1.ModelService",
         "grpc.health.v1.Health",
     } <= names
+
+
+def test_killed_node_replicas_run_elsewhere_within_5s(cluster):
+    cluster.orchestrator()
+    agents = {f"node-{i}": cluster.agent(i) for i in range(1, 4)}
+    with EdgewardClient(cluster.server) as client:
+        wait_for(
+            lambda: sum(n.state == node_pb2.NODE_STATE_ONLINE for n in client.list_nodes()) == 3,
+            what="3 nodes",
+        )
+        client.push_model(model_path("industrial", "int8"), "vib-cnn", "1.0.0")
+        client.apply(MANIFEST.replace("replicas: 3", "replicas: 2"))
+        wait_for(lambda: _running(client, 2), what="2 replicas running")
+        victim = client.get_deployment("vib").status.replica_list[0].node_id
+        agents[victim].kill9()
+        killed_at = time.monotonic()
+
+        def moved() -> bool:
+            dep = client.get_deployment("vib")
+            live = [r for r in dep.status.replica_list if r.phase == RUNNING]
+            return len(live) == 2 and victim not in {r.node_id for r in live}
+
+        wait_for(moved, timeout=15, what="replicas rescheduled off the killed node")
+        elapsed = time.monotonic() - killed_at
+        assert elapsed < 5.0, f"rescheduling took {elapsed:.1f} s"
+        node = client.get_node(victim)
+        assert node.state == node_pb2.NODE_STATE_OFFLINE
