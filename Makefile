@@ -20,7 +20,7 @@ system-deps:
 	else echo "NOTE: not root, cannot install:$$missing -- tests that need them will be skipped with a reason"; fi
 
 test-deps: system-deps
-	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q -e '.[dev,tpm]'
 
 test: test-deps
 	$(PYTHON) -m pytest

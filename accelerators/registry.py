@@ -27,6 +27,8 @@ ENTRY_POINT_GROUP = "edgeward.accelerators"
 #: kind -> "module:attribute" of the factory, imported on first use.
 BUILTINS: Mapping[str, str] = {
     "cpu-litert": "accelerators.cpu_litert:CpuLitertBackend",
+    "fpga-pynq": "accelerators.fpga_pynq:FpgaPynqBackend",
+    "asic-edgetpu": "accelerators.asic_edgetpu:AsicEdgeTpuBackend",
 }
 
 
