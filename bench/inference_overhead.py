@@ -41,7 +41,7 @@ def models() -> list[tuple[str, Path]]:
     return out
 
 
-def per_call_us(fn, calls: int) -> float:  # noqa: ANN001
+def per_call_us(fn, calls: int) -> float:
     start = time.perf_counter()
     for _ in range(calls):
         fn()

@@ -100,7 +100,7 @@ def raw_rate(port: int, messages: int, nodes: int) -> float:
     stamps: list[float] = []
     done = threading.Event()
 
-    def on_message(client, userdata, message) -> None:  # noqa: ANN001
+    def on_message(client, userdata, message) -> None:
         stamps.append(time.perf_counter())
         if len(stamps) >= messages:
             done.set()
