@@ -35,7 +35,8 @@ class SchedulerProfile(BaseModel):
 
     name: str = Field(description="Name of the profile, as deployments and the config refer to it.")
     filters: tuple[str, ...] = Field(
-        default=DEFAULT_FILTERS, description="Filter plugins; a rejected node is counted under the first that fails."
+        default=DEFAULT_FILTERS,
+        description="Filter plugins; a rejected node is counted under the first that fails.",
     )
     weights: dict[str, Annotated[float, Field(ge=0)]] = Field(
         default_factory=lambda: dict(DEFAULT_WEIGHTS),

@@ -118,7 +118,8 @@ class PlacementPlan:
         self.slots_used = snapshot.slots_used.copy()
         self.has_slot = snapshot.slots_used < snapshot.slots_total
         self.memory_free = snapshot.memory_free.copy()
-        self.free_share = np.clip(100.0 * (1.0 - self.slots_used / np.maximum(snapshot.slots_total, 1)), 0, 100)
+        share = 100.0 * (1.0 - self.slots_used / np.maximum(snapshot.slots_total, 1))
+        self.free_share = np.clip(share, 0.0, 100.0)
         self.last_bound = -1
         self._per_deployment: dict[str, dict[int, int]] = {
             dep: dict(zip(idx.tolist(), cnt.tolist(), strict=True))

@@ -18,7 +18,7 @@ import numpy as np
 from .framework import PROFILES, Scheduler
 from .placement import Placement
 from .snapshot import FleetSnapshot
-from .synthetic import HARDWARE_CLASSES, MODELS, fleet, performance_table, predict, workload
+from .synthetic import HARDWARE_CLASSES, MODELS, HardwareClass, fleet, performance_table, predict, workload
 
 POLICIES = tuple(PROFILES)
 
@@ -28,15 +28,22 @@ class PolicyResult:
     policy: str
     requested: int
     placed: int
-    seconds: float                 # time spent placing (all requests)
-    p50_us: float                  # per-placement latency
+    seconds: float                 # wall time spent placing (all requests)
+    cpu_seconds: float             # CPU time of the same (what a busy shared machine does not inflate)
+    p50_us: float                  # per-placement wall time
     p99_us: float
+    cpu_p50_us: float              # per-placement CPU time (the thread's; preemption excluded)
+    cpu_p99_us: float
     joules_per_inference: float    # rate-weighted over placed replicas
     slo_attainment: float          # rate-weighted share of requested inferences within their SLO
 
     @property
     def placements_per_s(self) -> float:
         return self.requested / self.seconds if self.seconds else float("inf")
+
+    @property
+    def placements_per_cpu_s(self) -> float:
+        return self.requested / self.cpu_seconds if self.cpu_seconds else float("inf")
 
 
 @dataclass(frozen=True)
@@ -73,17 +80,22 @@ def run(
     replicas: int = 2000,
     policy: str | Sequence[str] = POLICIES,
     seed: int = 0,
+    classes: Sequence[HardwareClass] = HARDWARE_CLASSES,
 ) -> SimReport:
-    """Build the fleet and workload for ``seed`` and place the workload once per policy."""
+    """Build the fleet of ``classes`` and the workload for ``seed``; place it once per policy.
+
+    ``classes`` defaults to the built-in node classes; ``classes_from_catalog(load_catalog())``
+    uses the hardware-profile catalog instead.
+    """
     policies = (policy,) if isinstance(policy, str) else tuple(policy)
-    synthetic = fleet(nodes, seed)
+    synthetic = fleet(nodes, seed, classes)
     requests = workload(replicas, seed, synthetic.zones)
     started = time.perf_counter()
-    snapshot = FleetSnapshot.from_node_infos(synthetic.nodes, performance=performance_table())
+    snapshot = FleetSnapshot.from_node_infos(synthetic.nodes, performance=performance_table(classes))
     snapshot_s = time.perf_counter() - started
 
     # The ground truth the scheduler does not see: what each placement actually costs.
-    hardware = {hw.name: hw for hw in HARDWARE_CLASSES}
+    hardware = {hw.name: hw for hw in classes}
     models = {m.name: m for m in MODELS}
     profile_of = [hardware[n.hardware_profile] for n in synthetic.nodes]  # snapshot order = id order
     rates = np.array([models[r.model].rate_hz for r in requests])
@@ -92,14 +104,17 @@ def run(
     for name in policies:
         plan = Scheduler(name).plan(snapshot)
         elapsed = np.empty(len(requests))
+        cpu = np.empty(len(requests))
         outcomes = []
-        clock = time.perf_counter_ns
-        total_started = clock()
+        clock, cpu_clock = time.perf_counter_ns, time.thread_time_ns
+        cpu_started, total_started = time.process_time(), clock()
         for i, req in enumerate(requests):
-            t0 = clock()
+            t0, c0 = clock(), cpu_clock()
             outcomes.append(plan.place(req))
+            cpu[i] = cpu_clock() - c0
             elapsed[i] = clock() - t0
         seconds = (clock() - total_started) / 1e9
+        cpu_seconds = time.process_time() - cpu_started
         joules = np.zeros(len(requests))
         met = np.zeros(len(requests), np.bool_)
         placed = np.zeros(len(requests), np.bool_)
@@ -117,7 +132,9 @@ def run(
         served = rates[placed].sum()
         results.append(PolicyResult(
             policy=name, requested=len(requests), placed=int(placed.sum()), seconds=seconds,
+            cpu_seconds=cpu_seconds,
             p50_us=float(np.percentile(elapsed, 50)) / 1000, p99_us=float(np.percentile(elapsed, 99)) / 1000,
+            cpu_p50_us=float(np.percentile(cpu, 50)) / 1000, cpu_p99_us=float(np.percentile(cpu, 99)) / 1000,
             joules_per_inference=float((joules * rates).sum() / served) if served else float("nan"),
             slo_attainment=float((met * rates).sum() / rates.sum()) if rates.size else float("nan"),
         ))

@@ -1,9 +1,11 @@
 """A synthetic heterogeneous fleet and workload mix for the simulator and the benchmarks.
 
-It stands alone: the node classes and model figures are defined here, not read from the
-hardware-profile catalog, so the scheduler can be measured at any fleet size without devices. The
+It stands alone: the built-in node classes (:data:`HARDWARE_CLASSES`) and model figures are
+defined here, so the scheduler can be measured at any fleet size without devices or files. Their
 figures are round numbers of the right order for each class of board (sustained, not peak,
 throughput; whole-board power while computing), not measurements of any one product.
+:func:`classes_from_catalog` derives classes from the hardware-profile catalog instead
+(``accelerators.profiles``), adding what a catalog does not say (see :data:`CATALOG_ASSUMPTIONS`).
 
 The fleet also carries a per-node *slowdown* the scheduler never sees (thermal throttling, a noisy
 neighbour): the simulator uses it for the latency and energy a replica actually gets, so SLO
@@ -12,14 +14,19 @@ attainment measures how well predictions and headroom hold up, not an echo of th
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from numpy.typing import NDArray
 
 from .placement import NodeInfo, PlacementRequest
 from .snapshot import PerformanceTable, Prediction
+
+if TYPE_CHECKING:
+    from accelerators.profiles import HardwareCatalog
 
 GIB = 1 << 30
 MIB = 1 << 20
@@ -84,6 +91,74 @@ MODELS: tuple[WorkloadModel, ...] = (
     WorkloadModel("lane-segment", "automotive", "INT8", 4.0, 40, 96 * MIB, 20, "tpm2", 0.15),
     WorkloadModel("driver-monitor", "automotive", "FP32", 0.6, 33, 64 * MIB, 30, "tpm2", 0.15),
 )
+
+
+@dataclass(frozen=True)
+class CatalogAssumptions:
+    """What turns a catalog profile into a synthetic class: figures the catalog does not carry."""
+
+    #: kind -> dtype -> sustained share of the catalog's nominal peak (also: the dtypes it runs).
+    #: CPU: TFLite/XNNPACK reaches roughly 40 % of the FP32 peak on MobileNet-class models, integer
+    #: kernels about twice the FP32 rate; Edge TPU: 13 %, as in accelerators/asic_edgetpu.py; FPGA
+    #: engine: 60 % (estimate: a systolic int8 engine on convolution-heavy models).
+    sustained: Mapping[str, Mapping[str, float]]
+    overhead_ms: Mapping[str, float]          # kind -> fixed cost per inference (estimate)
+    shares: Mapping[str, float]               # the profile's ``class`` label -> fraction of the fleet
+    tiers: Mapping[str, Mapping[str, float]]  # ``class`` label -> attestation tier -> fraction
+    slot_bytes: int                           # one replica slot per this much memory (1..16 slots)
+
+
+CATALOG_ASSUMPTIONS = CatalogAssumptions(
+    sustained={
+        "cpu-litert": {"FP32": 0.4, "INT8": 0.8, "UINT8": 0.8},
+        "fpga-pynq": {"INT8": 0.6},
+        "asic-edgetpu": {"INT8": 0.13, "UINT8": 0.13},
+    },
+    overhead_ms={"cpu-litert": 0.2, "fpga-pynq": 0.05, "asic-edgetpu": 0.3},
+    shares={"microserver": 0.20, "sbc": 0.40, "fpga": 0.15, "asic": 0.25},
+    tiers={
+        "microserver": {"tpm2": 0.9, "software": 0.1},
+        "sbc": {"tpm2": 0.3, "software": 0.65, "none": 0.05},
+        "fpga": {"tpm2": 0.6, "software": 0.4},
+        "asic": {"tpm2": 0.5, "software": 0.5},
+    },
+    slot_bytes=512 * MIB,
+)
+
+
+def classes_from_catalog(
+    catalog: HardwareCatalog, assumptions: CatalogAssumptions = CATALOG_ASSUMPTIONS
+) -> tuple[HardwareClass, ...]:
+    """One class per catalog profile; a ``class`` label's share is split among its profiles.
+
+    Accelerator kinds without assumptions are left out; a profile left with none is skipped.
+    """
+    profiles = [p for _, p in sorted(catalog.profiles.items())]
+    per_label = Counter(p.labels.get("class", "") for p in profiles)
+    classes = []
+    for profile in profiles:
+        label = profile.labels.get("class", "")
+        accelerators = tuple(
+            AcceleratorSpec(
+                kind=acc.kind,
+                gops={d: acc.peak_gops.value * share for d, share in assumptions.sustained[acc.kind].items()},
+                overhead_ms=assumptions.overhead_ms[acc.kind],
+                active_w=acc.active_w.value,
+            )
+            for acc in profile.accelerators
+            if acc.kind in assumptions.sustained
+        )
+        if not accelerators:
+            continue
+        classes.append(HardwareClass(
+            name=profile.name,
+            accelerators=accelerators,
+            slots=int(min(16, max(1, profile.memory_bytes.value // assumptions.slot_bytes))),
+            memory_bytes=profile.memory_bytes.value,
+            share=assumptions.shares.get(label, 0.1) / per_label[label],
+            tiers=assumptions.tiers.get(label, {"software": 1.0}),
+        ))
+    return tuple(classes)
 
 
 def predict(acc: AcceleratorSpec, model: WorkloadModel) -> Prediction | None:
