@@ -1,0 +1,1 @@
+"""Industrial use case: vibration-based motor and bearing condition monitoring."""
