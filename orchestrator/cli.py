@@ -231,6 +231,46 @@ def models_table(items: list[api_pb2.Model]) -> Table:
     return table
 
 
+def cmd_explain(args: argparse.Namespace) -> int:
+    """Each replica's phase and the machine-readable reason behind it, as the scheduler gave it."""
+    name = args.target.rpartition("/")[2]
+    try:
+        with EdgewardClient(args.server) as client:
+            dep = client.get_deployment(name)
+    except ClientError as err:
+        return _fail(err)
+    replicas = [
+        {
+            "replica": r.id,
+            "phase": phase_name(r.phase),
+            "node": r.node_id,
+            "reason": r.reason,
+            "message": r.message,
+        }
+        for r in dep.status.replica_list
+    ]
+    if args.json:
+        print(json.dumps({"deployment": name, "running": dep.status.running, "replicas": replicas}, indent=2))
+        return 0
+    console.print(f"deployment/{name}: {dep.status.running}/{dep.spec.replicas} running")
+    table = Table(show_header=True)
+    for col in ("REPLICA", "PHASE", "NODE", "REASON", "DETAIL"):
+        table.add_column(col)
+    for r in replicas:
+        table.add_row(r["replica"], r["phase"], r["node"] or "-", r["reason"], r["message"])
+    console.print(table)
+    return 0
+
+
+def cmd_sim(args: argparse.Namespace) -> int:
+    from .scheduler import sim
+
+    policies = tuple(args.policy) if args.policy else sim.POLICIES
+    report = sim.run(nodes=args.nodes, replicas=args.replicas, policy=policies, seed=args.seed)
+    print(report.table())
+    return 0
+
+
 def cmd_delete(args: argparse.Namespace) -> int:
     kind, _, name = args.target.rpartition("/")
     if kind not in ("", "deployment", "deployments"):
