@@ -38,7 +38,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state-dir", help="state directory (default: a fresh temporary one)")
     p.add_argument("--grpc-port", type=int, default=0, help="orchestrator gRPC port (default: a free one)")
     p.add_argument("--concurrency", type=int, default=4, help="concurrent inference clients (default 4)")
+    p.add_argument(
+        "--tui",
+        action="store_true",
+        help="once the deployments run, open the operator console; traffic flows until you quit it",
+    )
     p.set_defaults(handler="orchestrator.cli:cmd_up")
+
+    p = sub.add_parser("tui", help="operator console: watch and steer the fleet in the terminal")
+    p.add_argument("--server", default=DEFAULT_SERVER, help="orchestrator gRPC address (env EDGEWARD_SERVER)")
+    p.set_defaults(handler="orchestrator.tui:cmd_tui")
 
     p = sub.add_parser("orchestrator", help="run the orchestrator")
     p.add_argument("-c", "--config", help="orchestrator config YAML")
@@ -69,6 +78,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", nargs="?", help="show one object")
     _server(p)
     p.set_defaults(handler="orchestrator.cli:cmd_get")
+
+    p = sub.add_parser("explain", help="why replicas of a deployment are pending or failed")
+    p.add_argument("target", help="deployment/NAME or NAME")
+    _server(p)
+    p.set_defaults(handler="orchestrator.cli:cmd_explain")
+
+    p = sub.add_parser("sim", help="replay a synthetic fleet and workload through the scheduler (no MQTT)")
+    p.add_argument("--nodes", type=int, default=10_000)
+    p.add_argument("--replicas", type=int, default=20_000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--policy", action="append", help="scheduler profile(s) to compare (default: all)")
+    p.set_defaults(handler="orchestrator.cli:cmd_sim")
 
     p = sub.add_parser("delete", help="delete a deployment")
     p.add_argument("target", help="deployment/NAME or NAME")
