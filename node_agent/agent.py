@@ -1,15 +1,24 @@
-"""The node agent: announces the node, executes the orchestrator's commands, serves inference and
-reports status and telemetry over MQTT.
+"""The node agent: announces the node, attests it, executes the orchestrator's commands, serves
+inference and reports status and telemetry over MQTT.
 
 Topics (under ``{prefix}/nodes/{node_id}/``): ``hello`` and ``status`` are retained; the broker
 publishes the last will ``status = OFFLINE`` if the agent dies. Commands arrive on ``cmd`` with
 QoS 1; each carries a ``command_id``, and a repeated id is acknowledged without being executed
 again.
+
+Attestation (docs/attestation.md): before connecting, the agent opens its attester (``software``
+or ``tpm2``) and measures its code (``agent.code``), its config (``agent.config``) and its
+accelerators' bitstreams/firmware. ``attest`` commands carry the verifier's messages (an empty one
+asks the node to enroll); the answers go out on ``evidence``. A model arrives sealed, with its
+data key wrapped to this node's attested binding key: the agent unwraps it, decrypts the model,
+checks its digest and measures it (``model.<name>``) before loading it. ``wipe`` (quarantine)
+unloads every model, deletes the cache and confirms with the event ``agent.wipe.done``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections import OrderedDict
@@ -21,6 +30,18 @@ import grpc
 
 from accelerators import registry
 from accelerators.base import Backend
+from attestation import attesters, keyrelease
+from attestation.artifacts import (
+    AGENT_CODE,
+    AGENT_CODE_PACKAGES,
+    AGENT_CONFIG,
+    code_digest,
+    key_context,
+    model_aad,
+    model_component,
+)
+from attestation.errors import AttestationError
+from attestation.responder import AttestationResponder
 from edgeward import __version__
 from edgeward.mqtt.session import BrokerURL, MqttConnectError, MqttSession, Will
 from edgeward.mqtt.topics import TopicKind, node_topic
@@ -28,7 +49,7 @@ from edgeward.v1 import api_pb2, api_pb2_grpc, node_pb2
 from edgeward.wire import DropCounter, WireError, decode_command, node_message, now_ms
 
 from .config import AgentConfig
-from .runtime import Runtime
+from .runtime import ArtifactError, Runtime
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +79,7 @@ class NodeAgent:
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._started = time.monotonic()
         self.runtime: Runtime
+        self.responder: AttestationResponder | None = None
 
     async def run_blocking(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._pool, partial(fn, *args))
@@ -88,8 +110,16 @@ class NodeAgent:
             except Exception as err:  # a missing vendor library disables that backend only
                 self._availability[acc.kind] = f"unavailable: {err}"
                 log.warning("accelerator %s unavailable: %s", acc.kind, err)
+        responder = AttestationResponder(self.node_id, attesters.create(cfg.attestation))
+        await self.run_blocking(responder.open)
+        self.responder = responder
+        await self.run_blocking(self._measure_platform)
         self.runtime = Runtime(
-            self._backends, cfg.state_dir / self.node_id / "models", self.run_blocking, self._status_changed
+            self._backends,
+            cfg.state_dir / self.node_id / "models",
+            self.run_blocking,
+            self._status_changed,
+            self._unlock,
         )
         from .inference_server import serve
 
@@ -157,6 +187,9 @@ class NodeAgent:
         self._channels.clear()
         for backend in self._backends.values():
             await self.run_blocking(backend.close)
+        if self.responder is not None:
+            await self.run_blocking(self.responder.close)
+            self.responder = None
         self._pool.shutdown(wait=True)
 
     def drop_counts(self) -> dict[str, int]:
@@ -309,6 +342,13 @@ class NodeAgent:
                 await self.runtime.undeploy(cmd.undeploy.replica_id)
             elif body == "sync":
                 await self.runtime.sync(list(cmd.sync.replicas), self._fetch)
+            elif body == "attest":
+                await self._attest(cmd.attest.message)
+            elif body == "wipe":
+                await self._wipe(cmd.wipe.reason)
+        except AttestationError as err:
+            log.warning("command %s (%s) refused: %s", cmd.command_id, body, err)
+            return node_pb2.CommandAck(command_id=cmd.command_id, ok=False, reason=err.reason)
         except Exception as err:
             log.exception("command %s (%s) failed", cmd.command_id, body)
             return node_pb2.CommandAck(
@@ -323,8 +363,73 @@ class NodeAgent:
         except Exception as err:
             log.warning("ack %s not published: %s", ack.command_id, err)
 
+    # ------------------------------------------------------------ attestation
+
+    def _measure_platform(self) -> None:
+        """Blocking: measure what makes this node what it is, in a fixed order, before it connects."""
+        assert self.responder is not None
+        self.responder.measure_digest(AGENT_CODE, code_digest(), ",".join(AGENT_CODE_PACKAGES))
+        self.responder.measure(AGENT_CONFIG, self.config.model_dump_json().encode(), "AgentConfig")
+        for kind in sorted(self._backends):
+            measurements = getattr(self._backends[kind], "measurements", None)
+            for component, digest in sorted((measurements() if measurements else {}).items()):
+                self.responder.measure_digest(component, bytes.fromhex(digest), kind)
+
+    async def _attest(self, message: bytes) -> None:
+        """Answer the verifier: enroll when asked with an empty message, else answer its challenge."""
+        assert self.responder is not None
+        if message:
+            payload = await self.run_blocking(self.responder.handle, message)
+        else:
+            payload = await self.run_blocking(self.responder.enrollment_request)
+        await self._publish(TopicKind.EVIDENCE, qos=1, evidence=node_pb2.Evidence(payload=payload))
+
+    async def _wipe(self, reason: str) -> None:
+        replicas, files = await self.runtime.wipe()
+        log.warning(
+            "wiped on the orchestrator's order (%s): %d replicas, %d cached artifacts",
+            reason,
+            replicas,
+            files,
+        )
+        event = node_pb2.Event(
+            id="agent.wipe.done",
+            severity=node_pb2.SEVERITY_WARNING,
+            message=f"{replicas} replicas unloaded, {files} cached artifacts deleted",
+            attributes={"reason": reason, "replicas": str(replicas), "files": str(files)},
+        )
+        await self._publish(TopicKind.EVENTS, qos=1, event=event)
+
+    def _unlock(self, spec: node_pb2.DeployReplica, sealed: bytes) -> bytes:
+        """Blocking: the model inside a sealed artifact, with the data key released to this node;
+        measured (``model.<name>``) before anything uses it."""
+        assert self.responder is not None
+        if not spec.wrapped_key:
+            raise ArtifactError("agent.artifact.no_key", "the deployment carries no released key")
+        try:
+            wrapped = keyrelease.parse_wrapped(spec.wrapped_key)
+            expected = key_context(self.node_id, spec.model_name, spec.model_version)
+            if wrapped.context != expected:
+                raise ArtifactError(
+                    "attestation.key.wrong_context", f"key released for {wrapped.context!r}, not {expected!r}"
+                )
+            data_key = self.responder.unwrap(spec.wrapped_key)
+            data = keyrelease.open_sealed(
+                data_key, sealed, model_aad(spec.model_name, spec.model_version, spec.sha256)
+            )
+        except AttestationError as err:
+            raise ArtifactError(err.reason, err.detail) from err
+        if hashlib.sha256(data).hexdigest() != spec.sha256:
+            raise ArtifactError(
+                "agent.artifact.sha256_mismatch", "the unsealed model does not match its digest"
+            )
+        self.responder.measure(model_component(spec.model_name), data, spec.model_version)
+        return data
+
+    # ------------------------------------------------------------ artifacts
+
     async def _fetch(self, spec: node_pb2.DeployReplica) -> bytes:
-        """Download an artifact from the orchestrator's ModelService."""
+        """Download a sealed artifact from the orchestrator's ModelService."""
         channel = self._channels.get(spec.artifact_endpoint)
         if channel is None:
             channel = self._channels[spec.artifact_endpoint] = grpc.aio.insecure_channel(
@@ -333,8 +438,13 @@ class NodeAgent:
         stub = api_pb2_grpc.ModelServiceStub(channel)
         data = bytearray()
         request = api_pb2.DownloadModelRequest(name=spec.model_name, version=spec.model_version)
+        size = None
         async for chunk in stub.Download(request, timeout=DOWNLOAD_TIMEOUT_S):
-            if chunk.offset != len(data) or chunk.size != spec.size:
+            size = chunk.size if size is None else size
+            # Sealing adds a nonce and a tag: a sealed artifact is a little larger than its model.
+            if chunk.offset != len(data) or chunk.size != size or not spec.size < size <= spec.size + 1024:
                 raise ValueError("artifact stream out of order or of unexpected size")
             data.extend(chunk.data)
+        if len(data) != size:
+            raise ValueError(f"artifact stream ended at {len(data)} of {size} bytes")
         return bytes(data)

@@ -6,8 +6,9 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from attestation.attesters import AttesterConfig, SoftwareAttesterConfig
 from edgeward.mqtt.topics import validate_node_id
 
 
@@ -59,7 +60,29 @@ class AgentConfig(_Strict):
     inference_bind: str = Field(
         "127.0.0.1:0", description="host:port of the inference server; port 0 picks one."
     )
-    state_dir: Path = Field(Path("state/agent"), description="Local cache of model artifacts.")
+    state_dir: Path = Field(Path("state/agent"), description="Local cache of sealed model artifacts.")
+    attestation: AttesterConfig = Field(
+        default_factory=SoftwareAttesterConfig,
+        description="The node's attester: 'software' (default; a weaker tier) or 'tpm2' with its TCTI. "
+        "Its key_dir defaults to <state_dir>/<node_id>/attestation.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _attestation_defaults(cls, data: Any) -> Any:
+        """Default the attester to ``software`` and its key directory to one per node under state_dir
+        (several agents may share a state_dir; they must never share keys)."""
+        if not isinstance(data, dict):
+            return data
+        att = data.get("attestation") or {}
+        if isinstance(att, BaseModel):
+            att = {k: getattr(att, k) for k in att.model_fields_set | {"kind"}}
+        if isinstance(att, dict):
+            att = {"kind": "software", **att}
+            if "key_dir" not in att:
+                state_dir = Path(data.get("state_dir") or "state/agent")
+                att["key_dir"] = state_dir / str(data.get("node_id", "")) / "attestation"
+        return {**data, "attestation": att}
 
     @field_validator("node_id")
     @classmethod

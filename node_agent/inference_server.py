@@ -27,9 +27,6 @@ from typing import Any, Protocol, TypeVar
 
 import grpc
 import numpy as np
-from edgeward import __version__
-from edgeward.oip import grpc_predict_v2_pb2 as pb
-from edgeward.oip import grpc_predict_v2_pb2_grpc as pb_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -45,6 +42,9 @@ from accelerators.base import (
     ModelNotLoaded,
     TensorSpec,
 )
+from edgeward import __version__
+from edgeward.oip import grpc_predict_v2_pb2 as pb
+from edgeward.oip import grpc_predict_v2_pb2_grpc as pb_grpc
 
 __all__ = [
     "SERVICE_NAME",

@@ -1,15 +1,17 @@
 """The node's model runtime: replicas, their artifacts, their backends, and inference on them.
 
 Replica lifecycle on the node: Loading -> Running, or -> Failed with a reason id. Artifacts are
-fetched once per sha256 into the local cache (write-then-rename, digest checked before use), so
-an agent restart serves again from disk. Every blocking call (disk, interpreter) goes through
-``run_blocking``.
+sealed (encrypted with the model's data key): they are fetched once per model digest into the
+local cache (write-then-rename) and stay sealed there, so an agent restart serves again from disk
+and a copied cache is useless. ``unlock`` (the agent's: unwrap the released key, decrypt, check
+the digest, measure the model) turns a sealed artifact into the model, in memory only. ``wipe``
+(quarantine) unloads everything and deletes the cache. Every blocking call (disk, interpreter,
+TPM) goes through ``run_blocking``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import os
 import tempfile
@@ -28,6 +30,9 @@ log = logging.getLogger(__name__)
 
 Fetch = Callable[[node_pb2.DeployReplica], Awaitable[bytes]]
 RunBlocking = Callable[..., Awaitable[Any]]
+#: Blocking: the plaintext model inside a sealed artifact (raises ArtifactError).
+Unlock = Callable[[node_pb2.DeployReplica, bytes], bytes]
+SEALED_SUFFIX = ".sealed"
 
 
 class ArtifactError(Exception):
@@ -66,11 +71,13 @@ class Runtime:
         cache_dir: Path,
         run_blocking: RunBlocking,
         on_change: Callable[[], None],
+        unlock: Unlock,
     ) -> None:
         self.backends = backends
         self.cache_dir = Path(cache_dir)
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         self._run_blocking = run_blocking
+        self._unlock = unlock
         self._on_change = on_change
         self.replicas: dict[str, ReplicaState] = {}
         self.stats: dict[tuple[str, str], LatencyStats] = {}
@@ -121,6 +128,16 @@ class Runtime:
             await self._unload(state)
         self.replicas.clear()
 
+    async def wipe(self) -> tuple[int, int]:
+        """Unload every replica and delete every cached artifact; (replicas, files) removed."""
+        states = list(self.replicas.values())
+        self.replicas.clear()
+        for state in states:
+            await self._unload(state)
+        files = await self._run_blocking(self._clear_cache)
+        self._on_change()
+        return len(states), files
+
     def _drop(self, state: ReplicaState) -> None:
         if state.task is not None and not state.task.done():
             state.task.cancel()
@@ -139,14 +156,18 @@ class Runtime:
         spec = state.spec
         try:
             backend = self.backends.get(spec.accelerator) or next(iter(self.backends.values()))
-            data = await self._run_blocking(self._read_cache, spec.sha256)
+            data = None
+            sealed = await self._run_blocking(self._read_cache, spec.sha256)
+            if sealed is not None:
+                try:
+                    data = await self._run_blocking(self._unlock, spec, sealed)
+                except ArtifactError as err:  # torn, tampered or from an older key: fetch again
+                    log.info("cached artifact of %s unusable (%s); fetching it again", spec.replica_id, err)
+                    await self._run_blocking(self._drop_cache, spec.sha256)
             if data is None:
-                data = await fetch(spec)
-                if hashlib.sha256(data).hexdigest() != spec.sha256:
-                    raise ArtifactError(
-                        "agent.artifact.sha256_mismatch", "downloaded bytes do not match the digest"
-                    )
-                await self._run_blocking(self._write_cache, spec.sha256, data)
+                sealed = await fetch(spec)
+                data = await self._run_blocking(self._unlock, spec, sealed)
+                await self._run_blocking(self._write_cache, spec.sha256, sealed)
             artifact = ModelArtifact.from_bytes(spec.model_name, spec.model_version, data)
             handle = await self._run_blocking(backend.load, artifact)
         except asyncio.CancelledError:
@@ -177,24 +198,38 @@ class Runtime:
         state.phase, state.reason, state.message = node_pb2.REPLICA_PHASE_FAILED, reason, message[:500]
         self._on_change()
 
+    # The cache holds sealed artifacts only, named by the digest of the model they contain; whether
+    # a file is intact is known once it is unlocked (AES-GCM tag, then the model digest).
+
+    def _cache_path(self, sha256: str) -> Path:
+        if len(sha256) != 64 or not all(c in "0123456789abcdef" for c in sha256):
+            raise ArtifactError("agent.artifact.bad_digest", f"{sha256[:80]!r} is not a sha256")
+        return self.cache_dir / (sha256 + SEALED_SUFFIX)
+
     def _read_cache(self, sha256: str) -> bytes | None:
-        path = self.cache_dir / sha256
         try:
-            data = path.read_bytes()
+            return self._cache_path(sha256).read_bytes()
         except FileNotFoundError:
             return None
-        if hashlib.sha256(data).hexdigest() != sha256:
-            path.unlink(missing_ok=True)  # torn or tampered: fetch again
-            return None
-        return data
 
-    def _write_cache(self, sha256: str, data: bytes) -> None:
+    def _drop_cache(self, sha256: str) -> None:
+        self._cache_path(sha256).unlink(missing_ok=True)
+
+    def _write_cache(self, sha256: str, sealed: bytes) -> None:
         fd, tmp = tempfile.mkstemp(dir=self.cache_dir, prefix=".tmp-")
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+            fh.write(sealed)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, self.cache_dir / sha256)
+        os.replace(tmp, self._cache_path(sha256))
+
+    def _clear_cache(self) -> int:
+        removed = 0
+        for path in self.cache_dir.iterdir():
+            if path.is_file():
+                path.unlink(missing_ok=True)
+                removed += 1
+        return removed
 
     # ------------------------------------------------------------ serving
 

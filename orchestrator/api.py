@@ -1,5 +1,9 @@
 """gRPC services of the orchestrator (edgeward.v1): deployments, nodes, models.
 
+Models are locked: a pushed artifact is sealed with a data key of its own (AES-256-GCM, one key per
+model version) before it is stored, and ``Download`` serves only the sealed artifact; the key
+leaves the orchestrator only wrapped to an attested node (docs/attestation.md).
+
 Errors raised by the control plane are mapped to status codes in one place (:func:`_status`):
 an invalid manifest is INVALID_ARGUMENT with every field path, an unknown model NOT_FOUND.
 """
@@ -16,13 +20,15 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
+from attestation.artifacts import model_aad
+from attestation.keyrelease import new_data_key, seal
 from edgeward.v1 import api_pb2, api_pb2_grpc, node_pb2
 from edgeward.wire import now_ms
 
 from .errors import AlreadyExists, InvalidManifest, InvalidModel, NotFound, OrchestratorError
 from .manifest import NAME_RE, SEMVER_RE, parse_manifest
 from .phases import ACTIVE, Phase, to_pb
-from .store import DeploymentRecord, ModelRecord, NodeRecord, ReplicaChange, ReplicaRecord
+from .store import DeploymentRecord, ModelRecord, NodeRecord, ReplicaChange, ReplicaRecord, SealedArtifact
 
 if TYPE_CHECKING:
     from .server import Orchestrator
@@ -317,8 +323,18 @@ class ModelService(api_pb2_grpc.ModelServiceServicer):
         record = ModelRecord(
             meta.name, meta.version, digest, len(data), model.SerializeToString(), model.created_unix_ms
         )
-        await self._orch.db(self._orch.store.put_model, record, bytes(data))
-        log.info("model %s:%s pushed (%d bytes, sha256 %s)", meta.name, meta.version, len(data), digest[:12])
+        blob, sealed = await self._orch.run_blocking(
+            _seal, bytes(data), model_aad(meta.name, meta.version, digest)
+        )
+        await self._orch.db(self._orch.store.put_model, record, blob, sealed)
+        self._orch.verifier.allow_model(meta.name, digest)
+        log.info(
+            "model %s:%s pushed (%d bytes, sha256 %s), stored sealed",
+            meta.name,
+            meta.version,
+            len(data),
+            digest[:12],
+        )
         self._orch.reconciler.trigger()
         return model
 
@@ -338,15 +354,23 @@ class ModelService(api_pb2_grpc.ModelServiceServicer):
     async def Download(
         self, request: api_pb2.DownloadModelRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[api_pb2.ModelChunk]:
+        """The sealed artifact: useless without a data key released to an attested node."""
         try:
             record = await self._orch.db(self._orch.store.get_model, request.name, request.version or None)
-            data = await self._orch.db(self._orch.store.read_artifact, record.sha256)
+            sealed = await self._orch.db(self._orch.store.get_sealed, record.name, record.version)
+            data = await self._orch.db(self._orch.store.read_artifact, sealed.sha256)
         except NotFound as err:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(err))
         for offset in range(0, len(data), CHUNK):
             yield api_pb2.ModelChunk(
-                data=data[offset : offset + CHUNK], offset=offset, size=len(data), sha256=record.sha256
+                data=data[offset : offset + CHUNK], offset=offset, size=len(data), sha256=sealed.sha256
             )
+
+
+def _seal(data: bytes, aad: bytes) -> tuple[bytes, SealedArtifact]:
+    data_key = new_data_key()
+    blob = seal(data_key, data, aad)
+    return blob, SealedArtifact(hashlib.sha256(blob).hexdigest(), len(blob), data_key)
 
 
 def _check_metadata(meta: api_pb2.ModelMetadata) -> None:

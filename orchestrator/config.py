@@ -6,7 +6,9 @@ from pathlib import Path
 from typing import Annotated
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from attestation.service import VerifierConfig
 
 from .errors import OrchestratorError
 
@@ -34,6 +36,42 @@ class BrokerConfig(BaseModel):
     max_payload: Annotated[int, Field(ge=1024, le=64 * 1024 * 1024)] = Field(
         256 * 1024, description="Payloads larger than this are dropped and counted."
     )
+
+
+class AttestationConfig(BaseModel):
+    """The verifier the orchestrator runs (always on: no valid attestation result, no model)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    reference: Path | None = Field(
+        None,
+        description="Reference values (YAML, kind: ReferenceValues). Unset: the built-in policy, which "
+        "pins the agent code to this release's and models to the catalog, and leaves config and "
+        "accelerators unpinned (docs/attestation.md).",
+    )
+    challenge_interval_s: Annotated[float, Field(gt=0, le=3600)] = Field(
+        30.0, description="How often every online node is re-attested (also on connect and on demand)."
+    )
+    ek_ca_file: Path | None = Field(
+        None, description="PEM bundle of the CAs that issue TPM endorsement key certificates."
+    )
+    signing_key: Path | None = Field(
+        None,
+        description="Ed25519 key (PEM) that signs results; default <state_dir>/attestation/verifier.pem.",
+    )
+    verifier: VerifierConfig = Field(
+        default_factory=VerifierConfig,
+        description="Verifier settings: result_ttl_s, challenge_ttl_s, require_ek_certificate, PCRs, caps.",
+    )
+
+    @model_validator(mode="after")
+    def _renewed_in_time(self) -> AttestationConfig:
+        if self.challenge_interval_s >= self.verifier.result_ttl_s:
+            raise ValueError(
+                f"challenge_interval_s ({self.challenge_interval_s}) must be below verifier.result_ttl_s "
+                f"({self.verifier.result_ttl_s}), or every result expires before it is renewed"
+            )
+        return self
 
 
 class OrchestratorConfig(BaseModel):
@@ -65,6 +103,7 @@ class OrchestratorConfig(BaseModel):
     max_grpc_message: Annotated[int, Field(ge=1024 * 1024, le=512 * 1024 * 1024)] = Field(
         64 * 1024 * 1024, description="Largest gRPC message accepted (model pushes are streamed in chunks)."
     )
+    attestation: AttestationConfig = Field(default_factory=AttestationConfig)
 
 
 def load_config(path: Path | None, **overrides: object) -> OrchestratorConfig:

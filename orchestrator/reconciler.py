@@ -7,6 +7,12 @@ commands are re-sent, and a node that reconnects gets its whole desired set).
 
 Every decision carries a reason id (``node.lost``, ``replica.failed``, ``scheduler.filter.*``...),
 stored on the replica and shown by the CLI as it is.
+
+Attestation gates every step (the ``trust`` seam, :class:`orchestrator.verifier.FleetVerifier`):
+a replica is placed only on a node whose attestation tier meets its deployment's (at least
+``software``: every model is locked, and its key is released to affirming nodes only), its deploy
+command carries the model's data key wrapped to that node, and a replica on a node that lost its
+trust is evicted (reason ``attestation.*``) and placed elsewhere in the same pass.
 """
 
 from __future__ import annotations
@@ -19,15 +25,18 @@ import uuid
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import replace
+from typing import Protocol
 
+from attestation.errors import KeyReleaseError
 from edgeward.v1 import api_pb2, node_pb2
 from edgeward.wire import SCHEMA_VERSION, now_ms
 
 from .config import OrchestratorConfig
+from .errors import NotFound
 from .fleet import Fleet, NodeView
 from .phases import ACTIVE, Phase
-from .scheduler import NodeInfo, PlacementRequest, Scheduler, Unschedulable
-from .store import DeploymentRecord, ReplicaChange, ReplicaRecord, Store
+from .scheduler import TIERS, NodeInfo, PlacementRequest, Scheduler, Unschedulable
+from .store import DeploymentRecord, ReplicaChange, ReplicaRecord, SealedArtifact, Store
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +51,24 @@ _EVICTION_ORDER = {Phase.PENDING: 0, Phase.FAILED: 1, Phase.DISPATCHED: 2, Phase
 
 DbCall = Callable[..., Awaitable]
 Publish = Callable[[str, node_pb2.Command], Awaitable[None]]
+CatalogEntry = tuple[api_pb2.Model, SealedArtifact | None]
+#: Every model is locked, so a node needs an affirming result even for a deployment asking "none".
+MIN_TIER = "software"
+
+
+class Trust(Protocol):
+    """What the reconciler asks the verifier."""
+
+    def tier(self, node_id: str) -> str: ...
+
+    def why_not_trusted(self, node_id: str) -> tuple[str, str] | None: ...
+
+    def release_key(self, node_id: str, name: str, version: str, data_key: bytes) -> bytes: ...
+
+
+def required_tier(dep: DeploymentRecord) -> str:
+    asked = dep.manifest.spec.requirements.attestation
+    return asked if TIERS[asked] >= TIERS[MIN_TIER] else MIN_TIER
 
 
 def new_replica_id(deployment: str) -> str:
@@ -59,8 +86,10 @@ class Reconciler:
         config: OrchestratorConfig,
         artifact_endpoint: Callable[[], str],
         on_change: Callable[[set[str]], None],
+        trust: Trust,
     ) -> None:
         self._store = store
+        self._trust = trust
         self._db = db
         self._fleet = fleet
         self._scheduler = scheduler
@@ -73,7 +102,7 @@ class Reconciler:
         self._last_sent: dict[str, float] = {}  # replica id -> monotonic time of the last command
         self._needs_sync: set[str] = set()  # nodes that (re)connected: send their full set
         self._cordoned: set[str] = set()
-        self._models: dict[tuple[str, str], api_pb2.Model] = {}
+        self._models: dict[tuple[str, str], CatalogEntry] = {}
         self.passes = 0
 
     # ------------------------------------------------------------ triggers
@@ -122,6 +151,7 @@ class Reconciler:
         commands: list[tuple[str, node_pb2.Command]] = []
         touched: set[str] = set()
         by_deployment: dict[str, list[ReplicaRecord]] = defaultdict(list)
+        need = {d.name: required_tier(d) for d in deployments}
 
         def change(rep: ReplicaRecord, **updates: object) -> ReplicaRecord:
             new = replace(rep, updated_ms=wall, **updates)
@@ -168,6 +198,12 @@ class Reconciler:
                         reason="node.lost",
                         message=f"node {rep.node_id} went offline or silent",
                     )
+                continue
+            untrusted = self._untrusted(rep, need.get(rep.deployment)) if rep.phase in ACTIVE else None
+            if untrusted is not None:
+                evicted = change(rep, phase=Phase.EVICTED, reason=untrusted[0], message=untrusted[1])
+                self._last_sent.pop(rep.id, None)
+                self._resend(commands, evicted, now, undeploy=True)
                 continue
             report = node.reports.get(rep.id) if node_ok else None
             if report is not None:
@@ -253,10 +289,19 @@ class Reconciler:
                             message=f"model {rep.model_name}:{rep.model_version} is not in the catalog",
                         )
                     continue
-                result = self._scheduler.place(_request(dep, model), snapshot)
+                result = self._scheduler.place(_request(dep, model[0], need[dep.name]), snapshot)
                 if isinstance(result, Unschedulable):
                     if (rep.reason, rep.message) != (result.reason, result.message):
                         change(rep, reason=result.reason, message=result.message)
+                    continue
+                try:
+                    deploy = self._deploy_command(
+                        replace(rep, node_id=result.node_id, accelerator=result.accelerator), model
+                    )
+                except KeyReleaseError as err:
+                    message = f"node {result.node_id}: {err}"
+                    if (rep.reason, rep.message) != ("attestation.key_release_refused", message):
+                        change(rep, reason="attestation.key_release_refused", message=message)
                     continue
                 bound = change(
                     rep,
@@ -266,7 +311,7 @@ class Reconciler:
                     reason="scheduler.bound",
                     message=f"score {result.score:.1f}",
                 )
-                commands.append((bound.node_id, self._deploy_command(bound, model)))
+                commands.append((result.node_id, deploy))
                 self._last_sent[bound.id] = now
 
         # 4. Nodes that (re)connected get their whole desired set; unknown replicas get unloaded.
@@ -284,13 +329,21 @@ class Reconciler:
             node = self._fleet.nodes.get(node_id)
             if node is None or not node.online(now, timeout):
                 continue
+            if self._trust.tier(node_id) == "none" and self._trust.why_not_trusted(node_id) is None:
+                # Still attesting (just connected, or this orchestrator just started): its keys
+                # cannot be released yet, and a sync without them would unload its models.
+                continue
             self._needs_sync.discard(node_id)
             sync = node_pb2.SyncReplicas()
             for rep in desired_by_node.get(node_id, []):
                 model = await self._model(rep.model_name, rep.model_version)
-                if model is not None:
+                if model is None:
+                    continue
+                try:
                     sync.replicas.append(self._deploy_body(rep, model))
-            commands.append((node_id, _command(node_id, sync=sync)))
+                except KeyReleaseError as err:  # left out: the node unloads it, step 1 evicts it
+                    log.info("replica %s left out of the sync of %s: %s", rep.id, node_id, err)
+            commands.append((node_id, command(node_id, sync=sync)))
         for node in self._fleet.nodes.values():
             if not node.online(now, timeout):
                 continue
@@ -300,7 +353,7 @@ class Reconciler:
                     if now - self._last_sent.get(key, 0.0) >= self._config.resend_interval_s:
                         self._last_sent[key] = now
                         commands.append(
-                            (node.id, _command(node.id, undeploy=node_pb2.UndeployReplica(replica_id=rid)))
+                            (node.id, command(node.id, undeploy=node_pb2.UndeployReplica(replica_id=rid)))
                         )
 
         if changes:
@@ -328,6 +381,22 @@ class Reconciler:
         self._last_sent.pop(rep.id, None)
         self._resend(commands, evicted, now, undeploy=True)
 
+    def _untrusted(self, rep: ReplicaRecord, need: str | None) -> tuple[str, str] | None:
+        """Why ``rep`` may not stay on its node: the node lost its attestation (or did not get one in
+        time), or holds a lower tier than the deployment needs. None when it may stay."""
+        if rep.node_id is None or need is None:
+            return None
+        tier = self._trust.tier(rep.node_id)
+        if TIERS[tier] >= TIERS[need]:
+            return None
+        why = self._trust.why_not_trusted(rep.node_id)
+        if why is not None or tier == "none":  # no reason while the node is still attesting
+            return why
+        return (
+            "attestation.tier_insufficient",
+            f"node {rep.node_id} is attested {tier}, the deployment needs {need}",
+        )
+
     def _resend(self, commands: list, rep: ReplicaRecord, now: float, *, undeploy: bool = False) -> None:
         if now - self._last_sent.get(rep.id, 0.0) < self._config.resend_interval_s:
             return
@@ -335,26 +404,42 @@ class Reconciler:
         assert rep.node_id is not None
         if undeploy:
             commands.append(
-                (rep.node_id, _command(rep.node_id, undeploy=node_pb2.UndeployReplica(replica_id=rep.id)))
+                (rep.node_id, command(rep.node_id, undeploy=node_pb2.UndeployReplica(replica_id=rep.id)))
             )
             return
         model = self._models.get((rep.model_name, rep.model_version))
-        if model is not None:
+        if model is None:
+            return
+        try:
             commands.append((rep.node_id, self._deploy_command(rep, model)))
+        except KeyReleaseError as err:  # step 1 evicts it if the node stays untrusted
+            log.info("replica %s not re-sent: %s", rep.id, err)
 
-    async def _model(self, name: str, version: str) -> api_pb2.Model | None:
+    async def _model(self, name: str, version: str) -> CatalogEntry | None:
         key = (name, version)
         if key not in self._models:
             try:
                 record = await self._db(self._store.get_model, name, version)
             except Exception:  # NotFound: the catalog has no such version (yet)
                 return None
+            try:
+                sealed = await self._db(self._store.get_sealed, name, version)
+            except NotFound:  # pushed before models were locked: it cannot be released
+                sealed = None
             model = api_pb2.Model()
             model.ParseFromString(record.info)
-            self._models[key] = model
+            self._models[key] = (model, sealed)
         return self._models[key]
 
-    def _deploy_body(self, rep: ReplicaRecord, model: api_pb2.Model) -> node_pb2.DeployReplica:
+    def _deploy_body(self, rep: ReplicaRecord, entry: CatalogEntry) -> node_pb2.DeployReplica:
+        """The deploy body for ``rep`` with the model's key released to its node (KeyReleaseError)."""
+        model, sealed = entry
+        assert rep.node_id is not None
+        if sealed is None:
+            raise KeyReleaseError(
+                "attestation.key.no_data_key", f"{model.name}:{model.version} is not sealed"
+            )
+        wrapped = self._trust.release_key(rep.node_id, model.name, model.version, sealed.data_key)
         return node_pb2.DeployReplica(
             replica_id=rep.id,
             deployment=rep.deployment,
@@ -364,11 +449,12 @@ class Reconciler:
             size=model.size,
             accelerator=rep.accelerator or "",
             artifact_endpoint=self._artifact_endpoint(),
+            wrapped_key=wrapped,
         )
 
-    def _deploy_command(self, rep: ReplicaRecord, model: api_pb2.Model) -> node_pb2.Command:
+    def _deploy_command(self, rep: ReplicaRecord, model: CatalogEntry) -> node_pb2.Command:
         assert rep.node_id is not None
-        return _command(rep.node_id, deploy=self._deploy_body(rep, model))
+        return command(rep.node_id, deploy=self._deploy_body(rep, model))
 
     def _snapshot(
         self,
@@ -401,6 +487,7 @@ class Reconciler:
                 count[node.id],
                 memory[node.id],
                 dict(per_dep[node.id]),
+                self._trust.tier(node.id),
             )
         return snapshot
 
@@ -413,6 +500,7 @@ def _node_info(
     replicas: int,
     memory_used: int,
     per_deployment: dict[str, int],
+    attestation_tier: str,
 ) -> NodeInfo:
     hello = node.hello
     assert hello is not None
@@ -431,10 +519,11 @@ def _node_info(
         replicas=replicas,
         memory_used=memory_used,
         per_deployment=per_deployment,
+        attestation_tier=attestation_tier,
     )
 
 
-def _request(dep: DeploymentRecord, model: api_pb2.Model) -> PlacementRequest:
+def _request(dep: DeploymentRecord, model: api_pb2.Model, tier: str) -> PlacementRequest:
     req = dep.manifest.spec.requirements
     return PlacementRequest(
         deployment=dep.name,
@@ -442,11 +531,11 @@ def _request(dep: DeploymentRecord, model: api_pb2.Model) -> PlacementRequest:
         dtypes=frozenset(model.dtypes),
         memory_bytes=req.memory_bytes,
         selector=dict(dep.manifest.spec.selector.match_labels),
-        attestation_tier=req.attestation,
+        attestation_tier=tier,
     )
 
 
-def _command(node_id: str, **body: object) -> node_pb2.Command:
+def command(node_id: str, **body: object) -> node_pb2.Command:
     return node_pb2.Command(
         schema=SCHEMA_VERSION, command_id=uuid.uuid4().hex, node_id=node_id, issued_unix_ms=now_ms(), **body
     )

@@ -1,4 +1,4 @@
-"""The orchestrator process: store, MQTT ingest, reconciler and gRPC API in one asyncio loop.
+"""The orchestrator process: store, MQTT ingest, verifier, reconciler and gRPC API in one asyncio loop.
 
 ``async with Orchestrator(config) as orch:`` starts everything (and the embedded broker when no
 external one is configured); leaving the block stops it all and leaves no thread or task behind.
@@ -22,7 +22,7 @@ from grpc_reflection.v1alpha import reflection
 from edgeward.mqtt.broker import EmbeddedBroker
 from edgeward.mqtt.session import BrokerURL, MqttSession
 from edgeward.mqtt.topics import TopicError, TopicKind, node_topic, nodes_filter, parse_node_topic
-from edgeward.v1 import api_pb2, api_pb2_grpc, node_pb2
+from edgeward.v1 import api_pb2, api_pb2_grpc, attestation_pb2, attestation_pb2_grpc, node_pb2
 from edgeward.wire import DropCounter, WireError, decode_node_message
 
 from .api import (
@@ -42,12 +42,16 @@ from .reconciler import Reconciler
 from .scheduler import Scheduler
 from .store import NodeRecord, SqliteStore
 from .telemetry import TelemetryStore
+from .verifier import FleetVerifier
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAMES = tuple(
-    api_pb2.DESCRIPTOR.services_by_name[name].full_name
-    for name in ("DeploymentService", "NodeService", "ModelService", "TelemetryService")
+SERVICE_NAMES = (
+    *(
+        api_pb2.DESCRIPTOR.services_by_name[name].full_name
+        for name in ("DeploymentService", "NodeService", "ModelService", "TelemetryService")
+    ),
+    attestation_pb2.DESCRIPTOR.services_by_name["AttestationService"].full_name,
 )
 INGEST_KINDS = (TopicKind.HELLO, TopicKind.STATUS, TopicKind.TELEMETRY, TopicKind.EVENTS, TopicKind.EVIDENCE)
 
@@ -72,6 +76,7 @@ class Orchestrator:
         self._server: grpc.aio.Server | None = None
         self.store: SqliteStore
         self.reconciler: Reconciler
+        self.verifier: FleetVerifier
 
     # ------------------------------------------------------------ executors
 
@@ -99,6 +104,24 @@ class Orchestrator:
         cfg = self.config
         self.store = await self.db(SqliteStore, cfg.state_dir)
         nodes = await self.db(self.store.list_nodes)
+        self.verifier = FleetVerifier(
+            cfg.attestation,
+            await self.run_blocking(FleetVerifier.load_service, cfg.attestation, cfg.state_dir),
+            fleet=self.fleet,
+            publish=self._publish_command,
+            db=self.db,
+            store=self.store,
+            node_timeout_s=cfg.node_timeout_s,
+            on_change=lambda: self.reconciler.trigger(),
+        )
+        self.verifier.restore(
+            *await self.db(
+                lambda: (
+                    self.store.list_enrollments(),
+                    [(m.name, m.sha256) for m in self.store.list_models()],
+                )
+            )
+        )
         if cfg.broker.url is None:
             self._broker = EmbeddedBroker(
                 host=cfg.broker.embedded_bind,
@@ -117,6 +140,7 @@ class Orchestrator:
         api_pb2_grpc.add_NodeServiceServicer_to_server(NodeService(self), self._server)
         api_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(self), self._server)
         api_pb2_grpc.add_TelemetryServiceServicer_to_server(TelemetryService(self), self._server)
+        attestation_pb2_grpc.add_AttestationServiceServicer_to_server(self.verifier.servicer(), self._server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, self._server)
         reflection.enable_server_reflection(
@@ -143,6 +167,7 @@ class Orchestrator:
             cfg,
             artifact_endpoint=lambda: self.advertise,
             on_change=self._deployments_changed,
+            trust=self.verifier,
         )
         self.reconciler.set_cordoned(n.id for n in nodes if n.cordoned)
         b = cfg.broker
@@ -161,6 +186,7 @@ class Orchestrator:
         self._tasks.append(asyncio.create_task(self._ingest(), name="edgeward-ingest"))
         self._tasks.append(asyncio.create_task(self._flush_telemetry(), name="edgeward-telemetry"))
         self._tasks.append(asyncio.create_task(self.reconciler.run(), name="edgeward-reconciler"))
+        self._tasks.append(asyncio.create_task(self.verifier.run(), name="edgeward-verifier"))
         log.info(
             "orchestrator serving gRPC on %s, broker %s, state in %s",
             self.address,
@@ -221,16 +247,20 @@ class Orchestrator:
                 log.debug("dropped payload on %s: %s", message.topic, err)
                 continue
             what = self.fleet.apply(msg, retained=message.retain)
+            body = msg.WhichOneof("body")
             if what == "hello":
                 self.reconciler.node_connected(node_id)
                 await self.db(self.store.put_node, self._node_record(node_id, msg))
+                await self.verifier.node_connected(node_id)
             elif what == "status":
                 self.reconciler.trigger()
-            elif msg.WhichOneof("body") == "telemetry" and not self.telemetry.add(
-                node_id, msg.sent_unix_ms, msg.telemetry
-            ):
+            elif body == "evidence":
+                await self.verifier.evidence(node_id, msg.evidence.payload)
+            elif body == "event" and msg.event.id == "agent.wipe.done":
+                self.verifier.wipe_confirmed(node_id, msg.event)
+            elif body == "telemetry" and not self.telemetry.add(node_id, msg.sent_unix_ms, msg.telemetry):
                 self.drops.drop(WireError("wire.telemetry.invalid_value"))
-            elif msg.WhichOneof("body") == "event" and msg.event.ack.command_id and not msg.event.ack.ok:
+            elif body == "event" and msg.event.ack.command_id and not msg.event.ack.ok:
                 log.warning(
                     "node %s refused command %s: %s", node_id, msg.event.ack.command_id, msg.event.ack.reason
                 )

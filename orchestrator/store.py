@@ -3,7 +3,9 @@
 ``SqliteStore`` is the default (one file under the state dir, WAL journal, every write in one
 transaction, so a kill -9 at any point leaves a consistent store). A PostgreSQL store implements
 the same :class:`Store` protocol. Model artifacts live beside the database, content-addressed by
-sha256 and written atomically.
+sha256 and written atomically. With attestation, an artifact is stored sealed (encrypted with its
+model version's data key, see ``put_model``); the data keys and the nodes' attestation
+enrollments are rows of the database, which therefore holds secrets: keep the state dir private.
 
 The store is synchronous; the orchestrator calls it through one single-thread executor, which
 also makes that thread the only committer.
@@ -17,7 +19,7 @@ import sqlite3
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -43,6 +45,11 @@ CREATE INDEX IF NOT EXISTS replicas_by_node ON replicas (node_id);
 CREATE TABLE IF NOT EXISTS nodes (
     id TEXT PRIMARY KEY, cordoned INTEGER NOT NULL DEFAULT 0, inventory BLOB,
     last_seen_ms INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS model_keys (
+    name TEXT NOT NULL, version TEXT NOT NULL, data_key BLOB NOT NULL, sealed_sha256 TEXT NOT NULL,
+    sealed_size INTEGER NOT NULL, PRIMARY KEY (name, version));
+CREATE TABLE IF NOT EXISTS enrollments (
+    node_id TEXT PRIMARY KEY, record BLOB NOT NULL, updated_ms INTEGER NOT NULL);
 """
 SCHEMA_VERSION = "1"
 
@@ -55,6 +62,15 @@ class ModelRecord:
     size: int
     info: bytes  # serialized edgeward.v1.Model
     created_ms: int
+
+
+@dataclass(frozen=True)
+class SealedArtifact:
+    """Where a model version's sealed artifact is, and its data key (a secret: never log it)."""
+
+    sha256: str  # of the sealed blob, its name under artifacts/
+    size: int
+    data_key: bytes = field(repr=False)
 
 
 @dataclass(frozen=True)
@@ -98,8 +114,11 @@ class ReplicaChange:
 
 
 class Store(Protocol):
-    def put_model(self, record: ModelRecord, artifact: bytes) -> None: ...
+    def put_model(
+        self, record: ModelRecord, artifact: bytes, sealed: SealedArtifact | None = None
+    ) -> None: ...
     def get_model(self, name: str, version: str | None = None) -> ModelRecord: ...
+    def get_sealed(self, name: str, version: str) -> SealedArtifact: ...
     def list_models(self) -> list[ModelRecord]: ...
     def read_artifact(self, sha256: str) -> bytes: ...
     def put_deployment(
@@ -113,6 +132,8 @@ class Store(Protocol):
     def get_node(self, node_id: str) -> NodeRecord | None: ...
     def list_nodes(self) -> list[NodeRecord]: ...
     def put_node(self, record: NodeRecord) -> None: ...
+    def put_enrollment(self, node_id: str, record: bytes, now_ms: int) -> None: ...
+    def list_enrollments(self) -> list[bytes]: ...
     def close(self) -> None: ...
 
 
@@ -159,10 +180,13 @@ class SqliteStore:
 
     # ---------------------------------------------------------------- models
 
-    def put_model(self, record: ModelRecord, artifact: bytes) -> None:
-        if hashlib.sha256(artifact).hexdigest() != record.sha256:
+    def put_model(self, record: ModelRecord, artifact: bytes, sealed: SealedArtifact | None = None) -> None:
+        """Store a model version: ``artifact`` is the model itself, or, with ``sealed``, the sealed
+        blob that ``sealed`` describes (the model's own digest is then ``record.sha256``)."""
+        digest = sealed.sha256 if sealed is not None else record.sha256
+        if hashlib.sha256(artifact).hexdigest() != digest:
             raise ValueError("artifact does not match its sha256")
-        path = self.artifact_dir / record.sha256
+        path = self.artifact_dir / digest
         if not path.exists():
             # Write-then-rename, so a crash never leaves a truncated artifact under its digest.
             fd, tmp = tempfile.mkstemp(dir=self.artifact_dir, prefix=".tmp-")
@@ -177,8 +201,22 @@ class SqliteStore:
                     "INSERT INTO models VALUES (?, ?, ?, ?, ?, ?)",
                     (record.name, record.version, record.sha256, record.size, record.info, record.created_ms),
                 )
+                if sealed is not None:
+                    cur.execute(
+                        "INSERT INTO model_keys VALUES (?, ?, ?, ?, ?)",
+                        (record.name, record.version, sealed.data_key, sealed.sha256, sealed.size),
+                    )
         except sqlite3.IntegrityError as err:
             raise AlreadyExists("model", f"{record.name}:{record.version}") from err
+
+    def get_sealed(self, name: str, version: str) -> SealedArtifact:
+        row = self._db.execute(
+            "SELECT sealed_sha256, sealed_size, data_key FROM model_keys WHERE name=? AND version=?",
+            (name, version),
+        ).fetchone()
+        if row is None:
+            raise NotFound("sealed artifact", f"{name}:{version}")
+        return SealedArtifact(row[0], row[1], bytes(row[2]))
 
     def get_model(self, name: str, version: str | None = None) -> ModelRecord:
         if version:
@@ -319,6 +357,20 @@ class SqliteStore:
                 "cordoned=excluded.cordoned, inventory=excluded.inventory, last_seen_ms=excluded.last_seen_ms",
                 (record.id, int(record.cordoned), record.inventory, record.last_seen_ms),
             )
+
+    # ---------------------------------------------------------------- attestation enrollments
+
+    def put_enrollment(self, node_id: str, record: bytes, now_ms: int) -> None:
+        """Keep a node's enrollment (a serialized edgeward.v1.Enrollment) across restarts."""
+        with self._tx() as cur:
+            cur.execute(
+                "INSERT INTO enrollments VALUES (?, ?, ?) ON CONFLICT(node_id) DO UPDATE SET "
+                "record=excluded.record, updated_ms=excluded.updated_ms",
+                (node_id, record, now_ms),
+            )
+
+    def list_enrollments(self) -> list[bytes]:
+        return [bytes(r[0]) for r in self._db.execute("SELECT record FROM enrollments ORDER BY node_id")]
 
 
 def _semver_key(version: str) -> tuple[int, int, int, int, str]:

@@ -15,12 +15,14 @@ import contextlib
 import itertools
 import json
 import logging
+import math
 import os
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -177,7 +179,7 @@ async def _up(args: argparse.Namespace) -> int:
                 nodes_api = api_pb2_grpc.NodeServiceStub(channel)
                 deps_api = api_pb2_grpc.DeploymentServiceStub(channel)
                 models_api = api_pb2_grpc.ModelServiceStub(channel)
-                if not await _wait_nodes(nodes_api, agents, args.nodes):
+                if not await _wait_nodes(nodes_api, agents, args.nodes, orch.verifier.tier):
                     return 1
                 models = await _publish(models_api, work)
                 for w in work:
@@ -189,11 +191,18 @@ async def _up(args: argparse.Namespace) -> int:
                     deps = (await deps_api.List(api_pb2.ListDeploymentsRequest())).deployments
                     console.print(deployments_table(list(deps)))
                     return 1
-                traffic = await _drive(nodes_api, deps_api, work, models, args.duration, args.concurrency)
+                if args.tui:
+                    traffic = await _console(
+                        orch.address, nodes_api, deps_api, work, models, args.concurrency, state_dir
+                    )
+                else:
+                    traffic = await _drive(nodes_api, deps_api, work, models, args.duration, args.concurrency)
                 nodes = (await nodes_api.List(api_pb2.ListNodesRequest())).nodes
                 deps = (await deps_api.List(api_pb2.ListDeploymentsRequest())).deployments
         finally:
-            agents.stop()
+            # Off the event loop: the embedded broker lives in it, and a stopping agent waits for
+            # the broker to acknowledge its OFFLINE status (else it is killed after the timeout).
+            await asyncio.to_thread(agents.stop)
     report = _report(list(nodes), list(deps), traffic, work)
     _print_summary(report)
     if args.report:
@@ -203,13 +212,15 @@ async def _up(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
-async def _wait_nodes(nodes_api: Any, agents: AgentFleet, count: int) -> bool:
+async def _wait_nodes(nodes_api: Any, agents: AgentFleet, count: int, tier: Callable[[str], str]) -> bool:
+    """Until ``count`` nodes are online and attested (software tier: the agents' default), so that
+    the deployments spread over all of them."""
     deadline = time.monotonic() + NODE_WAIT_S
     with _progress() as progress:
-        task = progress.add_task("nodes online", total=count)
+        task = progress.add_task("nodes online and attested", total=count)
         while True:
             nodes = (await nodes_api.List(api_pb2.ListNodesRequest())).nodes
-            online = sum(n.state == node_pb2.NODE_STATE_ONLINE for n in nodes)
+            online = sum(n.state == node_pb2.NODE_STATE_ONLINE and tier(n.id) != "none" for n in nodes)
             progress.update(task, completed=online)
             if online >= count:
                 return True
@@ -270,7 +281,7 @@ async def _wait_running(deps_api: Any, names: list[str]) -> bool:
             await asyncio.sleep(0.2)
 
 
-def _progress() -> Progress:
+def _progress(disable: bool = False) -> Progress:
     return Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -278,6 +289,7 @@ def _progress() -> Progress:
         TimeElapsedColumn(),
         console=console,
         transient=False,
+        disable=disable,
     )
 
 
@@ -295,6 +307,40 @@ def _encode(model: api_pb2.Model, x: np.ndarray) -> tuple[str, bytes, list[int]]
     return "FP32", x.astype(np.float32).tobytes(), shape
 
 
+async def _console(
+    address: str,
+    nodes_api: Any,
+    deps_api: Any,
+    work: list,
+    models: dict[str, api_pb2.Model],
+    concurrency: int,
+    state_dir: Path,
+) -> Traffic:
+    """``--tui``: the operator console on this orchestrator, with traffic flowing behind it until
+    the operator quits. Log records go to a file meanwhile: they would tear the screen."""
+    from .tui import ConsoleApp
+
+    stop = asyncio.Event()
+    traffic = asyncio.create_task(
+        _drive(nodes_api, deps_api, work, models, math.inf, concurrency, stop=stop, progress=False)
+    )
+    log_file = state_dir / "edgeward-up.log"
+    root = logging.getLogger()
+    handlers = root.handlers[:]
+    file_handler = logging.FileHandler(log_file)
+    file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.handlers = [file_handler]
+    try:
+        await ConsoleApp(address).run_async()
+    finally:
+        root.handlers = handlers
+        file_handler.close()
+        stop.set()
+        result = await traffic
+    console.print(f"console closed; log records of that time are in {log_file}")
+    return result
+
+
 async def _drive(
     nodes_api: Any,
     deps_api: Any,
@@ -302,8 +348,12 @@ async def _drive(
     models: dict[str, api_pb2.Model],
     duration: float,
     concurrency: int,
+    *,
+    stop: asyncio.Event | None = None,
+    progress: bool = True,
 ) -> Traffic:
-    """Send requests round-robin to every running replica's node until ``duration`` has passed."""
+    """Send requests round-robin to every running replica's node until ``duration`` has passed
+    (or ``stop`` is set)."""
     endpoints = {
         n.id: n.inventory.inference_endpoint for n in (await nodes_api.List(api_pb2.ListNodesRequest())).nodes
     }
@@ -319,10 +369,11 @@ async def _drive(
     channels = {ep: grpc.aio.insecure_channel(ep) for ep in {t[2] for t in targets}}
     stubs = {ep: oip_grpc.GRPCInferenceServiceStub(ch) for ep, ch in channels.items()}
     deadline = time.monotonic() + duration
+    stop = stop or asyncio.Event()
     counter = itertools.count()
 
     async def worker() -> None:
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not stop.is_set():
             i = next(counter)
             w, model, endpoint, inputs = targets[i % len(targets)]
             datatype, raw, shape = inputs[i % len(inputs)]
@@ -348,13 +399,13 @@ async def _drive(
             traffic.latencies_ms.append(ms)
             traffic.by_workload.setdefault(w.case, []).append(ms)
 
-    with _progress() as progress:
-        task = progress.add_task(f"traffic ({len(targets)} replicas)", total=int(duration))
+    with _progress(disable=not progress) as bar:
+        task = bar.add_task(f"traffic ({len(targets)} replicas)", total=int(duration) if progress else None)
 
         async def tick() -> None:
-            while time.monotonic() < deadline:
+            while time.monotonic() < deadline and not stop.is_set():
                 await asyncio.sleep(0.5)
-                progress.update(task, completed=min(duration, duration - (deadline - time.monotonic())))
+                bar.update(task, completed=min(duration, duration - (deadline - time.monotonic())))
 
         try:
             if targets:

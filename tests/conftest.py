@@ -18,6 +18,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+
 from edgeward.mqtt import BrokerURL
 from edgeward.mqtt.broker import EmbeddedBroker
 

@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import psutil
 import pytest
+
 from edgeward.mqtt import BrokerURL, Message, MqttError, MqttSession, TopicKind, Will, node_topic
 from edgeward.mqtt.broker import EmbeddedBroker
 
@@ -37,7 +38,7 @@ async def nothing_received(session: MqttSession, within: float = 0.5) -> bool:
 
 async def wait_until(condition: Callable[[], bool], within: float = 10.0) -> None:
     async with asyncio.timeout(within):
-        while not condition():  # noqa: ASYNC110 - counters and flags have no event to wait on
+        while not condition():
             await asyncio.sleep(0.05)
 
 

@@ -17,12 +17,15 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import edgeward
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from hypothesis import given
+from hypothesis import strategies as st
+
+import edgeward
 from edgeward.mqtt import (
     DEFAULT_PREFIX,
     BrokerURL,
@@ -41,8 +44,6 @@ from edgeward.mqtt import (
     parse_node_topic,
 )
 from edgeward.mqtt.topics import NODE_ID_PATTERN
-from hypothesis import given
-from hypothesis import strategies as st
 
 LOOPBACK = "127.0.0.1"
 RECEIVE_TIMEOUT_S = 5.0
@@ -74,7 +75,7 @@ def free_port() -> int:
 
 async def wait_until(condition: Callable[[], bool], within: float = 10.0) -> None:
     async with asyncio.timeout(within):
-        while not condition():  # noqa: ASYNC110 - counters and flags have no event to wait on
+        while not condition():
             await asyncio.sleep(0.05)
 
 

@@ -40,6 +40,7 @@ class VerifierLifecycle(RuleBasedStateMachine):
         # The model of every nonce: "outstanding", or the reason id an answer to it now gets.
         self.fate: dict[bytes, str] = {}
         self.expiries: dict[bytes, int] = {}
+        self.spent_at: dict[bytes, int] = {}               # when a nonce stopped being answerable
         self.queues: dict[str, list[bytes]] = {n: [] for n in NODES}
 
     def now_ms(self) -> int:
@@ -55,7 +56,9 @@ class VerifierLifecycle(RuleBasedStateMachine):
         queue = self.queues[node_id]
         queue.append(challenge.nonce)
         if len(queue) > self.service.config.max_outstanding_per_node:
-            self.fate[queue.pop(0)] = "attestation.nonce.superseded"
+            oldest = queue.pop(0)
+            self.fate[oldest] = "attestation.nonce.superseded"
+            self.spent_at[oldest] = self.now_ms()
 
     @precondition(lambda self: self.issued)
     @rule(data=st.data())
@@ -67,6 +70,7 @@ class VerifierLifecycle(RuleBasedStateMachine):
         fate = self.fate[nonce]
         if fate == "outstanding":
             self.fate[nonce] = "attestation.nonce.reused"  # any answer uses the nonce up
+            self.spent_at[nonce] = self.now_ms()
             self.queues[node_id].remove(nonce)
             fate = "attestation.nonce.expired" if self.now_ms() > expires else "ok"
         if fate == "ok":
@@ -94,6 +98,13 @@ class VerifierLifecycle(RuleBasedStateMachine):
             for nonce in [n for n in queue if self.now_ms() > self.expiries[n]]:
                 queue.remove(nonce)
                 self.fate[nonce] = "attestation.nonce.expired"
+                self.spent_at[nonce] = self.now_ms()
+        # A sweep forgets nonces spent longer ago than the verifier's memory: they become unknown.
+        memory_ms = int(self.service.config.nonce_memory_s * 1000)
+        for nonce, at in list(self.spent_at.items()):
+            if self.now_ms() > at + memory_ms:
+                self.fate[nonce] = "attestation.nonce.unknown"
+                del self.spent_at[nonce]
         expired = set(self.service.expire())
         for node_id in expired:
             assert node_id in self.latest and self.now_ms() >= self.latest[node_id][1]

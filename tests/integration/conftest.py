@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import importlib.util
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -20,6 +22,24 @@ from usecases import model_path
 
 MODEL_F32 = model_path("industrial", "float32")
 MODEL_INT8 = model_path("industrial", "int8")
+
+
+def _attestation_fixtures():
+    """The software TPM fixtures of tests/attestation (``manufactured``, ``swtpm_factory``), loaded
+    by path: conftest modules cannot import each other."""
+    spec = importlib.util.spec_from_file_location(
+        "_attestation_fixtures", Path(__file__).parent.parent / "attestation" / "conftest.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look themselves up there
+    spec.loader.exec_module(module)
+    return module
+
+
+_swtpm = _attestation_fixtures()
+manufactured = _swtpm.manufactured
+swtpm_factory = _swtpm.swtpm_factory
 
 
 def manifest(
@@ -87,7 +107,17 @@ async def fleet(mqtt_url, topic_prefix, tmp_path) -> AsyncIterator[Callable]:
     stack: list = []
     channels: list[grpc.aio.Channel] = []
 
-    async def start(nodes: int = 2, **agent_kw) -> tuple[Orchestrator, list[NodeAgent], Api]:
+    async def start(
+        nodes: int = 2,
+        *,
+        attestation: dict | None = None,
+        attesters: list[dict] | None = None,
+        attested: bool = True,
+        **agent_kw,
+    ) -> tuple[Orchestrator, list[NodeAgent], Api]:
+        """``attestation``: the orchestrator's attestation config; ``attesters``: node i's attester
+        config (default software); ``attested``: wait until every node holds an affirming result
+        (else only until they are online)."""
         config = OrchestratorConfig(
             state_dir=tmp_path / "orch",
             grpc_bind="127.0.0.1:0",
@@ -95,6 +125,7 @@ async def fleet(mqtt_url, topic_prefix, tmp_path) -> AsyncIterator[Callable]:
             reconcile_interval_s=0.2,
             resend_interval_s=1.0,
             broker=BrokerConfig(url=str(mqtt_url), topic_prefix=topic_prefix),
+            attestation=attestation or {},
         )
         orch = Orchestrator(config)
         await orch.__aenter__()
@@ -108,6 +139,7 @@ async def fleet(mqtt_url, topic_prefix, tmp_path) -> AsyncIterator[Callable]:
                     heartbeat_s=0.5,
                     broker={"url": str(mqtt_url), "topic_prefix": topic_prefix},
                     state_dir=tmp_path / "agents",
+                    attestation=(attesters or [])[i] if i < len(attesters or []) else None,
                     **agent_kw,
                 )
             )
@@ -122,6 +154,12 @@ async def fleet(mqtt_url, topic_prefix, tmp_path) -> AsyncIterator[Callable]:
             return sum(n.state == 1 for n in await api.nodes_list()) == nodes
 
         await eventually(online, what=f"{nodes} nodes online")
+        if attested:
+
+            async def affirming() -> bool:
+                return all(orch.verifier.tier(a.node_id) != "none" for a in agents)
+
+            await eventually(affirming, what=f"{nodes} nodes attested")
         return orch, agents, api
 
     try:

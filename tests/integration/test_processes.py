@@ -19,7 +19,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from edgeward.oip import grpc_predict_v2_pb2 as oip
 from edgeward.oip import grpc_predict_v2_pb2_grpc as oip_grpc
-from edgeward.v1 import node_pb2
+from edgeward.v1 import attestation_pb2, attestation_pb2_grpc, node_pb2
 from orchestrator.client import ClientError, EdgewardClient
 from usecases import model_path
 from usecases.industrial.generator import make_dataset
@@ -144,6 +144,14 @@ spec:
 """
 
 
+def _attested(server: str) -> int:
+    """How many nodes hold an affirming attestation result (placement waits for them)."""
+    with grpc.insecure_channel(server) as channel:
+        stub = attestation_pb2_grpc.AttestationServiceStub(channel)
+        nodes = stub.List(attestation_pb2.ListAttestationsRequest(), timeout=10).nodes
+    return sum(n.state == attestation_pb2.ATTESTATION_STATE_AFFIRMING for n in nodes)
+
+
 def _running(client: EdgewardClient, n: int) -> bool:
     dep = client.get_deployment("vib")
     return (
@@ -182,6 +190,7 @@ def test_processes_end_to_end(cluster):
             lambda: sum(n.state == node_pb2.NODE_STATE_ONLINE for n in client.list_nodes()) == 3,
             what="3 nodes",
         )
+        wait_for(lambda: _attested(cluster.server) == 3, what="3 nodes attested")
         client.push_model(model_path("industrial", "int8"), "vib-cnn", "1.0.0")
         assert client.apply(MANIFEST).created
         wait_for(lambda: _running(client, 3), what="3 replicas running")
@@ -204,6 +213,7 @@ def test_kill9_orchestrator_restart_converges_without_double_placement(cluster):
             lambda: sum(n.state == node_pb2.NODE_STATE_ONLINE for n in client.list_nodes()) == 3,
             what="3 nodes",
         )
+        wait_for(lambda: _attested(cluster.server) == 3, what="3 nodes attested")
         client.push_model(model_path("industrial", "int8"), "vib-cnn", "1.0.0")
         client.apply(MANIFEST)
         wait_for(lambda: _running(client, 3), what="3 replicas running")
@@ -234,6 +244,7 @@ def test_reflection_lists_the_api(cluster):
         "edgeward.v1.DeploymentService",
         "edgeward.v1.NodeService",
         "edgeward.v1.ModelService",
+        "edgeward.v1.AttestationService",
         "grpc.health.v1.Health",
     } <= names
 
@@ -246,6 +257,7 @@ def test_killed_node_replicas_run_elsewhere_within_5s(cluster):
             lambda: sum(n.state == node_pb2.NODE_STATE_ONLINE for n in client.list_nodes()) == 3,
             what="3 nodes",
         )
+        wait_for(lambda: _attested(cluster.server) == 3, what="3 nodes attested")
         client.push_model(model_path("industrial", "int8"), "vib-cnn", "1.0.0")
         client.apply(MANIFEST.replace("replicas: 3", "replicas: 2"))
         wait_for(lambda: _running(client, 2), what="2 replicas running")

@@ -13,15 +13,15 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from edgeward import __version__
-from edgeward.oip import grpc_predict_v2_pb2 as pb
-from edgeward.oip import grpc_predict_v2_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from accelerators.base import InvalidInput, ModelArtifact, ModelHandle
 from accelerators.cpu_litert import CpuLitertBackend, CpuLitertConfig
 from accelerators.tflite_model import interpreter_runtime
+from edgeward import __version__
+from edgeward.oip import grpc_predict_v2_pb2 as pb
+from edgeward.oip import grpc_predict_v2_pb2_grpc as pb_grpc
 from node_agent.inference_server import (
     SERVICE_NAME,
     InferenceServerError,

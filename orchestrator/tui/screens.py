@@ -1,0 +1,310 @@
+"""Pushed screens: confirmation, apply-a-manifest, and a node's detail with live sparklines."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
+
+from rich.text import Text
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding, BindingType
+from textual.containers import Horizontal, Vertical
+from textual.screen import ModalScreen, Screen
+from textual.widgets import Button, Footer, Header, Input, Label, Sparkline, Static
+
+from edgeward.v1 import node_pb2
+
+from .client import ConsoleError
+from .model import ConsoleState, accelerator_label, phase_name, source_name, state_name
+from .views import PHASE_STYLE
+from .widgets import Cell, ConnectionBanner, LiveTable
+
+if TYPE_CHECKING:
+    from .app import ConsoleApp
+
+MODAL_CSS = """
+{name} {{
+    align: center middle;
+}}
+{name} > Vertical {{
+    width: 72;
+    max-width: 100%;
+    height: auto;
+    max-height: 100%;
+    border: thick $primary;
+    background: $surface;
+    padding: 0 1;
+}}
+{name} .buttons {{
+    height: auto;
+    align-horizontal: right;
+}}
+{name} Button {{
+    margin-left: 1;
+}}
+{name} #detail {{
+    color: $text-muted;
+}}
+"""
+
+
+class ConfirmScreen(ModalScreen[bool]):
+    """Ask before an action that changes the fleet; y / n / escape."""
+
+    DEFAULT_CSS = MODAL_CSS.format(name="ConfirmScreen")
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("y", "answer(True)", "Yes"),
+        Binding("n,escape", "answer(False)", "No"),
+    ]
+
+    def __init__(self, question: str, detail: str = "") -> None:
+        super().__init__()
+        self.question = question
+        self.detail = detail
+
+    def compose(self) -> ComposeResult:
+        with Vertical():
+            yield Label(Text(self.question, "bold"), id="question")
+            yield Static(self.detail, id="detail")
+            with Horizontal(classes="buttons"):
+                yield Button("Yes (y)", variant="warning", id="yes")
+                yield Button("No (n)", id="no")
+
+    def on_mount(self) -> None:
+        self.query_one("#no", Button).focus()
+
+    @on(Button.Pressed)
+    def _pressed(self, event: Button.Pressed) -> None:
+        self.dismiss(event.button.id == "yes")
+
+    def action_answer(self, yes: bool) -> None:
+        self.dismiss(yes)
+
+
+class ApplyScreen(ModalScreen[str | None]):
+    """Read a manifest file, let the orchestrator validate it (dry run), then confirm.
+
+    Dismisses with the manifest text to apply, or None."""
+
+    DEFAULT_CSS = MODAL_CSS.format(name="ApplyScreen")
+    BINDINGS: ClassVar[list[BindingType]] = [Binding("escape", "cancel", "Cancel")]
+
+    def __init__(self, path: str = "") -> None:
+        super().__init__()
+        self._initial = path
+        self._manifest: str | None = None
+
+    def compose(self) -> ComposeResult:
+        with Vertical():
+            yield Label(Text("Apply a deployment manifest", "bold"))
+            yield Input(self._initial, placeholder="path to a manifest (YAML/JSON)", id="path")
+            yield Static("enter: validate (dry run) · escape: cancel", id="detail")
+            with Horizontal(classes="buttons"):
+                yield Button("Apply", variant="warning", id="apply", disabled=True)
+                yield Button("Cancel", id="cancel")
+
+    @on(Input.Submitted, "#path")
+    def _validate(self, event: Input.Submitted) -> None:
+        self._manifest = None
+        self.query_one("#apply", Button).disabled = True
+        path = Path(event.value.strip()).expanduser()
+        try:
+            text = path.read_text()
+        except OSError as err:
+            self._say(Text(f"cannot read {path}: {err.strerror or err}", "red"))
+            return
+        self._dry_run(text)
+
+    @on(Input.Changed, "#path")
+    def _edited(self) -> None:
+        self._manifest = None
+        self.query_one("#apply", Button).disabled = True
+
+    @work(exclusive=True, group="dry-run")
+    async def _dry_run(self, text: str) -> None:
+        app: ConsoleApp = self.app  # type: ignore[assignment]
+        self._say("validating…")
+        try:
+            resp = await app.call(lambda c: c.apply(text, dry_run=True))
+        except ConsoleError as err:
+            lines = Text(f"refused ({err.code}):\n", "red")
+            for part in err.detail.split("; "):
+                lines.append(f"  {part}\n", "red")
+            self._say(lines)
+            return
+        dep = resp.deployment
+        self._manifest = text
+        verb = "update" if dep.name in app.state.deployments else "create"
+        self._say(
+            f"will {verb} deployment/{dep.name}: model {dep.spec.model.name}:{dep.spec.model.version}, "
+            f"{dep.spec.replicas} replica(s). Apply?"
+        )
+        button = self.query_one("#apply", Button)
+        button.disabled = False
+        button.focus()
+
+    def _say(self, message: str | Text) -> None:
+        self.query_one("#detail", Static).update(message)
+
+    @on(Button.Pressed, "#apply")
+    def _apply(self) -> None:
+        self.dismiss(self._manifest)
+
+    @on(Button.Pressed, "#cancel")
+    def action_cancel(self) -> None:
+        self.dismiss(None)
+
+
+class Metric(Horizontal):
+    """A labelled sparkline with its latest value."""
+
+    DEFAULT_CSS = """
+    Metric {
+        height: 1;
+    }
+    Metric > .name {
+        width: 26;
+        padding: 0 1;
+    }
+    Metric > Sparkline {
+        width: 1fr;
+    }
+    Metric > .value {
+        width: 10;
+        text-align: right;
+        padding: 0 1;
+    }
+    """
+
+    def __init__(self, name: str, *, id: str) -> None:
+        super().__init__(id=id)
+        self._label = name
+
+    def compose(self) -> ComposeResult:
+        yield Label(self._label, classes="name")
+        yield Sparkline([])
+        yield Label("-", classes="value")
+
+    def show(self, name: str, values: list[float]) -> None:
+        self.query_one(".name", Label).update(name)
+        self.query_one(Sparkline).data = values
+        self.query_one(".value", Label).update(f"{values[-1]:.1f}" if values else "-")
+
+
+class NodeDetailScreen(Screen[None]):
+    """One node: inventory, live sparklines of power, latency and throughput, its replicas."""
+
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("escape,backspace", "app.pop_screen", "Back"),
+        Binding("c", "cordon", "Cordon/uncordon"),
+        Binding("n", "drain", "Drain"),
+    ]
+    DEFAULT_CSS = """
+    NodeDetailScreen #title {
+        padding: 0 1;
+        text-style: bold;
+    }
+    NodeDetailScreen #facts {
+        padding: 0 1;
+        height: auto;
+        color: $text-muted;
+    }
+    NodeDetailScreen #metrics {
+        height: auto;
+        margin: 1 0 0 0;
+    }
+    NodeDetailScreen #node-replicas {
+        margin: 1 0 0 0;
+    }
+    """
+
+    def __init__(self, node_id: str) -> None:
+        super().__init__()
+        self.node_id = node_id
+
+    @property
+    def console_app(self) -> ConsoleApp:
+        return self.app  # type: ignore[return-value]
+
+    def compose(self) -> ComposeResult:
+        yield Header(show_clock=False)
+        yield ConnectionBanner()
+        yield Label(self.node_id, id="title")
+        yield Static("", id="facts")
+        with Vertical(id="metrics"):
+            yield Metric("power W", id="power")
+            yield Metric("latency p95 ms", id="latency")
+            yield Metric("throughput inf/s", id="throughput")
+        yield LiveTable(["DEPLOYMENT", "MODEL", "PHASE", "INFERENCES", "P95 MS"], id="node-replicas")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.sub_title = f"node {self.node_id}"
+        self.console_app.show_banner(self.query_one(ConnectionBanner))
+        self.show(self.console_app.state)
+        self.query_one(LiveTable).focus()
+
+    def show(self, state: ConsoleState) -> None:
+        node = state.nodes.get(self.node_id)
+        if node is None:
+            self.query_one("#title", Label).update(Text(f"{self.node_id}: not listed", "red"))
+            return
+        inv = node.inventory
+        online = node.state == node_pb2.NODE_STATE_ONLINE
+        title = Text(self.node_id, "bold")
+        title.append("  ")
+        title.append(state_name(node.state), "green" if online else "bold red")
+        if node.cordoned:
+            title.append("  cordoned", "yellow")
+        title.append(f"  {inv.hardware_profile}")
+        self.query_one("#title", Label).update(title)
+        labels = ", ".join(f"{k}={v}" for k, v in sorted(inv.labels.items())) or "-"
+        accs = "; ".join(
+            f"{accelerator_label(a)} {','.join(a.dtypes)} {a.idle_w:g}-{a.active_w:g} W"
+            for a in inv.accelerators
+        )
+        trust = ""
+        if self.node_id in state.attestations:
+            view = state.attestations[self.node_id]
+            reasons = ", ".join(r.id for r in view.result.reasons) or view.last_rejection
+            trust = f"\nattest   {state.attestation_states[self.node_id]} · tier {view.result.tier or '-'}"
+            trust += f" · {reasons}" if reasons else ""
+        self.query_one("#facts", Static).update(
+            f"labels   {labels}\n"
+            f"accel    {accs or '-'}\n"
+            f"memory   {inv.memory_bytes // 2**20} MiB · max replicas {inv.max_replicas} · agent {inv.agent_version}\n"
+            f"serves   {inv.inference_endpoint or '-'}{trust}"
+        )
+        history = state.history.get(self.node_id)
+        source = source_name(node.telemetry.energy_source) if node.HasField("telemetry") else "modelled"
+        self.query_one("#power", Metric).show(f"power W ({source})", list(history.power_w) if history else [])
+        self.query_one("#latency", Metric).show(
+            "latency p95 ms (worst)", list(history.latency_p95_ms) if history else []
+        )
+        self.query_one("#throughput", Metric).show(
+            "throughput inf/s", list(history.throughput) if history else []
+        )
+        stats = {(m.model_name, m.model_version): m for m in node.telemetry.models}
+        owners = {r.id: dep for dep in state.deployments.values() for r in dep.status.replica_list}
+        rows: dict[str, list[Cell]] = {}
+        for rep in sorted(node.replicas, key=lambda r: (owners[r.id].name if r.id in owners else "", r.id)):
+            dep = owners.get(rep.id)
+            model = dep.spec.model.name if dep else "?"
+            version = rep.model_version or (dep.spec.model.version if dep else "")
+            m = stats.get((model, version))
+            phase = phase_name(rep.phase)
+            rows[rep.id] = [
+                dep.name if dep else rep.id,
+                f"{model}:{version}",
+                Text(phase, PHASE_STYLE.get(phase, "")),
+                str(m.inferences) if m else "0",
+                f"{m.latency_p95_ms:.2f}" if m and m.inferences else "-",
+            ]
+        self.query_one(LiveTable).show_rows(rows)
+
+    def action_cordon(self) -> None:
+        self.console_app.request_cordon(self.node_id)
+
+    def action_drain(self) -> None:
+        self.console_app.request_drain(self.node_id)

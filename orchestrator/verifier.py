@@ -1,0 +1,286 @@
+"""The verifier as the orchestrator runs it: attestation of the fleet over MQTT, enrollments in the
+store, gating and quarantine for the reconciler, key release for the dispatcher.
+
+The attestation package does the appraisal (:class:`attestation.service.AttestationVerifierService`);
+this module wires it in (docs/attestation.md, "How it is wired")::
+
+    node hello ─────────────▶ attest(node): challenge if enrolled, else Attest{} (= please enroll)
+    .../evidence ───────────▶ evidence(): service.receive -> reply as an ``attest`` command;
+                              a new enrollment is stored and challenged at once;
+                              a result that is not affirming -> quarantine
+    every tick (1 s) ───────▶ service.expire() -> quarantine; nodes due (challenge_interval_s) challenged
+    quarantine(node) ───────▶ alert (log), ``wipe`` command, reconciler woken: it evicts the node's
+                              replicas (reason attestation.*) and places them on trusted nodes
+    agent.wipe.done event ──▶ wipe_confirmed()
+
+The reconciler asks :meth:`tier` (NodeInfo.attestation_tier), :meth:`why_not_trusted` (why a
+node may not hold models) and :meth:`release_key` (the data key wrapped to the node's binding
+key; refused unless the node holds an unexpired affirming result).
+
+All methods run on the event loop; ``service.receive`` is CPU-only and takes well under a
+millisecond, so it runs inline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from attestation.artifacts import (
+    AGENT_CODE,
+    AGENT_CODE_PACKAGES,
+    AGENT_CONFIG,
+    code_digest,
+    key_context,
+    model_component,
+)
+from attestation.enrollment import load_ca_bundle
+from attestation.grpc_api import AttestationServicer
+from attestation.reference import ReferenceValues
+from attestation.results import ResultSigner
+from attestation.service import AttestationState, AttestationVerifierService
+from edgeward.v1 import attestation_pb2 as apb
+from edgeward.v1 import node_pb2
+from edgeward.wire import now_ms
+
+from .config import AttestationConfig
+from .fleet import Fleet
+from .reconciler import DbCall, Publish, command
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+TICK_S = 1.0
+_STATE_REASON = {
+    None: "attestation.missing",
+    AttestationState.ENROLLED: "attestation.missing",
+    AttestationState.WARNING: "attestation.warning",
+    AttestationState.CONTRAINDICATED: "attestation.contraindicated",
+    AttestationState.EXPIRED: "attestation.expired",
+    AttestationState.REVOKED: "attestation.revoked",
+}
+
+
+def builtin_reference() -> ReferenceValues:
+    """Reference values for an orchestrator given none: trust exactly the agent code of this
+    installation and the models of the catalog; require a measured config, pin neither it nor the
+    accelerators. Not trust on first use: nothing a node sends widens it."""
+    return ReferenceValues.model_validate(
+        {
+            "version": 1,
+            "checks": ["digests_match", "required_components", "pcr_values"],
+            "required": [AGENT_CODE, AGENT_CONFIG],
+            "components": {
+                AGENT_CODE: {
+                    "digests": [code_digest().hex()],
+                    "description": "packages " + ", ".join(AGENT_CODE_PACKAGES) + " of this release",
+                },
+                "model.*": {"description": "models of the catalog, added as they are pushed"},
+            },
+        }
+    )
+
+
+@dataclass
+class Quarantine:
+    """A node that lost its trust: when, why, and when it confirmed the wipe."""
+
+    node_id: str
+    reason: str  # attestation.contraindicated | .expired | .warning | .revoked
+    message: str
+    at: float  # time.monotonic()
+    wiped_at: float | None = None
+
+
+class FleetVerifier:
+    """Attests every node of the fleet and quarantines those that fail (see the module docstring)."""
+
+    def __init__(
+        self,
+        config: AttestationConfig,
+        service: AttestationVerifierService,
+        *,
+        fleet: Fleet,
+        publish: Publish,
+        db: DbCall,
+        store: Store,
+        node_timeout_s: float,
+        on_change: Callable[[], None],
+    ) -> None:
+        self.config = config
+        self.service = service
+        self._fleet = fleet
+        self._publish = publish
+        self._db = db
+        self._store = store
+        self._node_timeout_s = node_timeout_s
+        self._on_change = on_change
+        self._last_attest: dict[str, float] = {}  # node -> monotonic time of the last challenge/ask
+        self._first_seen: dict[str, float] = {}  # node -> first hello since this orchestrator started
+        self.quarantined: dict[str, Quarantine] = {}
+
+    @staticmethod
+    def load_service(config: AttestationConfig, state_dir: Path) -> AttestationVerifierService:
+        """Blocking (reads files): the verifier service from the configuration."""
+        reference = ReferenceValues.load(config.reference) if config.reference else builtin_reference()
+        if config.reference is None:
+            log.warning(
+                "attestation: no reference values file; built-in policy (agent code of this release, "
+                "catalog models; config and accelerators not pinned)"
+            )
+        signer = ResultSigner.from_file(config.signing_key or state_dir / "attestation" / "verifier.pem")
+        ek_trust = load_ca_bundle(config.ek_ca_file) if config.ek_ca_file else []
+        return AttestationVerifierService(config.verifier, reference, signer, ek_trust=ek_trust)
+
+    def restore(self, enrollments: list[bytes], models: list[tuple[str, str]]) -> None:
+        """Trust the enrollments kept in the store and the digests of the catalog's models."""
+        for data in enrollments:
+            record = apb.Enrollment.FromString(data)
+            self.service.register(record)
+        digests: dict[str, set[str]] = {}
+        for name, sha256 in models:
+            digests.setdefault(name, set()).add(sha256)
+        for name, found in digests.items():
+            self.service.allow(model_component(name), *sorted(found))
+        if enrollments:
+            log.info("attestation: %d enrollments restored", len(enrollments))
+
+    def servicer(self) -> AttestationServicer:
+        return AttestationServicer(self.service, attest_now=self.attest)
+
+    # ------------------------------------------------------------ relying party
+
+    def tier(self, node_id: str) -> str:
+        return self.service.tier(node_id)
+
+    def why_not_trusted(self, node_id: str) -> tuple[str, str] | None:
+        """(reason id, message) when the node may hold no model; None when it holds an affirming
+        result, or has just connected and has not had the time to answer its first challenge."""
+        state = self.service.state(node_id)
+        if state == AttestationState.AFFIRMING:
+            return None
+        if state in (None, AttestationState.ENROLLED):
+            first = self._first_seen.get(node_id)
+            if first is None or time.monotonic() - first < self.config.verifier.challenge_ttl_s:
+                return None
+        reason = _STATE_REASON[state]
+        return reason, self._explain(node_id, state)
+
+    def _explain(self, node_id: str, state: AttestationState | None) -> str:
+        view = self.service.snapshot(node_id)
+        if view is None or state in (None, AttestationState.ENROLLED):
+            detail = (
+                f"; last refusal {view.last_rejection}" if view is not None and view.last_rejection else ""
+            )
+            return f"node {node_id} has no attestation result{detail}"
+        bad = [f"{r.subject}: {r.id}" for r in view.result.reasons]
+        return f"attestation {state.name.lower()}" + (f" ({', '.join(bad)})" if bad else "")
+
+    def release_key(self, node_id: str, name: str, version: str, data_key: bytes) -> bytes:
+        """The data key of model ``name:version`` wrapped to the node (KeyReleaseError if refused)."""
+        return self.service.release_key(node_id, data_key, key_context(node_id, name, version))
+
+    def allow_model(self, name: str, sha256: str) -> None:
+        self.service.allow(model_component(name), sha256)
+
+    # ------------------------------------------------------------ the wire
+
+    async def _send(self, node_id: str, **body: object) -> None:
+        await self._publish(node_id, command(node_id, **body))
+
+    async def node_connected(self, node_id: str) -> None:
+        self._first_seen.setdefault(node_id, time.monotonic())
+        await self.attest(node_id)
+
+    async def attest(self, node_id: str) -> None:
+        """Challenge the node now (or ask it to enroll if it is not enrolled)."""
+        self._last_attest[node_id] = time.monotonic()
+        state = self.service.state(node_id)
+        if state == AttestationState.REVOKED:
+            return
+        message = b"" if state is None else self.service.challenge(node_id)
+        await self._send(node_id, attest=node_pb2.Attest(message=message))
+
+    async def evidence(self, node_id: str, payload: bytes) -> None:
+        try:
+            await self._evidence(node_id, payload)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # bad input is refused inside receive(); this is a bug or the store failing
+            log.exception("attestation message of %s not handled", node_id)
+
+    async def _evidence(self, node_id: str, payload: bytes) -> None:
+        outcome = self.service.receive(node_id, payload)
+        if outcome.reply is not None:
+            await self._send(node_id, attest=node_pb2.Attest(message=outcome.reply))
+        if outcome.enrolled is not None:
+            await self._db(
+                self._store.put_enrollment, node_id, outcome.enrolled.SerializeToString(), now_ms()
+            )
+            await self.attest(node_id)
+        result = outcome.result
+        if result is None:
+            return
+        if result.status == apb.ATTESTATION_STATUS_AFFIRMING:
+            released = self.quarantined.pop(node_id, None)
+            if released is not None:
+                log.warning("node %s attested affirming again: out of quarantine", node_id)
+        else:
+            state = self.service.state(node_id)
+            await self.quarantine(node_id, _STATE_REASON[state], self._explain(node_id, state))
+        self._on_change()
+
+    def wipe_confirmed(self, node_id: str, event: node_pb2.Event) -> None:
+        q = self.quarantined.get(node_id)
+        if q is not None and q.wiped_at is None:
+            q.wiped_at = time.monotonic()
+            log.warning(
+                "node %s confirmed its wipe %.0f ms after quarantine: %s",
+                node_id,
+                (q.wiped_at - q.at) * 1000,
+                event.message,
+            )
+
+    async def quarantine(self, node_id: str, reason: str, message: str) -> None:
+        """Alert, wipe the node, and have the reconciler move its replicas (once per loss of trust)."""
+        if node_id in self.quarantined:
+            return
+        self.quarantined[node_id] = Quarantine(node_id, reason, message, time.monotonic())
+        log.error(
+            "ALERT node %s quarantined: %s (%s); wiping it and rescheduling its replicas",
+            node_id,
+            reason,
+            message,
+        )
+        self._on_change()
+        await self._send(node_id, wipe=node_pb2.Wipe(reason=reason))
+
+    # ------------------------------------------------------------ periodic work
+
+    async def run(self) -> None:
+        tick = min(TICK_S, self.config.challenge_interval_s / 2)
+        while True:
+            await asyncio.sleep(tick)
+            try:
+                await self.tick()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # one bad pass must not stop re-attestation
+                log.exception("attestation pass failed")
+
+    async def tick(self) -> None:
+        for node_id in self.service.expire():
+            state = self.service.state(node_id)
+            await self.quarantine(node_id, _STATE_REASON[state], self._explain(node_id, state))
+        now = time.monotonic()
+        interval = self.config.challenge_interval_s
+        for node in list(self._fleet.nodes.values()):
+            if (
+                node.online(now, self._node_timeout_s)
+                and now - self._last_attest.get(node.id, 0.0) >= interval
+            ):
+                await self.attest(node.id)
