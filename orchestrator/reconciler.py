@@ -35,7 +35,7 @@ from .config import OrchestratorConfig
 from .errors import NotFound
 from .fleet import Fleet, NodeView
 from .phases import ACTIVE, Phase
-from .scheduler import TIERS, NodeInfo, PlacementRequest, Scheduler, Unschedulable
+from .scheduler import TIERS, FleetSnapshot, NodeInfo, PlacementRequest, Scheduler, Unschedulable
 from .store import DeploymentRecord, ReplicaChange, ReplicaRecord, SealedArtifact, Store
 
 log = logging.getLogger(__name__)
@@ -278,7 +278,10 @@ class Reconciler:
 
         # 3. Place the pending replicas on a snapshot of the fleet.
         if pending:
-            snapshot = self._snapshot(replicas, changes, deployments, now)
+            # One immutable, columnar snapshot per pass; the plan updates capacity as it binds.
+            plan = self._scheduler.plan(
+                FleetSnapshot.from_node_infos(self._snapshot(replicas, changes, deployments, now))
+            )
             for dep, rep in pending:
                 model = await self._model(rep.model_name, rep.model_version)
                 if model is None:
@@ -289,7 +292,7 @@ class Reconciler:
                             message=f"model {rep.model_name}:{rep.model_version} is not in the catalog",
                         )
                     continue
-                result = self._scheduler.place(_request(dep, model[0], need[dep.name]), snapshot)
+                result = plan.place(_request(dep, model[0], need[dep.name], rep.id))
                 if isinstance(result, Unschedulable):
                     if (rep.reason, rep.message) != (result.reason, result.message):
                         change(rep, reason=result.reason, message=result.message)
@@ -520,13 +523,17 @@ def _node_info(
         memory_used=memory_used,
         per_deployment=per_deployment,
         attestation_tier=attestation_tier,
+        hardware_profile=hello.hardware_profile,
     )
 
 
-def _request(dep: DeploymentRecord, model: api_pb2.Model, tier: str) -> PlacementRequest:
+def _request(dep: DeploymentRecord, model: api_pb2.Model, tier: str, replica_id: str) -> PlacementRequest:
     req = dep.manifest.spec.requirements
     return PlacementRequest(
         deployment=dep.name,
+        model=f"{model.name}:{model.version}",
+        max_latency_ms=req.max_latency_ms,
+        replica_id=replica_id,
         accelerators=frozenset(req.accelerators),
         dtypes=frozenset(model.dtypes),
         memory_bytes=req.memory_bytes,
