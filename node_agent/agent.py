@@ -194,12 +194,7 @@ class NodeAgent:
 
     def drop_counts(self) -> dict[str, int]:
         """Refused commands by reason, including those the session dropped for size."""
-        counts = dict(self.drops.counts)
-        if self._mqtt is not None:
-            counts["wire.payload.too_large"] = (
-                counts.get("wire.payload.too_large", 0) + self._mqtt.stats.dropped_oversize
-            )
-        return counts
+        return self.drops.with_oversize(self._mqtt.stats.dropped_oversize if self._mqtt is not None else 0)
 
     @property
     def inference_endpoint(self) -> str:

@@ -342,12 +342,7 @@ class Orchestrator:
 
     def drop_counts(self) -> dict[str, int]:
         """Refused MQTT payloads by reason, including those the session dropped for size."""
-        counts = dict(self.drops.counts)
-        if self._mqtt is not None:
-            counts["wire.payload.too_large"] = (
-                counts.get("wire.payload.too_large", 0) + self._mqtt.stats.dropped_oversize
-            )
-        return counts
+        return self.drops.with_oversize(self._mqtt.stats.dropped_oversize if self._mqtt is not None else 0)
 
     def _node_record(self, node_id: str, msg: node_pb2.NodeMessage) -> NodeRecord:
         return NodeRecord(

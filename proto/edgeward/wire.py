@@ -51,6 +51,13 @@ class DropCounter:
     def total(self) -> int:
         return sum(self.counts.values())
 
+    def with_oversize(self, dropped_oversize: int) -> dict[str, int]:
+        """The counts plus payloads the MQTT session refused for size before decoding."""
+        counts = dict(self.counts)
+        if dropped_oversize:
+            counts["wire.payload.too_large"] = counts.get("wire.payload.too_large", 0) + dropped_oversize
+        return counts
+
 
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
