@@ -1,0 +1,304 @@
+"""Property: under random interleavings of apply, attest, tamper, silence and clock jumps, no
+replica is ever Running on a node that does not hold a valid affirming attestation result.
+
+The control plane is real (SQLite store, reconciler, vectorised scheduler, FleetVerifier over the
+attestation service, software attesters, sealed models, real key release and unwrap); only the
+wire is short-circuited: commands go straight to a small in-test node that does what the agent
+does with them (answer challenges with its responder, unwrap the released key and open the
+sealed model before reporting Running, drop everything on wipe). Every step ends with reconcile
+passes, after which the invariant is checked exactly: nothing else runs in between.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import shutil
+import tempfile
+from pathlib import Path
+
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+
+from attestation import keyrelease
+from attestation.artifacts import AGENT_CODE_PACKAGES, code_digest, model_aad, model_component
+from attestation.attesters import create as create_attester
+from attestation.attesters.software import SoftwareAttesterConfig
+from attestation.errors import AttestationError
+from attestation.responder import AttestationResponder
+from attestation.service import AttestationVerifierService
+from edgeward.v1 import api_pb2, node_pb2
+from edgeward.wire import node_message
+from orchestrator.api import _seal
+from orchestrator.config import AttestationConfig, OrchestratorConfig
+from orchestrator.fleet import Fleet
+from orchestrator.manifest import parse_manifest
+from orchestrator.phases import Phase
+from orchestrator.reconciler import Reconciler
+from orchestrator.scheduler import Scheduler
+from orchestrator.store import ModelRecord, SqliteStore
+from orchestrator.verifier import FleetVerifier, builtin_reference
+from usecases import model_path
+
+NODES = ("n1", "n2", "n3")
+MODEL = model_path("industrial", "int8").read_bytes()
+SHA = hashlib.sha256(MODEL).hexdigest()
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Node:
+    """What the agent does with each command, minus MQTT."""
+
+    def __init__(self, node_id: str, key_dir: Path) -> None:
+        self.id = node_id
+        self.responder = AttestationResponder(
+            node_id, create_attester(SoftwareAttesterConfig(key_dir=key_dir))
+        )
+        self.responder.open()
+        self.responder.measure_digest("agent.code", code_digest(), ",".join(AGENT_CODE_PACKAGES))
+        self.responder.measure("agent.config", node_id.encode(), "config")
+        self.running: dict[str, node_pb2.DeployReplica] = {}
+        self.failed: dict[str, tuple[node_pb2.DeployReplica, str]] = {}
+        self.silent = False
+        self.seq = 0
+        self.outbox: list[bytes] = []  # evidence to deliver to the verifier
+
+    def command(self, cmd: node_pb2.Command, sealed_blob: bytes) -> None:
+        body = cmd.WhichOneof("body")
+        if body == "attest" and not self.silent:
+            message = cmd.attest.message
+            self.outbox.append(
+                self.responder.handle(message) if message else self.responder.enrollment_request()
+            )
+        elif body == "deploy":
+            self._deploy(cmd.deploy, sealed_blob)
+        elif body == "sync":
+            wanted = {d.replica_id for d in cmd.sync.replicas}
+            self.running = {k: v for k, v in self.running.items() if k in wanted}
+            for d in cmd.sync.replicas:
+                self._deploy(d, sealed_blob)
+        elif body == "undeploy":
+            self.running.pop(cmd.undeploy.replica_id, None)
+            self.failed.pop(cmd.undeploy.replica_id, None)
+        elif body == "wipe":
+            self.running.clear()
+            self.failed.clear()
+
+    def _deploy(self, spec: node_pb2.DeployReplica, sealed_blob: bytes) -> None:
+        # As the agent: no key, no model; the key must unwrap here and open the sealed artifact.
+        # After a measurement changed, the binding key's policy refuses: the replica fails.
+        try:
+            key = self.responder.unwrap(spec.wrapped_key)
+        except AttestationError as err:
+            self.failed[spec.replica_id] = (spec, err.reason)
+            return
+        data = keyrelease.open_sealed(
+            key, sealed_blob, model_aad(spec.model_name, spec.model_version, spec.sha256)
+        )
+        assert hashlib.sha256(data).hexdigest() == spec.sha256
+        self.responder.measure(model_component(spec.model_name), data, spec.model_version)
+        self.running[spec.replica_id] = spec
+
+    def status(self) -> node_pb2.NodeMessage:
+        self.seq += 1
+        reports = [
+            node_pb2.ReplicaReport(
+                replica_id=r,
+                deployment=s.deployment,
+                model_name=s.model_name,
+                model_version=s.model_version,
+                phase=node_pb2.REPLICA_PHASE_RUNNING,
+            )
+            for r, s in self.running.items()
+        ] + [
+            node_pb2.ReplicaReport(
+                replica_id=r,
+                deployment=s.deployment,
+                model_name=s.model_name,
+                model_version=s.model_version,
+                phase=node_pb2.REPLICA_PHASE_FAILED,
+                reason=why,
+            )
+            for r, (s, why) in self.failed.items()
+        ]
+        return node_message(
+            self.id,
+            status=node_pb2.Status(state=node_pb2.NODE_STATE_ONLINE, status_seq=self.seq, replicas=reports),
+        )
+
+    def hello(self) -> node_pb2.NodeMessage:
+        acc = node_pb2.Accelerator(
+            kind="cpu-litert", dtypes=["FP32", "INT8"], availability="ok", active_w=5.0
+        )
+        return node_message(
+            self.id,
+            hello=node_pb2.Hello(
+                accelerators=[acc],
+                max_replicas=4,
+                memory_bytes=1 << 30,
+                boot_unix_ms=1,
+                inference_endpoint="127.0.0.1:1",
+            ),
+        )
+
+
+@settings(
+    max_examples=40,
+    stateful_step_count=30,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+class AttestationGate(RuleBasedStateMachine):
+    @initialize()
+    def setup(self) -> None:
+        self.tmp = Path(tempfile.mkdtemp(prefix="edgeward-prop-"))
+        self.loop = asyncio.new_event_loop()
+        self.clock = Clock()
+        self.store = SqliteStore(self.tmp / "orch")
+        self.fleet = Fleet()
+        self.sent: list[node_pb2.Command] = []
+
+        async def publish(node_id: str, cmd: node_pb2.Command) -> None:
+            self.sent.append(cmd)
+
+        async def db(fn, *args):
+            return fn(*args)
+
+        att = AttestationConfig()
+        service = AttestationVerifierService(att.verifier, builtin_reference(), clock=self.clock)
+        self.verifier = FleetVerifier(
+            att,
+            service,
+            fleet=self.fleet,
+            publish=publish,
+            db=db,
+            store=self.store,
+            node_timeout_s=3600,
+            on_change=lambda: None,
+        )
+        config = OrchestratorConfig(state_dir=self.tmp / "orch", node_timeout_s=3600, resend_interval_s=0.001)
+        self.reconciler = Reconciler(
+            self.store,
+            db,
+            self.fleet,
+            Scheduler(),
+            publish,
+            config,
+            artifact_endpoint=lambda: "127.0.0.1:1",
+            on_change=lambda _: None,
+            trust=self.verifier,
+        )
+        record = ModelRecord(
+            "vib-cnn",
+            "1.0.0",
+            SHA,
+            len(MODEL),
+            api_pb2.Model(
+                name="vib-cnn", version="1.0.0", sha256=SHA, size=len(MODEL), dtypes=["INT8"]
+            ).SerializeToString(),
+            1,
+        )
+        blob, sealed = _seal(MODEL, model_aad("vib-cnn", "1.0.0", SHA))
+        self.store.put_model(record, blob, sealed)
+        self.sealed_blob = blob
+        self.verifier.allow_model("vib-cnn", SHA)
+        self.nodes = {n: Node(n, self.tmp / n) for n in NODES}
+        for node in self.nodes.values():
+            self.fleet.apply(node.hello())
+            self.fleet.apply(node.status())
+            self.run(self.verifier.node_connected(node.id))
+        self.settle()
+
+    def teardown(self) -> None:
+        for node in getattr(self, "nodes", {}).values():
+            node.responder.close()
+        if hasattr(self, "store"):
+            self.store.close()
+            self.loop.close()
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def run(self, coro):
+        return self.loop.run_until_complete(coro)
+
+    def settle(self) -> None:
+        """Deliver commands and evidence until quiet, with reconcile passes in between."""
+        for _ in range(12):
+            moved = False
+            sent, self.sent = self.sent, []
+            for cmd in sent:
+                self.nodes[cmd.node_id].command(cmd, self.sealed_blob)
+                moved = True
+            for node in self.nodes.values():
+                outbox, node.outbox = node.outbox, []
+                for payload in outbox:
+                    self.run(self.verifier.evidence(node.id, payload))
+                    moved = True
+                self.fleet.apply(node.status())
+            self.run(self.reconciler.reconcile_once())
+            if not moved and not self.sent:
+                break
+
+    # ------------------------------------------------------------ events
+
+    @rule(replicas=st.integers(0, 4), tier=st.sampled_from(["none", "software"]))
+    def apply(self, replicas: int, tier: str) -> None:
+        text = (
+            f"apiVersion: edgeward/v1\nkind: Deployment\nmetadata: {{name: vib}}\nspec:\n"
+            f"  model: {{name: vib-cnn, version: 1.0.0}}\n  replicas: {replicas}\n"
+            f"  requirements: {{attestation: {tier}}}\n"
+        )
+        self.store.put_deployment(parse_manifest(text), 1)
+        self.settle()
+
+    @rule(node_id=st.sampled_from(NODES))
+    def attest(self, node_id: str) -> None:
+        self.run(self.verifier.attest(node_id))
+        self.settle()
+
+    @rule(node_id=st.sampled_from(NODES))
+    def tamper(self, node_id: str) -> None:
+        self.nodes[node_id].responder.measure_digest(
+            "agent.code", hashlib.sha256(node_id.encode()).digest(), "x"
+        )
+        self.settle()
+
+    @rule(node_id=st.sampled_from(NODES), silent=st.booleans())
+    def silence(self, node_id: str, silent: bool) -> None:
+        self.nodes[node_id].silent = silent
+
+    @rule(seconds=st.floats(0, 120))
+    def advance(self, seconds: float) -> None:
+        self.clock.now += seconds
+        self.run(self.verifier.tick())
+        self.settle()
+
+    # ------------------------------------------------------------ the property
+
+    @invariant()
+    def no_running_replica_without_an_affirming_result(self) -> None:
+        if not hasattr(self, "store"):
+            return
+        for rep in self.store.list_replicas():
+            if rep.phase == Phase.RUNNING:
+                assert self.verifier.service.tier(rep.node_id) != "none", (
+                    f"{rep.id} Running on {rep.node_id} whose attestation is {self.verifier.service.state(rep.node_id)}"
+                )
+
+    @invariant()
+    def nodes_serve_only_with_an_affirming_result(self) -> None:
+        for node in getattr(self, "nodes", {}).values():
+            if node.running:
+                assert self.verifier.service.tier(node.id) != "none", (
+                    f"{node.id} serves without a valid result"
+                )
+
+
+TestAttestationGate = AttestationGate.TestCase
