@@ -199,7 +199,7 @@ def deployments_table(items: list[api_pb2.Deployment], detail: bool = False) -> 
 
 def nodes_table(items: list[api_pb2.Node]) -> Table:
     table = Table(title="nodes", title_justify="left")
-    for col in ("NODE", "STATUS", "PROFILE", "ACCELERATORS", "REPLICAS", "POWER W", "ENDPOINT"):
+    for col in ("NODE", "STATUS", "TRUST", "PROFILE", "ACCELERATORS", "REPLICAS", "POWER W", "ENDPOINT"):
         table.add_column(col)
     for node in items:
         status = state_name(node.state) + (" (cordoned)" if node.cordoned else "")
@@ -208,9 +208,13 @@ def nodes_table(items: list[api_pb2.Node]) -> Table:
             for a in node.inventory.accelerators
         )
         power = f"{node.telemetry.power_w:.2f}" if node.HasField("telemetry") else "-"
+        trust = node.attestation_tier or "none"
+        if node.quarantine_reason:
+            trust += f" (quarantined: {node.quarantine_reason})"
         table.add_row(
             node.id,
             status,
+            trust,
             node.inventory.hardware_profile,
             accs,
             str(len(node.replicas)),

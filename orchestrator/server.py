@@ -400,7 +400,12 @@ class Orchestrator:
     def _node_pb(self, node_id: str, record: NodeRecord | None, replicas: list) -> api_pb2.Node:
         view = self.fleet.nodes.get(node_id)
         online = view is not None and view.online(time.monotonic(), self.config.node_timeout_s)
-        return node_to_pb(node_id, record, view, online, replicas)
+        pb = node_to_pb(node_id, record, view, online, replicas)
+        pb.attestation_tier = self.verifier.tier(node_id)
+        quarantine = self.verifier.quarantined.get(node_id)
+        if quarantine is not None:
+            pb.quarantine_reason = quarantine.reason
+        return pb
 
     async def set_cordon(self, node_id: str, cordon: bool) -> None:
         def update() -> None:

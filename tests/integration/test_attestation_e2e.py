@@ -176,6 +176,8 @@ async def test_tampered_node_is_quarantined_wiped_and_its_replicas_move(fleet, t
     assert to_wipe <= 2.0, f"quarantine and wipe took {to_wipe:.2f} s"
     assert q.reason == "attestation.contraindicated"
     assert not victim.runtime.replicas and not list(victim.runtime.cache_dir.iterdir())
+    shown = await api.nodes.Get(api_pb2.GetNodeRequest(node_id=victim_id))
+    assert (shown.attestation_tier, shown.quarantine_reason) == ("none", "attestation.contraindicated")
 
     async def moved() -> bool:
         running = await _running_on(api)

@@ -52,6 +52,7 @@ async def test_explain_get_and_delete(fleet, tmp_path):
     code, out = await run_cli("get", "nodes", "--server", orch.address, "--json")
     assert code == 0
     assert {n["id"] for n in json.loads(out)} == {"n1", "n2"}
+    assert {n["attestation_tier"] for n in json.loads(out)} == {"software"}
     bad = tmp_path / "bad.yaml"
     bad.write_text(manifest(replicas=-2))
     code, _ = await run_cli("apply", "-f", str(bad), "--server", orch.address)
