@@ -405,7 +405,7 @@ async def _drive(
         async def tick() -> None:
             while time.monotonic() < deadline and not stop.is_set():
                 await asyncio.sleep(0.5)
-                bar.update(task, completed=min(duration, duration - (deadline - time.monotonic())))
+                bar.update(task, completed=round(min(duration, duration - (deadline - time.monotonic())), 1))
 
         try:
             if targets:
