@@ -26,10 +26,10 @@ import logging
 import threading
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import Any, Literal, Self
+from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from accelerators.base import (
     Backend,
@@ -38,7 +38,6 @@ from accelerators.base import (
     InferenceFailed,
     InferResult,
     Inputs,
-    InvalidConfig,
     InvalidModel,
     ModelArtifact,
     ModelHandle,
@@ -291,6 +290,7 @@ class AsicEdgeTpuBackend(Backend):
     """A simulated Edge-TPU-like accelerator: compile, reference math, datasheet latency and energy."""
 
     kind = KIND
+    config_model = AsicEdgeTpuConfig
 
     def __init__(self, config: AsicEdgeTpuConfig | None = None) -> None:
         self.config = config or AsicEdgeTpuConfig()
@@ -331,15 +331,6 @@ class AsicEdgeTpuBackend(Backend):
         except BackendUnavailable as err:
             return err.reason
         return None
-
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> Self:
-        try:
-            validated = AsicEdgeTpuConfig.model_validate(dict(config))
-        except ValidationError as err:
-            problems = [f"{'.'.join(map(str, e['loc'])) or '<config>'}: {e['msg']}" for e in err.errors()]
-            raise InvalidConfig(KIND, problems) from err
-        return cls(validated)
 
     @property
     def capabilities(self) -> Capabilities:

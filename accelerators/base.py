@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal, Self
 
 import numpy as np
+from pydantic import BaseModel, ValidationError
 
 EnergySource = Literal["measured", "modelled"]
 
@@ -320,6 +321,7 @@ class Backend(abc.ABC):
     """
 
     kind: ClassVar[str]
+    config_model: ClassVar[type[BaseModel]]
 
     @classmethod
     def probe(cls) -> str | None:
@@ -327,9 +329,15 @@ class Backend(abc.ABC):
         return None
 
     @classmethod
-    @abc.abstractmethod
     def from_config(cls, config: Mapping[str, Any]) -> Self:
-        """Validate ``config`` (``InvalidConfig``) and prepare the device."""
+        """Validate ``config`` against ``config_model`` (``InvalidConfig`` naming every bad field)
+        and build the backend from the validated settings."""
+        try:
+            validated = cls.config_model.model_validate(dict(config))
+        except ValidationError as err:
+            problems = [f"{'.'.join(map(str, e['loc'])) or '<config>'}: {e['msg']}" for e in err.errors()]
+            raise InvalidConfig(cls.kind, problems) from err
+        return cls(validated)  # type: ignore[call-arg]
 
     @property
     @abc.abstractmethod

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Self
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from accelerators.base import (
     NUMPY_DTYPES,
@@ -42,7 +42,6 @@ from accelerators.base import (
     InferenceFailed,
     InferResult,
     Inputs,
-    InvalidConfig,
     InvalidInput,
     ModelArtifact,
     ModelHandle,
@@ -260,6 +259,7 @@ class CpuLitertBackend(Backend):
     """Runs TFLite models on the CPU with the LiteRT interpreter; real, never simulated."""
 
     kind = KIND
+    config_model = CpuLitertConfig
 
     def __init__(self, config: CpuLitertConfig | None = None) -> None:
         self.config = config or CpuLitertConfig()
@@ -285,15 +285,6 @@ class CpuLitertBackend(Backend):
         except BackendUnavailable as err:
             return err.reason
         return None
-
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> Self:
-        try:
-            validated = CpuLitertConfig.model_validate(dict(config))
-        except ValidationError as err:
-            problems = [f"{'.'.join(map(str, e['loc'])) or '<config>'}: {e['msg']}" for e in err.errors()]
-            raise InvalidConfig(KIND, problems) from err
-        return cls(validated)
 
     @property
     def capabilities(self) -> Capabilities:

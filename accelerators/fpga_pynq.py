@@ -56,10 +56,10 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal, Self
+from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from accelerators.base import (
     AcceleratorError,
@@ -69,7 +69,6 @@ from accelerators.base import (
     InferenceFailed,
     InferResult,
     Inputs,
-    InvalidConfig,
     ModelArtifact,
     ModelHandle,
     ModelNotLoaded,
@@ -575,6 +574,7 @@ class FpgaPynqBackend(Backend):
     """Full-int8 models on the int8 engine overlay: on a PYNQ board, or simulated (and labelled so)."""
 
     kind = KIND
+    config_model = FpgaPynqConfig
 
     def __init__(self, config: FpgaPynqConfig | None = None) -> None:
         self.config = config or FpgaPynqConfig()
@@ -650,15 +650,6 @@ class FpgaPynqBackend(Backend):
             if not hasattr(overlay, ip):
                 raise BackendUnavailable(KIND, f"overlay {bitstream.name} has no {ip}")
         return overlay, f"{self.timing.board} int8 engine ({bitstream.name})"
-
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> Self:
-        try:
-            validated = FpgaPynqConfig.model_validate(dict(config))
-        except ValidationError as err:
-            problems = [f"{'.'.join(map(str, e['loc'])) or '<config>'}: {e['msg']}" for e in err.errors()]
-            raise InvalidConfig(KIND, problems) from err
-        return cls(validated)
 
     @property
     def capabilities(self) -> Capabilities:
