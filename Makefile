@@ -3,10 +3,13 @@ PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 DEB_PACKAGES := mosquitto swtpm swtpm-tools tpm2-tools libtss2-dev pkg-config tmux
 
-.PHONY: up install test test-deps system-deps
+.PHONY: up install test test-deps system-deps protos
 
 install:
 	$(PIP) install -q -e .
+
+protos:
+	$(PYTHON) -c "from setup import generate_protos; generate_protos()"
 
 up: install
 	$(PYTHON) -m edgeward up
