@@ -152,6 +152,14 @@ class DeploymentService(api_pb2_grpc.DeploymentServiceServicer):
             self._orch.watch.publish(
                 api_pb2.WATCH_EVENT_TYPE_ADDED if created else api_pb2.WATCH_EVENT_TYPE_MODIFIED, pb
             )
+            self._orch.events.publish(
+                "deployment.applied",
+                f"deployment/{record.name}",
+                f"{'created' if created else 'changed'}: {model.name}:{model.version} "
+                f"x{manifest.spec.replicas} (generation {record.generation})",
+                model=f"{model.name}:{model.version}",
+                generation=record.generation,
+            )
         return api_pb2.ApplyResponse(deployment=pb, created=created, changed=changed)
 
     @_rpc
@@ -174,6 +182,9 @@ class DeploymentService(api_pb2_grpc.DeploymentServiceServicer):
         evicted = await self._orch.db(self._orch.store.delete_deployment, request.name, now_ms())
         self._orch.reconciler.trigger()
         self._orch.watch.publish(api_pb2.WATCH_EVENT_TYPE_DELETED, deployment_to_pb(record, evicted))
+        self._orch.events.publish(
+            "deployment.deleted", f"deployment/{record.name}", f"deleted; {len(evicted)} replica(s) evicted"
+        )
         return api_pb2.DeleteDeploymentResponse(replicas_evicted=len(evicted))
 
     async def Watch(
@@ -241,7 +252,10 @@ class NodeService(api_pb2_grpc.NodeServiceServicer):
     @_rpc
     async def Cordon(self, request: api_pb2.CordonRequest, context: grpc.aio.ServicerContext) -> api_pb2.Node:
         await self._orch.set_cordon(request.node_id, request.cordon)
-        return await self._orch.node_pb(request.node_id)
+        node = await self._orch.node_pb(request.node_id)
+        verb = "cordoned" if request.cordon else "uncordoned"
+        self._orch.events.publish(f"node.{verb}", f"node/{request.node_id}", f"node {verb}")
+        return node
 
     @_rpc
     async def Drain(
@@ -267,6 +281,9 @@ class NodeService(api_pb2_grpc.NodeServiceServicer):
 
         count = await self._orch.db(evict)
         self._orch.reconciler.trigger()
+        self._orch.events.publish(
+            "node.drained", f"node/{request.node_id}", f"drained: {count} replica(s) evicted", evicted=count
+        )
         return api_pb2.DrainResponse(node=await self._orch.node_pb(request.node_id), replicas_evicted=count)
 
 

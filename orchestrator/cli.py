@@ -291,6 +291,49 @@ def cmd_delete(args: argparse.Namespace) -> int:
     return 0
 
 
+_SEVERITY = {
+    "info": node_pb2.SEVERITY_INFO,
+    "warning": node_pb2.SEVERITY_WARNING,
+    "error": node_pb2.SEVERITY_ERROR,
+}
+_SEVERITY_STYLE = {node_pb2.SEVERITY_WARNING: "yellow", node_pb2.SEVERITY_ERROR: "red"}
+
+
+def _print_event(event: Any, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(MessageToDict(event, preserving_proto_field_name=True)), flush=True)
+        return
+    stamp = time.strftime("%H:%M:%S", time.localtime(event.time_unix_ms / 1000))
+    level = node_pb2.Severity.Name(event.severity).removeprefix("SEVERITY_").lower()
+    style = _SEVERITY_STYLE.get(event.severity, "")
+    line = f"{stamp} {level:<7} {event.kind:<24} {event.subject:<28} {event.message}"
+    console.print(f"[{style}]{line}[/{style}]" if style else line, markup=bool(style), highlight=False)
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    from edgeward.v1 import events_pb2
+
+    flt = events_pb2.EventFilter(
+        kind_prefix=args.kind, subject_prefix=args.subject, min_severity=_SEVERITY[args.severity]
+    )
+    try:
+        with EdgewardClient(args.server) as client:
+            last = 0
+            for event in client.list_events(flt, max(args.limit, 1)):
+                _print_event(event, args.json)
+                last = event.seq
+            if args.follow:
+                # Replay from the last printed event so nothing published in between is missed.
+                after = last or max((e.seq for e in client.list_events(None, 1)), default=0)
+                for event in client.watch_events(flt, after_seq=after):
+                    _print_event(event, args.json)
+    except ClientError as err:
+        return _fail(err)
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
 def cmd_models_push(args: argparse.Namespace) -> int:
     from rich.progress import Progress
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import grpc
 
-from edgeward.v1 import api_pb2, api_pb2_grpc
+from edgeward.v1 import api_pb2, api_pb2_grpc, events_pb2, events_pb2_grpc
 
 CHUNK = 256 * 1024
 
@@ -36,6 +36,7 @@ class EdgewardClient:
         self.deployments = api_pb2_grpc.DeploymentServiceStub(self._channel)
         self.nodes = api_pb2_grpc.NodeServiceStub(self._channel)
         self.models = api_pb2_grpc.ModelServiceStub(self._channel)
+        self.events = events_pb2_grpc.EventServiceStub(self._channel)
         self.timeout = timeout
 
     def close(self) -> None:
@@ -60,6 +61,25 @@ class EdgewardClient:
 
     def delete_deployment(self, name: str) -> api_pb2.DeleteDeploymentResponse:
         return _call(self.deployments.Delete, api_pb2.DeleteDeploymentRequest(name=name), self.timeout)
+
+    def list_events(
+        self, flt: events_pb2.EventFilter | None = None, limit: int = 100
+    ) -> list[events_pb2.Notification]:
+        request = events_pb2.ListEventsRequest(filter=flt, limit=limit)
+        return list(_call(self.events.List, request, self.timeout).events)
+
+    def watch_events(
+        self, flt: events_pb2.EventFilter | None = None, after_seq: int = 0
+    ) -> Iterator[events_pb2.Notification]:
+        """Live events (after replaying those with seq > ``after_seq``); blocks until cancelled."""
+        stream = self.events.Watch(events_pb2.WatchEventsRequest(filter=flt, after_seq=after_seq))
+        try:
+            yield from stream
+        except grpc.RpcError as err:
+            if err.code() != grpc.StatusCode.CANCELLED:
+                raise ClientError(err.code().name, err.details() or "") from err
+        finally:
+            stream.cancel()
 
     def list_nodes(self) -> list[api_pb2.Node]:
         return list(_call(self.nodes.List, api_pb2.ListNodesRequest(), self.timeout).nodes)

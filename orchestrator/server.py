@@ -21,8 +21,23 @@ from grpc_reflection.v1alpha import reflection
 
 from edgeward.mqtt.broker import EmbeddedBroker
 from edgeward.mqtt.session import BrokerURL, MqttSession
-from edgeward.mqtt.topics import TopicError, TopicKind, node_topic, nodes_filter, parse_node_topic
-from edgeward.v1 import api_pb2, api_pb2_grpc, attestation_pb2, attestation_pb2_grpc, node_pb2
+from edgeward.mqtt.topics import (
+    TopicError,
+    TopicKind,
+    events_topic,
+    node_topic,
+    nodes_filter,
+    parse_node_topic,
+)
+from edgeward.v1 import (
+    api_pb2,
+    api_pb2_grpc,
+    attestation_pb2,
+    attestation_pb2_grpc,
+    events_pb2,
+    events_pb2_grpc,
+    node_pb2,
+)
 from edgeward.wire import DropCounter, WireError, decode_node_message
 
 from .api import (
@@ -36,6 +51,7 @@ from .api import (
 )
 from .config import OrchestratorConfig
 from .errors import NotFound
+from .events import KIND_RE, EventBus, EventService
 from .fleet import Fleet
 from .metrics import MetricsServer, render
 from .reconciler import Reconciler
@@ -52,6 +68,7 @@ SERVICE_NAMES = (
         for name in ("DeploymentService", "NodeService", "ModelService", "TelemetryService")
     ),
     attestation_pb2.DESCRIPTOR.services_by_name["AttestationService"].full_name,
+    events_pb2.DESCRIPTOR.services_by_name["EventService"].full_name,
 )
 INGEST_KINDS = (TopicKind.HELLO, TopicKind.STATUS, TopicKind.TELEMETRY, TopicKind.EVENTS, TopicKind.EVIDENCE)
 
@@ -62,6 +79,8 @@ class Orchestrator:
         self.fleet = Fleet()
         self.drops = DropCounter()
         self.watch = WatchHub()
+        self.events = EventBus()
+        self._event_outbox: asyncio.Queue[events_pb2.Notification] = asyncio.Queue(1024)
         self.scheduler = Scheduler()
         self.telemetry = TelemetryStore()
         self.metrics_port = 0
@@ -102,6 +121,8 @@ class Orchestrator:
 
     async def _start(self) -> None:
         cfg = self.config
+        self.events.bind_loop(asyncio.get_running_loop())
+        self.events.add_outlet(self._queue_event)
         self.store = await self.db(SqliteStore, cfg.state_dir)
         nodes = await self.db(self.store.list_nodes)
         self.verifier = FleetVerifier(
@@ -140,6 +161,7 @@ class Orchestrator:
         api_pb2_grpc.add_NodeServiceServicer_to_server(NodeService(self), self._server)
         api_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(self), self._server)
         api_pb2_grpc.add_TelemetryServiceServicer_to_server(TelemetryService(self), self._server)
+        events_pb2_grpc.add_EventServiceServicer_to_server(EventService(self.events), self._server)
         attestation_pb2_grpc.add_AttestationServiceServicer_to_server(self.verifier.servicer(), self._server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, self._server)
@@ -187,6 +209,7 @@ class Orchestrator:
         self._tasks.append(asyncio.create_task(self._flush_telemetry(), name="edgeward-telemetry"))
         self._tasks.append(asyncio.create_task(self.reconciler.run(), name="edgeward-reconciler"))
         self._tasks.append(asyncio.create_task(self.verifier.run(), name="edgeward-verifier"))
+        self._tasks.append(asyncio.create_task(self._send_events(), name="edgeward-events"))
         log.info(
             "orchestrator serving gRPC on %s, broker %s, state in %s",
             self.address,
@@ -258,12 +281,44 @@ class Orchestrator:
                 await self.verifier.evidence(node_id, msg.evidence.payload)
             elif body == "event" and msg.event.id == "agent.wipe.done":
                 self.verifier.wipe_confirmed(node_id, msg.event)
+                self._node_event(node_id, msg.event)
             elif body == "telemetry" and not self.telemetry.add(node_id, msg.sent_unix_ms, msg.telemetry):
                 self.drops.drop(WireError("wire.telemetry.invalid_value"))
             elif body == "event" and msg.event.ack.command_id and not msg.event.ack.ok:
                 log.warning(
                     "node %s refused command %s: %s", node_id, msg.event.ack.command_id, msg.event.ack.reason
                 )
+            elif body == "event" and not msg.event.ack.command_id:
+                self._node_event(node_id, msg.event)
+
+    def _node_event(self, node_id: str, event: node_pb2.Event) -> None:
+        """Relay a node's own event (``agent.model.load_failed``...) onto the notification bus."""
+        kind = event.id if KIND_RE.match(event.id) else "agent.event.unnamed"
+        self.events.publish(
+            kind,
+            f"node/{node_id}",
+            event.message,
+            event.severity or node_pb2.SEVERITY_INFO,
+            **dict(event.attributes),
+        )
+
+    def _queue_event(self, event: events_pb2.Notification) -> None:
+        if self._event_outbox.full():
+            self._event_outbox.get_nowait()
+            self.events.dropped += 1
+        self._event_outbox.put_nowait(event)
+
+    async def _send_events(self) -> None:
+        """The MQTT outlet of the event bus: one QoS 1 message per event, in order."""
+        prefix = self.config.broker.topic_prefix
+        while True:
+            event = await self._event_outbox.get()
+            if self._mqtt is None:
+                continue
+            try:
+                await self._mqtt.publish(events_topic(event.kind, prefix), event.SerializeToString(), qos=1)
+            except Exception as err:  # broker away: notifications are best effort on MQTT
+                log.debug("cannot publish event %s: %s", event.kind, err)
 
     async def _flush_telemetry(self) -> None:
         while True:

@@ -96,6 +96,17 @@ def build_parser() -> argparse.ArgumentParser:
     _server(p)
     p.set_defaults(handler="orchestrator.cli:cmd_delete")
 
+    p = sub.add_parser("events", help="list notifications; -f follows them live")
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing new events until Ctrl-C")
+    p.add_argument("--kind", default="", help="kind prefix, e.g. 'rollout.' or 'alert.'")
+    p.add_argument("--subject", default="", help="subject prefix, e.g. 'node/' or 'model/resnet'")
+    p.add_argument(
+        "--severity", choices=["info", "warning", "error"], default="info", help="minimum severity"
+    )
+    p.add_argument("--limit", type=int, default=50, help="how many past events to show first")
+    _server(p)
+    p.set_defaults(handler="orchestrator.cli:cmd_events")
+
     p = sub.add_parser("models", help="model catalog")
     msub = p.add_subparsers(dest="models_command", required=True, metavar="ACTION")
     mp = msub.add_parser("push", help="publish a .tflite model")

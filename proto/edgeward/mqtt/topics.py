@@ -103,6 +103,13 @@ def parse_node_topic(topic: str, prefix: str = DEFAULT_PREFIX) -> tuple[str, Top
     return parsed.node_id, parsed.kind
 
 
+def events_topic(kind: str, prefix: str = DEFAULT_PREFIX) -> str:
+    """Where the orchestrator publishes notifications of ``kind`` (``model.published``...)."""
+    if not kind or any(ch in kind for ch in "/+#\x00"):
+        raise TopicError(kind, "event kind must be one topic level without wildcards")
+    return f"{validate_prefix(prefix)}/events/{kind}"
+
+
 def nodes_filter(kind: TopicKind | str, prefix: str = DEFAULT_PREFIX) -> str:
     """The subscription filter matching ``kind`` messages of every node."""
     try:
