@@ -24,7 +24,7 @@ from textual.widgets import Footer, Header, TabbedContent, TabPane
 
 from edgeward.v1 import node_pb2
 
-from .client import ATTESTATION_SERVICE, ConsoleClient, ConsoleError, Unreachable
+from .client import ATTESTATION_SERVICE, EVENT_SERVICE, ConsoleClient, ConsoleError, Unreachable
 from .model import ConsoleEvent, ConsoleState, Severity
 from .screens import ApplyScreen, ConfirmScreen, NodeDetailScreen
 from .views import AttestationView, DeploymentsView, EventsView, FleetView, LiveView, ModelsView
@@ -136,6 +136,7 @@ class ConsoleApp(App[None]):
             nodes = await client.list_nodes()
             deployments = await client.list_deployments()
             models = await client.list_models()
+            notes = await client.list_events() if EVENT_SERVICE in services else []
         except ConsoleError as err:
             self._lost(client, err)
             return
@@ -152,8 +153,13 @@ class ConsoleApp(App[None]):
             *self.state.set_deployments(deployments),
             *self.state.set_nodes(nodes, initial=True),
         ]
+        if notes and notes[-1].seq < self.state.notification_seq:
+            self.state.notification_seq = 0  # the orchestrator restarted: its sequence began again
+        events.extend(self.state.apply_notifications(notes))
         self._banners(lambda b: b.connected())
         live = [self._watch_deployments(client), self._watch_telemetry(client), self._refresh_periodically()]
+        if EVENT_SERVICE in services:
+            live.append(self._watch_events(client))
         if ATTESTATION_SERVICE in services and client.enable_attestation():
             self.attestation_pb = client.attestation_pb
             await self._add_attestation_tab()
@@ -222,6 +228,13 @@ class ConsoleApp(App[None]):
             async for sample in client.watch_telemetry():
                 self.state.add_sample(sample)
                 self._nodes_soon()
+        except ConsoleError as err:
+            self._lost(client, err)
+
+    async def _watch_events(self, client: ConsoleClient) -> None:
+        try:
+            async for note in client.watch_events(after_seq=self.state.notification_seq):
+                self.refresh_views(self.state.apply_notifications([note]))
         except ConsoleError as err:
             self._lost(client, err)
 

@@ -15,9 +15,10 @@ from typing import Any
 import grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from edgeward.v1 import api_pb2, api_pb2_grpc
+from edgeward.v1 import api_pb2, api_pb2_grpc, events_pb2, events_pb2_grpc
 
 ATTESTATION_SERVICE = "edgeward.v1.AttestationService"
+EVENT_SERVICE = "edgeward.v1.EventService"
 UNREACHABLE_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
@@ -58,6 +59,7 @@ class ConsoleClient:
         self._deployments = api_pb2_grpc.DeploymentServiceStub(self._channel)
         self._nodes = api_pb2_grpc.NodeServiceStub(self._channel)
         self._models = api_pb2_grpc.ModelServiceStub(self._channel)
+        self._events = events_pb2_grpc.EventServiceStub(self._channel)
         self._telemetry = api_pb2_grpc.TelemetryServiceStub(self._channel)
         self._attestation: Any = None
         self.attestation_pb: ModuleType | None = None
@@ -144,6 +146,15 @@ class ConsoleClient:
 
     async def list_models(self) -> list[api_pb2.Model]:
         return list((await self._unary(self._models.List, api_pb2.ListModelsRequest())).models)
+
+    # ------------------------------------------------------------ notifications
+
+    async def list_events(self, limit: int = 200) -> list[events_pb2.Notification]:
+        resp = await self._unary(self._events.List, events_pb2.ListEventsRequest(limit=limit))
+        return list(resp.events)
+
+    def watch_events(self, after_seq: int = 0) -> AsyncIterator[events_pb2.Notification]:
+        return self._stream(self._events.Watch, events_pb2.WatchEventsRequest(after_seq=after_seq))
 
     # ------------------------------------------------------------ telemetry
 

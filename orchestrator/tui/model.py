@@ -158,6 +158,7 @@ class ConsoleState:
         self.attestation_states: dict[str, str] = {}  # node id -> "affirming", "expired", ...
         self.history: dict[str, NodeHistory] = {}
         self.events: deque[ConsoleEvent] = deque(maxlen=MAX_EVENTS)
+        self.notification_seq = 0  # the last orchestrator notification shown
         self._seq = 0
 
     # ------------------------------------------------------------ events
@@ -167,6 +168,18 @@ class ConsoleState:
         ev = ConsoleEvent(self._seq, self.clock(), severity, id, subject, message)
         self.events.append(ev)
         return ev
+
+    def apply_notifications(self, notes: Iterable[Any]) -> list[ConsoleEvent]:
+        """Orchestrator notifications (EventService) as console events, each shown once."""
+        out = []
+        for note in notes:
+            if note.seq <= self.notification_seq:
+                continue
+            self.notification_seq = note.seq
+            severity = Severity(min(max(note.severity, 1), 3))
+            subject = note.subject.split("/", 1)[-1] if note.subject.startswith("node/") else note.subject
+            out.append(self.event(severity, note.kind, subject, note.message))
+        return out
 
     def find_event(self, seq: int) -> ConsoleEvent | None:
         if not self.events or not self.events[0].seq <= seq <= self.events[-1].seq:

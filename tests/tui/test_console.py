@@ -109,6 +109,10 @@ async def test_deployment_applied_elsewhere_appears_live(console_fleet):
         assert rows(app, "deployment-list")["vib"]["PHASES"] == "2 running"
         assert sorted(r["NODE"] for r in rows(app, "replicas").values()) == ["n1", "n2"]
         assert {"deployment.created", "replica.running"} <= set(event_ids(app))
+        # the orchestrator's own notification arrives through EventService.Watch
+        await eventually(
+            lambda: "deployment.applied" in event_ids(app), what="deployment.applied notification"
+        )
 
         # a selector nobody matches: the pending reason id is shown as the orchestrator gives it
         await console_fleet.deployments.Apply(
