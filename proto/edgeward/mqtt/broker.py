@@ -29,6 +29,14 @@ each point before moving it):
   client holds, subscribed or not (a loop over all subscriptions meant for the client's own,
   persistent ones). `_Broker` only lets that through for filters the client itself holds.
 
+With ``tls`` (the fleet's `TlsFiles`), the listener speaks TLS only, requires a client certificate
+from the fleet CA (checked against the CRL at the handshake, and again at CONNECT against the CRL
+as it is now, so a revocation needs no restart), and enforces `edgeward.security.mqtt_acl.TopicAcl`
+on every publish, subscribe, delivery, queued replay and will topic. amqtt copies the identity of a
+returning persistent session from the old connection; `_Broker` derives it from each new connection
+(the peer certificate is passed from ``stream_connected`` to ``_authenticate`` in a context variable,
+both run in the connection's task).
+
 Left as they are: amqtt delivers at the subscription's QoS even when the message was published
 with a lower one (a QoS 0 publish reaches a QoS 1 subscriber as QoS 1), and the queue it keeps for
 an absent persistent session has no bound.
@@ -38,22 +46,31 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
+import ssl
 from types import TracebackType
 from typing import Any, Self
 
 from amqtt.broker import Broker
-from amqtt.contexts import BrokerConfig, ListenerConfig, ListenerType
+from amqtt.contexts import Action, BrokerConfig, ListenerConfig, ListenerType
 from amqtt.errors import BrokerError
 from amqtt.plugins.base import BaseAuthPlugin
 from amqtt.session import Session
+from cryptography import x509
 
 from edgeward.mqtt.session import BrokerURL, MqttError
+from edgeward.security.errors import SecurityError
+from edgeward.security.identity import Identity
+from edgeward.security.mqtt_acl import TopicAcl
+from edgeward.security.tls import RevocationList, TlsFiles
 
 log = logging.getLogger(__name__)
 
 _QUIET_LOGGERS = ("amqtt", "transitions")
 _STOP_TIMEOUT_S = 1.0
+# The DER peer certificate of the connection whose task is running (set in stream_connected).
+_PEER_CERT: contextvars.ContextVar[bytes | None] = contextvars.ContextVar("edgeward_peer_cert", default=None)
 
 
 class _AcceptAll(BaseAuthPlugin):  # type: ignore[misc]  # amqtt ships no type information
@@ -66,11 +83,30 @@ class _AcceptAll(BaseAuthPlugin):  # type: ignore[misc]  # amqtt ships no type i
 class _Broker(Broker):  # type: ignore[misc]  # amqtt ships no type information
     """amqtt's broker with the 0.12.1 workarounds described in the module docstring."""
 
-    def __init__(self, config: BrokerConfig, max_payload: int) -> None:
+    def __init__(
+        self,
+        config: BrokerConfig,
+        max_payload: int,
+        tls: TlsFiles | None = None,
+        acl: TopicAcl | None = None,
+    ) -> None:
         super().__init__(config)
         self.max_payload = max_payload
         self.dropped_oversize = 0
+        self.refused_connects = 0
+        self.refused_topics = 0
         self.connection_tasks: set[asyncio.Task[Any]] = set()
+        self.tls = tls
+        self.acl = acl
+        self.revocations = (
+            RevocationList(tls.crl_file, tls.ca_file)
+            if tls is not None and tls.crl_file is not None
+            else None
+        )
+
+    def _create_ssl_context(self, listener: ListenerConfig) -> ssl.SSLContext:
+        assert self.tls is not None
+        return self.tls.server_context()
 
     async def stream_connected(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener_name: str
@@ -78,8 +114,12 @@ class _Broker(Broker):  # type: ignore[misc]  # amqtt ships no type information
         task = asyncio.current_task()
         assert task is not None
         self.connection_tasks.add(task)
+        ssl_object = writer.get_extra_info("ssl_object")
+        _PEER_CERT.set(ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None)
         try:
             await super().stream_connected(reader, writer, listener_name)
+        except OSError as err:  # the client reset the connection, e.g. after a refused CONNECT
+            log.debug("connection ended: %r", err)
         finally:
             self.connection_tasks.discard(task)
             writer.close()
@@ -87,6 +127,48 @@ class _Broker(Broker):  # type: ignore[misc]  # amqtt ships no type information
             # stop() and must not escape: asyncio 3.11 logs a cancelled connection task as an error.
             with contextlib.suppress(OSError, asyncio.CancelledError):
                 await writer.wait_closed()
+
+    # ---- identity and topic ACL (only with tls and acl) ---------------------------------------------
+
+    async def _authenticate(self, session: Session, listener: ListenerConfig) -> bool:
+        if self.tls is None:
+            return bool(await super()._authenticate(session, listener))
+        session.edgeward_identity = None  # never the identity of an earlier connection of this session
+        der = _PEER_CERT.get()
+        try:
+            if der is None:
+                raise SecurityError("security.authn.no_certificate", "no client certificate")
+            identity = Identity.from_certificate(x509.load_der_x509_certificate(der))
+            if self.revocations is not None and self.revocations.is_revoked(identity.serial):
+                raise SecurityError("security.authn.revoked", f"certificate {identity.serial:x} is revoked")
+            if (
+                self.acl is not None
+                and session.will_flag
+                and not self.acl.may_publish(identity, session.will_topic)
+            ):
+                raise SecurityError("security.acl.will", f"will topic {session.will_topic!r} not allowed")
+        except (SecurityError, ValueError) as err:
+            self.refused_connects += 1
+            log.warning("refused MQTT client %r: %s", session.client_id, err)
+            return False
+        session.edgeward_identity = identity
+        return True
+
+    async def _topic_filtering(self, session: Session, topic: str, action: Action) -> bool:
+        if self.acl is None:
+            return True
+        identity = getattr(session, "edgeward_identity", None)
+        if action == Action.PUBLISH:
+            allowed = self.acl.may_publish(identity, topic)
+        elif action == Action.SUBSCRIBE:
+            allowed = self.acl.may_subscribe(identity, topic)
+        else:
+            allowed = self.acl.may_receive(identity, topic)
+        if not allowed:
+            self.refused_topics += 1
+            if action != Action.RECEIVE:
+                log.warning("refused %s of %r to %s", action.value, topic, identity or session.client_id)
+        return allowed
 
     async def _handle_message_delivery(
         self, client_session: Session, handler: Any, wait_deliver: asyncio.Future[Any]
@@ -112,6 +194,8 @@ class _Broker(Broker):  # type: ignore[misc]  # amqtt ships no type information
         replays = []
         while not session.retained_messages.empty():
             queued = session.retained_messages.get_nowait()
+            if not await self._topic_filtering(session, queued.topic, Action.RECEIVE):
+                continue
             replays.append(handler.mqtt_publish(queued.topic, queued.data, queued.qos, retain=False))
         for outcome in await asyncio.gather(*replays, return_exceptions=True):
             if isinstance(outcome, Exception):
@@ -129,11 +213,21 @@ class _Broker(Broker):  # type: ignore[misc]  # amqtt ships no type information
 class EmbeddedBroker:
     """An amqtt broker running on the current event loop, as ``async with EmbeddedBroker() as b:``.
 
-    ``port=0`` picks a free port; `url` tells which. Anonymous clients are allowed, so bind it to a
-    loopback address (the default) unless the network around it is trusted.
+    ``port=0`` picks a free port; `url` tells which. Without ``tls`` anonymous clients are allowed
+    (plaintext, the local demo only), so bind it to a loopback address (the default) unless the
+    network around it is trusted. With ``tls`` every client needs a certificate of the fleet CA and
+    the topic ACL of ``topic_prefix`` applies (`edgeward.security.mqtt_acl`).
     """
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, max_payload: int = 256 * 1024) -> None:
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        max_payload: int = 256 * 1024,
+        tls: TlsFiles | None = None,
+        topic_prefix: str = "edgeward/v1",
+    ) -> None:
         if not host:
             raise ValueError("host must be an explicit address (amqtt's default is 0.0.0.0)")
         if not 0 <= port < 65536:
@@ -141,6 +235,8 @@ class EmbeddedBroker:
         self.host = host
         self._requested_port = port
         self.max_payload = max_payload
+        self.tls = tls
+        self.acl = TopicAcl(topic_prefix) if tls is not None else None
         self._broker: _Broker | None = None
         self._port: int | None = None
 
@@ -152,7 +248,18 @@ class EmbeddedBroker:
 
     @property
     def url(self) -> BrokerURL:
-        return BrokerURL(host=self.host, port=self.port)
+        """Where it listens (with TLS: ``mqtts://`` and the CA to verify it; clients add their own
+        certificate)."""
+        if self.tls is None:
+            return BrokerURL(host=self.host, port=self.port)
+        return BrokerURL(host=self.host, port=self.port, tls=True, ca_file=str(self.tls.ca_file))
+
+    @property
+    def refused(self) -> dict[str, int]:
+        """Connections and topics the TLS/ACL checks refused."""
+        if self._broker is None:
+            return {"connect": 0, "topic": 0}
+        return {"connect": self._broker.refused_connects, "topic": self._broker.refused_topics}
 
     @property
     def dropped_oversize(self) -> int:
@@ -176,15 +283,25 @@ class EmbeddedBroker:
             logger = logging.getLogger(name)
             if logger.level == logging.NOTSET:
                 logger.setLevel(logging.WARNING)
+        listener = ListenerConfig(type=ListenerType.TCP, bind=f"{self.host}:{self._requested_port}")
+        if self.tls is not None:
+            listener = ListenerConfig(
+                type=ListenerType.TCP,
+                bind=f"{self.host}:{self._requested_port}",
+                ssl=True,
+                cafile=self.tls.ca_file,
+                certfile=self.tls.cert_file,
+                keyfile=self.tls.key_file,
+            )
         config = BrokerConfig(
-            listeners={
-                "default": ListenerConfig(type=ListenerType.TCP, bind=f"{self.host}:{self._requested_port}")
-            },
+            listeners={"default": listener},
             plugins={f"{__name__}.{_AcceptAll.__name__}": {}},
         )
-        broker = _Broker(config, self.max_payload)
         try:
+            broker = _Broker(config, self.max_payload, self.tls, self.acl)
             await broker.start()
+        except SecurityError as err:  # unreadable CA or CRL
+            raise MqttError(f"embedded broker TLS setup failed: {err}") from err
         except BrokerError as err:  # e.g. the port is taken
             raise MqttError(
                 f"embedded broker cannot listen on {self.host}:{self._requested_port}: {err}"

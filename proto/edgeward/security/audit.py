@@ -1,0 +1,94 @@
+"""The append-only audit log: one JSON line per mutating call and per denial, fsync-ed before the
+call's answer leaves the process.
+
+Each line: ``ts`` (UTC, ISO 8601), ``who`` (certificate subject, or ``anonymous``), ``role``,
+``team``, ``serial`` (hex), ``peer``, ``method`` (full gRPC method), ``target`` (``deployment/NAME``,
+``model/NAME``, ``node/ID`` or ``""``), ``result`` (``OK`` or the status code name) and ``reason``
+(the denial's reason id and detail). Never a secret: requests are not logged, only their target.
+
+The file is opened with ``O_APPEND`` for every write batch, so a rotated file (renamed away by
+logrotate or the operator) is followed without a restart. Writes and fsyncs run on the log's own
+thread, in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from edgeward.security.identity import Identity
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    ts: str
+    who: str
+    role: str
+    team: str
+    serial: str
+    peer: str
+    method: str
+    target: str
+    result: str
+    reason: str = ""
+
+    @classmethod
+    def make(
+        cls,
+        identity: Identity | None,
+        peer: str,
+        method: str,
+        target: str,
+        result: str,
+        reason: str = "",
+    ) -> AuditEntry:
+        return cls(
+            ts=datetime.now(UTC).isoformat(timespec="milliseconds"),
+            who=identity.common_name if identity else "anonymous",
+            role=str(identity.role) if identity else "",
+            team=(identity.team or "") if identity else "",
+            serial=f"{identity.serial:x}" if identity else "",
+            peer=peer,
+            method=method,
+            target=target,
+            result=result,
+            reason=reason,
+        )
+
+
+class AuditLog:
+    """``await log.record(entry)`` returns once the line is on disk."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="edgeward-audit")
+        self.written = 0
+
+    async def record(self, entry: AuditEntry) -> None:
+        line = (json.dumps(asdict(entry), sort_keys=True, ensure_ascii=True) + "\n").encode()
+        await asyncio.get_running_loop().run_in_executor(self._pool, self._append, line)
+        self.written += 1
+
+    def _append(self, line: bytes) -> None:
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, line)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
+def read_audit(path: Path | str) -> list[dict[str, Any]]:
+    """Every entry of an audit log file (for tools and tests)."""
+    text = Path(path).read_text() if Path(path).exists() else ""
+    return [json.loads(line) for line in text.splitlines() if line.strip()]

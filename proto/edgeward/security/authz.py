@@ -1,0 +1,502 @@
+"""Authorization of the public gRPC API: roles from the peer certificate, a rule per method,
+ownership of deployments and models, and the interceptor that enforces and audits it all.
+
+Roles (docs/security.md):
+
+- **operator**: every method.
+- **team**: deployments and models it owns, nothing else. Creating a deployment (Apply) or a model
+  (Push) records the team as its owner; a team may not touch what another team or the operator owns,
+  List and Watch show only its own objects, and Apply may only reference a model the team owns.
+- **node**: only ``ModelService/Download`` (sealed artifacts, useless without a key released to the
+  attested node) and health checks. **orchestrator** and **broker** certificates: health checks only.
+
+Unknown methods are refused for every role but the operator. A refused call ends with
+``PERMISSION_DENIED`` (``UNAUTHENTICATED`` for a revoked or unreadable certificate) and a detail
+``reason.id: explanation``; every refusal and every mutating call leaves one audit line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import yaml
+
+from edgeward.security.audit import AuditEntry, AuditLog
+from edgeward.security.errors import IdentityError
+from edgeward.security.identity import Identity, Role
+from edgeward.security.tls import RevocationList
+from edgeward.v1 import api_pb2
+
+log = logging.getLogger(__name__)
+
+DEPLOYMENT = "deployment"
+MODEL = "model"
+OPERATOR_OWNER = "operator"
+_ANY_ROLE = frozenset(Role)
+_IDENTITY_CACHE = 1024
+
+
+class Denied(Exception):
+    """An authorization decision against the caller; ``reason`` is a machine-readable id."""
+
+    def __init__(self, reason: str, detail: str, code: grpc.StatusCode = grpc.StatusCode.PERMISSION_DENIED):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+        self.code = code
+
+
+# ---------------------------------------------------------------- ownership
+
+
+class OwnershipRegistry:
+    """Who owns each deployment and model (``team/NAME`` or ``operator``), in SQLite under the
+    orchestrator's state directory. Reads come from memory on the event loop; decisions and
+    updates happen there too (so a claim is atomic), and the file is written on the registry's
+    own thread."""
+
+    def __init__(self, path: Path, pool: ThreadPoolExecutor, db: sqlite3.Connection, owners: dict) -> None:
+        self.path = path
+        self._pool = pool
+        self._db = db
+        self._owners: dict[tuple[str, str], str] = owners
+
+    @classmethod
+    async def open(cls, path: Path | str) -> OwnershipRegistry:
+        path = Path(path)
+        pool = ThreadPoolExecutor(1, thread_name_prefix="edgeward-owners")
+
+        def load() -> tuple[sqlite3.Connection, dict[tuple[str, str], str]]:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            db = cls._open(path)
+            rows = db.execute("SELECT kind, name, owner FROM owners").fetchall()
+            return db, {(k, n): o for k, n, o in rows}
+
+        try:
+            db, owners = await asyncio.get_running_loop().run_in_executor(pool, load)
+        except BaseException:
+            pool.shutdown(wait=True)
+            raise
+        return cls(path, pool, db, owners)
+
+    @staticmethod
+    def _open(path: Path) -> sqlite3.Connection:
+        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute(
+            "CREATE TABLE IF NOT EXISTS owners (kind TEXT NOT NULL, name TEXT NOT NULL, owner TEXT NOT NULL, "
+            "PRIMARY KEY (kind, name))"
+        )
+        return db
+
+    def owner(self, kind: str, name: str) -> str | None:
+        return self._owners.get((kind, name))
+
+    def owned(self, kind: str, owner: str) -> set[str]:
+        return {n for (k, n), o in self._owners.items() if k == kind and o == owner}
+
+    def reserve(self, kind: str, name: str, owner: str) -> None:
+        """Hold a name for ``owner`` while its creating call runs (kept by `set`, dropped by `forget`)."""
+        self._owners[(kind, name)] = owner
+
+    async def set(self, kind: str, name: str, owner: str) -> None:
+        self._owners[(kind, name)] = owner
+        await self._run(
+            "INSERT INTO owners (kind, name, owner) VALUES (?, ?, ?) "
+            "ON CONFLICT (kind, name) DO UPDATE SET owner = excluded.owner",
+            (kind, name, owner),
+        )
+
+    async def forget(self, kind: str, name: str) -> None:
+        self._owners.pop((kind, name), None)
+        await self._run("DELETE FROM owners WHERE kind = ? AND name = ?", (kind, name))
+
+    async def _run(self, sql: str, args: tuple[str, ...]) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._pool, self._db.execute, sql, args)
+
+    def close(self) -> None:
+        self._pool.submit(self._db.close).result()
+        self._pool.shutdown(wait=True)
+
+
+# ---------------------------------------------------------------- rules
+
+
+def _manifest_targets(manifest: str) -> tuple[str | None, str | None]:
+    """(deployment name, model name) of an Apply manifest, where readable.
+
+    The orchestrator parses the manifest with the same YAML loader and requires both names as
+    strings, so a manifest whose names cannot be read here is refused by the handler without
+    changing anything."""
+    try:
+        data = yaml.safe_load(manifest)
+    except yaml.YAMLError:
+        return None, None
+    if not isinstance(data, dict):
+        return None, None
+    meta, spec = data.get("metadata"), data.get("spec")
+    name = meta.get("name") if isinstance(meta, dict) else None
+    model = spec.get("model") if isinstance(spec, dict) else None
+    model_name = model.get("name") if isinstance(model, dict) else None
+    return (name if isinstance(name, str) else None, model_name if isinstance(model_name, str) else None)
+
+
+@dataclass(frozen=True, slots=True)
+class MethodRule:
+    """Who may call one method, and what a team's call touches.
+
+    ``target`` names the object a call is about; for team callers ``kind`` objects must be
+    theirs. ``claims``: a successful call makes the caller the owner of a new object; ``releases``:
+    a successful call forgets the owner. ``mutating`` calls are audited even when allowed.
+    """
+
+    roles: frozenset[Role]
+    kind: str | None = None
+    target: Callable[[Any], str | None] | None = None
+    mutating: Callable[[Any], bool] | bool = False
+    claims: bool = False
+    releases: bool = False
+
+    def is_mutating(self, request: Any) -> bool:
+        return self.mutating(request) if callable(self.mutating) else self.mutating
+
+
+_TEAM = frozenset({Role.OPERATOR, Role.TEAM})
+_D = "/edgeward.v1.DeploymentService/"
+_M = "/edgeward.v1.ModelService/"
+_N = "/edgeward.v1.NodeService/"
+RULES: dict[str, MethodRule] = {
+    _D + "Apply": MethodRule(
+        _TEAM,
+        DEPLOYMENT,
+        lambda r: _manifest_targets(r.manifest)[0],
+        mutating=lambda r: not r.dry_run,
+        claims=True,
+    ),
+    _D + "Get": MethodRule(_TEAM, DEPLOYMENT, lambda r: r.name),
+    _D + "List": MethodRule(_TEAM),
+    _D + "Delete": MethodRule(_TEAM, DEPLOYMENT, lambda r: r.name, mutating=True, releases=True),
+    _D + "Watch": MethodRule(_TEAM, DEPLOYMENT, lambda r: r.name or None),
+    _M + "Push": MethodRule(_TEAM, MODEL, lambda r: r.metadata.name or None, mutating=True, claims=True),
+    _M + "List": MethodRule(_TEAM),
+    _M + "Get": MethodRule(_TEAM, MODEL, lambda r: r.name),
+    _M + "Download": MethodRule(frozenset({Role.OPERATOR, Role.TEAM, Role.NODE}), MODEL, lambda r: r.name),
+    _M + "History": MethodRule(_TEAM, MODEL, lambda r: r.name),
+    _M + "Deprecate": MethodRule(_TEAM, MODEL, lambda r: r.name, mutating=True),
+    _M + "Revoke": MethodRule(_TEAM, MODEL, lambda r: r.name, mutating=True),
+    _N + "Cordon": MethodRule(frozenset({Role.OPERATOR}), None, lambda r: r.node_id, mutating=True),
+    _N + "Drain": MethodRule(frozenset({Role.OPERATOR}), None, lambda r: r.node_id, mutating=True),
+    "/edgeward.v1.AttestationService/AttestNow": MethodRule(
+        frozenset({Role.OPERATOR}), None, lambda r: r.node_id, mutating=True
+    ),
+    "/grpc.health.v1.Health/Check": MethodRule(_ANY_ROLE),
+    "/grpc.health.v1.Health/Watch": MethodRule(_ANY_ROLE),
+    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": MethodRule(_ANY_ROLE),
+}
+_READ_ONLY = ("Get", "List", "Watch", "Query", "History", "Placements", "Compliance", "Check")
+_OPERATOR_READS = MethodRule(frozenset({Role.OPERATOR}))
+_OPERATOR_WRITES = MethodRule(frozenset({Role.OPERATOR}), mutating=True)
+
+
+def rule_for(method: str) -> MethodRule:
+    """The rule of a full method name; anything not listed is for operators only, and audited unless
+    its name says it only reads."""
+    rule = RULES.get(method)
+    if rule is not None:
+        return rule
+    return _OPERATOR_READS if method.rsplit("/", 1)[-1].startswith(_READ_ONLY) else _OPERATOR_WRITES
+
+
+def _target_text(rule: MethodRule, name: str | None) -> str:
+    if not name:
+        return ""
+    if rule.kind is None:
+        return f"node/{name}"
+    return f"{rule.kind}/{name}"
+
+
+# ---------------------------------------------------------------- decisions
+
+
+class Authorizer:
+    """The decisions, without gRPC: identity checks, role rules, ownership.
+
+    ``exists(kind, name)`` tells whether an object exists in the orchestrator's store; an existing
+    object without a recorded owner (created before ownership was recorded) belongs to operators.
+    """
+
+    def __init__(
+        self,
+        owners: OwnershipRegistry,
+        *,
+        revocations: RevocationList | None = None,
+        exists: Callable[[str, str], Awaitable[bool]] | None = None,
+    ) -> None:
+        self.owners = owners
+        self.revocations = revocations
+        self._exists = exists
+        self._identities: dict[bytes, Identity] = {}
+
+    def identify(self, pem: bytes | None) -> Identity:
+        if not pem:
+            raise Denied(
+                "security.authn.no_certificate", "no client certificate", grpc.StatusCode.UNAUTHENTICATED
+            )
+        identity = self._identities.get(pem)
+        if identity is None:
+            try:
+                identity = Identity.from_pem(pem)
+            except IdentityError as err:
+                raise Denied(err.reason, err.detail, grpc.StatusCode.UNAUTHENTICATED) from err
+            if len(self._identities) >= _IDENTITY_CACHE:
+                self._identities.clear()
+            self._identities[pem] = identity
+        return identity
+
+    def check_revoked(self, identity: Identity) -> None:
+        if self.revocations is not None and self.revocations.is_revoked(identity.serial):
+            raise Denied(
+                "security.authn.revoked",
+                f"certificate {identity.serial:x} of {identity} is revoked",
+                grpc.StatusCode.UNAUTHENTICATED,
+            )
+
+    async def check(self, identity: Identity, method: str, rule: MethodRule, name: str | None) -> bool:
+        """Raise `Denied` unless ``identity`` may make this call; True if it claims a new object."""
+        if identity.role not in rule.roles:
+            raise Denied("security.authz.role", f"{identity.role} may not call {method}")
+        if identity.role is not Role.TEAM or rule.kind is None or name is None:
+            return False
+        owner = self.owners.owner(rule.kind, name)
+        if owner == identity.owner:
+            return False
+        if owner is None and rule.claims and not await self._exists_(rule.kind, name):
+            if self.owners.owner(rule.kind, name) is None:  # nobody claimed it while we looked
+                self.owners.reserve(rule.kind, name, identity.owner)
+                return True
+            owner = self.owners.owner(rule.kind, name)
+        raise Denied(
+            "security.authz.not_owner",
+            f"{rule.kind} {name!r} belongs to {owner or OPERATOR_OWNER}, not {identity.owner}",
+        )
+
+    async def check_model_use(self, identity: Identity, model: str | None) -> None:
+        """A team's deployment may only run a model the team owns."""
+        if (
+            identity.role is Role.TEAM
+            and model is not None
+            and self.owners.owner(MODEL, model) != identity.owner
+        ):
+            raise Denied(
+                "security.authz.model_not_owned", f"model {model!r} does not belong to {identity.owner}"
+            )
+
+    async def _exists_(self, kind: str, name: str) -> bool:
+        return False if self._exists is None else await self._exists(kind, name)
+
+    def visible(self, identity: Identity, kind: str, names: Iterable[str]) -> set[str]:
+        """Which of ``names`` the identity may see."""
+        if identity.role is not Role.TEAM:
+            return set(names)
+        return set(names) & self.owners.owned(kind, identity.owner)
+
+
+# ---------------------------------------------------------------- gRPC
+
+
+def _filter_response(method: str, identity: Identity, authz: Authorizer, response: Any) -> Any:
+    if identity.role is not Role.TEAM:
+        return response
+    if method == _D + "List":
+        mine = authz.visible(identity, DEPLOYMENT, (d.name for d in response.deployments))
+        return api_pb2.ListDeploymentsResponse(
+            deployments=[d for d in response.deployments if d.name in mine]
+        )
+    if method == _M + "List":
+        mine = authz.visible(identity, MODEL, (m.name for m in response.models))
+        return api_pb2.ListModelsResponse(models=[m for m in response.models if m.name in mine])
+    return response
+
+
+class AuthzInterceptor(grpc.aio.ServerInterceptor):
+    """Enforces `RULES` on every call of a server that requires client certificates."""
+
+    def __init__(self, authz: Authorizer, audit: AuditLog) -> None:
+        self.authz = authz
+        self.audit = audit
+        self.denied = 0
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        method = details.method
+        rule = rule_for(method)
+        kwargs = {
+            "request_deserializer": handler.request_deserializer,
+            "response_serializer": handler.response_serializer,
+        }
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                self._unary(method, rule, handler.unary_unary), **kwargs
+            )
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                self._ustream(method, rule, handler.unary_stream), **kwargs
+            )
+        if handler.stream_unary is not None:
+            return grpc.stream_unary_rpc_method_handler(
+                self._sunary(method, rule, handler.stream_unary), **kwargs
+            )
+        return grpc.stream_stream_rpc_method_handler(
+            self._sstream(method, rule, handler.stream_stream), **kwargs
+        )
+
+    # ---- shared steps
+
+    async def _admit(
+        self, method: str, rule: MethodRule, request: Any, context: grpc.aio.ServicerContext
+    ) -> tuple[Identity, str | None, bool]:
+        """Identify and authorize; on refusal audit and abort (raises)."""
+        identity: Identity | None = None
+        name: str | None = None
+        try:
+            pem = (context.auth_context().get("x509_pem_cert") or [None])[0]
+            identity = self.authz.identify(pem)
+            self.authz.check_revoked(identity)
+            name = rule.target(request) if rule.target is not None and request is not None else None
+            if method == _D + "Apply":
+                await self.authz.check_model_use(identity, _manifest_targets(request.manifest)[1])
+            if method == _M + "Push" and identity.role is Role.TEAM and request is not None:
+                claimed = getattr(request.metadata, "owner_team", "")
+                if claimed not in ("", identity.team):
+                    raise Denied(
+                        "security.authz.owner_team", f"a push of {identity} cannot name team {claimed!r}"
+                    )
+            # Last: it may reserve the name of a new object for this caller.
+            claim = await self.authz.check(identity, method, rule, name)
+        except Denied as denial:
+            self.denied += 1
+            log.warning("denied %s to %s: %s", method, identity or context.peer(), denial)
+            await self.audit.record(
+                AuditEntry.make(
+                    identity, context.peer(), method, _target_text(rule, name), denial.code.name, str(denial)
+                )
+            )
+            await context.abort(denial.code, str(denial))
+            raise AssertionError("unreachable: abort raises") from denial
+        return identity, name, claim
+
+    async def _settle(
+        self,
+        method: str,
+        rule: MethodRule,
+        identity: Identity,
+        name: str | None,
+        claim: bool,
+        request: Any,
+        context: grpc.aio.ServicerContext,
+        failed: BaseException | None,
+    ) -> None:
+        """After the handler: record ownership changes, audit mutating calls."""
+        ok = failed is None
+        owners = self.authz.owners
+        if claim and not (ok and rule.is_mutating(request)):
+            await owners.forget(rule.kind or "", name or "")  # the reservation of a failed or dry-run call
+        elif ok and name is not None and rule.kind is not None and rule.is_mutating(request):
+            if rule.releases:
+                await owners.forget(rule.kind, name)
+            elif rule.claims and (claim or owners.owner(rule.kind, name) is None):
+                await owners.set(rule.kind, name, identity.owner)
+        if rule.is_mutating(request):
+            code = context.code()
+            result = "OK" if ok else _code_name(code) if code is not None else type(failed).__name__
+            await self.audit.record(
+                AuditEntry.make(
+                    identity, context.peer(), method, _target_text(rule, name), result, _detail(context)
+                )
+            )
+
+    # ---- per call shape
+
+    def _unary(self, method: str, rule: MethodRule, behavior: Callable[..., Any]) -> Callable[..., Any]:
+        async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            identity, name, claim = await self._admit(method, rule, request, context)
+            try:
+                response = await behavior(request, context)
+            except BaseException as err:
+                await self._settle(method, rule, identity, name, claim, request, context, err)
+                raise
+            await self._settle(method, rule, identity, name, claim, request, context, None)
+            return _filter_response(method, identity, self.authz, response)
+
+        return call
+
+    def _ustream(self, method: str, rule: MethodRule, behavior: Callable[..., Any]) -> Callable[..., Any]:
+        async def call(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            identity, _name, _claim = await self._admit(method, rule, request, context)
+            team_watch = identity.role is Role.TEAM and method == _D + "Watch"
+            async for item in behavior(request, context):
+                if team_watch and not self.authz.visible(identity, DEPLOYMENT, [item.deployment.name]):
+                    continue
+                yield item
+
+        return call
+
+    def _sunary(self, method: str, rule: MethodRule, behavior: Callable[..., Any]) -> Callable[..., Any]:
+        async def call(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
+            # The first message (a model push's metadata) names the target; it is handed on unchanged.
+            first = await anext(aiter(requests), None)
+            identity, name, claim = await self._admit(method, rule, first, context)
+
+            async def replay() -> AsyncIterator[Any]:
+                if first is not None:
+                    yield first
+                async for item in requests:
+                    yield item
+
+            try:
+                response = await behavior(replay(), context)
+            except BaseException as err:
+                await self._settle(method, rule, identity, name, claim, first, context, err)
+                raise
+            await self._settle(method, rule, identity, name, claim, first, context, None)
+            return response
+
+        return call
+
+    def _sstream(self, method: str, rule: MethodRule, behavior: Callable[..., Any]) -> Callable[..., Any]:
+        async def call(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            await self._admit(method, rule, None, context)
+            async for item in behavior(requests, context):
+                yield item
+
+        return call
+
+
+def _code_name(code: Any) -> str:
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    for status in grpc.StatusCode:
+        if status.value[0] == code:
+            return status.name
+    return str(code)
+
+
+def _detail(context: grpc.aio.ServicerContext) -> str:
+    try:
+        return context.details() or ""
+    except Exception:  # not every grpc version exposes details() on aio contexts
+        return ""

@@ -1,0 +1,60 @@
+"""Everything a gRPC server of the orchestrator needs for security, opened and closed as one.
+
+``guard = await ApiGuard.open(config.security, state_dir, exists)`` reads the TLS files, the CRL and
+the ownership registry; ``grpc.aio.server(interceptors=guard.interceptors)``;
+``guard.add_port(server, bind)`` binds with mutual TLS; ``guard.close()`` at shutdown.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import grpc
+
+from edgeward.security.audit import AuditLog
+from edgeward.security.authz import Authorizer, AuthzInterceptor, OwnershipRegistry
+from edgeward.security.config import SecurityConfig
+from edgeward.security.tls import RevocationList
+
+log = logging.getLogger(__name__)
+
+
+class ApiGuard:
+    def __init__(self, config: SecurityConfig, audit: AuditLog, authz: Authorizer) -> None:
+        self.config = config
+        self.audit = audit
+        self.authz = authz
+        self.interceptor = AuthzInterceptor(authz, audit)
+        self._credentials = config.tls.server_credentials()
+
+    @property
+    def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
+        return [self.interceptor]
+
+    @classmethod
+    async def open(
+        cls,
+        config: SecurityConfig,
+        state_dir: Path,
+        exists: Callable[[str, str], Awaitable[bool]] | None = None,
+    ) -> ApiGuard:
+        revocations = RevocationList(config.crl_file, config.ca_file) if config.crl_file is not None else None
+        owners = await OwnershipRegistry.open(Path(state_dir) / "security" / "owners.sqlite")
+        audit = AuditLog(config.audit_log or Path(state_dir) / "security" / "audit.jsonl")
+        try:
+            return cls(config, audit, Authorizer(owners, revocations=revocations, exists=exists))
+        except BaseException:
+            audit.close()
+            owners.close()
+            raise
+
+    def add_port(self, server: grpc.aio.Server, bind: str) -> int:
+        port = server.add_secure_port(bind, self._credentials)
+        log.info("gRPC API on %s: mutual TLS, audit log %s", bind, self.audit.path)
+        return port
+
+    def close(self) -> None:
+        self.audit.close()
+        self.authz.owners.close()

@@ -1,0 +1,75 @@
+"""Helpers of the security tests: async API clients, manifests, a secure orchestrator config."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import grpc
+
+from edgeward.security.pki import FleetCA
+from edgeward.v1 import api_pb2, api_pb2_grpc
+from orchestrator.config import BrokerConfig, OrchestratorConfig
+from usecases import model_path
+
+MODEL = model_path("industrial", "int8")
+
+
+def manifest(name: str, model: str, replicas: int = 0) -> str:
+    return (
+        "apiVersion: edgeward/v1\nkind: Deployment\n"
+        f"metadata: {{name: {name}}}\n"
+        f"spec:\n  model: {{name: {model}, version: 1.0.0}}\n  replicas: {replicas}\n"
+    )
+
+
+class Client:
+    """Async stubs of the public API over one channel with one certificate."""
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self.channel = channel
+        self.deployments = api_pb2_grpc.DeploymentServiceStub(channel)
+        self.nodes = api_pb2_grpc.NodeServiceStub(channel)
+        self.models = api_pb2_grpc.ModelServiceStub(channel)
+
+    async def push(self, name: str, version: str = "1.0.0") -> api_pb2.Model:
+        data = MODEL.read_bytes()
+        meta = api_pb2.ModelMetadata(
+            name=name, version=version, size=len(data), sha256=hashlib.sha256(data).hexdigest()
+        )
+
+        async def parts():
+            yield api_pb2.PushModelRequest(metadata=meta)
+            yield api_pb2.PushModelRequest(chunk=data)
+
+        return await self.models.Push(parts(), timeout=30)
+
+    async def apply(self, text: str) -> api_pb2.ApplyResponse:
+        return await self.deployments.Apply(api_pb2.ApplyRequest(manifest=text), timeout=10)
+
+    async def get(self, name: str) -> api_pb2.Deployment:
+        return await self.deployments.Get(api_pb2.GetDeploymentRequest(name=name), timeout=10)
+
+    async def delete(self, name: str) -> api_pb2.DeleteDeploymentResponse:
+        return await self.deployments.Delete(api_pb2.DeleteDeploymentRequest(name=name), timeout=10)
+
+    async def list(self) -> list[str]:
+        response = await self.deployments.List(api_pb2.ListDeploymentsRequest(), timeout=10)
+        return sorted(d.name for d in response.deployments)
+
+
+def secure_config(ca: FleetCA, state_dir: Path, topic_prefix: str, **kw: object) -> OrchestratorConfig:
+    return OrchestratorConfig.model_validate(
+        {
+            "state_dir": state_dir,
+            "grpc_bind": "127.0.0.1:0",
+            "node_timeout_s": 5.0,
+            "reconcile_interval_s": 0.2,
+            "resend_interval_s": 1.0,
+            "broker": BrokerConfig(topic_prefix=topic_prefix),
+            "security": {"pki_dir": ca.dir},
+            # Publisher signatures are the catalog's business (tests/integration); here: authorization.
+            "catalog": {"require_signatures": False},
+            **kw,
+        }
+    )

@@ -1,0 +1,53 @@
+"""A whole fleet with TLS everywhere: the orchestrator's embedded broker requires node certificates,
+the agent downloads the sealed artifact over mutual TLS, a team deploys through the authorized API."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+import pytest
+from security_support import Client, manifest
+
+from edgeward.security.audit import read_audit
+from edgeward.security.pki import FleetCA, parse_subject
+from node_agent.agent import NodeAgent
+from node_agent.config import AgentConfig
+from orchestrator.server import Orchestrator
+
+pytestmark = pytest.mark.broker
+
+
+async def test_a_tls_fleet_deploys_a_model_end_to_end(
+    connect: Callable[..., Client],
+    fleet_ca: FleetCA,
+    secure_orchestrator: Orchestrator,
+    tmp_path,
+    topic_prefix: str,
+):
+    assert secure_orchestrator.broker_url.startswith("mqtts://")
+    node = fleet_ca.issue(parse_subject("node", "edge-1"))
+    config = AgentConfig.model_validate(
+        {
+            "node_id": "edge-1",
+            "heartbeat_s": 0.5,
+            "state_dir": tmp_path / "agent",
+            "broker": {"url": secure_orchestrator.broker_url, "topic_prefix": topic_prefix},
+            "tls": {"ca_file": fleet_ca.ca_file, "cert_file": node.cert_file, "key_file": node.key_file},
+        }
+    )
+    assert config.broker.cert_file == node.cert_file  # the broker section defaults to the node's TLS files
+    team = connect("team", "ci", team="industrial")
+    async with NodeAgent(config):
+        await team.push("vib-cnn")
+        await team.apply(manifest("vib", "vib-cnn", replicas=1))
+        deadline = time.monotonic() + 40
+        while (await team.get("vib")).status.running != 1:
+            assert time.monotonic() < deadline, await team.get("vib")
+            await asyncio.sleep(0.2)
+    methods = {
+        (x["who"], x["method"].rsplit("/", 1)[-1], x["result"])
+        for x in read_audit(secure_orchestrator.guard.audit.path)
+    }
+    assert methods == {("team:industrial:ci", "Push", "OK"), ("team:industrial:ci", "Apply", "OK")}
