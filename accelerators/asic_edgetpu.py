@@ -35,7 +35,6 @@ from accelerators.base import (
     Backend,
     BackendUnavailable,
     Capabilities,
-    InferenceFailed,
     InferResult,
     Inputs,
     InvalidModel,
@@ -47,13 +46,15 @@ from accelerators.base import (
     TensorSpec,
 )
 from accelerators.cpu_litert import PowerConfig
-from accelerators.int8_reference import LayerCost, bind_inputs, layer_costs
+from accelerators.execution import InterpreterSession, modelled_result
+from accelerators.int8_reference import LayerCost, layer_costs
 from accelerators.tflite_model import (
     allocate,
     check_container,
     describe,
     interpreter_runtime,
     open_interpreter,
+    runtime_problem,
 )
 
 __all__ = [
@@ -262,28 +263,14 @@ def reference_interpreter(data: bytes) -> Any:
     return interpreter
 
 
+@dataclass(frozen=True, slots=True)
 class _Loaded:
-    __slots__ = (
-        "busy_s",
-        "compiled",
-        "handle",
-        "input_indices",
-        "interpreter",
-        "latency_s",
-        "lock",
-        "output_indices",
-    )
+    """One compiled model: the reference interpreter's session and the datasheet's timing."""
 
-    def __init__(
-        self, handle: ModelHandle, compiled: CompiledModel, interpreter: Any, timing: tuple[float, float]
-    ):
-        self.handle = handle
-        self.compiled = compiled
-        self.interpreter: Any = interpreter
-        self.input_indices = [d["index"] for d in interpreter.get_input_details()]
-        self.output_indices = [d["index"] for d in interpreter.get_output_details()]
-        self.latency_s, self.busy_s = timing
-        self.lock = threading.Lock()
+    session: InterpreterSession
+    compiled: CompiledModel
+    latency_s: float
+    busy_s: float
 
 
 class AsicEdgeTpuBackend(Backend):
@@ -326,11 +313,7 @@ class AsicEdgeTpuBackend(Backend):
 
     @classmethod
     def probe(cls) -> str | None:
-        try:
-            interpreter_runtime()
-        except BackendUnavailable as err:
-            return err.reason
-        return None
+        return runtime_problem()
 
     @property
     def capabilities(self) -> Capabilities:
@@ -348,8 +331,9 @@ class AsicEdgeTpuBackend(Backend):
         interpreter = reference_interpreter(data)
         timing = self.datasheet.latency(compiled.layers, compiled.io_bytes)
         handle = ModelHandle(model.name, model.version, model.sha256, KIND, compiled.inputs, compiled.outputs)
+        session = InterpreterSession(handle, interpreter, self._capabilities.power)
         with self._lock:
-            self._loaded[handle.id] = _Loaded(handle, compiled, interpreter, timing)
+            self._loaded[handle.id] = _Loaded(session, compiled, *timing)
         log.info(
             "compiled %s:%s for %s (%d MACs, %.3f ms modelled)",
             model.name,
@@ -364,29 +348,16 @@ class AsicEdgeTpuBackend(Backend):
         loaded = self._loaded.get(handle.id)
         if loaded is None:
             raise ModelNotLoaded(handle.name, handle.version)
-        arrays = bind_inputs(handle.inputs, inputs)
-        with loaded.lock:
-            interpreter = loaded.interpreter
-            if interpreter is None:
-                raise ModelNotLoaded(handle.name, handle.version)
-            try:
-                for index, array in zip(loaded.input_indices, arrays, strict=True):
-                    interpreter.set_tensor(index, array)
-                interpreter.invoke()
-                values = [interpreter.get_tensor(index) for index in loaded.output_indices]
-            except (ValueError, RuntimeError) as err:
-                raise InferenceFailed(handle.name, str(err)) from err
-        outputs = {spec.name: value for spec, value in zip(handle.outputs, values, strict=True)}
-        energy = self._capabilities.power.energy_j(loaded.latency_s, loaded.busy_s)
-        return InferResult(outputs, loaded.latency_s, energy, "modelled")
+        # The host's time to run the reference kernels is not the device's: only the outputs count.
+        outputs = loaded.session.infer(inputs).outputs
+        return modelled_result(self._capabilities.power, outputs, loaded.latency_s, loaded.busy_s)
 
     def unload(self, handle: ModelHandle) -> None:
         with self._lock:
             loaded = self._loaded.pop(handle.id, None)
         if loaded is None:
             return
-        with loaded.lock:  # wait for an inference in flight
-            loaded.interpreter = None
+        loaded.session.close()  # waits for an inference in flight
         log.info("unloaded %s:%s", handle.name, handle.version)
 
     def close(self) -> None:
@@ -394,4 +365,4 @@ class AsicEdgeTpuBackend(Backend):
             return
         self._closed = True
         for loaded in list(self._loaded.values()):
-            self.unload(loaded.handle)
+            self.unload(loaded.session.handle)

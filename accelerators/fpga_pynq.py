@@ -76,8 +76,9 @@ from accelerators.base import (
     PowerModel,
 )
 from accelerators.cpu_litert import PowerConfig
-from accelerators.int8_reference import SUPPORTED_OPS, Int8Program, LayerCost, bind_inputs
-from accelerators.tflite_model import interpreter_runtime
+from accelerators.execution import InputBinder, modelled_result
+from accelerators.int8_reference import SUPPORTED_OPS, Int8Program, LayerCost
+from accelerators.tflite_model import runtime_problem
 
 __all__ = [
     "BOARDS",
@@ -556,6 +557,7 @@ class _Loaded:
     """One loaded model: its slot, host-side program, device buffers and lock."""
 
     handle: ModelHandle
+    binder: InputBinder
     slot: int
     program: Int8Program
     program_buffer: Any
@@ -612,11 +614,7 @@ class FpgaPynqBackend(Backend):
     @classmethod
     def probe(cls) -> str | None:
         # The host compiles every model with the LiteRT interpreter, on both paths.
-        try:
-            interpreter_runtime()
-        except BackendUnavailable as err:
-            return err.reason
-        return None
+        return runtime_problem()
 
     @staticmethod
     def _choose_simulation(config: FpgaPynqConfig) -> bool:
@@ -701,7 +699,15 @@ class FpgaPynqBackend(Backend):
         handle = ModelHandle(model.name, model.version, model.sha256, KIND, program.inputs, program.outputs)
         with self._lock:
             self._loaded[handle.id] = _Loaded(
-                handle, slot, program, program_buffer, source, sink, estimate, threading.Lock()
+                handle,
+                InputBinder.of(program.inputs),
+                slot,
+                program,
+                program_buffer,
+                source,
+                sink,
+                estimate,
+                threading.Lock(),
             )
         log.info(
             "loaded %s:%s into slot %d of %s (%d MACs, %.3f ms modelled)",
@@ -718,7 +724,7 @@ class FpgaPynqBackend(Backend):
         loaded = self._loaded.get(handle.id)
         if loaded is None:
             raise ModelNotLoaded(handle.name, handle.version)
-        arrays = bind_inputs(handle.inputs, inputs)
+        arrays = loaded.binder.bind(inputs)
         with loaded.lock:
             if not loaded.loaded:
                 raise ModelNotLoaded(handle.name, handle.version)
@@ -746,8 +752,7 @@ class FpgaPynqBackend(Backend):
             latency_s, busy_s = loaded.estimate.latency_s, loaded.estimate.busy_s
         else:
             latency_s, busy_s = wall_s, min(wall_s, cycles / self.timing.clock_hz)
-        energy = self._capabilities.power.energy_j(latency_s, busy_s)
-        return InferResult(outputs, latency_s, energy, "modelled")
+        return modelled_result(self._capabilities.power, outputs, latency_s, busy_s)
 
     def unload(self, handle: ModelHandle) -> None:
         with self._lock:

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,7 +48,6 @@ __all__ = [
     "SUPPORTED_OPS",
     "Int8Program",
     "LayerCost",
-    "bind_inputs",
     "layer_costs",
     "multiply_by_quantized_multiplier",
     "quantize_multiplier",
@@ -533,52 +532,6 @@ def layer_costs(interpreter: Any) -> tuple[LayerCost, ...]:
 
 
 # ------------------------------------------------------------------------------------- inputs
-
-
-def bind_inputs(specs: Sequence[TensorSpec], inputs: Any) -> list[np.ndarray]:
-    """Inference inputs in model order, checked against ``specs``; ``InvalidInput`` otherwise.
-
-    ``inputs`` maps names to arrays or lists them in model order. Every array must have its
-    input's dtype and static shape, with one conversion, the same as the cpu-litert backend's:
-    a quantized integer input also accepts floating data, quantized as TFLite's QUANTIZE op does
-    it in float32 (``round_half_away(x / scale) + zero_point``, clamped).
-    """
-    names = [spec.name for spec in specs]
-    if isinstance(inputs, Mapping):
-        for name in inputs:
-            if name not in names:
-                raise InvalidInput(name, f"not an input of the model; inputs are {names}")
-        missing = [name for name in names if name not in inputs]
-        if missing:
-            raise InvalidInput(missing[0], "missing")
-        values = [inputs[name] for name in names]
-    else:
-        values = list(inputs)
-        if len(values) != len(specs):
-            raise InvalidInput(
-                names[len(values)] if len(values) < len(specs) else f"#{len(specs)}",
-                f"got {len(values)} inputs, the model takes {len(specs)}",
-            )
-    return [_check_input(spec, value) for spec, value in zip(specs, values, strict=True)]
-
-
-def _check_input(spec: TensorSpec, value: object) -> np.ndarray:
-    if not isinstance(value, np.ndarray):
-        raise InvalidInput(spec.name, f"expected a numpy array, got {type(value).__name__}")
-    array: np.ndarray = value
-    dtype = spec.numpy_dtype
-    if array.dtype != dtype:
-        if spec.quantization is None or dtype.kind not in "iu" or array.dtype.kind != "f":
-            raise InvalidInput(spec.name, f"dtype {array.dtype}, expected {spec.dtype} ({dtype})")
-        scaled = array.astype(np.float32, copy=False) / np.float32(spec.quantization.scale)
-        rounded = np.trunc(scaled + np.copysign(np.float32(0.5), scaled))
-        if np.isnan(rounded).any():
-            raise InvalidInput(spec.name, "NaN values cannot be quantized")
-        info = np.iinfo(dtype)
-        array = np.clip(rounded + spec.quantization.zero_point, info.min, info.max).astype(dtype)
-    if array.shape != spec.shape:
-        raise InvalidInput(spec.name, f"shape {list(array.shape)}, expected {list(spec.shape)}")
-    return array
 
 
 # ------------------------------------------------------------------------------------- kernels

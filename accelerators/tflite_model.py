@@ -35,6 +35,7 @@ __all__ = [
     "inspect_tflite",
     "interpreter_runtime",
     "open_interpreter",
+    "runtime_problem",
 ]
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,16 @@ def interpreter_runtime() -> InterpreterRuntime:
     if not hasattr(runtime.interpreter, "_get_ops_details"):
         raise BackendUnavailable("tflite", f"{runtime.name} is too old: no op inspection")
     return runtime
+
+
+def runtime_problem() -> str | None:
+    """Why no interpreter runtime can be used here, or None: the ``probe`` of every backend that
+    needs one (cpu-litert runs models on it; the simulated accelerators compile with it)."""
+    try:
+        interpreter_runtime()
+    except BackendUnavailable as err:
+        return err.reason
+    return None
 
 
 def check_container(data: bytes, max_bytes: int = MAX_MODEL_BYTES) -> None:

@@ -264,6 +264,8 @@ def test_invalid_inputs_are_refused(backend: Backend, model_set: dict[str, bytes
         ([np.zeros((1, 512, 1), np.int8)], spec.name),  # shape
         ([np.zeros(spec.shape, np.int16)], spec.name),  # dtype
         ([good.tolist()], spec.name),  # not an array
+        ({"input": good}, "input"),  # as many names as inputs, but not theirs
+        (good, "<inputs>"),  # neither by name nor in model order
     ]
     for inputs, tensor in cases:
         with pytest.raises(InvalidInput) as caught:

@@ -8,12 +8,12 @@ import math
 import statistics
 import sys
 import time
-from importlib.metadata import EntryPoint
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+import tiny_models
 
 from accelerators import registry
 from accelerators.base import (
@@ -55,6 +55,13 @@ def bare_invoke(data: bytes, inputs: list[np.ndarray]) -> list[np.ndarray]:
     """The reference: a bare interpreter with default options, as a user would run it."""
     interpreter = interpreter_runtime().interpreter(model_content=data)
     interpreter.allocate_tensors()
+    for detail, array in zip(interpreter.get_input_details(), inputs, strict=True):
+        interpreter.set_tensor(detail["index"], array)
+    interpreter.invoke()
+    return [interpreter.get_tensor(d["index"]) for d in interpreter.get_output_details()]
+
+
+def bare_invoke_on(interpreter: Any, inputs: list[np.ndarray]) -> list[np.ndarray]:
     for detail, array in zip(interpreter.get_input_details(), inputs, strict=True):
         interpreter.set_tensor(detail["index"], array)
     interpreter.invoke()
@@ -134,8 +141,23 @@ def test_int8_model_accepts_float_input_and_quantizes_it(
         (lambda name, x: [], "serving_default_vibration:0", "got 0 inputs"),
         (lambda name, x: [x, x], "#1", "got 2 inputs"),
         (lambda name, x: {name: x.tolist()}, "serving_default_vibration:0", "expected a numpy array"),
+        (lambda name, x: {"vibration": x}, "vibration", "not an input of the model"),
+        (lambda name, x: x, "<inputs>", "expected arrays by name or in model order, got ndarray"),
+        (lambda name, x: iter([x]), "<inputs>", "got list_iterator"),
     ],
-    ids=["dtype", "rank", "size", "missing", "unexpected", "too-few", "too-many", "not-array"],
+    ids=[
+        "dtype",
+        "rank",
+        "size",
+        "missing",
+        "unexpected",
+        "too-few",
+        "too-many",
+        "not-array",
+        "wrong-name",
+        "bare-array",
+        "iterator",
+    ],
 )
 def test_invalid_inputs_name_the_tensor(
     backend: CpuLitertBackend, f32_bytes: bytes, inputs: Any, tensor: str, problem: str
@@ -192,11 +214,12 @@ def test_profile(backend: CpuLitertBackend, f32_bytes: bytes) -> None:
 
 
 def test_infer_overhead_against_bare_invoke(backend: CpuLitertBackend, f32_bytes: bytes) -> None:
-    """Measured, not asserted: the wrapper's cost per call over a bare set/invoke/get."""
+    """The backend's fixed cost per call over a bare set/invoke/get on the same interpreter stays
+    small (bench/inference_overhead.py measures it on every use-case model; target 1.10 there,
+    a looser bound here against regressions on a shared machine)."""
     handle = backend.load(ModelArtifact.from_bytes("vibration", "1", f32_bytes))
     x = signal((1, 1024, 1))
-    interpreter = interpreter_runtime().interpreter(model_content=f32_bytes)
-    interpreter.allocate_tensors()
+    interpreter = backend._loaded[handle.id].interpreter
     in_index = interpreter.get_input_details()[0]["index"]
     out_index = interpreter.get_output_details()[0]["index"]
     inputs = {handle.inputs[0].name: x}
@@ -209,20 +232,78 @@ def test_infer_overhead_against_bare_invoke(backend: CpuLitertBackend, f32_bytes
     def wrapped() -> None:
         backend.infer(handle, inputs)
 
-    def per_call_us(fn: Any, n: int) -> float:
-        start = time.perf_counter()
+    def per_call_us(fn: Any, n: int = 200) -> float:
+        start = time.perf_counter_ns()
         for _ in range(n):
             fn()
-        return (time.perf_counter() - start) / n * 1e6
+        return (time.perf_counter_ns() - start) / n / 1e3
 
-    per_call_us(bare, 100), per_call_us(wrapped, 100)  # warm up
-    rounds = [(per_call_us(bare, 300), per_call_us(wrapped, 300)) for _ in range(9)]  # interleaved
-    bare_us = statistics.median(b for b, _ in rounds)
-    wrapped_us = statistics.median(w for _, w in rounds)
-    print(
-        f"\ncpu-litert infer: bare {bare_us:.1f} us/call, backend.infer {wrapped_us:.1f} us/call, "
-        f"overhead {wrapped_us - bare_us:.1f} us ({wrapped_us / bare_us:.3f}x)"
-    )
+    per_call_us(bare), per_call_us(wrapped)  # warm up
+    ratios = []
+    for block in range(20):  # ABBA: adjacent blocks see the same machine load
+        first, second = (bare, wrapped) if block % 2 == 0 else (wrapped, bare)
+        a, b = per_call_us(first), per_call_us(second)
+        ratios.append(b / a if first is bare else a / b)
+    ratio = statistics.median(ratios)
+    print(f"\ncpu-litert infer / bare invoke: {ratio:.3f}")
+    # The target (1.10) is measured by the bench on a quiet machine; here only a gross regression
+    # (a fixed cost that doubles a ~30 us call) fails, so a shared, noisy CI box cannot flake it.
+    assert ratio < 2.0
+
+
+def test_modelled_energy_follows_measured_time(f32_bytes: bytes) -> None:
+    """With idle = active power, energy is power x measured wall time exactly; with idle = 0 W it
+    is the busy time, which the sampled CPU share keeps near the thread's real CPU time."""
+    flat = CpuLitertConfig(energy_counter=None, power={"idle_w": 2.0, "active_w": 2.0})
+    with CpuLitertBackend(flat) as backend:
+        handle = backend.load(ModelArtifact.from_bytes("vibration", "1", f32_bytes))
+        for _ in range(40):
+            result = backend.infer(handle, [signal((1, 1024, 1))])
+            assert result.energy_j == pytest.approx(2.0 * result.latency_s, rel=1e-9)
+    busy_only = CpuLitertConfig(energy_counter=None, power={"idle_w": 0.0, "active_w": 1.0})
+    with CpuLitertBackend(busy_only) as backend:
+        handle = backend.load(ModelArtifact.from_bytes("vibration", "1", f32_bytes))
+        x = signal((1, 1024, 1))
+        ratios = []
+        for _ in range(400):
+            cpu_start = time.thread_time()
+            result = backend.infer(handle, [x])
+            cpu_s = time.thread_time() - cpu_start  # the call's CPU time, the wrapper's included
+            # 1 W while busy, nothing idle: the joules are the modelled busy seconds
+            assert 0 < result.energy_j <= result.latency_s * (1 + 1e-9)
+            assert result.energy_source == "modelled"
+            ratios.append(result.energy_j / cpu_s)
+    # a median: a call preempted off the CPU has a long wall time but little CPU time
+    assert 0.6 < statistics.median(ratios) < 1.1
+
+
+def test_dynamic_batch_is_resized_per_call(backend: CpuLitertBackend) -> None:
+    data = tiny_models.dynamic_batch_model(np.random.default_rng(3))
+    handle = backend.load(ModelArtifact.from_bytes("dynamic", "1", data))
+    (spec,) = handle.inputs
+    assert spec.shape == (-1, 16)
+    rng = np.random.default_rng(4)
+    for batch in (3, 1, 5, 5):
+        x = rng.integers(-128, 127, (batch, 16), dtype=np.int8, endpoint=True)
+        got = backend.infer(handle, {spec.name: x}).outputs[handle.outputs[0].name]
+        interpreter = interpreter_runtime().interpreter(model_content=data)
+        interpreter.resize_tensor_input(interpreter.get_input_details()[0]["index"], x.shape)
+        interpreter.allocate_tensors()
+        (expected,) = bare_invoke_on(interpreter, [x])
+        assert got.shape == (batch, 4)
+        np.testing.assert_array_equal(got, expected)
+    with pytest.raises(InvalidInput, match=r"shape \[2, 8\], expected \[-1, 16\]"):
+        backend.infer(handle, [np.zeros((2, 8), np.int8)])
+
+
+def test_strided_input_gives_the_same_outputs(backend: CpuLitertBackend, f32_bytes: bytes) -> None:
+    handle = backend.load(ModelArtifact.from_bytes("vibration", "1", f32_bytes))
+    wide = signal((1, 2048, 1), 6)
+    strided = wide[:, ::2]
+    assert not strided.flags.c_contiguous
+    name = handle.outputs[0].name
+    got = backend.infer(handle, [strided]).outputs[name]
+    np.testing.assert_array_equal(got, backend.infer(handle, [np.ascontiguousarray(strided)]).outputs[name])
 
 
 # ------------------------------------------------------------------------- refusal and integrity
@@ -408,21 +489,15 @@ def test_missing_interpreter_library_reports_unavailable() -> None:
     assert registry.available()["cpu-litert"] == "ok"
 
 
-def test_registry_reports_unavailable_instead_of_raising(monkeypatch: pytest.MonkeyPatch) -> None:
-    eps = [
-        EntryPoint("cpu-litert", "no_such_module:Nope", registry.ENTRY_POINT_GROUP),  # cannot shadow
-        EntryPoint("cpu-alias", "accelerators.cpu_litert:CpuLitertBackend", registry.ENTRY_POINT_GROUP),
-        EntryPoint("broken-plugin", "no_such_module_for_edgeward:Factory", registry.ENTRY_POINT_GROUP),
-    ]
-    monkeypatch.setattr(registry, "entry_points", lambda group: [ep for ep in eps if ep.group == group])
-    reg = BackendRegistry({**registry.BUILTINS, "fpga-missing": "no_such_vendor_sdk:Overlay"})
+def test_registry_reports_unavailable_instead_of_raising() -> None:
+    """Missing vendor libraries, as built-in targets and explicit registrations (entry points:
+    test_registry.py)."""
+    reg = BackendRegistry({**registry.BUILTINS, "fpga-missing": "no_such_vendor_sdk:Overlay"}, discover=False)
     reg.register("asic-missing", _MissingLibrary)
     report = reg.available()
     assert report["cpu-litert"] == "ok"
-    assert report["cpu-alias"] == "ok"
     assert report["asic-missing"] == "unavailable: libimaginary.so not found"
     assert report["fpga-missing"].startswith("unavailable: cannot import no_such_vendor_sdk:Overlay")
-    assert report["broken-plugin"].startswith("unavailable: cannot import")
     with pytest.raises(BackendUnavailable, match=r"libimaginary\.so"):
         reg.create("asic-missing")
     with pytest.raises(ValueError, match="already registered"):
