@@ -2,14 +2,37 @@
 
 Node liveness comes from two signals: the retained ``status`` (with the broker-published last will
 ``OFFLINE`` when a node dies) and message recency (a node silent for ``node_timeout_s`` is lost).
+
+What the scheduler learns of performance also lands here: the node's own model profiles (from its
+hello) and, per model, the latency *windows* of its telemetry: a telemetry message is a window of a
+model when the model served inferences since the previous one; its p95 is the window's figure.
 """
 
 from __future__ import annotations
 
+import math
 import time
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 from edgeward.v1 import node_pb2
+
+#: Latency windows kept per node and model: enough for a few reconcile passes to catch up.
+WINDOWS_KEPT = 8
+PROFILE_INVALID = "fleet.profile.invalid"
+LATENCY_INVALID = "fleet.telemetry.invalid_latency"
+
+
+def model_key(name: str, version: str) -> str:
+    """How the scheduler names a model version: ``name:version``."""
+    return f"{name}:{version}"
+
+
+@dataclass(frozen=True, slots=True)
+class LatencyWindow:
+    seq: int  # increases by one per window of this node and model
+    p95_ms: float
+    inferences: int  # the model's inference counter at the end of the window
 
 
 @dataclass
@@ -23,6 +46,10 @@ class NodeView:
     status_seq: int = -1
     boot_ms: int = 0
     telemetry: node_pb2.Telemetry | None = None
+    #: (model key, accelerator kind) -> the node's own profile of that model
+    profiles: dict[tuple[str, str], node_pb2.ModelProfile] = field(default_factory=dict)
+    #: model key -> its latest latency windows, oldest first
+    latency: dict[str, deque[LatencyWindow]] = field(default_factory=dict)
 
     def online(self, now: float, timeout_s: float) -> bool:
         return (
@@ -37,6 +64,7 @@ class Fleet:
 
     def __init__(self) -> None:
         self.nodes: dict[str, NodeView] = {}
+        self.dropped: Counter[str] = Counter()  # reason id -> profiles or latencies refused
 
     def view(self, node_id: str) -> NodeView:
         node = self.nodes.get(node_id)
@@ -45,7 +73,8 @@ class Fleet:
         return node
 
     def apply(self, msg: node_pb2.NodeMessage, *, retained: bool = False) -> str | None:
-        """Update the view; return 'hello', 'status' or None (nothing the reconciler cares about)."""
+        """Update the view; return 'hello', 'status', 'profiles' (a hello that only brings new model
+        profiles: not a reconnect) or None (nothing the reconciler must act on at once)."""
         node = self.view(msg.node_id)
         if not retained:
             node.last_seen = time.monotonic()
@@ -53,13 +82,18 @@ class Fleet:
         body = msg.WhichOneof("body")
         if body == "hello":
             rebooted = msg.hello.boot_unix_ms != node.boot_ms
+            only_profiles = (
+                node.hello is not None and not rebooted and _inventory(node.hello) == _inventory(msg.hello)
+            )
             node.hello = msg.hello
             node.boot_ms = msg.hello.boot_unix_ms
+            node.profiles = self._profiles(msg.hello.profiles)
             if rebooted:
                 node.status_seq = -1
+                node.latency = {}
             if retained and not node.last_seen:
                 node.last_seen = time.monotonic()
-            return "hello"
+            return "profiles" if only_profiles else "hello"
         if body == "status":
             status = msg.status
             if status.state == node_pb2.NODE_STATE_OFFLINE:
@@ -78,5 +112,44 @@ class Fleet:
             return "status"
         if body == "telemetry":
             node.telemetry = msg.telemetry
+            self._windows(node, msg.telemetry.models)
             return None
         return None
+
+    def _profiles(
+        self, profiles: list[node_pb2.ModelProfile]
+    ) -> dict[tuple[str, str], node_pb2.ModelProfile]:
+        out = {}
+        for p in profiles:
+            numbers = (p.latency_p50_ms, p.latency_p95_ms, p.energy_j)
+            if not (p.model_name and p.accelerator and all(math.isfinite(x) and x >= 0 for x in numbers)) or (
+                p.latency_p95_ms <= 0
+            ):
+                self.dropped[PROFILE_INVALID] += 1
+                continue
+            out[(model_key(p.model_name, p.model_version), p.accelerator)] = p
+        return out
+
+    def _windows(self, node: NodeView, models: list[node_pb2.ModelStats]) -> None:
+        for stats in models:
+            key = model_key(stats.model_name, stats.model_version)
+            windows = node.latency.get(key)
+            last = windows[-1] if windows else None
+            if last is not None and stats.inferences == last.inferences:
+                continue  # nothing served since the previous window
+            if not (math.isfinite(stats.latency_p95_ms) and stats.latency_p95_ms >= 0):
+                self.dropped[LATENCY_INVALID] += 1
+                continue
+            if not stats.inferences:
+                continue
+            if windows is None:
+                windows = node.latency[key] = deque(maxlen=WINDOWS_KEPT)
+            windows.append(LatencyWindow(last.seq + 1 if last else 1, stats.latency_p95_ms, stats.inferences))
+
+
+def _inventory(hello: node_pb2.Hello) -> bytes:
+    """The hello without its profiles, for telling a profile update from a reconnect."""
+    copy = node_pb2.Hello()
+    copy.CopyFrom(hello)
+    del copy.profiles[:]
+    return copy.SerializeToString(deterministic=True)

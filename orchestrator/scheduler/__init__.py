@@ -16,7 +16,7 @@ from .placement import (
     Unschedulable,
 )
 from .plan import PlacementPlan, RequestShape, Reservation
-from .plugins import FILTERS, SCORERS, FilterPlugin, ScorePlugin, register
+from .plugins import FILTERS, SCORERS, FilterPlugin, ScorePlugin, load_entry_points, register
 from .snapshot import FleetSnapshot, NodeClass, PerformanceTable, Prediction
 
 __all__ = [
@@ -43,5 +43,6 @@ __all__ = [
     "SchedulerProfile",
     "ScorePlugin",
     "Unschedulable",
+    "load_entry_points",
     "register",
 ]

@@ -19,6 +19,14 @@ class SchedulerError(OrchestratorError):
     """A misuse of the scheduler (a bug in the caller), such as reserving one replica twice."""
 
 
+@dataclass(frozen=True, slots=True)
+class Prediction:
+    """Predicted latency and energy of one inference of a model on one accelerator of a profile."""
+
+    latency_ms: float
+    energy_j: float
+
+
 @dataclass(frozen=True)
 class NodeInfo:
     """What the scheduler knows of one node at snapshot time."""
@@ -29,14 +37,16 @@ class NodeInfo:
     labels: Mapping[str, str]
     accelerators: Mapping[str, frozenset[str]]  # available backend kind -> supported dtypes
     max_replicas: int
-    memory_bytes: int                 # 0: not limited
+    memory_bytes: int  # 0: not limited
     active_w: float
-    replicas: int = 0                 # active replicas bound to the node
+    replicas: int = 0  # active replicas bound to the node
     memory_used: int = 0
-    attestation_tier: str = "none"    # tier of the node's valid attestation result
+    attestation_tier: str = "none"  # tier of the node's valid attestation result
     per_deployment: Mapping[str, int] = field(default_factory=dict)
-    hardware_profile: str = ""        # key of the node's predictions in a PerformanceTable
-    latency_scale: float = 1.0        # observed / predicted latency from live telemetry
+    hardware_profile: str = ""  # key of the node's predictions in a PerformanceTable
+    latency_scale: float = 1.0  # observed / predicted latency from live telemetry
+    #: (accelerator kind, model) -> the node's own profile; overrides its class's prediction
+    profiles: Mapping[tuple[str, str], Prediction] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -44,14 +54,15 @@ class PlacementRequest:
     """One replica to place. ``model`` keys the predictions; ``replica_id`` makes reserve idempotent."""
 
     deployment: str
-    accelerators: frozenset[str]      # acceptable kinds; empty = any
-    dtypes: frozenset[str]            # dtypes the model needs
+    accelerators: frozenset[str]  # acceptable kinds; empty = any
+    dtypes: frozenset[str]  # dtypes the model needs
     memory_bytes: int
     selector: Mapping[str, str]
     attestation_tier: str = "none"
     model: str = ""
-    max_latency_ms: float = 0.0       # latency SLO; 0 = none
+    max_latency_ms: float = 0.0  # latency SLO; 0 = none
     replica_id: str = ""
+    avoid_node: str = ""  # never this node (a replica moving off it)
 
 
 @dataclass(frozen=True)
@@ -74,7 +85,7 @@ class FilterStatus:
 
     plugin: str
     code: Code
-    reasons: Mapping[str, int]        # reason id -> nodes ruled out by it (first failing filter only)
+    reasons: Mapping[str, int]  # reason id -> nodes ruled out by it (first failing filter only)
 
 
 @dataclass(frozen=True)

@@ -13,16 +13,18 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Hashable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 
 import numpy as np
 from numpy.typing import NDArray
 
 from .placement import Code, FilterStatus, Placement, PlacementRequest, SchedulerError, Unschedulable
-from .plugins import FilterPlugin, ScorePlugin
+from .plugins import FilterPlugin, Nodes, ScorePlugin, at
 from .snapshot import FleetSnapshot
 
+#: The only node left is the one the replica moves off.
+AVOIDED = "scheduler.filter.avoided"
 _SHAPE_CACHE = 64
 _DENSE_CACHE = 16
 _ALL = slice(None)
@@ -30,8 +32,34 @@ _ALL = slice(None)
 
 def shape_key(req: PlacementRequest) -> Hashable:
     """The request fields static plugins may read; requests with equal keys share one evaluation."""
-    return (req.accelerators, req.dtypes, tuple(sorted(req.selector.items())), req.attestation_tier,
-            req.model, req.max_latency_ms)
+    return (
+        req.accelerators,
+        req.dtypes,
+        tuple(sorted(req.selector.items())),
+        req.attestation_tier,
+        req.model,
+        req.max_latency_ms,
+    )
+
+
+def _pick(
+    fits: NDArray[np.bool_], latency: NDArray[np.float64], energy: NDArray[np.float64], slo: float
+) -> tuple[NDArray[np.intp], NDArray[np.float64], NDArray[np.float64]]:
+    """Per row (rows x kinds): the kind picked (-1 if none fits) and its latency and energy."""
+    rows, kinds = fits.shape
+    if kinds == 0:
+        return np.full(rows, -1, np.intp), np.full(rows, np.nan), np.full(rows, np.nan)
+    misses = latency > slo if slo > 0 else np.zeros((rows, kinds), np.bool_)
+    position = np.broadcast_to(np.arange(kinds), (rows, kinds))
+    order = np.lexsort((position, np.where(np.isnan(energy), np.inf, energy), misses, ~fits), axis=-1)
+    best = order[:, 0]
+    picked = fits.any(axis=1)
+    at_best = np.arange(rows), best
+    return (
+        np.where(picked, best, -1),
+        np.where(picked, latency[at_best], np.nan),
+        np.where(picked, energy[at_best], np.nan),
+    )
 
 
 @dataclass(frozen=True, eq=False)
@@ -39,14 +67,21 @@ class RequestShape:
     """What a kind of request resolves to per node class: the accelerator picked and its predictions.
 
     Among a class's accelerators that can run the request, the pick is the one predicted to meet
-    the SLO, then the one with the least energy per inference, then the first by kind name.
+    the SLO, then the one with the least energy per inference, then the first by kind name. Nodes
+    with their own profile of the model are resolved the same way, one by one, with their own
+    figures in place of their class's (``own_*``, by ascending node); read per node through
+    :meth:`kind_at`, :meth:`latency_at` and :meth:`energy_at`.
     """
 
-    kind: NDArray[np.intp]             # per class: position in snapshot.kinds, -1 if none fits
-    latency_ms: NDArray[np.float64]    # per class, of the picked accelerator; NaN if unknown
+    kind: NDArray[np.intp]  # per class: position in snapshot.kinds, -1 if none fits
+    latency_ms: NDArray[np.float64]  # per class, of the picked accelerator; NaN if unknown
     energy_j: NDArray[np.float64]
-    has_latency: bool                  # some class has a latency prediction for the model
+    has_latency: bool  # some node has a latency prediction for the model
     has_energy: bool
+    own_nodes: NDArray[np.intp] = field(default_factory=lambda: np.zeros(0, np.intp))
+    own_kind: NDArray[np.intp] = field(default_factory=lambda: np.zeros(0, np.intp))
+    own_latency_ms: NDArray[np.float64] = field(default_factory=lambda: np.zeros(0))
+    own_energy_j: NDArray[np.float64] = field(default_factory=lambda: np.zeros(0))
 
     @classmethod
     def resolve(cls, snap: FleetSnapshot, req: PlacementRequest) -> RequestShape:
@@ -63,29 +98,65 @@ class RequestShape:
             latency, energy = snap.latency_ms[:, :, m], snap.energy_j[:, :, m]
         else:
             latency = energy = np.full((classes, kinds), np.nan)
-        if kinds == 0:
-            return cls(np.full(classes, -1, np.intp), np.full(classes, np.nan), np.full(classes, np.nan),
-                       False, False)
-        slo = req.max_latency_ms
-        misses = latency > slo if slo > 0 else np.zeros((classes, kinds), np.bool_)
-        position = np.broadcast_to(np.arange(kinds), (classes, kinds))
-        order = np.lexsort((position, np.where(np.isnan(energy), np.inf, energy), misses, ~fits), axis=-1)
-        best = order[:, 0]
-        picked = fits.any(axis=1)
-        rows = np.arange(classes)
+        kind, latency_ms, energy_j = _pick(fits, latency, energy, req.max_latency_ms)
+        has_latency = bool(np.any(~np.isnan(latency) & fits))
+        has_energy = bool(np.any(~np.isnan(energy) & fits))
+        own = snap.own_profiles(req.model)
+        if own.stop == own.start:
+            return cls(kind, latency_ms, energy_j, has_latency, has_energy)
+        nodes, row = np.unique(snap.own_node[own], return_inverse=True)
+        klass = snap.node_class[nodes]
+        own_latency, own_energy = latency[klass], energy[klass]  # copies: fancy indexing
+        own_latency[row, snap.own_kind[own]] = snap.own_latency_ms[own]
+        own_energy[row, snap.own_kind[own]] = snap.own_energy_j[own]
+        own_fits = fits[klass]
+        picked = _pick(own_fits, own_latency, own_energy, req.max_latency_ms)
         return cls(
-            kind=np.where(picked, best, -1),
-            latency_ms=np.where(picked, latency[rows, best], np.nan),
-            energy_j=np.where(picked, energy[rows, best], np.nan),
-            has_latency=bool(np.any(~np.isnan(latency) & fits)),
-            has_energy=bool(np.any(~np.isnan(energy) & fits)),
+            kind,
+            latency_ms,
+            energy_j,
+            has_latency=has_latency or bool(np.any(~np.isnan(own_latency) & own_fits)),
+            has_energy=has_energy or bool(np.any(~np.isnan(own_energy) & own_fits)),
+            own_nodes=nodes,
+            own_kind=picked[0],
+            own_latency_ms=picked[1],
+            own_energy_j=picked[2],
         )
+
+    def kind_of(self, snap: FleetSnapshot, node: int) -> int:
+        """The kind picked on one node (-1 if none fits)."""
+        if self.own_nodes.size:
+            i = int(np.searchsorted(self.own_nodes, node))
+            if i < self.own_nodes.size and self.own_nodes[i] == node:
+                return int(self.own_kind[i])
+        return int(self.kind[snap.node_class[node]])
+
+    def kind_at(self, snap: FleetSnapshot, nodes: Nodes) -> NDArray[np.intp]:
+        return self._patch(self.kind[at(snap.node_class, nodes)], self.own_kind, nodes)
+
+    def latency_at(self, snap: FleetSnapshot, nodes: Nodes) -> NDArray[np.float64]:
+        return self._patch(self.latency_ms[at(snap.node_class, nodes)], self.own_latency_ms, nodes)
+
+    def energy_at(self, snap: FleetSnapshot, nodes: Nodes) -> NDArray[np.float64]:
+        return self._patch(self.energy_j[at(snap.node_class, nodes)], self.own_energy_j, nodes)
+
+    def _patch(self, values: NDArray, own: NDArray, nodes: Nodes) -> NDArray:
+        """Per-class ``values`` gathered to ``nodes`` (a fresh array), with own figures put in."""
+        if not self.own_nodes.size:
+            return values
+        if isinstance(nodes, slice):
+            values[self.own_nodes[nodes]] = own[nodes]  # only slice(None) is ever passed
+            return values
+        pos = np.minimum(np.searchsorted(nodes, self.own_nodes), max(len(nodes) - 1, 0))
+        hit = (nodes[pos] == self.own_nodes) if len(nodes) else np.zeros(self.own_nodes.size, np.bool_)
+        values[pos[hit]] = own[hit]
+        return values
 
 
 @dataclass(frozen=True, eq=False)
 class _Evaluated:
     shape: RequestShape
-    candidates: NDArray[np.intp]       # nodes passing every static filter, ascending
+    candidates: NDArray[np.intp]  # nodes passing every static filter, ascending
     static_score: NDArray[np.float64]  # weighted sum of the static scores of the candidates
 
 
@@ -150,11 +221,16 @@ class PlacementPlan:
             for scorer, weight in self._dynamic_scorers:
                 total = total + weight * scorer.score(req, evaluated.shape, self, candidates, fit)
             masked = total if fit is None else np.where(fit, total, -np.inf)
+            if req.avoid_node and req.avoid_node in self.snapshot.positions:
+                avoid = np.searchsorted(candidates, self.snapshot.positions[req.avoid_node])
+                if avoid < candidates.size and candidates[avoid] == self.snapshot.positions[req.avoid_node]:
+                    masked = masked.copy()  # ``total`` may be the cached static score
+                    masked[avoid] = -np.inf
             # Ties go to the highest node id: the last maximum in ascending id order.
             best = masked.size - 1 - int(np.argmax(masked[::-1]))
             if masked[best] > -np.inf:
                 node = int(candidates[best])
-                kind = int(evaluated.shape.kind[self.snapshot.node_class[node]])
+                kind = evaluated.shape.kind_of(self.snapshot, node)
                 placement = Placement(
                     node_id=self.snapshot.node_ids[node],
                     accelerator=self.snapshot.kinds[kind] if kind >= 0 else "",
@@ -207,8 +283,9 @@ class PlacementPlan:
         if not replica_id:
             self._anonymous += 1
             replica_id = f"{req.deployment}#{self._anonymous}"
-        self._reservations[replica_id] = Reservation(replica_id, node, req.deployment, req.memory_bytes,
-                                                     placement)
+        self._reservations[replica_id] = Reservation(
+            replica_id, node, req.deployment, req.memory_bytes, placement
+        )
         self._account(node, req.deployment, req.memory_bytes, +1)
         self.last_bound = node
 
@@ -256,8 +333,11 @@ class PlacementPlan:
         zones = self._zones.get(deployment)
         if zones is None:
             counts = self._per_deployment[deployment]
-            zones = np.bincount(self.snapshot.zone[list(counts)], weights=list(counts.values()),
-                                minlength=len(self.snapshot.zones)).astype(np.int32)
+            zones = np.bincount(
+                self.snapshot.zone[list(counts)],
+                weights=list(counts.values()),
+                minlength=len(self.snapshot.zones),
+            ).astype(np.int32)
             self._zones[deployment] = zones
         return zones
 
@@ -299,4 +379,7 @@ class PlacementPlan:
                 remaining &= passes
             code = Code.UNSCHEDULABLE if rejected else Code.SUCCESS
             statuses.append(FilterStatus(plugin.name, code, rejected))
+        avoided = self.snapshot.positions.get(req.avoid_node)
+        if avoided is not None and remaining[avoided]:
+            reasons[AVOIDED] = 1
         return Unschedulable(reasons, self.snapshot.size, tuple(statuses))

@@ -7,9 +7,10 @@ Two kinds of move:
 - *voluntary* (a cordon/drain, a sustained SLO violation): the replica still serves, so moving it
   costs availability and respects the deployment's disruption budget.
 
-An SLO violation is *sustained* when the replica's latency stays above the SLO for a while, and it
-clears only once latency is back well under it (hysteresis), so a replica near its SLO does not
-flap between nodes; after a move the replica is left alone for a cooldown.
+An SLO violation is *sustained* when the replica's latency is above the SLO in ``breach_windows``
+consecutive telemetry windows, and it clears only once a window is back well under it
+(``recover_ratio``; hysteresis), so a replica near its SLO does not flap between nodes; after a
+move the replica is left alone for a cooldown.
 """
 
 from __future__ import annotations
@@ -90,54 +91,75 @@ def select_moves(
 
 @dataclass(frozen=True)
 class SloPolicy:
-    """Thresholds of the SLO hysteresis, as ratios of the SLO and seconds."""
+    """Thresholds of the SLO hysteresis: ratios of the SLO, a window count and seconds."""
 
-    breach_ratio: float = 1.0     # latency above slo * breach_ratio is a breach
-    recover_ratio: float = 0.8    # latency at or below slo * recover_ratio is healthy again
-    sustain_s: float = 30.0       # a breach must last this long to call for a move
-    cooldown_s: float = 120.0     # after a move, the replica is not moved again for this long
+    breach_ratio: float = 1.0  # a window with p95 above slo * breach_ratio is over
+    recover_ratio: float = 0.8  # a window at or below slo * recover_ratio ends a violation
+    breach_windows: int = 3  # consecutive windows over that make a violation sustained
+    cooldown_s: float = 120.0  # after a move, the replica is not moved again for this long
 
     def __post_init__(self) -> None:
         if not 0 < self.recover_ratio <= self.breach_ratio:
             raise SchedulerError("need 0 < recover_ratio <= breach_ratio")
-        if self.sustain_s < 0 or self.cooldown_s < 0:
-            raise SchedulerError("durations must not be negative")
+        if self.breach_windows < 1:
+            raise SchedulerError("breach_windows must be at least 1")
+        if self.cooldown_s < 0:
+            raise SchedulerError("cooldown_s must not be negative")
 
 
 @dataclass(frozen=True)
 class SloState:
     """What the hysteresis remembers of one replica."""
 
-    breaching_since: float | None = None   # monotonic time the current breach started
-    moved_at: float | None = None          # monotonic time of the last move
+    over: int = 0  # consecutive windows over the breach threshold
+    violating: bool = False  # set after breach_windows over; cleared by a window under recover
+    last_p95_ms: float = 0.0  # the newest window's figure, for explanations
+    moved_at: float | None = None  # monotonic time of the last move
 
 
-def observe_latency(
-    state: SloState, latency_ms: float | None, slo_ms: float, now: float, policy: SloPolicy
-) -> SloState:
-    """Fold one latency observation (e.g. a p95 window) into ``state``.
+def observe_window(state: SloState, p95_ms: float, slo_ms: float, policy: SloPolicy) -> SloState:
+    """Fold one telemetry window's p95 latency into ``state``.
 
-    Between the recover and breach thresholds nothing changes (that is the hysteresis band); no
-    observation (None) or no SLO (``slo_ms <= 0``) leaves a breach as it is, or clears it.
+    A window over the breach threshold extends the run of windows over; any other window ends
+    the run. A violation starts when the run reaches ``breach_windows`` and ends only at a window
+    at or under the recover threshold: between the two thresholds (the band) it holds. Without an
+    SLO (``slo_ms <= 0``) there is nothing to violate.
     """
     if slo_ms <= 0:
-        return replace(state, breaching_since=None)
-    if latency_ms is None:
-        return state
-    if latency_ms > slo_ms * policy.breach_ratio:
-        return state if state.breaching_since is not None else replace(state, breaching_since=now)
-    if latency_ms <= slo_ms * policy.recover_ratio:
-        return replace(state, breaching_since=None)
-    return state
+        return replace(state, over=0, violating=False, last_p95_ms=p95_ms)
+    if p95_ms > slo_ms * policy.breach_ratio:
+        over = state.over + 1
+        return replace(
+            state, over=over, violating=state.violating or over >= policy.breach_windows, last_p95_ms=p95_ms
+        )
+    violating = state.violating and p95_ms > slo_ms * policy.recover_ratio
+    return replace(state, over=0, violating=violating, last_p95_ms=p95_ms)
 
 
 def sustained_violation(state: SloState, now: float, policy: SloPolicy) -> bool:
-    """True when the replica has breached for ``sustain_s`` and is out of its cooldown."""
-    if state.breaching_since is None or now - state.breaching_since < policy.sustain_s:
+    """True when the replica violates its SLO and is out of its cooldown."""
+    if not state.violating:
         return False
     return state.moved_at is None or now - state.moved_at >= policy.cooldown_s
 
 
 def record_move(now: float) -> SloState:
     """The state of a replica just moved: in its cooldown, with a clean record on its new node."""
-    return SloState(breaching_since=None, moved_at=now)
+    return SloState(moved_at=now)
+
+
+class MoveRate:
+    """A global cap on voluntary moves: at most ``per_minute`` in any sliding minute."""
+
+    def __init__(self, per_minute: int) -> None:
+        if per_minute < 0:
+            raise SchedulerError(f"per_minute must not be negative, got {per_minute}")
+        self.per_minute = per_minute
+        self._times: list[float] = []
+
+    def available(self, now: float) -> int:
+        self._times = [t for t in self._times if now - t < 60.0]
+        return max(0, self.per_minute - len(self._times))
+
+    def spend(self, now: float) -> None:
+        self._times.append(now)

@@ -28,14 +28,14 @@ class PolicyResult:
     policy: str
     requested: int
     placed: int
-    seconds: float                 # wall time spent placing (all requests)
-    cpu_seconds: float             # CPU time of the same (what a busy shared machine does not inflate)
-    p50_us: float                  # per-placement wall time
+    seconds: float  # wall time spent placing (all requests)
+    cpu_seconds: float  # CPU time of the same (what a busy shared machine does not inflate)
+    p50_us: float  # per-placement wall time
     p99_us: float
-    cpu_p50_us: float              # per-placement CPU time (the thread's; preemption excluded)
+    cpu_p50_us: float  # per-placement CPU time (the thread's; preemption excluded)
     cpu_p99_us: float
-    joules_per_inference: float    # rate-weighted over placed replicas
-    slo_attainment: float          # rate-weighted share of requested inferences within their SLO
+    joules_per_inference: float  # rate-weighted over placed replicas
+    slo_attainment: float  # rate-weighted share of requested inferences within their SLO
 
     @property
     def placements_per_s(self) -> float:
@@ -51,25 +51,36 @@ class SimReport:
     nodes: int
     replicas: int
     seed: int
-    snapshot_s: float              # time to columnise the fleet (once, shared by the policies)
+    snapshot_s: float  # time to columnise the fleet (once, shared by the policies)
     results: tuple[PolicyResult, ...]
 
     def result(self, policy: str) -> PolicyResult:
         return next(r for r in self.results if r.policy == policy)
 
     def table(self) -> str:
-        head = (f"{self.nodes} nodes, {self.replicas} replicas, seed {self.seed}, "
-                f"snapshot {self.snapshot_s * 1000:.0f} ms")
+        head = (
+            f"{self.nodes} nodes, {self.replicas} replicas, seed {self.seed}, "
+            f"snapshot {self.snapshot_s * 1000:.0f} ms"
+        )
         rows = [("policy", "placed", "placements/s", "p50 us", "p99 us", "mJ/inference", "SLO met")]
         rows += [
-            (r.policy, f"{r.placed}/{r.requested}", f"{r.placements_per_s:,.0f}", f"{r.p50_us:.0f}",
-             f"{r.p99_us:.0f}", f"{r.joules_per_inference * 1000:.2f}", f"{r.slo_attainment:.1%}")
+            (
+                r.policy,
+                f"{r.placed}/{r.requested}",
+                f"{r.placements_per_s:,.0f}",
+                f"{r.p50_us:.0f}",
+                f"{r.p99_us:.0f}",
+                f"{r.joules_per_inference * 1000:.2f}",
+                f"{r.slo_attainment:.1%}",
+            )
             for r in self.results
         ]
         widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
         lines = [
-            "  ".join(cell.ljust(w) if c == 0 else cell.rjust(w)
-                      for c, (cell, w) in enumerate(zip(row, widths, strict=True)))
+            "  ".join(
+                cell.ljust(w) if c == 0 else cell.rjust(w)
+                for c, (cell, w) in enumerate(zip(row, widths, strict=True))
+            )
             for row in rows
         ]
         return "\n".join([head, *lines])
@@ -130,14 +141,21 @@ def run(
             joules[i] = pred.energy_j * slow
             met[i] = pred.latency_ms * slow <= req.max_latency_ms
         served = rates[placed].sum()
-        results.append(PolicyResult(
-            policy=name, requested=len(requests), placed=int(placed.sum()), seconds=seconds,
-            cpu_seconds=cpu_seconds,
-            p50_us=float(np.percentile(elapsed, 50)) / 1000, p99_us=float(np.percentile(elapsed, 99)) / 1000,
-            cpu_p50_us=float(np.percentile(cpu, 50)) / 1000, cpu_p99_us=float(np.percentile(cpu, 99)) / 1000,
-            joules_per_inference=float((joules * rates).sum() / served) if served else float("nan"),
-            slo_attainment=float((met * rates).sum() / rates.sum()) if rates.size else float("nan"),
-        ))
+        results.append(
+            PolicyResult(
+                policy=name,
+                requested=len(requests),
+                placed=int(placed.sum()),
+                seconds=seconds,
+                cpu_seconds=cpu_seconds,
+                p50_us=float(np.percentile(elapsed, 50)) / 1000,
+                p99_us=float(np.percentile(elapsed, 99)) / 1000,
+                cpu_p50_us=float(np.percentile(cpu, 50)) / 1000,
+                cpu_p99_us=float(np.percentile(cpu, 99)) / 1000,
+                joules_per_inference=float((joules * rates).sum() / served) if served else float("nan"),
+                slo_attainment=float((met * rates).sum() / rates.sum()) if rates.size else float("nan"),
+            )
+        )
     return SimReport(nodes, replicas, seed, snapshot_s, tuple(results))
 
 

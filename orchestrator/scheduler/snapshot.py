@@ -6,6 +6,10 @@ in ascending id order, so a placement never depends on the order the caller list
 Nodes with the same hardware profile and the same accelerators form a *node class*: whether an
 accelerator can run a request, which one is picked and what latency and energy it is predicted to
 give are computed once per class and gathered to the nodes (as Nomad's computed node classes).
+
+A node's own profile of a model (measured by the node) overrides its class's prediction for that
+node only. The overrides are kept as flat arrays sorted by (model, node, kind), so a request
+patches the few nodes that have one instead of giving up the per-class computation.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from types import MappingProxyType
 import numpy as np
 from numpy.typing import NDArray
 
-from .placement import TIERS, NodeInfo, SchedulerError
+from .placement import TIERS, NodeInfo, Prediction, SchedulerError
 
 #: Bit 0 of a dtype mask: the accelerator kind is present (a kind may list no dtypes at all).
 PRESENT = np.uint64(1)
@@ -26,14 +30,9 @@ PRESENT = np.uint64(1)
 UNLIMITED = np.int64(1 << 62)
 #: Code of a missing label value.
 MISSING = -1
-
-
-@dataclass(frozen=True, slots=True)
-class Prediction:
-    """Predicted latency and energy of one inference of a model on one accelerator of a profile."""
-
-    latency_ms: float
-    energy_j: float
+#: Latencies below this count as this much wherever predictions are compared with each other, the
+#: SLO or observations: below a millisecond, the fixed cost of serving is all that shows.
+LATENCY_FLOOR_MS = 1.0
 
 
 #: (hardware profile, accelerator kind, model) -> prediction, e.g. from the backends' profiles.
@@ -46,6 +45,21 @@ class NodeClass:
 
     profile: str
     accelerators: tuple[tuple[str, frozenset[str]], ...]  # (kind, dtypes), sorted by kind
+
+
+def class_estimates(nodes: Iterable[NodeInfo]) -> dict[tuple[str, str, str], Prediction]:
+    """A class-wide prediction per (hardware profile, kind, model): the median of the own profiles
+    of the nodes of that hardware profile. A node without a profile of its own gets its peers'."""
+    figures: dict[tuple[str, str, str], list[Prediction]] = {}
+    for info in nodes:
+        for (kind, model), pred in info.profiles.items():
+            figures.setdefault((info.hardware_profile, kind, model), []).append(pred)
+    return {
+        key: Prediction(
+            float(np.median([p.latency_ms for p in preds])), float(np.median([p.energy_j for p in preds]))
+        )
+        for key, preds in figures.items()
+    }
 
 
 def _frozen(array: NDArray) -> NDArray:
@@ -65,6 +79,9 @@ class FleetSnapshot:
     Per class (length C): ``class_dtypes`` (C x K dtype bitmasks per accelerator kind, bit 0 =
     :data:`PRESENT`, others from ``dtype_bits``), and C x K x M ``latency_ms``/``energy_j``
     predictions per model (NaN where unknown).
+
+    Per own profile (length P, sorted by model, node, kind): ``own_model``, ``own_node``,
+    ``own_kind``, ``own_latency_ms``, ``own_energy_j``.
     """
 
     node_ids: tuple[str, ...]
@@ -92,6 +109,11 @@ class FleetSnapshot:
     energy_j: NDArray[np.float64]
     #: deployment -> (node positions, replica counts) of its replicas already bound
     per_deployment: Mapping[str, tuple[NDArray[np.intp], NDArray[np.int32]]]
+    own_model: NDArray[np.intp]
+    own_node: NDArray[np.intp]
+    own_kind: NDArray[np.intp]
+    own_latency_ms: NDArray[np.float64]
+    own_energy_j: NDArray[np.float64]
 
     @property
     def size(self) -> int:
@@ -113,6 +135,36 @@ class FleetSnapshot:
                 return None
             mask |= 1 << bit
         return mask
+
+    def own_profiles(self, model: str) -> slice:
+        """The range of the ``own_*`` arrays that holds ``model``'s profiles (empty if none)."""
+        if model not in self.models:
+            return slice(0, 0)
+        m = self.models.index(model)
+        lo, hi = np.searchsorted(self.own_model, (m, m + 1))
+        return slice(int(lo), int(hi))
+
+    def predicted_latency(
+        self, nodes: NDArray[np.intp], models: NDArray[np.intp], kinds: NDArray[np.intp]
+    ) -> NDArray[np.float64]:
+        """Predicted latency of each (node, model, kind) triple (positions into ``node_ids``,
+        ``models`` and ``kinds``): the node's own profile if it has one, else its class's; NaN if
+        neither."""
+        out = (
+            self.latency_ms[self.node_class[nodes], kinds, models]
+            if self.models
+            else np.full(len(nodes), np.nan)
+        )
+        if self.own_node.size and len(nodes):
+            own = self._own_key(self.own_model, self.own_node, self.own_kind)
+            want = self._own_key(models, nodes, kinds)
+            pos = np.minimum(np.searchsorted(own, want), own.size - 1)
+            hit = own[pos] == want
+            out = np.where(hit, self.own_latency_ms[pos], out)
+        return out
+
+    def _own_key(self, models: NDArray, nodes: NDArray, kinds: NDArray) -> NDArray[np.int64]:
+        return (models.astype(np.int64) * self.size + nodes) * max(len(self.kinds), 1) + kinds
 
     def label_code(self, key: str, value: str) -> tuple[int, int] | None:
         """(column, code) of a label value, or None if no node carries it."""
@@ -162,7 +214,8 @@ class FleetSnapshot:
                 class_dtypes[c, kind_pos[kind]] = mask
 
         table = performance or {}
-        models = tuple(sorted({model for (_, _, model) in table}))
+        own_models = {model for n in infos for (_, model) in n.profiles}
+        models = tuple(sorted({model for (_, _, model) in table} | own_models))
         model_pos = {m: i for i, m in enumerate(models)}
         latency = np.full((len(classes), len(kinds), len(models)), np.nan)
         energy = np.full_like(latency, np.nan)
@@ -174,6 +227,14 @@ class FleetSnapshot:
                         latency[c, kind_pos[kind], model_pos[model]] = pred.latency_ms
                         energy[c, kind_pos[kind], model_pos[model]] = pred.energy_j
 
+        own_rows = sorted(
+            (model_pos[model], i, kind_pos[kind], pred.latency_ms, pred.energy_j)
+            for i, info in enumerate(infos)
+            for (kind, model), pred in info.profiles.items()
+            if kind in kind_pos  # a profile of an accelerator the node no longer offers is moot
+        )
+        own = list(zip(*own_rows, strict=True)) if own_rows else [(), (), (), (), ()]
+
         label_keys = tuple(sorted({k for n in infos for k in n.labels}))
         vocab: list[dict[str, int]] = [{} for _ in label_keys]
         labels = np.full((len(infos), len(label_keys)), MISSING, np.int32)
@@ -184,8 +245,9 @@ class FleetSnapshot:
                 if value is not None:
                     labels[i, col] = codes.setdefault(value, len(codes))
         zone_codes: dict[str, int] = {}
-        zone = np.array([zone_codes.setdefault(n.labels.get(zone_label, ""), len(zone_codes)) for n in infos],
-                        np.int32)
+        zone = np.array(
+            [zone_codes.setdefault(n.labels.get(zone_label, ""), len(zone_codes)) for n in infos], np.int32
+        )
 
         per_dep: dict[str, dict[int, int]] = {}
         for i, info in enumerate(infos):
@@ -193,8 +255,10 @@ class FleetSnapshot:
                 if count:
                     per_dep.setdefault(dep, {})[i] = count
         per_deployment = {
-            dep: (_frozen(np.fromiter(c.keys(), np.intp, len(c))),
-                  _frozen(np.fromiter(c.values(), np.int32, len(c))))
+            dep: (
+                _frozen(np.fromiter(c.keys(), np.intp, len(c))),
+                _frozen(np.fromiter(c.values(), np.int32, len(c))),
+            )
             for dep, c in per_dep.items()
         }
 
@@ -225,4 +289,9 @@ class FleetSnapshot:
             latency_ms=_frozen(latency),
             energy_j=_frozen(energy),
             per_deployment=MappingProxyType(per_deployment),
+            own_model=_frozen(np.array(own[0], np.intp)),
+            own_node=_frozen(np.array(own[1], np.intp)),
+            own_kind=_frozen(np.array(own[2], np.intp)),
+            own_latency_ms=_frozen(np.array(own[3], np.float64)),
+            own_energy_j=_frozen(np.array(own[4], np.float64)),
         )

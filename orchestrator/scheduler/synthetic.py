@@ -37,9 +37,9 @@ ZONE_SIZE = 250
 @dataclass(frozen=True)
 class AcceleratorSpec:
     kind: str
-    gops: Mapping[str, float]     # sustained giga-ops per second per dtype it runs
-    overhead_ms: float            # per inference: dispatch, DMA, pre/post-processing
-    active_w: float               # whole-board power while this accelerator computes
+    gops: Mapping[str, float]  # sustained giga-ops per second per dtype it runs
+    overhead_ms: float  # per inference: dispatch, DMA, pre/post-processing
+    active_w: float  # whole-board power while this accelerator computes
 
 
 @dataclass(frozen=True)
@@ -48,8 +48,8 @@ class HardwareClass:
     accelerators: tuple[AcceleratorSpec, ...]
     slots: int
     memory_bytes: int
-    share: float                  # fraction of the reference fleet
-    tiers: Mapping[str, float]    # attestation tier -> fraction of the class's nodes
+    share: float  # fraction of the reference fleet
+    tiers: Mapping[str, float]  # attestation tier -> fraction of the class's nodes
 
 
 @dataclass(frozen=True)
@@ -57,12 +57,12 @@ class WorkloadModel:
     name: str
     use_case: str
     dtype: str
-    gop: float                    # giga-ops per inference
+    gop: float  # giga-ops per inference
     slo_ms: float
     memory_bytes: int
-    rate_hz: float                # inferences per second per replica
+    rate_hz: float  # inferences per second per replica
     attestation: str
-    share: float                  # fraction of deployments
+    share: float  # fraction of deployments
 
 
 def _cpu(fp32: float, int8: float, overhead_ms: float, active_w: float) -> AcceleratorSpec:
@@ -70,16 +70,28 @@ def _cpu(fp32: float, int8: float, overhead_ms: float, active_w: float) -> Accel
 
 
 HARDWARE_CLASSES: tuple[HardwareClass, ...] = (
-    HardwareClass("x86-microserver", (_cpu(120, 200, 0.2, 35.0),), 16, 32 * GIB, 0.20,
-                  {"tpm2": 0.9, "software": 0.1}),
-    HardwareClass("arm-sbc", (_cpu(12, 20, 0.5, 7.0),), 4, 8 * GIB, 0.40,
-                  {"tpm2": 0.3, "software": 0.65, "none": 0.05}),
-    HardwareClass("fpga-board", (_cpu(4, 8, 0.5, 7.0),
-                                 AcceleratorSpec("fpga-pynq", {"INT8": 400, "UINT8": 400}, 1.0, 12.0)),
-                  4, 4 * GIB, 0.15, {"tpm2": 0.6, "software": 0.4}),
-    HardwareClass("asic-board", (_cpu(3, 6, 0.5, 4.0),
-                                 AcceleratorSpec("asic-edgetpu", {"INT8": 300, "UINT8": 300}, 0.5, 4.5)),
-                  4, 4 * GIB, 0.25, {"tpm2": 0.5, "software": 0.5}),
+    HardwareClass(
+        "x86-microserver", (_cpu(120, 200, 0.2, 35.0),), 16, 32 * GIB, 0.20, {"tpm2": 0.9, "software": 0.1}
+    ),
+    HardwareClass(
+        "arm-sbc", (_cpu(12, 20, 0.5, 7.0),), 4, 8 * GIB, 0.40, {"tpm2": 0.3, "software": 0.65, "none": 0.05}
+    ),
+    HardwareClass(
+        "fpga-board",
+        (_cpu(4, 8, 0.5, 7.0), AcceleratorSpec("fpga-pynq", {"INT8": 400, "UINT8": 400}, 1.0, 12.0)),
+        4,
+        4 * GIB,
+        0.15,
+        {"tpm2": 0.6, "software": 0.4},
+    ),
+    HardwareClass(
+        "asic-board",
+        (_cpu(3, 6, 0.5, 4.0), AcceleratorSpec("asic-edgetpu", {"INT8": 300, "UINT8": 300}, 0.5, 4.5)),
+        4,
+        4 * GIB,
+        0.25,
+        {"tpm2": 0.5, "software": 0.5},
+    ),
 )
 
 MODELS: tuple[WorkloadModel, ...] = (
@@ -102,10 +114,10 @@ class CatalogAssumptions:
     #: kernels about twice the FP32 rate; Edge TPU: 13 %, as in accelerators/asic_edgetpu.py; FPGA
     #: engine: 60 % (estimate: a systolic int8 engine on convolution-heavy models).
     sustained: Mapping[str, Mapping[str, float]]
-    overhead_ms: Mapping[str, float]          # kind -> fixed cost per inference (estimate)
-    shares: Mapping[str, float]               # the profile's ``class`` label -> fraction of the fleet
+    overhead_ms: Mapping[str, float]  # kind -> fixed cost per inference (estimate)
+    shares: Mapping[str, float]  # the profile's ``class`` label -> fraction of the fleet
     tiers: Mapping[str, Mapping[str, float]]  # ``class`` label -> attestation tier -> fraction
-    slot_bytes: int                           # one replica slot per this much memory (1..16 slots)
+    slot_bytes: int  # one replica slot per this much memory (1..16 slots)
 
 
 CATALOG_ASSUMPTIONS = CatalogAssumptions(
@@ -150,14 +162,16 @@ def classes_from_catalog(
         )
         if not accelerators:
             continue
-        classes.append(HardwareClass(
-            name=profile.name,
-            accelerators=accelerators,
-            slots=int(min(16, max(1, profile.memory_bytes.value // assumptions.slot_bytes))),
-            memory_bytes=profile.memory_bytes.value,
-            share=assumptions.shares.get(label, 0.1) / per_label[label],
-            tiers=assumptions.tiers.get(label, {"software": 1.0}),
-        ))
+        classes.append(
+            HardwareClass(
+                name=profile.name,
+                accelerators=accelerators,
+                slots=int(min(16, max(1, profile.memory_bytes.value // assumptions.slot_bytes))),
+                memory_bytes=profile.memory_bytes.value,
+                share=assumptions.shares.get(label, 0.1) / per_label[label],
+                tiers=assumptions.tiers.get(label, {"software": 1.0}),
+            )
+        )
     return tuple(classes)
 
 
@@ -187,7 +201,7 @@ def performance_table(
 @dataclass(frozen=True, eq=False)
 class SyntheticFleet:
     nodes: tuple[NodeInfo, ...]
-    slowdown: NDArray[np.float64]   # true / predicted latency, per node (aligned with ``nodes``)
+    slowdown: NDArray[np.float64]  # true / predicted latency, per node (aligned with ``nodes``)
     zones: tuple[str, ...]
 
 
@@ -207,14 +221,20 @@ def fleet(size: int, seed: int, classes: Sequence[HardwareClass] = HARDWARE_CLAS
         hw = classes[kind_of[i]]
         tiers, weights = zip(*hw.tiers.items(), strict=True)
         tier = tiers[int(np.searchsorted(np.cumsum(weights), tier_draw[i] * sum(weights), side="right"))]
-        nodes.append(NodeInfo(
-            id=f"node-{i:06d}", online=bool(online[i]), cordoned=bool(cordoned[i]),
-            labels={"zone": zones[zone_of[i]], "hardware": hw.name},
-            accelerators={acc.kind: frozenset(acc.gops) for acc in hw.accelerators},
-            max_replicas=hw.slots, memory_bytes=hw.memory_bytes,
-            active_w=max(acc.active_w for acc in hw.accelerators), attestation_tier=tier,
-            hardware_profile=hw.name,
-        ))
+        nodes.append(
+            NodeInfo(
+                id=f"node-{i:06d}",
+                online=bool(online[i]),
+                cordoned=bool(cordoned[i]),
+                labels={"zone": zones[zone_of[i]], "hardware": hw.name},
+                accelerators={acc.kind: frozenset(acc.gops) for acc in hw.accelerators},
+                max_replicas=hw.slots,
+                memory_bytes=hw.memory_bytes,
+                active_w=max(acc.active_w for acc in hw.accelerators),
+                attestation_tier=tier,
+                hardware_profile=hw.name,
+            )
+        )
     return SyntheticFleet(tuple(nodes), slowdown, zones)
 
 
@@ -234,9 +254,15 @@ def workload(
         serial += 1
         requests.extend(
             PlacementRequest(
-                deployment=name, accelerators=frozenset(), dtypes=frozenset({model.dtype}),
-                memory_bytes=model.memory_bytes, selector=selector, attestation_tier=model.attestation,
-                model=model.name, max_latency_ms=model.slo_ms, replica_id=f"{name}-{j}",
+                deployment=name,
+                accelerators=frozenset(),
+                dtypes=frozenset({model.dtype}),
+                memory_bytes=model.memory_bytes,
+                selector=selector,
+                attestation_tier=model.attestation,
+                model=model.name,
+                max_latency_ms=model.slo_ms,
+                replica_id=f"{name}-{j}",
             )
             for j in range(count)
         )

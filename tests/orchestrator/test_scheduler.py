@@ -18,15 +18,23 @@ from orchestrator.scheduler import (
 
 
 def node(nid, **kw):
-    base = dict(id=nid, online=True, cordoned=False, labels={"zone": "a"},
-                accelerators={"cpu-litert": frozenset({"FP32", "INT8"})}, max_replicas=4,
-                memory_bytes=1 << 30, active_w=5.0)
+    base = dict(
+        id=nid,
+        online=True,
+        cordoned=False,
+        labels={"zone": "a"},
+        accelerators={"cpu-litert": frozenset({"FP32", "INT8"})},
+        max_replicas=4,
+        memory_bytes=1 << 30,
+        active_w=5.0,
+    )
     base.update(kw)
     return NodeInfo(**base)
 
 
-REQ = PlacementRequest(deployment="d", accelerators=frozenset(), dtypes=frozenset({"INT8"}),
-                       memory_bytes=1 << 20, selector={})
+REQ = PlacementRequest(
+    deployment="d", accelerators=frozenset(), dtypes=frozenset({"INT8"}), memory_bytes=1 << 20, selector={}
+)
 
 
 def request(**kw):
@@ -35,8 +43,11 @@ def request(**kw):
 
 def only(*weights, filters=None, **named):
     """A profile with the default filters and just the given scores."""
-    return Scheduler(SchedulerProfile(name="test", weights=dict(named),
-                                      **({} if filters is None else {"filters": filters})))
+    return Scheduler(
+        SchedulerProfile(
+            name="test", weights=dict(named), **({} if filters is None else {"filters": filters})
+        )
+    )
 
 
 # ------------------------------------------------------------------------------------------ filters
@@ -71,9 +82,9 @@ def test_each_filter_explains_itself(node_kw, req_kw, reason):
     ("node_kw", "req_kw"),
     [
         ({"memory_bytes": 0, "memory_used": 1 << 40}, {"memory_bytes": 1 << 40}),  # undeclared: unlimited
-        ({"attestation_tier": "tpm2"}, {"attestation_tier": "software"}),           # a stronger tier is fine
+        ({"attestation_tier": "tpm2"}, {"attestation_tier": "software"}),  # a stronger tier is fine
         ({"labels": {"zone": "a", "rack": "r1"}}, {"selector": {"zone": "a", "rack": "r1"}}),
-        ({}, {"dtypes": frozenset()}),                                               # any accelerator will do
+        ({}, {"dtypes": frozenset()}),  # any accelerator will do
         ({"replicas": 3}, {}),
     ],
 )
@@ -95,8 +106,11 @@ def test_each_node_is_counted_under_its_first_failing_filter():
     result = Scheduler().place(request(attestation_tier="software"), nodes)
     assert isinstance(result, Unschedulable)
     assert result.reasons == {
-        "scheduler.filter.offline": 1, "scheduler.filter.cordoned": 1, "scheduler.filter.attestation": 1,
-        "scheduler.filter.capacity": 2, "scheduler.filter.memory": 1,
+        "scheduler.filter.offline": 1,
+        "scheduler.filter.cordoned": 1,
+        "scheduler.filter.attestation": 1,
+        "scheduler.filter.capacity": 2,
+        "scheduler.filter.memory": 1,
     }
     assert result.reason == "scheduler.filter.capacity"
     assert result.message == (
@@ -149,31 +163,60 @@ def placed(scheduler, nodes, reqs, performance=None):
     ("weights", "nodes", "reqs", "expected"),
     [
         # energy: predicted joules win over board power...
-        ({"energy": 1}, [node("a", hardware_profile="board-a", active_w=1.0),
-                         node("b", hardware_profile="board-b", active_w=9.0)],
-         [request(model="m")], ["b"]),
+        (
+            {"energy": 1},
+            [
+                node("a", hardware_profile="board-a", active_w=1.0),
+                node("b", hardware_profile="board-b", active_w=9.0),
+            ],
+            [request(model="m")],
+            ["b"],
+        ),
         # ...and board power stands in when the model has no prediction
         ({"energy": 1}, [node("a", active_w=2.0), node("b", active_w=9.0)], [request(model="x")], ["a"]),
         # latency: the node within the SLO wins; with no SLO every node is as good (highest id wins)
-        ({"latency": 1}, [node("a", hardware_profile="board-b"), node("b", hardware_profile="board-a")],
-         [request(model="m", max_latency_ms=20.0)], ["a"]),
-        ({"latency": 1}, [node("a", hardware_profile="board-b"), node("b", hardware_profile="board-a")],
-         [request(model="m")], ["b"]),
+        (
+            {"latency": 1},
+            [node("a", hardware_profile="board-b"), node("b", hardware_profile="board-a")],
+            [request(model="m", max_latency_ms=20.0)],
+            ["a"],
+        ),
+        (
+            {"latency": 1},
+            [node("a", hardware_profile="board-b"), node("b", hardware_profile="board-a")],
+            [request(model="m")],
+            ["b"],
+        ),
         # latency scale from telemetry: board-b observed 3x slower than predicted misses the SLO
-        ({"latency": 1}, [node("a", hardware_profile="board-b", latency_scale=3.0),
-                          node("b", hardware_profile="board-c")],
-         [request(model="m", max_latency_ms=20.0)], ["b"]),
+        (
+            {"latency": 1},
+            [node("a", hardware_profile="board-b", latency_scale=3.0), node("b", hardware_profile="board-c")],
+            [request(model="m", max_latency_ms=20.0)],
+            ["b"],
+        ),
         # least-loaded: the largest share of free slots
-        ({"least-loaded": 1}, [node("a", replicas=1, max_replicas=2), node("b", replicas=2, max_replicas=8)],
-         [request()], ["b"]),
+        (
+            {"least-loaded": 1},
+            [node("a", replicas=1, max_replicas=2), node("b", replicas=2, max_replicas=8)],
+            [request()],
+            ["b"],
+        ),
         # spread: away from the deployment's replicas, then back when all have one
         ({"spread": 1}, [node("a"), node("b", per_deployment={"d": 1})], [request()] * 3, ["a", "b", "a"]),
         # zone spread: the other zone next (ties go to the highest id)
-        ({"zone-spread": 1}, [node("a1"), node("a2"), node("b1", labels={"zone": "b"})],
-         [request()] * 3, ["b1", "a2", "b1"]),
+        (
+            {"zone-spread": 1},
+            [node("a1"), node("a2"), node("b1", labels={"zone": "b"})],
+            [request()] * 3,
+            ["b1", "a2", "b1"],
+        ),
         # round robin: in id order after the last node bound, skipping unfit nodes
-        ({"round-robin": 1}, [node("a"), node("b", online=False), node("c"), node("d")],
-         [request()] * 5, ["a", "c", "d", "a", "c"]),
+        (
+            {"round-robin": 1},
+            [node("a"), node("b", online=False), node("c"), node("d")],
+            [request()] * 5,
+            ["a", "c", "d", "a", "c"],
+        ),
     ],
 )
 def test_each_score(weights, nodes, reqs, expected):
@@ -187,7 +230,7 @@ def test_spread_then_energy_and_snapshot_is_updated():
     second = sched.place(REQ, nodes)
     assert isinstance(first, Placement)
     assert isinstance(second, Placement)
-    assert first.node_id == "n2"   # lower power wins while spread is equal
+    assert first.node_id == "n2"  # lower power wins while spread is equal
     assert second.node_id == "n1"  # then spread moves the second replica away
     assert nodes["n2"].replicas == 1
     assert nodes["n2"].per_deployment == {"d": 1}
@@ -201,8 +244,10 @@ BOARD_C = {"cpu-litert": frozenset({"FP32", "INT8"}), "asic-edgetpu": frozenset(
 
 def test_energy_aware_keeps_within_the_slo_before_saving_energy():
     # board-c is the most frugal but only its ASIC meets a 5 ms SLO; the FP32 model must use a CPU.
-    nodes = [node("a", hardware_profile="board-b"),
-             node("c", hardware_profile="board-c", accelerators=BOARD_C)]
+    nodes = [
+        node("a", hardware_profile="board-b"),
+        node("c", hardware_profile="board-c", accelerators=BOARD_C),
+    ]
     plan = Scheduler().plan(FleetSnapshot.from_node_infos(nodes, performance=PERF))
     int8 = plan.place(request(model="m", max_latency_ms=5.0))
     fp32 = plan.place(request(deployment="e", model="m", dtypes=frozenset({"FP32"}), max_latency_ms=10.0))
@@ -213,10 +258,10 @@ def test_energy_aware_keeps_within_the_slo_before_saving_energy():
 @pytest.mark.parametrize(
     ("req_kw", "performance", "accelerator"),
     [
-        ({}, None, "asic-edgetpu"),                                     # no predictions: first by name
-        ({"model": "m"}, PERF, "asic-edgetpu"),                         # least energy
+        ({}, None, "asic-edgetpu"),  # no predictions: first by name
+        ({"model": "m"}, PERF, "asic-edgetpu"),  # least energy
         ({"accelerators": frozenset({"cpu-litert"})}, PERF, "cpu-litert"),
-        ({"dtypes": frozenset({"FP32"})}, PERF, "cpu-litert"),          # the ASIC has no FP32
+        ({"dtypes": frozenset({"FP32"})}, PERF, "cpu-litert"),  # the ASIC has no FP32
     ],
 )
 def test_accelerator_pick(req_kw, performance, accelerator):
@@ -283,7 +328,7 @@ def test_reserve_and_unreserve_are_idempotent():
     snap = FleetSnapshot.from_node_infos([node("a", max_replicas=1), node("b", max_replicas=1)])
     plan = Scheduler().plan(snap)
     first = plan.place(request(replica_id="r1"))
-    assert plan.place(request(replica_id="r1")) == first          # same replica, same answer
+    assert plan.place(request(replica_id="r1")) == first  # same replica, same answer
     assert plan.slots_used.sum() == 1
     other = plan.place(request(replica_id="r2"))
     assert other.node_id != first.node_id
@@ -301,7 +346,7 @@ def test_reserve_accounts_for_bindings_made_elsewhere():
     snap = FleetSnapshot.from_node_infos([node("a", max_replicas=1), node("b", max_replicas=1)])
     plan = Scheduler().plan(snap)
     plan.reserve(request(replica_id="r1"), "b", "cpu-litert")
-    plan.reserve(request(replica_id="r1"), "b")                   # again: no change
+    plan.reserve(request(replica_id="r1"), "b")  # again: no change
     assert plan.slots_used.tolist() == [0, 1]
     assert plan.place(request(replica_id="r2")).node_id == "a"
     with pytest.raises(SchedulerError, match="reserved on 'b'"):

@@ -35,29 +35,35 @@ dtype_sets = st.frozensets(st.sampled_from(DTYPES))
 
 def _node(i, fields):
     # replicas may exceed max_replicas by one (an over-committed node), memory_used not memory_bytes
-    return NodeInfo(id=f"n{i:02d}", **{
-        **fields,
-        "replicas": min(fields["replicas"], fields["max_replicas"] + 1),
-        "memory_used": fields["memory_used"] % (fields["memory_bytes"] + 1),
-    })
+    return NodeInfo(
+        id=f"n{i:02d}",
+        **{
+            **fields,
+            "replicas": min(fields["replicas"], fields["max_replicas"] + 1),
+            "memory_used": fields["memory_used"] % (fields["memory_bytes"] + 1),
+        },
+    )
 
 
-node_fields = st.fixed_dictionaries({
-    "online": st.booleans(),
-    "cordoned": st.booleans(),
-    "labels": st.fixed_dictionaries({"zone": st.sampled_from("abc")},
-                                    optional={"rack": st.sampled_from(["r1", "r2"])}),
-    "accelerators": st.dictionaries(st.sampled_from(KINDS), dtype_sets, max_size=3),
-    "max_replicas": st.integers(0, 4),
-    "memory_bytes": st.sampled_from([0, 256 * MI, 1024 * MI]),
-    "active_w": st.floats(0, 40),
-    "replicas": st.integers(0, 5),
-    "memory_used": st.integers(0, 1024 * MI),
-    "attestation_tier": st.sampled_from(list(TIERS)),
-    "per_deployment": st.dictionaries(st.sampled_from(["d0", "d1"]), st.integers(0, 2), max_size=2),
-    "hardware_profile": st.sampled_from(HARDWARE),
-    "latency_scale": st.sampled_from([0.5, 1.0, 2.0]),
-})
+node_fields = st.fixed_dictionaries(
+    {
+        "online": st.booleans(),
+        "cordoned": st.booleans(),
+        "labels": st.fixed_dictionaries(
+            {"zone": st.sampled_from("abc")}, optional={"rack": st.sampled_from(["r1", "r2"])}
+        ),
+        "accelerators": st.dictionaries(st.sampled_from(KINDS), dtype_sets, max_size=3),
+        "max_replicas": st.integers(0, 4),
+        "memory_bytes": st.sampled_from([0, 256 * MI, 1024 * MI]),
+        "active_w": st.floats(0, 40),
+        "replicas": st.integers(0, 5),
+        "memory_used": st.integers(0, 1024 * MI),
+        "attestation_tier": st.sampled_from(list(TIERS)),
+        "per_deployment": st.dictionaries(st.sampled_from(["d0", "d1"]), st.integers(0, 2), max_size=2),
+        "hardware_profile": st.sampled_from(HARDWARE),
+        "latency_scale": st.sampled_from([0.5, 1.0, 2.0]),
+    }
+)
 fleets = st.lists(node_fields, max_size=12).map(lambda fields: [_node(i, f) for i, f in enumerate(fields)])
 
 
@@ -68,8 +74,9 @@ requests = st.lists(
         accelerators=st.frozensets(st.sampled_from(KINDS), max_size=2),
         dtypes=dtype_sets,
         memory_bytes=st.sampled_from([0, 64 * MI, 512 * MI]),
-        selector=st.dictionaries(st.sampled_from(["zone", "rack"]), st.sampled_from(["a", "b", "r1"]),
-                                 max_size=1),
+        selector=st.dictionaries(
+            st.sampled_from(["zone", "rack"]), st.sampled_from(["a", "b", "r1"]), max_size=1
+        ),
         attestation_tier=st.sampled_from(list(TIERS)),
         model=st.sampled_from(MODELS),
         max_latency_ms=st.sampled_from([0.0, 5.0, 50.0]),
@@ -93,8 +100,10 @@ def first_failure(req, n, used, mem_used):
         return "scheduler.filter.selector"
     if TIERS[n.attestation_tier] < TIERS[req.attestation_tier]:
         return "scheduler.filter.attestation"
-    if not any((not req.accelerators or kind in req.accelerators) and req.dtypes <= dtypes
-               for kind, dtypes in n.accelerators.items()):
+    if not any(
+        (not req.accelerators or kind in req.accelerators) and req.dtypes <= dtypes
+        for kind, dtypes in n.accelerators.items()
+    ):
         return "scheduler.filter.accelerator"
     if used >= n.max_replicas:
         return "scheduler.filter.capacity"
@@ -104,8 +113,9 @@ def first_failure(req, n, used, mem_used):
 
 
 def describe(results):
-    return [(r.node_id, r.accelerator, r.score) if isinstance(r, Placement) else dict(r.reasons)
-            for r in results]
+    return [
+        (r.node_id, r.accelerator, r.score) if isinstance(r, Placement) else dict(r.reasons) for r in results
+    ]
 
 
 @SETTINGS

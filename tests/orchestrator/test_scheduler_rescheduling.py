@@ -1,15 +1,18 @@
 """Rescheduling policy: disruption budget and SLO hysteresis, as pure functions."""
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from orchestrator.scheduler import SchedulerError
 from orchestrator.scheduler.rescheduling import (
     MoveCandidate,
     MoveCause,
+    MoveRate,
     SloPolicy,
     SloState,
     allowed_disruptions,
-    observe_latency,
+    observe_window,
     record_move,
     select_moves,
     sustained_violation,
@@ -20,15 +23,15 @@ from orchestrator.scheduler.rescheduling import (
     ("desired", "available", "max_unavailable", "allowed"),
     [
         (4, 4, 1, 1),
-        (4, 3, 1, 0),          # one is already down: the budget is spent
+        (4, 3, 1, 0),  # one is already down: the budget is spent
         (4, 2, 1, 0),
-        (10, 10, "25%", 3),    # percentages round up
+        (10, 10, "25%", 3),  # percentages round up
         (10, 9, "25%", 2),
         (1, 1, "10%", 1),
         (3, 3, 0, 0),
         (3, 3, "0%", 0),
         (0, 0, 1, 1),
-        (2, 5, 1, 1),          # surplus replicas do not add to the budget
+        (2, 5, 1, 1),  # surplus replicas do not add to the budget
     ],
 )
 def test_allowed_disruptions(desired, available, max_unavailable, allowed):
@@ -59,49 +62,92 @@ def test_forced_moves_ignore_the_budget_and_voluntary_ones_spend_it():
     assert MoveCause.SLO_VIOLATION.value == "reschedule.slo_violation"
 
 
-POLICY = SloPolicy(breach_ratio=1.0, recover_ratio=0.8, sustain_s=30, cooldown_s=120)
+POLICY = SloPolicy(breach_ratio=1.0, recover_ratio=0.8, breach_windows=3, cooldown_s=120)
+SLO = 100.0
 
 
-def replay(samples, slo=100.0, state=None):
-    """Fold (time, latency) samples; return the state and when a move was called for."""
+def replay(windows, state=None, now=1000.0):
+    """Fold p95 windows in order; return the state and the windows after which a move was called for."""
     state = state or SloState()
     calls = []
-    for now, latency in samples:
-        state = observe_latency(state, latency, slo, now, POLICY)
+    for i, p95 in enumerate(windows):
+        state = observe_window(state, p95, SLO, POLICY)
         if sustained_violation(state, now, POLICY):
-            calls.append(now)
+            calls.append(i)
     return state, calls
 
 
 @pytest.mark.parametrize(
-    ("samples", "calls"),
+    ("windows", "calls"),
     [
-        ([(0, 150), (10, 150), (20, 150), (30, 150), (40, 150)], [30, 40]),   # sustained
-        ([(0, 150), (10, 150), (20, 70), (30, 150), (40, 150)], []),          # recovered: clock restarts
-        ([(0, 150), (10, 90), (20, 90), (30, 150)], [30]),                    # the band keeps the breach
-        ([(0, 150), (10, None), (20, None), (30, 150)], [30]),                # no data keeps it too
-        ([(0, 100), (10, 100), (40, 100)], []),                               # at the SLO is no breach
-        ([(0, 90), (30, 90), (60, 90)], []),                                  # inside the band
+        ([150, 150, 150, 150], [2, 3]),  # three consecutive windows over
+        ([150, 150, 70, 150, 150], []),  # a healthy window breaks the run
+        ([150, 150, 90, 150, 150], []),  # so does one in the band, before a violation
+        ([150, 150, 150, 90, 90, 150], [2, 3, 4, 5]),  # once violating, the band holds it
+        ([150, 150, 150, 80, 150], [2]),  # at the recovery threshold it ends
+        ([100, 100, 100, 100], []),  # at the SLO is not over it
+        ([101, 101, 101], [2]),
     ],
 )
-def test_slo_hysteresis(samples, calls):
-    assert replay(samples)[1] == calls
+def test_slo_hysteresis(windows, calls):
+    assert replay(windows)[1] == calls
 
 
-def test_no_slo_clears_a_breach():
-    state, _ = replay([(0, 150)])
-    assert observe_latency(state, 150, 0, 10, POLICY).breaching_since is None
+def test_no_slo_clears_a_violation():
+    state, _ = replay([150, 150, 150])
+    assert state.violating
+    assert not observe_window(state, 150, 0, POLICY).violating
 
 
 def test_a_moved_replica_cools_down():
     moved = record_move(35)
-    assert moved == SloState(breaching_since=None, moved_at=35)
-    _state, calls = replay([(40, 150), (70, 150), (100, 150), (155, 150), (160, 150)], state=moved)
-    assert calls == [155, 160]
+    assert moved == SloState(moved_at=35)
+    state = moved
+    for p95 in (150, 150, 150):
+        state = observe_window(state, p95, SLO, POLICY)
+    assert state.violating
+    assert not sustained_violation(state, 35 + 119, POLICY)
+    assert sustained_violation(state, 35 + 120, POLICY)
+
+
+# Noise around a p95 that meets the SLO: single windows may cross it, never three in a row.
+noisy = st.lists(
+    st.one_of(st.floats(0, SLO * POLICY.breach_ratio), st.floats(SLO + 1e-6, SLO * 3)),
+    min_size=1,
+    max_size=200,
+).filter(lambda ws: all(not all(w > SLO for w in ws[i : i + 3]) for i in range(len(ws) - 2)))
+
+
+@settings(max_examples=300, deadline=None)
+@given(noisy)
+def test_noise_that_never_stays_over_never_moves(windows):
+    assert replay(windows)[1] == []
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.floats(0, SLO * 3), max_size=60), st.integers(3, 20))
+def test_a_run_of_breach_windows_always_moves(prefix, run):
+    state, calls = replay([*prefix, *([SLO * 2] * run)])
+    assert state.violating
+    assert calls and calls[-1] == len(prefix) + run - 1
+
+
+def test_move_rate_caps_voluntary_moves_per_sliding_minute():
+    rate = MoveRate(2)
+    assert rate.available(0.0) == 2
+    rate.spend(0.0)
+    rate.spend(10.0)
+    assert rate.available(30.0) == 0
+    assert rate.available(60.0) == 1  # the first move left the window
+    assert rate.available(70.0) == 2
+    with pytest.raises(SchedulerError):
+        MoveRate(-1)
 
 
 def test_policy_is_checked():
     with pytest.raises(SchedulerError):
         SloPolicy(breach_ratio=0.8, recover_ratio=0.9)
     with pytest.raises(SchedulerError):
-        SloPolicy(sustain_s=-1)
+        SloPolicy(breach_windows=0)
+    with pytest.raises(SchedulerError):
+        SloPolicy(cooldown_s=-1)
