@@ -6,8 +6,13 @@ only through a ``ModelHost`` (the agent's runtime, or a ``ModelTable``), and run
 backend call off the event loop through the host.
 
 Status codes: NOT_FOUND for a model the host does not know, UNAVAILABLE while it is loading (or
-was unloaded under the request), INVALID_ARGUMENT for a request whose tensors do not match the
-model (the message names the tensor), INTERNAL for a failure inside the backend.
+was unloaded under the request, or a multi-exit hand-off to another node failed), INVALID_ARGUMENT
+for a request whose tensors do not match the model (the message names the tensor),
+RESOURCE_EXHAUSTED for a request source rate-limited by the orchestrator's mitigation, INTERNAL
+for a failure inside the backend.
+
+Multi-exit models (``node_agent.multiexit``) are served under their own name beside the plain
+models; a request's source is its OIP parameter ``source`` or else its gRPC metadata ``source``.
 
 Tensor contents may come as ``raw_input_contents`` (row-major, little-endian) or typed
 ``contents`` (``fp32_contents``, ``int_contents``, ...); outputs always go back as
@@ -48,6 +53,7 @@ from edgeward.oip import grpc_predict_v2_pb2_grpc as pb_grpc
 
 __all__ = [
     "SERVICE_NAME",
+    "HandoffFailed",
     "InferenceServerError",
     "InferenceServicer",
     "InvalidRequest",
@@ -57,6 +63,7 @@ __all__ = [
     "ModelNotFound",
     "ModelNotReady",
     "ModelTable",
+    "RateLimited",
     "infer",
     "lookup",
     "run_blocking",
@@ -95,6 +102,14 @@ class ModelNotReady(InferenceServerError):
         super().__init__(f"model {name!r}" + (f" version {version!r}" if version else "") + " is loading")
         self.name = name
         self.version = version
+
+
+class RateLimited(InferenceServerError):
+    """The request's source is rate-limited on this model by a mitigation (RESOURCE_EXHAUSTED)."""
+
+
+class HandoffFailed(InferenceServerError):
+    """A multi-exit request could not continue on the node serving its next stage (UNAVAILABLE)."""
 
 
 class InvalidRequest(InferenceServerError):
@@ -337,11 +352,37 @@ def _tensor_metadata(spec: TensorSpec) -> pb.ModelMetadataResponse.TensorMetadat
 def _status_of(err: Exception) -> grpc.StatusCode:
     if isinstance(err, ModelNotFound):
         return grpc.StatusCode.NOT_FOUND
-    if isinstance(err, ModelNotReady | ModelNotLoaded):
+    if isinstance(err, ModelNotReady | ModelNotLoaded | HandoffFailed):
         return grpc.StatusCode.UNAVAILABLE
+    if isinstance(err, RateLimited):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
     if isinstance(err, InvalidRequest | InvalidInput):
         return grpc.StatusCode.INVALID_ARGUMENT
     return grpc.StatusCode.INTERNAL
+
+
+class PipelineHost(Protocol):
+    """The multi-exit models a node serves (``node_agent.multiexit.MultiExitHost``)."""
+
+    def get(self, name: str) -> Any | None: ...
+
+    def ready(self, pipeline: Any) -> bool: ...
+
+    def source_of(self, pipeline: str, raw: str) -> str: ...
+
+    async def infer(
+        self, pipeline: Any, request: pb.ModelInferRequest, source: str
+    ) -> pb.ModelInferResponse: ...
+
+
+def request_source(request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> str:
+    """The raw source of a request: OIP parameter ``source``, else gRPC metadata ``source``."""
+    if "source" in request.parameters:
+        return request.parameters["source"].string_param
+    for key, value in context.invocation_metadata() or ():
+        if key == "source":
+            return value if isinstance(value, str) else ""
+    return ""
 
 
 # ------------------------------------------------------------------------------------ servicer
@@ -355,8 +396,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     the host resolves as the only version.
     """
 
-    def __init__(self, host: ModelHost) -> None:
+    def __init__(self, host: ModelHost, pipelines: PipelineHost | None = None) -> None:
         self._host = host
+        self._pipelines = pipelines
 
     async def ServerLive(
         self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
@@ -376,6 +418,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelReady(
         self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelReadyResponse:
+        pipeline = self._pipelines.get(request.name) if self._pipelines is not None else None
+        if pipeline is not None:
+            return pb.ModelReadyResponse(ready=self._pipelines.ready(pipeline))  # type: ignore[union-attr]
         try:
             lookup(self._host, request.name, request.version)
         except ModelNotReady:
@@ -402,13 +447,27 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInferResponse:
+        pipelines = self._pipelines
+        pipeline = pipelines.get(request.model_name) if pipelines is not None else None
+        if pipeline is not None:
+            assert pipelines is not None
+            try:
+                source = pipelines.source_of(pipeline.name, request_source(request, context))
+                return await pipelines.infer(pipeline, request, source)
+            except (InferenceServerError, AcceleratorError) as err:
+                failure: Exception = err
+            except Exception as err:
+                log.exception("ModelInfer %s failed", request.model_name)
+                failure = err
+            await context.abort(_status_of(failure), str(failure))
+            raise AssertionError("unreachable: abort raises")
         try:
             backend, handle = lookup(self._host, request.model_name, request.model_version)
             inputs = decode_inputs(request)
             wanted = _requested_outputs(request, handle)
             result = await self._host.infer(backend, handle, inputs)
         except (InferenceServerError, AcceleratorError) as err:
-            failure: Exception = err
+            failure = err
         # Anything else is a bug in a backend or host: report INTERNAL, keep serving.
         except Exception as err:
             log.exception("ModelInfer %s failed", request.model_name)
@@ -434,14 +493,16 @@ def _response(
     return response
 
 
-async def serve(host: ModelHost, bind: str = "127.0.0.1:0") -> tuple[grpc.aio.Server, int]:
+async def serve(
+    host: ModelHost, bind: str = "127.0.0.1:0", pipelines: PipelineHost | None = None
+) -> tuple[grpc.aio.Server, int]:
     """Start the inference, health and reflection services on ``bind``; returns (server, port).
 
     The caller stops it (``await server.stop(grace)``).
     """
     # Without this, a second server on a fixed port would silently share it (SO_REUSEPORT).
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(host), server)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(host, pipelines), server)
     health_servicer = health.aio.HealthServicer()
     await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

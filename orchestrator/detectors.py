@@ -8,15 +8,33 @@ log-likelihood ratio between the clean rate ``p0`` (learned on clean traffic) an
 rate ``p1 = p0 * (1 - collapse)``. It alarms when the statistic crosses ``threshold``; the
 threshold sets the false-alarm rate and is calibrated on clean traffic (see
 ``bench/slowdown_detection.py``). Windows are processed for many streams at once with numpy.
+
+:class:`SlowdownGuard` runs it on live telemetry: per multi-exit model it learns the clean
+early-exit rate from the first ``learn_requests`` requests fleet-wide, then tests every (node,
+model, source) stream of that model in one vectorised update per telemetry batch. An alarm becomes
+the event ``alert.slowdown`` and, with mitigation on, a ``Mitigate`` command for that node (rate
+limit and/or latency budget for that source), reported as ``mitigation.applied``; when the
+statistic falls back to zero the alert clears (``alert.slowdown.cleared``) and the mitigation is
+lifted (``mitigation.lifted``). Exits forced by the budget count as not early, so a mitigated
+attack keeps its alarm until the source's traffic is clean again.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
+
+from edgeward.v1 import node_pb2
+
+from .config import SlowdownConfig
+from .telemetry import ExitWindows
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -45,6 +63,7 @@ class SlowdownDetector:
     _index: dict[Hashable, int] = field(default_factory=dict)
     _s: np.ndarray = field(default_factory=lambda: np.zeros(0))
     _alarmed: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
+    _cleared: list[Hashable] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.baseline < 1.0:
@@ -92,13 +111,20 @@ class SlowdownDetector:
         self._s[rows] = s
         fire = (s > self.threshold) & ~self._alarmed[rows]
         # an episode ends when the statistic falls back to zero; then the stream may alarm again
-        self._alarmed[rows] = (self._alarmed[rows] | fire) & (s > 0)
+        was = self._alarmed[rows]
+        self._alarmed[rows] = (was | fire) & (s > 0)
+        self._cleared.extend(streams[i] for i in np.flatnonzero(was & (s <= 0)))
         out = []
         for i in np.flatnonzero(fire):
             out.append(
                 SlowdownAlert(streams[i], float(s[i]), float(early_a[i] / max(total_a[i], 1)), self.baseline)
             )
         return out
+
+    def pop_cleared(self) -> list[Hashable]:
+        """Streams whose alarm episode ended (statistic back to zero) since the last call."""
+        cleared, self._cleared = self._cleared, []
+        return cleared
 
     def statistic(self, stream: Hashable) -> float:
         row = self._index.get(stream)
@@ -109,3 +135,159 @@ class SlowdownDetector:
         if row is not None:
             self._s[row] = 0.0
             self._alarmed[row] = False
+
+
+# ------------------------------------------------------------------------------ live telemetry
+
+
+@dataclass(frozen=True)
+class Notice:
+    """An event for the orchestrator's bus: ``bus.publish(kind, subject, message, severity, **attributes)``."""
+
+    kind: str
+    subject: str
+    message: str
+    severity: int
+    attributes: dict[str, Any]
+
+
+@dataclass
+class GuardDecision:
+    notices: list[Notice] = field(default_factory=list)
+    #: node id -> that node's full set of mitigations, for nodes whose set changed
+    mitigations: dict[str, list[node_pb2.Mitigation]] = field(default_factory=dict)
+
+
+class SlowdownGuard:
+    """Slowdown detection on live exit telemetry, with alerts and mitigations (see module doc)."""
+
+    def __init__(self, config: SlowdownConfig) -> None:
+        self.config = config
+        self.detectors: dict[str, SlowdownDetector] = {}
+        self._learning: dict[str, np.ndarray] = {}  # model -> [early, total] of clean traffic
+        self._active: dict[str, dict[tuple[str, str], node_pb2.Mitigation]] = {}
+        self.alerts = 0
+
+    def observe(self, windows: ExitWindows) -> GuardDecision:
+        decision = GuardDecision()
+        if not self.config.enabled or not len(windows):
+            return decision
+        models = np.array([s[1] for s in windows.streams])
+        names, inverse = np.unique(models, return_inverse=True)
+        for k, model in enumerate(names.tolist()):
+            sel = np.flatnonzero(inverse == k)
+            early, total = windows.early[sel], windows.total[sel]
+            det = self.detectors.get(model)
+            if det is None:
+                self._learn(model, early, total)
+                continue
+            streams = [windows.streams[i] for i in sel]
+            for alert in det.update(streams, early, total):
+                self._raise(alert, decision)
+            for stream in det.pop_cleared():
+                self._clear(stream, det, decision)  # type: ignore[arg-type]
+        return decision
+
+    def _learn(self, model: str, early: np.ndarray, total: np.ndarray) -> None:
+        seen = self._learning.setdefault(model, np.zeros(2, np.int64))
+        seen += (int(early.sum()), int(total.sum()))
+        if seen[1] < self.config.learn_requests:
+            return
+        cfg = self.config
+        self.detectors[model] = SlowdownDetector.learn(
+            [int(seen[0])],
+            [int(seen[1])],
+            collapse=cfg.collapse,
+            threshold=cfg.threshold,
+            min_requests=cfg.min_requests,
+        )
+        del self._learning[model]
+        log.info(
+            "slowdown detector on %s armed: clean early-exit rate %.3f from %d requests",
+            model,
+            self.detectors[model].baseline,
+            int(seen[1]),
+        )
+
+    def _raise(self, alert: SlowdownAlert, decision: GuardDecision) -> None:
+        node, model, source = alert.stream  # type: ignore[misc]
+        self.alerts += 1
+        decision.notices.append(
+            Notice(
+                "alert.slowdown",
+                f"node/{node}",
+                f"early exits of {model} from source {source} on {node} collapsed: "
+                f"{alert.early_fraction:.0%} in the last window vs {alert.baseline:.0%} on clean traffic",
+                node_pb2.SEVERITY_WARNING,
+                {
+                    "node": node,
+                    "model": model,
+                    "source": source,
+                    "early_fraction": f"{alert.early_fraction:.4f}",
+                    "baseline": f"{alert.baseline:.4f}",
+                    "statistic": f"{alert.statistic:.2f}",
+                    "detector": alert.id,
+                },
+            )
+        )
+        m = self.config.mitigation
+        if not m.enabled or (m.rate_limit_rps <= 0 and m.latency_budget_ms <= 0):
+            return
+        mitigation = node_pb2.Mitigation(
+            model_name=model,
+            source=source,
+            rate_limit_rps=m.rate_limit_rps,
+            latency_budget_ms=m.latency_budget_ms,
+            reason="alert.slowdown",
+        )
+        self._active.setdefault(node, {})[(model, source)] = mitigation
+        decision.mitigations[node] = list(self._active[node].values())
+        actions = []
+        if m.rate_limit_rps > 0:
+            actions.append(f"rate limit {m.rate_limit_rps:g} req/s")
+        if m.latency_budget_ms > 0:
+            actions.append(f"forced exit within {m.latency_budget_ms:g} ms")
+        decision.notices.append(
+            Notice(
+                "mitigation.applied",
+                f"node/{node}",
+                f"{' and '.join(actions)} for source {source} of {model} on {node}",
+                node_pb2.SEVERITY_WARNING,
+                {
+                    "node": node,
+                    "model": model,
+                    "source": source,
+                    "rate_limit_rps": m.rate_limit_rps,
+                    "latency_budget_ms": m.latency_budget_ms,
+                    "reason": "alert.slowdown",
+                },
+            )
+        )
+
+    def _clear(self, stream: tuple[str, str, str], det: SlowdownDetector, decision: GuardDecision) -> None:
+        node, model, source = stream
+        decision.notices.append(
+            Notice(
+                "alert.slowdown.cleared",
+                f"node/{node}",
+                f"early exits of {model} from source {source} on {node} are back to the clean rate",
+                node_pb2.SEVERITY_INFO,
+                {"node": node, "model": model, "source": source, "baseline": f"{det.baseline:.4f}"},
+            )
+        )
+        active = self._active.get(node, {})
+        if active.pop((model, source), None) is not None:
+            decision.mitigations[node] = list(active.values())
+            decision.notices.append(
+                Notice(
+                    "mitigation.lifted",
+                    f"node/{node}",
+                    f"mitigation for source {source} of {model} on {node} lifted",
+                    node_pb2.SEVERITY_INFO,
+                    {"node": node, "model": model, "source": source},
+                )
+            )
+
+    def mitigations(self, node: str) -> list[node_pb2.Mitigation]:
+        """The node's current set (re-sent when it reconnects)."""
+        return list(self._active.get(node, {}).values())

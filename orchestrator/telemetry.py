@@ -4,13 +4,18 @@ Every node gets a row in fixed-size numpy rings (the last ``RAW_SLOTS`` raw samp
 ``ROLLUP_SLOTS`` one-minute roll-ups). Samples decoded from MQTT are queued and written in one
 vectorised step per flush, so ingest costs a few array operations per batch, not a Python loop
 per node per metric. Memory is bounded: rows x slots x metrics, float32.
+
+Multi-exit models add per-(node, model, source) exit counters (``ExitStats``, cumulative on the
+node). :class:`ExitCounters` keeps the last value of every stream in one array and turns each
+batch into per-window differences (requests, early exits, refusals) with a few array operations;
+those windows feed the slowdown detector (``orchestrator.detectors``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,7 +25,94 @@ from edgeward.v1 import api_pb2, node_pb2
 RAW_SLOTS = 120  # at a 5 s heartbeat: the last 10 minutes
 ROLLUP_SLOTS = 240  # the last 4 hours, one point per minute
 METRICS = ("power_w", "energy_j", "cpu_utilisation", "queue_depth")
+MAX_VALUE = 1e30  # the rings are float32 (max 3.4e38): anything larger is refused, not stored as inf
+MAX_QUEUE_DEPTH = 1 << 24  # the largest depth float32 holds exactly; deeper is not a real queue
 MINUTE_MS = 60_000
+MAX_EXIT_STREAMS_PER_NODE = 256  # (model, source) pairs; nodes bound sources per model themselves
+MAX_EXITS = 16
+MAX_LABEL = 128
+
+
+@dataclass(frozen=True)
+class ExitWindows:
+    """What each (node, model, source) stream served since the previous windows.
+
+    ``early`` counts requests answered at a confident exit before the last; ``total`` every
+    answered request (an exit forced by a latency budget counts as not early: the request would
+    have gone on); ``refused`` requests refused by a rate limit.
+    """
+
+    streams: list[tuple[str, str, str]]
+    early: np.ndarray
+    total: np.ndarray
+    refused: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.streams)
+
+
+class ExitCounters:
+    """Cumulative exit counters of every stream -> per-window differences, batched."""
+
+    _COLUMNS = 3  # total, early, refused
+
+    def __init__(self) -> None:
+        self._index: dict[tuple[str, str, str], int] = {}
+        self._streams: list[tuple[str, str, str]] = []
+        self._last = np.zeros((0, self._COLUMNS), np.int64)
+        self._pending: dict[int, tuple[int, int, int]] = {}
+        self._latest: dict[str, list[node_pb2.ExitStats]] = {}
+        self.dropped = 0
+
+    def add(self, node_id: str, stats: Iterable[node_pb2.ExitStats]) -> None:
+        """Queue one node's counters; malformed entries are dropped and counted in ``dropped``."""
+        kept = []
+        for e in stats:
+            exits = e.exits
+            if (
+                len(kept) >= MAX_EXIT_STREAMS_PER_NODE
+                or not 1 <= len(exits) <= MAX_EXITS
+                or not 0 < len(e.model_name) <= MAX_LABEL
+                or not 0 < len(e.source) <= MAX_LABEL
+                or e.requests != sum(exits) + e.forced
+            ):
+                self.dropped += 1
+                continue
+            kept.append(e)
+            key = (node_id, e.model_name, e.source)
+            row = self._index.get(key)
+            if row is None:
+                row = self._index[key] = len(self._streams)
+                self._streams.append(key)
+            self._pending[row] = (e.requests, sum(exits[:-1]), e.refused)
+        self._latest[node_id] = kept
+
+    def windows(self, min_total: int = 0) -> ExitWindows:
+        """Differences since the previous call for every stream reported meanwhile.
+
+        A stream that answered fewer than ``min_total`` requests is left out and keeps
+        accumulating into a later window (a rate-limited source still gets tested).
+        """
+        if len(self._streams) > len(self._last):
+            grow = max(16, 2 * len(self._streams)) - len(self._last)
+            self._last = np.r_[self._last, np.zeros((grow, self._COLUMNS), np.int64)]
+        if not self._pending:
+            empty = np.zeros(0, np.int64)
+            return ExitWindows([], empty, empty, empty)
+        rows = np.fromiter(self._pending, np.int64, len(self._pending))
+        current = np.array(list(self._pending.values()), np.int64).reshape(-1, self._COLUMNS)
+        self._pending = {}
+        delta = current - self._last[rows]
+        # A counter that went down is a restarted agent: its whole count is new.
+        restarted = (delta < 0).any(axis=1)
+        delta[restarted] = current[restarted]
+        keep = (delta[:, 0] >= min_total) | restarted
+        rows, current, delta = rows[keep], current[keep], delta[keep]
+        self._last[rows] = current
+        return ExitWindows([self._streams[r] for r in rows], delta[:, 1], delta[:, 0], delta[:, 2])
+
+    def latest(self, node_id: str) -> list[node_pb2.ExitStats]:
+        return self._latest.get(node_id, [])
 
 
 @dataclass
@@ -76,6 +168,7 @@ class TelemetryStore:
         self._models: dict[str, list[node_pb2.ModelStats]] = {}
         self._source: dict[str, int] = {}
         self._watchers: set[asyncio.Queue[api_pb2.TelemetrySample]] = set()
+        self.exits = ExitCounters()
         self.flush_every = flush_every
         self.ingested = 0
 
@@ -84,14 +177,16 @@ class TelemetryStore:
     def add(self, node_id: str, sent_unix_ms: int, t: node_pb2.Telemetry) -> bool:
         """Queue one sample (written at the next :meth:`flush`); False if it was refused."""
         values = (t.power_w, t.energy_j, t.cpu_utilisation, float(t.queue_depth))
-        if not all(math.isfinite(x) and x >= 0 for x in values):
-            return False  # NaN, inf or negative would poison the roll-ups
+        if not all(math.isfinite(x) and 0 <= x <= MAX_VALUE for x in values) or t.queue_depth > MAX_QUEUE_DEPTH:
+            return False  # NaN, inf, negative or beyond float32 would poison the roll-ups
         row = self._rows.get(node_id)
         if row is None:
             row = self._new_row(node_id)
         self._pending.append((row, sent_unix_ms, values))
         self._models[node_id] = list(t.models)
         self._source[node_id] = t.energy_source
+        if t.exits:
+            self.exits.add(node_id, t.exits)
         if self._watchers:
             sample = self._sample(node_id, sent_unix_ms, np.asarray(values), 1)
             for queue in self._watchers:

@@ -2,8 +2,10 @@
 
 Starts the embedded MQTT broker and the orchestrator in this process, N node agents as child
 processes with different hardware profiles, publishes the use cases' models, applies their
-deployments, drives inference traffic at the nodes over the Open Inference Protocol, and prints
-(and optionally writes as JSON) a summary. Ctrl-C stops everything; agents also die with us
+deployments (the automotive multi-exit model as one deployment per stage, stage 1 on the low-power
+board and stages 2-3 on the microserver when both are there), drives inference traffic at the
+nodes over the Open Inference Protocol, and prints (and optionally writes as JSON) a summary with
+each use case's inferences, latency and, for the multi-exit model, its exit distribution. Ctrl-C stops everything; agents also die with us
 (see ``node_agent.cli``), so no process is left behind.
 """
 
@@ -33,11 +35,14 @@ import yaml
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
+from attestation.tokens import TokenStore
 from edgeward.oip import grpc_predict_v2_pb2 as oip
 from edgeward.oip import grpc_predict_v2_pb2_grpc as oip_grpc
 from edgeward.v1 import api_pb2, api_pb2_grpc, node_pb2
 
+from .catalog import PublisherKey, sign_metadata
 from .cli import deployments_table, phase_name, state_name
 from .config import BrokerConfig, OrchestratorConfig
 from .server import Orchestrator
@@ -83,6 +88,8 @@ class AgentFleet:
     def start(self, count: int) -> None:
         conf_dir = self.state_dir / "agents"
         conf_dir.mkdir(parents=True, exist_ok=True)
+        # The demo's operator approves its own agents (attestation.enrollment, docs/security.md).
+        tokens = TokenStore.in_state_dir(self.state_dir / "orchestrator")
         for i, profile in zip(range(1, count + 1), itertools.cycle(PROFILES), strict=False):
             node_id = f"node-{i}"
             config = {
@@ -94,6 +101,7 @@ class AgentFleet:
                 "accelerators": [{"kind": "cpu-litert", "options": {"num_threads": profile["threads"]}}],
                 "heartbeat_s": self.heartbeat_s,
                 "state_dir": str(self.state_dir / "agent-cache"),
+                "enrollment_token": tokens.mint(node_id).token,
             }
             path = conf_dir / f"{node_id}.yaml"
             path.write_text(yaml.safe_dump(config))
@@ -128,6 +136,29 @@ class Traffic:
     latencies_ms: list[float] = field(default_factory=list)
     errors: int = 0
     by_workload: dict[str, list[float]] = field(default_factory=dict)
+    #: use case -> answers per exit (index 0: exit 1), for multi-exit models
+    exits: dict[str, list[int]] = field(default_factory=dict)
+
+    def line(self, case: str) -> str:
+        """One use case's live figures: inferences, recent p50/p95, exit distribution."""
+        ms = self.by_workload.get(case, [])
+        recent = ms[-2000:]
+        text = f"{case}: {len(ms)} inferences, p50 {_pct(recent, 50):.2f} ms, p95 {_pct(recent, 95):.2f} ms"
+        counts = self.exits.get(case)
+        if counts and sum(counts):
+            text += ", exits " + " / ".join(f"{100 * n / sum(counts):.0f}%" for n in counts)
+        return text
+
+
+def _fit_selectors(manifest: str, nodes: int) -> str:
+    """Drop a selector no demo node can satisfy (``--nodes`` below the number of profiles)."""
+    zones = {PROFILES[i % len(PROFILES)]["labels"]["zone"] for i in range(nodes)}
+    doc = yaml.safe_load(manifest)
+    wanted = doc["spec"].get("selector", {}).get("matchLabels", {})
+    if wanted.get("zone", next(iter(zones))) in zones:
+        return manifest
+    doc["spec"].pop("selector")
+    return yaml.safe_dump(doc, sort_keys=False)
 
 
 def run_up(args: argparse.Namespace) -> int:
@@ -155,12 +186,15 @@ async def _up(args: argparse.Namespace) -> int:
     from usecases.workloads import workloads
 
     state_dir = Path(args.state_dir) if args.state_dir else Path(tempfile.mkdtemp(prefix="edgeward-up-"))
+    publisher, trusted = PublisherKey.load_or_create(state_dir / "publisher", "demo")
     config = OrchestratorConfig(
         state_dir=state_dir / "orchestrator",
         grpc_bind=f"127.0.0.1:{args.grpc_port}",
         node_timeout_s=10.0,
         reconcile_interval_s=0.5,
         broker=BrokerConfig(),
+        # The demo's own publisher key: generated here, trusted by this orchestrator only.
+        catalog={"trusted_publishers": [trusted]},
     )
     work = workloads()
     console.print(
@@ -181,13 +215,15 @@ async def _up(args: argparse.Namespace) -> int:
                 models_api = api_pb2_grpc.ModelServiceStub(channel)
                 if not await _wait_nodes(nodes_api, agents, args.nodes, orch.verifier.tier):
                     return 1
-                models = await _publish(models_api, work)
+                models = await _publish(models_api, work, publisher)
                 for w in work:
-                    resp = await deps_api.Apply(api_pb2.ApplyRequest(manifest=w.manifest))
-                    console.print(
-                        f"deployment/{resp.deployment.name} {'created' if resp.created else 'configured'}"
-                    )
-                if not await _wait_running(deps_api, [w.deployment for w in work]):
+                    for part in w.parts:
+                        manifest = _fit_selectors(part.manifest, args.nodes)
+                        resp = await deps_api.Apply(api_pb2.ApplyRequest(manifest=manifest))
+                        console.print(
+                            f"deployment/{resp.deployment.name} {'created' if resp.created else 'configured'}"
+                        )
+                if not await _wait_running(deps_api, [d for w in work for d in w.deployments]):
                     deps = (await deps_api.List(api_pb2.ListDeploymentsRequest())).deployments
                     console.print(deployments_table(list(deps)))
                     return 1
@@ -235,31 +271,48 @@ async def _wait_nodes(nodes_api: Any, agents: AgentFleet, count: int, tier: Call
             await asyncio.sleep(0.2)
 
 
-async def _publish(models_api: Any, work: list) -> dict[str, api_pb2.Model]:
+async def _publish(models_api: Any, work: list, publisher: PublisherKey) -> dict[str, api_pb2.Model]:
     import hashlib
 
     published = {}
-    for w in work:
-        data = w.model_file.read_bytes()
+    for case, part in [(w.case, part) for w in work for part in w.parts]:
+        data = part.model_file.read_bytes()
         meta = api_pb2.ModelMetadata(
-            name=w.model_name,
-            version=w.model_version,
+            name=part.model_name,
+            version=part.model_version,
             sha256=hashlib.sha256(data).hexdigest(),
             size=len(data),
-            use_case=w.case,
-            description=f"{w.case} demo model ({w.model_file.name})",
+            use_case=case,
+            description=f"{case} demo model ({part.model_file.name})",
         )
+        sign_metadata(meta, publisher)
 
         async def parts(meta: api_pb2.ModelMetadata = meta, data: bytes = data) -> Any:
             yield api_pb2.PushModelRequest(metadata=meta)
             for off in range(0, len(data), 256 * 1024):
                 yield api_pb2.PushModelRequest(chunk=data[off : off + 256 * 1024])
 
-        model = await models_api.Push(parts())
+        try:
+            model = await models_api.Push(parts())
+            verb = "published"
+        except grpc.aio.AioRpcError as err:
+            if err.code() != grpc.StatusCode.ALREADY_EXISTS:
+                raise
+            # A re-run on the same --state-dir: the version is in the catalog already; use it if it
+            # is the very same artifact, else say so rather than run the demo on something else.
+            model = await models_api.Get(
+                api_pb2.GetModelRequest(name=part.model_name, version=part.model_version)
+            )
+            if model.sha256 != meta.sha256:
+                raise SystemExit(
+                    f"model/{model.name}:{model.version} in {part.model_file} differs from the one in the "
+                    "state dir's catalog; use a fresh --state-dir"
+                ) from err
+            verb = "already published"
         console.print(
-            f"model/{model.name}:{model.version} published ({model.size} bytes, {','.join(model.dtypes)})"
+            f"model/{model.name}:{model.version} {verb} ({model.size} bytes, {','.join(model.dtypes)})"
         )
-        published[w.deployment] = model
+        published[part.deployment] = model
     return published
 
 
@@ -281,7 +334,31 @@ async def _wait_running(deps_api: Any, names: list[str]) -> bool:
             await asyncio.sleep(0.2)
 
 
-def _progress(disable: bool = False) -> Progress:
+class _FiguresProgress(Progress):
+    """A progress display with live text lines under the bars (per-use-case traffic figures)."""
+
+    def __init__(self, *columns: Any, figures: Callable[[], list[str]], **kw: Any) -> None:
+        self._figures = figures  # before the base class, which renders once while it initialises
+        super().__init__(*columns, **kw)
+
+    def get_renderables(self) -> Any:
+        yield self.make_tasks_table(self.tasks)
+        for line in self._figures():
+            yield Text("  " + line)
+
+
+def _progress(disable: bool = False, figures: Callable[[], list[str]] | None = None) -> Progress:
+    if figures is not None:
+        return _FiguresProgress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total}"),
+            TimeElapsedColumn(),
+            console=console,
+            transient=False,
+            disable=disable,
+            figures=figures,
+        )
     return Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -360,14 +437,15 @@ async def _drive(
     targets = []
     for w in work:
         dep = await deps_api.Get(api_pb2.GetDeploymentRequest(name=w.deployment))
-        model = models[w.deployment]
+        model = models[w.deployment]  # a multi-exit model takes its first stage's input
         inputs = [_encode(model, x) for x in w.make_inputs(64, 7)]
         for rep in dep.status.replica_list:
             if rep.phase == node_pb2.REPLICA_PHASE_RUNNING:
                 targets.append((w, model, endpoints[rep.node_id], inputs))
-    traffic = Traffic()
+    traffic = Traffic(exits={w.case: [0] * len(w.parts) for w in work if w.multi_exit})
     channels = {ep: grpc.aio.insecure_channel(ep) for ep in {t[2] for t in targets}}
     stubs = {ep: oip_grpc.GRPCInferenceServiceStub(ch) for ep, ch in channels.items()}
+    await _wait_served(stubs, [(t[0].target, t[2]) for t in targets if t[0].multi_exit])
     deadline = time.monotonic() + duration
     stop = stop or asyncio.Event()
     counter = itertools.count()
@@ -378,7 +456,7 @@ async def _drive(
             w, model, endpoint, inputs = targets[i % len(targets)]
             datatype, raw, shape = inputs[i % len(inputs)]
             request = oip.ModelInferRequest(
-                model_name=model.name,
+                model_name=w.target,
                 model_version=model.version,
                 id=str(i),
                 inputs=[
@@ -388,9 +466,10 @@ async def _drive(
                 ],
                 raw_input_contents=[raw],
             )
+            request.parameters["source"].string_param = "edgeward-up"
             started = time.perf_counter()
             try:
-                await stubs[endpoint].ModelInfer(request, timeout=5.0)
+                response = await stubs[endpoint].ModelInfer(request, timeout=5.0)
             except grpc.aio.AioRpcError as err:
                 traffic.errors += 1
                 log.debug("inference on %s failed: %s", endpoint, err.code())
@@ -398,8 +477,10 @@ async def _drive(
             ms = (time.perf_counter() - started) * 1000.0
             traffic.latencies_ms.append(ms)
             traffic.by_workload.setdefault(w.case, []).append(ms)
+            if w.multi_exit:
+                traffic.exits[w.case][response.parameters["exit"].int64_param - 1] += 1
 
-    with _progress(disable=not progress) as bar:
+    with _progress(disable=not progress, figures=lambda: [traffic.line(w.case) for w in work]) as bar:
         task = bar.add_task(f"traffic ({len(targets)} replicas)", total=int(duration) if progress else None)
 
         async def tick() -> None:
@@ -415,6 +496,19 @@ async def _drive(
                 with contextlib.suppress(Exception):
                     await ch.close()
     return traffic
+
+
+async def _wait_served(stubs: dict[str, Any], targets: list[tuple[str, str]]) -> None:
+    """Until each node taking multi-exit requests has been told how its stages are wired."""
+    deadline = time.monotonic() + RUNNING_WAIT_S
+    for name, endpoint in targets:
+        while time.monotonic() < deadline:
+            try:
+                if (await stubs[endpoint].ModelReady(oip.ModelReadyRequest(name=name), timeout=2.0)).ready:
+                    break
+            except grpc.aio.AioRpcError:
+                pass  # NOT_FOUND until the orchestrator's wiring reaches the node
+            await asyncio.sleep(0.2)
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -439,18 +533,27 @@ def _report(nodes: list[api_pb2.Node], deps: list[api_pb2.Deployment], traffic: 
         "inferences": len(traffic.latencies_ms),
         "errors": traffic.errors,
         "latency_ms": {"p50": _pct(traffic.latencies_ms, 50), "p95": _pct(traffic.latencies_ms, 95)},
-        "use_cases": {
-            w.case: {
-                "deployment": w.deployment,
-                "inferences": len(traffic.by_workload.get(w.case, [])),
-                "latency_ms": {
-                    "p50": _pct(traffic.by_workload.get(w.case, []), 50),
-                    "p95": _pct(traffic.by_workload.get(w.case, []), 95),
-                },
-            }
-            for w in work
-        },
+        "use_cases": {w.case: _use_case(w, traffic) for w in work},
     }
+
+
+def _use_case(w: Any, traffic: Traffic) -> dict:
+    ms = traffic.by_workload.get(w.case, [])
+    out: dict[str, Any] = {
+        "deployment": w.deployment,
+        "deployments": w.deployments,
+        "model": w.target,
+        "inferences": len(ms),
+        "latency_ms": {"p50": _pct(ms, 50), "p95": _pct(ms, 95)},
+    }
+    counts = traffic.exits.get(w.case)
+    if counts is not None:
+        total = sum(counts)
+        out["exits"] = {str(k + 1): n for k, n in enumerate(counts)}
+        out["exit_distribution"] = {
+            str(k + 1): round(n / total, 4) if total else 0.0 for k, n in enumerate(counts)
+        }
+    return out
 
 
 def _phases(dep: api_pb2.Deployment) -> dict[str, int]:
@@ -471,18 +574,24 @@ def _print_summary(report: dict) -> None:
     for col in ("DEPLOYMENT", "RUNNING", "PHASES", "INFERENCES", "P50 MS", "P95 MS"):
         deps.add_column(col)
     by_dep = {u["deployment"]: u for u in report["use_cases"].values()}
+    later = {d: u for u in report["use_cases"].values() for d in u["deployments"][1:]}
     for d in report["deployments"]:
         u = by_dep.get(d["name"], {"inferences": 0, "latency_ms": {"p50": 0, "p95": 0}})
+        figures = [str(u["inferences"]), f"{u['latency_ms']['p50']:.2f}", f"{u['latency_ms']['p95']:.2f}"]
+        if d["name"] in later:
+            figures = ["(stage)", "", ""]
         deps.add_row(
             d["name"],
             f"{d['running']}/{d['replicas']}",
             " ".join(f"{k}={v}" for k, v in d["phases"].items()),
-            str(u["inferences"]),
-            f"{u['latency_ms']['p50']:.2f}",
-            f"{u['latency_ms']['p95']:.2f}",
+            *figures,
         )
     out.print(nodes)
     out.print(deps)
+    for case, u in report["use_cases"].items():
+        if "exit_distribution" in u:
+            dist = " / ".join(f"exit {k}: {100 * f:.1f} %" for k, f in u["exit_distribution"].items())
+            out.print(f"{case} ({u['model']}, multi-exit): {dist}")
     lat = report["latency_ms"]
     out.print(
         f"inferences: {report['inferences']} (errors {report['errors']}), "

@@ -3,7 +3,10 @@
 import numpy as np
 import pytest
 
-from orchestrator.detectors import SlowdownDetector
+from edgeward.v1 import node_pb2
+from orchestrator.config import SlowdownConfig
+from orchestrator.detectors import SlowdownDetector, SlowdownGuard
+from orchestrator.telemetry import ExitCounters
 
 
 def windows(rng, p, n, size=50):
@@ -55,3 +58,128 @@ def test_small_windows_are_ignored_and_bad_config_refused():
         SlowdownDetector(baseline=1.0)
     with pytest.raises(ValueError, match="clean traffic"):
         SlowdownDetector.learn([0], [0])
+
+
+def test_the_end_of_an_episode_is_reported_once():
+    det = SlowdownDetector(baseline=0.6, threshold=5.0)
+    s = ["x"]
+    assert len(det.update(s, [0], [50])) == 1
+    assert det.pop_cleared() == []
+    while det.statistic("x") > 0:
+        det.update(s, [45], [50])
+    assert det.pop_cleared() == ["x"]
+    assert det.pop_cleared() == []
+
+
+# ------------------------------------------------------------ live telemetry: counters and the guard
+
+
+def exit_stats(model, source, exits, forced=0, refused=0):
+    return node_pb2.ExitStats(
+        model_name=model,
+        model_version="1.0.0",
+        source=source,
+        requests=sum(exits) + forced,
+        exits=exits,
+        forced=forced,
+        refused=refused,
+    )
+
+
+def test_exit_counters_turn_cumulative_counts_into_windows():
+    c = ExitCounters()
+    c.add("n1", [exit_stats("m", "cam-1", [40, 8, 2]), exit_stats("m", "cam-2", [1, 0, 1])])
+    w = c.windows()
+    assert w.streams == [("n1", "m", "cam-1"), ("n1", "m", "cam-2")]
+    assert (w.early.tolist(), w.total.tolist()) == ([48, 1], [50, 2])
+    c.add(
+        "n1",
+        [exit_stats("m", "cam-1", [50, 10, 20], forced=5, refused=3), exit_stats("m", "cam-2", [2, 0, 1])],
+    )
+    w = c.windows(min_total=5)  # cam-2 answered 1 request: it accumulates into a later window
+    assert w.streams == [("n1", "m", "cam-1")]
+    assert (w.early.tolist(), w.total.tolist(), w.refused.tolist()) == ([12], [35], [3])
+    c.add("n1", [exit_stats("m", "cam-2", [6, 0, 1])])
+    assert c.windows(min_total=5).total.tolist() == [5]
+    c.add("n1", [exit_stats("m", "cam-1", [3, 0, 0])])  # the agent restarted: counting from zero
+    assert c.windows().total.tolist() == [3]
+    assert c.windows().streams == []
+
+
+def test_exit_counters_drop_and_count_malformed_entries():
+    c = ExitCounters()
+    bad = exit_stats("m", "cam-1", [4, 1])
+    bad.requests += 1  # does not add up
+    c.add(
+        "n1",
+        [
+            bad,
+            exit_stats("m", "", [1]),
+            exit_stats("", "s", [1]),
+            exit_stats("m", "s", []),
+            exit_stats("m", "ok", [5]),
+        ],
+    )
+    assert c.dropped == 4
+    assert c.windows().streams == [("n1", "m", "ok")]
+
+
+def feed(guard, counters, node, model, streams):
+    counters.add(node, [exit_stats(model, src, exits) for src, exits in streams.items()])
+    return guard.observe(counters.windows(min_total=guard.config.min_requests))
+
+
+def test_guard_learns_alerts_mitigates_and_clears():
+    rng = np.random.default_rng(5)
+    guard = SlowdownGuard(
+        SlowdownConfig(learn_requests=400, mitigation={"rate_limit_rps": 3, "latency_budget_ms": 2})
+    )
+    counters = ExitCounters()
+    totals = {"cam-1": np.zeros(3, np.int64), "cam-2": np.zeros(3, np.int64)}
+
+    def window(clean_probs, attack_probs=None):
+        for src, probs in (("cam-1", clean_probs), ("cam-2", attack_probs or clean_probs)):
+            totals[src] += rng.multinomial(40, probs)
+        return feed(guard, counters, "n1", "sign", {s: t.tolist() for s, t in totals.items()})
+
+    clean, attack = [0.7, 0.27, 0.03], [0.3, 0.1, 0.6]
+    decisions = [window(clean) for _ in range(6)]
+    assert "sign" in guard.detectors and abs(guard.detectors["sign"].baseline - 0.97) < 0.03
+    decisions += [window(clean) for _ in range(200)]
+    assert all(not d.notices and not d.mitigations for d in decisions), "clean traffic raised an alert"
+
+    d = window(clean, attack)
+    kinds = [n.kind for n in d.notices]
+    assert kinds == ["alert.slowdown", "mitigation.applied"]
+    alert = d.notices[0]
+    assert (
+        alert.subject,
+        alert.attributes["node"],
+        alert.attributes["model"],
+        alert.attributes["source"],
+    ) == (
+        "node/n1",
+        "n1",
+        "sign",
+        "cam-2",
+    )
+    (m,) = d.mitigations["n1"]
+    assert (m.model_name, m.source, m.rate_limit_rps, m.latency_budget_ms) == ("sign", "cam-2", 3, 2)
+    assert guard.mitigations("n1") == [m]
+    assert [window(clean, attack).notices for _ in range(5)] == [[]] * 5  # one alert per episode
+
+    for _ in range(50):
+        d = window(clean)
+        if d.notices:
+            break
+    assert [n.kind for n in d.notices] == ["alert.slowdown.cleared", "mitigation.lifted"]
+    assert d.notices[0].attributes["source"] == "cam-2" and d.mitigations == {"n1": []}
+    assert guard.mitigations("n1") == []
+
+
+def test_guard_alerts_without_mitigating_when_mitigation_is_off():
+    guard = SlowdownGuard(SlowdownConfig(learn_requests=100, mitigation={"enabled": False}))
+    counters = ExitCounters()
+    feed(guard, counters, "n1", "sign", {"s": [190, 8, 2]})
+    d = feed(guard, counters, "n1", "sign", {"s": [190, 8, 102]})
+    assert [n.kind for n in d.notices] == ["alert.slowdown"] and d.mitigations == {}
