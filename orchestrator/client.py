@@ -9,7 +9,11 @@ from pathlib import Path
 
 import grpc
 
+from edgeward.security.errors import SecurityError
+from edgeward.security.tls import TlsFiles, grpc_channel
 from edgeward.v1 import api_pb2, api_pb2_grpc, events_pb2, events_pb2_grpc
+
+from .catalog.signing import PublisherKey, sign_metadata
 
 CHUNK = 256 * 1024
 
@@ -31,8 +35,12 @@ def _call(fn: Callable, request: object, timeout: float) -> object:
 
 
 class EdgewardClient:
-    def __init__(self, server: str, timeout: float = 15.0) -> None:
-        self._channel = grpc.insecure_channel(server)
+    def __init__(self, server: str, timeout: float = 15.0, tls: TlsFiles | None = None) -> None:
+        """``tls``: mutual TLS with this certificate; default: $EDGEWARD_CA/CERT/KEY, else plaintext."""
+        try:
+            self._channel = grpc_channel(server, tls or TlsFiles.from_env())
+        except SecurityError as err:
+            raise ClientError("INVALID_ARGUMENT", str(err)) from err
         self.deployments = api_pb2_grpc.DeploymentServiceStub(self._channel)
         self.nodes = api_pb2_grpc.NodeServiceStub(self._channel)
         self.models = api_pb2_grpc.ModelServiceStub(self._channel)
@@ -102,8 +110,13 @@ class EdgewardClient:
         use_case: str = "",
         description: str = "",
         labels: dict[str, str] | None = None,
+        parent_version: str = "",
+        owner_team: str = "",
+        key: PublisherKey | None = None,
         progress: Callable[[int, int], None] | None = None,
     ) -> api_pb2.Model:
+        """Publish a model version, signed with the publisher ``key`` (the orchestrator refuses
+        unsigned pushes unless its ``catalog.require_signatures`` is off)."""
         if isinstance(data, Path):
             data = data.read_bytes()
         meta = api_pb2.ModelMetadata(
@@ -114,7 +127,11 @@ class EdgewardClient:
             use_case=use_case,
             description=description,
             labels=labels or {},
+            parent_version=parent_version,
+            owner_team=owner_team,
         )
+        if key is not None:
+            sign_metadata(meta, key)
 
         def parts() -> Iterator[api_pb2.PushModelRequest]:
             yield api_pb2.PushModelRequest(metadata=meta)
@@ -127,3 +144,41 @@ class EdgewardClient:
             return self.models.Push(parts(), timeout=self.timeout * 4)
         except grpc.RpcError as err:
             raise ClientError(err.code().name, err.details() or "") from err
+
+    def model_history(self, name: str) -> api_pb2.ModelHistory:
+        return _call(self.models.History, api_pb2.GetModelRequest(name=name), self.timeout)
+
+    def deprecate_model(self, name: str, version: str, reason: str = "") -> api_pb2.Model:
+        request = api_pb2.SetModelStateRequest(name=name, version=version, reason=reason)
+        return _call(self.models.Deprecate, request, self.timeout)
+
+    def revoke_model(self, name: str, version: str, reason: str = "") -> api_pb2.Model:
+        request = api_pb2.SetModelStateRequest(name=name, version=version, reason=reason)
+        return _call(self.models.Revoke, request, self.timeout)
+
+    def placements(self, name: str = "", version: str = "", node_id: str = "") -> list[api_pb2.Placement]:
+        request = api_pb2.PlacementsRequest(name=name, version=version, node_id=node_id)
+        return list(_call(self.models.Placements, request, self.timeout).placements)
+
+    def compliance(self) -> api_pb2.ComplianceReport:
+        return _call(self.models.Compliance, api_pb2.ComplianceRequest(), self.timeout)
+
+    def wipe_model(
+        self,
+        name: str,
+        version: str = "",
+        *,
+        node_ids: list[str] | None = None,
+        deadline_s: float = 0.0,
+        reason: str = "",
+    ) -> api_pb2.WipeStatus:
+        request = api_pb2.WipeRequest(
+            name=name, version=version, node_ids=node_ids or [], deadline_s=deadline_s, reason=reason
+        )
+        return _call(self.models.Wipe, request, self.timeout)
+
+    def get_wipe(self, wipe_id: str) -> api_pb2.WipeStatus:
+        return _call(self.models.GetWipe, api_pb2.GetWipeRequest(id=wipe_id), self.timeout)
+
+    def list_wipes(self) -> list[api_pb2.WipeStatus]:
+        return list(_call(self.models.ListWipes, api_pb2.ListWipesRequest(), self.timeout).wipes)

@@ -6,7 +6,10 @@ this module wires it in (docs/attestation.md, "How it is wired")::
 
     node hello ─────────────▶ attest(node): challenge if enrolled, else Attest{} (= please enroll)
     .../evidence ───────────▶ evidence(): service.receive -> reply as an ``attest`` command;
-                              a new enrollment is stored and challenged at once;
+                              a new enrollment is stored and challenged at once; a first
+                              enrollment needs the operator's approval (attestation.enrollment:
+                              a one-time token or a trusted EK certificate), a refused one is an
+                              event attestation.enrollment.refused;
                               a result that is not affirming -> quarantine
     every tick (1 s) ───────▶ service.expire() -> quarantine; nodes due (challenge_interval_s) challenged
     quarantine(node) ───────▶ alert (log), ``wipe`` command, reconciler woken: it evicts the node's
@@ -26,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,16 +41,19 @@ from attestation.artifacts import (
     key_context,
     model_component,
 )
-from attestation.enrollment import load_ca_bundle
+from attestation.enrollment import EnrollmentApproval, load_ca_bundle
+from attestation.errors import EnrollmentError, KeyReleaseError
 from attestation.grpc_api import AttestationServicer
 from attestation.reference import ReferenceValues
 from attestation.results import ResultSigner
 from attestation.service import AttestationState, AttestationVerifierService
+from attestation.tokens import TokenStore
 from edgeward.v1 import attestation_pb2 as apb
 from edgeward.v1 import node_pb2
 from edgeward.wire import now_ms
 
 from .config import AttestationConfig
+from .events import WARNING, EventBus
 from .fleet import Fleet
 from .reconciler import DbCall, Publish, command
 from .store import Store
@@ -110,6 +116,7 @@ class FleetVerifier:
         store: Store,
         node_timeout_s: float,
         on_change: Callable[[], None],
+        events: EventBus | None = None,
     ) -> None:
         self.config = config
         self.service = service
@@ -119,9 +126,13 @@ class FleetVerifier:
         self._store = store
         self._node_timeout_s = node_timeout_s
         self._on_change = on_change
+        self._events = events
+        self._refused: dict[str, str] = {}  # node -> reason id of its last refused enrollment
         self._last_attest: dict[str, float] = {}  # node -> monotonic time of the last challenge/ask
         self._first_seen: dict[str, float] = {}  # node -> first hello since this orchestrator started
         self.quarantined: dict[str, Quarantine] = {}
+        self._revoked_keys: set[tuple[str, str]] = set()  # (model, version): never released again
+        self._released: dict[tuple[str, str], set[str]] = {}  # (model, version) -> nodes given its key
 
     @staticmethod
     def load_service(config: AttestationConfig, state_dir: Path) -> AttestationVerifierService:
@@ -134,10 +145,17 @@ class FleetVerifier:
             )
         signer = ResultSigner.from_file(config.signing_key or state_dir / "attestation" / "verifier.pem")
         ek_trust = load_ca_bundle(config.ek_ca_file) if config.ek_ca_file else []
-        return AttestationVerifierService(config.verifier, reference, signer, ek_trust=ek_trust)
+        approval = EnrollmentApproval(config.enrollment, TokenStore.in_state_dir(state_dir))
+        return AttestationVerifierService(
+            config.verifier, reference, signer, ek_trust=ek_trust, approval=approval
+        )
 
-    def restore(self, enrollments: list[bytes], models: list[tuple[str, str]]) -> None:
-        """Trust the enrollments kept in the store and the digests of the catalog's models."""
+    def restore(
+        self, enrollments: list[bytes], models: list[tuple[str, str]], revoked: Iterable[tuple[str, str]] = ()
+    ) -> None:
+        """Trust the enrollments kept in the store and the digests of the catalog's models; refuse
+        the keys of revoked model versions."""
+        self._revoked_keys.update(revoked)
         for data in enrollments:
             record = apb.Enrollment.FromString(data)
             self.service.register(record)
@@ -163,7 +181,7 @@ class FleetVerifier:
         state = self.service.state(node_id)
         if state == AttestationState.AFFIRMING:
             return None
-        if state in (None, AttestationState.ENROLLED):
+        if state in (None, AttestationState.ENROLLED) and node_id not in self._refused:
             first = self._first_seen.get(node_id)
             if first is None or time.monotonic() - first < self.config.verifier.challenge_ttl_s:
                 return None
@@ -173,16 +191,29 @@ class FleetVerifier:
     def _explain(self, node_id: str, state: AttestationState | None) -> str:
         view = self.service.snapshot(node_id)
         if view is None or state in (None, AttestationState.ENROLLED):
-            detail = (
-                f"; last refusal {view.last_rejection}" if view is not None and view.last_rejection else ""
-            )
+            last = view.last_rejection if view is not None else self._refused.get(node_id, "")
+            detail = f"; last refusal {last}" if last else ""
             return f"node {node_id} has no attestation result{detail}"
         bad = [f"{r.subject}: {r.id}" for r in view.result.reasons]
         return f"attestation {state.name.lower()}" + (f" ({', '.join(bad)})" if bad else "")
 
     def release_key(self, node_id: str, name: str, version: str, data_key: bytes) -> bytes:
         """The data key of model ``name:version`` wrapped to the node (KeyReleaseError if refused)."""
-        return self.service.release_key(node_id, data_key, key_context(node_id, name, version))
+        if (name, version) in self._revoked_keys:
+            raise KeyReleaseError(
+                "attestation.key.revoked", f"{name}:{version} is revoked; its key is never released"
+            )
+        wrapped = self.service.release_key(node_id, data_key, key_context(node_id, name, version))
+        self._released.setdefault((name, version), set()).add(node_id)
+        return wrapped
+
+    def released_to(self, name: str, versions: Iterable[str]) -> set[str]:
+        """The nodes this orchestrator process released a key of these versions to (a wipe's holders)."""
+        return set().union(*(self._released.get((name, v), set()) for v in versions))
+
+    def revoke_model_keys(self, name: str, versions: list[str]) -> None:
+        """Refuse these versions' keys from now on (the catalog destroys them in the store)."""
+        self._revoked_keys.update((name, v) for v in versions)
 
     def allow_model(self, name: str, sha256: str) -> None:
         self.service.allow(model_component(name), sha256)
@@ -214,10 +245,17 @@ class FleetVerifier:
             log.exception("attestation message of %s not handled", node_id)
 
     async def _evidence(self, node_id: str, payload: bytes) -> None:
-        outcome = self.service.receive(node_id, payload)
+        if self.service.state(node_id) is None:
+            # A first enrollment reads and redeems token files: off the loop, on the store's thread.
+            outcome = await self._db(self.service.receive, node_id, payload)
+        else:
+            outcome = self.service.receive(node_id, payload)
+        if isinstance(outcome.rejected, EnrollmentError):
+            self._enrollment_refused(node_id, outcome.rejected)
         if outcome.reply is not None:
             await self._send(node_id, attest=node_pb2.Attest(message=outcome.reply))
         if outcome.enrolled is not None:
+            self._refused.pop(node_id, None)
             await self._db(
                 self._store.put_enrollment, node_id, outcome.enrolled.SerializeToString(), now_ms()
             )
@@ -226,17 +264,36 @@ class FleetVerifier:
         if result is None:
             return
         if result.status == apb.ATTESTATION_STATUS_AFFIRMING:
-            released = self.quarantined.pop(node_id, None)
-            if released is not None:
+            held = self.quarantined.get(node_id)
+            # A node quarantined for not confirming a model wipe leaves only once it has confirmed.
+            if held is not None and not (held.reason.startswith("model.wipe") and held.wiped_at is None):
+                del self.quarantined[node_id]
                 log.warning("node %s attested affirming again: out of quarantine", node_id)
         else:
             state = self.service.state(node_id)
             await self.quarantine(node_id, _STATE_REASON[state], self._explain(node_id, state))
         self._on_change()
 
+    def _enrollment_refused(self, node_id: str, err: EnrollmentError) -> None:
+        """Record the refusal; tell the operator once per node and reason (the node asks again at
+        every re-attestation interval: those repeats are only counted, in service.rejections)."""
+        if self._refused.get(node_id) == err.reason:
+            return
+        self._refused[node_id] = err.reason
+        if self._events is not None:
+            self._events.publish(
+                "attestation.enrollment.refused",
+                f"node/{node_id}",
+                f"{err.reason}: {err.detail}",
+                WARNING,
+                reason=err.reason,
+            )
+
     def wipe_confirmed(self, node_id: str, event: node_pb2.Event) -> None:
         q = self.quarantined.get(node_id)
-        if q is not None and q.wiped_at is None:
+        # A model wipe's confirmation (it names its wipe) does not stand for a quarantine's full wipe.
+        targeted = bool(event.attributes.get("wipe_id"))
+        if q is not None and q.wiped_at is None and (not targeted or q.reason.startswith("model.wipe")):
             q.wiped_at = time.monotonic()
             log.warning(
                 "node %s confirmed its wipe %.0f ms after quarantine: %s",
