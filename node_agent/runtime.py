@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from accelerators.base import AcceleratorError, Backend, InferResult, ModelArtifact, ModelHandle
 from edgeward.v1 import node_pb2
 
@@ -33,6 +35,7 @@ RunBlocking = Callable[..., Awaitable[Any]]
 #: Blocking: the plaintext model inside a sealed artifact (raises ArtifactError).
 Unlock = Callable[[node_pb2.DeployReplica, bytes], bytes]
 SEALED_SUFFIX = ".sealed"
+CONFIDENT_P = 0.8  # an output is confident when its top-1 probability reaches this
 
 
 class ArtifactError(Exception):
@@ -76,11 +79,17 @@ class Runtime:
         self.backends = backends
         self.cache_dir = Path(cache_dir)
         self.cache_dir.mkdir(parents=True, exist_ok=True)
+        for stale in self.cache_dir.glob(".tmp-*"):  # a write a crash interrupted before its rename
+            stale.unlink(missing_ok=True)
+        self.fetched = 0  # artifacts downloaded since start
+        self.from_cache = 0  # artifacts served from the local cache since start
         self._run_blocking = run_blocking
         self._unlock = unlock
         self._on_change = on_change
         self.replicas: dict[str, ReplicaState] = {}
         self.stats: dict[tuple[str, str], LatencyStats] = {}
+        # Accuracy proxy for rollout gates: (outputs scored, of them confident) per model version.
+        self.confidence: dict[tuple[str, str], list[int]] = {}
         self.energy_j = 0.0  # energy of inference work, from the backends
         self.busy_s = 0.0
         self.energy_source = "modelled"
@@ -164,8 +173,11 @@ class Runtime:
                 except ArtifactError as err:  # torn, tampered or from an older key: fetch again
                     log.info("cached artifact of %s unusable (%s); fetching it again", spec.replica_id, err)
                     await self._run_blocking(self._drop_cache, spec.sha256)
+                else:
+                    self.from_cache += 1
             if data is None:
                 sealed = await fetch(spec)
+                self.fetched += 1
                 data = await self._run_blocking(self._unlock, spec, sealed)
                 await self._run_blocking(self._write_cache, spec.sha256, sealed)
             artifact = ModelArtifact.from_bytes(spec.model_name, spec.model_version, data)
@@ -217,11 +229,22 @@ class Runtime:
 
     def _write_cache(self, sha256: str, sealed: bytes) -> None:
         fd, tmp = tempfile.mkstemp(dir=self.cache_dir, prefix=".tmp-")
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(sealed)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self._cache_path(sha256))
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(sealed)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self._cache_path(sha256))
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        # The rename is durable only once the directory entry is: a crash right after must find
+        # either the whole artifact under its name or none.
+        dir_fd = os.open(self.cache_dir, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
 
     def _clear_cache(self) -> int:
         removed = 0
@@ -275,6 +298,11 @@ class Runtime:
         finally:
             self.in_flight -= 1
         stats.record(time.perf_counter() - started, result.energy_j, result.energy_source)
+        scored = _confidence(handle, result.outputs)
+        if scored is not None:
+            counts = self.confidence.setdefault(key, [0, 0])
+            counts[0] += scored[0]
+            counts[1] += scored[1]
         self.energy_j += result.energy_j
         self.busy_s += result.latency_s
         self.energy_source = result.energy_source
@@ -293,6 +321,27 @@ class Runtime:
                     latency_p50_ms=snap.p50_ms,
                     latency_p95_ms=snap.p95_ms,
                     latency_p99_ms=snap.p99_ms,
+                    scored=self.confidence.get((name, version), (0, 0))[0],
+                    confident=self.confidence.get((name, version), (0, 0))[1],
                 )
             )
         return out
+
+
+def _confidence(handle: ModelHandle, outputs: dict[str, np.ndarray]) -> tuple[int, int] | None:
+    """(outputs scored, of them confident) when the first output is a batch of probability
+    distributions (values in [0, 1] summing to 1, after dequantisation), else None: only a
+    classifier's output says how sure it is."""
+    if not handle.outputs:
+        return None
+    spec = handle.outputs[0]
+    raw = outputs.get(spec.name)
+    if raw is None or raw.ndim == 0 or raw.shape[-1] < 2:
+        return None
+    values = raw.astype(np.float32)
+    if spec.quantization is not None and spec.quantization.scale:
+        values = (values - spec.quantization.zero_point) * spec.quantization.scale
+    rows = values.reshape(-1, values.shape[-1])
+    if rows.min() < 0 or rows.max() > 1.0 + 1e-3 or not np.allclose(rows.sum(axis=1), 1.0, atol=0.05):
+        return None
+    return len(rows), int((rows.max(axis=1) >= CONFIDENT_P).sum())

@@ -7,12 +7,13 @@ checked afterwards by the service, which answers NOT_FOUND.
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import InvalidManifest
 
@@ -103,6 +104,143 @@ class SelectorSpec(_Strict):
     _labels = field_validator("match_labels")(classmethod(lambda cls, v: _check_labels(v)))
 
 
+class MultiExitSpec(_Strict):
+    """This deployment is one stage of a multi-exit model that nodes serve under ``pipeline``.
+
+    Each stage is its own deployment, placed by the scheduler like any other (selectors put early
+    stages on low-power nodes and later ones on stronger nodes); the orchestrator wires the
+    running stages together (``orchestrator.multiexit``).
+    """
+
+    pipeline: str = Field(description="Name clients call on the node inference API for the whole model.")
+    stage: Annotated[int, Field(ge=1, le=16, strict=True)] = Field(
+        description="1-based position in the model."
+    )
+    threshold: Annotated[float, Field(gt=0, le=1)] | None = Field(
+        None, description="Exit when the top probability reaches this; unset on the last stage."
+    )
+
+    @field_validator("pipeline")
+    @classmethod
+    def _pipeline(cls, value: str) -> str:
+        if not NAME_RE.match(value):
+            raise ValueError("must be a DNS-1123 label")
+        return value
+
+
+_DURATION_RE = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def duration_s(value: str) -> float:
+    """Seconds of a validated duration such as ``30s``, ``500ms``, ``2m``."""
+    match = _DURATION_RE.match(value)
+    assert match is not None
+    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+
+
+def _check_duration(value: object, most_s: float) -> str:
+    text = str(value)
+    if not _DURATION_RE.match(text):
+        raise ValueError("must be a duration such as 500ms, 30s, 2m or 1h")
+    if duration_s(text) > most_s:
+        raise ValueError(f"must be at most {most_s:.0f}s")
+    return text
+
+
+class GatesSpec(_Strict):
+    """Health gates a rollout step must pass while it is observed (docs/lifecycle.md, Rollouts)."""
+
+    max_error_rate: Annotated[float, Field(ge=0, le=1)] = Field(
+        0.05,
+        alias="maxErrorRate",
+        description="Largest share of failed inferences of the new version during a step.",
+    )
+    max_latency_ms: Annotated[float, Field(ge=0, le=600_000)] = Field(
+        0.0,
+        alias="maxLatencyMs",
+        description="Largest p95 latency of the new version; 0: the deployment's requirements.maxLatencyMs "
+        "(no latency gate when both are 0).",
+    )
+    max_confidence_drop: Annotated[float, Field(ge=0, le=1)] = Field(
+        0.2,
+        alias="maxConfidenceDrop",
+        description="Accuracy proxy: largest drop of the share of confident outputs (top-1 probability "
+        ">= 0.8) of the new version below the stable version's, over the same window.",
+    )
+    min_inferences: Annotated[int, Field(ge=1, le=1_000_000, strict=True)] = Field(
+        20,
+        alias="minInferences",
+        description="Inferences of the new version a step needs before its gates can pass.",
+    )
+    progress_deadline: str = Field(
+        "10m",
+        alias="progressDeadline",
+        description="A step still short of minInferences this long after its replicas run pauses the "
+        "rollout (reason rollout.gate.no_data).",
+    )
+
+    @field_validator("progress_deadline", mode="before")
+    @classmethod
+    def _deadline(cls, value: object) -> str:
+        return _check_duration(value, 86_400)
+
+    @property
+    def progress_deadline_s(self) -> float:
+        return duration_s(self.progress_deadline)
+
+
+class StrategySpec(_Strict):
+    """How a new generation replaces the running one: in canary steps or in rolling batches."""
+
+    type: Literal["rolling", "canary"] = Field(
+        description="canary: the new version takes `steps` percent of the replicas in turn; rolling: "
+        "maxUnavailable replicas (at least 1) at a time."
+    )
+    steps: list[Annotated[int, Field(ge=1, le=100, strict=True)]] | None = Field(
+        None,
+        description="canary only: increasing percentages of the replicas on the new version, ending at "
+        "100 (default [10, 50, 100]).",
+    )
+    pause: str = Field("30s", description="How long each step is observed through the gates.")
+    max_unavailable: Annotated[int, Field(ge=0, le=10_000, strict=True)] = Field(
+        1,
+        alias="maxUnavailable",
+        description="How many replicas below spec.replicas may be running during the update.",
+    )
+    gates: GatesSpec = Field(default_factory=GatesSpec)
+
+    @field_validator("pause", mode="before")
+    @classmethod
+    def _pause(cls, value: object) -> str:
+        return _check_duration(value, 86_400)
+
+    @field_validator("steps")
+    @classmethod
+    def _steps(cls, value: list[int] | None) -> list[int] | None:
+        if value is None:
+            return None
+        if not value or any(b <= a for a, b in itertools.pairwise(value)):
+            raise ValueError("must be strictly increasing percentages")
+        if value[-1] != 100:
+            raise ValueError("must end at 100")
+        return value
+
+    @model_validator(mode="after")
+    def _steps_for_canary(self) -> StrategySpec:
+        if self.type == "rolling" and self.steps is not None:
+            raise ValueError("steps are for type canary; a rolling update replaces maxUnavailable at a time")
+        return self
+
+    @property
+    def pause_s(self) -> float:
+        return duration_s(self.pause)
+
+    @property
+    def canary_steps(self) -> list[int]:
+        return self.steps or [10, 50, 100]
+
+
 class DeploymentSpecModel(_Strict):
     model: ModelRefSpec
     replicas: Annotated[int, Field(ge=0, le=10_000, strict=True)] = Field(
@@ -110,6 +248,14 @@ class DeploymentSpecModel(_Strict):
     )
     requirements: RequirementsSpec = Field(default_factory=RequirementsSpec)
     selector: SelectorSpec = Field(default_factory=SelectorSpec)
+    multi_exit: MultiExitSpec | None = Field(
+        None, alias="multiExit", description="Set when the model is one stage of a multi-exit model."
+    )
+    strategy: StrategySpec | None = Field(
+        None,
+        description="How a changed template is rolled out (orchestrator.rollout); unset: every replica "
+        "is replaced at once, without gates.",
+    )
 
 
 class DeploymentManifest(_Strict):
@@ -120,7 +266,17 @@ class DeploymentManifest(_Strict):
 
 
 def _path(loc: tuple[Any, ...]) -> str:
-    aliases = {"api_version": "apiVersion", "max_latency_ms": "maxLatencyMs", "match_labels": "matchLabels"}
+    aliases = {
+        "api_version": "apiVersion",
+        "max_latency_ms": "maxLatencyMs",
+        "match_labels": "matchLabels",
+        "multi_exit": "multiExit",
+        "max_unavailable": "maxUnavailable",
+        "max_error_rate": "maxErrorRate",
+        "max_confidence_drop": "maxConfidenceDrop",
+        "min_inferences": "minInferences",
+        "progress_deadline": "progressDeadline",
+    }
     parts: list[str] = []
     for item in loc:
         if isinstance(item, int):

@@ -13,6 +13,14 @@ a replica is placed only on a node whose attestation tier meets its deployment's
 ``software``: every model is locked, and its key is released to affirming nodes only), its deploy
 command carries the model's data key wrapped to that node, and a replica on a node that lost its
 trust is evicted (reason ``attestation.*``) and placed elsewhere in the same pass.
+
+Performance feeds placement: each node's own model profiles (from its hello) are its predictions,
+and the median of the profiles of a hardware profile's nodes is the prediction for its other nodes;
+every telemetry window corrects the node's ``latency_scale`` (observed p95 / predicted). A running
+replica whose p95 stays over its deployment's SLO (``scheduler.rescheduling``: N consecutive windows
+over, cleared only under the recovery threshold) moves to a node predicted to meet it, within the
+deployment's disruption budget and a global rate; both its eviction and its replacement carry the
+reason ``reschedule.slo_violation`` and say what was measured.
 """
 
 from __future__ import annotations
@@ -23,9 +31,11 @@ import logging
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import replace
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
 
 from attestation.errors import KeyReleaseError
 from edgeward.v1 import api_pb2, node_pb2
@@ -33,10 +43,35 @@ from edgeward.wire import SCHEMA_VERSION, now_ms
 
 from .config import OrchestratorConfig
 from .errors import NotFound
-from .fleet import Fleet, NodeView
-from .phases import ACTIVE, Phase
-from .scheduler import TIERS, FleetSnapshot, NodeInfo, PlacementRequest, Scheduler, Unschedulable
+from .fleet import Fleet, LatencyWindow, NodeView, model_key
+from .phases import ACTIVE, TRANSITIONS, Phase
+from .scheduler import (
+    TIERS,
+    FleetSnapshot,
+    NodeInfo,
+    PlacementPlan,
+    PlacementRequest,
+    Prediction,
+    Scheduler,
+    Unschedulable,
+)
+from .scheduler.correction import LatencyCorrection
+from .scheduler.rescheduling import (
+    MoveCandidate,
+    MoveCause,
+    MoveRate,
+    SloState,
+    allowed_disruptions,
+    observe_window,
+    record_move,
+    select_moves,
+    sustained_violation,
+)
+from .scheduler.snapshot import LATENCY_FLOOR_MS, class_estimates
 from .store import DeploymentRecord, ReplicaChange, ReplicaRecord, SealedArtifact, Store
+
+if TYPE_CHECKING:
+    from .rollout import RolloutController
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +89,9 @@ Publish = Callable[[str, node_pb2.Command], Awaitable[None]]
 CatalogEntry = tuple[api_pb2.Model, SealedArtifact | None]
 #: Every model is locked, so a node needs an affirming result even for a deployment asking "none".
 MIN_TIER = "software"
+RESCHEDULE = "reschedule."
+#: A replica that keeps missing its SLO but has nowhere better to go (it stays, and says so).
+SLO_STUCK = "reschedule.slo_violation.no_better_node"
 
 
 class Trust(Protocol):
@@ -87,8 +125,10 @@ class Reconciler:
         artifact_endpoint: Callable[[], str],
         on_change: Callable[[set[str]], None],
         trust: Trust,
+        rollouts: RolloutController | None = None,
     ) -> None:
         self._store = store
+        self._rollouts = rollouts
         self._trust = trust
         self._db = db
         self._fleet = fleet
@@ -103,6 +143,13 @@ class Reconciler:
         self._needs_sync: set[str] = set()  # nodes that (re)connected: send their full set
         self._cordoned: set[str] = set()
         self._models: dict[tuple[str, str], CatalogEntry] = {}
+        resched = config.scheduler.rescheduling
+        self._slo_policy = resched.slo_policy()
+        self._slo: dict[str, SloState] = {}  # running replica id -> its SLO hysteresis
+        self._slo_seen: dict[str, int] = {}  # running replica id -> newest window folded
+        self._correction = LatencyCorrection(resched.correction_policy())
+        self._corrected: dict[tuple[str, str], int] = {}  # (node, model) -> newest window folded
+        self._move_rate = MoveRate(resched.max_moves_per_minute)
         self.passes = 0
 
     # ------------------------------------------------------------ triggers
@@ -113,6 +160,11 @@ class Reconciler:
     def node_connected(self, node_id: str) -> None:
         self._needs_sync.add(node_id)
         self.trigger()
+
+    @property
+    def latency_scales(self) -> dict[str, float]:
+        """Node -> its current latency correction (observed / predicted), for inspection."""
+        return self._correction.scales()
 
     @property
     def cordoned(self) -> frozenset[str]:
@@ -143,6 +195,11 @@ class Reconciler:
         deployments, replicas = await self._db(
             lambda: (self._store.list_deployments(), self._store.list_replicas())
         )
+        # Rollouts move inside the pass, so a rollback never races a pass that read the old state.
+        if self._rollouts is not None and await self._rollouts.tick(deployments, replicas):
+            deployments, replicas = await self._db(
+                lambda: (self._store.list_deployments(), self._store.list_replicas())
+            )
         now = time.monotonic()
         wall = now_ms()
         in_grace = now - self._started < self._config.node_timeout_s
@@ -208,8 +265,18 @@ class Reconciler:
             report = node.reports.get(rep.id) if node_ok else None
             if report is not None:
                 reported = _REPORTED_PHASE.get(report.phase)
-                if reported is not None and reported != rep.phase and rep.phase != Phase.PENDING:
-                    rep = change(rep, phase=reported, reason=report.reason, message=report.message)
+                # A report that would be an illegal move (a Failed replica the node says runs again)
+                # is not followed: the failed replica is retired and replaced, never revived.
+                if (
+                    reported is not None
+                    and reported != rep.phase
+                    and rep.phase != Phase.PENDING
+                    and reported in TRANSITIONS[rep.phase]
+                ):
+                    if not report.reason and rep.reason.startswith(RESCHEDULE):
+                        rep = change(rep, phase=reported)  # keep saying why it runs here
+                    else:
+                        rep = change(rep, phase=reported, reason=report.reason, message=report.message)
             elif rep.phase in (Phase.LOADING, Phase.RUNNING):
                 # The node forgot it (agent restart): back to loading, and tell it again.
                 rep = change(
@@ -235,6 +302,12 @@ class Reconciler:
                     self._resend(commands, rep, now, undeploy=True)
             by_deployment[rep.deployment].append(rep)
 
+        # 1b. Telemetry windows: correct each node's predictions; move replicas that keep missing
+        #     their SLO (within the disruption budget) to a node predicted to meet it.
+        self._correct(by_deployment, now, timeout)
+        if self._config.scheduler.rescheduling.slo_violation:
+            await self._slo_moves(deployments, by_deployment, replicas, changes, commands, change, need, now)
+
         # 2. Scale each deployment to its desired count; retire replicas of older generations.
         pending: list[tuple[DeploymentRecord, ReplicaRecord]] = []
         for dep in deployments:
@@ -243,6 +316,9 @@ class Reconciler:
             old = [r for r in reps if r.generation != dep.generation]
             want = dep.manifest.spec.replicas
             spec = dep.manifest.spec
+            split = self._rollouts.split(dep) if self._rollouts is not None else None
+            if split is not None:
+                want = split.new  # this rollout step's share of the new generation
             for _ in range(want - len(current)):
                 rep = ReplicaRecord(
                     id=new_replica_id(dep.name),
@@ -265,9 +341,29 @@ class Reconciler:
                     self._evict(change, commands, rep, "deployment.scaled_down", now)
                 current = [r for r in current if r not in surplus]
             running_current = sum(r.phase == Phase.RUNNING for r in current)
-            for rep in old:
-                if rep.phase == Phase.PENDING or running_current >= want:
-                    self._evict(change, commands, rep, "deployment.updated", now)
+            if split is not None:
+                retire, missing = split.retire(current, old)
+                for rep in retire:
+                    self._evict(change, commands, rep, "rollout.replaced", now)
+                for _ in range(missing):  # a stable replica was lost mid-rollout: replace it in kind
+                    rep = ReplicaRecord(
+                        id=new_replica_id(dep.name),
+                        deployment=dep.name,
+                        generation=split.stable_generation,
+                        model_name=split.stable_model[0],
+                        model_version=split.stable_model[1],
+                        phase=Phase.PENDING,
+                        updated_ms=wall,
+                        reason="rollout.stable_replaced",
+                    )
+                    changes.append(ReplicaChange(rep))
+                    touched.add(dep.name)
+                    old.append(rep)
+                pending.extend((dep, r) for r in old if r.phase == Phase.PENDING and r not in retire)
+            else:
+                for rep in old:
+                    if rep.phase == Phase.PENDING or running_current >= want:
+                        self._evict(change, commands, rep, "deployment.updated", now)
             pending.extend((dep, r) for r in current if r.phase == Phase.PENDING)
         live_names = {d.name for d in deployments}
         for name, reps in by_deployment.items():
@@ -279,9 +375,7 @@ class Reconciler:
         # 3. Place the pending replicas on a snapshot of the fleet.
         if pending:
             # One immutable, columnar snapshot per pass; the plan updates capacity as it binds.
-            plan = self._scheduler.plan(
-                FleetSnapshot.from_node_infos(self._snapshot(replicas, changes, deployments, now))
-            )
+            plan = self._plan(replicas, changes, deployments, now)
             for dep, rep in pending:
                 model = await self._model(rep.model_name, rep.model_version)
                 if model is None:
@@ -366,6 +460,206 @@ class Reconciler:
         self.passes += 1
         if touched:
             self._on_change(touched)
+
+    # ------------------------------------------------------------ performance
+
+    def _plan(
+        self,
+        replicas: list[ReplicaRecord],
+        changes: list[ReplicaChange],
+        deployments: list[DeploymentRecord],
+        now: float,
+    ) -> PlacementPlan:
+        """One immutable, columnar snapshot of the fleet as it is now; the plan reserves as it binds."""
+        infos = self._snapshot(replicas, changes, deployments, now)
+        snapshot = FleetSnapshot.from_node_infos(infos, performance=class_estimates(infos.values()))
+        return self._scheduler.plan(snapshot)
+
+    def _correct(self, by_deployment: dict[str, list[ReplicaRecord]], now: float, timeout: float) -> None:
+        """Fold the telemetry windows that arrived since the last pass into the latency correction:
+        per (node, model) that runs a replica, observed p95 against the node's own profile."""
+        nodes: list[str] = []
+        observed: list[float] = []
+        predicted: list[float] = []
+        seen: set[tuple[str, str]] = set()
+        for reps in by_deployment.values():
+            for rep in reps:
+                if rep.phase != Phase.RUNNING or not rep.node_id or not rep.accelerator:
+                    continue
+                node = self._fleet.nodes.get(rep.node_id)
+                key = (rep.node_id, model_key(rep.model_name, rep.model_version))
+                if node is None or key in seen or not node.online(now, timeout):
+                    continue
+                seen.add(key)
+                windows = node.latency.get(key[1])
+                profile = node.profiles.get((key[1], rep.accelerator))
+                last = self._corrected.get(key, 0)
+                if not windows or profile is None or windows[-1].seq <= last:
+                    continue
+                for window in windows:
+                    if window.seq > last:
+                        nodes.append(rep.node_id)
+                        observed.append(window.p95_ms)
+                        predicted.append(profile.latency_p95_ms)
+                self._corrected[key] = windows[-1].seq
+        if nodes:
+            self._correction.fold(nodes, observed, predicted)
+        for key in [k for k in self._corrected if k not in seen]:
+            del self._corrected[key]
+        self._correction.retain(self._fleet.nodes)
+
+    async def _slo_moves(
+        self,
+        deployments: list[DeploymentRecord],
+        by_deployment: dict[str, list[ReplicaRecord]],
+        replicas: list[ReplicaRecord],
+        changes: list[ReplicaChange],
+        commands: list[tuple[str, node_pb2.Command]],
+        change: Callable[..., ReplicaRecord],
+        need: dict[str, str],
+        now: float,
+    ) -> None:
+        policy = self._slo_policy
+        budget_cfg = self._config.scheduler.rescheduling.max_unavailable
+        candidates: list[MoveCandidate] = []
+        running: dict[str, ReplicaRecord] = {}
+        allowed: dict[str, int] = {}
+        alive = {r.id for reps in by_deployment.values() for r in reps if r.phase in ACTIVE}
+        for rid in [r for r in self._slo if r not in alive]:
+            del self._slo[rid]
+            self._slo_seen.pop(rid, None)
+        for dep in deployments:
+            slo = dep.manifest.spec.requirements.max_latency_ms
+            reps = by_deployment.get(dep.name, [])
+            current = [r for r in reps if r.generation == dep.generation and r.phase == Phase.RUNNING]
+            allowed[dep.name] = allowed_disruptions(dep.manifest.spec.replicas, len(current), budget_cfg)
+            for rep in current:
+                running[rep.id] = rep
+                windows = self._windows(rep.node_id, rep.model_name, rep.model_version)
+                state = self._slo.get(rep.id)
+                if state is None:  # windows from before it ran are not its own
+                    state = SloState()
+                    self._slo_seen[rep.id] = windows[-1].seq if windows else 0
+                for window in windows:
+                    if window.seq > self._slo_seen[rep.id]:
+                        state = observe_window(state, window.p95_ms, slo, policy)
+                        self._slo_seen[rep.id] = window.seq
+                self._slo[rep.id] = state
+                if sustained_violation(state, now, policy):
+                    candidates.append(MoveCandidate(rep.id, dep.name, MoveCause.SLO_VIOLATION))
+                elif rep.reason == SLO_STUCK and not state.violating:  # recovered where it is
+                    reps[reps.index(rep)] = change(rep, reason="", message="")
+        moves = select_moves(candidates, allowed)
+        if not moves:
+            return
+        by_name = {d.name: d for d in deployments}
+        plan = self._plan(replicas, changes, deployments, now)
+        for move in moves:
+            if not self._move_rate.available(now):
+                log.info("SLO moves held back: %d per minute reached", self._move_rate.per_minute)
+                break
+            rep, dep = running[move.replica_id], by_name[move.deployment]
+            reps = by_deployment[dep.name]
+            here = next(i for i, r in enumerate(reps) if r.id == rep.id)
+            reps[here], new = await self._move(reps[here], dep, plan, need[dep.name], now, commands, change)
+            if new is None:
+                continue
+            self._move_rate.spend(now)
+            changes.append(ReplicaChange(new))
+            reps.append(new)
+            self._slo[new.id] = record_move(now)
+            windows = self._windows(new.node_id, new.model_name, new.model_version)
+            self._slo_seen[new.id] = windows[-1].seq if windows else 0
+            self._slo.pop(rep.id, None)
+
+    def _windows(self, node_id: str | None, name: str, version: str) -> Sequence[LatencyWindow]:
+        node = self._fleet.nodes.get(node_id or "")
+        return node.latency.get(model_key(name, version), ()) if node is not None else ()
+
+    async def _move(
+        self,
+        rep: ReplicaRecord,
+        dep: DeploymentRecord,
+        plan: PlacementPlan,
+        tier: str,
+        now: float,
+        commands: list[tuple[str, node_pb2.Command]],
+        change: Callable[..., ReplicaRecord],
+    ) -> tuple[ReplicaRecord, ReplicaRecord | None]:
+        """Move ``rep`` off its node to one predicted to meet the SLO: (the evicted replica, its
+        replacement), or (the replica saying why it stays, None) when there is no such node."""
+        assert rep.node_id is not None
+        state = self._slo[rep.id]
+        slo = dep.manifest.spec.requirements.max_latency_ms
+        breach = (
+            f"p95 {state.last_p95_ms:.1f} ms over the {slo:g} ms SLO "
+            f"for {max(state.over, self._slo_policy.breach_windows)} windows"
+        )
+        model = await self._model(rep.model_name, rep.model_version)
+        if model is None:
+            return rep, None
+        new_id = new_replica_id(dep.name)
+        result = plan.place(replace(_request(dep, model[0], tier, new_id), avoid_node=rep.node_id))
+        why_not = result.message if isinstance(result, Unschedulable) else ""
+        predicted = float("nan")
+        if not why_not:
+            assert not isinstance(result, Unschedulable)
+            snap = plan.snapshot
+            node = snap.index(result.node_id)
+            key = model_key(model[0].name, model[0].version)
+            if key in snap.models and result.accelerator in snap.kinds:
+                base = snap.predicted_latency(
+                    np.array([node]),
+                    np.array([snap.models.index(key)]),
+                    np.array([snap.kinds.index(result.accelerator)]),
+                )[0]
+                predicted = max(float(base), LATENCY_FLOOR_MS) * float(snap.latency_scale[node])
+            if predicted > slo * self._slo_policy.breach_ratio:  # NaN (unknown) is given a chance
+                why_not = f"the best other node, {result.node_id}, is predicted at {predicted:.1f} ms"
+        if not why_not:
+            target = replace(
+                ReplicaRecord(
+                    id=new_id,
+                    deployment=dep.name,
+                    generation=dep.generation,
+                    model_name=rep.model_name,
+                    model_version=rep.model_version,
+                    phase=Phase.DISPATCHED,
+                    updated_ms=now_ms(),
+                ),
+                node_id=result.node_id,
+                accelerator=result.accelerator,
+            )
+            try:
+                deploy = self._deploy_command(target, model)
+            except KeyReleaseError as err:
+                why_not = f"node {result.node_id}: {err}"
+        if why_not:
+            plan.unreserve(new_id)
+            message = f"{breach} on {rep.node_id}; not moved: {why_not}"
+            if (rep.reason, rep.message) != (SLO_STUCK, message):
+                rep = change(rep, reason=SLO_STUCK, message=message)
+            return rep, None
+        guess = "unknown" if np.isnan(predicted) else f"{predicted:.1f} ms"
+        evicted = change(
+            rep,
+            phase=Phase.EVICTED,
+            reason=MoveCause.SLO_VIOLATION.value,
+            message=f"{breach} on {rep.node_id}; replaced by {new_id} on {target.node_id}",
+        )
+        self._last_sent.pop(rep.id, None)
+        self._resend(commands, evicted, now, undeploy=True)
+        new = replace(
+            target,
+            reason=MoveCause.SLO_VIOLATION.value,
+            message=f"moved from {rep.node_id} ({breach}); predicted {guess} here",
+        )
+        commands.append((new.node_id or "", deploy))
+        self._last_sent[new.id] = now
+        log.warning(
+            "replica %s moved from %s to %s as %s: %s", rep.id, rep.node_id, new.node_id, new.id, breach
+        )
+        return evicted, new
 
     # ------------------------------------------------------------ helpers
 
@@ -491,6 +785,7 @@ class Reconciler:
                 memory[node.id],
                 dict(per_dep[node.id]),
                 self._trust.tier(node.id),
+                self._correction.scale(node.id),
             )
         return snapshot
 
@@ -504,6 +799,7 @@ def _node_info(
     memory_used: int,
     per_deployment: dict[str, int],
     attestation_tier: str,
+    latency_scale: float,
 ) -> NodeInfo:
     hello = node.hello
     assert hello is not None
@@ -524,6 +820,12 @@ def _node_info(
         per_deployment=per_deployment,
         attestation_tier=attestation_tier,
         hardware_profile=hello.hardware_profile,
+        latency_scale=latency_scale,
+        # The SLO is on p95: a profile predicts the p95 it measured.
+        profiles={
+            (kind, model): Prediction(p.latency_p95_ms, p.energy_j)
+            for (model, kind), p in node.profiles.items()
+        },
     )
 
 
@@ -531,7 +833,7 @@ def _request(dep: DeploymentRecord, model: api_pb2.Model, tier: str, replica_id:
     req = dep.manifest.spec.requirements
     return PlacementRequest(
         deployment=dep.name,
-        model=f"{model.name}:{model.version}",
+        model=model_key(model.name, model.version),
         max_latency_ms=req.max_latency_ms,
         replica_id=replica_id,
         accelerators=frozenset(req.accelerators),

@@ -51,17 +51,87 @@ CREATE TABLE IF NOT EXISTS model_keys (
 CREATE TABLE IF NOT EXISTS enrollments (
     node_id TEXT PRIMARY KEY, record BLOB NOT NULL, updated_ms INTEGER NOT NULL);
 """
-SCHEMA_VERSION = "1"
+# The schema above is version 1, as the first release wrote it; every later change is a migration,
+# run in order, each in one transaction, on new and existing state dirs alike.
+MIGRATIONS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "1": (
+        "2",
+        (
+            # The model catalog (orchestrator/catalog): lifecycle state, history, wipes.
+            "ALTER TABLE models ADD COLUMN state TEXT NOT NULL DEFAULT 'published'",
+            "ALTER TABLE models ADD COLUMN state_reason TEXT NOT NULL DEFAULT ''",
+            "ALTER TABLE models ADD COLUMN updated_ms INTEGER NOT NULL DEFAULT 0",
+            "UPDATE models SET updated_ms = created_ms",
+            "ALTER TABLE model_keys ADD COLUMN revoked_ms INTEGER NOT NULL DEFAULT 0",
+            "CREATE TABLE model_history (name TEXT NOT NULL, version TEXT NOT NULL, at_ms INTEGER NOT NULL, "
+            "action TEXT NOT NULL, reason TEXT NOT NULL DEFAULT '')",
+            "CREATE INDEX model_history_by_name ON model_history (name)",
+            "INSERT INTO model_history SELECT name, version, created_ms, 'published', '' FROM models",
+            "CREATE TABLE wipes (id TEXT PRIMARY KEY, name TEXT NOT NULL, versions TEXT NOT NULL, "
+            "sha256s TEXT NOT NULL, reason TEXT NOT NULL, created_ms INTEGER NOT NULL, "
+            "deadline_ms INTEGER NOT NULL, replicas_evicted INTEGER NOT NULL DEFAULT 0)",
+            "CREATE TABLE wipe_nodes (wipe_id TEXT NOT NULL REFERENCES wipes(id), node_id TEXT NOT NULL, "
+            "state TEXT NOT NULL, updated_ms INTEGER NOT NULL, message TEXT NOT NULL DEFAULT '', "
+            "PRIMARY KEY (wipe_id, node_id))",
+        ),
+    ),
+    "2": (
+        "3",
+        (
+            # Rollouts (orchestrator/rollout.py): the current rollout of each deployment, and the
+            # template of each generation, so a rollback can return to the last good one.
+            "CREATE TABLE rollouts (deployment TEXT PRIMARY KEY, record TEXT NOT NULL, updated_ms INTEGER NOT NULL)",
+            "CREATE TABLE deployment_templates (deployment TEXT NOT NULL, generation INTEGER NOT NULL, "
+            "manifest TEXT NOT NULL, PRIMARY KEY (deployment, generation))",
+            "INSERT INTO deployment_templates SELECT name, generation, manifest FROM deployments",
+        ),
+    ),
+}
+SCHEMA_VERSION = "3"
+TEMPLATES_KEPT = 20  # generations of a deployment whose template is kept for rollbacks
 
 
 @dataclass(frozen=True)
 class ModelRecord:
     name: str
     version: str
-    sha256: str
+    sha256: str  # of the plaintext model
     size: int
-    info: bytes  # serialized edgeward.v1.Model
+    info: bytes  # serialized edgeward.v1.Model, as published (state fields below are authoritative)
     created_ms: int
+    state: str = "published"  # catalog.lifecycle.ModelState
+    state_reason: str = ""
+    updated_ms: int = 0
+
+
+@dataclass(frozen=True)
+class HistoryEntry:
+    version: str
+    at_ms: int
+    action: str  # published | deprecated | revoked | wiped
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class WipeNode:
+    state: str  # pending | confirmed | quarantined
+    updated_ms: int
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class WipeRecord:
+    """A remote wipe of some versions of one model, and where each ordered node stands."""
+
+    id: str
+    name: str
+    versions: tuple[str, ...]
+    sha256s: tuple[str, ...]  # plaintext digests of those versions (the nodes' cache names)
+    reason: str
+    created_ms: int
+    deadline_ms: int
+    replicas_evicted: int = 0
+    nodes: dict[str, WipeNode] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -70,7 +140,8 @@ class SealedArtifact:
 
     sha256: str  # of the sealed blob, its name under artifacts/
     size: int
-    data_key: bytes = field(repr=False)
+    data_key: bytes = field(repr=False)  # empty once revoked: the key is destroyed
+    revoked_ms: int = 0
 
 
 @dataclass(frozen=True)
@@ -134,6 +205,23 @@ class Store(Protocol):
     def put_node(self, record: NodeRecord) -> None: ...
     def put_enrollment(self, node_id: str, record: bytes, now_ms: int) -> None: ...
     def list_enrollments(self) -> list[bytes]: ...
+    def get_template(self, name: str, generation: int) -> DeploymentManifest: ...
+    def list_rollouts(self) -> dict[str, str]: ...
+    def put_rollout(self, deployment: str, record: str, now_ms: int) -> None: ...
+    def roll_back(
+        self, name: str, from_generation: int, to_generation: int, record: str, now_ms: int
+    ) -> DeploymentRecord: ...
+    def set_model_state(
+        self, name: str, version: str, state: str, reason: str, now_ms: int
+    ) -> ModelRecord: ...
+    def model_history(self, name: str) -> tuple[list[ModelRecord], list[HistoryEntry]]: ...
+    def revoked_keys(self) -> list[tuple[str, str]]: ...
+    def start_wipe(
+        self, wipe: WipeRecord, replicas: Iterable[ReplicaChange], revoke_reason: str
+    ) -> WipeRecord: ...
+    def set_wipe_node(self, wipe_id: str, node_id: str, node: WipeNode) -> None: ...
+    def get_wipe(self, wipe_id: str) -> WipeRecord: ...
+    def list_wipes(self) -> list[WipeRecord]: ...
     def close(self) -> None: ...
 
 
@@ -150,16 +238,30 @@ class SqliteStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA foreign_keys=ON")
+        # Deleted or overwritten content (a revoked model's data key) is zeroed in the file, not
+        # left in a free page; the WAL is checkpointed after a revocation (see set_model_state).
+        self._db.execute("PRAGMA secure_delete=ON")
         with self._tx() as cur:
             for statement in SCHEMA.strip().split(";"):
                 if statement.strip():
                     cur.execute(statement)
-            cur.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
-        found = self._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()[0]
-        if found != SCHEMA_VERSION:
-            raise RuntimeError(
-                f"state dir {self.state_dir} has store schema {found}, expected {SCHEMA_VERSION}"
-            )
+            cur.execute("INSERT OR IGNORE INTO meta VALUES ('schema', '1')")
+        self._migrate()
+
+    def _migrate(self) -> None:
+        while True:
+            found = self._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()[0]
+            if found == SCHEMA_VERSION:
+                return
+            if found not in MIGRATIONS:
+                raise RuntimeError(
+                    f"state dir {self.state_dir} has store schema {found}, expected {SCHEMA_VERSION}"
+                )
+            target, statements = MIGRATIONS[found]
+            with self._tx() as cur:
+                for statement in statements:
+                    cur.execute(statement)
+                cur.execute("UPDATE meta SET value=? WHERE key='schema'", (target,))
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Cursor]:
@@ -198,41 +300,208 @@ class SqliteStore:
         try:
             with self._tx() as cur:
                 cur.execute(
-                    "INSERT INTO models VALUES (?, ?, ?, ?, ?, ?)",
-                    (record.name, record.version, record.sha256, record.size, record.info, record.created_ms),
+                    f"INSERT INTO models ({_MODEL_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",  # noqa: S608
+                    (
+                        record.name,
+                        record.version,
+                        record.sha256,
+                        record.size,
+                        record.info,
+                        record.created_ms,
+                        record.state,
+                        record.state_reason,
+                        record.updated_ms or record.created_ms,
+                    ),
                 )
                 if sealed is not None:
                     cur.execute(
-                        "INSERT INTO model_keys VALUES (?, ?, ?, ?, ?)",
+                        "INSERT INTO model_keys (name, version, data_key, sealed_sha256, sealed_size) "
+                        "VALUES (?, ?, ?, ?, ?)",
                         (record.name, record.version, sealed.data_key, sealed.sha256, sealed.size),
                     )
+                cur.execute(
+                    "INSERT INTO model_history VALUES (?, ?, ?, 'published', '')",
+                    (record.name, record.version, record.created_ms),
+                )
         except sqlite3.IntegrityError as err:
             raise AlreadyExists("model", f"{record.name}:{record.version}") from err
 
     def get_sealed(self, name: str, version: str) -> SealedArtifact:
         row = self._db.execute(
-            "SELECT sealed_sha256, sealed_size, data_key FROM model_keys WHERE name=? AND version=?",
+            "SELECT sealed_sha256, sealed_size, data_key, revoked_ms FROM model_keys WHERE name=? AND version=?",
             (name, version),
         ).fetchone()
         if row is None:
             raise NotFound("sealed artifact", f"{name}:{version}")
-        return SealedArtifact(row[0], row[1], bytes(row[2]))
+        return SealedArtifact(row[0], row[1], bytes(row[2]), row[3])
 
     def get_model(self, name: str, version: str | None = None) -> ModelRecord:
         if version:
             row = self._db.execute(
-                "SELECT * FROM models WHERE name=? AND version=?", (name, version)
+                f"SELECT {_MODEL_COLUMNS} FROM models WHERE name=? AND version=?",  # noqa: S608
+                (name, version),
             ).fetchone()
         else:
-            rows = self._db.execute("SELECT * FROM models WHERE name=?", (name,)).fetchall()
+            rows = self._db.execute(
+                f"SELECT {_MODEL_COLUMNS} FROM models WHERE name=?",  # noqa: S608
+                (name,),
+            ).fetchall()
             row = max(rows, key=lambda r: _semver_key(r[1])) if rows else None
         if row is None:
             raise NotFound("model", f"{name}:{version}" if version else name)
         return ModelRecord(*row)
 
     def list_models(self) -> list[ModelRecord]:
-        rows = self._db.execute("SELECT * FROM models ORDER BY name, created_ms").fetchall()
+        rows = self._db.execute(
+            f"SELECT {_MODEL_COLUMNS} FROM models ORDER BY name, created_ms"  # noqa: S608
+        ).fetchall()
         return [ModelRecord(*row) for row in rows]
+
+    def set_model_state(self, name: str, version: str, state: str, reason: str, now_ms: int) -> ModelRecord:
+        """Move a version along its lifecycle (catalog.lifecycle) and record it in the history. To
+        ``revoked``: the version's data key is destroyed in the same transaction, then the WAL is
+        checkpointed so no copy of it stays in the journal."""
+        from .catalog.lifecycle import ModelState, check_transition
+
+        with self._tx() as cur:
+            row = cur.execute(
+                "SELECT state FROM models WHERE name=? AND version=?", (name, version)
+            ).fetchone()
+            if row is None:
+                raise NotFound("model", f"{name}:{version}")
+            check_transition(f"{name}:{version}", ModelState(row[0]), ModelState(state))
+            cur.execute(
+                "UPDATE models SET state=?, state_reason=?, updated_ms=? WHERE name=? AND version=?",
+                (state, reason, now_ms, name, version),
+            )
+            cur.execute(
+                "INSERT INTO model_history VALUES (?, ?, ?, ?, ?)", (name, version, now_ms, state, reason)
+            )
+            if state == ModelState.REVOKED:
+                _destroy_key(cur, name, version, now_ms)
+        if state == ModelState.REVOKED:
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        return self.get_model(name, version)
+
+    def model_history(self, name: str) -> tuple[list[ModelRecord], list[HistoryEntry]]:
+        """Every version of ``name`` (semantic version order) and its lifecycle entries (oldest first)."""
+        rows = self._db.execute(
+            f"SELECT {_MODEL_COLUMNS} FROM models WHERE name=?",  # noqa: S608
+            (name,),
+        ).fetchall()
+        if not rows:
+            raise NotFound("model", name)
+        versions = sorted((ModelRecord(*r) for r in rows), key=lambda m: _semver_key(m.version))
+        entries = [
+            HistoryEntry(*r)
+            for r in self._db.execute(
+                "SELECT version, at_ms, action, reason FROM model_history WHERE name=? ORDER BY at_ms, rowid",
+                (name,),
+            )
+        ]
+        return versions, entries
+
+    def revoked_keys(self) -> list[tuple[str, str]]:
+        return [
+            (r[0], r[1])
+            for r in self._db.execute("SELECT name, version FROM model_keys WHERE revoked_ms > 0")
+        ]
+
+    # ---------------------------------------------------------------- wipes
+
+    def start_wipe(
+        self, wipe: WipeRecord, replicas: Iterable[ReplicaChange], revoke_reason: str
+    ) -> WipeRecord:
+        """One transaction: revoke every version of the wipe that is not revoked yet (destroying its
+        key), evict ``replicas``, record the wipe and its nodes as pending."""
+        from .catalog.lifecycle import ModelState
+
+        changes = list(replicas)
+        with self._tx() as cur:
+            for version in wipe.versions:
+                row = cur.execute(
+                    "SELECT state FROM models WHERE name=? AND version=?", (wipe.name, version)
+                ).fetchone()
+                if row is None:
+                    raise NotFound("model", f"{wipe.name}:{version}")
+                if row[0] != ModelState.REVOKED:
+                    cur.execute(
+                        "UPDATE models SET state=?, state_reason=?, updated_ms=? WHERE name=? AND version=?",
+                        (ModelState.REVOKED.value, revoke_reason, wipe.created_ms, wipe.name, version),
+                    )
+                    cur.execute(
+                        "INSERT INTO model_history VALUES (?, ?, ?, 'revoked', ?)",
+                        (wipe.name, version, wipe.created_ms, revoke_reason),
+                    )
+                _destroy_key(cur, wipe.name, version, wipe.created_ms)
+                cur.execute(
+                    "INSERT INTO model_history VALUES (?, ?, ?, 'wiped', ?)",
+                    (wipe.name, version, wipe.created_ms, f"wipe {wipe.id}: {wipe.reason}"),
+                )
+            for change in changes:
+                row = cur.execute("SELECT phase FROM replicas WHERE id=?", (change.replica.id,)).fetchone()
+                if row is not None:
+                    check_transition(Phase(row[0]), change.replica.phase)
+                _write_replica(cur, change.replica)
+            cur.execute(
+                "INSERT INTO wipes VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    wipe.id,
+                    wipe.name,
+                    ",".join(wipe.versions),
+                    ",".join(wipe.sha256s),
+                    wipe.reason,
+                    wipe.created_ms,
+                    wipe.deadline_ms,
+                    len(changes),
+                ),
+            )
+            for node_id, node in wipe.nodes.items():
+                cur.execute(
+                    "INSERT INTO wipe_nodes VALUES (?, ?, ?, ?, ?)",
+                    (wipe.id, node_id, node.state, node.updated_ms, node.message),
+                )
+        self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        return self.get_wipe(wipe.id)
+
+    def set_wipe_node(self, wipe_id: str, node_id: str, node: WipeNode) -> None:
+        with self._tx() as cur:
+            cur.execute(
+                "UPDATE wipe_nodes SET state=?, updated_ms=?, message=? WHERE wipe_id=? AND node_id=?",
+                (node.state, node.updated_ms, node.message, wipe_id, node_id),
+            )
+
+    def get_wipe(self, wipe_id: str) -> WipeRecord:
+        row = self._db.execute("SELECT * FROM wipes WHERE id=?", (wipe_id,)).fetchone()
+        if row is None:
+            raise NotFound("wipe", wipe_id)
+        return self._wipe(row)
+
+    def list_wipes(self) -> list[WipeRecord]:
+        return [
+            self._wipe(r) for r in self._db.execute("SELECT * FROM wipes ORDER BY created_ms, id").fetchall()
+        ]
+
+    def _wipe(self, row: tuple) -> WipeRecord:
+        wid, name, versions, sha256s, reason, created, deadline, evicted = row
+        nodes = {
+            r[0]: WipeNode(r[1], r[2], r[3])
+            for r in self._db.execute(
+                "SELECT node_id, state, updated_ms, message FROM wipe_nodes WHERE wipe_id=? ORDER BY node_id",
+                (wid,),
+            )
+        }
+        return WipeRecord(
+            wid,
+            name,
+            tuple(versions.split(",")),
+            tuple(sha256s.split(",")),
+            reason,
+            created,
+            deadline,
+            evicted,
+            nodes,
+        )
 
     def read_artifact(self, sha256: str) -> bytes:
         if len(sha256) != 64 or not all(c in "0123456789abcdef" for c in sha256):
@@ -259,6 +528,7 @@ class SqliteStore:
                     "INSERT INTO deployments VALUES (?, 1, ?, ?, ?)",
                     (manifest.metadata.name, text, now_ms, now_ms),
                 )
+                _keep_template(cur, manifest.metadata.name, 1, text)
                 return DeploymentRecord(manifest.metadata.name, 1, manifest, now_ms, now_ms), True, False
             generation, old_text, created = row
             if old_text == text:
@@ -278,6 +548,7 @@ class SqliteStore:
                 "UPDATE deployments SET generation=?, manifest=?, updated_ms=? WHERE name=?",
                 (new_generation, text, now_ms, manifest.metadata.name),
             )
+            _keep_template(cur, manifest.metadata.name, new_generation, text)
             return (
                 DeploymentRecord(manifest.metadata.name, new_generation, manifest, created, now_ms),
                 False,
@@ -298,6 +569,8 @@ class SqliteStore:
         with self._tx() as cur:
             if cur.execute("DELETE FROM deployments WHERE name=?", (name,)).rowcount == 0:
                 raise NotFound("deployment", name)
+            cur.execute("DELETE FROM deployment_templates WHERE deployment=?", (name,))
+            cur.execute("DELETE FROM rollouts WHERE deployment=?", (name,))
             rows = cur.execute("SELECT * FROM replicas WHERE deployment=?", (name,)).fetchall()
             evicted = []
             for row in rows:
@@ -372,6 +645,81 @@ class SqliteStore:
     def list_enrollments(self) -> list[bytes]:
         return [bytes(r[0]) for r in self._db.execute("SELECT record FROM enrollments ORDER BY node_id")]
 
+    # ---------------------------------------------------------------- rollouts
+
+    def get_template(self, name: str, generation: int) -> DeploymentManifest:
+        """The manifest a deployment had at ``generation`` (the last TEMPLATES_KEPT are kept)."""
+        row = self._db.execute(
+            "SELECT manifest FROM deployment_templates WHERE deployment=? AND generation=?",
+            (name, generation),
+        ).fetchone()
+        if row is None:
+            raise NotFound("deployment template", f"{name}@{generation}")
+        return DeploymentManifest.model_validate_json(row[0])
+
+    def list_rollouts(self) -> dict[str, str]:
+        """The current rollout record (JSON, orchestrator.rollout.Rollout) of each deployment."""
+        return dict(
+            self._db.execute("SELECT deployment, record FROM rollouts ORDER BY deployment").fetchall()
+        )
+
+    def put_rollout(self, deployment: str, record: str, now_ms: int) -> None:
+        with self._tx() as cur:
+            if cur.execute("SELECT 1 FROM deployments WHERE name=?", (deployment,)).fetchone() is None:
+                raise NotFound("deployment", deployment)
+            cur.execute(
+                "INSERT INTO rollouts VALUES (?, ?, ?) ON CONFLICT(deployment) DO UPDATE SET "
+                "record=excluded.record, updated_ms=excluded.updated_ms",
+                (deployment, record, now_ms),
+            )
+
+    def roll_back(
+        self, name: str, from_generation: int, to_generation: int, record: str, now_ms: int
+    ) -> DeploymentRecord:
+        """One transaction: the deployment at ``from_generation`` gets the template of the earlier
+        ``to_generation`` as a new generation, the live replicas of ``to_generation`` are relabelled
+        to it (same template: they stay where they run), and the rollout ``record`` is written.
+        Refused (NotFound) when the deployment moved past ``from_generation`` meanwhile."""
+        with self._tx() as cur:
+            row = cur.execute(
+                "SELECT generation, created_ms FROM deployments WHERE name=?", (name,)
+            ).fetchone()
+            if row is None or row[0] != from_generation:
+                raise NotFound("deployment", f"{name}@{from_generation}")
+            tpl = cur.execute(
+                "SELECT manifest FROM deployment_templates WHERE deployment=? AND generation=?",
+                (name, to_generation),
+            ).fetchone()
+            if tpl is None:
+                raise NotFound("deployment template", f"{name}@{to_generation}")
+            new_generation = from_generation + 1
+            cur.execute(
+                "UPDATE deployments SET generation=?, manifest=?, updated_ms=? WHERE name=?",
+                (new_generation, tpl[0], now_ms, name),
+            )
+            _keep_template(cur, name, new_generation, tpl[0])
+            cur.execute(
+                "UPDATE replicas SET generation=? WHERE deployment=? AND generation=? AND phase!=?",
+                (new_generation, name, to_generation, Phase.EVICTED.value),
+            )
+            cur.execute(
+                "INSERT INTO rollouts VALUES (?, ?, ?) ON CONFLICT(deployment) DO UPDATE SET "
+                "record=excluded.record, updated_ms=excluded.updated_ms",
+                (name, record, now_ms),
+            )
+            manifest = DeploymentManifest.model_validate_json(tpl[0])
+            return DeploymentRecord(name, new_generation, manifest, row[1], now_ms)
+
+
+_MODEL_COLUMNS = "name, version, sha256, size, info, created_ms, state, state_reason, updated_ms"
+
+
+def _destroy_key(cur: sqlite3.Cursor, name: str, version: str, now_ms: int) -> None:
+    cur.execute(
+        "UPDATE model_keys SET data_key=x'', revoked_ms=? WHERE name=? AND version=? AND revoked_ms=0",
+        (now_ms, name, version),
+    )
+
 
 def _semver_key(version: str) -> tuple[int, int, int, int, str]:
     core, _, pre = version.partition("-")
@@ -381,7 +729,17 @@ def _semver_key(version: str) -> tuple[int, int, int, int, str]:
 
 
 def _same_template(old: DeploymentManifest, new: DeploymentManifest) -> bool:
-    return old.spec.model_copy(update={"replicas": 0}) == new.spec.model_copy(update={"replicas": 0})
+    # How to roll out (strategy) is not part of what runs: changing it alone replaces nothing.
+    ignored = {"replicas": 0, "strategy": None}
+    return old.spec.model_copy(update=ignored) == new.spec.model_copy(update=ignored)
+
+
+def _keep_template(cur: sqlite3.Cursor, name: str, generation: int, text: str) -> None:
+    cur.execute("INSERT OR REPLACE INTO deployment_templates VALUES (?, ?, ?)", (name, generation, text))
+    cur.execute(
+        "DELETE FROM deployment_templates WHERE deployment=? AND generation<=?",
+        (name, generation - TEMPLATES_KEPT),
+    )
 
 
 def _deployment(row: tuple) -> DeploymentRecord:
