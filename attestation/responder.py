@@ -2,7 +2,8 @@
 
 The agent holds one :class:`AttestationResponder` for its lifetime::
 
-    responder = AttestationResponder(node_id, attesters.create(config.attestation))
+    responder = AttestationResponder(node_id, attesters.create(config.attestation),
+                                     enrollment_token=token)  # the operator's approval, if any
     responder.open()                                   # keys, PCRs reset (blocking: executor)
     responder.measure("agent.code", code_bytes)        # before anything runs
     responder.measure("agent.config", config_bytes)
@@ -47,9 +48,10 @@ class AttestationResponder:
     """The attester role of one node: measurement log + attester (TPM or software)."""
 
     def __init__(self, node_id: str, attester: Attester, layout: PcrLayout | None = None,
-                 max_events: int = 1024) -> None:
+                 max_events: int = 1024, enrollment_token: str = "") -> None:
         self.node_id = node_id
         self.attester = attester
+        self._enrollment_token = enrollment_token  # a secret: never logged
         self.layout = layout or PcrLayout()
         self.max_events = max_events
         self._log = MeasurementLog(self.layout)
@@ -113,6 +115,7 @@ class AttestationResponder:
         """An AttesterMessage (enroll) for Evidence.payload."""
         with self._lock:
             request = self.attester.enrollment_request(self.node_id)
+        request.enrollment_token = self._enrollment_token
         return pb.AttesterMessage(schema=MESSAGE_SCHEMA, enroll=request).SerializeToString()
 
     def handle(self, payload: bytes) -> bytes:

@@ -21,6 +21,9 @@ Seam for the orchestrator (all methods synchronous, CPU-only and fast; thread-sa
     service.enrollments() / service.register(record)   # persist / restore pb.Enrollment records
 
 Listeners are called synchronously and must not block (hand the view to a queue).
+With ``approval`` (an :class:`attestation.enrollment.EnrollmentApproval`), the first enrollment of a
+node id needs the operator's approval (a one-time token or a trusted EK certificate) and does file
+IO (the token files): ``receive`` for a node that ``state()`` reports as None belongs off the loop.
 ``receive`` never raises for bad input: refused evidence comes back as ``Outcome.rejected`` (an
 :class:`EvidenceRejected` with its reason id) and changes no state. A contraindicated result is
 immediate (listeners hear it inside ``receive``); the orchestrator quarantines on a
@@ -185,10 +188,12 @@ class AttestationVerifierService:
     """The verifier role (see the module docstring for the seam)."""
 
     def __init__(self, config: VerifierConfig, reference: ReferenceValues, signer: ResultSigner | None = None,
-                 *, ek_trust: list[x509.Certificate] | None = None, clock: Callable[[], float] = time.time) -> None:
+                 *, ek_trust: list[x509.Certificate] | None = None, clock: Callable[[], float] = time.time,
+                 approval: enroll.EnrollmentApproval | None = None) -> None:
         self.config = config
         self.signer = signer or ResultSigner()
         self.ek_trust = list(ek_trust or [])
+        self.approval = approval  # None: no approval step (a library use; the orchestrator passes one)
         self.rejections = RejectionCounter()
         self._clock = clock
         self._limits = EvidenceLimits(max_bytes=config.max_evidence_bytes, max_events=config.max_events)
@@ -268,7 +273,8 @@ class AttestationVerifierService:
         now = self.now_ms()
         pending, challenge = enroll.begin(
             request, trusted=self.ek_trust, require_ek_certificate=self.config.require_ek_certificate,
-            now_ms=now, ttl_ms=int(self.config.enrollment_ttl_s * 1000))
+            now_ms=now, ttl_ms=int(self.config.enrollment_ttl_s * 1000),
+            approval=self.approval if node is None else None)  # the known AK again: nothing new to approve
         with self._lock:
             self._pending_enrollments[node_id] = pending
         return pb.VerifierMessage(schema=MESSAGE_SCHEMA, enroll_challenge=challenge).SerializeToString()
