@@ -42,6 +42,10 @@ T = TypeVar("T")
 DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
 # Bound on QoS 1 messages paho keeps for (re)sending while the broker is away.
 _MAX_OUTBOUND_QOS1 = 1000
+# paho's reconnect backoff: first and largest delay, seconds. The largest stays well below the
+# orchestrator's default node_timeout_s (15 s), so that after a broker restart every live node is
+# back, and heard, before it could be declared lost.
+RECONNECT_DELAY_S = (0.5, 8.0)
 
 
 class MqttError(Exception):
@@ -272,7 +276,7 @@ class _MessageIterator:
 class MqttSession:
     """One MQTT connection, used as ``async with MqttSession(url, client_id) as session:``.
 
-    paho reconnects on its own after the connection drops (backoff 1 s doubling to 30 s), and the
+    paho reconnects on its own after the connection drops (backoff ``RECONNECT_DELAY_S``), and the
     session re-issues its subscriptions each time. ``timeout`` bounds the connect, each PUBACK and
     each SUBACK. Closing sends DISCONNECT, so the broker discards the will.
     """
@@ -473,7 +477,7 @@ class MqttSession:
         )
         client.on_log = self._on_log
         client.connect_timeout = self._timeout
-        client.reconnect_delay_set(min_delay=1, max_delay=30)
+        client.reconnect_delay_set(*RECONNECT_DELAY_S)  # type: ignore[arg-type]  # paho takes floats
         client.max_queued_messages_set(_MAX_OUTBOUND_QOS1)
         if self.url.username is not None:
             client.username_pw_set(self.url.username, self.url.password)

@@ -1,0 +1,70 @@
+"""The orchestrator's store under kill -9: a process writing deployments and replica batches as fast
+as it can is killed at random points, over and over; every time, the store opens, passes SQLite's
+integrity check, holds every write that was reported committed, and no transaction is half there."""
+
+from __future__ import annotations
+
+import random
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from orchestrator.phases import Phase
+from orchestrator.store import SqliteStore
+
+pytestmark = [pytest.mark.faults, pytest.mark.timeout(60)]
+
+WRITER = Path(__file__).with_name("store_writer.py")
+REPLICAS = 5
+ROUNDS = 6
+
+
+def test_kill9_at_random_points_leaves_a_consistent_store(tmp_path):
+    rng = random.Random()
+    seed = rng.randrange(2**32)
+    rng.seed(seed)
+    committed: set[str] = set()
+    start = 0
+    for _ in range(ROUNDS):
+        writer = subprocess.Popen(
+            [sys.executable, str(WRITER), str(tmp_path), str(start)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        time.sleep(rng.uniform(0.8, 1.6))  # the interpreter and the store start, then it writes
+        writer.kill()
+        out, err = writer.communicate(timeout=10)
+        names = out.split()
+        assert names, f"the writer committed nothing before the kill (seed {seed}):\n{err[-2000:]}"
+        committed.update(names)
+        start += len(names) + 1  # the next writer starts past anything this one may have begun
+
+        db = sqlite3.connect(tmp_path / "edgeward.db")
+        try:
+            assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        finally:
+            db.close()
+        store = SqliteStore(tmp_path)
+        try:
+            deployments = {d.name for d in store.list_deployments()}
+            by_deployment: dict[str, list] = {}
+            for rep in store.list_replicas():
+                by_deployment.setdefault(rep.deployment, []).append(rep)
+        finally:
+            store.close()
+        lost = committed - deployments
+        assert not lost, f"committed deployments missing after kill -9 (seed {seed}): {sorted(lost)[:5]}"
+        for name in deployments:
+            reps = by_deployment.get(name, [])
+            phases = {r.phase for r in reps}
+            # Each batch is one transaction: none of it, or all of it.
+            assert len(reps) in (0, REPLICAS), (seed, name, len(reps))
+            assert len(phases) <= 1, (seed, name, phases)
+            if name in committed:
+                assert phases == {Phase.DISPATCHED}, (seed, name, phases)
+        assert set(by_deployment) <= deployments, f"replicas of no deployment (seed {seed})"
