@@ -17,9 +17,8 @@ PROTO_ROOT = ROOT / "proto"
 
 
 def generate_protos() -> None:
-    from grpc_tools import protoc  # build-time only (see [build-system] requires)
-
     import grpc_tools
+    from grpc_tools import protoc  # build-time only (see [build-system] requires)
 
     include = Path(grpc_tools.__file__).parent / "_proto"
     sources = sorted(str(p.relative_to(PROTO_ROOT)) for p in PROTO_ROOT.rglob("*.proto"))

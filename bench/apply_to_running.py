@@ -34,7 +34,12 @@ RUNNING = node_pb2.REPLICA_PHASE_RUNNING
 
 
 def run_agents(
-    broker_url: str, count: int, state_dir: str, ready: multiprocessing.Event, stop: multiprocessing.Event
+    broker_url: str,
+    count: int,
+    state_dir: str,
+    tokens: list[str],
+    ready: multiprocessing.Event,
+    stop: multiprocessing.Event,
 ) -> None:
     from node_agent.agent import NodeAgent
     from node_agent.config import AgentConfig
@@ -49,6 +54,7 @@ def run_agents(
                     broker={"url": broker_url},
                     state_dir=Path(state_dir),
                     max_replicas=4,
+                    enrollment_token=tokens[i],
                 )
             )
             for i in range(count)
@@ -65,18 +71,28 @@ def run_agents(
 
 
 async def bench(nodes: int, rounds: int) -> dict:
+    from attestation.tokens import TokenStore
+    from orchestrator.catalog.signing import PublisherKey, sign_metadata
     from orchestrator.config import OrchestratorConfig
     from orchestrator.server import Orchestrator
 
     tmp = Path(tempfile.mkdtemp(prefix="edgeward-bench-"))
+    publisher = PublisherKey.generate()
+    _, public = publisher.write(tmp / "publisher")
     config = OrchestratorConfig(
-        state_dir=tmp / "orch", grpc_bind="127.0.0.1:0", reconcile_interval_s=0.5, node_timeout_s=30.0
+        state_dir=tmp / "orch",
+        grpc_bind="127.0.0.1:0",
+        reconcile_interval_s=0.5,
+        node_timeout_s=30.0,
+        catalog={"trusted_publishers": [public]},
     )
     async with Orchestrator(config) as orch:
+        store = TokenStore.in_state_dir(config.state_dir)
+        tokens = [store.mint(f"sim-{i:04d}").token for i in range(nodes)]
         ctx = multiprocessing.get_context("spawn")
         ready, stop = ctx.Event(), ctx.Event()
         child = ctx.Process(
-            target=run_agents, args=(orch.broker_url, nodes, str(tmp / "agents"), ready, stop)
+            target=run_agents, args=(orch.broker_url, nodes, str(tmp / "agents"), tokens, ready, stop)
         )
         child.start()
         try:
@@ -97,6 +113,8 @@ async def bench(nodes: int, rounds: int) -> dict:
                 meta = api_pb2.ModelMetadata(
                     name="vib-cnn", version="1.0.0", size=len(data), sha256=hashlib.sha256(data).hexdigest()
                 )
+
+                meta = sign_metadata(meta, publisher)
 
                 async def parts():
                     yield api_pb2.PushModelRequest(metadata=meta)

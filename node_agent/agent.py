@@ -12,7 +12,8 @@ accelerators' bitstreams/firmware. ``attest`` commands carry the verifier's mess
 asks the node to enroll); the answers go out on ``evidence``. A model arrives sealed, with its
 data key wrapped to this node's attested binding key: the agent unwraps it, decrypts the model,
 checks its digest and measures it (``model.<name>``) before loading it. ``wipe`` (quarantine)
-unloads every model, deletes the cache and confirms with the event ``agent.wipe.done``.
+unloads every model, deletes the cache and confirms with the event ``agent.wipe.done``; a model
+wipe (``edgeward models wipe``) does so for that model only, journalled (docs/lifecycle.md).
 """
 
 from __future__ import annotations
@@ -20,16 +21,21 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
+import random
+import re
+import tempfile
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import grpc
 
 from accelerators import registry
-from accelerators.base import Backend
+from accelerators.base import Backend, Capabilities, ModelArtifact, ModelHandle
 from attestation import attesters, keyrelease
 from attestation.artifacts import (
     AGENT_CODE,
@@ -43,12 +49,14 @@ from attestation.artifacts import (
 from attestation.errors import AttestationError
 from attestation.responder import AttestationResponder
 from edgeward import __version__
-from edgeward.mqtt.session import BrokerURL, MqttConnectError, MqttSession, Will
+from edgeward.mqtt.session import BrokerURL, MqttConnectError, MqttError, MqttSession, Will
 from edgeward.mqtt.topics import TopicKind, node_topic
-from edgeward.v1 import api_pb2, api_pb2_grpc, node_pb2
+from edgeward.security.tls import grpc_aio_channel
+from edgeward.v1 import api_pb2, api_pb2_grpc, attestation_pb2, node_pb2
 from edgeward.wire import DropCounter, WireError, decode_command, node_message, now_ms
 
-from .config import AgentConfig
+from .config import AgentConfig, FaultInjection
+from .multiexit import MultiExitHost
 from .runtime import ArtifactError, Runtime
 
 log = logging.getLogger(__name__)
@@ -56,6 +64,31 @@ log = logging.getLogger(__name__)
 SEEN_COMMANDS = 4096
 DOWNLOAD_TIMEOUT_S = 60.0
 CONNECT_BACKOFF_S = (0.5, 15.0)  # first and largest delay between broker connection attempts
+LEASE_EXPIRED = "agent.attestation.expired"
+PROFILE_RUNS = 30  # inferences per model profile, after PROFILE_WARMUP
+PROFILE_WARMUP = 3
+MAX_PROFILES = 64  # newest kept in the hello: bounds its size
+_ENERGY_SOURCE = {"measured": node_pb2.ENERGY_SOURCE_MEASURED, "modelled": node_pb2.ENERGY_SOURCE_MODELLED}
+
+
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _is_sha256(text: str) -> bool:
+    return bool(_SHA256_RE.match(text))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove_durably(path: Path) -> None:
+    path.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
 
 
 class NodeAgent:
@@ -78,7 +111,24 @@ class NodeAgent:
         self._server: grpc.aio.Server | None = None
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._started = time.monotonic()
+        # Telemetry taken while the broker is away: serialized NodeMessages (stamped when taken),
+        # oldest first, bounded by telemetry_buffer; _replay sends them once the broker is back.
+        self._backlog: deque[bytes] = deque()
+        self._backlog_wake = asyncio.Event()
+        self.telemetry_dropped = 0  # evicted from a full backlog, since start
+        self.telemetry_replayed = 0
+        self._dropped_unreported = 0
+        # Edge autonomy: when the node last answered an attestation challenge (monotonic).
+        self._attested_at: float | None = None
+        # Model profiles: measured once per (model, version, accelerator), on their own thread so
+        # serving never waits for them; the plaintext is held only until its model is profiled.
+        self._profile_pool = ThreadPoolExecutor(1, thread_name_prefix=f"agent-{self.node_id}-profile")
+        self._profile_wake = asyncio.Event()
+        self._profiles: OrderedDict[tuple[str, str, str], node_pb2.ModelProfile] = OrderedDict()
+        self._profile_failed: set[tuple[str, str, str]] = set()
+        self._unprofiled: dict[str, tuple[str, str, bytes]] = {}  # sha256 -> (name, version, model)
         self.runtime: Runtime
+        self.pipelines: MultiExitHost | None = None
         self.responder: AttestationResponder | None = None
 
     async def run_blocking(self, fn: Any, *args: Any) -> Any:
@@ -108,32 +158,52 @@ class NodeAgent:
                 self._backends[acc.kind] = await self.run_blocking(registry.create, acc.kind, options)
                 self._availability[acc.kind] = "ok"
             except Exception as err:  # a missing vendor library disables that backend only
-                self._availability[acc.kind] = f"unavailable: {err}"
+                reason = getattr(err, "reason", None) or str(err)
+                self._availability[acc.kind] = f"unavailable: {reason}"
                 log.warning("accelerator %s unavailable: %s", acc.kind, err)
-        responder = AttestationResponder(self.node_id, attesters.create(cfg.attestation))
+        token = cfg.enrollment_token.get_secret_value() if cfg.enrollment_token else ""
+        responder = AttestationResponder(
+            self.node_id, attesters.create(cfg.attestation), enrollment_token=token
+        )
         await self.run_blocking(responder.open)
         self.responder = responder
         await self.run_blocking(self._measure_platform)
+        faults = cfg.fault_injection
+        serving: dict[str, Backend] = dict(self._backends)
+        if faults.inference_delay_ms or faults.inference_jitter_ms:
+            log.warning("fault injection on: %s", faults.model_dump())
+            serving = {kind: FaultInjectedBackend(b, faults) for kind, b in serving.items()}
         self.runtime = Runtime(
-            self._backends,
+            serving,
             cfg.state_dir / self.node_id / "models",
             self.run_blocking,
             self._status_changed,
             self._unlock,
         )
+        self.pipelines = MultiExitHost(self.runtime, self.node_id)
         from .inference_server import serve
 
-        self._server, self.inference_port = await serve(self.runtime, cfg.inference_bind)
+        self._server, self.inference_port = await serve(self.runtime, cfg.inference_bind, self.pipelines)
+        await self.run_blocking(self._finish_wipes)  # a wipe cut short by a crash ends before any load
         await self._connect()
         await self._announce()
         self._tasks += [
             asyncio.create_task(self._commands(), name=f"{self.node_id}-commands"),
             asyncio.create_task(self._heartbeat(), name=f"{self.node_id}-heartbeat"),
+            asyncio.create_task(self._replay(), name=f"{self.node_id}-replay"),
+            asyncio.create_task(self._autonomy(), name=f"{self.node_id}-autonomy"),
             asyncio.create_task(self._status_writer(), name=f"{self.node_id}-status"),
+            asyncio.create_task(self._profiler(), name=f"{self.node_id}-profiler"),
         ]
         log.info(
             "node %s up: inference on %s, broker %s", self.node_id, self.inference_endpoint, cfg.broker.url
         )
+        if cfg.tls is None:
+            log.warning(
+                "PLAINTEXT MODE: node %s talks to the broker and the orchestrator unauthenticated and "
+                "unencrypted; for the local demo only (set 'tls', docs/security.md)",
+                self.node_id,
+            )
 
     async def _connect(self) -> None:
         """Connect to the broker, retrying with backoff: a device may boot before its broker.
@@ -165,8 +235,12 @@ class NodeAgent:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
+        self._profile_pool.shutdown(wait=True)  # a profile still running must not outlive its backend
+        self._unprofiled.clear()
         if self._mqtt is not None:
             try:
+                if not self._mqtt.connected:  # no broker to say goodbye to (nor to wait for)
+                    raise MqttError("not connected")
                 offline = node_message(
                     self.node_id, status=node_pb2.Status(state=node_pb2.NODE_STATE_OFFLINE)
                 )
@@ -180,6 +254,8 @@ class NodeAgent:
         if self._server is not None:
             await self._server.stop(grace=0.5)
             self._server = None
+        if self.pipelines is not None:
+            await self.pipelines.close()
         if hasattr(self, "runtime"):
             await self.runtime.close()
         for channel in self._channels.values():
@@ -229,6 +305,7 @@ class NodeAgent:
             inference_endpoint=self.inference_endpoint,
             max_replicas=cfg.max_replicas,
             boot_unix_ms=self.boot_ms,
+            profiles=list(self._profiles.values()),
         )
 
     def status(self) -> node_pb2.Status:
@@ -250,6 +327,64 @@ class NodeAgent:
 
     def _status_changed(self) -> None:
         self._status_dirty.set()
+        self._profile_wake.set()
+
+    # ------------------------------------------------------------ model profiles
+
+    @property
+    def profiles(self) -> list[node_pb2.ModelProfile]:
+        return list(self._profiles.values())
+
+    async def _profiler(self) -> None:
+        """Profile each model once it runs here, then re-publish the hello with the profile."""
+        while True:
+            await self._profile_wake.wait()
+            self._profile_wake.clear()
+            for state in list(self.runtime.replicas.values()):
+                spec, backend = state.spec, state.backend
+                if state.phase != node_pb2.REPLICA_PHASE_RUNNING or backend is None:
+                    continue
+                key = (spec.model_name, spec.model_version, backend.kind)
+                held = self._unprofiled.get(spec.sha256)
+                if key in self._profiles or key in self._profile_failed or held is None:
+                    continue
+                artifact = ModelArtifact.from_bytes(*held)
+                run = partial(
+                    self._backends[backend.kind].profile, artifact, PROFILE_RUNS, warmup=PROFILE_WARMUP
+                )
+                try:
+                    profile = await asyncio.get_running_loop().run_in_executor(self._profile_pool, run)
+                except Exception as err:  # a model that serves but cannot be profiled keeps serving
+                    self._profile_failed.add(key)
+                    log.warning("profiling %s:%s on %s failed: %s", *key, err)
+                    continue
+                self._profiles[key] = node_pb2.ModelProfile(
+                    model_name=key[0],
+                    model_version=key[1],
+                    accelerator=key[2],
+                    runs=profile.runs,
+                    latency_p50_ms=profile.p50_ms,
+                    latency_p95_ms=profile.p95_ms,
+                    energy_j=profile.joules_per_inference,
+                    energy_source=_ENERGY_SOURCE.get(profile.energy_source, node_pb2.ENERGY_SOURCE_MODELLED),
+                    profiled_unix_ms=now_ms(),
+                )
+                while len(self._profiles) > MAX_PROFILES:
+                    self._profiles.popitem(last=False)
+                log.info("profiled %s:%s on %s: p95 %.3f ms", *key, profile.p95_ms)
+                try:
+                    await self._publish(TopicKind.HELLO, qos=1, retain=True, hello=self.hello())
+                except Exception as err:  # broker away: the next profile or reconnect re-announces
+                    log.warning("hello with profiles not published: %s", err)
+            # Keep a plaintext model only while a replica of it still waits for its profile.
+            done = self._profiles.keys() | self._profile_failed
+            waiting = {
+                s.spec.sha256
+                for s in self.runtime.replicas.values()
+                if s.backend is None or (s.spec.model_name, s.spec.model_version, s.backend.kind) not in done
+            }
+            for digest in [d for d in self._unprofiled if d not in waiting]:
+                del self._unprofiled[digest]
 
     async def _status_writer(self) -> None:
         while True:
@@ -271,10 +406,15 @@ class NodeAgent:
             await asyncio.sleep(cfg.heartbeat_s)
             try:
                 if self._mqtt.stats.reconnects != reconnects:
-                    reconnects = self._mqtt.stats.reconnects
                     await self._announce()  # the broker may have lost our retained messages
+                    reconnects = self._mqtt.stats.reconnects  # only once announced: else next beat
                 else:
                     self._status_dirty.set()
+            except asyncio.CancelledError:
+                raise
+            except Exception as err:  # broker away again: the telemetry below is buffered
+                log.warning("announce after reconnect failed: %s", err)
+            try:
                 now = time.monotonic()
                 interval = now - last
                 last = now
@@ -295,12 +435,127 @@ class NodeAgent:
                     models=rt.model_stats(),
                     temperature_c=float("nan"),
                     interval_s=interval,
+                    exits=self.pipelines.exit_stats() if self.pipelines is not None else [],
                 )
-                await self._publish(TopicKind.TELEMETRY, telemetry=telemetry)
+                await self._send_telemetry(telemetry)
             except asyncio.CancelledError:
                 raise
             except Exception as err:
                 log.warning("heartbeat failed: %s", err)
+
+    # ------------------------------------------------------------ telemetry while the broker is away
+
+    async def _send_telemetry(self, telemetry: node_pb2.Telemetry) -> None:
+        """Publish a sample now (QoS 0) or, while the broker is away or a backlog is being
+        replayed (order is kept), buffer it."""
+        assert self._mqtt is not None
+        payload = node_message(self.node_id, telemetry=telemetry).SerializeToString()
+        if self._mqtt.connected and not self._backlog:
+            try:
+                await self._mqtt.publish(self._topic(TopicKind.TELEMETRY), payload)
+                return
+            except MqttError as err:  # the connection dropped under us
+                log.debug("telemetry buffered: %s", err)
+        if len(self._backlog) >= self.config.telemetry_buffer:
+            self._backlog.popleft()  # the oldest sample goes first
+            self.telemetry_dropped += 1
+            self._dropped_unreported += 1
+        self._backlog.append(payload)
+        self._backlog_wake.set()
+
+    @property
+    def telemetry_buffered(self) -> int:
+        return len(self._backlog)
+
+    async def _replay(self) -> None:
+        """Send buffered samples, oldest first, at telemetry_replay_rate once the broker is back.
+        QoS 1: a sample leaves the buffer only when the broker has acknowledged it. Then report what
+        was replayed and dropped (event ``agent.telemetry.replayed``)."""
+        assert self._mqtt is not None
+        topic = self._topic(TopicKind.TELEMETRY)
+        gap = 1.0 / self.config.telemetry_replay_rate
+        while True:
+            await self._backlog_wake.wait()
+            self._backlog_wake.clear()
+            replayed = 0
+            while self._backlog:
+                if not self._mqtt.connected:
+                    await asyncio.sleep(0.1)
+                    continue
+                payload = self._backlog[0]
+                try:
+                    await self._mqtt.publish(topic, payload, qos=1)
+                except MqttError as err:
+                    log.debug("telemetry replay paused: %s", err)
+                    await asyncio.sleep(0.5)
+                    continue
+                if self._backlog and self._backlog[0] is payload:  # not evicted meanwhile
+                    self._backlog.popleft()
+                replayed += 1
+                self.telemetry_replayed += 1
+                await asyncio.sleep(gap)
+            if not replayed and not self._dropped_unreported:
+                continue
+            dropped = self._dropped_unreported
+            event = node_pb2.Event(
+                id="agent.telemetry.replayed",
+                severity=node_pb2.SEVERITY_WARNING if dropped else node_pb2.SEVERITY_INFO,
+                message=f"{replayed} telemetry samples buffered while the broker was away were replayed; "
+                f"{dropped} dropped (buffer of {self.config.telemetry_buffer})",
+                attributes={
+                    "replayed": str(replayed),
+                    "dropped": str(dropped),
+                    "dropped_total": str(self.telemetry_dropped),
+                },
+            )
+            try:
+                await self._publish(TopicKind.EVENTS, qos=1, event=event)
+                self._dropped_unreported -= dropped
+            except MqttError as err:
+                log.warning("telemetry replay report not published: %s", err)
+            log.info("replayed %d buffered telemetry samples, %d dropped", replayed, dropped)
+
+    # ------------------------------------------------------------ edge autonomy
+
+    async def _autonomy(self) -> None:
+        """Keep serving while the orchestrator is away, until the attestation lease runs out: then
+        stop every running replica (unloaded, reported Failed with reason agent.attestation.expired;
+        Failed is final: the orchestrator replaces them once the node is attested again)."""
+        lease = self.config.attestation_lease_s
+        while True:
+            await asyncio.sleep(min(1.0, lease / 4))
+            since = self._started if self._attested_at is None else self._attested_at
+            idle = time.monotonic() - since
+            if idle >= lease:
+                await self._expire_replicas(idle, lease)
+
+    async def _expire_replicas(self, idle: float, lease: float) -> None:
+        running = [s for s in self.runtime.replicas.values() if s.phase == node_pb2.REPLICA_PHASE_RUNNING]
+        if not running:
+            return
+        message = (
+            f"no attestation for {idle:.0f} s (lease {lease:g} s): serving stopped until the node is "
+            "attested again"
+        )
+        for state in running:
+            backend, handle = state.backend, state.handle
+            # Failed first: from here on the inference server no longer resolves the replica.
+            state.phase, state.reason, state.message = node_pb2.REPLICA_PHASE_FAILED, LEASE_EXPIRED, message
+            state.backend = state.handle = None
+            if backend is not None and handle is not None:
+                await self.run_blocking(backend.unload, handle)
+        log.warning("%d replicas stopped: %s", len(running), message)
+        self._status_changed()
+        event = node_pb2.Event(
+            id=LEASE_EXPIRED,
+            severity=node_pb2.SEVERITY_WARNING,
+            message=message,
+            attributes={"replicas": str(len(running)), "lease_s": f"{lease:g}"},
+        )
+        try:
+            await self._publish(TopicKind.EVENTS, qos=1, event=event)
+        except MqttError as err:
+            log.debug("lease expiry event not published: %s", err)
 
     # ------------------------------------------------------------ commands
 
@@ -340,7 +595,11 @@ class NodeAgent:
             elif body == "attest":
                 await self._attest(cmd.attest.message)
             elif body == "wipe":
-                await self._wipe(cmd.wipe.reason)
+                await self._wipe(cmd.wipe)
+            elif body == "pipelines" and self.pipelines is not None:
+                self.pipelines.configure(cmd.pipelines.pipelines)
+            elif body == "mitigate" and self.pipelines is not None:
+                self.pipelines.mitigate(cmd.mitigate.mitigations)
         except AttestationError as err:
             log.warning("command %s (%s) refused: %s", cmd.command_id, body, err)
             return node_pb2.CommandAck(command_id=cmd.command_id, ok=False, reason=err.reason)
@@ -378,22 +637,99 @@ class NodeAgent:
         else:
             payload = await self.run_blocking(self.responder.enrollment_request)
         await self._publish(TopicKind.EVIDENCE, qos=1, evidence=node_pb2.Evidence(payload=payload))
+        if attestation_pb2.AttesterMessage.FromString(payload).WhichOneof("body") == "evidence":
+            # A fresh quote is with the verifier: the result it issues outlives the lease from now.
+            self._attested_at = time.monotonic()
 
-    async def _wipe(self, reason: str) -> None:
-        replicas, files = await self.runtime.wipe()
+    async def _wipe(self, wipe: node_pb2.Wipe) -> None:
+        """Quarantine (no model named): unload everything, delete the cache. Model wipe: only that
+        model's replicas (and with them its released keys) and its cached artifacts, crash-consistently
+        (``_wipe_model``). Confirmed with ``agent.wipe.done``, which names the wipe."""
+        if wipe.model_name:
+            replicas, files = await self._wipe_model(wipe)
+        else:
+            replicas, files = await self.runtime.wipe()
         log.warning(
-            "wiped on the orchestrator's order (%s): %d replicas, %d cached artifacts",
-            reason,
+            "wiped on the orchestrator's order (%s%s): %d replicas, %d cached artifacts",
+            wipe.reason,
+            f" {wipe.model_name}:{wipe.model_version or '*'}" if wipe.model_name else "",
             replicas,
             files,
         )
+        attributes = {"reason": wipe.reason, "replicas": str(replicas), "files": str(files)}
+        if wipe.model_name:
+            attributes |= {"wipe_id": wipe.wipe_id, "model": wipe.model_name, "version": wipe.model_version}
         event = node_pb2.Event(
             id="agent.wipe.done",
             severity=node_pb2.SEVERITY_WARNING,
             message=f"{replicas} replicas unloaded, {files} cached artifacts deleted",
-            attributes={"reason": reason, "replicas": str(replicas), "files": str(files)},
+            attributes=attributes,
         )
         await self._publish(TopicKind.EVENTS, qos=1, event=event)
+
+    async def _wipe_model(self, wipe: node_pb2.Wipe) -> tuple[int, int]:
+        """Record the intent durably, unload the model's replicas (their specs hold the wrapped keys),
+        delete every cache file named by the wiped digests, then drop the record. A crash in
+        between is finished by ``_finish_wipes`` at the next start, before anything loads."""
+        digests = [d for d in wipe.sha256 if _is_sha256(d)]
+        journal = await self.run_blocking(self._journal_wipe, wipe.wipe_id or "unnamed", digests)
+        doomed = [
+            rid
+            for rid, state in self.runtime.replicas.items()
+            if state.spec.sha256 in digests
+            or (
+                state.spec.model_name == wipe.model_name
+                and (not wipe.model_version or state.spec.model_version == wipe.model_version)
+            )
+        ]
+        for rid in doomed:
+            await self.runtime.undeploy(rid)
+        files = await self.run_blocking(self._delete_artifacts, digests)
+        await self.run_blocking(_remove_durably, journal)
+        return len(doomed), files
+
+    @property
+    def _wipe_dir(self) -> Path:
+        return self.config.state_dir / self.node_id / "wipes"
+
+    def _journal_wipe(self, wipe_id: str, digests: list[str]) -> Path:
+        """Blocking: write ``wipes/<id>`` (the digests to delete), synced, before deleting anything."""
+        self._wipe_dir.mkdir(parents=True, exist_ok=True)
+        safe = "".join(c for c in wipe_id if c.isalnum() or c in "-_")[:64] or "unnamed"
+        path = self._wipe_dir / safe
+        fd, tmp = tempfile.mkstemp(dir=self._wipe_dir, prefix=".tmp-")
+        with os.fdopen(fd, "w") as fh:
+            fh.write("\n".join(digests))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(self._wipe_dir)
+        return path
+
+    def _delete_artifacts(self, digests: list[str]) -> int:
+        """Blocking: every cache file named by one of ``digests`` (sealed artifact, and any key or
+        sidecar kept beside it), unlinked and the directory synced."""
+        cache = self.runtime.cache_dir
+        removed = 0
+        for digest in digests:
+            for path in cache.glob(f"{digest}*"):
+                path.unlink(missing_ok=True)
+                removed += 1
+        _fsync_dir(cache)
+        return removed
+
+    def _finish_wipes(self) -> None:
+        """Blocking: complete the model wipes a crash interrupted (their journals are still there)."""
+        if not self._wipe_dir.is_dir():
+            return
+        for journal in sorted(self._wipe_dir.iterdir()):
+            if journal.name.startswith(".tmp-"):
+                journal.unlink(missing_ok=True)
+                continue
+            digests = [d for d in journal.read_text().split() if _is_sha256(d)]
+            removed = self._delete_artifacts(digests)
+            _remove_durably(journal)
+            log.warning("finished interrupted wipe %s: %d cached artifacts deleted", journal.name, removed)
 
     def _unlock(self, spec: node_pb2.DeployReplica, sealed: bytes) -> bytes:
         """Blocking: the model inside a sealed artifact, with the data key released to this node;
@@ -419,6 +755,7 @@ class NodeAgent:
                 "agent.artifact.sha256_mismatch", "the unsealed model does not match its digest"
             )
         self.responder.measure(model_component(spec.model_name), data, spec.model_version)
+        self._unprofiled[spec.sha256] = (spec.model_name, spec.model_version, data)
         return data
 
     # ------------------------------------------------------------ artifacts
@@ -427,9 +764,9 @@ class NodeAgent:
         """Download a sealed artifact from the orchestrator's ModelService."""
         channel = self._channels.get(spec.artifact_endpoint)
         if channel is None:
-            channel = self._channels[spec.artifact_endpoint] = grpc.aio.insecure_channel(
-                spec.artifact_endpoint
-            )
+            # With a node certificate, mutual TLS (the orchestrator only lets nodes download artifacts).
+            tls = self.config.tls.tls if self.config.tls is not None else None
+            channel = self._channels[spec.artifact_endpoint] = grpc_aio_channel(spec.artifact_endpoint, tls)
         stub = api_pb2_grpc.ModelServiceStub(channel)
         data = bytearray()
         request = api_pb2.DownloadModelRequest(name=spec.model_name, version=spec.model_version)
@@ -443,3 +780,38 @@ class NodeAgent:
         if len(data) != size:
             raise ValueError(f"artifact stream ended at {len(data)} of {size} bytes")
         return bytes(data)
+
+
+class FaultInjectedBackend(Backend):
+    """A backend whose served inferences take longer, by the node's ``fault_injection`` config.
+
+    Only the runtime's (serving) view of a backend is wrapped: the node's profiles are measured on
+    the real backend, so the scheduler sees the slowdown only through the latency it observes.
+    """
+
+    def __init__(self, inner: Backend, faults: FaultInjection) -> None:
+        self.inner = inner
+        self.kind = inner.kind  # type: ignore[misc]
+        self._delay_s = faults.inference_delay_ms / 1e3
+        self._jitter_s = faults.inference_jitter_ms / 1e3
+        self._rng = random.Random()  # noqa: S311 -- timing noise, not a secret
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return self.inner.capabilities
+
+    def load(self, model: ModelArtifact) -> ModelHandle:
+        return self.inner.load(model)
+
+    def infer(self, handle: ModelHandle, inputs: Any) -> Any:
+        time.sleep(self._delay_s + self._jitter_s * self._rng.random())
+        return self.inner.infer(handle, inputs)
+
+    def unload(self, handle: ModelHandle) -> None:
+        self.inner.unload(handle)
+
+    def close(self) -> None:
+        """The agent closes the real backend itself."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)

@@ -6,10 +6,19 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from attestation.attesters import AttesterConfig, SoftwareAttesterConfig
 from edgeward.mqtt.topics import validate_node_id
+from edgeward.security.config import AgentTlsConfig, with_broker_tls
 
 
 class AgentConfigError(Exception):
@@ -41,6 +50,22 @@ class AcceleratorConfig(_Strict):
     options: dict[str, Any] = Field(default_factory=dict, description="Backend-specific settings.")
 
 
+class FaultInjection(_Strict):
+    """Deliberate faults, for tests and demos of rescheduling; everything defaults to off.
+
+    The delay is added to every served inference on the node's accelerators (inside the time the
+    node measures and reports), not to the node's own model profiles: it stands for an accelerator
+    that slowed down after the node was profiled (thermal throttling, a noisy neighbour).
+    """
+
+    inference_delay_ms: Annotated[float, Field(ge=0, le=60_000)] = Field(
+        0.0, description="Fault injection: fixed delay added to every served inference, milliseconds."
+    )
+    inference_jitter_ms: Annotated[float, Field(ge=0, le=60_000)] = Field(
+        0.0, description="Fault injection: uniform random delay of 0..this added on top, milliseconds."
+    )
+
+
 class AgentConfig(_Strict):
     """Settings of one node agent."""
 
@@ -66,6 +91,32 @@ class AgentConfig(_Strict):
         description="The node's attester: 'software' (default; a weaker tier) or 'tpm2' with its TCTI. "
         "Its key_dir defaults to <state_dir>/<node_id>/attestation.",
     )
+    enrollment_token: SecretStr | None = Field(
+        None,
+        description="The operator's one-time approval of this node ('edgeward pki token NODE'), presented at "
+        "its first enrollment; unneeded once enrolled, or for a TPM whose EK certificate the orchestrator "
+        "trusts (policy token-or-ek). Never logged; measured as '**********'.",
+    )
+    fault_injection: FaultInjection = Field(
+        default_factory=FaultInjection,
+        description="Deliberate faults for tests and demos (off by default); see FaultInjection.",
+    )
+    telemetry_buffer: Annotated[int, Field(ge=1, le=100_000)] = Field(
+        512,
+        description="Telemetry samples kept while the broker is unreachable (oldest dropped first, "
+        "counted) and replayed on reconnect.",
+    )
+    telemetry_replay_rate: Annotated[float, Field(gt=0, le=10_000)] = Field(
+        20.0,
+        description="Buffered samples replayed per second after a reconnect (below the orchestrator's "
+        "per-node rate limit).",
+    )
+    attestation_lease_s: Annotated[float, Field(gt=0, le=86_400)] = Field(
+        90.0,
+        description="Edge autonomy: models keep serving without the orchestrator for this long after "
+        "the node last answered an attestation challenge; keep it at or below the verifier's "
+        "result_ttl_s. Then they stop (reason agent.attestation.expired) until it is attested again.",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -83,6 +134,25 @@ class AgentConfig(_Strict):
                 state_dir = Path(data.get("state_dir") or "state/agent")
                 att["key_dir"] = state_dir / str(data.get("node_id", "")) / "attestation"
         return {**data, "attestation": att}
+
+    tls: AgentTlsConfig | None = Field(
+        None,
+        description="This node's certificate (docs/security.md): MQTT defaults to mqtts://127.0.0.1:8883 with it "
+        "(plaintext mqtt:// is refused) and artifact downloads use mutual TLS. Unset: plaintext (local demo).",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _broker_tls(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or data.get("tls") is None:
+            return data
+        tls = data["tls"]
+        if isinstance(tls, dict):
+            tls = AgentTlsConfig.model_validate(tls)
+        broker = data.get("broker")
+        if isinstance(broker, BaseModel):
+            broker = broker.model_dump(exclude_unset=True)
+        return {**data, "broker": with_broker_tls(broker, tls, "mqtts://127.0.0.1:8883")}
 
     @field_validator("node_id")
     @classmethod

@@ -25,9 +25,14 @@ from attestation.keyrelease import new_data_key, seal
 from edgeward.v1 import api_pb2, api_pb2_grpc, node_pb2
 from edgeward.wire import now_ms
 
+from .catalog import ModelState
+from .catalog.errors import CatalogError, VersionExists
+from .catalog.views import compliance, node_trust, placements
+from .catalog.wipe import status_pb as wipe_status_pb
 from .errors import AlreadyExists, InvalidManifest, InvalidModel, NotFound, OrchestratorError
 from .manifest import NAME_RE, SEMVER_RE, parse_manifest
 from .phases import ACTIVE, Phase, to_pb
+from .rollout import RolloutError
 from .store import DeploymentRecord, ModelRecord, NodeRecord, ReplicaChange, ReplicaRecord, SealedArtifact
 
 if TYPE_CHECKING:
@@ -40,6 +45,8 @@ CHUNK = 256 * 1024
 
 
 def _status(err: Exception) -> tuple[grpc.StatusCode, str]:
+    if isinstance(err, CatalogError | RolloutError):
+        return grpc.StatusCode.FAILED_PRECONDITION, str(err)
     if isinstance(err, InvalidManifest | InvalidModel):
         return grpc.StatusCode.INVALID_ARGUMENT, str(err)
     if isinstance(err, NotFound):
@@ -131,7 +138,12 @@ class DeploymentService(api_pb2_grpc.DeploymentServiceServicer):
         manifest = parse_manifest(request.manifest)
         store = self._orch.store
         model = manifest.spec.model
-        await self._orch.db(store.get_model, model.name, model.version)  # NotFound -> NOT_FOUND
+        found = await self._orch.db(store.get_model, model.name, model.version)  # NotFound -> NOT_FOUND
+        if found.state == ModelState.REVOKED:
+            raise CatalogError(
+                "deployment.model_revoked",
+                f"spec.model: {model.name}:{model.version} is revoked ({found.state_reason}); its key is destroyed",
+            )
         if request.dry_run:
             try:
                 record = await self._orch.db(store.get_deployment, manifest.metadata.name)
@@ -307,6 +319,9 @@ class ModelService(api_pb2_grpc.ModelServiceServicer):
                     raise InvalidModel("model.push.metadata_twice", "metadata must be sent once, first")
                 meta = part.metadata
                 _check_metadata(meta)
+                # Everything the metadata alone decides is refused before the artifact streams in.
+                publisher = self._orch.catalog.trust.verify(meta)
+                await self._check_catalog(meta)
             elif which == "chunk":
                 if meta is None:
                     raise InvalidModel("model.push.no_metadata", "the first message must carry the metadata")
@@ -323,6 +338,7 @@ class ModelService(api_pb2_grpc.ModelServiceServicer):
         if digest != meta.sha256:
             raise InvalidModel("model.push.sha256_mismatch", f"received {digest}, announced {meta.sha256}")
         info = await self._orch.run_blocking(_inspect, bytes(data))
+        created = now_ms()
         model = api_pb2.Model(
             name=meta.name,
             version=meta.version,
@@ -331,29 +347,180 @@ class ModelService(api_pb2_grpc.ModelServiceServicer):
             use_case=meta.use_case,
             description=meta.description,
             labels=meta.labels,
-            created_unix_ms=now_ms(),
+            created_unix_ms=created,
+            updated_unix_ms=created,
             inputs=[_tensor(t) for t in info.inputs],
             outputs=[_tensor(t) for t in info.outputs],
             ops=sorted(info.ops),
             dtypes=sorted(info.dtypes),
+            parent_version=meta.parent_version,
+            owner_team=meta.owner_team,
+            signature=meta.signature if publisher else None,
+            state=api_pb2.MODEL_STATE_PUBLISHED,
+            profiles=meta.profiles,
         )
         record = ModelRecord(
-            meta.name, meta.version, digest, len(data), model.SerializeToString(), model.created_unix_ms
+            meta.name, meta.version, digest, len(data), model.SerializeToString(), created, updated_ms=created
         )
         blob, sealed = await self._orch.run_blocking(
             _seal, bytes(data), model_aad(meta.name, meta.version, digest)
         )
-        await self._orch.db(self._orch.store.put_model, record, blob, sealed)
+        try:
+            await self._orch.db(self._orch.store.put_model, record, blob, sealed)
+        except AlreadyExists as err:  # pushed concurrently since the check
+            raise VersionExists(meta.name, meta.version) from err
         self._orch.verifier.allow_model(meta.name, digest)
         log.info(
-            "model %s:%s pushed (%d bytes, sha256 %s), stored sealed",
+            "model %s:%s pushed (%d bytes, sha256 %s, publisher %s), stored sealed",
             meta.name,
             meta.version,
             len(data),
             digest[:12],
+            publisher or "unsigned",
         )
         self._orch.reconciler.trigger()
+        self._orch.events.publish(
+            "model.published",
+            f"model/{meta.name}",
+            f"{meta.name}:{meta.version} published ({len(data)} bytes"
+            + (f", derived from {meta.parent_version}" if meta.parent_version else "")
+            + (f", signed by {publisher})" if publisher else ", unsigned)"),
+            model=f"{meta.name}:{meta.version}",
+            sha256=digest,
+            publisher=publisher or None,
+            parent_version=meta.parent_version or None,
+        )
         return model
+
+    async def _check_catalog(self, meta: api_pb2.ModelMetadata) -> None:
+        store = self._orch.store
+        try:
+            await self._orch.db(store.get_model, meta.name, meta.version)
+        except NotFound:
+            pass
+        else:
+            raise VersionExists(meta.name, meta.version)
+        if meta.parent_version:
+            if not SEMVER_RE.match(meta.parent_version):
+                raise InvalidModel(
+                    "model.push.bad_parent", "metadata.parent_version must be a semantic version"
+                )
+            try:
+                await self._orch.db(store.get_model, meta.name, meta.parent_version)
+            except NotFound as err:
+                raise InvalidModel(
+                    "model.push.parent_not_found",
+                    f"metadata.parent_version: {meta.name}:{meta.parent_version} is not in the catalog",
+                ) from err
+
+    @_rpc
+    async def History(
+        self, request: api_pb2.GetModelRequest, context: grpc.aio.ServicerContext
+    ) -> api_pb2.ModelHistory:
+        versions, entries = await self._orch.db(self._orch.store.model_history, request.name)
+        return api_pb2.ModelHistory(
+            name=request.name,
+            versions=[_model_pb(v) for v in versions],
+            entries=[
+                api_pb2.ModelHistoryEntry(
+                    version=e.version, action=e.action, reason=e.reason, at_unix_ms=e.at_ms
+                )
+                for e in entries
+            ],
+        )
+
+    @_rpc
+    async def Deprecate(
+        self, request: api_pb2.SetModelStateRequest, context: grpc.aio.ServicerContext
+    ) -> api_pb2.Model:
+        return await self._set_state(request, ModelState.DEPRECATED)
+
+    @_rpc
+    async def Revoke(
+        self, request: api_pb2.SetModelStateRequest, context: grpc.aio.ServicerContext
+    ) -> api_pb2.Model:
+        return await self._set_state(request, ModelState.REVOKED)
+
+    async def _set_state(self, request: api_pb2.SetModelStateRequest, state: ModelState) -> api_pb2.Model:
+        if not request.version:
+            raise InvalidModel("model.state.no_version", "version is required: name one version")
+        if state == ModelState.REVOKED:
+            self._orch.verifier.revoke_model_keys(request.name, [request.version])
+        record = await self._orch.db(
+            self._orch.store.set_model_state,
+            request.name,
+            request.version,
+            state.value,
+            request.reason,
+            now_ms(),
+        )
+        self._orch.reconciler.trigger()
+        self._orch.events.publish(
+            f"model.{state.value}",
+            f"model/{record.name}",
+            f"{record.name}:{record.version} {state.value}"
+            + (f": {request.reason}" if request.reason else ""),
+            node_pb2.SEVERITY_WARNING if state == ModelState.REVOKED else node_pb2.SEVERITY_INFO,
+            model=f"{record.name}:{record.version}",
+        )
+        return _model_pb(record)
+
+    @_rpc
+    async def Placements(
+        self, request: api_pb2.PlacementsRequest, context: grpc.aio.ServicerContext
+    ) -> api_pb2.PlacementsResponse:
+        if not request.name and not request.node_id:
+            raise InvalidModel("model.placements.no_filter", "name or node_id is required")
+        placed, _ = await self._placements(request.name, request.version, request.node_id)
+        return api_pb2.PlacementsResponse(placements=placed)
+
+    @_rpc
+    async def Compliance(
+        self, request: api_pb2.ComplianceRequest, context: grpc.aio.ServicerContext
+    ) -> api_pb2.ComplianceReport:
+        placed, (catalog, nodes) = await self._placements()
+        known = {n.id for n in nodes} | set(self._orch.fleet.nodes)
+        return compliance(catalog, placed, len(known), now_ms())
+
+    async def _placements(self, name: str = "", version: str = "", node_id: str = "") -> tuple[list, tuple]:
+        store = self._orch.store
+        catalog, replicas, nodes = await self._orch.db(
+            lambda: (store.list_models(), store.list_replicas(), store.list_nodes())
+        )
+        verifier = self._orch.verifier
+        placed = placements(
+            catalog,
+            replicas,
+            lambda n: node_trust(verifier.service.snapshot(n), verifier.tier(n)),
+            self._orch.catalog.inferences,
+            name=name,
+            version=version,
+            node_id=node_id,
+        )
+        return placed, (catalog, nodes)
+
+    @_rpc
+    async def Wipe(
+        self, request: api_pb2.WipeRequest, context: grpc.aio.ServicerContext
+    ) -> api_pb2.WipeStatus:
+        if not NAME_RE.match(request.name):
+            raise InvalidModel("wipe.bad_name", "name must be a DNS-1123 label")
+        if request.version and not SEMVER_RE.match(request.version):
+            raise InvalidModel("wipe.bad_version", "version must be a semantic version")
+        return wipe_status_pb(await self._orch.catalog.wipes.start(request))
+
+    @_rpc
+    async def GetWipe(
+        self, request: api_pb2.GetWipeRequest, context: grpc.aio.ServicerContext
+    ) -> api_pb2.WipeStatus:
+        return wipe_status_pb(await self._orch.db(self._orch.store.get_wipe, request.id))
+
+    @_rpc
+    async def ListWipes(
+        self, request: api_pb2.ListWipesRequest, context: grpc.aio.ServicerContext
+    ) -> api_pb2.ListWipesResponse:
+        wipes = await self._orch.db(self._orch.store.list_wipes)
+        return api_pb2.ListWipesResponse(wipes=[wipe_status_pb(w) for w in wipes])
 
     @_rpc
     async def List(
@@ -378,6 +545,11 @@ class ModelService(api_pb2_grpc.ModelServiceServicer):
             data = await self._orch.db(self._orch.store.read_artifact, sealed.sha256)
         except NotFound as err:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(err))
+        if sealed.revoked_ms:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"model.revoked: {record.name}:{record.version} is revoked",
+            )
         for offset in range(0, len(data), CHUNK):
             yield api_pb2.ModelChunk(
                 data=data[offset : offset + CHUNK], offset=offset, size=len(data), sha256=sealed.sha256
@@ -422,8 +594,12 @@ def _tensor(spec: Any) -> api_pb2.TensorSpec:
 
 
 def _model_pb(record: ModelRecord) -> api_pb2.Model:
+    """The model as published, with its current lifecycle state from the store."""
     model = api_pb2.Model()
     model.ParseFromString(record.info)
+    model.state = ModelState(record.state).to_pb()
+    model.state_reason = record.state_reason
+    model.updated_unix_ms = record.updated_ms or record.created_ms
     return model
 
 
@@ -473,3 +649,47 @@ class TelemetryService(api_pb2_grpc.TelemetryServiceServicer):
                     yield sample
         finally:
             self._orch.telemetry.unsubscribe(queue)
+
+
+# ---------------------------------------------------------------- rollouts
+
+
+class RolloutService(api_pb2_grpc.RolloutServiceServicer):
+    """``edgeward rollout status|pause|resume|undo``: the rollout controller's operator actions."""
+
+    def __init__(self, orch: Orchestrator) -> None:
+        self._orch = orch
+
+    @_rpc
+    async def Status(
+        self, request: api_pb2.RolloutRequest, context: grpc.aio.ServicerContext
+    ) -> api_pb2.RolloutStatus:
+        record = await self._orch.db(self._orch.store.get_deployment, request.deployment)
+        if self._orch.rollouts.get(record.name) is None:
+            raise RolloutError("rollout.none", f"deployment {record.name} has no rollout")
+        return self._orch.rollouts.status_pb(record)
+
+    @_rpc
+    async def Pause(
+        self, request: api_pb2.RolloutRequest, context: grpc.aio.ServicerContext
+    ) -> api_pb2.RolloutStatus:
+        return await self._act("pause", request)
+
+    @_rpc
+    async def Resume(
+        self, request: api_pb2.RolloutRequest, context: grpc.aio.ServicerContext
+    ) -> api_pb2.RolloutStatus:
+        return await self._act("resume", request)
+
+    @_rpc
+    async def Undo(
+        self, request: api_pb2.RolloutRequest, context: grpc.aio.ServicerContext
+    ) -> api_pb2.RolloutStatus:
+        return await self._act("undo", request)
+
+    async def _act(self, kind: str, request: api_pb2.RolloutRequest) -> api_pb2.RolloutStatus:
+        if not NAME_RE.match(request.deployment):
+            raise InvalidManifest([("deployment", "must be a DNS-1123 label")])
+        rollout = await self._orch.rollouts.request(kind, request.deployment, request.reason[:500])
+        record = await self._orch.db(self._orch.store.get_deployment, request.deployment)
+        return self._orch.rollouts.status_pb(record, rollout)

@@ -1,4 +1,5 @@
-"""Orchestrator-side commands: ``orchestrator``, ``up``, ``apply``, ``get``, ``delete``, ``models push``."""
+"""Orchestrator-side commands: ``orchestrator``, ``up``, ``apply``, ``get``, ``delete``, ``models ...``,
+``compliance``."""
 
 from __future__ import annotations
 
@@ -224,15 +225,58 @@ def nodes_table(items: list[api_pb2.Node]) -> Table:
     return table
 
 
+def model_state_name(value: int) -> str:
+    return api_pb2.ModelState.Name(value).removeprefix("MODEL_STATE_").lower()
+
+
 def models_table(items: list[api_pb2.Model]) -> Table:
     table = Table(title="models", title_justify="left")
-    for col in ("NAME", "VERSION", "SIZE", "DTYPES", "USE CASE", "SHA256"):
+    for col in ("NAME", "VERSION", "STATE", "PARENT", "SIZE", "DTYPES", "USE CASE", "PUBLISHER", "SHA256"):
         table.add_column(col)
     for m in items:
         table.add_row(
-            m.name, m.version, f"{m.size / 1024:.1f} KiB", ",".join(m.dtypes), m.use_case, m.sha256[:12]
+            m.name,
+            m.version,
+            model_state_name(m.state),
+            m.parent_version or "-",
+            f"{m.size / 1024:.1f} KiB",
+            ",".join(m.dtypes),
+            m.use_case,
+            m.signature.key_id or "unsigned",
+            m.sha256[:12],
         )
     return table
+
+
+def placements_table(items: list[api_pb2.Placement], title: str = "placements") -> Table:
+    table = Table(title=title, title_justify="left")
+    for col in ("NODE", "MODEL", "STATE", "REPLICAS", "SINCE", "ATTESTATION", "INFERENCES", "DEPLOYMENTS"):
+        table.add_column(col)
+    for p in items:
+        table.add_row(
+            p.node_id,
+            f"{p.model}:{p.version}",
+            model_state_name(p.model_state) + ("" if p.signed else " (unsigned)"),
+            f"{p.running}/{p.replicas} running",
+            _clock(p.since_unix_ms),
+            f"{p.attestation_tier} ({p.attestation_status})",
+            str(p.inferences),
+            ",".join(p.deployments),
+        )
+    return table
+
+
+def _clock(unix_ms: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(unix_ms / 1000)) if unix_ms else "-"
+
+
+def _split_model(text: str) -> tuple[str, str]:
+    name, _, version = text.partition(":")
+    return name, version
+
+
+def _dump(message: Any) -> Any:
+    return MessageToDict(message, preserving_proto_field_name=True)
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
@@ -337,9 +381,13 @@ def cmd_events(args: argparse.Namespace) -> int:
 def cmd_models_push(args: argparse.Namespace) -> int:
     from rich.progress import Progress
 
+    from .catalog import CatalogError, PublisherKey
+
     try:
         data = Path(args.file).read_bytes()
-    except OSError as err:
+        key = PublisherKey.load(Path(args.key)) if args.key else None
+        labels = dict(_label(item) for item in args.label)
+    except (OSError, CatalogError, ValueError) as err:
         return _fail(err)
     try:
         with (
@@ -353,17 +401,212 @@ def cmd_models_push(args: argparse.Namespace) -> int:
                 args.version,
                 use_case=args.use_case,
                 description=args.description,
+                labels=labels,
+                parent_version=args.parent,
+                owner_team=args.owner_team,
+                key=key,
                 progress=lambda done, total: progress.update(task, completed=done),
             )
     except ClientError as err:
         return _fail(err)
     if args.json:
-        print(json.dumps(MessageToDict(model, preserving_proto_field_name=True)))
+        print(json.dumps(_dump(model)))
     else:
         console.print(
-            f"model/{model.name}:{model.version} pushed ({model.size} bytes, sha256 {model.sha256[:12]})"
+            f"model/{model.name}:{model.version} pushed ({model.size} bytes, sha256 {model.sha256[:12]}, "
+            f"publisher {model.signature.key_id or 'unsigned'})"
         )
     return 0
+
+
+def _label(item: str) -> tuple[str, str]:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise ValueError(f"--label {item!r}: expected KEY=VALUE")
+    return key, value
+
+
+def cmd_models_list(args: argparse.Namespace) -> int:
+    try:
+        with EdgewardClient(args.server) as client:
+            items: list = client.placements(node_id=args.node) if args.node else client.list_models()
+    except ClientError as err:
+        return _fail(err)
+    if args.json:
+        print(json.dumps([_dump(i) for i in items], indent=2))
+    elif args.node:
+        console.print(placements_table(items, f"models on node {args.node}"))
+    else:
+        console.print(models_table(items))
+    return 0
+
+
+def cmd_models_show(args: argparse.Namespace) -> int:
+    name, version = _split_model(args.model)
+    try:
+        with EdgewardClient(args.server) as client:
+            model = client.get_model(name, version)
+            placed = client.placements(model.name, model.version)
+    except ClientError as err:
+        return _fail(err)
+    if args.json:
+        print(json.dumps({"model": _dump(model), "placements": [_dump(p) for p in placed]}, indent=2))
+        return 0
+    console.print(models_table([model]))
+    console.print(
+        f"created {_clock(model.created_unix_ms)}, updated {_clock(model.updated_unix_ms)}", highlight=False
+    )
+    if model.state_reason:
+        console.print(f"state reason: {model.state_reason}", highlight=False)
+    if model.owner_team:
+        console.print(f"owner team: {model.owner_team}", highlight=False)
+    for direction, tensors in (("input", model.inputs), ("output", model.outputs)):
+        for t in tensors:
+            console.print(f"{direction} {t.name}: {t.datatype}{list(t.shape)}", highlight=False)
+    console.print(f"ops: {', '.join(model.ops)}", highlight=False)
+    console.print(placements_table(placed, f"where {model.name}:{model.version} runs"))
+    return 0
+
+
+def cmd_models_history(args: argparse.Namespace) -> int:
+    try:
+        with EdgewardClient(args.server) as client:
+            history = client.model_history(args.name)
+    except ClientError as err:
+        return _fail(err)
+    if args.json:
+        print(json.dumps(_dump(history), indent=2))
+        return 0
+    console.print(models_table(list(history.versions)))
+    table = Table(title=f"history of {args.name}", title_justify="left")
+    for col in ("TIME", "VERSION", "ACTION", "REASON"):
+        table.add_column(col)
+    for e in history.entries:
+        table.add_row(_clock(e.at_unix_ms), e.version, e.action, e.reason)
+    console.print(table)
+    return 0
+
+
+def cmd_models_state(args: argparse.Namespace) -> int:
+    name, version = _split_model(args.model)
+    if not version:
+        return _fail(ValueError(f"{args.action} needs NAME:VERSION"))
+    try:
+        with EdgewardClient(args.server) as client:
+            call = client.deprecate_model if args.action == "deprecate" else client.revoke_model
+            model = call(name, version, args.reason)
+    except ClientError as err:
+        return _fail(err)
+    if args.json:
+        print(json.dumps(_dump(model)))
+    else:
+        console.print(f"model/{model.name}:{model.version} {model_state_name(model.state)}")
+    return 0
+
+
+def cmd_models_keygen(args: argparse.Namespace) -> int:
+    from .catalog import CatalogError, PublisherKey
+
+    key = PublisherKey.generate()
+    try:
+        private, public = key.write(Path(args.out), args.name)
+    except (OSError, CatalogError) as err:
+        return _fail(err)
+    print(
+        f"publisher key {key.key_id}: private {private} (keep it secret), public {public} (give it to the operators)"
+    )
+    return 0
+
+
+def cmd_models_wipe(args: argparse.Namespace) -> int:
+    name, version = _split_model(args.model)
+    nodes = [n for n in args.nodes.split(",") if n]
+    try:
+        with EdgewardClient(args.server) as client:
+            status = client.wipe_model(
+                name, version, node_ids=nodes, deadline_s=args.deadline, reason=args.reason
+            )
+            if not args.json:
+                console.print(
+                    f"wipe {status.id}: {name} {', '.join(status.versions)} revoked, {status.replicas_evicted} "
+                    f"replica(s) evicted, {len(status.nodes)} node(s) ordered"
+                )
+            if not args.no_wait:
+                status = _follow_wipe(client, status, quiet=args.json)
+    except ClientError as err:
+        return _fail(err)
+    if args.json:
+        print(json.dumps(_dump(status), indent=2))
+    else:
+        console.print(wipe_table(status))
+    return 0 if status.done and not status.quarantined else 1
+
+
+def _follow_wipe(client: EdgewardClient, status: api_pb2.WipeStatus, quiet: bool) -> api_pb2.WipeStatus:
+    """Until no node is pending (each either confirmed or, past the deadline, quarantined)."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} confirmed"),
+        TimeElapsedColumn(),
+        console=err_console,
+        disable=quiet,
+    ) as progress:
+        task = progress.add_task(f"wipe {status.id}", total=len(status.nodes))
+        while not status.done:
+            time.sleep(0.3)
+            status = client.get_wipe(status.id)
+            progress.update(task, completed=status.confirmed)
+    return status
+
+
+def wipe_table(status: api_pb2.WipeStatus) -> Table:
+    table = Table(
+        title=f"wipe {status.id} of {status.name} {', '.join(status.versions)}", title_justify="left"
+    )
+    for col in ("NODE", "STATE", "UPDATED", "MESSAGE"):
+        table.add_column(col)
+    for n in status.nodes:
+        state = api_pb2.WipeNodeState.Name(n.state).removeprefix("WIPE_NODE_STATE_").lower()
+        table.add_row(n.node_id, state, _clock(n.updated_unix_ms), n.message)
+    return table
+
+
+def cmd_compliance(args: argparse.Namespace) -> int:
+    try:
+        with EdgewardClient(args.server) as client:
+            report = client.compliance()
+    except ClientError as err:
+        return _fail(err)
+    if args.json:
+        print(json.dumps(_dump(report), indent=2))
+        return 0 if report.compliant else 1
+    console.print(
+        f"{report.nodes_checked} node(s), {report.placements_checked} placement(s) checked: "
+        + (
+            "[green]compliant[/green]"
+            if report.compliant
+            else f"[red]{len(report.findings)} finding(s)[/red]"
+        )
+    )
+    if report.findings:
+        table = Table(title="compliance", title_justify="left")
+        for col in ("NODE", "MODEL", "ISSUE", "REPLICAS", "SINCE", "ATTESTATION", "DETAIL"):
+            table.add_column(col)
+        for f in report.findings:
+            table.add_row(
+                f.node_id,
+                f"{f.model}:{f.version}",
+                f.issue,
+                str(f.replicas),
+                _clock(f.since_unix_ms),
+                f.attestation_tier,
+                f.detail,
+            )
+        console.print(table)
+    return 0 if report.compliant else 1
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -373,3 +616,52 @@ def cmd_up(args: argparse.Namespace) -> int:
     if args.nodes < 1:
         return _fail(ValueError("--nodes must be at least 1"))
     return run_up(args)
+
+
+# ------------------------------------------------------------ rollouts
+
+
+def cmd_rollout(args: argparse.Namespace) -> int:
+    import grpc
+
+    from edgeward.security.errors import SecurityError
+    from edgeward.security.tls import TlsFiles, grpc_channel
+    from edgeward.v1 import api_pb2_grpc
+
+    name = args.deployment.removeprefix("deployment/")
+    request = api_pb2.RolloutRequest(deployment=name, reason=args.reason)
+    try:
+        channel = grpc_channel(args.server, TlsFiles.from_env())
+    except SecurityError as err:
+        return _fail(err)
+    with channel:
+        stub = api_pb2_grpc.RolloutServiceStub(channel)
+        call = {"status": stub.Status, "pause": stub.Pause, "resume": stub.Resume, "undo": stub.Undo}
+        try:
+            status = call[args.action](request, timeout=30)
+        except grpc.RpcError as err:
+            return _fail(ClientError(err.code().name, err.details() or ""))
+    if args.json:
+        print(json.dumps(MessageToDict(status, preserving_proto_field_name=True)))
+        return 0
+    state = api_pb2.RolloutState.Name(status.state).removeprefix("ROLLOUT_STATE_").lower()
+    console.print(
+        f"deployment/{status.deployment}: {status.strategy} {status.from_model} -> {status.to_model} "
+        f"[bold]{state}[/bold]"
+    )
+    console.print(
+        f"  step {status.step}/{status.steps}: {status.step_replicas}/{status.replicas} replicas on the new "
+        f"version ({status.new_running} running, {status.old_live} old live)"
+    )
+    if status.reason:
+        console.print(f"  {status.reason}: {status.message}", markup=False, highlight=False)
+    if status.figures:
+        console.print("  gates now: " + ", ".join(f"{k} {v:g}" for k, v in sorted(status.figures.items())))
+    for step in status.history:
+        figures = ", ".join(f"{k} {v:g}" for k, v in sorted(step.figures.items()))
+        console.print(
+            f"  step {step.step} ({step.replicas} replicas) {step.verdict} {step.reason} {figures}".rstrip(),
+            markup=False,
+            highlight=False,
+        )
+    return 0

@@ -8,9 +8,13 @@ from typing import Annotated
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from attestation.enrollment import EnrollmentPolicy
 from attestation.service import VerifierConfig
+from edgeward.security.config import SecurityConfig, is_loopback, with_broker_tls
 
+from .catalog.config import CatalogConfig
 from .errors import OrchestratorError
+from .scheduler.settings import SchedulerConfig
 
 
 class ConfigError(OrchestratorError):
@@ -36,6 +40,14 @@ class BrokerConfig(BaseModel):
     max_payload: Annotated[int, Field(ge=1024, le=64 * 1024 * 1024)] = Field(
         256 * 1024, description="Payloads larger than this are dropped and counted."
     )
+    node_rate: Annotated[float, Field(gt=0, le=1_000_000)] = Field(
+        50.0,
+        description="Messages per second each node may publish on average; the excess is dropped and "
+        "counted (wire.rate.exceeded) before it is decoded.",
+    )
+    node_burst: Annotated[int, Field(ge=1, le=1_000_000)] = Field(
+        500, description="Messages a node may publish at once above node_rate (a reconnect's replay)."
+    )
 
 
 class AttestationConfig(BaseModel):
@@ -55,6 +67,11 @@ class AttestationConfig(BaseModel):
     ek_ca_file: Path | None = Field(
         None, description="PEM bundle of the CAs that issue TPM endorsement key certificates."
     )
+    enrollment: EnrollmentPolicy = Field(
+        EnrollmentPolicy.TOKEN_OR_EK,
+        description="What approves a node's first enrollment: 'token' (a one-time token from "
+        "'edgeward pki token NODE'), 'ek' (a TPM EK certificate chaining to ek_ca_file), or 'token-or-ek'.",
+    )
     signing_key: Path | None = Field(
         None,
         description="Ed25519 key (PEM) that signs results; default <state_dir>/attestation/verifier.pem.",
@@ -72,6 +89,43 @@ class AttestationConfig(BaseModel):
                 f"({self.verifier.result_ttl_s}), or every result expires before it is renewed"
             )
         return self
+
+
+class MitigationConfig(BaseModel):
+    """What the orchestrator orders a node to do about a source that raised ``alert.slowdown``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = Field(True, description="Send mitigations to the node (off: alert only).")
+    rate_limit_rps: Annotated[float, Field(ge=0, le=1e6)] = Field(
+        5.0, description="Requests per second the offending source keeps on that node; 0: no rate limit."
+    )
+    latency_budget_ms: Annotated[float, Field(ge=0, le=60_000)] = Field(
+        1.0,
+        description="Deadline-aware forced exit for the offending source: the node stops at the most "
+        "confident exit reached before the next stage would overrun this budget; 0: no forced exit.",
+    )
+
+
+class SlowdownConfig(BaseModel):
+    """The slowdown-attack detector on multi-exit models (orchestrator/detectors.py)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = Field(True, description="Watch the early-exit fraction of every multi-exit model.")
+    learn_requests: Annotated[int, Field(ge=20, le=10_000_000)] = Field(
+        200, description="Requests of a model, fleet-wide, from which its clean early-exit rate is learned."
+    )
+    collapse: Annotated[float, Field(gt=0, lt=1)] = Field(
+        0.4, description="Relative drop of the early-exit rate to detect (0.4: to 60 % of the clean rate)."
+    )
+    threshold: Annotated[float, Field(gt=0, le=1000)] = Field(
+        12.0, description="CUSUM alarm level; sets the false-alert rate (bench/slowdown_detection.py)."
+    )
+    min_requests: Annotated[int, Field(ge=1, le=100_000)] = Field(
+        5, description="Telemetry windows with fewer requests of a stream are not tested."
+    )
+    mitigation: MitigationConfig = Field(default_factory=MitigationConfig)
 
 
 class OrchestratorConfig(BaseModel):
@@ -104,6 +158,56 @@ class OrchestratorConfig(BaseModel):
         64 * 1024 * 1024, description="Largest gRPC message accepted (model pushes are streamed in chunks)."
     )
     attestation: AttestationConfig = Field(default_factory=AttestationConfig)
+    slowdown: SlowdownConfig = Field(
+        default_factory=SlowdownConfig, description="Slowdown-attack detection and mitigation."
+    )
+    catalog: CatalogConfig = Field(
+        default_factory=CatalogConfig,
+        description="Model catalog: trusted publisher keys, require_signatures, wipe deadline, misuse alerts "
+        "(docs/lifecycle.md).",
+    )
+    scheduler: SchedulerConfig = Field(
+        default_factory=SchedulerConfig,
+        description="Placement profile, operator-defined profiles, SLO rescheduling (docs/scheduler.md).",
+    )
+    security: SecurityConfig | None = Field(
+        None,
+        description="Mutual TLS (gRPC and MQTT), roles and the audit log (docs/security.md). Unset: plaintext, "
+        "allowed on loopback addresses only (the local demo), and said so loudly at startup.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _broker_tls(cls, data: object) -> object:
+        """With ``security``, an external broker is mqtts:// and uses the orchestrator's certificate."""
+        if isinstance(data, dict) and data.get("security") is not None:
+            security = data["security"]
+            if isinstance(security, dict):
+                security = SecurityConfig.model_validate(security)
+            broker = data.get("broker")
+            if isinstance(broker, BaseModel):
+                broker = broker.model_dump(exclude_unset=True)
+            if broker is None or isinstance(broker, dict):
+                url_given = broker is not None and broker.get("url") is not None
+                completed = with_broker_tls(broker, security, None)
+                # The embedded broker (no url) is configured from ``security`` when it starts.
+                if url_given:
+                    data = {**data, "broker": completed}
+        return data
+
+    @model_validator(mode="after")
+    def _plaintext_on_loopback_only(self) -> OrchestratorConfig:
+        if self.security is None:
+            for field, bind in (
+                ("grpc_bind", self.grpc_bind),
+                ("broker.embedded_bind", self.broker.embedded_bind),
+            ):
+                if not is_loopback(bind):
+                    raise ValueError(
+                        f"{field}: {bind!r} is not a loopback address; plaintext is for the local "
+                        "demo only (set 'security', docs/security.md)"
+                    )
+        return self
 
 
 def load_config(path: Path | None, **overrides: object) -> OrchestratorConfig:

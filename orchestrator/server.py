@@ -29,6 +29,9 @@ from edgeward.mqtt.topics import (
     nodes_filter,
     parse_node_topic,
 )
+from edgeward.security.authz import DEPLOYMENT
+from edgeward.security.config import PLAINTEXT_WARNING
+from edgeward.security.guard import ApiGuard
 from edgeward.v1 import (
     api_pb2,
     api_pb2_grpc,
@@ -38,25 +41,31 @@ from edgeward.v1 import (
     events_pb2_grpc,
     node_pb2,
 )
-from edgeward.wire import DropCounter, WireError, decode_node_message
+from edgeward.wire import RATE_EXCEEDED, DropCounter, NodeRateLimiter, WireError, decode_node_message
 
 from .api import (
     DeploymentService,
     ModelService,
     NodeService,
+    RolloutService,
     TelemetryService,
     WatchHub,
     deployment_to_pb,
     node_to_pb,
 )
+from .catalog.service import Catalog
+from .catalog.signing import PublisherTrust
 from .config import OrchestratorConfig
+from .detectors import SlowdownGuard
 from .errors import NotFound
 from .events import KIND_RE, EventBus, EventService
 from .fleet import Fleet
 from .metrics import MetricsServer, render
-from .reconciler import Reconciler
+from .multiexit import PipelineRouter
+from .reconciler import Reconciler, command
+from .rollout import RolloutController
 from .scheduler import Scheduler
-from .store import NodeRecord, SqliteStore
+from .store import DeploymentRecord, NodeRecord, SqliteStore
 from .telemetry import TelemetryStore
 from .verifier import FleetVerifier
 
@@ -65,12 +74,16 @@ log = logging.getLogger(__name__)
 SERVICE_NAMES = (
     *(
         api_pb2.DESCRIPTOR.services_by_name[name].full_name
-        for name in ("DeploymentService", "NodeService", "ModelService", "TelemetryService")
+        for name in ("DeploymentService", "NodeService", "ModelService", "TelemetryService", "RolloutService")
     ),
     attestation_pb2.DESCRIPTOR.services_by_name["AttestationService"].full_name,
     events_pb2.DESCRIPTOR.services_by_name["EventService"].full_name,
 )
 INGEST_KINDS = (TopicKind.HELLO, TopicKind.STATUS, TopicKind.TELEMETRY, TopicKind.EVENTS, TopicKind.EVIDENCE)
+# An OFFLINE status (a last will, or a node's goodbye) takes effect after this long unless our own
+# broker connection drops meanwhile: a broker that shuts down publishes every client's will first.
+OFFLINE_CONFIRM_S = 0.5
+LIVENESS_TICK_S = 0.1
 
 
 class Orchestrator:
@@ -78,11 +91,14 @@ class Orchestrator:
         self.config = config
         self.fleet = Fleet()
         self.drops = DropCounter()
+        self.rate_limit = NodeRateLimiter(config.broker.node_rate, config.broker.node_burst)
+        self._pending_offline: dict[str, tuple[float, node_pb2.NodeMessage]] = {}
         self.watch = WatchHub()
         self.events = EventBus()
         self._event_outbox: asyncio.Queue[events_pb2.Notification] = asyncio.Queue(1024)
-        self.scheduler = Scheduler()
+        self.scheduler = Scheduler.from_config(config.scheduler)
         self.telemetry = TelemetryStore()
+        self.slowdown = SlowdownGuard(config.slowdown)
         self.metrics_port = 0
         self._metrics: MetricsServer | None = None
         self.broker_url: str = config.broker.url or ""
@@ -93,9 +109,12 @@ class Orchestrator:
         self._broker: EmbeddedBroker | None = None
         self._mqtt: MqttSession | None = None
         self._server: grpc.aio.Server | None = None
+        self.guard: ApiGuard | None = None
         self.store: SqliteStore
         self.reconciler: Reconciler
         self.verifier: FleetVerifier
+        self.catalog: Catalog
+        self.rollouts: RolloutController
 
     # ------------------------------------------------------------ executors
 
@@ -134,33 +153,58 @@ class Orchestrator:
             store=self.store,
             node_timeout_s=cfg.node_timeout_s,
             on_change=lambda: self.reconciler.trigger(),
+            events=self.events,
         )
         self.verifier.restore(
             *await self.db(
                 lambda: (
                     self.store.list_enrollments(),
                     [(m.name, m.sha256) for m in self.store.list_models()],
+                    self.store.revoked_keys(),
                 )
             )
         )
+        self.catalog = Catalog(
+            cfg.catalog,
+            await self.run_blocking(PublisherTrust.load, cfg.catalog),
+            store=self.store,
+            db=self.db,
+            fleet=self.fleet,
+            telemetry=self.telemetry,
+            events=self.events,
+            send_wipe=lambda node_id, wipe: self._publish_command(node_id, command(node_id, wipe=wipe)),
+            quarantine=self.verifier.quarantine,
+            revoke_keys=self.verifier.revoke_model_keys,
+            released_to=self.verifier.released_to,
+            on_change=lambda: self.reconciler.trigger(),
+        )
+        sec = cfg.security
+        if sec is None:
+            log.warning(PLAINTEXT_WARNING, cfg.grpc_bind)
+        else:
+            self.guard = await ApiGuard.open(sec, cfg.state_dir, self._exists)
         if cfg.broker.url is None:
             self._broker = EmbeddedBroker(
                 host=cfg.broker.embedded_bind,
                 port=cfg.broker.embedded_port,
                 max_payload=cfg.broker.max_payload,
+                tls=None if sec is None else sec.tls,
+                topic_prefix=cfg.broker.topic_prefix,
             )
             await self._broker.__aenter__()
             self.broker_url = str(self._broker.url)
         self._server = grpc.aio.server(
+            interceptors=None if self.guard is None else self.guard.interceptors,
             options=[
                 ("grpc.max_receive_message_length", cfg.max_grpc_message),
                 ("grpc.max_send_message_length", cfg.max_grpc_message),
-            ]
+            ],
         )
         api_pb2_grpc.add_DeploymentServiceServicer_to_server(DeploymentService(self), self._server)
         api_pb2_grpc.add_NodeServiceServicer_to_server(NodeService(self), self._server)
         api_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(self), self._server)
         api_pb2_grpc.add_TelemetryServiceServicer_to_server(TelemetryService(self), self._server)
+        api_pb2_grpc.add_RolloutServiceServicer_to_server(RolloutService(self), self._server)
         events_pb2_grpc.add_EventServiceServicer_to_server(EventService(self.events), self._server)
         attestation_pb2_grpc.add_AttestationServiceServicer_to_server(self.verifier.servicer(), self._server)
         health_servicer = health.aio.HealthServicer()
@@ -173,13 +217,25 @@ class Orchestrator:
             ),
             self._server,
         )
-        self.grpc_port = self._server.add_insecure_port(cfg.grpc_bind)
+        if self.guard is None:
+            self.grpc_port = self._server.add_insecure_port(cfg.grpc_bind)
+        else:
+            self.grpc_port = self.guard.add_port(self._server, cfg.grpc_bind)
         if self.grpc_port == 0:
             raise OSError(f"cannot bind the gRPC API to {cfg.grpc_bind}")
         await self._server.start()
         for name in ("", *SERVICE_NAMES):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
 
+        self.rollouts = RolloutController(
+            self.store,
+            self.db,
+            self.fleet,
+            self.events,
+            cfg.node_timeout_s,
+            wake=lambda: self.reconciler.trigger(),
+        )
+        await self.rollouts.load()
         self.reconciler = Reconciler(
             self.store,
             self.db,
@@ -190,11 +246,17 @@ class Orchestrator:
             artifact_endpoint=lambda: self.advertise,
             on_change=self._deployments_changed,
             trust=self.verifier,
+            rollouts=self.rollouts,
         )
         self.reconciler.set_cordoned(n.id for n in nodes if n.cordoned)
         b = cfg.broker
         self._mqtt = MqttSession(
-            BrokerURL.parse(self.broker_url, ca_file=b.ca_file, cert_file=b.cert_file, key_file=b.key_file),
+            BrokerURL.parse(
+                self.broker_url,
+                ca_file=b.ca_file or (sec and sec.ca_file),
+                cert_file=b.cert_file or (sec and sec.cert_file),
+                key_file=b.key_file or (sec and sec.key_file),
+            ),
             f"edgeward-orchestrator-{uuid.uuid4().hex[:8]}",
             max_payload=b.max_payload,
         )
@@ -205,10 +267,15 @@ class Orchestrator:
             self._metrics = MetricsServer(self.render_metrics, cfg.metrics_bind)
             await self._metrics.start()
             self.metrics_port = self._metrics.port
+        await self.catalog.wipes.restore()  # after the reconciler and MQTT: it may quarantine
         self._tasks.append(asyncio.create_task(self._ingest(), name="edgeward-ingest"))
         self._tasks.append(asyncio.create_task(self._flush_telemetry(), name="edgeward-telemetry"))
+        self._tasks.append(asyncio.create_task(self._hold_liveness(), name="edgeward-liveness"))
         self._tasks.append(asyncio.create_task(self.reconciler.run(), name="edgeward-reconciler"))
+        self.pipelines = PipelineRouter(self.store, self.db, self.fleet, self._publish_command)
+        self._tasks.append(asyncio.create_task(self.pipelines.run(), name="edgeward-multiexit"))
         self._tasks.append(asyncio.create_task(self.verifier.run(), name="edgeward-verifier"))
+        self._tasks.append(asyncio.create_task(self.catalog.run(), name="edgeward-catalog"))
         self._tasks.append(asyncio.create_task(self._send_events(), name="edgeward-events"))
         log.info(
             "orchestrator serving gRPC on %s, broker %s, state in %s",
@@ -234,6 +301,9 @@ class Orchestrator:
         if self._broker is not None:
             await _bounded("embedded broker", self._broker.__aexit__(None, None, None))
             self._broker = None
+        if self.guard is not None:
+            self.guard.close()
+            self.guard = None
         if hasattr(self, "store"):
             await self.db(self.store.close)
         self._db_pool.shutdown(wait=True)
@@ -257,6 +327,11 @@ class Orchestrator:
         async for message in self._mqtt.messages():
             try:
                 node_id, kind = parse_node_topic(message.topic, prefix)
+                # Metered per node before the cost of decoding (a subscription's retained replay is
+                # two messages per node: well within a burst).
+                if not self.rate_limit.allow(node_id):
+                    self.drops.drop(WireError(RATE_EXCEEDED, node_id))
+                    continue
                 msg = decode_node_message(
                     message.payload, node_id=node_id, kind=kind.value, max_payload=max_payload
                 )
@@ -269,18 +344,26 @@ class Orchestrator:
                 self.drops.drop(err)
                 log.debug("dropped payload on %s: %s", message.topic, err)
                 continue
+            if msg.WhichOneof("body") == "status" and msg.status.state == node_pb2.NODE_STATE_OFFLINE:
+                self._offline(node_id, msg, message.retain)
+                continue
+            if not message.retain:
+                self._pending_offline.pop(node_id, None)  # it spoke after its will: it is back
             what = self.fleet.apply(msg, retained=message.retain)
             body = msg.WhichOneof("body")
             if what == "hello":
                 self.reconciler.node_connected(node_id)
                 await self.db(self.store.put_node, self._node_record(node_id, msg))
                 await self.verifier.node_connected(node_id)
+                if mitigations := self.slowdown.mitigations(node_id):  # a restarted agent forgot them
+                    await self._send_mitigations(node_id, mitigations)
             elif what == "status":
                 self.reconciler.trigger()
             elif body == "evidence":
                 await self.verifier.evidence(node_id, msg.evidence.payload)
             elif body == "event" and msg.event.id == "agent.wipe.done":
                 self.verifier.wipe_confirmed(node_id, msg.event)
+                await self.catalog.wipe_confirmed(node_id, msg.event)
                 self._node_event(node_id, msg.event)
             elif body == "telemetry" and not self.telemetry.add(node_id, msg.sent_unix_ms, msg.telemetry):
                 self.drops.drop(WireError("wire.telemetry.invalid_value"))
@@ -320,10 +403,64 @@ class Orchestrator:
             except Exception as err:  # broker away: notifications are best effort on MQTT
                 log.debug("cannot publish event %s: %s", event.kind, err)
 
+    def _offline(self, node_id: str, msg: node_pb2.NodeMessage, retained: bool) -> None:
+        view = self.fleet.nodes.get(node_id)
+        if retained and view is not None and view.online(time.monotonic(), self.config.node_timeout_s):
+            # A will the broker kept across its restart, older than what the node said since; if
+            # the node really is gone, its silence says so within node_timeout_s.
+            return
+        if retained:
+            self.fleet.apply(msg, retained=True)
+            self.reconciler.trigger()
+            return
+        self._pending_offline[node_id] = (time.monotonic() + OFFLINE_CONFIRM_S, msg)
+
+    async def _hold_liveness(self) -> None:
+        """Apply OFFLINE statuses once confirmed (``OFFLINE_CONFIRM_S``). While our own broker
+        connection is down, the nodes' silence and the wills of the broker's shutdown prove nothing
+        about them: pending OFFLINEs are discarded and the last_seen of the online nodes kept fresh,
+        so after the reconnect each has one node_timeout_s to speak before it is declared lost (a
+        broker restart moves no replica)."""
+        while True:
+            await asyncio.sleep(LIVENESS_TICK_S)
+            now = time.monotonic()
+            if self._mqtt is None or self._mqtt.connected:
+                due = [n for n, (at, _) in self._pending_offline.items() if at <= now]
+                for node_id in due:
+                    self.fleet.apply(self._pending_offline.pop(node_id)[1])
+                if due:
+                    self.reconciler.trigger()
+                continue
+            if self._pending_offline:
+                log.warning(
+                    "broker connection lost just after %d nodes went offline: taken as the broker's "
+                    "shutdown, not theirs",
+                    len(self._pending_offline),
+                )
+                self._pending_offline.clear()
+            timeout = self.config.node_timeout_s
+            for node in self.fleet.nodes.values():
+                if node.online(now, timeout):  # a node already lost stays lost
+                    node.last_seen = now
+
     async def _flush_telemetry(self) -> None:
         while True:
             await asyncio.sleep(0.2)
             self.telemetry.flush()
+            await self._watch_exits()
+
+    async def _watch_exits(self) -> None:
+        """Exit telemetry of multi-exit models -> slowdown detector -> events and mitigations."""
+        windows = self.telemetry.exits.windows(self.config.slowdown.min_requests)
+        decision = self.slowdown.observe(windows)
+        for n in decision.notices:
+            self.events.publish(n.kind, n.subject, n.message, n.severity, **n.attributes)
+        for node_id, mitigations in decision.mitigations.items():
+            await self._send_mitigations(node_id, mitigations)
+
+    async def _send_mitigations(self, node_id: str, mitigations: list[node_pb2.Mitigation]) -> None:
+        body = node_pb2.Mitigate(mitigations=mitigations)
+        await self._publish_command(node_id, command(node_id, mitigate=body))
 
     def render_metrics(self) -> bytes:
         now = time.monotonic()
@@ -396,8 +533,12 @@ class Orchestrator:
         return render(fams)
 
     def drop_counts(self) -> dict[str, int]:
-        """Refused MQTT payloads by reason, including those the session dropped for size."""
-        return self.drops.with_oversize(self._mqtt.stats.dropped_oversize if self._mqtt is not None else 0)
+        """Refused MQTT payloads (and refused parts of accepted ones: bad profiles or latencies) by
+        reason, including those the session dropped for size."""
+        counts = self.drops.with_oversize(self._mqtt.stats.dropped_oversize if self._mqtt is not None else 0)
+        for reason, n in self.fleet.dropped.items():
+            counts[reason] = counts.get(reason, 0) + n
+        return counts
 
     def _node_record(self, node_id: str, msg: node_pb2.NodeMessage) -> NodeRecord:
         return NodeRecord(
@@ -431,14 +572,19 @@ class Orchestrator:
         record, replicas = await self.db(
             lambda: (self.store.get_deployment(name), self.store.list_replicas(name))
         )
-        return deployment_to_pb(record, replicas)
+        return self._with_rollout(record, deployment_to_pb(record, replicas))
+
+    def _with_rollout(self, record: DeploymentRecord, pb: api_pb2.Deployment) -> api_pb2.Deployment:
+        if self.rollouts.get(record.name) is not None:
+            pb.status.rollout.CopyFrom(self.rollouts.status_pb(record))
+        return pb
 
     async def all_deployments_pb(self) -> list[api_pb2.Deployment]:
         records, replicas = await self.db(lambda: (self.store.list_deployments(), self.store.list_replicas()))
         by_dep: dict[str, list] = {}
         for rep in replicas:
             by_dep.setdefault(rep.deployment, []).append(rep)
-        return [deployment_to_pb(r, by_dep.get(r.name, [])) for r in records]
+        return [self._with_rollout(r, deployment_to_pb(r, by_dep.get(r.name, []))) for r in records]
 
     async def nodes_pb(self) -> list[api_pb2.Node]:
         records, replicas = await self.db(lambda: (self.store.list_nodes(), self.store.list_replicas()))
@@ -461,6 +607,15 @@ class Orchestrator:
         if quarantine is not None:
             pb.quarantine_reason = quarantine.reason
         return pb
+
+    async def _exists(self, kind: str, name: str) -> bool:
+        """Whether a deployment or model exists (asked before a team claims a name, docs/security.md)."""
+        getter = self.store.get_deployment if kind == DEPLOYMENT else self.store.get_model
+        try:
+            await self.db(getter, name)
+        except NotFound:
+            return False
+        return True
 
     async def set_cordon(self, node_id: str, cordon: bool) -> None:
         def update() -> None:

@@ -21,6 +21,8 @@ import pytest
 
 from edgeward.mqtt import BrokerURL
 from edgeward.mqtt.broker import EmbeddedBroker
+from edgeward.security.mqtt_acl import mosquitto_config
+from edgeward.security.pki import FleetCA, parse_subject
 
 LOOPBACK = "127.0.0.1"
 # How long threads, tasks and processes get to finish on their own after a test.
@@ -49,11 +51,15 @@ def free_port() -> int:
 class Mosquitto:
     """A private Mosquitto on a loopback port, with its config and log in ``workdir``."""
 
-    def __init__(self, workdir: Path, listener_conf: str = "") -> None:
+    def __init__(
+        self, workdir: Path, listener_conf: str = "", conf_factory: Callable[[int], str] | None = None
+    ) -> None:
         if MOSQUITTO is None:
             pytest.skip("mosquitto not installed: apt-get install mosquitto")
         self.workdir = workdir
         self.listener_conf = listener_conf
+        # port -> a whole listener configuration (replaces the anonymous plaintext one)
+        self.conf_factory = conf_factory
         self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -81,23 +87,24 @@ class Mosquitto:
 
     def _spawn(self) -> None:
         conf = self.workdir / "mosquitto.conf"
-        conf.write_text(
-            "\n".join(
-                [
-                    # Never drop privileges to the 'mosquitto' user: it could not read our tmp dir.
-                    f"user {getpass.getuser()}",
-                    "per_listener_settings false",
-                    "allow_anonymous true",
-                    "persistence false",
-                    "max_packet_size 16777216",
-                    "log_dest stderr",
-                    "log_type all",
-                    f"listener {self.port} {LOOPBACK}",
-                    self.listener_conf,
-                    "",
-                ]
+        # Never drop privileges to the 'mosquitto' user: it could not read our tmp dir.
+        common = [f"user {getpass.getuser()}", "persistence false", "log_dest stderr", "log_type all"]
+        if self.conf_factory is not None:
+            conf.write_text("\n".join([*common, self.conf_factory(self.port), ""]))
+        else:
+            conf.write_text(
+                "\n".join(
+                    [
+                        *common,
+                        "per_listener_settings false",
+                        "allow_anonymous true",
+                        "max_packet_size 16777216",
+                        f"listener {self.port} {LOOPBACK}",
+                        self.listener_conf,
+                        "",
+                    ]
+                )
             )
-        )
         with (self.workdir / "mosquitto.log").open("ab") as log:
             self.proc = subprocess.Popen(
                 [MOSQUITTO, "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir
@@ -153,6 +160,43 @@ def mosquitto_factory(tmp_path: Path) -> Iterator[Callable[..., Mosquitto]]:
         workdir = tmp_path / f"mosquitto-{len(started)}"
         workdir.mkdir()
         broker = Mosquitto(workdir, listener_conf)
+        started.append(broker)
+        broker.start()
+        return broker
+
+    try:
+        yield start
+    finally:
+        for broker in started:
+            broker.stop()
+
+
+@pytest.fixture
+def fleet_ca(tmp_path: Path) -> FleetCA:
+    """A fresh fleet CA with an orchestrator certificate ``orchestrator:main`` (127.0.0.1)."""
+    ca = FleetCA.init(tmp_path / "pki")
+    ca.issue(parse_subject("orchestrator", "main"))
+    return ca
+
+
+@pytest.fixture
+def mosquitto_tls(tmp_path: Path, fleet_ca: FleetCA, topic_prefix: str) -> Iterator[Callable[[], Mosquitto]]:
+    """Start Mosquitto from `edgeward pki mosquitto-conf`'s configuration (mutual TLS, CRL, per-node ACL
+    for `topic_prefix`) on a free loopback port; issue the certificates the ACL names first."""
+    started: list[Mosquitto] = []
+
+    def start() -> Mosquitto:
+        workdir = tmp_path / f"mosquitto-tls-{len(started)}"
+        workdir.mkdir()
+        broker_files = fleet_ca.issue(parse_subject("broker", f"mosquitto-{len(started)}"))
+
+        def conf(port: int) -> str:
+            path = mosquitto_config(
+                fleet_ca, workdir / "generated", broker=broker_files, port=port, prefix=topic_prefix
+            )
+            return path.read_text()
+
+        broker = Mosquitto(workdir, conf_factory=conf)
         started.append(broker)
         broker.start()
         return broker

@@ -20,6 +20,26 @@ DEFAULT_SERVER = os.environ.get("EDGEWARD_SERVER", "127.0.0.1:50051")
 def _server(p: argparse.ArgumentParser) -> None:
     p.add_argument("--server", default=DEFAULT_SERVER, help="orchestrator gRPC address (env EDGEWARD_SERVER)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    _client_tls(p)
+
+
+def _client_tls(p: argparse.ArgumentParser) -> None:
+    """Mutual TLS towards the orchestrator (docs/security.md); without them: plaintext."""
+    # --tls-*: `models push --key` is the publisher's signing key.
+    for flag, what, env in (
+        ("--tls-ca", "the fleet CA", "EDGEWARD_CA"),
+        ("--tls-cert", "your certificate", "EDGEWARD_CERT"),
+        ("--tls-key", "your private key", "EDGEWARD_KEY"),
+    ):
+        p.add_argument(flag, metavar="PEM", help=f"mutual TLS: {what} (env {env})")
+
+
+def _export_client_tls(args: argparse.Namespace) -> None:
+    """The clients read $EDGEWARD_CA/CERT/KEY (`TlsFiles.from_env`); flags override them."""
+    for attr, env in (("tls_ca", "EDGEWARD_CA"), ("tls_cert", "EDGEWARD_CERT"), ("tls_key", "EDGEWARD_KEY")):
+        value = getattr(args, attr, None)
+        if value:
+            os.environ[env] = value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("tui", help="operator console: watch and steer the fleet in the terminal")
     p.add_argument("--server", default=DEFAULT_SERVER, help="orchestrator gRPC address (env EDGEWARD_SERVER)")
+    _client_tls(p)
     p.set_defaults(handler="orchestrator.tui:cmd_tui")
 
     p = sub.add_parser("orchestrator", help="run the orchestrator")
@@ -107,16 +128,70 @@ def build_parser() -> argparse.ArgumentParser:
     _server(p)
     p.set_defaults(handler="orchestrator.cli:cmd_events")
 
+    p = sub.add_parser("rollout", help="a deployment's rollout: status, pause, resume, undo (roll back)")
+    p.add_argument("action", choices=["status", "pause", "resume", "undo"])
+    p.add_argument("deployment", help="deployment/NAME or NAME")
+    p.add_argument("--reason", default="", help="why (recorded with pause, resume and undo)")
+    _server(p)
+    p.set_defaults(handler="orchestrator.cli:cmd_rollout")
+
     p = sub.add_parser("models", help="model catalog")
     msub = p.add_subparsers(dest="models_command", required=True, metavar="ACTION")
-    mp = msub.add_parser("push", help="publish a .tflite model")
+    mp = msub.add_parser("push", help="publish a .tflite model, signed with a publisher key")
     mp.add_argument("file")
     mp.add_argument("--name", required=True)
     mp.add_argument("--version", required=True, help="semantic version, e.g. 1.0.0")
+    mp.add_argument("--key", help="publisher private key (PEM) that signs the push (see `models keygen`)")
+    mp.add_argument("--parent", default="", help="version this one derives from (lineage), e.g. 1.0.0")
+    mp.add_argument("--owner-team", default="")
     mp.add_argument("--use-case", default="")
     mp.add_argument("--description", default="")
+    mp.add_argument("--label", action="append", default=[], metavar="K=V", help="repeatable")
     _server(mp)
     mp.set_defaults(handler="orchestrator.cli:cmd_models_push")
+    mp = msub.add_parser("list", help="every model version, or the models of one node (--node)")
+    mp.add_argument("--node", default="", help="show what this node runs")
+    _server(mp)
+    mp.set_defaults(handler="orchestrator.cli:cmd_models_list")
+    mp = msub.add_parser("show", help="one model version and where it runs")
+    mp.add_argument("model", help="NAME or NAME:VERSION (default: the latest)")
+    _server(mp)
+    mp.set_defaults(handler="orchestrator.cli:cmd_models_show")
+    mp = msub.add_parser("history", help="every version of a model: lineage and lifecycle")
+    mp.add_argument("name")
+    _server(mp)
+    mp.set_defaults(handler="orchestrator.cli:cmd_models_history")
+    for action, text in (
+        ("deprecate", "mark a version deprecated (still served; flagged by `edgeward compliance`)"),
+        ("revoke", "revoke a version for good: its key is destroyed and never released again"),
+    ):
+        mp = msub.add_parser(action, help=text)
+        mp.add_argument("model", help="NAME:VERSION")
+        mp.add_argument("--reason", default="")
+        _server(mp)
+        mp.set_defaults(handler="orchestrator.cli:cmd_models_state", action=action)
+    mp = msub.add_parser("keygen", help="write an Ed25519 publisher key pair (NAME.key 0600, NAME.pub)")
+    mp.add_argument("--out", default=".", help="directory (default: the current one)")
+    mp.add_argument("--name", default="publisher", help="file name stem (default: publisher)")
+    mp.set_defaults(handler="orchestrator.cli:cmd_models_keygen")
+    mp = msub.add_parser("wipe", help="revoke a model and delete it from every node that holds it")
+    mp.add_argument("model", help="NAME (every version) or NAME:VERSION")
+    mp.add_argument("--nodes", default="", help="comma-separated node ids (default: every holding node)")
+    mp.add_argument(
+        "--deadline", type=float, default=0.0, metavar="S", help="seconds to confirm (default: config)"
+    )
+    mp.add_argument("--reason", default="")
+    mp.add_argument("--no-wait", action="store_true", help="do not follow the confirmations")
+    _server(mp)
+    mp.set_defaults(handler="orchestrator.cli:cmd_models_wipe")
+
+    p = sub.add_parser("compliance", help="nodes running deprecated, revoked or unsigned model versions")
+    _server(p)
+    p.set_defaults(handler="orchestrator.cli:cmd_compliance")
+
+    from edgeward.security.cli import add_parser as add_pki_parser
+
+    add_pki_parser(sub)
     return parser
 
 
@@ -137,6 +212,7 @@ def _die_with_parent() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _die_with_parent()
+    _export_client_tls(args)
     module, _, func = args.handler.partition(":")
     handler = getattr(importlib.import_module(module), func)
     try:

@@ -13,15 +13,27 @@ from pathlib import Path
 import grpc
 import pytest
 
+from attestation.tokens import TokenStore
 from edgeward.v1 import api_pb2, api_pb2_grpc
 from node_agent.agent import NodeAgent
 from node_agent.config import AgentConfig
+from orchestrator.catalog import PublisherKey, sign_metadata
 from orchestrator.config import BrokerConfig, OrchestratorConfig
 from orchestrator.server import Orchestrator
 from usecases import model_path
 
 MODEL_F32 = model_path("industrial", "float32")
 MODEL_INT8 = model_path("industrial", "int8")
+#: The publisher that signs ``Api.push``; the ``fleet`` orchestrator trusts it (``trust_publisher``).
+PUBLISHER = PublisherKey.generate()
+
+
+def trust_publisher(directory: Path, key: PublisherKey = PUBLISHER) -> dict:
+    """The ``catalog`` config section of an orchestrator that trusts ``key`` (written to ``directory``)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    public = directory / f"{key.key_id}.pub"
+    public.write_bytes(key.public_pem())
+    return {"trusted_publishers": [public]}
 
 
 def _attestation_fixtures():
@@ -79,11 +91,20 @@ class Api:
         version: str = "1.0.0",
         data: bytes | None = None,
         sha256: str | None = None,
+        key: PublisherKey | None = PUBLISHER,
+        parent_version: str = "",
     ) -> api_pb2.Model:
+        """Push signed by ``key`` (None: unsigned)."""
         data = path.read_bytes() if data is None else data
         meta = api_pb2.ModelMetadata(
-            name=name, version=version, size=len(data), sha256=sha256 or hashlib.sha256(data).hexdigest()
+            name=name,
+            version=version,
+            size=len(data),
+            sha256=sha256 or hashlib.sha256(data).hexdigest(),
+            parent_version=parent_version,
         )
+        if key is not None:
+            sign_metadata(meta, key)
 
         async def parts():
             yield api_pb2.PushModelRequest(metadata=meta)
@@ -113,11 +134,13 @@ async def fleet(mqtt_url, topic_prefix, tmp_path) -> AsyncIterator[Callable]:
         attestation: dict | None = None,
         attesters: list[dict] | None = None,
         attested: bool = True,
+        catalog: dict | None = None,
         **agent_kw,
     ) -> tuple[Orchestrator, list[NodeAgent], Api]:
         """``attestation``: the orchestrator's attestation config; ``attesters``: node i's attester
         config (default software); ``attested``: wait until every node holds an affirming result
-        (else only until they are online)."""
+        (else only until they are online); ``catalog``: the catalog config (default: trusts
+        ``PUBLISHER``)."""
         config = OrchestratorConfig(
             state_dir=tmp_path / "orch",
             grpc_bind="127.0.0.1:0",
@@ -126,15 +149,18 @@ async def fleet(mqtt_url, topic_prefix, tmp_path) -> AsyncIterator[Callable]:
             resend_interval_s=1.0,
             broker=BrokerConfig(url=str(mqtt_url), topic_prefix=topic_prefix),
             attestation=attestation or {},
+            catalog=catalog if catalog is not None else trust_publisher(tmp_path / "publishers"),
         )
         orch = Orchestrator(config)
         await orch.__aenter__()
         stack.append(orch)
         agents = []
+        tokens = TokenStore.in_state_dir(config.state_dir)  # the operator approves each node
         for i in range(nodes):
             agent = NodeAgent(
                 AgentConfig(
                     node_id=f"n{i + 1}",
+                    enrollment_token=tokens.mint(f"n{i + 1}").token,
                     labels={"zone": "a" if i % 2 == 0 else "b"},
                     heartbeat_s=0.5,
                     broker={"url": str(mqtt_url), "topic_prefix": topic_prefix},

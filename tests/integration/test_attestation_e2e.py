@@ -12,10 +12,11 @@ import time
 
 import grpc
 import pytest
-from conftest import MODEL_INT8, Api, eventually, manifest
+from conftest import MODEL_INT8, Api, eventually, manifest, trust_publisher
 
 from attestation.artifacts import AGENT_CODE, AGENT_CODE_PACKAGES, code_digest, package_dir, tree_digest
 from attestation.errors import KeyReleaseError
+from attestation.tokens import TokenStore
 from edgeward.v1 import api_pb2, attestation_pb2, attestation_pb2_grpc, node_pb2
 from node_agent.agent import NodeAgent
 from node_agent.config import AgentConfig
@@ -261,12 +262,14 @@ async def test_an_orchestrator_restart_keeps_enrollments_and_running_models(
         node_timeout_s=3.0,
         reconcile_interval_s=0.2,
         broker=BrokerConfig(url=str(mosquitto), topic_prefix=topic_prefix),
+        catalog=trust_publisher(tmp_path / "publishers"),
     )
     agent_config = AgentConfig(
         node_id="n1",
         heartbeat_s=0.5,
         state_dir=tmp_path / "agents",
         broker={"url": str(mosquitto), "topic_prefix": topic_prefix},
+        enrollment_token=TokenStore.in_state_dir(config.state_dir).mint("n1").token,  # operator's approval
     )
     async with NodeAgent(agent_config) as agent:
         async with Orchestrator(config) as orch, grpc.aio.insecure_channel(orch.address) as channel:

@@ -44,7 +44,7 @@ async def test_events_reach_watch_mqtt_and_cli(fleet, mqtt_url, topic_prefix):
                 kinds.append(event.kind)
                 if event.kind == "node.cordoned":
                     break
-        assert kinds[:1] == ["deployment.applied"] and event.subject == "node/n1"
+        assert kinds[:2] == ["model.published", "deployment.applied"] and event.subject == "node/n1"
         watch.cancel()
 
         listed = await events.List(

@@ -15,8 +15,10 @@ import grpc
 import numpy as np
 import pytest
 import yaml
+from conftest import PUBLISHER, trust_publisher
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from attestation.tokens import TokenStore
 from edgeward.oip import grpc_predict_v2_pb2 as oip
 from edgeward.oip import grpc_predict_v2_pb2_grpc as oip_grpc
 from edgeward.v1 import attestation_pb2, attestation_pb2_grpc, node_pb2
@@ -98,6 +100,11 @@ def cluster(request, tmp_path, topic_prefix):
                 "node_timeout_s": 4.0,
                 "reconcile_interval_s": 0.3,
                 "resend_interval_s": 1.0,
+                "catalog": {
+                    "trusted_publishers": [
+                        str(p) for p in trust_publisher(tmp_path / "publishers")["trusted_publishers"]
+                    ]
+                },
             }
         )
     )
@@ -121,6 +128,9 @@ def cluster(request, tmp_path, topic_prefix):
                         "heartbeat_s": 0.5,
                         "broker": {"url": agent_url, "topic_prefix": topic_prefix},
                         "state_dir": str(tmp_path / "agents"),
+                        "enrollment_token": TokenStore.in_state_dir(tmp_path / "state")
+                        .mint(f"node-{i}")
+                        .token,
                     }
                 )
             )
@@ -191,7 +201,7 @@ def test_processes_end_to_end(cluster):
             what="3 nodes",
         )
         wait_for(lambda: _attested(cluster.server) == 3, what="3 nodes attested")
-        client.push_model(model_path("industrial", "int8"), "vib-cnn", "1.0.0")
+        client.push_model(model_path("industrial", "int8"), "vib-cnn", "1.0.0", key=PUBLISHER)
         assert client.apply(MANIFEST).created
         wait_for(lambda: _running(client, 3), what="3 replicas running")
         endpoints = {n.id: n.inventory.inference_endpoint for n in client.list_nodes()}
@@ -214,7 +224,7 @@ def test_kill9_orchestrator_restart_converges_without_double_placement(cluster):
             what="3 nodes",
         )
         wait_for(lambda: _attested(cluster.server) == 3, what="3 nodes attested")
-        client.push_model(model_path("industrial", "int8"), "vib-cnn", "1.0.0")
+        client.push_model(model_path("industrial", "int8"), "vib-cnn", "1.0.0", key=PUBLISHER)
         client.apply(MANIFEST)
         wait_for(lambda: _running(client, 3), what="3 replicas running")
         before = {(r.id, r.node_id) for r in client.get_deployment("vib").status.replica_list}
@@ -258,7 +268,7 @@ def test_killed_node_replicas_run_elsewhere_within_5s(cluster):
             what="3 nodes",
         )
         wait_for(lambda: _attested(cluster.server) == 3, what="3 nodes attested")
-        client.push_model(model_path("industrial", "int8"), "vib-cnn", "1.0.0")
+        client.push_model(model_path("industrial", "int8"), "vib-cnn", "1.0.0", key=PUBLISHER)
         client.apply(MANIFEST.replace("replicas: 3", "replicas: 2"))
         wait_for(lambda: _running(client, 2), what="2 replicas running")
         victim = client.get_deployment("vib").status.replica_list[0].node_id

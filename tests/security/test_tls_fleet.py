@@ -10,6 +10,7 @@ from collections.abc import Callable
 import pytest
 from security_support import Client, manifest
 
+from attestation.tokens import TokenStore
 from edgeward.security.audit import read_audit
 from edgeward.security.pki import FleetCA, parse_subject
 from node_agent.agent import NodeAgent
@@ -35,6 +36,9 @@ async def test_a_tls_fleet_deploys_a_model_end_to_end(
             "state_dir": tmp_path / "agent",
             "broker": {"url": secure_orchestrator.broker_url, "topic_prefix": topic_prefix},
             "tls": {"ca_file": fleet_ca.ca_file, "cert_file": node.cert_file, "key_file": node.key_file},
+            "enrollment_token": TokenStore.in_state_dir(secure_orchestrator.config.state_dir)
+            .mint("edge-1")
+            .token,
         }
     )
     assert config.broker.cert_file == node.cert_file  # the broker section defaults to the node's TLS files

@@ -27,8 +27,9 @@ from typing import Any
 import grpc
 import pytest
 import yaml
-from tui_support import eventually, manifest, push_parts, vibration_model
+from tui_support import eventually, manifest, push_parts, trusted_publishers, vibration_model
 
+from attestation.tokens import TokenStore
 from edgeward.v1 import api_pb2, api_pb2_grpc, node_pb2
 from node_agent.agent import NodeAgent
 from node_agent.config import AgentConfig
@@ -67,6 +68,7 @@ async def console_fleet(tmp_path: Path) -> AsyncIterator[ConsoleFleet]:
         reconcile_interval_s=0.2,
         resend_interval_s=1.0,
         broker=BrokerConfig(),
+        catalog={"trusted_publishers": trusted_publishers(tmp_path / "publishers")},
     )
     stack: list = []
     channel = None
@@ -84,6 +86,7 @@ async def console_fleet(tmp_path: Path) -> AsyncIterator[ConsoleFleet]:
                     heartbeat_s=0.3,
                     broker={"url": orch.broker_url},
                     state_dir=tmp_path / "agents",
+                    enrollment_token=TokenStore.in_state_dir(config.state_dir).mint(f"n{i}").token,
                 )
             )
             await agent.__aenter__()
@@ -194,6 +197,7 @@ def demo_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoFleet]:
                 "grpc_bind": "127.0.0.1:0",
                 "node_timeout_s": 60,  # a busy test machine must not make nodes flap
                 "reconcile_interval_s": 0.2,
+                "catalog": {"trusted_publishers": trusted_publishers(root / "publishers")},
             }
         )
     )
@@ -221,6 +225,9 @@ def demo_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoFleet]:
                         "broker": {"url": broker},
                         "heartbeat_s": 1.0,
                         "state_dir": str(root / "agents"),
+                        "enrollment_token": TokenStore.in_state_dir(root / "orch")
+                        .mint(node["node_id"])
+                        .token,
                     }
                 )
             )

@@ -9,9 +9,21 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from edgeward.v1 import api_pb2, api_pb2_grpc
+from orchestrator.catalog.signing import PublisherKey, sign_metadata
 from orchestrator.tui import ConsoleApp
 from orchestrator.tui.widgets import LiveTable
 from usecases import model_path
+
+#: The publisher that signs the console tests' pushes; their orchestrators trust it.
+PUBLISHER = PublisherKey.generate()
+
+
+def trusted_publishers(directory: Path) -> list[str]:
+    """The ``catalog.trusted_publishers`` list of an orchestrator that trusts ``PUBLISHER``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    public = directory / f"{PUBLISHER.key_id}.pub"
+    public.write_bytes(PUBLISHER.public_pem())
+    return [str(public)]
 
 
 def vibration_model(precision: str = "int8") -> Path:
@@ -47,6 +59,7 @@ def push_parts(path: Path, name: str, version: str, use_case: str = "") -> list[
         sha256=hashlib.sha256(data).hexdigest(),
         use_case=use_case,
     )
+    meta = sign_metadata(meta, PUBLISHER)
     return [api_pb2.PushModelRequest(metadata=meta), api_pb2.PushModelRequest(chunk=data)]
 
 
