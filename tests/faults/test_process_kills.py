@@ -39,24 +39,31 @@ def test_kill9_orchestrator_during_apply_loses_no_acknowledged_deployment(cluste
         base = probe.placement("base")
     desired = {"base": 3}
     for round_ in range(2):
-        # Longer than the kill delay: the kill lands inside the burst. A few deployments have a
-        # replica (the fleet has room for them), the rest none.
+        # The kill lands after a random number of acknowledged applies, while the burst goes on: a
+        # few deployments have a replica (the fleet has room for them), the rest none.
         names = [f"burst{round_}-{k}" for k in range(60)]
         replicas = {name: 1 if k < 4 else 0 for k, name in enumerate(names)}
+        kill_after = rng.randrange(3, 50)
         acknowledged: list[str] = []
+        enough = threading.Event()
 
-        def burst(names=names, acknowledged=acknowledged, replicas=replicas) -> None:
+        def burst(
+            names=names, acknowledged=acknowledged, replicas=replicas, kill_after=kill_after, enough=enough
+        ) -> None:
             with cluster.probe() as p:
                 for name in names:
                     try:
                         p.apply(deployment_manifest(name, replicas[name]))
                     except grpc.RpcError:
-                        return  # the orchestrator is gone
+                        break  # the orchestrator is gone
                     acknowledged.append(name)
+                    if len(acknowledged) == kill_after:
+                        enough.set()  # the kill comes from the test thread while the next apply is in flight
+            enough.set()
 
         applying = threading.Thread(target=burst, name=f"burst-{round_}")
         applying.start()
-        time.sleep(rng.uniform(0.1, 0.4))
+        assert enough.wait(30), "the burst did not start"
         orch.kill9()
         applying.join(timeout=30)
         assert 0 < len(acknowledged) < len(names), f"the kill did not land inside the burst (seed {seed})"

@@ -37,6 +37,9 @@ INPUT = inspect_tflite(MODEL_INT8.read_bytes()).inputs[0]
 assert INPUT.quantization is not None
 INPUT_SCALE, INPUT_ZERO_POINT = INPUT.quantization.scale, INPUT.quantization.zero_point
 SLO_MS = 10.0
+# The good version is a ~0.05 ms model: its p95 is gRPC and queueing, which a loaded CI box pushes past
+# 10 ms; the gate under test there is "passes", so its SLO leaves room for a busy machine.
+GOOD_SLO_MS = 250.0
 RUNNING = node_pb2.REPLICA_PHASE_RUNNING
 LIVE = (
     node_pb2.REPLICA_PHASE_PENDING,
@@ -105,9 +108,11 @@ def rebuilt(data: bytes, note: str) -> bytes:
     return bytes(builder.Output())
 
 
-def strategy(steps: str = "[25, 100]", pause: str = "2s", min_inferences: int = 10) -> str:
+def strategy(
+    steps: str = "[25, 100]", pause: str = "2s", min_inferences: int = 10, slo_ms: float = SLO_MS
+) -> str:
     return (
-        f"  requirements: {{maxLatencyMs: {SLO_MS:g}}}\n"
+        f"  requirements: {{maxLatencyMs: {slo_ms:g}}}\n"
         f"  strategy: {{type: canary, steps: {steps}, pause: {pause}, maxUnavailable: 1, "
         f"gates: {{minInferences: {min_inferences}}}}}\n"
     )
@@ -230,14 +235,20 @@ async def test_good_version_completes_and_operator_can_pause_resume_and_undo(fle
     await api.push(data=base, version="1.0.0")
     await api.push(data=rebuilt(base, "vibration cnn, republished 1.1.0"), version="1.1.0")
     await api.push(data=rebuilt(base, "vibration cnn, republished 1.2.0"), version="1.2.0")
-    await api.apply(manifest(replicas=4, extra=strategy(steps="[25, 50, 100]", pause="1s")))
+    await api.apply(
+        manifest(replicas=4, extra=strategy(steps="[25, 50, 100]", pause="1s", slo_ms=GOOD_SLO_MS))
+    )
     channel = grpc.aio.insecure_channel(orch.address)
     stub = api_pb2_grpc.RolloutServiceStub(channel)
     try:
         await eventually(lambda: _running(api, 4, "1.0.0"), what="4 replicas of 1.0.0")
         async with Traffic([a.inference_endpoint for a in agents]):
             await api.apply(
-                manifest(replicas=4, version="1.1.0", extra=strategy(steps="[25, 50, 100]", pause="1s"))
+                manifest(
+                    replicas=4,
+                    version="1.1.0",
+                    extra=strategy(steps="[25, 50, 100]", pause="1s", slo_ms=GOOD_SLO_MS),
+                )
             )
             await eventually(
                 lambda: _rollout_at(channel, api_pb2.ROLLOUT_STATE_PROGRESSING, step=2), what="step 2"
@@ -259,13 +270,17 @@ async def test_good_version_completes_and_operator_can_pause_resume_and_undo(fle
             assert [h.verdict for h in done.history] == ["passed", "passed", "passed"]
             assert all(h.figures["inferences"] >= 10 for h in done.history)
             assert all(h.figures["error_rate"] == 0 for h in done.history)
-            assert all(h.figures["p95_ms"] <= SLO_MS for h in done.history)
+            assert all(h.figures["p95_ms"] <= GOOD_SLO_MS for h in done.history)
             # The accuracy proxy was measured against the stable version while both ran.
             assert "stable_confident_share" in done.history[0].figures
 
             # Undo a rollout in progress: straight back to 1.1.0, whose replicas never stopped.
             await api.apply(
-                manifest(replicas=4, version="1.2.0", extra=strategy(steps="[25, 50, 100]", pause="30s"))
+                manifest(
+                    replicas=4,
+                    version="1.2.0",
+                    extra=strategy(steps="[25, 50, 100]", pause="30s", slo_ms=GOOD_SLO_MS),
+                )
             )
             await eventually(
                 lambda: _rollout_at(channel, api_pb2.ROLLOUT_STATE_PROGRESSING, observing=True),
