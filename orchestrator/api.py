@@ -19,6 +19,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import grpc
+import numpy as np
 
 from attestation.artifacts import model_aad
 from attestation.keyrelease import new_data_key, seal
@@ -122,6 +123,50 @@ def deployment_to_pb(record: DeploymentRecord, replicas: list[ReplicaRecord]) ->
         created_unix_ms=record.created_ms,
         updated_unix_ms=record.updated_ms,
     )
+
+
+def fill_slo_attainment(
+    deployments: list[tuple[DeploymentRecord, list[ReplicaRecord], api_pb2.Deployment]],
+    reported: Callable[[str], list[node_pb2.ModelStats]],
+) -> None:
+    """Set ``status.slo_attainment`` of every deployment with a latency SLO, in one pass.
+
+    A running replica of the current generation is measured when its node's latest telemetry has
+    a p95 for the replica's model version (the node's recent inferences); it meets the SLO when
+    that p95 is at most ``max_latency_ms``. One lookup per node, one vectorised comparison."""
+    latest: dict[str, dict[tuple[str, str], float]] = {}
+    owner: list[int] = []
+    p95: list[float] = []
+    slo: list[float] = []
+    for i, (record, replicas, _) in enumerate(deployments):
+        limit = record.manifest.spec.requirements.max_latency_ms
+        if limit <= 0:
+            continue
+        for rep in replicas:
+            if rep.phase != Phase.RUNNING or rep.generation != record.generation or not rep.node_id:
+                continue
+            stats = latest.get(rep.node_id)
+            if stats is None:
+                stats = latest[rep.node_id] = {
+                    (m.model_name, m.model_version): m.latency_p95_ms
+                    for m in reported(rep.node_id)
+                    if m.inferences
+                }
+            value = stats.get((rep.model_name, rep.model_version))
+            if value is not None:
+                owner.append(i)
+                p95.append(value)
+                slo.append(limit)
+    if not owner:
+        return
+    rows = np.asarray(owner)
+    measured = np.bincount(rows, minlength=len(deployments))
+    met = np.bincount(rows, weights=np.asarray(p95) <= np.asarray(slo), minlength=len(deployments))
+    for i in np.flatnonzero(measured):
+        status = deployments[i][2].status
+        status.slo_replicas_measured = int(measured[i])
+        status.slo_replicas_met = int(met[i])
+        status.slo_attainment = float(met[i] / measured[i])
 
 
 # ---------------------------------------------------------------- deployments

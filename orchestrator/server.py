@@ -51,6 +51,7 @@ from .api import (
     TelemetryService,
     WatchHub,
     deployment_to_pb,
+    fill_slo_attainment,
     node_to_pb,
 )
 from .catalog.service import Catalog
@@ -572,7 +573,9 @@ class Orchestrator:
         record, replicas = await self.db(
             lambda: (self.store.get_deployment(name), self.store.list_replicas(name))
         )
-        return self._with_rollout(record, deployment_to_pb(record, replicas))
+        pb = self._with_rollout(record, deployment_to_pb(record, replicas))
+        fill_slo_attainment([(record, replicas, pb)], self.telemetry.models)
+        return pb
 
     def _with_rollout(self, record: DeploymentRecord, pb: api_pb2.Deployment) -> api_pb2.Deployment:
         if self.rollouts.get(record.name) is not None:
@@ -584,7 +587,9 @@ class Orchestrator:
         by_dep: dict[str, list] = {}
         for rep in replicas:
             by_dep.setdefault(rep.deployment, []).append(rep)
-        return [self._with_rollout(r, deployment_to_pb(r, by_dep.get(r.name, []))) for r in records]
+        out = [(r, by_dep.get(r.name, []), deployment_to_pb(r, by_dep.get(r.name, []))) for r in records]
+        fill_slo_attainment(out, self.telemetry.models)
+        return [self._with_rollout(r, pb) for r, _, pb in out]
 
     async def nodes_pb(self) -> list[api_pb2.Node]:
         records, replicas = await self.db(lambda: (self.store.list_nodes(), self.store.list_replicas()))

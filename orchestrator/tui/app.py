@@ -22,16 +22,16 @@ from textual.screen import ModalScreen, Screen
 from textual.timer import Timer
 from textual.widgets import Footer, Header, TabbedContent, TabPane
 
-from edgeward.v1 import node_pb2
+from edgeward.v1 import api_pb2, node_pb2
 
 from .client import ATTESTATION_SERVICE, EVENT_SERVICE, ConsoleClient, ConsoleError, Unreachable
-from .model import ConsoleEvent, ConsoleState, Severity
-from .screens import ApplyScreen, ConfirmScreen, NodeDetailScreen
+from .model import ConsoleEvent, ConsoleState, Severity, rollout_in_progress
+from .screens import ApplyScreen, ConfirmScreen, NodeDetailScreen, WipeScreen
 from .views import AttestationView, DeploymentsView, EventsView, FleetView, LiveView, ModelsView
 from .widgets import ConnectionBanner, LiveTable
 
 T = TypeVar("T")
-REFRESH_S = 5.0  # node list and model catalog, which have no Watch stream
+REFRESH_S = 5.0  # nodes, catalog, placements, wipes (no Watch), deployments (SLO attainment)
 NODES_DEBOUNCE_S = 0.5  # re-read nodes this long after telemetry or replica changes
 RETRY_S = (1.0, 10.0)  # first and largest delay between reconnection attempts
 TABS = ("fleet", "deployments", "models", "events", "attestation")
@@ -167,6 +167,7 @@ class ConsoleApp(App[None]):
         for coro in live:
             self.run_worker(coro, group="live", exit_on_error=False)
         self.refresh_views(events)
+        self._refresh_models()
 
     def stop_live(self) -> None:
         """Stop every live update (streams, refreshes, a pending retry); the screens keep what
@@ -266,17 +267,33 @@ class ConsoleApp(App[None]):
 
     @work(exclusive=True, group="models", exit_on_error=False)
     async def _refresh_models(self) -> None:
+        """The catalog, where each model runs (one Placements call per model name) and the wipes."""
         try:
-            self.state.models = await self.call(lambda c: c.list_models())
+            models = await self.call(lambda c: c.list_models())
+            placements = {}
+            for name in sorted({m.name for m in models}):
+                placements[name] = await self.call(lambda c, name=name: c.placements(name))
+            wipes = await self.call(lambda c: c.list_wipes())
         except ConsoleError:
             return
+        self.state.models, self.state.placements = models, placements
+        self.state.wipes = {w.id: w for w in wipes}
         self.refresh_views()
+
+    @work(exclusive=True, group="deployments", exit_on_error=False)
+    async def _refresh_deployments(self) -> None:
+        try:
+            deployments = await self.call(lambda c: c.list_deployments())
+        except ConsoleError:
+            return
+        self.refresh_views(self.state.refresh_deployments(deployments))
 
     async def _refresh_periodically(self) -> None:
         while True:
             await asyncio.sleep(REFRESH_S)
             self._refresh_nodes()
             self._refresh_models()
+            self._refresh_deployments()
 
     @work(group="history", exit_on_error=False)
     async def _seed_history(self, node_id: str) -> None:
@@ -380,6 +397,69 @@ class ConsoleApp(App[None]):
             describe,
         )
 
+    def request_wipe(self, name: str, version: str) -> None:
+        model = next((m for m in self.state.models if (m.name, m.version) == (name, version)), None)
+        if model is None:
+            return
+        placed = self.state.placed(model)
+        nodes = sorted({p.node_id for p in placed})
+        replicas = sum(p.replicas for p in placed)
+        where = f" ({', '.join(nodes[:6])}{', …' if len(nodes) > 6 else ''})" if nodes else ""
+        self._confirm(
+            f"Wipe {name}:{version} from the fleet?",
+            f"Its key is revoked (destroyed: no node can load it again, final), its {replicas} replica(s) "
+            f"are evicted, and {len(nodes)} node(s){where} are ordered to delete the artifact and its "
+            "keys. A node that does not confirm by the deadline is quarantined.",
+            "model.wipe",
+            f"model/{name}:{version}",
+            lambda c: c.wipe(name, version, "wiped from the operator console"),
+            self._wiped,
+        )
+
+    def _wiped(self, status: Any) -> str:
+        self.state.wipes[status.id] = status
+        self.push_screen(WipeScreen(status.id))
+        return f"wipe {status.id}: {len(status.nodes)} node(s) ordered, {status.replicas_evicted} replica(s) evicted"
+
+    def request_rollout(self, action: str, name: str) -> None:
+        """``action``: pause, resume or undo the rollout of deployment ``name`` (asks first)."""
+        dep = self.state.deployments.get(name)
+        if dep is None or not rollout_in_progress(dep):
+            self.notify(f"deployment/{name} has no rollout in progress", title=f"rollout {action}", timeout=4)
+            return
+        ro = dep.status.rollout
+        where = f"step {ro.step}/{ro.steps} ({ro.new_running} new running, {ro.old_live} old live)"
+        question, detail = {
+            "pause": (
+                f"Pause the rollout of deployment/{name}?",
+                f"It holds {where}; gates are not evaluated until it is resumed.",
+            ),
+            "resume": (
+                f"Resume the rollout of deployment/{name}?",
+                f"It continues at {where} and observes that step again through the gates.",
+            ),
+            "undo": (
+                f"Undo the rollout of deployment/{name}?",
+                f"It rolls back now from {ro.to_model} to the stable {ro.from_model} "
+                f"(generation {ro.from_generation}); the new version's replicas are replaced.",
+            ),
+        }[action]
+
+        def describe(status: Any) -> str:
+            self.state.set_rollout(status)
+            return f"rollout {status.strategy} {status.step}/{status.steps} " + (
+                api_pb2.RolloutState.Name(status.state).removeprefix("ROLLOUT_STATE_").lower()
+            )
+
+        self._confirm(
+            question,
+            detail,
+            f"rollout.{action}",
+            f"deployment/{name}",
+            lambda c: c.rollout(action.capitalize(), name, f"{action} from the operator console"),
+            describe,
+        )
+
     def action_apply(self) -> None:
         if not isinstance(self.screen, ApplyScreen):
             self.push_screen(ApplyScreen(self.apply_path), self._apply)
@@ -469,11 +549,33 @@ class ConsoleApp(App[None]):
                     lambda n=node_id: self.request_attest(n),
                     discover=False,
                 )
-        for name in self.state.deployments:
+        for name, dep in self.state.deployments.items():
             yield SystemCommand(
                 f"Delete deployment {name}",
                 "Stop and remove its replicas (asks first)",
                 lambda n=name: self.request_delete(n),
+                discover=False,
+            )
+            if rollout_in_progress(dep):
+                paused = dep.status.rollout.state == api_pb2.ROLLOUT_STATE_PAUSED
+                verb = "resume" if paused else "pause"
+                yield SystemCommand(
+                    f"{verb.capitalize()} rollout {name}",
+                    f"{verb.capitalize()} the rollout of {name} (asks first)",
+                    lambda n=name, v=verb: self.request_rollout(v, n),
+                    discover=False,
+                )
+                yield SystemCommand(
+                    f"Undo rollout {name}",
+                    f"Roll {name} back to its stable generation (asks first)",
+                    lambda n=name: self.request_rollout("undo", n),
+                    discover=False,
+                )
+        for model in self.state.models:
+            yield SystemCommand(
+                f"Wipe model {model.name}:{model.version}",
+                "Revoke its key and order every node holding it to delete it (asks first)",
+                lambda m=model: self.request_wipe(m.name, m.version),
                 discover=False,
             )
 

@@ -15,6 +15,8 @@ from typing import Any
 import grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from edgeward.security.errors import SecurityError
+from edgeward.security.tls import TlsFiles, grpc_aio_channel
 from edgeward.v1 import api_pb2, api_pb2_grpc, events_pb2, events_pb2_grpc
 
 ATTESTATION_SERVICE = "edgeward.v1.AttestationService"
@@ -55,12 +57,16 @@ class ConsoleClient:
     def __init__(self, server: str, timeout: float = 5.0) -> None:
         self.server = server
         self.timeout = timeout
-        self._channel = grpc.aio.insecure_channel(server)
+        try:  # mutual TLS with $EDGEWARD_CA/CERT/KEY when set (docs/security.md)
+            self._channel = grpc_aio_channel(server, TlsFiles.from_env())
+        except SecurityError as err:
+            raise ConsoleError("INVALID_ARGUMENT", str(err)) from err
         self._deployments = api_pb2_grpc.DeploymentServiceStub(self._channel)
         self._nodes = api_pb2_grpc.NodeServiceStub(self._channel)
         self._models = api_pb2_grpc.ModelServiceStub(self._channel)
         self._events = events_pb2_grpc.EventServiceStub(self._channel)
         self._telemetry = api_pb2_grpc.TelemetryServiceStub(self._channel)
+        self._rollouts = api_pb2_grpc.RolloutServiceStub(self._channel)
         self._attestation: Any = None
         self.attestation_pb: ModuleType | None = None
 
@@ -146,6 +152,28 @@ class ConsoleClient:
 
     async def list_models(self) -> list[api_pb2.Model]:
         return list((await self._unary(self._models.List, api_pb2.ListModelsRequest())).models)
+
+    async def placements(self, name: str) -> list[api_pb2.Placement]:
+        resp = await self._unary(self._models.Placements, api_pb2.PlacementsRequest(name=name))
+        return list(resp.placements)
+
+    async def list_wipes(self) -> list[api_pb2.WipeStatus]:
+        return list((await self._unary(self._models.ListWipes, api_pb2.ListWipesRequest())).wipes)
+
+    async def wipe(self, name: str, version: str, reason: str) -> api_pb2.WipeStatus:
+        request = api_pb2.WipeRequest(name=name, version=version, reason=reason)
+        # Wipe revokes, evicts and sends the orders before it answers: give it longer.
+        return await self._unary(self._models.Wipe, request, wait_s=self.timeout * 4)
+
+    async def get_wipe(self, wipe_id: str) -> api_pb2.WipeStatus:
+        return await self._unary(self._models.GetWipe, api_pb2.GetWipeRequest(id=wipe_id))
+
+    # ------------------------------------------------------------ rollouts
+
+    async def rollout(self, action: str, deployment: str, reason: str = "") -> api_pb2.RolloutStatus:
+        """``action`` is Status, Pause, Resume or Undo (RolloutService)."""
+        method = getattr(self._rollouts, action)
+        return await self._unary(method, api_pb2.RolloutRequest(deployment=deployment, reason=reason))
 
     # ------------------------------------------------------------ notifications
 

@@ -111,6 +111,89 @@ def accelerator_label(acc: node_pb2.Accelerator) -> str:
     return label
 
 
+def model_state_name(value: int) -> str:
+    """published / deprecated / revoked ("-" from an orchestrator that does not say)."""
+    return api_pb2.ModelState.Name(value).removeprefix("MODEL_STATE_").lower().replace("unspecified", "-")
+
+
+def rollout_state_name(value: int) -> str:
+    return api_pb2.RolloutState.Name(value).removeprefix("ROLLOUT_STATE_").lower().replace("_", " ")
+
+
+def has_rollout(dep: api_pb2.Deployment) -> bool:
+    return dep.status.rollout.state != api_pb2.ROLLOUT_STATE_UNSPECIFIED
+
+
+def rollout_in_progress(dep: api_pb2.Deployment) -> bool:
+    return dep.status.rollout.state in (api_pb2.ROLLOUT_STATE_PROGRESSING, api_pb2.ROLLOUT_STATE_PAUSED)
+
+
+def rollout_summary(dep: api_pb2.Deployment) -> str:
+    """``canary 2/3 paused``, ``rolling done``, ``-`` when the deployment never had a rollout."""
+    ro = dep.status.rollout
+    if not has_rollout(dep):
+        return "-"
+    if ro.state == api_pb2.ROLLOUT_STATE_COMPLETED:
+        return f"{ro.strategy} done"
+    return f"{ro.strategy} {ro.step}/{ro.steps} {rollout_state_name(ro.state)}"
+
+
+def last_gate(ro: api_pb2.RolloutStatus) -> str:
+    """The last observed step's verdict and the gate behind it (``passed``, ``failed: rollout.gate.latency``)."""
+    if not ro.history:
+        return "not yet observed"
+    step = ro.history[-1]
+    return f"step {step.step} {step.verdict}" + (f" ({step.reason})" if step.reason else "")
+
+
+def slo_summary(dep: api_pb2.Deployment) -> str:
+    """SLO attainment as the orchestrator computes it: ``100% 3/3``; ``-`` without an SLO."""
+    if dep.spec.requirements.max_latency_ms <= 0:
+        return "-"
+    status = dep.status
+    if not status.HasField("slo_attainment"):
+        return "no data"
+    return f"{status.slo_attainment:.0%} {status.slo_replicas_met}/{status.slo_replicas_measured}"
+
+
+@dataclass(frozen=True)
+class ExitDistribution:
+    """Early exits of one multi-exit model on one node, summed over request sources, cumulative
+    since the node's agent started: the share of answered requests per exit, and forced exits."""
+
+    model: str
+    version: str
+    requests: int
+    shares: tuple[float, ...]  # per exit, of answered requests (confident exits)
+    forced: float  # share stopped early by a latency budget (mitigation)
+    refused: int  # refused by a rate limit, not answered
+    sources: int
+
+
+def exit_distributions(telemetry: node_pb2.Telemetry) -> list[ExitDistribution]:
+    by_model: dict[tuple[str, str], list[node_pb2.ExitStats]] = {}
+    for stats in telemetry.exits:
+        by_model.setdefault((stats.model_name, stats.model_version), []).append(stats)
+    out = []
+    for (model, version), streams in sorted(by_model.items()):
+        width = max(len(s.exits) for s in streams)
+        exits = [sum(s.exits[k] for s in streams if k < len(s.exits)) for k in range(width)]
+        forced = sum(s.forced for s in streams)
+        requests = sum(exits) + forced
+        out.append(
+            ExitDistribution(
+                model,
+                version,
+                requests,
+                tuple(e / requests if requests else 0.0 for e in exits),
+                forced / requests if requests else 0.0,
+                sum(s.refused for s in streams),
+                len(streams),
+            )
+        )
+    return out
+
+
 @dataclass
 class NodeHistory:
     """Recent points of one node: power from every telemetry sample; latency and throughput from
@@ -154,6 +237,8 @@ class ConsoleState:
         self.nodes: dict[str, api_pb2.Node] = {}
         self.deployments: dict[str, api_pb2.Deployment] = {}
         self.models: list[api_pb2.Model] = []
+        self.placements: dict[str, list[api_pb2.Placement]] = {}  # model name -> where its versions run
+        self.wipes: dict[str, api_pb2.WipeStatus] = {}  # wipe id -> its latest status
         self.attestations: dict[str, Any] = {}  # node id -> edgeward.v1 NodeAttestation
         self.attestation_states: dict[str, str] = {}  # node id -> "affirming", "expired", ...
         self.history: dict[str, NodeHistory] = {}
@@ -308,6 +393,24 @@ class ConsoleState:
             out.extend(self._replica_change(dep, prev, rep))
         return out
 
+    def refresh_deployments(self, deployments: Iterable[api_pb2.Deployment]) -> list[ConsoleEvent]:
+        """A periodic re-read (SLO attainment and rollout progress change without a watch event):
+        changes explain themselves as on the watch stream; deletions arrive there."""
+        out = []
+        for dep in deployments:
+            out.extend(
+                self.apply_deployment_event(
+                    api_pb2.DeploymentEvent(type=api_pb2.WATCH_EVENT_TYPE_MODIFIED, deployment=dep)
+                )
+            )
+        return out
+
+    def set_rollout(self, status: api_pb2.RolloutStatus) -> None:
+        """An operator's rollout action answered with the new status: show it before the next event."""
+        dep = self.deployments.get(status.deployment)
+        if dep is not None:
+            dep.status.rollout.CopyFrom(status)
+
     def _replica_change(
         self, dep: api_pb2.Deployment, prev: api_pb2.Replica | None, rep: api_pb2.Replica
     ) -> list[ConsoleEvent]:
@@ -392,3 +495,17 @@ class ConsoleState:
             )
             out.append((dep.name, nodes))
         return out
+
+    def placed(self, model: api_pb2.Model) -> list[api_pb2.Placement]:
+        """Where this version runs (ModelService.Placements): node, replicas, since, attestation."""
+        return [
+            p
+            for p in self.placements.get(model.name, [])
+            if p.model == model.name and p.version == model.version
+        ]
+
+    def wipes_of(self, model: api_pb2.Model) -> list[api_pb2.WipeStatus]:
+        return sorted(
+            (w for w in self.wipes.values() if w.name == model.name and model.version in w.versions),
+            key=lambda w: w.created_unix_ms,
+        )

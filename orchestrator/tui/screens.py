@@ -1,7 +1,9 @@
-"""Pushed screens: confirmation, apply-a-manifest, and a node's detail with live sparklines."""
+"""Pushed screens: confirmation, apply-a-manifest, a wipe's progress, and a node's detail with live
+sparklines and early-exit distribution."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
@@ -13,10 +15,17 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen, Screen
 from textual.widgets import Button, Footer, Header, Input, Label, Sparkline, Static
 
-from edgeward.v1 import node_pb2
+from edgeward.v1 import api_pb2, node_pb2
 
 from .client import ConsoleError
-from .model import ConsoleState, accelerator_label, phase_name, source_name, state_name
+from .model import (
+    ConsoleState,
+    accelerator_label,
+    exit_distributions,
+    phase_name,
+    source_name,
+    state_name,
+)
 from .views import PHASE_STYLE
 from .widgets import Cell, ConnectionBanner, LiveTable
 
@@ -156,6 +165,87 @@ class ApplyScreen(ModalScreen[str | None]):
         self.dismiss(None)
 
 
+WIPE_POLL_S = 0.5
+WIPE_STYLE = {"pending": "yellow", "confirmed": "green", "quarantined": "bold red"}
+
+
+class WipeScreen(ModalScreen[None]):
+    """A wipe's confirmations as they arrive (ModelService.GetWipe), until no node is pending.
+
+    Closing it does not stop the wipe: the orchestrator tracks it, and the Models tab shows it."""
+
+    DEFAULT_CSS = (
+        MODAL_CSS.format(name="WipeScreen")
+        + """
+    WipeScreen LiveTable {
+        height: auto;
+        max-height: 12;
+    }
+    """
+    )
+    BINDINGS: ClassVar[list[BindingType]] = [Binding("escape,enter", "close", "Close")]
+
+    def __init__(self, wipe_id: str) -> None:
+        super().__init__()
+        self.wipe_id = wipe_id
+
+    @property
+    def console_app(self) -> ConsoleApp:
+        return self.app  # type: ignore[return-value]
+
+    def compose(self) -> ComposeResult:
+        with Vertical():
+            yield Label("", id="question")
+            yield Static("", id="detail")
+            yield LiveTable(["NODE", "STATE", "MESSAGE"], id="wipe-nodes")
+            with Horizontal(classes="buttons"):
+                yield Button("Close", id="close")
+
+    def on_mount(self) -> None:
+        self.show()
+        self._poll()
+
+    @work(exclusive=True, group="wipe")
+    async def _poll(self) -> None:
+        while True:
+            try:
+                status = await self.console_app.call(lambda c: c.get_wipe(self.wipe_id))
+            except ConsoleError as err:
+                self.query_one("#detail", Static).update(Text(f"cannot read the wipe: {err}", "red"))
+                return
+            self.console_app.state.wipes[status.id] = status
+            self.show()
+            self.console_app.refresh_views()
+            if status.done:
+                return
+            await asyncio.sleep(WIPE_POLL_S)
+
+    def show(self) -> None:
+        status = self.console_app.state.wipes.get(self.wipe_id)
+        if status is None:
+            return
+        versions = ", ".join(status.versions) or "every version"
+        title = Text(f"Wipe {status.id}: {status.name} {versions}", "bold")
+        title.append("  done" if status.done else "  in progress", "green" if status.done else "yellow")
+        self.query_one("#question", Label).update(title)
+        left = int(status.deadline_unix_ms / 1000 - self.console_app.state.clock().timestamp())
+        deadline = "" if status.done else f"; deadline in {max(left, 0)} s"
+        self.query_one("#detail", Static).update(
+            f"key revoked; {status.replicas_evicted} replica(s) evicted; {status.confirmed} confirmed, "
+            f"{status.pending} pending, {status.quarantined} quarantined (no confirmation by the deadline)"
+            f"{deadline}"
+        )
+        rows: dict[str, list[Cell]] = {}
+        for node in status.nodes:
+            name = api_pb2.WipeNodeState.Name(node.state).removeprefix("WIPE_NODE_STATE_").lower()
+            rows[node.node_id] = [node.node_id, Text(name, WIPE_STYLE.get(name, "")), node.message]
+        self.query_one(LiveTable).show_rows(rows)
+
+    @on(Button.Pressed, "#close")
+    def action_close(self) -> None:
+        self.dismiss(None)
+
+
 class Metric(Horizontal):
     """A labelled sparkline with its latest value."""
 
@@ -214,6 +304,15 @@ class NodeDetailScreen(Screen[None]):
         height: auto;
         margin: 1 0 0 0;
     }
+    NodeDetailScreen #exits {
+        padding: 0 1;
+        height: auto;
+        margin: 1 0 0 0;
+        display: none;
+    }
+    NodeDetailScreen #exits.-shown {
+        display: block;
+    }
     NodeDetailScreen #node-replicas {
         margin: 1 0 0 0;
     }
@@ -236,6 +335,7 @@ class NodeDetailScreen(Screen[None]):
             yield Metric("power W", id="power")
             yield Metric("latency p95 ms", id="latency")
             yield Metric("throughput inf/s", id="throughput")
+        yield Static("", id="exits")
         yield LiveTable(["DEPLOYMENT", "MODEL", "PHASE", "INFERENCES", "P95 MS"], id="node-replicas")
         yield Footer()
 
@@ -285,6 +385,7 @@ class NodeDetailScreen(Screen[None]):
         self.query_one("#throughput", Metric).show(
             "throughput inf/s", list(history.throughput) if history else []
         )
+        self._show_exits(node)
         stats = {(m.model_name, m.model_version): m for m in node.telemetry.models}
         owners = {r.id: dep for dep in state.deployments.values() for r in dep.status.replica_list}
         rows: dict[str, list[Cell]] = {}
@@ -302,6 +403,25 @@ class NodeDetailScreen(Screen[None]):
                 f"{m.latency_p95_ms:.2f}" if m and m.inferences else "-",
             ]
         self.query_one(LiveTable).show_rows(rows)
+
+    def _show_exits(self, node: api_pb2.Node) -> None:
+        """Per multi-exit model entering here: where its requests left the model (``exits``)."""
+        exits = self.query_one("#exits", Static)
+        dists = exit_distributions(node.telemetry)
+        exits.set_class(bool(dists), "-shown")
+        text = Text()
+        for d in dists:
+            if text:
+                text.append("\n")
+            text.append(f"exits    {d.model}:{d.version}", "bold")
+            text.append(f"  {d.requests} req · ")
+            for k, share in enumerate(d.shares, 1):
+                text.append(f"exit {k} {share:.0%}", "green" if k < len(d.shares) else "")
+                text.append(" · ")
+            text.append(f"forced {d.forced:.0%}", "yellow" if d.forced else "")
+            if d.refused:
+                text.append(f" · refused {d.refused}", "yellow")
+        exits.update(text)
 
     def action_cordon(self) -> None:
         self.console_app.request_cordon(self.node_id)

@@ -15,16 +15,23 @@ from textual.binding import Binding, BindingType
 from textual.containers import Vertical
 from textual.widgets import DataTable, Input, Label, Static
 
-from edgeward.v1 import node_pb2
+from edgeward.v1 import api_pb2, node_pb2
 
 from .model import (
     ConsoleState,
     Severity,
     accelerator_label,
+    has_rollout,
+    last_gate,
     live_replicas,
+    model_state_name,
     pending_reasons,
     phase_counts,
     phase_name,
+    rollout_in_progress,
+    rollout_state_name,
+    rollout_summary,
+    slo_summary,
 )
 from .widgets import Cell, LiveTable, OpenableTable
 
@@ -40,6 +47,8 @@ PHASE_STYLE = {
     "Evicted": "dim",
 }
 TRUST_STYLE = {"affirming": "green", "enrolled": "", "warning": "yellow", "expired": "yellow"}
+MODEL_STATE_STYLE = {"published": "green", "deprecated": "yellow", "revoked": "bold red"}
+ROLLOUT_STYLE = {"progressing": "cyan", "paused": "yellow", "rolled back": "bold red", "completed": ""}
 SEVERITY_STYLE = {Severity.INFO: "", Severity.WARNING: "yellow", Severity.ERROR: "bold red"}
 
 
@@ -134,10 +143,24 @@ class FleetView(LiveView):
 class DeploymentsView(LiveView):
     """Deployments, and the replicas of the highlighted one with their reasons."""
 
-    BINDINGS: ClassVar[list[BindingType]] = [Binding("x", "delete", "Delete")]
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("x", "delete", "Delete"),
+        Binding("p", "pause", "Pause/resume"),
+        Binding("u", "undo", "Undo"),
+    ]
+    DEFAULT_CSS = """
+    DeploymentsView #rollout {
+        height: auto;
+        max-height: 3;
+        padding: 0 1;
+    }
+    """
 
     def compose(self) -> ComposeResult:
-        yield LiveTable(["NAME", "READY", "PHASES", "PENDING REASONS", "MODEL"], id="deployment-list")
+        yield LiveTable(
+            ["NAME", "READY", "SLO", "ROLLOUT", "PHASES", "PENDING REASONS", "MODEL"], id="deployment-list"
+        )
+        yield Static("", id="rollout")
         yield Label("", id="replicas-caption", classes="caption")
         yield LiveTable(["NODE", "PHASE", "ACCELERATOR", "VERSION", "REASON"], id="replicas")
 
@@ -150,9 +173,14 @@ class DeploymentsView(LiveView):
         for name, dep in state.deployments.items():
             running, desired = dep.status.running, dep.spec.replicas
             reasons = ", ".join(f"{reason} ({count})" for reason, count in pending_reasons(dep))
+            slo = slo_summary(dep)
+            met = dep.status.slo_replicas_met >= dep.status.slo_replicas_measured
+            rollout = rollout_summary(dep)
             rows[name] = [
                 name,
                 Text(f"{running}/{desired}", "green" if running >= desired else "yellow"),
+                Text(slo, "green" if met else "yellow") if "%" in slo else Text(slo, "dim"),
+                Text(rollout, ROLLOUT_STYLE.get(rollout_state_name(dep.status.rollout.state), "dim")),
                 _phases_text(phase_counts(dep)),
                 Text(reasons, "yellow") if reasons else "",
                 f"{dep.spec.model.name}:{dep.spec.model.version}",
@@ -160,8 +188,28 @@ class DeploymentsView(LiveView):
         self.query_one("#deployment-list", LiveTable).show_rows(rows)
         self._show_replicas(state)
 
+    def _show_rollout(self, dep: api_pb2.Deployment | None) -> None:
+        """The highlighted deployment's rollout: strategy, step, new/old replicas, state, last gate."""
+        panel = self.query_one("#rollout", Static)
+        if dep is None or not has_rollout(dep):
+            panel.update(Text("rollout: none (a changed template with a strategy starts one)", "dim"))
+            return
+        ro = dep.status.rollout
+        state = rollout_state_name(ro.state)
+        text = Text("rollout ", "bold")
+        text.append(f"{ro.strategy} {ro.from_model} → {ro.to_model} ")
+        text.append(state, ROLLOUT_STYLE.get(state, ""))
+        text.append(
+            f" · step {ro.step}/{ro.steps} wants {ro.step_replicas} new · "
+            f"{ro.new_running} new running, {ro.old_live} old live · last gate: {last_gate(ro)}"
+        )
+        if ro.reason or ro.message:
+            text.append(f"\n{ro.reason}" + (f": {ro.message}" if ro.message else ""), "yellow")
+        panel.update(text)
+
     def _show_replicas(self, state: ConsoleState) -> None:
         dep = state.deployments.get(self.selected or "")
+        self._show_rollout(dep)
         caption = self.query_one("#replicas-caption", Label)
         rows: dict[str, list[Cell]] = {}
         if dep is None:
@@ -189,60 +237,121 @@ class DeploymentsView(LiveView):
         if self.selected:
             self.console_app.request_delete(self.selected)
 
+    def action_pause(self) -> None:
+        dep = self.console_app.state.deployments.get(self.selected or "")
+        if dep is not None:
+            paused = rollout_in_progress(dep) and dep.status.rollout.state == api_pb2.ROLLOUT_STATE_PAUSED
+            self.console_app.request_rollout("resume" if paused else "pause", dep.name)
+
+    def action_undo(self) -> None:
+        if self.selected:
+            self.console_app.request_rollout("undo", self.selected)
+
 
 class ModelsView(LiveView):
+    """The catalog, one row per version: state, signature, lineage, where it runs; ``w`` wipes."""
+
+    BINDINGS: ClassVar[list[BindingType]] = [Binding("w", "wipe", "Wipe version")]
     DEFAULT_CSS = """
     ModelsView #model-detail {
         height: auto;
-        max-height: 8;
+        max-height: 9;
         padding: 0 1;
         color: $text-muted;
     }
     """
 
     def compose(self) -> ComposeResult:
-        yield LiveTable(["NAME", "VERSION", "DTYPES", "SIZE", "USE CASE", "RUNS ON"], id="model-list")
+        yield LiveTable(
+            ["NAME", "VERSION", "STATE", "SIGNED", "FROM", "RUNS ON", "DTYPES", "SIZE", "USE CASE"],
+            id="model-list",
+        )
         yield Static("", id="model-detail")
+
+    @property
+    def selected(self) -> api_pb2.Model | None:
+        key = self.query_one(LiveTable).current_key
+        return next((m for m in self.console_app.state.models if f"{m.name}:{m.version}" == key), None)
 
     def show(self, state: ConsoleState) -> None:
         rows: dict[str, list[Cell]] = {}
-        for model in sorted(state.models, key=lambda m: (m.name, m.version)):
-            nodes = sorted({n for _, on in state.deployed_on(model) for n in on})
+        for model in sorted(state.models, key=lambda m: (m.name, _semver(m.version))):
+            nodes = sorted({p.node_id for p in state.placed(model)})
+            name = model_state_name(model.state)
             rows[f"{model.name}:{model.version}"] = [
                 model.name,
                 model.version,
+                Text(name, MODEL_STATE_STYLE.get(name, "")),
+                Text("yes", "green") if model.signature.key_id else Text("no", "yellow"),
+                model.parent_version or "-",
+                ",".join(nodes) if nodes else Text("-", "dim"),
                 ",".join(model.dtypes),
                 f"{model.size / 1024:.1f} KiB",
                 model.use_case or "-",
-                ",".join(nodes) if nodes else Text("-", "dim"),
             ]
         self.query_one(LiveTable).show_rows(rows)
         self._show_detail(state)
 
     def _show_detail(self, state: ConsoleState) -> None:
-        key = self.query_one(LiveTable).current_key
-        model = next((m for m in state.models if f"{m.name}:{m.version}" == key), None)
+        model = self.selected
         detail = self.query_one("#model-detail", Static)
         if model is None:
             detail.update("")
             return
-
-        def tensors(specs: Any) -> str:
-            return ", ".join(f"{t.name} {t.datatype}{list(t.shape)}" for t in specs)
-
-        deployments = state.deployed_on(model)
-        placed = "; ".join(
-            f"deployment/{dep} on {', '.join(nodes) if nodes else 'no node yet'}"
-            for dep, nodes in deployments
+        name = model_state_name(model.state)
+        text = Text(f"{model.name}:{model.version} ", "bold")
+        text.append(name, MODEL_STATE_STYLE.get(name, ""))
+        if model.state_reason:
+            text.append(f" ({model.state_reason})")
+        signed = f"signed by {model.signature.key_id}" if model.signature.key_id else "unsigned"
+        lineage = _lineage(state.models, model)
+        text.append(
+            f"\nsha256 {model.sha256[:16]}… · {len(model.ops)} ops · {signed}"
+            f" · team {model.owner_team or '-'} · lineage {lineage}"
         )
-        detail.update(
-            f"{model.name}:{model.version}  sha256 {model.sha256[:16]}…  {len(model.ops)} ops\n"
-            f"in  {tensors(model.inputs)}\nout {tensors(model.outputs)}\n"
-            f"{placed or 'not deployed'}"
-        )
+        placed = state.placed(model)
+        if not placed:
+            text.append("\nnot deployed on any node")
+        for p in placed:
+            since = _span(int(state.clock().timestamp() - p.since_unix_ms / 1000))
+            text.append(
+                f"\n{p.node_id}: {p.running}/{p.replicas} running, for {since} · "
+                f"{p.attestation_tier} {p.attestation_status} · {', '.join(p.deployments)}"
+            )
+        for wipe in state.wipes_of(model):
+            text.append(
+                f"\nwipe {wipe.id}: {wipe.confirmed} confirmed, {wipe.pending} pending, "
+                f"{wipe.quarantined} quarantined" + (" (done)" if wipe.done else ""),
+                "yellow" if wipe.pending or wipe.quarantined else "",
+            )
+        detail.update(text)
 
     def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
         self._show_detail(self.console_app.state)
+
+    def action_wipe(self) -> None:
+        model = self.selected
+        if model is not None:
+            self.console_app.request_wipe(model.name, model.version)
+
+
+def _semver(version: str) -> tuple[int, ...]:
+    core = version.split("-", 1)[0].split("+", 1)[0]
+    return tuple(int(p) if p.isdigit() else 0 for p in core.split("."))
+
+
+def _lineage(models: list[api_pb2.Model], model: api_pb2.Model) -> str:
+    """``0.9.0 → 1.0.0``: the chain of parent versions down to this one (cycles cut)."""
+    by_version = {m.version: m for m in models if m.name == model.name}
+    chain = [model.version]
+    current = model
+    while current.parent_version and current.parent_version not in chain and len(chain) < 8:
+        chain.append(current.parent_version)
+        parent = by_version.get(current.parent_version)
+        if parent is None:
+            break
+        current = parent
+    return " → ".join(reversed(chain)) if len(chain) > 1 else "no parent"
 
 
 class EventsView(LiveView):
@@ -313,13 +422,17 @@ class EventsView(LiveView):
         self.query_one("#event-list", LiveTable).focus()
 
 
+def _span(seconds: int) -> str:
+    span = abs(seconds)
+    return f"{span // 3600}h{span % 3600 // 60:02d}m" if span >= 3600 else f"{span // 60}m{span % 60:02d}s"
+
+
 def expiry(expires_ms: int, now: datetime) -> str:
     """``in 59m`` or ``expired 3m ago``: what an operator needs from an attestation's expiry."""
     if not expires_ms:
         return "-"
     left = int(expires_ms / 1000 - now.timestamp())
-    span = abs(left)
-    text = f"{span // 3600}h{span % 3600 // 60:02d}m" if span >= 3600 else f"{span // 60}m{span % 60:02d}s"
+    text = _span(left)
     return f"in {text}" if left >= 0 else f"expired {text} ago"
 
 

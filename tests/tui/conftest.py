@@ -141,7 +141,7 @@ DEMO_NODES = [
 # whatever the scheduler's scores prefer; line-camera's selector matches no node.
 DEMO_DEPLOYMENTS = [
     manifest("bearing-watch", "vibration-cnn", "1.1.0", replicas=1, selector={"zone": "edge-c"}),
-    manifest("vibration-monitor", "vibration-cnn", replicas=3),
+    manifest("vibration-monitor", "vibration-cnn", replicas=3, max_latency_ms=50),
     manifest("line-camera", "vibration-cnn", "1.1.0", replicas=2, selector={"zone": "edge-z"}),
 ]
 DEMO_MODELS = [  # (precision of the industrial model, name, version, use case)

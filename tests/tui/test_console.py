@@ -4,14 +4,10 @@ from __future__ import annotations
 
 import socket
 
-import grpc
-import numpy as np
 import pytest
 from textual.widgets import Input, Sparkline
-from tui_support import event_ids, eventually, manifest, push, rows, vibration_model
+from tui_support import event_ids, eventually, infer, manifest, push, rows, vibration_model
 
-from edgeward.oip import grpc_predict_v2_pb2 as oip
-from edgeward.oip import grpc_predict_v2_pb2_grpc as oip_grpc
 from edgeward.v1 import api_pb2
 from orchestrator.config import BrokerConfig, OrchestratorConfig
 from orchestrator.server import Orchestrator
@@ -19,7 +15,6 @@ from orchestrator.tui import ConsoleApp
 from orchestrator.tui.client import ATTESTATION_SERVICE, ConsoleClient
 from orchestrator.tui.screens import ApplyScreen, ConfirmScreen, NodeDetailScreen
 from orchestrator.tui.widgets import ConnectionBanner
-from usecases.industrial.generator import make_dataset
 
 pytestmark = [pytest.mark.broker]
 SIZE = (120, 40)
@@ -203,7 +198,7 @@ async def test_node_detail_has_live_sparklines(console_fleet):
         before = len(power.data or [])
         await eventually(lambda: len(power.data or []) > before, what="a live power point")
 
-        await _infer(console_fleet.agents[0].inference_endpoint, model, 20)
+        await infer(console_fleet.agents[0].inference_endpoint, model, 20)
         throughput = app.screen.query_one("#throughput Sparkline", Sparkline)
         await eventually(lambda: max(throughput.data or [0]) > 0, what="throughput point")
         [replica] = rows(app, "node-replicas").values()
@@ -217,22 +212,6 @@ async def test_node_detail_has_live_sparklines(console_fleet):
         )
         await pilot.press("escape")
         assert not isinstance(app.screen, NodeDetailScreen)
-
-
-async def _infer(endpoint: str, model: api_pb2.Model, count: int) -> None:
-    x, _ = make_dataset(1, seed=3)
-    spec = model.inputs[0]
-    q = np.clip(np.round(x[:1] / spec.scale) + spec.zero_point, -128, 127).astype(np.int8)
-    request = oip.ModelInferRequest(
-        model_name=model.name,
-        model_version=model.version,
-        inputs=[oip.ModelInferRequest.InferInputTensor(name=spec.name, datatype="INT8", shape=list(q.shape))],
-        raw_input_contents=[q.tobytes()],
-    )
-    async with grpc.aio.insecure_channel(endpoint) as channel:
-        stub = oip_grpc.GRPCInferenceServiceStub(channel)
-        for _ in range(count):
-            await stub.ModelInfer(request)
 
 
 def _free_port() -> int:

@@ -5,7 +5,14 @@ from __future__ import annotations
 from datetime import datetime
 
 from edgeward.v1 import api_pb2, node_pb2
-from orchestrator.tui.model import ConsoleState, Severity
+from orchestrator.tui.model import (
+    ConsoleState,
+    Severity,
+    exit_distributions,
+    last_gate,
+    rollout_summary,
+    slo_summary,
+)
 from orchestrator.tui.views import expiry
 
 T0 = datetime(2026, 1, 1, 9, 30)
@@ -115,3 +122,43 @@ def test_expiry_is_relative_to_the_console_clock():
     assert expiry(int(now + 7_260_000), T0) == "in 2h01m"
     assert expiry(int(now - 5_000), T0) == "expired 0m05s ago"
     assert expiry(0, T0) == "-"
+
+
+def test_exit_distribution_sums_sources_per_model():
+    telemetry = node_pb2.Telemetry()
+    telemetry.exits.add(
+        model_name="sign", model_version="1.0.0", source="cam-1", requests=10, exits=[6, 3, 1]
+    )
+    telemetry.exits.add(
+        model_name="sign",
+        model_version="1.0.0",
+        source="cam-2",
+        requests=10,
+        exits=[2, 2, 4],
+        forced=2,
+        refused=5,
+    )
+    [dist] = exit_distributions(telemetry)
+    assert (dist.model, dist.requests, dist.sources, dist.refused) == ("sign", 20, 2, 5)
+    assert dist.shares == (8 / 20, 5 / 20, 5 / 20)
+    assert dist.forced == 2 / 20
+    assert sum(dist.shares) + dist.forced == 1.0
+    assert exit_distributions(node_pb2.Telemetry()) == []
+
+
+def test_slo_and_rollout_summaries_say_what_the_orchestrator_reported():
+    dep = api_pb2.Deployment(name="vib")
+    assert (slo_summary(dep), rollout_summary(dep)) == ("-", "-")  # no SLO, never rolled out
+    dep.spec.requirements.max_latency_ms = 50
+    assert slo_summary(dep) == "no data"  # no running replica has reported a p95 yet
+    dep.status.slo_attainment, dep.status.slo_replicas_met, dep.status.slo_replicas_measured = 2 / 3, 2, 3
+    assert slo_summary(dep) == "67% 2/3"
+    ro = dep.status.rollout
+    ro.state, ro.strategy, ro.step, ro.steps = api_pb2.ROLLOUT_STATE_PAUSED, "canary", 2, 3
+    assert rollout_summary(dep) == "canary 2/3 paused"
+    assert last_gate(ro) == "not yet observed"
+    ro.history.add(step=1, verdict="passed")
+    ro.history.add(step=2, verdict="paused", reason="rollout.gate.no_data")
+    assert last_gate(ro) == "step 2 paused (rollout.gate.no_data)"
+    ro.state = api_pb2.ROLLOUT_STATE_COMPLETED
+    assert rollout_summary(dep) == "canary done"

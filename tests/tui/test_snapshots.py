@@ -2,9 +2,10 @@
 ``attested_fleet``, every other screen against the session's demo fleet.
 
 The fleet is real (orchestrator and agents as processes) and converged, with fixed node ids and
-idle nodes, so what the screens show is the same on every run except for three things, frozen
-here: the clock (the app takes it as a parameter), the loopback ports (replaced in the SVG by
-fixed ones of the same length) and a node's sparklines (their length and first points depend on
+idle nodes, so what the screens show is the same on every run except for a few things, frozen
+here: the clock (the app takes it as a parameter), the loopback ports and the test publisher's
+key id (replaced in the SVG by fixed ones of the same length), how long a model version has run,
+and a node's sparklines (their length and first points depend on
 when the console started; the node-detail snapshot replaces them with an idle node's steady
 series after stopping live updates). Update with ``pytest tests/tui --snapshot-update``.
 """
@@ -18,6 +19,7 @@ from collections.abc import Awaitable, Callable
 from datetime import datetime
 
 import pytest
+from tui_support import PUBLISHER
 
 from edgeward.v1 import api_pb2, api_pb2_grpc
 from orchestrator.tui import ConsoleApp
@@ -44,6 +46,8 @@ def snap(snapshot, demo_fleet, tmp_path):
     for i, node in enumerate(sorted(nodes, key=lambda n: n.id), 1):
         masks[node.inventory.inference_endpoint.rsplit(":", 1)[1]] = f"5010{i}"
     assert all(len(k) == len(v) for k, v in masks.items()), "masks must keep the layout"
+    key_id = PUBLISHER.key_id  # the tests' publisher key is made afresh on every run
+    fixed_key_id = "0123456789abcdef"[: len(key_id)]
 
     def compare(size: tuple[int, int], steps: Callable[..., Awaitable[None]] | None = None) -> bool:
         app = ConsoleApp(demo_fleet.address, clock=lambda: FIXED_TIME)
@@ -62,6 +66,7 @@ def snap(snapshot, demo_fleet, tmp_path):
         assert svg is not None
         for port, fixed in masks.items():
             svg = svg.replace(f"127.0.0.1:{port}", f"127.0.0.1:{fixed}")
+        svg = svg.replace(key_id, fixed_key_id)
         (tmp_path / "actual.svg").write_text(svg)  # to look at when the comparison fails
         return snapshot.use_extension(SVGImageExtension) == svg
 
@@ -76,6 +81,7 @@ def _settled(app: ConsoleApp) -> bool:
         and len(s.nodes) == 3
         and len(s.deployments) == 3
         and len(s.models) == 3
+        and len(s.placements) == 1  # where the versions of vibration-cnn run
         and all(n.HasField("telemetry") for n in s.nodes.values())
     )
 
@@ -103,6 +109,15 @@ def test_deployments(snap, size):
 @pytest.mark.parametrize("size", SIZES)
 def test_models(snap, size):
     async def steps(pilot):
+        app: ConsoleApp = pilot.app
+        app.stop_live()
+        await _until(lambda: not any(w.is_running for w in app.workers))
+        # how long a version has run depends on when the fleet started: five minutes, frozen
+        since = int(FIXED_TIME.timestamp() * 1000) - 300_000
+        for placed in app.state.placements.values():
+            for p in placed:
+                p.since_unix_ms = since
+        app.refresh_views()
         await pilot.press("3", "down", "down")  # vibration-cnn:1.1.0
 
     assert snap(size, steps)

@@ -8,11 +8,17 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import grpc
+import numpy as np
+
+from edgeward.oip import grpc_predict_v2_pb2 as oip
+from edgeward.oip import grpc_predict_v2_pb2_grpc as oip_grpc
 from edgeward.v1 import api_pb2, api_pb2_grpc
 from orchestrator.catalog.signing import PublisherKey, sign_metadata
 from orchestrator.tui import ConsoleApp
 from orchestrator.tui.widgets import LiveTable
 from usecases import model_path
+from usecases.industrial.generator import make_dataset
 
 #: The publisher that signs the console tests' pushes; their orchestrators trust it.
 PUBLISHER = PublisherKey.generate()
@@ -37,13 +43,17 @@ def manifest(
     version: str = "1.0.0",
     replicas: int = 1,
     selector: dict[str, str] | None = None,
+    max_latency_ms: float = 0.0,
+    strategy: str = "",
 ) -> str:
     text = (
         "apiVersion: edgeward/v1\nkind: Deployment\n"
         f"metadata: {{name: {name}}}\n"
         f"spec:\n  model: {{name: {model}, version: {version}}}\n  replicas: {replicas}\n"
-        "  requirements: {accelerators: [cpu-litert]}\n"
+        f"  requirements: {{accelerators: [cpu-litert], maxLatencyMs: {max_latency_ms:g}}}\n"
     )
+    if strategy:
+        text += f"  strategy: {strategy}\n"
     if selector:
         labels = ", ".join(f"{k}: {v}" for k, v in selector.items())
         text += f"  selector: {{matchLabels: {{{labels}}}}}\n"
@@ -88,6 +98,23 @@ async def eventually(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         await asyncio.sleep(0.05)
+
+
+async def infer(endpoint: str, model: api_pb2.Model, count: int) -> None:
+    """``count`` real inferences of the industrial model on a node's inference API."""
+    x, _ = make_dataset(1, seed=3)
+    spec = model.inputs[0]
+    q = np.clip(np.round(x[:1] / spec.scale) + spec.zero_point, -128, 127).astype(np.int8)
+    request = oip.ModelInferRequest(
+        model_name=model.name,
+        model_version=model.version,
+        inputs=[oip.ModelInferRequest.InferInputTensor(name=spec.name, datatype="INT8", shape=list(q.shape))],
+        raw_input_contents=[q.tobytes()],
+    )
+    async with grpc.aio.insecure_channel(endpoint) as channel:
+        stub = oip_grpc.GRPCInferenceServiceStub(channel)
+        for _ in range(count):
+            await stub.ModelInfer(request)
 
 
 def rows(app: ConsoleApp, table_id: str) -> dict[str, dict[str, str]]:
