@@ -341,6 +341,8 @@ class NodeAgent:
             await self._profile_wake.wait()
             self._profile_wake.clear()
             for state in list(self.runtime.replicas.values()):
+                if self._loading():  # serving first: profiles wait for the last load (it wakes us)
+                    break
                 spec, backend = state.spec, state.backend
                 if state.phase != node_pb2.REPLICA_PHASE_RUNNING or backend is None:
                     continue
@@ -348,7 +350,7 @@ class NodeAgent:
                 held = self._unprofiled.get(spec.sha256)
                 if key in self._profiles or key in self._profile_failed or held is None:
                     continue
-                artifact = ModelArtifact.from_bytes(*held)
+                artifact = ModelArtifact(*held, spec.sha256)  # checked when unlocked, and as it is read
                 run = partial(
                     self._backends[backend.kind].profile, artifact, PROFILE_RUNS, warmup=PROFILE_WARMUP
                 )
@@ -385,6 +387,9 @@ class NodeAgent:
             }
             for digest in [d for d in self._unprofiled if d not in waiting]:
                 del self._unprofiled[digest]
+
+    def _loading(self) -> bool:
+        return any(s.phase == node_pb2.REPLICA_PHASE_LOADING for s in self.runtime.replicas.values())
 
     async def _status_writer(self) -> None:
         while True:
@@ -750,11 +755,13 @@ class NodeAgent:
             )
         except AttestationError as err:
             raise ArtifactError(err.reason, err.detail) from err
-        if hashlib.sha256(data).hexdigest() != spec.sha256:
+        digest = hashlib.sha256(data).digest()
+        if digest.hex() != spec.sha256:
             raise ArtifactError(
                 "agent.artifact.sha256_mismatch", "the unsealed model does not match its digest"
             )
-        self.responder.measure(model_component(spec.model_name), data, spec.model_version)
+        # The digest just checked is the model's measurement: hashing tens of MB again costs a restart.
+        self.responder.measure_digest(model_component(spec.model_name), digest, spec.model_version)
         self._unprofiled[spec.sha256] = (spec.model_name, spec.model_version, data)
         return data
 

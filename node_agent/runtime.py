@@ -180,7 +180,8 @@ class Runtime:
                 self.fetched += 1
                 data = await self._run_blocking(self._unlock, spec, sealed)
                 await self._run_blocking(self._write_cache, spec.sha256, sealed)
-            artifact = ModelArtifact.from_bytes(spec.model_name, spec.model_version, data)
+            # unlock checked the digest and the backend checks it again as it reads: no third hash.
+            artifact = ModelArtifact(spec.model_name, spec.model_version, data, spec.sha256)
             handle = await self._run_blocking(backend.load, artifact)
         except asyncio.CancelledError:
             raise
