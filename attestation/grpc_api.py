@@ -30,22 +30,31 @@ AttestNow = Callable[[str], Awaitable[None]]
 
 
 class AttestationServicer(attestation_pb2_grpc.AttestationServiceServicer):
-    def __init__(self, service: AttestationVerifierService, attest_now: AttestNow, *,
-                 attest_timeout_s: float = 10.0, depth: int = 1024) -> None:
+    def __init__(
+        self,
+        service: AttestationVerifierService,
+        attest_now: AttestNow,
+        *,
+        attest_timeout_s: float = 10.0,
+        depth: int = 1024,
+    ) -> None:
         self._service = service
         self._attest_now = attest_now
         self._timeout = attest_timeout_s
         self._depth = depth
 
-    async def Get(self, request: pb.GetAttestationRequest, context: grpc.aio.ServicerContext) -> pb.NodeAttestation:
+    async def Get(
+        self, request: pb.GetAttestationRequest, context: grpc.aio.ServicerContext
+    ) -> pb.NodeAttestation:
         view = self._service.snapshot(request.node_id)
         if view is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"node {request.node_id!r} is not enrolled")
             raise AssertionError("abort raises")  # for type checkers
         return view
 
-    async def List(self, request: pb.ListAttestationsRequest,
-                   context: grpc.aio.ServicerContext) -> pb.ListAttestationsResponse:
+    async def List(
+        self, request: pb.ListAttestationsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListAttestationsResponse:
         return pb.ListAttestationsResponse(nodes=self._service.snapshots())
 
     @contextlib.contextmanager
@@ -68,8 +77,9 @@ class AttestationServicer(attestation_pb2_grpc.AttestationServiceServicer):
         finally:
             unsubscribe()
 
-    async def Watch(self, request: pb.WatchAttestationsRequest,
-                    context: grpc.aio.ServicerContext) -> AsyncIterator[pb.NodeAttestation]:
+    async def Watch(
+        self, request: pb.WatchAttestationsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.NodeAttestation]:
         with self._changes() as queue:
             for view in self._service.snapshots():
                 if not request.node_id or view.node_id == request.node_id:
@@ -79,7 +89,9 @@ class AttestationServicer(attestation_pb2_grpc.AttestationServiceServicer):
                 if not request.node_id or view.node_id == request.node_id:
                     yield view
 
-    async def AttestNow(self, request: pb.AttestNowRequest, context: grpc.aio.ServicerContext) -> pb.NodeAttestation:
+    async def AttestNow(
+        self, request: pb.AttestNowRequest, context: grpc.aio.ServicerContext
+    ) -> pb.NodeAttestation:
         node_id = request.node_id
         if self._service.snapshot(node_id) is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"node {node_id!r} is not enrolled")

@@ -79,8 +79,14 @@ def wrap_key(data_key: bytes, kind: pb.AttesterKind, binding_public: bytes, cont
         raise KeyReleaseError("attestation.key.bad_binding", f"attester kind {kind}")
     nonce = os.urandom(_NONCE)
     sealed = AESGCM(_kek(shared, eph_raw, binding_public, context)).encrypt(nonce, data_key, context.encode())
-    return pb.WrappedKey(schema=WRAP_SCHEMA, kind=kind, ephemeral_public=eph_raw, binding_public=binding_public,
-                         ciphertext=nonce + sealed, context=context)
+    return pb.WrappedKey(
+        schema=WRAP_SCHEMA,
+        kind=kind,
+        ephemeral_public=eph_raw,
+        binding_public=binding_public,
+        ciphertext=nonce + sealed,
+        context=context,
+    )
 
 
 def parse_wrapped(data: bytes) -> pb.WrappedKey:
@@ -97,7 +103,8 @@ def parse_wrapped(data: bytes) -> pb.WrappedKey:
 def unwrap_with_shared_secret(wrapped: pb.WrappedKey, shared: bytes) -> bytes:
     kek = _kek(shared, wrapped.ephemeral_public, wrapped.binding_public, wrapped.context)
     try:
-        return AESGCM(kek).decrypt(wrapped.ciphertext[:_NONCE], wrapped.ciphertext[_NONCE:],
-                                   wrapped.context.encode())
+        return AESGCM(kek).decrypt(
+            wrapped.ciphertext[:_NONCE], wrapped.ciphertext[_NONCE:], wrapped.context.encode()
+        )
     except InvalidTag as err:
         raise KeyReleaseError("attestation.key.unwrap_failed", "not wrapped to this node's key") from err

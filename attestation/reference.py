@@ -118,16 +118,23 @@ class ReferenceValues(_Strict):
         current = self.components.get(component) or self._prefix_entry(component) or ComponentReference()
         merged = sorted(set(current.digests) | set(digests))
         components = {**self.components, component: current.model_copy(update={"digests": merged})}
-        return ReferenceValues.model_validate({**self.model_dump(by_alias=True), "components": {
-            k: v.model_dump() for k, v in components.items()}})
+        return ReferenceValues.model_validate(
+            {
+                **self.model_dump(by_alias=True),
+                "components": {k: v.model_dump() for k, v in components.items()},
+            }
+        )
 
     def _prefix_entry(self, component: str) -> ComponentReference | None:
-        matches = [(k, v) for k, v in self.components.items() if k.endswith("*") and component.startswith(k[:-1])]
+        matches = [
+            (k, v) for k, v in self.components.items() if k.endswith("*") and component.startswith(k[:-1])
+        ]
         return max(matches, key=lambda kv: len(kv[0]))[1] if matches else None
 
     @classmethod
-    def from_events(cls, events: Iterable[MeasurementEvent], version: int, *,
-                    pin_pcrs: Mapping[int, bytes] | None = None) -> ReferenceValues:
+    def from_events(
+        cls, events: Iterable[MeasurementEvent], version: int, *, pin_pcrs: Mapping[int, bytes] | None = None
+    ) -> ReferenceValues:
         """Reference values that accept exactly what a known-good node measured.
 
         Every measured component becomes required with its digests; ``pin_pcrs`` (e.g. the
@@ -138,7 +145,8 @@ class ReferenceValues(_Strict):
         for event in events:
             components.setdefault(event.component, set()).add(event.digest.hex())
         return cls(
-            version=version, required=sorted(c for c in components if not c.startswith("model.")),
+            version=version,
+            required=sorted(c for c in components if not c.startswith("model.")),
             components={c: ComponentReference(digests=sorted(d)) for c, d in components.items()},
             pcrs={i: [v.hex()] for i, v in (pin_pcrs or {}).items()},
         )
@@ -156,8 +164,10 @@ class ReferenceValues(_Strict):
         try:
             return cls.model_validate(data)
         except ValidationError as err:
-            raise ReferenceValuesError(detail=f"{source}: " + "; ".join(
-                ".".join(map(str, e["loc"])) + ": " + e["msg"] for e in err.errors())) from err
+            raise ReferenceValuesError(
+                detail=f"{source}: "
+                + "; ".join(".".join(map(str, e["loc"])) + ": " + e["msg"] for e in err.errors())
+            ) from err
 
     @classmethod
     def load(cls, path: Path) -> ReferenceValues:
@@ -231,8 +241,9 @@ class Check(Protocol):
         ...
 
 
-def reason(reason_id: str, subject: str, message: str,
-           severity: pb.ReasonSeverity = CONTRAINDICATED) -> pb.Reason:
+def reason(
+    reason_id: str, subject: str, message: str, severity: pb.ReasonSeverity = CONTRAINDICATED
+) -> pb.Reason:
     return pb.Reason(id=reason_id, severity=severity, subject=subject, message=message)
 
 
@@ -243,9 +254,13 @@ class KnownComponents:
 
     def why_not(self, ctx: CheckContext) -> list[pb.Reason]:
         return [
-            reason("reference.component.unknown", e.component,
-                   f"{e.component} is not in reference values v{ctx.reference.version}")
-            for e in ctx.events if ctx.reference.lookup(e.component) is None
+            reason(
+                "reference.component.unknown",
+                e.component,
+                f"{e.component} is not in reference values v{ctx.reference.version}",
+            )
+            for e in ctx.events
+            if ctx.reference.lookup(e.component) is None
         ]
 
 
@@ -259,9 +274,15 @@ class DigestsMatch:
         for e in ctx.events:
             entry = ctx.reference.lookup(e.component)
             if entry is not None and e.digest not in entry[0]:
-                out.append(reason("reference.digest.mismatch", e.component,
-                                  f"sha256 {e.digest.hex()[:16]}... of {e.component} is not in reference values "
-                                  f"v{ctx.reference.version}", entry[1]))
+                out.append(
+                    reason(
+                        "reference.digest.mismatch",
+                        e.component,
+                        f"sha256 {e.digest.hex()[:16]}... of {e.component} is not in reference values "
+                        f"v{ctx.reference.version}",
+                        entry[1],
+                    )
+                )
         return out
 
 
@@ -272,8 +293,11 @@ class RequiredComponents:
 
     def why_not(self, ctx: CheckContext) -> list[pb.Reason]:
         seen = {e.component for e in ctx.events}
-        return [reason("reference.component.missing", c, f"{c} was never measured")
-                for c in ctx.reference.required if c not in seen]
+        return [
+            reason("reference.component.missing", c, f"{c} was never measured")
+            for c in ctx.reference.required
+            if c not in seen
+        ]
 
 
 class PcrValues:
@@ -287,8 +311,13 @@ class PcrValues:
             value = ctx.pcrs.get(index)
             if value is None or value not in good:
                 shown = value.hex()[:16] + "..." if value is not None else "not quoted"
-                out.append(reason("reference.pcr.unexpected", f"pcr{index}",
-                                  f"PCR {index} is {shown}, not a golden value"))
+                out.append(
+                    reason(
+                        "reference.pcr.unexpected",
+                        f"pcr{index}",
+                        f"PCR {index} is {shown}, not a golden value",
+                    )
+                )
         return out
 
 

@@ -47,8 +47,14 @@ MAX_CHALLENGE_BYTES = 4096
 class AttestationResponder:
     """The attester role of one node: measurement log + attester (TPM or software)."""
 
-    def __init__(self, node_id: str, attester: Attester, layout: PcrLayout | None = None,
-                 max_events: int = 1024, enrollment_token: str = "") -> None:
+    def __init__(
+        self,
+        node_id: str,
+        attester: Attester,
+        layout: PcrLayout | None = None,
+        max_events: int = 1024,
+        enrollment_token: str = "",
+    ) -> None:
         self.node_id = node_id
         self.attester = attester
         self._enrollment_token = enrollment_token  # a secret: never logged
@@ -93,7 +99,9 @@ class AttestationResponder:
         with Path(path).open("rb") as fh:
             for block in iter(lambda: fh.read(1 << 20), b""):
                 h.update(block)
-        return self.measure_digest(component, h.digest(), Path(path).name if description is None else description)
+        return self.measure_digest(
+            component, h.digest(), Path(path).name if description is None else description
+        )
 
     def measure_digest(self, component: str, digest: bytes, description: str = "") -> MeasurementEvent:
         with self._lock:
@@ -149,11 +157,20 @@ class AttestationResponder:
             binding = self.attester.binding(challenge.nonce, self.layout.platform)
             quote = self.attester.quote(challenge.nonce, pcrs)
             values = self.attester.read_pcrs(pcrs)
-            events = [pb.MeasurementEvent(pcr=e.pcr, component=e.component, digest=e.digest,
-                                          description=e.description) for e in self._log.events]
+            events = [
+                pb.MeasurementEvent(
+                    pcr=e.pcr, component=e.component, digest=e.digest, description=e.description
+                )
+                for e in self._log.events
+            ]
         return pb.AttestationEvidence(
-            node_id=self.node_id, kind=self.attester.kind, ak_public=self.attester.ak_public, quote=quote,
-            pcr_bank="sha256", pcrs=[pb.PcrValue(index=i, digest=values[i]) for i in pcrs], events=events,
+            node_id=self.node_id,
+            kind=self.attester.kind,
+            ak_public=self.attester.ak_public,
+            quote=quote,
+            pcr_bank="sha256",
+            pcrs=[pb.PcrValue(index=i, digest=values[i]) for i in pcrs],
+            events=events,
             binding=binding,
         )
 

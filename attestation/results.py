@@ -57,7 +57,9 @@ class ResultSigner:
 
     def sign(self, result: pb.AttestationResult) -> pb.SignedAttestationResult:
         data = result.SerializeToString(deterministic=True)
-        return pb.SignedAttestationResult(result=data, signature=self._key.sign(data), verifier_key_id=self.key_id)
+        return pb.SignedAttestationResult(
+            result=data, signature=self._key.sign(data), verifier_key_id=self.key_id
+        )
 
     @classmethod
     def from_file(cls, path: Path) -> ResultSigner:
@@ -100,5 +102,7 @@ def read_private(path: Path) -> bytes:
     """Read a secret file, refusing one that group or others can read or write."""
     mode = path.stat().st_mode
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise AttestationError("attestation.key.file_permissions", f"{path} must be mode 0600, is {mode & 0o777:o}")
+        raise AttestationError(
+            "attestation.key.file_permissions", f"{path} must be mode 0600, is {mode & 0o777:o}"
+        )
     return path.read_bytes()

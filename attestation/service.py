@@ -110,7 +110,9 @@ class VerifierConfig(BaseModel):
     max_outstanding_per_node: Annotated[int, Field(ge=1, le=64)] = Field(
         4, description="Unanswered challenges kept per node; the oldest is dropped beyond this."
     )
-    platform_pcr: Annotated[int, Field(ge=0, le=23)] = Field(16, description="PCR of agent, config, accelerators.")
+    platform_pcr: Annotated[int, Field(ge=0, le=23)] = Field(
+        16, description="PCR of agent, config, accelerators."
+    )
     models_pcr: Annotated[int, Field(ge=0, le=23)] = Field(23, description="PCR of loaded models.")
     require_ek_certificate: bool = Field(
         True, description="Refuse TPM nodes whose EK has no certificate (else: results carry a warning)."
@@ -170,8 +172,8 @@ class _Node:
 class Outcome:
     """What ``receive`` did with one payload."""
 
-    reply: bytes | None = None                     # VerifierMessage for the node
-    result: pb.AttestationResult | None = None     # a new result (already stored)
+    reply: bytes | None = None  # VerifierMessage for the node
+    result: pb.AttestationResult | None = None  # a new result (already stored)
     enrolled: pb.Enrollment | None = None
     rejected: EvidenceRejected | EnrollmentError | None = None
 
@@ -187,9 +189,16 @@ class RejectionCounter:
 class AttestationVerifierService:
     """The verifier role (see the module docstring for the seam)."""
 
-    def __init__(self, config: VerifierConfig, reference: ReferenceValues, signer: ResultSigner | None = None,
-                 *, ek_trust: list[x509.Certificate] | None = None, clock: Callable[[], float] = time.time,
-                 approval: enroll.EnrollmentApproval | None = None) -> None:
+    def __init__(
+        self,
+        config: VerifierConfig,
+        reference: ReferenceValues,
+        signer: ResultSigner | None = None,
+        *,
+        ek_trust: list[x509.Certificate] | None = None,
+        clock: Callable[[], float] = time.time,
+        approval: enroll.EnrollmentApproval | None = None,
+    ) -> None:
         self.config = config
         self.signer = signer or ResultSigner()
         self.ek_trust = list(ek_trust or [])
@@ -197,8 +206,9 @@ class AttestationVerifierService:
         self.rejections = RejectionCounter()
         self._clock = clock
         self._limits = EvidenceLimits(max_bytes=config.max_evidence_bytes, max_events=config.max_events)
-        self._appraiser = Appraiser(reference, self.signer, config.layout, int(config.result_ttl_s * 1000),
-                                    self._limits)
+        self._appraiser = Appraiser(
+            reference, self.signer, config.layout, int(config.result_ttl_s * 1000), self._limits
+        )
         self._pcrs = config.layout.pcrs
         self._nodes: dict[str, _Node] = {}
         self._pending_enrollments: dict[str, enroll.PendingEnrollment] = {}
@@ -253,8 +263,12 @@ class AttestationVerifierService:
             if node is not None:
                 node.last_rejection = err.reason
         # A flood of the same refusal is counted, not logged line by line.
-        log.log(logging.DEBUG if repeated else logging.WARNING, "attestation message from %s refused: %s",
-                node_id, err)
+        log.log(
+            logging.DEBUG if repeated else logging.WARNING,
+            "attestation message from %s refused: %s",
+            node_id,
+            err,
+        )
 
     # ------------------------------------------------------------ enrollment
 
@@ -268,13 +282,19 @@ class AttestationVerifierService:
                 if node.state == AttestationState.REVOKED:
                     raise EnrollmentError("attestation.ak.revoked", f"node {node_id!r} was revoked")
                 if node.known.ak_public != request.ak_public or node.known.enrollment.kind != request.kind:
-                    raise EnrollmentError("attestation.enroll.conflict",
-                                          f"node {node_id!r} is enrolled with another AK; forget it first")
+                    raise EnrollmentError(
+                        "attestation.enroll.conflict",
+                        f"node {node_id!r} is enrolled with another AK; forget it first",
+                    )
         now = self.now_ms()
         pending, challenge = enroll.begin(
-            request, trusted=self.ek_trust, require_ek_certificate=self.config.require_ek_certificate,
-            now_ms=now, ttl_ms=int(self.config.enrollment_ttl_s * 1000),
-            approval=self.approval if node is None else None)  # the known AK again: nothing new to approve
+            request,
+            trusted=self.ek_trust,
+            require_ek_certificate=self.config.require_ek_certificate,
+            now_ms=now,
+            ttl_ms=int(self.config.enrollment_ttl_s * 1000),
+            approval=self.approval if node is None else None,
+        )  # the known AK again: nothing new to approve
         with self._lock:
             self._pending_enrollments[node_id] = pending
         return pb.VerifierMessage(schema=MESSAGE_SCHEMA, enroll_challenge=challenge).SerializeToString()
@@ -283,15 +303,21 @@ class AttestationVerifierService:
         with self._lock:
             pending = self._pending_enrollments.pop(node_id, None)
         if pending is None or answer.node_id != node_id:
-            raise EnrollmentError("attestation.enroll.unexpected", f"no enrollment of {node_id!r} in progress")
+            raise EnrollmentError(
+                "attestation.enroll.unexpected", f"no enrollment of {node_id!r} in progress"
+            )
         record = enroll.finish(pending, answer, self.now_ms())
         with self._lock:
             existing = self._nodes.get(node_id)
             if existing is not None and existing.known.ak_public == record.ak_public:
                 return existing.known.enrollment  # a re-enrollment of the same AK: keep the state
             self.register(record)
-        log.info("node %s enrolled (%s, EK certified: %s)", node_id, pb.AttesterKind.Name(record.kind),
-                 record.ek_certified)
+        log.info(
+            "node %s enrolled (%s, EK certified: %s)",
+            node_id,
+            pb.AttesterKind.Name(record.kind),
+            record.ek_certified,
+        )
         return record
 
     def register(self, record: pb.Enrollment) -> None:
@@ -299,7 +325,9 @@ class AttestationVerifierService:
         known = KnownAttester.from_enrollment(record)
         with self._lock:
             if record.node_id in self._nodes:
-                raise EnrollmentError("attestation.enroll.conflict", f"node {record.node_id!r} is already enrolled")
+                raise EnrollmentError(
+                    "attestation.enroll.conflict", f"node {record.node_id!r} is already enrolled"
+                )
             self._nodes[record.node_id] = _Node(known, updated_ms=self.now_ms())
         self._notify(record.node_id)
 
@@ -338,8 +366,14 @@ class AttestationVerifierService:
                 oldest = queue.pop(0)
                 self._outstanding.pop(oldest, None)
                 self._spend(oldest, now, "attestation.nonce.superseded")
-        challenge = pb.AttestationChallenge(node_id=node_id, nonce=nonce, pcr_bank=PCR_BANK, pcrs=self._pcrs,
-                                            issued_unix_ms=now, expires_unix_ms=expires)
+        challenge = pb.AttestationChallenge(
+            node_id=node_id,
+            nonce=nonce,
+            pcr_bank=PCR_BANK,
+            pcrs=self._pcrs,
+            issued_unix_ms=now,
+            expires_unix_ms=expires,
+        )
         return pb.VerifierMessage(schema=MESSAGE_SCHEMA, challenge=challenge).SerializeToString()
 
     def _spend(self, nonce: bytes, now: int, reason: str) -> None:
@@ -375,7 +409,9 @@ class AttestationVerifierService:
             raise EvidenceMalformed(detail=f"expected evidence, got {message.WhichOneof('body')}")
         return self._verify(node_id, message.evidence, payload)
 
-    def verify_many(self, items: Iterable[tuple[str, bytes]]) -> list[pb.AttestationResult | EvidenceRejected]:
+    def verify_many(
+        self, items: Iterable[tuple[str, bytes]]
+    ) -> list[pb.AttestationResult | EvidenceRejected]:
         """``verify`` for a batch; a refusal is returned in place of its result, not raised."""
         out: list[pb.AttestationResult | EvidenceRejected] = []
         for node_id, payload in items:
@@ -391,16 +427,26 @@ class AttestationVerifierService:
             raise EvidenceMalformed("attestation.evidence.wrong_node", f"evidence names {evidence.node_id!r}")
         check_evidence_shape(evidence, self._limits)
         node = self._nodes.get(node_id)
-        appraisal = self._appraiser.appraise(node_id, evidence, node.known if node else None, self._take_nonce,
-                                             self.now_ms(), hashlib.sha256(payload).digest())
+        appraisal = self._appraiser.appraise(
+            node_id,
+            evidence,
+            node.known if node else None,
+            self._take_nonce,
+            self.now_ms(),
+            hashlib.sha256(payload).digest(),
+        )
         assert node is not None
         with self._lock:
             self._transition(node, _STATE_OF_STATUS[appraisal.result.status])
             node.appraisal = appraisal
             node.updated_ms = appraisal.result.issued_unix_ms
         if appraisal.result.status != pb.ATTESTATION_STATUS_AFFIRMING:
-            log.warning("node %s attested %s: %s", node_id, pb.AttestationStatus.Name(appraisal.result.status),
-                        ", ".join(f"{r.id}({r.subject})" for r in appraisal.result.reasons))
+            log.warning(
+                "node %s attested %s: %s",
+                node_id,
+                pb.AttestationStatus.Name(appraisal.result.status),
+                ", ".join(f"{r.id}({r.subject})" for r in appraisal.result.reasons),
+            )
         self._notify(node_id)
         return appraisal.result
 
@@ -409,7 +455,11 @@ class AttestationVerifierService:
     def _effective(self, node: _Node, now: int) -> AttestationState:
         """The node's state as of ``now``: a result past its expiry reads as EXPIRED even before
         ``expire()`` has recorded it (reads never change state; only ``expire()`` and new results do)."""
-        if node.state in _RESULTS and node.appraisal is not None and now >= node.appraisal.result.expires_unix_ms:
+        if (
+            node.state in _RESULTS
+            and node.appraisal is not None
+            and now >= node.appraisal.result.expires_unix_ms
+        ):
             return AttestationState.EXPIRED
         return node.state
 
@@ -477,8 +527,9 @@ class AttestationVerifierService:
                 raise KeyReleaseError("attestation.key.not_attested", f"node {node_id!r} has no result")
             state = self._effective(node, self.now_ms())
             if state != AttestationState.AFFIRMING:
-                raise KeyReleaseError("attestation.key.not_attested",
-                                      f"node {node_id!r} is {state.name.lower()}, not affirming")
+                raise KeyReleaseError(
+                    "attestation.key.not_attested", f"node {node_id!r} is {state.name.lower()}, not affirming"
+                )
             binding = node.appraisal.result.binding_public
             kind = node.known.enrollment.kind
         if not binding:
@@ -515,9 +566,13 @@ class AttestationVerifierService:
         return unsubscribe
 
     def _view(self, node_id: str, node: _Node, now: int) -> pb.NodeAttestation:
-        view = pb.NodeAttestation(node_id=node_id, state=_PB_STATE[self._effective(node, now)],
-                                  kind=node.known.enrollment.kind,
-                                  last_rejection=node.last_rejection, updated_unix_ms=node.updated_ms)
+        view = pb.NodeAttestation(
+            node_id=node_id,
+            state=_PB_STATE[self._effective(node, now)],
+            kind=node.known.enrollment.kind,
+            last_rejection=node.last_rejection,
+            updated_unix_ms=node.updated_ms,
+        )
         if node.appraisal is not None:
             view.result.CopyFrom(node.appraisal.result)
             view.signed_result.CopyFrom(node.appraisal.signed)

@@ -78,28 +78,34 @@ class SimulatedTpmAttester(Attester):
 
     def _attest(self, kind: int, nonce: bytes, **fields: bytes) -> pb.SignedAttest:
         self.clock += 1
-        attest = tpm_wire.marshal_attest(kind, signer=self._ak_name, extra_data=nonce, clock=self.clock,
-                                         **fields)  # type: ignore[arg-type]
+        attest = tpm_wire.marshal_attest(
+            kind, signer=self._ak_name, extra_data=nonce, clock=self.clock, **fields
+        )  # type: ignore[arg-type]
         return pb.SignedAttest(attest=attest, signature=self._sign(attest))
 
     def quote(self, nonce: bytes, pcrs: Sequence[int]) -> pb.SignedAttest:
         ordered = sorted(pcrs)
         values = self.read_pcrs(ordered)
-        return self._attest(tpm_wire.ST_ATTEST_QUOTE, nonce,
-                            pcr_selection=tpm_wire.marshal_pcr_selection(tpm_wire.ALG_SHA256, ordered),
-                            pcr_digest=tpm_wire.pcr_digest([values[i] for i in ordered]))
+        return self._attest(
+            tpm_wire.ST_ATTEST_QUOTE,
+            nonce,
+            pcr_selection=tpm_wire.marshal_pcr_selection(tpm_wire.ALG_SHA256, ordered),
+            pcr_digest=tpm_wire.pcr_digest([values[i] for i in ordered]),
+        )
 
     def binding(self, nonce: bytes, platform_pcr: int) -> pb.Binding:
         state = self._pcrs.get(platform_pcr, ZERO)
         if self._binding is None or self._binding[2] != state:
             key = ec.generate_private_key(ec.SECP256R1())
             policy = tpm_wire.policy_pcr_digest([platform_pcr], [state])
-            public = tpm_wire.marshal_public_ecc(key.public_key(), attributes=BINDING_ATTRIBUTES,
-                                                 scheme=tpm_wire.ALG_ECDH, auth_policy=policy)
+            public = tpm_wire.marshal_public_ecc(
+                key.public_key(), attributes=BINDING_ATTRIBUTES, scheme=tpm_wire.ALG_ECDH, auth_policy=policy
+            )
             self._binding = (key, public, state)
         _, public, _ = self._binding
-        certify = self._attest(tpm_wire.ST_ATTEST_CERTIFY, nonce,
-                               certified_name=tpm_wire.name_of(tpm_wire.ALG_SHA256, public))
+        certify = self._attest(
+            tpm_wire.ST_ATTEST_CERTIFY, nonce, certified_name=tpm_wire.name_of(tpm_wire.ALG_SHA256, public)
+        )
         return pb.Binding(public=tpm_wire.tpm2b(public), certify=certify)
 
     def shared_secret(self, wrapped: pb.WrappedKey, platform_pcr: int) -> bytes:

@@ -64,7 +64,11 @@ SIGN = 0x00040000
 
 HASHES = {ALG_SHA1: "sha1", ALG_SHA256: "sha256", ALG_SHA384: "sha384", ALG_SHA512: "sha512"}
 _CRYPTO_HASH: dict[int, Callable[[], hashes.HashAlgorithm]] = {
-    ALG_SHA1: hashes.SHA1, ALG_SHA256: hashes.SHA256, ALG_SHA384: hashes.SHA384, ALG_SHA512: hashes.SHA512}
+    ALG_SHA1: hashes.SHA1,
+    ALG_SHA256: hashes.SHA256,
+    ALG_SHA384: hashes.SHA384,
+    ALG_SHA512: hashes.SHA512,
+}
 _CURVES = {ECC_NIST_P256: (ec.SECP256R1, 32), ECC_NIST_P384: (ec.SECP384R1, 48)}
 _CURVE_IDS = {"secp256r1": ECC_NIST_P256, "secp384r1": ECC_NIST_P384}
 MAX_PCR = 24
@@ -88,7 +92,7 @@ class _Reader:
         end = self.pos + n
         if end > len(self.buf):
             raise TpmStructureError(detail=f"truncated: need {n} bytes at offset {self.pos}")
-        out = self.buf[self.pos:end]
+        out = self.buf[self.pos : end]
         self.pos = end
         return out
 
@@ -183,21 +187,52 @@ def parse_attest(raw: bytes) -> Attest:
         select = _read_pcr_selection(r)
         digest = r.tpm2b()
         r.done("TPMS_ATTEST")
-        return Attest(raw, kind, signer, extra, clock, resets, restarts, bool(safe), firmware,
-                      pcr_select=select, pcr_digest=digest)
+        return Attest(
+            raw,
+            kind,
+            signer,
+            extra,
+            clock,
+            resets,
+            restarts,
+            bool(safe),
+            firmware,
+            pcr_select=select,
+            pcr_digest=digest,
+        )
     if kind == ST_ATTEST_CERTIFY:
         name = r.tpm2b()
         qualified = r.tpm2b()
         r.done("TPMS_ATTEST")
-        return Attest(raw, kind, signer, extra, clock, resets, restarts, bool(safe), firmware,
-                      certified_name=name, certified_qualified_name=qualified)
+        return Attest(
+            raw,
+            kind,
+            signer,
+            extra,
+            clock,
+            resets,
+            restarts,
+            bool(safe),
+            firmware,
+            certified_name=name,
+            certified_qualified_name=qualified,
+        )
     raise TpmStructureError(detail=f"attestation type {kind:#x} is neither quote nor certify")
 
 
 def marshal_attest(
-    kind: int, *, signer: bytes, extra_data: bytes, clock: int = 0, reset_count: int = 0,
-    restart_count: int = 0, safe: bool = True, firmware_version: int = 0,
-    pcr_selection: bytes = b"", pcr_digest: bytes = b"", certified_name: bytes = b"",
+    kind: int,
+    *,
+    signer: bytes,
+    extra_data: bytes,
+    clock: int = 0,
+    reset_count: int = 0,
+    restart_count: int = 0,
+    safe: bool = True,
+    firmware_version: int = 0,
+    pcr_selection: bytes = b"",
+    pcr_digest: bytes = b"",
+    certified_name: bytes = b"",
 ) -> bytes:
     """A TPMS_ATTEST as a TPM builds it (used by the software attester and test signers)."""
     head = struct.pack(">IH", TPM_GENERATED_VALUE, kind) + tpm2b(signer) + tpm2b(extra_data)
@@ -297,8 +332,12 @@ class PublicArea:
             elif signature.alg == ALG_RSASSA and isinstance(key, rsa.RSAPublicKey):
                 key.verify(signature.value, message, padding.PKCS1v15(), hash_cls())
             elif signature.alg == ALG_RSAPSS and isinstance(key, rsa.RSAPublicKey):
-                key.verify(signature.value, message,
-                           padding.PSS(padding.MGF1(hash_cls()), padding.PSS.AUTO), hash_cls())
+                key.verify(
+                    signature.value,
+                    message,
+                    padding.PSS(padding.MGF1(hash_cls()), padding.PSS.AUTO),
+                    hash_cls(),
+                )
             else:
                 return False
         except InvalidSignature:
@@ -336,21 +375,48 @@ def parse_public(raw: bytes) -> PublicArea:
         bits, exponent = r.u16(), r.u32()
         modulus = r.tpm2b()
         r.done("TPMT_PUBLIC")
-        return PublicArea(raw, kind, name_alg, attributes, policy, scheme, scheme_hash,
-                          rsa_bits=bits, rsa_exponent=exponent, symmetric=symmetric, unique=(modulus,))
+        return PublicArea(
+            raw,
+            kind,
+            name_alg,
+            attributes,
+            policy,
+            scheme,
+            scheme_hash,
+            rsa_bits=bits,
+            rsa_exponent=exponent,
+            symmetric=symmetric,
+            unique=(modulus,),
+        )
     if kind == ALG_ECC:
         curve = r.u16()
         if r.u16() != ALG_NULL:  # kdf scheme
             r.u16()
         x, y = r.tpm2b(), r.tpm2b()
         r.done("TPMT_PUBLIC")
-        return PublicArea(raw, kind, name_alg, attributes, policy, scheme, scheme_hash,
-                          curve=curve, symmetric=symmetric, unique=(x, y))
+        return PublicArea(
+            raw,
+            kind,
+            name_alg,
+            attributes,
+            policy,
+            scheme,
+            scheme_hash,
+            curve=curve,
+            symmetric=symmetric,
+            unique=(x, y),
+        )
     raise TpmStructureError(detail=f"public area type {kind:#x} not supported")
 
 
-def marshal_public_ecc(key: ec.EllipticCurvePublicKey, *, attributes: int, scheme: int = ALG_ECDSA,
-                       scheme_hash: int = ALG_SHA256, auth_policy: bytes = b"") -> bytes:
+def marshal_public_ecc(
+    key: ec.EllipticCurvePublicKey,
+    *,
+    attributes: int,
+    scheme: int = ALG_ECDSA,
+    scheme_hash: int = ALG_SHA256,
+    auth_policy: bytes = b"",
+) -> bytes:
     """TPMT_PUBLIC of an ECC key (used by test signers and the benchmark)."""
     curve = _CURVE_IDS[key.curve.name]
     size = _CURVES[curve][1]
@@ -362,8 +428,9 @@ def marshal_public_ecc(key: ec.EllipticCurvePublicKey, *, attributes: int, schem
     return body + tpm2b(nums.x.to_bytes(size, "big")) + tpm2b(nums.y.to_bytes(size, "big"))
 
 
-def marshal_public_rsa(key: rsa.RSAPublicKey, *, attributes: int, scheme: int = ALG_RSASSA,
-                       scheme_hash: int = ALG_SHA256) -> bytes:
+def marshal_public_rsa(
+    key: rsa.RSAPublicKey, *, attributes: int, scheme: int = ALG_RSASSA, scheme_hash: int = ALG_SHA256
+) -> bytes:
     nums = key.public_numbers()
     body = struct.pack(">HHI", ALG_RSA, ALG_SHA256, attributes) + tpm2b(b"")
     body += struct.pack(">HHH", ALG_NULL, scheme, scheme_hash)
@@ -410,8 +477,9 @@ def kdfa(hash_alg: int, key: bytes, label: bytes, context_u: bytes, context_v: b
     counter = 0
     while len(out) * 8 < bits:
         counter += 1
-        out += hmac.new(key, counter.to_bytes(4, "big") + label + context_u + context_v + bits.to_bytes(4, "big"),
-                        name).digest()
+        out += hmac.new(
+            key, counter.to_bytes(4, "big") + label + context_u + context_v + bits.to_bytes(4, "big"), name
+        ).digest()
     return out[: bits // 8]
 
 

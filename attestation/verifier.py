@@ -39,8 +39,12 @@ from .results import RESULT_SCHEMA, TIER_OF_KIND, ResultSigner, status_of
 
 MESSAGE_SCHEMA = 1
 PCR_BANK = "sha256"
-_BINDING_REQUIRED = tpm_wire.DECRYPT | tpm_wire.FIXED_TPM | tpm_wire.FIXED_PARENT | tpm_wire.SENSITIVE_DATA_ORIGIN
-_BINDING_FORBIDDEN = tpm_wire.USER_WITH_AUTH | tpm_wire.ADMIN_WITH_POLICY | tpm_wire.RESTRICTED | tpm_wire.SIGN
+_BINDING_REQUIRED = (
+    tpm_wire.DECRYPT | tpm_wire.FIXED_TPM | tpm_wire.FIXED_PARENT | tpm_wire.SENSITIVE_DATA_ORIGIN
+)
+_BINDING_FORBIDDEN = (
+    tpm_wire.USER_WITH_AUTH | tpm_wire.ADMIN_WITH_POLICY | tpm_wire.RESTRICTED | tpm_wire.SIGN
+)
 
 
 @dataclass(frozen=True)
@@ -49,14 +53,16 @@ class EvidenceLimits:
 
     max_bytes: int = 128 * 1024
     max_events: int = 1024
-    max_blob: int = 2048        # one quote, signature or public key
+    max_blob: int = 2048  # one quote, signature or public key
     max_component: int = 128
     max_description: int = 256
 
 
 def parse_attester_message(payload: bytes, limits: EvidenceLimits) -> pb.AttesterMessage:
     if len(payload) > limits.max_bytes:
-        raise EvidenceMalformed("attestation.evidence.too_large", f"{len(payload)} bytes > {limits.max_bytes}")
+        raise EvidenceMalformed(
+            "attestation.evidence.too_large", f"{len(payload)} bytes > {limits.max_bytes}"
+        )
     message = pb.AttesterMessage()
     try:
         message.ParseFromString(payload)
@@ -73,8 +79,14 @@ def check_evidence_shape(evidence: pb.AttestationEvidence, limits: EvidenceLimit
     """Structural caps, so later steps never meet absurd sizes."""
     if len(evidence.events) > limits.max_events:
         raise EvidenceMalformed("attestation.evidence.too_large", f"{len(evidence.events)} events")
-    for blob in (evidence.ak_public, evidence.quote.attest, evidence.quote.signature, evidence.binding.public,
-                 evidence.binding.certify.attest, evidence.binding.certify.signature):
+    for blob in (
+        evidence.ak_public,
+        evidence.quote.attest,
+        evidence.quote.signature,
+        evidence.binding.public,
+        evidence.binding.certify.attest,
+        evidence.binding.certify.signature,
+    ):
         if len(blob) > limits.max_blob:
             raise EvidenceMalformed("attestation.evidence.too_large", f"a field of {len(blob)} bytes")
     if not evidence.quote.attest or not evidence.quote.signature:
@@ -95,13 +107,15 @@ class KnownAttester:
     ak_public: bytes
     tier: str
     revoked: bool = False
-    certified_binding: bytes = b""   # binding public whose AK certification was already checked
+    certified_binding: bytes = b""  # binding public whose AK certification was already checked
 
     @classmethod
     def from_enrollment(cls, enrollment: pb.Enrollment) -> KnownAttester:
         if enrollment.kind == pb.ATTESTER_KIND_SOFTWARE:
             try:
-                ak: tpm_wire.PublicArea | Ed25519PublicKey = Ed25519PublicKey.from_public_bytes(enrollment.ak_public)
+                ak: tpm_wire.PublicArea | Ed25519PublicKey = Ed25519PublicKey.from_public_bytes(
+                    enrollment.ak_public
+                )
             except ValueError as err:
                 raise EvidenceMalformed("attestation.ak.malformed", str(err)) from err
         elif enrollment.kind == pb.ATTESTER_KIND_TPM2:
@@ -154,8 +168,15 @@ class Appraiser:
     result_ttl_ms: int = 90_000
     limits: EvidenceLimits = field(default_factory=EvidenceLimits)
 
-    def appraise(self, node_id: str, evidence: pb.AttestationEvidence, known: KnownAttester | None,
-                 take_nonce: TakeNonce, now_ms: int, evidence_sha256: bytes) -> Appraisal:
+    def appraise(
+        self,
+        node_id: str,
+        evidence: pb.AttestationEvidence,
+        known: KnownAttester | None,
+        take_nonce: TakeNonce,
+        now_ms: int,
+        evidence_sha256: bytes,
+    ) -> Appraisal:
         # 1. AK known, bound to this node
         if known is None:
             raise UnknownAttestationKey(detail=f"node {node_id!r} is not enrolled")
@@ -172,7 +193,9 @@ class Appraiser:
         # From here the evidence is fresh and authentic: failures become results.
         reasons = self._check(evidence, known, quote, issued)
         binding = b""
-        if evidence.HasField("binding") and not any(r.severity == pb.REASON_SEVERITY_CONTRAINDICATED for r in reasons):
+        if evidence.HasField("binding") and not any(
+            r.severity == pb.REASON_SEVERITY_CONTRAINDICATED for r in reasons
+        ):
             why = self._check_binding(evidence, known, quote.extra_data)
             if why is None:
                 binding = evidence.binding.public
@@ -180,31 +203,68 @@ class Appraiser:
                 reasons.append(reason("attestation.binding.invalid", "binding", why))
         return self.sign(node_id, known, reasons, now_ms, evidence_sha256, binding)
 
-    def sign(self, node_id: str, known: KnownAttester, reasons: list[pb.Reason], now_ms: int,
-             evidence_sha256: bytes = b"", binding: bytes = b"") -> Appraisal:
+    def sign(
+        self,
+        node_id: str,
+        known: KnownAttester,
+        reasons: list[pb.Reason],
+        now_ms: int,
+        evidence_sha256: bytes = b"",
+        binding: bytes = b"",
+    ) -> Appraisal:
         status = status_of(reasons)
         result = pb.AttestationResult(
-            schema=RESULT_SCHEMA, node_id=node_id, status=status, tier=known.tier, reasons=reasons,
-            issued_unix_ms=now_ms, expires_unix_ms=now_ms + self.result_ttl_ms,
-            reference_version=self.reference.version, evidence_sha256=evidence_sha256,
+            schema=RESULT_SCHEMA,
+            node_id=node_id,
+            status=status,
+            tier=known.tier,
+            reasons=reasons,
+            issued_unix_ms=now_ms,
+            expires_unix_ms=now_ms + self.result_ttl_ms,
+            reference_version=self.reference.version,
+            evidence_sha256=evidence_sha256,
             binding_public=binding if status != pb.ATTESTATION_STATUS_CONTRAINDICATED else b"",
         )
         return Appraisal(result, self.signer.sign(result))
 
-    def _check(self, evidence: pb.AttestationEvidence, known: KnownAttester, quote: tpm_wire.Attest,
-               issued: IssuedChallenge) -> list[pb.Reason]:
+    def _check(
+        self,
+        evidence: pb.AttestationEvidence,
+        known: KnownAttester,
+        quote: tpm_wire.Attest,
+        issued: IssuedChallenge,
+    ) -> list[pb.Reason]:
         # 4. PCR selection and digest
         if quote.pcr_select != ((tpm_wire.ALG_SHA256, issued.pcrs),):
-            return [reason("attestation.pcr.selection_mismatch", "quote",
-                           f"quoted {quote.pcr_select}, challenged sha256 {list(issued.pcrs)}")]
+            return [
+                reason(
+                    "attestation.pcr.selection_mismatch",
+                    "quote",
+                    f"quoted {quote.pcr_select}, challenged sha256 {list(issued.pcrs)}",
+                )
+            ]
         indices = tuple(v.index for v in evidence.pcrs)
-        if evidence.pcr_bank != PCR_BANK or indices != issued.pcrs or any(len(v.digest) != 32 for v in evidence.pcrs):
-            return [reason("attestation.pcr.selection_mismatch", "evidence",
-                           f"reported PCRs {list(indices)} do not match the quoted {list(issued.pcrs)}")]
+        if (
+            evidence.pcr_bank != PCR_BANK
+            or indices != issued.pcrs
+            or any(len(v.digest) != 32 for v in evidence.pcrs)
+        ):
+            return [
+                reason(
+                    "attestation.pcr.selection_mismatch",
+                    "evidence",
+                    f"reported PCRs {list(indices)} do not match the quoted {list(issued.pcrs)}",
+                )
+            ]
         values = [v.digest for v in evidence.pcrs]
         if tpm_wire.pcr_digest(values) != quote.pcr_digest:
-            return [reason("attestation.pcr.digest_mismatch", "quote",
-                           "the reported PCR values are not the ones the TPM quoted")]
+            return [
+                reason(
+                    "attestation.pcr.digest_mismatch",
+                    "quote",
+                    "the reported PCR values are not the ones the TPM quoted",
+                )
+            ]
         # 5. event log replay (also checks the shape of each event, touching its fields once)
         replayed = dict.fromkeys(issued.pcrs, ZERO)
         sha256 = hashlib.sha256
@@ -213,31 +273,54 @@ class Appraiser:
         for e in evidence.events:
             event = MeasurementEvent(e.pcr, e.component, e.digest, e.description)
             pcr, component, digest, description = event
-            if (len(digest) != 32 or not component or len(component) > limits.max_component
-                    or len(description) > limits.max_description):
+            if (
+                len(digest) != 32
+                or not component
+                or len(component) > limits.max_component
+                or len(description) > limits.max_description
+            ):
                 return [reason("attestation.log.malformed", component[:64], "event fields out of bounds")]
             current = replayed.get(pcr)
             if current is None:
-                return [reason("attestation.log.unquoted_pcr", component,
-                               f"event {component} extends PCR {pcr}, which was not quoted")]
-            replayed[pcr] = sha256(current + sha256(
-                EVENT_DOMAIN + component.encode() + b"\x00" + digest + description.encode()).digest()).digest()
+                return [
+                    reason(
+                        "attestation.log.unquoted_pcr",
+                        component,
+                        f"event {component} extends PCR {pcr}, which was not quoted",
+                    )
+                ]
+            replayed[pcr] = sha256(
+                current
+                + sha256(EVENT_DOMAIN + component.encode() + b"\x00" + digest + description.encode()).digest()
+            ).digest()
             events.append(event)
         pcrs = dict(zip(issued.pcrs, values, strict=True))
         for index, value in pcrs.items():
             if replayed[index] != value:
-                return [reason("attestation.log.replay_mismatch", f"pcr{index}",
-                               f"replaying the event log does not reproduce PCR {index}")]
+                return [
+                    reason(
+                        "attestation.log.replay_mismatch",
+                        f"pcr{index}",
+                        f"replaying the event log does not reproduce PCR {index}",
+                    )
+                ]
         # 6. reference values and policy
         compiled = self.reference.compiled
         reasons = compiled.check.why_not(CheckContext(events, pcrs, compiled))
         if known.tier == "tpm2" and not known.enrollment.ek_certified:
-            reasons.append(reason("attestation.ek.uncertified", "ek",
-                                  "the endorsement key has no certificate from a trusted CA",
-                                  pb.REASON_SEVERITY_WARNING))
+            reasons.append(
+                reason(
+                    "attestation.ek.uncertified",
+                    "ek",
+                    "the endorsement key has no certificate from a trusted CA",
+                    pb.REASON_SEVERITY_WARNING,
+                )
+            )
         return reasons
 
-    def _check_binding(self, evidence: pb.AttestationEvidence, known: KnownAttester, nonce: bytes) -> str | None:
+    def _check_binding(
+        self, evidence: pb.AttestationEvidence, known: KnownAttester, nonce: bytes
+    ) -> str | None:
         """Why the binding key cannot be used for key release, or None when it can."""
         binding = evidence.binding
         # That the AK certified this key is a fact about the key, checked once per key; the
@@ -265,7 +348,10 @@ class Appraiser:
             return "certified name does not match the binding key"
         if public.type != tpm_wire.ALG_ECC or public.curve != tpm_wire.ECC_NIST_P256:
             return "binding key is not ECC P-256"
-        if public.attributes & _BINDING_REQUIRED != _BINDING_REQUIRED or public.attributes & _BINDING_FORBIDDEN:
+        if (
+            public.attributes & _BINDING_REQUIRED != _BINDING_REQUIRED
+            or public.attributes & _BINDING_FORBIDDEN
+        ):
             return f"binding key attributes {public.attributes:#x} allow use outside the PCR policy"
         platform = self.layout.platform
         value = next((v.digest for v in evidence.pcrs if v.index == platform), None)

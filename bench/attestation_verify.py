@@ -54,8 +54,11 @@ def components(events: int) -> list[tuple[str, bytes]]:
 
 def fleet(kind: str, nodes: int, events: int, key_dir: Path) -> tuple[AttestationVerifierService, list]:
     measured = components(events)
-    reference = ReferenceValues(version=1, required=["agent.part0"], components={
-        c: {"digests": [hashlib.sha256(d).hexdigest()]} for c, d in measured})  # type: ignore[misc]
+    reference = ReferenceValues(
+        version=1,
+        required=["agent.part0"],
+        components={c: {"digests": [hashlib.sha256(d).hexdigest()]} for c, d in measured},
+    )  # type: ignore[misc]
     service = AttestationVerifierService(VerifierConfig(max_outstanding_per_node=64), reference)
     responders = []
     for n in range(nodes):
@@ -85,14 +88,18 @@ def one_run(service: AttestationVerifierService, responders: list, per_node: int
     wall, cpu = time.perf_counter(), time.process_time()
     results = service.verify_many(items)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    good = sum(isinstance(r, pb.AttestationResult) and r.status == pb.ATTESTATION_STATUS_AFFIRMING for r in results)
+    good = sum(
+        isinstance(r, pb.AttestationResult) and r.status == pb.ATTESTATION_STATUS_AFFIRMING for r in results
+    )
     if good != len(items):
         raise SystemExit(f"only {good}/{len(items)} verifications were affirming")
     return len(items) / wall, len(items) / cpu, len(items)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--nodes", type=int, default=200, help="enrolled nodes")
     parser.add_argument("--per-node", type=int, default=10, help="evidence per node per run")
     parser.add_argument("--events", type=int, default=50, help="events in each node's log")
@@ -104,8 +111,11 @@ def main(argv: list[str] | None = None) -> int:
 
     rows, rates = [], {}
     with tempfile.TemporaryDirectory() as tmp:
-        for kind, label in (("ecc256", "tpm2, ECC P-256 / ECDSA"), ("rsa2048", "tpm2, RSA-2048 / RSASSA"),
-                            ("software", "software, Ed25519")):
+        for kind, label in (
+            ("ecc256", "tpm2, ECC P-256 / ECDSA"),
+            ("rsa2048", "tpm2, RSA-2048 / RSASSA"),
+            ("software", "software, Ed25519"),
+        ):
             service, responders = fleet(kind, args.nodes, args.events, Path(tmp) / kind)
             runs = [one_run(service, responders, args.per_node) for _ in range(args.runs)]
             for wall, cpu, n in runs:
@@ -113,18 +123,23 @@ def main(argv: list[str] | None = None) -> int:
             wall = statistics.median(r[0] for r in runs)
             cpu = statistics.median(r[1] for r in runs)
             rates[kind] = wall
-            rows.append(f"| {label} | {args.events} | {runs[0][2]:,} | {wall:,.0f} | {cpu:,.0f} "
-                        f"| {1e6 / cpu:,.0f} |")
+            rows.append(
+                f"| {label} | {args.events} | {runs[0][2]:,} | {wall:,.0f} | {cpu:,.0f} | {1e6 / cpu:,.0f} |"
+            )
     met = rates["ecc256"] >= TARGET
     fleet_share = 10_000 / 60 / rates["ecc256"]
-    verdict = (f"ECC target {TARGET:,}/s per core: **{'met' if met else 'NOT met'}** "
-               f"({rates['ecc256']:,.0f}/s). Re-attesting 10,000 nodes every 60 s (167/s) takes "
-               f"{fleet_share:.0%} of one core at this rate.")
-    table = "\n".join([
-        "| attestation key | events | verifications per run | per second (wall) | per CPU-second | CPU us each |",
-        "|---|---|---|---|---|---|",
-        *rows,
-    ])
+    verdict = (
+        f"ECC target {TARGET:,}/s per core: **{'met' if met else 'NOT met'}** "
+        f"({rates['ecc256']:,.0f}/s). Re-attesting 10,000 nodes every 60 s (167/s) takes "
+        f"{fleet_share:.0%} of one core at this rate."
+    )
+    table = "\n".join(
+        [
+            "| attestation key | events | verifications per run | per second (wall) | per CPU-second | CPU us each |",
+            "|---|---|---|---|---|---|",
+            *rows,
+        ]
+    )
     body = f"""## Attestation: full verifications per second, one core
 
 `{command()}` ({machine()})

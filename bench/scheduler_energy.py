@@ -47,15 +47,18 @@ def _classes(name: str) -> tuple[HardwareClass, ...]:
 
 def _row(fleet: str, seed: object, ea: PolicyResult, rr: PolicyResult) -> str:
     ratio = ea.joules_per_inference / rr.joules_per_inference
-    return (f"| {fleet} | {seed} | {ea.joules_per_inference * 1000:.1f} "
-            f"| {rr.joules_per_inference * 1000:.1f} | {ratio:.2f} "
-            f"| {ea.slo_attainment:.1%} | {rr.slo_attainment:.1%} "
-            f"| {ea.placed} | {rr.placed} |")
+    return (
+        f"| {fleet} | {seed} | {ea.joules_per_inference * 1000:.1f} "
+        f"| {rr.joules_per_inference * 1000:.1f} | {ratio:.2f} "
+        f"| {ea.slo_attainment:.1%} | {rr.slo_attainment:.1%} "
+        f"| {ea.placed} | {rr.placed} |"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--nodes", type=int, default=10_000)
     parser.add_argument("--replicas", type=int, default=20_000)
     parser.add_argument("--seeds", type=int, default=5, help="runs, with seeds 0..N-1 (medians reported)")
@@ -70,8 +73,13 @@ def main(argv: list[str] | None = None) -> int:
         classes = _classes(hardware)
         pairs = []
         for seed in range(args.seeds):
-            report = run(nodes=args.nodes, replicas=args.replicas, policy=("energy-aware", "round-robin"),
-                         seed=seed, classes=classes)
+            report = run(
+                nodes=args.nodes,
+                replicas=args.replicas,
+                policy=("energy-aware", "round-robin"),
+                seed=seed,
+                classes=classes,
+            )
             ea, rr = report.result("energy-aware"), report.result("round-robin")
             pairs.append((ea, rr))
             rows.append(_row(hardware, seed, ea, rr))
@@ -84,25 +92,27 @@ def main(argv: list[str] | None = None) -> int:
             f"attainment {'equal or better on every seed' if slo_ok else 'worse on some seed'}."
         )
 
-    body = "\n".join([
-        "## Scheduler: energy-aware versus round-robin placement",
-        "",
-        f"Command: `{command()}`",
-        "",
-        f"Machine: {machine()}; {note}",
-        "",
-        f"{args.nodes:,} nodes, {args.replicas:,} replicas per seed. {ABOUT}",
-        "",
-        "| fleet | seed | energy-aware mJ/inference | round-robin mJ/inference | ratio "
-        "| energy-aware SLO met | round-robin SLO met | energy-aware placed | round-robin placed |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-        *rows,
-        "",
-        *summary,
-        "",
-        f"Target (ratio <= {TARGET_RATIO:.2f} at equal or better SLO attainment, on every seed of every "
-        f"fleet): **{'met' if met else 'missed'}**.",
-    ])
+    body = "\n".join(
+        [
+            "## Scheduler: energy-aware versus round-robin placement",
+            "",
+            f"Command: `{command()}`",
+            "",
+            f"Machine: {machine()}; {note}",
+            "",
+            f"{args.nodes:,} nodes, {args.replicas:,} replicas per seed. {ABOUT}",
+            "",
+            "| fleet | seed | energy-aware mJ/inference | round-robin mJ/inference | ratio "
+            "| energy-aware SLO met | round-robin SLO met | energy-aware placed | round-robin placed |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+            *rows,
+            "",
+            *summary,
+            "",
+            f"Target (ratio <= {TARGET_RATIO:.2f} at equal or better SLO attainment, on every seed of every "
+            f"fleet): **{'met' if met else 'missed'}**.",
+        ]
+    )
     print(body)
     if not args.no_write:
         write_section("scheduler-energy", body)

@@ -30,8 +30,9 @@ reconcile pass) is reported apart."""
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--sizes", default="1000,10000,50000", help="fleet sizes, comma-separated")
     parser.add_argument("--runs", type=int, default=5, help="runs per size (the median is reported)")
     parser.add_argument("--seed", type=int, default=0)
@@ -49,8 +50,10 @@ def main(argv: list[str] | None = None) -> int:
             report = run(nodes=nodes, replicas=replicas, policy="energy-aware", seed=args.seed)
             result = report.result("energy-aware")
             results.append((report.snapshot_s, result))
-            print(f"{nodes} nodes: {result.placements_per_s:,.0f}/s, p99 {result.p99_us:.0f} us",
-                  file=sys.stderr)
+            print(
+                f"{nodes} nodes: {result.placements_per_s:,.0f}/s, p99 {result.p99_us:.0f} us",
+                file=sys.stderr,
+            )
         rate = median([r.placements_per_s for _, r in results])
         cpu_rate = median([r.placements_per_cpu_s for _, r in results])
         p50 = median([r.p50_us for _, r in results])
@@ -58,32 +61,38 @@ def main(argv: list[str] | None = None) -> int:
         cpu_p50 = median([r.cpu_p50_us for _, r in results])
         cpu_p99 = median([r.cpu_p99_us for _, r in results])
         snapshot_ms = median([s for s, _ in results]) * 1000
-        rows.append(f"| {nodes:,} | {replicas:,} | {results[0][1].placed:,} | {rate:,.0f} | {p50:,.0f} "
-                    f"| {p99:,.0f} | {cpu_rate:,.0f} | {cpu_p50:,.0f} | {cpu_p99:,.0f} | {snapshot_ms:,.0f} |")
+        rows.append(
+            f"| {nodes:,} | {replicas:,} | {results[0][1].placed:,} | {rate:,.0f} | {p50:,.0f} "
+            f"| {p99:,.0f} | {cpu_rate:,.0f} | {cpu_p50:,.0f} | {cpu_p99:,.0f} | {snapshot_ms:,.0f} |"
+        )
         if nodes == TARGET_NODES:
             wall_met = rate >= TARGET_RATE and p99 < TARGET_P99_US
             cpu_met = cpu_rate >= TARGET_RATE and cpu_p99 < TARGET_P99_US
-            verdict = (f"Target at {TARGET_NODES:,} nodes (>= {TARGET_RATE:,}/s, p99 < "
-                       f"{TARGET_P99_US // 1000} ms): wall clock **{'met' if wall_met else 'missed'}** "
-                       f"({rate:,.0f}/s, p99 {p99 / 1000:.2f} ms); CPU time **{'met' if cpu_met else 'missed'}** "
-                       f"({cpu_rate:,.0f}/s, p99 {cpu_p99 / 1000:.2f} ms).")
+            verdict = (
+                f"Target at {TARGET_NODES:,} nodes (>= {TARGET_RATE:,}/s, p99 < "
+                f"{TARGET_P99_US // 1000} ms): wall clock **{'met' if wall_met else 'missed'}** "
+                f"({rate:,.0f}/s, p99 {p99 / 1000:.2f} ms); CPU time **{'met' if cpu_met else 'missed'}** "
+                f"({cpu_rate:,.0f}/s, p99 {cpu_p99 / 1000:.2f} ms)."
+            )
 
-    body = "\n".join([
-        "## Scheduler: placement throughput",
-        "",
-        f"Command: `{command()}`",
-        "",
-        f"Machine: {machine()}; {note}",
-        "",
-        ABOUT,
-        "",
-        "| nodes | replicas | placed | placements/s | p50 us | p99 us "
-        "| placements/CPU-s | CPU p50 us | CPU p99 us | snapshot ms |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-        *rows,
-        "",
-        verdict,
-    ])
+    body = "\n".join(
+        [
+            "## Scheduler: placement throughput",
+            "",
+            f"Command: `{command()}`",
+            "",
+            f"Machine: {machine()}; {note}",
+            "",
+            ABOUT,
+            "",
+            "| nodes | replicas | placed | placements/s | p50 us | p99 us "
+            "| placements/CPU-s | CPU p50 us | CPU p99 us | snapshot ms |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            *rows,
+            "",
+            verdict,
+        ]
+    )
     print(body)
     if not args.no_write:
         write_section("scheduler-throughput", body)

@@ -177,7 +177,10 @@ class TelemetryStore:
     def add(self, node_id: str, sent_unix_ms: int, t: node_pb2.Telemetry) -> bool:
         """Queue one sample (written at the next :meth:`flush`); False if it was refused."""
         values = (t.power_w, t.energy_j, t.cpu_utilisation, float(t.queue_depth))
-        if not all(math.isfinite(x) and 0 <= x <= MAX_VALUE for x in values) or t.queue_depth > MAX_QUEUE_DEPTH:
+        if (
+            not all(math.isfinite(x) and 0 <= x <= MAX_VALUE for x in values)
+            or t.queue_depth > MAX_QUEUE_DEPTH
+        ):
             return False  # NaN, inf, negative or beyond float32 would poison the roll-ups
         row = self._rows.get(node_id)
         if row is None:

@@ -16,8 +16,16 @@ from .base import Attester
 from .software import SoftwareAttester, SoftwareAttesterConfig
 from .tpm2 import Tpm2Attester, Tpm2AttesterConfig
 
-__all__ = ["ATTESTERS", "Attester", "AttesterConfig", "SoftwareAttester", "SoftwareAttesterConfig",
-           "Tpm2Attester", "Tpm2AttesterConfig", "create"]
+__all__ = [
+    "ATTESTERS",
+    "Attester",
+    "AttesterConfig",
+    "SoftwareAttester",
+    "SoftwareAttesterConfig",
+    "Tpm2Attester",
+    "Tpm2AttesterConfig",
+    "create",
+]
 
 ENTRY_POINT_GROUP = "edgeward.attesters"
 

@@ -29,7 +29,7 @@ def enrollment_message(node_id: str, nonce: bytes) -> bytes:
 
 class Attester(abc.ABC):
     kind: ClassVar[pb.AttesterKind]
-    name: ClassVar[str]           # registry name: "software", "tpm2"
+    name: ClassVar[str]  # registry name: "software", "tpm2"
 
     @abc.abstractmethod
     def open(self, pcrs: Sequence[int]) -> None:

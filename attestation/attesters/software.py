@@ -116,8 +116,11 @@ class SoftwareAttester(Attester):
 
     def _attest(self, kind: int, nonce: bytes, **fields: object) -> pb.SignedAttest:
         attest = tpm_wire.marshal_attest(
-            kind, signer=software_name(self._ak_public), extra_data=nonce,
-            clock=time.monotonic_ns() // 1_000_000, **fields,  # type: ignore[arg-type]
+            kind,
+            signer=software_name(self._ak_public),
+            extra_data=nonce,
+            clock=time.monotonic_ns() // 1_000_000,
+            **fields,  # type: ignore[arg-type]
         )
         return pb.SignedAttest(attest=attest, signature=self._signer().sign(attest))
 
@@ -125,7 +128,8 @@ class SoftwareAttester(Attester):
         ordered = sorted(pcrs)
         values = self.read_pcrs(ordered)
         return self._attest(
-            tpm_wire.ST_ATTEST_QUOTE, nonce,
+            tpm_wire.ST_ATTEST_QUOTE,
+            nonce,
             pcr_selection=tpm_wire.marshal_pcr_selection(tpm_wire.ALG_SHA256, ordered),
             pcr_digest=tpm_wire.pcr_digest([values[i] for i in ordered]),
         )
@@ -149,7 +153,9 @@ class SoftwareAttester(Attester):
             self._binding = x25519.X25519PrivateKey.generate()
             self._binding_state = state
             key_path, state_path = self._binding_paths()
-            write_private(key_path, self._binding.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()))
+            write_private(
+                key_path, self._binding.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
+            )
             write_private(state_path, state.hex().encode())
         public = _raw(self._binding.public_key())
         certify = self._attest(tpm_wire.ST_ATTEST_CERTIFY, nonce, certified_name=software_name(public))
@@ -159,8 +165,9 @@ class SoftwareAttester(Attester):
         if self._binding is None or wrapped.binding_public != _raw(self._binding.public_key()):
             raise KeyReleaseError("attestation.key.unwrap_failed", "wrapped to another binding key")
         if self._pcrs.get(platform_pcr, ZERO) != self._binding_state:
-            raise KeyReleaseError("attestation.key.policy_failed",
-                                  f"PCR {platform_pcr} changed since the binding key was made")
+            raise KeyReleaseError(
+                "attestation.key.policy_failed", f"PCR {platform_pcr} changed since the binding key was made"
+            )
         try:
             peer = x25519.X25519PublicKey.from_public_bytes(wrapped.ephemeral_public)
             return self._binding.exchange(peer)

@@ -46,12 +46,23 @@ log = logging.getLogger(__name__)
 
 EK_PERSISTENT_HANDLE = 0x81010001
 EK_CERTIFICATE_INDEX = 0x01C00002
-AK_ATTRIBUTES = (tpm_wire.RESTRICTED | tpm_wire.SIGN | tpm_wire.FIXED_TPM | tpm_wire.FIXED_PARENT
-                 | tpm_wire.SENSITIVE_DATA_ORIGIN | tpm_wire.USER_WITH_AUTH)
+AK_ATTRIBUTES = (
+    tpm_wire.RESTRICTED
+    | tpm_wire.SIGN
+    | tpm_wire.FIXED_TPM
+    | tpm_wire.FIXED_PARENT
+    | tpm_wire.SENSITIVE_DATA_ORIGIN
+    | tpm_wire.USER_WITH_AUTH
+)
 # No userWithAuth: using the key needs the PCR policy. No adminWithPolicy: TPM2_Certify (an
 # admin-role command) works with the empty password, which grants nothing but the certification.
-BINDING_ATTRIBUTES = (tpm_wire.DECRYPT | tpm_wire.FIXED_TPM | tpm_wire.FIXED_PARENT
-                      | tpm_wire.SENSITIVE_DATA_ORIGIN | 0x00000400)  # noDA
+BINDING_ATTRIBUTES = (
+    tpm_wire.DECRYPT
+    | tpm_wire.FIXED_TPM
+    | tpm_wire.FIXED_PARENT
+    | tpm_wire.SENSITIVE_DATA_ORIGIN
+    | 0x00000400
+)  # noDA
 AK_TEMPLATES = {"ecc256": "ecc256:ecdsa-sha256:null", "rsa2048": "rsa2048:rsassa-sha256:null"}
 _TPM_RC_POLICY_FAIL = 0x09D
 _TPM_RC_HANDLE = 0x08B
@@ -70,7 +81,9 @@ class Tpm2AttesterConfig(BaseModel):
     )
     key_dir: Path = Field(Path("state/attestation"), description="Directory of the TPM-encrypted key blobs.")
     ak_algorithm: Literal["ecc256", "rsa2048"] = Field("ecc256", description="Attestation key type.")
-    ek_handle: int = Field(EK_PERSISTENT_HANDLE, description="Persistent handle of the RSA EK, if provisioned.")
+    ek_handle: int = Field(
+        EK_PERSISTENT_HANDLE, description="Persistent handle of the RSA EK, if provisioned."
+    )
     ek_certificate_index: int = Field(EK_CERTIFICATE_INDEX, description="NV index of the RSA EK certificate.")
 
 
@@ -167,9 +180,15 @@ class _Op:
 
     def policy_session(self) -> Any:
         t = self.tss
-        return self.track(self.ctx.start_auth_session(
-            t.ESYS_TR.NONE, t.ESYS_TR.NONE, t.TPM2_SE.POLICY, t.TPMT_SYM_DEF(algorithm=t.TPM2_ALG.NULL),
-            t.TPM2_ALG.SHA256))
+        return self.track(
+            self.ctx.start_auth_session(
+                t.ESYS_TR.NONE,
+                t.ESYS_TR.NONE,
+                t.TPM2_SE.POLICY,
+                t.TPMT_SYM_DEF(algorithm=t.TPM2_ALG.NULL),
+                t.TPM2_ALG.SHA256,
+            )
+        )
 
     def ek_session(self) -> Any:
         session = self.policy_session()
@@ -185,8 +204,11 @@ class _Op:
 
     def srk(self) -> Any:
         t = self.tss
-        template = t.TPM2B_PUBLIC(t.TPMT_PUBLIC.parse(
-            "ecc256:aes128cfb", objectAttributes=t.TPMA_OBJECT.DEFAULT_TPM2_TOOLS_CREATEPRIMARY_ATTRS))
+        template = t.TPM2B_PUBLIC(
+            t.TPMT_PUBLIC.parse(
+                "ecc256:aes128cfb", objectAttributes=t.TPMA_OBJECT.DEFAULT_TPM2_TOOLS_CREATEPRIMARY_ATTRS
+            )
+        )
         return self.track(self.ctx.create_primary(None, template, t.ESYS_TR.OWNER)[0])
 
 
@@ -198,7 +220,7 @@ class Tpm2Attester(Attester):
         self.config = config
         self._ctx: ESAPI | None = None
         self._t: Any = None
-        self._ak: tuple[Any, Any] | None = None         # (TPM2B_PRIVATE, TPM2B_PUBLIC)
+        self._ak: tuple[Any, Any] | None = None  # (TPM2B_PRIVATE, TPM2B_PUBLIC)
         self._ak_public = b""
         self._ek_public = b""
         self._ek_certificate: bytes | None = None
@@ -261,7 +283,9 @@ class Tpm2Attester(Attester):
         try:
             self._ctx = t.ESAPI(self.config.tcti)
         except (t.TSS2_Exception, RuntimeError, ValueError) as err:
-            raise TpmError("attestation.tpm.unavailable", f"cannot open TPM at {self.config.tcti!r}: {err}") from err
+            raise TpmError(
+                "attestation.tpm.unavailable", f"cannot open TPM at {self.config.tcti!r}: {err}"
+            ) from err
         try:
             with self._op() as op:
                 ek = op.ek()
@@ -276,9 +300,11 @@ class Tpm2Attester(Attester):
             if any(v != ZERO for v in self.read_pcrs(pcrs).values()):
                 raise TpmError("attestation.tpm.pcr_not_fresh", f"PCRs {list(pcrs)} did not reset to zero")
             if self._file("binding.pub").exists():
-                self._binding = (self._restore("binding.priv", t.TPM2B_PRIVATE),
-                                 self._restore("binding.pub", t.TPM2B_PUBLIC),
-                                 bytes.fromhex(self._file("binding.state").read_text().strip()))
+                self._binding = (
+                    self._restore("binding.priv", t.TPM2B_PRIVATE),
+                    self._restore("binding.pub", t.TPM2B_PUBLIC),
+                    bytes.fromhex(self._file("binding.state").read_text().strip()),
+                )
         except BaseException:
             self.close()
             raise
@@ -313,8 +339,13 @@ class Tpm2Attester(Attester):
 
     def enrollment_request(self, node_id: str) -> pb.EnrollmentRequest:
         certs = [self._ek_certificate] if self._ek_certificate else []
-        return pb.EnrollmentRequest(node_id=node_id, kind=self.kind, ak_public=self._ak_public,
-                                    ek_public=self._ek_public, ek_certificates=certs)
+        return pb.EnrollmentRequest(
+            node_id=node_id,
+            kind=self.kind,
+            ak_public=self._ak_public,
+            ek_public=self._ek_public,
+            ek_certificates=certs,
+        )
 
     def answer_enrollment(self, challenge: pb.EnrollmentChallenge) -> bytes:
         t = self._t
@@ -327,8 +358,9 @@ class Tpm2Attester(Attester):
         with self._op("attestation.enroll.activation_failed") as op:
             ak = self._ak_handle(op)
             session = op.ek_session()
-            certinfo = op.ctx.activate_credential(ak, op.ek(), blob, secret,
-                                                  session1=t.ESYS_TR.PASSWORD, session2=session)
+            certinfo = op.ctx.activate_credential(
+                ak, op.ek(), blob, secret, session1=t.ESYS_TR.PASSWORD, session2=session
+            )
             return bytes(certinfo)
 
     # ------------------------------------------------------------ PCRs and quotes
@@ -367,8 +399,11 @@ class Tpm2Attester(Attester):
         with self._op() as op:
             if self._binding is None or self._binding[2] != state:
                 policy = tpm_wire.policy_pcr_digest([platform_pcr], [state])
-                template = t.TPM2B_PUBLIC(t.TPMT_PUBLIC.parse(
-                    "ecc256:ecdh-sha256", objectAttributes=BINDING_ATTRIBUTES, authPolicy=policy))
+                template = t.TPM2B_PUBLIC(
+                    t.TPMT_PUBLIC.parse(
+                        "ecc256:ecdh-sha256", objectAttributes=BINDING_ATTRIBUTES, authPolicy=policy
+                    )
+                )
                 srk = self._srk(op)
                 private, public, *_ = op.ctx.create(srk, None, template)
                 op.release(srk)
@@ -379,11 +414,19 @@ class Tpm2Attester(Attester):
                 log.info("made a binding key for PCR %d = %s...", platform_pcr, state.hex()[:16])
             key = self._load_binding(op)
             ak = self._ak_handle(op)
-            attest, signature = op.ctx.certify(key, ak, nonce, t.TPMT_SIG_SCHEME(scheme=t.TPM2_ALG.NULL),
-                                               session1=t.ESYS_TR.PASSWORD, session2=t.ESYS_TR.PASSWORD)
+            attest, signature = op.ctx.certify(
+                key,
+                ak,
+                nonce,
+                t.TPMT_SIG_SCHEME(scheme=t.TPM2_ALG.NULL),
+                session1=t.ESYS_TR.PASSWORD,
+                session2=t.ESYS_TR.PASSWORD,
+            )
             public_bytes = self._binding[1].marshal()
-        return pb.Binding(public=public_bytes,
-                          certify=pb.SignedAttest(attest=attest.marshal()[2:], signature=signature.marshal()))
+        return pb.Binding(
+            public=public_bytes,
+            certify=pb.SignedAttest(attest=attest.marshal()[2:], signature=signature.marshal()),
+        )
 
     def _load_binding(self, op: _Op) -> Any:
         assert self._binding is not None
@@ -398,7 +441,9 @@ class Tpm2Attester(Attester):
             raise KeyReleaseError("attestation.key.unwrap_failed", "wrapped to another binding key")
         point = wrapped.ephemeral_public
         if len(point) != 65 or point[0] != 4:
-            raise KeyReleaseError("attestation.key.malformed", "ephemeral key is not an uncompressed P-256 point")
+            raise KeyReleaseError(
+                "attestation.key.malformed", "ephemeral key is not an uncompressed P-256 point"
+            )
         in_point = t.TPM2B_ECC_POINT(t.TPMS_ECC_POINT(x=point[1:33], y=point[33:]))
         try:
             with self._op("attestation.key.unwrap_failed") as op:
@@ -409,6 +454,8 @@ class Tpm2Attester(Attester):
                 return bytes(z.point.x)
         except TpmError as err:
             if err.rc is not None and _fmt1_error(err.rc) == _TPM_RC_POLICY_FAIL:
-                raise KeyReleaseError("attestation.key.policy_failed",
-                                      f"PCR {platform_pcr} no longer holds the value the key is bound to") from err
+                raise KeyReleaseError(
+                    "attestation.key.policy_failed",
+                    f"PCR {platform_pcr} no longer holds the value the key is bound to",
+                ) from err
             raise KeyReleaseError("attestation.key.unwrap_failed", err.detail) from err

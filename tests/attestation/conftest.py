@@ -106,7 +106,9 @@ def manufactured(tmp_path_factory: pytest.TempPathFactory) -> Manufactured:
         f"statedir = {ca}\nsigningkey = {ca}/signkey.pem\n"
         f"issuercert = {ca}/issuercert.pem\ncertserial = {ca}/certserial\n"
     )
-    (root / "localca.options").write_text("--platform-manufacturer edgeward\n--platform-version 1\n--platform-model test\n")
+    (root / "localca.options").write_text(
+        "--platform-manufacturer edgeward\n--platform-version 1\n--platform-model test\n"
+    )
     (root / "setup.conf").write_text(
         f"create_certs_tool = {SWTPM_LOCALCA}\ncreate_certs_tool_config = {root}/localca.conf\n"
         f"create_certs_tool_options = {root}/localca.options\nactive_pcr_banks = sha256\n"
@@ -116,15 +118,31 @@ def manufactured(tmp_path_factory: pytest.TempPathFactory) -> Manufactured:
         state = root / name
         state.mkdir()
         proc = subprocess.run(
-            [SWTPM_SETUP, "--tpm2", "--tpmstate", str(state), "--create-ek-cert", "--config", str(root / "setup.conf"),
-             "--logfile", str(root / f"{name}.log")],
-            capture_output=True, text=True, timeout=60, check=False,
+            [
+                SWTPM_SETUP,
+                "--tpm2",
+                "--tpmstate",
+                str(state),
+                "--create-ek-cert",
+                "--config",
+                str(root / "setup.conf"),
+                "--logfile",
+                str(root / f"{name}.log"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
         )
         if proc.returncode != 0:
-            raise RuntimeError(f"swtpm_setup failed:\n{proc.stdout}{proc.stderr}{(root / f'{name}.log').read_text()}")
+            raise RuntimeError(
+                f"swtpm_setup failed:\n{proc.stdout}{proc.stderr}{(root / f'{name}.log').read_text()}"
+            )
         states.append(state)
     bundle = root / "ek-ca.pem"
-    bundle.write_bytes((ca / "swtpm-localca-rootca-cert.pem").read_bytes() + (ca / "issuercert.pem").read_bytes())
+    bundle.write_bytes(
+        (ca / "swtpm-localca-rootca-cert.pem").read_bytes() + (ca / "issuercert.pem").read_bytes()
+    )
     return Manufactured(states, bundle)
 
 
@@ -148,15 +166,28 @@ class Swtpm:
             self.port = _free_port_pair()
             with self.log.open("ab") as log:
                 self.proc = subprocess.Popen(
-                    [SWTPM, "socket", "--tpm2", "--tpmstate", f"dir={self.state}",
-                     "--server", f"type=tcp,port={self.port},bindaddr={LOOPBACK}",
-                     "--ctrl", f"type=tcp,port={self.port + 1},bindaddr={LOOPBACK}",
-                     "--flags", "not-need-init,startup-clear"],
-                    stdout=log, stderr=subprocess.STDOUT,
+                    [
+                        SWTPM,
+                        "socket",
+                        "--tpm2",
+                        "--tpmstate",
+                        f"dir={self.state}",
+                        "--server",
+                        f"type=tcp,port={self.port},bindaddr={LOOPBACK}",
+                        "--ctrl",
+                        f"type=tcp,port={self.port + 1},bindaddr={LOOPBACK}",
+                        "--flags",
+                        "not-need-init,startup-clear",
+                    ],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
                 )
             deadline = time.monotonic() + 5
             while time.monotonic() < deadline and self.proc.poll() is None:
-                with contextlib.suppress(OSError), socket.create_connection((LOOPBACK, self.port), timeout=0.2):
+                with (
+                    contextlib.suppress(OSError),
+                    socket.create_connection((LOOPBACK, self.port), timeout=0.2),
+                ):
                     return
                 time.sleep(0.02)
             self.stop()  # lost the port race or died: try other ports
@@ -261,15 +292,19 @@ def software_node(tmp_path: Path) -> Iterator[Callable[..., AttestationResponder
 
 
 @pytest.fixture
-def tpm_node(swtpm_factory: Callable[[int], Swtpm], tmp_path: Path) -> Iterator[Callable[..., AttestationResponder]]:
+def tpm_node(
+    swtpm_factory: Callable[[int], Swtpm], tmp_path: Path
+) -> Iterator[Callable[..., AttestationResponder]]:
     """Open tpm2-attester responders, each on its own swtpm (closed before the swtpm stops)."""
     opened: list[AttestationResponder] = []
 
-    def make(node_id: str = "node-a", chip: int = 0, ak_algorithm: str = "ecc256",
-             tpm: Swtpm | None = None) -> AttestationResponder:
+    def make(
+        node_id: str = "node-a", chip: int = 0, ak_algorithm: str = "ecc256", tpm: Swtpm | None = None
+    ) -> AttestationResponder:
         tpm = tpm or swtpm_factory(chip)
-        config = attesters.Tpm2AttesterConfig(tcti=tpm.tcti, key_dir=tmp_path / f"tpmkeys-{node_id}-{len(opened)}",
-                                              ak_algorithm=ak_algorithm)  # type: ignore[arg-type]
+        config = attesters.Tpm2AttesterConfig(
+            tcti=tpm.tcti, key_dir=tmp_path / f"tpmkeys-{node_id}-{len(opened)}", ak_algorithm=ak_algorithm
+        )  # type: ignore[arg-type]
         responder = AttestationResponder(node_id, attesters.create(config))
         responder.open()
         opened.append(responder)
@@ -278,4 +313,3 @@ def tpm_node(swtpm_factory: Callable[[int], Swtpm], tmp_path: Path) -> Iterator[
     yield make
     for responder in opened:
         responder.close()
-

@@ -29,7 +29,9 @@ def make_attester(request, tmp_path):
             attester = SimulatedTpmAttester()
         else:
             tpm: Swtpm = request.getfixturevalue("swtpm_factory")(index % 2)
-            attester = attesters.create(attesters.Tpm2AttesterConfig(tcti=tpm.tcti, key_dir=tmp_path / f"k{index}"))
+            attester = attesters.create(
+                attesters.Tpm2AttesterConfig(tcti=tpm.tcti, key_dir=tmp_path / f"k{index}")
+            )
         attester.open(LAYOUT.pcrs)
         opened.append(attester)
         return attester
@@ -41,8 +43,11 @@ def make_attester(request, tmp_path):
 
 def known(attester: Attester) -> KnownAttester:
     ek_certified = attester.kind == pb.ATTESTER_KIND_TPM2
-    return KnownAttester.from_enrollment(pb.Enrollment(node_id="n", kind=attester.kind, ak_public=attester.ak_public,
-                                                       ek_certified=ek_certified))
+    return KnownAttester.from_enrollment(
+        pb.Enrollment(
+            node_id="n", kind=attester.kind, ak_public=attester.ak_public, ek_certified=ek_certified
+        )
+    )
 
 
 def test_pcrs_start_at_zero_and_extend_like_the_log(make_attester):

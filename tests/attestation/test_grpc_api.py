@@ -16,7 +16,9 @@ from edgeward.v1 import attestation_pb2_grpc
 
 
 @pytest.fixture
-async def api(software_node, verifier) -> AsyncIterator[tuple[attestation_pb2_grpc.AttestationServiceStub, object]]:
+async def api(
+    software_node, verifier
+) -> AsyncIterator[tuple[attestation_pb2_grpc.AttestationServiceStub, object]]:
     node = software_node("node-a")
     measure_platform(node)
     enroll(verifier, node)
@@ -27,7 +29,8 @@ async def api(software_node, verifier) -> AsyncIterator[tuple[attestation_pb2_gr
 
     server = grpc.aio.server()
     attestation_pb2_grpc.add_AttestationServiceServicer_to_server(
-        AttestationServicer(verifier, attest_now, attest_timeout_s=2.0), server)
+        AttestationServicer(verifier, attest_now, attest_timeout_s=2.0), server
+    )
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")

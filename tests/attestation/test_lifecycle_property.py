@@ -35,12 +35,12 @@ class VerifierLifecycle(RuleBasedStateMachine):
             self.service.register(attester.enrollment(node_id))
             self.nodes[node_id] = node
         self.tampered: set[str] = set()
-        self.latest: dict[str, tuple[int, int]] = {}      # node -> (status, expires ms)
-        self.issued: list[tuple[str, bytes, int]] = []     # (node, challenge, expires ms), to draw from
+        self.latest: dict[str, tuple[int, int]] = {}  # node -> (status, expires ms)
+        self.issued: list[tuple[str, bytes, int]] = []  # (node, challenge, expires ms), to draw from
         # The model of every nonce: "outstanding", or the reason id an answer to it now gets.
         self.fate: dict[bytes, str] = {}
         self.expiries: dict[bytes, int] = {}
-        self.spent_at: dict[bytes, int] = {}               # when a nonce stopped being answerable
+        self.spent_at: dict[bytes, int] = {}  # when a nonce stopped being answerable
         self.queues: dict[str, list[bytes]] = {n: [] for n in NODES}
 
     def now_ms(self) -> int:
@@ -75,13 +75,19 @@ class VerifierLifecycle(RuleBasedStateMachine):
             fate = "attestation.nonce.expired" if self.now_ms() > expires else "ok"
         if fate == "ok":
             assert outcome.result is not None
-            expected = (pb.ATTESTATION_STATUS_CONTRAINDICATED if node_id in self.tampered
-                        else pb.ATTESTATION_STATUS_AFFIRMING)
+            expected = (
+                pb.ATTESTATION_STATUS_CONTRAINDICATED
+                if node_id in self.tampered
+                else pb.ATTESTATION_STATUS_AFFIRMING
+            )
             assert outcome.result.status == expected
             self.latest[node_id] = (expected, outcome.result.expires_unix_ms)
         else:
             assert outcome.rejected is not None and outcome.rejected.reason == fate
-            assert self.service.state(node_id) in (before, AttestationState.EXPIRED)  # refusals change nothing
+            assert self.service.state(node_id) in (
+                before,
+                AttestationState.EXPIRED,
+            )  # refusals change nothing
 
     @rule(node_id=st.sampled_from(NODES))
     def tamper(self, node_id: str) -> None:
@@ -118,7 +124,9 @@ class VerifierLifecycle(RuleBasedStateMachine):
             status, expires = self.latest.get(node_id, (None, 0))
             valid = status == pb.ATTESTATION_STATUS_AFFIRMING and self.now_ms() < expires
             assert self.service.tier(node_id) == ("tpm2" if valid else "none")
-            assert (self.service.result(node_id) is not None) == (status is not None and self.now_ms() < expires)
+            assert (self.service.result(node_id) is not None) == (
+                status is not None and self.now_ms() < expires
+            )
             if status is not None and self.now_ms() >= expires:
                 assert self.service.state(node_id) == AttestationState.EXPIRED
 

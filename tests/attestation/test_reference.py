@@ -84,8 +84,10 @@ def test_allow_only_widens():
 
 
 def test_reference_values_from_a_known_good_node():
-    events = [MeasurementEvent(16, "agent.code", bytes.fromhex(GOOD), ""),
-              MeasurementEvent(23, "model.m", bytes.fromhex(OTHER), "")]
+    events = [
+        MeasurementEvent(16, "agent.code", bytes.fromhex(GOOD), ""),
+        MeasurementEvent(23, "model.m", bytes.fromhex(OTHER), ""),
+    ]
     ref = ReferenceValues.from_events(events, version=2, pin_pcrs={16: bytes.fromhex(OTHER)})
     assert ref.required == ["agent.code"]
     assert ref.why_not(ctx(ref, ("agent.code", GOOD), ("model.m", OTHER), pcr16=OTHER)) == []

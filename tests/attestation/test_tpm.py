@@ -168,7 +168,10 @@ def test_truncated_evidence_is_rejected(tpm_node, tpm_verifier):
     assert truncated.reason == "attestation.evidence.malformed"
     message = pb.AttesterMessage.FromString(evidence)
     message.evidence.quote.attest = message.evidence.quote.attest[:-5]  # a cut TPMS_ATTEST
-    assert tpm_verifier.receive("node-a", message.SerializeToString()).rejected.reason == "attestation.quote.malformed"
+    assert (
+        tpm_verifier.receive("node-a", message.SerializeToString()).rejected.reason
+        == "attestation.quote.malformed"
+    )
 
 
 def test_wrapped_key_is_locked_to_the_node_and_its_measured_state(tpm_node, tpm_verifier):
@@ -224,8 +227,13 @@ def test_ek_is_recreated_from_the_template_when_not_persistent(swtpm_factory, tp
     if not shutil.which("tpm2_evictcontrol"):
         pytest.skip("tpm2-tools not installed: apt-get install tpm2-tools")
     tpm = swtpm_factory(0)
-    evict = subprocess.run(["tpm2_evictcontrol", "-T", tpm.tcti, "-C", "o", "-c", "0x81010001"],
-                           capture_output=True, text=True, timeout=30, check=False)
+    evict = subprocess.run(
+        ["tpm2_evictcontrol", "-T", tpm.tcti, "-C", "o", "-c", "0x81010001"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
     assert evict.returncode == 0, evict.stderr
     node = tpm_node(tpm=tpm)
     measure_platform(node)

@@ -59,7 +59,9 @@ def rejected(verifier: AttestationVerifierService, node_id: str, message: pb.Att
     return outcome.rejected.reason
 
 
-def contraindicated(verifier: AttestationVerifierService, node_id: str, message: pb.AttesterMessage) -> list[str]:
+def contraindicated(
+    verifier: AttestationVerifierService, node_id: str, message: pb.AttesterMessage
+) -> list[str]:
     outcome = verifier.receive(node_id, message.SerializeToString())
     assert outcome.rejected is None, outcome.rejected
     assert outcome.result.status == CONTRAINDICATED
@@ -242,7 +244,9 @@ def test_modified_agent_code(make_node, verifier):
     measure_platform(node, code=AGENT_CODE + b"evil()")
     outcome = attest(verifier, node)
     assert outcome.result.status == CONTRAINDICATED
-    assert [(r.id, r.subject) for r in outcome.result.reasons] == [("reference.digest.mismatch", "agent.code")]
+    assert [(r.id, r.subject) for r in outcome.result.reasons] == [
+        ("reference.digest.mismatch", "agent.code")
+    ]
     assert verifier.tier("node-a") == "none"
 
 
@@ -258,11 +262,13 @@ def test_unknown_and_missing_components(make_node, verifier):
 
 
 def test_warning_severity_gives_a_warning_and_no_tier(make_node, verifier):
-    verifier.reference = reference_values(components={
-        "agent.code": {"digests": [sha(AGENT_CODE)]},
-        "agent.config": {"digests": [], "on_mismatch": "warning"},
-        "accelerator.*": {"digests": [], "on_mismatch": "warning"},
-    })
+    verifier.reference = reference_values(
+        components={
+            "agent.code": {"digests": [sha(AGENT_CODE)]},
+            "agent.config": {"digests": [], "on_mismatch": "warning"},
+            "accelerator.*": {"digests": [], "on_mismatch": "warning"},
+        }
+    )
     node = make_node()
     outcome = attest(verifier, node)
     assert outcome.result.status == WARNING
@@ -334,4 +340,8 @@ def test_listeners_hear_every_change_as_it_happens(make_node, verifier, clock):
     verifier.expire()
     unsubscribe()
     attest(verifier, node)
-    assert seen == [pb.ATTESTATION_STATE_AFFIRMING, pb.ATTESTATION_STATE_CONTRAINDICATED, pb.ATTESTATION_STATE_EXPIRED]
+    assert seen == [
+        pb.ATTESTATION_STATE_AFFIRMING,
+        pb.ATTESTATION_STATE_CONTRAINDICATED,
+        pb.ATTESTATION_STATE_EXPIRED,
+    ]

@@ -88,7 +88,9 @@ async def test_malformed_telemetry_is_dropped_and_counted(mqtt_url, topic_prefix
             orch.telemetry.flush()
             c = orch.drop_counts()
             garbage = c.get("wire.payload.unparseable", 0) + c.get("wire.payload.unknown_schema", 0)
-            return c.get("wire.telemetry.invalid_value") == 1 and garbage == 1 and orch.telemetry.ingested == 1
+            return (
+                c.get("wire.telemetry.invalid_value") == 1 and garbage == 1 and orch.telemetry.ingested == 1
+            )
 
         await eventually(settled, what="one sample kept, one refused, one unparseable")
         reader, writer = await asyncio.open_connection("127.0.0.1", orch.metrics_port)
