@@ -30,6 +30,8 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT / "tests" / "faults"))
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))  # before tests/: its usecases/ test folder must not shadow the package
 from _report import command, machine, write_section
 from fault_support import MODEL, Probe, Proc, catalog_config, deployment_manifest, enrollment_token, wait_for
 

@@ -6,16 +6,13 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import os
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
 import grpc
+from processes import Proc  # noqa: F401  (re-exported for the fault tests and bench/faults.py)
 
 from attestation.tokens import TokenStore
 from edgeward.v1 import api_pb2, api_pb2_grpc, attestation_pb2, attestation_pb2_grpc, node_pb2
@@ -67,40 +64,6 @@ def wait_for(check: Callable[[], T], timeout: float, what: str, interval: float 
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:g} s waiting for {what} (last error: {last})")
         time.sleep(interval)
-
-
-class Proc:
-    """``python -m edgeward ARGS`` as a child process (optionally inside a network namespace)."""
-
-    def __init__(self, name: str, args: list[str], log_dir: Path, prefix: tuple[str, ...] = ()) -> None:
-        self.name = name
-        self.log = log_dir / f"{name}.log"
-        with self.log.open("ab") as fh:
-            self.popen = subprocess.Popen(
-                [*prefix, sys.executable, "-m", "edgeward", *args],
-                stdout=fh,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env={**os.environ, "EDGEWARD_DIE_WITH_PARENT": str(os.getpid())},
-            )
-
-    @property
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def stop(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(10)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait()
-
-    def kill9(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGKILL)
-        self.popen.wait()
 
 
 class Probe:

@@ -3,13 +3,7 @@ driven through the public gRPC API, against Mosquitto and against the embedded b
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import grpc
 import numpy as np
@@ -17,6 +11,7 @@ import pytest
 import yaml
 from conftest import PUBLISHER, trust_publisher
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from processes import Proc, free_port
 
 from attestation.tokens import TokenStore
 from edgeward.oip import grpc_predict_v2_pb2 as oip
@@ -29,39 +24,6 @@ from usecases.industrial.generator import make_dataset
 pytestmark = [pytest.mark.slow, pytest.mark.broker]
 
 RUNNING = node_pb2.REPLICA_PHASE_RUNNING
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class Proc:
-    def __init__(self, name: str, args: list[str], log_dir: Path) -> None:
-        self.name = name
-        self.log = log_dir / f"{name}.log"
-        with self.log.open("ab") as fh:
-            self.popen = subprocess.Popen(
-                [sys.executable, "-m", "edgeward", *args],
-                stdout=fh,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env={**os.environ, "EDGEWARD_DIE_WITH_PARENT": str(os.getpid())},
-            )
-
-    def stop(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(10)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait()
-
-    def kill9(self) -> None:
-        self.popen.send_signal(signal.SIGKILL)
-        self.popen.wait()
 
 
 def wait_for(check, timeout: float = 30.0, what: str = "condition"):

@@ -4,20 +4,16 @@ rollout resumes at its recorded step with the same replicas (none lost, none dou
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
 import yaml
 from conftest import MODEL_INT8, PUBLISHER, manifest, trust_publisher
+from processes import Proc, free_port
 from test_rollout import INPUT, INPUT_SCALE, INPUT_ZERO_POINT, rebuilt, strategy
 
 from attestation.tokens import TokenStore
@@ -36,33 +32,6 @@ LIVE = (
     node_pb2.REPLICA_PHASE_LOADING,
     RUNNING,
 )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class Proc:
-    def __init__(self, name: str, args: list[str], log_dir: Path) -> None:
-        with (log_dir / f"{name}.log").open("ab") as fh:
-            self.popen = subprocess.Popen(
-                [sys.executable, "-m", "edgeward", *args],
-                stdout=fh,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env={**os.environ, "EDGEWARD_DIE_WITH_PARENT": str(os.getpid())},
-            )
-
-    def stop(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(10)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait()
 
 
 def wait_for(check, timeout: float = 20.0, what: str = "condition"):
