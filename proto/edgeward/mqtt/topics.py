@@ -97,10 +97,24 @@ def node_topic(node_id: str, kind: TopicKind | str, prefix: str = DEFAULT_PREFIX
     return str(NodeTopic(node_id, kind, prefix))  # type: ignore[arg-type]  # converted in __post_init__
 
 
+_KINDS = {k.value: k for k in TopicKind}
+_VALID_PREFIXES: set[str] = set()
+
+
 def parse_node_topic(topic: str, prefix: str = DEFAULT_PREFIX) -> tuple[str, TopicKind]:
-    """Split a node topic into ``(node_id, kind)``; raise `TopicError` on anything else."""
-    parsed = NodeTopic.parse(topic, prefix)
-    return parsed.node_id, parsed.kind
+    """Split a node topic into ``(node_id, kind)``; raise `TopicError` on anything else.
+
+    The ingest hot path: the same checks as `NodeTopic.parse`, without building the dataclass."""
+    if prefix not in _VALID_PREFIXES:
+        _VALID_PREFIXES.add(validate_prefix(prefix))
+    head = f"{prefix}/nodes/"
+    if not isinstance(topic, str) or not topic.startswith(head):
+        raise TopicError(str(topic), f"topic is not under {head!r}")
+    node_id, sep, kind = topic[len(head) :].partition("/")
+    kind_enum = _KINDS.get(kind)
+    if not sep or kind_enum is None or NODE_ID_PATTERN.fullmatch(node_id) is None:
+        return NodeTopic.parse(topic, prefix).node_id, kind_enum  # type: ignore[return-value]  # raises
+    return node_id, kind_enum
 
 
 def events_topic(kind: str, prefix: str = DEFAULT_PREFIX) -> str:
