@@ -145,6 +145,8 @@ async def test_partitioned_model_answers_like_the_reference_and_hands_off(cluste
     images = np.concatenate([np.load(DATA / "clean_inputs.npy"), np.load(DATA / "slowdown_inputs.npy")])
     reference = MultiExitClassifier.from_card("int8")
     expected = [reference.classify(x.astype(np.float32) / 255.0) for x in images]
+    async with grpc.aio.insecure_channel(n2.inference_endpoint) as channel:
+        await serving(n2, oip_grpc.GRPCInferenceServiceStub(channel))  # the later stages are wired too
     async with grpc.aio.insecure_channel(n1.inference_endpoint) as channel:
         stub = oip_grpc.GRPCInferenceServiceStub(channel)
         await serving(n1, stub)
