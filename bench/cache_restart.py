@@ -64,6 +64,8 @@ from orchestrator.server import Orchestrator
 from usecases import model_path
 
 TARGET = 3.0
+# The namespace relay the fault suite uses too.
+RELAY = Path(__file__).resolve().parent.parent / "tests" / "faults" / "netns_relay.py"
 RUNNING = node_pb2.REPLICA_PHASE_RUNNING
 SETTLE_S = 0.5
 SBIN = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
@@ -153,57 +155,6 @@ async def push(orch: Orchestrator, key: PublisherKey, name: str, data: bytes) ->
 # ------------------------------------------------------------ the shaped link
 
 
-async def relay(listen: str, upstream: str, delay_s: float = 0.0) -> None:
-    """Copy bytes both ways between each connection to ``listen`` and a new one to ``upstream``
-    (each ``unix:PATH`` or ``HOST:PORT``), each chunk ``delay_s`` after it arrived (a delay line:
-    it delays, it does not throttle). Runs as ``--relay`` inside a namespace."""
-    loop = asyncio.get_running_loop()
-
-    async def connect() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        if upstream.startswith("unix:"):
-            return await asyncio.open_unix_connection(upstream.removeprefix("unix:"))
-        host, port = upstream.rsplit(":", 1)
-        return await asyncio.open_connection(host, int(port))
-
-    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        line: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
-
-        async def send() -> None:
-            while data := (item := await line.get())[1]:
-                await asyncio.sleep(max(0.0, item[0] - loop.time()))
-                writer.write(data)
-                await writer.drain()
-
-        sender = asyncio.create_task(send())
-        try:
-            while data := await reader.read(1 << 16):
-                line.put_nowait((loop.time() + delay_s, data))
-        except OSError:
-            pass
-        finally:
-            line.put_nowait((0.0, b""))
-            with contextlib.suppress(OSError):
-                await sender
-                writer.close()
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            up_reader, up_writer = await connect()
-        except OSError:
-            writer.close()
-            return
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
-
-    if listen.startswith("unix:"):
-        server = await asyncio.start_unix_server(handle, listen.removeprefix("unix:"))
-    else:
-        host, port = listen.rsplit(":", 1)
-        server = await asyncio.start_server(handle, host, int(port))
-    print("relay ready", flush=True)
-    async with server:
-        await server.serve_forever()
-
-
 def _run(*args: str) -> None:
     try:
         subprocess.run(args, check=True, capture_output=True, timeout=10)
@@ -259,7 +210,7 @@ def shaped_link(work: Path, orchestrator: str, mbit: float, delay_ms: float) -> 
             ((IP, "netns", "exec", edge), f"unix:{edge_sock}", f"{net}.1:50051", relay_delay),
         ):
             proc = subprocess.Popen(
-                [*prefix, sys.executable, __file__, "--relay", listen, upstream, f"{delay / 1e3:g}"],
+                [*prefix, sys.executable, str(RELAY), listen, upstream, f"{delay / 1e3:g}"],
                 stdout=subprocess.PIPE,
                 text=True,
             )
@@ -399,12 +350,7 @@ def main() -> int:
     parser.add_argument("--mbit", type=float, default=100.0, help="rate of the shaped link, each way")
     parser.add_argument("--delay-ms", type=float, default=5.0, help="delay of the shaped link, each way")
     parser.add_argument("--no-write", action="store_true")
-    parser.add_argument("--relay", nargs=3, metavar=("LISTEN", "UPSTREAM", "DELAY_S"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.relay:
-        with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(relay(args.relay[0], args.relay[1], float(args.relay[2])))
-        return 0
     logging.basicConfig(level=logging.WARNING)
     models = model_set(args.large_mb)
     sizes = [len(d) for d in models.values()]

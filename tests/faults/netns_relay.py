@@ -1,11 +1,12 @@
-"""Run inside a network namespace by test_partition.py: relays a Unix socket (file system paths
-cross namespaces) or a TCP address to a TCP address in this namespace. The test reaches the
-orchestrator's gRPC API through a Unix socket, so nothing is bound in the host's network
-namespace; the edge node downloads artifacts through the namespace's veth address, while the
-orchestrator itself binds loopback only (plaintext is allowed nowhere else).
+"""A TCP/Unix-socket relay run inside a network namespace (tests/faults/test_partition.py,
+bench/cache_restart.py). File system paths cross namespaces, so a test reaches a process in a
+namespace through a Unix socket and nothing is bound in the host's network namespace; a process
+in one namespace reaches another through the veth address the test gave it.
 
-    python netns_relay.py unix:/path/to/socket HOST PORT
-    python netns_relay.py LISTEN_HOST:LISTEN_PORT HOST PORT
+    python netns_relay.py LISTEN UPSTREAM [DELAY_S]
+
+LISTEN and UPSTREAM are each ``unix:PATH`` or ``HOST:PORT``; DELAY_S (default 0) delays every
+chunk each way, a delay line for links shaped without netem.
 """
 
 from __future__ import annotations
@@ -15,22 +16,42 @@ import contextlib
 import sys
 
 
-async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    try:
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
-    except OSError:
-        pass
-    finally:
-        with contextlib.suppress(OSError):
-            writer.close()
+async def relay(listen: str, upstream: str, delay_s: float = 0.0) -> None:
+    """Copy bytes both ways between each connection to ``listen`` and a new one to ``upstream``
+    (each ``unix:PATH`` or ``HOST:PORT``), each chunk ``delay_s`` after it arrived (a delay line:
+    it delays, it does not throttle)."""
+    loop = asyncio.get_running_loop()
 
+    async def connect() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        if upstream.startswith("unix:"):
+            return await asyncio.open_unix_connection(upstream.removeprefix("unix:"))
+        host, port = upstream.rsplit(":", 1)
+        return await asyncio.open_connection(host, int(port))
 
-async def main(listen: str, host: str, port: int) -> None:
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        line: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+
+        async def send() -> None:
+            while data := (item := await line.get())[1]:
+                await asyncio.sleep(max(0.0, item[0] - loop.time()))
+                writer.write(data)
+                await writer.drain()
+
+        sender = asyncio.create_task(send())
+        try:
+            while data := await reader.read(1 << 16):
+                line.put_nowait((loop.time() + delay_s, data))
+        except OSError:
+            pass
+        finally:
+            line.put_nowait((0.0, b""))
+            with contextlib.suppress(OSError):
+                await sender
+                writer.close()
+
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            up_reader, up_writer = await asyncio.open_connection(host, port)
+            up_reader, up_writer = await connect()
         except OSError:
             writer.close()
             return
@@ -39,12 +60,13 @@ async def main(listen: str, host: str, port: int) -> None:
     if listen.startswith("unix:"):
         server = await asyncio.start_unix_server(handle, listen.removeprefix("unix:"))
     else:
-        listen_host, listen_port = listen.rsplit(":", 1)
-        server = await asyncio.start_server(handle, listen_host, int(listen_port))
+        host, port = listen.rsplit(":", 1)
+        server = await asyncio.start_server(handle, host, int(port))
     print("relay ready", flush=True)
     async with server:
         await server.serve_forever()
 
 
 if __name__ == "__main__":
-    asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3])))
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(relay(sys.argv[1], sys.argv[2], float(sys.argv[3]) if len(sys.argv) > 3 else 0.0))

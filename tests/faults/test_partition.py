@@ -131,7 +131,7 @@ def test_partitioned_agent_is_replaced_and_its_return_doubles_nothing(namespaces
         for listen in (f"unix:{sock}", f"{core_ip}:50051"):
             others.append(
                 subprocess.Popen(
-                    [*in_core, sys.executable, str(relay), listen, "127.0.0.1", "50051"],
+                    [*in_core, sys.executable, str(relay), listen, "127.0.0.1:50051"],
                     stdout=subprocess.DEVNULL,
                 )
             )
