@@ -135,12 +135,13 @@ async def fleet(mqtt_url, topic_prefix, tmp_path) -> AsyncIterator[Callable]:
         attesters: list[dict] | None = None,
         attested: bool = True,
         catalog: dict | None = None,
+        slowdown: dict | None = None,
         **agent_kw,
     ) -> tuple[Orchestrator, list[NodeAgent], Api]:
         """``attestation``: the orchestrator's attestation config; ``attesters``: node i's attester
         config (default software); ``attested``: wait until every node holds an affirming result
         (else only until they are online); ``catalog``: the catalog config (default: trusts
-        ``PUBLISHER``)."""
+        ``PUBLISHER``); ``slowdown``: the slowdown detector's config."""
         config = OrchestratorConfig(
             state_dir=tmp_path / "orch",
             grpc_bind="127.0.0.1:0",
@@ -150,6 +151,7 @@ async def fleet(mqtt_url, topic_prefix, tmp_path) -> AsyncIterator[Callable]:
             broker=BrokerConfig(url=str(mqtt_url), topic_prefix=topic_prefix),
             attestation=attestation or {},
             catalog=catalog if catalog is not None else trust_publisher(tmp_path / "publishers"),
+            slowdown=slowdown or {},
         )
         orch = Orchestrator(config)
         await orch.__aenter__()

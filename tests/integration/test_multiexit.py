@@ -5,20 +5,17 @@ name over the node inference API, split across nodes, and defended against slowd
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
-from conftest import Api, eventually, trust_publisher
+from conftest import Api, eventually
 
-from attestation.tokens import TokenStore
 from edgeward.oip import grpc_predict_v2_pb2 as oip
 from edgeward.oip import grpc_predict_v2_pb2_grpc as oip_grpc
 from node_agent.agent import NodeAgent
-from node_agent.config import AgentConfig
-from orchestrator.config import BrokerConfig, OrchestratorConfig
 from orchestrator.server import Orchestrator
 from usecases import model_card
 from usecases.automotive.multi_exit import MultiExitClassifier
@@ -49,61 +46,17 @@ def stage_manifests(selectors: dict[int, str] | None = None) -> list[str]:
 
 
 @pytest.fixture
-async def cluster(mqtt_url, topic_prefix, tmp_path) -> AsyncIterator[Callable]:
-    """``await cluster(nodes, slowdown=...)``: an orchestrator with that slowdown config, agents
-    n1 (zone a), n2 (zone b), ..., the automotive stages pushed; returns (orch, agents, api)."""
-    stack: list = []
-    channels: list[grpc.aio.Channel] = []
+def cluster(fleet) -> Callable:
+    """``await cluster(nodes, slowdown=...)``: the ``fleet`` fixture (agents n1 in zone a, n2 in
+    zone b, ...) with that slowdown config and the automotive stages pushed."""
 
     async def start(nodes: int, slowdown: dict | None = None) -> tuple[Orchestrator, list[NodeAgent], Api]:
-        orch = Orchestrator(
-            OrchestratorConfig(
-                state_dir=tmp_path / "orch",
-                grpc_bind="127.0.0.1:0",
-                node_timeout_s=3.0,
-                reconcile_interval_s=0.2,
-                resend_interval_s=1.0,
-                broker=BrokerConfig(url=str(mqtt_url), topic_prefix=topic_prefix),
-                slowdown=slowdown or {},
-                catalog=trust_publisher(tmp_path / "publishers"),
-            )
-        )
-        await orch.__aenter__()
-        stack.append(orch)
-        agents = []
-        for i in range(nodes):
-            agent = NodeAgent(
-                AgentConfig(
-                    node_id=f"n{i + 1}",
-                    labels={"zone": "ab"[i % 2]},
-                    heartbeat_s=0.5,
-                    broker={"url": str(mqtt_url), "topic_prefix": topic_prefix},
-                    state_dir=tmp_path / "agents",
-                    enrollment_token=TokenStore.in_state_dir(orch.config.state_dir).mint(f"n{i + 1}").token,
-                )
-            )
-            await agent.__aenter__()
-            stack.append(agent)
-            agents.append(agent)
-        channel = grpc.aio.insecure_channel(orch.address)
-        channels.append(channel)
-        api = Api(channel)
-
-        async def attested() -> bool:
-            return all(orch.verifier.tier(a.node_id) != "none" for a in agents)
-
-        await eventually(attested, what=f"{nodes} nodes attested")
+        orch, agents, api = await fleet(nodes, slowdown=slowdown)
         for part in workload("automotive").parts:
             await api.push(part.model_file, part.model_name, part.model_version)
         return orch, agents, api
 
-    try:
-        yield start
-    finally:
-        for channel in channels:
-            await channel.close()
-        for item in reversed(stack):
-            await item.__aexit__(None, None, None)
+    return start
 
 
 async def serving(agent: NodeAgent, stub: oip_grpc.GRPCInferenceServiceStub) -> None:
