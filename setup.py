@@ -1,8 +1,10 @@
-"""Build hook: generate the protobuf and gRPC modules from proto/ before packaging.
+"""Build hook: generate the protobuf and gRPC modules from the .proto files before packaging.
 
-The .proto files live in proto/edgeward/..., and their proto package names match the Python
-package path (edgeward.v1, edgeward.oip), so the absolute imports protoc writes between sibling
-modules (``from edgeward.v1 import common_pb2``) resolve inside the installed package.
+The .proto files live in the shared package (edgeward/v1/*.proto, edgeward/oip/*.proto), and their
+proto package names match the Python package path (edgeward.v1, edgeward.oip), so the absolute
+imports protoc writes between sibling modules (``from edgeward.v1 import common_pb2``) resolve
+inside the installed package. The generated modules land beside their sources and are never
+committed.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ from setuptools import setup
 from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
-PROTO_ROOT = ROOT / "proto"
+# protoc's include root is the directory above the `edgeward` package, so that file paths and
+# proto package names line up (edgeward/v1/api.proto is package edgeward.v1).
+PROTO_ROOT = ROOT
 
 
 def generate_protos() -> None:
@@ -21,7 +25,7 @@ def generate_protos() -> None:
     from grpc_tools import protoc  # build-time only (see [build-system] requires)
 
     include = Path(grpc_tools.__file__).parent / "_proto"
-    sources = sorted(str(p.relative_to(PROTO_ROOT)) for p in PROTO_ROOT.rglob("*.proto"))
+    sources = sorted(str(p.relative_to(PROTO_ROOT)) for p in (PROTO_ROOT / "edgeward").rglob("*.proto"))
     args = [
         "grpc_tools.protoc",
         f"-I{PROTO_ROOT}",
