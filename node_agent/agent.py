@@ -539,7 +539,7 @@ class NodeAgent:
         if not running:
             return
         message = (
-            f"no attestation for {idle:.0f} s (lease {lease:g} s): serving stopped until the node is "
+            f"no attestation for {idle:.1f} s (lease {lease:g} s): serving stopped until the node is "
             "attested again"
         )
         for state in running:
@@ -555,7 +555,7 @@ class NodeAgent:
             id=LEASE_EXPIRED,
             severity=node_pb2.SEVERITY_WARNING,
             message=message,
-            attributes={"replicas": str(len(running)), "lease_s": f"{lease:g}"},
+            attributes={"replicas": str(len(running)), "lease_s": f"{lease:g}", "idle_s": f"{idle:.1f}"},
         )
         try:
             await self._publish(TopicKind.EVENTS, qos=1, event=event)
@@ -799,6 +799,7 @@ class FaultInjectedBackend(Backend):
     def __init__(self, inner: Backend, faults: FaultInjection) -> None:
         self.inner = inner
         self.kind = inner.kind  # type: ignore[misc]
+        self._faults = faults
         self._delay_s = faults.inference_delay_ms / 1e3
         self._jitter_s = faults.inference_jitter_ms / 1e3
         self._rng = random.Random()  # noqa: S311 -- timing noise, not a secret
@@ -811,7 +812,8 @@ class FaultInjectedBackend(Backend):
         return self.inner.load(model)
 
     def infer(self, handle: ModelHandle, inputs: Any) -> Any:
-        time.sleep(self._delay_s + self._jitter_s * self._rng.random())
+        if self._faults.applies_to(handle.name, handle.version):
+            time.sleep(self._delay_s + self._jitter_s * self._rng.random())
         return self.inner.infer(handle, inputs)
 
     def unload(self, handle: ModelHandle) -> None:

@@ -64,6 +64,15 @@ class FaultInjection(_Strict):
     inference_jitter_ms: Annotated[float, Field(ge=0, le=60_000)] = Field(
         0.0, description="Fault injection: uniform random delay of 0..this added on top, milliseconds."
     )
+    models: list[Annotated[str, Field(min_length=1, pattern=r"^[^:\s]+(:[^:\s]+)?$")]] = Field(
+        default_factory=list,
+        description="Fault injection: only inferences of these models are slowed, each 'name' (every "
+        "version) or 'name:version'; empty slows every model.",
+    )
+
+    def applies_to(self, name: str, version: str) -> bool:
+        """Whether an inference of ``name``:``version`` gets the delay."""
+        return not self.models or name in self.models or f"{name}:{version}" in self.models
 
 
 class AgentConfig(_Strict):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import re
 import time
 
 import grpc
@@ -128,14 +129,15 @@ async def test_nodes_serve_without_the_orchestrator_until_their_lease_expires(
         assert [await _infer(a) for a in agents] == [0, 0]
         # ...until the lease runs out; then they stop, and say why.
         await _until(lambda: not any(a.runtime.running("vib-cnn") for a in agents), LEASE_S + 5, "a stop")
-        # The lease counts from the last challenge answered (one per second) before the orchestrator
-        # left: the nodes served on for most of it, and stopped on time.
-        served_s = time.monotonic() - gone
-        assert LEASE_S - 2.0 <= served_s <= LEASE_S + 2.0, served_s
+        # The lease counts from the last challenge answered before the orchestrator left: no node
+        # stopped before it ran out (how late after it depends on the machine's load: the wait above
+        # bounds that).
+        print(f"served {time.monotonic() - gone:.1f} s after the orchestrator left")
         for agent in agents:
             states = list(agent.runtime.replicas.values())
             assert [(s.phase, s.reason) for s in states] == [(node_pb2.REPLICA_PHASE_FAILED, LEASE_EXPIRED)]
-            assert "lease" in states[0].message
+            idle_s = float(re.match(r"no attestation for ([0-9.]+) s", states[0].message)[1])
+            assert idle_s >= LEASE_S, states[0].message
             assert states[0].handle is None, "the model is unloaded, not just hidden"
             assert await _infer(agent) == grpc.StatusCode.NOT_FOUND.value[0]
 
@@ -157,7 +159,8 @@ async def test_nodes_serve_without_the_orchestrator_until_their_lease_expires(
             )
 
         await _until(converged, 30, "serving again after re-attestation")
-        await asyncio.sleep(1.0)  # a few reconcile passes: nothing more is placed
+        passes = orch.reconciler.passes  # a few reconcile passes, however slow: nothing more is placed
+        await _until(lambda: orch.reconciler.passes >= passes + 3, 30, "3 reconcile passes")
         assert await converged(), "nothing lost, nothing doubled"
         assert [await _infer(a) for a in agents] == [0, 0]
     finally:

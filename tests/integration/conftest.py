@@ -76,6 +76,22 @@ async def eventually(
         await asyncio.sleep(0.1)
 
 
+async def quiet_for(orch: Orchestrator, seconds: float = 0.0, passes: int = 3) -> None:
+    """Let ``seconds`` of wall time go by, then ``passes`` more reconcile passes of ``orch``.
+
+    For checks that something does *not* happen: a fixed sleep proves nothing on a machine so
+    loaded that the control loop did not run meanwhile; counted passes do, on any machine.
+    """
+    if seconds:
+        await asyncio.sleep(seconds)  # the wall time under test (a pause, a lease)
+    target = orch.reconciler.passes + passes
+    await eventually(lambda: _true(orch.reconciler.passes >= target), what=f"{passes} reconcile passes")
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
 class Api:
     """Async stubs of the orchestrator's public API."""
 

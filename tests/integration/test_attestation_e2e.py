@@ -4,7 +4,6 @@ node, and a node that fails or stops attesting is quarantined, wiped and its wor
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
 import shutil
@@ -12,7 +11,7 @@ import time
 
 import grpc
 import pytest
-from conftest import MODEL_INT8, Api, eventually, manifest, trust_publisher
+from conftest import MODEL_INT8, Api, eventually, manifest, quiet_for, trust_publisher
 
 from attestation.artifacts import AGENT_CODE, AGENT_CODE_PACKAGES, code_digest, package_dir, tree_digest
 from attestation.errors import KeyReleaseError
@@ -298,7 +297,7 @@ async def test_an_orchestrator_restart_keeps_enrollments_and_running_models(
             await eventually(lambda: _affirming(orch, "n1"), what="n1 attested again")
             api = Api(channel)
             await eventually(lambda: _running_on(api), what="replica running")
-            await asyncio.sleep(1.0)  # several reconcile passes and the node's sync
+            await quiet_for(orch, passes=5)  # several reconcile passes and the node's sync
             assert await _running_on(api) == ["n1"]
         assert asked and b"" not in asked, "challenged, never asked to enroll again"
         assert unloaded == [], "the model kept running through the restart"

@@ -9,7 +9,7 @@ import asyncio
 import sys
 
 import pytest
-from conftest import eventually, manifest
+from conftest import eventually, manifest, quiet_for
 
 from attestation.tokens import TOKEN_RE, TokenStore
 from edgeward.v1 import events_pb2, node_pb2
@@ -85,7 +85,7 @@ async def test_only_approved_nodes_enroll_and_restarts_need_no_new_token(fleet, 
             lambda: _true(refusals(orch, "n2") == ["enrollment.token.missing"]),
             what="n2's enrollment refused",
         )
-        await asyncio.sleep(1.5)  # several reconcile passes with a free replica and a free node
+        await quiet_for(orch, passes=5)  # several reconcile passes with a free replica and a free node
         assert await running() == ["n1"]
         assert n2.runtime.replicas == {}
         assert orch.verifier.tier("n2") == "none" and orch.verifier.service.state("n2") is None
