@@ -71,11 +71,11 @@ MAX_PROFILES = 64  # newest kept in the hello: bounds its size
 _ENERGY_SOURCE = {"measured": node_pb2.ENERGY_SOURCE_MEASURED, "modelled": node_pb2.ENERGY_SOURCE_MODELLED}
 
 
-_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+_SHA256_RE = re.compile(r"[0-9a-f]{64}")
 
 
 def _is_sha256(text: str) -> bool:
-    return bool(_SHA256_RE.match(text))
+    return bool(_SHA256_RE.fullmatch(text))
 
 
 def _fsync_dir(path: Path) -> None:

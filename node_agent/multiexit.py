@@ -58,7 +58,7 @@ SCALE_PARAM = "quant_scale"
 ZERO_POINT_PARAM = "quant_zero_point"
 OTHER = "other"
 MAX_SOURCES = 16  # per model: bounds telemetry and the orchestrator's detector rows
-SOURCE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,63}$")
+SOURCE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,63}")
 HANDOFF_TIMEOUT_S = 5.0
 _EWMA = 0.2
 
@@ -233,7 +233,7 @@ class MultiExitHost:
 
     def source_of(self, pipeline: str, raw: str) -> str:
         """The bounded source label of a request: unknown, malformed or excess sources are ``other``."""
-        if not raw or not SOURCE_RE.match(raw):
+        if not raw or not SOURCE_RE.fullmatch(raw):
             return OTHER
         known = self._sources.setdefault(pipeline, set())
         if raw in known:

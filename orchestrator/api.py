@@ -23,6 +23,7 @@ import numpy as np
 
 from attestation.artifacts import model_aad
 from attestation.keyrelease import new_data_key, seal
+from edgeward.security.authz import Checked, InvalidRequest, RequestCheck, caller, checked_value
 from edgeward.v1 import api_pb2, api_pb2_grpc, node_pb2
 from edgeward.wire import now_ms
 
@@ -31,7 +32,7 @@ from .catalog.errors import CatalogError, VersionExists
 from .catalog.views import compliance, node_trust, placements
 from .catalog.wipe import status_pb as wipe_status_pb
 from .errors import AlreadyExists, InvalidManifest, InvalidModel, NotFound, OrchestratorError
-from .manifest import NAME_RE, SEMVER_RE, parse_manifest
+from .manifest import NAME_RE, SEMVER_RE, DeploymentManifest, parse_manifest
 from .phases import ACTIVE, Phase, to_pb
 from .rollout import RolloutError
 from .store import DeploymentRecord, ModelRecord, NodeRecord, ReplicaChange, ReplicaRecord, SealedArtifact
@@ -43,6 +44,7 @@ log = logging.getLogger(__name__)
 
 MAX_MODEL_BYTES = 64 * 1024 * 1024
 CHUNK = 256 * 1024
+APPLY = "/edgeward.v1.DeploymentService/Apply"
 
 
 def _status(err: Exception) -> tuple[grpc.StatusCode, str]:
@@ -172,6 +174,20 @@ def fill_slo_attainment(
 # ---------------------------------------------------------------- deployments
 
 
+def request_checks(orch: Orchestrator) -> dict[str, RequestCheck]:
+    """The checks the authorization interceptor runs before it authorizes (docs/security.md): Apply's
+    manifest is parsed and validated here, once, and its names are what ownership is judged on."""
+
+    async def apply(request: api_pb2.ApplyRequest) -> Checked:
+        try:
+            manifest = await orch.run_blocking(parse_manifest, request.manifest)
+        except InvalidManifest as err:
+            raise InvalidRequest(str(err)) from err
+        return Checked(request, manifest, manifest.metadata.name, manifest.spec.model.name)
+
+    return {APPLY: apply}
+
+
 class DeploymentService(api_pb2_grpc.DeploymentServiceServicer):
     def __init__(self, orch: Orchestrator) -> None:
         self._orch = orch
@@ -180,7 +196,9 @@ class DeploymentService(api_pb2_grpc.DeploymentServiceServicer):
     async def Apply(
         self, request: api_pb2.ApplyRequest, context: grpc.aio.ServicerContext
     ) -> api_pb2.ApplyResponse:
-        manifest = parse_manifest(request.manifest)
+        manifest: DeploymentManifest | None = checked_value(request)
+        if manifest is None:  # no authorization interceptor (plaintext): parse here, off the loop
+            manifest = await self._orch.run_blocking(parse_manifest, request.manifest)
         store = self._orch.store
         model = manifest.spec.model
         found = await self._orch.db(store.get_model, model.name, model.version)  # NotFound -> NOT_FOUND
@@ -399,7 +417,7 @@ class ModelService(api_pb2_grpc.ModelServiceServicer):
             ops=sorted(info.ops),
             dtypes=sorted(info.dtypes),
             parent_version=meta.parent_version,
-            owner_team=meta.owner_team,
+            owner_team=_owner_team(meta),
             signature=meta.signature if publisher else None,
             state=api_pb2.MODEL_STATE_PUBLISHED,
             profiles=meta.profiles,
@@ -446,7 +464,7 @@ class ModelService(api_pb2_grpc.ModelServiceServicer):
         else:
             raise VersionExists(meta.name, meta.version)
         if meta.parent_version:
-            if not SEMVER_RE.match(meta.parent_version):
+            if not SEMVER_RE.fullmatch(meta.parent_version):
                 raise InvalidModel(
                     "model.push.bad_parent", "metadata.parent_version must be a semantic version"
                 )
@@ -548,9 +566,9 @@ class ModelService(api_pb2_grpc.ModelServiceServicer):
     async def Wipe(
         self, request: api_pb2.WipeRequest, context: grpc.aio.ServicerContext
     ) -> api_pb2.WipeStatus:
-        if not NAME_RE.match(request.name):
+        if not NAME_RE.fullmatch(request.name):
             raise InvalidModel("wipe.bad_name", "name must be a DNS-1123 label")
-        if request.version and not SEMVER_RE.match(request.version):
+        if request.version and not SEMVER_RE.fullmatch(request.version):
             raise InvalidModel("wipe.bad_version", "version must be a semantic version")
         return wipe_status_pb(await self._orch.catalog.wipes.start(request))
 
@@ -608,9 +626,9 @@ def _seal(data: bytes, aad: bytes) -> tuple[bytes, SealedArtifact]:
 
 
 def _check_metadata(meta: api_pb2.ModelMetadata) -> None:
-    if not NAME_RE.match(meta.name):
+    if not NAME_RE.fullmatch(meta.name):
         raise InvalidModel("model.push.bad_name", "metadata.name must be a DNS-1123 label")
-    if not SEMVER_RE.match(meta.version):
+    if not SEMVER_RE.fullmatch(meta.version):
         raise InvalidModel(
             "model.push.bad_version", "metadata.version must be a semantic version such as 1.0.0"
         )
@@ -618,6 +636,13 @@ def _check_metadata(meta: api_pb2.ModelMetadata) -> None:
         raise InvalidModel("model.push.bad_sha256", "metadata.sha256 must be 64 hex digits")
     if not 0 < meta.size <= MAX_MODEL_BYTES:
         raise InvalidModel("model.push.bad_size", f"metadata.size must be within 1..{MAX_MODEL_BYTES}")
+
+
+def _owner_team(meta: api_pb2.ModelMetadata) -> str:
+    """The team of the caller's certificate (none for operators); only a plaintext server, which
+    knows no caller, takes the push metadata's word for it."""
+    who = caller()
+    return meta.owner_team if who is None else who.team or ""
 
 
 def _inspect(data: bytes) -> Any:
@@ -733,7 +758,7 @@ class RolloutService(api_pb2_grpc.RolloutServiceServicer):
         return await self._act("undo", request)
 
     async def _act(self, kind: str, request: api_pb2.RolloutRequest) -> api_pb2.RolloutStatus:
-        if not NAME_RE.match(request.deployment):
+        if not NAME_RE.fullmatch(request.deployment):
             raise InvalidManifest([("deployment", "must be a DNS-1123 label")])
         rollout = await self._orch.rollouts.request(kind, request.deployment, request.reason[:500])
         record = await self._orch.db(self._orch.store.get_deployment, request.deployment)

@@ -155,7 +155,9 @@ class OrchestratorConfig(BaseModel):
         None, description="host:port of the Prometheus /metrics endpoint; unset: no endpoint."
     )
     max_grpc_message: Annotated[int, Field(ge=1024 * 1024, le=512 * 1024 * 1024)] = Field(
-        64 * 1024 * 1024, description="Largest gRPC message accepted (model pushes are streamed in chunks)."
+        4 * 1024 * 1024,
+        description="Largest gRPC request message accepted (model pushes stream 256 KiB chunks); "
+        "larger ones are refused before they are decoded.",
     )
     attestation: AttestationConfig = Field(default_factory=AttestationConfig)
     slowdown: SlowdownConfig = Field(

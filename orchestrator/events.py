@@ -29,7 +29,7 @@ from edgeward.v1 import events_pb2, events_pb2_grpc, node_pb2
 
 log = logging.getLogger(__name__)
 
-KIND_RE = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z0-9_]+)+$")
+KIND_RE = re.compile(r"[a-z][a-z0-9_]*(\.[a-z0-9_]+)+")
 MAX_ATTRIBUTE_LEN = 512
 INFO, WARNING, ERROR = node_pb2.SEVERITY_INFO, node_pb2.SEVERITY_WARNING, node_pb2.SEVERITY_ERROR
 
@@ -66,7 +66,7 @@ class EventBus:
         **attributes: object,
     ) -> events_pb2.Notification:
         """Record and fan out one event. ``kind`` is dotted lower case (``rollout.rollback``)."""
-        if not KIND_RE.match(kind):
+        if not KIND_RE.fullmatch(kind):
             raise ValueError(f"event kind {kind!r} must be dotted lower case, e.g. 'model.published'")
         self._seq += 1
         event = events_pb2.Notification(

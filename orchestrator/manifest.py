@@ -12,16 +12,24 @@ import json
 import re
 from typing import Annotated, Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from .errors import InvalidManifest
+from .strict_yaml import MAX_DEPTH, YamlRefused, load_yaml
 
 MAX_MANIFEST_BYTES = 64 * 1024
-NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
-SEMVER_RE = re.compile(r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:-[0-9A-Za-z.-]+)?$")
-LABEL_RE = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_./]{0,61}[A-Za-z0-9])?$")
-_MEMORY_RE = re.compile(r"^(\d+)(Ki|Mi|Gi)?$")
+NAME_RE = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+SEMVER_RE = re.compile(r"(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:-[0-9A-Za-z.-]+)?")
+LABEL_RE = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_./]{0,61}[A-Za-z0-9])?")
+_MEMORY_RE = re.compile(r"(\d+)(Ki|Mi|Gi)?")
 _MEMORY_UNITS = {None: 1, "Ki": 1024, "Mi": 1024**2, "Gi": 1024**3}
 
 
@@ -31,21 +39,21 @@ class _Strict(BaseModel):
 
 def _check_labels(value: dict[str, str]) -> dict[str, str]:
     for key, val in value.items():
-        if not LABEL_RE.match(key):
+        if not LABEL_RE.fullmatch(key):
             raise ValueError(f"label key {key!r} is not a valid label")
-        if val and not LABEL_RE.match(val):
+        if val and not LABEL_RE.fullmatch(val):
             raise ValueError(f"label value {val!r} for {key!r} is not a valid label")
     return value
 
 
 class Metadata(_Strict):
-    name: str = Field(description="Deployment name: lowercase letters, digits and '-', at most 63.")
+    name: StrictStr = Field(description="Deployment name: lowercase letters, digits and '-', at most 63.")
     labels: dict[str, str] = Field(default_factory=dict, description="Free-form labels.")
 
     @field_validator("name")
     @classmethod
     def _name(cls, value: str) -> str:
-        if not NAME_RE.match(value):
+        if not NAME_RE.fullmatch(value):
             raise ValueError("must be a DNS-1123 label (lowercase alphanumerics and '-', 1-63 chars)")
         return value
 
@@ -53,20 +61,20 @@ class Metadata(_Strict):
 
 
 class ModelRefSpec(_Strict):
-    name: str = Field(description="Model name in the catalog.")
-    version: str = Field(description="Semantic version of the model, e.g. 1.0.0.")
+    name: StrictStr = Field(description="Model name in the catalog.")
+    version: StrictStr = Field(description="Semantic version of the model, e.g. 1.0.0.")
 
     @field_validator("name")
     @classmethod
     def _name(cls, value: str) -> str:
-        if not NAME_RE.match(value):
+        if not NAME_RE.fullmatch(value):
             raise ValueError("must be a DNS-1123 label")
         return value
 
     @field_validator("version")
     @classmethod
     def _version(cls, value: str) -> str:
-        if not SEMVER_RE.match(value):
+        if not SEMVER_RE.fullmatch(value):
             raise ValueError("must be a semantic version such as 1.0.0")
         return value
 
@@ -86,13 +94,13 @@ class RequirementsSpec(_Strict):
     @field_validator("memory")
     @classmethod
     def _memory(cls, value: str) -> str:
-        if not _MEMORY_RE.match(str(value)):
+        if not _MEMORY_RE.fullmatch(str(value)):
             raise ValueError("must be a byte count with optional Ki/Mi/Gi suffix, e.g. 64Mi")
         return str(value)
 
     @property
     def memory_bytes(self) -> int:
-        match = _MEMORY_RE.match(self.memory)
+        match = _MEMORY_RE.fullmatch(self.memory)
         assert match is not None
         return int(match.group(1)) * _MEMORY_UNITS[match.group(2)]
 
@@ -112,7 +120,9 @@ class MultiExitSpec(_Strict):
     running stages together (``orchestrator.multiexit``).
     """
 
-    pipeline: str = Field(description="Name clients call on the node inference API for the whole model.")
+    pipeline: StrictStr = Field(
+        description="Name clients call on the node inference API for the whole model."
+    )
     stage: Annotated[int, Field(ge=1, le=16, strict=True)] = Field(
         description="1-based position in the model."
     )
@@ -123,25 +133,25 @@ class MultiExitSpec(_Strict):
     @field_validator("pipeline")
     @classmethod
     def _pipeline(cls, value: str) -> str:
-        if not NAME_RE.match(value):
+        if not NAME_RE.fullmatch(value):
             raise ValueError("must be a DNS-1123 label")
         return value
 
 
-_DURATION_RE = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)$")
+_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
 def duration_s(value: str) -> float:
     """Seconds of a validated duration such as ``30s``, ``500ms``, ``2m``."""
-    match = _DURATION_RE.match(value)
+    match = _DURATION_RE.fullmatch(value)
     assert match is not None
     return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
 
 
 def _check_duration(value: object, most_s: float) -> str:
     text = str(value)
-    if not _DURATION_RE.match(text):
+    if not _DURATION_RE.fullmatch(text):
         raise ValueError("must be a duration such as 500ms, 30s, 2m or 1h")
     if duration_s(text) > most_s:
         raise ValueError(f"must be at most {most_s:.0f}s")
@@ -288,20 +298,26 @@ def _path(loc: tuple[Any, ...]) -> str:
 
 
 def parse_manifest(text: str | bytes) -> DeploymentManifest:
-    """Parse and validate one manifest document (YAML or JSON)."""
+    """Parse and validate one manifest document (YAML or JSON) from an untrusted caller.
+
+    The size is checked before anything is parsed; the YAML is plain data only, at most
+    ``MAX_DEPTH`` levels deep (`orchestrator.strict_yaml`). CPU-bound: the API runs it off the loop.
+    """
+    if len(text) > MAX_MANIFEST_BYTES or (
+        isinstance(text, str)
+        and len(text) * 4 > MAX_MANIFEST_BYTES
+        and len(text.encode()) > MAX_MANIFEST_BYTES
+    ):
+        raise InvalidManifest([("(root)", f"manifest.too_large: larger than {MAX_MANIFEST_BYTES} bytes")])
     if isinstance(text, bytes):
-        if len(text) > MAX_MANIFEST_BYTES:
-            raise InvalidManifest([("(root)", f"manifest larger than {MAX_MANIFEST_BYTES} bytes")])
         try:
             text = text.decode("utf-8")
         except UnicodeDecodeError as err:
-            raise InvalidManifest([("(root)", "manifest is not UTF-8 text")]) from err
-    if len(text.encode("utf-8")) > MAX_MANIFEST_BYTES:
-        raise InvalidManifest([("(root)", f"manifest larger than {MAX_MANIFEST_BYTES} bytes")])
+            raise InvalidManifest([("(root)", "manifest.not_utf8: manifest is not UTF-8 text")]) from err
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise InvalidManifest([("(root)", f"not valid YAML: {str(err).splitlines()[0]}")]) from err
+        data = load_yaml(text, max_depth=MAX_DEPTH)
+    except YamlRefused as err:
+        raise InvalidManifest([(err.path, str(err))]) from err
     if not isinstance(data, dict):
         raise InvalidManifest(
             [("(root)", "manifest must be a mapping with apiVersion, kind, metadata, spec")]

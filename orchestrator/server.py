@@ -30,6 +30,7 @@ from edgeward.mqtt.topics import (
     parse_node_topic,
 )
 from edgeward.security.authz import DEPLOYMENT
+from edgeward.security.boundary import RequestGuard
 from edgeward.security.config import PLAINTEXT_WARNING
 from edgeward.security.guard import ApiGuard
 from edgeward.v1 import (
@@ -53,6 +54,7 @@ from .api import (
     deployment_to_pb,
     fill_slo_attainment,
     node_to_pb,
+    request_checks,
 )
 from .catalog.service import Catalog
 from .catalog.signing import PublisherTrust
@@ -84,6 +86,7 @@ INGEST_KINDS = (TopicKind.HELLO, TopicKind.STATUS, TopicKind.TELEMETRY, TopicKin
 # An OFFLINE status (a last will, or a node's goodbye) takes effect after this long unless our own
 # broker connection drops meanwhile: a broker that shuts down publishes every client's will first.
 OFFLINE_CONFIRM_S = 0.5
+MAX_RESPONSE_BYTES = 64 * 1024 * 1024  # a List of a large fleet; requests are capped by max_grpc_message
 LIVENESS_TICK_S = 0.1
 
 
@@ -183,7 +186,7 @@ class Orchestrator:
         if sec is None:
             log.warning(PLAINTEXT_WARNING, cfg.grpc_bind)
         else:
-            self.guard = await ApiGuard.open(sec, cfg.state_dir, self._exists)
+            self.guard = await ApiGuard.open(sec, cfg.state_dir, self._exists, request_checks(self))
         if cfg.broker.url is None:
             self._broker = EmbeddedBroker(
                 host=cfg.broker.embedded_bind,
@@ -195,10 +198,10 @@ class Orchestrator:
             await self._broker.__aenter__()
             self.broker_url = str(self._broker.url)
         self._server = grpc.aio.server(
-            interceptors=None if self.guard is None else self.guard.interceptors,
+            interceptors=[RequestGuard()] if self.guard is None else self.guard.interceptors,
             options=[
                 ("grpc.max_receive_message_length", cfg.max_grpc_message),
-                ("grpc.max_send_message_length", cfg.max_grpc_message),
+                ("grpc.max_send_message_length", MAX_RESPONSE_BYTES),
             ],
         )
         api_pb2_grpc.add_DeploymentServiceServicer_to_server(DeploymentService(self), self._server)
@@ -377,7 +380,7 @@ class Orchestrator:
 
     def _node_event(self, node_id: str, event: node_pb2.Event) -> None:
         """Relay a node's own event (``agent.model.load_failed``...) onto the notification bus."""
-        kind = event.id if KIND_RE.match(event.id) else "agent.event.unnamed"
+        kind = event.id if KIND_RE.fullmatch(event.id) else "agent.event.unnamed"
         self.events.publish(
             kind,
             f"node/{node_id}",

@@ -20,16 +20,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
-import yaml
 
 from edgeward.security.audit import AuditEntry, AuditLog
+from edgeward.security.boundary import UNDECODABLE, RequestGuard, Undecodable
 from edgeward.security.errors import IdentityError
 from edgeward.security.identity import Identity, Role
 from edgeward.security.tls import RevocationList
@@ -130,23 +131,38 @@ class OwnershipRegistry:
 # ---------------------------------------------------------------- rules
 
 
-def _manifest_targets(manifest: str) -> tuple[str | None, str | None]:
-    """(deployment name, model name) of an Apply manifest, where readable.
+class InvalidRequest(Exception):
+    """A request check refused the request itself (INVALID_ARGUMENT); ``str()`` is the detail."""
 
-    The orchestrator parses the manifest with the same YAML loader and requires both names as
-    strings, so a manifest whose names cannot be read here is refused by the handler without
-    changing anything."""
-    try:
-        data = yaml.safe_load(manifest)
-    except yaml.YAMLError:
-        return None, None
-    if not isinstance(data, dict):
-        return None, None
-    meta, spec = data.get("metadata"), data.get("spec")
-    name = meta.get("name") if isinstance(meta, dict) else None
-    model = spec.get("model") if isinstance(spec, dict) else None
-    model_name = model.get("name") if isinstance(model, dict) else None
-    return (name if isinstance(name, str) else None, model_name if isinstance(model_name, str) else None)
+
+@dataclass(frozen=True, slots=True)
+class Checked:
+    """What a method's request check (`AuthzInterceptor` ``checks``) made of one request: the
+    validated ``value`` the handler works on, the object it targets and the model it uses. The
+    ownership rules judge these, so what is authorized is exactly what the handler acts on."""
+
+    request: Any
+    value: Any
+    target: str | None
+    uses: str | None = None
+
+
+RequestCheck = Callable[[Any], Awaitable[Checked]]
+
+# Set by the interceptor for the handler's task: who is calling, and the checked request.
+_CALLER: ContextVar[Identity | None] = ContextVar("edgeward_caller", default=None)
+_CHECKED: ContextVar[Checked | None] = ContextVar("edgeward_checked", default=None)
+
+
+def caller() -> Identity | None:
+    """The authenticated identity of the call being handled (None on a server without TLS)."""
+    return _CALLER.get()
+
+
+def checked_value(request: Any) -> Any:
+    """The value the interceptor's check made of ``request`` (None if it did not check this one)."""
+    checked = _CHECKED.get()
+    return checked.value if checked is not None and checked.request is request else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,13 +190,8 @@ _D = "/edgeward.v1.DeploymentService/"
 _M = "/edgeward.v1.ModelService/"
 _N = "/edgeward.v1.NodeService/"
 RULES: dict[str, MethodRule] = {
-    _D + "Apply": MethodRule(
-        _TEAM,
-        DEPLOYMENT,
-        lambda r: _manifest_targets(r.manifest)[0],
-        mutating=lambda r: not r.dry_run,
-        claims=True,
-    ),
+    # The target of Apply is the name in the validated manifest (a request check, `Checked`).
+    _D + "Apply": MethodRule(_TEAM, DEPLOYMENT, None, mutating=lambda r: not r.dry_run, claims=True),
     _D + "Get": MethodRule(_TEAM, DEPLOYMENT, lambda r: r.name),
     _D + "List": MethodRule(_TEAM),
     _D + "Delete": MethodRule(_TEAM, DEPLOYMENT, lambda r: r.name, mutating=True, releases=True),
@@ -269,10 +280,13 @@ class Authorizer:
                 grpc.StatusCode.UNAUTHENTICATED,
             )
 
-    async def check(self, identity: Identity, method: str, rule: MethodRule, name: str | None) -> bool:
-        """Raise `Denied` unless ``identity`` may make this call; True if it claims a new object."""
+    def check_role(self, identity: Identity, method: str, rule: MethodRule) -> None:
         if identity.role not in rule.roles:
             raise Denied("security.authz.role", f"{identity.role} may not call {method}")
+
+    async def check(self, identity: Identity, method: str, rule: MethodRule, name: str | None) -> bool:
+        """Raise `Denied` unless ``identity`` may make this call; True if it claims a new object."""
+        self.check_role(identity, method, rule)
         if identity.role is not Role.TEAM or rule.kind is None or name is None:
             return False
         owner = self.owners.owner(rule.kind, name)
@@ -326,78 +340,89 @@ def _filter_response(method: str, identity: Identity, authz: Authorizer, respons
     return response
 
 
-class AuthzInterceptor(grpc.aio.ServerInterceptor):
-    """Enforces `RULES` on every call of a server that requires client certificates."""
+class AuthzInterceptor(RequestGuard):
+    """Enforces `RULES` on every call of a server that requires client certificates.
 
-    def __init__(self, authz: Authorizer, audit: AuditLog) -> None:
+    ``checks`` validate the request of a method before it is authorized (Apply: the manifest is
+    parsed and validated once, off the event loop); the handler gets the checked value through
+    `checked_value` and the caller through `caller`. Every refusal, including requests that do
+    not decode or do not pass their check (INVALID_ARGUMENT), is audited."""
+
+    def __init__(
+        self, authz: Authorizer, audit: AuditLog, checks: Mapping[str, RequestCheck] | None = None
+    ) -> None:
         self.authz = authz
         self.audit = audit
+        self.checks = dict(checks or {})
         self.denied = 0
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
-        handler = await continuation(details)
-        if handler is None:
-            return None
-        method = details.method
-        rule = rule_for(method)
-        kwargs = {
-            "request_deserializer": handler.request_deserializer,
-            "response_serializer": handler.response_serializer,
-        }
-        if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                self._unary(method, rule, handler.unary_unary), **kwargs
-            )
-        if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(
-                self._ustream(method, rule, handler.unary_stream), **kwargs
-            )
-        if handler.stream_unary is not None:
-            return grpc.stream_unary_rpc_method_handler(
-                self._sunary(method, rule, handler.stream_unary), **kwargs
-            )
-        return grpc.stream_stream_rpc_method_handler(
-            self._sstream(method, rule, handler.stream_stream), **kwargs
-        )
+        unchecked = [m for m, r in RULES.items() if r.kind and r.target is None and m not in self.checks]
+        if unchecked:  # their target is known only from a check: without it they would go unchecked
+            raise ValueError(f"these methods need a request check: {', '.join(unchecked)}")
 
     # ---- shared steps
 
     async def _admit(
         self, method: str, rule: MethodRule, request: Any, context: grpc.aio.ServicerContext
     ) -> tuple[Identity, str | None, bool]:
-        """Identify and authorize; on refusal audit and abort (raises)."""
+        """Identify, check and authorize; on refusal audit and abort (raises). Sets `caller` and
+        `checked_value` for the handler."""
         identity: Identity | None = None
         name: str | None = None
         try:
             pem = (context.auth_context().get("x509_pem_cert") or [None])[0]
             identity = self.authz.identify(pem)
             self.authz.check_revoked(identity)
-            name = rule.target(request) if rule.target is not None and request is not None else None
-            if method == _D + "Apply":
-                await self.authz.check_model_use(identity, _manifest_targets(request.manifest)[1])
-            if method == _M + "Push" and identity.role is Role.TEAM and request is not None:
-                claimed = getattr(request.metadata, "owner_team", "")
-                if claimed not in ("", identity.team):
+            self.authz.check_role(identity, method, rule)
+            if isinstance(request, Undecodable):
+                raise Denied(UNDECODABLE, str(request).partition(": ")[2], grpc.StatusCode.INVALID_ARGUMENT)
+            checked = await self._check(method, request)
+            _CHECKED.set(checked)
+            if checked is not None:
+                name = checked.target
+                await self.authz.check_model_use(identity, checked.uses)
+            elif rule.target is not None and request is not None:
+                name = rule.target(request)
+            if method == _M + "Push" and request is not None:
+                claimed = request.metadata.owner_team
+                if claimed not in ("", identity.team or ""):
                     raise Denied(
-                        "security.authz.owner_team", f"a push of {identity} cannot name team {claimed!r}"
+                        "security.authz.owner_team",
+                        f"owner_team comes from the caller's certificate: {identity} cannot name team {claimed!r}",
                     )
             # Last: it may reserve the name of a new object for this caller.
             claim = await self.authz.check(identity, method, rule, name)
         except Denied as denial:
-            self.denied += 1
-            log.warning("denied %s to %s: %s", method, identity or context.peer(), denial)
-            await self.audit.record(
-                AuditEntry.make(
-                    identity, context.peer(), method, _target_text(rule, name), denial.code.name, str(denial)
-                )
-            )
-            await context.abort(denial.code, str(denial))
+            await self._refused(method, rule, identity, name, context, denial)
             raise AssertionError("unreachable: abort raises") from denial
+        _CALLER.set(identity)
         return identity, name, claim
+
+    async def _check(self, method: str, request: Any) -> Checked | None:
+        check = self.checks.get(method)
+        if check is None or request is None:
+            return None
+        try:
+            return await check(request)
+        except InvalidRequest as err:
+            raise Denied("request.invalid", str(err), grpc.StatusCode.INVALID_ARGUMENT) from err
+
+    async def _refused(
+        self,
+        method: str,
+        rule: MethodRule,
+        identity: Identity | None,
+        name: str | None,
+        context: grpc.aio.ServicerContext,
+        denial: Denied,
+    ) -> None:
+        self.denied += 1
+        log.warning("refused %s to %s: %s", method, identity or context.peer(), denial)
+        await self.audit.record(
+            AuditEntry.make(
+                identity, context.peer(), method, _target_text(rule, name), denial.code.name, str(denial)
+            )
+        )
+        await context.abort(denial.code, str(denial))
 
     async def _settle(
         self,
@@ -413,14 +438,15 @@ class AuthzInterceptor(grpc.aio.ServerInterceptor):
         """After the handler: record ownership changes, audit mutating calls."""
         ok = failed is None
         owners = self.authz.owners
-        if claim and not (ok and rule.is_mutating(request)):
+        mutating = not isinstance(request, Undecodable) and rule.is_mutating(request)
+        if claim and not (ok and mutating):
             await owners.forget(rule.kind or "", name or "")  # the reservation of a failed or dry-run call
-        elif ok and name is not None and rule.kind is not None and rule.is_mutating(request):
+        elif ok and name is not None and rule.kind is not None and mutating:
             if rule.releases:
                 await owners.forget(rule.kind, name)
             elif rule.claims and (claim or owners.owner(rule.kind, name) is None):
                 await owners.set(rule.kind, name, identity.owner)
-        if rule.is_mutating(request):
+        if mutating or (failed is not None and _refusal(context)):
             code = context.code()
             result = "OK" if ok else _code_name(code) if code is not None else type(failed).__name__
             await self.audit.record(
@@ -431,7 +457,9 @@ class AuthzInterceptor(grpc.aio.ServerInterceptor):
 
     # ---- per call shape
 
-    def _unary(self, method: str, rule: MethodRule, behavior: Callable[..., Any]) -> Callable[..., Any]:
+    def unary(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
+        rule = rule_for(method)
+
         async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
             identity, name, claim = await self._admit(method, rule, request, context)
             try:
@@ -444,7 +472,9 @@ class AuthzInterceptor(grpc.aio.ServerInterceptor):
 
         return call
 
-    def _ustream(self, method: str, rule: MethodRule, behavior: Callable[..., Any]) -> Callable[..., Any]:
+    def ustream(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
+        rule = rule_for(method)
+
         async def call(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             identity, _name, _claim = await self._admit(method, rule, request, context)
             team_watch = identity.role is Role.TEAM and method == _D + "Watch"
@@ -455,16 +485,19 @@ class AuthzInterceptor(grpc.aio.ServerInterceptor):
 
         return call
 
-    def _sunary(self, method: str, rule: MethodRule, behavior: Callable[..., Any]) -> Callable[..., Any]:
+    def sunary(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
+        rule = rule_for(method)
+
         async def call(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
             # The first message (a model push's metadata) names the target; it is handed on unchanged.
             first = await anext(aiter(requests), None)
             identity, name, claim = await self._admit(method, rule, first, context)
+            rest = self.checked(method, requests, context)
 
             async def replay() -> AsyncIterator[Any]:
                 if first is not None:
                     yield first
-                async for item in requests:
+                async for item in rest:
                     yield item
 
             try:
@@ -477,13 +510,29 @@ class AuthzInterceptor(grpc.aio.ServerInterceptor):
 
         return call
 
-    def _sstream(self, method: str, rule: MethodRule, behavior: Callable[..., Any]) -> Callable[..., Any]:
+    def sstream(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
+        rule = rule_for(method)
+
         async def call(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            await self._admit(method, rule, None, context)
-            async for item in behavior(requests, context):
-                yield item
+            identity, _name, _claim = await self._admit(method, rule, None, context)
+            try:
+                async for item in behavior(self.checked(method, requests, context), context):
+                    yield item
+            except BaseException:
+                if _refusal(context):  # a later message did not decode
+                    await self.audit.record(
+                        AuditEntry.make(
+                            identity, context.peer(), method, "", "INVALID_ARGUMENT", _detail(context)
+                        )
+                    )
+                raise
 
         return call
+
+
+def _refusal(context: grpc.aio.ServicerContext) -> bool:
+    """Whether the call ended with INVALID_ARGUMENT (a refusal of the request: always audited)."""
+    return context.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.INVALID_ARGUMENT.value[0])
 
 
 def _code_name(code: Any) -> str:

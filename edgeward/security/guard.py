@@ -1,6 +1,6 @@
 """Everything a gRPC server of the orchestrator needs for security, opened and closed as one.
 
-``guard = await ApiGuard.open(config.security, state_dir, exists)`` reads the TLS files, the CRL and
+``guard = await ApiGuard.open(config.security, state_dir, exists, checks)`` reads the TLS files, the CRL and
 the ownership registry; ``grpc.aio.server(interceptors=guard.interceptors)``;
 ``guard.add_port(server, bind)`` binds with mutual TLS; ``guard.close()`` at shutdown.
 """
@@ -8,13 +8,13 @@ the ownership registry; ``grpc.aio.server(interceptors=guard.interceptors)``;
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 
 import grpc
 
 from edgeward.security.audit import AuditLog
-from edgeward.security.authz import Authorizer, AuthzInterceptor, OwnershipRegistry
+from edgeward.security.authz import Authorizer, AuthzInterceptor, OwnershipRegistry, RequestCheck
 from edgeward.security.config import SecurityConfig
 from edgeward.security.tls import RevocationList
 
@@ -22,11 +22,17 @@ log = logging.getLogger(__name__)
 
 
 class ApiGuard:
-    def __init__(self, config: SecurityConfig, audit: AuditLog, authz: Authorizer) -> None:
+    def __init__(
+        self,
+        config: SecurityConfig,
+        audit: AuditLog,
+        authz: Authorizer,
+        checks: Mapping[str, RequestCheck] | None = None,
+    ) -> None:
         self.config = config
         self.audit = audit
         self.authz = authz
-        self.interceptor = AuthzInterceptor(authz, audit)
+        self.interceptor = AuthzInterceptor(authz, audit, checks)
         self._credentials = config.tls.server_credentials()
 
     @property
@@ -39,12 +45,13 @@ class ApiGuard:
         config: SecurityConfig,
         state_dir: Path,
         exists: Callable[[str, str], Awaitable[bool]] | None = None,
+        checks: Mapping[str, RequestCheck] | None = None,
     ) -> ApiGuard:
         revocations = RevocationList(config.crl_file, config.ca_file) if config.crl_file is not None else None
         owners = await OwnershipRegistry.open(Path(state_dir) / "security" / "owners.sqlite")
         audit = AuditLog(config.audit_log or Path(state_dir) / "security" / "audit.jsonl")
         try:
-            return cls(config, audit, Authorizer(owners, revocations=revocations, exists=exists))
+            return cls(config, audit, Authorizer(owners, revocations=revocations, exists=exists), checks)
         except BaseException:
             audit.close()
             owners.close()

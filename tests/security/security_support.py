@@ -32,10 +32,14 @@ class Client:
         self.nodes = api_pb2_grpc.NodeServiceStub(channel)
         self.models = api_pb2_grpc.ModelServiceStub(channel)
 
-    async def push(self, name: str, version: str = "1.0.0") -> api_pb2.Model:
+    async def push(self, name: str, version: str = "1.0.0", owner_team: str = "") -> api_pb2.Model:
         data = MODEL.read_bytes()
         meta = api_pb2.ModelMetadata(
-            name=name, version=version, size=len(data), sha256=hashlib.sha256(data).hexdigest()
+            name=name,
+            version=version,
+            size=len(data),
+            sha256=hashlib.sha256(data).hexdigest(),
+            owner_team=owner_team,
         )
 
         async def parts():

@@ -1,0 +1,123 @@
+"""The edge of a gRPC server: requests that do not decode, and checks that run before a handler.
+
+grpcio answers a request its deserializer cannot read with UNKNOWN (and logs a traceback); a
+request that is not the method's protobuf is the caller's mistake, so `RequestGuard` wraps every
+deserializer: a ``DecodeError`` (corrupt wire format, a string field that is not UTF-8) becomes an
+`Undecodable` value that the guard refuses with INVALID_ARGUMENT before the handler runs.
+`edgeward.security.authz.AuthzInterceptor` extends it to identify, authorize and audit; servers
+without authorization (plaintext demo, node inference) use `RequestGuard` itself.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from google.protobuf.message import DecodeError
+
+log = logging.getLogger(__name__)
+
+UNDECODABLE = "request.undecodable"
+
+
+class Undecodable:
+    """Stands in for a request message that did not decode; ``error`` says why (no payload bytes)."""
+
+    __slots__ = ("error", "size")
+
+    def __init__(self, error: str, size: int) -> None:
+        self.error = error
+        self.size = size
+
+    def __str__(self) -> str:
+        return f"{UNDECODABLE}: not a valid request message ({self.size} bytes): {self.error:.200}"
+
+
+def guarded(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except (DecodeError, UnicodeDecodeError, ValueError) as err:
+            return Undecodable(str(err).splitlines()[0] if str(err) else type(err).__name__, len(data))
+
+    return deserialize
+
+
+class RequestGuard(grpc.aio.ServerInterceptor):
+    """Refuses undecodable requests with INVALID_ARGUMENT; subclasses add their own admission."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        method = details.method
+        kwargs = {
+            "request_deserializer": guarded(handler.request_deserializer),
+            "response_serializer": handler.response_serializer,
+        }
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(self.unary(method, handler.unary_unary), **kwargs)
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(self.ustream(method, handler.unary_stream), **kwargs)
+        if handler.stream_unary is not None:
+            return grpc.stream_unary_rpc_method_handler(self.sunary(method, handler.stream_unary), **kwargs)
+        return grpc.stream_stream_rpc_method_handler(self.sstream(method, handler.stream_stream), **kwargs)
+
+    async def refuse(self, method: str, bad: Undecodable, context: grpc.aio.ServicerContext) -> None:
+        """End the call with INVALID_ARGUMENT (raises)."""
+        log.warning("refused %s from %s: %s", method, context.peer(), bad)
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(bad))
+
+    def checked(
+        self, method: str, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[Any]:
+        """A request stream that ends the call at its first undecodable message."""
+
+        async def each() -> AsyncIterator[Any]:
+            async for item in requests:
+                if isinstance(item, Undecodable):
+                    await self.refuse(method, item, context)
+                yield item
+
+        return each()
+
+    # ---- per call shape (subclasses override)
+
+    def unary(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
+        async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            if isinstance(request, Undecodable):
+                await self.refuse(method, request, context)
+            return await behavior(request, context)
+
+        return call
+
+    def ustream(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
+        async def call(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            if isinstance(request, Undecodable):
+                await self.refuse(method, request, context)
+            async for item in behavior(request, context):
+                yield item
+
+        return call
+
+    def sunary(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
+        async def call(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
+            return await behavior(self.checked(method, requests, context), context)
+
+        return call
+
+    def sstream(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
+        async def call(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            async for item in behavior(self.checked(method, requests, context), context):
+                yield item
+
+        return call

@@ -1,0 +1,179 @@
+"""A hostile team against the real orchestrator (mutual TLS, authorization, audit): the attacks of
+issue #15 that used to work, each refused now with INVALID_ARGUMENT or PERMISSION_DENIED, audited,
+while the orchestrator keeps answering."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from collections.abc import Callable
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from security_support import Client, manifest
+
+from edgeward.security.audit import read_audit
+from edgeward.v1 import api_pb2
+from orchestrator.server import Orchestrator
+
+INVALID = grpc.StatusCode.INVALID_ARGUMENT
+DENIED = grpc.StatusCode.PERMISSION_DENIED
+
+
+def audit(orch: Orchestrator) -> list[dict]:
+    assert orch.guard is not None
+    return read_audit(orch.guard.audit.path)
+
+
+async def refused(call) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await call
+    return info.value
+
+
+def binary(text: str) -> str:
+    return "!!binary " + base64.b64encode(text.encode()).decode()
+
+
+async def test_yaml_tags_cannot_smuggle_another_teams_names(
+    connect: Callable[..., Client], secure_orchestrator: Orchestrator
+):
+    """Issue #15, 1: a ``!!binary`` (or any tagged) name used to skip the ownership check and then
+    became the other team's name in validation."""
+    home = connect("team", "ci", team="smart-home")
+    auto = connect("team", "ci", team="automotive")
+    await home.push("home-model")
+    await home.apply(manifest("home-dep", "home-model"))
+    await auto.push("auto-model")
+
+    attacks = {
+        "binary deployment name": manifest(binary("home-dep"), "auto-model", replicas=2),
+        "binary model name": manifest("auto-dep", binary("home-model")),
+        "str tag on the name": manifest("!!str home-dep", "auto-model", replicas=2),
+        "python tag": manifest("!!python/str home-dep", "auto-model", replicas=2),
+        "local tag": manifest("!x home-dep", "auto-model", replicas=2),
+        "anchor and alias": manifest("&n home-dep", "*n"),
+    }
+    for what, text in attacks.items():
+        err = await refused(auto.apply(text))
+        assert err.code() == INVALID, (what, err.details())
+        assert "yaml.tag" in err.details() or "yaml.alias" in err.details(), (what, err.details())
+    # Nothing changed: the deployment is still the home team's, with its model and replica count.
+    dep = await home.get("home-dep")
+    assert (dep.spec.model.name, dep.spec.replicas) == ("home-model", 0)
+    assert await auto.list() == []
+
+    # Plain names still go through authorization, and the audit names the real target.
+    err = await refused(auto.apply(manifest("home-dep", "auto-model")))
+    assert err.code() == DENIED
+    lines = [x for x in audit(secure_orchestrator) if x["who"] == "team:automotive:ci"]
+    assert [x["result"] for x in lines if x["method"].endswith("/Apply")] == ["INVALID_ARGUMENT"] * len(
+        attacks
+    ) + ["PERMISSION_DENIED"]
+    assert lines[-1]["target"] == "deployment/home-dep"
+    assert all(x["reason"] for x in lines if x["result"] != "OK")
+
+
+async def test_oversized_and_deep_manifests_are_refused_before_parsing(
+    connect: Callable[..., Client], secure_orchestrator: Orchestrator
+):
+    """Issue #15, 2: the size cap comes before any parsing, nesting is bounded (no RecursionError
+    turning into UNKNOWN), each refusal is INVALID_ARGUMENT and audited, and health keeps answering."""
+    team = connect("team", "ci", team="smart-home")
+    health = health_pb2_grpc.HealthStub(team.channel)
+    head = "apiVersion: edgeward/v1\nkind: Deployment\nmetadata: {name: big}\nspec:\n  replicas: 1\n  model: "
+    cases = {
+        "oversized": head + "{name: m, version: 1.0.0}\n" + "#" * 80 + ("\nx: " + "[1, 2, 3]" * 40) * 3000,
+        "oversized and deep": head + "[" * 70_000,
+        "deep": head + "[" * 30_000 + "]" * 30_000,
+        "deep mappings": head + "{a: " * 9_000 + "1" + "}" * 9_000,
+        "UTF-16 text": (head + "{name: m, version: 1.0.0}\n").encode("utf-16").decode("latin-1"),
+    }
+
+    async def probe() -> int:
+        answered = 0
+        while True:
+            reply = await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            answered += 1
+            await asyncio.sleep(0.05)
+
+    prober = asyncio.create_task(probe())
+    try:
+        for what, text in cases.items():
+            err = await refused(team.apply(text))
+            assert err.code() == INVALID, (what, err.code(), err.details())
+            assert len(err.details()) < 500, what  # a reason, not a traceback
+        assert not prober.done(), prober.exception()
+    finally:
+        prober.cancel()
+        await asyncio.gather(prober, return_exceptions=True)
+    details = [x["reason"] for x in audit(secure_orchestrator) if x["method"].endswith("/Apply")]
+    assert len(details) == len(cases)
+    assert "larger than 65536 bytes" in details[0] and "larger than" in details[1]
+    assert "nesting deeper than" in details[2] and "nesting deeper than" in details[3]
+    assert all(x["result"] == "INVALID_ARGUMENT" for x in audit(secure_orchestrator))
+
+
+async def test_undecodable_protobufs_are_invalid_argument_and_audited(
+    connect: Callable[..., Client], secure_orchestrator: Orchestrator
+):
+    """Issue #15, 2: a request that is not the method's protobuf is INVALID_ARGUMENT (was UNKNOWN)."""
+    team = connect("team", "ci", team="smart-home")
+    garbage = b"\xff\xff\xff\xff\x0f\x0a\x80"
+    for method in ("/edgeward.v1.DeploymentService/Apply", "/edgeward.v1.DeploymentService/List"):
+        call = team.channel.unary_unary(method, request_serializer=None, response_deserializer=None)
+        err = await refused(call(garbage, timeout=5))
+        assert err.code() == INVALID, (method, err.code(), err.details())
+        assert "request.undecodable" in err.details()
+    # A string field that is not UTF-8 does not decode either.
+    bad_utf8 = b"\x0a\x02\xc3\x28"  # ApplyRequest.manifest = b"\xc3\x28"
+    call = team.channel.unary_unary(
+        "/edgeward.v1.DeploymentService/Apply", request_serializer=None, response_deserializer=None
+    )
+    assert (await refused(call(bad_utf8, timeout=5))).code() == INVALID
+    lines = audit(secure_orchestrator)
+    assert [(x["method"].rsplit("/", 1)[-1], x["result"]) for x in lines] == [
+        ("Apply", "INVALID_ARGUMENT"),
+        ("List", "INVALID_ARGUMENT"),
+        ("Apply", "INVALID_ARGUMENT"),
+    ]
+    assert all(x["who"] == "team:smart-home:ci" for x in lines)
+    # The channel is fine afterwards.
+    assert await team.list() == []
+
+
+async def test_names_with_a_trailing_newline_are_refused(connect: Callable[..., Client]):
+    """Issue #15, 7: ``^...$`` accepted ``"home-dep\\n"``, a second object that prints as the first."""
+    team = connect("team", "ci", team="smart-home")
+    operator = connect("operator", "alice")
+    await team.push("home-model")
+    for name, version in (("home-model\n", "2.0.0"), ("other", "1.0.0\n")):
+        err = await refused(team.push(name, version))
+        assert err.code() == INVALID, (name, version, err.details())
+    for text in (
+        manifest('"home-dep\\n"', "home-model"),
+        manifest("home-dep", "home-model").replace("version: 1.0.0", 'version: "1.0.0\\n"'),
+    ):
+        err = await refused(team.apply(text))
+        assert err.code() == INVALID, (text, err.details())
+    wipe = operator.models.Wipe(api_pb2.WipeRequest(name="home-model\n", reason="test"), timeout=5)
+    assert (await refused(wipe)).code() == INVALID
+    assert [m.name for m in (await operator.models.List(api_pb2.ListModelsRequest(), timeout=5)).models] == [
+        "home-model"
+    ]
+
+
+async def test_owner_team_comes_from_the_certificate(connect: Callable[..., Client]):
+    """Issue #15, 7: a team's push is recorded under the team of its certificate, whatever its
+    metadata says; no caller can name a team its certificate does not carry."""
+    team = connect("team", "ci", team="smart-home")
+    operator = connect("operator", "alice")
+    pushed = await team.push("home-model")
+    assert pushed.owner_team == "smart-home"
+    got = await operator.models.Get(api_pb2.GetModelRequest(name="home-model"), timeout=5)
+    assert got.owner_team == "smart-home"
+    err = await refused(operator.push("ops-model", owner_team="smart-home"))
+    assert err.code() == DENIED and "security.authz.owner_team" in err.details()
+    assert (await operator.push("ops-model")).owner_team == ""
