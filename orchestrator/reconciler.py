@@ -27,13 +27,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import logging
 import time
 import uuid
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -49,6 +50,7 @@ from .scheduler import (
     TIERS,
     FleetSnapshot,
     NodeInfo,
+    Placement,
     PlacementPlan,
     PlacementRequest,
     Prediction,
@@ -151,6 +153,8 @@ class Reconciler:
         self._corrected: dict[tuple[str, str], int] = {}  # (node, model) -> newest window folded
         self._move_rate = MoveRate(resched.max_moves_per_minute)
         self.passes = 0
+        self._in_pass = False
+        self._pass_done = asyncio.Event()
 
     # ------------------------------------------------------------ triggers
 
@@ -192,274 +196,36 @@ class Reconciler:
     # ------------------------------------------------------------ one pass
 
     async def reconcile_once(self) -> None:
-        deployments, replicas = await self._db(
-            lambda: (self._store.list_deployments(), self._store.list_replicas())
-        )
-        # Rollouts move inside the pass, so a rollback never races a pass that read the old state.
-        if self._rollouts is not None and await self._rollouts.tick(deployments, replicas):
-            deployments, replicas = await self._db(
-                lambda: (self._store.list_deployments(), self._store.list_replicas())
-            )
-        now = time.monotonic()
-        wall = now_ms()
-        in_grace = now - self._started < self._config.node_timeout_s
-        timeout = self._config.node_timeout_s
-        changes: list[ReplicaChange] = []
-        commands: list[tuple[str, node_pb2.Command]] = []
-        touched: set[str] = set()
-        by_deployment: dict[str, list[ReplicaRecord]] = defaultdict(list)
-        need = {d.name: required_tier(d) for d in deployments}
+        self._in_pass = True
+        try:
+            deployments, replicas = await self._read()
+            # Rollouts move inside the pass, so a rollback never races a pass that read the old state.
+            if self._rollouts is not None and await self._rollouts.tick(deployments, replicas):
+                deployments, replicas = await self._read()
+            run = ReconcilePass(self, deployments, replicas)
+            run.follow_reports()
+            await run.rebalance()
+            pending = run.scale()
+            await run.place(pending)
+            await run.sync_nodes()
+            await run.commit()
+        finally:
+            self._in_pass = False
+            self.passes += 1
+            self._pass_done.set()
+            self._pass_done = asyncio.Event()
 
-        def change(rep: ReplicaRecord, **updates: object) -> ReplicaRecord:
-            new = replace(rep, updated_ms=wall, **updates)
-            if new.phase != rep.phase:
-                log.info(
-                    "replica %s %s -> %s on %s (%s)",
-                    rep.id,
-                    rep.phase,
-                    new.phase,
-                    new.node_id or "-",
-                    new.reason,
-                )
-            changes.append(ReplicaChange(new))
-            touched.add(rep.deployment)
-            return new
+    async def wait_passes(self, count: int = 1) -> None:
+        """Return once ``count`` passes that started after this call have completed (a pass
+        already running read the store before the caller's change, so it does not count). Tests
+        wait on this instead of sleeping for "nothing happened"."""
+        target = self.passes + count + (1 if self._in_pass else 0)
+        while self.passes < target:
+            self.trigger()
+            await self._pass_done.wait()
 
-        # 1. Follow what the nodes report.
-        for rep in replicas:
-            node = self._fleet.nodes.get(rep.node_id) if rep.node_id else None
-            node_ok = node is not None and node.online(now, timeout)
-            # Just after a start the retained hello/status messages are still arriving: a node
-            # we have not heard from yet is unknown, not lost, unless it said it is offline.
-            node_unknown = (
-                rep.node_id is not None
-                and in_grace
-                and not node_ok
-                and (node is None or node.state != node_pb2.NODE_STATE_OFFLINE)
-            )
-            if rep.phase == Phase.EVICTED:
-                if node_ok and rep.id in node.reports:
-                    self._resend(commands, rep, now, undeploy=True)
-                elif not node_unknown:
-                    changes.append(ReplicaChange(rep, delete=True))
-                    self._last_sent.pop(rep.id, None)
-                    touched.add(rep.deployment)
-                continue
-            if rep.node_id and rep.phase in ACTIVE and not node_ok:
-                if node_unknown:
-                    by_deployment[rep.deployment].append(rep)  # still counts towards the desired total
-                else:
-                    change(
-                        rep,
-                        phase=Phase.EVICTED,
-                        reason="node.lost",
-                        message=f"node {rep.node_id} went offline or silent",
-                    )
-                continue
-            untrusted = self._untrusted(rep, need.get(rep.deployment)) if rep.phase in ACTIVE else None
-            if untrusted is not None:
-                evicted = change(rep, phase=Phase.EVICTED, reason=untrusted[0], message=untrusted[1])
-                self._last_sent.pop(rep.id, None)
-                self._resend(commands, evicted, now, undeploy=True)
-                continue
-            report = node.reports.get(rep.id) if node_ok else None
-            if report is not None:
-                reported = _REPORTED_PHASE.get(report.phase)
-                # A report that would be an illegal move (a Failed replica the node says runs again)
-                # is not followed: the failed replica is retired and replaced, never revived.
-                if (
-                    reported is not None
-                    and reported != rep.phase
-                    and rep.phase != Phase.PENDING
-                    and reported in TRANSITIONS[rep.phase]
-                ):
-                    if not report.reason and rep.reason.startswith(RESCHEDULE):
-                        rep = change(rep, phase=reported)  # keep saying why it runs here
-                    else:
-                        rep = change(rep, phase=reported, reason=report.reason, message=report.message)
-            elif rep.phase in (Phase.LOADING, Phase.RUNNING):
-                # The node forgot it (agent restart): back to loading, and tell it again.
-                rep = change(
-                    rep,
-                    phase=Phase.LOADING,
-                    reason="node.replica_missing",
-                    message="the node no longer reports this replica; re-sent",
-                )
-                self._resend(commands, rep, now)
-            elif rep.phase == Phase.DISPATCHED:
-                if wall - rep.updated_ms > self._config.dispatch_timeout_s * 1000:
-                    rep = change(
-                        rep,
-                        phase=Phase.FAILED,
-                        reason="dispatch.timeout",
-                        message="the node never acknowledged the deployment",
-                    )
-                else:
-                    self._resend(commands, rep, now)
-            if rep.phase == Phase.FAILED and wall - rep.updated_ms > FAILED_RETENTION_MS:
-                rep = change(rep, phase=Phase.EVICTED, reason="replica.failed", message=rep.message)
-                if node_ok and rep.id in node.reports:
-                    self._resend(commands, rep, now, undeploy=True)
-            by_deployment[rep.deployment].append(rep)
-
-        # 1b. Telemetry windows: correct each node's predictions; move replicas that keep missing
-        #     their SLO (within the disruption budget) to a node predicted to meet it.
-        self._correct(by_deployment, now, timeout)
-        if self._config.scheduler.rescheduling.slo_violation:
-            await self._slo_moves(deployments, by_deployment, replicas, changes, commands, change, need, now)
-
-        # 2. Scale each deployment to its desired count; retire replicas of older generations.
-        pending: list[tuple[DeploymentRecord, ReplicaRecord]] = []
-        for dep in deployments:
-            reps = [r for r in by_deployment.get(dep.name, []) if r.phase != Phase.EVICTED]
-            current = [r for r in reps if r.generation == dep.generation]
-            old = [r for r in reps if r.generation != dep.generation]
-            want = dep.manifest.spec.replicas
-            spec = dep.manifest.spec
-            split = self._rollouts.split(dep) if self._rollouts is not None else None
-            if split is not None:
-                want = split.new  # this rollout step's share of the new generation
-            for _ in range(want - len(current)):
-                rep = ReplicaRecord(
-                    id=new_replica_id(dep.name),
-                    deployment=dep.name,
-                    generation=dep.generation,
-                    model_name=spec.model.name,
-                    model_version=spec.model.version,
-                    phase=Phase.PENDING,
-                    updated_ms=wall,
-                    reason="replica.created",
-                )
-                changes.append(ReplicaChange(rep))
-                touched.add(dep.name)
-                current.append(rep)
-            if len(current) > want:
-                surplus = sorted(current, key=lambda r: (_EVICTION_ORDER[r.phase], -r.updated_ms))[
-                    : len(current) - want
-                ]
-                for rep in surplus:
-                    self._evict(change, commands, rep, "deployment.scaled_down", now)
-                current = [r for r in current if r not in surplus]
-            running_current = sum(r.phase == Phase.RUNNING for r in current)
-            if split is not None:
-                retire, missing = split.retire(current, old)
-                for rep in retire:
-                    self._evict(change, commands, rep, "rollout.replaced", now)
-                for _ in range(missing):  # a stable replica was lost mid-rollout: replace it in kind
-                    rep = ReplicaRecord(
-                        id=new_replica_id(dep.name),
-                        deployment=dep.name,
-                        generation=split.stable_generation,
-                        model_name=split.stable_model[0],
-                        model_version=split.stable_model[1],
-                        phase=Phase.PENDING,
-                        updated_ms=wall,
-                        reason="rollout.stable_replaced",
-                    )
-                    changes.append(ReplicaChange(rep))
-                    touched.add(dep.name)
-                    old.append(rep)
-                pending.extend((dep, r) for r in old if r.phase == Phase.PENDING and r not in retire)
-            else:
-                for rep in old:
-                    if rep.phase == Phase.PENDING or running_current >= want:
-                        self._evict(change, commands, rep, "deployment.updated", now)
-            pending.extend((dep, r) for r in current if r.phase == Phase.PENDING)
-        live_names = {d.name for d in deployments}
-        for name, reps in by_deployment.items():
-            if name not in live_names:  # deleted while replicas were still being created
-                for rep in reps:
-                    if rep.phase != Phase.EVICTED:
-                        self._evict(change, commands, rep, "deployment.deleted", now)
-
-        # 3. Place the pending replicas on a snapshot of the fleet.
-        if pending:
-            # One immutable, columnar snapshot per pass; the plan updates capacity as it binds.
-            plan = self._plan(replicas, changes, deployments, now)
-            for dep, rep in pending:
-                model = await self._model(rep.model_name, rep.model_version)
-                if model is None:
-                    if rep.reason != "model.not_found":
-                        change(
-                            rep,
-                            reason="model.not_found",
-                            message=f"model {rep.model_name}:{rep.model_version} is not in the catalog",
-                        )
-                    continue
-                result = plan.place(_request(dep, model[0], need[dep.name], rep.id))
-                if isinstance(result, Unschedulable):
-                    if (rep.reason, rep.message) != (result.reason, result.message):
-                        change(rep, reason=result.reason, message=result.message)
-                    continue
-                try:
-                    deploy = self._deploy_command(
-                        replace(rep, node_id=result.node_id, accelerator=result.accelerator), model
-                    )
-                except KeyReleaseError as err:
-                    message = f"node {result.node_id}: {err}"
-                    if (rep.reason, rep.message) != ("attestation.key_release_refused", message):
-                        change(rep, reason="attestation.key_release_refused", message=message)
-                    continue
-                bound = change(
-                    rep,
-                    phase=Phase.DISPATCHED,
-                    node_id=result.node_id,
-                    accelerator=result.accelerator,
-                    reason="scheduler.bound",
-                    message=f"score {result.score:.1f}",
-                )
-                commands.append((result.node_id, deploy))
-                self._last_sent[bound.id] = now
-
-        # 4. Nodes that (re)connected get their whole desired set; unknown replicas get unloaded.
-        desired_by_node: dict[str, list[ReplicaRecord]] = defaultdict(list)
-        final = {r.id: r for r in replicas}
-        for ch in changes:
-            if ch.delete:
-                final.pop(ch.replica.id, None)
-            else:
-                final[ch.replica.id] = ch.replica
-        for rep in final.values():
-            if rep.node_id and rep.phase in ACTIVE:
-                desired_by_node[rep.node_id].append(rep)
-        for node_id in list(self._needs_sync):
-            node = self._fleet.nodes.get(node_id)
-            if node is None or not node.online(now, timeout):
-                continue
-            if self._trust.tier(node_id) == "none" and self._trust.why_not_trusted(node_id) is None:
-                # Still attesting (just connected, or this orchestrator just started): its keys
-                # cannot be released yet, and a sync without them would unload its models.
-                continue
-            self._needs_sync.discard(node_id)
-            sync = node_pb2.SyncReplicas()
-            for rep in desired_by_node.get(node_id, []):
-                model = await self._model(rep.model_name, rep.model_version)
-                if model is None:
-                    continue
-                try:
-                    sync.replicas.append(self._deploy_body(rep, model))
-                except KeyReleaseError as err:  # left out: the node unloads it, step 1 evicts it
-                    log.info("replica %s left out of the sync of %s: %s", rep.id, node_id, err)
-            commands.append((node_id, command(node_id, sync=sync)))
-        for node in self._fleet.nodes.values():
-            if not node.online(now, timeout):
-                continue
-            for rid in node.reports:
-                if rid not in final:
-                    key = f"orphan:{node.id}:{rid}"
-                    if now - self._last_sent.get(key, 0.0) >= self._config.resend_interval_s:
-                        self._last_sent[key] = now
-                        commands.append(
-                            (node.id, command(node.id, undeploy=node_pb2.UndeployReplica(replica_id=rid)))
-                        )
-
-        if changes:
-            await self._db(self._store.apply_replica_changes, changes)
-        for node_id, cmd in commands:
-            await self._publish(node_id, cmd)
-        self.passes += 1
-        if touched:
-            self._on_change(touched)
+    async def _read(self) -> tuple[list[DeploymentRecord], list[ReplicaRecord]]:
+        return await self._db(lambda: (self._store.list_deployments(), self._store.list_replicas()))
 
     # ------------------------------------------------------------ performance
 
@@ -508,22 +274,18 @@ class Reconciler:
             del self._corrected[key]
         self._correction.retain(self._fleet.nodes)
 
-    async def _slo_moves(
-        self,
-        deployments: list[DeploymentRecord],
-        by_deployment: dict[str, list[ReplicaRecord]],
-        replicas: list[ReplicaRecord],
-        changes: list[ReplicaChange],
-        commands: list[tuple[str, node_pb2.Command]],
-        change: Callable[..., ReplicaRecord],
-        need: dict[str, str],
-        now: float,
-    ) -> None:
+    def _slo_candidates(
+        self, deployments: list[DeploymentRecord], by_deployment: dict[str, list[ReplicaRecord]], now: float
+    ) -> tuple[list[MoveCandidate], dict[str, ReplicaRecord], dict[str, int], list[ReplicaRecord]]:
+        """Fold each running replica's new telemetry windows into its SLO hysteresis: (replicas that
+        keep missing their SLO, the running replicas by id, each deployment's disruption budget,
+        replicas stuck over their SLO that have recovered where they are)."""
         policy = self._slo_policy
         budget_cfg = self._config.scheduler.rescheduling.max_unavailable
         candidates: list[MoveCandidate] = []
         running: dict[str, ReplicaRecord] = {}
         allowed: dict[str, int] = {}
+        recovered: list[ReplicaRecord] = []
         alive = {r.id for reps in by_deployment.values() for r in reps if r.phase in ACTIVE}
         for rid in [r for r in self._slo if r not in alive]:
             del self._slo[rid]
@@ -547,136 +309,37 @@ class Reconciler:
                 self._slo[rep.id] = state
                 if sustained_violation(state, now, policy):
                     candidates.append(MoveCandidate(rep.id, dep.name, MoveCause.SLO_VIOLATION))
-                elif rep.reason == SLO_STUCK and not state.violating:  # recovered where it is
-                    reps[reps.index(rep)] = change(rep, reason="", message="")
-        moves = select_moves(candidates, allowed)
-        if not moves:
-            return
-        by_name = {d.name: d for d in deployments}
-        plan = self._plan(replicas, changes, deployments, now)
-        for move in moves:
-            if not self._move_rate.available(now):
-                log.info("SLO moves held back: %d per minute reached", self._move_rate.per_minute)
-                break
-            rep, dep = running[move.replica_id], by_name[move.deployment]
-            reps = by_deployment[dep.name]
-            here = next(i for i, r in enumerate(reps) if r.id == rep.id)
-            reps[here], new = await self._move(reps[here], dep, plan, need[dep.name], now, commands, change)
-            if new is None:
-                continue
-            self._move_rate.spend(now)
-            changes.append(ReplicaChange(new))
-            reps.append(new)
-            self._slo[new.id] = record_move(now)
-            windows = self._windows(new.node_id, new.model_name, new.model_version)
-            self._slo_seen[new.id] = windows[-1].seq if windows else 0
-            self._slo.pop(rep.id, None)
+                elif rep.reason == SLO_STUCK and not state.violating:
+                    recovered.append(rep)
+        return candidates, running, allowed, recovered
 
     def _windows(self, node_id: str | None, name: str, version: str) -> Sequence[LatencyWindow]:
         node = self._fleet.nodes.get(node_id or "")
         return node.latency.get(model_key(name, version), ()) if node is not None else ()
 
-    async def _move(
-        self,
-        rep: ReplicaRecord,
-        dep: DeploymentRecord,
-        plan: PlacementPlan,
-        tier: str,
-        now: float,
-        commands: list[tuple[str, node_pb2.Command]],
-        change: Callable[..., ReplicaRecord],
-    ) -> tuple[ReplicaRecord, ReplicaRecord | None]:
-        """Move ``rep`` off its node to one predicted to meet the SLO: (the evicted replica, its
-        replacement), or (the replica saying why it stays, None) when there is no such node."""
-        assert rep.node_id is not None
-        state = self._slo[rep.id]
-        slo = dep.manifest.spec.requirements.max_latency_ms
-        breach = (
-            f"p95 {state.last_p95_ms:.1f} ms over the {slo:g} ms SLO "
-            f"for {max(state.over, self._slo_policy.breach_windows)} windows"
-        )
-        model = await self._model(rep.model_name, rep.model_version)
-        if model is None:
-            return rep, None
-        new_id = new_replica_id(dep.name)
-        result = plan.place(replace(_request(dep, model[0], tier, new_id), avoid_node=rep.node_id))
-        why_not = result.message if isinstance(result, Unschedulable) else ""
-        predicted = float("nan")
-        if not why_not:
-            assert not isinstance(result, Unschedulable)
-            snap = plan.snapshot
-            node = snap.index(result.node_id)
-            key = model_key(model[0].name, model[0].version)
-            if key in snap.models and result.accelerator in snap.kinds:
-                base = snap.predicted_latency(
-                    np.array([node]),
-                    np.array([snap.models.index(key)]),
-                    np.array([snap.kinds.index(result.accelerator)]),
-                )[0]
-                predicted = max(float(base), LATENCY_FLOOR_MS) * float(snap.latency_scale[node])
-            if predicted > slo * self._slo_policy.breach_ratio:  # NaN (unknown) is given a chance
-                why_not = f"the best other node, {result.node_id}, is predicted at {predicted:.1f} ms"
-        if not why_not:
-            target = replace(
-                ReplicaRecord(
-                    id=new_id,
-                    deployment=dep.name,
-                    generation=dep.generation,
-                    model_name=rep.model_name,
-                    model_version=rep.model_version,
-                    phase=Phase.DISPATCHED,
-                    updated_ms=now_ms(),
-                ),
-                node_id=result.node_id,
-                accelerator=result.accelerator,
-            )
-            try:
-                deploy = self._deploy_command(target, model)
-            except KeyReleaseError as err:
-                why_not = f"node {result.node_id}: {err}"
-        if why_not:
-            plan.unreserve(new_id)
-            message = f"{breach} on {rep.node_id}; not moved: {why_not}"
-            if (rep.reason, rep.message) != (SLO_STUCK, message):
-                rep = change(rep, reason=SLO_STUCK, message=message)
-            return rep, None
-        guess = "unknown" if np.isnan(predicted) else f"{predicted:.1f} ms"
-        evicted = change(
-            rep,
-            phase=Phase.EVICTED,
-            reason=MoveCause.SLO_VIOLATION.value,
-            message=f"{breach} on {rep.node_id}; replaced by {new_id} on {target.node_id}",
-        )
-        self._last_sent.pop(rep.id, None)
-        self._resend(commands, evicted, now, undeploy=True)
-        new = replace(
-            target,
-            reason=MoveCause.SLO_VIOLATION.value,
-            message=f"moved from {rep.node_id} ({breach}); predicted {guess} here",
-        )
-        commands.append((new.node_id or "", deploy))
-        self._last_sent[new.id] = now
-        log.warning(
-            "replica %s moved from %s to %s as %s: %s", rep.id, rep.node_id, new.node_id, new.id, breach
-        )
-        return evicted, new
+    def _moved(self, old: ReplicaRecord, new: ReplicaRecord, now: float) -> None:
+        """SLO bookkeeping of a move: the replacement starts its own hysteresis, after a cooldown."""
+        self._move_rate.spend(now)
+        self._slo[new.id] = record_move(now)
+        windows = self._windows(new.node_id, new.model_name, new.model_version)
+        self._slo_seen[new.id] = windows[-1].seq if windows else 0
+        self._slo.pop(old.id, None)
+
+    def _predicted_latency(self, plan: PlacementPlan, model: api_pb2.Model, placed: Placement) -> float:
+        """The corrected p95 predicted for ``model`` on the node ``placed`` chose; NaN when unknown."""
+        snap = plan.snapshot
+        node = snap.index(placed.node_id)
+        key = model_key(model.name, model.version)
+        if key not in snap.models or placed.accelerator not in snap.kinds:
+            return float("nan")
+        base = snap.predicted_latency(
+            np.array([node]),
+            np.array([snap.models.index(key)]),
+            np.array([snap.kinds.index(placed.accelerator)]),
+        )[0]
+        return max(float(base), LATENCY_FLOOR_MS) * float(snap.latency_scale[node])
 
     # ------------------------------------------------------------ helpers
-
-    def _evict(
-        self,
-        change: Callable[..., ReplicaRecord],
-        commands: list,
-        rep: ReplicaRecord,
-        reason: str,
-        now: float,
-    ) -> None:
-        if rep.phase == Phase.PENDING or rep.node_id is None:
-            change(rep, phase=Phase.EVICTED, reason=reason, message="")
-            return
-        evicted = change(rep, phase=Phase.EVICTED, reason=reason, message="")
-        self._last_sent.pop(rep.id, None)
-        self._resend(commands, evicted, now, undeploy=True)
 
     def _untrusted(self, rep: ReplicaRecord, need: str | None) -> tuple[str, str] | None:
         """Why ``rep`` may not stay on its node: the node lost its attestation (or did not get one in
@@ -713,11 +376,14 @@ class Reconciler:
             log.info("replica %s not re-sent: %s", rep.id, err)
 
     async def _model(self, name: str, version: str) -> CatalogEntry | None:
+        """The catalog entry of a model version (cached); None when the catalog has no such version.
+        A store failure propagates: the pass fails and the next one retries, rather than telling the
+        replica its model does not exist."""
         key = (name, version)
         if key not in self._models:
             try:
                 record = await self._db(self._store.get_model, name, version)
-            except Exception:  # NotFound: the catalog has no such version (yet)
+            except NotFound:  # the catalog has no such version (yet)
                 return None
             try:
                 sealed = await self._db(self._store.get_sealed, name, version)
@@ -788,6 +454,463 @@ class Reconciler:
                 self._correction.scale(node.id),
             )
         return snapshot
+
+
+class Placed(enum.Enum):
+    """What placing one pending replica came to."""
+
+    BOUND = "bound"  # dispatched to a node
+    NO_MODEL = "no_model"  # its model version is not in the catalog
+    UNSCHEDULABLE = "unschedulable"  # no node fits (the scheduler's reason)
+    KEY_REFUSED = "key_refused"  # the node fits but the model's key was not released to it
+
+
+class ReconcilePass:
+    """One pass of the reconciler over one read of the store, one method per phase:
+
+    1. :meth:`follow_reports` follows what the nodes report (and what they no longer do);
+    2. :meth:`rebalance` folds telemetry into the latency correction and moves replicas that keep
+       missing their SLO;
+    3. :meth:`scale` creates and retires replicas to each deployment's desired count (and its
+       rollout's split);
+    4. :meth:`place` binds the pending replicas on one snapshot of the fleet;
+    5. :meth:`sync_nodes` sends reconnected nodes their whole desired set and unloads orphans;
+    6. :meth:`commit` saves every decision in one transaction, then publishes the commands.
+
+    Decisions accumulate through :meth:`change`, the one place a replica changes, so nothing is
+    saved or sent before the whole pass has decided."""
+
+    def __init__(
+        self, rec: Reconciler, deployments: list[DeploymentRecord], replicas: list[ReplicaRecord]
+    ) -> None:
+        self.rec = rec
+        self.deployments = deployments
+        self.replicas = replicas
+        self.now = time.monotonic()
+        self.wall = now_ms()
+        self.timeout = rec._config.node_timeout_s
+        # Just after a start the retained hello/status messages are still arriving.
+        self.in_grace = self.now - rec._started < self.timeout
+        self.need = {d.name: required_tier(d) for d in deployments}
+        self.changes: list[ReplicaChange] = []
+        self.commands: list[tuple[str, node_pb2.Command]] = []
+        self.touched: set[str] = set()
+        self.by_deployment: dict[str, list[ReplicaRecord]] = defaultdict(list)
+
+    # ------------------------------------------------------------ decisions
+
+    def change(self, rep: ReplicaRecord, **updates: Any) -> ReplicaRecord:
+        """The replica with ``updates``, recorded to be saved at the commit."""
+        new = replace(rep, updated_ms=self.wall, **updates)
+        if new.phase != rep.phase:
+            log.info(
+                "replica %s %s -> %s on %s (%s)", rep.id, rep.phase, new.phase, new.node_id or "-", new.reason
+            )
+        self.changes.append(ReplicaChange(new))
+        self.touched.add(rep.deployment)
+        return new
+
+    def add(self, rep: ReplicaRecord) -> ReplicaRecord:
+        """A new replica, recorded to be saved at the commit."""
+        self.changes.append(ReplicaChange(rep))
+        self.touched.add(rep.deployment)
+        return rep
+
+    def forget(self, rep: ReplicaRecord) -> None:
+        """An evicted replica its node no longer holds: deleted at the commit."""
+        self.changes.append(ReplicaChange(rep, delete=True))
+        self.rec._last_sent.pop(rep.id, None)
+        self.touched.add(rep.deployment)
+
+    def resend(self, rep: ReplicaRecord, *, undeploy: bool = False) -> None:
+        self.rec._resend(self.commands, rep, self.now, undeploy=undeploy)
+
+    def send(self, node_id: str, cmd: node_pb2.Command) -> None:
+        self.commands.append((node_id, cmd))
+
+    def evict(self, rep: ReplicaRecord, reason: str, message: str = "") -> ReplicaRecord:
+        """Evict ``rep``; a replica on a node is told to unload (now, whatever was sent before)."""
+        evicted = self.change(rep, phase=Phase.EVICTED, reason=reason, message=message)
+        if rep.phase != Phase.PENDING and rep.node_id is not None:
+            self.rec._last_sent.pop(rep.id, None)
+            self.resend(evicted, undeploy=True)
+        return evicted
+
+    def new_replica(
+        self, dep: DeploymentRecord, generation: int, model: tuple[str, str], reason: str
+    ) -> ReplicaRecord:
+        return self.add(
+            ReplicaRecord(
+                id=new_replica_id(dep.name),
+                deployment=dep.name,
+                generation=generation,
+                model_name=model[0],
+                model_version=model[1],
+                phase=Phase.PENDING,
+                updated_ms=self.wall,
+                reason=reason,
+            )
+        )
+
+    # ------------------------------------------------------------ 1. follow the nodes
+
+    def follow_reports(self) -> None:
+        for rep in self.replicas:
+            counted = self._follow(rep)
+            if counted is not None:
+                self.by_deployment[counted.deployment].append(counted)
+
+    def _follow(self, rep: ReplicaRecord) -> ReplicaRecord | None:
+        """``rep`` after what its node reports; None when it no longer counts towards its deployment."""
+        rec = self.rec
+        node = rec._fleet.nodes.get(rep.node_id) if rep.node_id else None
+        node_ok = node is not None and node.online(self.now, self.timeout)
+        # A node we have not heard from yet in the grace period is unknown, not lost, unless it
+        # said it is offline.
+        node_unknown = (
+            rep.node_id is not None
+            and self.in_grace
+            and not node_ok
+            and (node is None or node.state != node_pb2.NODE_STATE_OFFLINE)
+        )
+        held = node is not None and node_ok and rep.id in node.reports
+        if rep.phase == Phase.EVICTED:
+            if held:
+                self.resend(rep, undeploy=True)
+            elif not node_unknown:
+                self.forget(rep)
+            return None
+        if rep.node_id and rep.phase in ACTIVE and not node_ok:
+            if node_unknown:
+                return rep  # still counts towards the desired total
+            self.change(
+                rep,
+                phase=Phase.EVICTED,
+                reason="node.lost",
+                message=f"node {rep.node_id} went offline or silent",
+            )
+            return None
+        untrusted = rec._untrusted(rep, self.need.get(rep.deployment)) if rep.phase in ACTIVE else None
+        if untrusted is not None:
+            self.evict(rep, untrusted[0], untrusted[1])
+            return None
+        report = node.reports.get(rep.id) if node is not None and node_ok else None
+        if report is not None:
+            rep = self._follow_report(rep, report)
+        elif rep.phase in (Phase.LOADING, Phase.RUNNING):
+            # The node forgot it (agent restart): back to loading, and tell it again.
+            rep = self.change(
+                rep,
+                phase=Phase.LOADING,
+                reason="node.replica_missing",
+                message="the node no longer reports this replica; re-sent",
+            )
+            self.resend(rep)
+        elif rep.phase == Phase.DISPATCHED:
+            if self.wall - rep.updated_ms > rec._config.dispatch_timeout_s * 1000:
+                rep = self.change(
+                    rep,
+                    phase=Phase.FAILED,
+                    reason="dispatch.timeout",
+                    message="the node never acknowledged the deployment",
+                )
+            else:
+                self.resend(rep)
+        if rep.phase == Phase.FAILED and self.wall - rep.updated_ms > FAILED_RETENTION_MS:
+            rep = self.change(rep, phase=Phase.EVICTED, reason="replica.failed", message=rep.message)
+            if held:
+                self.resend(rep, undeploy=True)
+        return rep
+
+    def _follow_report(self, rep: ReplicaRecord, report: node_pb2.ReplicaStatus) -> ReplicaRecord:
+        reported = _REPORTED_PHASE.get(report.phase)
+        # A report that would be an illegal move (a Failed replica the node says runs again) is not
+        # followed: the failed replica is retired and replaced, never revived.
+        if (
+            reported is None
+            or reported == rep.phase
+            or rep.phase == Phase.PENDING
+            or reported not in TRANSITIONS[rep.phase]
+        ):
+            return rep
+        if not report.reason and rep.reason.startswith(RESCHEDULE):
+            return self.change(rep, phase=reported)  # keep saying why it runs here
+        return self.change(rep, phase=reported, reason=report.reason, message=report.message)
+
+    # ------------------------------------------------------------ 2. telemetry
+
+    async def rebalance(self) -> None:
+        """Correct each node's predictions from its telemetry windows; move replicas that keep
+        missing their SLO (within the disruption budget) to a node predicted to meet it."""
+        rec = self.rec
+        rec._correct(self.by_deployment, self.now, self.timeout)
+        if not rec._config.scheduler.rescheduling.slo_violation:
+            return
+        candidates, running, allowed, recovered = rec._slo_candidates(
+            self.deployments, self.by_deployment, self.now
+        )
+        for rep in recovered:  # it recovered where it is
+            reps = self.by_deployment[rep.deployment]
+            reps[reps.index(rep)] = self.change(rep, reason="", message="")
+        moves = select_moves(candidates, allowed)
+        if not moves:
+            return
+        by_name = {d.name: d for d in self.deployments}
+        plan = rec._plan(self.replicas, self.changes, self.deployments, self.now)
+        for move in moves:
+            if not rec._move_rate.available(self.now):
+                log.info("SLO moves held back: %d per minute reached", rec._move_rate.per_minute)
+                break
+            rep, dep = running[move.replica_id], by_name[move.deployment]
+            reps = self.by_deployment[dep.name]
+            here = next(i for i, r in enumerate(reps) if r.id == rep.id)
+            reps[here], new = await self._move(reps[here], dep, plan)
+            if new is None:
+                continue
+            self.add(new)
+            reps.append(new)
+            rec._moved(rep, new, self.now)
+
+    async def _move(
+        self, rep: ReplicaRecord, dep: DeploymentRecord, plan: PlacementPlan
+    ) -> tuple[ReplicaRecord, ReplicaRecord | None]:
+        """Move ``rep`` off its node to one predicted to meet the SLO: (the evicted replica, its
+        replacement), or (the replica saying why it stays, None) when there is no such node."""
+        rec = self.rec
+        assert rep.node_id is not None
+        state = rec._slo[rep.id]
+        slo = dep.manifest.spec.requirements.max_latency_ms
+        breach = (
+            f"p95 {state.last_p95_ms:.1f} ms over the {slo:g} ms SLO "
+            f"for {max(state.over, rec._slo_policy.breach_windows)} windows"
+        )
+        model = await rec._model(rep.model_name, rep.model_version)
+        if model is None:
+            return rep, None
+        new_id = new_replica_id(dep.name)
+        result = plan.place(
+            replace(_request(dep, model[0], self.need[dep.name], new_id), avoid_node=rep.node_id)
+        )
+        if isinstance(result, Unschedulable):
+            return self._stuck(rep, plan, new_id, f"{breach} on {rep.node_id}; not moved: {result.message}")
+        predicted = rec._predicted_latency(plan, model[0], result)
+        if predicted > slo * rec._slo_policy.breach_ratio:  # NaN (unknown) is given a chance
+            why_not = f"the best other node, {result.node_id}, is predicted at {predicted:.1f} ms"
+            return self._stuck(rep, plan, new_id, f"{breach} on {rep.node_id}; not moved: {why_not}")
+        target = ReplicaRecord(
+            id=new_id,
+            deployment=dep.name,
+            generation=dep.generation,
+            model_name=rep.model_name,
+            model_version=rep.model_version,
+            phase=Phase.DISPATCHED,
+            updated_ms=now_ms(),
+            node_id=result.node_id,
+            accelerator=result.accelerator,
+        )
+        try:
+            deploy = rec._deploy_command(target, model)
+        except KeyReleaseError as err:
+            why_not = f"node {result.node_id}: {err}"
+            return self._stuck(rep, plan, new_id, f"{breach} on {rep.node_id}; not moved: {why_not}")
+        guess = "unknown" if np.isnan(predicted) else f"{predicted:.1f} ms"
+        evicted = self.evict(
+            rep,
+            MoveCause.SLO_VIOLATION.value,
+            f"{breach} on {rep.node_id}; replaced by {new_id} on {target.node_id}",
+        )
+        new = replace(
+            target,
+            reason=MoveCause.SLO_VIOLATION.value,
+            message=f"moved from {rep.node_id} ({breach}); predicted {guess} here",
+        )
+        self.send(result.node_id, deploy)
+        rec._last_sent[new.id] = self.now
+        log.warning(
+            "replica %s moved from %s to %s as %s: %s", rep.id, rep.node_id, new.node_id, new.id, breach
+        )
+        return evicted, new
+
+    def _stuck(
+        self, rep: ReplicaRecord, plan: PlacementPlan, new_id: str, message: str
+    ) -> tuple[ReplicaRecord, None]:
+        plan.unreserve(new_id)
+        if (rep.reason, rep.message) != (SLO_STUCK, message):
+            rep = self.change(rep, reason=SLO_STUCK, message=message)
+        return rep, None
+
+    # ------------------------------------------------------------ 3. scale
+
+    def scale(self) -> list[tuple[DeploymentRecord, ReplicaRecord]]:
+        """Scale each deployment to its desired count and retire replicas of older generations;
+        the replicas left to place."""
+        pending: list[tuple[DeploymentRecord, ReplicaRecord]] = []
+        for dep in self.deployments:
+            pending.extend((dep, r) for r in self._scale(dep))
+        live_names = {d.name for d in self.deployments}
+        for name, reps in self.by_deployment.items():
+            if name not in live_names:  # deleted while replicas were still being created
+                for rep in reps:
+                    if rep.phase != Phase.EVICTED:
+                        self.evict(rep, "deployment.deleted")
+        return pending
+
+    def _scale(self, dep: DeploymentRecord) -> list[ReplicaRecord]:
+        reps = [r for r in self.by_deployment.get(dep.name, []) if r.phase != Phase.EVICTED]
+        current = [r for r in reps if r.generation == dep.generation]
+        old = [r for r in reps if r.generation != dep.generation]
+        spec = dep.manifest.spec
+        want = spec.replicas
+        rollouts = self.rec._rollouts
+        split = rollouts.split(dep) if rollouts is not None else None
+        if split is not None:
+            want = split.new  # this rollout step's share of the new generation
+        for _ in range(want - len(current)):
+            current.append(
+                self.new_replica(
+                    dep, dep.generation, (spec.model.name, spec.model.version), "replica.created"
+                )
+            )
+        if len(current) > want:
+            surplus = sorted(current, key=lambda r: (_EVICTION_ORDER[r.phase], -r.updated_ms))[
+                : len(current) - want
+            ]
+            for rep in surplus:
+                self.evict(rep, "deployment.scaled_down")
+            current = [r for r in current if r not in surplus]
+        pending = []
+        if split is not None:
+            retire, missing = split.retire(current, old)
+            for rep in retire:
+                self.evict(rep, "rollout.replaced")
+            for _ in range(missing):  # a stable replica was lost mid-rollout: replace it in kind
+                old.append(
+                    self.new_replica(
+                        dep, split.stable_generation, split.stable_model, "rollout.stable_replaced"
+                    )
+                )
+            pending.extend(r for r in old if r.phase == Phase.PENDING and r not in retire)
+        else:
+            running_current = sum(r.phase == Phase.RUNNING for r in current)
+            for rep in old:
+                if rep.phase == Phase.PENDING or running_current >= want:
+                    self.evict(rep, "deployment.updated")
+        pending.extend(r for r in current if r.phase == Phase.PENDING)
+        return pending
+
+    # ------------------------------------------------------------ 4. place
+
+    async def place(self, pending: list[tuple[DeploymentRecord, ReplicaRecord]]) -> dict[Placed, int]:
+        """Bind the pending replicas on one immutable, columnar snapshot of the fleet (the plan
+        updates capacity as it binds); how many came to each outcome."""
+        outcomes: dict[Placed, int] = defaultdict(int)
+        if not pending:
+            return outcomes
+        plan = self.rec._plan(self.replicas, self.changes, self.deployments, self.now)
+        for dep, rep in pending:
+            outcomes[await self._place(plan, dep, rep)] += 1
+        return outcomes
+
+    async def _place(self, plan: PlacementPlan, dep: DeploymentRecord, rep: ReplicaRecord) -> Placed:
+        rec = self.rec
+        model = await rec._model(rep.model_name, rep.model_version)
+        if model is None:
+            self._explain(
+                rep, "model.not_found", f"model {rep.model_name}:{rep.model_version} is not in the catalog"
+            )
+            return Placed.NO_MODEL
+        result = plan.place(_request(dep, model[0], self.need[dep.name], rep.id))
+        if isinstance(result, Unschedulable):
+            self._explain(rep, result.reason, result.message)
+            return Placed.UNSCHEDULABLE
+        try:
+            deploy = rec._deploy_command(
+                replace(rep, node_id=result.node_id, accelerator=result.accelerator), model
+            )
+        except KeyReleaseError as err:
+            self._explain(rep, "attestation.key_release_refused", f"node {result.node_id}: {err}")
+            return Placed.KEY_REFUSED
+        bound = self.change(
+            rep,
+            phase=Phase.DISPATCHED,
+            node_id=result.node_id,
+            accelerator=result.accelerator,
+            reason="scheduler.bound",
+            message=f"score {result.score:.1f}",
+        )
+        self.send(result.node_id, deploy)
+        rec._last_sent[bound.id] = self.now
+        return Placed.BOUND
+
+    def _explain(self, rep: ReplicaRecord, reason: str, message: str) -> None:
+        """Say why a replica stays pending (only when that changed: no write per pass)."""
+        if (rep.reason, rep.message) != (reason, message):
+            self.change(rep, reason=reason, message=message)
+
+    # ------------------------------------------------------------ 5. sync the nodes
+
+    async def sync_nodes(self) -> None:
+        """Nodes that (re)connected get their whole desired set; unknown replicas get unloaded."""
+        final = {r.id: r for r in self.replicas}
+        for ch in self.changes:
+            if ch.delete:
+                final.pop(ch.replica.id, None)
+            else:
+                final[ch.replica.id] = ch.replica
+        desired_by_node: dict[str, list[ReplicaRecord]] = defaultdict(list)
+        for rep in final.values():
+            if rep.node_id and rep.phase in ACTIVE:
+                desired_by_node[rep.node_id].append(rep)
+        for node_id in list(self.rec._needs_sync):
+            await self._sync(node_id, desired_by_node.get(node_id, []))
+        self._unload_orphans(final)
+
+    async def _sync(self, node_id: str, desired: list[ReplicaRecord]) -> None:
+        rec = self.rec
+        node = rec._fleet.nodes.get(node_id)
+        if node is None or not node.online(self.now, self.timeout):
+            return
+        if rec._trust.tier(node_id) == "none" and rec._trust.why_not_trusted(node_id) is None:
+            # Still attesting (just connected, or this orchestrator just started): its keys cannot
+            # be released yet, and a sync without them would unload its models.
+            return
+        rec._needs_sync.discard(node_id)
+        sync = node_pb2.SyncReplicas()
+        for rep in desired:
+            model = await rec._model(rep.model_name, rep.model_version)
+            if model is None:
+                continue
+            try:
+                sync.replicas.append(rec._deploy_body(rep, model))
+            except KeyReleaseError as err:  # left out: the node unloads it, step 1 evicts it
+                log.info("replica %s left out of the sync of %s: %s", rep.id, node_id, err)
+        self.send(node_id, command(node_id, sync=sync))
+
+    def _unload_orphans(self, final: dict[str, ReplicaRecord]) -> None:
+        rec = self.rec
+        for node in rec._fleet.nodes.values():
+            if not node.online(self.now, self.timeout):
+                continue
+            for rid in node.reports:
+                if rid in final:
+                    continue
+                key = f"orphan:{node.id}:{rid}"
+                if self.now - rec._last_sent.get(key, 0.0) >= rec._config.resend_interval_s:
+                    rec._last_sent[key] = self.now
+                    self.send(node.id, command(node.id, undeploy=node_pb2.UndeployReplica(replica_id=rid)))
+
+    # ------------------------------------------------------------ 6. commit
+
+    async def commit(self) -> None:
+        """Save every decision in one transaction, then publish the commands (a crash between
+        the two loses commands, which are re-sent, never a decision)."""
+        rec = self.rec
+        if self.changes:
+            await rec._db(rec._store.apply_replica_changes, self.changes)
+        for node_id, cmd in self.commands:
+            await rec._publish(node_id, cmd)
+        if self.touched:
+            rec._on_change(self.touched)
 
 
 def _node_info(

@@ -1,0 +1,114 @@
+"""The reconciler's pass on a real SQLite store, without a broker: reasons and pass accounting."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from edgeward.v1 import api_pb2, node_pb2
+from orchestrator.config import OrchestratorConfig
+from orchestrator.fleet import Fleet
+from orchestrator.manifest import parse_manifest
+from orchestrator.reconciler import Reconciler
+from orchestrator.scheduler import Scheduler
+from orchestrator.store import ModelRecord, SqliteStore
+
+MANIFEST = (
+    "apiVersion: edgeward/v1\nkind: Deployment\nmetadata: {name: vib}\n"
+    "spec:\n  model: {name: vib-cnn, version: 1.0.0}\n  replicas: 1\n"
+)
+
+
+class NoTrust:
+    """No node is attested (there are no nodes here): the reconciler's trust seam."""
+
+    def tier(self, node_id: str) -> str:
+        return "none"
+
+    def why_not_trusted(self, node_id: str) -> tuple[str, str] | None:
+        return None
+
+    def release_key(self, node_id: str, name: str, version: str, data_key: bytes) -> bytes:
+        raise AssertionError("no key is released without a node")
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[SqliteStore]:
+    store = SqliteStore(tmp_path / "orch")
+    yield store
+    store.close()
+
+
+def reconciler(store: SqliteStore, tmp_path: Path) -> Reconciler:
+    async def db(fn, *args):
+        return fn(*args)
+
+    async def publish(node_id: str, cmd: node_pb2.Command) -> None:
+        raise AssertionError(f"nothing to send to {node_id}")
+
+    return Reconciler(
+        store,
+        db,
+        Fleet(),
+        Scheduler(),
+        publish,
+        OrchestratorConfig(state_dir=tmp_path / "orch"),
+        artifact_endpoint=lambda: "127.0.0.1:1",
+        on_change=lambda _: None,
+        trust=NoTrust(),
+    )
+
+
+def push(store: SqliteStore) -> None:
+    digest = hashlib.sha256(b"x").hexdigest()
+    info = api_pb2.Model(name="vib-cnn", version="1.0.0", sha256=digest, size=1, dtypes=["INT8"])
+    store.put_model(ModelRecord("vib-cnn", "1.0.0", digest, 1, info.SerializeToString(), 1), b"x")
+
+
+async def test_a_model_missing_from_the_catalog_is_model_not_found(store, tmp_path) -> None:
+    store.put_deployment(parse_manifest(MANIFEST), 1)
+    await reconciler(store, tmp_path).reconcile_once()
+    [replica] = store.list_replicas("vib")
+    assert replica.reason == "model.not_found"
+
+
+async def test_a_store_failure_in_the_model_lookup_is_not_model_not_found(
+    store, tmp_path, monkeypatch
+) -> None:
+    """Fault injection at the store seam: the catalog lookup fails as a locked database would. The
+    pass fails (the control loop logs it and retries) and decides nothing; no replica is told its
+    model does not exist."""
+    store.put_deployment(parse_manifest(MANIFEST), 1)
+    push(store)
+    rec = reconciler(store, tmp_path)
+
+    def locked(*args: object) -> ModelRecord:
+        raise sqlite3.OperationalError("database is locked")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(store, "get_model", locked)
+        with pytest.raises(sqlite3.OperationalError):
+            await rec.reconcile_once()
+    assert store.list_replicas("vib") == []
+    assert rec.passes == 1  # a failed pass still counts: nobody waiting on passes hangs
+    await rec.reconcile_once()  # the store is back: the replica is placed, or says why not
+    [replica] = store.list_replicas("vib")
+    assert replica.reason.startswith("scheduler.")
+
+
+async def test_wait_passes_returns_after_whole_passes(store, tmp_path) -> None:
+    rec = reconciler(store, tmp_path)
+    loop = asyncio.create_task(rec.run())
+    try:
+        before = rec.passes
+        await asyncio.wait_for(rec.wait_passes(2), 30)
+        assert rec.passes >= before + 2
+    finally:
+        loop.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await loop
