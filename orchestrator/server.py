@@ -113,6 +113,7 @@ class Orchestrator:
         self._broker: EmbeddedBroker | None = None
         self._mqtt: MqttSession | None = None
         self._server: grpc.aio.Server | None = None
+        self._health = health.aio.HealthServicer()
         self.guard: ApiGuard | None = None
         self.store: SqliteStore
         self.reconciler: Reconciler
@@ -143,11 +144,30 @@ class Orchestrator:
         await self._stop()
 
     async def _start(self) -> None:
-        cfg = self.config
+        """Open the store, build every controller the API uses, then serve: health says SERVING
+        only once a request can reach all of them."""
+        for name in ("", *SERVICE_NAMES):  # the servicer starts out saying SERVING
+            await self._health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self._open_store()
+        await self._build_controllers()
+        await self._connect()
+        await self._serve()
+        log.info(
+            "orchestrator serving gRPC on %s, broker %s, state in %s",
+            self.address,
+            self.broker_url,
+            self.config.state_dir,
+        )
+
+    async def _open_store(self) -> None:
         self.events.bind_loop(asyncio.get_running_loop())
         self.events.add_outlet(self._queue_event)
-        self.store = await self.db(SqliteStore, cfg.state_dir)
-        nodes = await self.db(self.store.list_nodes)
+        self.store = await self.db(SqliteStore, self.config.state_dir)
+
+    async def _build_controllers(self) -> None:
+        """The verifier, catalog, rollout controller, reconciler and multi-exit router, with the
+        state they restore from the store; nothing runs yet."""
+        cfg = self.config
         self.verifier = FleetVerifier(
             cfg.attestation,
             await self.run_blocking(FleetVerifier.load_service, cfg.attestation, cfg.state_dir),
@@ -182,55 +202,6 @@ class Orchestrator:
             released_to=self.verifier.released_to,
             on_change=lambda: self.reconciler.trigger(),
         )
-        sec = cfg.security
-        if sec is None:
-            log.warning(PLAINTEXT_WARNING, cfg.grpc_bind)
-        else:
-            self.guard = await ApiGuard.open(sec, cfg.state_dir, self._exists, request_checks(self))
-        if cfg.broker.url is None:
-            self._broker = EmbeddedBroker(
-                host=cfg.broker.embedded_bind,
-                port=cfg.broker.embedded_port,
-                max_payload=cfg.broker.max_payload,
-                tls=None if sec is None else sec.tls,
-                topic_prefix=cfg.broker.topic_prefix,
-            )
-            await self._broker.__aenter__()
-            self.broker_url = str(self._broker.url)
-        self._server = grpc.aio.server(
-            interceptors=[RequestGuard()] if self.guard is None else self.guard.interceptors,
-            options=[
-                ("grpc.max_receive_message_length", cfg.max_grpc_message),
-                ("grpc.max_send_message_length", MAX_RESPONSE_BYTES),
-            ],
-        )
-        api_pb2_grpc.add_DeploymentServiceServicer_to_server(DeploymentService(self), self._server)
-        api_pb2_grpc.add_NodeServiceServicer_to_server(NodeService(self), self._server)
-        api_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(self), self._server)
-        api_pb2_grpc.add_TelemetryServiceServicer_to_server(TelemetryService(self), self._server)
-        api_pb2_grpc.add_RolloutServiceServicer_to_server(RolloutService(self), self._server)
-        events_pb2_grpc.add_EventServiceServicer_to_server(EventService(self.events), self._server)
-        attestation_pb2_grpc.add_AttestationServiceServicer_to_server(self.verifier.servicer(), self._server)
-        health_servicer = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, self._server)
-        reflection.enable_server_reflection(
-            (
-                *SERVICE_NAMES,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
-            ),
-            self._server,
-        )
-        if self.guard is None:
-            self.grpc_port = self._server.add_insecure_port(cfg.grpc_bind)
-        else:
-            self.grpc_port = self.guard.add_port(self._server, cfg.grpc_bind)
-        if self.grpc_port == 0:
-            raise OSError(f"cannot bind the gRPC API to {cfg.grpc_bind}")
-        await self._server.start()
-        for name in ("", *SERVICE_NAMES):
-            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-
         self.rollouts = RolloutController(
             self.store,
             self.db,
@@ -252,7 +223,29 @@ class Orchestrator:
             trust=self.verifier,
             rollouts=self.rollouts,
         )
+        nodes = await self.db(self.store.list_nodes)
         self.reconciler.set_cordoned(n.id for n in nodes if n.cordoned)
+        self.pipelines = PipelineRouter(self.store, self.db, self.fleet, self._publish_command)
+
+    async def _connect(self) -> None:
+        """The API guard, the MQTT broker (embedded unless one is configured) and our session, and
+        the gRPC port (bound, not yet serving: deploy commands name it as the artifact endpoint)."""
+        cfg = self.config
+        sec = cfg.security
+        if sec is None:
+            log.warning(PLAINTEXT_WARNING, cfg.grpc_bind)
+        else:
+            self.guard = await ApiGuard.open(sec, cfg.state_dir, self._exists, request_checks(self))
+        if cfg.broker.url is None:
+            self._broker = EmbeddedBroker(
+                host=cfg.broker.embedded_bind,
+                port=cfg.broker.embedded_port,
+                max_payload=cfg.broker.max_payload,
+                tls=None if sec is None else sec.tls,
+                topic_prefix=cfg.broker.topic_prefix,
+            )
+            await self._broker.__aenter__()
+            self.broker_url = str(self._broker.url)
         b = cfg.broker
         self._mqtt = MqttSession(
             BrokerURL.parse(
@@ -267,28 +260,62 @@ class Orchestrator:
         await self._mqtt.__aenter__()
         for kind in INGEST_KINDS:
             await self._mqtt.subscribe(nodes_filter(kind, b.topic_prefix), qos=1)
+        self._server = self._grpc_server()
+        if self.guard is None:
+            self.grpc_port = self._server.add_insecure_port(cfg.grpc_bind)
+        else:
+            self.grpc_port = self.guard.add_port(self._server, cfg.grpc_bind)
+        if self.grpc_port == 0:
+            raise OSError(f"cannot bind the gRPC API to {cfg.grpc_bind}")
         if cfg.metrics_bind:
             self._metrics = MetricsServer(self.render_metrics, cfg.metrics_bind)
             await self._metrics.start()
             self.metrics_port = self._metrics.port
+
+    def _grpc_server(self) -> grpc.aio.Server:
+        server = grpc.aio.server(
+            interceptors=[RequestGuard()] if self.guard is None else self.guard.interceptors,
+            options=[
+                ("grpc.max_receive_message_length", self.config.max_grpc_message),
+                ("grpc.max_send_message_length", MAX_RESPONSE_BYTES),
+            ],
+        )
+        api_pb2_grpc.add_DeploymentServiceServicer_to_server(DeploymentService(self), server)
+        api_pb2_grpc.add_NodeServiceServicer_to_server(NodeService(self), server)
+        api_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(self), server)
+        api_pb2_grpc.add_TelemetryServiceServicer_to_server(TelemetryService(self), server)
+        api_pb2_grpc.add_RolloutServiceServicer_to_server(RolloutService(self), server)
+        events_pb2_grpc.add_EventServiceServicer_to_server(EventService(self.events), server)
+        attestation_pb2_grpc.add_AttestationServiceServicer_to_server(self.verifier.servicer(), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection(
+            (
+                *SERVICE_NAMES,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            server,
+        )
+        return server
+
+    async def _serve(self) -> None:
+        """Start the control loops, then the gRPC API; health says SERVING last."""
         await self.catalog.wipes.restore()  # after the reconciler and MQTT: it may quarantine
         self._tasks.append(asyncio.create_task(self._ingest(), name="edgeward-ingest"))
         self._tasks.append(asyncio.create_task(self._flush_telemetry(), name="edgeward-telemetry"))
         self._tasks.append(asyncio.create_task(self._hold_liveness(), name="edgeward-liveness"))
         self._tasks.append(asyncio.create_task(self.reconciler.run(), name="edgeward-reconciler"))
-        self.pipelines = PipelineRouter(self.store, self.db, self.fleet, self._publish_command)
         self._tasks.append(asyncio.create_task(self.pipelines.run(), name="edgeward-multiexit"))
         self._tasks.append(asyncio.create_task(self.verifier.run(), name="edgeward-verifier"))
         self._tasks.append(asyncio.create_task(self.catalog.run(), name="edgeward-catalog"))
         self._tasks.append(asyncio.create_task(self._send_events(), name="edgeward-events"))
-        log.info(
-            "orchestrator serving gRPC on %s, broker %s, state in %s",
-            self.address,
-            self.broker_url,
-            cfg.state_dir,
-        )
+        assert self._server is not None
+        await self._server.start()
+        for name in ("", *SERVICE_NAMES):
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
     async def _stop(self) -> None:
+        await self._health.enter_graceful_shutdown()  # NOT_SERVING while it stops
         for task in self._tasks:
             task.cancel()
         await _bounded("background tasks", asyncio.gather(*self._tasks, return_exceptions=True))
