@@ -236,11 +236,28 @@ class Counters:
         )
 
 
+class Outcome(StrEnum):
+    """What the gates of a step say so far."""
+
+    PASSED = "pass"  # observed for the whole pause with every gate holding
+    FAILED = "fail"  # a gate failed: roll back
+    WAIT = "wait"  # keep observing
+    NO_DATA = "no_data"  # short of inferences past the progress deadline: pause
+
+
+class Action(StrEnum):
+    """An operator action on a rollout (``edgeward rollout pause|resume|undo``)."""
+
+    PAUSE = "pause"
+    RESUME = "resume"
+    UNDO = "undo"
+
+
 @dataclass(frozen=True)
 class Verdict:
-    """``outcome``: pass, fail, wait or no_data; ``reason`` names the gate for fail and no_data."""
+    """What the gates say (``outcome``); ``reason`` names the gate for FAILED and NO_DATA."""
 
-    outcome: str
+    outcome: Outcome
     reason: str = ""
     message: str = ""
     figures: dict[str, float] = field(default_factory=dict)
@@ -274,18 +291,18 @@ def evaluate(
     if not enough:
         if observed_s >= gates.progress_deadline_s:
             return Verdict(
-                "no_data",
+                Outcome.NO_DATA,
                 "rollout.gate.no_data",
                 f"{new.attempts} of {gates.min_inferences} inferences of the new version in "
                 f"{observed_s:.0f} s: not enough to judge it",
                 figures,
             )
-        return Verdict("wait", figures=figures)
+        return Verdict(Outcome.WAIT, figures=figures)
     error_rate = new.errors / new.attempts
     figures["error_rate"] = round(error_rate, 4)
     if error_rate > gates.max_error_rate:
         return Verdict(
-            "fail",
+            Outcome.FAILED,
             "rollout.gate.error_rate",
             f"error rate {error_rate:.1%} over {new.attempts} inferences > {gates.max_error_rate:.1%}",
             figures,
@@ -293,7 +310,9 @@ def evaluate(
     limit = gates.max_latency_ms or slo_ms
     figures["p95_ms"] = round(new_p95_ms, 3)
     if limit > 0 and new_p95_ms > limit:
-        return Verdict("fail", "rollout.gate.latency", f"p95 {new_p95_ms:.1f} ms > {limit:g} ms", figures)
+        return Verdict(
+            Outcome.FAILED, "rollout.gate.latency", f"p95 {new_p95_ms:.1f} ms > {limit:g} ms", figures
+        )
     if new.scored:
         share = new.confident / new.scored
         figures["confident_share"] = round(share, 4)
@@ -304,15 +323,15 @@ def evaluate(
             figures["stable_confident_share"] = round(base, 4)
             if base - share > gates.max_confidence_drop:
                 return Verdict(
-                    "fail",
+                    Outcome.FAILED,
                     "rollout.gate.accuracy",
                     f"confident outputs {share:.1%} vs {base:.1%} on the stable version: a drop of "
                     f"{base - share:.1%} > {gates.max_confidence_drop:.1%}",
                     figures,
                 )
     if observed_s >= strategy.pause_s:
-        return Verdict("pass", figures=figures)
-    return Verdict("wait", figures=figures)
+        return Verdict(Outcome.PASSED, figures=figures)
+    return Verdict(Outcome.WAIT, figures=figures)
 
 
 # ---------------------------------------------------------------- the controller
@@ -329,7 +348,7 @@ class _Window:
 
 @dataclass
 class _Action:
-    kind: str  # pause | resume | undo
+    kind: Action
     deployment: str
     reason: str
     done: asyncio.Future[Rollout]
@@ -428,10 +447,14 @@ class RolloutController:
 
     # ------------------------------------------------------------ operator actions
 
-    async def request(self, kind: str, deployment: str, reason: str = "") -> Rollout:
+    async def request(self, kind: Action | str, deployment: str, reason: str = "") -> Rollout:
         """Pause, resume or undo the rollout of ``deployment``; applied in the next pass."""
+        try:
+            action = Action(kind)
+        except ValueError:
+            raise RolloutError("rollout.unknown_action", str(kind)) from None
         done: asyncio.Future[Rollout] = asyncio.get_running_loop().create_future()
-        self._actions.append(_Action(kind, deployment, reason, done))
+        self._actions.append(_Action(action, deployment, reason, done))
         self._wake()
         async with asyncio.timeout(ACTION_TIMEOUT_S):
             return await done
@@ -446,164 +469,51 @@ class RolloutController:
             raise RolloutError("rollout.none", f"deployment {dep.name} has no rollout")
         now = now_ms()
         why = action.reason or f"by the operator ({action.kind})"
-        if action.kind == "pause":
+        if action.kind == Action.PAUSE:
             if rec.state != RolloutState.PROGRESSING:
                 raise RolloutError("rollout.not_progressing", f"the rollout of {dep.name} is {rec.state}")
-            rec = await self._save(
-                rec.moved(RolloutState.PAUSED, now, reason="rollout.paused.operator", message=why)
-            )
             self._windows.pop(dep.name, None)
-            self._events.publish(
+            rec = await self._transition(
+                rec.moved(RolloutState.PAUSED, now, reason="rollout.paused.operator", message=why),
                 "rollout.paused",
-                f"deployment/{dep.name}",
                 f"paused at step {rec.step + 1}: {why}",
-                **_attrs(rec),
             )
             return rec, False
-        if action.kind == "resume":
+        if action.kind == Action.RESUME:
             if rec.state != RolloutState.PAUSED:
                 raise RolloutError("rollout.not_paused", f"the rollout of {dep.name} is {rec.state}")
-            rec = await self._save(
+            rec = await self._transition(
                 rec.moved(
                     RolloutState.PROGRESSING, now, reason="rollout.resumed", message=why, observe_since_ms=0
-                )
-            )
-            self._events.publish(
-                "rollout.progress", f"deployment/{dep.name}", f"resumed at step {rec.step + 1}", **_attrs(rec)
+                ),
+                "rollout.progress",
+                f"resumed at step {rec.step + 1}",
             )
             return rec, False
-        if action.kind == "undo":
-            if rec.active and rec.to_generation == dep.generation:
-                return await self._roll_back(dep, rec, "rollout.undo", why, {}), True
-            raise RolloutError(
-                "rollout.not_active",
-                f"the rollout of {dep.name} is {rec.state}; to return to {rec.from_model}, apply it again",
-            )
-        raise RolloutError("rollout.unknown_action", action.kind)
+        if rec.active and rec.to_generation == dep.generation:  # Action.UNDO
+            return await self._roll_back(dep, rec, "rollout.undo", why, {}), True
+        raise RolloutError(
+            "rollout.not_active",
+            f"the rollout of {dep.name} is {rec.state}; to return to {rec.from_model}, apply it again",
+        )
 
     # ------------------------------------------------------------ progress
 
     async def _advance(self, dep: DeploymentRecord, reps: list[ReplicaRecord]) -> bool:
+        """Move the rollout of ``dep`` by what its replicas and the fleet's telemetry show; True
+        when it rolled back (the store's deployments and replicas changed)."""
         strategy = dep.manifest.spec.strategy
         rec = self._records.get(dep.name)
-        current = [r for r in reps if r.generation == dep.generation]
         old = [r for r in reps if r.generation != dep.generation]
-        self._counts[dep.name] = (sum(r.phase == Phase.RUNNING for r in current), len(old))
+        new_running = sum(r.phase == Phase.RUNNING and r.generation == dep.generation for r in reps)
+        self._counts[dep.name] = (new_running, len(old))
         if rec is None or dep.generation not in (rec.to_generation, rec.rollback_generation):
-            if strategy is None or not old:
-                return False
-            await self._start(dep, rec, old)
+            if strategy is not None and old:
+                await self._start(dep, rec, old)
             return False
         if strategy is None or not rec.active:
             return False
-        now = now_ms()
-        counts = step_counts(strategy, dep.manifest.spec.replicas)
-        step = min(rec.step, len(counts) - 1)
-        # A replica the node could not load or keep (not one a node never acknowledged: that says
-        # nothing about the version).
-        failed = [r for r in current if r.phase == Phase.FAILED and r.reason != "dispatch.timeout"]
-        if failed:
-            rep = failed[0]
-            message = (
-                f"replica {rep.id} of {rec.to_model} failed on {rep.node_id}: {rep.reason} {rep.message}"
-            )
-            await self._roll_back(dep, rec, "rollout.gate.replica_failed", message.strip(), {})
-            return True
-        if rec.state == RolloutState.PAUSED:
-            return False
-        new_running = sum(r.phase == Phase.RUNNING for r in current)
-        if rec.observe_since_ms == 0 or dep.name not in self._windows:
-            if new_running >= counts[step] and len(old) <= dep.manifest.spec.replicas - counts[step]:
-                window = _Window(now, self._counters())
-                self._windows[dep.name] = window
-                rec = await self._save(replace(rec, observe_since_ms=now, updated_ms=now))
-                self._events.publish(
-                    "rollout.progress",
-                    f"deployment/{dep.name}",
-                    f"step {step + 1}/{len(counts)}: {counts[step]}/{dep.manifest.spec.replicas} replicas on "
-                    f"{rec.to_model}; observing for {strategy.pause}",
-                    **_attrs(rec),
-                )
-            return False
-        window = self._windows[dep.name]
-        new, p95, stable = self._observed(window, rec, current)
-        verdict = evaluate(
-            strategy,
-            dep.manifest.spec.requirements.max_latency_ms,
-            new,
-            p95,
-            stable,
-            rec.baseline_confidence,
-            (now - window.since_ms) / 1000,
-        )
-        window.figures = verdict.figures
-        if verdict.outcome == "fail":
-            await self._roll_back(dep, rec, verdict.reason, verdict.message, verdict.figures)
-            return True
-        if verdict.outcome == "no_data":
-            entry = StepRecord(step, counts[step], "paused", now, verdict.reason, verdict.figures)
-            rec = await self._save(
-                rec.moved(
-                    RolloutState.PAUSED,
-                    now,
-                    reason=verdict.reason,
-                    message=verdict.message,
-                    history=(*rec.history, entry),
-                )
-            )
-            self._windows.pop(dep.name, None)
-            self._events.publish(
-                "rollout.paused",
-                f"deployment/{dep.name}",
-                f"paused at step {step + 1}: {verdict.message}",
-                node_pb2.SEVERITY_WARNING,
-                **_attrs(rec),
-            )
-            return False
-        if verdict.outcome == "wait":
-            return False
-        entry = StepRecord(step, counts[step], "passed", now, "", verdict.figures)
-        baseline = verdict.figures.get("stable_confident_share", rec.baseline_confidence)
-        self._windows.pop(dep.name, None)
-        if step + 1 >= len(counts):
-            rec = await self._save(
-                rec.moved(
-                    RolloutState.COMPLETED,
-                    now,
-                    reason="rollout.completed",
-                    message=f"every replica runs {rec.to_model}",
-                    history=(*rec.history, entry),
-                    baseline_confidence=baseline,
-                )
-            )
-            self._events.publish(
-                "rollout.completed",
-                f"deployment/{dep.name}",
-                f"{rec.from_model} -> {rec.to_model}: all {len(counts)} steps passed",
-                **_attrs(rec),
-            )
-            return False
-        rec = await self._save(
-            replace(
-                rec,
-                step=step + 1,
-                observe_since_ms=0,
-                updated_ms=now,
-                reason="rollout.step_passed",
-                message=f"step {step + 1} passed: {_figures_text(verdict.figures)}",
-                history=(*rec.history, entry),
-                baseline_confidence=baseline,
-            )
-        )
-        self._events.publish(
-            "rollout.progress",
-            f"deployment/{dep.name}",
-            f"step {step + 1}/{len(counts)} passed ({_figures_text(verdict.figures)}); "
-            f"going to {counts[step + 1]}/{dep.manifest.spec.replicas} replicas on {rec.to_model}",
-            **_attrs(rec),
-        )
-        self._wake()
-        return False
+        return await _StepPass(self, dep, strategy, rec, reps).run()
 
     async def _start(self, dep: DeploymentRecord, previous: Rollout | None, old: list[ReplicaRecord]) -> None:
         if previous is not None and previous.active:
@@ -632,22 +542,20 @@ class RolloutController:
             message=f"generation {stable_gen} -> {dep.generation}",
             baseline_confidence=previous.baseline_confidence if previous is not None else -1.0,
         )
-        rec = await self._save(rec)
         self._windows.pop(dep.name, None)
         counts = step_counts(strategy, dep.manifest.spec.replicas)
+        rec = await self._save(rec)
         if previous is not None and previous.active:
-            self._events.publish(
+            self._publish(
+                previous,
                 "rollout.progress",
-                f"deployment/{dep.name}",
                 f"rollout to {previous.to_model} superseded by generation {dep.generation}",
-                **_attrs(previous),
             )
-        self._events.publish(
+        self._publish(
+            rec,
             "rollout.started",
-            f"deployment/{dep.name}",
             f"{strategy.type} {rec.from_model} -> {rec.to_model} in {len(counts)} step(s) of "
             f"{counts} replicas, each observed for {strategy.pause}",
-            **_attrs(rec),
         )
 
     async def _roll_back(
@@ -666,26 +574,39 @@ class RolloutController:
             rollback_generation=dep.generation + 1,
             history=(*rec.history, entry),
         )
+        # One transaction: the stable template as a new generation, and the rollout's record.
         record = await self._db(
             self._store.roll_back, dep.name, dep.generation, rec.from_generation, rolled.to_json(), now
         )
         self._records[dep.name] = rolled
         self._windows.pop(dep.name, None)
         log.warning("rollout of %s rolled back to %s: %s %s", dep.name, rec.from_model, reason, message)
-        self._events.publish(
+        self._publish(
+            rolled,
             "rollout.rollback",
-            f"deployment/{dep.name}",
             f"rolled back {rec.to_model} -> {rec.from_model} at step {step + 1}: {message}",
             node_pb2.SEVERITY_WARNING,
             generation=record.generation,
-            **_attrs(rolled),
         )
         return rolled
+
+    async def _transition(
+        self, rec: Rollout, kind: str, message: str, severity: int = node_pb2.SEVERITY_INFO
+    ) -> Rollout:
+        """Save ``rec`` (the rollout after a transition), then announce it as a ``kind`` event."""
+        rec = await self._save(rec)
+        self._publish(rec, kind, message, severity)
+        return rec
 
     async def _save(self, rec: Rollout) -> Rollout:
         await self._db(self._store.put_rollout, rec.deployment, rec.to_json(), rec.updated_ms)
         self._records[rec.deployment] = rec
         return rec
+
+    def _publish(
+        self, rec: Rollout, kind: str, message: str, severity: int = node_pb2.SEVERITY_INFO, **extra: object
+    ) -> None:
+        self._events.publish(kind, f"deployment/{rec.deployment}", message, severity, **extra, **_attrs(rec))
 
     # ------------------------------------------------------------ telemetry
 
@@ -765,6 +686,148 @@ class RolloutController:
                 for h in rec.history
             ],
         )
+
+
+class _StepPass:
+    """One look at the step in progress of one rollout: one method per phase (a replica of the
+    new version failed, the step's replicas are not all running yet, the step is observed and its
+    gates decide); each outcome goes through the controller's one transition helper."""
+
+    def __init__(
+        self,
+        ctl: RolloutController,
+        dep: DeploymentRecord,
+        strategy: StrategySpec,
+        rec: Rollout,
+        reps: list[ReplicaRecord],
+    ) -> None:
+        self.ctl = ctl
+        self.dep = dep
+        self.strategy = strategy
+        self.rec = rec
+        self.current = [r for r in reps if r.generation == dep.generation]
+        self.old = [r for r in reps if r.generation != dep.generation]
+        self.now = now_ms()
+        self.replicas = dep.manifest.spec.replicas
+        self.counts = step_counts(strategy, self.replicas)
+        self.step = min(rec.step, len(self.counts) - 1)
+
+    async def run(self) -> bool:
+        """True when the rollout rolled back."""
+        if await self._replica_failed():
+            return True
+        if self.rec.state == RolloutState.PAUSED:
+            return False
+        if self.rec.observe_since_ms == 0 or self.dep.name not in self.ctl._windows:
+            await self._observe_when_ready()
+            return False
+        verdict = self._judge()
+        if verdict.outcome == Outcome.FAILED:
+            await self.ctl._roll_back(self.dep, self.rec, verdict.reason, verdict.message, verdict.figures)
+            return True
+        if verdict.outcome == Outcome.NO_DATA:
+            await self._pause(verdict)
+        elif verdict.outcome == Outcome.PASSED:
+            await self._passed(verdict)
+        return False
+
+    async def _replica_failed(self) -> bool:
+        # A replica the node could not load or keep (not one a node never acknowledged: that says
+        # nothing about the version).
+        failed = [r for r in self.current if r.phase == Phase.FAILED and r.reason != "dispatch.timeout"]
+        if not failed:
+            return False
+        rep = failed[0]
+        message = (
+            f"replica {rep.id} of {self.rec.to_model} failed on {rep.node_id}: {rep.reason} {rep.message}"
+        )
+        await self.ctl._roll_back(self.dep, self.rec, "rollout.gate.replica_failed", message.strip(), {})
+        return True
+
+    async def _observe_when_ready(self) -> None:
+        """Start observing the step once its new replicas run and the old ones are down to its share."""
+        want = self.counts[self.step]
+        new_running = sum(r.phase == Phase.RUNNING for r in self.current)
+        if new_running < want or len(self.old) > self.replicas - want:
+            return
+        self.ctl._windows[self.dep.name] = _Window(self.now, self.ctl._counters())
+        self.rec = await self.ctl._transition(
+            replace(self.rec, observe_since_ms=self.now, updated_ms=self.now),
+            "rollout.progress",
+            f"step {self.step + 1}/{len(self.counts)}: {want}/{self.replicas} replicas on "
+            f"{self.rec.to_model}; observing for {self.strategy.pause}",
+        )
+
+    def _judge(self) -> Verdict:
+        window = self.ctl._windows[self.dep.name]
+        new, p95, stable = self.ctl._observed(window, self.rec, self.current)
+        verdict = evaluate(
+            self.strategy,
+            self.dep.manifest.spec.requirements.max_latency_ms,
+            new,
+            p95,
+            stable,
+            self.rec.baseline_confidence,
+            (self.now - window.since_ms) / 1000,
+        )
+        window.figures = verdict.figures
+        return verdict
+
+    async def _pause(self, verdict: Verdict) -> None:
+        entry = StepRecord(
+            self.step, self.counts[self.step], "paused", self.now, verdict.reason, verdict.figures
+        )
+        self.ctl._windows.pop(self.dep.name, None)
+        await self.ctl._transition(
+            self.rec.moved(
+                RolloutState.PAUSED,
+                self.now,
+                reason=verdict.reason,
+                message=verdict.message,
+                history=(*self.rec.history, entry),
+            ),
+            "rollout.paused",
+            f"paused at step {self.step + 1}: {verdict.message}",
+            node_pb2.SEVERITY_WARNING,
+        )
+
+    async def _passed(self, verdict: Verdict) -> None:
+        rec, step, counts = self.rec, self.step, self.counts
+        entry = StepRecord(step, counts[step], "passed", self.now, "", verdict.figures)
+        baseline = verdict.figures.get("stable_confident_share", rec.baseline_confidence)
+        self.ctl._windows.pop(self.dep.name, None)
+        history = (*rec.history, entry)
+        if step + 1 >= len(counts):
+            await self.ctl._transition(
+                rec.moved(
+                    RolloutState.COMPLETED,
+                    self.now,
+                    reason="rollout.completed",
+                    message=f"every replica runs {rec.to_model}",
+                    history=history,
+                    baseline_confidence=baseline,
+                ),
+                "rollout.completed",
+                f"{rec.from_model} -> {rec.to_model}: all {len(counts)} steps passed",
+            )
+            return
+        figures = _figures_text(verdict.figures)
+        await self.ctl._transition(
+            replace(
+                rec,
+                step=step + 1,
+                observe_since_ms=0,
+                updated_ms=self.now,
+                reason="rollout.step_passed",
+                message=f"step {step + 1} passed: {figures}",
+                history=history,
+                baseline_confidence=baseline,
+            ),
+            "rollout.progress",
+            f"step {step + 1}/{len(counts)} passed ({figures}); "
+            f"going to {counts[step + 1]}/{self.replicas} replicas on {rec.to_model}",
+        )
+        self.ctl._wake()
 
 
 def _attrs(rec: Rollout) -> dict[str, object]:
