@@ -183,85 +183,21 @@ class FleetSnapshot:
         zone_label: str = "zone",
     ) -> FleetSnapshot:
         """Columnise ``nodes``; ``performance`` gives the predictions, ``zone_label`` the zone."""
-        infos = sorted(nodes.values() if isinstance(nodes, Mapping) else nodes, key=lambda n: n.id)
+        infos = _checked(nodes)
         ids = tuple(n.id for n in infos)
-        for a, b in itertools.pairwise(ids):
-            if a == b:
-                raise SchedulerError(f"node {a!r} is listed twice")
-        for info in infos:
-            if info.attestation_tier not in TIERS:
-                raise SchedulerError(f"node {info.id!r}: unknown attestation tier {info.attestation_tier!r}")
-
         dtype_names = sorted({d for n in infos for dtypes in n.accelerators.values() for d in dtypes})
         if len(dtype_names) > 63:
             raise SchedulerError(f"{len(dtype_names)} distinct dtypes do not fit a 64-bit mask")
         dtype_bits = {name: bit for bit, name in enumerate(dtype_names, start=1)}
         kinds = tuple(sorted({k for n in infos for k in n.accelerators}))
         kind_pos = {k: i for i, k in enumerate(kinds)}
-
-        class_pos: dict[NodeClass, int] = {}
-        node_class = np.empty(len(infos), np.int32)
-        for i, info in enumerate(infos):
-            key = NodeClass(info.hardware_profile, tuple(sorted(info.accelerators.items())))
-            node_class[i] = class_pos.setdefault(key, len(class_pos))
-        classes = tuple(class_pos)
-        class_dtypes = np.zeros((len(classes), len(kinds)), np.uint64)
-        for c, klass in enumerate(classes):
-            for kind, dtypes in klass.accelerators:
-                mask = int(PRESENT)
-                for d in dtypes:
-                    mask |= 1 << dtype_bits[d]
-                class_dtypes[c, kind_pos[kind]] = mask
-
-        table = performance or {}
-        own_models = {model for n in infos for (_, model) in n.profiles}
-        models = tuple(sorted({model for (_, _, model) in table} | own_models))
-        model_pos = {m: i for i, m in enumerate(models)}
-        latency = np.full((len(classes), len(kinds), len(models)), np.nan)
-        energy = np.full_like(latency, np.nan)
-        for c, klass in enumerate(classes):
-            for kind, _ in klass.accelerators:
-                for model in models:
-                    pred = table.get((klass.profile, kind, model))
-                    if pred is not None:
-                        latency[c, kind_pos[kind], model_pos[model]] = pred.latency_ms
-                        energy[c, kind_pos[kind], model_pos[model]] = pred.energy_j
-
-        own_rows = sorted(
-            (model_pos[model], i, kind_pos[kind], pred.latency_ms, pred.energy_j)
-            for i, info in enumerate(infos)
-            for (kind, model), pred in info.profiles.items()
-            if kind in kind_pos  # a profile of an accelerator the node no longer offers is moot
-        )
-        own = list(zip(*own_rows, strict=True)) if own_rows else [(), (), (), (), ()]
-
-        label_keys = tuple(sorted({k for n in infos for k in n.labels}))
-        vocab: list[dict[str, int]] = [{} for _ in label_keys]
-        labels = np.full((len(infos), len(label_keys)), MISSING, np.int32)
-        for col, key in enumerate(label_keys):
-            codes = vocab[col]
-            for i, info in enumerate(infos):
-                value = info.labels.get(key)
-                if value is not None:
-                    labels[i, col] = codes.setdefault(value, len(codes))
+        node_class, classes, class_dtypes = _node_classes(infos, dtype_bits, kind_pos)
+        models, latency, energy, own = _predictions(infos, classes, kind_pos, performance or {})
+        label_keys, vocab, labels = _labels(infos)
         zone_codes: dict[str, int] = {}
         zone = np.array(
             [zone_codes.setdefault(n.labels.get(zone_label, ""), len(zone_codes)) for n in infos], np.int32
         )
-
-        per_dep: dict[str, dict[int, int]] = {}
-        for i, info in enumerate(infos):
-            for dep, count in info.per_deployment.items():
-                if count:
-                    per_dep.setdefault(dep, {})[i] = count
-        per_deployment = {
-            dep: (
-                _frozen(np.fromiter(c.keys(), np.intp, len(c))),
-                _frozen(np.fromiter(c.values(), np.int32, len(c))),
-            )
-            for dep, c in per_dep.items()
-        }
-
         memory_total = np.array([n.memory_bytes for n in infos], np.int64)
         memory_used = np.array([n.memory_used for n in infos], np.int64)
         return cls(
@@ -288,10 +224,102 @@ class FleetSnapshot:
             models=models,
             latency_ms=_frozen(latency),
             energy_j=_frozen(energy),
-            per_deployment=MappingProxyType(per_deployment),
+            per_deployment=MappingProxyType(_per_deployment(infos)),
             own_model=_frozen(np.array(own[0], np.intp)),
             own_node=_frozen(np.array(own[1], np.intp)),
             own_kind=_frozen(np.array(own[2], np.intp)),
             own_latency_ms=_frozen(np.array(own[3], np.float64)),
             own_energy_j=_frozen(np.array(own[4], np.float64)),
         )
+
+
+def _checked(nodes: Mapping[str, NodeInfo] | Iterable[NodeInfo]) -> list[NodeInfo]:
+    """The nodes sorted by id; a node listed twice or with an unknown tier is refused."""
+    infos = sorted(nodes.values() if isinstance(nodes, Mapping) else nodes, key=lambda n: n.id)
+    for a, b in itertools.pairwise(infos):
+        if a.id == b.id:
+            raise SchedulerError(f"node {a.id!r} is listed twice")
+    for info in infos:
+        if info.attestation_tier not in TIERS:
+            raise SchedulerError(f"node {info.id!r}: unknown attestation tier {info.attestation_tier!r}")
+    return infos
+
+
+def _node_classes(
+    infos: list[NodeInfo], dtype_bits: Mapping[str, int], kind_pos: Mapping[str, int]
+) -> tuple[NDArray[np.int32], tuple[NodeClass, ...], NDArray[np.uint64]]:
+    """(each node's class, the classes, each class's dtype mask per accelerator kind)."""
+    class_pos: dict[NodeClass, int] = {}
+    node_class = np.empty(len(infos), np.int32)
+    for i, info in enumerate(infos):
+        key = NodeClass(info.hardware_profile, tuple(sorted(info.accelerators.items())))
+        node_class[i] = class_pos.setdefault(key, len(class_pos))
+    classes = tuple(class_pos)
+    class_dtypes = np.zeros((len(classes), len(kind_pos)), np.uint64)
+    for c, klass in enumerate(classes):
+        for kind, dtypes in klass.accelerators:
+            mask = int(PRESENT)
+            for d in dtypes:
+                mask |= 1 << dtype_bits[d]
+            class_dtypes[c, kind_pos[kind]] = mask
+    return node_class, classes, class_dtypes
+
+
+def _predictions(
+    infos: list[NodeInfo],
+    classes: tuple[NodeClass, ...],
+    kind_pos: Mapping[str, int],
+    table: PerformanceTable,
+) -> tuple[tuple[str, ...], NDArray[np.float64], NDArray[np.float64], list[tuple]]:
+    """(models, latency and energy per class/kind/model from ``table``, the nodes' own profiles
+    as columns (model, node, kind, latency, energy) sorted by model then node)."""
+    own_models = {model for n in infos for (_, model) in n.profiles}
+    models = tuple(sorted({model for (_, _, model) in table} | own_models))
+    model_pos = {m: i for i, m in enumerate(models)}
+    latency = np.full((len(classes), len(kind_pos), len(models)), np.nan)
+    energy = np.full_like(latency, np.nan)
+    for c, klass in enumerate(classes):
+        for kind, _ in klass.accelerators:
+            for model in models:
+                pred = table.get((klass.profile, kind, model))
+                if pred is not None:
+                    latency[c, kind_pos[kind], model_pos[model]] = pred.latency_ms
+                    energy[c, kind_pos[kind], model_pos[model]] = pred.energy_j
+    own_rows = sorted(
+        (model_pos[model], i, kind_pos[kind], pred.latency_ms, pred.energy_j)
+        for i, info in enumerate(infos)
+        for (kind, model), pred in info.profiles.items()
+        if kind in kind_pos  # a profile of an accelerator the node no longer offers is moot
+    )
+    own = list(zip(*own_rows, strict=True)) if own_rows else [(), (), (), (), ()]
+    return models, latency, energy, own
+
+
+def _labels(infos: list[NodeInfo]) -> tuple[tuple[str, ...], list[dict[str, int]], NDArray[np.int32]]:
+    """(label keys, each key's value codes, each node's code per key or MISSING)."""
+    label_keys = tuple(sorted({k for n in infos for k in n.labels}))
+    vocab: list[dict[str, int]] = [{} for _ in label_keys]
+    labels = np.full((len(infos), len(label_keys)), MISSING, np.int32)
+    for col, key in enumerate(label_keys):
+        codes = vocab[col]
+        for i, info in enumerate(infos):
+            value = info.labels.get(key)
+            if value is not None:
+                labels[i, col] = codes.setdefault(value, len(codes))
+    return label_keys, vocab, labels
+
+
+def _per_deployment(infos: list[NodeInfo]) -> dict[str, tuple[NDArray[np.intp], NDArray[np.int32]]]:
+    """Per deployment, (positions of the nodes that run its replicas, how many each)."""
+    per_dep: dict[str, dict[int, int]] = {}
+    for i, info in enumerate(infos):
+        for dep, count in info.per_deployment.items():
+            if count:
+                per_dep.setdefault(dep, {})[i] = count
+    return {
+        dep: (
+            _frozen(np.fromiter(c.keys(), np.intp, len(c))),
+            _frozen(np.fromiter(c.values(), np.int32, len(c))),
+        )
+        for dep, c in per_dep.items()
+    }
