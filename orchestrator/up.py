@@ -43,9 +43,9 @@ from edgeward.oip import grpc_predict_v2_pb2_grpc as oip_grpc
 from edgeward.v1 import api_pb2, api_pb2_grpc, node_pb2
 
 from .catalog import PublisherKey, sign_metadata
-from .cli import deployments_table, phase_name, state_name
 from .config import BrokerConfig, OrchestratorConfig
 from .server import Orchestrator
+from .tables import deployments_table, phase_name, state_name
 
 log = logging.getLogger(__name__)
 console = Console(stderr=True)
