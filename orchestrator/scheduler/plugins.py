@@ -22,20 +22,19 @@ import abc
 import importlib.metadata
 import logging
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar, Protocol
 
 import numpy as np
 from numpy.typing import NDArray
 
 from .placement import TIERS, PlacementRequest, SchedulerError
-from .snapshot import LATENCY_FLOOR_MS
-
-if TYPE_CHECKING:
-    from .plan import PlacementPlan, RequestShape
+from .shape import Nodes, RequestShape, at
+from .snapshot import LATENCY_FLOOR_MS, FleetSnapshot
 
 log = logging.getLogger(__name__)
 
-Nodes = slice | NDArray[np.intp]
+__all__ = ["Nodes", "PlanView", "RequestShape", "at"]  # re-exported for plugin authors
+
 Mask = NDArray[np.bool_]
 Scores = NDArray[np.float64]
 
@@ -53,6 +52,21 @@ ENTRY_POINT_GROUP = "edgeward.scheduler_plugins"
 _EPS_J = 1e-12
 
 
+class PlanView(Protocol):
+    """What a plugin reads of the plan in progress (:class:`~orchestrator.scheduler.PlacementPlan`):
+    the snapshot, and the per-node state that binding changes. Read only."""
+
+    snapshot: FleetSnapshot
+    has_slot: NDArray[np.bool_]
+    memory_free: NDArray[np.int64]
+    free_share: NDArray[np.float64]
+    last_bound: int
+
+    def deployment_counts(self, deployment: str) -> NDArray[np.int32] | None: ...
+
+    def zone_counts(self, deployment: str) -> NDArray[np.int32] | None: ...
+
+
 class FilterPlugin(abc.ABC):
     """Rules nodes out, each with a reason id."""
 
@@ -61,7 +75,7 @@ class FilterPlugin(abc.ABC):
 
     @abc.abstractmethod
     def filter(
-        self, req: PlacementRequest, shape: RequestShape, plan: PlacementPlan, nodes: Nodes
+        self, req: PlacementRequest, shape: RequestShape, plan: PlanView, nodes: Nodes
     ) -> Sequence[tuple[str, Mask]]:
         """(reason id, nodes that pass) for each check, in the order the checks apply."""
 
@@ -74,14 +88,9 @@ class ScorePlugin(abc.ABC):
 
     @abc.abstractmethod
     def score(
-        self, req: PlacementRequest, shape: RequestShape, plan: PlacementPlan, nodes: Nodes, fit: Mask | None
+        self, req: PlacementRequest, shape: RequestShape, plan: PlanView, nodes: Nodes, fit: Mask | None
     ) -> Scores:
         """Scores of ``nodes``; ``fit`` (None: all of them) marks those still feasible."""
-
-
-def at(values: NDArray, nodes: Nodes) -> NDArray:
-    """``values[nodes]``; ``np.take`` gathers faster than fancy indexing."""
-    return values[nodes] if isinstance(nodes, slice) else np.take(values, nodes)
 
 
 # ---------------------------------------------------------------------------------------- filters

@@ -9,6 +9,7 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .correction import CorrectionPolicy
+from .profiles import PROFILES  # the built-in profiles; no third-party plugin is loaded here
 from .rescheduling import _PERCENT, SloPolicy
 
 
@@ -97,8 +98,6 @@ class SchedulerConfig(_Strict):
 
     @model_validator(mode="after")
     def _profile_known(self) -> SchedulerConfig:
-        from .framework import PROFILES  # the built-in profiles; no plugin is loaded here
-
         if self.profile not in self.profiles and self.profile not in PROFILES:
             known = sorted({*PROFILES, *self.profiles})
             raise ValueError(f"unknown profile {self.profile!r}; known: {known}")
