@@ -1,7 +1,7 @@
 """``edgeward pki``: the fleet CA from the command line. Never prints a private key.
 
-``edgeward pki token NODE`` is the exception that proves the rule: it prints a one-time enrollment
-token, once (only its hash is kept, in the orchestrator's state directory).
+``edgeward pki token NODE`` and ``pki tokens`` (enrollment tokens) are parsed here and run by
+:mod:`attestation.cli`: the shared core imports no role.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import json
 import re
 import sys
 from dataclasses import asdict
-from datetime import UTC, datetime
 from pathlib import Path
 
 from edgeward.security.errors import SecurityError
@@ -39,45 +38,8 @@ def parse_ttl(text: str) -> float:
     return float(match[1]) * _TTL_UNIT[match[2]]
 
 
-def _tokens(args: argparse.Namespace) -> int:
-    from attestation.errors import EnrollmentError
-    from attestation.tokens import TokenStore
-
-    store = TokenStore.in_state_dir(Path(args.state_dir))
-    if args.pki_command == "token":
-        try:
-            issued = store.mint(args.node, args.ttl)
-        except EnrollmentError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-        expires = datetime.fromtimestamp(issued.expires_unix_ms / 1000, UTC).isoformat(timespec="seconds")
-        print(issued.token)
-        print(
-            f"enrollment token for node {issued.node_id}: single use, expires {expires}; shown only now. "
-            f"On the node: enrollment_token in node.yaml.",
-            file=sys.stderr,
-        )
-        return 0
-    rows = store.list()
-    if args.json:
-        print(json.dumps([asdict(r) for r in rows], indent=1))
-        return 0
-    print(f"{'NODE':24} {'TOKEN SHA256':16} {'EXPIRES':20} STATUS")
-    now_ms = datetime.now(UTC).timestamp() * 1000
-    for r in rows:
-        expires = datetime.fromtimestamp(r.expires_unix_ms / 1000, UTC).isoformat(timespec="seconds")[:19]
-        if r.used_unix_ms is not None:
-            status = "used " + datetime.fromtimestamp(r.used_unix_ms / 1000, UTC).isoformat()[:19]
-        else:
-            status = "expired" if r.expires_unix_ms < now_ms else "pending"
-        print(f"{r.node_id:24} {r.digest[:16]:16} {expires:20} {status}")
-    return 0
-
-
 def _run(args: argparse.Namespace) -> int:
     action = args.pki_command
-    if action in ("token", "tokens"):
-        return _tokens(args)
     if action == "init":
         ca = FleetCA.init(args.dir, name=args.name, days=args.days)
         print(f"fleet CA in {ca.dir}: {ca.ca_file} (key {ca.dir / 'ca.key'}, mode 0600), CRL {ca.crl_file}")
@@ -158,10 +120,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--broker", default="mosquitto", help="broker certificate name (issued if missing)")
     a.add_argument("--host", action="append", help="broker DNS name or IP when issuing (repeatable)")
     state = "the orchestrator's state_dir (default state/orchestrator)"
+    # Enrollment tokens belong to the attestation role (its verifier redeems them): the dispatcher
+    # imports their handlers by name when they run, as it does every role's commands.
     a = actions.add_parser("token", help="approve a node's enrollment: print a one-time token bound to it")
     a.add_argument("node", help="node id the token is for")
     a.add_argument("--ttl", type=parse_ttl, default=3600.0, help="validity, e.g. 15m, 1h, 2d (default 1h)")
     a.add_argument("--state-dir", default="state/orchestrator", help=state)
+    a.set_defaults(handler="attestation.cli:cmd_token")
     a = actions.add_parser("tokens", help="list enrollment tokens (node, hash prefix, expiry, used)")
     a.add_argument("--state-dir", default="state/orchestrator", help=state)
     a.add_argument("--json", action="store_true")
+    a.set_defaults(handler="attestation.cli:cmd_tokens")
