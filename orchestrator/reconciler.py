@@ -91,6 +91,8 @@ Publish = Callable[[str, node_pb2.Command], Awaitable[None]]
 CatalogEntry = tuple[api_pb2.Model, SealedArtifact | None]
 #: Every model is locked, so a node needs an affirming result even for a deployment asking "none".
 MIN_TIER = "software"
+#: A replica the scheduler placed: the message says why there (score, accelerator, predictions).
+BOUND = "scheduler.bound"
 RESCHEDULE = "reschedule."
 #: A replica that keeps missing its SLO but has nowhere better to go (it stays, and says so).
 SLO_STUCK = "reschedule.slo_violation.no_better_node"
@@ -633,7 +635,7 @@ class ReconcilePass:
             or reported not in TRANSITIONS[rep.phase]
         ):
             return rep
-        if not report.reason and rep.reason.startswith(RESCHEDULE):
+        if not report.reason and (rep.reason.startswith(RESCHEDULE) or rep.reason == BOUND):
             return self.change(rep, phase=reported)  # keep saying why it runs here
         return self.change(rep, phase=reported, reason=report.reason, message=report.message)
 
@@ -835,8 +837,8 @@ class ReconcilePass:
             phase=Phase.DISPATCHED,
             node_id=result.node_id,
             accelerator=result.accelerator,
-            reason="scheduler.bound",
-            message=f"score {result.score:.1f}",
+            reason=BOUND,
+            message=result.why(),
         )
         self.send(result.node_id, deploy)
         rec._last_sent[bound.id] = self.now
@@ -944,6 +946,11 @@ def _node_info(
         attestation_tier=attestation_tier,
         hardware_profile=hello.hardware_profile,
         latency_scale=latency_scale,
+        nj_per_op={
+            acc.kind: acc.active_w / acc.peak_gops
+            for acc in hello.accelerators
+            if acc.availability in ("", "ok") and acc.peak_gops > 0
+        },
         # The SLO is on p95: a profile predicts the p95 it measured.
         profiles={
             (kind, model): Prediction(p.latency_p95_ms, p.energy_j)

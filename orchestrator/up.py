@@ -1,12 +1,15 @@
 """``edgeward up``: a whole edge fleet on one machine, end to end.
 
 Starts the embedded MQTT broker and the orchestrator in this process, N node agents as child
-processes with different hardware profiles, publishes the use cases' models, applies their
-deployments (the automotive multi-exit model as one deployment per stage, stage 1 on the low-power
-board and stages 2-3 on the microserver when both are there), drives inference traffic at the
-nodes over the Open Inference Protocol, and prints (and optionally writes as JSON) a summary with
-each use case's inferences, latency and, for the multi-exit model, its exit distribution. Ctrl-C stops everything; agents also die with us
-(see ``node_agent.cli``), so no process is left behind.
+processes on boards from the hardware-profile catalog (a CPU microserver, an FPGA board and an
+ASIC board first, the latter two simulated and labelled so), publishes the use cases' models,
+applies their deployments (the automotive multi-exit model as one deployment per stage, stage 1 on
+the low-power board and stages 2-3 on the microserver when both are there), drives inference
+traffic at the nodes over the Open Inference Protocol, and prints (and optionally writes as JSON)
+a summary: each use case's inferences, latency and, for the multi-exit model, its exit
+distribution; where each replica runs and why; each node's and the fleet's joules per inference
+against round-robin on the same fleet (``fleet_energy``). Ctrl-C stops everything; agents also
+die with us (see ``node_agent.cli``), so no process is left behind.
 """
 
 from __future__ import annotations
@@ -50,28 +53,20 @@ from .tables import deployments_table, phase_name, state_name
 log = logging.getLogger(__name__)
 console = Console(stderr=True)
 
-# Demo boards, cycled over the agents. Figures are nominal board powers for the classes named;
-# energy on these nodes is modelled from them (the hardware-profile catalog refines this).
-PROFILES: list[dict[str, Any]] = [
-    {
-        "hardware_profile": "x86-microserver",
-        "labels": {"zone": "edge-a", "arch": "x86_64"},
-        "power": {"idle_w": 8.0, "active_w": 25.0},
-        "threads": 2,
-    },
-    {
-        "hardware_profile": "arm-sbc",
-        "labels": {"zone": "edge-b", "arch": "arm64"},
-        "power": {"idle_w": 2.7, "active_w": 6.4},
-        "threads": 1,
-    },
-    {
-        "hardware_profile": "arm-sbc-lowpower",
-        "labels": {"zone": "edge-c", "arch": "arm64"},
-        "power": {"idle_w": 1.2, "active_w": 3.5},
-        "threads": 1,
-    },
+# Demo boards from the hardware-profile catalog (accelerators/profiles/hardware.yaml), cycled over
+# the agents: a CPU microserver, an FPGA board and an Edge-TPU-class ASIC board first, so that any
+# fleet of three or more is heterogeneous. The FPGA and ASIC backends are simulated here (no board
+# exists on this machine) and say so in their inventory; energy on every node is modelled from the
+# catalog's power figures unless the platform measures it (RAPL on the CPU backend).
+BOARDS: list[tuple[str, str]] = [  # (hardware profile, zone)
+    ("x86-n100", "edge-a"),
+    ("pynq-z2", "edge-b"),
+    ("coral-devboard", "edge-c"),
+    ("rpi4-4gb", "edge-b"),
+    ("zcu104", "edge-a"),
 ]
+#: Every agent of the demo shares this one machine: one interpreter thread each, whatever the board.
+DEMO_THREADS = 1
 NODE_WAIT_S = 60.0
 RUNNING_WAIT_S = 90.0
 
@@ -90,15 +85,12 @@ class AgentFleet:
         conf_dir.mkdir(parents=True, exist_ok=True)
         # The demo's operator approves its own agents (attestation.enrollment, docs/security.md).
         tokens = TokenStore.in_state_dir(self.state_dir / "orchestrator")
-        for i, profile in zip(range(1, count + 1), itertools.cycle(PROFILES), strict=False):
+        for i in range(1, count + 1):
             node_id = f"node-{i}"
             config = {
                 "node_id": node_id,
-                "labels": profile["labels"],
-                "hardware_profile": profile["hardware_profile"],
+                **board_settings(i - 1),
                 "broker": {"url": self.broker_url},
-                "power": profile["power"],
-                "accelerators": [{"kind": "cpu-litert", "options": {"num_threads": profile["threads"]}}],
                 "heartbeat_s": self.heartbeat_s,
                 "state_dir": str(self.state_dir / "agent-cache"),
                 "enrollment_token": tokens.mint(node_id).token,
@@ -150,9 +142,22 @@ class Traffic:
         return text
 
 
+def board_settings(index: int) -> dict[str, Any]:
+    """The hardware part of the ``index``-th demo agent's config, from the catalog."""
+    from accelerators.profiles import load_catalog
+
+    name, zone = BOARDS[index % len(BOARDS)]
+    settings = load_catalog()[name].agent_settings()
+    settings["labels"] = {**settings["labels"], "zone": zone}
+    for acc in settings["accelerators"]:
+        if "num_threads" in acc["options"]:
+            acc["options"]["num_threads"] = DEMO_THREADS
+    return settings
+
+
 def _fit_selectors(manifest: str, nodes: int) -> str:
-    """Drop a selector no demo node can satisfy (``--nodes`` below the number of profiles)."""
-    zones = {PROFILES[i % len(PROFILES)]["labels"]["zone"] for i in range(nodes)}
+    """Drop a selector no demo node can satisfy (``--nodes`` below the number of boards)."""
+    zones = {BOARDS[i % len(BOARDS)][1] for i in range(nodes)}
     doc = yaml.safe_load(manifest)
     wanted = doc["spec"].get("selector", {}).get("matchLabels", {})
     if wanted.get("zone", next(iter(zones))) in zones:
@@ -240,6 +245,8 @@ async def _up(args: argparse.Namespace) -> int:
             # the broker to acknowledge its OFFLINE status (else it is killed after the timeout).
             await asyncio.to_thread(agents.stop)
     report = _report(list(nodes), list(deps), traffic, work)
+    with console.status("energy: profiling models on accelerators the nodes did not load them on"):
+        report["energy"] = await asyncio.to_thread(_energy, report, list(nodes), list(deps), work, models)
     _print_summary(report)
     if args.report:
         Path(args.report).write_text(json.dumps(report, indent=2) + "\n")  # noqa: ASYNC240 - after shutdown
@@ -515,6 +522,64 @@ def _pct(values: list[float], q: float) -> float:
     return round(float(np.percentile(values, q)), 3) if values else 0.0
 
 
+def _board_options(node: api_pb2.Node, kind: str) -> dict[str, Any] | None:
+    """The options a demo agent on ``node``'s board runs ``kind`` with (None: not a catalog board)."""
+    from accelerators.profiles import load_catalog
+
+    catalog = load_catalog()
+    if node.inventory.hardware_profile not in catalog.profiles:
+        return None
+    for acc in catalog[node.inventory.hardware_profile].accelerator_configs():
+        if acc["kind"] == kind:
+            options = dict(acc["options"])
+            if "num_threads" in options:
+                options["num_threads"] = DEMO_THREADS
+            return options
+    return None
+
+
+def _energy(report: dict, nodes: list, deps: list, work: list, models: dict[str, api_pb2.Model]) -> dict:
+    """Per-node joules per inference (added to ``report["nodes"]``) and the fleet's, as placed and
+    as round-robin would have placed it (orchestrator/fleet_energy.py says how)."""
+    from . import fleet_energy
+
+    artifacts = {
+        f"{p.model_name}:{p.model_version}": p.model_file.read_bytes() for w in work for p in w.parts
+    }
+    dtypes = {f"{m.name}:{m.version}": list(m.dtypes) for m in models.values()}
+    table = fleet_energy.energy_table(nodes, artifacts, _board_options)
+    counts = fleet_energy.served(nodes)
+    kinds = fleet_energy.placed_kinds(deps)
+    for row, node in zip(report["nodes"], nodes, strict=True):
+        row.update(fleet_energy.node_energy(node, table, kinds, counts))
+    joules = sum(
+        n * table[key[0], kinds[key], key[1]].energy_j
+        for key, n in counts.items()
+        if key in kinds and (key[0], kinds[key], key[1]) in table
+    )
+    served = sum(n for key, n in counts.items() if key in kinds and (key[0], kinds[key], key[1]) in table)
+    policies = fleet_energy.compare_policies(nodes, deps, dtypes, table, counts)
+    aware, rr = policies["energy-aware"]["j_per_inference"], policies["round-robin"]["j_per_inference"]
+    sources = {f.source for f in table.values()}
+    return {
+        "source": "measured" if sources == {"measured"} else "modelled",
+        # The run: what the nodes served where the scheduler had placed the replicas, before any
+        # node had profiled a model (placement then goes by priors: accelerator nJ/op, node power).
+        "j_per_inference": joules / served if served else None,
+        "inferences": served,
+        # The same fleet and traffic, every deployment placed again knowing every profile.
+        "energy_aware_j_per_inference": aware,
+        "round_robin_j_per_inference": rr,
+        "round_robin_vs_energy_aware": rr / aware if rr and aware else None,
+        "policies": policies,
+        "method": "joules per inference of each model on each node's accelerator (the node's own profile, "
+        "else profiled here with the same backend code and options), weighted by the inferences each "
+        "node served of it (as placed) or each model served (policies: every deployment placed from "
+        "scratch on this fleet by that scheduler profile, with every figure known; the mean over its "
+        "replicas, which clients load evenly)",
+    }
+
+
 def _report(nodes: list[api_pb2.Node], deps: list[api_pb2.Deployment], traffic: Traffic, work: list) -> dict:
     return {
         "nodes": [
@@ -523,13 +588,35 @@ def _report(nodes: list[api_pb2.Node], deps: list[api_pb2.Deployment], traffic: 
                 "status": state_name(n.state),
                 "hardware_profile": n.inventory.hardware_profile,
                 "replicas": len(n.replicas),
+                "accelerators": [
+                    {"kind": a.kind, "device": a.device, "simulated": a.simulated}
+                    for a in n.inventory.accelerators
+                    if a.availability in ("", "ok")
+                ],
             }
             for n in nodes
         ],
         "deployments": [
-            {"name": d.name, "replicas": d.spec.replicas, "running": d.status.running, "phases": _phases(d)}
+            {
+                "name": d.name,
+                "replicas": d.spec.replicas,
+                "running": d.status.running,
+                "phases": _phases(d),
+                "placements": [
+                    {
+                        "replica": r.id,
+                        "node": r.node_id,
+                        "accelerator": r.accelerator,
+                        "phase": phase_name(r.phase),
+                        "reason": r.reason,
+                        "message": r.message,
+                    }
+                    for r in d.status.replica_list
+                ],
+            }
             for d in deps
         ],
+        "accelerator_kinds": _kinds(deps),
         "inferences": len(traffic.latencies_ms),
         "errors": traffic.errors,
         "latency_ms": {"p50": _pct(traffic.latencies_ms, 50), "p95": _pct(traffic.latencies_ms, 95)},
@@ -556,6 +643,16 @@ def _use_case(w: Any, traffic: Traffic) -> dict:
     return out
 
 
+def _kinds(deps: list[api_pb2.Deployment]) -> dict[str, int]:
+    """Accelerator kind -> running replicas on it."""
+    out: dict[str, int] = {}
+    for dep in deps:
+        for rep in dep.status.replica_list:
+            if rep.phase == node_pb2.REPLICA_PHASE_RUNNING and rep.accelerator:
+                out[rep.accelerator] = out.get(rep.accelerator, 0) + 1
+    return dict(sorted(out.items()))
+
+
 def _phases(dep: api_pb2.Deployment) -> dict[str, int]:
     out: dict[str, int] = {}
     for rep in dep.status.replica_list:
@@ -565,14 +662,28 @@ def _phases(dep: api_pb2.Deployment) -> dict[str, int]:
 
 def _print_summary(report: dict) -> None:
     out = Console()
+    energy = report.get("energy", {})
     nodes = Table(title="nodes", title_justify="left")
-    for col in ("NODE", "STATUS", "PROFILE", "REPLICAS"):
+    for col in ("NODE", "STATUS", "PROFILE", "ACCELERATORS", "REPLICAS", "mJ/INFERENCE"):
         nodes.add_column(col)
     for n in report["nodes"]:
-        nodes.add_row(n["id"], n["status"], n["hardware_profile"], str(n["replicas"]))
+        accs = ", ".join(a["kind"] + (" (simulated)" if a["simulated"] else "") for a in n["accelerators"])
+        mj = n.get("j_per_inference")
+        nodes.add_row(
+            n["id"],
+            n["status"],
+            n["hardware_profile"],
+            accs,
+            str(n["replicas"]),
+            "-" if mj is None else f"{mj * 1e3:.3f} ({n['energy_source']})",
+        )
     deps = Table(title="deployments", title_justify="left")
     for col in ("DEPLOYMENT", "RUNNING", "PHASES", "INFERENCES", "P50 MS", "P95 MS"):
         deps.add_column(col)
+    placements = Table(title="placements (edgeward explain)", title_justify="left")
+    for col in ("DEPLOYMENT", "NODE", "ACCELERATOR", "WHY"):
+        placements.add_column(col)
+    simulated = {a["kind"] for n in report["nodes"] for a in n["accelerators"] if a["simulated"]}
     by_dep = {u["deployment"]: u for u in report["use_cases"].values()}
     later = {d: u for u in report["use_cases"].values() for d in u["deployments"][1:]}
     for d in report["deployments"]:
@@ -580,6 +691,10 @@ def _print_summary(report: dict) -> None:
         figures = [str(u["inferences"]), f"{u['latency_ms']['p50']:.2f}", f"{u['latency_ms']['p95']:.2f}"]
         if d["name"] in later:
             figures = ["(stage)", "", ""]
+        for p in d["placements"]:
+            if p["node"]:
+                kind = p["accelerator"] + (" (simulated)" if p["accelerator"] in simulated else "")
+                placements.add_row(d["name"], p["node"], kind, f"{p['reason']}: {p['message']}")
         deps.add_row(
             d["name"],
             f"{d['running']}/{d['replicas']}",
@@ -588,10 +703,25 @@ def _print_summary(report: dict) -> None:
         )
     out.print(nodes)
     out.print(deps)
+    out.print(placements)
     for case, u in report["use_cases"].items():
         if "exit_distribution" in u:
             dist = " / ".join(f"exit {k}: {100 * f:.1f} %" for k, f in u["exit_distribution"].items())
             out.print(f"{case} ({u['model']}, multi-exit): {dist}")
+    out.print(
+        "replicas per accelerator kind: "
+        + ", ".join(f"{k} {n}" for k, n in report["accelerator_kinds"].items())
+    )
+    if energy.get("j_per_inference") is not None:
+        line = f"fleet energy ({energy['source']}): {energy['j_per_inference'] * 1e3:.3f} mJ per inference as placed"
+        if energy["round_robin_vs_energy_aware"] is not None:
+            line += (
+                f"; placed again knowing every profile: energy-aware "
+                f"{energy['energy_aware_j_per_inference'] * 1e3:.3f} mJ, round-robin "
+                f"{energy['round_robin_j_per_inference'] * 1e3:.3f} mJ "
+                f"({energy['round_robin_vs_energy_aware']:.2f} x)"
+            )
+        out.print(line)
     lat = report["latency_ms"]
     out.print(
         f"inferences: {report['inferences']} (errors {report['errors']}), "

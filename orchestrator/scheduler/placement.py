@@ -4,6 +4,7 @@ the answer, which is either a :class:`Placement` or an :class:`Unschedulable` th
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -47,6 +48,9 @@ class NodeInfo:
     latency_scale: float = 1.0  # observed / predicted latency from live telemetry
     #: (accelerator kind, model) -> the node's own profile; overrides its class's prediction
     profiles: Mapping[tuple[str, str], Prediction] = field(default_factory=dict)
+    #: accelerator kind -> its active watts per peak GOPS (nJ per operation at peak): which of the
+    #: node's accelerators to prefer for a model nothing has profiled yet
+    nj_per_op: Mapping[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,20 @@ class Placement:
     node_id: str
     accelerator: str
     score: float
+    #: what the scheduler predicted there (p95 latency, joules per inference); NaN: no prediction.
+    #: Explanations, not identity: left out of comparisons (NaN never equals itself).
+    latency_ms: float = field(default=math.nan, compare=False)
+    energy_j: float = field(default=math.nan, compare=False)
+
+    def why(self) -> str:
+        """The placement's reasons, for ``edgeward explain``."""
+        text = f"score {self.score:.1f}"
+        if self.accelerator:
+            text += f" on {self.accelerator}"
+        if math.isnan(self.energy_j):
+            return text + ": model not profiled yet (accelerator by nJ/op at peak, node by active W)"
+        latency = "" if math.isnan(self.latency_ms) else f"p95 {self.latency_ms:.2f} ms, "
+        return text + f": predicted {latency}{self.energy_j * 1e3:.3f} mJ per inference"
 
 
 class Code(enum.Enum):

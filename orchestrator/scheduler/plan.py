@@ -121,10 +121,13 @@ class PlacementPlan:
             if masked[best] > -np.inf:
                 node = int(candidates[best])
                 kind = evaluated.shape.kind_of(self.snapshot, node)
+                at_node = np.array([node], np.intp)
                 placement = Placement(
                     node_id=self.snapshot.node_ids[node],
                     accelerator=self.snapshot.kinds[kind] if kind >= 0 else "",
                     score=float(total[best]) / self._total_weight,
+                    latency_ms=float(evaluated.shape.latency_at(self.snapshot, at_node)[0]),
+                    energy_j=float(evaluated.shape.energy_at(self.snapshot, at_node)[0]),
                 )
                 self._reserve(req, node, placement)
                 return placement

@@ -21,15 +21,25 @@ def at(values: NDArray, nodes: Nodes) -> NDArray:
 
 
 def _pick(
-    fits: NDArray[np.bool_], latency: NDArray[np.float64], energy: NDArray[np.float64], slo: float
+    fits: NDArray[np.bool_],
+    latency: NDArray[np.float64],
+    energy: NDArray[np.float64],
+    slo: float,
+    prior: NDArray[np.float64],
 ) -> tuple[NDArray[np.intp], NDArray[np.float64], NDArray[np.float64]]:
-    """Per row (rows x kinds): the kind picked (-1 if none fits) and its latency and energy."""
+    """Per row (rows x kinds): the kind picked (-1 if none fits) and its latency and energy.
+
+    Fitting first, then meeting the SLO, then the least predicted energy, then (nothing profiled
+    yet) the least energy per operation at peak (``prior``), then the first by name."""
     rows, kinds = fits.shape
     if kinds == 0:
         return np.full(rows, -1, np.intp), np.full(rows, np.nan), np.full(rows, np.nan)
     misses = latency > slo if slo > 0 else np.zeros((rows, kinds), np.bool_)
     position = np.broadcast_to(np.arange(kinds), (rows, kinds))
-    order = np.lexsort((position, np.where(np.isnan(energy), np.inf, energy), misses, ~fits), axis=-1)
+    unknown = np.where(np.isnan(prior), np.inf, prior)
+    order = np.lexsort(
+        (position, unknown, np.where(np.isnan(energy), np.inf, energy), misses, ~fits), axis=-1
+    )
     best = order[:, 0]
     picked = fits.any(axis=1)
     at_best = np.arange(rows), best
@@ -45,7 +55,8 @@ class RequestShape:
     """What a kind of request resolves to per node class: the accelerator picked and its predictions.
 
     Among a class's accelerators that can run the request, the pick is the one predicted to meet
-    the SLO, then the one with the least energy per inference, then the first by kind name. Nodes
+    the SLO, then the one with the least energy per inference, then (no prediction) the one with
+    the least energy per operation at peak, then the first by kind name. Nodes
     with their own profile of the model are resolved the same way, one by one, with their own
     figures in place of their class's (``own_*``, by ascending node); read per node through
     :meth:`kind_at`, :meth:`latency_at` and :meth:`energy_at`.
@@ -76,7 +87,7 @@ class RequestShape:
             latency, energy = snap.latency_ms[:, :, m], snap.energy_j[:, :, m]
         else:
             latency = energy = np.full((classes, kinds), np.nan)
-        kind, latency_ms, energy_j = _pick(fits, latency, energy, req.max_latency_ms)
+        kind, latency_ms, energy_j = _pick(fits, latency, energy, req.max_latency_ms, snap.class_nj_per_op)
         has_latency = bool(np.any(~np.isnan(latency) & fits))
         has_energy = bool(np.any(~np.isnan(energy) & fits))
         own = snap.own_profiles(req.model)
@@ -88,7 +99,7 @@ class RequestShape:
         own_latency[row, snap.own_kind[own]] = snap.own_latency_ms[own]
         own_energy[row, snap.own_kind[own]] = snap.own_energy_j[own]
         own_fits = fits[klass]
-        picked = _pick(own_fits, own_latency, own_energy, req.max_latency_ms)
+        picked = _pick(own_fits, own_latency, own_energy, req.max_latency_ms, snap.class_nj_per_op[klass])
         return cls(
             kind,
             latency_ms,

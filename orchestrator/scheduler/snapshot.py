@@ -45,6 +45,7 @@ class NodeClass:
 
     profile: str
     accelerators: tuple[tuple[str, frozenset[str]], ...]  # (kind, dtypes), sorted by kind
+    nj_per_op: tuple[tuple[str, float], ...] = ()  # (kind, nJ per operation at peak), sorted by kind
 
 
 def class_estimates(nodes: Iterable[NodeInfo]) -> dict[tuple[str, str, str], Prediction]:
@@ -77,8 +78,9 @@ class FleetSnapshot:
     into ``label_values``, :data:`MISSING` when absent).
 
     Per class (length C): ``class_dtypes`` (C x K dtype bitmasks per accelerator kind, bit 0 =
-    :data:`PRESENT`, others from ``dtype_bits``), and C x K x M ``latency_ms``/``energy_j``
-    predictions per model (NaN where unknown).
+    :data:`PRESENT`, others from ``dtype_bits``), ``class_nj_per_op`` (C x K, the accelerators'
+    energy prior, NaN where unknown), and C x K x M ``latency_ms``/``energy_j`` predictions per
+    model (NaN where unknown).
 
     Per own profile (length P, sorted by model, node, kind): ``own_model``, ``own_node``,
     ``own_kind``, ``own_latency_ms``, ``own_energy_j``.
@@ -104,6 +106,7 @@ class FleetSnapshot:
     kinds: tuple[str, ...]
     dtype_bits: Mapping[str, int]
     class_dtypes: NDArray[np.uint64]
+    class_nj_per_op: NDArray[np.float64]
     models: tuple[str, ...]
     latency_ms: NDArray[np.float64]
     energy_j: NDArray[np.float64]
@@ -221,6 +224,7 @@ class FleetSnapshot:
             kinds=kinds,
             dtype_bits=MappingProxyType(dtype_bits),
             class_dtypes=_frozen(class_dtypes),
+            class_nj_per_op=_frozen(_class_nj_per_op(classes, kind_pos)),
             models=models,
             latency_ms=_frozen(latency),
             energy_j=_frozen(energy),
@@ -252,7 +256,11 @@ def _node_classes(
     class_pos: dict[NodeClass, int] = {}
     node_class = np.empty(len(infos), np.int32)
     for i, info in enumerate(infos):
-        key = NodeClass(info.hardware_profile, tuple(sorted(info.accelerators.items())))
+        key = NodeClass(
+            info.hardware_profile,
+            tuple(sorted(info.accelerators.items())),
+            tuple(sorted(info.nj_per_op.items())),
+        )
         node_class[i] = class_pos.setdefault(key, len(class_pos))
     classes = tuple(class_pos)
     class_dtypes = np.zeros((len(classes), len(kind_pos)), np.uint64)
@@ -263,6 +271,16 @@ def _node_classes(
                 mask |= 1 << dtype_bits[d]
             class_dtypes[c, kind_pos[kind]] = mask
     return node_class, classes, class_dtypes
+
+
+def _class_nj_per_op(classes: tuple[NodeClass, ...], kind_pos: Mapping[str, int]) -> NDArray[np.float64]:
+    """Each class's energy prior per accelerator kind (NaN where unknown)."""
+    prior = np.full((len(classes), len(kind_pos)), np.nan)
+    for c, klass in enumerate(classes):
+        for kind, nj in klass.nj_per_op:
+            if kind in kind_pos:
+                prior[c, kind_pos[kind]] = nj
+    return prior
 
 
 def _predictions(

@@ -1,6 +1,7 @@
-"""``edgeward up`` as a user runs it: all three use cases deployed (the automotive multi-exit model
-split across the low-power board and the microserver), traffic through each, and the report with
-per-use-case inferences, latency and the multi-exit model's exit distribution."""
+"""``edgeward up`` as a user runs it: all three use cases deployed on a heterogeneous fleet (the
+automotive multi-exit model split across the ASIC board and the microserver), traffic through each,
+and the report with per-use-case inferences, latency, the multi-exit model's exit distribution,
+where each replica runs and why, and the fleet's energy against round-robin."""
 
 from __future__ import annotations
 
@@ -51,3 +52,30 @@ def test_up_deploys_all_use_cases_and_reports_exits(tmp_path):
     assert auto["exit_distribution"]["1"] > 0 and auto["exit_distribution"]["2"] > 0  # handed off too
     assert "exit 1:" in done.stdout and "sign-classifier" in done.stdout
     assert r["errors"] == 0
+
+    # Three accelerator kinds, each running a replica the scheduler chose (no manifest names one).
+    assert set(r["accelerator_kinds"]) == {"cpu-litert", "fpga-pynq", "asic-edgetpu"}, r["accelerator_kinds"]
+    assert all(n >= 1 for n in r["accelerator_kinds"].values())
+    accelerators = {n["id"]: {a["kind"]: a["simulated"] for a in n["accelerators"]} for n in r["nodes"]}
+    assert {
+        kind: sim for accs in accelerators.values() for kind, sim in accs.items() if kind != "cpu-litert"
+    } == {
+        "fpga-pynq": True,
+        "asic-edgetpu": True,
+    }, "the FPGA and ASIC are simulated here, and say so"
+    for d in r["deployments"]:
+        for p in d["placements"]:
+            assert p["accelerator"] in accelerators[p["node"]], p
+            assert (p["reason"], p["message"].split()[0]) == ("scheduler.bound", "score"), p
+    for n in r["nodes"]:
+        assert n["energy_source"] == "modelled"  # no RAPL here; where there is, it says measured
+        assert n["inferences"] > 0 and n["j_per_inference"] > 0, n
+    e = r["energy"]
+    assert e["source"] == "modelled" and e["j_per_inference"] > 0 and e["inferences"] > 0
+    assert e["energy_aware_j_per_inference"] > 0 and e["round_robin_j_per_inference"] > 0
+    assert e["round_robin_vs_energy_aware"] == pytest.approx(
+        e["round_robin_j_per_inference"] / e["energy_aware_j_per_inference"]
+    )
+    assert set(e["policies"]) == {"energy-aware", "round-robin"}
+    assert all(p["unplaced"] == 0 for p in e["policies"].values())
+    assert "fleet energy (modelled)" in done.stdout and "round-robin" in done.stdout
