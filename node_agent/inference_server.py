@@ -5,6 +5,11 @@ Triton clients work; it adds the standard gRPC health and reflection services. I
 only through a ``ModelHost`` (the agent's runtime, or a ``ModelTable``), and runs every blocking
 backend call off the event loop through the host.
 
+ModelReady answers ``ready: false`` for a model the host does not know, as Triton does; the
+model-repository index (Triton's ``RepositoryIndex``, advertised as the ``model_repository``
+extension) lists every model and multi-exit model the node serves, with its state. Parameters are
+read whichever of Triton's kinds they come as (``double_param`` and ``uint64_param`` included).
+
 Status codes: NOT_FOUND for a model the host does not know, UNAVAILABLE while it is loading (or
 was unloaded under the request, or a multi-exit hand-off to another node failed), INVALID_ARGUMENT
 for a request whose tensors do not match the model (the message names the tensor),
@@ -60,12 +65,16 @@ __all__ = [
     "LatencySnapshot",
     "LatencyStats",
     "ModelHost",
+    "ModelIndexEntry",
     "ModelNotFound",
     "ModelNotReady",
     "ModelTable",
     "RateLimited",
+    "float_parameter",
     "infer",
+    "int_parameter",
     "lookup",
+    "parameter_value",
     "run_blocking",
     "serve",
 ]
@@ -74,6 +83,9 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 SERVER_NAME = "edgeward"
+#: What ServerMetadata advertises beyond the core protocol (Triton's extension names).
+EXTENSIONS = ["model_repository"]
+READY, LOADING, UNAVAILABLE = "READY", "LOADING", "UNAVAILABLE"
 
 T = TypeVar("T")
 
@@ -138,6 +150,20 @@ class ModelHost(Protocol):
     async def infer(self, backend: Backend, handle: ModelHandle, inputs: Inputs) -> InferResult:
         """Run one inference off the event loop, accounting it in the host's statistics."""
         ...
+
+    def index(self) -> list[ModelIndexEntry]:
+        """Every model the host knows, ready or not, for the repository index."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class ModelIndexEntry:
+    """One row of the repository index: ``state`` is READY, LOADING or UNAVAILABLE (Triton's names)."""
+
+    name: str
+    version: str
+    state: str
+    reason: str = ""
 
 
 def lookup(host: ModelHost, name: str, version: str = "") -> tuple[Backend, ModelHandle]:
@@ -240,6 +266,10 @@ class ModelTable:
 
     def loading(self, name: str, version: str = "") -> bool:
         return any(n == name and (not version or v == version) for n, v in self._loading)
+
+    def index(self) -> list[ModelIndexEntry]:
+        ready = [ModelIndexEntry(n, v, READY) for n, versions in self._models.items() for v in versions]
+        return ready + [ModelIndexEntry(n, v, LOADING) for n, v in sorted(self._loading)]
 
     async def infer(self, backend: Backend, handle: ModelHandle, inputs: Inputs) -> InferResult:
         stats = self.stats.setdefault((handle.name, handle.version), LatencyStats())
@@ -370,15 +400,52 @@ class PipelineHost(Protocol):
 
     def source_of(self, pipeline: str, raw: str) -> str: ...
 
+    def names(self) -> list[str]: ...
+
+    def metadata(self, pipeline: Any) -> pb.ModelMetadataResponse: ...
+
     async def infer(
         self, pipeline: Any, request: pb.ModelInferRequest, source: str
     ) -> pb.ModelInferResponse: ...
 
 
+def parameter_value(param: pb.InferParameter) -> bool | int | float | str | None:
+    """An OIP parameter's value, whichever of Triton's five kinds it was sent as (None: unset)."""
+    choice = param.WhichOneof("parameter_choice")
+    return None if choice is None else getattr(param, choice)
+
+
+def int_parameter(request: pb.ModelInferRequest, name: str, default: int) -> int:
+    """An integer parameter sent as int64, uint64, or a whole double (tritonclient sends Python
+    numbers as int64 or double); anything else is INVALID_ARGUMENT."""
+    if name not in request.parameters:
+        return default
+    value = parameter_value(request.parameters[name])
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidRequest(f"parameters.{name}", f"{value!r} is not an integer")
+    return value
+
+
+def float_parameter(request: pb.ModelInferRequest, name: str) -> float | None:
+    """A number parameter sent as double, int64, uint64 or a numeric string (None: not sent)."""
+    if name not in request.parameters:
+        return None
+    value = parameter_value(request.parameters[name])
+    try:
+        if isinstance(value, bool) or value is None:
+            raise ValueError
+        return float(value)
+    except ValueError:
+        raise InvalidRequest(f"parameters.{name}", f"{value!r} is not a number") from None
+
+
 def request_source(request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> str:
     """The raw source of a request: OIP parameter ``source``, else gRPC metadata ``source``."""
     if "source" in request.parameters:
-        return request.parameters["source"].string_param
+        value = parameter_value(request.parameters["source"])
+        return "" if value is None else str(value)
     for key, value in context.invocation_metadata() or ():
         if key == "source":
             return value if isinstance(value, str) else ""
@@ -413,25 +480,48 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ServerMetadata(
         self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ServerMetadataResponse:
-        return pb.ServerMetadataResponse(name=SERVER_NAME, version=__version__, extensions=[])
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=__version__, extensions=EXTENSIONS)
 
     async def ModelReady(
         self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelReadyResponse:
+        # As Triton: an unknown model is simply not ready (OK, ready=false), never an error.
         pipeline = self._pipelines.get(request.name) if self._pipelines is not None else None
         if pipeline is not None:
             return pb.ModelReadyResponse(ready=self._pipelines.ready(pipeline))  # type: ignore[union-attr]
-        try:
-            lookup(self._host, request.name, request.version)
-        except ModelNotReady:
-            return pb.ModelReadyResponse(ready=False)
-        except ModelNotFound as err:
-            await context.abort(grpc.StatusCode.NOT_FOUND, str(err))
-        return pb.ModelReadyResponse(ready=True)
+        return pb.ModelReadyResponse(ready=self._host.resolve(request.name, request.version) is not None)
+
+    async def RepositoryIndex(
+        self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RepositoryIndexResponse:
+        entries = list(self._host.index())
+        if self._pipelines is not None:
+            for name in self._pipelines.names():
+                pipeline = self._pipelines.get(name)
+                ready = pipeline is not None and self._pipelines.ready(pipeline)
+                entries.append(
+                    ModelIndexEntry(
+                        name,
+                        pipeline.version if pipeline is not None else "",
+                        READY if ready else UNAVAILABLE,
+                        "" if ready else "a stage held here is not loaded yet",
+                    )
+                )
+        response = pb.RepositoryIndexResponse()
+        for e in sorted(entries, key=lambda e: (e.name, e.version, e.state)):
+            if not request.ready or e.state == READY:
+                response.models.add(name=e.name, version=e.version, state=e.state, reason=e.reason)
+        return response
 
     async def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelMetadataResponse:
+        pipeline = self._pipelines.get(request.name) if self._pipelines is not None else None
+        if pipeline is not None and (not request.version or request.version == pipeline.version):
+            try:
+                return self._pipelines.metadata(pipeline)  # type: ignore[union-attr]
+            except InferenceServerError as err:
+                await context.abort(_status_of(err), str(err))
         try:
             backend, handle = lookup(self._host, request.name, request.version)
         except InferenceServerError as err:

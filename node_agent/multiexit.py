@@ -44,6 +44,8 @@ from .inference_server import (
     ModelHost,
     RateLimited,
     decode_inputs,
+    float_parameter,
+    int_parameter,
     lookup,
 )
 
@@ -52,6 +54,9 @@ log = logging.getLogger(__name__)
 EXIT_PROBS = "exit_probs"
 FEATURES = "features"
 EXIT = "exit"
+#: ModelMetadata's platform of a multi-exit model (its stages run on the backends ModelMetadata
+#: of each stage model names).
+PLATFORM = "edgeward-multi-exit"
 STAGE_PARAM = "stage"
 SOURCE_PARAM = "source"
 SCALE_PARAM = "quant_scale"
@@ -161,10 +166,6 @@ def dequantize(value: np.ndarray, spec: TensorSpec) -> np.ndarray:
     return ((value.astype(np.float32) - q.zero_point) * q.scale).astype(np.float32)
 
 
-def _param(request: pb.ModelInferRequest, name: str) -> pb.InferParameter | None:
-    return request.parameters.get(name)
-
-
 class MultiExitHost:
     """The multi-exit models this node serves, their exit counters and mitigations."""
 
@@ -216,6 +217,34 @@ class MultiExitHost:
 
     def get(self, name: str) -> Pipeline | None:
         return self._pipelines.get(name)
+
+    def names(self) -> list[str]:
+        return sorted(self._pipelines)
+
+    def metadata(self, pipeline: Pipeline) -> pb.ModelMetadataResponse:
+        """What a client sends this node for ``pipeline`` and gets back: the input of the first
+        stage held here (stage 1 on the node clients call), and the exit outputs. ``ModelNotReady``
+        or ``ModelNotFound`` while that stage is not loaded."""
+        local = next((k for k, st in enumerate(pipeline.stages, 1) if not st.endpoint), None)
+        if local is None:
+            raise HandoffFailed(f"no stage of {pipeline.name!r} is held on node {self.node_id}")
+        stage = pipeline.stages[local - 1]
+        _, handle = lookup(self._host, stage.model_name, stage.model_version)
+        spec = handle.inputs[0]
+        probs, _ = stage_outputs(handle.outputs)
+        tensor = pb.ModelMetadataResponse.TensorMetadata
+        return pb.ModelMetadataResponse(
+            name=pipeline.name,
+            versions=[pipeline.version],
+            platform=PLATFORM,
+            inputs=[
+                tensor(name=spec.name if local == 1 else FEATURES, datatype=spec.dtype, shape=spec.shape)
+            ],
+            outputs=[
+                tensor(name=EXIT_PROBS, datatype="FP32", shape=[1, probs.shape[-1]]),
+                tensor(name=EXIT, datatype="INT32", shape=[1]),
+            ],
+        )
 
     def ready(self, pipeline: Pipeline) -> bool:
         """Whether every local stage is loaded (remote stages are their nodes' business)."""
@@ -276,8 +305,7 @@ class MultiExitHost:
     async def infer(
         self, pipeline: Pipeline, request: pb.ModelInferRequest, source: str
     ) -> pb.ModelInferResponse:
-        entry = _param(request, STAGE_PARAM)
-        first = entry.int64_param if entry is not None else 1
+        first = int_parameter(request, STAGE_PARAM, 1)
         if not 1 <= first <= len(pipeline.stages):
             raise InvalidRequest(
                 f"parameters.{STAGE_PARAM}",
@@ -313,18 +341,12 @@ class MultiExitHost:
 
     @staticmethod
     def _handoff_quant(request: pb.ModelInferRequest) -> Quantization | None:
-        scale, zero_point = _param(request, SCALE_PARAM), _param(request, ZERO_POINT_PARAM)
-        if scale is None:
+        value = float_parameter(request, SCALE_PARAM)  # sent as a string; a double is taken too
+        if value is None:
             return None
-        try:
-            value = float(scale.string_param)
-        except ValueError:
-            value = float("nan")
         if not np.isfinite(value) or value <= 0:
-            raise InvalidRequest(
-                f"parameters.{SCALE_PARAM}", f"{scale.string_param!r} is not a positive number"
-            )
-        return Quantization(value, zero_point.int64_param if zero_point is not None else 0)
+            raise InvalidRequest(f"parameters.{SCALE_PARAM}", f"{value!r} is not a positive number")
+        return Quantization(value, int_parameter(request, ZERO_POINT_PARAM, 0))
 
     async def _run(
         self,

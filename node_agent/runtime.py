@@ -26,7 +26,7 @@ import numpy as np
 from accelerators.base import AcceleratorError, Backend, InferResult, ModelArtifact, ModelHandle
 from edgeward.v1 import node_pb2
 
-from .inference_server import LatencyStats
+from .inference_server import LOADING, READY, UNAVAILABLE, LatencyStats, ModelIndexEntry
 
 log = logging.getLogger(__name__)
 
@@ -273,6 +273,23 @@ class Runtime:
             and (not version or s.spec.model_version == version)
             for s in self.replicas.values()
         )
+
+    def index(self) -> list[ModelIndexEntry]:
+        """One row per (model, version) held: READY if a replica runs it, else LOADING while one
+        loads, else UNAVAILABLE with the replica's reason."""
+        rows: dict[tuple[str, str], ModelIndexEntry] = {}
+        rank = {READY: 0, LOADING: 1, UNAVAILABLE: 2}
+        for state in self.replicas.values():
+            key = (state.spec.model_name, state.spec.model_version)
+            if state.phase == node_pb2.REPLICA_PHASE_RUNNING and state.handle is not None:
+                row = ModelIndexEntry(*key, READY)
+            elif state.phase == node_pb2.REPLICA_PHASE_LOADING:
+                row = ModelIndexEntry(*key, LOADING)
+            else:
+                row = ModelIndexEntry(*key, UNAVAILABLE, state.reason or state.message)
+            if key not in rows or rank[row.state] < rank[rows[key].state]:
+                rows[key] = row
+        return list(rows.values())
 
     def resolve(self, name: str, version: str = "") -> tuple[Backend, ModelHandle] | None:
         states = self.running(name, version)

@@ -514,7 +514,7 @@ async def _wait_served(stubs: dict[str, Any], targets: list[tuple[str, str]]) ->
                 if (await stubs[endpoint].ModelReady(oip.ModelReadyRequest(name=name), timeout=2.0)).ready:
                     break
             except grpc.aio.AioRpcError:
-                pass  # NOT_FOUND until the orchestrator's wiring reaches the node
+                pass  # unreachable for a moment: the next try tells
             await asyncio.sleep(0.2)
 
 

@@ -136,9 +136,20 @@ async def test_model_ready(node: Node) -> None:
     assert (await node.stub.ModelReady(pb.ModelReadyRequest(name=INT8, version="1"))).ready
     node.table.mark_loading("warming-up", "3")
     assert not (await node.stub.ModelReady(pb.ModelReadyRequest(name="warming-up"))).ready
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await node.stub.ModelReady(pb.ModelReadyRequest(name=F32, version="2"))
-    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    # Unknown model or version: not ready, and no error (Triton's behaviour; clients rely on it).
+    assert not (await node.stub.ModelReady(pb.ModelReadyRequest(name=F32, version="2"))).ready
+    assert not (await node.stub.ModelReady(pb.ModelReadyRequest(name="no-such-model"))).ready
+
+
+async def test_repository_index(node: Node) -> None:
+    node.table.mark_loading("warming-up", "3")
+    index = await node.stub.RepositoryIndex(pb.RepositoryIndexRequest())
+    rows = {(m.name, m.version): m.state for m in index.models}
+    assert rows == {(F32, "1"): "READY", (INT8, "1"): "READY", ("warming-up", "3"): "LOADING"}
+    ready = await node.stub.RepositoryIndex(pb.RepositoryIndexRequest(ready=True))
+    assert {m.name for m in ready.models} == {F32, INT8}
+    meta = await node.stub.ServerMetadata(pb.ServerMetadataRequest())
+    assert "model_repository" in meta.extensions
 
 
 async def test_model_metadata(node: Node) -> None:
