@@ -37,8 +37,7 @@ from typing import Any, Protocol, TypeVar
 
 import grpc
 import numpy as np
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from accelerators.base import (
     NUMPY_DTYPES,
@@ -53,6 +52,7 @@ from accelerators.base import (
     TensorSpec,
 )
 from edgeward import __version__
+from edgeward.grpc_standard import HealthServicer, enable_reflection
 from edgeward.oip import grpc_predict_v2_pb2 as pb
 from edgeward.oip import grpc_predict_v2_pb2_grpc as pb_grpc
 
@@ -593,10 +593,10 @@ async def serve(
     # Without this, a second server on a fixed port would silently share it (SO_REUSEPORT).
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(host, pipelines), server)
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = HealthServicer()
     await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    enable_reflection([SERVICE_NAME], server)
     try:
         port = server.add_insecure_port(bind)
     except RuntimeError as err:

@@ -16,9 +16,9 @@ from functools import partial
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from edgeward.grpc_standard import HealthServicer, enable_reflection
 from edgeward.mqtt.broker import EmbeddedBroker
 from edgeward.mqtt.session import BrokerURL, MqttSession
 from edgeward.mqtt.topics import (
@@ -113,7 +113,7 @@ class Orchestrator:
         self._broker: EmbeddedBroker | None = None
         self._mqtt: MqttSession | None = None
         self._server: grpc.aio.Server | None = None
-        self._health = health.aio.HealthServicer()
+        self._health = HealthServicer()
         self.guard: ApiGuard | None = None
         self.store: SqliteStore
         self.reconciler: Reconciler
@@ -288,14 +288,7 @@ class Orchestrator:
         events_pb2_grpc.add_EventServiceServicer_to_server(EventService(self.events), server)
         attestation_pb2_grpc.add_AttestationServiceServicer_to_server(self.verifier.servicer(), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        reflection.enable_server_reflection(
-            (
-                *SERVICE_NAMES,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
-            ),
-            server,
-        )
+        enable_reflection(SERVICE_NAMES, server)
         return server
 
     async def _serve(self) -> None:

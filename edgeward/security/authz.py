@@ -29,6 +29,7 @@ from typing import Any
 
 import grpc
 
+from edgeward.grpc_standard import STANDARD_METHODS
 from edgeward.security.audit import AuditEntry, AuditLog
 from edgeward.security.boundary import UNDECODABLE, RequestGuard, Undecodable
 from edgeward.security.errors import IdentityError
@@ -208,9 +209,7 @@ RULES: dict[str, MethodRule] = {
     "/edgeward.v1.AttestationService/AttestNow": MethodRule(
         frozenset({Role.OPERATOR}), None, lambda r: r.node_id, mutating=True
     ),
-    "/grpc.health.v1.Health/Check": MethodRule(_ANY_ROLE),
-    "/grpc.health.v1.Health/Watch": MethodRule(_ANY_ROLE),
-    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": MethodRule(_ANY_ROLE),
+    **{method: MethodRule(_ANY_ROLE) for method in STANDARD_METHODS},  # health, reflection v1alpha and v1
 }
 _READ_ONLY = ("Get", "List", "Watch", "Query", "History", "Placements", "Compliance", "Check")
 _OPERATOR_READS = MethodRule(frozenset({Role.OPERATOR}))

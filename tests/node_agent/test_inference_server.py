@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -367,6 +368,35 @@ async def test_health_and_reflection(node: Node) -> None:
     names = {s.name for s in replies[0].list_services_response.service}
     assert {"inference.GRPCInferenceService", "grpc.health.v1.Health"} <= names
     assert replies[1].file_descriptor_response.file_descriptor_proto  # stock tools can decode requests
+
+
+async def test_health_list_and_reflection_v1(node: Node, caplog: pytest.LogCaptureFixture) -> None:
+    # health List, with the stock stub: every service's status, and nothing in the log
+    listed = await health_pb2_grpc.HealthStub(node.channel).List(health_pb2.HealthListRequest())
+    assert {name: s.status for name, s in listed.statuses.items()} == {
+        "": health_pb2.HealthCheckResponse.SERVING,
+        SERVICE_NAME: health_pb2.HealthCheckResponse.SERVING,
+    }
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+    # reflection v1 (what grpcurl and grpcui ask first): the same messages under grpc.reflection.v1
+    v1 = node.channel.stream_stream(
+        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+        request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+        response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+    )
+    requests = [
+        reflection_pb2.ServerReflectionRequest(list_services=""),
+        reflection_pb2.ServerReflectionRequest(file_containing_symbol="inference.GRPCInferenceService"),
+    ]
+    replies = [reply async for reply in v1(iter(requests))]
+    names = {s.name for s in replies[0].list_services_response.service}
+    assert {
+        "inference.GRPCInferenceService",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+    } <= names
+    assert replies[1].file_descriptor_response.file_descriptor_proto
 
 
 async def test_bind_conflict_is_reported(node: Node) -> None:
