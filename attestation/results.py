@@ -8,7 +8,6 @@ reads status, tier, reasons and expiry from the decoded ``AttestationResult``.
 from __future__ import annotations
 
 import hashlib
-import os
 import stat
 from collections.abc import Iterable
 from pathlib import Path
@@ -23,6 +22,7 @@ from cryptography.hazmat.primitives.serialization import (
     load_pem_private_key,
 )
 
+from edgeward.security.files import write_private
 from edgeward.v1 import attestation_pb2 as pb
 
 from .errors import AttestationError
@@ -84,18 +84,6 @@ def open_signed_result(signed: pb.SignedAttestationResult, public: Ed25519Public
     result = pb.AttestationResult()
     result.ParseFromString(signed.result)
     return result
-
-
-def write_private(path: Path, data: bytes) -> None:
-    """Write a secret file readable by its owner only (created 0600, never world-readable)."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def read_private(path: Path) -> bytes:

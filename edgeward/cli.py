@@ -189,6 +189,24 @@ def build_parser() -> argparse.ArgumentParser:
     _server(p)
     p.set_defaults(handler="orchestrator.cli:cmd_compliance")
 
+    p = sub.add_parser("keys", help="the key-encryption key of the model data keys: status, rotate")
+    ksub = p.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    for action, text in (
+        ("status", "which KEKs exist, which is active, how many data keys each wraps"),
+        ("rotate", "make a new KEK active and re-wrap every data key under it"),
+    ):
+        kp = ksub.add_parser(action, help=text)
+        kp.add_argument("-c", "--config", help="orchestrator config YAML (its state_dir and key_encryption)")
+        kp.add_argument("--state-dir", help="state directory (overrides the config)")
+        if action == "rotate":
+            kp.add_argument(
+                "--retire",
+                action="store_true",
+                help="then delete the KEKs no data key uses any more (after every orchestrator has restarted "
+                "or re-wrapped: they keep using a KEK they already read)",
+            )
+        kp.set_defaults(handler="orchestrator.cli:cmd_keys", action=action)
+
     from edgeward.security.cli import add_parser as add_pki_parser
 
     add_pki_parser(sub)

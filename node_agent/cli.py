@@ -9,6 +9,8 @@ import signal
 import sys
 from pathlib import Path
 
+from edgeward.security.files import private_umask
+
 from .agent import NodeAgent
 from .config import AgentConfig, AgentConfigError, load_agent_config
 
@@ -18,6 +20,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
         level=logging.DEBUG if args.verbose > 1 else logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    private_umask()  # the model cache and the attestation keys: 0600 whatever creates them
     try:
         config = load_agent_config(Path(args.config))
     except AgentConfigError as err:

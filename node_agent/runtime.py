@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from accelerators.base import AcceleratorError, Backend, InferResult, ModelArtifact, ModelHandle
+from edgeward.security.files import private_dir
 from edgeward.v1 import node_pb2
 
 from .inference_server import LOADING, READY, UNAVAILABLE, LatencyStats, ModelIndexEntry
@@ -77,8 +78,7 @@ class Runtime:
         unlock: Unlock,
     ) -> None:
         self.backends = backends
-        self.cache_dir = Path(cache_dir)
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        self.cache_dir = private_dir(cache_dir)
         for stale in self.cache_dir.glob(".tmp-*"):  # a write a crash interrupted before its rename
             stale.unlink(missing_ok=True)
         self.fetched = 0  # artifacts downloaded since start

@@ -16,6 +16,7 @@ from google.protobuf.json_format import MessageToDict
 from rich.console import Console
 from rich.table import Table
 
+from edgeward.security.files import private_umask
 from edgeward.v1 import api_pb2, node_pb2
 
 from .client import ClientError, EdgewardClient
@@ -52,6 +53,7 @@ def _fail(err: Exception) -> int:
 
 def cmd_orchestrator(args: argparse.Namespace) -> int:
     setup_logging(max(args.verbose, 1))
+    private_umask()  # the store, the ownership registry, the audit log: 0600 whatever creates them
     from .config import BrokerConfig
 
     overrides: dict[str, Any] = {"state_dir": args.state_dir, "grpc_bind": args.grpc_bind}
@@ -505,9 +507,51 @@ def cmd_up(args: argparse.Namespace) -> int:
     from .up import run_up
 
     setup_logging(args.verbose)
+    private_umask()
     if args.nodes < 1:
         return _fail(ValueError("--nodes must be at least 1"))
     return run_up(args)
+
+
+# ------------------------------------------------------------ keys
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    """``edgeward keys status|rotate``: works on the store directly (SQLite: stop nothing; a running
+    orchestrator picks up the new active KEK at its next push)."""
+    from edgeward.security.keywrap import KeyWrapError, key_id_of, rotate
+
+    from .store import SqliteStore
+
+    setup_logging(args.verbose)
+    private_umask()
+    try:
+        config = load_config(Path(args.config) if args.config else None, state_dir=args.state_dir)
+        keys = config.key_encryption.open(config.state_dir)
+        store = SqliteStore(config.state_dir, keys)
+    except (ConfigError, ValueError, OSError, KeyWrapError) as err:
+        return _fail(err)
+    try:
+        if args.action == "rotate":
+            done = rotate(store, keys, retire=args.retire)
+            print(
+                f"active KEK {done.new_key_id}; {done.rewrapped} data key(s) re-wrapped"
+                + (f"; retired {', '.join(done.retired)}" if done.retired else "")
+            )
+        active = keys.provider.active().key_id
+        counts: dict[str, int] = {}
+        for _name, _version, stored in store.data_keys():
+            if stored:
+                key_id = key_id_of(stored) or "(raw)"
+                counts[key_id] = counts.get(key_id, 0) + 1
+        for key_id in sorted(set(keys.provider.ids()) | set(counts)):
+            mark = " (active)" if key_id == active else ""
+            print(f"{key_id}{mark}: wraps {counts.get(key_id, 0)} data key(s)")
+    except KeyWrapError as err:
+        return _fail(err)
+    finally:
+        store.close()
+    return 0
 
 
 # ------------------------------------------------------------ rollouts

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -128,6 +128,30 @@ class SlowdownConfig(BaseModel):
     mitigation: MitigationConfig = Field(default_factory=MitigationConfig)
 
 
+class KeyEncryptionConfig(BaseModel):
+    """Where the key-encryption key of the model data keys lives (`edgeward.security.keywrap`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    provider: str = Field(
+        "file",
+        description="'file' (a 0600 key file per KEK in a 0700 directory) or a provider registered under "
+        "the entry point group edgeward.kek_providers (a KMS, PKCS#11 token or TPM).",
+    )
+    dir: Path | None = Field(
+        None,
+        description="file provider: the KEK directory; default <state_dir>/kek (better: another volume).",
+    )
+    options: dict[str, Any] = Field(default_factory=dict, description="Settings of another provider.")
+
+    def open(self, state_dir: Path) -> Any:
+        """The `DataKeys` of this configuration (reads or creates the KEK: IO)."""
+        from edgeward.security.keywrap import DataKeys, open_provider
+
+        options = {**self.options, "dir": self.dir} if self.provider == "file" else dict(self.options)
+        return DataKeys(open_provider(self.provider, options, state_dir))
+
+
 class OrchestratorConfig(BaseModel):
     """Settings of one orchestrator process."""
 
@@ -160,6 +184,10 @@ class OrchestratorConfig(BaseModel):
         "larger ones are refused before they are decoded.",
     )
     attestation: AttestationConfig = Field(default_factory=AttestationConfig)
+    key_encryption: KeyEncryptionConfig = Field(
+        default_factory=KeyEncryptionConfig,
+        description="Key-encryption key of the model data keys stored in the database (docs/security.md).",
+    )
     slowdown: SlowdownConfig = Field(
         default_factory=SlowdownConfig, description="Slowdown-attack detection and mitigation."
     )

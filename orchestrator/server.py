@@ -162,7 +162,8 @@ class Orchestrator:
     async def _open_store(self) -> None:
         self.events.bind_loop(asyncio.get_running_loop())
         self.events.add_outlet(self._queue_event)
-        self.store = await self.db(SqliteStore, self.config.state_dir)
+        cfg = self.config
+        self.store = await self.db(lambda: SqliteStore(cfg.state_dir, cfg.key_encryption.open(cfg.state_dir)))
 
     async def _build_controllers(self) -> None:
         """The verifier, catalog, rollout controller, reconciler and multi-exit router, with the

@@ -4,8 +4,9 @@
 transaction, so a kill -9 at any point leaves a consistent store). A PostgreSQL store implements
 the same :class:`Store` protocol. Model artifacts live beside the database, content-addressed by
 sha256 and written atomically. With attestation, an artifact is stored sealed (encrypted with its
-model version's data key, see ``put_model``); the data keys and the nodes' attestation
-enrollments are rows of the database, which therefore holds secrets: keep the state dir private.
+model version's data key, see ``put_model``). A data key is stored wrapped under a key-encryption
+key kept outside the database (`edgeward.security.keywrap`); the state dir is 0700 and its files
+0600 all the same (the nodes' enrollments are rows too).
 
 The store is synchronous; the orchestrator calls it through one single-thread executor, which
 also makes that thread the only committer.
@@ -22,6 +23,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
+
+from edgeward.security.files import private_dir, private_file, tighten
+from edgeward.security.keywrap import DataKeys, FileKeyring, wrap_legacy_keys
 
 from .errors import AlreadyExists, NotFound
 from .manifest import DeploymentManifest
@@ -228,13 +232,17 @@ class Store(Protocol):
 class SqliteStore:
     """The default store: SQLite in WAL mode under ``state_dir``."""
 
-    def __init__(self, state_dir: Path) -> None:
-        self.state_dir = Path(state_dir)
-        self.artifact_dir = self.state_dir / "artifacts"
-        self.artifact_dir.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(
-            self.state_dir / "edgeward.db", isolation_level=None, check_same_thread=False
-        )
+    def __init__(self, state_dir: Path, keys: DataKeys | None = None) -> None:
+        """``keys`` wraps the data keys (default: the file keyring ``<state_dir>/kek``)."""
+        self.state_dir = private_dir(state_dir)
+        self.artifact_dir = private_dir(self.state_dir / "artifacts")
+        for artifact in self.artifact_dir.iterdir():  # an older release may have left them readable
+            tighten(artifact)
+        self._keys = keys or DataKeys(FileKeyring.open(self.state_dir / "kek"))
+        db_file = private_file(self.state_dir / "edgeward.db")  # SQLite gives -wal/-shm its mode
+        for suffix in ("-wal", "-shm"):
+            tighten(f"{db_file}{suffix}")
+        self._db = sqlite3.connect(db_file, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA foreign_keys=ON")
@@ -247,6 +255,7 @@ class SqliteStore:
                     cur.execute(statement)
             cur.execute("INSERT OR IGNORE INTO meta VALUES ('schema', '1')")
         self._migrate()
+        wrap_legacy_keys(self, self._keys)
 
     def _migrate(self) -> None:
         while True:
@@ -286,6 +295,7 @@ class SqliteStore:
         """Store a model version: ``artifact`` is the model itself, or, with ``sealed``, the sealed
         blob that ``sealed`` describes (the model's own digest is then ``record.sha256``)."""
         digest = sealed.sha256 if sealed is not None else record.sha256
+        wrapped = self._keys.wrap(sealed.data_key, record.name, record.version) if sealed else b""
         if hashlib.sha256(artifact).hexdigest() != digest:
             raise ValueError("artifact does not match its sha256")
         path = self.artifact_dir / digest
@@ -317,7 +327,7 @@ class SqliteStore:
                     cur.execute(
                         "INSERT INTO model_keys (name, version, data_key, sealed_sha256, sealed_size) "
                         "VALUES (?, ?, ?, ?, ?)",
-                        (record.name, record.version, sealed.data_key, sealed.sha256, sealed.size),
+                        (record.name, record.version, wrapped, sealed.sha256, sealed.size),
                     )
                 cur.execute(
                     "INSERT INTO model_history VALUES (?, ?, ?, 'published', '')",
@@ -333,7 +343,25 @@ class SqliteStore:
         ).fetchone()
         if row is None:
             raise NotFound("sealed artifact", f"{name}:{version}")
-        return SealedArtifact(row[0], row[1], bytes(row[2]), row[3])
+        return SealedArtifact(row[0], row[1], self._keys.unwrap(bytes(row[2]), name, version), row[3])
+
+    def data_keys(self) -> list[tuple[str, str, bytes]]:
+        """Every stored (wrapped) data key: (name, version, stored value) for key rotation."""
+        rows = self._db.execute("SELECT name, version, data_key FROM model_keys").fetchall()
+        return [(name, version, bytes(stored)) for name, version, stored in rows]
+
+    def replace_data_keys(self, rows: Iterable[tuple[str, str, bytes, bytes]]) -> int:
+        """Replace stored data keys (name, version, old value, new value) in one transaction; a row
+        whose value changed meanwhile (a revocation destroyed the key) is left alone."""
+        changed = 0
+        with self._tx() as cur:
+            for name, version, old, new in rows:
+                cur.execute(
+                    "UPDATE model_keys SET data_key=? WHERE name=? AND version=? AND data_key=?",
+                    (new, name, version, old),
+                )
+                changed += cur.rowcount
+        return changed
 
     def get_model(self, name: str, version: str | None = None) -> ModelRecord:
         if version:

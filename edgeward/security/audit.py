@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from edgeward.security.files import tighten
 from edgeward.security.identity import Identity
 
 
@@ -67,7 +68,10 @@ class AuditLog:
 
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.parent.mkdir(
+            parents=True, exist_ok=True, mode=0o700
+        )  # a configured parent is left as it is
+        tighten(self.path)  # written 0600 since it exists; an older release may have left it readable
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="edgeward-audit")
         self.written = 0
 

@@ -33,6 +33,7 @@ from edgeward.grpc_standard import STANDARD_METHODS
 from edgeward.security.audit import AuditEntry, AuditLog
 from edgeward.security.boundary import UNDECODABLE, RequestGuard, Undecodable
 from edgeward.security.errors import IdentityError
+from edgeward.security.files import private_dir, private_file, tighten
 from edgeward.security.identity import Identity, Role
 from edgeward.security.tls import RevocationList
 from edgeward.v1 import api_pb2
@@ -77,7 +78,10 @@ class OwnershipRegistry:
         pool = ThreadPoolExecutor(1, thread_name_prefix="edgeward-owners")
 
         def load() -> tuple[sqlite3.Connection, dict[tuple[str, str], str]]:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            private_dir(path.parent)
+            private_file(path)  # SQLite gives -wal/-shm the database file's mode
+            for suffix in ("-wal", "-shm"):
+                tighten(f"{path}{suffix}")
             db = cls._open(path)
             rows = db.execute("SELECT kind, name, owner FROM owners").fetchall()
             return db, {(k, n): o for k, n, o in rows}

@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from edgeward.security.errors import IdentityError, PkiError
+from edgeward.security.files import write_private
 from edgeward.security.identity import Identity, Role
 
 log = logging.getLogger(__name__)
@@ -66,18 +67,6 @@ class IssuedFiles:
 
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
-
-
-def write_private(path: Path, data: bytes) -> None:
-    """Write a secret file that is 0600 from its creation on (replacing an older one atomically)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as out:
-        out.write(data)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, path)
 
 
 def _write_public(path: Path, data: bytes) -> None:

@@ -197,8 +197,11 @@ async def test_wipe_every_holding_node_confirms_and_nothing_can_be_decrypted(fle
     node_copies = {a.node_id: _cache_files(a) for a in agents}
     assert all(len(files) == 1 for files in node_copies.values()), node_copies
     stolen = node_copies["n1"][0].read_bytes()  # what an attacker copied off a node before the wipe
+    # The store holds the key wrapped under its KEK (never raw); that value is what must go.
+    wrapped = next(v for n, ver, v in orch.store.data_keys() if (n, ver) == ("vib-cnn", "1.0.0"))
     state_files = [p for p in orch.config.state_dir.rglob("*") if p.is_file()]
-    assert any(data_key in p.read_bytes() for p in state_files), "the key is in the store before the wipe"
+    assert any(wrapped in p.read_bytes() for p in state_files), "the key is in the store before the wipe"
+    assert not any(data_key in p.read_bytes() for p in state_files), "a raw data key in the state dir"
 
     status = await api.models.Wipe(api_pb2.WipeRequest(name="vib-cnn", version="1.0.0", reason="leaked"))
     assert sorted(n.node_id for n in status.nodes) == ["n1", "n2"]
@@ -221,7 +224,7 @@ async def test_wipe_every_holding_node_confirms_and_nothing_can_be_decrypted(fle
     assert after.data_key == b"" and after.revoked_ms > 0
     for path in orch.config.state_dir.rglob("*"):
         if path.is_file():
-            assert data_key not in path.read_bytes(), f"the revoked key survives in {path}"
+            assert wrapped not in path.read_bytes(), f"the revoked key survives in {path}"
     # The sealed copies left on disk (the orchestrator's, and the one copied off a node) are ciphertext
     # that only the destroyed key opens; the key release refuses every node from now on.
     orch_copy = await orch.db(orch.store.read_artifact, after.sha256)

@@ -150,7 +150,10 @@ def test_revoking_destroys_the_key_everywhere_in_the_state_dir(tmp_path):
     try:
         key = _put(store)
         _put(store, "1.1.0")
-        assert any(key in p.read_bytes() for p in tmp_path.iterdir() if p.is_file())
+        # The database holds the key wrapped under the KEK (never raw): that value must go too.
+        wrapped = next(v for n, ver, v in store.data_keys() if (n, ver) == ("vib-cnn", "1.0.0"))
+        assert any(wrapped in p.read_bytes() for p in tmp_path.iterdir() if p.is_file())
+        assert not any(key in p.read_bytes() for p in tmp_path.rglob("*") if p.is_file())
         store.set_model_state("vib-cnn", "1.0.0", "deprecated", "old", 2000)
         assert store.get_sealed("vib-cnn", "1.0.0").data_key == key
         revoked = store.set_model_state("vib-cnn", "1.0.0", "revoked", "leaked", 3000)
@@ -161,7 +164,7 @@ def test_revoking_destroys_the_key_everywhere_in_the_state_dir(tmp_path):
         assert store.revoked_keys() == [("vib-cnn", "1.0.0")]
         for path in tmp_path.iterdir():
             if path.is_file():
-                assert key not in path.read_bytes(), path
+                assert wrapped not in path.read_bytes(), path
         with pytest.raises(CatalogError) as info:
             store.set_model_state("vib-cnn", "1.0.0", "published", "", 4000)
         assert info.value.reason == "model.state.revoked"
