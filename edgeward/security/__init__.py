@@ -8,7 +8,23 @@
 - `edgeward.security.tokens`: operator-approved one-time enrollment tokens.
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 from edgeward.security.errors import SecurityError
-from edgeward.security.identity import Identity, Role
+
+if TYPE_CHECKING:
+    from edgeward.security.identity import Identity, Role
 
 __all__ = ["Identity", "Role", "SecurityError"]
+
+
+def __getattr__(name: str) -> Any:
+    # Identity needs cryptography's x509 (a tenth of a second to import): only load it when asked,
+    # so a store or a config that only uses edgeward.security.files does not pay for it.
+    if name in ("Identity", "Role"):
+        from edgeward.security import identity
+
+        return getattr(identity, name)
+    raise AttributeError(name)

@@ -28,7 +28,6 @@ import secrets
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
-from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -164,6 +163,8 @@ def open_provider(name: str, options: dict[str, Any], state_dir: Path) -> KekPro
     """The KEK provider ``name`` (``file`` or a registered entry point)."""
     if name == "file":
         return FileKeyring.open(Path(options.get("dir") or Path(state_dir) / "kek"))
+    from importlib.metadata import entry_points
+
     found = [ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name == name]
     if not found:
         raise KeyWrapError(

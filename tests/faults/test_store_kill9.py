@@ -36,10 +36,16 @@ def test_kill9_at_random_points_leaves_a_consistent_store(tmp_path):
             stderr=subprocess.PIPE,
             text=True,
         )
-        time.sleep(rng.uniform(0.8, 1.6))  # the interpreter and the store start, then it writes
+        # The kill lands at a random point after the first commit (however long the start took).
+        assert writer.stdout is not None and writer.stderr is not None
+        first = writer.stdout.readline()
+        time.sleep(rng.uniform(0.0, 0.8))
         writer.kill()
-        out, err = writer.communicate(timeout=10)
-        names = out.split()
+        names = (first + writer.stdout.read()).split()  # the file's buffer, then the pipe's rest
+        err = writer.stderr.read()
+        writer.wait(timeout=10)
+        writer.stdout.close()
+        writer.stderr.close()
         assert names, f"the writer committed nothing before the kill (seed {seed}):\n{err[-2000:]}"
         committed.update(names)
         start += len(names) + 1  # the next writer starts past anything this one may have begun
