@@ -3,7 +3,10 @@
 * ``code_digest()``: the sha256 the agent measures as ``agent.code``, over the source files of
   the packages the agent runs. The orchestrator computes the same digest from its own
   installation for its built-in reference values, so an agent of the same release matches and a
-  modified file does not. Packages are located without being imported.
+  modified file does not. Packages are located without being imported. It is computed once per
+  process (the code a process runs is what it loaded when it started; a file changed since is
+  measured by the next process), so many agents in one process (``edgeward sim-fleet``) or an
+  agent restarted in place pay for it once.
 * ``model_aad()``: associated data of a sealed model artifact, binding the ciphertext to the
   model's name, version and plaintext digest (a blob cannot be passed off as another model).
 * ``key_context()``: the context a model data key is wrapped under for one node.
@@ -32,9 +35,16 @@ def package_dir(name: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
+_CODE_DIGESTS: dict[tuple[str, ...], bytes] = {}
+
+
 def code_digest(packages: Iterable[str] = AGENT_CODE_PACKAGES) -> bytes:
-    """The ``agent.code`` digest of the installed ``packages``."""
-    return tree_digest((name, package_dir(name)) for name in packages)
+    """The ``agent.code`` digest of the installed ``packages``, computed once per process."""
+    key = tuple(packages)
+    digest = _CODE_DIGESTS.get(key)
+    if digest is None:
+        digest = _CODE_DIGESTS[key] = tree_digest((name, package_dir(name)) for name in key)
+    return digest
 
 
 def tree_digest(trees: Iterable[tuple[str, Path]]) -> bytes:

@@ -64,6 +64,10 @@ log = logging.getLogger(__name__)
 SEEN_COMMANDS = 4096
 DOWNLOAD_TIMEOUT_S = 60.0
 CONNECT_BACKOFF_S = (0.5, 15.0)  # first and largest delay between broker connection attempts
+# After a reconnect, buffered telemetry waits this long before it is replayed: the orchestrator
+# (which reconnects within a second, ORCHESTRATOR_RECONNECT_S) must have re-subscribed first, or a
+# broker without persistence would have no one to deliver the replay to.
+REPLAY_SETTLE_S = 1.5
 LEASE_EXPIRED = "agent.attestation.expired"
 PROFILE_RUNS = 30  # inferences per model profile, after PROFILE_WARMUP
 PROFILE_WARMUP = 3
@@ -92,15 +96,30 @@ def _remove_durably(path: Path) -> None:
 
 
 class NodeAgent:
-    """``async with NodeAgent(config) as agent:`` runs the node until the block is left."""
+    """``async with NodeAgent(config) as agent:`` runs the node until the block is left.
 
-    def __init__(self, config: AgentConfig) -> None:
+    Hollow nodes (``edgeward sim-fleet``: many agents in one process) pass a shared ``pool`` for
+    blocking work and profiles, shared gRPC ``channels`` for artifact downloads, and
+    ``serve_inference=False`` (their backend does no inference work); each still has its own MQTT
+    session, identity, attester and runtime.
+    """
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        *,
+        pool: ThreadPoolExecutor | None = None,
+        channels: dict[str, grpc.aio.Channel] | None = None,
+        serve_inference: bool = True,
+    ) -> None:
         self.config = config
         self.node_id = config.node_id
         self.drops = DropCounter()
         self.boot_ms = now_ms()
         self.inference_port = 0
-        self._pool = ThreadPoolExecutor(2, thread_name_prefix=f"agent-{self.node_id}")
+        self._serve_inference = serve_inference
+        self._own_pool = pool is None
+        self._pool = pool or ThreadPoolExecutor(2, thread_name_prefix=f"agent-{self.node_id}")
         self._backends: dict[str, Backend] = {}
         self._availability: dict[str, str] = {}
         self._seen: OrderedDict[str, node_pb2.CommandAck] = OrderedDict()
@@ -109,7 +128,8 @@ class NodeAgent:
         self._tasks: list[asyncio.Task] = []
         self._mqtt: MqttSession | None = None
         self._server: grpc.aio.Server | None = None
-        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._own_channels = channels is None
+        self._channels: dict[str, grpc.aio.Channel] = {} if channels is None else channels
         self._started = time.monotonic()
         # Telemetry taken while the broker is away: serialized NodeMessages (stamped when taken),
         # oldest first, bounded by telemetry_buffer; _replay sends them once the broker is back.
@@ -122,7 +142,7 @@ class NodeAgent:
         self._attested_at: float | None = None
         # Model profiles: measured once per (model, version, accelerator), on their own thread so
         # serving never waits for them; the plaintext is held only until its model is profiled.
-        self._profile_pool = ThreadPoolExecutor(1, thread_name_prefix=f"agent-{self.node_id}-profile")
+        self._profile_pool = pool or ThreadPoolExecutor(1, thread_name_prefix=f"agent-{self.node_id}-profile")
         self._profile_wake = asyncio.Event()
         self._profiles: OrderedDict[tuple[str, str, str], node_pb2.ModelProfile] = OrderedDict()
         self._profile_failed: set[tuple[str, str, str]] = set()
@@ -181,9 +201,10 @@ class NodeAgent:
             self._unlock,
         )
         self.pipelines = MultiExitHost(self.runtime, self.node_id)
-        from .inference_server import serve
+        if self._serve_inference:
+            from .inference_server import serve
 
-        self._server, self.inference_port = await serve(self.runtime, cfg.inference_bind, self.pipelines)
+            self._server, self.inference_port = await serve(self.runtime, cfg.inference_bind, self.pipelines)
         await self.run_blocking(self._finish_wipes)  # a wipe cut short by a crash ends before any load
         await self._connect()
         await self._announce()
@@ -235,7 +256,8 @@ class NodeAgent:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
-        self._profile_pool.shutdown(wait=True)  # a profile still running must not outlive its backend
+        if self._own_pool:
+            self._profile_pool.shutdown(wait=True)  # a profile still running must not outlive its backend
         self._unprofiled.clear()
         if self._mqtt is not None:
             try:
@@ -258,15 +280,17 @@ class NodeAgent:
             await self.pipelines.close()
         if hasattr(self, "runtime"):
             await self.runtime.close()
-        for channel in self._channels.values():
-            await channel.close()
-        self._channels.clear()
+        if self._own_channels:
+            for channel in self._channels.values():
+                await channel.close()
+            self._channels.clear()
         for backend in self._backends.values():
             await self.run_blocking(backend.close)
         if self.responder is not None:
             await self.run_blocking(self.responder.close)
             self.responder = None
-        self._pool.shutdown(wait=True)
+        if self._own_pool:
+            self._pool.shutdown(wait=True)
 
     def drop_counts(self) -> dict[str, int]:
         """Refused commands by reason, including those the session dropped for size."""
@@ -274,6 +298,8 @@ class NodeAgent:
 
     @property
     def inference_endpoint(self) -> str:
+        if not self._serve_inference:
+            return ""
         host = self.config.inference_bind.rsplit(":", 1)[0]
         return f"{host}:{self.inference_port}"
 
@@ -486,6 +512,9 @@ class NodeAgent:
             while self._backlog:
                 if not self._mqtt.connected:
                     await asyncio.sleep(0.1)
+                    continue
+                if (settle := REPLAY_SETTLE_S - self._mqtt.connected_for) > 0:
+                    await asyncio.sleep(settle)
                     continue
                 payload = self._backlog[0]
                 try:

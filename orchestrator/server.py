@@ -88,6 +88,7 @@ INGEST_KINDS = (TopicKind.HELLO, TopicKind.STATUS, TopicKind.TELEMETRY, TopicKin
 OFFLINE_CONFIRM_S = 0.5
 MAX_RESPONSE_BYTES = 64 * 1024 * 1024  # a List of a large fleet; requests are capped by max_grpc_message
 LIVENESS_TICK_S = 0.1
+ORCHESTRATOR_RECONNECT_S = (0.1, 1.0)
 
 
 class Orchestrator:
@@ -257,6 +258,9 @@ class Orchestrator:
             ),
             f"edgeward-orchestrator-{uuid.uuid4().hex[:8]}",
             max_payload=b.max_payload,
+            # One control-plane client comes back fast after a broker restart (the fleet backs off
+            # with jitter), so that it has re-subscribed before the nodes replay their backlog.
+            reconnect_delay=ORCHESTRATOR_RECONNECT_S,
         )
         await self._mqtt.__aenter__()
         for kind in INGEST_KINDS:

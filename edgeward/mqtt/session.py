@@ -1,17 +1,23 @@
-"""An asyncio-facing MQTT session over paho-mqtt 2.x.
+"""An asyncio-facing MQTT session over paho-mqtt 2.x, driven by the running event loop.
 
-Design: paho runs its own network thread (``loop_start``) and every paho callback crosses into the
-event loop with ``call_soon_threadsafe``, so futures, the inbox and the counters are only touched on
-the event loop. The one structure both sides read, the subscription table that the network thread
-re-issues after a reconnect, is guarded by a lock. Driving paho's socket callbacks from asyncio
-instead would have meant rebuilding paho's reconnect, keepalive and TLS handshake handling, which
-paho only runs inside ``loop_forever``; one thread per session is cheap at one session per process.
+Design: no network thread. paho's socket callbacks (``on_socket_open``/``close``/
+``register_write``/``unregister_write``) hand the socket to the event loop, whose reader and writer
+callbacks call ``loop_read``/``loop_write``; a timer per session calls ``loop_misc`` (keepalive).
+Thousands of sessions therefore share one loop and one thread (``edgeward sim-fleet``), and paho's
+callbacks run on the loop, so futures, the inbox and the counters need no locks.
 
-Blocking paho calls (the first TCP/TLS connect, joining the network thread) run on a short-lived
-thread of their own rather than on the loop's default executor, whose workers outlive the call: a
-closed session leaves no thread behind.
+paho reconnects by itself only inside its own ``loop_forever``; here the session does it: after
+an unexpected loss it reconnects with jittered exponential backoff (``RECONNECT_DELAY_S``) and
+re-issues its subscriptions. The blocking parts of a connect (TCP connect, TLS handshake) run on a
+short-lived thread of their own, so a closed session leaves no thread behind.
 
-Protocol: MQTT 3.1.1, the only level amqtt 0.12.1 accepts (Mosquitto accepts both).
+Backpressure (slow consumer): the inbox holds ``max_queued`` messages. Beyond that a QoS 0 message
+is shed and counted (``dropped_overflow``); a QoS 1 message is never dropped: it is queued and the
+session stops reading its socket until the application has taken half of the inbox, so the broker
+holds the rest (TCP flow control) and the publishers' own QoS 1 flow slows down.
+
+Protocol: MQTT 3.1.1 by default, the only level amqtt 0.12.1 accepts; ``protocol=5`` speaks
+MQTT v5 (Mosquitto, EMQX), for example for ``$share/`` subscriptions.
 """
 
 from __future__ import annotations
@@ -22,11 +28,14 @@ import dataclasses
 import enum
 import logging
 import os
+import random
+import socket
 import ssl
 import threading
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from types import TracebackType
 from typing import Any, Self, TypeVar
 from urllib.parse import urlsplit
@@ -42,12 +51,18 @@ T = TypeVar("T")
 DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
 # Bound on QoS 1 messages paho keeps for (re)sending while the broker is away.
 _MAX_OUTBOUND_QOS1 = 1000
-# paho's reconnect backoff: first and largest delay, seconds. The largest stays well below the
-# orchestrator's default node_timeout_s (15 s), so that after a broker restart every live node is
-# back, and heard, before it could be declared lost.
+# Reconnect backoff: first and largest delay, seconds; each wait is drawn from [delay/2, delay] so
+# that a fleet that lost its broker does not come back in one wave. The largest stays well below
+# the orchestrator's default node_timeout_s (15 s), so that after a broker restart every live node
+# is back, and heard, before it could be declared lost.
 RECONNECT_DELAY_S = (0.5, 8.0)
-# How long the loop lets received messages gather before it takes them (see _schedule_drain).
-INBOUND_GATHER_S = 0.001
+# Packets one readable event may take from a socket before the loop serves the other sessions.
+READ_BATCH = 64
+# How often paho's keepalive bookkeeping (PINGREQ, PINGRESP timeout) runs, seconds.
+MISC_INTERVAL_S = 1.0
+# How long close() waits for the DISCONNECT to leave before it closes the socket itself, seconds.
+CLOSE_GRACE_S = 1.0
+PROTOCOLS = {4: MQTTProtocolVersion.MQTTv311, 5: MQTTProtocolVersion.MQTTv5}
 
 
 class MqttError(Exception):
@@ -198,9 +213,10 @@ class Message:
 class SessionStats:
     """Counters of a session; `MqttSession.stats` hands out copies.
 
-    ``received`` counts messages accepted into the inbox (within ``max_payload``), including any
-    later evicted as ``dropped_overflow`` because the application did not keep up;
-    ``dropped_invalid`` counts messages whose topic is not valid UTF-8.
+    ``received`` counts messages accepted into the inbox (within ``max_payload``);
+    ``dropped_overflow`` counts QoS 0 messages shed because the inbox was full (the application did
+    not keep up; QoS 1 messages are never shed: ``paused`` counts the times the session stopped
+    reading its socket instead); ``dropped_invalid`` counts messages whose topic is not valid UTF-8.
     """
 
     published: int = 0
@@ -209,6 +225,7 @@ class SessionStats:
     dropped_overflow: int = 0
     dropped_invalid: int = 0
     reconnects: int = 0
+    paused: int = 0
 
 
 class _State(enum.Enum):
@@ -278,9 +295,11 @@ class _MessageIterator:
 class MqttSession:
     """One MQTT connection, used as ``async with MqttSession(url, client_id) as session:``.
 
-    paho reconnects on its own after the connection drops (backoff ``RECONNECT_DELAY_S``), and the
-    session re-issues its subscriptions each time. ``timeout`` bounds the connect, each PUBACK and
-    each SUBACK. Closing sends DISCONNECT, so the broker discards the will.
+    The session reconnects on its own after the connection drops (jittered backoff
+    ``RECONNECT_DELAY_S``) and re-issues its subscriptions each time. ``timeout`` bounds the
+    connect, each PUBACK and each SUBACK. Closing sends DISCONNECT, so the broker discards the will.
+    ``protocol`` is the MQTT protocol level: 4 (3.1.1, default) or 5. ``reconnect_delay`` is the
+    backoff's (first, largest) delay in seconds.
     """
 
     def __init__(
@@ -294,38 +313,50 @@ class MqttSession:
         keepalive: int = 15,
         max_queued: int = 1000,
         timeout: float = 10.0,
+        protocol: int = 4,
+        reconnect_delay: tuple[float, float] = RECONNECT_DELAY_S,
     ) -> None:
         if not isinstance(client_id, str) or not client_id:
             raise ValueError("client_id must be a non-empty string")
         if max_payload < 0 or max_queued < 1 or keepalive < 1 or timeout <= 0:
             raise ValueError("max_payload >= 0, max_queued >= 1, keepalive >= 1 and timeout > 0 required")
+        if not 0 < reconnect_delay[0] <= reconnect_delay[1]:
+            raise ValueError(
+                f"reconnect_delay must be (first, largest) with 0 < first <= largest, got {reconnect_delay}"
+            )
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be 4 (MQTT 3.1.1) or 5 (MQTT v5), got {protocol!r}")
         self.url = url if isinstance(url, BrokerURL) else BrokerURL.parse(url)
         self.client_id = client_id
+        self.protocol = protocol
         self._will = will
         self._max_payload = max_payload
         self._clean_start = clean_start
         self._keepalive = keepalive
         self._max_queued = max_queued
         self._timeout = timeout
+        self._reconnect_delay = reconnect_delay
+        self._connected_at = 0.0
 
         self._state = _State.NEW
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread = 0
         self._client: paho.Client | None = None
+        self._sock: socket.socket | None = None  # the socket paho handed to the loop, while open
+        self._sock_closed: asyncio.Event | None = None
+        self._reading = False
+        self._misc_timer: asyncio.TimerHandle | None = None
+        self._reconnect_task: asyncio.Task[None] | None = None
+        self._link_changed = asyncio.Event()
         self._connack: asyncio.Future[None] | None = None
         self._connected = False
+        self._progress = 0  # packets paho has handed to a callback: tells a read batch when to stop
         self._stats = SessionStats()
         self._inbox: deque[Message] = deque()
         self._inbox_ready = asyncio.Event()
-        # Messages the network thread has received and the loop has not yet taken: one wake-up of
-        # the loop per batch, not per message (a wake-up costs a self-pipe write and an epoll turn,
-        # which at fleet telemetry rates cost more than the message itself).
-        self._incoming: deque[Message] = deque()
-        self._drain_posted = False
         self._puback_waiters: dict[int, asyncio.Future[None]] = {}
         self._suback_waiters: dict[int, asyncio.Future[bool]] = {}
-        # filter -> qos; read by the network thread when it reconnects.
-        self._subscriptions: dict[str, int] = {}
-        self._subscriptions_lock = threading.Lock()
+        self._subscriptions: dict[str, int] = {}  # filter -> qos, re-issued after every reconnect
 
     # ---- public API -----------------------------------------------------------------------------
 
@@ -338,6 +369,16 @@ class MqttSession:
     def connected(self) -> bool:
         """Whether the broker connection is up right now (it drops and returns on its own)."""
         return self._connected
+
+    @property
+    def connected_for(self) -> float:
+        """Seconds since the broker last accepted this session (0 while disconnected)."""
+        return self._require_loop().time() - self._connected_at if self._connected else 0.0
+
+    @property
+    def queued(self) -> int:
+        """Messages received and not yet taken by the application."""
+        return len(self._inbox)
 
     async def __aenter__(self) -> Self:
         await self.connect()
@@ -354,18 +395,24 @@ class MqttSession:
             raise MqttError("a session connects once; make a new MqttSession")
         self._state = _State.OPEN
         loop = self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
         self._connack = loop.create_future()
         deadline = loop.time() + self._timeout
         try:
             self._client = client = self._make_client()
             try:
                 await _run_in_thread(
-                    lambda: client.connect(self.url.host, self.url.port, self._keepalive),
+                    partial(
+                        client.connect,
+                        self.url.host,
+                        self.url.port,
+                        self._keepalive,
+                        **self._connect_options(),
+                    ),
                     name=f"edgeward-mqtt-connect-{self.client_id}",
                 )
             except OSError as err:  # refused, unreachable, TLS handshake, socket timeout
                 raise MqttConnectError(self.url, f"{type(err).__name__}: {err}") from err
-            client.loop_start()
             try:
                 async with asyncio.timeout_at(deadline):
                     await self._connack
@@ -377,17 +424,27 @@ class MqttSession:
         log.info("connected to %s as %s", self.url, self.client_id)
 
     async def close(self) -> None:
-        """Disconnect cleanly (no will is sent) and stop the network thread. Idempotent."""
+        """Disconnect cleanly (no will is sent) and let go of the socket. Idempotent."""
         if self._state is _State.CLOSED:
             return
         self._state = _State.CLOSED
         self._connected = False
-        client, self._client = self._client, None
-        if client is not None:
-            # DISCONNECT first: it tells the broker to discard the will, and it makes the
-            # network thread leave loop_forever instead of reconnecting.
+        if self._reconnect_task is not None:
+            self._reconnect_task.cancel()
+            await asyncio.wait([self._reconnect_task])  # a reconnect thread ends before we go on
+            self._reconnect_task = None
+        client = self._client
+        if client is not None and self._sock is not None and self._sock_closed is not None:
+            # DISCONNECT tells the broker to discard the will; paho closes the socket once it is out.
             client.disconnect()
-            await _run_in_thread(client.loop_stop, name=f"edgeward-mqtt-stop-{self.client_id}")
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(CLOSE_GRACE_S):
+                    await self._sock_closed.wait()
+        self._release_socket()
+        if self._misc_timer is not None:
+            self._misc_timer.cancel()
+            self._misc_timer = None
+        self._client = None
         closed = MqttError("session closed")
         waiters: list[asyncio.Future[Any]] = [*self._puback_waiters.values(), *self._suback_waiters.values()]
         for waiter in waiters:
@@ -398,8 +455,8 @@ class MqttSession:
     async def publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False) -> None:
         """Publish; with ``qos=1`` wait for the broker's PUBACK.
 
-        A QoS 1 publish that times out while the broker is away stays queued in paho and may still
-        be delivered after a reconnect (at least once).
+        A QoS 1 publish that times out while the broker is away stays queued in paho (bounded) and
+        may still be delivered after a reconnect (at least once).
         """
         client = self._require_open()
         _check_qos(qos)
@@ -416,7 +473,9 @@ class MqttSession:
             return
         if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
             raise MqttPublishError(topic, paho.error_string(info.rc))
-        # Registered before the next await, so the PUBACK (posted to this loop) cannot be missed.
+        if info.is_published():  # acknowledged already (paho wrote it and read the PUBACK)
+            self._stats.published += 1
+            return
         waiter = self._puback_waiters[info.mid] = self._require_loop().create_future()
         try:
             async with asyncio.timeout(self._timeout):
@@ -431,9 +490,8 @@ class MqttSession:
         """Subscribe and wait for the SUBACK; the subscription is re-issued after every reconnect."""
         client = self._require_open()
         _check_qos(qos)
-        with self._subscriptions_lock:
-            previous_qos = self._subscriptions.get(topic_filter)
-            self._subscriptions[topic_filter] = qos
+        previous_qos = self._subscriptions.get(topic_filter)
+        self._subscriptions[topic_filter] = qos
         try:
             try:
                 rc, mid = client.subscribe(topic_filter, qos)
@@ -452,18 +510,30 @@ class MqttSession:
             if not granted:
                 raise MqttSubscribeError(topic_filter, "refused by the broker")
         except BaseException:
-            with self._subscriptions_lock:
-                if previous_qos is None:
-                    self._subscriptions.pop(topic_filter, None)
-                else:
-                    self._subscriptions[topic_filter] = previous_qos
+            if previous_qos is None:
+                self._subscriptions.pop(topic_filter, None)
+            else:
+                self._subscriptions[topic_filter] = previous_qos
             raise
 
     def messages(self) -> AsyncIterator[Message]:
         """Iterate over received messages until the session is closed."""
         return _MessageIterator(self)
 
-    # ---- internals (event loop side) ------------------------------------------------------------
+    async def next_batch(self, limit: int) -> list[Message]:
+        """Wait for at least one message, then take up to ``limit`` (oldest first); an empty list
+        once the session is closed and the inbox drained."""
+        while not self._inbox:
+            if self._state is _State.CLOSED:
+                return []
+            self._inbox_ready.clear()
+            await self._inbox_ready.wait()
+        inbox = self._inbox
+        batch = [inbox.popleft() for _ in range(min(limit, len(inbox)))]
+        self._taken()
+        return batch
+
+    # ---- internals ------------------------------------------------------------------------------
 
     def _require_open(self) -> paho.Client:
         if self._state is not _State.OPEN or self._client is None:
@@ -474,17 +544,18 @@ class MqttSession:
         assert self._loop is not None
         return self._loop
 
+    def _connect_options(self) -> dict[str, Any]:
+        return {"clean_start": self._clean_start} if self.protocol == 5 else {}
+
     def _make_client(self) -> paho.Client:
         client = paho.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=self.client_id,
-            clean_session=self._clean_start,
-            protocol=MQTTProtocolVersion.MQTTv311,
-            reconnect_on_failure=True,
+            clean_session=None if self.protocol == 5 else self._clean_start,
+            protocol=PROTOCOLS[self.protocol],
         )
         client.on_log = self._on_log
         client.connect_timeout = self._timeout
-        client.reconnect_delay_set(*RECONNECT_DELAY_S)  # type: ignore[arg-type]  # paho takes floats
         client.max_queued_messages_set(_MAX_OUTBOUND_QOS1)
         if self.url.username is not None:
             client.username_pw_set(self.url.username, self.url.password)
@@ -497,6 +568,10 @@ class MqttSession:
         client.on_message = self._on_message
         client.on_publish = self._on_publish
         client.on_subscribe = self._on_subscribe
+        client.on_socket_open = self._on_socket_open
+        client.on_socket_close = self._on_socket_close
+        client.on_socket_register_write = self._on_socket_register_write
+        client.on_socket_unregister_write = self._on_socket_unregister_write
         return client
 
     def _tls_context(self) -> ssl.SSLContext:
@@ -510,55 +585,169 @@ class MqttSession:
         context.sslsocket_class = _ClosingSSLSocket
         return context
 
+    # ---- the socket on the event loop -----------------------------------------------------------
+
+    def _on_loop(self, fn: Callable[..., None], *args: Any) -> None:
+        """Run ``fn`` on the session's loop: now when called there, else posted (paho runs a
+        connect on a helper thread, and the socket callbacks of that connect with it)."""
+        loop = self._loop
+        if loop is None:
+            return
+        if threading.get_ident() == self._loop_thread:
+            fn(*args)
+            return
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the application is gone
+            loop.call_soon_threadsafe(fn, *args)
+
+    def _socket_opened(self, sock: socket.socket) -> None:
+        if self._state is not _State.OPEN:  # closed while the connect thread ran
+            sock.close()
+            return
+        loop = self._require_loop()
+        self._sock = sock
+        self._sock_closed = asyncio.Event()
+        self._reading = False
+        self._resume_reading()
+        if self._misc_timer is None:
+            # Spread over the interval: thousands of sessions started together tick apart.
+            self._misc_timer = loop.call_later(MISC_INTERVAL_S * random.random(), self._misc)  # noqa: S311
+
+    def _socket_closing(self, sock: socket.socket) -> None:
+        if sock is not self._sock:
+            return
+        self._release_socket()
+
+    def _release_socket(self) -> None:
+        sock, self._sock = self._sock, None
+        if sock is None:
+            return
+        loop = self._require_loop()
+        loop.remove_reader(sock)
+        loop.remove_writer(sock)
+        self._reading = False
+        if self._sock_closed is not None:
+            self._sock_closed.set()
+        if sock.fileno() != -1 and self._state is _State.CLOSED:
+            sock.close()  # close() gave up waiting for the DISCONNECT to leave
+
+    def _want_write(self, sock: socket.socket) -> None:
+        if sock is self._sock:
+            self._require_loop().add_writer(sock, self._writable)
+
+    def _no_write(self, sock: socket.socket) -> None:
+        if sock is self._sock:
+            self._require_loop().remove_writer(sock)
+
+    def _readable(self) -> None:
+        client = self._client
+        if client is None or not self._reading:
+            return
+        for _ in range(READ_BATCH):
+            before = self._progress
+            if client.loop_read() != MQTTErrorCode.MQTT_ERR_SUCCESS or not self._reading:
+                return
+            if self._progress == before:  # nothing complete came in: the socket is drained
+                break
+        sock = self._sock
+        if isinstance(sock, ssl.SSLSocket) and sock.pending():
+            # Decrypted bytes wait inside the TLS layer: the socket itself will not turn readable.
+            self._require_loop().call_soon(self._readable)
+
+    def _writable(self) -> None:
+        if self._client is not None:
+            self._client.loop_write()
+
+    def _misc(self) -> None:
+        self._misc_timer = None
+        if self._state is not _State.OPEN or self._client is None:
+            return
+        self._client.loop_misc()
+        self._misc_timer = self._require_loop().call_later(MISC_INTERVAL_S, self._misc)
+
+    def _pause_reading(self) -> None:
+        if self._reading and self._sock is not None:
+            self._require_loop().remove_reader(self._sock)
+            self._reading = False
+            self._stats.paused += 1
+
+    def _resume_reading(self) -> None:
+        if not self._reading and self._sock is not None:
+            loop = self._require_loop()
+            loop.add_reader(self._sock, self._readable)
+            self._reading = True
+            loop.call_soon(self._readable)  # bytes may already wait (in the kernel or the TLS layer)
+
+    def _taken(self) -> None:
+        if not self._reading and len(self._inbox) <= self._max_queued // 2:
+            self._resume_reading()
+
+    # ---- connection state -----------------------------------------------------------------------
+
     def _connack_received(self, refused: bool, reason: str) -> None:
         connack = self._connack
+        self._link_changed.set()
         if connack is not None and not connack.done():
             if refused:
                 connack.set_exception(MqttConnectError(self.url, f"refused by the broker: {reason}"))
             else:
                 self._connected = True
+                self._connected_at = self._require_loop().time()
                 connack.set_result(None)
             return
         if refused:
             log.warning("reconnect to %s refused: %s", self.url, reason)
             return
         self._connected = True
+        self._connected_at = self._require_loop().time()
         self._stats.reconnects += 1
         log.info("reconnected to %s as %s", self.url, self.client_id)
 
     def _connection_lost(self, reason: str) -> None:
         connack = self._connack
+        self._link_changed.set()
+        was_connected, self._connected = self._connected, False
         if connack is not None and not connack.done():
             # e.g. TLS 1.3, where the broker rejects a client certificate after the handshake
             connack.set_exception(MqttConnectError(self.url, f"connection closed before CONNACK ({reason})"))
-        elif self._state is _State.OPEN and self._connected:
-            log.warning("connection to %s lost (%s); paho reconnects", self.url, reason)
-        self._connected = False
+            return
+        if self._state is not _State.OPEN:
+            return
+        if was_connected:
+            log.warning("connection to %s lost (%s); reconnecting", self.url, reason)
+        if self._reconnect_task is None or self._reconnect_task.done():
+            self._reconnect_task = self._require_loop().create_task(
+                self._reconnect(), name=f"edgeward-mqtt-reconnect-{self.client_id}"
+            )
 
-    def _schedule_drain(self) -> None:
-        # Gather for a millisecond: under a flood the loop then wakes ~1000 times a second instead
-        # of once per message; a lone message waits at most 1 ms longer.
-        assert self._loop is not None
-        self._loop.call_later(INBOUND_GATHER_S, self._drain_incoming)
-
-    def _drain_incoming(self) -> None:
-        self._drain_posted = False  # before draining: a message appended from now on posts again
-        incoming = self._incoming
-        while incoming:
-            self._deliver(incoming.popleft())
+    async def _reconnect(self) -> None:
+        """Reconnect with jittered exponential backoff until connected or closed."""
+        client = self._require_open()
+        delay, largest = self._reconnect_delay
+        while self._state is _State.OPEN and not self._connected:
+            await asyncio.sleep(random.uniform(delay / 2, delay))  # noqa: S311 -- jitter
+            delay = min(delay * 2, largest)
+            self._link_changed.clear()
+            self._release_socket()  # a socket left from an attempt that got no CONNACK
+            try:
+                await _run_in_thread(client.reconnect, name=f"edgeward-mqtt-reconnect-{self.client_id}")
+            except OSError as err:
+                log.debug("reconnect to %s failed: %s", self.url, err)
+                continue
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._timeout):
+                    await self._link_changed.wait()  # CONNACK, refusal or loss
 
     def _deliver(self, message: Message) -> None:
         if self._state is not _State.OPEN:
             return
         if len(self._inbox) >= self._max_queued:
-            self._inbox.popleft()
-            self._stats.dropped_overflow += 1
+            if message.qos == 0:
+                self._stats.dropped_overflow += 1
+                return
+            self._pause_reading()  # QoS 1 is kept; the broker holds the rest until we catch up
         self._inbox.append(message)
         self._stats.received += 1
         self._inbox_ready.set()
-
-    def _drop(self, counter: str) -> None:
-        setattr(self._stats, counter, getattr(self._stats, counter) + 1)
 
     def _published(self, mid: int) -> None:
         waiter = self._puback_waiters.get(mid)
@@ -578,16 +767,11 @@ class MqttSession:
                 raise StopAsyncIteration
             self._inbox_ready.clear()
             await self._inbox_ready.wait()
-        return self._inbox.popleft()
+        message = self._inbox.popleft()
+        self._taken()
+        return message
 
-    # ---- paho callbacks (network thread): post to the loop, never raise --------------------------
-
-    def _post(self, fn: Callable[..., None], *args: Any) -> None:
-        loop = self._loop
-        if loop is None:
-            return
-        with contextlib.suppress(RuntimeError):  # the loop is closed: the application is gone
-            loop.call_soon_threadsafe(fn, *args)
+    # ---- paho callbacks: on the loop, except the socket ones of a connect (see _on_loop) ----------
 
     def _on_log(self, _client: paho.Client, _userdata: Any, level: int, buf: str) -> None:
         std_level = paho.LOGGING_LEVEL.get(LogLevel(level), logging.DEBUG)
@@ -597,38 +781,48 @@ class MqttSession:
             std_level = logging.DEBUG
         _paho_log.log(std_level, "%s: %s", self.client_id, buf)
 
+    def _on_socket_open(self, _client: paho.Client, _userdata: Any, sock: Any) -> None:
+        self._on_loop(self._socket_opened, sock)
+
+    def _on_socket_close(self, _client: paho.Client, _userdata: Any, sock: Any) -> None:
+        self._on_loop(self._socket_closing, sock)
+
+    def _on_socket_register_write(self, _client: paho.Client, _userdata: Any, sock: Any) -> None:
+        self._on_loop(self._want_write, sock)
+
+    def _on_socket_unregister_write(self, _client: paho.Client, _userdata: Any, sock: Any) -> None:
+        self._on_loop(self._no_write, sock)
+
     def _on_connect(self, client: paho.Client, _userdata: Any, _flags: Any, reason: Any, _props: Any) -> None:
-        if not reason.is_failure:
-            with self._subscriptions_lock:
-                subscriptions = list(self._subscriptions.items())
-            if subscriptions:
-                client.subscribe(subscriptions)
-        self._post(self._connack_received, bool(reason.is_failure), str(reason))
+        self._progress += 1
+        if not reason.is_failure and self._subscriptions:
+            client.subscribe(list(self._subscriptions.items()))
+        self._connack_received(bool(reason.is_failure), str(reason))
 
     def _on_disconnect(
         self, _client: paho.Client, _userdata: Any, _flags: Any, reason: Any, _props: Any
     ) -> None:
-        self._post(self._connection_lost, str(reason))
+        self._on_loop(self._connection_lost, str(reason))
 
     def _on_message(self, _client: paho.Client, _userdata: Any, msg: paho.MQTTMessage) -> None:
+        self._progress += 1
         # Checked here, before the payload is copied towards the application.
         if len(msg.payload) > self._max_payload:
-            self._post(self._drop, "dropped_oversize")
+            self._stats.dropped_oversize += 1
             return
         try:
             topic = msg.topic
         except UnicodeDecodeError:
-            self._post(self._drop, "dropped_invalid")
+            self._stats.dropped_invalid += 1
             return
-        self._incoming.append(Message(topic, bytes(msg.payload), msg.qos, bool(msg.retain)))
-        if not self._drain_posted:
-            self._drain_posted = True
-            self._post(self._schedule_drain)
+        self._deliver(Message(topic, msg.payload, msg.qos, bool(msg.retain)))
 
     def _on_publish(self, _client: paho.Client, _userdata: Any, mid: int, _reason: Any, _props: Any) -> None:
-        self._post(self._published, mid)
+        self._progress += 1
+        self._published(mid)
 
     def _on_subscribe(
         self, _client: paho.Client, _userdata: Any, mid: int, reasons: list[Any], _props: Any
     ) -> None:
-        self._post(self._subscribed, mid, not any(r.is_failure for r in reasons))
+        self._progress += 1
+        self._subscribed(mid, not any(r.is_failure for r in reasons))

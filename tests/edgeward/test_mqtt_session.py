@@ -323,18 +323,42 @@ async def test_oversized_messages_are_dropped_and_counted(mqtt_url: BrokerURL, t
 
 
 @pytest.mark.broker
-async def test_a_slow_consumer_loses_the_oldest_messages(mqtt_url: BrokerURL, topic_prefix: str) -> None:
-    topic = node_topic("n1", TopicKind.EVENTS, topic_prefix)
+async def test_a_slow_consumer_sheds_qos0_messages_and_counts_them(
+    mqtt_url: BrokerURL, topic_prefix: str
+) -> None:
+    topic = node_topic("n1", TopicKind.TELEMETRY, topic_prefix)
     async with (
         MqttSession(mqtt_url, client_id("sub"), max_queued=3) as sub,
         MqttSession(mqtt_url, client_id("pub")) as pub,
     ):
-        await sub.subscribe(topic)
+        await sub.subscribe(topic, qos=0)
         for i in range(8):
-            await pub.publish(topic, str(i).encode(), qos=1)
-        await wait_until(lambda: sub.stats.received == 8, within=5)
-        assert sub.stats.dropped_overflow == 5
-        assert [(await receive(sub)).payload for _ in range(3)] == [b"5", b"6", b"7"]
+            await pub.publish(topic, str(i).encode(), qos=0)
+        await pub.publish(topic, b"end", qos=0)
+        await wait_until(lambda: sub.stats.received + sub.stats.dropped_overflow == 9, within=5)
+        assert sub.stats.received == 3
+        assert sub.stats.dropped_overflow == 6
+        assert [(await receive(sub)).payload for _ in range(3)] == [b"0", b"1", b"2"]
+
+
+@pytest.mark.broker
+async def test_a_slow_consumer_never_loses_qos1_messages(mqtt_url: BrokerURL, topic_prefix: str) -> None:
+    """Past max_queued the session stops reading its socket (backpressure) instead of dropping."""
+    topic = node_topic("n1", TopicKind.EVENTS, topic_prefix)
+    count = 40
+    async with (
+        MqttSession(mqtt_url, client_id("sub"), max_queued=4) as sub,
+        MqttSession(mqtt_url, client_id("pub")) as pub,
+    ):
+        await sub.subscribe(topic, qos=1)
+        sent = asyncio.gather(*(pub.publish(topic, str(i).encode(), qos=1) for i in range(count)))
+        await wait_until(lambda: sub.stats.paused >= 1, within=10)
+        assert sub.queued <= 5  # one over the bound at most: the QoS 1 message that paused reading
+        got = [(await receive(sub)).payload for _ in range(count)]
+        await sent
+        assert got == [str(i).encode() for i in range(count)]
+        assert sub.stats.dropped_overflow == 0
+        assert sub.stats.received == count
 
 
 @pytest.mark.broker
@@ -358,13 +382,14 @@ async def test_local_errors_are_typed(mqtt_url: BrokerURL) -> None:
 async def test_close_ends_iteration_and_leaves_no_thread(mqtt_url: BrokerURL, topic_prefix: str) -> None:
     topic = f"{topic_prefix}/iter"
     session = MqttSession(mqtt_url, client_id("iter"))
+    threads = set(threading.enumerate())
     async with session:
-        assert any(t.name.startswith("paho-mqtt-client-") for t in threading.enumerate())
+        assert set(threading.enumerate()) == threads  # no network thread: the event loop drives it
         await session.subscribe(topic)
         await session.publish(topic, b"last", qos=1)
         await wait_until(lambda: session.stats.received == 1, within=5)
     assert [m.payload async for m in session.messages()] == [b"last"]
-    assert not any(t.name.startswith("paho-mqtt-client-") for t in threading.enumerate())
+    assert set(threading.enumerate()) == threads
 
 
 # ---- connection failures --------------------------------------------------------------------------
