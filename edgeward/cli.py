@@ -83,6 +83,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--broker-url", help="MQTT broker URL (overrides the config)")
     p.set_defaults(handler="node_agent.cli:cmd_agent")
 
+    p = sub.add_parser(
+        "sim-fleet",
+        help="hollow nodes for scale tests: many real agents on one event loop, simulated backend",
+    )
+    p.add_argument("--nodes", type=int, required=True, help="number of hollow nodes in this process")
+    p.add_argument("--broker-url", required=True, help="MQTT broker URL")
+    p.add_argument(
+        "--first", type=int, default=0, help="index of the first node (split a fleet over processes)"
+    )
+    p.add_argument("--id-prefix", default="hollow-", help="node ids are PREFIX00000, PREFIX00001, ...")
+    p.add_argument("--topic-prefix", default="edgeward/v1", help="prefix of every edgeward topic")
+    p.add_argument(
+        "--heartbeat", type=float, default=5.0, help="status/telemetry interval, seconds (default 5)"
+    )
+    p.add_argument("--concurrency", type=int, default=100, help="nodes starting at once (default 100)")
+    p.add_argument("--state-dir", help="the nodes' keys and caches (default: a fresh temporary directory)")
+    p.add_argument(
+        "--enroll-from",
+        help="the orchestrator's state directory: mint each node's one-time enrollment token there",
+    )
+    p.set_defaults(handler="node_agent.cli:cmd_sim_fleet")
+
     p = sub.add_parser("apply", help="create or update deployments from manifest files")
     p.add_argument(
         "-f", "--filename", action="append", required=True, help="manifest file (YAML/JSON); repeatable"
