@@ -48,6 +48,11 @@ class BrokerConfig(BaseModel):
     node_burst: Annotated[int, Field(ge=1, le=1_000_000)] = Field(
         500, description="Messages a node may publish at once above node_rate (a reconnect's replay)."
     )
+    ingest_queue: Annotated[int, Field(ge=16, le=10_000_000)] = Field(
+        20_000,
+        description="MQTT messages the ingest inbox holds. Beyond it QoS 0 telemetry is shed (counted in "
+        "edgeward_mqtt_shed_total) and QoS 1 messages are held back at the broker (backpressure), never dropped.",
+    )
 
 
 class AttestationConfig(BaseModel):

@@ -10,7 +10,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any
@@ -20,7 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from edgeward.grpc_standard import HealthServicer, enable_reflection
 from edgeward.mqtt.broker import EmbeddedBroker
-from edgeward.mqtt.session import BrokerURL, MqttSession
+from edgeward.mqtt.session import BrokerURL, Message, MqttSession, SessionStats
 from edgeward.mqtt.topics import (
     TopicError,
     TopicKind,
@@ -88,6 +88,7 @@ INGEST_KINDS = (TopicKind.HELLO, TopicKind.STATUS, TopicKind.TELEMETRY, TopicKin
 OFFLINE_CONFIRM_S = 0.5
 MAX_RESPONSE_BYTES = 64 * 1024 * 1024  # a List of a large fleet; requests are capped by max_grpc_message
 LIVENESS_TICK_S = 0.1
+INGEST_BATCH = 512  # MQTT messages taken from the inbox and worked on together
 ORCHESTRATOR_RECONNECT_S = (0.1, 1.0)
 
 
@@ -258,6 +259,7 @@ class Orchestrator:
             ),
             f"edgeward-orchestrator-{uuid.uuid4().hex[:8]}",
             max_payload=b.max_payload,
+            max_queued=b.ingest_queue,
             # One control-plane client comes back fast after a broker restart (the fleet backs off
             # with jitter), so that it has re-subscribed before the nodes replay their backlog.
             reconnect_delay=ORCHESTRATOR_RECONNECT_S,
@@ -350,10 +352,24 @@ class Orchestrator:
     # ------------------------------------------------------------ MQTT
 
     async def _ingest(self) -> None:
+        """Take the MQTT inbox in batches (up to ``INGEST_BATCH``): parse and apply each message,
+        write the batch's inventories in one store call, then run the work that waits on the wire
+        (challenges, replies) concurrently across nodes and in order within a node; wipe
+        confirmations, which update one record per wipe, one after the other. While a
+        batch is worked on, the session holds further QoS 1 messages back (backpressure) and sheds
+        QoS 0 telemetry beyond its inbox, counted in ``edgeward_mqtt_shed_total``."""
         assert self._mqtt is not None
+        while batch := await self._mqtt.next_batch(INGEST_BATCH):
+            await self._ingest_batch(batch)
+
+    async def _ingest_batch(self, batch: list[Message]) -> None:
         prefix = self.config.broker.topic_prefix
         max_payload = self.config.broker.max_payload
-        async for message in self._mqtt.messages():
+        inventories: list[NodeRecord] = []
+        waits: dict[str, list[Callable[[], Awaitable[None]]]] = {}
+        serial: list[Callable[[], Awaitable[None]]] = []  # read-modify-write of shared records
+        changed = False
+        for message in batch:
             try:
                 node_id, kind = parse_node_topic(message.topic, prefix)
                 # Metered per node before the cost of decoding (a subscription's retained replay is
@@ -382,17 +398,17 @@ class Orchestrator:
             body = msg.WhichOneof("body")
             if what == "hello":
                 self.reconciler.node_connected(node_id)
-                await self.db(self.store.put_node, self._node_record(node_id, msg))
-                await self.verifier.node_connected(node_id)
-                if mitigations := self.slowdown.mitigations(node_id):  # a restarted agent forgot them
-                    await self._send_mitigations(node_id, mitigations)
+                inventories.append(self._node_record(node_id, msg))
+                waits.setdefault(node_id, []).append(partial(self._node_connected, node_id))
             elif what == "status":
-                self.reconciler.trigger()
+                changed = True
             elif body == "evidence":
-                await self.verifier.evidence(node_id, msg.evidence.payload)
+                waits.setdefault(node_id, []).append(
+                    partial(self.verifier.evidence, node_id, msg.evidence.payload)
+                )
             elif body == "event" and msg.event.id == "agent.wipe.done":
                 self.verifier.wipe_confirmed(node_id, msg.event)
-                await self.catalog.wipe_confirmed(node_id, msg.event)
+                serial.append(partial(self.catalog.wipe_confirmed, node_id, msg.event))
                 self._node_event(node_id, msg.event)
             elif body == "telemetry" and not self.telemetry.add(node_id, msg.sent_unix_ms, msg.telemetry):
                 self.drops.drop(WireError("wire.telemetry.invalid_value"))
@@ -402,6 +418,23 @@ class Orchestrator:
                 )
             elif body == "event" and not msg.event.ack.command_id:
                 self._node_event(node_id, msg.event)
+        if changed:
+            self.reconciler.trigger()
+        if inventories:
+            await self.db(self._put_nodes, inventories)
+        if waits:
+            await asyncio.gather(*(_in_order(node_id, steps) for node_id, steps in waits.items()))
+        if serial:
+            await _in_order("the fleet", serial)
+
+    def _put_nodes(self, records: list[NodeRecord]) -> None:
+        for record in records:
+            self.store.put_node(record)
+
+    async def _node_connected(self, node_id: str) -> None:
+        await self.verifier.node_connected(node_id)
+        if mitigations := self.slowdown.mitigations(node_id):  # a restarted agent forgot them
+            await self._send_mitigations(node_id, mitigations)
 
     def _node_event(self, node_id: str, event: node_pb2.Event) -> None:
         """Relay a node's own event (``agent.model.load_failed``...) onto the notification bus."""
@@ -558,8 +591,39 @@ class Orchestrator:
                 "Telemetry samples ingested",
                 [({}, float(self.telemetry.ingested))],
             ),
+            *self._ingest_metrics(),
         ]
         return render(fams)
+
+    def _ingest_metrics(self) -> list:
+        stats = self._mqtt.stats if self._mqtt is not None else SessionStats()
+        queued = self._mqtt.queued if self._mqtt is not None else 0
+        return [
+            (
+                "edgeward_mqtt_received_total",
+                "counter",
+                "MQTT messages taken into the ingest inbox",
+                [({}, float(stats.received))],
+            ),
+            (
+                "edgeward_mqtt_shed_total",
+                "counter",
+                "QoS 0 messages (telemetry) shed because the ingest inbox was full; QoS 1 is never shed",
+                [({"qos": "0"}, float(stats.dropped_overflow))],
+            ),
+            (
+                "edgeward_mqtt_ingest_paused_total",
+                "counter",
+                "Times ingest stopped reading the broker to hold QoS 1 messages back (backpressure)",
+                [({}, float(stats.paused))],
+            ),
+            (
+                "edgeward_mqtt_ingest_queued",
+                "gauge",
+                "Messages waiting in the ingest inbox",
+                [({}, float(queued))],
+            ),
+        ]
 
     def drop_counts(self) -> dict[str, int]:
         """Refused MQTT payloads (and refused parts of accepted ones: bad profiles or latencies) by
@@ -661,6 +725,18 @@ class Orchestrator:
         cordoned = set(self.reconciler.cordoned)
         (cordoned.add if cordon else cordoned.discard)(node_id)
         self.reconciler.set_cordoned(cordoned)
+
+
+async def _in_order(node_id: str, steps: list[Callable[[], Awaitable[None]]]) -> None:
+    """One node's waiting work of an ingest batch, in arrival order; a failure is logged, and
+    neither stops the node's later steps nor the other nodes'."""
+    for step in steps:
+        try:
+            await step()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("ingest of a message from %s failed", node_id)
 
 
 async def _bounded(what: str, awaitable: Any, timeout: float = 10.0) -> None:  # noqa: ASYNC109

@@ -11,7 +11,9 @@ this module wires it in (docs/attestation.md, "How it is wired")::
                               a one-time token or a trusted EK certificate), a refused one is an
                               event attestation.enrollment.refused;
                               a result that is not affirming -> quarantine
-    every tick (1 s) ───────▶ service.expire() -> quarantine; nodes due (challenge_interval_s) challenged
+    every tick (1 s) ───────▶ service.expire() -> quarantine; nodes due (challenge_interval_s) challenged,
+                              most overdue first and paced (CHALLENGE_PACE), so a fleet that came
+                              up at once is challenged spread over the interval
     quarantine(node) ───────▶ alert (log), ``wipe`` command, reconciler woken: it evicts the node's
                               replicas (reason attestation.*) and places them on trusted nodes
     agent.wipe.done event ──▶ wipe_confirmed()
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -61,6 +64,11 @@ from .store import Store
 log = logging.getLogger(__name__)
 
 TICK_S = 1.0
+# Re-attestation pace: at most this multiple of the fleet's average challenge rate (online nodes /
+# challenge_interval_s) per tick, most overdue first, and never fewer than CHALLENGE_BURST. A fleet
+# that came up at once is not challenged all at once again: its challenges spread over the interval.
+CHALLENGE_PACE = 2.0
+CHALLENGE_BURST = 32
 _STATE_REASON = {
     None: "attestation.missing",
     AttestationState.ENROLLED: "attestation.missing",
@@ -335,9 +343,15 @@ class FleetVerifier:
             await self.quarantine(node_id, _STATE_REASON[state], self._explain(node_id, state))
         now = time.monotonic()
         interval = self.config.challenge_interval_s
-        for node in list(self._fleet.nodes.values()):
-            if (
-                node.online(now, self._node_timeout_s)
-                and now - self._last_attest.get(node.id, 0.0) >= interval
-            ):
-                await self.attest(node.id)
+        online = [n.id for n in self._fleet.nodes.values() if n.online(now, self._node_timeout_s)]
+        last = self._last_attest
+        due = [n for n in online if now - last.get(n, 0.0) >= interval]
+        if not due:
+            return
+        tick = min(TICK_S, interval / 2)
+        budget = max(CHALLENGE_BURST, math.ceil(CHALLENGE_PACE * len(online) * tick / interval))
+        if len(due) > budget:
+            due.sort(key=lambda n: last.get(n, 0.0))
+            del due[budget:]
+        # Concurrently: each challenge waits for its PUBACK, and a tick must not take longer than one.
+        await asyncio.gather(*(self.attest(n) for n in due))

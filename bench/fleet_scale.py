@@ -1,0 +1,346 @@
+"""Fleet scale: N hollow nodes through one orchestrator on stock Mosquitto, on this machine.
+
+Starts a private Mosquitto on a free loopback port (max_connections unlimited, QoS 1 queue per
+client unlimited, so the broker holds what the orchestrator's backpressure holds back), the
+orchestrator as its own process (SQLite store, /metrics), then ``edgeward sim-fleet`` processes
+that split the N hollow nodes between them (real agents on one event loop per process, simulated
+backend; docs/benchmarks.md). It measures, through the public gRPC API and /metrics:
+
+* time until all N nodes are online (from the start of the fleet processes) and attested;
+* apply -> Running of one deployment with N replicas: p50 / p99 over the replicas, each replica's
+  first Running as seen by polling the deployment;
+* nodes falsely marked offline during a steady window (no node is stopped: every offline sighting
+  is false);
+* the orchestrator's RSS (largest seen);
+* ingest: messages the agents published vs messages the orchestrator took in plus QoS 0 shed
+  (QoS 1 loss = the difference, when nothing was shed) and the QoS 0 shed count.
+
+    nice -n 10 python bench/fleet_scale.py --nodes 2000 --steady 300
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import os
+import re
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import command, machine, write_section
+
+from edgeward.v1 import api_pb2, api_pb2_grpc, node_pb2
+from usecases import model_path
+
+ONLINE = node_pb2.NODE_STATE_ONLINE
+RUNNING = node_pb2.REPLICA_PHASE_RUNNING
+PER_PROCESS = 2500  # hollow nodes per sim-fleet process by default (one event loop each)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def raise_fd_limit() -> int:
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # inherited by the broker and the fleet
+    return hard
+
+
+def wait_port(port: int, what: str, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"{what} exited with {proc.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise SystemExit(f"{what} did not listen on {port}")
+
+
+def start_mosquitto(work: Path) -> tuple[subprocess.Popen, int]:
+    binary = shutil.which("mosquitto", path="/usr/sbin:/usr/local/sbin:/usr/bin")
+    if binary is None:
+        raise SystemExit("mosquitto not installed: apt-get install mosquitto")
+    port = free_port()
+    conf = work / "mosquitto.conf"
+    conf.write_text(
+        f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_connections -1\n"
+        "max_queued_messages 0\nmax_inflight_messages 0\n"
+    )
+    log = (work / "mosquitto.log").open("wb")
+    proc = subprocess.Popen([binary, "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT)
+    wait_port(port, "mosquitto", proc)
+    return proc, port
+
+
+def start_orchestrator(work: Path, broker_port: int, public_key: Path, node_timeout_s: float) -> tuple:
+    grpc_port, metrics_port = free_port(), free_port()
+    conf = work / "orchestrator.yaml"
+    conf.write_text(
+        f"state_dir: {work / 'orch'}\ngrpc_bind: 127.0.0.1:{grpc_port}\nmetrics_bind: 127.0.0.1:{metrics_port}\n"
+        f"node_timeout_s: {node_timeout_s}\n"
+        f"broker: {{url: 'mqtt://127.0.0.1:{broker_port}'}}\n"
+        f"catalog: {{trusted_publishers: ['{public_key}']}}\n"
+    )
+    log = (work / "orchestrator.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edgeward", "orchestrator", "-c", str(conf)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    wait_port(grpc_port, "the orchestrator", proc)
+    return proc, grpc_port, metrics_port
+
+
+def start_fleet(work: Path, broker_port: int, nodes: int, processes: int, heartbeat: float) -> list:
+    procs = []
+    share = -(-nodes // processes)
+    for k in range(processes):
+        first, count = k * share, min(share, nodes - k * share)
+        if count <= 0:
+            break
+        out = (work / f"fleet-{k}.log").open("wb")
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "edgeward",
+                    "sim-fleet",
+                    "--nodes",
+                    str(count),
+                    "--first",
+                    str(first),
+                    "--broker-url",
+                    f"mqtt://127.0.0.1:{broker_port}",
+                    "--heartbeat",
+                    str(heartbeat),
+                    "--state-dir",
+                    str(work / "hollow"),
+                    "--enroll-from",
+                    str(work / "orch"),
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        )
+    return procs
+
+
+async def metrics(port: int) -> dict[str, float]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+    body = (await reader.read()).decode()
+    writer.close()
+    out = {}
+    for name in (
+        "edgeward_mqtt_received_total",
+        'edgeward_mqtt_shed_total{qos="0"}',
+        "edgeward_mqtt_ingest_paused_total",
+        "edgeward_telemetry_samples_total",
+    ):
+        m = re.search(rf"^{re.escape(name)} ([0-9.e+]+)$", body, re.M)
+        out[name] = float(m.group(1)) if m else float("nan")
+    return out
+
+
+class Rss:
+    def __init__(self, pid: int) -> None:
+        self.proc = psutil.Process(pid)
+        self.peak = 0
+
+    def sample(self) -> int:
+        rss = self.proc.memory_info().rss
+        self.peak = max(self.peak, rss)
+        return rss
+
+
+async def bench(args: argparse.Namespace, work: Path) -> dict:
+    from orchestrator.catalog.signing import PublisherKey, sign_metadata
+
+    publisher = PublisherKey.generate()
+    _, public = publisher.write(work / "publisher")
+    broker, broker_port = start_mosquitto(work)
+    orch, grpc_port, metrics_port = start_orchestrator(work, broker_port, public, args.node_timeout)
+    rss = Rss(orch.pid)
+    fleet: list[subprocess.Popen] = []
+    result: dict = {"nodes": args.nodes, "processes": args.processes, "load_start": os.getloadavg()}
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+            nodes_api = api_pb2_grpc.NodeServiceStub(channel)
+            deps = api_pb2_grpc.DeploymentServiceStub(channel)
+            models = api_pb2_grpc.ModelServiceStub(channel)
+
+            async def node_list() -> list[api_pb2.Node]:
+                return list((await nodes_api.List(api_pb2.ListNodesRequest(), timeout=60)).nodes)
+
+            t0 = time.monotonic()
+            fleet = start_fleet(work, broker_port, args.nodes, args.processes, args.heartbeat)
+            online = attested = 0
+            last_print = 0.0
+            while attested < args.nodes:
+                await asyncio.sleep(2.0)
+                listed = await node_list()
+                online = sum(n.state == ONLINE for n in listed)
+                attested = sum(n.state == ONLINE and n.attestation_tier == "software" for n in listed)
+                rss.sample()
+                elapsed = time.monotonic() - t0
+                if online == args.nodes and "online_s" not in result:
+                    result["online_s"] = elapsed
+                if elapsed - last_print >= 10:
+                    last_print = elapsed
+                    print(f"{elapsed:6.0f} s: {online} online, {attested} attested", flush=True)
+                if elapsed > args.startup_timeout:
+                    result["online_s"] = result.get("online_s", float("nan"))
+                    result["stalled"] = f"{online} online, {attested} attested after {elapsed:.0f} s"
+                    print(result["stalled"], flush=True)
+                    return result
+            result["attested_s"] = time.monotonic() - t0
+            print(f"all {args.nodes} online after {result['online_s']:.1f} s, attested after "
+                  f"{result['attested_s']:.1f} s", flush=True)  # fmt: skip
+
+            data = model_path("industrial", "int8").read_bytes()
+            meta = api_pb2.ModelMetadata(
+                name="vib-cnn", version="1.0.0", size=len(data), sha256=hashlib.sha256(data).hexdigest()
+            )
+            meta = sign_metadata(meta, publisher)
+
+            async def parts():
+                yield api_pb2.PushModelRequest(metadata=meta)
+                yield api_pb2.PushModelRequest(chunk=data)
+
+            await models.Push(parts())
+            manifest = (
+                "apiVersion: edgeward/v1\nkind: Deployment\nmetadata: {name: scale}\n"
+                f"spec:\n  model: {{name: vib-cnn, version: 1.0.0}}\n  replicas: {args.nodes}\n"
+                "  requirements: {accelerators: [sim-hollow], memory: 1Mi}\n"
+            )
+            applied = time.monotonic()
+            await deps.Apply(api_pb2.ApplyRequest(manifest=manifest), timeout=120)
+            first_running: dict[str, float] = {}
+            while len(first_running) < args.nodes:
+                await asyncio.sleep(1.0)
+                dep = await deps.Get(api_pb2.GetDeploymentRequest(name="scale"), timeout=60)
+                now = time.monotonic() - applied
+                for r in dep.status.replica_list:
+                    if r.phase == RUNNING:
+                        first_running.setdefault(r.id, now)
+                rss.sample()
+                if now > args.running_timeout:
+                    break
+            times = sorted(first_running.values())
+            result["running"] = len(times)
+            result["p50_s"] = statistics.median(times) if times else float("nan")
+            result["p99_s"] = (
+                times[max(0, int(len(times) * 0.99) - 1)] if len(times) == args.nodes else float("nan")
+            )
+            result["all_running_s"] = times[-1] if len(times) == args.nodes else float("nan")
+            print(f"{len(times)}/{args.nodes} running; p50 {result['p50_s']:.1f} s, p99 {result['p99_s']:.1f} s",
+                  flush=True)  # fmt: skip
+
+            falsely_offline: set[str] = set()
+            steady_end = time.monotonic() + args.steady
+            while time.monotonic() < steady_end:
+                await asyncio.sleep(2.0)
+                falsely_offline |= {n.id for n in await node_list() if n.state != ONLINE}
+                rss.sample()
+            result["falsely_offline"] = len(falsely_offline)
+            result["rss_mb"] = rss.peak / 2**20
+            result["rss_steady_mb"] = rss.sample() / 2**20
+            print(f"steady {args.steady:.0f} s: {len(falsely_offline)} nodes falsely offline; "
+                  f"orchestrator RSS peak {result['rss_mb']:.0f} MB", flush=True)  # fmt: skip
+    finally:
+        published = 0
+        for proc in fleet:
+            proc.send_signal(signal.SIGTERM)
+        for k, proc in enumerate(fleet):
+            try:
+                proc.wait(120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            text = (work / f"fleet-{k}.log").read_text(errors="replace")
+            published += sum(int(m) for m in re.findall(r"^sim-fleet: published (\d+) messages", text, re.M))
+        await asyncio.sleep(3.0)  # the last offline statuses reach the orchestrator
+        if orch.poll() is None:
+            result["ingest"] = await metrics(metrics_port)
+        result["published"] = published
+        result["load_end"] = os.getloadavg()
+        orch.send_signal(signal.SIGTERM)
+        try:
+            orch.wait(60)
+        except subprocess.TimeoutExpired:
+            orch.kill()
+        broker.terminate()
+        broker.wait()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--nodes", type=int, default=2000)
+    parser.add_argument(
+        "--processes", type=int, default=0, help="sim-fleet processes (default: 1 per 2,500 nodes)"
+    )
+    parser.add_argument("--steady", type=float, default=300.0, help="steady window, seconds (default 300)")
+    parser.add_argument("--heartbeat", type=float, default=5.0)
+    parser.add_argument("--node-timeout", type=float, default=15.0)
+    parser.add_argument("--startup-timeout", type=float, default=900.0)
+    parser.add_argument("--running-timeout", type=float, default=600.0)
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args()
+    args.processes = args.processes or max(1, -(-args.nodes // PER_PROCESS))
+    fd_limit = raise_fd_limit()
+    work = Path(tempfile.mkdtemp(prefix="edgeward-scale-"))
+    r = asyncio.run(bench(args, work))
+    ingest = r.get("ingest", {})
+    received = ingest.get("edgeward_mqtt_received_total", float("nan"))
+    shed = ingest.get('edgeward_mqtt_shed_total{qos="0"}', float("nan"))
+    lost = r["published"] - received - shed
+    body = f"""## Fleet scale: {r["nodes"]:,} hollow nodes, one orchestrator, stock Mosquitto
+
+`{command()}` ({machine()}; load average {r["load_start"][0]:.1f} at the start, {r["load_end"][0]:.1f}
+at the end, on the shared 2-core machine; open-file limit {fd_limit})
+
+{r["nodes"]:,} hollow nodes (`edgeward sim-fleet`: real agents, simulated backend) in {r["processes"]}
+process(es), heartbeat {args.heartbeat:g} s, node timeout {args.node_timeout:g} s; the orchestrator (SQLite)
+and Mosquitto each in their own process, all on this machine.
+
+| figure | value |
+|---|---|
+| all nodes online | {r.get("online_s", float("nan")):.1f} s after the fleet processes started |
+| all nodes attested (software tier) | {r.get("attested_s", float("nan")):.1f} s |
+| apply -> Running, {r["nodes"]:,} replicas | {r.get("running", 0):,} running; p50 {r.get("p50_s", float("nan")):.1f} s, p99 {r.get("p99_s", float("nan")):.1f} s, all {r.get("all_running_s", float("nan")):.1f} s |
+| nodes falsely marked offline, {args.steady:g} s steady window | {r.get("falsely_offline", "n/a")} |
+| orchestrator RSS | peak {r.get("rss_mb", float("nan")):.0f} MB, {r.get("rss_steady_mb", float("nan")):.0f} MB at the end of the window |
+| MQTT messages published by the agents | {r["published"]:,} |
+| taken in by the orchestrator / QoS 0 shed | {received:,.0f} / {shed:,.0f} |
+| lost (published - taken in - shed) | {lost:,.0f} |
+| ingest paused for backpressure | {ingest.get("edgeward_mqtt_ingest_paused_total", float("nan")):,.0f} times |
+"""
+    if "stalled" in r:
+        body += f"\nStartup stalled: {r['stalled']}.\n"
+    print(body)
+    if not args.no_write:
+        write_section(f"fleet-scale-{r['nodes']}", body)
+
+
+if __name__ == "__main__":
+    main()
