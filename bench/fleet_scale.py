@@ -91,13 +91,16 @@ def start_mosquitto(work: Path) -> tuple[subprocess.Popen, int]:
     return proc, port
 
 
-def start_orchestrator(work: Path, broker_port: int, public_key: Path, node_timeout_s: float) -> tuple:
+def start_orchestrator(
+    work: Path, broker_port: int, public_key: Path, node_timeout_s: float, embedded: bool
+) -> tuple:
     grpc_port, metrics_port = free_port(), free_port()
     conf = work / "orchestrator.yaml"
+    broker = f"{{embedded_port: {broker_port}}}" if embedded else f"{{url: 'mqtt://127.0.0.1:{broker_port}'}}"
     conf.write_text(
         f"state_dir: {work / 'orch'}\ngrpc_bind: 127.0.0.1:{grpc_port}\nmetrics_bind: 127.0.0.1:{metrics_port}\n"
         f"node_timeout_s: {node_timeout_s}\n"
-        f"broker: {{url: 'mqtt://127.0.0.1:{broker_port}'}}\n"
+        f"broker: {broker}\n"
         f"catalog: {{trusted_publishers: ['{public_key}']}}\n"
     )
     log = (work / "orchestrator.log").open("wb")
@@ -178,8 +181,9 @@ async def bench(args: argparse.Namespace, work: Path) -> dict:
 
     publisher = PublisherKey.generate()
     _, public = publisher.write(work / "publisher")
-    broker, broker_port = start_mosquitto(work)
-    orch, grpc_port, metrics_port = start_orchestrator(work, broker_port, public, args.node_timeout)
+    embedded = args.broker == "embedded"
+    broker, broker_port = (None, free_port()) if embedded else start_mosquitto(work)
+    orch, grpc_port, metrics_port = start_orchestrator(work, broker_port, public, args.node_timeout, embedded)
     rss = Rss(orch.pid)
     fleet: list[subprocess.Popen] = []
     result: dict = {"nodes": args.nodes, "processes": args.processes, "load_start": os.getloadavg()}
@@ -288,8 +292,9 @@ async def bench(args: argparse.Namespace, work: Path) -> dict:
             orch.wait(60)
         except subprocess.TimeoutExpired:
             orch.kill()
-        broker.terminate()
-        broker.wait()
+        if broker is not None:
+            broker.terminate()
+            broker.wait()
     return result
 
 
@@ -304,6 +309,12 @@ def main() -> None:
     parser.add_argument("--node-timeout", type=float, default=15.0)
     parser.add_argument("--startup-timeout", type=float, default=900.0)
     parser.add_argument("--running-timeout", type=float, default=600.0)
+    parser.add_argument(
+        "--broker",
+        choices=["mosquitto", "embedded"],
+        default="mosquitto",
+        help="embedded: measure amqtt's limit",
+    )
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     args.processes = args.processes or max(1, -(-args.nodes // PER_PROCESS))
@@ -314,7 +325,8 @@ def main() -> None:
     received = ingest.get("edgeward_mqtt_received_total", float("nan"))
     shed = ingest.get('edgeward_mqtt_shed_total{qos="0"}', float("nan"))
     lost = r["published"] - received - shed
-    body = f"""## Fleet scale: {r["nodes"]:,} hollow nodes, one orchestrator, stock Mosquitto
+    broker_name = "the embedded amqtt broker" if args.broker == "embedded" else "stock Mosquitto"
+    body = f"""## Fleet scale: {r["nodes"]:,} hollow nodes, one orchestrator, {broker_name}
 
 `{command()}` ({machine()}; load average {r["load_start"][0]:.1f} at the start, {r["load_end"][0]:.1f}
 at the end, on the shared 2-core machine; open-file limit {fd_limit})
@@ -339,7 +351,7 @@ and Mosquitto each in their own process, all on this machine.
         body += f"\nStartup stalled: {r['stalled']}.\n"
     print(body)
     if not args.no_write:
-        write_section(f"fleet-scale-{r['nodes']}", body)
+        write_section(f"fleet-scale-{args.broker}-{r['nodes']}", body)
 
 
 if __name__ == "__main__":
