@@ -504,12 +504,23 @@ def cmd_compliance(args: argparse.Namespace) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    from edgeward.mqtt.broker import EMBEDDED_MAX_NODES
+
     from .up import run_up
 
     setup_logging(args.verbose)
     private_umask()
     if args.nodes < 1:
         return _fail(ValueError("--nodes must be at least 1"))
+    if args.nodes > EMBEDDED_MAX_NODES:
+        return _fail(
+            ValueError(
+                f"--nodes {args.nodes}: the embedded MQTT broker is measured to serve {EMBEDDED_MAX_NODES} nodes "
+                "(docs/benchmarks.md). For a larger fleet use an external broker: run Mosquitto, then "
+                "'edgeward orchestrator --broker-url mqtt://HOST:PORT' and agents (or 'edgeward sim-fleet "
+                "--nodes N --broker-url ...' for hollow nodes) against it"
+            )
+        )
     return run_up(args)
 
 

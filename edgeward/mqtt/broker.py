@@ -67,6 +67,11 @@ from edgeward.security.tls import RevocationList, TlsFiles
 
 log = logging.getLogger(__name__)
 
+#: Nodes the embedded broker (amqtt 0.12.1) is measured to serve (docs/benchmarks.md: 100 agents
+#: hold in bench/apply_to_running.py; at 500 hollow nodes, bench/fleet_scale.py --broker embedded,
+#: 156 were falsely marked offline and 3,083 messages were lost). Above it, use an external broker.
+EMBEDDED_MAX_NODES = 100
+
 _QUIET_LOGGERS = ("amqtt", "transitions")
 _STOP_TIMEOUT_S = 1.0
 # The DER peer certificate of the connection whose task is running (set in stream_connected).
