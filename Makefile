@@ -3,7 +3,7 @@ PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 DEB_PACKAGES := mosquitto swtpm swtpm-tools tpm2-tools libtss2-dev pkg-config tmux iproute2
 
-.PHONY: up install test test-deps system-deps protos
+.PHONY: up install test test-deps system-deps protos promtool
 
 install:
 	$(PIP) install -q -e .
@@ -22,7 +22,17 @@ system-deps:
 	  || { echo "apt-get failed for:$$missing" >&2; exit 1; }; \
 	else echo "NOTE: not root, cannot install:$$missing -- tests that need them will be skipped with a reason"; fi
 
-test-deps: system-deps
+# promtool (for the /metrics format test) from Debian's prometheus package, unpacked into .cache
+# rather than installed: the package would also install and start a Prometheus server.
+PROMTOOL_DIR := .cache/prometheus
+promtool:
+	@if command -v promtool >/dev/null 2>&1 || [ -x $(PROMTOOL_DIR)/usr/bin/promtool ]; then echo "promtool present"; \
+	else mkdir -p $(PROMTOOL_DIR) && cd $(PROMTOOL_DIR) && \
+	  { apt-get download prometheus >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get download prometheus >/dev/null 2>&1; }; } && \
+	  dpkg-deb -x prometheus_*.deb . && rm -f prometheus_*.deb && echo "promtool unpacked into $(PROMTOOL_DIR)" \
+	  || echo "NOTE: Debian's prometheus package could not be fetched: the promtool test will be skipped"; fi
+
+test-deps: system-deps promtool
 	$(PIP) install -q -e '.[dev,tpm]'
 
 test: test-deps

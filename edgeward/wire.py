@@ -19,6 +19,10 @@ from edgeward.v1 import node_pb2
 
 SCHEMA_VERSION = 1
 DEFAULT_MAX_PAYLOAD = 256 * 1024
+#: Upper bounds (seconds) of the latency histogram each node reports per model
+#: (``ModelStats.latency_buckets``) and the orchestrator exposes to Prometheus. Fixed: a node and
+#: an orchestrator of one release agree on it; a count list of another length is not exposed.
+LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 # Which NodeMessage body may travel on which topic kind.
 BODY_FOR_KIND = {

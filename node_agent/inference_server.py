@@ -28,6 +28,8 @@ backend (see ``accelerators.cpu_litert``).
 from __future__ import annotations
 
 import asyncio
+import bisect
+import itertools
 import logging
 import math
 import time
@@ -55,6 +57,7 @@ from edgeward import __version__
 from edgeward.grpc_standard import HealthServicer, enable_reflection
 from edgeward.oip import grpc_predict_v2_pb2 as pb
 from edgeward.oip import grpc_predict_v2_pb2_grpc as pb_grpc
+from edgeward.wire import LATENCY_BUCKETS_S
 
 __all__ = [
     "SERVICE_NAME",
@@ -201,10 +204,23 @@ class LatencyStats:
     reservoir hides a recent slowdown. Used from the event loop thread only.
     """
 
-    __slots__ = ("_ring", "count", "energy_j", "energy_source", "errors")
+    __slots__ = (
+        "_bounds",
+        "_ring",
+        "buckets",
+        "count",
+        "energy_j",
+        "energy_source",
+        "errors",
+        "latency_sum_s",
+    )
 
     def __init__(self, window: int = 1024) -> None:
         self._ring = np.zeros(window, dtype=np.float64)
+        self._bounds = LATENCY_BUCKETS_S
+        #: served inferences per histogram bucket (non-cumulative; +Inf last), since the start
+        self.buckets = [0] * (len(LATENCY_BUCKETS_S) + 1)
+        self.latency_sum_s = 0.0
         self.count = 0
         self.errors = 0
         self.energy_j = 0.0
@@ -212,12 +228,18 @@ class LatencyStats:
 
     def record(self, latency_s: float, energy_j: float, energy_source: EnergySource) -> None:
         self._ring[self.count % len(self._ring)] = latency_s
+        self.buckets[bisect.bisect_left(self._bounds, latency_s)] += 1
+        self.latency_sum_s += latency_s
         self.count += 1
         self.energy_j += energy_j
         self.energy_source = energy_source
 
     def record_error(self) -> None:
         self.errors += 1
+
+    def cumulative_buckets(self) -> list[int]:
+        """Counts at or under each bound of ``LATENCY_BUCKETS_S`` (Prometheus ``le``), +Inf left out."""
+        return list(itertools.accumulate(self.buckets[:-1]))
 
     def snapshot(self) -> LatencySnapshot:
         samples = self._ring[: min(self.count, len(self._ring))]

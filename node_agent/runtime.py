@@ -341,6 +341,8 @@ class Runtime:
                     latency_p99_ms=snap.p99_ms,
                     scored=self.confidence.get((name, version), (0, 0))[0],
                     confident=self.confidence.get((name, version), (0, 0))[1],
+                    latency_buckets=stats.cumulative_buckets(),
+                    latency_sum_s=stats.latency_sum_s,
                 )
             )
         return out

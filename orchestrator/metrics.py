@@ -1,33 +1,72 @@
 """Prometheus text exposition of the fleet on ``GET /metrics`` (a tiny asyncio HTTP server).
 
-Energy and power carry a ``source`` label, ``measured`` or ``modelled``, exactly as the nodes
-report them.
+Units are Prometheus' base units (seconds, joules, watts); latencies are histograms over the
+buckets every node reports (``edgeward.wire.LATENCY_BUCKETS_S``). Energy and power carry a
+``source`` label, ``measured`` or ``modelled``, exactly as the nodes report them. Models are
+labelled ``model`` (name) and ``version``. ``promtool check metrics`` passes on the output
+(tests/orchestrator/test_metrics.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 log = logging.getLogger(__name__)
 
 MAX_REQUEST = 8192
+
+Labels = dict[str, str]
+
+
+@dataclass
+class Family:
+    """One metric family: ``samples`` are (name suffix, labels, value), e.g. ("_bucket", {...}, 3)."""
+
+    name: str
+    kind: str  # gauge, counter or histogram
+    help: str
+    samples: list[tuple[str, Labels, float]] = field(default_factory=list)
+
+    def add(self, labels: Labels, value: float, suffix: str = "") -> None:
+        self.samples.append((suffix, labels, value))
+
+    def histogram(
+        self, labels: Labels, bounds: Sequence[float], cumulative: Sequence[int], count: int, total: float
+    ) -> None:
+        """One histogram series: ``cumulative`` counts at or under each bound, ``count`` in all."""
+        for bound, n in zip(bounds, cumulative, strict=True):
+            self.add({**labels, "le": repr(float(bound))}, float(n), "_bucket")
+        self.add({**labels, "le": "+Inf"}, float(count), "_bucket")
+        self.add(labels, float(total), "_sum")
+        self.add(labels, float(count), "_count")
 
 
 def _esc(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-def render(families: list[tuple[str, str, str, list[tuple[dict[str, str], float]]]]) -> bytes:
-    """families: (name, type, help, [(labels, value)])."""
+def _number(value: float) -> str:
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(float(value))
+
+
+def render(families: list[Family]) -> bytes:
     lines = []
-    for name, kind, help_text, samples in families:
-        lines.append(f"# HELP {name} {help_text}")
-        lines.append(f"# TYPE {name} {kind}")
-        for labels, value in samples:
+    for fam in families:
+        lines.append(f"# HELP {fam.name} {fam.help}")
+        lines.append(f"# TYPE {fam.name} {fam.kind}")
+        for suffix, labels, value in fam.samples:
             label_text = ",".join(f'{k}="{_esc(v)}"' for k, v in sorted(labels.items()))
-            lines.append(f"{name}{{{label_text}}} {value!r}" if label_text else f"{name} {value!r}")
+            name = fam.name + suffix
+            number = _number(value)
+            lines.append(f"{name}{{{label_text}}} {number}" if label_text else f"{name} {number}")
     return ("\n".join(lines) + "\n").encode()
 
 

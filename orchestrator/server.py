@@ -42,7 +42,14 @@ from edgeward.v1 import (
     events_pb2_grpc,
     node_pb2,
 )
-from edgeward.wire import RATE_EXCEEDED, DropCounter, NodeRateLimiter, WireError, decode_node_message
+from edgeward.wire import (
+    LATENCY_BUCKETS_S,
+    RATE_EXCEEDED,
+    DropCounter,
+    NodeRateLimiter,
+    WireError,
+    decode_node_message,
+)
 
 from .api import (
     DeploymentService,
@@ -63,7 +70,7 @@ from .detectors import SlowdownGuard
 from .errors import NotFound
 from .events import KIND_RE, EventBus, EventService
 from .fleet import Fleet
-from .metrics import MetricsServer, render
+from .metrics import Family, MetricsServer, render
 from .multiexit import PipelineRouter
 from .reconciler import Reconciler, command
 from .rollout import RolloutController
@@ -525,75 +532,55 @@ class Orchestrator:
         await self._publish_command(node_id, command(node_id, mitigate=body))
 
     def render_metrics(self) -> bytes:
+        """The fleet for Prometheus. ``edgeward_node_up`` covers every node the fleet knows (0 once
+        it is offline or silent); every other per-node series is dropped for such a node, so a
+        node that left leaves no stale series behind."""
         now = time.monotonic()
         timeout = self.config.node_timeout_s
-        nodes = self.fleet.nodes
         power = self.telemetry.latest_power()
         source = {node_pb2.ENERGY_SOURCE_MEASURED: "measured"}
-        fams: list = [
-            (
-                "edgeward_node_up",
-                "gauge",
-                "1 if the node is online",
-                [({"node": n}, 1.0 if v.online(now, timeout) else 0.0) for n, v in sorted(nodes.items())],
-            ),
-            (
-                "edgeward_node_power_watts",
-                "gauge",
-                "Latest board power",
-                [
-                    ({"node": n, "source": source.get(self.telemetry.energy_source(n), "modelled")}, w)
-                    for n, w in sorted(power.items())
-                ],
-            ),
-            (
-                "edgeward_node_energy_joules_total",
-                "counter",
-                "Energy since the agent started",
-                [
-                    (
-                        {"node": n, "source": source.get(v.telemetry.energy_source, "modelled")},
-                        v.telemetry.energy_j,
-                    )
-                    for n, v in sorted(nodes.items())
-                    if v.telemetry is not None
-                ],
-            ),
-            (
-                "edgeward_model_inferences_total",
-                "counter",
-                "Inferences served per node and model",
-                [
-                    ({"node": n, "model": f"{m.model_name}:{m.model_version}"}, float(m.inferences))
-                    for n in sorted(nodes)
-                    for m in self.telemetry.models(n)
-                ],
-            ),
-            (
-                "edgeward_model_latency_p95_ms",
-                "gauge",
-                "p95 latency over the node's recent window",
-                [
-                    ({"node": n, "model": f"{m.model_name}:{m.model_version}"}, m.latency_p95_ms)
-                    for n in sorted(nodes)
-                    for m in self.telemetry.models(n)
-                ],
-            ),
-            (
-                "edgeward_mqtt_dropped_total",
-                "counter",
-                "MQTT payloads refused at the boundary",
-                [({"reason": r}, float(c)) for r, c in sorted(self.drop_counts().items())],
-            ),
-            (
-                "edgeward_telemetry_samples_total",
-                "counter",
-                "Telemetry samples ingested",
-                [({}, float(self.telemetry.ingested))],
-            ),
-            *self._ingest_metrics(),
+        present = sorted(
+            n
+            for n, v in self.fleet.nodes.items()
+            if v.state != node_pb2.NODE_STATE_OFFLINE and now - v.last_seen <= timeout
+        )
+        up = Family("edgeward_node_up", "gauge", "1 if the node is online, 0 once it is offline or silent")
+        for n, v in sorted(self.fleet.nodes.items()):
+            up.add({"node": n}, 1.0 if v.online(now, timeout) else 0.0)
+        watts = Family("edgeward_node_power_watts", "gauge", "Latest board power")
+        joules = Family("edgeward_node_energy_joules_total", "counter", "Energy since the agent started")
+        served = Family("edgeward_model_inferences_total", "counter", "Inferences served per node and model")
+        latency = Family(
+            "edgeward_model_inference_duration_seconds",
+            "histogram",
+            "Latency of the inferences served per node and model, as the node measures it",
+        )
+        for n in present:
+            view = self.fleet.nodes[n]
+            if n in power:
+                watts.add(
+                    {"node": n, "source": source.get(self.telemetry.energy_source(n), "modelled")}, power[n]
+                )
+            if view.telemetry is not None:
+                label = {"node": n, "source": source.get(view.telemetry.energy_source, "modelled")}
+                joules.add(label, view.telemetry.energy_j)
+            for m in self.telemetry.models(n):
+                labels = {"node": n, "model": m.model_name, "version": m.model_version}
+                served.add(labels, float(m.inferences))
+                buckets = list(m.latency_buckets)
+                if len(buckets) == len(LATENCY_BUCKETS_S) and all(
+                    a <= b for a, b in zip(buckets, [*buckets[1:], m.inferences], strict=True)
+                ):  # a count list of another release's buckets, or not cumulative: not exposed
+                    latency.histogram(labels, LATENCY_BUCKETS_S, buckets, m.inferences, m.latency_sum_s)
+        dropped = Family("edgeward_mqtt_dropped_total", "counter", "MQTT payloads refused at the boundary")
+        for r, c in sorted(self.drop_counts().items()):
+            dropped.add({"reason": r}, float(c))
+        ingested = Family("edgeward_telemetry_samples_total", "counter", "Telemetry samples ingested")
+        ingested.add({}, float(self.telemetry.ingested))
+        ingest = [
+            Family(n, k, h, [("", lb, v) for lb, v in samples]) for n, k, h, samples in self._ingest_metrics()
         ]
-        return render(fams)
+        return render([up, watts, joules, served, latency, dropped, ingested, *ingest])
 
     def _ingest_metrics(self) -> list:
         stats = self._mqtt.stats if self._mqtt is not None else SessionStats()

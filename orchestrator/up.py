@@ -198,6 +198,7 @@ async def _up(args: argparse.Namespace) -> int:
         node_timeout_s=10.0,
         reconcile_interval_s=0.5,
         broker=BrokerConfig(),
+        metrics_bind="127.0.0.1:0",  # Prometheus /metrics on a free loopback port
         # The demo's own publisher key: generated here, trusted by this orchestrator only.
         catalog={"trusted_publishers": [trusted]},
     )
@@ -207,6 +208,7 @@ async def _up(args: argparse.Namespace) -> int:
     )
     async with Orchestrator(config) as orch:
         console.print(f"orchestrator on {orch.address}, embedded broker on {orch.broker_url}")
+        console.print(f"Prometheus metrics on http://127.0.0.1:{orch.metrics_port}/metrics")
         console.print(
             "[bold yellow]WARNING: plain-text MQTT and gRPC without authentication: "
             "for this local demo only, never for a real fleet[/bold yellow]"
