@@ -29,8 +29,11 @@ each point before moving it):
   client holds, subscribed or not (a loop over all subscriptions meant for the client's own,
   persistent ones). `_Broker` only lets that through for filters the client itself holds.
 
-With ``tls`` (the fleet's `TlsFiles`), the listener speaks TLS only, requires a client certificate
-from the fleet CA (checked against the CRL at the handshake, and again at CONNECT against the CRL
+With ``tls`` (the fleet's `TlsFiles`), the client id of every connection is its certificate's CN
+(whatever the CONNECT asked for, as Mosquitto's ``use_username_as_clientid``), so a connection can
+only take over its own identity's session: amqtt deletes or takes over a session by client id
+before it authenticates, so `_Broker` binds the id first. The listener speaks TLS only, requires a
+client certificate from the fleet CA (checked against the CRL at the handshake, and again at CONNECT against the CRL
 as it is now, so a revocation needs no restart), and enforces `edgeward.security.mqtt_acl.TopicAcl`
 on every publish, subscribe, delivery, queued replay and will topic. amqtt copies the identity of a
 returning persistent session from the old connection; `_Broker` derives it from each new connection
@@ -54,9 +57,11 @@ from typing import Any, Self
 
 from amqtt.broker import Broker
 from amqtt.contexts import Action, BrokerConfig, ListenerConfig, ListenerType
-from amqtt.errors import BrokerError
+from amqtt.errors import AMQTTError, BrokerError, MQTTError, NoDataError
+from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.plugins.base import BaseAuthPlugin
 from amqtt.session import Session
+from amqtt.utils import gen_client_id
 from cryptography import x509
 
 from edgeward.mqtt.session import BrokerURL, MqttError
@@ -134,6 +139,53 @@ class _Broker(Broker):  # type: ignore[misc]  # amqtt ships no type information
                 await writer.wait_closed()
 
     # ---- identity and topic ACL (only with tls and acl) ---------------------------------------------
+
+    async def _initialize_client_session(
+        self, reader: Any, writer: Any, remote_address: str, remote_port: int
+    ) -> tuple[BrokerProtocolHandler, Session]:
+        """amqtt's session set-up, except that with TLS the session is the certificate's: the client
+        id becomes the certificate CN (as Mosquitto's ``use_username_as_clientid``) before any
+        session is looked up, taken over or deleted, so no connection touches another identity's
+        session. A connection without a usable identity gets a throwaway id (and is refused)."""
+        if self.tls is None:
+            return await super()._initialize_client_session(reader, writer, remote_address, remote_port)  # type: ignore[no-any-return]
+        try:
+            handler, session = await BrokerProtocolHandler.init_from_connect(
+                reader, writer, self.plugins_manager
+            )
+        except MQTTError as err:
+            await writer.close()
+            raise MQTTError(err) from err
+        except (AMQTTError, NoDataError) as err:
+            raise AMQTTError(err) from err
+        requested, session.client_id = session.client_id, _bound_client_id()
+        if requested != session.client_id:
+            log.debug(
+                "MQTT client id %r of %s:%s is %r", requested, remote_address, remote_port, session.client_id
+            )
+        if session.clean_session:
+            await self._delete_session(session.client_id)
+            session.parent = 0
+        elif session.client_id in self._sessions:
+            existing, _handler = self._sessions[session.client_id]
+            for name in (
+                "will_flag",
+                "will_message",
+                "will_topic",
+                "will_qos",
+                "keep_alive",
+                "username",
+                "password",
+            ):
+                setattr(existing, name, getattr(session, name))
+            session = existing
+            session.parent = 1
+        else:
+            session.parent = 0
+        delay = self.config.get("timeout-disconnect-delay", 0)
+        if session.keep_alive > 0 and isinstance(delay, int):
+            session.keep_alive += delay
+        return handler, session
 
     async def _authenticate(self, session: Session, listener: ListenerConfig) -> bool:
         if self.tls is None:
@@ -213,6 +265,17 @@ class _Broker(Broker):  # type: ignore[misc]  # amqtt ships no type information
         holders = self._subscriptions.get(topic_filter, ())
         if any(holder.client_id == session.client_id for holder, _qos in holders):
             await super()._publish_retained_messages_for_subscription(subscription, session)
+
+
+def _bound_client_id() -> str:
+    """The client id of the connection whose task is running: its certificate's CN."""
+    der = _PEER_CERT.get()
+    try:
+        if der is None:
+            raise SecurityError("security.authn.no_certificate", "no client certificate")
+        return Identity.from_certificate(x509.load_der_x509_certificate(der)).common_name
+    except (SecurityError, ValueError):
+        return f"unauthenticated-{gen_client_id()}"
 
 
 class EmbeddedBroker:

@@ -52,6 +52,8 @@ def _run(args: argparse.Namespace) -> int:
         files = ca.issue(identity, hosts=args.host or (), days=args.days, replace=args.replace)
         print(f"issued {identity.common_name} ({identity.uri}), serial {files.serial:x}")
         print(f"  certificate {files.cert_file}\n  key         {files.key_file} (mode 0600)")
+        if identity.role in ("node", "orchestrator", "operator"):
+            print("with Mosquitto: regenerate its ACL (edgeward pki mosquitto-conf) and send it a SIGHUP")
         return 0
     if action == "revoke":
         for row in ca.revoke(args.who):

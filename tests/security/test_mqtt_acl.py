@@ -231,3 +231,44 @@ async def test_a_will_on_another_nodes_topic_never_reaches_anyone(
     assert [m.topic for m in got] == [f"{nodes}/node-1/status"]
     # The embedded broker refuses such a CONNECT (not authorized); Mosquitto accepts it and drops the will.
     assert refused == (5 if secure_broker.kind == "embedded" else 0)
+
+
+async def test_a_team_certificate_cannot_publish_under_a_node_path_named_after_it(
+    secure_broker: SecureBroker, topic_prefix: str
+):
+    """Issue #15, 4: Mosquitto's ``pattern`` lines gave every certificate the subtree named after its
+    CN, so a team published a retained hello as node ``team:smart-home:ci``."""
+    nodes = f"{topic_prefix}/nodes"
+    own_path = f"{nodes}/team:smart-home:ci"
+    async with session(secure_broker, "team:smart-home:ci") as team:
+        for kind in ("hello", "status", "telemetry", "events", "evidence"):
+            await team.publish(f"{own_path}/{kind}", b"forged", qos=1, retain=kind in ("hello", "status"))
+    async with (
+        session(secure_broker, "orchestrator:main") as orch,
+        session(secure_broker, "node-1") as node1,
+    ):
+        await orch.subscribe(f"{nodes}/+/+", qos=1)  # retained messages arrive first
+        await node1.publish(f"{nodes}/node-1/hello", b"sentinel", qos=1)
+        got = await collect_until(orch, f"{nodes}/node-1/hello")
+    assert [(m.topic, m.payload) for m in got] == [(f"{nodes}/node-1/hello", b"sentinel")]
+
+
+async def test_a_connection_cannot_take_over_another_identitys_session(
+    secure_broker: SecureBroker, topic_prefix: str
+):
+    """Issue #15, 4: client ids are bound to the certificate. node-1 connecting with node-2's client
+    id (clean session) used to end node-2's connection and drop its session."""
+    nodes = f"{topic_prefix}/nodes"
+    victim_id = "edgeward-node-node-2"
+    async with (
+        session(secure_broker, "orchestrator:main") as orch,
+        session(secure_broker, "node-2", client_id=victim_id) as node2,
+    ):
+        await node2.subscribe(f"{nodes}/node-2/cmd", qos=1)
+        for attempt in range(3):
+            async with session(secure_broker, "node-1", client_id=victim_id) as hijacker:
+                await hijacker.publish(f"{nodes}/node-1/telemetry", f"hijack {attempt}".encode(), qos=1)
+        await orch.publish(f"{nodes}/node-2/cmd", b"for node-2", qos=1)
+        got = await collect_until(node2, f"{nodes}/node-2/cmd")
+        assert [m.payload for m in got] == [b"for node-2"]
+        assert node2.connected and node2.stats.reconnects == 0, "node-2's connection was taken over"

@@ -131,9 +131,10 @@ def test_acl_rules_and_the_mosquitto_acl_agree():
     assert acl.may_subscribe(orch, "p/v1/nodes/+/hello") and acl.may_publish(orch, "p/v1/nodes/n9/cmd")
     assert acl.may_subscribe(op, "p/v1/events/#") and not acl.may_subscribe(op, "p/v1/nodes/+/hello")
     assert not acl.may_publish(None, "p/v1/nodes/n1/hello")
-    text = mosquitto_acl("p/v1", ["orchestrator:main"], ["operator:a"])
-    assert "pattern read p/v1/nodes/%u/cmd" in text
-    assert "pattern write p/v1/nodes/%u/cmd" not in text
+    text = mosquitto_acl("p/v1", ["orchestrator:main"], ["operator:a"], ["n1"])
+    assert "pattern" not in text  # a pattern would apply to every certificate, teams included
+    assert "user n1\ntopic write p/v1/nodes/n1/hello" in text
+    assert "topic read p/v1/nodes/n1/cmd" in text and "topic write p/v1/nodes/n1/cmd" not in text
     assert "user orchestrator:main\ntopic readwrite p/v1/#" in text
 
 
