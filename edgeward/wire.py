@@ -19,6 +19,15 @@ from edgeward.v1 import node_pb2
 
 SCHEMA_VERSION = 1
 DEFAULT_MAX_PAYLOAD = 256 * 1024
+#: ``Status.status_seq`` of an OFFLINE last will: after every status of its connection (``epoch``).
+FINAL_STATUS_SEQ = 2**64 - 1
+
+
+def status_key(status: node_pb2.Status) -> tuple[int, int]:
+    """The order of a node's statuses: (epoch, status_seq); the greater one is the newer."""
+    return (status.epoch, status.status_seq)
+
+
 #: Upper bounds (seconds) of the latency histogram each node reports per model
 #: (``ModelStats.latency_buckets``) and the orchestrator exposes to Prometheus. Fixed: a node and
 #: an orchestrator of one release agree on it; a count list of another length is not exposed.

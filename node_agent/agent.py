@@ -53,7 +53,7 @@ from edgeward.mqtt.session import BrokerURL, MqttConnectError, MqttError, MqttSe
 from edgeward.mqtt.topics import TopicKind, node_topic
 from edgeward.security.tls import grpc_aio_channel
 from edgeward.v1 import api_pb2, api_pb2_grpc, attestation_pb2, node_pb2
-from edgeward.wire import DropCounter, WireError, decode_command, node_message, now_ms
+from edgeward.wire import FINAL_STATUS_SEQ, DropCounter, WireError, decode_command, node_message, now_ms
 
 from .config import AgentConfig, FaultInjection
 from .multiexit import MultiExitHost
@@ -124,6 +124,7 @@ class NodeAgent:
         self._availability: dict[str, str] = {}
         self._seen: OrderedDict[str, node_pb2.CommandAck] = OrderedDict()
         self._status_seq = 0
+        self._epoch = 0  # the current broker connection's (Status.epoch): its start, unix ms
         self._status_dirty = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self._mqtt: MqttSession | None = None
@@ -231,13 +232,12 @@ class NodeAgent:
         Once connected, the session reconnects by itself and ``_heartbeat`` re-announces."""
         b = self.config.broker
         url = BrokerURL.parse(b.url, ca_file=b.ca_file, cert_file=b.cert_file, key_file=b.key_file)
-        offline = node_message(self.node_id, status=node_pb2.Status(state=node_pb2.NODE_STATE_OFFLINE))
         delay = CONNECT_BACKOFF_S[0]
         while True:
             session = MqttSession(
                 url,
                 f"edgeward-node-{self.node_id}",
-                will=Will(self._topic(TopicKind.STATUS), offline.SerializeToString(), qos=1, retain=True),
+                will=self._next_will,  # asked anew at every (re)connect: each will names its connection
                 max_payload=b.max_payload,
             )
             try:
@@ -251,6 +251,20 @@ class NodeAgent:
             await session.subscribe(self._topic(TopicKind.CMD), qos=1)
             return
 
+    def _offline(self) -> bytes:
+        """The OFFLINE status closing the current connection: its epoch, the final sequence number."""
+        status = node_pb2.Status(
+            state=node_pb2.NODE_STATE_OFFLINE, epoch=self._epoch, status_seq=FINAL_STATUS_SEQ
+        )
+        return node_message(self.node_id, status=status).SerializeToString()
+
+    def _next_will(self) -> Will:
+        """The last will of the connection about to be made, which starts a new epoch. Its
+        sent_unix_ms is this moment, older than the statuses it will replace: consumers order
+        statuses by (epoch, status_seq) instead (edgeward.wire.status_key)."""
+        self._epoch = max(self._epoch + 1, now_ms())
+        return Will(self._topic(TopicKind.STATUS), self._offline(), qos=1, retain=True)
+
     async def _stop(self) -> None:
         for task in self._tasks:
             task.cancel()
@@ -263,12 +277,7 @@ class NodeAgent:
             try:
                 if not self._mqtt.connected:  # no broker to say goodbye to (nor to wait for)
                     raise MqttError("not connected")
-                offline = node_message(
-                    self.node_id, status=node_pb2.Status(state=node_pb2.NODE_STATE_OFFLINE)
-                )
-                await self._mqtt.publish(
-                    self._topic(TopicKind.STATUS), offline.SerializeToString(), qos=1, retain=True
-                )
+                await self._mqtt.publish(self._topic(TopicKind.STATUS), self._offline(), qos=1, retain=True)
             except Exception as err:
                 log.debug("could not publish offline status: %s", err)
             await self._mqtt.__aexit__(None, None, None)
@@ -339,6 +348,7 @@ class NodeAgent:
         return node_pb2.Status(
             state=node_pb2.NODE_STATE_ONLINE,
             status_seq=self._status_seq,
+            epoch=self._epoch,
             replicas=[s.report() for s in self.runtime.replicas.values()],
         )
 

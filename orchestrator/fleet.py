@@ -44,6 +44,7 @@ class NodeView:
     last_seen_ms: int = 0
     reports: dict[str, node_pb2.ReplicaReport] = field(default_factory=dict)
     status_seq: int = -1
+    epoch: int = 0  # Status.epoch of the newest status: the node's current broker connection
     boot_ms: int = 0
     telemetry: node_pb2.Telemetry | None = None
     #: (model key, accelerator kind) -> the node's own profile of that model
@@ -88,17 +89,27 @@ class Fleet:
             node.hello = msg.hello
             node.boot_ms = msg.hello.boot_unix_ms
             node.profiles = self._profiles(msg.hello.profiles)
-            if rebooted:
-                node.status_seq = -1
+            if rebooted:  # a new order of statuses (a board without a clock may start at 1970)
+                node.status_seq, node.epoch = -1, 0
                 node.latency = {}
             if retained and not node.last_seen:
                 node.last_seen = time.monotonic()
             return "profiles" if only_profiles else "hello"
         if body == "status":
             status = msg.status
+            if status.epoch < node.epoch:
+                # Of an earlier connection: e.g. the will the broker publishes when the node's new
+                # connection takes over its client id, after the new connection's first statuses.
+                return None
+            if status.epoch > node.epoch:
+                node.epoch, node.status_seq = status.epoch, -1
+            elif status.epoch and status.status_seq <= node.status_seq:
+                return None  # late, repeated, or after its connection's will: (epoch, seq) orders them
             if status.state == node_pb2.NODE_STATE_OFFLINE:
                 node.state = status.state
                 node.reports = {}
+                if status.epoch:
+                    node.status_seq = status.status_seq  # FINAL_STATUS_SEQ: nothing of this epoch after it
                 return "status"
             if status.status_seq <= node.status_seq and status.state == node.state:
                 return None  # a late or repeated status: keep the newer one

@@ -299,7 +299,8 @@ class MqttSession:
     ``RECONNECT_DELAY_S``) and re-issues its subscriptions each time. ``timeout`` bounds the
     connect, each PUBACK and each SUBACK. Closing sends DISCONNECT, so the broker discards the will.
     ``protocol`` is the MQTT protocol level: 4 (3.1.1, default) or 5. ``reconnect_delay`` is the
-    backoff's (first, largest) delay in seconds.
+    backoff's (first, largest) delay in seconds. ``will`` may be a function returning the will:
+    it is called before every connect and reconnect, so a will can name its connection.
     """
 
     def __init__(
@@ -307,7 +308,7 @@ class MqttSession:
         url: BrokerURL | str,
         client_id: str,
         *,
-        will: Will | None = None,
+        will: Will | Callable[[], Will] | None = None,
         max_payload: int = 256 * 1024,
         clean_start: bool = True,
         keepalive: int = 15,
@@ -547,6 +548,12 @@ class MqttSession:
     def _connect_options(self) -> dict[str, Any]:
         return {"clean_start": self._clean_start} if self.protocol == 5 else {}
 
+    def _set_will(self, client: paho.Client) -> None:
+        """Give the broker the will for the next connection (a factory is asked anew each time)."""
+        will = self._will() if callable(self._will) else self._will
+        if will is not None:
+            client.will_set(will.topic, will.payload, will.qos, will.retain)
+
     def _make_client(self) -> paho.Client:
         client = paho.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
@@ -561,8 +568,7 @@ class MqttSession:
             client.username_pw_set(self.url.username, self.url.password)
         if self.url.tls:
             client.tls_set_context(self._tls_context())
-        if self._will is not None:
-            client.will_set(self._will.topic, self._will.payload, self._will.qos, self._will.retain)
+        self._set_will(client)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
@@ -728,6 +734,7 @@ class MqttSession:
             delay = min(delay * 2, largest)
             self._link_changed.clear()
             self._release_socket()  # a socket left from an attempt that got no CONNACK
+            self._set_will(client)
             try:
                 await _run_in_thread(client.reconnect, name=f"edgeward-mqtt-reconnect-{self.client_id}")
             except OSError as err:

@@ -297,6 +297,55 @@ async def test_last_will_is_published_and_retained_when_a_node_dies(
         assert (retained.payload, retained.retain) == (b"offline", True)
 
 
+_RECONNECTING_NODE = textwrap.dedent(
+    """
+    import asyncio, itertools, socket, sys
+    from edgeward.mqtt import MqttSession, Will
+
+    async def main():
+        url, client_id, status = sys.argv[1:4]
+        epochs = itertools.count(1)
+        will = lambda: Will(status, b"offline-%d" % next(epochs), qos=1, retain=True)
+        async with MqttSession(url, client_id, will=will, reconnect_delay=(0.05, 0.2)) as session:
+            await session.publish(status, b"online-1", qos=1, retain=True)
+            session._client.socket().shutdown(socket.SHUT_RDWR)  # the link drops: no DISCONNECT
+            while session.stats.reconnects < 1:
+                await asyncio.sleep(0.05)
+            await session.publish(status, b"online-2", qos=1, retain=True)
+            print("ready", flush=True)
+            await asyncio.sleep(60)
+
+    asyncio.run(main())
+    """
+)
+
+
+@pytest.mark.broker
+async def test_a_will_factory_names_each_connection(mqtt_url: BrokerURL, topic_prefix: str) -> None:
+    """The will is asked anew at every reconnect, so each connection's will can say which
+    connection it closes (the node agent puts its epoch there)."""
+    status = node_topic("n1", TopicKind.STATUS, topic_prefix)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [EDGEWARD_IMPORT_ROOT, env.get("PYTHONPATH")]))
+    async with MqttSession(mqtt_url, client_id("watcher")) as watcher:
+        await watcher.subscribe(status, qos=1)
+        node = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", _RECONNECTING_NODE, str(mqtt_url), client_id("node"), status,
+            stdout=asyncio.subprocess.PIPE, env=env,
+        )  # fmt: skip
+        try:
+            assert await asyncio.wait_for(node.stdout.readline(), 20) == b"ready\n"  # type: ignore[union-attr]
+            seen = [(await receive(watcher)).payload for _ in range(3)]
+            node.send_signal(signal.SIGKILL)
+            await node.wait()
+        finally:
+            if node.returncode is None:
+                node.kill()
+                await node.wait()
+        seen.append((await receive(watcher)).payload)
+    assert seen == [b"online-1", b"offline-1", b"online-2", b"offline-2"]
+
+
 @pytest.mark.broker
 async def test_clean_close_does_not_fire_the_will(mqtt_url: BrokerURL, topic_prefix: str) -> None:
     status = node_topic("n1", TopicKind.STATUS, topic_prefix)
