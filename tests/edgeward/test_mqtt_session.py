@@ -267,21 +267,32 @@ _DYING_NODE = textwrap.dedent(
 )
 
 
+async def _node_process(script: str, url: BrokerURL, status: str) -> asyncio.subprocess.Process:
+    """``script`` (a node's MQTT session) in a process of its own, once it printed ``ready``."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [EDGEWARD_IMPORT_ROOT, env.get("PYTHONPATH")]))
+    node = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", script, str(url), client_id("node"), status,
+        stdout=asyncio.subprocess.PIPE, env=env,
+    )  # fmt: skip
+    try:
+        assert await asyncio.wait_for(node.stdout.readline(), 20) == b"ready\n"  # type: ignore[union-attr]
+    except BaseException:
+        node.kill()
+        await node.wait()
+        raise
+    return node
+
+
 @pytest.mark.broker
 async def test_last_will_is_published_and_retained_when_a_node_dies(
     mqtt_url: BrokerURL, topic_prefix: str
 ) -> None:
     status = node_topic("n1", TopicKind.STATUS, topic_prefix)
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [EDGEWARD_IMPORT_ROOT, env.get("PYTHONPATH")]))
     async with MqttSession(mqtt_url, client_id("watcher")) as watcher:
         await watcher.subscribe(status)
-        node = await asyncio.create_subprocess_exec(
-            sys.executable, "-c", _DYING_NODE, str(mqtt_url), client_id("node"), status,
-            stdout=asyncio.subprocess.PIPE, env=env,
-        )  # fmt: skip
+        node = await _node_process(_DYING_NODE, mqtt_url, status)
         try:
-            assert await asyncio.wait_for(node.stdout.readline(), 20) == b"ready\n"  # type: ignore[union-attr]
             assert (await receive(watcher)).payload == b"online"
             node.send_signal(signal.SIGKILL)  # no DISCONNECT: the broker must fire the will
             await node.wait()
@@ -325,16 +336,10 @@ async def test_a_will_factory_names_each_connection(mqtt_url: BrokerURL, topic_p
     """The will is asked anew at every reconnect, so each connection's will can say which
     connection it closes (the node agent puts its epoch there)."""
     status = node_topic("n1", TopicKind.STATUS, topic_prefix)
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [EDGEWARD_IMPORT_ROOT, env.get("PYTHONPATH")]))
     async with MqttSession(mqtt_url, client_id("watcher")) as watcher:
         await watcher.subscribe(status, qos=1)
-        node = await asyncio.create_subprocess_exec(
-            sys.executable, "-c", _RECONNECTING_NODE, str(mqtt_url), client_id("node"), status,
-            stdout=asyncio.subprocess.PIPE, env=env,
-        )  # fmt: skip
+        node = await _node_process(_RECONNECTING_NODE, mqtt_url, status)
         try:
-            assert await asyncio.wait_for(node.stdout.readline(), 20) == b"ready\n"  # type: ignore[union-attr]
             seen = [(await receive(watcher)).payload for _ in range(3)]
             node.send_signal(signal.SIGKILL)
             await node.wait()
