@@ -1,7 +1,7 @@
 # The two set-up commands of the README live here, so a new user and CI run the same thing.
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
-DEB_PACKAGES := mosquitto swtpm swtpm-tools tpm2-tools libtss2-dev pkg-config tmux iproute2
+DEB_PACKAGES := mosquitto swtpm swtpm-tools tpm2-tools libtss2-dev pkg-config tmux iproute2 postgresql
 
 .PHONY: up install test test-deps system-deps protos promtool
 
@@ -33,7 +33,7 @@ promtool:
 	  || echo "NOTE: Debian's prometheus package could not be fetched: the promtool test will be skipped"; fi
 
 test-deps: system-deps promtool
-	$(PIP) install -q -e '.[dev,tpm]'
+	$(PIP) install -q -e '.[dev,tpm,postgres]'
 
 test: test-deps
 	$(PYTHON) -m pytest

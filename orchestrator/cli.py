@@ -532,15 +532,16 @@ def cmd_keys(args: argparse.Namespace) -> int:
     orchestrator picks up the new active KEK at its next push)."""
     from edgeward.security.keywrap import KeyWrapError, key_id_of, rotate
 
-    from .store import SqliteStore
+    from .errors import StoreError
+    from .store import open_store
 
     setup_logging(args.verbose)
     private_umask()
     try:
         config = load_config(Path(args.config) if args.config else None, state_dir=args.state_dir)
         keys = config.key_encryption.open(config.state_dir)
-        store = SqliteStore(config.state_dir, keys)
-    except (ConfigError, ValueError, OSError, KeyWrapError) as err:
+        store = open_store(config, keys)
+    except (ConfigError, StoreError, ValueError, OSError, KeyWrapError) as err:
         return _fail(err)
     try:
         if args.action == "rotate":

@@ -6,7 +6,15 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from attestation.enrollment import EnrollmentPolicy
 from attestation.service import VerifierConfig
@@ -157,12 +165,48 @@ class KeyEncryptionConfig(BaseModel):
         return DataKeys(open_provider(self.provider, options, state_dir))
 
 
+class StateConfig(BaseModel):
+    """Where the store lives: SQLite under ``state_dir`` (the default) or PostgreSQL, which several
+    orchestrator replicas can share (docs/scale-out.md)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    url: SecretStr | None = Field(
+        None,
+        description="PostgreSQL store: postgresql://user@host:port/dbname (the password can come from "
+        "PGPASSWORD or a libpq passfile rather than this file; it is never logged). Unset: SQLite under "
+        "state_dir.",
+    )
+    pool_size: Annotated[int, Field(ge=1, le=100)] = Field(
+        5, description="PostgreSQL connections this process keeps open at most."
+    )
+    connect_timeout_s: Annotated[float, Field(gt=0, le=300)] = Field(
+        10.0, description="How long to wait for a PostgreSQL connection (at start and from the pool)."
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _postgres_url(cls, url: SecretStr | None) -> SecretStr | None:
+        if url is not None:
+            from .sql.engine import parse_postgres_url  # SQLAlchemy only where a store is configured
+
+            parse_postgres_url(url.get_secret_value())  # the error never repeats the URL
+        return url
+
+
 class OrchestratorConfig(BaseModel):
     """Settings of one orchestrator process."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    state_dir: Path = Field(Path("state/orchestrator"), description="Where the store and artifacts live.")
+    state_dir: Path = Field(
+        Path("state/orchestrator"),
+        description="Where the SQLite store and its artifacts live (unless state.url), and the verifier's "
+        "signing key and enrollment tokens.",
+    )
+    state: StateConfig = Field(
+        default_factory=StateConfig, description="The store's engine: SQLite (default) or PostgreSQL."
+    )
     grpc_bind: str = Field("127.0.0.1:50051", description="host:port of the gRPC API; port 0 picks one.")
     advertise: str | None = Field(
         None, description="host:port that nodes use to download artifacts; defaults to the bound address."

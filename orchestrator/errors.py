@@ -39,3 +39,7 @@ class InvalidModel(OrchestratorError):
 
 class IllegalTransition(OrchestratorError):
     """A lifecycle moved along an edge its transition table does not have: a bug."""
+
+
+class StoreError(OrchestratorError):
+    """The store cannot be opened or used as asked (an unknown schema, a foreign database)."""

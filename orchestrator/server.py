@@ -75,7 +75,7 @@ from .multiexit import PipelineRouter
 from .reconciler import Reconciler, command
 from .rollout import RolloutController
 from .scheduler import Scheduler
-from .store import DeploymentRecord, NodeRecord, SqliteStore
+from .store import DeploymentRecord, NodeRecord, SqlStore, open_store
 from .telemetry import TelemetryStore
 from .verifier import FleetVerifier
 
@@ -124,7 +124,7 @@ class Orchestrator:
         self._server: grpc.aio.Server | None = None
         self._health = HealthServicer()
         self.guard: ApiGuard | None = None
-        self.store: SqliteStore
+        self.store: SqlStore
         self.reconciler: Reconciler
         self.verifier: FleetVerifier
         self.catalog: Catalog
@@ -172,7 +172,7 @@ class Orchestrator:
         self.events.bind_loop(asyncio.get_running_loop())
         self.events.add_outlet(self._queue_event)
         cfg = self.config
-        self.store = await self.db(lambda: SqliteStore(cfg.state_dir, cfg.key_encryption.open(cfg.state_dir)))
+        self.store = await self.db(open_store, cfg)
 
     async def _build_controllers(self) -> None:
         """The verifier, catalog, rollout controller, reconciler and multi-exit router, with the

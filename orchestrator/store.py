@@ -1,97 +1,66 @@
 """Persistent state of the control plane behind a small repository interface.
 
-``SqliteStore`` is the default (one file under the state dir, WAL journal, every write in one
-transaction, so a kill -9 at any point leaves a consistent store). A PostgreSQL store implements
-the same :class:`Store` protocol. Model artifacts live beside the database, content-addressed by
-sha256 and written atomically. With attestation, an artifact is stored sealed (encrypted with its
-model version's data key, see ``put_model``). A data key is stored wrapped under a key-encryption
-key kept outside the database (`edgeward.security.keywrap`); the state dir is 0700 and its files
-0600 all the same (the nodes' enrollments are rows too).
+:class:`SqlStore` implements the :class:`Store` protocol on one schema (SQLAlchemy Core, migrated by
+Alembic, ``orchestrator/sql``) and two engines:
+
+- SQLite, the default: one file under the state dir, WAL journal, every write one transaction, so a
+  kill -9 at any point leaves a consistent store. Model artifacts are files beside the database,
+  content-addressed by sha256 and written atomically (write, fsync, rename).
+- PostgreSQL (``state.url``), for several orchestrator replicas: writes are SERIALIZABLE and retried on
+  a serialization failure; artifacts are rows of the ``artifacts`` table, in the same transaction as
+  their model, so every replica sees them (docs/scale-out.md).
+
+With attestation, an artifact is stored sealed (encrypted with its model version's data key, see
+``put_model``). A data key is stored wrapped under a key-encryption key kept outside the database
+(`edgeward.security.keywrap`); the state dir is 0700 and its files 0600 all the same (the nodes'
+enrollments are rows too), and a PostgreSQL database deserves the same care.
 
 The store is synchronous; the orchestrator calls it through one single-thread executor, which
-also makes that thread the only committer.
+also makes that thread the only committer of its process.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
-import sqlite3
+import random
 import tempfile
-from collections.abc import Iterable, Iterator
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
 
 from edgeward.security.files import private_dir, private_file, tighten
 from edgeward.security.keywrap import DataKeys, FileKeyring, wrap_legacy_keys
 
-from .errors import AlreadyExists, NotFound
+from .errors import AlreadyExists, NotFound, StoreError
 from .manifest import DeploymentManifest
 from .phases import Phase, check_transition
+from .sql import schema as t
+from .sql.engine import (
+    PURPOSE,
+    READ,
+    WRITE,
+    parse_postgres_url,
+    postgres_engine,
+    redacted,
+    retryable,
+    sqlite_engine,
+)
+from .sql.migrate import migrate
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS models (
-    name TEXT NOT NULL, version TEXT NOT NULL, sha256 TEXT NOT NULL, size INTEGER NOT NULL,
-    info BLOB NOT NULL, created_ms INTEGER NOT NULL, PRIMARY KEY (name, version));
-CREATE TABLE IF NOT EXISTS deployments (
-    name TEXT PRIMARY KEY, generation INTEGER NOT NULL, manifest TEXT NOT NULL,
-    created_ms INTEGER NOT NULL, updated_ms INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS replicas (
-    id TEXT PRIMARY KEY, deployment TEXT NOT NULL, generation INTEGER NOT NULL,
-    model_name TEXT NOT NULL, model_version TEXT NOT NULL, node_id TEXT, accelerator TEXT,
-    phase TEXT NOT NULL, reason TEXT NOT NULL DEFAULT '', message TEXT NOT NULL DEFAULT '',
-    updated_ms INTEGER NOT NULL);
-CREATE INDEX IF NOT EXISTS replicas_by_deployment ON replicas (deployment);
-CREATE INDEX IF NOT EXISTS replicas_by_node ON replicas (node_id);
-CREATE TABLE IF NOT EXISTS nodes (
-    id TEXT PRIMARY KEY, cordoned INTEGER NOT NULL DEFAULT 0, inventory BLOB,
-    last_seen_ms INTEGER NOT NULL DEFAULT 0);
-CREATE TABLE IF NOT EXISTS model_keys (
-    name TEXT NOT NULL, version TEXT NOT NULL, data_key BLOB NOT NULL, sealed_sha256 TEXT NOT NULL,
-    sealed_size INTEGER NOT NULL, PRIMARY KEY (name, version));
-CREATE TABLE IF NOT EXISTS enrollments (
-    node_id TEXT PRIMARY KEY, record BLOB NOT NULL, updated_ms INTEGER NOT NULL);
-"""
-# The schema above is version 1, as the first release wrote it; every later change is a migration,
-# run in order, each in one transaction, on new and existing state dirs alike.
-MIGRATIONS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "1": (
-        "2",
-        (
-            # The model catalog (orchestrator/catalog): lifecycle state, history, wipes.
-            "ALTER TABLE models ADD COLUMN state TEXT NOT NULL DEFAULT 'published'",
-            "ALTER TABLE models ADD COLUMN state_reason TEXT NOT NULL DEFAULT ''",
-            "ALTER TABLE models ADD COLUMN updated_ms INTEGER NOT NULL DEFAULT 0",
-            "UPDATE models SET updated_ms = created_ms",
-            "ALTER TABLE model_keys ADD COLUMN revoked_ms INTEGER NOT NULL DEFAULT 0",
-            "CREATE TABLE model_history (name TEXT NOT NULL, version TEXT NOT NULL, at_ms INTEGER NOT NULL, "
-            "action TEXT NOT NULL, reason TEXT NOT NULL DEFAULT '')",
-            "CREATE INDEX model_history_by_name ON model_history (name)",
-            "INSERT INTO model_history SELECT name, version, created_ms, 'published', '' FROM models",
-            "CREATE TABLE wipes (id TEXT PRIMARY KEY, name TEXT NOT NULL, versions TEXT NOT NULL, "
-            "sha256s TEXT NOT NULL, reason TEXT NOT NULL, created_ms INTEGER NOT NULL, "
-            "deadline_ms INTEGER NOT NULL, replicas_evicted INTEGER NOT NULL DEFAULT 0)",
-            "CREATE TABLE wipe_nodes (wipe_id TEXT NOT NULL REFERENCES wipes(id), node_id TEXT NOT NULL, "
-            "state TEXT NOT NULL, updated_ms INTEGER NOT NULL, message TEXT NOT NULL DEFAULT '', "
-            "PRIMARY KEY (wipe_id, node_id))",
-        ),
-    ),
-    "2": (
-        "3",
-        (
-            # Rollouts (orchestrator/rollout.py): the current rollout of each deployment, and the
-            # template of each generation, so a rollback can return to the last good one.
-            "CREATE TABLE rollouts (deployment TEXT PRIMARY KEY, record TEXT NOT NULL, updated_ms INTEGER NOT NULL)",
-            "CREATE TABLE deployment_templates (deployment TEXT NOT NULL, generation INTEGER NOT NULL, "
-            "manifest TEXT NOT NULL, PRIMARY KEY (deployment, generation))",
-            "INSERT INTO deployment_templates SELECT name, generation, manifest FROM deployments",
-        ),
-    ),
-}
-SCHEMA_VERSION = "3"
+if TYPE_CHECKING:
+    from .config import OrchestratorConfig
+
+log = logging.getLogger(__name__)
+
 TEMPLATES_KEPT = 20  # generations of a deployment whose template is kept for rollbacks
 
 
@@ -142,7 +111,7 @@ class WipeRecord:
 class SealedArtifact:
     """Where a model version's sealed artifact is, and its data key (a secret: never log it)."""
 
-    sha256: str  # of the sealed blob, its name under artifacts/
+    sha256: str  # of the sealed blob, the artifact's name
     size: int
     data_key: bytes = field(repr=False)  # empty once revoked: the key is destroyed
     revoked_ms: int = 0
@@ -229,65 +198,124 @@ class Store(Protocol):
     def close(self) -> None: ...
 
 
-class SqliteStore:
-    """The default store: SQLite in WAL mode under ``state_dir``."""
+_T = TypeVar("_T")
+DB_FILE = "edgeward.db"
+WRITE_ATTEMPTS = 8  # a write that keeps losing serialization races (PostgreSQL) fails after this many
+_IN_CHUNK = 1000  # ids per IN (...) list
 
-    def __init__(self, state_dir: Path, keys: DataKeys | None = None) -> None:
+
+class SqlStore:
+    """The store on SQLite under ``state_dir`` (``url`` unset, the default) or on PostgreSQL at ``url``
+    (``postgresql://user@host:port/dbname``). Opening it migrates the schema to this release's."""
+
+    def __init__(
+        self,
+        state_dir: Path,
+        url: str | None = None,
+        *,
+        keys: DataKeys | None = None,
+        pool_size: int = 5,
+        connect_timeout_s: float = 10.0,
+    ) -> None:
         """``keys`` wraps the data keys (default: the file keyring ``<state_dir>/kek``)."""
         self.state_dir = private_dir(state_dir)
-        self.artifact_dir = private_dir(self.state_dir / "artifacts")
-        for artifact in self.artifact_dir.iterdir():  # an older release may have left them readable
-            tighten(artifact)
         self._keys = keys or DataKeys(FileKeyring.open(self.state_dir / "kek"))
-        db_file = private_file(self.state_dir / "edgeward.db")  # SQLite gives -wal/-shm its mode
-        for suffix in ("-wal", "-shm"):
-            tighten(f"{db_file}{suffix}")
-        self._db = sqlite3.connect(db_file, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        # Deleted or overwritten content (a revoked model's data key) is zeroed in the file, not
-        # left in a free page; the WAL is checkpointed after a revocation (see set_model_state).
-        self._db.execute("PRAGMA secure_delete=ON")
-        with self._tx() as cur:
-            for statement in SCHEMA.strip().split(";"):
-                if statement.strip():
-                    cur.execute(statement)
-            cur.execute("INSERT OR IGNORE INTO meta VALUES ('schema', '1')")
-        self._migrate()
-        wrap_legacy_keys(self, self._keys)
-
-    def _migrate(self) -> None:
-        while True:
-            found = self._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()[0]
-            if found == SCHEMA_VERSION:
-                return
-            if found not in MIGRATIONS:
-                raise RuntimeError(
-                    f"state dir {self.state_dir} has store schema {found}, expected {SCHEMA_VERSION}"
-                )
-            target, statements = MIGRATIONS[found]
-            with self._tx() as cur:
-                for statement in statements:
-                    cur.execute(statement)
-                cur.execute("UPDATE meta SET value=? WHERE key='schema'", (target,))
-
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Cursor]:
-        cur = self._db.cursor()
-        cur.execute("BEGIN IMMEDIATE")
-        try:
-            yield cur
-        except BaseException:
-            cur.execute("ROLLBACK")
-            raise
+        self.artifact_dir: Path | None
+        if url is None:
+            self.artifact_dir = private_dir(self.state_dir / "artifacts")
+            for artifact in self.artifact_dir.iterdir():  # an older release may have left them readable
+                tighten(artifact)
+            db_file = private_file(self.state_dir / DB_FILE)  # SQLite gives -wal/-shm its mode
+            for suffix in ("-wal", "-shm"):
+                tighten(f"{db_file}{suffix}")
+            self.where = str(db_file)
+            self.engine = sqlite_engine(db_file)
         else:
-            cur.execute("COMMIT")
-        finally:
-            cur.close()
+            parsed = parse_postgres_url(url)
+            self.artifact_dir = None  # artifacts are rows of the database
+            self.where = redacted(parsed)
+            self.engine = postgres_engine(parsed, pool_size, connect_timeout_s)
+        self.dialect = self.engine.dialect.name
+        # One connection for the store's life (the store is called from one thread at a time; the
+        # lock makes that so): no pool round per call. It reconnects after a dropped connection.
+        self._lock = threading.Lock()
+        self._conn: sa.Connection | None = None
+        self._statements = _Statements(sqlite.insert if self.dialect == "sqlite" else postgresql.insert)
+        try:
+            migrate(self.engine, self.where)
+        except sa.exc.OperationalError as err:
+            self.engine.dispose()
+            raise StoreError(f"store {self.where}: {err.orig}") from err
+        except BaseException:
+            self.engine.dispose()
+            raise
+        try:
+            wrap_legacy_keys(self, self._keys)
+        except BaseException:
+            self.close()
+            raise
+        log.info("store: %s (%s)", self.where, self.dialect)
 
     def close(self) -> None:
-        self._db.close()
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+        self.engine.dispose()
+
+    # ---------------------------------------------------------------- transactions
+
+    def _connection(self, what: str) -> sa.Connection:
+        if self._conn is None or self._conn.closed:
+            self._conn = self.engine.connect()
+        self._conn.info[PURPOSE] = what
+        return self._conn
+
+    def _write(self, work: Callable[[sa.Connection], _T]) -> _T:
+        """Run ``work`` in one write transaction; again, from the start, when PostgreSQL reports a
+        serialization failure or a deadlock, or the connection dropped before COMMIT was sent
+        (``work`` must only touch the database). A connection lost during COMMIT is not retried:
+        the transaction may have committed."""
+        for attempt in range(WRITE_ATTEMPTS):
+            last = attempt == WRITE_ATTEMPTS - 1
+            with self._lock:
+                conn = self._connection(WRITE)
+                tx = conn.begin()
+                try:
+                    result = work(conn)
+                except sa.exc.DBAPIError as err:
+                    _rollback(tx)
+                    if last or not (retryable(err) or err.connection_invalidated):
+                        raise
+                except BaseException:
+                    _rollback(tx)
+                    raise
+                else:
+                    try:
+                        tx.commit()
+                        return result
+                    except sa.exc.DBAPIError as err:
+                        _rollback(tx)
+                        if last or not retryable(err):
+                            raise
+            time.sleep(random.uniform(0, 0.002 * 2**attempt))  # noqa: S311 - jitter, not a secret
+        raise AssertionError("unreachable")
+
+    @contextmanager
+    def _read(self) -> Iterator[sa.Connection]:
+        """One read transaction: every query in it sees the same snapshot."""
+        with self._lock:
+            conn = self._connection(READ)
+            with conn.begin():
+                yield conn
+
+    def _scrub(self) -> None:
+        """After a data key was destroyed: on SQLite, checkpoint and truncate the WAL so no copy of the
+        key stays in the journal (secure_delete zeroes it in the database file). PostgreSQL keeps old
+        row versions until vacuum and in its WAL: see docs/scale-out.md."""
+        if self.dialect == "sqlite":
+            with self.engine.connect() as conn:
+                conn.connection.driver_connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # type: ignore[union-attr]
 
     # ---------------------------------------------------------------- models
 
@@ -298,142 +326,163 @@ class SqliteStore:
         wrapped = self._keys.wrap(sealed.data_key, record.name, record.version) if sealed else b""
         if hashlib.sha256(artifact).hexdigest() != digest:
             raise ValueError("artifact does not match its sha256")
-        path = self.artifact_dir / digest
-        if not path.exists():
-            # Write-then-rename, so a crash never leaves a truncated artifact under its digest.
-            fd, tmp = tempfile.mkstemp(dir=self.artifact_dir, prefix=".tmp-")
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(artifact)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
+        if self.artifact_dir is not None:
+            _write_file(self.artifact_dir, digest, artifact)
+
+        def tx(conn: sa.Connection) -> None:
+            if self.artifact_dir is None:
+                conn.execute(
+                    self._statements.put_artifact, {"sha256": digest, "size": len(artifact), "data": artifact}
+                )
+            conn.execute(
+                t.models.insert(),
+                {
+                    "name": record.name,
+                    "version": record.version,
+                    "sha256": record.sha256,
+                    "size": record.size,
+                    "info": record.info,
+                    "created_ms": record.created_ms,
+                    "state": record.state,
+                    "state_reason": _text(record.state_reason),
+                    "updated_ms": record.updated_ms or record.created_ms,
+                },
+            )
+            if sealed is not None:
+                conn.execute(
+                    t.model_keys.insert(),
+                    {
+                        "name": record.name,
+                        "version": record.version,
+                        "data_key": wrapped,
+                        "sealed_sha256": sealed.sha256,
+                        "sealed_size": sealed.size,
+                    },
+                )
+            _history(conn, record.name, record.version, record.created_ms, "published")
+
         try:
-            with self._tx() as cur:
-                cur.execute(
-                    f"INSERT INTO models ({_MODEL_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",  # noqa: S608
-                    (
-                        record.name,
-                        record.version,
-                        record.sha256,
-                        record.size,
-                        record.info,
-                        record.created_ms,
-                        record.state,
-                        record.state_reason,
-                        record.updated_ms or record.created_ms,
-                    ),
-                )
-                if sealed is not None:
-                    cur.execute(
-                        "INSERT INTO model_keys (name, version, data_key, sealed_sha256, sealed_size) "
-                        "VALUES (?, ?, ?, ?, ?)",
-                        (record.name, record.version, wrapped, sealed.sha256, sealed.size),
-                    )
-                cur.execute(
-                    "INSERT INTO model_history VALUES (?, ?, ?, 'published', '')",
-                    (record.name, record.version, record.created_ms),
-                )
-        except sqlite3.IntegrityError as err:
+            self._write(tx)
+        except sa.exc.IntegrityError as err:
             raise AlreadyExists("model", f"{record.name}:{record.version}") from err
 
     def get_sealed(self, name: str, version: str) -> SealedArtifact:
-        row = self._db.execute(
-            "SELECT sealed_sha256, sealed_size, data_key, revoked_ms FROM model_keys WHERE name=? AND version=?",
-            (name, version),
-        ).fetchone()
+        k = t.model_keys.c
+        with self._read() as conn:
+            row = conn.execute(
+                sa.select(k.sealed_sha256, k.sealed_size, k.data_key, k.revoked_ms).where(
+                    k.name == name, k.version == version
+                )
+            ).first()
         if row is None:
             raise NotFound("sealed artifact", f"{name}:{version}")
         return SealedArtifact(row[0], row[1], self._keys.unwrap(bytes(row[2]), name, version), row[3])
 
     def data_keys(self) -> list[tuple[str, str, bytes]]:
         """Every stored (wrapped) data key: (name, version, stored value) for key rotation."""
-        rows = self._db.execute("SELECT name, version, data_key FROM model_keys").fetchall()
+        k = t.model_keys.c
+        with self._read() as conn:
+            rows = conn.execute(sa.select(k.name, k.version, k.data_key).order_by(k.name, k.version)).all()
         return [(name, version, bytes(stored)) for name, version, stored in rows]
 
     def replace_data_keys(self, rows: Iterable[tuple[str, str, bytes, bytes]]) -> int:
         """Replace stored data keys (name, version, old value, new value) in one transaction; a row
         whose value changed meanwhile (a revocation destroyed the key) is left alone."""
-        changed = 0
-        with self._tx() as cur:
-            for name, version, old, new in rows:
-                cur.execute(
-                    "UPDATE model_keys SET data_key=? WHERE name=? AND version=? AND data_key=?",
-                    (new, name, version, old),
-                )
-                changed += cur.rowcount
-        return changed
+        k = t.model_keys.c
+        batch = list(rows)
+
+        def tx(conn: sa.Connection) -> int:
+            changed = 0
+            for name, version, old, new in batch:
+                changed += conn.execute(
+                    t.model_keys.update()
+                    .where(k.name == name, k.version == version, k.data_key == old)
+                    .values(data_key=new)
+                ).rowcount
+            return changed
+
+        return self._write(tx)
 
     def get_model(self, name: str, version: str | None = None) -> ModelRecord:
-        if version:
-            row = self._db.execute(
-                f"SELECT {_MODEL_COLUMNS} FROM models WHERE name=? AND version=?",  # noqa: S608
-                (name, version),
-            ).fetchone()
-        else:
-            rows = self._db.execute(
-                f"SELECT {_MODEL_COLUMNS} FROM models WHERE name=?",  # noqa: S608
-                (name,),
-            ).fetchall()
-            row = max(rows, key=lambda r: _semver_key(r[1])) if rows else None
+        query = _MODELS.where(t.models.c.name == name)
+        with self._read() as conn:
+            if version:
+                row = conn.execute(query.where(t.models.c.version == version)).first()
+            else:
+                rows = conn.execute(query).all()
+                row = max(rows, key=lambda r: _semver_key(r[1])) if rows else None
         if row is None:
             raise NotFound("model", f"{name}:{version}" if version else name)
-        return ModelRecord(*row)
+        return _model(row)
 
     def list_models(self) -> list[ModelRecord]:
-        rows = self._db.execute(
-            f"SELECT {_MODEL_COLUMNS} FROM models ORDER BY name, created_ms"  # noqa: S608
-        ).fetchall()
-        return [ModelRecord(*row) for row in rows]
+        with self._read() as conn:
+            rows = conn.execute(_MODELS.order_by(t.models.c.name, t.models.c.created_ms)).all()
+        return [_model(row) for row in rows]
 
     def set_model_state(self, name: str, version: str, state: str, reason: str, now_ms: int) -> ModelRecord:
         """Move a version along its lifecycle (catalog.lifecycle) and record it in the history. To
-        ``revoked``: the version's data key is destroyed in the same transaction, then the WAL is
-        checkpointed so no copy of it stays in the journal."""
+        ``revoked``: the version's data key is destroyed in the same transaction, then the journal is
+        scrubbed (see ``_scrub``)."""
         from .catalog.lifecycle import ModelState, check_transition
 
-        with self._tx() as cur:
-            row = cur.execute(
-                "SELECT state FROM models WHERE name=? AND version=?", (name, version)
-            ).fetchone()
+        m = t.models.c
+
+        def tx(conn: sa.Connection) -> None:
+            row = conn.execute(sa.select(m.state).where(m.name == name, m.version == version)).first()
             if row is None:
                 raise NotFound("model", f"{name}:{version}")
             check_transition(f"{name}:{version}", ModelState(row[0]), ModelState(state))
-            cur.execute(
-                "UPDATE models SET state=?, state_reason=?, updated_ms=? WHERE name=? AND version=?",
-                (state, reason, now_ms, name, version),
+            conn.execute(
+                t.models.update()
+                .where(m.name == name, m.version == version)
+                .values(state=state, state_reason=_text(reason), updated_ms=now_ms)
             )
-            cur.execute(
-                "INSERT INTO model_history VALUES (?, ?, ?, ?, ?)", (name, version, now_ms, state, reason)
-            )
+            _history(conn, name, version, now_ms, state, reason)
             if state == ModelState.REVOKED:
-                _destroy_key(cur, name, version, now_ms)
+                _destroy_key(conn, name, version, now_ms)
+
+        self._write(tx)
         if state == ModelState.REVOKED:
-            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            self._scrub()
         return self.get_model(name, version)
 
     def model_history(self, name: str) -> tuple[list[ModelRecord], list[HistoryEntry]]:
         """Every version of ``name`` (semantic version order) and its lifecycle entries (oldest first)."""
-        rows = self._db.execute(
-            f"SELECT {_MODEL_COLUMNS} FROM models WHERE name=?",  # noqa: S608
-            (name,),
-        ).fetchall()
+        h = t.model_history.c
+        with self._read() as conn:
+            rows = conn.execute(_MODELS.where(t.models.c.name == name)).all()
+            entries = conn.execute(
+                sa.select(h.version, h.at_ms, h.action, h.reason)
+                .where(h.name == name)
+                .order_by(h.at_ms, h.id)
+            ).all()
         if not rows:
             raise NotFound("model", name)
-        versions = sorted((ModelRecord(*r) for r in rows), key=lambda m: _semver_key(m.version))
-        entries = [
-            HistoryEntry(*r)
-            for r in self._db.execute(
-                "SELECT version, at_ms, action, reason FROM model_history WHERE name=? ORDER BY at_ms, rowid",
-                (name,),
-            )
-        ]
-        return versions, entries
+        versions = sorted((_model(r) for r in rows), key=lambda m: _semver_key(m.version))
+        return versions, [HistoryEntry(*r) for r in entries]
 
     def revoked_keys(self) -> list[tuple[str, str]]:
-        return [
-            (r[0], r[1])
-            for r in self._db.execute("SELECT name, version FROM model_keys WHERE revoked_ms > 0")
-        ]
+        k = t.model_keys.c
+        with self._read() as conn:
+            rows = conn.execute(
+                sa.select(k.name, k.version).where(k.revoked_ms > 0).order_by(k.name, k.version)
+            ).all()
+        return [(r[0], r[1]) for r in rows]
+
+    def read_artifact(self, sha256: str) -> bytes:
+        if len(sha256) != 64 or not all(c in "0123456789abcdef" for c in sha256):
+            raise NotFound("artifact", sha256)
+        if self.artifact_dir is not None:
+            try:
+                return (self.artifact_dir / sha256).read_bytes()
+            except FileNotFoundError as err:
+                raise NotFound("artifact", sha256) from err
+        with self._read() as conn:
+            data = conn.execute(sa.select(t.artifacts.c.data).where(t.artifacts.c.sha256 == sha256)).scalar()
+        if data is None:
+            raise NotFound("artifact", sha256)
+        return bytes(data)
 
     # ---------------------------------------------------------------- wipes
 
@@ -445,99 +494,115 @@ class SqliteStore:
         from .catalog.lifecycle import ModelState
 
         changes = list(replicas)
-        with self._tx() as cur:
+        m = t.models.c
+
+        def tx(conn: sa.Connection) -> None:
             for version in wipe.versions:
-                row = cur.execute(
-                    "SELECT state FROM models WHERE name=? AND version=?", (wipe.name, version)
-                ).fetchone()
+                row = conn.execute(
+                    sa.select(m.state).where(m.name == wipe.name, m.version == version)
+                ).first()
                 if row is None:
                     raise NotFound("model", f"{wipe.name}:{version}")
                 if row[0] != ModelState.REVOKED:
-                    cur.execute(
-                        "UPDATE models SET state=?, state_reason=?, updated_ms=? WHERE name=? AND version=?",
-                        (ModelState.REVOKED.value, revoke_reason, wipe.created_ms, wipe.name, version),
+                    conn.execute(
+                        t.models.update()
+                        .where(m.name == wipe.name, m.version == version)
+                        .values(
+                            state=ModelState.REVOKED.value,
+                            state_reason=_text(revoke_reason),
+                            updated_ms=wipe.created_ms,
+                        )
                     )
-                    cur.execute(
-                        "INSERT INTO model_history VALUES (?, ?, ?, 'revoked', ?)",
-                        (wipe.name, version, wipe.created_ms, revoke_reason),
-                    )
-                _destroy_key(cur, wipe.name, version, wipe.created_ms)
-                cur.execute(
-                    "INSERT INTO model_history VALUES (?, ?, ?, 'wiped', ?)",
-                    (wipe.name, version, wipe.created_ms, f"wipe {wipe.id}: {wipe.reason}"),
-                )
-            for change in changes:
-                row = cur.execute("SELECT phase FROM replicas WHERE id=?", (change.replica.id,)).fetchone()
-                if row is not None:
-                    check_transition(Phase(row[0]), change.replica.phase)
-                _write_replica(cur, change.replica)
-            cur.execute(
-                "INSERT INTO wipes VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    wipe.id,
-                    wipe.name,
-                    ",".join(wipe.versions),
-                    ",".join(wipe.sha256s),
-                    wipe.reason,
-                    wipe.created_ms,
-                    wipe.deadline_ms,
-                    len(changes),
-                ),
+                    _history(conn, wipe.name, version, wipe.created_ms, "revoked", revoke_reason)
+                _destroy_key(conn, wipe.name, version, wipe.created_ms)
+                _history(conn, wipe.name, version, wipe.created_ms, "wiped", f"wipe {wipe.id}: {wipe.reason}")
+            self._apply_changes(conn, changes)
+            conn.execute(
+                t.wipes.insert(),
+                {
+                    "id": wipe.id,
+                    "name": wipe.name,
+                    "versions": ",".join(wipe.versions),
+                    "sha256s": ",".join(wipe.sha256s),
+                    "reason": _text(wipe.reason),
+                    "created_ms": wipe.created_ms,
+                    "deadline_ms": wipe.deadline_ms,
+                    "replicas_evicted": len(changes),
+                },
             )
-            for node_id, node in wipe.nodes.items():
-                cur.execute(
-                    "INSERT INTO wipe_nodes VALUES (?, ?, ?, ?, ?)",
-                    (wipe.id, node_id, node.state, node.updated_ms, node.message),
+            if wipe.nodes:
+                conn.execute(
+                    t.wipe_nodes.insert(),
+                    [
+                        {
+                            "wipe_id": wipe.id,
+                            "node_id": node_id,
+                            "state": node.state,
+                            "updated_ms": node.updated_ms,
+                            "message": _text(node.message),
+                        }
+                        for node_id, node in wipe.nodes.items()
+                    ],
                 )
-        self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+        self._write(tx)
+        self._scrub()
         return self.get_wipe(wipe.id)
 
     def set_wipe_node(self, wipe_id: str, node_id: str, node: WipeNode) -> None:
-        with self._tx() as cur:
-            cur.execute(
-                "UPDATE wipe_nodes SET state=?, updated_ms=?, message=? WHERE wipe_id=? AND node_id=?",
-                (node.state, node.updated_ms, node.message, wipe_id, node_id),
+        w = t.wipe_nodes.c
+        self._write(
+            lambda conn: conn.execute(
+                t.wipe_nodes.update()
+                .where(w.wipe_id == wipe_id, w.node_id == node_id)
+                .values(state=node.state, updated_ms=node.updated_ms, message=_text(node.message))
             )
-
-    def get_wipe(self, wipe_id: str) -> WipeRecord:
-        row = self._db.execute("SELECT * FROM wipes WHERE id=?", (wipe_id,)).fetchone()
-        if row is None:
-            raise NotFound("wipe", wipe_id)
-        return self._wipe(row)
-
-    def list_wipes(self) -> list[WipeRecord]:
-        return [
-            self._wipe(r) for r in self._db.execute("SELECT * FROM wipes ORDER BY created_ms, id").fetchall()
-        ]
-
-    def _wipe(self, row: tuple) -> WipeRecord:
-        wid, name, versions, sha256s, reason, created, deadline, evicted = row
-        nodes = {
-            r[0]: WipeNode(r[1], r[2], r[3])
-            for r in self._db.execute(
-                "SELECT node_id, state, updated_ms, message FROM wipe_nodes WHERE wipe_id=? ORDER BY node_id",
-                (wid,),
-            )
-        }
-        return WipeRecord(
-            wid,
-            name,
-            tuple(versions.split(",")),
-            tuple(sha256s.split(",")),
-            reason,
-            created,
-            deadline,
-            evicted,
-            nodes,
         )
 
-    def read_artifact(self, sha256: str) -> bytes:
-        if len(sha256) != 64 or not all(c in "0123456789abcdef" for c in sha256):
-            raise NotFound("artifact", sha256)
-        try:
-            return (self.artifact_dir / sha256).read_bytes()
-        except FileNotFoundError as err:
-            raise NotFound("artifact", sha256) from err
+    def get_wipe(self, wipe_id: str) -> WipeRecord:
+        with self._read() as conn:
+            wipes = self._wipes(conn, t.wipes.c.id == wipe_id)
+        if not wipes:
+            raise NotFound("wipe", wipe_id)
+        return wipes[0]
+
+    def list_wipes(self) -> list[WipeRecord]:
+        with self._read() as conn:
+            return self._wipes(conn, sa.true())
+
+    @staticmethod
+    def _wipes(conn: sa.Connection, where: sa.ColumnElement[bool]) -> list[WipeRecord]:
+        w, n = t.wipes.c, t.wipe_nodes.c
+        rows = conn.execute(
+            sa.select(
+                w.id, w.name, w.versions, w.sha256s, w.reason, w.created_ms, w.deadline_ms, w.replicas_evicted
+            )
+            .where(where)
+            .order_by(w.created_ms, w.id)
+        ).all()
+        nodes: dict[str, dict[str, WipeNode]] = {row[0]: {} for row in rows}
+        node_rows = conn.execute(
+            sa.select(n.wipe_id, n.node_id, n.state, n.updated_ms, n.message)
+            .join(t.wipes, t.wipes.c.id == n.wipe_id)
+            .where(where)
+            .order_by(n.wipe_id, n.node_id)
+        )
+        for wid, node_id, state, updated, message in node_rows:
+            nodes[wid][node_id] = WipeNode(state, updated, message)
+        return [
+            WipeRecord(
+                wid,
+                name,
+                tuple(versions.split(",")),
+                tuple(sha256s.split(",")),
+                reason,
+                created,
+                deadline,
+                evicted,
+                nodes[wid],
+            )
+            for wid, name, versions, sha256s, reason, created, deadline, evicted in rows
+        ]
 
     # ---------------------------------------------------------------- deployments
 
@@ -546,160 +611,192 @@ class SqliteStore:
     ) -> tuple[DeploymentRecord, bool, bool]:
         """Create or update; returns (record, created, changed). The generation grows on change."""
         text = manifest.model_dump_json(by_alias=True)
-        with self._tx() as cur:
-            row = cur.execute(
-                "SELECT generation, manifest, created_ms FROM deployments WHERE name=?",
-                (manifest.metadata.name,),
-            ).fetchone()
+        name = manifest.metadata.name
+        d = t.deployments.c
+
+        def tx(conn: sa.Connection) -> tuple[DeploymentRecord, bool, bool]:
+            row = conn.execute(
+                sa.select(d.generation, d.manifest, d.created_ms, d.updated_ms).where(d.name == name)
+            ).first()
             if row is None:
-                cur.execute(
-                    "INSERT INTO deployments VALUES (?, 1, ?, ?, ?)",
-                    (manifest.metadata.name, text, now_ms, now_ms),
+                conn.execute(
+                    t.deployments.insert(),
+                    {
+                        "name": name,
+                        "generation": 1,
+                        "manifest": text,
+                        "created_ms": now_ms,
+                        "updated_ms": now_ms,
+                    },
                 )
-                _keep_template(cur, manifest.metadata.name, 1, text)
-                return DeploymentRecord(manifest.metadata.name, 1, manifest, now_ms, now_ms), True, False
-            generation, old_text, created = row
-            if old_text == text:
-                old = DeploymentManifest.model_validate_json(old_text)
-                updated = cur.execute(
-                    "SELECT updated_ms FROM deployments WHERE name=?", (manifest.metadata.name,)
-                ).fetchone()[0]
-                return (
-                    DeploymentRecord(manifest.metadata.name, generation, old, created, updated),
-                    False,
-                    False,
-                )
+                self._keep_template(conn, name, 1, text)
+                return DeploymentRecord(name, 1, manifest, now_ms, now_ms), True, False
+            generation, old_text, created, updated = row
             old = DeploymentManifest.model_validate_json(old_text)
+            if old_text == text:
+                return DeploymentRecord(name, generation, old, created, updated), False, False
             # Scaling alone does not make a new generation: existing replicas stay valid.
             new_generation = generation if _same_template(old, manifest) else generation + 1
-            cur.execute(
-                "UPDATE deployments SET generation=?, manifest=?, updated_ms=? WHERE name=?",
-                (new_generation, text, now_ms, manifest.metadata.name),
+            conn.execute(
+                t.deployments.update()
+                .where(d.name == name)
+                .values(generation=new_generation, manifest=text, updated_ms=now_ms)
             )
-            _keep_template(cur, manifest.metadata.name, new_generation, text)
-            return (
-                DeploymentRecord(manifest.metadata.name, new_generation, manifest, created, now_ms),
-                False,
-                True,
-            )
+            self._keep_template(conn, name, new_generation, text)
+            return DeploymentRecord(name, new_generation, manifest, created, now_ms), False, True
+
+        return self._write(tx)
 
     def get_deployment(self, name: str) -> DeploymentRecord:
-        row = self._db.execute("SELECT * FROM deployments WHERE name=?", (name,)).fetchone()
+        with self._read() as conn:
+            row = conn.execute(_GET_DEPLOYMENT, {"name": name}).first()
         if row is None:
             raise NotFound("deployment", name)
         return _deployment(row)
 
     def list_deployments(self) -> list[DeploymentRecord]:
-        return [_deployment(row) for row in self._db.execute("SELECT * FROM deployments ORDER BY name")]
+        with self._read() as conn:
+            rows = conn.execute(_LIST_DEPLOYMENTS).all()
+        return [_deployment(row) for row in rows]
 
     def delete_deployment(self, name: str, now_ms: int) -> list[ReplicaRecord]:
         """Remove the deployment and mark its replicas Evicted, in one transaction."""
-        with self._tx() as cur:
-            if cur.execute("DELETE FROM deployments WHERE name=?", (name,)).rowcount == 0:
+
+        def tx(conn: sa.Connection) -> list[ReplicaRecord]:
+            if conn.execute(t.deployments.delete().where(t.deployments.c.name == name)).rowcount == 0:
                 raise NotFound("deployment", name)
-            cur.execute("DELETE FROM deployment_templates WHERE deployment=?", (name,))
-            cur.execute("DELETE FROM rollouts WHERE deployment=?", (name,))
-            rows = cur.execute("SELECT * FROM replicas WHERE deployment=?", (name,)).fetchall()
-            evicted = []
-            for row in rows:
+            conn.execute(t.deployment_templates.delete().where(t.deployment_templates.c.deployment == name))
+            conn.execute(t.rollouts.delete().where(t.rollouts.c.deployment == name))
+            evicted, dropped = [], []
+            for row in conn.execute(_LIST_REPLICAS_OF, {"deployment": name}):
                 rep = _replica(row)
                 if rep.phase == Phase.EVICTED:
                     continue
                 if rep.node_id is None:
-                    cur.execute("DELETE FROM replicas WHERE id=?", (rep.id,))
+                    dropped.append(rep.id)
                     continue
-                new = replace(
-                    rep, phase=Phase.EVICTED, reason="deployment.deleted", message="", updated_ms=now_ms
+                evicted.append(
+                    replace(
+                        rep, phase=Phase.EVICTED, reason="deployment.deleted", message="", updated_ms=now_ms
+                    )
                 )
-                _write_replica(cur, new)
-                evicted.append(new)
+            for ids in _chunks(dropped):
+                conn.execute(_DELETE_REPLICAS, {"ids": ids})
+            if evicted:
+                conn.execute(self._statements.upsert_replica, [_replica_row(rep) for rep in evicted])
             return evicted
+
+        return self._write(tx)
 
     # ---------------------------------------------------------------- replicas
 
     def list_replicas(self, deployment: str | None = None) -> list[ReplicaRecord]:
-        if deployment is None:
-            rows = self._db.execute("SELECT * FROM replicas ORDER BY id").fetchall()
-        else:
-            rows = self._db.execute(
-                "SELECT * FROM replicas WHERE deployment=? ORDER BY id", (deployment,)
-            ).fetchall()
+        with self._read() as conn:
+            if deployment is None:
+                rows = conn.execute(_LIST_REPLICAS).all()
+            else:
+                rows = conn.execute(_LIST_REPLICAS_OF, {"deployment": deployment}).all()
         return [_replica(row) for row in rows]
 
     def apply_replica_changes(self, changes: Iterable[ReplicaChange]) -> None:
         """Insert, update or delete replicas in one transaction, checking every phase transition."""
-        with self._tx() as cur:
-            for change in changes:
-                rep = change.replica
-                if change.delete:
-                    cur.execute("DELETE FROM replicas WHERE id=?", (rep.id,))
-                    continue
-                row = cur.execute("SELECT phase FROM replicas WHERE id=?", (rep.id,)).fetchone()
-                if row is not None:
-                    check_transition(Phase(row[0]), rep.phase)
-                _write_replica(cur, rep)
+        batch = list(changes)
+        self._write(lambda conn: self._apply_changes(conn, batch))
+
+    def _apply_changes(self, conn: sa.Connection, changes: Sequence[ReplicaChange]) -> None:
+        """Check every transition against the stored phase (or the batch's own earlier change of the
+        same replica), then write the batch with one statement per kind of change."""
+        if not changes:
+            return
+        ids = list({c.replica.id for c in changes})
+        phases: dict[str, Phase | None] = {}
+        for chunk in _chunks(ids):
+            phases.update((rid, Phase(phase)) for rid, phase in conn.execute(_REPLICA_PHASES, {"ids": chunk}))
+        pending: dict[str, dict[str, Any] | None] = {}  # id -> the row to write, None: deleted
+        deleted: set[str] = set()
+        for change in changes:
+            rep = change.replica
+            if change.delete:
+                phases[rep.id] = pending[rep.id] = None
+                deleted.add(rep.id)
+                continue
+            stored = phases.get(rep.id)
+            if stored is not None:
+                check_transition(stored, rep.phase)
+            phases[rep.id] = rep.phase
+            row, earlier = _replica_row(rep), pending.get(rep.id)
+            if earlier is None:
+                pending[rep.id] = row
+            else:  # a second change of the same replica updates what an upsert would update
+                earlier.update((c, row[c]) for c in _REPLICA_MUTABLE)
+        for chunk in _chunks(sorted(deleted)):
+            conn.execute(_DELETE_REPLICAS, {"ids": chunk})
+        written = [row for row in pending.values() if row is not None]
+        if written:
+            conn.execute(self._statements.upsert_replica, written)
 
     # ---------------------------------------------------------------- nodes
 
     def get_node(self, node_id: str) -> NodeRecord | None:
-        row = self._db.execute("SELECT * FROM nodes WHERE id=?", (node_id,)).fetchone()
-        return None if row is None else NodeRecord(row[0], bool(row[1]), row[2], row[3])
+        with self._read() as conn:
+            row = conn.execute(_GET_NODE, {"id": node_id}).first()
+        return None if row is None else _node(row)
 
     def list_nodes(self) -> list[NodeRecord]:
-        return [
-            NodeRecord(r[0], bool(r[1]), r[2], r[3])
-            for r in self._db.execute("SELECT * FROM nodes ORDER BY id")
-        ]
+        with self._read() as conn:
+            rows = conn.execute(_LIST_NODES).all()
+        return [_node(row) for row in rows]
 
     def put_node(self, record: NodeRecord) -> None:
-        with self._tx() as cur:
-            cur.execute(
-                "INSERT INTO nodes VALUES (?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET "
-                "cordoned=excluded.cordoned, inventory=excluded.inventory, last_seen_ms=excluded.last_seen_ms",
-                (record.id, int(record.cordoned), record.inventory, record.last_seen_ms),
-            )
+        row = {
+            "id": record.id,
+            "cordoned": int(record.cordoned),
+            "inventory": record.inventory,
+            "last_seen_ms": record.last_seen_ms,
+        }
+        self._write(lambda conn: conn.execute(self._statements.upsert_node, row))
 
     # ---------------------------------------------------------------- attestation enrollments
 
     def put_enrollment(self, node_id: str, record: bytes, now_ms: int) -> None:
         """Keep a node's enrollment (a serialized edgeward.v1.Enrollment) across restarts."""
-        with self._tx() as cur:
-            cur.execute(
-                "INSERT INTO enrollments VALUES (?, ?, ?) ON CONFLICT(node_id) DO UPDATE SET "
-                "record=excluded.record, updated_ms=excluded.updated_ms",
-                (node_id, record, now_ms),
-            )
+        row = {"node_id": node_id, "record": record, "updated_ms": now_ms}
+        self._write(lambda conn: conn.execute(self._statements.upsert_enrollment, row))
 
     def list_enrollments(self) -> list[bytes]:
-        return [bytes(r[0]) for r in self._db.execute("SELECT record FROM enrollments ORDER BY node_id")]
+        e = t.enrollments.c
+        with self._read() as conn:
+            rows = conn.execute(sa.select(e.record).order_by(e.node_id)).all()
+        return [bytes(r[0]) for r in rows]
 
     # ---------------------------------------------------------------- rollouts
 
     def get_template(self, name: str, generation: int) -> DeploymentManifest:
         """The manifest a deployment had at ``generation`` (the last TEMPLATES_KEPT are kept)."""
-        row = self._db.execute(
-            "SELECT manifest FROM deployment_templates WHERE deployment=? AND generation=?",
-            (name, generation),
-        ).fetchone()
-        if row is None:
+        with self._read() as conn:
+            text = _template(conn, name, generation)
+        if text is None:
             raise NotFound("deployment template", f"{name}@{generation}")
-        return DeploymentManifest.model_validate_json(row[0])
+        return DeploymentManifest.model_validate_json(text)
 
     def list_rollouts(self) -> dict[str, str]:
         """The current rollout record (JSON, orchestrator.rollout.Rollout) of each deployment."""
-        return dict(
-            self._db.execute("SELECT deployment, record FROM rollouts ORDER BY deployment").fetchall()
-        )
+        r = t.rollouts.c
+        with self._read() as conn:
+            rows = conn.execute(sa.select(r.deployment, r.record).order_by(r.deployment)).all()
+        return {row[0]: row[1] for row in rows}
 
     def put_rollout(self, deployment: str, record: str, now_ms: int) -> None:
-        with self._tx() as cur:
-            if cur.execute("SELECT 1 FROM deployments WHERE name=?", (deployment,)).fetchone() is None:
+        def tx(conn: sa.Connection) -> None:
+            d = t.deployments.c
+            if conn.execute(sa.select(d.name).where(d.name == deployment)).first() is None:
                 raise NotFound("deployment", deployment)
-            cur.execute(
-                "INSERT INTO rollouts VALUES (?, ?, ?) ON CONFLICT(deployment) DO UPDATE SET "
-                "record=excluded.record, updated_ms=excluded.updated_ms",
-                (deployment, record, now_ms),
+            conn.execute(
+                self._statements.upsert_rollout,
+                {"deployment": deployment, "record": record, "updated_ms": now_ms},
             )
+
+        self._write(tx)
 
     def roll_back(
         self, name: str, from_generation: int, to_generation: int, record: str, now_ms: int
@@ -708,45 +805,171 @@ class SqliteStore:
         ``to_generation`` as a new generation, the live replicas of ``to_generation`` are relabelled
         to it (same template: they stay where they run), and the rollout ``record`` is written.
         Refused (NotFound) when the deployment moved past ``from_generation`` meanwhile."""
-        with self._tx() as cur:
-            row = cur.execute(
-                "SELECT generation, created_ms FROM deployments WHERE name=?", (name,)
-            ).fetchone()
+        d, r = t.deployments.c, t.replicas.c
+
+        def tx(conn: sa.Connection) -> DeploymentRecord:
+            row = conn.execute(sa.select(d.generation, d.created_ms).where(d.name == name)).first()
             if row is None or row[0] != from_generation:
                 raise NotFound("deployment", f"{name}@{from_generation}")
-            tpl = cur.execute(
-                "SELECT manifest FROM deployment_templates WHERE deployment=? AND generation=?",
-                (name, to_generation),
-            ).fetchone()
-            if tpl is None:
+            text = _template(conn, name, to_generation)
+            if text is None:
                 raise NotFound("deployment template", f"{name}@{to_generation}")
             new_generation = from_generation + 1
-            cur.execute(
-                "UPDATE deployments SET generation=?, manifest=?, updated_ms=? WHERE name=?",
-                (new_generation, tpl[0], now_ms, name),
+            conn.execute(
+                t.deployments.update()
+                .where(d.name == name)
+                .values(generation=new_generation, manifest=text, updated_ms=now_ms)
             )
-            _keep_template(cur, name, new_generation, tpl[0])
-            cur.execute(
-                "UPDATE replicas SET generation=? WHERE deployment=? AND generation=? AND phase!=?",
-                (new_generation, name, to_generation, Phase.EVICTED.value),
+            self._keep_template(conn, name, new_generation, text)
+            conn.execute(
+                t.replicas.update()
+                .where(r.deployment == name, r.generation == to_generation, r.phase != Phase.EVICTED.value)
+                .values(generation=new_generation)
             )
-            cur.execute(
-                "INSERT INTO rollouts VALUES (?, ?, ?) ON CONFLICT(deployment) DO UPDATE SET "
-                "record=excluded.record, updated_ms=excluded.updated_ms",
-                (name, record, now_ms),
+            conn.execute(
+                self._statements.upsert_rollout, {"deployment": name, "record": record, "updated_ms": now_ms}
             )
-            manifest = DeploymentManifest.model_validate_json(tpl[0])
-            return DeploymentRecord(name, new_generation, manifest, row[1], now_ms)
+            return DeploymentRecord(
+                name, new_generation, DeploymentManifest.model_validate_json(text), row[1], now_ms
+            )
+
+        return self._write(tx)
+
+    def _keep_template(self, conn: sa.Connection, name: str, generation: int, text: str) -> None:
+        tpl = t.deployment_templates.c
+        conn.execute(
+            self._statements.upsert_template, {"deployment": name, "generation": generation, "manifest": text}
+        )
+        conn.execute(
+            t.deployment_templates.delete().where(
+                tpl.deployment == name, tpl.generation <= generation - TEMPLATES_KEPT
+            )
+        )
 
 
-_MODEL_COLUMNS = "name, version, sha256, size, info, created_ms, state, state_reason, updated_ms"
+class _Statements:
+    """The statements whose SQL differs by engine (upserts), built once per store."""
+
+    def __init__(self, insert: Callable[[sa.Table], Any]) -> None:
+        def upsert(table: sa.Table, keys: tuple[str, ...], update: tuple[str, ...]) -> sa.Executable:
+            stmt = insert(table)
+            return stmt.on_conflict_do_update(
+                index_elements=list(keys), set_={c: stmt.excluded[c] for c in update}
+            )
+
+        self.upsert_replica = upsert(t.replicas, ("id",), _REPLICA_MUTABLE)
+        self.upsert_node = upsert(t.nodes, ("id",), ("cordoned", "inventory", "last_seen_ms"))
+        self.upsert_enrollment = upsert(t.enrollments, ("node_id",), ("record", "updated_ms"))
+        self.upsert_rollout = upsert(t.rollouts, ("deployment",), ("record", "updated_ms"))
+        self.upsert_template = upsert(t.deployment_templates, ("deployment", "generation"), ("manifest",))
+        self.put_artifact = insert(t.artifacts).on_conflict_do_nothing(index_elements=["sha256"])
 
 
-def _destroy_key(cur: sqlite3.Cursor, name: str, version: str, now_ms: int) -> None:
-    cur.execute(
-        "UPDATE model_keys SET data_key=x'', revoked_ms=? WHERE name=? AND version=? AND revoked_ms=0",
-        (now_ms, name, version),
+_MODELS = sa.select(
+    *(
+        t.models.c[c]
+        for c in (
+            "name",
+            "version",
+            "sha256",
+            "size",
+            "info",
+            "created_ms",
+            "state",
+            "state_reason",
+            "updated_ms",
+        )
     )
+)
+_DEPLOYMENTS = sa.select(
+    t.deployments.c.name,
+    t.deployments.c.generation,
+    t.deployments.c.manifest,
+    t.deployments.c.created_ms,
+    t.deployments.c.updated_ms,
+)
+_REPLICA_COLUMNS = (
+    "id",
+    "deployment",
+    "generation",
+    "model_name",
+    "model_version",
+    "node_id",
+    "accelerator",
+    "phase",
+    "reason",
+    "message",
+    "updated_ms",
+)
+# What writing an existing replica changes (its deployment, generation and model never change).
+_REPLICA_MUTABLE = ("node_id", "accelerator", "phase", "reason", "message", "updated_ms")
+_NODES = sa.select(t.nodes.c.id, t.nodes.c.cordoned, t.nodes.c.inventory, t.nodes.c.last_seen_ms)
+# Statements of the hot paths (reconcile, apply, node reports), built once: SQLAlchemy then finds their
+# compiled form without rebuilding and re-keying a statement per call.
+_REPLICAS = sa.select(*(t.replicas.c[c] for c in _REPLICA_COLUMNS))
+_LIST_REPLICAS = _REPLICAS.order_by(t.replicas.c.id)
+_LIST_REPLICAS_OF = _REPLICAS.where(t.replicas.c.deployment == sa.bindparam("deployment")).order_by(
+    t.replicas.c.id
+)
+_REPLICA_PHASES = sa.select(t.replicas.c.id, t.replicas.c.phase).where(
+    t.replicas.c.id.in_(sa.bindparam("ids", expanding=True))
+)
+_DELETE_REPLICAS = t.replicas.delete().where(t.replicas.c.id.in_(sa.bindparam("ids", expanding=True)))
+_GET_DEPLOYMENT = _DEPLOYMENTS.where(t.deployments.c.name == sa.bindparam("name"))
+_LIST_DEPLOYMENTS = _DEPLOYMENTS.order_by(t.deployments.c.name)
+_GET_NODE = _NODES.where(t.nodes.c.id == sa.bindparam("id"))
+_LIST_NODES = _NODES.order_by(t.nodes.c.id)
+
+
+def _rollback(tx: sa.RootTransaction) -> None:
+    if tx.is_active:
+        tx.rollback()
+
+
+def _text(value: str) -> str:
+    """Free text as PostgreSQL can store it (no NUL), the same on every engine."""
+    return value.replace("\x00", "\ufffd") if "\x00" in value else value
+
+
+def _chunks(items: Sequence[str]) -> Iterator[Sequence[str]]:
+    for i in range(0, len(items), _IN_CHUNK):
+        yield items[i : i + _IN_CHUNK]
+
+
+def _write_file(directory: Path, digest: str, data: bytes) -> None:
+    path = directory / digest
+    if path.exists():
+        return
+    # Write-then-rename, so a crash never leaves a truncated artifact under its digest.
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _history(conn: sa.Connection, name: str, version: str, at_ms: int, action: str, reason: str = "") -> None:
+    conn.execute(
+        t.model_history.insert(),
+        {"name": name, "version": version, "at_ms": at_ms, "action": action, "reason": _text(reason)},
+    )
+
+
+def _destroy_key(conn: sa.Connection, name: str, version: str, now_ms: int) -> None:
+    k = t.model_keys.c
+    conn.execute(
+        t.model_keys.update()
+        .where(k.name == name, k.version == version, k.revoked_ms == 0)
+        .values(data_key=b"", revoked_ms=now_ms)
+    )
+
+
+def _template(conn: sa.Connection, name: str, generation: int) -> str | None:
+    tpl = t.deployment_templates.c
+    return conn.execute(
+        sa.select(tpl.manifest).where(tpl.deployment == name, tpl.generation == generation)
+    ).scalar()
 
 
 def _semver_key(version: str) -> tuple[int, int, int, int, str]:
@@ -762,23 +985,22 @@ def _same_template(old: DeploymentManifest, new: DeploymentManifest) -> bool:
     return old.spec.model_copy(update=ignored) == new.spec.model_copy(update=ignored)
 
 
-def _keep_template(cur: sqlite3.Cursor, name: str, generation: int, text: str) -> None:
-    cur.execute("INSERT OR REPLACE INTO deployment_templates VALUES (?, ?, ?)", (name, generation, text))
-    cur.execute(
-        "DELETE FROM deployment_templates WHERE deployment=? AND generation<=?",
-        (name, generation - TEMPLATES_KEPT),
-    )
+def _model(row: Sequence[Any]) -> ModelRecord:
+    name, version, sha256, size, info, created, state, state_reason, updated = row
+    return ModelRecord(name, version, sha256, size, bytes(info), created, state, state_reason, updated)
 
 
-def _deployment(row: tuple) -> DeploymentRecord:
+def _deployment(row: Sequence[Any]) -> DeploymentRecord:
     name, generation, text, created, updated = row
     return DeploymentRecord(name, generation, DeploymentManifest.model_validate_json(text), created, updated)
 
 
-_REPLICA_COLUMNS = "id, deployment, generation, model_name, model_version, node_id, accelerator, phase, reason, message, updated_ms"
+def _node(row: Sequence[Any]) -> NodeRecord:
+    node_id, cordoned, inventory, last_seen = row
+    return NodeRecord(node_id, bool(cordoned), None if inventory is None else bytes(inventory), last_seen)
 
 
-def _replica(row: tuple) -> ReplicaRecord:
+def _replica(row: Sequence[Any]) -> ReplicaRecord:
     (rid, dep, gen, mname, mver, node, acc, phase, reason, message, updated) = row
     return ReplicaRecord(
         id=rid,
@@ -795,22 +1017,29 @@ def _replica(row: tuple) -> ReplicaRecord:
     )
 
 
-def _write_replica(cur: sqlite3.Cursor, rep: ReplicaRecord) -> None:
-    cur.execute(
-        f"INSERT INTO replicas ({_REPLICA_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT(id) DO UPDATE SET "  # noqa: S608
-        "node_id=excluded.node_id, accelerator=excluded.accelerator, phase=excluded.phase, "
-        "reason=excluded.reason, message=excluded.message, updated_ms=excluded.updated_ms",
-        (
-            rep.id,
-            rep.deployment,
-            rep.generation,
-            rep.model_name,
-            rep.model_version,
-            rep.node_id,
-            rep.accelerator,
-            rep.phase.value,
-            rep.reason,
-            rep.message,
-            rep.updated_ms,
-        ),
+def _replica_row(rep: ReplicaRecord) -> dict[str, Any]:
+    return {
+        "id": rep.id,
+        "deployment": rep.deployment,
+        "generation": rep.generation,
+        "model_name": rep.model_name,
+        "model_version": rep.model_version,
+        "node_id": rep.node_id,
+        "accelerator": rep.accelerator,
+        "phase": rep.phase.value,
+        "reason": _text(rep.reason),
+        "message": _text(rep.message),
+        "updated_ms": rep.updated_ms,
+    }
+
+
+def open_store(config: OrchestratorConfig, keys: DataKeys | None = None) -> SqlStore:
+    """The store ``config`` names (IO: opens, creates or migrates it; reads or creates the KEK)."""
+    url = config.state.url.get_secret_value() if config.state.url is not None else None
+    return SqlStore(
+        config.state_dir,
+        url,
+        keys=keys or config.key_encryption.open(config.state_dir),
+        pool_size=config.state.pool_size,
+        connect_timeout_s=config.state.connect_timeout_s,
     )

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from pg_server import PostgresServer, find_bindir
 
 from edgeward.mqtt import BrokerURL
 from edgeward.mqtt.broker import EmbeddedBroker
@@ -149,6 +150,39 @@ def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerURL]:
         yield broker.url
     finally:
         broker.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """One private PostgreSQL for the whole run (random loopback port); tests get their own databases."""
+    bindir = find_bindir()
+    if bindir is None:
+        pytest.skip("PostgreSQL server not installed: apt-get install postgresql")
+    server = PostgresServer(bindir)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_server: PostgresServer) -> Iterator[str]:
+    """A fresh, empty database on the session's PostgreSQL, dropped after the test."""
+    name = postgres_server.create_database()
+    try:
+        yield postgres_server.url(name)
+    finally:
+        postgres_server.drop_database(name)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest) -> str | None:
+    """The store's engine, for tests that run on both: None (SQLite under the state dir) or a fresh
+    PostgreSQL database."""
+    if request.param == "postgresql":
+        return request.getfixturevalue("postgres_url")
+    return None
 
 
 @pytest.fixture

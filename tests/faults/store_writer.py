@@ -1,5 +1,6 @@
-"""Run as a process by test_store_kill9.py: writes to a SqliteStore as fast as it can, printing
-the name of every deployment once all three of its transactions have committed, until it is killed."""
+"""Run as a process by test_store_kill9.py: writes to a store (SQLite under the state dir, or the
+PostgreSQL database at the optional URL) as fast as it can, printing the name of every deployment once
+all three of its transactions have committed, until it is killed."""
 
 from __future__ import annotations
 
@@ -10,13 +11,13 @@ from pathlib import Path
 from edgeward.wire import now_ms
 from orchestrator.manifest import parse_manifest
 from orchestrator.phases import Phase
-from orchestrator.store import ReplicaChange, ReplicaRecord, SqliteStore
+from orchestrator.store import ReplicaChange, ReplicaRecord, SqlStore
 
 REPLICAS = 5
 
 
-def main(state_dir: str, start: int) -> None:
-    store = SqliteStore(Path(state_dir))
+def main(state_dir: str, start: int, url: str | None) -> None:
+    store = SqlStore(Path(state_dir), url)
     i = start
     while True:
         name = f"d{i}"
@@ -39,4 +40,4 @@ def main(state_dir: str, start: int) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]))
+    main(sys.argv[1], int(sys.argv[2]), sys.argv[3] if len(sys.argv) > 3 else None)

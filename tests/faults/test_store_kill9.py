@@ -1,6 +1,8 @@
 """The orchestrator's store under kill -9: a process writing deployments and replica batches as fast
-as it can is killed at random points, over and over; every time, the store opens, passes SQLite's
-integrity check, holds every write that was reported committed, and no transaction is half there."""
+as it can is killed at random points, over and over; every time, the store opens, holds every write
+that was reported committed, and no transaction is half there. On SQLite the file also passes
+SQLite's integrity check; on PostgreSQL the writer is the client that dies (the server's own crash
+safety is PostgreSQL's), and its open transaction must vanish with it."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.phases import Phase
-from orchestrator.store import SqliteStore
+from orchestrator.store import SqlStore
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(60)]
 
@@ -23,7 +25,7 @@ REPLICAS = 5
 ROUNDS = 6
 
 
-def test_kill9_at_random_points_leaves_a_consistent_store(tmp_path):
+def test_kill9_at_random_points_leaves_a_consistent_store(tmp_path, store_url):
     rng = random.Random()
     seed = rng.randrange(2**32)
     rng.seed(seed)
@@ -31,7 +33,7 @@ def test_kill9_at_random_points_leaves_a_consistent_store(tmp_path):
     start = 0
     for _ in range(ROUNDS):
         writer = subprocess.Popen(
-            [sys.executable, str(WRITER), str(tmp_path), str(start)],
+            [sys.executable, str(WRITER), str(tmp_path), str(start), *([store_url] if store_url else [])],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -50,12 +52,13 @@ def test_kill9_at_random_points_leaves_a_consistent_store(tmp_path):
         committed.update(names)
         start += len(names) + 1  # the next writer starts past anything this one may have begun
 
-        db = sqlite3.connect(tmp_path / "edgeward.db")
-        try:
-            assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-        finally:
-            db.close()
-        store = SqliteStore(tmp_path)
+        if store_url is None:
+            db = sqlite3.connect(tmp_path / "edgeward.db")
+            try:
+                assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+            finally:
+                db.close()
+        store = SqlStore(tmp_path, store_url)
         try:
             deployments = {d.name for d in store.list_deployments()}
             by_deployment: dict[str, list] = {}

@@ -37,7 +37,7 @@ from orchestrator.manifest import parse_manifest
 from orchestrator.phases import Phase
 from orchestrator.reconciler import Reconciler
 from orchestrator.scheduler import Scheduler
-from orchestrator.store import ModelRecord, SqliteStore
+from orchestrator.store import ModelRecord, SqlStore
 from orchestrator.verifier import FleetVerifier, builtin_reference
 from usecases import model_path
 
@@ -162,7 +162,7 @@ class AttestationGate(RuleBasedStateMachine):
         self.tmp = Path(tempfile.mkdtemp(prefix="edgeward-prop-"))
         self.loop = asyncio.new_event_loop()
         self.clock = Clock()
-        self.store = SqliteStore(self.tmp / "orch")
+        self.store = SqlStore(self.tmp / "orch")
         self.fleet = Fleet()
         self.sent: list[node_pb2.Command] = []
 

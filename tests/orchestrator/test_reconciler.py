@@ -16,7 +16,7 @@ from orchestrator.fleet import Fleet
 from orchestrator.manifest import parse_manifest
 from orchestrator.reconciler import Reconciler
 from orchestrator.scheduler import Scheduler
-from orchestrator.store import ModelRecord, SqliteStore
+from orchestrator.store import ModelRecord, SqlStore
 
 MANIFEST = (
     "apiVersion: edgeward/v1\nkind: Deployment\nmetadata: {name: vib}\n"
@@ -38,13 +38,13 @@ class NoTrust:
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[SqliteStore]:
-    store = SqliteStore(tmp_path / "orch")
+def store(tmp_path: Path) -> Iterator[SqlStore]:
+    store = SqlStore(tmp_path / "orch")
     yield store
     store.close()
 
 
-def reconciler(store: SqliteStore, tmp_path: Path) -> Reconciler:
+def reconciler(store: SqlStore, tmp_path: Path) -> Reconciler:
     async def db(fn, *args):
         return fn(*args)
 
@@ -64,7 +64,7 @@ def reconciler(store: SqliteStore, tmp_path: Path) -> Reconciler:
     )
 
 
-def push(store: SqliteStore) -> None:
+def push(store: SqlStore) -> None:
     digest = hashlib.sha256(b"x").hexdigest()
     info = api_pb2.Model(name="vib-cnn", version="1.0.0", sha256=digest, size=1, dtypes=["INT8"])
     store.put_model(ModelRecord("vib-cnn", "1.0.0", digest, 1, info.SerializeToString(), 1), b"x")

@@ -3,8 +3,6 @@ persisted record and the store's rollback transaction."""
 
 from __future__ import annotations
 
-import sqlite3
-
 import pytest
 
 from orchestrator.errors import IllegalTransition, InvalidManifest, NotFound
@@ -19,7 +17,7 @@ from orchestrator.rollout import (
     evaluate,
     step_counts,
 )
-from orchestrator.store import ReplicaChange, ReplicaRecord, SqliteStore
+from orchestrator.store import ReplicaChange, ReplicaRecord, SqlStore
 
 BASE = """apiVersion: edgeward/v1
 kind: Deployment
@@ -77,8 +75,8 @@ def test_strategy_parses_durations_and_defaults():
     assert (s.gates.max_latency_ms, s.gates.progress_deadline_s, s.gates.max_error_rate) == (20, 120, 0.05)
 
 
-def test_changing_only_the_strategy_makes_no_new_generation(tmp_path):
-    store = SqliteStore(tmp_path)
+def test_changing_only_the_strategy_makes_no_new_generation(tmp_path, store_url):
+    store = SqlStore(tmp_path, store_url)
     try:
         store.put_deployment(manifest(strategy="{type: canary}"), 1)
         rec, _, changed = store.put_deployment(manifest(strategy="{type: rolling, maxUnavailable: 2}"), 2)
@@ -233,8 +231,8 @@ def test_record_round_trips_and_checks_transitions():
         record(state=RolloutState.ROLLED_BACK).moved(RolloutState.PAUSED, 6)
 
 
-def test_roll_back_relabels_stable_replicas_in_one_transaction(tmp_path):
-    store = SqliteStore(tmp_path)
+def test_roll_back_relabels_stable_replicas_in_one_transaction(tmp_path, store_url):
+    store = SqlStore(tmp_path, store_url)
     try:
         store.put_deployment(manifest("1.0.0"), 1)
         store.put_deployment(manifest("2.0.0"), 2)
@@ -255,23 +253,5 @@ def test_roll_back_relabels_stable_replicas_in_one_transaction(tmp_path):
         assert store.list_rollouts() == {}
         with pytest.raises(NotFound):
             store.get_template("d1", 1)
-    finally:
-        store.close()
-
-
-def test_schema_2_state_dir_migrates_with_templates(tmp_path):
-    store = SqliteStore(tmp_path)
-    store.put_deployment(manifest("1.0.0"), 1)
-    store.close()
-    db = sqlite3.connect(tmp_path / "edgeward.db")
-    db.executescript(
-        "DROP TABLE rollouts; DROP TABLE deployment_templates; UPDATE meta SET value='2' WHERE key='schema';"
-    )
-    db.commit()
-    db.close()
-    store = SqliteStore(tmp_path)
-    try:
-        assert store.get_template("d1", 1).spec.model.version == "1.0.0"
-        assert store.list_rollouts() == {}
     finally:
         store.close()

@@ -1,14 +1,14 @@
-"""The SQLite store: transactions, generations, transition checks, artifacts."""
+"""The store on SQLite and on PostgreSQL: transactions, generations, transition checks, artifacts."""
 
 import hashlib
 import sqlite3
 
 import pytest
 
-from orchestrator.errors import AlreadyExists, IllegalTransition, NotFound
+from orchestrator.errors import AlreadyExists, IllegalTransition, NotFound, StoreError
 from orchestrator.manifest import parse_manifest
 from orchestrator.phases import Phase
-from orchestrator.store import ModelRecord, ReplicaChange, ReplicaRecord, SqliteStore
+from orchestrator.store import ModelRecord, ReplicaChange, ReplicaRecord, SqlStore
 
 MANIFEST = """
 apiVersion: edgeward/v1
@@ -19,8 +19,8 @@ spec: {model: {name: m, version: 1.0.0}, replicas: REPLICAS}
 
 
 @pytest.fixture
-def store(tmp_path):
-    s = SqliteStore(tmp_path)
+def store(tmp_path, store_url):
+    s = SqlStore(tmp_path, store_url)
     yield s
     s.close()
 
@@ -29,8 +29,13 @@ def manifest(replicas=2, version="1.0.0"):
     return parse_manifest(MANIFEST.replace("REPLICAS", str(replicas)).replace("1.0.0", version))
 
 
-def test_wal_mode(store):
-    assert store._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+def test_sqlite_runs_in_wal_mode(tmp_path):
+    SqlStore(tmp_path).close()
+    db = sqlite3.connect(tmp_path / "edgeward.db")
+    try:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    finally:
+        db.close()
 
 
 def test_generation_grows_on_template_change_not_on_scale(store):
@@ -86,20 +91,20 @@ def test_models_are_content_addressed_and_versions_unique(store):
         store.read_artifact("../../etc/passwd")
 
 
-def test_store_survives_reopen(tmp_path):
-    s = SqliteStore(tmp_path)
+def test_store_survives_reopen(tmp_path, store_url):
+    s = SqlStore(tmp_path, store_url)
     s.put_deployment(manifest(3), 1)
     s.close()
-    s = SqliteStore(tmp_path)
+    s = SqlStore(tmp_path, store_url)
     assert s.get_deployment("d1").manifest.spec.replicas == 3
     s.close()
 
 
-def test_refuses_foreign_schema(tmp_path):
-    SqliteStore(tmp_path).close()
+def test_refuses_a_pre_alembic_schema_it_does_not_know(tmp_path):
     db = sqlite3.connect(tmp_path / "edgeward.db")
-    db.execute("UPDATE meta SET value='99' WHERE key='schema'")
+    db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+    db.execute("INSERT INTO meta VALUES ('schema', '99')")
     db.commit()
     db.close()
-    with pytest.raises(RuntimeError, match="schema 99"):
-        SqliteStore(tmp_path)
+    with pytest.raises(StoreError, match="schema 99"):
+        SqlStore(tmp_path)

@@ -21,7 +21,7 @@ from attestation.errors import KeyReleaseError
 from attestation.keyrelease import new_data_key, open_sealed, seal
 from edgeward.security.keywrap import DataKeys, FileKeyring, KeyWrapError, key_id_of
 from orchestrator.server import Orchestrator
-from orchestrator.store import ModelRecord, SealedArtifact, SqliteStore
+from orchestrator.store import ModelRecord, SealedArtifact, SqlStore
 
 
 def loose_modes(root: Path) -> list[str]:
@@ -86,7 +86,7 @@ async def test_the_database_holds_no_usable_data_key(
 
 def _legacy_store(state_dir: Path) -> tuple[bytes, str]:
     """A state dir as the previous release left it: a raw data key in the database, files 0644."""
-    store = SqliteStore(state_dir)
+    store = SqlStore(state_dir)
     data_key = new_data_key()
     blob = seal(data_key, b"model bytes", b"aad")
     digest = hashlib.sha256(blob).hexdigest()
@@ -110,7 +110,7 @@ def test_an_existing_store_is_upgraded_raw_keys_wrapped_modes_tightened(tmp_path
     state_dir = tmp_path / "orch"
     data_key, _ = _legacy_store(state_dir)
     assert stored_key(state_dir, "old-model") == data_key
-    store = SqliteStore(state_dir)
+    store = SqlStore(state_dir)
     try:
         assert store.get_sealed("old-model", "1.0.0").data_key == data_key
     finally:
@@ -123,7 +123,7 @@ def test_an_existing_store_is_upgraded_raw_keys_wrapped_modes_tightened(tmp_path
 def test_rotating_the_kek_rewraps_every_data_key(tmp_path: Path):
     state_dir = tmp_path / "orch"
     data_key, _ = _legacy_store(state_dir)
-    SqliteStore(state_dir).close()  # wrapped under the first KEK
+    SqlStore(state_dir).close()  # wrapped under the first KEK
     first = key_id_of(stored_key(state_dir, "old-model"))
     assert (state_dir / "kek" / f"{first}.key").exists()
 
@@ -144,7 +144,7 @@ def test_rotating_the_kek_rewraps_every_data_key(tmp_path: Path):
     assert f"active KEK {second}; 1 data key(s) re-wrapped; retired {first}" in out
     assert f"{second} (active): wraps 1 data key(s)" in keys("status")
     assert not (state_dir / "kek" / f"{first}.key").exists()
-    store = SqliteStore(state_dir)
+    store = SqlStore(state_dir)
     try:
         assert store.get_sealed("old-model", "1.0.0").data_key == data_key
     finally:

@@ -1,0 +1,1 @@
+"""Alembic migrations of the store (run by ``orchestrator.sql.migrate`` at startup)."""

@@ -1,0 +1,160 @@
+"""The store's tables as the newest migration leaves them (``HEAD``).
+
+The migrations under ``migrations/versions`` are the history; these Table objects are what the store
+code is written against. ``tests/orchestrator/test_store_migrations.py`` checks that both agree on
+SQLite and on PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+# The newest revision under migrations/versions (checked by the tests against Alembic's own view).
+HEAD = "0002"
+
+# Epoch milliseconds and byte sizes need 64 bits: BIGINT on PostgreSQL; on SQLite every INTEGER is
+# already 64-bit, and the stores written before Alembic spell it INTEGER.
+Int64 = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+EMPTY = sa.text("''")
+ZERO = sa.text("0")
+
+metadata = sa.MetaData()
+
+meta = sa.Table(
+    "meta",
+    metadata,
+    sa.Column("key", sa.Text, primary_key=True),
+    sa.Column("value", sa.Text, nullable=False),
+)
+
+models = sa.Table(
+    "models",
+    metadata,
+    sa.Column("name", sa.Text, primary_key=True),
+    sa.Column("version", sa.Text, primary_key=True),
+    sa.Column("sha256", sa.Text, nullable=False),
+    sa.Column("size", Int64, nullable=False),
+    sa.Column("info", sa.LargeBinary, nullable=False),
+    sa.Column("created_ms", Int64, nullable=False),
+    sa.Column("state", sa.Text, nullable=False, server_default=sa.text("'published'")),
+    sa.Column("state_reason", sa.Text, nullable=False, server_default=EMPTY),
+    sa.Column("updated_ms", Int64, nullable=False, server_default=ZERO),
+)
+
+deployments = sa.Table(
+    "deployments",
+    metadata,
+    sa.Column("name", sa.Text, primary_key=True),
+    sa.Column("generation", sa.Integer, nullable=False),
+    sa.Column("manifest", sa.Text, nullable=False),
+    sa.Column("created_ms", Int64, nullable=False),
+    sa.Column("updated_ms", Int64, nullable=False),
+)
+
+replicas = sa.Table(
+    "replicas",
+    metadata,
+    sa.Column("id", sa.Text, primary_key=True),
+    sa.Column("deployment", sa.Text, nullable=False),
+    sa.Column("generation", sa.Integer, nullable=False),
+    sa.Column("model_name", sa.Text, nullable=False),
+    sa.Column("model_version", sa.Text, nullable=False),
+    sa.Column("node_id", sa.Text),
+    sa.Column("accelerator", sa.Text),
+    sa.Column("phase", sa.Text, nullable=False),
+    sa.Column("reason", sa.Text, nullable=False, server_default=EMPTY),
+    sa.Column("message", sa.Text, nullable=False, server_default=EMPTY),
+    sa.Column("updated_ms", Int64, nullable=False),
+    sa.Index("replicas_by_deployment", "deployment"),
+    sa.Index("replicas_by_node", "node_id"),
+)
+
+nodes = sa.Table(
+    "nodes",
+    metadata,
+    sa.Column("id", sa.Text, primary_key=True),
+    sa.Column("cordoned", sa.Integer, nullable=False, server_default=ZERO),
+    sa.Column("inventory", sa.LargeBinary),
+    sa.Column("last_seen_ms", Int64, nullable=False, server_default=ZERO),
+)
+
+model_keys = sa.Table(
+    "model_keys",
+    metadata,
+    sa.Column("name", sa.Text, primary_key=True),
+    sa.Column("version", sa.Text, primary_key=True),
+    sa.Column("data_key", sa.LargeBinary, nullable=False),
+    sa.Column("sealed_sha256", sa.Text, nullable=False),
+    sa.Column("sealed_size", Int64, nullable=False),
+    sa.Column("revoked_ms", Int64, nullable=False, server_default=ZERO),
+)
+
+enrollments = sa.Table(
+    "enrollments",
+    metadata,
+    sa.Column("node_id", sa.Text, primary_key=True),
+    sa.Column("record", sa.LargeBinary, nullable=False),
+    sa.Column("updated_ms", Int64, nullable=False),
+)
+
+model_history = sa.Table(
+    "model_history",
+    metadata,
+    # Entries of one millisecond keep their order by id (SQLite's rowid did that before 0002).
+    sa.Column("id", Int64, primary_key=True, autoincrement=True),
+    sa.Column("name", sa.Text, nullable=False),
+    sa.Column("version", sa.Text, nullable=False),
+    sa.Column("at_ms", Int64, nullable=False),
+    sa.Column("action", sa.Text, nullable=False),
+    sa.Column("reason", sa.Text, nullable=False, server_default=EMPTY),
+    sa.Index("model_history_by_name", "name"),
+)
+
+wipes = sa.Table(
+    "wipes",
+    metadata,
+    sa.Column("id", sa.Text, primary_key=True),
+    sa.Column("name", sa.Text, nullable=False),
+    sa.Column("versions", sa.Text, nullable=False),
+    sa.Column("sha256s", sa.Text, nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("created_ms", Int64, nullable=False),
+    sa.Column("deadline_ms", Int64, nullable=False),
+    sa.Column("replicas_evicted", sa.Integer, nullable=False, server_default=ZERO),
+)
+
+wipe_nodes = sa.Table(
+    "wipe_nodes",
+    metadata,
+    sa.Column("wipe_id", sa.Text, sa.ForeignKey("wipes.id"), primary_key=True),
+    sa.Column("node_id", sa.Text, primary_key=True),
+    sa.Column("state", sa.Text, nullable=False),
+    sa.Column("updated_ms", Int64, nullable=False),
+    sa.Column("message", sa.Text, nullable=False, server_default=EMPTY),
+)
+
+rollouts = sa.Table(
+    "rollouts",
+    metadata,
+    sa.Column("deployment", sa.Text, primary_key=True),
+    sa.Column("record", sa.Text, nullable=False),
+    sa.Column("updated_ms", Int64, nullable=False),
+)
+
+deployment_templates = sa.Table(
+    "deployment_templates",
+    metadata,
+    sa.Column("deployment", sa.Text, primary_key=True),
+    sa.Column("generation", sa.Integer, primary_key=True),
+    sa.Column("manifest", sa.Text, nullable=False),
+)
+
+# Model artifacts (content-addressed by sha256) when the store is PostgreSQL, so that every replica
+# sees them; on SQLite they are files beside the database and this table stays empty.
+artifacts = sa.Table(
+    "artifacts",
+    metadata,
+    sa.Column("sha256", sa.Text, primary_key=True),
+    sa.Column("size", Int64, nullable=False),
+    sa.Column("data", sa.LargeBinary, nullable=False),
+)
