@@ -201,11 +201,14 @@ class NodeAgent:
             self._status_changed,
             self._unlock,
         )
-        self.pipelines = MultiExitHost(self.runtime, self.node_id)
+        tls = cfg.tls.tls if cfg.tls is not None else None
+        self.pipelines = MultiExitHost(self.runtime, self.node_id, tls)
         if self._serve_inference:
             from .inference_server import serve
 
-            self._server, self.inference_port = await serve(self.runtime, cfg.inference_bind, self.pipelines)
+            self._server, self.inference_port = await serve(
+                self.runtime, cfg.inference_bind, self.pipelines, tls
+            )
         await self.run_blocking(self._finish_wipes)  # a wipe cut short by a crash ends before any load
         await self._connect()
         await self._announce()

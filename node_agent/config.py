@@ -18,7 +18,7 @@ from pydantic import (
 
 from attestation.attesters import AttesterConfig, SoftwareAttesterConfig
 from edgeward.mqtt.topics import validate_node_id
-from edgeward.security.config import AgentTlsConfig, with_broker_tls
+from edgeward.security.config import AgentTlsConfig, is_loopback, with_broker_tls
 
 
 class AgentConfigError(Exception):
@@ -92,7 +92,9 @@ class AgentConfig(_Strict):
         5.0, description="Interval of status and telemetry messages."
     )
     inference_bind: str = Field(
-        "127.0.0.1:0", description="host:port of the inference server; port 0 picks one."
+        "127.0.0.1:0",
+        description="host:port of the inference server; port 0 picks one. Outside loopback it needs 'tls' "
+        "(the API then speaks mutual TLS with the node's certificate).",
     )
     state_dir: Path = Field(Path("state/agent"), description="Local cache of sealed model artifacts.")
     attestation: AttesterConfig = Field(
@@ -162,6 +164,15 @@ class AgentConfig(_Strict):
         if isinstance(broker, BaseModel):
             broker = broker.model_dump(exclude_unset=True)
         return {**data, "broker": with_broker_tls(broker, tls, "mqtts://127.0.0.1:8883")}
+
+    @model_validator(mode="after")
+    def _plaintext_on_loopback_only(self) -> AgentConfig:
+        if self.tls is None and not is_loopback(self.inference_bind):
+            raise ValueError(
+                f"inference_bind: {self.inference_bind!r} is not a loopback address; without 'tls' the "
+                "inference API is plaintext and unauthenticated, for the local demo only (docs/security.md)"
+            )
+        return self
 
     @field_validator("node_id")
     @classmethod

@@ -57,6 +57,11 @@ from edgeward import __version__
 from edgeward.grpc_standard import HealthServicer, enable_reflection
 from edgeward.oip import grpc_predict_v2_pb2 as pb
 from edgeward.oip import grpc_predict_v2_pb2_grpc as pb_grpc
+from edgeward.security.authz import RoleGuard
+from edgeward.security.boundary import RequestGuard
+from edgeward.security.errors import SecurityError
+from edgeward.security.identity import Role
+from edgeward.security.tls import RevocationList, TlsFiles
 from edgeward.wire import LATENCY_BUCKETS_S
 
 __all__ = [
@@ -86,6 +91,9 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 SERVER_NAME = "edgeward"
+# Who may call a node's inference API in a TLS fleet: use-case teams, operators, and other nodes
+# (multi-exit hand-offs). The orchestrator and brokers have no business here.
+CALLER_ROLES = frozenset({Role.TEAM, Role.OPERATOR, Role.NODE})
 #: What ServerMetadata advertises beyond the core protocol (Triton's extension names).
 EXTENSIONS = ["model_repository"]
 READY, LOADING, UNAVAILABLE = "READY", "LOADING", "UNAVAILABLE"
@@ -606,23 +614,43 @@ def _response(
 
 
 async def serve(
-    host: ModelHost, bind: str = "127.0.0.1:0", pipelines: PipelineHost | None = None
+    host: ModelHost,
+    bind: str = "127.0.0.1:0",
+    pipelines: PipelineHost | None = None,
+    tls: TlsFiles | None = None,
 ) -> tuple[grpc.aio.Server, int]:
     """Start the inference, health and reflection services on ``bind``; returns (server, port).
 
-    The caller stops it (``await server.stop(grace)``).
+    With ``tls`` (the node's certificate) the server speaks mutual TLS only: callers need a team,
+    operator or node certificate of the fleet CA (`CALLER_ROLES`), not revoked in ``tls.crl_file``.
+    Either way a request that does not decode is INVALID_ARGUMENT. The caller stops it
+    (``await server.stop(grace)``).
     """
+    guard = RequestGuard() if tls is None else RoleGuard(CALLER_ROLES, _revocations(tls))
     # Without this, a second server on a fixed port would silently share it (SO_REUSEPORT).
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    server = grpc.aio.server(interceptors=[guard], options=[("grpc.so_reuseport", 0)])
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(host, pipelines), server)
     health_servicer = HealthServicer()
     await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     enable_reflection([SERVICE_NAME], server)
     try:
-        port = server.add_insecure_port(bind)
-    except RuntimeError as err:
+        port = (
+            server.add_insecure_port(bind)
+            if tls is None
+            else server.add_secure_port(bind, tls.server_credentials())
+        )
+    except (RuntimeError, SecurityError) as err:
         raise InferenceServerError(f"cannot bind inference server to {bind}: {err}") from err
     await server.start()
-    log.info("inference server listening on %s (port %d)", bind, port)
+    log.info(
+        "inference server listening on %s (port %d, %s)", bind, port, "mutual TLS" if tls else "plaintext"
+    )
     return server, port
+
+
+def _revocations(tls: TlsFiles) -> RevocationList | None:
+    try:
+        return None if tls.crl_file is None else RevocationList(tls.crl_file, tls.ca_file)
+    except SecurityError as err:
+        raise InferenceServerError(f"cannot read the CRL: {err}") from err

@@ -36,6 +36,7 @@ import numpy as np
 from accelerators.base import NUMPY_DTYPES, Quantization, TensorSpec, datatype_of
 from edgeward.oip import grpc_predict_v2_pb2 as pb
 from edgeward.oip import grpc_predict_v2_pb2_grpc as pb_grpc
+from edgeward.security.tls import TlsFiles, grpc_aio_channel
 from edgeward.v1 import node_pb2
 
 from .inference_server import (
@@ -74,6 +75,7 @@ class Stage:
     model_version: str
     threshold: float
     endpoint: str  # "" : on this node
+    node_id: str = ""  # the node behind endpoint (a TLS hand-off checks its certificate names it)
 
 
 @dataclass(frozen=True)
@@ -87,7 +89,9 @@ class Pipeline:
         return cls(
             msg.name,
             msg.version,
-            tuple(Stage(s.model_name, s.model_version, s.threshold, s.endpoint) for s in msg.stages),
+            tuple(
+                Stage(s.model_name, s.model_version, s.threshold, s.endpoint, s.node_id) for s in msg.stages
+            ),
         )
 
 
@@ -169,16 +173,19 @@ def dequantize(value: np.ndarray, spec: TensorSpec) -> np.ndarray:
 class MultiExitHost:
     """The multi-exit models this node serves, their exit counters and mitigations."""
 
-    def __init__(self, host: ModelHost, node_id: str) -> None:
+    def __init__(self, host: ModelHost, node_id: str, tls: TlsFiles | None = None) -> None:
+        """``tls``: this node's certificate; hand-offs then use mutual TLS and check that the
+        next node's certificate is that node's (its id, from the orchestrator's wiring)."""
         self._host = host
         self.node_id = node_id
+        self._tls = tls
         self._pipelines: dict[str, Pipeline] = {}
         self._counters: dict[tuple[str, str], _Counters] = {}
         self._sources: dict[str, set[str]] = {}
         self._mitigations: dict[tuple[str, str], node_pb2.Mitigation] = {}
         self._buckets: dict[tuple[str, str], _Bucket] = {}
         self._seconds: dict[tuple[str, int], float] = {}  # EWMA of each stage's wall time
-        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._channels: dict[tuple[str, str], grpc.aio.Channel] = {}
 
     # ------------------------------------------------------------ desired state
 
@@ -369,7 +376,7 @@ class MultiExitHost:
                     return ExitResult(best.probs, best.exit_index, forced=True)
             t0 = time.perf_counter()
             if stage.endpoint:
-                result = await self._handoff(pipeline, k, stage.endpoint, value, quant, source, request_id)
+                result = await self._handoff(pipeline, k, stage, value, quant, source, request_id)
                 self._observe(pipeline.name, k, time.perf_counter() - t0)
                 return result
             backend, handle = lookup(self._host, stage.model_name, stage.model_version)
@@ -401,15 +408,17 @@ class MultiExitHost:
         self,
         pipeline: Pipeline,
         stage: int,
-        endpoint: str,
+        target: Stage,
         value: np.ndarray,
         quant: Quantization | None,
         source: str,
         request_id: str,
     ) -> ExitResult:
-        channel = self._channels.get(endpoint)
+        endpoint = target.endpoint
+        channel = self._channels.get((endpoint, target.node_id))
         if channel is None:
-            channel = self._channels[endpoint] = grpc.aio.insecure_channel(endpoint)
+            channel = grpc_aio_channel(endpoint, self._tls, server_name=target.node_id or None)
+            self._channels[(endpoint, target.node_id)] = channel
         parameters = {
             STAGE_PARAM: pb.InferParameter(int64_param=stage),
             SOURCE_PARAM: pb.InferParameter(string_param=source),

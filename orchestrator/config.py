@@ -225,7 +225,9 @@ class OrchestratorConfig(BaseModel):
         5.0, description="How often an unacknowledged command is sent again."
     )
     metrics_bind: str | None = Field(
-        None, description="host:port of the Prometheus /metrics endpoint; unset: no endpoint."
+        None,
+        description="host:port of the Prometheus /metrics endpoint; unset: no endpoint. Outside loopback it "
+        "needs 'security' and serves HTTPS that requires a client certificate of the fleet CA.",
     )
     max_grpc_message: Annotated[int, Field(ge=1024 * 1024, le=512 * 1024 * 1024)] = Field(
         4 * 1024 * 1024,
@@ -280,7 +282,10 @@ class OrchestratorConfig(BaseModel):
             for field, bind in (
                 ("grpc_bind", self.grpc_bind),
                 ("broker.embedded_bind", self.broker.embedded_bind),
+                ("metrics_bind", self.metrics_bind),
             ):
+                if bind is None:
+                    continue
                 if not is_loopback(bind):
                     raise ValueError(
                         f"{field}: {bind!r} is not a loopback address; plaintext is for the local "

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -71,15 +72,19 @@ def render(families: list[Family]) -> bytes:
 
 
 class MetricsServer:
-    def __init__(self, collect: Callable[[], bytes], bind: str) -> None:
+    """``GET /metrics`` on ``bind``; with ``tls`` (a server context that requires a client certificate
+    of the fleet CA: the scraper's) HTTPS only. The config gives it TLS for any bind outside loopback."""
+
+    def __init__(self, collect: Callable[[], bytes], bind: str, tls: ssl.SSLContext | None = None) -> None:
         self._collect = collect
         self._bind = bind
+        self._tls = tls
         self._server: asyncio.Server | None = None
         self.port = 0
 
     async def start(self) -> None:
         host, _, port = self._bind.rpartition(":")
-        self._server = await asyncio.start_server(self._handle, host, int(port))
+        self._server = await asyncio.start_server(self._handle, host, int(port), ssl=self._tls)
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def stop(self) -> None:

@@ -76,15 +76,17 @@ def plan(
             for s in chain:
                 hosts = sorted(set(running[s.deployment]))
                 if node in hosts:
-                    endpoint = ""
+                    endpoint = target = ""
                 else:  # spread the nodes of one stage over the nodes of the next, stably
                     pick = int(hashlib.sha256(node.encode()).hexdigest(), 16) % len(hosts)
-                    endpoint = endpoints[hosts[pick]]
+                    target = hosts[pick]
+                    endpoint = endpoints[target]
                 msg.stages.add(
                     model_name=s.model_name,
                     model_version=s.model_version,
                     threshold=s.threshold or 0.0,
                     endpoint=endpoint,
+                    node_id=target,
                 )
             out.setdefault(node, []).append(msg)
     return out, problems

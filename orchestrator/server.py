@@ -31,7 +31,7 @@ from edgeward.mqtt.topics import (
 )
 from edgeward.security.authz import DEPLOYMENT
 from edgeward.security.boundary import RequestGuard
-from edgeward.security.config import PLAINTEXT_WARNING
+from edgeward.security.config import PLAINTEXT_WARNING, is_loopback
 from edgeward.security.guard import ApiGuard
 from edgeward.v1 import (
     api_pb2,
@@ -282,7 +282,10 @@ class Orchestrator:
         if self.grpc_port == 0:
             raise OSError(f"cannot bind the gRPC API to {cfg.grpc_bind}")
         if cfg.metrics_bind:
-            self._metrics = MetricsServer(self.render_metrics, cfg.metrics_bind)
+            tls = None if is_loopback(cfg.metrics_bind) or cfg.security is None else cfg.security.tls
+            self._metrics = MetricsServer(
+                self.render_metrics, cfg.metrics_bind, None if tls is None else tls.server_context()
+            )
             await self._metrics.start()
             self.metrics_port = self._metrics.port
 

@@ -240,23 +240,11 @@ def _target_text(rule: MethodRule, name: str | None) -> str:
 # ---------------------------------------------------------------- decisions
 
 
-class Authorizer:
-    """The decisions, without gRPC: identity checks, role rules, ownership.
+class Authenticator:
+    """Who a peer certificate speaks for (cached per certificate), and whether it is revoked."""
 
-    ``exists(kind, name)`` tells whether an object exists in the orchestrator's store; an existing
-    object without a recorded owner (created before ownership was recorded) belongs to operators.
-    """
-
-    def __init__(
-        self,
-        owners: OwnershipRegistry,
-        *,
-        revocations: RevocationList | None = None,
-        exists: Callable[[str, str], Awaitable[bool]] | None = None,
-    ) -> None:
-        self.owners = owners
+    def __init__(self, revocations: RevocationList | None = None) -> None:
         self.revocations = revocations
-        self._exists = exists
         self._identities: dict[bytes, Identity] = {}
 
     def identify(self, pem: bytes | None) -> Identity:
@@ -282,6 +270,31 @@ class Authorizer:
                 f"certificate {identity.serial:x} of {identity} is revoked",
                 grpc.StatusCode.UNAUTHENTICATED,
             )
+
+    def peer(self, context: grpc.aio.ServicerContext) -> Identity:
+        """The unrevoked identity of the call's client certificate (`Denied` otherwise)."""
+        identity = self.identify((context.auth_context().get("x509_pem_cert") or [None])[0])
+        self.check_revoked(identity)
+        return identity
+
+
+class Authorizer(Authenticator):
+    """The decisions, without gRPC: identity checks, role rules, ownership.
+
+    ``exists(kind, name)`` tells whether an object exists in the orchestrator's store; an existing
+    object without a recorded owner (created before ownership was recorded) belongs to operators.
+    """
+
+    def __init__(
+        self,
+        owners: OwnershipRegistry,
+        *,
+        revocations: RevocationList | None = None,
+        exists: Callable[[str, str], Awaitable[bool]] | None = None,
+    ) -> None:
+        super().__init__(revocations)
+        self.owners = owners
+        self._exists = exists
 
     def check_role(self, identity: Identity, method: str, rule: MethodRule) -> None:
         if identity.role not in rule.roles:
@@ -372,9 +385,8 @@ class AuthzInterceptor(RequestGuard):
         identity: Identity | None = None
         name: str | None = None
         try:
-            pem = (context.auth_context().get("x509_pem_cert") or [None])[0]
-            identity = self.authz.identify(pem)
-            self.authz.check_revoked(identity)
+            identity = self.authz.identify((context.auth_context().get("x509_pem_cert") or [None])[0])
+            self.authz.check_revoked(identity)  # after identify: the audit line names the revoked one
             self.authz.check_role(identity, method, rule)
             if isinstance(request, Undecodable):
                 raise Denied(UNDECODABLE, str(request).partition(": ")[2], grpc.StatusCode.INVALID_ARGUMENT)
@@ -531,6 +543,29 @@ class AuthzInterceptor(RequestGuard):
                 raise
 
         return call
+
+
+class RoleGuard(RequestGuard):
+    """Mutual TLS callers of a server without ownership rules (a node's inference API): a caller
+    needs a certificate of one of ``roles`` that is not revoked. Refusals are logged and counted."""
+
+    def __init__(self, roles: Iterable[Role], revocations: RevocationList | None = None) -> None:
+        self.roles = frozenset(roles)
+        self.authn = Authenticator(revocations)
+        self.denied = 0
+
+    async def admit(self, method: str, request: Any, context: grpc.aio.ServicerContext) -> None:
+        try:
+            identity = self.authn.peer(context)
+            if identity.role not in self.roles:
+                raise Denied("security.authz.role", f"{identity.role} may not call {method}")
+        except Denied as denial:
+            self.denied += 1
+            log.warning("refused %s to %s: %s", method, context.peer(), denial)
+            await context.abort(denial.code, str(denial))
+            raise AssertionError("unreachable: abort raises") from denial
+        _CALLER.set(identity)
+        await super().admit(method, request, context)
 
 
 def _refusal(context: grpc.aio.ServicerContext) -> bool:

@@ -90,20 +90,23 @@ class RequestGuard(grpc.aio.ServerInterceptor):
 
         return each()
 
-    # ---- per call shape (subclasses override)
+    async def admit(self, method: str, request: Any, context: grpc.aio.ServicerContext) -> None:
+        """Runs before the handler (``request`` is None for a request stream); aborts to refuse."""
+        if isinstance(request, Undecodable):
+            await self.refuse(method, request, context)
+
+    # ---- per call shape
 
     def unary(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
         async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            if isinstance(request, Undecodable):
-                await self.refuse(method, request, context)
+            await self.admit(method, request, context)
             return await behavior(request, context)
 
         return call
 
     def ustream(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
         async def call(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            if isinstance(request, Undecodable):
-                await self.refuse(method, request, context)
+            await self.admit(method, request, context)
             async for item in behavior(request, context):
                 yield item
 
@@ -111,12 +114,14 @@ class RequestGuard(grpc.aio.ServerInterceptor):
 
     def sunary(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
         async def call(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
+            await self.admit(method, None, context)
             return await behavior(self.checked(method, requests, context), context)
 
         return call
 
     def sstream(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
         async def call(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            await self.admit(method, None, context)
             async for item in behavior(self.checked(method, requests, context), context):
                 yield item
 

@@ -104,7 +104,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     a.add_argument(
         "--host",
         action="append",
-        help="DNS name or IP of a server (repeatable; default 127.0.0.1, localhost)",
+        help="DNS name or IP of a server: orchestrator, broker, or a node's inference API (repeatable; "
+        "orchestrator/broker default 127.0.0.1, localhost; a node's id is always one)",
     )
     a.add_argument("--days", type=int, default=365)
     a.add_argument("--replace", action="store_true", help="rotate: re-issue an existing name with a new key")

@@ -66,17 +66,21 @@ class SecurityConfig(BaseModel):
 
 
 class AgentTlsConfig(BaseModel):
-    """This node's certificate (CN = node id) for MQTT and artifact downloads over gRPC."""
+    """This node's certificate (CN = node id): MQTT, artifact downloads, and the node's inference API
+    (served with mutual TLS: callers need a team, operator or node certificate of the fleet CA)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     ca_file: Path = Field(description="The fleet CA certificate.")
     cert_file: Path = Field(description="This node's certificate (edgeward pki issue node NODE_ID).")
     key_file: Path = Field(description="Its private key (keep it 0600).")
+    crl_file: Path | None = Field(
+        None, description="The fleet CRL: revoked callers of the inference API are refused and cut off."
+    )
 
     @property
     def tls(self) -> TlsFiles:
-        return TlsFiles(self.ca_file, self.cert_file, self.key_file)
+        return TlsFiles(self.ca_file, self.cert_file, self.key_file, self.crl_file)
 
 
 def with_broker_tls(broker: Any, tls: SecurityConfig | AgentTlsConfig | None, url_default: str | None) -> Any:

@@ -9,7 +9,10 @@ Layout (``edgeward pki init DIR``)::
 
 Private keys are created with mode 0600 from the start (never chmod-ed afterwards) and never logged.
 Orchestrator and broker certificates are TLS servers (SAN DNS/IP from ``hosts``) and also clients
-(the orchestrator is an MQTT client); nodes, operators and teams are clients only.
+(the orchestrator is an MQTT client). Node certificates are clients and servers too (the node's
+inference API): their SAN carries the node id as a DNS name, which peers check (a multi-exit hand-off
+dials the endpoint with the node id as the expected server name), plus any ``hosts`` for stock
+clients that check the address they dial. Operators and teams are clients only.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ LEAF_DAYS = 365
 CRL_DAYS = 90
 DEFAULT_HOSTS = ("127.0.0.1", "localhost")
 _SERVER_ROLES = (Role.ORCHESTRATOR, Role.BROKER)
+_HOST_ROLES = (*_SERVER_ROLES, Role.NODE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,14 +183,16 @@ class FleetCA:
         if cert_file.exists() and not replace:
             raise PkiError("security.pki.exists", f"{cert_file} exists; pass replace to rotate it")
         hosts = list(hosts) or (list(DEFAULT_HOSTS) if identity.role in _SERVER_ROLES else [])
-        if hosts and identity.role not in _SERVER_ROLES:
+        if hosts and identity.role not in _HOST_ROLES:
             raise PkiError(
-                "security.pki.bad_hosts", f"host names are for orchestrator/broker, not {identity.role}"
+                "security.pki.bad_hosts", f"host names are for orchestrator/broker/node, not {identity.role}"
             )
+        if identity.role is Role.NODE:
+            hosts = [identity.name, *(h for h in hosts if h != identity.name)]
         key = _new_key()
         now = _now()
         usages = [ExtendedKeyUsageOID.CLIENT_AUTH]
-        if identity.role in _SERVER_ROLES:
+        if identity.role in _HOST_ROLES:
             usages.insert(0, ExtendedKeyUsageOID.SERVER_AUTH)
         subject = x509.Name(
             [

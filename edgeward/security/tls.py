@@ -85,18 +85,23 @@ class TlsFiles:
         return context
 
 
-def grpc_channel(target: str, tls: TlsFiles | None) -> grpc.Channel:
-    """A synchronous channel: mutual TLS with ``tls``, plaintext without."""
+def _name_override(server_name: str | None) -> list[tuple[str, str]] | None:
+    return [("grpc.ssl_target_name_override", server_name)] if server_name else None
+
+
+def grpc_channel(target: str, tls: TlsFiles | None, server_name: str | None = None) -> grpc.Channel:
+    """A synchronous channel: mutual TLS with ``tls``, plaintext without. ``server_name``: the name
+    the server's certificate must carry, if not the host dialled (a node id, for a node's API)."""
     if tls is None:
         return grpc.insecure_channel(target)
-    return grpc.secure_channel(target, tls.channel_credentials())
+    return grpc.secure_channel(target, tls.channel_credentials(), options=_name_override(server_name))
 
 
-def grpc_aio_channel(target: str, tls: TlsFiles | None) -> grpc.aio.Channel:
-    """An asyncio channel: mutual TLS with ``tls``, plaintext without."""
+def grpc_aio_channel(target: str, tls: TlsFiles | None, server_name: str | None = None) -> grpc.aio.Channel:
+    """An asyncio channel: mutual TLS with ``tls``, plaintext without (``server_name`` as above)."""
     if tls is None:
         return grpc.aio.insecure_channel(target)
-    return grpc.aio.secure_channel(target, tls.channel_credentials())
+    return grpc.aio.secure_channel(target, tls.channel_credentials(), options=_name_override(server_name))
 
 
 class RevocationList:

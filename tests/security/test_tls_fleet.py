@@ -7,12 +7,16 @@ import asyncio
 import time
 from collections.abc import Callable
 
+import grpc
 import pytest
 from security_support import Client, manifest
 
 from attestation.tokens import TokenStore
+from edgeward.oip import grpc_predict_v2_pb2 as oip
+from edgeward.oip import grpc_predict_v2_pb2_grpc as oip_grpc
 from edgeward.security.audit import read_audit
 from edgeward.security.pki import FleetCA, parse_subject
+from edgeward.security.tls import TlsFiles, grpc_aio_channel
 from node_agent.agent import NodeAgent
 from node_agent.config import AgentConfig
 from orchestrator.server import Orchestrator
@@ -43,13 +47,24 @@ async def test_a_tls_fleet_deploys_a_model_end_to_end(
     )
     assert config.broker.cert_file == node.cert_file  # the broker section defaults to the node's TLS files
     team = connect("team", "ci", team="industrial")
-    async with NodeAgent(config):
+    async with NodeAgent(config) as agent:
         await team.push("vib-cnn")
         await team.apply(manifest("vib", "vib-cnn", replicas=1))
         deadline = time.monotonic() + 40
         while (await team.get("vib")).status.running != 1:
             assert time.monotonic() < deadline, await team.get("vib")
             await asyncio.sleep(0.2)
+        # The node's inference API speaks mutual TLS with the node's certificate (issue #15, 6).
+        files = fleet_ca.files("team:industrial:ci")
+        team_tls = TlsFiles(fleet_ca.ca_file, files.cert_file, files.key_file)
+        request = oip.ModelMetadataRequest(name="vib-cnn")
+        async with grpc_aio_channel(agent.inference_endpoint, team_tls, server_name="edge-1") as channel:
+            reply = await oip_grpc.GRPCInferenceServiceStub(channel).ModelMetadata(request, timeout=10)
+            assert reply.name == "vib-cnn"
+        async with grpc_aio_channel(agent.inference_endpoint, None) as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await oip_grpc.GRPCInferenceServiceStub(channel).ModelMetadata(request, timeout=5)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
     methods = {
         (x["who"], x["method"].rsplit("/", 1)[-1], x["result"])
         for x in read_audit(secure_orchestrator.guard.audit.path)

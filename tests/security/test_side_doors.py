@@ -1,0 +1,224 @@
+"""Plaintext side doors (issue #15, 6): in a TLS fleet a node's inference API speaks mutual TLS with
+the node's certificate and admits only fleet callers, multi-exit hand-offs use mutual TLS to the node
+the orchestrator named, /metrics outside loopback is HTTPS for fleet certificates, and no plaintext
+server binds outside loopback. Real gRPC and HTTP servers, real LiteRT models."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import ssl
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from accelerators.base import ModelArtifact
+from accelerators.cpu_litert import CpuLitertBackend, CpuLitertConfig
+from edgeward.oip import grpc_predict_v2_pb2 as pb
+from edgeward.oip import grpc_predict_v2_pb2_grpc as pb_grpc
+from edgeward.security.pki import FleetCA, IssuedFiles, parse_subject
+from edgeward.security.tls import TlsFiles, grpc_aio_channel
+from edgeward.v1 import node_pb2
+from node_agent.config import AgentConfig
+from node_agent.inference_server import ModelTable, serve
+from node_agent.multiexit import MultiExitHost
+from orchestrator.config import OrchestratorConfig
+from orchestrator.metrics import MetricsServer
+from usecases import model_path
+from usecases.automotive.generator import Sign, preprocess, synthesize
+
+LOOPBACK = "127.0.0.1"
+
+
+def test_plaintext_binds_outside_loopback_are_refused():
+    for bind in ("0.0.0.0:9100", "10.0.0.5:9100", "[::]:9100"):
+        with pytest.raises(ValidationError, match=r"metrics_bind: .* is not a loopback address"):
+            OrchestratorConfig(metrics_bind=bind)
+        with pytest.raises(ValidationError, match=r"inference_bind: .* is not a loopback address"):
+            AgentConfig(node_id="n1", inference_bind=bind)
+    # The demo's loopback binds stay as they are.
+    assert OrchestratorConfig(metrics_bind="127.0.0.1:0").metrics_bind == "127.0.0.1:0"
+    assert AgentConfig(node_id="n1", inference_bind="localhost:0").tls is None
+
+
+def tls_of(ca: FleetCA, files: IssuedFiles) -> TlsFiles:
+    return TlsFiles(ca.ca_file, files.cert_file, files.key_file, ca.crl_file)
+
+
+@dataclass
+class Stages:
+    backend: CpuLitertBackend
+    tables: dict[str, ModelTable]  # node id -> the stages it holds
+
+
+@pytest.fixture
+def stages() -> AsyncIterator[Stages]:
+    """The automotive multi-exit model: stage 1 on node-1, stages 2 and 3 on node-2."""
+    backend = CpuLitertBackend(CpuLitertConfig(energy_counter=None))
+    tables = {"node-1": ModelTable(), "node-2": ModelTable()}
+    for k in (1, 2, 3):
+        blob = model_path("automotive", "int8", stage=k).read_bytes()
+        handle = backend.load(ModelArtifact.from_bytes(f"sign-s{k}", "1.0.0", blob))
+        tables["node-1" if k == 1 else "node-2"].add(backend, handle)
+    yield Stages(backend, tables)
+    backend.close()
+
+
+@pytest.fixture
+async def servers() -> AsyncIterator[list[grpc.aio.Server]]:
+    started: list[grpc.aio.Server] = []
+    yield started
+    for server in started:
+        await server.stop(None)
+    await asyncio.get_running_loop().shutdown_default_executor()  # run_blocking's threads
+    started.clear()
+    gc.collect()  # grpc.aio objects sit in reference cycles; the poller thread ends with them
+
+
+def pipeline(endpoint: str, node_id: str) -> node_pb2.MultiExitPipeline:
+    """As the orchestrator wires it for node-1: stage 1 here, stages 2-3 on the node behind endpoint."""
+    msg = node_pb2.MultiExitPipeline(name="sign", version="1.0.0")
+    msg.stages.add(model_name="sign-s1", model_version="1.0.0", threshold=1.0)  # never exits here
+    for k in (2, 3):
+        msg.stages.add(
+            model_name=f"sign-s{k}", model_version="1.0.0", threshold=1.0, endpoint=endpoint, node_id=node_id
+        )
+    return msg
+
+
+def sign_request() -> pb.ModelInferRequest:
+    image = preprocess(synthesize(Sign.STOP, 0.8, np.random.default_rng(3)))[None].astype(np.float32)
+    return pb.ModelInferRequest(
+        model_name="sign",
+        inputs=[
+            pb.ModelInferRequest.InferInputTensor(name="image", datatype="FP32", shape=list(image.shape))
+        ],
+        raw_input_contents=[image.tobytes()],
+    )
+
+
+async def start_node(
+    stages: Stages, servers: list, node_id: str, tls: TlsFiles | None, wiring: node_pb2.MultiExitPipeline
+) -> tuple[MultiExitHost, str]:
+    host = MultiExitHost(stages.tables[node_id], node_id, tls)
+    host.configure([wiring])
+    server, port = await serve(stages.tables[node_id], f"{LOOPBACK}:0", host, tls)
+    servers.append(server)
+    return host, f"{LOOPBACK}:{port}"
+
+
+async def infer(endpoint: str, tls: TlsFiles | None, server_name: str = "node-1") -> pb.ModelInferResponse:
+    async with grpc_aio_channel(endpoint, tls, server_name=server_name) as channel:
+        return await pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(sign_request(), timeout=10)
+
+
+async def test_node_inference_needs_a_fleet_certificate(fleet_ca: FleetCA, stages: Stages, servers: list):
+    node2 = fleet_ca.issue(parse_subject("node", "node-2"))
+    _, endpoint = await start_node(stages, servers, "node-2", tls_of(fleet_ca, node2), pipeline("", ""))
+    callers = {
+        role: tls_of(fleet_ca, fleet_ca.issue(parse_subject(role, name, team)))
+        for role, name, team in (
+            ("team", "ci", "automotive"),
+            ("operator", "alice", None),
+            ("broker", "b", None),
+        )
+    }
+    revoked = tls_of(fleet_ca, fleet_ca.issue(parse_subject("team", "old", "automotive")))
+    fleet_ca.revoke("team:automotive:old")
+
+    async def call(tls: TlsFiles | None, server_name: str | None = "node-2") -> grpc.StatusCode:
+        async with grpc_aio_channel(endpoint, tls, server_name=server_name) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            try:
+                await stub.ModelMetadata(pb.ModelMetadataRequest(name="sign-s2"), timeout=5)
+            except grpc.aio.AioRpcError as err:
+                return err.code()
+            return grpc.StatusCode.OK
+
+    assert await call(None) == grpc.StatusCode.UNAVAILABLE  # plaintext: no TLS handshake, no answer
+    assert await call(callers["team"]) == grpc.StatusCode.OK
+    assert await call(callers["operator"]) == grpc.StatusCode.OK
+    assert await call(callers["broker"]) == grpc.StatusCode.PERMISSION_DENIED
+    assert await call(revoked) == grpc.StatusCode.UNAUTHENTICATED
+    # The node's certificate names the node: a client expecting another node refuses it.
+    assert await call(callers["team"], server_name="node-3") == grpc.StatusCode.UNAVAILABLE
+    # An undecodable request is refused as such, not as UNKNOWN.
+    async with grpc_aio_channel(endpoint, callers["team"], server_name="node-2") as channel:
+        raw = channel.unary_unary(
+            "/inference.GRPCInferenceService/ModelInfer", request_serializer=None, response_deserializer=None
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await raw(b"\xff\xff\xff", timeout=5)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_multi_exit_hand_offs_use_mutual_tls_to_the_named_node(
+    fleet_ca: FleetCA, stages: Stages, servers: list
+):
+    node1, node2 = (fleet_ca.issue(parse_subject("node", n)) for n in ("node-1", "node-2"))
+    team = tls_of(fleet_ca, fleet_ca.issue(parse_subject("team", "ci", "automotive")))
+    _, endpoint2 = await start_node(stages, servers, "node-2", tls_of(fleet_ca, node2), pipeline("", ""))
+    host1, endpoint1 = await start_node(
+        stages, servers, "node-1", tls_of(fleet_ca, node1), pipeline(endpoint2, "node-2")
+    )
+    answer = await infer(endpoint1, team)
+    assert answer.parameters["exit"].int64_param in (2, 3)  # stage 1 never exits: node-2 answered
+
+    # Wired to the same endpoint under another node's name, node-1 refuses node-2's certificate.
+    host1.configure([pipeline(endpoint2, "node-3")])
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await infer(endpoint1, team)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "node-3" not in endpoint2
+    # A node without the fleet's TLS cannot hand off to (or pose as) a fleet node.
+    _, plain1 = await start_node(stages, servers, "node-1", None, pipeline(endpoint2, "node-2"))
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await infer(plain1, None)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "stage 2" in (info.value.details() or "")
+    await host1.close()
+
+
+async def test_metrics_outside_loopback_are_https_for_fleet_certificates(fleet_ca: FleetCA):
+    """The TLS branch of /metrics (the config gives it every bind outside loopback; tested here on
+    loopback, where tests must stay)."""
+    orch = fleet_ca.files("orchestrator:main")
+    server_tls = TlsFiles(fleet_ca.ca_file, orch.cert_file, orch.key_file, fleet_ca.crl_file)
+    metrics = MetricsServer(lambda: b"edgeward_up 1\n", f"{LOOPBACK}:0", server_tls.server_context())
+    await metrics.start()
+    operator = fleet_ca.issue(parse_subject("operator", "prometheus"))
+
+    async def get(tls: str) -> bytes:
+        """The answer to GET /metrics (empty if the connection was refused)."""
+        context = None
+        if tls != "plaintext":
+            context = ssl.create_default_context(cafile=str(fleet_ca.ca_file))
+            if tls == "client certificate":
+                context.load_cert_chain(str(operator.cert_file), str(operator.key_file))
+        try:
+            reader, writer = await asyncio.open_connection(
+                LOOPBACK, metrics.port, ssl=context, server_hostname=LOOPBACK if context else None
+            )
+        except (ssl.SSLError, ConnectionError):
+            return b""
+        try:
+            writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            await writer.drain()
+            return await reader.read()
+        except (ssl.SSLError, ConnectionError):
+            return b""
+        finally:
+            writer.close()
+            with contextlib.suppress(ssl.SSLError, ConnectionError):
+                await writer.wait_closed()
+
+    try:
+        assert (await get("client certificate")).endswith(b"edgeward_up 1\n")
+        assert b"edgeward_up" not in await get("no client certificate")
+        assert b"edgeward_up" not in await get("plaintext")
+    finally:
+        await metrics.stop()
