@@ -33,8 +33,9 @@ With ``tls`` (the fleet's `TlsFiles`), the client id of every connection is its 
 (whatever the CONNECT asked for, as Mosquitto's ``use_username_as_clientid``), so a connection can
 only take over its own identity's session: amqtt deletes or takes over a session by client id
 before it authenticates, so `_Broker` binds the id first. The listener speaks TLS only, requires a
-client certificate from the fleet CA (checked against the CRL at the handshake, and again at CONNECT against the CRL
-as it is now, so a revocation needs no restart), and enforces `edgeward.security.mqtt_acl.TopicAcl`
+client certificate from the fleet CA (checked against the CRL at the handshake, and again at CONNECT
+against the CRL as it is now, so a revocation needs no restart; the connections of a certificate the
+CRL revokes are closed within a second), and enforces `edgeward.security.mqtt_acl.TopicAcl`
 on every publish, subscribe, delivery, queued replay and will topic. amqtt copies the identity of a
 returning persistent session from the old connection; `_Broker` derives it from each new connection
 (the peer certificate is passed from ``stream_connected`` to ``_authenticate`` in a context variable,
@@ -106,6 +107,9 @@ class _Broker(Broker):  # type: ignore[misc]  # amqtt ships no type information
         self.refused_connects = 0
         self.refused_topics = 0
         self.connection_tasks: set[asyncio.Task[Any]] = set()
+        # connection task -> (its writer, its certificate's serial): what a revocation closes
+        self._serials: dict[asyncio.Task[Any], tuple[asyncio.StreamWriter, int]] = {}
+        self.closed_revoked = 0
         self.tls = tls
         self.acl = acl
         self.revocations = (
@@ -125,18 +129,35 @@ class _Broker(Broker):  # type: ignore[misc]  # amqtt ships no type information
         assert task is not None
         self.connection_tasks.add(task)
         ssl_object = writer.get_extra_info("ssl_object")
-        _PEER_CERT.set(ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None)
+        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        _PEER_CERT.set(der)
+        if der is not None:
+            self._serials[task] = (writer, x509.load_der_x509_certificate(der).serial_number)
         try:
             await super().stream_connected(reader, writer, listener_name)
         except OSError as err:  # the client reset the connection, e.g. after a refused CONNECT
             log.debug("connection ended: %r", err)
         finally:
             self.connection_tasks.discard(task)
+            self._serials.pop(task, None)
             writer.close()
             # The client may have reset the connection (OSError); a cancellation here comes from
             # stop() and must not escape: asyncio 3.11 logs a cancelled connection task as an error.
             with contextlib.suppress(OSError, asyncio.CancelledError):
                 await writer.wait_closed()
+
+    async def close_revoked(self, interval_s: float = 1.0) -> None:
+        """Runs while the broker does: every ``interval_s`` the CRL is re-read (if it changed) and the
+        connections of certificates it revokes are closed (their sessions end; they cannot return)."""
+        assert self.revocations is not None
+        while True:
+            await asyncio.sleep(interval_s)
+            revoked = self.revocations.refresh()
+            for writer, serial in list(self._serials.values()):
+                if serial in revoked and not writer.is_closing():
+                    log.warning("closing the MQTT connection of revoked certificate %x", serial)
+                    self.closed_revoked += 1
+                    writer.close()
 
     # ---- identity and topic ACL (only with tls and acl) ---------------------------------------------
 
@@ -306,6 +327,7 @@ class EmbeddedBroker:
         self.tls = tls
         self.acl = TopicAcl(topic_prefix) if tls is not None else None
         self._broker: _Broker | None = None
+        self._revocation_task: asyncio.Task[None] | None = None
         self._port: int | None = None
 
     @property
@@ -375,6 +397,10 @@ class EmbeddedBroker:
                 f"embedded broker cannot listen on {self.host}:{self._requested_port}: {err}"
             ) from err
         self._broker = broker
+        if broker.revocations is not None:
+            self._revocation_task = asyncio.get_running_loop().create_task(
+                broker.close_revoked(), name="edgeward-broker-revocations"
+            )
         # amqtt has no public accessor for the bound address, needed when port 0 picked one.
         server = broker._servers["default"].instance
         self._port = server.sockets[0].getsockname()[1]
@@ -384,6 +410,10 @@ class EmbeddedBroker:
         broker, self._broker = self._broker, None
         if broker is None:
             return
+        task, self._revocation_task = self._revocation_task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
         await broker.shutdown()
         if broker.connection_tasks:
             _done, stuck = await asyncio.wait(broker.connection_tasks, timeout=_STOP_TIMEOUT_S)

@@ -31,7 +31,7 @@ import grpc
 
 from edgeward.grpc_standard import STANDARD_METHODS
 from edgeward.security.audit import AuditEntry, AuditLog
-from edgeward.security.boundary import UNDECODABLE, RequestGuard, Undecodable
+from edgeward.security.boundary import UNDECODABLE, RequestGuard, StreamCut, Undecodable, until_set
 from edgeward.security.errors import IdentityError
 from edgeward.security.files import private_dir, private_file, tighten
 from edgeward.security.identity import Identity, Role
@@ -240,12 +240,56 @@ def _target_text(rule: MethodRule, name: str | None) -> str:
 # ---------------------------------------------------------------- decisions
 
 
+class RevocationWatch:
+    """The open response streams, by certificate serial: when the CRL revokes a certificate, its
+    streams are ended within one CRL re-read (``interval_s``), idle ones too. The watching task runs
+    only while streams are open."""
+
+    def __init__(self, revocations: RevocationList, interval_s: float = 1.0) -> None:
+        self.revocations = revocations
+        self.interval_s = interval_s
+        self._open: dict[asyncio.Event, int] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def open(self, identity: Identity) -> asyncio.Event:
+        event = asyncio.Event()
+        self._open[event] = identity.serial
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="edgeward-revocation-watch")
+        return event
+
+    def close(self, event: asyncio.Event) -> None:
+        self._open.pop(event, None)
+
+    async def _run(self) -> None:
+        while self._open:
+            await asyncio.sleep(self.interval_s)
+            revoked = self.revocations.refresh()
+            for event, serial in list(self._open.items()):
+                if serial in revoked:
+                    event.set()
+
+
 class Authenticator:
     """Who a peer certificate speaks for (cached per certificate), and whether it is revoked."""
 
     def __init__(self, revocations: RevocationList | None = None) -> None:
         self.revocations = revocations
         self._identities: dict[bytes, Identity] = {}
+        self._watch = RevocationWatch(revocations) if revocations is not None else None
+
+    async def stream(self, identity: Identity, items: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        """A response stream of ``identity`` that ends with `StreamCut` once its certificate is revoked."""
+        if self._watch is None:
+            async for item in items:
+                yield item
+            return
+        event = self._watch.open(identity)
+        try:
+            async for item in until_set(event, items):
+                yield item
+        finally:
+            self._watch.close(event)
 
     def identify(self, pem: bytes | None) -> Identity:
         if not pem:
@@ -439,6 +483,17 @@ class AuthzInterceptor(RequestGuard):
         )
         await context.abort(denial.code, str(denial))
 
+    async def _cut(
+        self, method: str, rule: MethodRule, identity: Identity, context: grpc.aio.ServicerContext
+    ) -> None:
+        """End a response stream whose certificate was revoked while it was open (raises)."""
+        denial = Denied(
+            "security.authn.revoked",
+            f"certificate {identity.serial:x} of {identity} was revoked; stream closed",
+            grpc.StatusCode.UNAUTHENTICATED,
+        )
+        await self._refused(method, rule, identity, None, context, denial)
+
     async def _settle(
         self,
         method: str,
@@ -493,10 +548,13 @@ class AuthzInterceptor(RequestGuard):
         async def call(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             identity, _name, _claim = await self._admit(method, rule, request, context)
             team_watch = identity.role is Role.TEAM and method == _D + "Watch"
-            async for item in behavior(request, context):
-                if team_watch and not self.authz.visible(identity, DEPLOYMENT, [item.deployment.name]):
-                    continue
-                yield item
+            try:
+                async for item in self.authz.stream(identity, behavior(request, context)):
+                    if team_watch and not self.authz.visible(identity, DEPLOYMENT, [item.deployment.name]):
+                        continue
+                    yield item
+            except StreamCut:
+                await self._cut(method, rule, identity, context)
 
         return call
 
@@ -531,8 +589,12 @@ class AuthzInterceptor(RequestGuard):
         async def call(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             identity, _name, _claim = await self._admit(method, rule, None, context)
             try:
-                async for item in behavior(self.checked(method, requests, context), context):
+                async for item in self.authz.stream(
+                    identity, behavior(self.checked(method, requests, context), context)
+                ):
                     yield item
+            except StreamCut:
+                await self._cut(method, rule, identity, context)
             except BaseException:
                 if _refusal(context):  # a later message did not decode
                     await self.audit.record(
@@ -566,6 +628,21 @@ class RoleGuard(RequestGuard):
             raise AssertionError("unreachable: abort raises") from denial
         _CALLER.set(identity)
         await super().admit(method, request, context)
+
+    async def responses(
+        self, method: str, items: AsyncIterator[Any], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[Any]:
+        identity = caller()
+        assert identity is not None  # admit() ran first
+        try:
+            async for item in self.authn.stream(identity, items):
+                yield item
+        except StreamCut:
+            log.warning("closed %s of %s: its certificate was revoked", method, identity)
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                f"security.authn.revoked: certificate {identity.serial:x} of {identity} was revoked",
+            )
 
 
 def _refusal(context: grpc.aio.ServicerContext) -> bool:

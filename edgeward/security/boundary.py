@@ -10,6 +10,7 @@ without authorization (plaintext demo, node inference) use `RequestGuard` itself
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -33,6 +34,38 @@ class Undecodable:
 
     def __str__(self) -> str:
         return f"{UNDECODABLE}: not a valid request message ({self.size} bytes): {self.error:.200}"
+
+
+class StreamCut(Exception):
+    """A response stream was ended from outside (its caller's certificate was revoked)."""
+
+
+async def until_set(event: asyncio.Event, items: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    """``items`` until ``event`` is set, then `StreamCut` (the generator is closed first). The next
+    item is awaited beside the event, so an idle stream (a Watch with nothing to say) ends too."""
+    stop = asyncio.ensure_future(event.wait())
+    source = aiter(items)
+    step: asyncio.Future[Any] | None = None
+    try:
+        while True:
+            step = asyncio.ensure_future(anext(source))
+            await asyncio.wait((step, stop), return_when=asyncio.FIRST_COMPLETED)
+            if not step.done():
+                raise StreamCut
+            try:
+                item = step.result()
+            except StopAsyncIteration:
+                return
+            yield item
+    finally:
+        for pending in (step, stop):  # a step still running owns the generator: end it first
+            if pending is not None and not pending.done():
+                pending.cancel()
+            if pending is not None:
+                await asyncio.gather(pending, return_exceptions=True)
+        closing = getattr(source, "aclose", None)
+        if closing is not None:
+            await closing()
 
 
 def guarded(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
@@ -95,6 +128,12 @@ class RequestGuard(grpc.aio.ServerInterceptor):
         if isinstance(request, Undecodable):
             await self.refuse(method, request, context)
 
+    def responses(
+        self, method: str, items: AsyncIterator[Any], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[Any]:
+        """The response stream a handler produces, as sent (subclasses may end it early)."""
+        return items
+
     # ---- per call shape
 
     def unary(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
@@ -107,7 +146,7 @@ class RequestGuard(grpc.aio.ServerInterceptor):
     def ustream(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
         async def call(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             await self.admit(method, request, context)
-            async for item in behavior(request, context):
+            async for item in self.responses(method, behavior(request, context), context):
                 yield item
 
         return call
@@ -122,7 +161,9 @@ class RequestGuard(grpc.aio.ServerInterceptor):
     def sstream(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
         async def call(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             await self.admit(method, None, context)
-            async for item in behavior(self.checked(method, requests, context), context):
+            async for item in self.responses(
+                method, behavior(self.checked(method, requests, context), context), context
+            ):
                 yield item
 
         return call

@@ -58,7 +58,11 @@ def _run(args: argparse.Namespace) -> int:
     if action == "revoke":
         for row in ca.revoke(args.who):
             print(f"revoked {row.subject} (serial {row.serial}); CRL {ca.crl_file} re-signed")
-        print("reload the brokers (Mosquitto: SIGHUP) so that their TLS handshakes see the new CRL")
+        print(
+            "Mosquitto: regenerate its configuration (edgeward pki mosquitto-conf) and send it a SIGHUP, "
+            "so the ACL stops the open connection and TLS handshakes see the new CRL; the orchestrator, "
+            "the embedded broker and the nodes follow the CRL file by themselves"
+        )
         return 0
     if action == "crl":
         print(f"CRL re-signed: {ca.write_crl(days=args.days)}")

@@ -132,6 +132,11 @@ class RevocationList:
     def revoked(self) -> frozenset[int]:
         return self._revoked
 
+    def refresh(self, now: float | None = None) -> frozenset[int]:
+        """The revoked serials, re-reading the file if it changed (at most once per interval)."""
+        self.is_revoked(-1, now)
+        return self._revoked
+
     def _load(self, force: bool = False) -> None:
         with self._lock:
             try:

@@ -1,18 +1,24 @@
-"""Helpers of the security tests: async API clients, manifests, a secure orchestrator config."""
+"""Helpers of the security tests: async API clients, manifests, a secure orchestrator config, MQTT
+sessions against a TLS broker."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 
-from edgeward.security.pki import FleetCA
+from edgeward.mqtt.session import BrokerURL, Message, MqttSession
+from edgeward.security.pki import FleetCA, IssuedFiles
 from edgeward.v1 import api_pb2, api_pb2_grpc
 from orchestrator.config import BrokerConfig, OrchestratorConfig
 from usecases import model_path
 
 MODEL = model_path("industrial", "int8")
+LOOPBACK = "127.0.0.1"
 
 
 def manifest(name: str, model: str, replicas: int = 0) -> str:
@@ -77,3 +83,39 @@ def secure_config(ca: FleetCA, state_dir: Path, topic_prefix: str, **kw: object)
             **kw,
         }
     )
+
+
+@dataclass
+class SecureBroker:
+    kind: str
+    port: int
+    ca: FleetCA
+    reload: Callable[[], None]  # make the broker see a new CRL
+
+    def url(self, files: IssuedFiles | None, ca: FleetCA | None = None) -> BrokerURL:
+        ca_file = str((ca or self.ca).ca_file)
+        if files is None:
+            return BrokerURL(host=LOOPBACK, port=self.port, tls=True, ca_file=ca_file)
+        return BrokerURL(
+            host=LOOPBACK,
+            port=self.port,
+            tls=True,
+            ca_file=ca_file,
+            cert_file=str(files.cert_file),
+            key_file=str(files.key_file),
+        )
+
+
+def session(broker: SecureBroker, subject: str, client_id: str | None = None, **kw) -> MqttSession:
+    return MqttSession(broker.url(broker.ca.files(subject)), client_id or subject.replace(":", "-"), **kw)
+
+
+async def collect_until(sess: MqttSession, sentinel_topic: str, timeout: float = 5.0) -> list[Message]:
+    """Messages received up to and including the first one on ``sentinel_topic``."""
+    got: list[Message] = []
+    async with asyncio.timeout(timeout):
+        async for message in sess.messages():
+            got.append(message)
+            if message.topic == sentinel_topic:
+                return got
+    raise AssertionError("session closed")

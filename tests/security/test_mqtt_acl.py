@@ -4,78 +4,16 @@ mosquitto-conf`) and against the embedded broker: the same tests, the same expec
 from __future__ import annotations
 
 import asyncio
-import signal
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 
 import pytest
+from security_support import LOOPBACK, SecureBroker, collect_until, session
 
-from edgeward.mqtt.broker import EmbeddedBroker
-from edgeward.mqtt.session import BrokerURL, Message, MqttConnectError, MqttSession, MqttSubscribeError
+from edgeward.mqtt.session import BrokerURL, MqttConnectError, MqttSession, MqttSubscribeError
 from edgeward.security.pki import FleetCA, IssuedFiles, parse_subject
-from edgeward.security.tls import TlsFiles
 
 pytestmark = pytest.mark.broker
-LOOPBACK = "127.0.0.1"
-
-
-@dataclass
-class SecureBroker:
-    kind: str
-    port: int
-    ca: FleetCA
-    reload: Callable[[], None]  # make the broker see a new CRL
-
-    def url(self, files: IssuedFiles | None, ca: FleetCA | None = None) -> BrokerURL:
-        ca_file = str((ca or self.ca).ca_file)
-        if files is None:
-            return BrokerURL(host=LOOPBACK, port=self.port, tls=True, ca_file=ca_file)
-        return BrokerURL(
-            host=LOOPBACK,
-            port=self.port,
-            tls=True,
-            ca_file=ca_file,
-            cert_file=str(files.cert_file),
-            key_file=str(files.key_file),
-        )
-
-
-@pytest.fixture(params=["mosquitto", "embedded"])
-async def secure_broker(request, fleet_ca: FleetCA, topic_prefix: str) -> AsyncIterator[SecureBroker]:
-    for node in ("node-1", "node-2"):
-        fleet_ca.issue(parse_subject("node", node))
-    fleet_ca.issue(parse_subject("team", "ci", "smart-home"))
-    if request.param == "mosquitto":
-        mosquitto = request.getfixturevalue("mosquitto_tls")()
-
-        def sighup() -> None:
-            assert mosquitto.proc is not None
-            mosquitto.proc.send_signal(signal.SIGHUP)  # it reloads between two network loop turns
-
-        yield SecureBroker("mosquitto", mosquitto.port, fleet_ca, sighup)
-        return
-    orch = fleet_ca.files("orchestrator:main")
-    tls = TlsFiles(fleet_ca.ca_file, orch.cert_file, orch.key_file, fleet_ca.crl_file)
-    async with EmbeddedBroker(LOOPBACK, 0, tls=tls, topic_prefix=topic_prefix) as broker:
-        # The embedded broker re-reads the CRL file at CONNECT (at most once a second) by itself.
-        yield SecureBroker("embedded", broker.port, fleet_ca, lambda: None)
-
-
-def session(broker: SecureBroker, subject: str, client_id: str | None = None, **kw) -> MqttSession:
-    return MqttSession(broker.url(broker.ca.files(subject)), client_id or subject.replace(":", "-"), **kw)
-
-
-async def collect_until(sess: MqttSession, sentinel_topic: str, timeout: float = 5.0) -> list[Message]:
-    """Messages received up to and including the first one on ``sentinel_topic``."""
-    got: list[Message] = []
-    async with asyncio.timeout(timeout):
-        async for message in sess.messages():
-            got.append(message)
-            if message.topic == sentinel_topic:
-                return got
-    raise AssertionError("session closed")
 
 
 async def test_a_node_publishes_only_under_its_own_topics(secure_broker: SecureBroker, topic_prefix: str):

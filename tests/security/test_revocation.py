@@ -1,0 +1,109 @@
+"""Revocation ends what is already open (issue #15, 7): gRPC streams of a revoked certificate on the
+orchestrator (DeploymentService/Watch, EventService/Watch) and on a node's inference API, and MQTT
+sessions of a revoked identity (the embedded broker closes them; Mosquitto, once its ACL is
+regenerated and reloaded, gives them no topic any more)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import grpc
+from security_support import Client, SecureBroker, manifest, session
+
+from edgeward.security.audit import read_audit
+from edgeward.security.pki import FleetCA
+from edgeward.v1 import api_pb2, events_pb2, events_pb2_grpc
+from orchestrator.server import Orchestrator
+
+STREAM_END_S = 10.0  # the CRL is re-read once a second; this only bounds a broken implementation
+
+
+async def ended_with(stream: grpc.aio.UnaryStreamCall) -> grpc.StatusCode:
+    """Read a stream until it ends; the status it ended with."""
+    try:
+        async with asyncio.timeout(STREAM_END_S):
+            while await stream.read() is not grpc.aio.EOF:
+                pass
+    except grpc.aio.AioRpcError as err:
+        return err.code()
+    return await stream.code()
+
+
+async def test_revoking_a_certificate_ends_its_open_watch_streams(
+    connect: Callable[..., Client], fleet_ca: FleetCA, secure_orchestrator: Orchestrator
+):
+    mallory = connect("operator", "mallory")
+    alice = connect("operator", "alice")
+    await alice.push("m")
+    watches = {
+        "deployments": mallory.deployments.Watch(api_pb2.WatchDeploymentsRequest(), timeout=60),
+        "events": events_pb2_grpc.EventServiceStub(mallory.channel).Watch(
+            events_pb2.WatchEventsRequest(), timeout=60
+        ),
+    }
+    control = alice.deployments.Watch(api_pb2.WatchDeploymentsRequest(), timeout=60)
+    await asyncio.sleep(0)  # the calls start
+    await alice.apply(manifest("d1", "m"))  # one event on every stream: they are open and served
+    for stream in (*watches.values(), control):
+        await stream.read()
+    fleet_ca.revoke("operator:mallory")
+    ends = await asyncio.gather(*(ended_with(s) for s in watches.values()))
+    assert ends == [grpc.StatusCode.UNAUTHENTICATED] * len(watches)
+    assert control.done() is False  # another identity's stream stays open
+    control.cancel()
+    lines = [x for x in read_audit(secure_orchestrator.guard.audit.path) if x["who"] == "operator:mallory"]
+    assert sorted(x["method"].rsplit(".", 1)[-1] for x in lines) == [
+        "DeploymentService/Watch",
+        "EventService/Watch",
+    ]
+    assert all(x["result"] == "UNAUTHENTICATED" and "security.authn.revoked" in x["reason"] for x in lines)
+
+
+async def test_revoking_a_node_cuts_its_open_mqtt_session(secure_broker: SecureBroker, topic_prefix: str):
+    nodes = f"{topic_prefix}/nodes"
+    async with (
+        session(secure_broker, "orchestrator:main") as orch,
+        session(secure_broker, "node-1") as node1,
+        session(secure_broker, "node-2") as node2,
+    ):
+        await orch.subscribe(f"{nodes}/+/telemetry", qos=1)
+        await node1.subscribe(f"{nodes}/node-1/cmd", qos=1)
+        await node2.subscribe(f"{nodes}/node-2/cmd", qos=1)
+        secure_broker.ca.revoke("node-1")
+        secure_broker.reload()
+        if secure_broker.kind == "embedded":
+            # It closes the session within a CRL re-read (1 s) and refuses it from then on.
+            async with asyncio.timeout(STREAM_END_S):
+                while node1.connected:
+                    await asyncio.sleep(0.05)
+        else:
+            # Mosquitto keeps the connection but, once its reloaded ACL has no section for node-1, routes
+            # nothing from or to it. Its reload happens between two network loop turns: probe until then.
+            async with asyncio.timeout(STREAM_END_S):
+                while True:
+                    await node1.publish(f"{nodes}/node-1/telemetry", b"probe", qos=1)
+                    await node2.publish(f"{nodes}/node-2/telemetry", b"sentinel", qos=1)
+                    got = await next_payloads(orch, b"sentinel")
+                    if got == [b"sentinel"]:
+                        break
+        # From now on, nothing from node-1 reaches the orchestrator, and node-2 is unaffected. (One
+        # broker thread/loop: node-1's acknowledged publish is routed before node-2's.)
+        if node1.connected:
+            await node1.publish(f"{nodes}/node-1/telemetry", b"from a revoked node", qos=1)
+        await node2.publish(f"{nodes}/node-2/telemetry", b"sentinel", qos=1)
+        assert await next_payloads(orch, b"sentinel") == [b"sentinel"]
+        await orch.publish(f"{nodes}/node-1/cmd", b"for a revoked node", qos=1)
+        await orch.publish(f"{nodes}/node-2/cmd", b"for node-2", qos=1)
+        assert await next_payloads(node2, b"for node-2") == [b"for node-2"]
+    assert node1.queued == 0 or (secure_broker.kind == "embedded" and node1.stats.reconnects == 0)
+
+
+async def next_payloads(sess, sentinel: bytes) -> list[bytes]:
+    got = []
+    async with asyncio.timeout(5):
+        async for message in sess.messages():
+            got.append(message.payload)
+            if message.payload == sentinel:
+                return got
+    raise AssertionError("session closed")
