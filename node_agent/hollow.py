@@ -82,10 +82,12 @@ def ensure_registered() -> None:
 
 
 def _configs(spec: HollowFleetSpec) -> list[AgentConfig]:
-    tokens = TokenStore.in_state_dir(spec.token_state_dir) if spec.token_state_dir is not None else None
+    ids = [spec.node_id(i) for i in range(spec.nodes)]
+    tokens: list[str | None] = [None] * spec.nodes
+    if spec.token_state_dir is not None:  # one batch: one flush to disk for the whole fleet
+        tokens = [t.token for t in TokenStore.in_state_dir(spec.token_state_dir).mint_many(ids)]
     configs = []
-    for i in range(spec.nodes):
-        node_id = spec.node_id(i)
+    for i, (node_id, token) in enumerate(zip(ids, tokens, strict=True)):
         configs.append(
             AgentConfig(
                 node_id=node_id,
@@ -95,7 +97,7 @@ def _configs(spec: HollowFleetSpec) -> list[AgentConfig]:
                 accelerators=[{"kind": hollow.KIND, "options": {"latency_ms": spec.latency_ms}}],
                 heartbeat_s=spec.heartbeat_s,
                 state_dir=spec.state_dir,
-                enrollment_token=tokens.mint(node_id).token if tokens is not None else None,
+                enrollment_token=token,
             )
         )
     return configs

@@ -431,15 +431,11 @@ class Orchestrator:
         if changed:
             self.reconciler.trigger()
         if inventories:
-            await self.db(self._put_nodes, inventories)
+            await self.db(self.store.put_nodes, inventories)
         if waits:
             await asyncio.gather(*(_in_order(node_id, steps) for node_id, steps in waits.items()))
         if serial:
             await _in_order("the fleet", serial)
-
-    def _put_nodes(self, records: list[NodeRecord]) -> None:
-        for record in records:
-            self.store.put_node(record)
 
     async def _node_connected(self, node_id: str) -> None:
         await self.verifier.node_connected(node_id)

@@ -176,6 +176,7 @@ class Store(Protocol):
     def get_node(self, node_id: str) -> NodeRecord | None: ...
     def list_nodes(self) -> list[NodeRecord]: ...
     def put_node(self, record: NodeRecord) -> None: ...
+    def put_nodes(self, records: Iterable[NodeRecord]) -> None: ...
     def put_enrollment(self, node_id: str, record: bytes, now_ms: int) -> None: ...
     def list_enrollments(self) -> list[bytes]: ...
     def get_template(self, name: str, generation: int) -> DeploymentManifest: ...
@@ -748,13 +749,16 @@ class SqlStore:
         return [_node(row) for row in rows]
 
     def put_node(self, record: NodeRecord) -> None:
-        row = {
-            "id": record.id,
-            "cordoned": int(record.cordoned),
-            "inventory": record.inventory,
-            "last_seen_ms": record.last_seen_ms,
-        }
-        self._write(lambda conn: conn.execute(self._statements.upsert_node, row))
+        self.put_nodes([record])
+
+    def put_nodes(self, records: Iterable[NodeRecord]) -> None:
+        """Insert or update nodes in one transaction (an ingest batch's inventories)."""
+        rows = [
+            {"id": r.id, "cordoned": int(r.cordoned), "inventory": r.inventory, "last_seen_ms": r.last_seen_ms}
+            for r in records
+        ]
+        if rows:
+            self._write(lambda conn: conn.execute(self._statements.upsert_node, rows))
 
     # ---------------------------------------------------------------- attestation enrollments
 

@@ -54,6 +54,17 @@ def test_a_token_is_good_for_one_enrollment_of_its_node(store: TokenStore):
     assert record.node_id == "node-a" and record.used_unix_ms is not None
 
 
+def test_a_batch_mints_one_token_per_node_and_refuses_a_bad_id_whole(store: TokenStore):
+    issued = store.mint_many([f"node-{i}" for i in range(50)], ttl_s=60)
+    assert [t.node_id for t in issued] == [f"node-{i}" for i in range(50)]
+    assert len({t.token for t in issued}) == 50
+    assert not list((store.directory / "pending").glob(".*.tmp"))
+    store.check("node-7", issued[7].token).redeem()
+    assert refusal(lambda: store.check("node-8", issued[7].token)) == "enrollment.token.used"
+    assert refusal(lambda: store.mint_many(["node-x", "bad id"])) == "enrollment.token.bad_request"
+    assert len(store.list()) == 50
+
+
 def test_tokens_are_distinct_and_bound_to_their_node(store: TokenStore):
     a, b = store.mint("node-a"), store.mint("node-b")
     assert a.token != b.token and a.digest != b.digest

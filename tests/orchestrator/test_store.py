@@ -4,11 +4,12 @@ import hashlib
 import sqlite3
 
 import pytest
+import sqlalchemy as sa
 
 from orchestrator.errors import AlreadyExists, IllegalTransition, NotFound, StoreError
 from orchestrator.manifest import parse_manifest
 from orchestrator.phases import Phase
-from orchestrator.store import ModelRecord, ReplicaChange, ReplicaRecord, SqlStore
+from orchestrator.store import ModelRecord, NodeRecord, ReplicaChange, ReplicaRecord, SqlStore
 
 MANIFEST = """
 apiVersion: edgeward/v1
@@ -108,3 +109,17 @@ def test_refuses_a_pre_alembic_schema_it_does_not_know(tmp_path):
     db.close()
     with pytest.raises(StoreError, match="schema 99"):
         SqlStore(tmp_path)
+
+
+def test_put_nodes_is_one_transaction(store):
+    store.put_nodes([NodeRecord(f"n{i}", inventory=b"x", last_seen_ms=i) for i in range(3)])
+    store.put_nodes([NodeRecord("n1", cordoned=True, inventory=b"y", last_seen_ms=9)])
+    assert [(n.id, n.cordoned, n.inventory) for n in store.list_nodes()] == [
+        ("n0", False, b"x"),
+        ("n1", True, b"y"),
+        ("n2", False, b"x"),
+    ]
+    # A batch with one bad record writes none of it.
+    with pytest.raises(sa.exc.StatementError):
+        store.put_nodes([NodeRecord("n3"), NodeRecord("n4", inventory=object())])  # type: ignore[arg-type]
+    assert [n.id for n in store.list_nodes()] == ["n0", "n1", "n2"]
