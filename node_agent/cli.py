@@ -109,7 +109,12 @@ async def _run_fleet(spec: HollowFleetSpec) -> int:
     except asyncio.CancelledError:
         # What the nodes published (QoS 1 once acknowledged), goodbyes included: bench/fleet_scale.py
         # compares it with what the orchestrator took in.
-        print(f"sim-fleet: published {sum(s.stats.published for s in sessions)} messages", flush=True)
+        stats = [s.stats for s in sessions]
+        print(
+            f"sim-fleet: published {sum(s.published for s in stats)} messages, "
+            f"{sum(s.published_qos1 for s in stats)} of them at QoS 1 (acknowledged)",
+            flush=True,
+        )
         return 0
     except Exception as err:
         print(f"edgeward sim-fleet: {type(err).__name__}: {err}", file=sys.stderr)

@@ -14,7 +14,7 @@ import asyncio
 import functools
 import hashlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -674,8 +674,9 @@ def _model_pb(record: ModelRecord) -> api_pb2.Model:
 
 
 def node_to_pb(
-    node_id: str, record: NodeRecord | None, view: Any, online: bool, replicas: list[ReplicaRecord]
+    node_id: str, record: NodeRecord | None, view: Any, online: bool, replicas: Iterable[ReplicaRecord]
 ) -> api_pb2.Node:
+    """The node as the API shows it; ``replicas`` are the replicas bound to it (any phase)."""
     pb = api_pb2.Node(id=node_id, cordoned=bool(record and record.cordoned))
     pb.state = node_pb2.NODE_STATE_ONLINE if online else node_pb2.NODE_STATE_OFFLINE
     if view is not None and view.hello is not None:
@@ -688,9 +689,7 @@ def node_to_pb(
             pb.telemetry.CopyFrom(view.telemetry)
     elif record is not None:
         pb.last_seen_unix_ms = record.last_seen_ms
-    pb.replicas.extend(
-        replica_to_pb(r) for r in replicas if r.node_id == node_id and r.phase != Phase.EVICTED
-    )
+    pb.replicas.extend(replica_to_pb(r) for r in replicas if r.phase != Phase.EVICTED)
     return pb
 
 

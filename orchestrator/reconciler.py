@@ -78,6 +78,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FAILED_RETENTION_MS = 5_000
+#: Commands of one pass awaiting their PUBACK at once (below the session's bound on queued QoS 1).
+PUBLISH_WINDOW = 200
+#: Replicas bound between two yields to the event loop.
+PLACE_SLICE = 256
 _REPORTED_PHASE = {
     node_pb2.REPLICA_PHASE_LOADING: Phase.LOADING,
     node_pb2.REPLICA_PHASE_RUNNING: Phase.RUNNING,
@@ -153,6 +157,7 @@ class Reconciler:
         self._slo_seen: dict[str, int] = {}  # running replica id -> newest window folded
         self._correction = LatencyCorrection(resched.correction_policy())
         self._corrected: dict[tuple[str, str], int] = {}  # (node, model) -> newest window folded
+        self._windows_folded = -1  # the fleet's windows_added at the last fold
         self._move_rate = MoveRate(resched.max_moves_per_minute)
         self.passes = 0
         self._in_pass = False
@@ -245,7 +250,11 @@ class Reconciler:
 
     def _correct(self, by_deployment: dict[str, list[ReplicaRecord]], now: float, timeout: float) -> None:
         """Fold the telemetry windows that arrived since the last pass into the latency correction:
-        per (node, model) that runs a replica, observed p95 against the node's own profile."""
+        per (node, model) that runs a replica, observed p95 against the node's own profile. Nothing
+        to do (and no walk over every replica) when no window arrived since the last fold."""
+        if self._fleet.windows_added == self._windows_folded:
+            return
+        self._windows_folded = self._fleet.windows_added
         nodes: list[str] = []
         observed: list[float] = []
         predicted: list[float] = []
@@ -343,12 +352,14 @@ class Reconciler:
 
     # ------------------------------------------------------------ helpers
 
-    def _untrusted(self, rep: ReplicaRecord, need: str | None) -> tuple[str, str] | None:
+    def _untrusted(
+        self, rep: ReplicaRecord, need: str | None, tier_of: Callable[[str], str] | None = None
+    ) -> tuple[str, str] | None:
         """Why ``rep`` may not stay on its node: the node lost its attestation (or did not get one in
         time), or holds a lower tier than the deployment needs. None when it may stay."""
         if rep.node_id is None or need is None:
             return None
-        tier = self._trust.tier(rep.node_id)
+        tier = (tier_of or self._trust.tier)(rep.node_id)
         if TIERS[tier] >= TIERS[need]:
             return None
         why = self._trust.why_not_trusted(rep.node_id)
@@ -498,6 +509,14 @@ class ReconcilePass:
         self.commands: list[tuple[str, node_pb2.Command]] = []
         self.touched: set[str] = set()
         self.by_deployment: dict[str, list[ReplicaRecord]] = defaultdict(list)
+        self._tiers: dict[str, str] = {}
+
+    def tier(self, node_id: str) -> str:
+        """The node's attestation tier, asked of the verifier once per pass (not once per replica)."""
+        tier = self._tiers.get(node_id)
+        if tier is None:
+            tier = self._tiers[node_id] = self.rec._trust.tier(node_id)
+        return tier
 
     # ------------------------------------------------------------ decisions
 
@@ -592,7 +611,9 @@ class ReconcilePass:
                 message=f"node {rep.node_id} went offline or silent",
             )
             return None
-        untrusted = rec._untrusted(rep, self.need.get(rep.deployment)) if rep.phase in ACTIVE else None
+        untrusted = (
+            rec._untrusted(rep, self.need.get(rep.deployment), self.tier) if rep.phase in ACTIVE else None
+        )
         if untrusted is not None:
             self.evict(rep, untrusted[0], untrusted[1])
             return None
@@ -809,7 +830,9 @@ class ReconcilePass:
         if not pending:
             return outcomes
         plan = self.rec._plan(self.replicas, self.changes, self.deployments, self.now)
-        for dep, rep in pending:
+        for k, (dep, rep) in enumerate(pending):
+            if k and not k % PLACE_SLICE:
+                await asyncio.sleep(0)  # let ingest run: binding 10,000 replicas takes seconds
             outcomes[await self._place(plan, dep, rep)] += 1
         return outcomes
 
@@ -909,8 +932,7 @@ class ReconcilePass:
         rec = self.rec
         if self.changes:
             await rec._db(rec._store.apply_replica_changes, self.changes)
-        for node_id, cmd in self.commands:
-            await rec._publish(node_id, cmd)
+        await publish_all(rec._publish, self.commands)
         if self.touched:
             rec._on_change(self.touched)
 
@@ -972,6 +994,24 @@ def _request(dep: DeploymentRecord, model: api_pb2.Model, tier: str, replica_id:
         selector=dict(dep.manifest.spec.selector.match_labels),
         attestation_tier=tier,
     )
+
+
+async def publish_all(publish: Publish, commands: Sequence[tuple[str, node_pb2.Command]]) -> None:
+    """Publish ``commands`` in their order, up to ``PUBLISH_WINDOW`` of them awaiting their PUBACK
+    at once: one at a time, a pass that binds thousands of replicas waited a broker round trip
+    per command (MQTT keeps the order of one client's QoS 1 messages, so each node still gets
+    its commands in the order they were decided)."""
+    if len(commands) <= 1:
+        for node_id, cmd in commands:
+            await publish(node_id, cmd)
+        return
+    gate = asyncio.Semaphore(PUBLISH_WINDOW)  # FIFO: the publishes start in list order
+
+    async def one(node_id: str, cmd: node_pb2.Command) -> None:
+        async with gate:
+            await publish(node_id, cmd)
+
+    await asyncio.gather(*(one(node_id, cmd) for node_id, cmd in commands))
 
 
 def command(node_id: str, **body: object) -> node_pb2.Command:

@@ -10,7 +10,8 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any
@@ -75,7 +76,7 @@ from .multiexit import PipelineRouter
 from .reconciler import Reconciler, command
 from .rollout import RolloutController
 from .scheduler import Scheduler
-from .store import DeploymentRecord, NodeRecord, SqlStore, open_store
+from .store import DeploymentRecord, NodeRecord, ReplicaRecord, SqlStore, open_store
 from .telemetry import TelemetryStore
 from .verifier import FleetVerifier
 
@@ -588,8 +589,11 @@ class Orchestrator:
             (
                 "edgeward_mqtt_received_total",
                 "counter",
-                "MQTT messages taken into the ingest inbox",
-                [({}, float(stats.received))],
+                "MQTT messages taken into the ingest inbox, by the QoS they arrived at",
+                [
+                    ({"qos": "0"}, float(stats.received - stats.received_qos1)),
+                    ({"qos": "1"}, float(stats.received_qos1)),
+                ],
             ),
             (
                 "edgeward_mqtt_shed_total",
@@ -672,16 +676,22 @@ class Orchestrator:
     async def nodes_pb(self) -> list[api_pb2.Node]:
         records, replicas = await self.db(lambda: (self.store.list_nodes(), self.store.list_replicas()))
         by_id = {r.id: r for r in records}
+        on_node: dict[str, list[ReplicaRecord]] = defaultdict(list)  # one pass, not one per node
+        for rep in replicas:
+            if rep.node_id:
+                on_node[rep.node_id].append(rep)
         ids = sorted(set(by_id) | {n for n, v in self.fleet.nodes.items() if v.hello is not None})
-        return [self._node_pb(i, by_id.get(i), replicas) for i in ids]
+        return [self._node_pb(i, by_id.get(i), on_node.get(i, ())) for i in ids]
 
     async def node_pb(self, node_id: str) -> api_pb2.Node:
         record, replicas = await self.db(lambda: (self.store.get_node(node_id), self.store.list_replicas()))
         if record is None and node_id not in self.fleet.nodes:
             raise NotFound("node", node_id)
-        return self._node_pb(node_id, record, replicas)
+        return self._node_pb(node_id, record, [r for r in replicas if r.node_id == node_id])
 
-    def _node_pb(self, node_id: str, record: NodeRecord | None, replicas: list) -> api_pb2.Node:
+    def _node_pb(
+        self, node_id: str, record: NodeRecord | None, replicas: Iterable[ReplicaRecord]
+    ) -> api_pb2.Node:
         view = self.fleet.nodes.get(node_id)
         online = view is not None and view.online(time.monotonic(), self.config.node_timeout_s)
         pb = node_to_pb(node_id, record, view, online, replicas)

@@ -241,6 +241,10 @@ class SqlStore:
         # lock makes that so): no pool round per call. It reconnects after a dropped connection.
         self._lock = threading.Lock()
         self._conn: sa.Connection | None = None
+        # On SQLite this process is the only writer: every replica as last read is kept until its
+        # next write. The reconciler reads them all once a second, and at 10,000 replicas building
+        # the records from rows cost more than the rest of a pass. PostgreSQL may have other writers.
+        self._replicas: list[ReplicaRecord] | None = None
         self._statements = _Statements(sqlite.insert if self.dialect == "sqlite" else postgresql.insert)
         try:
             migrate(self.engine, self.where)
@@ -280,6 +284,7 @@ class SqlStore:
         for attempt in range(WRITE_ATTEMPTS):
             last = attempt == WRITE_ATTEMPTS - 1
             with self._lock:
+                self._replicas = None  # any write may change them
                 conn = self._connection(WRITE)
                 tx = conn.begin()
                 try:
@@ -692,12 +697,17 @@ class SqlStore:
     # ---------------------------------------------------------------- replicas
 
     def list_replicas(self, deployment: str | None = None) -> list[ReplicaRecord]:
+        if deployment is None and self._replicas is not None:
+            return list(self._replicas)
         with self._read() as conn:
             if deployment is None:
                 rows = conn.execute(_LIST_REPLICAS).all()
             else:
                 rows = conn.execute(_LIST_REPLICAS_OF, {"deployment": deployment}).all()
-        return [_replica(row) for row in rows]
+            replicas = [_replica(row) for row in rows]
+            if deployment is None and self.dialect == "sqlite":
+                self._replicas = replicas  # read under the lock: no write came in between
+        return list(replicas)
 
     def apply_replica_changes(self, changes: Iterable[ReplicaChange]) -> None:
         """Insert, update or delete replicas in one transaction, checking every phase transition."""
@@ -754,7 +764,12 @@ class SqlStore:
     def put_nodes(self, records: Iterable[NodeRecord]) -> None:
         """Insert or update nodes in one transaction (an ingest batch's inventories)."""
         rows = [
-            {"id": r.id, "cordoned": int(r.cordoned), "inventory": r.inventory, "last_seen_ms": r.last_seen_ms}
+            {
+                "id": r.id,
+                "cordoned": int(r.cordoned),
+                "inventory": r.inventory,
+                "last_seen_ms": r.last_seen_ms,
+            }
             for r in records
         ]
         if rows:
@@ -1004,6 +1019,9 @@ def _node(row: Sequence[Any]) -> NodeRecord:
     return NodeRecord(node_id, bool(cordoned), None if inventory is None else bytes(inventory), last_seen)
 
 
+_PHASES = {p.value: p for p in Phase}
+
+
 def _replica(row: Sequence[Any]) -> ReplicaRecord:
     (rid, dep, gen, mname, mver, node, acc, phase, reason, message, updated) = row
     return ReplicaRecord(
@@ -1012,7 +1030,7 @@ def _replica(row: Sequence[Any]) -> ReplicaRecord:
         generation=gen,
         model_name=mname,
         model_version=mver,
-        phase=Phase(phase),
+        phase=_PHASES.get(phase) or Phase(phase),  # a dict lookup: Phase(...) costs a microsecond a row
         updated_ms=updated,
         node_id=node,
         accelerator=acc,

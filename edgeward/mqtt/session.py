@@ -213,14 +213,18 @@ class Message:
 class SessionStats:
     """Counters of a session; `MqttSession.stats` hands out copies.
 
-    ``received`` counts messages accepted into the inbox (within ``max_payload``);
+    ``published`` counts messages handed to the broker (QoS 1 ones once acknowledged; of them
+    ``published_qos1``); ``received`` counts messages accepted into the inbox (within
+    ``max_payload``; of them ``received_qos1`` at QoS 1);
     ``dropped_overflow`` counts QoS 0 messages shed because the inbox was full (the application did
     not keep up; QoS 1 messages are never shed: ``paused`` counts the times the session stopped
     reading its socket instead); ``dropped_invalid`` counts messages whose topic is not valid UTF-8.
     """
 
     published: int = 0
+    published_qos1: int = 0
     received: int = 0
+    received_qos1: int = 0
     dropped_oversize: int = 0
     dropped_overflow: int = 0
     dropped_invalid: int = 0
@@ -476,6 +480,7 @@ class MqttSession:
             raise MqttPublishError(topic, paho.error_string(info.rc))
         if info.is_published():  # acknowledged already (paho wrote it and read the PUBACK)
             self._stats.published += 1
+            self._stats.published_qos1 += 1
             return
         waiter = self._puback_waiters[info.mid] = self._require_loop().create_future()
         try:
@@ -486,6 +491,7 @@ class MqttSession:
         finally:
             self._puback_waiters.pop(info.mid, None)
         self._stats.published += 1
+        self._stats.published_qos1 += 1
 
     async def subscribe(self, topic_filter: str, qos: int = 1) -> None:
         """Subscribe and wait for the SUBACK; the subscription is re-issued after every reconnect."""
@@ -754,6 +760,7 @@ class MqttSession:
             self._pause_reading()  # QoS 1 is kept; the broker holds the rest until we catch up
         self._inbox.append(message)
         self._stats.received += 1
+        self._stats.received_qos1 += message.qos
         self._inbox_ready.set()
 
     def _published(self, mid: int) -> None:

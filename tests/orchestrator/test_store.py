@@ -120,6 +120,6 @@ def test_put_nodes_is_one_transaction(store):
         ("n2", False, b"x"),
     ]
     # A batch with one bad record writes none of it.
-    with pytest.raises(sa.exc.StatementError):
+    with pytest.raises((sa.exc.StatementError, TypeError)):  # the driver refuses the object
         store.put_nodes([NodeRecord("n3"), NodeRecord("n4", inventory=object())])  # type: ignore[arg-type]
     assert [n.id for n in store.list_nodes()] == ["n0", "n1", "n2"]
