@@ -1,12 +1,21 @@
 """What the orchestrator (verifier, key release) and the node agent (attester) must compute alike.
 
-* ``code_digest()``: the sha256 the agent measures as ``agent.code``, over the source files of
-  the packages the agent runs. The orchestrator computes the same digest from its own
-  installation for its built-in reference values, so an agent of the same release matches and a
-  modified file does not. Packages are located without being imported. It is computed once per
-  process (the code a process runs is what it loaded when it started; a file changed since is
-  measured by the next process), so many agents in one process (``edgeward sim-fleet``) or an
-  agent restarted in place pay for it once.
+* ``code_digest()``: the sha256 the agent measures as ``agent.code``, over the files of the
+  packages the agent runs that can execute: sources, native extensions, and bytecode that has no
+  source beside it (none in a sound installation). ``deps_digest()``: the same over the installed
+  dependencies the agent imports (``agent.deps``: gRPC, protobuf, numpy, cryptography, pydantic,
+  PyYAML, paho-mqtt, the LiteRT interpreter, tpm2-pytss where installed). The orchestrator computes
+  both from its own installation for its built-in reference values, so an agent of the same release
+  matches and a modified file does not. Packages are located without being imported. Each is
+  computed once per process (the code a process runs is what it loaded when it started; a file
+  changed since is measured by the next process), so many agents in one process (``edgeward
+  sim-fleet``) or an agent restarted in place pay for it once.
+* ``measured_digest()``: what an agent reports for those components. Bytecode caches do not enter
+  the digests (they differ between installs and appear lazily), so what runs must be what was
+  measured: the agent keeps bytecode in a private directory (`edgeward.bytecode.isolate`, before it
+  imports itself), and every module it loaded before that from a ``__pycache__`` beside its source
+  is compared with its source, compiled; a cache that differs (a swapped ``.pyc`` whose header
+  matches) changes the measured digest, so the verifier refuses the node.
 * ``model_aad()``: associated data of a sealed model artifact, binding the ciphertext to the
   model's name, version and plaintext digest (a blob cannot be passed off as another model).
 * ``key_context()``: the context a model data key is wrapped under for one node.
@@ -14,17 +23,44 @@
 
 from __future__ import annotations
 
+import _imp
 import hashlib
+import importlib.machinery
 import importlib.util
+import logging
+import marshal
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 
+from edgeward.bytecode import isolated
+
 from .errors import AttestationError
+
+log = logging.getLogger(__name__)
 
 #: The packages whose code the node agent runs (the shared ``edgeward`` package included).
 AGENT_CODE_PACKAGES: tuple[str, ...] = ("node_agent", "attestation", "accelerators", "edgeward")
+#: The installed packages the agent imports beyond its own (measured as ``agent.deps`` where installed).
+AGENT_DEPENDENCIES: tuple[str, ...] = (
+    "grpc",
+    "grpc_health",
+    "grpc_reflection",
+    "google.protobuf",
+    "numpy",
+    "cryptography",
+    "pydantic",
+    "pydantic_core",
+    "yaml",
+    "paho",
+    "ai_edge_litert",
+    "tflite_runtime",
+    "tpm2_pytss",
+)
 AGENT_CODE = "agent.code"
+AGENT_DEPS = "agent.deps"
 AGENT_CONFIG = "agent.config"
+_EXECUTABLE = (".py", *importlib.machinery.EXTENSION_SUFFIXES)
 
 
 def package_dir(name: str) -> Path:
@@ -35,27 +71,127 @@ def package_dir(name: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-_CODE_DIGESTS: dict[tuple[str, ...], bytes] = {}
+_DIGESTS: dict[tuple[str, ...], bytes] = {}
+
+
+def _installed(packages: Iterable[str], required: bool) -> list[tuple[str, Path]]:
+    trees = []
+    for name in packages:
+        try:
+            trees.append((name, package_dir(name)))
+        except (AttestationError, ImportError, ValueError):
+            if required:
+                raise
+    return trees
 
 
 def code_digest(packages: Iterable[str] = AGENT_CODE_PACKAGES) -> bytes:
     """The ``agent.code`` digest of the installed ``packages``, computed once per process."""
     key = tuple(packages)
-    digest = _CODE_DIGESTS.get(key)
+    digest = _DIGESTS.get(key)
     if digest is None:
-        digest = _CODE_DIGESTS[key] = tree_digest((name, package_dir(name)) for name in key)
+        digest = _DIGESTS[key] = tree_digest(_installed(key, required=True))
+    return digest
+
+
+def deps_digest(packages: Iterable[str] = AGENT_DEPENDENCIES) -> bytes:
+    """The ``agent.deps`` digest of those of ``packages`` that are installed (each named, so a missing
+    one counts), computed once per process."""
+    key = ("deps", *packages)
+    digest = _DIGESTS.get(key)
+    if digest is None:
+        digest = _DIGESTS[key] = tree_digest(_installed(key[1:], required=False))
     return digest
 
 
 def tree_digest(trees: Iterable[tuple[str, Path]]) -> bytes:
-    """sha256 over every ``*.py`` file under each (name, directory): name, relative path and file
-    digest, in a fixed order (caches and data files are left out: they differ between installs)."""
+    """sha256 over every file that can execute under each (name, directory): sources, native
+    extensions and bytecode outside ``__pycache__`` (a sourceless module), with name, relative path
+    and file digest, in a fixed order. Caches in ``__pycache__`` and data files are left out."""
     h = hashlib.sha256(b"edgeward/v1 code\x00")
     for name, root in trees:
-        for path in sorted(root.rglob("*.py"), key=lambda p: p.relative_to(root).as_posix()):
+        h.update(f"tree {name}\x00".encode())
+        files = [
+            p
+            for p in root.rglob("*")
+            if (p.name.endswith(_EXECUTABLE) or (p.suffix == ".pyc" and "__pycache__" not in p.parts))
+            and p.is_file()
+        ]
+        for path in sorted(files, key=lambda p: p.relative_to(root).as_posix()):
             h.update(f"{name}/{path.relative_to(root).as_posix()}\x00".encode())
             h.update(hashlib.sha256(path.read_bytes()).digest())
     return h.digest()
+
+
+def measured_digest(digest: bytes, packages: Iterable[str]) -> bytes:
+    """What an agent reports for a component whose files hash to ``digest``: the same, unless a
+    module of ``packages`` that this process loaded from a shared bytecode cache differs from its
+    source; then a digest that no reference holds (and an error in the log, naming the file).
+    Once per process, like the digests: modules imported after `edgeward.bytecode.isolate` come
+    from the private cache, compiled from their sources."""
+    key = ("measured", digest.hex(), *packages)
+    known = _DIGESTS.get(key)
+    if known is not None:  # what loads later comes from the private cache (isolate): nothing to add
+        return known
+    roots = [root.resolve() for _name, root in _installed(key[2:], required=False)]
+    stale = sorted(_unfaithful_caches(roots))
+    if not stale:
+        _DIGESTS[key] = digest
+        return digest
+    h = hashlib.sha256(b"edgeward/v1 unfaithful bytecode\x00" + digest)
+    for path, cache_digest in stale:
+        log.error("bytecode cache %s does not match its source: measured as such", path)
+        h.update(f"{path}\x00".encode() + cache_digest)
+    _DIGESTS[key] = h.digest()
+    return _DIGESTS[key]
+
+
+def _unfaithful_caches(roots: list[Path]) -> Iterable[tuple[str, bytes]]:
+    """(cache, its sha256) of every loaded module under ``roots`` whose bytecode came from a cache
+    beside its source (not the private one) that compiles to different code than the source."""
+    private = isolated()
+    for module in list(sys.modules.values()):
+        spec = getattr(module, "__spec__", None)
+        source, cached = getattr(spec, "origin", None), getattr(spec, "cached", None)
+        if not source or not cached or not source.endswith(".py"):
+            continue
+        source_path, cache_path = Path(source).resolve(), Path(cached)
+        if not any(source_path.is_relative_to(root) for root in roots):
+            continue
+        if private is not None and cache_path.resolve().is_relative_to(private.resolve()):
+            continue  # written by this installation's agents from the measured sources
+        try:
+            data, text = cache_path.read_bytes(), source_path.read_bytes()
+        except OSError:
+            continue  # no cache: the module was compiled from its source
+        if not _loadable(data, source_path, text):
+            continue  # stale: the interpreter compiles the source instead
+        try:
+            # The interpreter loaded these very bytes already: reading them again adds no risk.
+            faithful = marshal.loads(data[16:]) == compile(text, str(source_path), "exec", dont_inherit=True)  # noqa: S302
+        except (ValueError, EOFError, TypeError, SyntaxError):
+            faithful = False
+        if not faithful:
+            yield str(cache_path), hashlib.sha256(data).digest()
+
+
+def _loadable(data: bytes, source: Path, text: bytes) -> bool:
+    """Whether the import system would run this cache for ``source`` (the checks of
+    importlib._bootstrap_external: magic number, then timestamp or source hash, PEP 552)."""
+    if len(data) < 16 or data[:4] != importlib.util.MAGIC_NUMBER:
+        return False
+    flags = int.from_bytes(data[4:8], "little")
+    if flags & ~0b11:
+        return False
+    if flags == 0:  # timestamp-based: source mtime and size
+        st = source.stat()
+        return data[8:12] == (int(st.st_mtime) & 0xFFFFFFFF).to_bytes(4, "little") and data[12:16] == (
+            st.st_size & 0xFFFFFFFF
+        ).to_bytes(4, "little")
+    mode = _imp.check_hash_based_pycs
+    if mode == "never" or (mode == "default" and not flags & 0b10):
+        return True  # an unchecked hash-based cache is run without looking at the source
+    return data[8:16] == importlib.util.source_hash(text)
 
 
 def model_component(name: str) -> str:

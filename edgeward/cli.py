@@ -253,6 +253,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _die_with_parent()
     _export_client_tls(args)
+    if args.command == "agent":
+        # Before the agent imports itself: no bytecode but what it compiles from its measured sources.
+        from edgeward.bytecode import isolate
+
+        isolate()
     module, _, func = args.handler.partition(":")
     handler = getattr(importlib.import_module(module), func)
     try:

@@ -41,14 +41,19 @@ from attestation.artifacts import (
     AGENT_CODE,
     AGENT_CODE_PACKAGES,
     AGENT_CONFIG,
+    AGENT_DEPENDENCIES,
+    AGENT_DEPS,
     code_digest,
+    deps_digest,
     key_context,
+    measured_digest,
     model_aad,
     model_component,
 )
 from attestation.errors import AttestationError
 from attestation.responder import AttestationResponder
 from edgeward import __version__
+from edgeward.bytecode import isolate
 from edgeward.mqtt.session import BrokerURL, MqttConnectError, MqttError, MqttSession, Will
 from edgeward.mqtt.topics import TopicKind, node_topic
 from edgeward.security.tls import grpc_aio_channel
@@ -173,6 +178,7 @@ class NodeAgent:
 
     async def _start(self) -> None:
         cfg = self.config
+        isolate()  # modules imported from now on: compiled from their measured sources (in-process agents)
         for acc in cfg.accelerators:
             options = {"power": {"idle_w": cfg.power.idle_w, "active_w": cfg.power.active_w}, **acc.options}
             try:
@@ -669,7 +675,12 @@ class NodeAgent:
     def _measure_platform(self) -> None:
         """Blocking: measure what makes this node what it is, in a fixed order, before it connects."""
         assert self.responder is not None
-        self.responder.measure_digest(AGENT_CODE, code_digest(), ",".join(AGENT_CODE_PACKAGES))
+        self.responder.measure_digest(
+            AGENT_CODE, measured_digest(code_digest(), AGENT_CODE_PACKAGES), ",".join(AGENT_CODE_PACKAGES)
+        )
+        self.responder.measure_digest(
+            AGENT_DEPS, measured_digest(deps_digest(), AGENT_DEPENDENCIES), ",".join(AGENT_DEPENDENCIES)
+        )
         self.responder.measure(AGENT_CONFIG, self.config.model_dump_json().encode(), "AgentConfig")
         for kind in sorted(self._backends):
             measurements = getattr(self._backends[kind], "measurements", None)

@@ -40,7 +40,9 @@ from attestation.artifacts import (
     AGENT_CODE,
     AGENT_CODE_PACKAGES,
     AGENT_CONFIG,
+    AGENT_DEPS,
     code_digest,
+    deps_digest,
     key_context,
     model_component,
 )
@@ -87,11 +89,15 @@ def builtin_reference() -> ReferenceValues:
         {
             "version": 1,
             "checks": ["digests_match", "required_components", "pcr_values"],
-            "required": [AGENT_CODE, AGENT_CONFIG],
+            "required": [AGENT_CODE, AGENT_DEPS, AGENT_CONFIG],
             "components": {
                 AGENT_CODE: {
                     "digests": [code_digest().hex()],
                     "description": "packages " + ", ".join(AGENT_CODE_PACKAGES) + " of this release",
+                },
+                AGENT_DEPS: {
+                    "digests": [deps_digest().hex()],
+                    "description": "the installed dependencies the agent imports, as installed here",
                 },
                 "model.*": {"description": "models of the catalog, added as they are pushed"},
             },
