@@ -120,6 +120,7 @@ class Orchestrator:
         self._db_pool = ThreadPoolExecutor(1, thread_name_prefix="edgeward-store")
         self._blocking_pool = ThreadPoolExecutor(2, thread_name_prefix="edgeward-blocking")
         self._tasks: list[asyncio.Task] = []
+        self._wire_work = WireWork()
         self._broker: EmbeddedBroker | None = None
         self._mqtt: MqttSession | None = None
         self._server: grpc.aio.Server | None = None
@@ -331,6 +332,7 @@ class Orchestrator:
             task.cancel()
         await _bounded("background tasks", asyncio.gather(*self._tasks, return_exceptions=True))
         self._tasks.clear()
+        await _bounded("ingest's wire work", self._wire_work.cancel())
         if self._metrics is not None:
             await _bounded("metrics server", self._metrics.stop())
             self._metrics = None
@@ -364,9 +366,9 @@ class Orchestrator:
 
     async def _ingest(self) -> None:
         """Take the MQTT inbox in batches (up to ``INGEST_BATCH``): parse and apply each message,
-        write the batch's inventories in one store call, then run the work that waits on the wire
-        (challenges, replies) concurrently across nodes and in order within a node; wipe
-        confirmations, which update one record per wipe, one after the other. While a
+        write the batch's inventories in one store call, then hand the work that waits on the wire
+        (challenges, replies) to :class:`WireWork`: concurrently across nodes and in order within a
+        node; wipe confirmations, which update one record per wipe, one after the other. While a
         batch is worked on, the session holds further QoS 1 messages back (backpressure) and sheds
         QoS 0 telemetry beyond its inbox, counted in ``edgeward_mqtt_shed_total``."""
         assert self._mqtt is not None
@@ -433,10 +435,10 @@ class Orchestrator:
             self.reconciler.trigger()
         if inventories:
             await self.db(self.store.put_nodes, inventories)
-        if waits:
-            await asyncio.gather(*(_in_order(node_id, steps) for node_id, steps in waits.items()))
+        for node_id, steps in waits.items():
+            self._wire_work.add(node_id, steps)
         if serial:
-            await _in_order("the fleet", serial)
+            self._wire_work.add("", serial)
 
     async def _node_connected(self, node_id: str) -> None:
         await self.verifier.node_connected(node_id)
@@ -721,6 +723,49 @@ class Orchestrator:
         cordoned = set(self.reconciler.cordoned)
         (cordoned.add if cordon else cordoned.discard)(node_id)
         self.reconciler.set_cordoned(cordoned)
+
+
+class WireWork:
+    """The ingest steps that wait on the wire (a challenge's or a reply's PUBACK), off the ingest
+    loop: in arrival order per node, concurrently across nodes.
+
+    Ingest must never wait for a PUBACK itself: while its inbox is full the MQTT session stops
+    reading its socket (backpressure), so the PUBACK could only arrive once ingest has taken
+    messages from the inbox, which it would not do while waiting. At 10,000 nodes that stalled
+    every challenge for the session's 10 s timeout and attestation stopped."""
+
+    def __init__(self) -> None:
+        self._chains: dict[str, asyncio.Task[None]] = {}  # node id ("" for the fleet) -> its last step
+
+    def __len__(self) -> int:
+        return len(self._chains)
+
+    def add(self, node_id: str, steps: list[Callable[[], Awaitable[None]]]) -> None:
+        """Run ``steps`` after the node's earlier ones."""
+        task = asyncio.get_running_loop().create_task(
+            self._after(self._chains.get(node_id), node_id, steps), name=f"edgeward-ingest-{node_id}"
+        )
+        self._chains[node_id] = task
+        task.add_done_callback(partial(self._done, node_id))
+
+    @staticmethod
+    async def _after(
+        previous: asyncio.Task[None] | None, node_id: str, steps: list[Callable[[], Awaitable[None]]]
+    ) -> None:
+        if previous is not None:
+            await asyncio.wait([previous])
+        await _in_order(node_id or "the fleet", steps)
+
+    def _done(self, node_id: str, task: asyncio.Task[None]) -> None:
+        if self._chains.get(node_id) is task:
+            del self._chains[node_id]
+
+    async def cancel(self) -> None:
+        tasks = list(self._chains.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._chains.clear()
 
 
 async def _in_order(node_id: str, steps: list[Callable[[], Awaitable[None]]]) -> None:

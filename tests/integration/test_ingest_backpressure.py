@@ -96,3 +96,44 @@ async def test_a_stalled_ingest_loses_no_qos1_message_and_counts_shed_telemetry(
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def test_ingest_never_waits_on_a_puback_while_it_holds_qos1_back(
+    mqtt_url, topic_prefix, tmp_path, caplog
+):
+    """A hello's challenge is published while the inbox is full and the session has stopped
+    reading its socket: ingest goes on taking the inbox (the challenge waits for its PUBACK on its
+    own), so reading resumes and the PUBACK arrives; it never times out."""
+    config = OrchestratorConfig(
+        state_dir=tmp_path,
+        grpc_bind="127.0.0.1:0",
+        broker=BrokerConfig(url=str(mqtt_url), topic_prefix=topic_prefix, ingest_queue=INBOX),
+    )
+    async with Orchestrator(config) as orch, MqttSession(mqtt_url, "n1-agent") as node:
+        assert orch._mqtt is not None
+        await node.subscribe(node_topic("n1", "cmd", topic_prefix), qos=1)
+        gate = threading.Event()
+        stalled = asyncio.ensure_future(orch.db(gate.wait, 60))  # the hello's batch waits for the store
+        try:
+            hello = node_message("n1", hello=node_pb2.Hello(agent_version="test"))
+            await node.publish(node_topic("n1", "hello", topic_prefix), hello.SerializeToString(), qos=1)
+            await eventually(lambda: _true(orch._mqtt.stats.received >= 1), what="the hello taken")
+            for i in range(EVENTS):
+                event = node_pb2.Event(id="agent.test.qos1", message=str(i))
+                payload = node_message("n1", event=event).SerializeToString()
+                await node.publish(node_topic("n1", "events", topic_prefix), payload, qos=1)
+            await eventually(lambda: _true(orch._mqtt.stats.paused >= 1), what="ingest holding QoS 1 back")
+            published = orch._mqtt.stats.published
+        finally:
+            gate.set()
+            await stalled
+
+        def relayed() -> int:
+            return sum(e.kind == "agent.test.qos1" for e in orch.events.recent(limit=1000))
+
+        await eventually(lambda: _true(relayed() == EVENTS), what="every QoS 1 event relayed")
+        # The challenge was acknowledged by the broker (counted once its PUBACK is read).
+        await eventually(lambda: _true(orch._mqtt.stats.published > published), what="the challenge's PUBACK")
+        command = await asyncio.wait_for(anext(node.messages()), 30)
+        assert command.topic == node_topic("n1", "cmd", topic_prefix)
+    assert "cannot send" not in caplog.text
