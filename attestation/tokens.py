@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import re
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -99,6 +100,7 @@ class TokenStore:
         self._pending = self.directory / "pending"
         self._used = self.directory / "used"
         self._clock = clock
+        self._synced = _GroupSync((self._used, self._pending))
 
     @classmethod
     def in_state_dir(cls, state_dir: Path, clock: Callable[[], float] = time.time) -> TokenStore:
@@ -236,8 +238,7 @@ class TokenStore:
             ) from err
         now = self._clock()
         os.utime(target, (now, now))  # the redemption time
-        _fsync_dir(self._used)
-        _fsync_dir(self._pending)
+        self._synced.sync()
 
     # ------------------------------------------------------------ files
 
@@ -285,6 +286,39 @@ class TokenStore:
                 "enrollment token record %s is unreadable (%s): ignored", path.name, type(err).__name__
             )
             return None
+
+
+class _GroupSync:
+    """Directory syncs shared by the threads that need one at the same time (a group commit): a
+    caller returns once a sync that started after its call has finished. Enrolling a fleet redeems
+    thousands of tokens; a sync of both directories each cost two journal commits per node."""
+
+    def __init__(self, directories: tuple[Path, ...]) -> None:
+        self._directories = directories
+        self._cond = threading.Condition()
+        self._asked = 0  # sync requests so far
+        self._done = 0  # requests covered by a finished sync
+        self._running = False
+
+    def sync(self) -> None:
+        with self._cond:
+            self._asked += 1
+            ticket = self._asked
+            while self._done < ticket:
+                if self._running:
+                    self._cond.wait()
+                    continue
+                self._running = True
+                covers = self._asked  # every request made before this sync starts
+                self._cond.release()
+                try:
+                    for directory in self._directories:
+                        _fsync_dir(directory)
+                finally:
+                    self._cond.acquire()
+                    self._running = False
+                    self._cond.notify_all()
+                self._done = max(self._done, covers)
 
 
 def _sync_filesystem(path: Path) -> None:

@@ -79,7 +79,7 @@ log = logging.getLogger(__name__)
 
 FAILED_RETENTION_MS = 5_000
 #: Commands of one pass awaiting their PUBACK at once (below the session's bound on queued QoS 1).
-PUBLISH_WINDOW = 200
+PUBLISH_WINDOW = 1_000
 #: Replicas bound between two yields to the event loop.
 PLACE_SLICE = 256
 _REPORTED_PHASE = {

@@ -98,6 +98,9 @@ MAX_RESPONSE_BYTES = 64 * 1024 * 1024  # a List of a large fleet; requests are c
 LIVENESS_TICK_S = 0.1
 INGEST_BATCH = 512  # MQTT messages taken from the inbox and worked on together
 ORCHESTRATOR_RECONNECT_S = (0.1, 1.0)
+ENROLL_THREADS = 8  # first enrollments in progress at once (each ends with a directory sync)
+ORCHESTRATOR_INFLIGHT = 2_000  # QoS 1 commands awaiting their PUBACK on the wire at once
+ORCHESTRATOR_OUTBOUND = 50_000  # and kept in all (a few per node of a 10,000-node fleet)
 
 
 class Orchestrator:
@@ -119,6 +122,7 @@ class Orchestrator:
         self.grpc_port = 0
         self._db_pool = ThreadPoolExecutor(1, thread_name_prefix="edgeward-store")
         self._blocking_pool = ThreadPoolExecutor(2, thread_name_prefix="edgeward-blocking")
+        self._enroll_pool = ThreadPoolExecutor(ENROLL_THREADS, thread_name_prefix="edgeward-enroll")
         self._tasks: list[asyncio.Task] = []
         self._wire_work = WireWork()
         self._broker: EmbeddedBroker | None = None
@@ -140,6 +144,11 @@ class Orchestrator:
 
     async def run_blocking(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._blocking_pool, partial(fn, *args))
+
+    async def run_enrolling(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """A first enrollment's file IO (token redemption), on threads of its own: nodes that
+        enroll together share a directory sync, and the store's thread stays free."""
+        return await asyncio.get_running_loop().run_in_executor(self._enroll_pool, partial(fn, *args))
 
     # ------------------------------------------------------------ lifecycle
 
@@ -190,6 +199,7 @@ class Orchestrator:
             node_timeout_s=cfg.node_timeout_s,
             on_change=lambda: self.reconciler.trigger(),
             events=self.events,
+            enroll=self.run_enrolling,
         )
         self.verifier.restore(
             *await self.db(
@@ -272,6 +282,11 @@ class Orchestrator:
             # One control-plane client comes back fast after a broker restart (the fleet backs off
             # with jitter), so that it has re-subscribed before the nodes replay their backlog.
             reconnect_delay=ORCHESTRATOR_RECONNECT_S,
+            # Commands to thousands of nodes: with paho's 20 in flight, each waiting behind the
+            # inbound stream for its PUBACK, a 10,000-node start-up sent a few hundred a second and
+            # the rest failed with a full queue.
+            max_inflight=ORCHESTRATOR_INFLIGHT,
+            max_outbound=ORCHESTRATOR_OUTBOUND,
         )
         await self._mqtt.__aenter__()
         for kind in INGEST_KINDS:
@@ -352,6 +367,7 @@ class Orchestrator:
             await self.db(self.store.close)
         self._db_pool.shutdown(wait=True)
         self._blocking_pool.shutdown(wait=True)
+        self._enroll_pool.shutdown(wait=True)
 
     @property
     def address(self) -> str:

@@ -14,7 +14,6 @@ those windows feed the slowdown detector (``orchestrator.detectors``).
 from __future__ import annotations
 
 import asyncio
-import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -176,12 +175,17 @@ class TelemetryStore:
 
     def add(self, node_id: str, sent_unix_ms: int, t: node_pb2.Telemetry) -> bool:
         """Queue one sample (written at the next :meth:`flush`); False if it was refused."""
-        values = (t.power_w, t.energy_j, t.cpu_utilisation, float(t.queue_depth))
-        if (
-            not all(math.isfinite(x) and 0 <= x <= MAX_VALUE for x in values)
-            or t.queue_depth > MAX_QUEUE_DEPTH
+        power, energy, cpu, depth = t.power_w, t.energy_j, t.cpu_utilisation, t.queue_depth
+        # NaN fails every comparison and inf the upper bound: one chain refuses NaN, inf, negative
+        # and beyond float32, which would poison the roll-ups.
+        if not (
+            0.0 <= power <= MAX_VALUE
+            and 0.0 <= energy <= MAX_VALUE
+            and 0.0 <= cpu <= MAX_VALUE
+            and depth <= MAX_QUEUE_DEPTH
         ):
-            return False  # NaN, inf, negative or beyond float32 would poison the roll-ups
+            return False
+        values = (power, energy, cpu, float(depth))
         row = self._rows.get(node_id)
         if row is None:
             row = self._new_row(node_id)

@@ -131,12 +131,17 @@ class FleetVerifier:
         node_timeout_s: float,
         on_change: Callable[[], None],
         events: EventBus | None = None,
+        enroll: DbCall | None = None,
     ) -> None:
+        """``enroll`` runs a first enrollment's blocking part (token files: read, redeemed and
+        synced to disk); default ``db``. Given several threads, the redemptions of nodes that
+        enroll together share their directory syncs."""
         self.config = config
         self.service = service
         self._fleet = fleet
         self._publish = publish
         self._db = db
+        self._enroll = enroll or db
         self._store = store
         self._node_timeout_s = node_timeout_s
         self._on_change = on_change
@@ -260,8 +265,8 @@ class FleetVerifier:
 
     async def _evidence(self, node_id: str, payload: bytes) -> None:
         if self.service.state(node_id) is None:
-            # A first enrollment reads and redeems token files: off the loop, on the store's thread.
-            outcome = await self._db(self.service.receive, node_id, payload)
+            # A first enrollment reads and redeems token files: off the loop.
+            outcome = await self._enroll(self.service.receive, node_id, payload)
         else:
             outcome = self.service.receive(node_id, payload)
         if isinstance(outcome.rejected, EnrollmentError):

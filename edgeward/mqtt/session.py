@@ -49,8 +49,10 @@ _paho_log = logging.getLogger(f"{__name__}.paho")
 T = TypeVar("T")
 
 DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
-# Bound on QoS 1 messages paho keeps for (re)sending while the broker is away.
-_MAX_OUTBOUND_QOS1 = 1000
+# Default bound on QoS 1 messages paho keeps for (re)sending while the broker is away, and on those
+# sent and not yet acknowledged (paho's own default, 20 in flight, is the MQTT spec's example).
+MAX_OUTBOUND_QOS1 = 1000
+MAX_INFLIGHT_QOS1 = 20
 # Reconnect backoff: first and largest delay, seconds; each wait is drawn from [delay/2, delay] so
 # that a fleet that lost its broker does not come back in one wave. The largest stays well below
 # the orchestrator's default node_timeout_s (15 s), so that after a broker restart every live node
@@ -303,7 +305,9 @@ class MqttSession:
     ``RECONNECT_DELAY_S``) and re-issues its subscriptions each time. ``timeout`` bounds the
     connect, each PUBACK and each SUBACK. Closing sends DISCONNECT, so the broker discards the will.
     ``protocol`` is the MQTT protocol level: 4 (3.1.1, default) or 5. ``reconnect_delay`` is the
-    backoff's (first, largest) delay in seconds. ``will`` may be a function returning the will:
+    backoff's (first, largest) delay in seconds. ``max_inflight`` QoS 1 messages may await their
+    PUBACK on the wire at once, and ``max_outbound`` be kept in all (beyond it a publish fails at
+    once): a control plane that commands thousands of nodes raises both. ``will`` may be a function returning the will:
     it is called before every connect and reconnect, so a will can name its connection.
     """
 
@@ -320,6 +324,8 @@ class MqttSession:
         timeout: float = 10.0,
         protocol: int = 4,
         reconnect_delay: tuple[float, float] = RECONNECT_DELAY_S,
+        max_inflight: int = MAX_INFLIGHT_QOS1,
+        max_outbound: int = MAX_OUTBOUND_QOS1,
     ) -> None:
         if not isinstance(client_id, str) or not client_id:
             raise ValueError("client_id must be a non-empty string")
@@ -328,6 +334,10 @@ class MqttSession:
         if not 0 < reconnect_delay[0] <= reconnect_delay[1]:
             raise ValueError(
                 f"reconnect_delay must be (first, largest) with 0 < first <= largest, got {reconnect_delay}"
+            )
+        if not 1 <= max_inflight <= max_outbound:
+            raise ValueError(
+                f"1 <= max_inflight <= max_outbound required, got {max_inflight}, {max_outbound}"
             )
         if protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be 4 (MQTT 3.1.1) or 5 (MQTT v5), got {protocol!r}")
@@ -341,6 +351,8 @@ class MqttSession:
         self._max_queued = max_queued
         self._timeout = timeout
         self._reconnect_delay = reconnect_delay
+        self._max_inflight = max_inflight
+        self._max_outbound = max_outbound
         self._connected_at = 0.0
 
         self._state = _State.NEW
@@ -569,7 +581,8 @@ class MqttSession:
         )
         client.on_log = self._on_log
         client.connect_timeout = self._timeout
-        client.max_queued_messages_set(_MAX_OUTBOUND_QOS1)
+        client.max_queued_messages_set(self._max_outbound)
+        client.max_inflight_messages_set(self._max_inflight)
         if self.url.username is not None:
             client.username_pw_set(self.url.username, self.url.password)
         if self.url.tls:

@@ -101,10 +101,28 @@ _KINDS = {k.value: k for k in TopicKind}
 _VALID_PREFIXES: set[str] = set()
 
 
+#: Topics already parsed and found valid -> (node id, kind): a fleet's topics repeat (a few per
+#: node), and a dict lookup costs a tenth of the checks. Bounded: cleared when full, so a flood of
+#: invented topics costs the checks, never memory.
+_PARSED: dict[tuple[str, str], tuple[str, TopicKind]] = {}
+_PARSED_MAX = 200_000
+
+
 def parse_node_topic(topic: str, prefix: str = DEFAULT_PREFIX) -> tuple[str, TopicKind]:
     """Split a node topic into ``(node_id, kind)``; raise `TopicError` on anything else.
 
     The ingest hot path: the same checks as `NodeTopic.parse`, without building the dataclass."""
+    parsed = _PARSED.get((topic, prefix))
+    if parsed is not None:
+        return parsed
+    parsed = _parse_node_topic(topic, prefix)
+    if len(_PARSED) >= _PARSED_MAX:
+        _PARSED.clear()
+    _PARSED[(topic, prefix)] = parsed
+    return parsed
+
+
+def _parse_node_topic(topic: str, prefix: str) -> tuple[str, TopicKind]:
     if prefix not in _VALID_PREFIXES:
         _VALID_PREFIXES.add(validate_prefix(prefix))
     head = f"{prefix}/nodes/"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import stat
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -317,3 +318,37 @@ def test_the_agent_keeps_its_token_out_of_dumps_and_measurements():
     config = AgentConfig(node_id="node-a", enrollment_token=token)
     assert config.enrollment_token is not None and config.enrollment_token.get_secret_value() == token
     assert token not in config.model_dump_json() and token not in repr(config)
+
+
+def test_concurrent_redemptions_share_their_directory_syncs(store: TokenStore, monkeypatch):
+    import attestation.tokens as tokens
+
+    issued = store.mint_many([f"node-{i}" for i in range(16)])
+    claims = [store.check(t.node_id, t.token) for t in issued]
+    synced: list[Path] = []
+    real = tokens._fsync_dir
+    inside = threading.Event()
+    release = threading.Event()
+
+    def slow_sync(path: Path) -> None:
+        synced.append(path)
+        inside.set()
+        release.wait(30)  # the first sync holds: every later redeemer queues behind it
+        real(path)
+
+    monkeypatch.setattr(tokens, "_fsync_dir", slow_sync)
+    first = threading.Thread(target=claims[0].redeem)
+    first.start()
+    assert inside.wait(30)
+    rest = [threading.Thread(target=c.redeem) for c in claims[1:]]
+    for t in rest:
+        t.start()
+    deadline = time.monotonic() + 30
+    while store._synced._asked < len(claims) and time.monotonic() < deadline:  # all waiting on the sync
+        time.sleep(0.01)
+    release.set()
+    for t in (first, *rest):
+        t.join(30)
+    assert all(r.used_unix_ms is not None for r in store.list())
+    # One sync of both directories for the first, and one shared by the 15 that asked during it.
+    assert len(synced) == 4
