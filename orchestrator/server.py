@@ -99,7 +99,7 @@ LIVENESS_TICK_S = 0.1
 INGEST_BATCH = 512  # MQTT messages taken from the inbox and worked on together
 ORCHESTRATOR_RECONNECT_S = (0.1, 1.0)
 ENROLL_THREADS = 8  # first enrollments in progress at once (each ends with a directory sync)
-ORCHESTRATOR_INFLIGHT = 2_000  # QoS 1 commands awaiting their PUBACK on the wire at once
+ORCHESTRATOR_INFLIGHT = 0  # QoS 1 commands awaiting their PUBACK on the wire at once: no limit
 ORCHESTRATOR_OUTBOUND = 50_000  # and kept in all (a few per node of a 10,000-node fleet)
 
 
@@ -284,7 +284,8 @@ class Orchestrator:
             reconnect_delay=ORCHESTRATOR_RECONNECT_S,
             # Commands to thousands of nodes: with paho's 20 in flight, each waiting behind the
             # inbound stream for its PUBACK, a 10,000-node start-up sent a few hundred a second and
-            # the rest failed with a full queue.
+            # the rest failed with a full queue; with a window, paho walks its whole queue on every
+            # PUBACK. No window: each command is written at once, the queue bound still holds.
             max_inflight=ORCHESTRATOR_INFLIGHT,
             max_outbound=ORCHESTRATOR_OUTBOUND,
         )

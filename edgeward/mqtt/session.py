@@ -14,7 +14,9 @@ short-lived thread of their own, so a closed session leaves no thread behind.
 Backpressure (slow consumer): the inbox holds ``max_queued`` messages. Beyond that a QoS 0 message
 is shed and counted (``dropped_overflow``); a QoS 1 message is never dropped: it is queued and the
 session stops reading its socket until the application has taken half of the inbox, so the broker
-holds the rest (TCP flow control) and the publishers' own QoS 1 flow slows down.
+holds the rest (TCP flow control) and the publishers' own QoS 1 flow slows down. The application
+takes QoS 1 messages first (control traffic: hellos, statuses, attestation), QoS 0 ones (telemetry)
+after them: under overload the control traffic keeps its latency and the telemetry is shed.
 
 Protocol: MQTT 3.1.1 by default, the only level amqtt 0.12.1 accepts; ``protocol=5`` speaks
 MQTT v5 (Mosquitto, EMQX), for example for ``$share/`` subscriptions.
@@ -306,8 +308,9 @@ class MqttSession:
     connect, each PUBACK and each SUBACK. Closing sends DISCONNECT, so the broker discards the will.
     ``protocol`` is the MQTT protocol level: 4 (3.1.1, default) or 5. ``reconnect_delay`` is the
     backoff's (first, largest) delay in seconds. ``max_inflight`` QoS 1 messages may await their
-    PUBACK on the wire at once, and ``max_outbound`` be kept in all (beyond it a publish fails at
-    once): a control plane that commands thousands of nodes raises both. ``will`` may be a function returning the will:
+    PUBACK on the wire at once (0: no limit, each is sent at once), and ``max_outbound`` be kept in
+    all (beyond it a publish fails at once): a control plane that commands thousands of nodes
+    lifts the first and raises the second. ``will`` may be a function returning the will:
     it is called before every connect and reconnect, so a will can name its connection.
     """
 
@@ -335,9 +338,9 @@ class MqttSession:
             raise ValueError(
                 f"reconnect_delay must be (first, largest) with 0 < first <= largest, got {reconnect_delay}"
             )
-        if not 1 <= max_inflight <= max_outbound:
+        if not 0 <= max_inflight <= max_outbound:
             raise ValueError(
-                f"1 <= max_inflight <= max_outbound required, got {max_inflight}, {max_outbound}"
+                f"0 <= max_inflight <= max_outbound required, got {max_inflight}, {max_outbound}"
             )
         if protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be 4 (MQTT 3.1.1) or 5 (MQTT v5), got {protocol!r}")
@@ -369,7 +372,8 @@ class MqttSession:
         self._connected = False
         self._progress = 0  # packets paho has handed to a callback: tells a read batch when to stop
         self._stats = SessionStats()
-        self._inbox: deque[Message] = deque()
+        self._inbox: deque[Message] = deque()  # QoS 1: taken first
+        self._inbox0: deque[Message] = deque()  # QoS 0
         self._inbox_ready = asyncio.Event()
         self._puback_waiters: dict[int, asyncio.Future[None]] = {}
         self._suback_waiters: dict[int, asyncio.Future[bool]] = {}
@@ -395,7 +399,7 @@ class MqttSession:
     @property
     def queued(self) -> int:
         """Messages received and not yet taken by the application."""
-        return len(self._inbox)
+        return len(self._inbox) + len(self._inbox0)
 
     async def __aenter__(self) -> Self:
         await self.connect()
@@ -542,13 +546,14 @@ class MqttSession:
     async def next_batch(self, limit: int) -> list[Message]:
         """Wait for at least one message, then take up to ``limit`` (oldest first); an empty list
         once the session is closed and the inbox drained."""
-        while not self._inbox:
+        while not (self._inbox or self._inbox0):
             if self._state is _State.CLOSED:
                 return []
             self._inbox_ready.clear()
             await self._inbox_ready.wait()
-        inbox = self._inbox
+        inbox, inbox0 = self._inbox, self._inbox0
         batch = [inbox.popleft() for _ in range(min(limit, len(inbox)))]
+        batch.extend(inbox0.popleft() for _ in range(min(limit - len(batch), len(inbox0))))
         self._taken()
         return batch
 
@@ -703,7 +708,7 @@ class MqttSession:
             loop.call_soon(self._readable)  # bytes may already wait (in the kernel or the TLS layer)
 
     def _taken(self) -> None:
-        if not self._reading and len(self._inbox) <= self._max_queued // 2:
+        if not self._reading and self.queued <= self._max_queued // 2:
             self._resume_reading()
 
     # ---- connection state -----------------------------------------------------------------------
@@ -766,12 +771,12 @@ class MqttSession:
     def _deliver(self, message: Message) -> None:
         if self._state is not _State.OPEN:
             return
-        if len(self._inbox) >= self._max_queued:
+        if self.queued >= self._max_queued:
             if message.qos == 0:
                 self._stats.dropped_overflow += 1
                 return
             self._pause_reading()  # QoS 1 is kept; the broker holds the rest until we catch up
-        self._inbox.append(message)
+        (self._inbox if message.qos else self._inbox0).append(message)
         self._stats.received += 1
         self._stats.received_qos1 += message.qos
         self._inbox_ready.set()
@@ -789,12 +794,12 @@ class MqttSession:
             log.warning("broker refused a re-issued subscription of %s", self.client_id)
 
     async def _next_message(self) -> Message:
-        while not self._inbox:
+        while not (self._inbox or self._inbox0):
             if self._state is _State.CLOSED:
                 raise StopAsyncIteration
             self._inbox_ready.clear()
             await self._inbox_ready.wait()
-        message = self._inbox.popleft()
+        message = (self._inbox or self._inbox0).popleft()
         self._taken()
         return message
 
