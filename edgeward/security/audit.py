@@ -95,4 +95,5 @@ class AuditLog:
 def read_audit(path: Path | str) -> list[dict[str, Any]]:
     """Every entry of an audit log file (for tools and tests)."""
     text = Path(path).read_text() if Path(path).exists() else ""
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+    complete = text[: text.rfind("\n") + 1]  # a line being appended right now is not read yet
+    return [json.loads(line) for line in complete.splitlines() if line.strip()]

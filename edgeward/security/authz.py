@@ -157,6 +157,7 @@ RequestCheck = Callable[[Any], Awaitable[Checked]]
 # Set by the interceptor for the handler's task: who is calling, and the checked request.
 _CALLER: ContextVar[Identity | None] = ContextVar("edgeward_caller", default=None)
 _CHECKED: ContextVar[Checked | None] = ContextVar("edgeward_checked", default=None)
+_REFUSED: ContextVar[bool] = ContextVar("edgeward_refused", default=False)
 
 
 def caller() -> Identity | None:
@@ -475,13 +476,20 @@ class AuthzInterceptor(RequestGuard):
         denial: Denied,
     ) -> None:
         self.denied += 1
-        log.warning("refused %s to %s: %s", method, identity or context.peer(), denial)
+        # The text, not the exception: a kept log record would keep the request through its traceback.
+        log.warning("refused %s to %s: %s", method, identity or context.peer(), str(denial))
         await self.audit.record(
             AuditEntry.make(
                 identity, context.peer(), method, _target_text(rule, name), denial.code.name, str(denial)
             )
         )
         await context.abort(denial.code, str(denial))
+
+    async def refuse(self, method: str, bad: Undecodable, context: grpc.aio.ServicerContext) -> None:
+        """A later message of a request stream did not decode: audited, then the call ends (raises)."""
+        _REFUSED.set(True)  # this call's refusal has its audit line (see _settle)
+        denial = Denied(UNDECODABLE, str(bad).partition(": ")[2], grpc.StatusCode.INVALID_ARGUMENT)
+        await self._refused(method, rule_for(method), caller(), None, context, denial)
 
     async def _cut(
         self, method: str, rule: MethodRule, identity: Identity, context: grpc.aio.ServicerContext
@@ -516,6 +524,8 @@ class AuthzInterceptor(RequestGuard):
                 await owners.forget(rule.kind, name)
             elif rule.claims and (claim or owners.owner(rule.kind, name) is None):
                 await owners.set(rule.kind, name, identity.owner)
+        if _REFUSED.get():
+            return  # refused mid-stream: audited by refuse()
         if mutating or (failed is not None and _refusal(context)):
             code = context.code()
             result = "OK" if ok else _code_name(code) if code is not None else type(failed).__name__
@@ -595,14 +605,6 @@ class AuthzInterceptor(RequestGuard):
                     yield item
             except StreamCut:
                 await self._cut(method, rule, identity, context)
-            except BaseException:
-                if _refusal(context):  # a later message did not decode
-                    await self.audit.record(
-                        AuditEntry.make(
-                            identity, context.peer(), method, "", "INVALID_ARGUMENT", _detail(context)
-                        )
-                    )
-                raise
 
         return call
 
@@ -623,7 +625,7 @@ class RoleGuard(RequestGuard):
                 raise Denied("security.authz.role", f"{identity.role} may not call {method}")
         except Denied as denial:
             self.denied += 1
-            log.warning("refused %s to %s: %s", method, context.peer(), denial)
+            log.warning("refused %s to %s: %s", method, context.peer(), str(denial))
             await context.abort(denial.code, str(denial))
             raise AssertionError("unreachable: abort raises") from denial
         _CALLER.set(identity)

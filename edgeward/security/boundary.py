@@ -81,6 +81,42 @@ def guarded(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], An
     return deserialize
 
 
+# grpc.aio keeps the AbortError of an aborted call on its RPC state, whose traceback keeps the frames
+# of the handler, and those frames keep the servicer context, which keeps the RPC state: a cycle
+# through grpc's Cython objects that the garbage collector does not break, holding the request (a
+# 3.8 MB manifest) of every refused call. The outermost wrapper of every handler hands grpc the very
+# same AbortError (grpc checks that it is), without the traceback and the exceptions it chained, and
+# drops its own references to the call first.
+
+
+def _bare(err: BaseException) -> BaseException:
+    err.__context__ = err.__cause__ = None
+    return err.with_traceback(None)
+
+
+def _released(call: Callable[..., Any]) -> Callable[..., Any]:
+    async def released(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await call(request, context)
+        except grpc.aio.AbortError as err:
+            del request, context
+            raise _bare(err) from None
+
+    return released
+
+
+def _released_stream(call: Callable[..., Any]) -> Callable[..., Any]:
+    async def released(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        try:
+            async for item in call(request, context):
+                yield item
+        except grpc.aio.AbortError as err:
+            del request, context
+            raise _bare(err) from None
+
+    return released
+
+
 class RequestGuard(grpc.aio.ServerInterceptor):
     """Refuses undecodable requests with INVALID_ARGUMENT; subclasses add their own admission."""
 
@@ -98,16 +134,24 @@ class RequestGuard(grpc.aio.ServerInterceptor):
             "response_serializer": handler.response_serializer,
         }
         if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(self.unary(method, handler.unary_unary), **kwargs)
+            return grpc.unary_unary_rpc_method_handler(
+                _released(self.unary(method, handler.unary_unary)), **kwargs
+            )
         if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(self.ustream(method, handler.unary_stream), **kwargs)
+            return grpc.unary_stream_rpc_method_handler(
+                _released_stream(self.ustream(method, handler.unary_stream)), **kwargs
+            )
         if handler.stream_unary is not None:
-            return grpc.stream_unary_rpc_method_handler(self.sunary(method, handler.stream_unary), **kwargs)
-        return grpc.stream_stream_rpc_method_handler(self.sstream(method, handler.stream_stream), **kwargs)
+            return grpc.stream_unary_rpc_method_handler(
+                _released(self.sunary(method, handler.stream_unary)), **kwargs
+            )
+        return grpc.stream_stream_rpc_method_handler(
+            _released_stream(self.sstream(method, handler.stream_stream)), **kwargs
+        )
 
     async def refuse(self, method: str, bad: Undecodable, context: grpc.aio.ServicerContext) -> None:
         """End the call with INVALID_ARGUMENT (raises)."""
-        log.warning("refused %s from %s: %s", method, context.peer(), bad)
+        log.warning("refused %s from %s: %s", method, context.peer(), str(bad))
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(bad))
 
     def checked(
