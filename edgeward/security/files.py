@@ -7,8 +7,12 @@ Servers also run under ``umask 077`` (`private_umask`), so whatever a library cr
 
 from __future__ import annotations
 
+import fcntl
 import os
+import secrets
 import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 DIR_MODE = 0o700
@@ -53,13 +57,38 @@ def _tighten(path: Path, mode: int) -> None:
 
 
 def write_private(path: Path, data: bytes) -> None:
-    """Write a secret file that is 0600 from its creation on (replacing an older one atomically)."""
+    """Write a secret file that is 0600 from its creation on (replacing an older one atomically). The
+    temporary name is unique, so processes writing the same file at once never meet on it; the
+    directory is synced after the rename, so the new name survives a crash."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.unlink(missing_ok=True)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
-    with os.fdopen(fd, "wb") as out:
-        out.write(data)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _sync_dir(path.parent)
+
+
+def _sync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock (flock) on ``path``, created 0600 if missing, across processes."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, FILE_MODE)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock

@@ -35,7 +35,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from edgeward.security.errors import SecurityError
-from edgeward.security.files import private_dir, tighten, write_private
+from edgeward.security.files import locked, private_dir, tighten, write_private
 
 log = logging.getLogger(__name__)
 
@@ -106,10 +106,13 @@ class FileKeyring:
         """Open the keyring, creating the directory and a first KEK if there is none."""
         ring = cls(directory)
         private_dir(ring.dir)
-        for path in ring.dir.iterdir():
-            tighten(path)
-        if not (ring.dir / "active").exists():
-            ring.activate(ring.create().key_id)
+        # Several processes (orchestrator replicas sharing the directory) may open it for the first
+        # time together: the first KEK is created under an exclusive lock, so exactly one is made.
+        with locked(ring.dir / ".lock"):
+            for path in ring.dir.iterdir():
+                tighten(path)
+            if not (ring.dir / "active").exists():
+                ring.activate(ring.create().key_id)
         ring.active()
         return ring
 

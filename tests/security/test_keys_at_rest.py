@@ -152,3 +152,22 @@ def test_rotating_the_kek_rewraps_every_data_key(tmp_path: Path):
     # The retired KEK is gone: nothing can open a copy of the old database with the current keys.
     with pytest.raises(KeyWrapError):
         DataKeys(FileKeyring.open(state_dir / "kek")).provider.get(first or "")
+
+
+def test_processes_opening_a_new_kek_dir_together_agree_on_one_kek(tmp_path: Path):
+    """Replicas that share a key directory may start together: exactly one first KEK is created,
+    and every process ends up with it as the active one."""
+    shared = tmp_path / "kek"
+    code = (
+        "import sys; from edgeward.security.keywrap import FileKeyring;"
+        "print(FileKeyring.open(sys.argv[1]).active().key_id)"
+    )
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code, str(shared)], stdout=subprocess.PIPE, text=True)
+        for _ in range(6)
+    ]
+    outs = [p.communicate(timeout=60)[0].strip() for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    assert len(set(outs)) == 1
+    assert FileKeyring(shared).ids() == [outs[0]]
+    assert not [p for p in shared.iterdir() if p.name.endswith(".tmp")]
