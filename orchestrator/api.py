@@ -31,7 +31,7 @@ from .catalog import ModelState
 from .catalog.errors import CatalogError, VersionExists
 from .catalog.views import compliance, node_trust, placements
 from .catalog.wipe import status_pb as wipe_status_pb
-from .errors import AlreadyExists, InvalidManifest, InvalidModel, NotFound, OrchestratorError
+from .errors import AlreadyExists, InvalidManifest, InvalidModel, NotFound, OrchestratorError, RevisionGone
 from .manifest import NAME_RE, SEMVER_RE, DeploymentManifest, parse_manifest
 from .phases import ACTIVE, Phase, to_pb
 from .rollout import RolloutError
@@ -224,9 +224,7 @@ class DeploymentService(api_pb2_grpc.DeploymentServiceServicer):
         replicas = await self._orch.db(store.list_replicas, record.name)
         pb = deployment_to_pb(record, replicas)
         if created or changed:
-            self._orch.watch.publish(
-                api_pb2.WATCH_EVENT_TYPE_ADDED if created else api_pb2.WATCH_EVENT_TYPE_MODIFIED, pb
-            )
+            self._orch.changed()
             self._orch.events.publish(
                 "deployment.applied",
                 f"deployment/{record.name}",
@@ -256,7 +254,7 @@ class DeploymentService(api_pb2_grpc.DeploymentServiceServicer):
         record = await self._orch.db(self._orch.store.get_deployment, request.name)
         evicted = await self._orch.db(self._orch.store.delete_deployment, request.name, now_ms())
         self._orch.reconciler.trigger()
-        self._orch.watch.publish(api_pb2.WATCH_EVENT_TYPE_DELETED, deployment_to_pb(record, evicted))
+        self._orch.changed()
         self._orch.events.publish(
             "deployment.deleted", f"deployment/{record.name}", f"deleted; {len(evicted)} replica(s) evicted"
         )
@@ -265,26 +263,97 @@ class DeploymentService(api_pb2_grpc.DeploymentServiceServicer):
     async def Watch(
         self, request: api_pb2.WatchDeploymentsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[api_pb2.DeploymentEvent]:
-        queue = self._orch.watch.subscribe()
+        """Every change of the store's change feed after the snapshot (or ``after_revision``), once,
+        in revision order, whichever replica made it. The replica's hub hands changes over as it
+        reads them; a gap (this watcher fell behind and lost queued events, or the replica's
+        reader is behind the replay) is filled from the store."""
+        orch = self._orch
+        queue = orch.watch.subscribe()
         try:
-            for dep in await self._orch.all_deployments_pb():
-                if not request.name or dep.name == request.name:
-                    yield api_pb2.DeploymentEvent(type=api_pb2.WATCH_EVENT_TYPE_ADDED, deployment=dep)
+            known: set[str] | None = None  # names seen, to tell ADDED from MODIFIED
+            if request.after_revision:
+                last = request.after_revision
+                try:
+                    async for event in self._replay(last, None, known):
+                        last = event.revision
+                        if not request.name or event.deployment.name == request.name:
+                            yield event
+                except RevisionGone as err:
+                    await context.abort(grpc.StatusCode.OUT_OF_RANGE, str(err))
+            else:
+                last = await orch.db(orch.store.revision)
+                deps = await orch.all_deployments_pb()
+                known = {d.name for d in deps}
+                for dep in deps:
+                    if not request.name or dep.name == request.name:
+                        yield api_pb2.DeploymentEvent(
+                            type=api_pb2.WATCH_EVENT_TYPE_ADDED, deployment=dep, revision=last
+                        )
             while True:
                 event = await queue.get()
-                if not request.name or event.deployment.name == request.name:
-                    yield event
+                if event.revision <= last:
+                    continue
+                events = [event]
+                if event.revision > last + 1:
+                    try:
+                        events = [e async for e in self._replay(last, event.revision - 1, known)] + events
+                    except RevisionGone as err:
+                        await context.abort(grpc.StatusCode.OUT_OF_RANGE, str(err))
+                for e in events:
+                    _added_or_modified(e, known)
+                    last = e.revision
+                    if not request.name or e.deployment.name == request.name:
+                        yield e
         finally:
-            self._orch.watch.unsubscribe(queue)
+            orch.watch.unsubscribe(queue)
+
+    async def _replay(
+        self, after: int, until: int | None, known: set[str] | None
+    ) -> AsyncIterator[api_pb2.DeploymentEvent]:
+        """The feed's changes in (after, until] (until None: up to the newest), read from the store."""
+        orch = self._orch
+        while until is None or after < until:
+            limit = 1000 if until is None else min(1000, until - after)
+            changes = await orch.db(orch.store.changes_since, after, limit)
+            if not changes:
+                return
+            pbs = {n: await orch.deployment_pb_or_none(n) for n in sorted({n for _, n in changes})}
+            for revision, name in changes:
+                event = change_event(revision, name, pbs[name])
+                _added_or_modified(event, known)
+                yield event
+                after = revision
+
+
+def change_event(revision: int, name: str, pb: api_pb2.Deployment | None) -> api_pb2.DeploymentEvent:
+    if pb is None:
+        return api_pb2.DeploymentEvent(
+            type=api_pb2.WATCH_EVENT_TYPE_DELETED, deployment=api_pb2.Deployment(name=name), revision=revision
+        )
+    return api_pb2.DeploymentEvent(type=api_pb2.WATCH_EVENT_TYPE_MODIFIED, deployment=pb, revision=revision)
+
+
+def _added_or_modified(event: api_pb2.DeploymentEvent, known: set[str] | None) -> None:
+    """A watcher that began with a snapshot hears a new deployment as ADDED, once."""
+    if known is None:
+        return
+    name = event.deployment.name
+    if event.type == api_pb2.WATCH_EVENT_TYPE_DELETED:
+        known.discard(name)
+    elif name not in known:
+        known.add(name)
+        event.type = api_pb2.WATCH_EVENT_TYPE_ADDED
 
 
 class WatchHub:
-    """Fan-out of deployment events to Watch streams; a slow watcher loses its oldest events."""
+    """Fan-out of the store's deployment changes to this replica's Watch streams. A watcher that falls
+    more than ``depth`` changes behind loses queued events; its stream fills the gap from the store."""
 
     def __init__(self, depth: int = 1024) -> None:
         self._subscribers: set[asyncio.Queue[api_pb2.DeploymentEvent]] = set()
         self._depth = depth
         self.dropped = 0
+        self.revision = 0
 
     def subscribe(self) -> asyncio.Queue[api_pb2.DeploymentEvent]:
         queue: asyncio.Queue[api_pb2.DeploymentEvent] = asyncio.Queue(self._depth)
@@ -294,13 +363,12 @@ class WatchHub:
     def unsubscribe(self, queue: asyncio.Queue) -> None:
         self._subscribers.discard(queue)
 
-    def publish(self, kind: int, deployment: api_pb2.Deployment) -> None:
-        event = api_pb2.DeploymentEvent(type=kind, deployment=deployment)
+    def publish_change(self, revision: int, name: str, pb: api_pb2.Deployment | None) -> None:
         for queue in self._subscribers:
             if queue.full():
                 queue.get_nowait()
                 self.dropped += 1
-            queue.put_nowait(event)
+            queue.put_nowait(change_event(revision, name, pb))  # one copy each: streams retype it
 
     @property
     def watchers(self) -> int:

@@ -183,6 +183,11 @@ class StateConfig(BaseModel):
     connect_timeout_s: Annotated[float, Field(gt=0, le=300)] = Field(
         10.0, description="How long to wait for a PostgreSQL connection (at start and from the pool)."
     )
+    lease_ttl_s: Annotated[float, Field(ge=0.5, le=60)] = Field(
+        3.0,
+        description="PostgreSQL: how long the leader lease of the replicas lasts without a renewal; a "
+        "replica whose leader died takes over after about this long (docs/scale-out.md).",
+    )
 
     @field_validator("url")
     @classmethod

@@ -43,3 +43,25 @@ class IllegalTransition(OrchestratorError):
 
 class StoreError(OrchestratorError):
     """The store cannot be opened or used as asked (an unknown schema, a foreign database)."""
+
+
+class NotLeader(StoreError):
+    """A singleton write whose leader lease is no longer the store's: refused by the fencing check.
+    The replica that made it lost its lease (paused, cut off from the database) and must stop
+    acting as leader; another replica holds the lease."""
+
+    def __init__(self, holder: str, token: int) -> None:
+        super().__init__(f"leader lease {token} of {holder} is no longer held: write refused")
+        self.holder = holder
+        self.token = token
+
+
+class RevisionGone(OrchestratorError):
+    """A Watch asked to resume from a revision the change feed no longer keeps."""
+
+    def __init__(self, revision: int, oldest: int) -> None:
+        super().__init__(
+            f"revision {revision} is no longer kept (oldest kept: {oldest}); watch again without a revision"
+        )
+        self.revision = revision
+        self.oldest = oldest

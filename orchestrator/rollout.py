@@ -377,10 +377,12 @@ class RolloutController:
         self._actions: list[_Action] = []
         self._counts: dict[str, tuple[int, int]] = {}  # deployment -> (new running, old live), last pass
 
-    async def load(self) -> None:
+    async def load(self, announce: bool = True) -> None:
+        """The rollout records from the store (at start, at a new leader term; on a replica that does
+        not lead, after each change another replica made, so that its API answers with them)."""
         rows = await self._db(self._store.list_rollouts)
         self._records = {name: Rollout.from_json(text) for name, text in rows.items()}
-        for rec in self._records.values():
+        for rec in self._records.values() if announce else ():
             if rec.active:
                 log.info(
                     "rollout of %s resumes at step %d (%s -> %s, %s)",

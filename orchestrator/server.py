@@ -7,6 +7,7 @@ external one is configured); leaving the block stops it all and leaves no thread
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -71,12 +72,13 @@ from .detectors import SlowdownGuard
 from .errors import NotFound
 from .events import KIND_RE, EventBus, EventService
 from .fleet import Fleet
+from .leader import CURRENT_LEASE, LeaderElection
 from .metrics import Family, MetricsServer, render
 from .multiexit import PipelineRouter
 from .reconciler import Reconciler, command
 from .rollout import RolloutController
 from .scheduler import Scheduler
-from .store import DeploymentRecord, NodeRecord, ReplicaRecord, SqlStore, open_store
+from .store import DeploymentRecord, Lease, NodeRecord, ReplicaRecord, SqlStore, open_store
 from .telemetry import TelemetryStore
 from .verifier import FleetVerifier
 
@@ -101,6 +103,8 @@ ORCHESTRATOR_RECONNECT_S = (0.1, 1.0)
 ENROLL_THREADS = 8  # first enrollments in progress at once (each ends with a directory sync)
 ORCHESTRATOR_INFLIGHT = 0  # QoS 1 commands awaiting their PUBACK on the wire at once: no limit
 ORCHESTRATOR_OUTBOUND = 50_000  # and kept in all (a few per node of a 10,000-node fleet)
+CHANGE_POLL_S = 0.1  # how often a replica reads the store's change feed (Watch across replicas)
+LEADER_REFRESH_S = 2.0  # how often the leader re-reads what other replicas' APIs changed
 
 
 class Orchestrator:
@@ -135,12 +139,26 @@ class Orchestrator:
         self.verifier: FleetVerifier
         self.catalog: Catalog
         self.rollouts: RolloutController
+        # This process among the replicas sharing the store (the leader lease's holder name).
+        self.replica_id = f"{uuid.uuid4().hex[:12]}"
+        self.election: LeaderElection | None = None
+        self.revision = 0  # the newest change of the store's feed this replica has handled
+        self._feed_wake = asyncio.Event()
+        self._relaying = False
 
     # ------------------------------------------------------------ executors
 
     async def db(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Run a store call on the store's single thread (the only committer)."""
-        return await asyncio.get_running_loop().run_in_executor(self._db_pool, partial(fn, *args))
+        """Run a store call on the store's single thread (the only committer). Called from the
+        leader's singleton loops (``CURRENT_LEASE`` set), its writes are fenced by the lease."""
+        lease = CURRENT_LEASE.get()
+        call = partial(fn, *args) if lease is None else partial(self.store.fenced, lease, fn, *args)
+        return await asyncio.get_running_loop().run_in_executor(self._db_pool, call)
+
+    @property
+    def leading(self) -> bool:
+        """Whether this replica runs the singleton loops now (always, on SQLite)."""
+        return self.election is not None and self.election.leading
 
     async def run_blocking(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._blocking_pool, partial(fn, *args))
@@ -241,7 +259,7 @@ class Orchestrator:
             self._publish_command,
             cfg,
             artifact_endpoint=lambda: self.advertise,
-            on_change=self._deployments_changed,
+            on_change=lambda _names: self._feed_wake.set(),
             trust=self.verifier,
             rollouts=self.rollouts,
         )
@@ -328,14 +346,15 @@ class Orchestrator:
 
     async def _serve(self) -> None:
         """Start the control loops, then the gRPC API; health says SERVING last."""
-        await self.catalog.wipes.restore()  # after the reconciler and MQTT: it may quarantine
+        self.revision = await self.db(self.store.revision)
+        self.election = LeaderElection(self.store, self.replica_id, self.config.state.lease_ttl_s, self._lead)
+        self._tasks.append(asyncio.create_task(self.election.run(), name="edgeward-election"))
+        if self.store.dialect == "sqlite":  # one replica: it leads from the start, as it always did
+            await self.election.wait_leading()
         self._tasks.append(asyncio.create_task(self._ingest(), name="edgeward-ingest"))
         self._tasks.append(asyncio.create_task(self._flush_telemetry(), name="edgeward-telemetry"))
         self._tasks.append(asyncio.create_task(self._hold_liveness(), name="edgeward-liveness"))
-        self._tasks.append(asyncio.create_task(self.reconciler.run(), name="edgeward-reconciler"))
-        self._tasks.append(asyncio.create_task(self.pipelines.run(), name="edgeward-multiexit"))
-        self._tasks.append(asyncio.create_task(self.verifier.run(), name="edgeward-verifier"))
-        self._tasks.append(asyncio.create_task(self.catalog.run(), name="edgeward-catalog"))
+        self._tasks.append(asyncio.create_task(self._follow_changes(), name="edgeward-changes"))
         self._tasks.append(asyncio.create_task(self._send_events(), name="edgeward-events"))
         assert self._server is not None
         await self._server.start()
@@ -369,6 +388,94 @@ class Orchestrator:
         self._db_pool.shutdown(wait=True)
         self._blocking_pool.shutdown(wait=True)
         self._enroll_pool.shutdown(wait=True)
+
+    # ------------------------------------------------------------ leader and followers
+
+    async def _lead(self, lease: Lease) -> None:
+        """The singleton loops, while this replica holds the leader lease (cancelled when it ends).
+        A new term starts from the store: another replica may have led, and the API of every replica
+        may have changed what the in-memory controllers hold."""
+        await self._refresh_from_store(first=True)
+        for node_id in list(self.fleet.nodes):  # resend every node its full set: nothing assumed
+            self.reconciler.node_connected(node_id)
+        await self.catalog.wipes.restore()  # after the reconciler and MQTT: it may quarantine
+        loops = [
+            self.reconciler.run(),
+            self.pipelines.run(),
+            self.verifier.run(),
+            self.catalog.run(),
+            self._watch_exits_loop(),
+        ]
+        if self.store.dialect != "sqlite":
+            loops.append(self._refresh_loop())
+        await asyncio.gather(*loops)
+
+    async def _refresh_from_store(self, first: bool = False) -> None:
+        """What other replicas' APIs may have changed behind this one's controllers: enrollments,
+        models and revoked keys (verifier), cordons (reconciler), rollout records."""
+        enrollments, models, revoked, cordoned = await self.db(
+            lambda: (
+                self.store.list_enrollments(),
+                [(m.name, m.sha256) for m in self.store.list_models()],
+                self.store.revoked_keys(),
+                self.store.cordoned_nodes(),
+            )
+        )
+        if first or self.store.dialect != "sqlite":
+            self.verifier.restore(enrollments, models, revoked)
+        if set(cordoned) != set(self.reconciler.cordoned):
+            self.reconciler.set_cordoned(cordoned)
+        await self.rollouts.load(announce=first)
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            await asyncio.sleep(LEADER_REFRESH_S)
+            try:
+                await self._refresh_from_store()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("leader refresh from the store failed")
+
+    async def _follow_changes(self) -> None:
+        """Every replica reads the store's change feed (the deployments changed by any replica, in
+        revision order) and hands each change once to its Watch streams; the leader's reconciler
+        wakes up for the changes other replicas' APIs made."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(CHANGE_POLL_S):
+                    await self._feed_wake.wait()
+            self._feed_wake.clear()
+            try:
+                await self._publish_changes()
+            except asyncio.CancelledError:
+                raise
+            except Exception as err:  # the database away: the next poll retries from the same revision
+                log.warning("cannot read the change feed: %s", err)
+
+    async def _publish_changes(self) -> None:
+        while changes := await self.db(self.store.changes_since, self.revision):
+            if not self.leading:
+                await self.rollouts.load(announce=False)  # rollout status of the API's answers
+            else:
+                self.reconciler.trigger()
+            if self.watch.watchers:
+                names = {name for _, name in changes}
+                pbs = {name: await self.deployment_pb_or_none(name) for name in sorted(names)}
+                for revision, name in changes:
+                    self.watch.publish_change(revision, name, pbs[name])
+            self.revision = changes[-1][0]
+            self.watch.revision = self.revision
+
+    def changed(self) -> None:
+        """This replica changed a deployment: read the change feed now rather than at the next poll."""
+        self._feed_wake.set()
+
+    async def deployment_pb_or_none(self, name: str) -> api_pb2.Deployment | None:
+        try:
+            return await self.deployment_pb(name)
+        except NotFound:
+            return None
 
     @property
     def address(self) -> str:
@@ -429,16 +536,17 @@ class Orchestrator:
             if what == "hello":
                 self.reconciler.node_connected(node_id)
                 inventories.append(self._node_record(node_id, msg))
-                waits.setdefault(node_id, []).append(partial(self._node_connected, node_id))
+                if step := self._as_leader(self._node_connected, node_id):
+                    waits.setdefault(node_id, []).append(step)
             elif what == "status":
                 changed = True
             elif body == "evidence":
-                waits.setdefault(node_id, []).append(
-                    partial(self.verifier.evidence, node_id, msg.evidence.payload)
-                )
+                if step := self._as_leader(self.verifier.evidence, node_id, msg.evidence.payload):
+                    waits.setdefault(node_id, []).append(step)
             elif body == "event" and msg.event.id == "agent.wipe.done":
                 self.verifier.wipe_confirmed(node_id, msg.event)
-                serial.append(partial(self.catalog.wipe_confirmed, node_id, msg.event))
+                if step := self._as_leader(self.catalog.wipe_confirmed, node_id, msg.event):
+                    serial.append(step)
                 self._node_event(node_id, msg.event)
             elif body == "telemetry" and not self.telemetry.add(node_id, msg.sent_unix_ms, msg.telemetry):
                 self.drops.drop(WireError("wire.telemetry.invalid_value"))
@@ -457,6 +565,25 @@ class Orchestrator:
         if serial:
             self._wire_work.add("", serial)
 
+    def _as_leader(
+        self, fn: Callable[..., Awaitable[None]], *args: Any
+    ) -> Callable[[], Awaitable[None]] | None:
+        """A step of ingest that acts on what a node said (answer its evidence, confirm its wipe):
+        every replica hears every node, the leader alone acts, fenced by its lease. None on a
+        follower."""
+        lease = self.election.lease if self.election is not None else None
+        if lease is None:
+            return None
+
+        async def step() -> None:
+            token = CURRENT_LEASE.set(lease)
+            try:
+                await fn(*args)
+            finally:
+                CURRENT_LEASE.reset(token)
+
+        return step
+
     async def _node_connected(self, node_id: str) -> None:
         await self.verifier.node_connected(node_id)
         if mitigations := self.slowdown.mitigations(node_id):  # a restarted agent forgot them
@@ -465,15 +592,21 @@ class Orchestrator:
     def _node_event(self, node_id: str, event: node_pb2.Event) -> None:
         """Relay a node's own event (``agent.model.load_failed``...) onto the notification bus."""
         kind = event.id if KIND_RE.fullmatch(event.id) else "agent.event.unnamed"
-        self.events.publish(
-            kind,
-            f"node/{node_id}",
-            event.message,
-            event.severity or node_pb2.SEVERITY_INFO,
-            **dict(event.attributes),
-        )
+        self._relaying = True  # every replica hears the node; the leader alone relays it to MQTT
+        try:
+            self.events.publish(
+                kind,
+                f"node/{node_id}",
+                event.message,
+                event.severity or node_pb2.SEVERITY_INFO,
+                **dict(event.attributes),
+            )
+        finally:
+            self._relaying = False
 
     def _queue_event(self, event: events_pb2.Notification) -> None:
+        if self._relaying and not self.leading:
+            return
         if self._event_outbox.full():
             self._event_outbox.get_nowait()
             self.events.dropped += 1
@@ -535,6 +668,10 @@ class Orchestrator:
         while True:
             await asyncio.sleep(0.2)
             self.telemetry.flush()
+
+    async def _watch_exits_loop(self) -> None:
+        while True:
+            await asyncio.sleep(0.2)
             await self._watch_exits()
 
     async def _watch_exits(self) -> None:
@@ -657,18 +794,6 @@ class Orchestrator:
             log.warning("cannot send %s to %s: %s", command.WhichOneof("body"), node_id, err)
 
     # ------------------------------------------------------------ views for the API
-
-    def _deployments_changed(self, names: set[str]) -> None:
-        if self.watch.watchers:
-            asyncio.get_running_loop().create_task(self._publish_changes(names))
-
-    async def _publish_changes(self, names: set[str]) -> None:
-        for name in sorted(names):
-            try:
-                pb = await self.deployment_pb(name)
-            except NotFound:
-                continue
-            self.watch.publish(api_pb2.WATCH_EVENT_TYPE_MODIFIED, pb)
 
     async def deployment_pb(self, name: str) -> api_pb2.Deployment:
         record, replicas = await self.db(

@@ -40,7 +40,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from edgeward.security.files import private_dir, private_file, tighten
 from edgeward.security.keywrap import DataKeys, FileKeyring, wrap_legacy_keys
 
-from .errors import AlreadyExists, NotFound, StoreError
+from .errors import AlreadyExists, NotFound, NotLeader, RevisionGone, StoreError
 from .manifest import DeploymentManifest
 from .phases import Phase, check_transition
 from .sql import schema as t
@@ -61,6 +61,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+_T = TypeVar("_T")
 TEMPLATES_KEPT = 20  # generations of a deployment whose template is kept for rollbacks
 
 
@@ -150,6 +151,16 @@ class NodeRecord:
 
 
 @dataclass(frozen=True)
+class Lease:
+    """A term of the leader lease: ``token`` grows by one per term; ``expires_ms`` is on the
+    database's clock (a replica never compares it with its own)."""
+
+    holder: str
+    token: int
+    expires_ms: int
+
+
+@dataclass(frozen=True)
 class ReplicaChange:
     """One replica update for :meth:`Store.apply_replica_changes`."""
 
@@ -175,6 +186,7 @@ class Store(Protocol):
     def apply_replica_changes(self, changes: Iterable[ReplicaChange]) -> None: ...
     def get_node(self, node_id: str) -> NodeRecord | None: ...
     def list_nodes(self) -> list[NodeRecord]: ...
+    def cordoned_nodes(self) -> list[str]: ...
     def put_node(self, record: NodeRecord) -> None: ...
     def put_nodes(self, records: Iterable[NodeRecord]) -> None: ...
     def put_enrollment(self, node_id: str, record: bytes, now_ms: int) -> None: ...
@@ -196,13 +208,26 @@ class Store(Protocol):
     def set_wipe_node(self, wipe_id: str, node_id: str, node: WipeNode) -> None: ...
     def get_wipe(self, wipe_id: str) -> WipeRecord: ...
     def list_wipes(self) -> list[WipeRecord]: ...
+    def acquire_lease(self, holder: str, ttl_ms: int) -> Lease | None: ...
+    def release_lease(self, lease: Lease) -> None: ...
+    def fenced(self, lease: Lease, fn: Callable[..., _T], *args: Any) -> _T: ...
+    def revision(self) -> int: ...
+    def changes_since(self, revision: int, limit: int = ...) -> list[tuple[int, str]]: ...
     def close(self) -> None: ...
 
 
-_T = TypeVar("_T")
 DB_FILE = "edgeward.db"
 WRITE_ATTEMPTS = 8  # a write that keeps losing serialization races (PostgreSQL) fails after this many
 _IN_CHUNK = 1000  # ids per IN (...) list
+LEADER = "leader"  # the lease row of the replicas' singleton loops
+CHANGES_KEPT = 100_000  # revisions of the deployments' change feed kept for Watch resumption
+DEPLOYMENT_REVISION = "deployment_revision"
+# The database's clock in epoch milliseconds: lease expiry never depends on a replica's clock.
+_PG_NOW_MS = "(extract(epoch from clock_timestamp()) * 1000)::bigint"
+_FENCE_CHECK = sa.text(  # constant SQL, the values are bound
+    "SELECT 1 FROM leases WHERE name = :name AND holder = :holder AND token = :token "  # noqa: S608
+    f"AND expires_ms > {_PG_NOW_MS} FOR SHARE"
+)
 
 
 class SqlStore:
@@ -217,6 +242,7 @@ class SqlStore:
         keys: DataKeys | None = None,
         pool_size: int = 5,
         connect_timeout_s: float = 10.0,
+        idle_in_transaction_s: float = 3.0,
     ) -> None:
         """``keys`` wraps the data keys (default: the file keyring ``<state_dir>/kek``)."""
         self.state_dir = private_dir(state_dir)
@@ -235,7 +261,7 @@ class SqlStore:
             parsed = parse_postgres_url(url)
             self.artifact_dir = None  # artifacts are rows of the database
             self.where = redacted(parsed)
-            self.engine = postgres_engine(parsed, pool_size, connect_timeout_s)
+            self.engine = postgres_engine(parsed, pool_size, connect_timeout_s, idle_in_transaction_s)
         self.dialect = self.engine.dialect.name
         # One connection for the store's life (the store is called from one thread at a time; the
         # lock makes that so): no pool round per call. It reconnects after a dropped connection.
@@ -246,6 +272,7 @@ class SqlStore:
         # the records from rows cost more than the rest of a pass. PostgreSQL may have other writers.
         self._replicas: list[ReplicaRecord] | None = None
         self._statements = _Statements(sqlite.insert if self.dialect == "sqlite" else postgresql.insert)
+        self._fence = threading.local()  # .lease: the lease the current thread's writes are fenced by
         try:
             migrate(self.engine, self.where)
         except sa.exc.OperationalError as err:
@@ -288,6 +315,7 @@ class SqlStore:
                 conn = self._connection(WRITE)
                 tx = conn.begin()
                 try:
+                    self._check_fence(conn)
                     result = work(conn)
                 except sa.exc.DBAPIError as err:
                     _rollback(tx)
@@ -306,6 +334,116 @@ class SqlStore:
                             raise
             time.sleep(random.uniform(0, 0.002 * 2**attempt))  # noqa: S311 - jitter, not a secret
         raise AssertionError("unreachable")
+
+    # ---------------------------------------------------------------- leader lease and fencing
+
+    def acquire_lease(self, holder: str, ttl_ms: int) -> Lease | None:
+        """Take or renew the leader lease for ``ttl_ms`` (on the database's clock); None while
+        another holder's lease runs. A new term (a takeover, or our own lease having run out) gets
+        the next token. On SQLite, a single replica's store, the lease is always ours.
+
+        Runs on its own pooled connection, not the store thread's, so a long store call never
+        delays a renewal; ``lock_timeout`` bounds the wait for singleton writes in flight (their
+        fencing check holds the lease row FOR SHARE until they commit)."""
+        if self.dialect == "sqlite":
+            return Lease(holder, 1, 2**62)
+        sql = sa.text(
+            f"""
+            INSERT INTO leases (name, holder, token, expires_ms) VALUES (:name, :holder, 1, {_PG_NOW_MS} + :ttl)
+            ON CONFLICT (name) DO UPDATE SET
+                holder = :holder,
+                token = CASE WHEN leases.holder = :holder AND leases.expires_ms > {_PG_NOW_MS}
+                             THEN leases.token ELSE leases.token + 1 END,
+                expires_ms = {_PG_NOW_MS} + :ttl
+            WHERE leases.holder = :holder OR leases.expires_ms <= {_PG_NOW_MS}
+            RETURNING token, expires_ms
+            """  # noqa: S608 - a constant expression, no input
+        )
+        with self.engine.connect() as conn, conn.begin():
+            conn.execute(sa.text("SET LOCAL lock_timeout = 1000"))
+            row = conn.execute(sql, {"name": LEADER, "holder": holder, "ttl": ttl_ms}).first()
+        return None if row is None else Lease(holder, int(row[0]), int(row[1]))
+
+    def release_lease(self, lease: Lease) -> None:
+        """End our term at once (a clean shutdown): another replica need not wait for the expiry."""
+        if self.dialect == "sqlite":
+            return
+        lc = t.leases.c
+        with self.engine.connect() as conn, conn.begin():
+            conn.execute(sa.text("SET LOCAL lock_timeout = 1000"))
+            conn.execute(
+                t.leases.update()
+                .where(lc.name == LEADER, lc.holder == lease.holder, lc.token == lease.token)
+                .values(expires_ms=0)
+            )
+
+    def fenced(self, lease: Lease, fn: Callable[..., _T], *args: Any) -> _T:
+        """Call ``fn`` with every write it makes fenced by ``lease``: each write transaction first
+        checks, FOR SHARE, that the lease row still has this holder and token and has not expired;
+        otherwise the write is refused (NotLeader) and nothing of it is kept. A takeover's update
+        of the row waits for the fenced writes in flight, so none can commit after it."""
+        previous = getattr(self._fence, "lease", None)
+        self._fence.lease = lease
+        try:
+            return fn(*args)
+        finally:
+            self._fence.lease = previous
+
+    def _check_fence(self, conn: sa.Connection) -> None:
+        lease: Lease | None = getattr(self._fence, "lease", None)
+        if lease is None or self.dialect == "sqlite":
+            return
+        held = conn.execute(
+            _FENCE_CHECK,
+            {"name": LEADER, "holder": lease.holder, "token": lease.token},
+        ).first()
+        if held is None:
+            raise NotLeader(lease.holder, lease.token)
+
+    # ---------------------------------------------------------------- change feed
+
+    def _record_changes(self, conn: sa.Connection, deployments: Iterable[str]) -> None:
+        """Give each changed deployment the next revision of the feed, in this transaction."""
+        names = sorted(set(deployments))
+        if not names:
+            return
+        c = t.counters.c
+        last = conn.execute(
+            t.counters.update()
+            .where(c.name == DEPLOYMENT_REVISION)
+            .values(value=c.value + len(names))
+            .returning(c.value)
+        ).scalar_one()
+        first = last - len(names) + 1
+        conn.execute(
+            t.deployment_changes.insert(),
+            [{"revision": first + i, "deployment": name} for i, name in enumerate(names)],
+        )
+        if first // 1000 != (last + 1) // 1000:  # now and then, forget the oldest revisions
+            conn.execute(
+                t.deployment_changes.delete().where(t.deployment_changes.c.revision <= last - CHANGES_KEPT)
+            )
+
+    def revision(self) -> int:
+        """The newest revision of the deployments' change feed."""
+        c = t.counters.c
+        with self._read() as conn:
+            return int(conn.execute(sa.select(c.value).where(c.name == DEPLOYMENT_REVISION)).scalar_one())
+
+    def changes_since(self, revision: int, limit: int = 1000) -> list[tuple[int, str]]:
+        """(revision, deployment) of the changes after ``revision``, oldest first, at most ``limit``.
+        RevisionGone when the feed no longer holds the one right after ``revision``."""
+        ch = t.deployment_changes.c
+        with self._read() as conn:
+            rows = conn.execute(
+                sa.select(ch.revision, ch.deployment)
+                .where(ch.revision > revision)
+                .order_by(ch.revision)
+                .limit(limit)
+            ).all()
+        if rows and rows[0][0] != revision + 1:
+            raise RevisionGone(revision, rows[0][0])
+        return [(int(r), d) for r, d in rows]
 
     @contextmanager
     def _read(self) -> Iterator[sa.Connection]:
@@ -636,6 +774,7 @@ class SqlStore:
                     },
                 )
                 self._keep_template(conn, name, 1, text)
+                self._record_changes(conn, [name])
                 return DeploymentRecord(name, 1, manifest, now_ms, now_ms), True, False
             generation, old_text, created, updated = row
             old = DeploymentManifest.model_validate_json(old_text)
@@ -649,6 +788,7 @@ class SqlStore:
                 .values(generation=new_generation, manifest=text, updated_ms=now_ms)
             )
             self._keep_template(conn, name, new_generation, text)
+            self._record_changes(conn, [name])
             return DeploymentRecord(name, new_generation, manifest, created, now_ms), False, True
 
         return self._write(tx)
@@ -690,6 +830,7 @@ class SqlStore:
                 conn.execute(_DELETE_REPLICAS, {"ids": ids})
             if evicted:
                 conn.execute(self._statements.upsert_replica, [_replica_row(rep) for rep in evicted])
+            self._record_changes(conn, [name])
             return evicted
 
         return self._write(tx)
@@ -745,6 +886,7 @@ class SqlStore:
         written = [row for row in pending.values() if row is not None]
         if written:
             conn.execute(self._statements.upsert_replica, written)
+        self._record_changes(conn, {c.replica.deployment for c in changes})
 
     # ---------------------------------------------------------------- nodes
 
@@ -757,6 +899,11 @@ class SqlStore:
         with self._read() as conn:
             rows = conn.execute(_LIST_NODES).all()
         return [_node(row) for row in rows]
+
+    def cordoned_nodes(self) -> list[str]:
+        n = t.nodes.c
+        with self._read() as conn:
+            return [r[0] for r in conn.execute(sa.select(n.id).where(n.cordoned != 0).order_by(n.id))]
 
     def put_node(self, record: NodeRecord) -> None:
         self.put_nodes([record])
@@ -814,6 +961,7 @@ class SqlStore:
                 self._statements.upsert_rollout,
                 {"deployment": deployment, "record": record, "updated_ms": now_ms},
             )
+            self._record_changes(conn, [deployment])
 
         self._write(tx)
 
@@ -848,6 +996,7 @@ class SqlStore:
             conn.execute(
                 self._statements.upsert_rollout, {"deployment": name, "record": record, "updated_ms": now_ms}
             )
+            self._record_changes(conn, [name])
             return DeploymentRecord(
                 name, new_generation, DeploymentManifest.model_validate_json(text), row[1], now_ms
             )
@@ -1064,4 +1213,5 @@ def open_store(config: OrchestratorConfig, keys: DataKeys | None = None) -> SqlS
         keys=keys or config.key_encryption.open(config.state_dir),
         pool_size=config.state.pool_size,
         connect_timeout_s=config.state.connect_timeout_s,
+        idle_in_transaction_s=config.state.lease_ttl_s,
     )

@@ -175,9 +175,11 @@ class FleetVerifier:
         """Trust the enrollments kept in the store and the digests of the catalog's models; refuse
         the keys of revoked model versions."""
         self._revoked_keys.update(revoked)
+        known = {e.node_id for e in self.service.enrollments()}  # again, at a new leader term
         for data in enrollments:
             record = apb.Enrollment.FromString(data)
-            self.service.register(record)
+            if record.node_id not in known:
+                self.service.register(record)
         digests: dict[str, set[str]] = {}
         for name, sha256 in models:
             digests.setdefault(name, set()).add(sha256)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 
 # The newest revision under migrations/versions (checked by the tests against Alembic's own view).
-HEAD = "0002"
+HEAD = "0003"
 
 # Epoch milliseconds and byte sizes need 64 bits: BIGINT on PostgreSQL; on SQLite every INTEGER is
 # already 64-bit, and the stores written before Alembic spell it INTEGER.
@@ -157,4 +157,33 @@ artifacts = sa.Table(
     sa.Column("sha256", sa.Text, primary_key=True),
     sa.Column("size", Int64, nullable=False),
     sa.Column("data", sa.LargeBinary, nullable=False),
+)
+
+# The leader lease of the replicas sharing one store (docs/scale-out.md): one row, 'leader'. The
+# token grows by one with every new term; a singleton write checks it in its own transaction.
+leases = sa.Table(
+    "leases",
+    metadata,
+    sa.Column("name", sa.Text, primary_key=True),
+    sa.Column("holder", sa.Text, nullable=False),
+    sa.Column("token", Int64, nullable=False),
+    sa.Column("expires_ms", Int64, nullable=False),  # the database's clock
+)
+
+# Named counters; 'deployment_revision' numbers the rows of deployment_changes. Bumping it takes
+# the row's lock, so the change-writing transactions commit in revision order (no gap is ever
+# seen by a reader and filled later).
+counters = sa.Table(
+    "counters",
+    metadata,
+    sa.Column("name", sa.Text, primary_key=True),
+    sa.Column("value", Int64, nullable=False),
+)
+
+# The change feed of deployments (Watch streams on every replica, resumable from a revision).
+deployment_changes = sa.Table(
+    "deployment_changes",
+    metadata,
+    sa.Column("revision", Int64, primary_key=True, autoincrement=False),
+    sa.Column("deployment", sa.Text, nullable=False),
 )
