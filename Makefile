@@ -1,7 +1,7 @@
 # The two set-up commands of the README live here, so a new user and CI run the same thing.
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
-DEB_PACKAGES := mosquitto swtpm swtpm-tools tpm2-tools libtss2-dev pkg-config tmux iproute2 postgresql
+DEB_PACKAGES := mosquitto swtpm swtpm-tools tpm2-tools libtss2-dev pkg-config tmux iproute2 postgresql nats-server
 
 .PHONY: up install test test-deps system-deps protos promtool
 

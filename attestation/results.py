@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.serialization import (
     load_pem_private_key,
 )
 
-from edgeward.security.files import write_private
+from edgeward.security.files import locked, write_private
 from edgeward.v1 import attestation_pb2 as pb
 
 from .errors import AttestationError
@@ -66,9 +66,13 @@ class ResultSigner:
         """Load the key from a PEM file, creating it (mode 0600) if it does not exist."""
         path = Path(path)
         if not path.exists():
-            key = Ed25519PrivateKey.generate()
-            write_private(path, key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()))
-            return cls(key)
+            # Replicas sharing the directory may start together: one creates the key, all load it.
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            with locked(path.parent / f".{path.name}.lock"):
+                if not path.exists():
+                    key = Ed25519PrivateKey.generate()
+                    write_private(path, key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()))
+                    return cls(key)
         loaded = load_pem_private_key(read_private(path), password=None)
         if not isinstance(loaded, Ed25519PrivateKey):
             raise AttestationError("attestation.verifier.bad_key", f"{path} is not an Ed25519 key")

@@ -728,6 +728,14 @@ class Orchestrator:
                     a <= b for a, b in zip(buckets, [*buckets[1:], m.inferences], strict=True)
                 ):  # a count list of another release's buckets, or not cumulative: not exposed
                     latency.histogram(labels, LATENCY_BUCKETS_S, buckets, m.inferences, m.latency_sum_s)
+        leader = Family(
+            "edgeward_leader",
+            "gauge",
+            "1 while this replica holds the leader lease and runs the singleton loops (always 1 on SQLite)",
+        )
+        leader.add({}, 1.0 if self.leading else 0.0)
+        terms = Family("edgeward_leader_terms_total", "counter", "Leader terms this replica started")
+        terms.add({}, float(self.election.terms if self.election is not None else 0))
         dropped = Family("edgeward_mqtt_dropped_total", "counter", "MQTT payloads refused at the boundary")
         for r, c in sorted(self.drop_counts().items()):
             dropped.add({"reason": r}, float(c))
@@ -736,7 +744,7 @@ class Orchestrator:
         ingest = [
             Family(n, k, h, [("", lb, v) for lb, v in samples]) for n, k, h, samples in self._ingest_metrics()
         ]
-        return render([up, watts, joules, served, latency, dropped, ingested, *ingest])
+        return render([up, watts, joules, served, latency, leader, terms, dropped, ingested, *ingest])
 
     def _ingest_metrics(self) -> list:
         stats = self._mqtt.stats if self._mqtt is not None else SessionStats()
