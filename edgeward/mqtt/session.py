@@ -62,6 +62,8 @@ MAX_INFLIGHT_QOS1 = 20
 RECONNECT_DELAY_S = (0.5, 8.0)
 # Packets one readable event may take from a socket before the loop serves the other sessions.
 READ_BATCH = 64
+# Bytes one recv takes from a socket into the session's read buffer.
+RECV_CHUNK = 64 * 1024
 # How often paho's keepalive bookkeeping (PINGREQ, PINGRESP timeout) runs, seconds.
 MISC_INTERVAL_S = 1.0
 # How long close() waits for the DISCONNECT to leave before it closes the socket itself, seconds.
@@ -289,6 +291,60 @@ class _ClosingSSLSocket(ssl.SSLSocket):
             raise
 
 
+class _Client(paho.Client):
+    """paho's client, read the way one event loop serving thousands of sessions needs (paho 2.x).
+
+    * Reads come from a buffer filled by one ``recv`` of up to ``RECV_CHUNK`` bytes: paho asks
+      the socket for every packet's first byte, its length bytes and its body one call each.
+    * ``loop_read`` reads one packet (the session batches them, ``READ_BATCH``); paho reads as many
+      as it holds messages in its queues, which held the loop for seconds under a large queue.
+    * A received message goes straight to ``on_message``: paho matches every topic against the
+      per-filter callbacks, which the session does not use.
+    * paho's log lines are formatted only when the ``edgeward.mqtt.session.paho`` logger would
+      emit them (paho formats one per packet).
+    """
+
+    _rbuf = b""
+    _rpos = 0
+
+    @property
+    def buffered(self) -> int:
+        """Bytes read from the socket and not yet parsed."""
+        return len(self._rbuf) - self._rpos
+
+    def drop_buffer(self) -> None:
+        """Forget unparsed bytes (the socket they came from is gone)."""
+        self._rbuf, self._rpos = b"", 0
+
+    def _sock_recv(self, bufsize: int) -> bytes:
+        buf, pos = self._rbuf, self._rpos
+        if pos >= len(buf):
+            buf, pos = super()._sock_recv(RECV_CHUNK), 0  # BlockingIOError, OSError: as paho's
+            if not buf:
+                self.drop_buffer()
+                return buf
+        end = pos + bufsize
+        self._rbuf, self._rpos = buf, min(end, len(buf))
+        return buf[pos:end]
+
+    def loop_read(self, max_packets: int = 1) -> MQTTErrorCode:
+        if self._sock is None:
+            return MQTTErrorCode.MQTT_ERR_NO_CONN
+        rc = self._packet_read()
+        if rc > 0:
+            return self._loop_rc_handle(rc)
+        return MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    def _handle_on_message(self, message: paho.MQTTMessage) -> None:
+        if self.on_message is not None:
+            self.on_message(self, self._userdata, message)
+
+    def _easy_log(self, level: LogLevel, fmt: str, *args: Any) -> None:
+        # paho formats a debug line per packet for on_log: only when it would be logged.
+        if _paho_log.isEnabledFor(paho.LOGGING_LEVEL.get(level, logging.DEBUG)):
+            super()._easy_log(level, fmt, *args)
+
+
 class _MessageIterator:
     def __init__(self, session: MqttSession) -> None:
         self._session = session
@@ -361,7 +417,7 @@ class MqttSession:
         self._state = _State.NEW
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread = 0
-        self._client: paho.Client | None = None
+        self._client: _Client | None = None
         self._sock: socket.socket | None = None  # the socket paho handed to the loop, while open
         self._sock_closed: asyncio.Event | None = None
         self._reading = False
@@ -577,8 +633,8 @@ class MqttSession:
         if will is not None:
             client.will_set(will.topic, will.payload, will.qos, will.retain)
 
-    def _make_client(self) -> paho.Client:
-        client = paho.Client(
+    def _make_client(self) -> _Client:
+        client = _Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=self.client_id,
             clean_session=None if self.protocol == 5 else self._clean_start,
@@ -635,6 +691,8 @@ class MqttSession:
             return
         loop = self._require_loop()
         self._sock = sock
+        if self._client is not None:
+            self._client.drop_buffer()  # bytes of an earlier connection
         self._sock_closed = asyncio.Event()
         self._reading = False
         self._resume_reading()
@@ -676,11 +734,12 @@ class MqttSession:
             before = self._progress
             if client.loop_read() != MQTTErrorCode.MQTT_ERR_SUCCESS or not self._reading:
                 return
-            if self._progress == before:  # nothing complete came in: the socket is drained
+            if self._progress == before and not client.buffered:  # the socket is drained
                 break
         sock = self._sock
-        if isinstance(sock, ssl.SSLSocket) and sock.pending():
-            # Decrypted bytes wait inside the TLS layer: the socket itself will not turn readable.
+        if client.buffered or (isinstance(sock, ssl.SSLSocket) and sock.pending()):
+            # Bytes wait in our read buffer or inside the TLS layer: the socket itself will not
+            # turn readable for them.
             self._require_loop().call_soon(self._readable)
 
     def _writable(self) -> None:
