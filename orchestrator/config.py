@@ -45,6 +45,11 @@ class BrokerConfig(BaseModel):
     cert_file: Path | None = Field(None, description="Client certificate for mqtts:// (mTLS).")
     key_file: Path | None = Field(None, description="Client key for mqtts:// (mTLS).")
     topic_prefix: str = Field("edgeward/v1", description="Prefix of every edgeward topic.")
+    event_topic_levels: bool = Field(
+        False,
+        description="Publish each event on {prefix}/events/<kind with '/' for '.'> (events/rollout/progress) "
+        "instead of {prefix}/events/<kind>: NATS's MQTT gateway refuses '.' in topics.",
+    )
     max_payload: Annotated[int, Field(ge=1024, le=64 * 1024 * 1024)] = Field(
         256 * 1024, description="Payloads larger than this are dropped and counted."
     )

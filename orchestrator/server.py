@@ -620,7 +620,8 @@ class Orchestrator:
             if self._mqtt is None:
                 continue
             try:
-                await self._mqtt.publish(events_topic(event.kind, prefix), event.SerializeToString(), qos=1)
+                topic = events_topic(event.kind, prefix, self.config.broker.event_topic_levels)
+                await self._mqtt.publish(topic, event.SerializeToString(), qos=1)
             except Exception as err:  # broker away: notifications are best effort on MQTT
                 log.debug("cannot publish event %s: %s", event.kind, err)
 

@@ -176,17 +176,19 @@ class FleetVerifier:
         the keys of revoked model versions."""
         self._revoked_keys.update(revoked)
         known = {e.node_id for e in self.service.enrollments()}  # again, at a new leader term
+        restored = 0
         for data in enrollments:
             record = apb.Enrollment.FromString(data)
             if record.node_id not in known:
                 self.service.register(record)
+                restored += 1
         digests: dict[str, set[str]] = {}
         for name, sha256 in models:
             digests.setdefault(name, set()).add(sha256)
         for name, found in digests.items():
             self.service.allow(model_component(name), *sorted(found))
-        if enrollments:
-            log.info("attestation: %d enrollments restored", len(enrollments))
+        if restored:
+            log.info("attestation: %d enrollments restored", restored)
 
     def servicer(self) -> AttestationServicer:
         return AttestationServicer(self.service, attest_now=self.attest)

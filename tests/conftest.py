@@ -18,6 +18,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from nats_cluster import NatsCluster, find_nats_server
 from pg_server import PostgresServer, find_bindir
 
 from edgeward.mqtt import BrokerURL
@@ -174,6 +175,22 @@ def postgres_url(postgres_server: PostgresServer) -> Iterator[str]:
         yield postgres_server.url(name)
     finally:
         postgres_server.drop_database(name)
+
+
+@pytest.fixture
+def nats_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsCluster]:
+    """Three nats-server processes in one cluster, JetStream clustered, an MQTT gateway on each."""
+    if find_nats_server() is None:
+        pytest.skip("nats-server not installed: apt-get install nats-server")
+    cluster = NatsCluster(tmp_path_factory.mktemp("nats"))
+    try:
+        cluster.start()
+        for proc in cluster.procs:
+            assert proc is not None
+            _SESSION_PIDS.add(proc.pid)
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

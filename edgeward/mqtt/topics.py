@@ -135,11 +135,13 @@ def _parse_node_topic(topic: str, prefix: str) -> tuple[str, TopicKind]:
     return node_id, kind_enum
 
 
-def events_topic(kind: str, prefix: str = DEFAULT_PREFIX) -> str:
-    """Where the orchestrator publishes notifications of ``kind`` (``model.published``...)."""
+def events_topic(kind: str, prefix: str = DEFAULT_PREFIX, levels: bool = False) -> str:
+    """Where the orchestrator publishes notifications of ``kind`` (``model.published``...): one topic
+    level, or with ``levels`` one level per dotted part (``events/model/published``), for brokers
+    that refuse '.' in topics (NATS's MQTT gateway)."""
     if not kind or any(ch in kind for ch in "/+#\x00"):
         raise TopicError(kind, "event kind must be one topic level without wildcards")
-    return f"{validate_prefix(prefix)}/events/{kind}"
+    return f"{validate_prefix(prefix)}/events/{kind.replace('.', '/') if levels else kind}"
 
 
 def nodes_filter(kind: TopicKind | str, prefix: str = DEFAULT_PREFIX) -> str:

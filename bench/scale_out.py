@@ -1,0 +1,309 @@
+"""Scale-out: orchestrator replicas on one PostgreSQL, on this machine (docs/scale-out.md).
+
+Starts a private PostgreSQL (Debian's server binaries, random loopback port, as in the tests) and
+a private Mosquitto, then measures through the public gRPC API and /metrics:
+
+* leader takeover: three replicas, no nodes; ``--kills`` times, kill -9 the leader and time until
+  another replica's /metrics says ``edgeward_leader 1`` (then the killed one is started again, so
+  there are always three); p50 / p99 over the kills;
+* apply throughput and apply -> Running with 1 and with 3 replicas, ``--nodes`` hollow nodes
+  (``edgeward sim-fleet``, attested), a fresh database each: ``--deployments`` deployments that
+  together ask for one replica per node, applied concurrently (8 calls in flight, spread over the
+  replicas round-robin); throughput = deployments / time of the Apply calls; apply -> Running per
+  replica from the return of its deployment's Apply to its first Running, seen by polling List on a
+  replica every 0.5 s; p50 / p99. The ratio 3 / 1 replicas compares the two runs of one invocation.
+
+    nice -n 10 python bench/scale_out.py --nodes 1000 --kills 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "tests"))
+from _report import command, machine, write_section
+from fleet_scale import free_port, raise_fd_limit, start_fleet, start_mosquitto, wait_port
+from pg_server import PostgresServer, find_bindir
+
+from edgeward.v1 import api_pb2, api_pb2_grpc, node_pb2
+from usecases import model_path
+
+RUNNING = node_pb2.REPLICA_PHASE_RUNNING
+ONLINE = node_pb2.NODE_STATE_ONLINE
+
+
+class Replica:
+    def __init__(
+        self, work: Path, index: int, url: str, broker_port: int, public_key: Path, ttl: float
+    ) -> None:
+        self.grpc_port, self.metrics_port = free_port(), free_port()
+        self.address = f"127.0.0.1:{self.grpc_port}"
+        self.conf = work / f"orchestrator-{index}.yaml"
+        self.log = work / f"orchestrator-{index}.log"
+        self.conf.write_text(
+            f"state_dir: {work / 'orch'}\ngrpc_bind: {self.address}\n"
+            f"metrics_bind: 127.0.0.1:{self.metrics_port}\nnode_timeout_s: 15\n"
+            f"broker: {{url: 'mqtt://127.0.0.1:{broker_port}'}}\n"
+            f"state: {{url: '{url}', lease_ttl_s: {ttl}}}\n"
+            f"catalog: {{trusted_publishers: ['{public_key}']}}\n"
+        )
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "edgeward", "orchestrator", "-c", str(self.conf)],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        wait_port(self.metrics_port, "an orchestrator replica", self.proc, timeout=120)
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def leading(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=2) as r:
+                return "\nedgeward_leader 1" in r.read().decode()
+        except OSError:
+            return False
+
+    def kill9(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def stop(self) -> None:
+        if self.alive:
+            assert self.proc is not None
+            self.proc.terminate()
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def wait(check, timeout: float, what: str, interval: float = 0.02):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(interval)
+    raise SystemExit(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def start_replicas(
+    work: Path, count: int, url: str, broker_port: int, public: Path, ttl: float
+) -> list[Replica]:
+    replicas = [Replica(work, i, url, broker_port, public, ttl) for i in range(count)]
+    replicas[0].start()  # first alone: it creates the shared keys and migrates the database
+    wait(replicas[0].leading, 60, "the first replica leading")
+    for r in replicas[1:]:
+        r.start()
+    return replicas
+
+
+def leader_of(replicas: list[Replica]) -> Replica:
+    return wait(lambda: next((r for r in replicas if r.alive and r.leading()), None), 60, "a leader")
+
+
+def takeover(work: Path, url: str, broker_port: int, public: Path, kills: int, ttl: float) -> list[float]:
+    replicas = start_replicas(work, 3, url, broker_port, public, ttl)
+    times = []
+    try:
+        for k in range(kills):
+            old = leader_of(replicas)
+            old.kill9()
+            killed = time.monotonic()
+            wait(lambda: any(r.alive and r.leading() for r in replicas), 60, "a new leader")
+            times.append(time.monotonic() - killed)
+            print(f"kill {k + 1}/{kills}: takeover after {times[-1]:.2f} s", flush=True)
+            old.start()
+    finally:
+        for r in replicas:
+            r.stop()
+    return times
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered)) - 1))]
+
+
+async def apply_run(args: argparse.Namespace, work: Path, url: str, broker_port: int, count: int) -> dict:
+    from orchestrator.catalog.signing import PublisherKey, sign_metadata
+
+    publisher = PublisherKey.generate()
+    _, public = publisher.write(work / "publisher")
+    replicas = start_replicas(work, count, url, broker_port, public, args.ttl)
+    fleet: list[subprocess.Popen] = []
+    result: dict = {"replicas": count}
+    channels = [grpc.aio.insecure_channel(r.address) for r in replicas]
+    try:
+        leader = replicas.index(leader_of(replicas))
+        nodes_api = api_pb2_grpc.NodeServiceStub(channels[leader])
+        fleet = start_fleet(work, broker_port, args.nodes, max(1, -(-args.nodes // 2500)), args.heartbeat)
+        t0 = time.monotonic()
+        while True:  # attestation results live in the leader's verifier
+            await asyncio.sleep(2.0)
+            listed = (await nodes_api.List(api_pb2.ListNodesRequest(), timeout=60)).nodes
+            attested = sum(n.state == ONLINE and n.attestation_tier == "software" for n in listed)
+            if attested == args.nodes:
+                break
+            if time.monotonic() - t0 > args.startup_timeout:
+                raise SystemExit(f"{attested}/{args.nodes} attested after {args.startup_timeout:.0f} s")
+        result["attested_s"] = time.monotonic() - t0
+        data = model_path("industrial", "int8").read_bytes()
+        meta = api_pb2.ModelMetadata(
+            name="vib-cnn", version="1.0.0", size=len(data), sha256=hashlib.sha256(data).hexdigest()
+        )
+        meta = sign_metadata(meta, publisher)
+
+        async def parts():
+            yield api_pb2.PushModelRequest(metadata=meta)
+            yield api_pb2.PushModelRequest(chunk=data)
+
+        await api_pb2_grpc.ModelServiceStub(channels[0]).Push(parts())
+        per = args.nodes // args.deployments
+        deps = [api_pb2_grpc.DeploymentServiceStub(c) for c in channels]
+        applied: dict[str, float] = {}
+        slots = asyncio.Semaphore(8)
+
+        async def apply(i: int) -> None:
+            name = f"scale-{i:04d}"
+            manifest = (
+                f"apiVersion: edgeward/v1\nkind: Deployment\nmetadata: {{name: {name}}}\n"
+                f"spec:\n  model: {{name: vib-cnn, version: 1.0.0}}\n  replicas: {per}\n"
+                "  requirements: {accelerators: [sim-hollow], memory: 1Mi}\n"
+            )
+            async with slots:
+                await deps[i % len(deps)].Apply(api_pb2.ApplyRequest(manifest=manifest), timeout=120)
+            applied[name] = time.monotonic()
+
+        start = time.monotonic()
+        await asyncio.gather(*(apply(i) for i in range(args.deployments)))
+        result["apply_s"] = time.monotonic() - start
+        result["applies_per_s"] = args.deployments / result["apply_s"]
+        first_running: dict[str, float] = {}
+        want = per * args.deployments
+        deadline = time.monotonic() + args.running_timeout
+        while len(first_running) < want and time.monotonic() < deadline:
+            await asyncio.sleep(0.5)
+            listed = (await deps[0].List(api_pb2.ListDeploymentsRequest(), timeout=60)).deployments
+            now = time.monotonic()
+            for d in listed:
+                for r in d.status.replica_list:
+                    if r.phase == RUNNING and r.id not in first_running:
+                        first_running[r.id] = now - applied[d.name]
+        times = list(first_running.values())
+        result["running"] = len(times)
+        result["p50_s"] = statistics.median(times) if times else float("nan")
+        result["p99_s"] = pct(times, 0.99) if len(times) == want else float("nan")
+        print(f"{count} replica(s): {result['applies_per_s']:.1f} applies/s; {len(times)}/{want} running, "
+              f"p50 {result['p50_s']:.2f} s, p99 {result['p99_s']:.2f} s", flush=True)  # fmt: skip
+    finally:
+        for c in channels:
+            await c.close()
+        for proc in fleet:
+            proc.terminate()
+        for proc in fleet:
+            try:
+                proc.wait(120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        for r in replicas:
+            r.stop()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--nodes", type=int, default=1000)
+    parser.add_argument(
+        "--deployments", type=int, default=50, help="the nodes' replicas in this many deployments"
+    )
+    parser.add_argument("--kills", type=int, default=10)
+    parser.add_argument("--ttl", type=float, default=3.0, help="state.lease_ttl_s (default 3, the default)")
+    parser.add_argument("--heartbeat", type=float, default=5.0)
+    parser.add_argument("--startup-timeout", type=float, default=900.0)
+    parser.add_argument("--running-timeout", type=float, default=600.0)
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args()
+    bindir = find_bindir()
+    if bindir is None:
+        raise SystemExit("PostgreSQL server not installed: apt-get install postgresql")
+    raise_fd_limit()
+    pg = PostgresServer(bindir)
+    pg.start()
+    root = Path(tempfile.mkdtemp(prefix="edgeward-scale-out-"))
+    broker, broker_port = start_mosquitto(root)
+    load_start = os.getloadavg()[0]
+    try:
+        work = root / "takeover"
+        work.mkdir()
+        from orchestrator.catalog.signing import PublisherKey
+
+        _, public = PublisherKey.generate().write(work / "publisher")
+        kills = takeover(work, pg.url(pg.create_database()), broker_port, public, args.kills, args.ttl)
+        runs = []
+        for count in (1, 3):
+            work = root / f"apply-{count}"
+            work.mkdir()
+            runs.append(asyncio.run(apply_run(args, work, pg.url(pg.create_database()), broker_port, count)))
+    finally:
+        broker.terminate()
+        broker.wait()
+        pg.stop()
+    one, three = runs
+    ratio_tp = three["applies_per_s"] / one["applies_per_s"]
+    ratio_p99 = three["p99_s"] / one["p99_s"]
+    body = f"""## Scale-out: leader takeover, 1 vs 3 replicas on PostgreSQL, {args.nodes:,} hollow nodes
+
+`{command()}` ({machine()}; load average {load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the
+end, on the shared 2-core machine: every replica, PostgreSQL, Mosquitto and the hollow fleet share
+its 2 cores)
+
+A private PostgreSQL and Mosquitto; orchestrator replicas as processes sharing one database and one
+state dir (`state.lease_ttl_s: {args.ttl:g}`).
+
+**Leader takeover** (3 replicas, kill -9 of the leader, {len(kills)} times; until another replica's
+`/metrics` says `edgeward_leader 1`): p50 **{statistics.median(kills):.2f} s**, p99
+**{pct(kills, 0.99):.2f} s** (goal p99 <= 5 s), min {min(kills):.2f} s. A takeover waits for the
+dead leader's lease to run out ({args.ttl:g} s after its last renewal, itself up to {args.ttl / 4:g} s old) and
+for a follower's next try (every {args.ttl / 6:.2f} s).
+
+**Apply** ({args.deployments} deployments x {args.nodes // args.deployments} replicas = one replica per
+hollow node, Apply calls spread over the replicas, 8 in flight):
+
+| replicas | nodes attested after | applies/s | apply -> Running p50 | p99 | running |
+|---|---|---|---|---|---|
+| 1 | {one["attested_s"]:.0f} s | {one["applies_per_s"]:.1f} | {one["p50_s"]:.2f} s | {one["p99_s"]:.2f} s | {one["running"]} |
+| 3 | {three["attested_s"]:.0f} s | {three["applies_per_s"]:.1f} | {three["p50_s"]:.2f} s | {three["p99_s"]:.2f} s | {three["running"]} |
+
+3 / 1 replicas: apply throughput x{ratio_tp:.2f}, apply -> Running p99 x{ratio_p99:.2f} (above 1 is slower).
+Every replica hears every node (docs/scale-out.md, "Ingest"), so on this one 2-core machine three
+replicas pay for three copies of the fleet's ingest; the API calls spread over them.
+"""
+    print(body)
+    if not args.no_write:
+        write_section("scale-out", body)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,250 @@
+"""Three orchestrator replicas on one PostgreSQL, a three-server NATS cluster (MQTT gateway), two
+real node agents: kill -9 of the leader in the middle of an apply burst, then of the next leader in
+the middle of a canary rollout. Another replica takes over each time (the takeover time is
+measured), no deployment is lost, no replica placed twice, the rollout resumes at its step, and a
+Watch held on the replica that survives both sees every change exactly once, in order."""
+
+from __future__ import annotations
+
+import threading
+import time
+import urllib.request
+
+import grpc
+import pytest
+import yaml
+from conftest import MODEL_INT8, PUBLISHER, manifest, trust_publisher
+from processes import Proc, free_port
+from test_rollout import rebuilt, strategy
+from test_rollout_restart import all_running, attested, live, status, traffic, wait_for
+
+from attestation.tokens import TokenStore
+from edgeward.v1 import api_pb2, api_pb2_grpc, node_pb2
+from orchestrator.client import EdgewardClient
+from orchestrator.store import SqlStore
+
+pytestmark = [pytest.mark.slow, pytest.mark.broker]
+
+TTL_S = 3.0
+RUNNING = node_pb2.REPLICA_PHASE_RUNNING
+BURST = [f"burst-{i}" for i in range(5)]
+
+
+class Replica:
+    def __init__(self, index: int, tmp_path, postgres_url: str, broker_url: str, publishers: dict) -> None:
+        self.index = index
+        self.grpc_port, self.metrics_port = free_port(), free_port()
+        self.address = f"127.0.0.1:{self.grpc_port}"
+        self.config = tmp_path / f"orchestrator-{index}.yaml"
+        self.config.write_text(
+            yaml.safe_dump(
+                {
+                    "state_dir": str(tmp_path / "state"),  # shared: KEKs, verifier key, tokens
+                    "grpc_bind": self.address,
+                    "metrics_bind": f"127.0.0.1:{self.metrics_port}",
+                    "broker": {"url": broker_url, "event_topic_levels": True},  # NATS: no dots
+                    "state": {"url": postgres_url, "lease_ttl_s": TTL_S},
+                    "node_timeout_s": 4.0,
+                    "reconcile_interval_s": 0.2,
+                    "resend_interval_s": 1.0,
+                    "catalog": {"trusted_publishers": [str(p) for p in publishers["trusted_publishers"]]},
+                }
+            )
+        )
+        self.proc = Proc(f"orchestrator-{index}", ["orchestrator", "-c", str(self.config)], tmp_path)
+
+    def metrics(self) -> str | None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=2) as r:
+                return r.read().decode()
+        except OSError:
+            return None
+
+    def leading(self) -> bool:
+        return "\nedgeward_leader 1" in (self.metrics() or "")
+
+
+class Watcher:
+    """A Watch stream of every deployment, read on a thread."""
+
+    def __init__(self, replica: Replica) -> None:
+        self.replica = replica
+        self.events: list[api_pb2.DeploymentEvent] = []
+        self.error: grpc.RpcError | None = None
+        self._channel = grpc.insecure_channel(replica.address)
+        self._call = api_pb2_grpc.DeploymentServiceStub(self._channel).Watch(
+            api_pb2.WatchDeploymentsRequest()
+        )
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        try:
+            for event in self._call:
+                self.events.append(event)
+        except grpc.RpcError as err:
+            self.error = err
+
+    def close(self) -> None:
+        self._call.cancel()
+        self._thread.join(10)
+        self._channel.close()
+
+
+def leader_of(replicas: list[Replica]) -> Replica:
+    return wait_for(
+        lambda: next((r for r in replicas if r.proc.alive and r.leading()), None), what="a leader"
+    )
+
+
+def kill_leader(replicas: list[Replica]) -> tuple[Replica, Replica, float]:
+    """kill -9 the leader; the replica that took over and how long that took."""
+    old = leader_of(replicas)
+    old.proc.kill9()
+    killed = time.monotonic()
+    new = wait_for(
+        lambda: next((r for r in replicas if r.proc.alive and r.leading()), None),
+        timeout=10 * TTL_S,
+        what="another replica taking over",
+    )
+    return old, new, time.monotonic() - killed
+
+
+def placed_once(client: EdgewardClient, names: list[str]) -> bool:
+    """Every deployment has exactly its replicas, each Running on one node."""
+    for name in names:
+        dep = client.get_deployment(name)
+        reps = [r for r in dep.status.replica_list if r.phase != node_pb2.REPLICA_PHASE_EVICTED]
+        if len(reps) != dep.spec.replicas or not all(r.phase == RUNNING for r in reps):
+            return False
+    return True
+
+
+def test_the_leaders_kill9_mid_apply_and_mid_rollout(tmp_path, postgres_url, nats_cluster):
+    publishers = trust_publisher(tmp_path / "publishers")
+    urls = nats_cluster.mqtt_urls
+    procs: list[Proc] = []
+    watchers: list[Watcher] = []
+    try:
+        replicas = [Replica(0, tmp_path, postgres_url, urls[0], publishers)]
+        wait_for(lambda: replicas[0].leading(), timeout=60, what="the first replica leading")
+        replicas += [Replica(i, tmp_path, postgres_url, urls[i], publishers) for i in (1, 2)]
+        for i in (1, 2):
+            node = tmp_path / f"node-{i}.yaml"
+            token = TokenStore.in_state_dir(tmp_path / "state").mint(f"node-{i}").token
+            node.write_text(
+                yaml.safe_dump(
+                    {
+                        "node_id": f"node-{i}",
+                        "enrollment_token": token,
+                        "heartbeat_s": 0.5,
+                        "broker": {"url": urls[i]},
+                        "state_dir": str(tmp_path / "agents"),
+                    }
+                )
+            )
+            procs.append(Proc(f"node-{i}", ["agent", "-c", str(node)], tmp_path))
+        for r in replicas:
+            wait_for(lambda r=r: r.metrics() is not None, timeout=60, what=f"replica {r.index} serving")
+        # Attestation results live in the leader's verifier (docs/scale-out.md).
+        wait_for(lambda: attested(replicas[0].address) == 2, timeout=60, what="2 nodes attested")
+        leader = leader_of(replicas)
+        followers = [r for r in replicas if r is not leader]
+        watchers = [Watcher(r) for r in followers]
+        api = followers[0]
+        rollout = strategy(steps="[25, 50, 100]", pause="3s", min_inferences=5)
+        with EdgewardClient(api.address) as client:
+            base = MODEL_INT8.read_bytes()
+            client.push_model(base, "vib-cnn", "1.0.0", key=PUBLISHER)
+            client.push_model(
+                rebuilt(base, "vibration cnn, republished 1.1.0"), "vib-cnn", "1.1.0", key=PUBLISHER
+            )
+            # The apply burst, through a follower; the leader dies after the second apply.
+            client.apply(manifest(replicas=4, extra=rollout))
+            client.apply(manifest(BURST[0], replicas=1))
+            killed, leader, took_1 = None, None, 0.0
+            killer = threading.Thread(target=lambda: None)
+            holder: dict = {}
+
+            def kill() -> None:
+                holder["result"] = kill_leader(replicas)
+
+            killer = threading.Thread(target=kill)
+            killer.start()
+            for name in BURST[1:]:
+                client.apply(manifest(name, replicas=1))
+            killer.join(60)
+            killed, leader, took_1 = holder["result"]
+            assert killed is not api
+            names = ["vib", *BURST]
+            assert {d.name for d in client.list_deployments()} == set(names), "no deployment lost"
+            wait_for(lambda: placed_once(client, names), timeout=60, what="every replica running, once")
+            endpoints = [n.inventory.inference_endpoint for n in client.list_nodes()]
+        # The rollout, with traffic; the new leader dies at its second step.
+        stop = threading.Event()
+        driver = threading.Thread(target=traffic, args=(endpoints, stop), daemon=True)
+        driver.start()
+        try:
+            survivor = next(r for r in replicas if r.proc.alive and r is not leader)
+            with EdgewardClient(survivor.address) as client:
+                client.apply(manifest(replicas=4, version="1.1.0", extra=rollout))
+
+                def at_step_2() -> bool:
+                    s = status(survivor.address)
+                    versions = sorted(v for _, _, v in live(client))
+                    return (
+                        s.step == 2
+                        and s.observing_since_unix_ms > 0
+                        and versions == ["1.0.0"] * 2 + ["1.1.0"] * 2
+                    )
+
+                wait_for(at_step_2, timeout=60, what="step 2 of 3 observed")
+                before = live(client)
+                recorded = status(survivor.address)
+                _, leader_3, took_2 = kill_leader(replicas)
+                assert leader_3 is survivor
+                resumed = status(survivor.address)
+                assert (resumed.step, resumed.from_generation, resumed.to_generation) == (
+                    2,
+                    recorded.from_generation,
+                    recorded.to_generation,
+                ), "resumes at the recorded step"
+                assert live(client) == before, "the same replicas on the same nodes"
+                wait_for(
+                    lambda: status(survivor.address).state == api_pb2.ROLLOUT_STATE_COMPLETED,
+                    timeout=40,
+                    what="rollout completed under the third leader",
+                )
+                wait_for(lambda: all_running(client, "1.1.0"), what="4 replicas of 1.1.0")
+                assert {r for r in before if r[2] == "1.1.0"} <= live(client), "step 2's replicas kept"
+                assert placed_once(client, ["vib", *BURST])
+        finally:
+            stop.set()
+            driver.join(10)
+        print(f"takeover after kill -9: {took_1:.2f} s (apply burst), {took_2:.2f} s (rollout)")
+        assert took_1 < 5 * TTL_S and took_2 < 5 * TTL_S
+        # The Watch on the survivor: every revision of the store's change feed after its snapshot,
+        # once, in order, to the last one.
+        watcher = next(w for w in watchers if w.replica is survivor)
+        store = SqlStore(tmp_path / "reader", postgres_url)
+        try:
+            final = store.revision()
+        finally:
+            store.close()
+        wait_for(lambda: watcher.events and watcher.events[-1].revision >= final, what="the watch caught up")
+        assert watcher.error is None
+        snapshot = [
+            e
+            for e in watcher.events
+            if e.type == api_pb2.WATCH_EVENT_TYPE_ADDED and e.revision == watcher.events[0].revision
+        ]
+        changes = [e.revision for e in watcher.events[len(snapshot) :]]
+        start = watcher.events[0].revision
+        assert changes == list(range(start + 1, final + 1)), "every change once, in order"
+    finally:
+        for w in watchers:
+            w.close()
+        for proc in reversed(procs):
+            proc.stop()
+        for r in locals().get("replicas", []):
+            r.proc.stop()

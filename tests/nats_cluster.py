@@ -1,0 +1,97 @@
+"""A private NATS cluster for the tests and benches: Debian's ``nats-server`` (``make test``
+installs it), three processes on random loopback ports, routed to each other, clustered JetStream,
+and the MQTT gateway of each server enabled (MQTT 3.1.1; JetStream keeps the QoS 1 sessions and
+retained messages, replicated over the three servers). An MQTT client may connect to any of them.
+
+    cluster = NatsCluster(workdir); cluster.start(); ... cluster.mqtt_urls; cluster.stop()
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+LOOPBACK = "127.0.0.1"
+
+
+def find_nats_server() -> str | None:
+    return shutil.which("nats-server", path="/usr/sbin:/usr/bin:/usr/local/bin:/usr/local/sbin")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((LOOPBACK, 0))
+        return int(sock.getsockname()[1])
+
+
+class NatsCluster:
+    def __init__(self, workdir: Path, size: int = 3) -> None:
+        self.workdir = workdir
+        self.size = size
+        self.client_ports = [_free_port() for _ in range(size)]
+        self.route_ports = [_free_port() for _ in range(size)]
+        self.mqtt_ports = [_free_port() for _ in range(size)]
+        self.procs: list[subprocess.Popen | None] = [None] * size
+
+    @property
+    def mqtt_urls(self) -> list[str]:
+        return [f"mqtt://{LOOPBACK}:{p}" for p in self.mqtt_ports]
+
+    def _config(self, i: int) -> Path:
+        routes = ", ".join(f"nats-route://{LOOPBACK}:{p}" for p in self.route_ports)
+        conf = self.workdir / f"nats-{i}.conf"
+        conf.write_text(
+            f"server_name: edgeward-{i}\n"
+            f"listen: {LOOPBACK}:{self.client_ports[i]}\n"
+            f"jetstream {{ store_dir: '{self.workdir / f'js-{i}'}', max_memory_store: 64MB, "
+            "max_file_store: 1GB }\n"
+            f"cluster {{ name: edgeward, listen: {LOOPBACK}:{self.route_ports[i]}, routes: [{routes}] }}\n"
+            f"mqtt {{ listen: {LOOPBACK}:{self.mqtt_ports[i]} }}\n"
+        )
+        return conf
+
+    def start(self) -> None:
+        binary = find_nats_server()
+        if binary is None:
+            raise RuntimeError("nats-server not installed: apt-get install nats-server")
+        for i in range(self.size):
+            self.start_one(i, binary)
+        for port in self.mqtt_ports:
+            self._wait_port(port)
+
+    def start_one(self, i: int, binary: str | None = None) -> None:
+        with (self.workdir / f"nats-{i}.log").open("ab") as log:
+            self.procs[i] = subprocess.Popen(
+                [binary or find_nats_server() or "nats-server", "-c", str(self._config(i))],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+
+    def _wait_port(self, port: int, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(p is not None and p.poll() is not None for p in self.procs):
+                raise RuntimeError(f"a nats-server exited; see {self.workdir}/nats-*.log")
+            try:
+                socket.create_connection((LOOPBACK, port), 0.2).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"nats-server did not listen on {port}")
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs:
+            if proc is None:
+                continue
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
