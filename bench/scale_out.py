@@ -36,8 +36,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
 from _report import command, machine, write_section
-from fleet_scale import free_port, raise_fd_limit, start_fleet, start_mosquitto, wait_port
+from fleet_scale import raise_fd_limit, start_fleet, start_mosquitto, wait_port
 from pg_server import PostgresServer, find_bindir
+from processes import listen_port
 
 from edgeward.v1 import api_pb2, api_pb2_grpc, node_pb2
 from usecases import model_path
@@ -50,7 +51,7 @@ class Replica:
     def __init__(
         self, work: Path, index: int, url: str, broker_port: int, public_key: Path, ttl: float
     ) -> None:
-        self.grpc_port, self.metrics_port = free_port(), free_port()
+        self.grpc_port, self.metrics_port = listen_port(), listen_port()
         self.address = f"127.0.0.1:{self.grpc_port}"
         self.conf = work / f"orchestrator-{index}.yaml"
         self.log = work / f"orchestrator-{index}.log"

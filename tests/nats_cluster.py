@@ -14,6 +14,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from processes import listen_port
+
 LOOPBACK = "127.0.0.1"
 
 
@@ -21,19 +23,13 @@ def find_nats_server() -> str | None:
     return shutil.which("nats-server", path="/usr/sbin:/usr/bin:/usr/local/bin:/usr/local/sbin")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((LOOPBACK, 0))
-        return int(sock.getsockname()[1])
-
-
 class NatsCluster:
     def __init__(self, workdir: Path, size: int = 3) -> None:
         self.workdir = workdir
         self.size = size
-        self.client_ports = [_free_port() for _ in range(size)]
-        self.route_ports = [_free_port() for _ in range(size)]
-        self.mqtt_ports = [_free_port() for _ in range(size)]
+        self.client_ports = [listen_port() for _ in range(size)]
+        self.route_ports = [listen_port() for _ in range(size)]
+        self.mqtt_ports = [listen_port() for _ in range(size)]
         self.procs: list[subprocess.Popen | None] = [None] * size
 
     @property

@@ -5,7 +5,9 @@ Shared by tests/integration (process tests, rollout restart), tests/faults and b
 
 from __future__ import annotations
 
+import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -18,6 +20,24 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def listen_port() -> int:
+    """A free loopback TCP port below the ephemeral range, for a child process to listen on later.
+    ``free_port`` hands out ephemeral ports: on a busy machine an outgoing connection may take one
+    before the child binds it; ports below the range are never handed to outgoing connections."""
+    low = 32768
+    with contextlib.suppress(OSError, ValueError):
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for _ in range(200):
+        port = random.randrange(max(1024, low - 12000), low)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    return free_port()
 
 
 class Proc:

@@ -14,7 +14,7 @@ import grpc
 import pytest
 import yaml
 from conftest import MODEL_INT8, PUBLISHER, manifest, trust_publisher
-from processes import Proc, free_port
+from processes import Proc, listen_port
 from test_rollout import rebuilt, strategy
 from test_rollout_restart import all_running, attested, live, status, traffic, wait_for
 
@@ -33,7 +33,7 @@ BURST = [f"burst-{i}" for i in range(5)]
 class Replica:
     def __init__(self, index: int, tmp_path, postgres_url: str, broker_url: str, publishers: dict) -> None:
         self.index = index
-        self.grpc_port, self.metrics_port = free_port(), free_port()
+        self.grpc_port, self.metrics_port = listen_port(), listen_port()
         self.address = f"127.0.0.1:{self.grpc_port}"
         self.config = tmp_path / f"orchestrator-{index}.yaml"
         self.config.write_text(
