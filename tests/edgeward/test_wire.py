@@ -68,3 +68,12 @@ def test_random_bytes_never_escape_as_another_error(payload, kind):
 def test_random_command_bytes_never_escape(payload):
     with contextlib.suppress(WireError):
         decode_command(payload, node_id="n1")
+
+
+def test_event_topics_are_one_level_or_one_level_per_dotted_part():
+    from edgeward.mqtt.topics import TopicError, events_topic
+
+    assert events_topic("rollout.progress", "p/v1") == "p/v1/events/rollout.progress"
+    assert events_topic("rollout.progress", "p/v1", levels=True) == "p/v1/events/rollout/progress"
+    with pytest.raises(TopicError):
+        events_topic("a/b", "p/v1", levels=True)
