@@ -34,7 +34,7 @@ import grpc
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent / "tests"))
+sys.path.append(str(HERE.parent / "tests"))  # after the packages: tests/ has folders of their names
 from _report import command, machine, write_section
 from fleet_scale import raise_fd_limit, start_fleet, start_mosquitto, wait_port
 from pg_server import PostgresServer, find_bindir
