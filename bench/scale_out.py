@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import importlib.util
 import os
 import statistics
 import subprocess
@@ -29,16 +30,30 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from types import ModuleType
 
 import grpc
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-sys.path.append(str(HERE.parent / "tests"))  # after the packages: tests/ has folders of their names
 from _report import command, machine, write_section
 from fleet_scale import raise_fd_limit, start_fleet, start_mosquitto, wait_port
-from pg_server import PostgresServer, find_bindir
-from processes import listen_port
+
+
+def _test_helper(name: str) -> ModuleType:
+    """A helper module of tests/ (the private PostgreSQL, ports), loaded from its file: tests/ is not
+    put on sys.path, where its folders would shadow the packages of the same names."""
+    spec = importlib.util.spec_from_file_location(name, HERE.parent / "tests" / f"{name}.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+pg_server = _test_helper("pg_server")
+listen_port = _test_helper("processes").listen_port
 
 from edgeward.v1 import api_pb2, api_pb2_grpc, node_pb2
 from usecases import model_path
@@ -246,11 +261,11 @@ def main() -> None:
     parser.add_argument("--running-timeout", type=float, default=600.0)
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
-    bindir = find_bindir()
+    bindir = pg_server.find_bindir()
     if bindir is None:
         raise SystemExit("PostgreSQL server not installed: apt-get install postgresql")
     raise_fd_limit()
-    pg = PostgresServer(bindir)
+    pg = pg_server.PostgresServer(bindir)
     pg.start()
     root = Path(tempfile.mkdtemp(prefix="edgeward-scale-out-"))
     broker, broker_port = start_mosquitto(root)
