@@ -35,6 +35,7 @@ from accelerators.base import (
     Backend,
     BackendUnavailable,
     Capabilities,
+    CostModel,
     InferResult,
     Inputs,
     InvalidModel,
@@ -47,12 +48,13 @@ from accelerators.base import (
 )
 from accelerators.cpu_litert import PowerConfig
 from accelerators.execution import InterpreterSession, modelled_result
-from accelerators.int8_reference import LayerCost, layer_costs
 from accelerators.tflite_model import (
+    LayerCost,
     allocate,
     check_container,
     describe,
     interpreter_runtime,
+    layer_costs,
     open_interpreter,
     runtime_problem,
 )
@@ -154,6 +156,18 @@ class EdgeTpuDatasheet:
         streamed = max(0, weights - self.parameter_cache_bytes)
         transfer_s = (io_bytes + streamed) / self.link_bytes_per_s
         return self.invoke_overhead_s + transfer_s + compute_s, compute_s
+
+    @property
+    def cost(self) -> CostModel:
+        """This model in the scheduler's summary form (the same figures: a MAC is two operations)."""
+        rate = self.peak_ops_per_s * self.utilisation
+        return CostModel(
+            invoke_overhead_s=self.invoke_overhead_s,
+            macs_per_s=rate / 2,
+            elements_per_s=rate,
+            link_bytes_per_s=self.link_bytes_per_s,
+            weight_cache_bytes=self.parameter_cache_bytes,
+        )
 
 
 INTERFACES: Mapping[str, EdgeTpuDatasheet] = {
@@ -306,6 +320,7 @@ class AsicEdgeTpuBackend(Backend):
             power=PowerModel(self.datasheet.idle_w, self.datasheet.active_w)
             if power is None
             else PowerModel(power.idle_w, power.active_w),
+            cost=self.datasheet.cost,
         )
         self._loaded: dict[int, _Loaded] = {}
         self._lock = threading.Lock()

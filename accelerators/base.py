@@ -181,6 +181,69 @@ class PowerModel:
 
 
 @dataclass(frozen=True, slots=True)
+class ModelWork:
+    """The work of one inference of a model, from its tensor shapes alone
+    (``accelerators.tflite_model.model_work``): what a :class:`CostModel` predicts from.
+
+    ``macs``: multiply-accumulates of the matrix ops (convolutions, fully connected);
+    ``elements``: elements the other ops touch (pooling, softmax, elementwise); ``mac_layers`` and
+    ``element_layers``: how many ops of each sort (reshapes, which only relabel a buffer, are
+    neither); ``weight_bytes``: constant operands; ``io_bytes``: the model's inputs and outputs.
+    """
+
+    macs: int
+    elements: int
+    mac_layers: int
+    element_layers: int
+    weight_bytes: int
+    io_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class CostModel:
+    """An accelerator's analytic latency model, for predictions before a node has profiled a model
+    (the scheduler's cold start; docs/scheduler.md). Per inference of a :class:`ModelWork`::
+
+        compute  = macs / macs_per_s + elements / elements_per_s
+                   + (mac_layers + element_layers) * layer_overhead_s
+        transfer = (io_bytes + weights beyond weight_cache_bytes) / link_bytes_per_s  (0 without a link)
+        latency  = invoke_overhead_s + transfer + compute;  busy = compute
+
+    and energy is the backend's :class:`PowerModel` over (latency, busy). It is the backends' own
+    timing model where they are simulated (exact while the weights fit on chip; where they do not,
+    the simulated FPGA engine streams them all and overlaps that with compute, so the two differ),
+    and a sustained fraction of the nominal peak for the CPU (``cpu_litert``).
+    """
+
+    invoke_overhead_s: float
+    macs_per_s: float
+    elements_per_s: float
+    layer_overhead_s: float = 0.0
+    #: bytes per second between host memory and the device; 0: the device computes in host memory
+    link_bytes_per_s: float = 0.0
+    #: weights that stay on the device; with a link, the rest streams in every inference
+    weight_cache_bytes: int = 0
+
+    def __post_init__(self) -> None:
+        rates = (self.macs_per_s, self.elements_per_s)
+        if min(rates) <= 0 or min(self.invoke_overhead_s, self.layer_overhead_s, self.link_bytes_per_s) < 0:
+            raise ValueError(f"cost model figures must be positive (rates) or non-negative: {self}")
+
+    def latency(self, work: ModelWork) -> tuple[float, float]:
+        """(latency, busy time) of one inference, in seconds."""
+        compute = (
+            work.macs / self.macs_per_s
+            + work.elements / self.elements_per_s
+            + (work.mac_layers + work.element_layers) * self.layer_overhead_s
+        )
+        transfer = 0.0
+        if self.link_bytes_per_s > 0:
+            streamed = max(0, work.weight_bytes - self.weight_cache_bytes)
+            transfer = (work.io_bytes + streamed) / self.link_bytes_per_s
+        return self.invoke_overhead_s + transfer + compute, compute
+
+
+@dataclass(frozen=True, slots=True)
 class Capabilities:
     """What a backend can run: the scheduler's filter and the backend's own refusal use this."""
 
@@ -193,6 +256,8 @@ class Capabilities:
     memory_bytes: int
     peak_gops: float
     power: PowerModel
+    #: how latency follows from a model's work, for predictions (None: unknown, profiles only)
+    cost: CostModel | None = None
 
     def why_not(self, *, dtypes: Iterable[str], ops: Iterable[str]) -> ModelRefused | None:
         """The refusal for a model computing in ``dtypes`` with ``ops``, or None if it fits."""
@@ -246,6 +311,8 @@ class ModelInfo:
     dtypes: frozenset[str]
     size: int
     sha256: str
+    #: the work of one inference (None: its shapes could not be read); see :class:`CostModel`
+    work: ModelWork | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -35,6 +35,7 @@ from accelerators.base import (
     Backend,
     BackendUnavailable,
     Capabilities,
+    CostModel,
     InferResult,
     Inputs,
     ModelArtifact,
@@ -97,6 +98,27 @@ class CpuLitertConfig(BaseModel):
     )
     peak_gops: float = Field(
         default=20.0, gt=0, title="Peak GOPS", description="Nominal throughput; profiles refine predictions."
+    )
+    # Coral's benchmark table (coral.ai/docs/edgetpu/benchmarks/, "Embedded CPU": a quad Cortex-A53
+    # at 1.5 GHz) times MobileNet v1 224 at 164 ms: 569 M MACs (Howard et al. 2017), i.e. 1.14 G
+    # operations, so 6.9 GOPS of the 48 GOPS nominal peak the hardware catalog gives that CPU.
+    sustained_fraction: float = Field(
+        default=0.145,
+        gt=0,
+        le=1,
+        title="Sustained share of the peak",
+        description="Share of peak_gops a model sustains, for predictions before the node has profiled "
+        "it (the scheduler's cold start); the default is a quad Cortex-A53's on MobileNet v1 (Coral).",
+    )
+    # Measured: backend.infer costs 2.2-3.0 us more than a bare invoke() on x86_64
+    # (bench/inference_overhead.py, docs/benchmarks.md); the interpreter's own fixed cost is in
+    # the sustained share.
+    invoke_overhead_s: float = Field(
+        default=2.5e-6,
+        ge=0,
+        le=1,
+        title="Fixed cost per inference (s)",
+        description="Per-inference cost apart from the model's work, for cold-start predictions.",
     )
     memory_bytes: int | None = Field(
         default=None,
@@ -185,6 +207,12 @@ class CpuLitertBackend(Backend):
             memory_bytes=_physical_memory() if self.config.memory_bytes is None else self.config.memory_bytes,
             peak_gops=self.config.peak_gops,
             power=PowerModel(self.config.power.idle_w, self.config.power.active_w),
+            cost=CostModel(
+                invoke_overhead_s=self.config.invoke_overhead_s,
+                # A multiply-accumulate is two operations of the peak.
+                macs_per_s=self.config.peak_gops * 1e9 * self.config.sustained_fraction / 2,
+                elements_per_s=self.config.peak_gops * 1e9 * self.config.sustained_fraction,
+            ),
         )
         self._power = self._capabilities.power
         self._loaded: dict[int, InterpreterSession] = {}

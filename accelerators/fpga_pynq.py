@@ -66,6 +66,7 @@ from accelerators.base import (
     Backend,
     BackendUnavailable,
     Capabilities,
+    CostModel,
     InferenceFailed,
     InferResult,
     Inputs,
@@ -77,8 +78,8 @@ from accelerators.base import (
 )
 from accelerators.cpu_litert import PowerConfig
 from accelerators.execution import InputBinder, modelled_result
-from accelerators.int8_reference import SUPPORTED_OPS, Int8Program, LayerCost
-from accelerators.tflite_model import runtime_problem
+from accelerators.int8_reference import SUPPORTED_OPS, Int8Program
+from accelerators.tflite_model import LayerCost, runtime_problem
 
 __all__ = [
     "BOARDS",
@@ -184,6 +185,19 @@ class TimingModel:
     @property
     def power(self) -> PowerModel:
         return PowerModel(self.static_w, self.static_w + self.dynamic_w)
+
+    @property
+    def cost(self) -> CostModel:
+        """This model in the scheduler's summary form (the same figures; per-layer rounding and
+        the overlap of streamed weights with compute aside)."""
+        return CostModel(
+            invoke_overhead_s=self.invoke_overhead_s,
+            macs_per_s=self.macs_per_cycle * self.clock_hz,
+            elements_per_s=self.vector_lanes * self.clock_hz,
+            layer_overhead_s=self.layer_overhead_cycles / self.clock_hz,
+            link_bytes_per_s=self.dma_bytes_per_s,
+            weight_cache_bytes=self.on_chip_weight_bytes,
+        )
 
 
 BOARDS: Mapping[str, TimingModel] = {
@@ -605,6 +619,7 @@ class FpgaPynqBackend(Backend):
             memory_bytes=self.timing.memory_bytes,
             peak_gops=self.timing.peak_gops,
             power=power,
+            cost=self.timing.cost,
         )
         self._loaded: dict[int, _Loaded] = {}
         self._slots = itertools.count()

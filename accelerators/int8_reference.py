@@ -42,7 +42,14 @@ from typing import Any
 import numpy as np
 
 from accelerators.base import InvalidInput, InvalidModel, ModelRefused, TensorSpec
-from accelerators.tflite_model import allocate, check_container, describe, open_interpreter
+from accelerators.tflite_model import (
+    LayerCost,
+    allocate,
+    check_container,
+    describe,
+    layer_costs,
+    open_interpreter,
+)
 
 __all__ = [
     "SUPPORTED_OPS",
@@ -290,22 +297,6 @@ def _read_operators(data: bytes) -> list[_Operator]:
 
 
 @dataclass(frozen=True, slots=True)
-class LayerCost:
-    """The work of one op, as an accelerator's timing model needs it.
-
-    ``macs``: multiply-accumulates; ``elements``: elements an elementwise/reduction unit touches;
-    ``weight_bytes``: constant operands (weights, biases); activations in and out in bytes.
-    """
-
-    op: str
-    macs: int
-    elements: int
-    weight_bytes: int
-    input_bytes: int
-    output_bytes: int
-
-
-@dataclass(frozen=True, slots=True)
 class _Tensor:
     index: int
     shape: tuple[int, ...]
@@ -473,63 +464,6 @@ class Int8Program:
 
 
 # --------------------------------------------------------------------------------- layer costs
-
-_MAC_OPS = {"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV", "BATCH_MATMUL"}
-_VIEW_OPS = {"RESHAPE", "SQUEEZE", "EXPAND_DIMS"}
-
-
-def layer_costs(interpreter: Any) -> tuple[LayerCost, ...]:
-    """The work of every op of an interpreter's primary subgraph, from tensor shapes alone.
-
-    Multiply-accumulates for the matrix ops; for the others, one element per input element
-    (pooling, reductions, softmax) or output element (elementwise), whichever is larger; none
-    for reshapes, which only relabel a buffer.
-    """
-    details = {d["index"]: d for d in interpreter.get_tensor_details()}
-    nodes = interpreter._get_ops_details()
-    produced = {int(i) for node in nodes for i in node["outputs"]}
-    graph_inputs = {int(d["index"]) for d in interpreter.get_input_details()}
-
-    def size(index: int) -> int:
-        return int(np.prod(details[index]["shape"], dtype=np.int64))
-
-    def nbytes(index: int) -> int:
-        return size(index) * np.dtype(details[index]["dtype"]).itemsize
-
-    costs = []
-    for node in nodes:
-        op = node["op_name"]
-        inputs = [int(i) for i in node["inputs"] if i >= 0]
-        outputs = [int(i) for i in node["outputs"]]
-        constant = [i for i in inputs if i not in produced and i not in graph_inputs]
-        variable = [i for i in inputs if i not in constant]
-        out_elements = sum(size(i) for i in outputs)
-        macs = elements = 0
-        if op in _MAC_OPS and len(inputs) >= 2:
-            if op == "TRANSPOSE_CONV":  # inputs: output shape, filter (OC, KH, KW, IC), input
-                oc, kh, kw, _ = details[inputs[1]]["shape"]
-                macs = size(inputs[2]) * int(kh) * int(kw) * int(oc)
-            elif op == "DEPTHWISE_CONV_2D":  # filter (1, KH, KW, OC)
-                macs = out_elements * int(np.prod(details[inputs[1]]["shape"][1:3]))
-            elif op == "CONV_2D":  # filter (OC, KH, KW, IC)
-                macs = out_elements * int(np.prod(details[inputs[1]]["shape"][1:]))
-            else:  # FULLY_CONNECTED weights (units, depth); BATCH_MATMUL (..., K, N)
-                shape = details[inputs[1]]["shape"]
-                macs = out_elements * int(shape[-1] if op == "FULLY_CONNECTED" else shape[-2])
-        elif op not in _VIEW_OPS:
-            elements = max(out_elements, sum(size(i) for i in variable))
-        costs.append(
-            LayerCost(
-                op=op,
-                macs=macs,
-                elements=elements,
-                weight_bytes=0 if op in _VIEW_OPS else sum(nbytes(i) for i in constant),
-                input_bytes=sum(nbytes(i) for i in variable),
-                output_bytes=sum(nbytes(i) for i in outputs),
-            )
-        )
-    return tuple(costs)
-
 
 # ------------------------------------------------------------------------------------- inputs
 

@@ -13,14 +13,18 @@ import functools
 import hashlib
 import logging
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from accelerators.base import (
     BackendUnavailable,
     InvalidModel,
     ModelInfo,
     ModelRefused,
+    ModelWork,
     Quantization,
     TensorSpec,
     datatype_of,
@@ -29,11 +33,14 @@ from accelerators.base import (
 __all__ = [
     "MAX_MODEL_BYTES",
     "InterpreterRuntime",
+    "LayerCost",
     "ModelInfo",
     "check_container",
     "describe",
     "inspect_tflite",
     "interpreter_runtime",
+    "layer_costs",
+    "model_work",
     "open_interpreter",
     "runtime_problem",
 ]
@@ -204,6 +211,11 @@ def inspect_tflite(data: bytes, *, max_bytes: int = MAX_MODEL_BYTES) -> ModelInf
     except ModelRefused as err:
         if any(op not in ops for op in err.offending_ops):
             raise InvalidModel("malformed", str(err)) from err
+    try:
+        work: ModelWork | None = model_work(layer_costs(interpreter), (*inputs, *outputs))
+    except Exception as err:  # a shape the cost walk cannot read: no cold-start prediction, still a model
+        log.info("model work not computed: %s", err)
+        work = None
     return ModelInfo(
         inputs=inputs,
         outputs=outputs,
@@ -211,4 +223,99 @@ def inspect_tflite(data: bytes, *, max_bytes: int = MAX_MODEL_BYTES) -> ModelInf
         dtypes=dtypes,
         size=len(data),
         sha256=hashlib.sha256(data).hexdigest(),
+        work=work,
+    )
+
+
+# ------------------------------------------------------------------------------------- work
+
+
+@dataclass(frozen=True, slots=True)
+class LayerCost:
+    """The work of one op, as an accelerator's timing model needs it.
+
+    ``macs``: multiply-accumulates; ``elements``: elements an elementwise/reduction unit touches;
+    ``weight_bytes``: constant operands (weights, biases); activations in and out in bytes.
+    """
+
+    op: str
+    macs: int
+    elements: int
+    weight_bytes: int
+    input_bytes: int
+    output_bytes: int
+
+
+_MAC_OPS = {"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV", "BATCH_MATMUL"}
+_VIEW_OPS = {"RESHAPE", "SQUEEZE", "EXPAND_DIMS"}
+
+
+def layer_costs(interpreter: Any) -> tuple[LayerCost, ...]:
+    """The work of every op of an interpreter's primary subgraph, from tensor shapes alone.
+
+    Multiply-accumulates for the matrix ops; for the others, one element per input element
+    (pooling, reductions, softmax) or output element (elementwise), whichever is larger; none
+    for reshapes, which only relabel a buffer.
+    """
+    details = {d["index"]: d for d in interpreter.get_tensor_details()}
+    nodes = interpreter._get_ops_details()
+    produced = {int(i) for node in nodes for i in node["outputs"]}
+    graph_inputs = {int(d["index"]) for d in interpreter.get_input_details()}
+
+    def size(index: int) -> int:
+        return int(np.prod(details[index]["shape"], dtype=np.int64))
+
+    def nbytes(index: int) -> int:
+        return size(index) * np.dtype(details[index]["dtype"]).itemsize
+
+    costs = []
+    for node in nodes:
+        op = node["op_name"]
+        inputs = [int(i) for i in node["inputs"] if i >= 0]
+        outputs = [int(i) for i in node["outputs"]]
+        constant = [i for i in inputs if i not in produced and i not in graph_inputs]
+        variable = [i for i in inputs if i not in constant]
+        out_elements = sum(size(i) for i in outputs)
+        macs = elements = 0
+        if op in _MAC_OPS and len(inputs) >= 2:
+            if op == "TRANSPOSE_CONV":  # inputs: output shape, filter (OC, KH, KW, IC), input
+                oc, kh, kw, _ = details[inputs[1]]["shape"]
+                macs = size(inputs[2]) * int(kh) * int(kw) * int(oc)
+            elif op == "DEPTHWISE_CONV_2D":  # filter (1, KH, KW, OC)
+                macs = out_elements * int(np.prod(details[inputs[1]]["shape"][1:3]))
+            elif op == "CONV_2D":  # filter (OC, KH, KW, IC)
+                macs = out_elements * int(np.prod(details[inputs[1]]["shape"][1:]))
+            else:  # FULLY_CONNECTED weights (units, depth); BATCH_MATMUL (..., K, N)
+                shape = details[inputs[1]]["shape"]
+                macs = out_elements * int(shape[-1] if op == "FULLY_CONNECTED" else shape[-2])
+        elif op not in _VIEW_OPS:
+            elements = max(out_elements, sum(size(i) for i in variable))
+        costs.append(
+            LayerCost(
+                op=op,
+                macs=macs,
+                elements=elements,
+                weight_bytes=0 if op in _VIEW_OPS else sum(nbytes(i) for i in constant),
+                input_bytes=sum(nbytes(i) for i in variable),
+                output_bytes=sum(nbytes(i) for i in outputs),
+            )
+        )
+    return tuple(costs)
+
+
+def model_work(layers: Iterable[LayerCost], io: Iterable[TensorSpec]) -> ModelWork:
+    """The totals of ``layers`` and the bytes of the model's inputs and outputs ``io`` (variable
+    dimensions taken as 1), as a cost model reads them."""
+    layers = tuple(layers)
+    io_bytes = sum(
+        int(np.prod([max(d, 1) for d in spec.shape], dtype=np.int64)) * spec.numpy_dtype.itemsize
+        for spec in io
+    )
+    return ModelWork(
+        macs=sum(layer.macs for layer in layers),
+        elements=sum(layer.elements for layer in layers if not layer.macs),
+        mac_layers=sum(1 for layer in layers if layer.macs),
+        element_layers=sum(1 for layer in layers if not layer.macs and layer.elements),
+        weight_bytes=sum(layer.weight_bytes for layer in layers),
+        io_bytes=io_bytes,
     )

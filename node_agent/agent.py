@@ -35,7 +35,7 @@ from typing import Any
 import grpc
 
 from accelerators import registry
-from accelerators.base import Backend, Capabilities, ModelArtifact, ModelHandle
+from accelerators.base import Backend, Capabilities, CostModel, ModelArtifact, ModelHandle
 from attestation import attesters, keyrelease
 from attestation.artifacts import (
     AGENT_CODE,
@@ -81,6 +81,17 @@ _ENERGY_SOURCE = {"measured": node_pb2.ENERGY_SOURCE_MEASURED, "modelled": node_
 
 
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
+
+
+def _cost_pb(cost: CostModel) -> node_pb2.CostModel:
+    return node_pb2.CostModel(
+        invoke_overhead_s=cost.invoke_overhead_s,
+        macs_per_s=cost.macs_per_s,
+        elements_per_s=cost.elements_per_s,
+        layer_overhead_s=cost.layer_overhead_s,
+        link_bytes_per_s=cost.link_bytes_per_s,
+        weight_cache_bytes=cost.weight_cache_bytes,
+    )
 
 
 def _is_sha256(text: str) -> bool:
@@ -339,6 +350,8 @@ class NodeAgent:
                 )
                 pb.dtypes.extend(sorted(caps.dtypes))
                 pb.idle_w, pb.active_w = caps.power.idle_w, caps.power.active_w
+                if caps.cost is not None:
+                    pb.cost.CopyFrom(_cost_pb(caps.cost))
             accelerators.append(pb)
         return node_pb2.Hello(
             agent_version=__version__,

@@ -32,6 +32,7 @@ from .catalog.errors import CatalogError, VersionExists
 from .catalog.views import compliance, node_trust, placements
 from .catalog.wipe import status_pb as wipe_status_pb
 from .errors import AlreadyExists, InvalidManifest, InvalidModel, NotFound, OrchestratorError, RevisionGone
+from .fleet import model_work_pb
 from .manifest import NAME_RE, SEMVER_RE, DeploymentManifest, parse_manifest
 from .phases import ACTIVE, Phase, to_pb
 from .rollout import RolloutError
@@ -489,6 +490,7 @@ class ModelService(api_pb2_grpc.ModelServiceServicer):
             signature=meta.signature if publisher else None,
             state=api_pb2.MODEL_STATE_PUBLISHED,
             profiles=meta.profiles,
+            work=None if info.work is None else model_work_pb(info.work),
         )
         record = ModelRecord(
             meta.name, meta.version, digest, len(data), model.SerializeToString(), created, updated_ms=created

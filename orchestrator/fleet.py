@@ -3,9 +3,10 @@
 Node liveness comes from two signals: the retained ``status`` (with the broker-published last will
 ``OFFLINE`` when a node dies) and message recency (a node silent for ``node_timeout_s`` is lost).
 
-What the scheduler learns of performance also lands here: the node's own model profiles (from its
-hello) and, per model, the latency *windows* of its telemetry: a telemetry message is a window of a
-model when the model served inferences since the previous one; its p95 is the window's figure.
+What the scheduler learns of performance also lands here: the node's own model profiles and its
+accelerators' cost models (from its hello) and, per model, the latency *windows* of its telemetry:
+a telemetry message is a window of a model when the model served inferences since the previous
+one; its p95 is the window's figure.
 """
 
 from __future__ import annotations
@@ -14,18 +15,86 @@ import math
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
+from typing import Protocol
 
-from edgeward.v1 import node_pb2
+from edgeward.v1 import api_pb2, node_pb2
+
+from .scheduler.costs import AcceleratorCost, ModelWork
 
 #: Latency windows kept per node and model: enough for a few reconcile passes to catch up.
 WINDOWS_KEPT = 8
 PROFILE_INVALID = "fleet.profile.invalid"
+COST_MODEL_INVALID = "fleet.cost_model.invalid"
 LATENCY_INVALID = "fleet.telemetry.invalid_latency"
 
 
 def model_key(name: str, version: str) -> str:
     """How the scheduler names a model version: ``name:version``."""
     return f"{name}:{version}"
+
+
+def accelerator_costs(hello: node_pb2.Hello) -> tuple[dict[str, AcceleratorCost], int]:
+    """(kind -> cost model of each available accelerator that advertises a valid one, how many
+    advertised one that is not: non-finite or negative figures, no rate, idle over active power)."""
+    costs: dict[str, AcceleratorCost] = {}
+    invalid = 0
+    for acc in hello.accelerators:
+        if acc.availability not in ("", "ok") or not acc.HasField("cost"):
+            continue
+        c = acc.cost
+        cost = AcceleratorCost(
+            c.invoke_overhead_s,
+            c.macs_per_s,
+            c.elements_per_s,
+            c.layer_overhead_s,
+            c.link_bytes_per_s,
+            float(c.weight_cache_bytes),
+            acc.idle_w,
+            acc.active_w,
+        )
+        if cost.valid():
+            costs[acc.kind] = cost
+        else:
+            invalid += 1
+    return costs, invalid
+
+
+def model_work_pb(work: WorkTotals) -> api_pb2.ModelWork:
+    """The catalog's record of a model's work (from ``accelerators.base.ModelWork``)."""
+    return api_pb2.ModelWork(
+        macs=int(work.macs),
+        elements=int(work.elements),
+        mac_layers=int(work.mac_layers),
+        element_layers=int(work.element_layers),
+        weight_bytes=int(work.weight_bytes),
+        io_bytes=int(work.io_bytes),
+    )
+
+
+def model_work(model: api_pb2.Model) -> ModelWork | None:
+    """The work of one inference of a catalog model (None: the catalog could not read it)."""
+    if not model.HasField("work"):
+        return None
+    w = model.work
+    return ModelWork(
+        float(w.macs),
+        float(w.elements),
+        float(w.mac_layers),
+        float(w.element_layers),
+        float(w.weight_bytes),
+        float(w.io_bytes),
+    )
+
+
+class WorkTotals(Protocol):
+    """A model's work as the accelerators package reads it (``accelerators.base.ModelWork``)."""
+
+    macs: int
+    elements: int
+    mac_layers: int
+    element_layers: int
+    weight_bytes: int
+    io_bytes: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +118,8 @@ class NodeView:
     telemetry: node_pb2.Telemetry | None = None
     #: (model key, accelerator kind) -> the node's own profile of that model
     profiles: dict[tuple[str, str], node_pb2.ModelProfile] = field(default_factory=dict)
+    #: accelerator kind -> its cost model (valid ones only), for cold-start predictions
+    costs: dict[str, AcceleratorCost] = field(default_factory=dict)
     #: model key -> its latest latency windows, oldest first
     latency: dict[str, deque[LatencyWindow]] = field(default_factory=dict)
 
@@ -67,6 +138,7 @@ class Fleet:
         self.nodes: dict[str, NodeView] = {}
         self.dropped: Counter[str] = Counter()  # reason id -> profiles or latencies refused
         self.windows_added = 0  # latency windows appended so far, for "anything new?"
+        self.profile_updates = 0  # hellos that changed a node's profiles, for "anything new?"
 
     def view(self, node_id: str) -> NodeView:
         node = self.nodes.get(node_id)
@@ -89,7 +161,13 @@ class Fleet:
             )
             node.hello = msg.hello
             node.boot_ms = msg.hello.boot_unix_ms
-            node.profiles = self._profiles(msg.hello.profiles)
+            profiles = self._profiles(msg.hello.profiles)
+            if profiles != node.profiles:
+                self.profile_updates += 1
+            node.profiles = profiles
+            node.costs, invalid = accelerator_costs(msg.hello)
+            if invalid:
+                self.dropped[COST_MODEL_INVALID] += invalid
             if rebooted:  # a new order of statuses (a board without a clock may start at 1970)
                 node.status_seq, node.epoch = -1, 0
                 node.latency = {}

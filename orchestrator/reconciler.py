@@ -44,7 +44,7 @@ from edgeward.wire import SCHEMA_VERSION, now_ms
 
 from .config import OrchestratorConfig
 from .errors import NotFound
-from .fleet import Fleet, LatencyWindow, NodeView, model_key
+from .fleet import Fleet, LatencyWindow, NodeView, model_key, model_work
 from .phases import ACTIVE, TRANSITIONS, Phase
 from .scheduler import (
     TIERS,
@@ -236,16 +236,27 @@ class Reconciler:
 
     # ------------------------------------------------------------ performance
 
-    def _plan(
+    async def _plan(
         self,
         replicas: list[ReplicaRecord],
         changes: list[ReplicaChange],
         deployments: list[DeploymentRecord],
         now: float,
+        models: Iterable[tuple[str, str]],
     ) -> PlacementPlan:
-        """One immutable, columnar snapshot of the fleet as it is now; the plan reserves as it binds."""
+        """One immutable, columnar snapshot of the fleet as it is now; the plan reserves as it binds.
+        Predictions: the nodes' own profiles, their peers' (``class_estimates``), else the cost
+        models of their accelerators with the work of ``models`` (name, version) as the catalog read it."""
+        works = {}
+        for name, version in set(models):
+            entry = await self._model(name, version)
+            work = model_work(entry[0]) if entry is not None else None
+            if work is not None:
+                works[model_key(name, version)] = work
         infos = self._snapshot(replicas, changes, deployments, now)
-        snapshot = FleetSnapshot.from_node_infos(infos, performance=class_estimates(infos.values()))
+        snapshot = FleetSnapshot.from_node_infos(
+            infos, performance=class_estimates(infos.values()), works=works
+        )
         return self._scheduler.plan(snapshot)
 
     def _correct(self, by_deployment: dict[str, list[ReplicaRecord]], now: float, timeout: float) -> None:
@@ -679,7 +690,8 @@ class ReconcilePass:
         if not moves:
             return
         by_name = {d.name: d for d in self.deployments}
-        plan = rec._plan(self.replicas, self.changes, self.deployments, self.now)
+        moving = [(running[m.replica_id].model_name, running[m.replica_id].model_version) for m in moves]
+        plan = await rec._plan(self.replicas, self.changes, self.deployments, self.now, moving)
         for move in moves:
             if not rec._move_rate.available(self.now):
                 log.info("SLO moves held back: %d per minute reached", rec._move_rate.per_minute)
@@ -829,7 +841,8 @@ class ReconcilePass:
         outcomes: dict[Placed, int] = defaultdict(int)
         if not pending:
             return outcomes
-        plan = self.rec._plan(self.replicas, self.changes, self.deployments, self.now)
+        models = [(rep.model_name, rep.model_version) for _, rep in pending]
+        plan = await self.rec._plan(self.replicas, self.changes, self.deployments, self.now, models)
         for k, (dep, rep) in enumerate(pending):
             if k and not k % PLACE_SLICE:
                 await asyncio.sleep(0)  # let ingest run: binding 10,000 replicas takes seconds
@@ -973,6 +986,7 @@ def _node_info(
             for acc in hello.accelerators
             if acc.availability in ("", "ok") and acc.peak_gops > 0
         },
+        costs=node.costs,
         # The SLO is on p95: a profile predicts the p95 it measured.
         profiles={
             (kind, model): Prediction(p.latency_p95_ms, p.energy_j)

@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from ..errors import OrchestratorError
+from .costs import AcceleratorCost
 
 #: Attestation tiers, weakest first; a node qualifies for a request at its tier or below.
 TIERS: Mapping[str, int] = {"none": 0, "software": 1, "tpm2": 2}
@@ -49,8 +50,10 @@ class NodeInfo:
     #: (accelerator kind, model) -> the node's own profile; overrides its class's prediction
     profiles: Mapping[tuple[str, str], Prediction] = field(default_factory=dict)
     #: accelerator kind -> its active watts per peak GOPS (nJ per operation at peak): which of the
-    #: node's accelerators to prefer for a model nothing has profiled yet
+    #: node's accelerators to prefer for a model nothing predicts (no profile, no cost model)
     nj_per_op: Mapping[str, float] = field(default_factory=dict)
+    #: accelerator kind -> its cost model: predictions for models the node has not profiled
+    costs: Mapping[str, AcceleratorCost] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,9 @@ class Placement:
     #: Explanations, not identity: left out of comparisons (NaN never equals itself).
     latency_ms: float = field(default=math.nan, compare=False)
     energy_j: float = field(default=math.nan, compare=False)
+    #: what the predictions rest on (:data:`~.snapshot.BASIS`): "own profile", "profiles" (of
+    #: nodes of the same hardware profile), "cost model", or "" (none)
+    basis: str = field(default="", compare=False)
 
     def why(self) -> str:
         """The placement's reasons, for ``edgeward explain``."""
@@ -85,9 +91,13 @@ class Placement:
         if self.accelerator:
             text += f" on {self.accelerator}"
         if math.isnan(self.energy_j):
-            return text + ": model not profiled yet (accelerator by nJ/op at peak, node by active W)"
+            return (
+                text
+                + ": nothing predicts this model here yet (accelerator by nJ/op at peak, node by active W)"
+            )
         latency = "" if math.isnan(self.latency_ms) else f"p95 {self.latency_ms:.2f} ms, "
-        return text + f": predicted {latency}{self.energy_j * 1e3:.3f} mJ per inference"
+        basis = f" ({self.basis})" if self.basis else ""
+        return text + f": predicted {latency}{self.energy_j * 1e3:.3f} mJ per inference{basis}"
 
 
 class Code(enum.Enum):

@@ -22,7 +22,7 @@ from numpy.typing import NDArray
 from .placement import Code, FilterStatus, Placement, PlacementRequest, SchedulerError, Unschedulable
 from .plugins import FilterPlugin, ScorePlugin
 from .shape import RequestShape
-from .snapshot import FleetSnapshot
+from .snapshot import BASIS, FleetSnapshot
 
 #: The only node left is the one the replica moves off.
 AVOIDED = "scheduler.filter.avoided"
@@ -128,6 +128,7 @@ class PlacementPlan:
                     score=float(total[best]) / self._total_weight,
                     latency_ms=float(evaluated.shape.latency_at(self.snapshot, at_node)[0]),
                     energy_j=float(evaluated.shape.energy_at(self.snapshot, at_node)[0]),
+                    basis=BASIS[evaluated.shape.basis_of(self.snapshot, node)],
                 )
                 self._reserve(req, node, placement)
                 return placement

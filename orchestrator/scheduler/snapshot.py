@@ -10,6 +10,11 @@ give are computed once per class and gathered to the nodes (as Nomad's computed 
 A node's own profile of a model (measured by the node) overrides its class's prediction for that
 node only. The overrides are kept as flat arrays sorted by (model, node, kind), so a request
 patches the few nodes that have one instead of giving up the per-class computation.
+
+A class's prediction comes from the performance table (in the orchestrator: the median of the
+profiles of the nodes of that hardware profile), else from the accelerator's cost model and the
+model's work (:mod:`.costs`: the cold start, before anything has profiled the model). ``basis``
+says which, so a placement can say what it rests on.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from types import MappingProxyType
 import numpy as np
 from numpy.typing import NDArray
 
+from .costs import AcceleratorCost, ModelWork, predict
 from .placement import TIERS, NodeInfo, Prediction, SchedulerError
 
 #: Bit 0 of a dtype mask: the accelerator kind is present (a kind may list no dtypes at all).
@@ -33,6 +39,10 @@ MISSING = -1
 #: Latencies below this count as this much wherever predictions are compared with each other, the
 #: SLO or observations: below a millisecond, the fixed cost of serving is all that shows.
 LATENCY_FLOOR_MS = 1.0
+#: What a prediction rests on, by code: nothing, the performance table (profiles of nodes of the
+#: same hardware profile), the accelerator's cost model, the node's own profile.
+BASIS = ("", "profiles", "cost model", "own profile")
+NO_BASIS, TABLE, COST_MODEL, OWN_PROFILE = range(len(BASIS))
 
 
 #: (hardware profile, accelerator kind, model) -> prediction, e.g. from the backends' profiles.
@@ -46,6 +56,7 @@ class NodeClass:
     profile: str
     accelerators: tuple[tuple[str, frozenset[str]], ...]  # (kind, dtypes), sorted by kind
     nj_per_op: tuple[tuple[str, float], ...] = ()  # (kind, nJ per operation at peak), sorted by kind
+    costs: tuple[tuple[str, AcceleratorCost], ...] = ()  # (kind, its cost model), sorted by kind
 
 
 def class_estimates(nodes: Iterable[NodeInfo]) -> dict[tuple[str, str, str], Prediction]:
@@ -80,7 +91,7 @@ class FleetSnapshot:
     Per class (length C): ``class_dtypes`` (C x K dtype bitmasks per accelerator kind, bit 0 =
     :data:`PRESENT`, others from ``dtype_bits``), ``class_nj_per_op`` (C x K, the accelerators'
     energy prior, NaN where unknown), and C x K x M ``latency_ms``/``energy_j`` predictions per
-    model (NaN where unknown).
+    model (NaN where unknown) with their ``basis`` (a code into :data:`BASIS`).
 
     Per own profile (length P, sorted by model, node, kind): ``own_model``, ``own_node``,
     ``own_kind``, ``own_latency_ms``, ``own_energy_j``.
@@ -110,6 +121,7 @@ class FleetSnapshot:
     models: tuple[str, ...]
     latency_ms: NDArray[np.float64]
     energy_j: NDArray[np.float64]
+    basis: NDArray[np.int8]
     #: deployment -> (node positions, replica counts) of its replicas already bound
     per_deployment: Mapping[str, tuple[NDArray[np.intp], NDArray[np.int32]]]
     own_model: NDArray[np.intp]
@@ -183,9 +195,11 @@ class FleetSnapshot:
         nodes: Mapping[str, NodeInfo] | Iterable[NodeInfo],
         *,
         performance: PerformanceTable | None = None,
+        works: Mapping[str, ModelWork] | None = None,
         zone_label: str = "zone",
     ) -> FleetSnapshot:
-        """Columnise ``nodes``; ``performance`` gives the predictions, ``zone_label`` the zone."""
+        """Columnise ``nodes``; ``performance`` gives the predictions, ``works`` (model -> its work)
+        the cost-model predictions where ``performance`` has none, ``zone_label`` the zone."""
         infos = _checked(nodes)
         ids = tuple(n.id for n in infos)
         dtype_names = sorted({d for n in infos for dtypes in n.accelerators.values() for d in dtypes})
@@ -195,7 +209,9 @@ class FleetSnapshot:
         kinds = tuple(sorted({k for n in infos for k in n.accelerators}))
         kind_pos = {k: i for i, k in enumerate(kinds)}
         node_class, classes, class_dtypes = _node_classes(infos, dtype_bits, kind_pos)
-        models, latency, energy, own = _predictions(infos, classes, kind_pos, performance or {})
+        models, latency, energy, own = _predictions(infos, classes, kind_pos, performance or {}, works or {})
+        basis = np.where(np.isnan(energy), NO_BASIS, TABLE).astype(np.int8)
+        _cold_start(classes, kind_pos, models, works or {}, latency, energy, basis)
         label_keys, vocab, labels = _labels(infos)
         zone_codes: dict[str, int] = {}
         zone = np.array(
@@ -228,6 +244,7 @@ class FleetSnapshot:
             models=models,
             latency_ms=_frozen(latency),
             energy_j=_frozen(energy),
+            basis=_frozen(basis),
             per_deployment=MappingProxyType(_per_deployment(infos)),
             own_model=_frozen(np.array(own[0], np.intp)),
             own_node=_frozen(np.array(own[1], np.intp)),
@@ -260,6 +277,7 @@ def _node_classes(
             info.hardware_profile,
             tuple(sorted(info.accelerators.items())),
             tuple(sorted(info.nj_per_op.items())),
+            tuple(sorted(info.costs.items())),
         )
         node_class[i] = class_pos.setdefault(key, len(class_pos))
     classes = tuple(class_pos)
@@ -288,11 +306,12 @@ def _predictions(
     classes: tuple[NodeClass, ...],
     kind_pos: Mapping[str, int],
     table: PerformanceTable,
+    works: Mapping[str, ModelWork],
 ) -> tuple[tuple[str, ...], NDArray[np.float64], NDArray[np.float64], list[tuple]]:
     """(models, latency and energy per class/kind/model from ``table``, the nodes' own profiles
     as columns (model, node, kind, latency, energy) sorted by model then node)."""
     own_models = {model for n in infos for (_, model) in n.profiles}
-    models = tuple(sorted({model for (_, _, model) in table} | own_models))
+    models = tuple(sorted({model for (_, _, model) in table} | own_models | set(works)))
     model_pos = {m: i for i, m in enumerate(models)}
     latency = np.full((len(classes), len(kind_pos), len(models)), np.nan)
     energy = np.full_like(latency, np.nan)
@@ -311,6 +330,31 @@ def _predictions(
     )
     own = list(zip(*own_rows, strict=True)) if own_rows else [(), (), (), (), ()]
     return models, latency, energy, own
+
+
+def _cold_start(
+    classes: tuple[NodeClass, ...],
+    kind_pos: Mapping[str, int],
+    models: tuple[str, ...],
+    works: Mapping[str, ModelWork],
+    latency: NDArray[np.float64],
+    energy: NDArray[np.float64],
+    basis: NDArray[np.int8],
+) -> None:
+    """Fill the predictions the table leaves unknown from the cost models (in place)."""
+    costs = np.full((len(classes), len(kind_pos), len(AcceleratorCost._fields)), np.nan)
+    for c, klass in enumerate(classes):
+        for kind, cost in klass.costs:
+            if kind in kind_pos:
+                costs[c, kind_pos[kind]] = cost
+    work = np.array([works.get(m, (np.nan,) * len(ModelWork._fields)) for m in models], np.float64)
+    if not (np.isfinite(costs).any() and np.isfinite(work).any()):
+        return
+    predicted_ms, predicted_j = predict(costs, work.reshape(len(models), len(ModelWork._fields)))
+    fill = np.isnan(energy) & np.isfinite(predicted_j)
+    latency[fill] = predicted_ms[fill]
+    energy[fill] = predicted_j[fill]
+    basis[fill] = COST_MODEL
 
 
 def _labels(infos: list[NodeInfo]) -> tuple[tuple[str, ...], list[dict[str, int]], NDArray[np.int32]]:
