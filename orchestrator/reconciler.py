@@ -168,6 +168,13 @@ class Reconciler:
     def trigger(self) -> None:
         self._wake.set()
 
+    def start_grace(self) -> None:
+        """Start the grace period (one node timeout in which a node not heard from yet is unknown,
+        not lost) now: when the orchestrator has subscribed and can first hear the fleet. Counted
+        from construction, a start-up slowed by a loaded machine used it up before the retained
+        statuses arrived, and the replicas of live nodes were evicted as lost."""
+        self._started = time.monotonic()
+
     def node_connected(self, node_id: str) -> None:
         self._needs_sync.add(node_id)
         self.trigger()

@@ -310,6 +310,7 @@ class Orchestrator:
         await self._mqtt.__aenter__()
         for kind in INGEST_KINDS:
             await self._mqtt.subscribe(nodes_filter(kind, b.topic_prefix), qos=1)
+        self.reconciler.start_grace()  # the fleet can be heard from now on
         self._server = self._grpc_server()
         if self.guard is None:
             self.grpc_port = self._server.add_insecure_port(cfg.grpc_bind)

@@ -278,6 +278,7 @@ class AttestationGate(RuleBasedStateMachine):
     def advance(self, seconds: float) -> None:
         self.clock.now += seconds
         self.run(self.verifier.tick())
+        self.run(self.verifier.challenges_sent())
         self.settle()
 
     # ------------------------------------------------------------ the property

@@ -112,3 +112,25 @@ async def test_wait_passes_returns_after_whole_passes(store, tmp_path) -> None:
         loop.cancel()
         with pytest.raises(asyncio.CancelledError):
             await loop
+
+
+async def test_the_grace_period_starts_when_the_fleet_can_be_heard(store, tmp_path) -> None:
+    """A replica on a node not heard from yet is unknown, not lost, for one node timeout from the
+    moment the orchestrator subscribed (start_grace), however long the start-up took before it."""
+    from orchestrator.phases import Phase
+    from orchestrator.store import ReplicaChange, ReplicaRecord
+
+    store.put_deployment(parse_manifest(MANIFEST), 1)
+    push(store)
+    bound = ReplicaRecord("vib-1", "vib", 1, "vib-cnn", "1.0.0", Phase.RUNNING, 1, node_id="node-1")
+    store.apply_replica_changes([ReplicaChange(bound)])
+    rec = reconciler(store, tmp_path)
+    rec._started -= 3600  # a start-up that took longer than the node timeout before subscribing
+    rec.start_grace()
+    await rec.reconcile_once()
+    [replica] = store.list_replicas("vib")
+    assert replica.phase == Phase.RUNNING, replica.reason
+    rec._started -= 3600  # the grace is over and the node never spoke: now it is lost
+    await rec.reconcile_once()
+    phases = {r.id: (r.phase, r.reason) for r in store.list_replicas("vib")}
+    assert phases["vib-1"] == (Phase.EVICTED, "node.lost")
