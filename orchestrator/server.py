@@ -11,9 +11,9 @@ import contextlib
 import logging
 import time
 import uuid
-from collections import defaultdict
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -54,17 +54,16 @@ from edgeward.wire import (
 )
 
 from .api import (
+    Control,
     DeploymentService,
     ModelService,
     NodeService,
     RolloutService,
     TelemetryService,
     WatchHub,
-    deployment_to_pb,
-    fill_slo_attainment,
-    node_to_pb,
     request_checks,
 )
+from .catalog.publish import ModelPublisher
 from .catalog.service import Catalog
 from .catalog.signing import PublisherTrust
 from .config import OrchestratorConfig
@@ -78,9 +77,10 @@ from .multiexit import PipelineRouter
 from .reconciler import Reconciler, command
 from .rollout import RolloutController
 from .scheduler import Scheduler
-from .store import DeploymentRecord, Lease, NodeRecord, ReplicaRecord, SqlStore, open_store
+from .store import Lease, NodeRecord, SqlStore, open_store
 from .telemetry import TelemetryStore
 from .verifier import FleetVerifier
+from .views import ApiViews
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +105,15 @@ ORCHESTRATOR_INFLIGHT = 0  # QoS 1 commands awaiting their PUBACK on the wire at
 ORCHESTRATOR_OUTBOUND = 50_000  # and kept in all (a few per node of a 10,000-node fleet)
 CHANGE_POLL_S = 0.1  # how often a replica reads the store's change feed (Watch across replicas)
 LEADER_REFRESH_S = 2.0  # how often the leader re-reads what other replicas' APIs changed
+
+
+@dataclass(frozen=True)
+class ApiServices:
+    deployments: DeploymentService
+    nodes: NodeService
+    models: ModelService
+    telemetry: TelemetryService
+    rollouts: RolloutService
 
 
 class Orchestrator:
@@ -266,6 +275,15 @@ class Orchestrator:
         nodes = await self.db(self.store.list_nodes)
         self.reconciler.set_cordoned(n.id for n in nodes if n.cordoned)
         self.pipelines = PipelineRouter(self.store, self.db, self.fleet, self._publish_command)
+        self.views = ApiViews(
+            store=self.store,
+            db=self.db,
+            fleet=self.fleet,
+            telemetry=self.telemetry,
+            rollouts=self.rollouts,
+            verifier=self.verifier,
+            node_timeout_s=cfg.node_timeout_s,
+        )
 
     async def _connect(self) -> None:
         """The API guard, the MQTT broker (embedded unless one is configured) and our session, and
@@ -275,7 +293,9 @@ class Orchestrator:
         if sec is None:
             log.warning(PLAINTEXT_WARNING, cfg.grpc_bind)
         else:
-            self.guard = await ApiGuard.open(sec, cfg.state_dir, self._exists, request_checks(self))
+            self.guard = await ApiGuard.open(
+                sec, cfg.state_dir, self._exists, request_checks(self.run_blocking)
+            )
         if cfg.broker.url is None:
             self._broker = EmbeddedBroker(
                 host=cfg.broker.embedded_bind,
@@ -334,16 +354,37 @@ class Orchestrator:
                 ("grpc.max_send_message_length", MAX_RESPONSE_BYTES),
             ],
         )
-        api_pb2_grpc.add_DeploymentServiceServicer_to_server(DeploymentService(self), server)
-        api_pb2_grpc.add_NodeServiceServicer_to_server(NodeService(self), server)
-        api_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(self), server)
-        api_pb2_grpc.add_TelemetryServiceServicer_to_server(TelemetryService(self), server)
-        api_pb2_grpc.add_RolloutServiceServicer_to_server(RolloutService(self), server)
+        services = self.services()
+        api_pb2_grpc.add_DeploymentServiceServicer_to_server(services.deployments, server)
+        api_pb2_grpc.add_NodeServiceServicer_to_server(services.nodes, server)
+        api_pb2_grpc.add_ModelServiceServicer_to_server(services.models, server)
+        api_pb2_grpc.add_TelemetryServiceServicer_to_server(services.telemetry, server)
+        api_pb2_grpc.add_RolloutServiceServicer_to_server(services.rollouts, server)
         events_pb2_grpc.add_EventServiceServicer_to_server(EventService(self.events), server)
         attestation_pb2_grpc.add_AttestationServiceServicer_to_server(self.verifier.servicer(), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         enable_reflection(SERVICE_NAMES, server)
         return server
+
+    def services(self) -> ApiServices:
+        """The edgeward.v1 servicers, each given the collaborators it uses."""
+        control = Control(self.store, self.db, self.reconciler, self.events, self.changed)
+        publisher = ModelPublisher(
+            trust=self.catalog.trust,
+            store=self.store,
+            db=self.db,
+            run_blocking=self.run_blocking,
+            events=self.events,
+            allow_model=self.verifier.allow_model,
+            on_change=self.reconciler.trigger,
+        )
+        return ApiServices(
+            deployments=DeploymentService(control, self.views, self.watch, self.run_blocking),
+            nodes=NodeService(control, self.views),
+            models=ModelService(control, publisher, self.catalog, self.verifier, self.fleet),
+            telemetry=TelemetryService(self.telemetry),
+            rollouts=RolloutService(self.store, self.db, self.rollouts),
+        )
 
     async def _serve(self) -> None:
         """Start the control loops, then the gRPC API; health says SERVING last."""
@@ -473,10 +514,7 @@ class Orchestrator:
         self._feed_wake.set()
 
     async def deployment_pb_or_none(self, name: str) -> api_pb2.Deployment | None:
-        try:
-            return await self.deployment_pb(name)
-        except NotFound:
-            return None
+        return await self.views.deployment_or_none(name)
 
     @property
     def address(self) -> str:
@@ -806,54 +844,7 @@ class Orchestrator:
     # ------------------------------------------------------------ views for the API
 
     async def deployment_pb(self, name: str) -> api_pb2.Deployment:
-        record, replicas = await self.db(
-            lambda: (self.store.get_deployment(name), self.store.list_replicas(name))
-        )
-        pb = self._with_rollout(record, deployment_to_pb(record, replicas))
-        fill_slo_attainment([(record, replicas, pb)], self.telemetry.models)
-        return pb
-
-    def _with_rollout(self, record: DeploymentRecord, pb: api_pb2.Deployment) -> api_pb2.Deployment:
-        if self.rollouts.get(record.name) is not None:
-            pb.status.rollout.CopyFrom(self.rollouts.status_pb(record))
-        return pb
-
-    async def all_deployments_pb(self) -> list[api_pb2.Deployment]:
-        records, replicas = await self.db(lambda: (self.store.list_deployments(), self.store.list_replicas()))
-        by_dep: dict[str, list] = {}
-        for rep in replicas:
-            by_dep.setdefault(rep.deployment, []).append(rep)
-        out = [(r, by_dep.get(r.name, []), deployment_to_pb(r, by_dep.get(r.name, []))) for r in records]
-        fill_slo_attainment(out, self.telemetry.models)
-        return [self._with_rollout(r, pb) for r, _, pb in out]
-
-    async def nodes_pb(self) -> list[api_pb2.Node]:
-        records, replicas = await self.db(lambda: (self.store.list_nodes(), self.store.list_replicas()))
-        by_id = {r.id: r for r in records}
-        on_node: dict[str, list[ReplicaRecord]] = defaultdict(list)  # one pass, not one per node
-        for rep in replicas:
-            if rep.node_id:
-                on_node[rep.node_id].append(rep)
-        ids = sorted(set(by_id) | {n for n, v in self.fleet.nodes.items() if v.hello is not None})
-        return [self._node_pb(i, by_id.get(i), on_node.get(i, ())) for i in ids]
-
-    async def node_pb(self, node_id: str) -> api_pb2.Node:
-        record, replicas = await self.db(lambda: (self.store.get_node(node_id), self.store.list_replicas()))
-        if record is None and node_id not in self.fleet.nodes:
-            raise NotFound("node", node_id)
-        return self._node_pb(node_id, record, [r for r in replicas if r.node_id == node_id])
-
-    def _node_pb(
-        self, node_id: str, record: NodeRecord | None, replicas: Iterable[ReplicaRecord]
-    ) -> api_pb2.Node:
-        view = self.fleet.nodes.get(node_id)
-        online = view is not None and view.online(time.monotonic(), self.config.node_timeout_s)
-        pb = node_to_pb(node_id, record, view, online, replicas)
-        pb.attestation_tier = self.verifier.tier(node_id)
-        quarantine = self.verifier.quarantined.get(node_id)
-        if quarantine is not None:
-            pb.quarantine_reason = quarantine.reason
-        return pb
+        return await self.views.deployment(name)
 
     async def _exists(self, kind: str, name: str) -> bool:
         """Whether a deployment or model exists (asked before a team claims a name, docs/security.md)."""
@@ -863,18 +854,6 @@ class Orchestrator:
         except NotFound:
             return False
         return True
-
-    async def set_cordon(self, node_id: str, cordon: bool) -> None:
-        def update() -> None:
-            record = self.store.get_node(node_id)
-            if record is None:
-                raise NotFound("node", node_id)
-            self.store.put_node(NodeRecord(record.id, cordon, record.inventory, record.last_seen_ms))
-
-        await self.db(update)
-        cordoned = set(self.reconciler.cordoned)
-        (cordoned.add if cordon else cordoned.discard)(node_id)
-        self.reconciler.set_cordoned(cordoned)
 
 
 class WireWork:

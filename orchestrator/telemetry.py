@@ -14,7 +14,7 @@ those windows feed the slowdown detector (``orchestrator.detectors``).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -315,3 +315,50 @@ class TelemetryStore:
 
     def energy_source(self, node_id: str) -> int:
         return self._source.get(node_id, node_pb2.ENERGY_SOURCE_UNSPECIFIED)
+
+    def slo_attainment(self, deployments: Sequence[SloQuestion]) -> list[SloAttainment]:
+        """Per deployment, how many of its running replicas meet its latency SLO, in one pass.
+
+        A replica is measured when its node's latest telemetry has a p95 for the replica's model
+        version (the node's recent inferences); it meets the SLO when that p95 is at most the
+        deployment's ``slo_ms``. One lookup per node, one vectorised comparison."""
+        latest: dict[str, dict[tuple[str, str], float]] = {}
+        owner: list[int] = []
+        p95: list[float] = []
+        slo: list[float] = []
+        for i, question in enumerate(deployments):
+            if question.slo_ms <= 0:
+                continue
+            for node_id, name, version in question.replicas:
+                stats = latest.get(node_id)
+                if stats is None:
+                    stats = latest[node_id] = {
+                        (m.model_name, m.model_version): m.latency_p95_ms
+                        for m in self.models(node_id)
+                        if m.inferences
+                    }
+                value = stats.get((name, version))
+                if value is not None:
+                    owner.append(i)
+                    p95.append(value)
+                    slo.append(question.slo_ms)
+        if not owner:
+            return [SloAttainment(0, 0)] * len(deployments)
+        rows = np.asarray(owner)
+        measured = np.bincount(rows, minlength=len(deployments))
+        met = np.bincount(rows, weights=np.asarray(p95) <= np.asarray(slo), minlength=len(deployments))
+        return [SloAttainment(int(n), int(m)) for n, m in zip(measured, met, strict=True)]
+
+
+@dataclass(frozen=True)
+class SloQuestion:
+    """A deployment's latency SLO and the (node, model, version) of each replica to measure."""
+
+    slo_ms: float
+    replicas: Sequence[tuple[str, str, str]]
+
+
+@dataclass(frozen=True)
+class SloAttainment:
+    measured: int  # replicas with a p95 in their node's latest telemetry
+    met: int  # of those, the ones at or under the SLO

@@ -30,7 +30,7 @@ from attestation.responder import AttestationResponder
 from attestation.service import AttestationVerifierService
 from edgeward.v1 import api_pb2, node_pb2
 from edgeward.wire import node_message
-from orchestrator.api import _seal
+from orchestrator.catalog.publish import seal_artifact
 from orchestrator.config import AttestationConfig, OrchestratorConfig
 from orchestrator.fleet import Fleet
 from orchestrator.manifest import parse_manifest
@@ -206,7 +206,7 @@ class AttestationGate(RuleBasedStateMachine):
             ).SerializeToString(),
             1,
         )
-        blob, sealed = _seal(MODEL, model_aad("vib-cnn", "1.0.0", SHA))
+        blob, sealed = seal_artifact(MODEL, model_aad("vib-cnn", "1.0.0", SHA))
         self.store.put_model(record, blob, sealed)
         self.sealed_blob = blob
         self.verifier.allow_model("vib-cnn", SHA)

@@ -327,7 +327,6 @@ async def attested_fleet(console_fleet: ConsoleFleet, tmp_path: Path) -> AsyncIt
     from attestation.responder import AttestationResponder
     from attestation.service import AttestationVerifierService, VerifierConfig
     from edgeward.v1 import attestation_pb2, attestation_pb2_grpc
-    from orchestrator.api import DeploymentService, ModelService, NodeService, TelemetryService
 
     def sha(data: bytes) -> str:
         return hashlib.sha256(data).hexdigest()
@@ -363,10 +362,11 @@ async def attested_fleet(console_fleet: ConsoleFleet, tmp_path: Path) -> AsyncIt
 
     orch = console_fleet.orch
     server = grpc.aio.server()
-    api_pb2_grpc.add_DeploymentServiceServicer_to_server(DeploymentService(orch), server)
-    api_pb2_grpc.add_NodeServiceServicer_to_server(NodeService(orch), server)
-    api_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(orch), server)
-    api_pb2_grpc.add_TelemetryServiceServicer_to_server(TelemetryService(orch), server)
+    services = orch.services()
+    api_pb2_grpc.add_DeploymentServiceServicer_to_server(services.deployments, server)
+    api_pb2_grpc.add_NodeServiceServicer_to_server(services.nodes, server)
+    api_pb2_grpc.add_ModelServiceServicer_to_server(services.models, server)
+    api_pb2_grpc.add_TelemetryServiceServicer_to_server(services.telemetry, server)
     attestation_pb2_grpc.add_AttestationServiceServicer_to_server(
         AttestationServicer(verifier, attest_now, attest_timeout_s=2.0), server
     )

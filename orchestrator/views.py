@@ -1,0 +1,207 @@
+"""What the API shows of deployments, nodes and models: store records joined with the live fleet,
+telemetry, rollouts and attestation, converted to their ``edgeward.v1`` messages."""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+
+from edgeward.v1 import api_pb2, node_pb2
+
+from .catalog.lifecycle import ModelState
+from .errors import NotFound
+from .fleet import Fleet, NodeView
+from .phases import Phase, to_pb
+from .rollout import RolloutController
+from .store import DeploymentRecord, ModelRecord, NodeRecord, ReplicaRecord, Store
+from .telemetry import SloQuestion, TelemetryStore
+from .verifier import FleetVerifier
+
+DbCall = Callable[..., Awaitable[Any]]
+
+
+# ---------------------------------------------------------------- conversions
+
+
+def replica_to_pb(rep: ReplicaRecord) -> api_pb2.Replica:
+    return api_pb2.Replica(
+        id=rep.id,
+        node_id=rep.node_id or "",
+        phase=to_pb(rep.phase),
+        reason=rep.reason,
+        message=rep.message,
+        updated_unix_ms=rep.updated_ms,
+        accelerator=rep.accelerator or "",
+        model_version=rep.model_version,
+    )
+
+
+def deployment_to_pb(record: DeploymentRecord, replicas: list[ReplicaRecord]) -> api_pb2.Deployment:
+    spec = record.manifest.spec
+    req = spec.requirements
+    live = [r for r in replicas if r.phase != Phase.EVICTED]
+    return api_pb2.Deployment(
+        name=record.name,
+        labels=record.manifest.metadata.labels,
+        generation=record.generation,
+        spec=api_pb2.DeploymentSpec(
+            model=api_pb2.ModelRef(name=spec.model.name, version=spec.model.version),
+            replicas=spec.replicas,
+            requirements=api_pb2.Requirements(
+                accelerators=req.accelerators,
+                max_latency_ms=req.max_latency_ms,
+                memory_bytes=req.memory_bytes,
+                attestation_tier="" if req.attestation == "none" else req.attestation,
+            ),
+            selector=spec.selector.match_labels,
+        ),
+        status=api_pb2.DeploymentStatus(
+            replicas=spec.replicas,
+            running=sum(r.phase == Phase.RUNNING and r.generation == record.generation for r in live),
+            replica_list=[replica_to_pb(r) for r in replicas],
+            observed_generation=record.generation,
+        ),
+        created_unix_ms=record.created_ms,
+        updated_unix_ms=record.updated_ms,
+    )
+
+
+def node_to_pb(
+    node_id: str,
+    record: NodeRecord | None,
+    view: NodeView | None,
+    online: bool,
+    replicas: Iterable[ReplicaRecord],
+) -> api_pb2.Node:
+    """The node as the API shows it; ``replicas`` are the replicas bound to it (any phase)."""
+    pb = api_pb2.Node(id=node_id, cordoned=bool(record and record.cordoned))
+    pb.state = node_pb2.NODE_STATE_ONLINE if online else node_pb2.NODE_STATE_OFFLINE
+    if view is not None and view.hello is not None:
+        pb.inventory.CopyFrom(view.hello)
+    elif record is not None and record.inventory:
+        pb.inventory.ParseFromString(record.inventory)
+    if view is not None:
+        pb.last_seen_unix_ms = view.last_seen_ms
+        if view.telemetry is not None:
+            pb.telemetry.CopyFrom(view.telemetry)
+    elif record is not None:
+        pb.last_seen_unix_ms = record.last_seen_ms
+    pb.replicas.extend(replica_to_pb(r) for r in replicas if r.phase != Phase.EVICTED)
+    return pb
+
+
+def model_pb(record: ModelRecord) -> api_pb2.Model:
+    """The model as published, with its current lifecycle state from the store."""
+    model = api_pb2.Model()
+    model.ParseFromString(record.info)
+    model.state = ModelState(record.state).to_pb()
+    model.state_reason = record.state_reason
+    model.updated_unix_ms = record.updated_ms or record.created_ms
+    return model
+
+
+# ---------------------------------------------------------------- joined views
+
+
+class ApiViews:
+    """Deployments and nodes as the API returns them (Get, List, Watch)."""
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        db: DbCall,
+        fleet: Fleet,
+        telemetry: TelemetryStore,
+        rollouts: RolloutController,
+        verifier: FleetVerifier,
+        node_timeout_s: float,
+    ) -> None:
+        self._store = store
+        self._db = db
+        self._fleet = fleet
+        self._telemetry = telemetry
+        self._rollouts = rollouts
+        self._verifier = verifier
+        self._node_timeout_s = node_timeout_s
+
+    async def deployment(self, name: str) -> api_pb2.Deployment:
+        record, replicas = await self._db(
+            lambda: (self._store.get_deployment(name), self._store.list_replicas(name))
+        )
+        return self._deployments([(record, replicas)])[0]
+
+    async def deployment_or_none(self, name: str) -> api_pb2.Deployment | None:
+        """The deployment, or None once it is deleted."""
+        try:
+            return await self.deployment(name)
+        except NotFound:
+            return None
+
+    async def deployments(self) -> list[api_pb2.Deployment]:
+        records, replicas = await self._db(
+            lambda: (self._store.list_deployments(), self._store.list_replicas())
+        )
+        by_dep: dict[str, list[ReplicaRecord]] = {}
+        for rep in replicas:
+            by_dep.setdefault(rep.deployment, []).append(rep)
+        return self._deployments([(r, by_dep.get(r.name, [])) for r in records])
+
+    def _deployments(
+        self, rows: list[tuple[DeploymentRecord, list[ReplicaRecord]]]
+    ) -> list[api_pb2.Deployment]:
+        """Deployment messages with their rollout and SLO attainment (telemetry, one pass)."""
+        out = [deployment_to_pb(record, replicas) for record, replicas in rows]
+        attained = self._telemetry.slo_attainment(
+            [
+                SloQuestion(
+                    record.manifest.spec.requirements.max_latency_ms,
+                    [
+                        (r.node_id, r.model_name, r.model_version)
+                        for r in replicas
+                        if r.phase == Phase.RUNNING and r.generation == record.generation and r.node_id
+                    ],
+                )
+                for record, replicas in rows
+            ]
+        )
+        for (record, _), pb, slo in zip(rows, out, attained, strict=True):
+            if slo.measured:
+                pb.status.slo_replicas_measured = slo.measured
+                pb.status.slo_replicas_met = slo.met
+                pb.status.slo_attainment = slo.met / slo.measured
+            if self._rollouts.get(record.name) is not None:
+                pb.status.rollout.CopyFrom(self._rollouts.status_pb(record))
+        return out
+
+    async def nodes(self) -> list[api_pb2.Node]:
+        records, replicas = await self._db(lambda: (self._store.list_nodes(), self._store.list_replicas()))
+        by_id = {r.id: r for r in records}
+        on_node: dict[str, list[ReplicaRecord]] = defaultdict(list)  # one pass, not one per node
+        for rep in replicas:
+            if rep.node_id:
+                on_node[rep.node_id].append(rep)
+        ids = sorted(set(by_id) | {n for n, v in self._fleet.nodes.items() if v.hello is not None})
+        return [self._node(i, by_id.get(i), on_node.get(i, ())) for i in ids]
+
+    async def node(self, node_id: str) -> api_pb2.Node:
+        record, replicas = await self._db(
+            lambda: (self._store.get_node(node_id), self._store.list_replicas())
+        )
+        if record is None and node_id not in self._fleet.nodes:
+            raise NotFound("node", node_id)
+        return self._node(node_id, record, [r for r in replicas if r.node_id == node_id])
+
+    def _node(
+        self, node_id: str, record: NodeRecord | None, replicas: Iterable[ReplicaRecord]
+    ) -> api_pb2.Node:
+        view = self._fleet.nodes.get(node_id)
+        online = view is not None and view.online(time.monotonic(), self._node_timeout_s)
+        pb = node_to_pb(node_id, record, view, online, replicas)
+        pb.attestation_tier = self._verifier.tier(node_id)
+        quarantine = self._verifier.quarantined.get(node_id)
+        if quarantine is not None:
+            pb.quarantine_reason = quarantine.reason
+        return pb
