@@ -570,25 +570,12 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 
 def cmd_rollout(args: argparse.Namespace) -> int:
-    import grpc
-
-    from edgeward.security.errors import SecurityError
-    from edgeward.security.tls import TlsFiles, grpc_channel
-    from edgeward.v1 import api_pb2_grpc
-
     name = args.deployment.removeprefix("deployment/")
-    request = api_pb2.RolloutRequest(deployment=name, reason=args.reason)
     try:
-        channel = grpc_channel(args.server, TlsFiles.from_env())
-    except SecurityError as err:
+        with EdgewardClient(args.server, timeout=30) as client:
+            status = client.rollout(args.action, name, args.reason)
+    except ClientError as err:
         return _fail(err)
-    with channel:
-        stub = api_pb2_grpc.RolloutServiceStub(channel)
-        call = {"status": stub.Status, "pause": stub.Pause, "resume": stub.Resume, "undo": stub.Undo}
-        try:
-            status = call[args.action](request, timeout=30)
-        except grpc.RpcError as err:
-            return _fail(ClientError(err.code().name, err.details() or ""))
     if args.json:
         print(json.dumps(MessageToDict(status, preserving_proto_field_name=True)))
         return 0

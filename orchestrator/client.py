@@ -1,50 +1,85 @@
-"""A small synchronous Python client of the orchestrator's gRPC API, used by the CLI and by
-use-case teams' scripts."""
+"""The Python client of the orchestrator's gRPC API: :class:`EdgewardClient` (synchronous: the
+CLI, use-case teams' scripts) and :class:`AsyncEdgewardClient` (asyncio: the operator console).
+
+Both convert gRPC errors at this boundary into one error type, :class:`ClientError` (its
+:class:`Unreachable` subclass when the orchestrator did not answer at all), and both speak mutual
+TLS with $EDGEWARD_CA/CERT/KEY when those are set (docs/security.md), else plaintext.
+"""
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from edgeward.security.errors import SecurityError
-from edgeward.security.tls import TlsFiles, grpc_channel
+from edgeward.security.tls import TlsFiles, grpc_aio_channel, grpc_channel
 from edgeward.v1 import api_pb2, api_pb2_grpc, events_pb2, events_pb2_grpc
 
 from .catalog.signing import PublisherKey, sign_metadata
 
 CHUNK = 256 * 1024
+ATTESTATION_SERVICE = "edgeward.v1.AttestationService"
+EVENT_SERVICE = "edgeward.v1.EventService"
+UNREACHABLE_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
 class ClientError(Exception):
-    """A call failed; ``code`` is the gRPC status code name (NOT_FOUND, INVALID_ARGUMENT, ...)."""
+    """A call to the orchestrator failed; ``code`` is the gRPC status name (NOT_FOUND, ...)."""
 
     def __init__(self, code: str, detail: str) -> None:
-        super().__init__(f"{code}: {detail}")
+        super().__init__(f"{code}: {detail}" if detail else code)
         self.code = code
         self.detail = detail
 
 
-def _call(fn: Callable, request: object, timeout: float) -> object:
+class Unreachable(ClientError):
+    """The orchestrator did not answer (down, wrong address, network)."""
+
+
+def client_error(err: grpc.RpcError) -> ClientError:
+    """The one conversion of a gRPC error into ours."""
+    code = err.code()  # type: ignore[attr-defined]  # every RpcError raised by a call is a grpc.Call
+    cls = Unreachable if code in UNREACHABLE_CODES else ClientError
+    return cls(code.name, err.details() or "")  # type: ignore[attr-defined]
+
+
+def _call(fn: Callable[..., Any], request: object, timeout: float) -> Any:
     try:
         return fn(request, timeout=timeout)
     except grpc.RpcError as err:
-        raise ClientError(err.code().name, err.details() or "") from err
+        raise client_error(err) from err
 
 
-class EdgewardClient:
+class _Stubs:
+    """The stubs of every edgeward.v1 service on one channel (sync or asyncio alike)."""
+
+    def __init__(self, channel: grpc.Channel | grpc.aio.Channel) -> None:
+        self.deployments = api_pb2_grpc.DeploymentServiceStub(channel)
+        self.nodes = api_pb2_grpc.NodeServiceStub(channel)
+        self.models = api_pb2_grpc.ModelServiceStub(channel)
+        self.events = events_pb2_grpc.EventServiceStub(channel)
+        self.telemetry = api_pb2_grpc.TelemetryServiceStub(channel)
+        self.rollouts = api_pb2_grpc.RolloutServiceStub(channel)
+
+
+def _tls(tls: TlsFiles | None) -> TlsFiles | None:
+    return tls or TlsFiles.from_env()
+
+
+class EdgewardClient(_Stubs):
     def __init__(self, server: str, timeout: float = 15.0, tls: TlsFiles | None = None) -> None:
         """``tls``: mutual TLS with this certificate; default: $EDGEWARD_CA/CERT/KEY, else plaintext."""
         try:
-            self._channel = grpc_channel(server, tls or TlsFiles.from_env())
+            self._channel = grpc_channel(server, _tls(tls))
         except SecurityError as err:
             raise ClientError("INVALID_ARGUMENT", str(err)) from err
-        self.deployments = api_pb2_grpc.DeploymentServiceStub(self._channel)
-        self.nodes = api_pb2_grpc.NodeServiceStub(self._channel)
-        self.models = api_pb2_grpc.ModelServiceStub(self._channel)
-        self.events = events_pb2_grpc.EventServiceStub(self._channel)
+        super().__init__(self._channel)
         self.timeout = timeout
 
     def close(self) -> None:
@@ -84,8 +119,8 @@ class EdgewardClient:
         try:
             yield from stream
         except grpc.RpcError as err:
-            if err.code() != grpc.StatusCode.CANCELLED:
-                raise ClientError(err.code().name, err.details() or "") from err
+            if err.code() != grpc.StatusCode.CANCELLED:  # type: ignore[attr-defined]
+                raise client_error(err) from err
         finally:
             stream.cancel()
 
@@ -143,7 +178,7 @@ class EdgewardClient:
         try:
             return self.models.Push(parts(), timeout=self.timeout * 4)
         except grpc.RpcError as err:
-            raise ClientError(err.code().name, err.details() or "") from err
+            raise client_error(err) from err
 
     def model_history(self, name: str) -> api_pb2.ModelHistory:
         return _call(self.models.History, api_pb2.GetModelRequest(name=name), self.timeout)
@@ -182,3 +217,173 @@ class EdgewardClient:
 
     def list_wipes(self) -> list[api_pb2.WipeStatus]:
         return list(_call(self.models.ListWipes, api_pb2.ListWipesRequest(), self.timeout).wipes)
+
+    def rollout(self, action: str, deployment: str, reason: str = "") -> api_pb2.RolloutStatus:
+        """``action``: status, pause, resume or undo the rollout of ``deployment``."""
+        method = getattr(self.rollouts, action.capitalize())
+        return _call(method, api_pb2.RolloutRequest(deployment=deployment, reason=reason), self.timeout)
+
+
+def attestation_modules() -> tuple[ModuleType, ModuleType] | None:
+    """The generated attestation modules, or None where this build has no attestation.proto."""
+    try:
+        from edgeward.v1 import attestation_pb2, attestation_pb2_grpc
+    except ImportError:
+        return None
+    return attestation_pb2, attestation_pb2_grpc
+
+
+class AsyncEdgewardClient(_Stubs):
+    """The orchestrator's API on an asyncio channel, with our errors instead of gRPC's.
+
+    The console makes one per connection attempt, so a channel stuck in gRPC's own reconnect
+    backoff never delays the operator's retry."""
+
+    def __init__(self, server: str, timeout: float = 5.0, tls: TlsFiles | None = None) -> None:
+        self.server = server
+        self.timeout = timeout
+        try:
+            self._channel = grpc_aio_channel(server, _tls(tls))
+        except SecurityError as err:
+            raise ClientError("INVALID_ARGUMENT", str(err)) from err
+        super().__init__(self._channel)
+        self._attestation: Any = None
+        self.attestation_pb: ModuleType | None = None
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def _unary(self, method: Any, request: Any, wait_s: float | None = None) -> Any:
+        try:
+            return await method(request, timeout=wait_s or self.timeout)
+        except grpc.aio.AioRpcError as err:
+            raise client_error(err) from err
+
+    async def _stream(self, method: Any, request: Any) -> AsyncIterator[Any]:
+        call = method(request)
+        try:
+            async for item in call:
+                yield item
+        except grpc.aio.AioRpcError as err:
+            raise client_error(err) from err
+        finally:
+            call.cancel()
+        raise Unreachable("UNAVAILABLE", "the orchestrator ended the stream")
+
+    # ------------------------------------------------------------ discovery
+
+    async def services(self) -> set[str]:
+        """Services the orchestrator serves (server reflection); also the reachability probe."""
+        stub = reflection_pb2_grpc.ServerReflectionStub(self._channel)
+        call = stub.ServerReflectionInfo(timeout=self.timeout)
+        try:
+            await call.write(reflection_pb2.ServerReflectionRequest(list_services=""))
+            await call.done_writing()
+            response = await call.read()
+        except grpc.aio.AioRpcError as err:
+            raise client_error(err) from err
+        finally:
+            call.cancel()
+        if response is grpc.aio.EOF:
+            raise Unreachable("UNAVAILABLE", "no reflection answer")
+        return {s.name for s in response.list_services_response.service}
+
+    def enable_attestation(self) -> bool:
+        """Use the AttestationService (call when :meth:`services` lists it)."""
+        modules = attestation_modules()
+        if modules is None:
+            return False
+        self.attestation_pb, grpc_mod = modules
+        self._attestation = grpc_mod.AttestationServiceStub(self._channel)
+        return True
+
+    # ------------------------------------------------------------ nodes
+
+    async def list_nodes(self) -> list[api_pb2.Node]:
+        return list((await self._unary(self.nodes.List, api_pb2.ListNodesRequest())).nodes)
+
+    async def get_node(self, node_id: str) -> api_pb2.Node:
+        return await self._unary(self.nodes.Get, api_pb2.GetNodeRequest(node_id=node_id))
+
+    async def cordon(self, node_id: str, cordon: bool) -> api_pb2.Node:
+        return await self._unary(self.nodes.Cordon, api_pb2.CordonRequest(node_id=node_id, cordon=cordon))
+
+    async def drain(self, node_id: str) -> api_pb2.DrainResponse:
+        return await self._unary(self.nodes.Drain, api_pb2.DrainRequest(node_id=node_id))
+
+    # ------------------------------------------------------------ deployments
+
+    async def list_deployments(self) -> list[api_pb2.Deployment]:
+        resp = await self._unary(self.deployments.List, api_pb2.ListDeploymentsRequest())
+        return list(resp.deployments)
+
+    def watch_deployments(self) -> AsyncIterator[api_pb2.DeploymentEvent]:
+        return self._stream(self.deployments.Watch, api_pb2.WatchDeploymentsRequest())
+
+    async def apply(self, manifest: str, dry_run: bool = False) -> api_pb2.ApplyResponse:
+        return await self._unary(
+            self.deployments.Apply, api_pb2.ApplyRequest(manifest=manifest, dry_run=dry_run)
+        )
+
+    async def delete_deployment(self, name: str) -> api_pb2.DeleteDeploymentResponse:
+        return await self._unary(self.deployments.Delete, api_pb2.DeleteDeploymentRequest(name=name))
+
+    # ------------------------------------------------------------ models
+
+    async def list_models(self) -> list[api_pb2.Model]:
+        return list((await self._unary(self.models.List, api_pb2.ListModelsRequest())).models)
+
+    async def placements(self, name: str) -> list[api_pb2.Placement]:
+        resp = await self._unary(self.models.Placements, api_pb2.PlacementsRequest(name=name))
+        return list(resp.placements)
+
+    async def list_wipes(self) -> list[api_pb2.WipeStatus]:
+        return list((await self._unary(self.models.ListWipes, api_pb2.ListWipesRequest())).wipes)
+
+    async def wipe(self, name: str, version: str, reason: str) -> api_pb2.WipeStatus:
+        request = api_pb2.WipeRequest(name=name, version=version, reason=reason)
+        # Wipe revokes, evicts and sends the orders before it answers: give it longer.
+        return await self._unary(self.models.Wipe, request, wait_s=self.timeout * 4)
+
+    async def get_wipe(self, wipe_id: str) -> api_pb2.WipeStatus:
+        return await self._unary(self.models.GetWipe, api_pb2.GetWipeRequest(id=wipe_id))
+
+    # ------------------------------------------------------------ rollouts
+
+    async def rollout(self, action: str, deployment: str, reason: str = "") -> api_pb2.RolloutStatus:
+        """``action`` is Status, Pause, Resume or Undo (RolloutService)."""
+        method = getattr(self.rollouts, action)
+        return await self._unary(method, api_pb2.RolloutRequest(deployment=deployment, reason=reason))
+
+    # ------------------------------------------------------------ notifications
+
+    async def list_events(self, limit: int = 200) -> list[events_pb2.Notification]:
+        resp = await self._unary(self.events.List, events_pb2.ListEventsRequest(limit=limit))
+        return list(resp.events)
+
+    def watch_events(self, after_seq: int = 0) -> AsyncIterator[events_pb2.Notification]:
+        return self._stream(self.events.Watch, events_pb2.WatchEventsRequest(after_seq=after_seq))
+
+    # ------------------------------------------------------------ telemetry
+
+    async def query_telemetry(self, node_id: str) -> list[api_pb2.TelemetrySample]:
+        resp = await self._unary(self.telemetry.Query, api_pb2.QueryTelemetryRequest(node_id=node_id))
+        return list(resp.samples)
+
+    def watch_telemetry(self) -> AsyncIterator[api_pb2.TelemetrySample]:
+        return self._stream(self.telemetry.Watch, api_pb2.WatchTelemetryRequest())
+
+    # ------------------------------------------------------------ attestation
+
+    def watch_attestations(self) -> AsyncIterator[Any]:
+        assert self.attestation_pb is not None
+        return self._stream(self._attestation.Watch, self.attestation_pb.WatchAttestationsRequest())
+
+    async def attest_now(self, node_id: str) -> Any:
+        assert self.attestation_pb is not None
+        # AttestNow waits for the node's answer; give it longer than an ordinary call.
+        return await self._unary(
+            self._attestation.AttestNow,
+            self.attestation_pb.AttestNowRequest(node_id=node_id),
+            wait_s=self.timeout * 4,
+        )

@@ -24,7 +24,8 @@ from textual.widgets import Footer, Header, TabbedContent, TabPane
 
 from edgeward.v1 import api_pb2, node_pb2
 
-from .client import ATTESTATION_SERVICE, EVENT_SERVICE, ConsoleClient, ConsoleError, Unreachable
+from ..client import ATTESTATION_SERVICE, EVENT_SERVICE, AsyncEdgewardClient, ClientError, Unreachable
+from .messages import Action, ActionRequested, BannerMounted, OpenNode, StateChanged
 from .model import ConsoleEvent, ConsoleState, Severity, rollout_in_progress
 from .screens import ApplyScreen, ConfirmScreen, NodeDetailScreen, WipeScreen
 from .views import AttestationView, DeploymentsView, EventsView, FleetView, LiveView, ModelsView
@@ -67,7 +68,7 @@ class ConsoleApp(App[None]):
         super().__init__()
         self.server = server
         self.state = ConsoleState(clock)
-        self.client: ConsoleClient | None = None
+        self.client: AsyncEdgewardClient | None = None
         self.connected = False
         self.attestation_pb: Any = None
         self.apply_path = apply_path
@@ -84,13 +85,13 @@ class ConsoleApp(App[None]):
         yield ConnectionBanner()
         with TabbedContent(initial="fleet"):
             with TabPane("1 Fleet", id="fleet"):
-                yield FleetView()
+                yield FleetView(self.state)
             with TabPane("2 Deployments", id="deployments"):
-                yield DeploymentsView()
+                yield DeploymentsView(self.state)
             with TabPane("3 Models", id="models"):
-                yield ModelsView()
+                yield ModelsView(self.state)
             with TabPane("4 Events", id="events"):
-                yield EventsView()
+                yield EventsView(self.state)
         yield Footer()
 
     def on_mount(self) -> None:
@@ -116,8 +117,35 @@ class ConsoleApp(App[None]):
             tabs.active = tab
 
     def open_node(self, node_id: str) -> None:
-        self.push_screen(NodeDetailScreen(node_id))
+        self.push_screen(NodeDetailScreen(node_id, self.state))
         self._seed_history(node_id)
+
+    # ------------------------------------------------------------ what views and screens ask
+
+    def on_open_node(self, message: OpenNode) -> None:
+        self.open_node(message.node_id)
+
+    def on_action_requested(self, message: ActionRequested) -> None:
+        target = message.target
+        match message.action:
+            case Action.CORDON:
+                self.request_cordon(target)
+            case Action.DRAIN:
+                self.request_drain(target)
+            case Action.ATTEST:
+                self.request_attest(target)
+            case Action.DELETE:
+                self.request_delete(target)
+            case Action.ROLLOUT_PAUSE | Action.ROLLOUT_RESUME | Action.ROLLOUT_UNDO:
+                self.request_rollout(message.action.value, target)
+            case Action.WIPE:
+                self.request_wipe(target, message.version)
+
+    def on_state_changed(self, message: StateChanged) -> None:
+        self.refresh_views()
+
+    def on_banner_mounted(self, message: BannerMounted) -> None:
+        self.show_banner(message.banner)
 
     # ------------------------------------------------------------ connection
 
@@ -129,7 +157,7 @@ class ConsoleApp(App[None]):
             await self.client.close()
         self.connected = False
         self._banners(lambda b: b.connecting(self.server))
-        client = ConsoleClient(self.server)
+        client = AsyncEdgewardClient(self.server)
         self.client = client
         try:
             services = await client.services()
@@ -137,7 +165,7 @@ class ConsoleApp(App[None]):
             deployments = await client.list_deployments()
             models = await client.list_models()
             notes = await client.list_events() if EVENT_SERVICE in services else []
-        except ConsoleError as err:
+        except ClientError as err:
             self._lost(client, err)
             return
         self.connected = True
@@ -179,7 +207,7 @@ class ConsoleApp(App[None]):
                 timer.stop()
         self._retry_timer = self._nodes_timer = None
 
-    def _lost(self, client: ConsoleClient, err: ConsoleError) -> None:
+    def _lost(self, client: AsyncEdgewardClient, err: ClientError) -> None:
         """A call or stream of ``client`` failed so that live data stopped: banner, then retry."""
         if client is not self.client or self._retry_timer is not None:
             return  # an older connection, or already handled
@@ -210,36 +238,36 @@ class ConsoleApp(App[None]):
         tabs = self.query_one(TabbedContent)
         if tabs.query("TabPane#attestation"):
             return
-        view = AttestationView()
+        view = AttestationView(self.state, self.attestation_pb)
         await tabs.add_pane(TabPane("5 Attestation", view, id="attestation"))
         self._views.append(view)
 
     # ------------------------------------------------------------ live workers
 
-    async def _watch_deployments(self, client: ConsoleClient) -> None:
+    async def _watch_deployments(self, client: AsyncEdgewardClient) -> None:
         try:
             async for event in client.watch_deployments():
                 self.refresh_views(self.state.apply_deployment_event(event))
                 self._nodes_soon()
-        except ConsoleError as err:
+        except ClientError as err:
             self._lost(client, err)
 
-    async def _watch_telemetry(self, client: ConsoleClient) -> None:
+    async def _watch_telemetry(self, client: AsyncEdgewardClient) -> None:
         try:
             async for sample in client.watch_telemetry():
                 self.state.add_sample(sample)
                 self._nodes_soon()
-        except ConsoleError as err:
+        except ClientError as err:
             self._lost(client, err)
 
-    async def _watch_events(self, client: ConsoleClient) -> None:
+    async def _watch_events(self, client: AsyncEdgewardClient) -> None:
         try:
             async for note in client.watch_events(after_seq=self.state.notification_seq):
                 self.refresh_views(self.state.apply_notifications([note]))
-        except ConsoleError as err:
+        except ClientError as err:
             self._lost(client, err)
 
-    async def _watch_attestations(self, client: ConsoleClient) -> None:
+    async def _watch_attestations(self, client: AsyncEdgewardClient) -> None:
         pb = client.attestation_pb
         assert pb is not None
 
@@ -249,7 +277,7 @@ class ConsoleApp(App[None]):
         try:
             async for view in client.watch_attestations():
                 self.refresh_views(self.state.apply_attestation(view, name))
-        except ConsoleError as err:
+        except ClientError as err:
             self._lost(client, err)
 
     def _nodes_soon(self) -> None:
@@ -261,7 +289,7 @@ class ConsoleApp(App[None]):
         self._nodes_timer = None
         try:
             nodes = await self.call(lambda c: c.list_nodes())
-        except ConsoleError:
+        except ClientError:
             return
         self.refresh_views(self.state.set_nodes(nodes))
 
@@ -274,7 +302,7 @@ class ConsoleApp(App[None]):
             for name in sorted({m.name for m in models}):
                 placements[name] = await self.call(lambda c, name=name: c.placements(name))
             wipes = await self.call(lambda c: c.list_wipes())
-        except ConsoleError:
+        except ClientError:
             return
         self.state.models, self.state.placements = models, placements
         self.state.wipes = {w.id: w for w in wipes}
@@ -284,7 +312,7 @@ class ConsoleApp(App[None]):
     async def _refresh_deployments(self) -> None:
         try:
             deployments = await self.call(lambda c: c.list_deployments())
-        except ConsoleError:
+        except ClientError:
             return
         self.refresh_views(self.state.refresh_deployments(deployments))
 
@@ -299,12 +327,12 @@ class ConsoleApp(App[None]):
     async def _seed_history(self, node_id: str) -> None:
         try:
             samples = await self.call(lambda c: c.query_telemetry(node_id))
-        except ConsoleError:
+        except ClientError:
             return
         self.state.seed_history(node_id, samples)
         self.refresh_views()
 
-    async def call(self, fn: Callable[[ConsoleClient], Awaitable[T]]) -> T:
+    async def call(self, fn: Callable[[AsyncEdgewardClient], Awaitable[T]]) -> T:
         """One call on the current connection; an unreachable orchestrator starts the reconnect."""
         client = self.client
         if client is None or not self.connected:
@@ -418,7 +446,7 @@ class ConsoleApp(App[None]):
 
     def _wiped(self, status: Any) -> str:
         self.state.wipes[status.id] = status
-        self.push_screen(WipeScreen(status.id))
+        self.push_screen(WipeScreen(status.id, self.state, self.call))
         return f"wipe {status.id}: {len(status.nodes)} node(s) ordered, {status.replicas_evicted} replica(s) evicted"
 
     def request_rollout(self, action: str, name: str) -> None:
@@ -462,7 +490,7 @@ class ConsoleApp(App[None]):
 
     def action_apply(self) -> None:
         if not isinstance(self.screen, ApplyScreen):
-            self.push_screen(ApplyScreen(self.apply_path), self._apply)
+            self.push_screen(ApplyScreen(self.state, self.call, self.apply_path), self._apply)
 
     def _apply(self, manifest: str | None) -> None:
         if manifest is None:
@@ -480,7 +508,7 @@ class ConsoleApp(App[None]):
         detail: str,
         action: str,
         subject: str,
-        call: Callable[[ConsoleClient], Awaitable[Any]],
+        call: Callable[[AsyncEdgewardClient], Awaitable[Any]],
         describe: Callable[[Any], str],
     ) -> None:
         def answered(yes: bool | None) -> None:
@@ -494,12 +522,12 @@ class ConsoleApp(App[None]):
         self,
         action: str,
         subject: str,
-        call: Callable[[ConsoleClient], Awaitable[Any]],
+        call: Callable[[AsyncEdgewardClient], Awaitable[Any]],
         describe: Callable[[Any], str],
     ) -> None:
         try:
             result = await self.call(call)
-        except ConsoleError as err:
+        except ClientError as err:
             ev = self.state.event(Severity.ERROR, f"operator.{action}", subject, f"failed: {err}")
             self.notify(str(err), title=f"{action} failed", severity="error", timeout=8)
             self.refresh_views([ev])

@@ -4,8 +4,9 @@ sparklines and early-exit distribution."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import Any, ClassVar
 
 from rich.text import Text
 from textual import on, work
@@ -17,7 +18,8 @@ from textual.widgets import Button, Footer, Header, Input, Label, Sparkline, Sta
 
 from edgeward.v1 import api_pb2, node_pb2
 
-from .client import ConsoleError
+from ..client import AsyncEdgewardClient, ClientError
+from .messages import Action, ActionRequested, BannerMounted, StateChanged
 from .model import (
     ConsoleState,
     accelerator_label,
@@ -29,8 +31,9 @@ from .model import (
 from .views import PHASE_STYLE
 from .widgets import Cell, ConnectionBanner, LiveTable
 
-if TYPE_CHECKING:
-    from .app import ConsoleApp
+#: One call on the console's current connection (``ConsoleApp.call``): it starts the reconnect
+#: when the orchestrator is unreachable.
+Call = Callable[[Callable[[AsyncEdgewardClient], Awaitable[Any]]], Awaitable[Any]]
 
 MODAL_CSS = """
 {name} {{
@@ -99,8 +102,10 @@ class ApplyScreen(ModalScreen[str | None]):
     DEFAULT_CSS = MODAL_CSS.format(name="ApplyScreen")
     BINDINGS: ClassVar[list[BindingType]] = [Binding("escape", "cancel", "Cancel")]
 
-    def __init__(self, path: str = "") -> None:
+    def __init__(self, state: ConsoleState, call: Call, path: str = "") -> None:
         super().__init__()
+        self._state = state
+        self._call = call
         self._initial = path
         self._manifest: str | None = None
 
@@ -132,11 +137,10 @@ class ApplyScreen(ModalScreen[str | None]):
 
     @work(exclusive=True, group="dry-run")
     async def _dry_run(self, text: str) -> None:
-        app: ConsoleApp = self.app  # type: ignore[assignment]
         self._say("validating…")
         try:
-            resp = await app.call(lambda c: c.apply(text, dry_run=True))
-        except ConsoleError as err:
+            resp = await self._call(lambda c: c.apply(text, dry_run=True))
+        except ClientError as err:
             lines = Text(f"refused ({err.code}):\n", "red")
             for part in err.detail.split("; "):
                 lines.append(f"  {part}\n", "red")
@@ -144,7 +148,7 @@ class ApplyScreen(ModalScreen[str | None]):
             return
         dep = resp.deployment
         self._manifest = text
-        verb = "update" if dep.name in app.state.deployments else "create"
+        verb = "update" if dep.name in self._state.deployments else "create"
         self._say(
             f"will {verb} deployment/{dep.name}: model {dep.spec.model.name}:{dep.spec.model.version}, "
             f"{dep.spec.replicas} replica(s). Apply?"
@@ -185,13 +189,11 @@ class WipeScreen(ModalScreen[None]):
     )
     BINDINGS: ClassVar[list[BindingType]] = [Binding("escape,enter", "close", "Close")]
 
-    def __init__(self, wipe_id: str) -> None:
+    def __init__(self, wipe_id: str, state: ConsoleState, call: Call) -> None:
         super().__init__()
         self.wipe_id = wipe_id
-
-    @property
-    def console_app(self) -> ConsoleApp:
-        return self.app  # type: ignore[return-value]
+        self._state = state
+        self._call = call
 
     def compose(self) -> ComposeResult:
         with Vertical():
@@ -209,26 +211,26 @@ class WipeScreen(ModalScreen[None]):
     async def _poll(self) -> None:
         while True:
             try:
-                status = await self.console_app.call(lambda c: c.get_wipe(self.wipe_id))
-            except ConsoleError as err:
+                status = await self._call(lambda c: c.get_wipe(self.wipe_id))
+            except ClientError as err:
                 self.query_one("#detail", Static).update(Text(f"cannot read the wipe: {err}", "red"))
                 return
-            self.console_app.state.wipes[status.id] = status
+            self._state.wipes[status.id] = status
             self.show()
-            self.console_app.refresh_views()
+            self.post_message(StateChanged())
             if status.done:
                 return
             await asyncio.sleep(WIPE_POLL_S)
 
     def show(self) -> None:
-        status = self.console_app.state.wipes.get(self.wipe_id)
+        status = self._state.wipes.get(self.wipe_id)
         if status is None:
             return
         versions = ", ".join(status.versions) or "every version"
         title = Text(f"Wipe {status.id}: {status.name} {versions}", "bold")
         title.append("  done" if status.done else "  in progress", "green" if status.done else "yellow")
         self.query_one("#question", Label).update(title)
-        left = int(status.deadline_unix_ms / 1000 - self.console_app.state.clock().timestamp())
+        left = int(status.deadline_unix_ms / 1000 - self._state.clock().timestamp())
         deadline = "" if status.done else f"; deadline in {max(left, 0)} s"
         self.query_one("#detail", Static).update(
             f"key revoked; {status.replicas_evicted} replica(s) evicted; {status.confirmed} confirmed, "
@@ -318,13 +320,10 @@ class NodeDetailScreen(Screen[None]):
     }
     """
 
-    def __init__(self, node_id: str) -> None:
+    def __init__(self, node_id: str, state: ConsoleState) -> None:
         super().__init__()
         self.node_id = node_id
-
-    @property
-    def console_app(self) -> ConsoleApp:
-        return self.app  # type: ignore[return-value]
+        self._state = state
 
     def compose(self) -> ComposeResult:
         yield Header(show_clock=False)
@@ -341,8 +340,8 @@ class NodeDetailScreen(Screen[None]):
 
     def on_mount(self) -> None:
         self.sub_title = f"node {self.node_id}"
-        self.console_app.show_banner(self.query_one(ConnectionBanner))
-        self.show(self.console_app.state)
+        self.post_message(BannerMounted(self.query_one(ConnectionBanner)))
+        self.show(self._state)
         self.query_one(LiveTable).focus()
 
     def show(self, state: ConsoleState) -> None:
@@ -424,7 +423,7 @@ class NodeDetailScreen(Screen[None]):
         exits.update(text)
 
     def action_cordon(self) -> None:
-        self.console_app.request_cordon(self.node_id)
+        self.post_message(ActionRequested(Action.CORDON, self.node_id))
 
     def action_drain(self) -> None:
-        self.console_app.request_drain(self.node_id)
+        self.post_message(ActionRequested(Action.DRAIN, self.node_id))

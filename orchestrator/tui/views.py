@@ -1,13 +1,14 @@
 """The console's tabs: Fleet, Deployments, Models, Events and (where served) Attestation.
 
 Each view renders :class:`~orchestrator.tui.model.ConsoleState` in :meth:`LiveView.show` and
-asks the app for actions on its selected row; the app owns the confirmation and the gRPC call.
+posts a message (:mod:`.messages`) for an action on its selected row; the app owns the
+confirmation and the gRPC call.
 """
 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 from rich.text import Text
 from textual.app import ComposeResult
@@ -17,6 +18,7 @@ from textual.widgets import DataTable, Input, Label, Static
 
 from edgeward.v1 import api_pb2, node_pb2
 
+from .messages import Action, ActionRequested, OpenNode
 from .model import (
     ConsoleState,
     Severity,
@@ -34,9 +36,6 @@ from .model import (
     slo_summary,
 )
 from .widgets import Cell, LiveTable, OpenableTable
-
-if TYPE_CHECKING:
-    from .app import ConsoleApp
 
 PHASE_STYLE = {
     "Running": "green",
@@ -83,9 +82,9 @@ class LiveView(Vertical):
     }
     """
 
-    @property
-    def console_app(self) -> ConsoleApp:
-        return self.app  # type: ignore[return-value]
+    def __init__(self, state: ConsoleState) -> None:
+        super().__init__()
+        self.state = state
 
     def show(self, state: ConsoleState) -> None:
         raise NotImplementedError
@@ -129,15 +128,15 @@ class FleetView(LiveView):
 
     def action_detail(self) -> None:
         if self.selected:
-            self.console_app.open_node(self.selected)
+            self.post_message(OpenNode(self.selected))
 
     def action_cordon(self) -> None:
         if self.selected:
-            self.console_app.request_cordon(self.selected)
+            self.post_message(ActionRequested(Action.CORDON, self.selected))
 
     def action_drain(self) -> None:
         if self.selected:
-            self.console_app.request_drain(self.selected)
+            self.post_message(ActionRequested(Action.DRAIN, self.selected))
 
 
 class DeploymentsView(LiveView):
@@ -231,21 +230,22 @@ class DeploymentsView(LiveView):
 
     def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
         if event.data_table.id == "deployment-list":
-            self._show_replicas(self.console_app.state)
+            self._show_replicas(self.state)
 
     def action_delete(self) -> None:
         if self.selected:
-            self.console_app.request_delete(self.selected)
+            self.post_message(ActionRequested(Action.DELETE, self.selected))
 
     def action_pause(self) -> None:
-        dep = self.console_app.state.deployments.get(self.selected or "")
+        dep = self.state.deployments.get(self.selected or "")
         if dep is not None:
             paused = rollout_in_progress(dep) and dep.status.rollout.state == api_pb2.ROLLOUT_STATE_PAUSED
-            self.console_app.request_rollout("resume" if paused else "pause", dep.name)
+            action = Action.ROLLOUT_RESUME if paused else Action.ROLLOUT_PAUSE
+            self.post_message(ActionRequested(action, dep.name))
 
     def action_undo(self) -> None:
         if self.selected:
-            self.console_app.request_rollout("undo", self.selected)
+            self.post_message(ActionRequested(Action.ROLLOUT_UNDO, self.selected))
 
 
 class ModelsView(LiveView):
@@ -271,7 +271,7 @@ class ModelsView(LiveView):
     @property
     def selected(self) -> api_pb2.Model | None:
         key = self.query_one(LiveTable).current_key
-        return next((m for m in self.console_app.state.models if f"{m.name}:{m.version}" == key), None)
+        return next((m for m in self.state.models if f"{m.name}:{m.version}" == key), None)
 
     def show(self, state: ConsoleState) -> None:
         rows: dict[str, list[Cell]] = {}
@@ -327,12 +327,12 @@ class ModelsView(LiveView):
         detail.update(text)
 
     def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
-        self._show_detail(self.console_app.state)
+        self._show_detail(self.state)
 
     def action_wipe(self) -> None:
         model = self.selected
         if model is not None:
-            self.console_app.request_wipe(model.name, model.version)
+            self.post_message(ActionRequested(Action.WIPE, model.name, model.version))
 
 
 def _semver(version: str) -> tuple[int, ...]:
@@ -406,10 +406,10 @@ class EventsView(LiveView):
         detail.update(f"{ev.id} {ev.subject}: {ev.message}" if ev else "")
 
     def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
-        self._show_detail(self.console_app.state)
+        self._show_detail(self.state)
 
     def on_input_changed(self, event: Input.Changed) -> None:
-        self.show(self.console_app.state)
+        self.show(self.state)
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
         self.query_one("#event-list", LiveTable).focus()
@@ -441,13 +441,15 @@ class AttestationView(LiveView):
 
     BINDINGS: ClassVar[list[BindingType]] = [Binding("t", "attest", "Re-attest now")]
 
+    def __init__(self, state: ConsoleState, attestation_pb: Any) -> None:
+        super().__init__(state)
+        self.attestation_pb = attestation_pb
+
     def compose(self) -> ComposeResult:
         yield LiveTable(["NODE", "STATE", "TIER", "EXPIRES", "REASONS"], id="attestations")
 
     def show(self, state: ConsoleState) -> None:
-        pb = self.console_app.attestation_pb
-        if pb is None:
-            return
+        pb = self.attestation_pb
         now = state.clock()
         rows: dict[str, list[Cell]] = {}
         for node_id, view in sorted(state.attestations.items()):
@@ -465,4 +467,4 @@ class AttestationView(LiveView):
     def action_attest(self) -> None:
         key = self.query_one(LiveTable).current_key
         if key:
-            self.console_app.request_attest(key)
+            self.post_message(ActionRequested(Action.ATTEST, key))

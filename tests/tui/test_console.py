@@ -9,10 +9,10 @@ from textual.widgets import Input, Sparkline
 from tui_support import event_ids, eventually, infer, manifest, push, rows, vibration_model
 
 from edgeward.v1 import api_pb2
+from orchestrator.client import ATTESTATION_SERVICE, AsyncEdgewardClient
 from orchestrator.config import BrokerConfig, OrchestratorConfig
 from orchestrator.server import Orchestrator
 from orchestrator.tui import ConsoleApp
-from orchestrator.tui.client import ATTESTATION_SERVICE, ConsoleClient
 from orchestrator.tui.screens import ApplyScreen, ConfirmScreen, NodeDetailScreen
 from orchestrator.tui.widgets import ConnectionBanner
 
@@ -39,7 +39,7 @@ async def test_fleet_shows_the_real_nodes(console_fleet):
         }
         assert not app.screen.query_one(ConnectionBanner).has_class("-shown")
         # the Attestation tab and its palette entries exist exactly where the service is served
-        client = ConsoleClient(console_fleet.address)
+        client = AsyncEdgewardClient(console_fleet.address)
         try:
             served = ATTESTATION_SERVICE in await client.services()
         finally:
