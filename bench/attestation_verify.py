@@ -20,11 +20,13 @@ from pathlib import Path
 
 from _report import command, machine, write_section
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the simulated TPM test double
+from simulated_tpm import SimulatedTpmAttester
+
 from attestation import attesters
 from attestation.reference import ReferenceValues
 from attestation.responder import AttestationResponder
 from attestation.service import AttestationVerifierService, VerifierConfig
-from attestation.testing import SimulatedTpmAttester
 from edgeward.v1 import attestation_pb2 as pb
 
 TARGET = 1_000
@@ -33,7 +35,7 @@ One `AttestationVerifierService.verify_many` call over pre-generated evidence, t
 verification is the whole pipeline: protobuf parse and size caps, AK lookup, quote signature,
 nonce (single use, expiry), PCR digest, replay of the event log (10 platform + the rest model
 events), reference-value checks, binding-key policy check, Ed25519 signature of the result and
-the state update. TPM-format evidence comes from `attestation.testing.SimulatedTpmAttester`,
+the state update. TPM-format evidence comes from `tests/simulated_tpm.py` (`SimulatedTpmAttester`),
 which emits the same TPMS_ATTEST / TPMT_SIGNATURE / TPM2B_PUBLIC bytes as a TPM (the verifier
 cannot tell them apart; a real TPM only makes *generating* evidence slower). Each node's binding
 key certification is checked on its first evidence and cached, as in production. Pinned to one

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 from conftest import AGENT_CODE, Swtpm
+from simulated_tpm import SimulatedTpmAttester
 
 from attestation import attesters, keyrelease, tpm_wire
 from attestation.attesters.base import Attester
 from attestation.errors import KeyReleaseError
 from attestation.eventlog import ZERO, PcrLayout, event_hash, extend
-from attestation.testing import SimulatedTpmAttester
 from attestation.verifier import KnownAttester
 from edgeward.v1 import attestation_pb2 as pb
 

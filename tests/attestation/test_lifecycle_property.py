@@ -11,10 +11,10 @@ from conftest import AGENT_CODE, AGENT_CONFIG, Clock, reference_values
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from simulated_tpm import SimulatedTpmAttester
 
 from attestation.responder import AttestationResponder
 from attestation.service import AttestationState, AttestationVerifierService, VerifierConfig
-from attestation.testing import SimulatedTpmAttester
 from edgeward.v1 import attestation_pb2 as pb
 
 NODES = ("n0", "n1")

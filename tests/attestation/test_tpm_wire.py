@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
+from simulated_tpm import SimulatedTpmAttester
 
 from attestation import tpm_wire
 from attestation.errors import EvidenceMalformed
-from attestation.testing import SimulatedTpmAttester
 
 
 def test_quote_round_trip():

@@ -15,12 +15,12 @@ from conftest import (
     reference_values,
     sha,
 )
+from simulated_tpm import SimulatedTpmAttester
 
 from attestation.errors import EnrollmentError, EvidenceRejected
 from attestation.responder import AttestationResponder
 from attestation.results import open_signed_result
 from attestation.service import AttestationState, AttestationVerifierService, VerifierConfig
-from attestation.testing import SimulatedTpmAttester
 from edgeward.v1 import attestation_pb2 as pb
 
 AFFIRMING = pb.ATTESTATION_STATUS_AFFIRMING

@@ -10,13 +10,13 @@ import pytest
 from fuzz_budget import FUZZ, mutated
 from hypothesis import given
 from hypothesis import strategies as st
+from simulated_tpm import SimulatedTpmAttester
 
 from attestation import attesters, tpm_wire
 from attestation.errors import AttestationError
 from attestation.reference import ReferenceValues
 from attestation.responder import AttestationResponder
 from attestation.service import AttestationVerifierService, VerifierConfig
-from attestation.testing import SimulatedTpmAttester
 
 CODE, CONFIG = b"agent code", b"node_id: fuzz-1\n"
 

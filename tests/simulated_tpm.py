@@ -1,4 +1,5 @@
-"""A TPM-format attester in software, for tests and benchmarks only.
+"""A TPM-format attester in software, a test double for tests and benchmarks only (it lives under
+tests/, outside every installed package).
 
 :class:`SimulatedTpmAttester` produces byte-for-byte the structures a TPM does (TPM2B_PUBLIC,
 TPMS_ATTEST, TPMT_SIGNATURE with ECDSA P-256 or RSASSA-2048, a PolicyPCR-bound P-256 binding key
@@ -16,13 +17,12 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
+from attestation import tpm_wire
+from attestation.attesters.base import Attester
+from attestation.attesters.tpm2 import AK_ATTRIBUTES, BINDING_ATTRIBUTES
+from attestation.errors import KeyReleaseError
+from attestation.eventlog import ZERO, extend
 from edgeward.v1 import attestation_pb2 as pb
-
-from . import tpm_wire
-from .attesters.base import Attester
-from .attesters.tpm2 import AK_ATTRIBUTES, BINDING_ATTRIBUTES
-from .errors import KeyReleaseError
-from .eventlog import ZERO, extend
 
 
 class SimulatedTpmAttester(Attester):
