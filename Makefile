@@ -3,7 +3,7 @@ PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 DEB_PACKAGES := mosquitto swtpm swtpm-tools tpm2-tools libtss2-dev pkg-config tmux iproute2 postgresql nats-server
 
-.PHONY: up install test test-deps system-deps protos promtool
+.PHONY: up install test test-deps system-deps protos promtool lint
 
 install:
 	$(PIP) install -q -e .
@@ -37,3 +37,9 @@ test-deps: system-deps promtool
 
 test: test-deps
 	$(PYTHON) -m pytest
+
+# Lint, format check and type check (docs/development.md); .ci/run runs it before the tests.
+lint: test-deps
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
+	$(PYTHON) -m mypy

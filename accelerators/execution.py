@@ -237,8 +237,9 @@ class InterpreterSession:
         binder = self.binder
         kind = inputs.__class__
         by_name = kind is dict
+        values: Any = inputs  # by name or in model order; each is checked against its slot below
         if not (by_name or kind is list or kind is tuple) or len(inputs) != binder.count:
-            inputs = binder.values(inputs)  # the caller's values in model order, or InvalidInput
+            values = binder.values(inputs)  # the caller's values in model order, or InvalidInput
             by_name = False
         # acquire/release, not "with": half the cost, and this runs once per inference.
         lock = self.lock
@@ -248,7 +249,7 @@ class InterpreterSession:
             if set_tensor is None:
                 raise ModelNotLoaded(self.handle.name, self.handle.version)
             if self.dynamic:
-                inputs = self._resize(binder.values(inputs))
+                values = self._resize(binder.values(values))
                 by_name = False
             counter = self.counter
             if counter is not None:
@@ -261,7 +262,7 @@ class InterpreterSession:
             start = _perf_counter_ns()
             try:
                 for slot in binder.slots:
-                    value = inputs[slot.name] if by_name else inputs[slot.position]  # type: ignore[call-overload]
+                    value = values[slot.name] if by_name else values[slot.position]
                     if value.__class__ is not _ndarray or value.dtype is not slot.dtype:
                         value = slot.check(value)
                     try:

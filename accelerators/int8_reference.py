@@ -553,7 +553,7 @@ class _Builder:
         method = getattr(self, "_" + op.lower(), None)
         if method is None:
             raise _Unsupported(op, "no int8 kernel")
-        return method(op, inputs, outputs, options or _Table(b"", 0))  # type: ignore[no-any-return]
+        return method(op, inputs, outputs, options or _Table(b"", 0))
 
     # helpers
 

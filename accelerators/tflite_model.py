@@ -79,7 +79,7 @@ def interpreter_runtime() -> InterpreterRuntime:
         runtime = InterpreterRuntime("ai-edge-litert", Interpreter, OpResolverType)
     except ImportError as litert_err:
         try:
-            from tflite_runtime.interpreter import (  # type: ignore[import-not-found,no-redef]
+            from tflite_runtime.interpreter import (
                 Interpreter,
                 OpResolverType,
             )

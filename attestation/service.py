@@ -48,7 +48,7 @@ import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Annotated
+from typing import Annotated, cast
 
 from cryptography import x509
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -142,7 +142,10 @@ class AttestationState(enum.IntEnum):
     REVOKED = pb.ATTESTATION_STATE_REVOKED
 
 
-_PB_STATE = {s: pb.AttestationState.Value(f"ATTESTATION_STATE_{s.name}") for s in AttestationState}
+_PB_STATE = {
+    s: cast(pb.AttestationState, pb.AttestationState.Value(f"ATTESTATION_STATE_{s.name}"))
+    for s in AttestationState
+}
 _RESULTS = frozenset({AttestationState.AFFIRMING, AttestationState.WARNING, AttestationState.CONTRAINDICATED})
 TRANSITIONS: dict[AttestationState, frozenset[AttestationState]] = {
     AttestationState.ENROLLED: _RESULTS | {AttestationState.REVOKED},

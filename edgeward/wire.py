@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from google.protobuf.message import DecodeError
@@ -120,7 +121,7 @@ def decode_command(
     return cmd
 
 
-def node_message(node_id: str, **body: object) -> node_pb2.NodeMessage:
+def node_message(node_id: str, **body: Any) -> node_pb2.NodeMessage:
     """Build a NodeMessage with exactly one body, e.g. ``node_message(nid, status=st)``."""
     return node_pb2.NodeMessage(schema=SCHEMA_VERSION, node_id=node_id, sent_unix_ms=now_ms(), **body)
 

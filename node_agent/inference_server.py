@@ -476,9 +476,9 @@ def request_source(request: pb.ModelInferRequest, context: grpc.aio.ServicerCont
     if "source" in request.parameters:
         value = parameter_value(request.parameters["source"])
         return "" if value is None else str(value)
-    for key, value in context.invocation_metadata() or ():
+    for key, meta in context.invocation_metadata() or ():
         if key == "source":
-            return value if isinstance(value, str) else ""
+            return meta if isinstance(meta, str) else ""
     return ""
 
 

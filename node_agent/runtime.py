@@ -48,7 +48,7 @@ class ArtifactError(Exception):
 @dataclass
 class ReplicaState:
     spec: node_pb2.DeployReplica
-    phase: int = node_pb2.REPLICA_PHASE_LOADING
+    phase: node_pb2.ReplicaPhase = node_pb2.REPLICA_PHASE_LOADING
     reason: str = ""
     message: str = ""
     backend: Backend | None = None

@@ -154,25 +154,25 @@ def _wait_running(client: EdgewardClient, names: list[str], timeout: float, quie
 
 def cmd_get(args: argparse.Namespace) -> int:
     kind = args.kind.rstrip("s")
+    table: Table
+    items: list[Any]
     try:
         with EdgewardClient(args.server) as client:
             if kind == "deployment":
-                items = [client.get_deployment(args.name)] if args.name else client.list_deployments()
+                deps = [client.get_deployment(args.name)] if args.name else client.list_deployments()
+                items, table = deps, deployments_table(deps, detail=bool(args.name))
             elif kind == "node":
-                items = [client.get_node(args.name)] if args.name else client.list_nodes()
+                nodes = [client.get_node(args.name)] if args.name else client.list_nodes()
+                items, table = nodes, nodes_table(nodes)
             else:
-                items = [client.get_model(args.name)] if args.name else client.list_models()
+                models = [client.get_model(args.name)] if args.name else client.list_models()
+                items, table = models, models_table(models)
     except ClientError as err:
         return _fail(err)
     if args.json:
         print(json.dumps([MessageToDict(i, preserving_proto_field_name=True) for i in items], indent=2))
-        return 0
-    if kind == "deployment":
-        console.print(deployments_table(items, detail=bool(args.name)))
-    elif kind == "node":
-        console.print(nodes_table(items))
     else:
-        console.print(models_table(items))
+        console.print(table)
     return 0
 
 

@@ -44,9 +44,9 @@ class Unreachable(ClientError):
 
 def client_error(err: grpc.RpcError) -> ClientError:
     """The one conversion of a gRPC error into ours."""
-    code = err.code()  # type: ignore[attr-defined]  # every RpcError raised by a call is a grpc.Call
+    code = err.code()
     cls = Unreachable if code in UNREACHABLE_CODES else ClientError
-    return cls(code.name, err.details() or "")  # type: ignore[attr-defined]
+    return cls(code.name, err.details() or "")
 
 
 def _call(fn: Callable[..., Any], request: object, timeout: float) -> Any:
@@ -119,7 +119,7 @@ class EdgewardClient(_Stubs):
         try:
             yield from stream
         except grpc.RpcError as err:
-            if err.code() != grpc.StatusCode.CANCELLED:  # type: ignore[attr-defined]
+            if err.code() != grpc.StatusCode.CANCELLED:
                 raise client_error(err) from err
         finally:
             stream.cancel()
@@ -274,7 +274,8 @@ class AsyncEdgewardClient(_Stubs):
 
     async def services(self) -> set[str]:
         """Services the orchestrator serves (server reflection); also the reachability probe."""
-        stub = reflection_pb2_grpc.ServerReflectionStub(self._channel)
+        # The generated stub takes either kind of channel; its stubs type only the synchronous one.
+        stub: Any = reflection_pb2_grpc.ServerReflectionStub(self._channel)  # type: ignore[arg-type]
         call = stub.ServerReflectionInfo(timeout=self.timeout)
         try:
             await call.write(reflection_pb2.ServerReflectionRequest(list_services=""))

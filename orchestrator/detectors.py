@@ -25,7 +25,7 @@ import logging
 import math
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -35,6 +35,9 @@ from .config import SlowdownConfig
 from .telemetry import ExitWindows
 
 log = logging.getLogger(__name__)
+
+#: The streams the guard watches: (node id, model name:version, request source).
+Stream = tuple[str, str, str]
 
 
 @dataclass(frozen=True)
@@ -77,13 +80,21 @@ class SlowdownDetector:
         self._llr_late = math.log((1.0 - p1) / (1.0 - p0))
 
     @classmethod
-    def learn(cls, early: Sequence[int], total: Sequence[int], **kw: float) -> SlowdownDetector:
+    def learn(
+        cls,
+        early: Sequence[int],
+        total: Sequence[int],
+        *,
+        collapse: float = 0.5,
+        threshold: float = 12.0,
+        min_requests: int = 5,
+    ) -> SlowdownDetector:
         """A detector whose baseline is the early-exit fraction of clean windows."""
         early_sum, total_sum = float(np.sum(early)), float(np.sum(total))
         if total_sum <= 0:
             raise ValueError("no clean traffic to learn from")
         p0 = min(max(early_sum / total_sum, 1e-3), 1 - 1e-3)
-        return cls(baseline=p0, **kw)
+        return cls(baseline=p0, collapse=collapse, threshold=threshold, min_requests=min_requests)
 
     def _rows(self, streams: Sequence[Hashable]) -> np.ndarray:
         rows = np.empty(len(streams), np.int64)
@@ -99,7 +110,10 @@ class SlowdownDetector:
         return rows
 
     def update(
-        self, streams: Sequence[Hashable], early: Sequence[int], total: Sequence[int]
+        self,
+        streams: Sequence[Hashable],
+        early: Sequence[int] | np.ndarray,
+        total: Sequence[int] | np.ndarray,
     ) -> list[SlowdownAlert]:
         """Feed one window per stream; returns the alerts raised by this batch (once per episode)."""
         rows = self._rows(streams)
@@ -113,11 +127,13 @@ class SlowdownDetector:
         # an episode ends when the statistic falls back to zero; then the stream may alarm again
         was = self._alarmed[rows]
         self._alarmed[rows] = (was | fire) & (s > 0)
-        self._cleared.extend(streams[i] for i in np.flatnonzero(was & (s <= 0)))
+        self._cleared.extend(streams[int(i)] for i in np.flatnonzero(was & (s <= 0)))
         out = []
         for i in np.flatnonzero(fire):
             out.append(
-                SlowdownAlert(streams[i], float(s[i]), float(early_a[i] / max(total_a[i], 1)), self.baseline)
+                SlowdownAlert(
+                    streams[int(i)], float(s[i]), float(early_a[i] / max(total_a[i], 1)), self.baseline
+                )
             )
         return out
 
@@ -147,7 +163,7 @@ class Notice:
     kind: str
     subject: str
     message: str
-    severity: int
+    severity: node_pb2.Severity
     attributes: dict[str, Any]
 
 
@@ -185,7 +201,7 @@ class SlowdownGuard:
             for alert in det.update(streams, early, total):
                 self._raise(alert, decision)
             for stream in det.pop_cleared():
-                self._clear(stream, det, decision)  # type: ignore[arg-type]
+                self._clear(cast(Stream, stream), det, decision)
         return decision
 
     def _learn(self, model: str, early: np.ndarray, total: np.ndarray) -> None:
@@ -210,7 +226,7 @@ class SlowdownGuard:
         )
 
     def _raise(self, alert: SlowdownAlert, decision: GuardDecision) -> None:
-        node, model, source = alert.stream  # type: ignore[misc]
+        node, model, source = cast(Stream, alert.stream)
         self.alerts += 1
         decision.notices.append(
             Notice(

@@ -62,7 +62,7 @@ class EventBus:
         kind: str,
         subject: str,
         message: str,
-        severity: int = INFO,
+        severity: node_pb2.Severity = INFO,
         **attributes: object,
     ) -> events_pb2.Notification:
         """Record and fan out one event. ``kind`` is dotted lower case (``rollout.rollback``)."""
@@ -98,7 +98,7 @@ class EventBus:
         self._loop = loop
 
     def publish_threadsafe(
-        self, kind: str, subject: str, message: str, severity: int = INFO, **attrs: object
+        self, kind: str, subject: str, message: str, severity: node_pb2.Severity = INFO, **attrs: object
     ) -> None:
         if self._loop is None:
             raise RuntimeError("EventBus.bind_loop was not called")

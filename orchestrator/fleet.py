@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import time
 from collections import Counter, deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -211,7 +212,7 @@ class Fleet:
         return None
 
     def _profiles(
-        self, profiles: list[node_pb2.ModelProfile]
+        self, profiles: Iterable[node_pb2.ModelProfile]
     ) -> dict[tuple[str, str], node_pb2.ModelProfile]:
         out = {}
         for p in profiles:
@@ -224,7 +225,7 @@ class Fleet:
             out[(model_key(p.model_name, p.model_version), p.accelerator)] = p
         return out
 
-    def _windows(self, node: NodeView, models: list[node_pb2.ModelStats]) -> None:
+    def _windows(self, node: NodeView, models: Iterable[node_pb2.ModelStats]) -> None:
         for stats in models:
             key = model_key(stats.model_name, stats.model_version)
             windows = node.latency.get(key)

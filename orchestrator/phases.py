@@ -44,10 +44,10 @@ _TO_PB = {
     Phase.FAILED: node_pb2.REPLICA_PHASE_FAILED,
     Phase.EVICTED: node_pb2.REPLICA_PHASE_EVICTED,
 }
-_FROM_PB = {v: k for k, v in _TO_PB.items()}
+_FROM_PB: dict[int, Phase] = {v: k for k, v in _TO_PB.items()}
 
 
-def to_pb(phase: Phase) -> int:
+def to_pb(phase: Phase) -> node_pb2.ReplicaPhase:
     return _TO_PB[phase]
 
 

@@ -663,7 +663,7 @@ class ReconcilePass:
                 self.resend(rep, undeploy=True)
         return rep
 
-    def _follow_report(self, rep: ReplicaRecord, report: node_pb2.ReplicaStatus) -> ReplicaRecord:
+    def _follow_report(self, rep: ReplicaRecord, report: node_pb2.ReplicaReport) -> ReplicaRecord:
         reported = _REPORTED_PHASE.get(report.phase)
         # A report that would be an illegal move (a Failed replica the node says runs again) is not
         # followed: the failed replica is retired and replaced, never revived.
@@ -820,7 +820,7 @@ class ReconcilePass:
             for rep in surplus:
                 self.evict(rep, "deployment.scaled_down")
             current = [r for r in current if r not in surplus]
-        pending = []
+        pending: list[ReplicaRecord] = []
         if split is not None:
             retire, missing = split.retire(current, old)
             for rep in retire:
@@ -1035,7 +1035,7 @@ async def publish_all(publish: Publish, commands: Sequence[tuple[str, node_pb2.C
     await asyncio.gather(*(one(node_id, cmd) for node_id, cmd in commands))
 
 
-def command(node_id: str, **body: object) -> node_pb2.Command:
+def command(node_id: str, **body: Any) -> node_pb2.Command:
     return node_pb2.Command(
         schema=SCHEMA_VERSION, command_id=uuid.uuid4().hex, node_id=node_id, issued_unix_ms=now_ms(), **body
     )

@@ -593,7 +593,7 @@ class RolloutController:
         return rolled
 
     async def _transition(
-        self, rec: Rollout, kind: str, message: str, severity: int = node_pb2.SEVERITY_INFO
+        self, rec: Rollout, kind: str, message: str, severity: node_pb2.Severity = node_pb2.SEVERITY_INFO
     ) -> Rollout:
         """Save ``rec`` (the rollout after a transition), then announce it as a ``kind`` event."""
         rec = await self._save(rec)
@@ -606,7 +606,12 @@ class RolloutController:
         return rec
 
     def _publish(
-        self, rec: Rollout, kind: str, message: str, severity: int = node_pb2.SEVERITY_INFO, **extra: object
+        self,
+        rec: Rollout,
+        kind: str,
+        message: str,
+        severity: node_pb2.Severity = node_pb2.SEVERITY_INFO,
+        **extra: object,
     ) -> None:
         self._events.publish(kind, f"deployment/{rec.deployment}", message, severity, **extra, **_attrs(rec))
 

@@ -310,9 +310,9 @@ class Orchestrator:
         self._mqtt = MqttSession(
             BrokerURL.parse(
                 self.broker_url,
-                ca_file=b.ca_file or (sec and sec.ca_file),
-                cert_file=b.cert_file or (sec and sec.cert_file),
-                key_file=b.key_file or (sec and sec.key_file),
+                ca_file=b.ca_file or (sec.ca_file if sec else None),
+                cert_file=b.cert_file or (sec.cert_file if sec else None),
+                key_file=b.key_file or (sec.key_file if sec else None),
             ),
             f"edgeward-orchestrator-{uuid.uuid4().hex[:8]}",
             max_payload=b.max_payload,

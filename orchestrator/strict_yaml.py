@@ -124,8 +124,9 @@ def load_yaml(text: str, *, max_depth: int = MAX_DEPTH) -> Any:
                 frame = stack.pop()
                 place(frame.value, event)
                 continue
-            if getattr(event, "tag", None) is not None:
-                raise YamlRefused(where(), "yaml.tag", f"tags are not accepted ({event.tag:.40})")
+            tag = getattr(event, "tag", None)
+            if tag is not None:
+                raise YamlRefused(where(), "yaml.tag", f"tags are not accepted ({tag:.40})")
             if isinstance(event, events.ScalarEvent):
                 plain = event.implicit[0] and not event.style
                 place(_plain(event.value) if plain else event.value, event)

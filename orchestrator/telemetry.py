@@ -65,7 +65,7 @@ class ExitCounters:
 
     def add(self, node_id: str, stats: Iterable[node_pb2.ExitStats]) -> None:
         """Queue one node's counters; malformed entries are dropped and counted in ``dropped``."""
-        kept = []
+        kept: list[node_pb2.ExitStats] = []
         for e in stats:
             exits = e.exits
             if (
@@ -165,7 +165,7 @@ class TelemetryStore:
         self._acc_n = np.zeros(0, np.int32)
         self._pending: list[tuple[int, int, tuple[float, ...]]] = []
         self._models: dict[str, list[node_pb2.ModelStats]] = {}
-        self._source: dict[str, int] = {}
+        self._source: dict[str, node_pb2.EnergySource] = {}
         self._watchers: set[asyncio.Queue[api_pb2.TelemetrySample]] = set()
         self.exits = ExitCounters()
         self.flush_every = flush_every
@@ -313,7 +313,7 @@ class TelemetryStore:
     def models(self, node_id: str) -> list[node_pb2.ModelStats]:
         return self._models.get(node_id, [])
 
-    def energy_source(self, node_id: str) -> int:
+    def energy_source(self, node_id: str) -> node_pb2.EnergySource:
         return self._source.get(node_id, node_pb2.ENERGY_SOURCE_UNSPECIFIED)
 
     def slo_attainment(self, deployments: Sequence[SloQuestion]) -> list[SloAttainment]:

@@ -45,7 +45,7 @@ from edgeward.oip import grpc_predict_v2_pb2 as oip
 from edgeward.oip import grpc_predict_v2_pb2_grpc as oip_grpc
 from edgeward.v1 import api_pb2, api_pb2_grpc, node_pb2
 
-from .catalog import PublisherKey, sign_metadata
+from .catalog import CatalogConfig, PublisherKey, sign_metadata
 from .config import BrokerConfig, OrchestratorConfig
 from .server import Orchestrator
 from .tables import deployments_table, phase_name, state_name
@@ -200,7 +200,7 @@ async def _up(args: argparse.Namespace) -> int:
         broker=BrokerConfig(),
         metrics_bind="127.0.0.1:0",  # Prometheus /metrics on a free loopback port
         # The demo's own publisher key: generated here, trusted by this orchestrator only.
-        catalog={"trusted_publishers": [trusted]},
+        catalog=CatalogConfig(trusted_publishers=[trusted]),
     )
     work = workloads()
     console.print(

@@ -84,14 +84,14 @@ _STOP_TIMEOUT_S = 1.0
 _PEER_CERT: contextvars.ContextVar[bytes | None] = contextvars.ContextVar("edgeward_peer_cert", default=None)
 
 
-class _AcceptAll(BaseAuthPlugin):  # type: ignore[misc]  # amqtt ships no type information
+class _AcceptAll(BaseAuthPlugin):
     """Admits every client (the broker is for development, on loopback) as a regular session."""
 
     async def authenticate(self, *, session: Session) -> bool:
         return True
 
 
-class _Broker(Broker):  # type: ignore[misc]  # amqtt ships no type information
+class _Broker(Broker):
     """amqtt's broker with the 0.12.1 workarounds described in the module docstring."""
 
     def __init__(

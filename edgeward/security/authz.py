@@ -430,7 +430,8 @@ class AuthzInterceptor(RequestGuard):
         identity: Identity | None = None
         name: str | None = None
         try:
-            identity = self.authz.identify((context.auth_context().get("x509_pem_cert") or [None])[0])
+            certs = list(context.auth_context().get("x509_pem_cert") or ())
+            identity = self.authz.identify(certs[0] if certs else None)
             self.authz.check_revoked(identity)  # after identify: the audit line names the revoked one
             self.authz.check_role(identity, method, rule)
             if isinstance(request, Undecodable):

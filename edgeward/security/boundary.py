@@ -145,6 +145,7 @@ class RequestGuard(grpc.aio.ServerInterceptor):
             return grpc.stream_unary_rpc_method_handler(
                 _released(self.sunary(method, handler.stream_unary)), **kwargs
             )
+        assert handler.stream_stream is not None  # a handler has exactly one of the four
         return grpc.stream_stream_rpc_method_handler(
             _released_stream(self.sstream(method, handler.stream_stream)), **kwargs
         )

@@ -17,6 +17,7 @@ clients that check the address they dial. Operators and teams are clients only.
 
 from __future__ import annotations
 
+import builtins
 import datetime as dt
 import ipaddress
 import json
@@ -328,7 +329,7 @@ class FleetCA:
             raise PkiError("security.pki.bad_ca", "the CA key is not an EC key")
         return key, cert
 
-    def _write_index(self, rows: list[IssuedCert]) -> None:
+    def _write_index(self, rows: builtins.list[IssuedCert]) -> None:
         _write_public(self._index_file, (json.dumps([asdict(r) for r in rows], indent=1) + "\n").encode())
 
 

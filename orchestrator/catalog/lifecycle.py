@@ -14,7 +14,7 @@ class ModelState(enum.StrEnum):
     DEPRECATED = "deprecated"
     REVOKED = "revoked"
 
-    def to_pb(self) -> int:
+    def to_pb(self) -> api_pb2.ModelState:
         return _PB[self]
 
 

@@ -91,7 +91,7 @@ def compliance(
 ) -> api_pb2.ComplianceReport:
     """Every placement of a deprecated, revoked or unsigned version (docs/lifecycle.md)."""
     models = {(m.name, m.version): m for m in catalog}
-    findings = []
+    findings: list[api_pb2.ComplianceFinding] = []
     for p in placed:
         record = models.get((p.model, p.version))
         issues: list[tuple[str, str]] = []

@@ -300,7 +300,13 @@ class ConsoleApp(App[None]):
             models = await self.call(lambda c: c.list_models())
             placements = {}
             for name in sorted({m.name for m in models}):
-                placements[name] = await self.call(lambda c, name=name: c.placements(name))
+
+                def placements_of(
+                    c: AsyncEdgewardClient, name: str = name
+                ) -> Awaitable[list[api_pb2.Placement]]:
+                    return c.placements(name)
+
+                placements[name] = await self.call(placements_of)
             wipes = await self.call(lambda c: c.list_wipes())
         except ClientError:
             return
