@@ -20,6 +20,7 @@ import psutil
 import pytest
 from nats_cluster import NatsCluster, find_nats_server
 from pg_server import PostgresServer, find_bindir
+from processes import free_port
 
 from edgeward.mqtt import BrokerURL
 from edgeward.mqtt.broker import EmbeddedBroker
@@ -42,12 +43,6 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "allow_leaks: skip the thread/task/process leak check (say why in the test)"
     )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((LOOPBACK, 0))
-        return int(sock.getsockname()[1])
 
 
 class Mosquitto:

@@ -6,7 +6,6 @@ import asyncio
 import ipaddress
 import os
 import signal
-import socket
 import ssl
 import sys
 import textwrap
@@ -24,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from hypothesis import given
 from hypothesis import strategies as st
+from processes import free_port
 
 import edgeward
 from edgeward.mqtt import (
@@ -65,12 +65,6 @@ async def nothing_received(session: MqttSession, within: float = 0.5) -> bool:
     except TimeoutError:
         return True
     return False
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((LOOPBACK, 0))
-        return int(sock.getsockname()[1])
 
 
 async def wait_until(condition: Callable[[], bool], within: float = 10.0) -> None:

@@ -77,19 +77,16 @@ async def eventually(
 
 
 async def quiet_for(orch: Orchestrator, seconds: float = 0.0, passes: int = 3) -> None:
-    """Let ``seconds`` of wall time go by, then ``passes`` more reconcile passes of ``orch``.
+    """Let ``seconds`` of wall time go by, then ``passes`` more whole reconcile passes of ``orch``
+    (passes that started after the call: one already running read the store before it).
 
     For checks that something does *not* happen: a fixed sleep proves nothing on a machine so
     loaded that the control loop did not run meanwhile; counted passes do, on any machine.
     """
     if seconds:
         await asyncio.sleep(seconds)  # the wall time under test (a pause, a lease)
-    target = orch.reconciler.passes + passes
-    await eventually(lambda: _true(orch.reconciler.passes >= target), what=f"{passes} reconcile passes")
-
-
-async def _true(value: bool) -> bool:
-    return value
+    async with asyncio.timeout(60):
+        await orch.reconciler.wait_passes(passes)
 
 
 class Api:
