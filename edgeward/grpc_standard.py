@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2
@@ -36,11 +37,9 @@ class HealthServicer(health.aio.HealthServicer):
 
     def __init__(self) -> None:
         super().__init__()
-        self._statuses: dict[str, health_pb2.HealthCheckResponse.ServingStatus.ValueType] = {
-            "": health_pb2.HealthCheckResponse.SERVING
-        }
+        self._statuses: dict[str, int] = {"": health_pb2.HealthCheckResponse.SERVING}
 
-    async def set(self, service: str, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
+    async def set(self, service: str, status: int) -> None:
         await super().set(service, status)
         self._statuses[service] = status
 
@@ -49,10 +48,9 @@ class HealthServicer(health.aio.HealthServicer):
         for service in self._statuses:
             self._statuses[service] = health_pb2.HealthCheckResponse.NOT_SERVING
 
-    async def List(
-        self, request: health_pb2.HealthListRequest, context: grpc.aio.ServicerContext
-    ) -> health_pb2.HealthListResponse:
-        return health_pb2.HealthListResponse(
+    async def List(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        # The health stubs (types-grpcio-health-checking) predate List and its messages.
+        return health_pb2.HealthListResponse(  # type: ignore[attr-defined]
             statuses={name: health_pb2.HealthCheckResponse(status=s) for name, s in self._statuses.items()}
         )
 

@@ -169,7 +169,7 @@ class _Broker(Broker):
         session is looked up, taken over or deleted, so no connection touches another identity's
         session. A connection without a usable identity gets a throwaway id (and is refused)."""
         if self.tls is None:
-            return await super()._initialize_client_session(reader, writer, remote_address, remote_port)  # type: ignore[no-any-return]
+            return await super()._initialize_client_session(reader, writer, remote_address, remote_port)
         try:
             handler, session = await BrokerProtocolHandler.init_from_connect(
                 reader, writer, self.plugins_manager

@@ -906,7 +906,8 @@ class MqttSession:
         except UnicodeDecodeError:
             self._stats.dropped_invalid += 1
             return
-        self._deliver(Message(topic, msg.payload, msg.qos, bool(msg.retain)))
+        # paho types the payload bytes | bytearray; it is bytes, and bytes(b) is b itself (no copy).
+        self._deliver(Message(topic, bytes(msg.payload), msg.qos, bool(msg.retain)))
 
     def _on_publish(self, _client: paho.Client, _userdata: Any, mid: int, _reason: Any, _props: Any) -> None:
         self._progress += 1
