@@ -318,7 +318,7 @@ class Authenticator:
 
     def peer(self, context: grpc.aio.ServicerContext) -> Identity:
         """The unrevoked identity of the call's client certificate (`Denied` otherwise)."""
-        identity = self.identify((context.auth_context().get("x509_pem_cert") or [None])[0])
+        identity = self.identify(client_pem(context))
         self.check_revoked(identity)
         return identity
 
@@ -430,8 +430,7 @@ class AuthzInterceptor(RequestGuard):
         identity: Identity | None = None
         name: str | None = None
         try:
-            certs = list(context.auth_context().get("x509_pem_cert") or ())
-            identity = self.authz.identify(certs[0] if certs else None)
+            identity = self.authz.identify(client_pem(context))
             self.authz.check_revoked(identity)  # after identify: the audit line names the revoked one
             self.authz.check_role(identity, method, rule)
             if isinstance(request, Undecodable):
@@ -667,3 +666,9 @@ def _detail(context: grpc.aio.ServicerContext) -> str:
         return context.details() or ""
     except Exception:  # not every grpc version exposes details() on aio contexts
         return ""
+
+
+def client_pem(context: grpc.aio.ServicerContext) -> bytes | None:
+    """The PEM of the call's client certificate, if it presented one."""
+    certs = list(context.auth_context().get("x509_pem_cert") or ())
+    return certs[0] if certs else None
