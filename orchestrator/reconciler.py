@@ -193,9 +193,6 @@ class Reconciler:
         self.trigger()
 
     async def run(self) -> None:
-        # The grace period for nodes not heard from yet starts with the control loop (ingest starts
-        # beside it), not when the reconciler was built, earlier in the orchestrator's start.
-        self._started = time.monotonic()
         while True:
             # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
             # arrives as the event fires, and the loop would then never stop.
