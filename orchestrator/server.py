@@ -497,10 +497,12 @@ class Orchestrator:
 
     async def _publish_changes(self) -> None:
         while changes := await self.db(self.store.changes_since, self.revision):
-            if not self.leading:
-                await self.rollouts.load(announce=False)  # rollout status of the API's answers
-            else:
-                self.reconciler.trigger()
+            if not all(self.store.written_by_me(revision) for revision, _ in changes):
+                # Another replica's API changed something: the rollout records this replica answers
+                # with (and, on the leader, acts on) and a pass of the leader's reconciler.
+                await self.rollouts.load(announce=False)
+                if self.leading:
+                    self.reconciler.trigger()
             if self.watch.watchers:
                 names = {name for _, name in changes}
                 pbs = {name: await self.deployment_pb_or_none(name) for name in sorted(names)}

@@ -28,6 +28,7 @@ import random
 import tempfile
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -212,6 +213,7 @@ class Store(Protocol):
     def release_lease(self, lease: Lease) -> None: ...
     def fenced(self, lease: Lease, fn: Callable[..., _T], *args: Any) -> _T: ...
     def revision(self) -> int: ...
+    def written_by_me(self, revision: int) -> bool: ...
     def changes_since(self, revision: int, limit: int = ...) -> list[tuple[int, str]]: ...
     def close(self) -> None: ...
 
@@ -273,6 +275,7 @@ class SqlStore:
         self._replicas: list[ReplicaRecord] | None = None
         self._statements = _Statements(sqlite.insert if self.dialect == "sqlite" else postgresql.insert)
         self._fence = threading.local()  # .lease: the lease the current thread's writes are fenced by
+        self._own: deque[tuple[int, int]] = deque(maxlen=4096)  # revisions our own commits wrote
         try:
             migrate(self.engine, self.where)
         except sa.exc.OperationalError as err:
@@ -314,6 +317,7 @@ class SqlStore:
                 self._replicas = None  # any write may change them
                 conn = self._connection(WRITE)
                 tx = conn.begin()
+                self._fence.written = None
                 try:
                     self._check_fence(conn)
                     result = work(conn)
@@ -327,6 +331,7 @@ class SqlStore:
                 else:
                     try:
                         tx.commit()
+                        self._note_written()
                         return result
                     except sa.exc.DBAPIError as err:
                         _rollback(tx)
@@ -415,6 +420,7 @@ class SqlStore:
             .returning(c.value)
         ).scalar_one()
         first = last - len(names) + 1
+        self._fence.written = (first, last)  # this process's, once the transaction commits
         conn.execute(
             t.deployment_changes.insert(),
             [{"revision": first + i, "deployment": name} for i, name in enumerate(names)],
@@ -423,6 +429,17 @@ class SqlStore:
             conn.execute(
                 t.deployment_changes.delete().where(t.deployment_changes.c.revision <= last - CHANGES_KEPT)
             )
+
+    def _note_written(self) -> None:
+        written = getattr(self._fence, "written", None)
+        if written is not None:
+            self._own.append(written)
+            self._fence.written = None
+
+    def written_by_me(self, revision: int) -> bool:
+        """Whether this process's own (committed) transaction wrote ``revision`` of the feed."""
+        own = list(self._own)  # one C-level copy: the store thread may append meanwhile
+        return any(first <= revision <= last for first, last in own)
 
     def revision(self) -> int:
         """The newest revision of the deployments' change feed."""

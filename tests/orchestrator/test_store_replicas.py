@@ -8,7 +8,7 @@ import threading
 import pytest
 import sqlalchemy as sa
 
-from orchestrator.errors import NotLeader, RevisionGone
+from orchestrator.errors import IllegalTransition, NotLeader, RevisionGone
 from orchestrator.manifest import parse_manifest
 from orchestrator.phases import Phase
 from orchestrator.store import ReplicaChange, ReplicaRecord, SqlStore
@@ -169,3 +169,16 @@ def test_concurrent_writers_on_two_replicas_leave_no_gap_in_the_feed(pg_stores):
     assert sorted(d for _, d in changes) == sorted(
         [f"a{i}" for i in range(30)] + [f"b{i}" for i in range(30)]
     )
+
+
+def test_a_store_knows_the_revisions_its_own_commits_wrote(pg_stores):
+    a, b = pg_stores
+    a.put_deployment(manifest("a"), 1)
+    b.put_deployment(manifest("b"), 1)
+    with pytest.raises(IllegalTransition):  # a failed write's revision is not ours (another commit reuses it)
+        a.apply_replica_changes(
+            [ReplicaChange(ReplicaRecord("r", "a", 1, "m", "1.0.0", Phase.RUNNING, 1)), replica("a", "r")]
+        )
+    b.put_deployment(manifest("c"), 1)
+    assert [a.written_by_me(r) for r in (1, 2, 3)] == [True, False, False]
+    assert [b.written_by_me(r) for r in (1, 2, 3)] == [False, True, True]
