@@ -95,9 +95,9 @@ def _sqlite_begin(conn: sa.Connection) -> None:
 def postgres_engine(
     url: URL, pool_size: int, connect_timeout_s: float, idle_in_transaction_s: float = 3.0
 ) -> sa.Engine:
-    """``idle_in_transaction_s``: PostgreSQL ends a session that sits in a transaction for longer (a
-    replica paused mid-write): its locks, such as a fencing check's hold on the lease row, cannot
-    hold a takeover back for longer than that."""
+    """``idle_in_transaction_s`` (at least 5 s): PostgreSQL ends a session that sits in a transaction
+    for longer (a replica paused mid-write): its locks, such as a fencing check's hold on the lease
+    row, cannot hold a takeover back for longer than that."""
     engine = sa.create_engine(
         url,
         pool_size=pool_size,
@@ -107,7 +107,7 @@ def postgres_engine(
         connect_args={
             "connect_timeout": max(1, round(connect_timeout_s)),
             "application_name": "edgeward",
-            "options": f"-c idle_in_transaction_session_timeout={max(1000, int(idle_in_transaction_s * 1000))}",
+            "options": f"-c idle_in_transaction_session_timeout={max(5000, int(idle_in_transaction_s * 1000))}",
         },
         hide_parameters=True,  # a failed statement's message never carries data keys or records
     )
