@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -9,7 +10,36 @@ from typing import Any
 import pytest
 import yaml
 from fault_support import MODEL, Probe, Proc, catalog_config, enrollment_token, wait_for
-from processes import free_port
+from processes import listen_port
+
+
+#: Bound on a process's own start (imports, measuring its code, opening the store) before it says
+#: it is ready. Kept apart from what a test measures: on a loaded machine an orchestrator took 28 s
+#: to start, which used up the 40 s a test gave its nodes to come online (and a restart's 30 s).
+STARTUP_S = 180.0
+
+
+def started(proc: Proc, marker: str, offset: int = 0) -> Proc:
+    """Wait until ``proc`` logs ``marker`` (after byte ``offset`` of its log: a restarted process
+    appends to the same file); fail at once, with its log, if it exits first."""
+    deadline = time.monotonic() + STARTUP_S
+    while True:
+        with proc.log.open("rb") as fh:
+            fh.seek(offset)
+            if marker.encode() in fh.read():
+                return proc
+        if not proc.alive:
+            raise AssertionError(f"{proc.name} exited before it was ready:\n{proc.log.read_text()[-3000:]}")
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"{proc.name} not ready after {STARTUP_S:g} s:\n{proc.log.read_text()[-3000:]}"
+            )
+        time.sleep(0.1)
+
+
+def _log_size(tmp_path: Path, name: str) -> int:
+    log = tmp_path / f"{name}.log"
+    return log.stat().st_size if log.exists() else 0
 
 
 class Cluster:
@@ -19,11 +49,12 @@ class Cluster:
         self.tmp_path = tmp_path
         self.topic_prefix = topic_prefix
         self.procs: list[Proc] = []
-        self.grpc_port = free_port()
+        self.grpc_port = listen_port()  # below the ephemeral range: a restart rebinds it
         self.server = f"127.0.0.1:{self.grpc_port}"
         self.broker_url = ""
         self.orchestrator_overrides: dict[str, Any] = {}
         self.agent_overrides: dict[str, Any] = {}
+        self._log_offsets: dict[str, int] = {}  # process name -> its log's size when it was started
 
     def orchestrator(self) -> Proc:
         cfg = self.tmp_path / "orchestrator.yaml"
@@ -41,9 +72,10 @@ class Cluster:
                 }
             )
         )
+        offset = _log_size(self.tmp_path, "orchestrator")
         proc = Proc("orchestrator", ["orchestrator", "-c", str(cfg)], self.tmp_path)
         self.procs.append(proc)
-        return proc
+        return started(proc, "orchestrator ready", offset)
 
     def agent(self, i: int) -> Proc:
         cfg = self.tmp_path / f"node-{i}.yaml"
@@ -59,9 +91,15 @@ class Cluster:
                 }
             )
         )
+        self._log_offsets[f"node-{i}"] = _log_size(self.tmp_path, f"node-{i}")
         proc = Proc(f"node-{i}", ["agent", "-c", str(cfg)], self.tmp_path)
         self.procs.append(proc)
         return proc
+
+    def agents_started(self, agents: dict[str, Proc]) -> None:
+        """Wait until every agent of ``agents`` (just started) says it is ready."""
+        for node_id, proc in agents.items():
+            started(proc, f"node {node_id} ready", self._log_offsets[node_id])
 
     def probe(self) -> Probe:
         return Probe(self.server)
@@ -70,6 +108,7 @@ class Cluster:
         """The orchestrator and ``nodes`` agents, all online and attested, the model pushed."""
         self.orchestrator()
         agents = {f"node-{i}": self.agent(i) for i in range(1, nodes + 1)}
+        self.agents_started(agents)
         with self.probe() as probe:
             wait_for(lambda: len(probe.online()) == nodes, 40, f"{nodes} nodes online")
             wait_for(lambda: len(probe.attested()) == nodes, 30, f"{nodes} nodes attested")
