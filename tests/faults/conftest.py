@@ -12,7 +12,6 @@ import yaml
 from fault_support import MODEL, Probe, Proc, catalog_config, enrollment_token, wait_for
 from processes import listen_port
 
-
 #: Bound on a process's own start (imports, measuring its code, opening the store) before it says
 #: it is ready. Kept apart from what a test measures: on a loaded machine an orchestrator took 28 s
 #: to start, which used up the 40 s a test gave its nodes to come online (and a restart's 30 s).
