@@ -8,7 +8,8 @@ every store write made on the way is fenced by the lease's token (``SqlStore.fen
 
 Timing, all on the replica's monotonic clock except the expiry itself (the database's clock):
 
-- the holder renews every ``ttl / 4``; a follower tries to take the lease every ``ttl / 6``;
+- the holder renews every ``ttl / 4``, a follower tries to take the lease every ``ttl / 6``, on a
+  thread of their own (a busy event loop does not delay a renewal);
 - a renewal sent at ``t`` that succeeds makes the database's expiry at least ``t + ttl``; the holder
   counts itself leader only until ``t + ttl * STEP_DOWN_AT`` and cancels ``lead`` then unless a
   newer renewal succeeded: a replica cut off from the database (or too slow) stops acting before its
@@ -22,9 +23,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from contextvars import ContextVar
 
 from .store import Lease, SqlStore
@@ -53,64 +55,76 @@ class LeaderElection:
         self.became_leader_at: float | None = None  # monotonic
         self._deadline = 0.0
         self._task: asyncio.Task | None = None
-        # Renewals on their own thread and connection: never behind the store thread's queue.
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="edgeward-lease")
         self._changed = asyncio.Event()
+        # Renewals run on a thread of their own with their own connection: neither the store
+        # thread's queue nor an event loop busy with a long pass delays them. Its outcomes
+        # (sent at, lease or None, error) are taken in order by run().
+        self._outcomes: deque[tuple[float, Lease | None, Exception | None]] = deque()
+        self._stop = threading.Event()
 
     @property
     def leading(self) -> bool:
         return self.lease is not None
 
+    def _renew(self) -> None:
+        ttl_ms = int(self.ttl_s * 1000)
+        held = False
+        while not self._stop.is_set():
+            sent = time.monotonic()
+            try:
+                lease = self._store.acquire_lease(self.holder, ttl_ms)
+                self._outcomes.append((sent, lease, None))
+                held = lease is not None
+            except Exception as err:  # the database away: the holder's deadline decides
+                self._outcomes.append((sent, None, err))
+            pause = self.ttl_s / 4 if held else self.ttl_s / 6
+            self._stop.wait(max(0.0, sent + pause - time.monotonic()))
+
     async def run(self) -> None:
-        loop = asyncio.get_running_loop()
-        pending: asyncio.Future[Lease | None] | None = None
-        sent = next_try = 0.0
+        renewer = threading.Thread(target=self._renew, name="edgeward-lease", daemon=True)
+        renewer.start()
         try:
             while True:
-                now = time.monotonic()
+                while self._outcomes:  # first what the database said, then the clock
+                    sent, lease, err = self._outcomes.popleft()
+                    if err is not None:
+                        log.warning("leader lease: cannot reach the store: %s", err)
+                    else:
+                        await self._took(lease, sent)
                 # On SQLite the lease is always ours (one process): a renewal seen late because the
                 # loop was busy (a 2,000-node pass on a loaded machine) is no reason to step down,
                 # and stepping down restarted every singleton loop in the middle of an apply.
-                if self.lease is not None and now >= self._deadline and self._store.dialect != "sqlite":
+                if (
+                    self.lease is not None
+                    and time.monotonic() >= self._deadline
+                    and self._store.dialect != "sqlite"
+                ):
                     log.error(
                         "leader lease %d not renewed within %.1f s: stepping down",
                         self.lease.token,
                         self.ttl_s * STEP_DOWN_AT,
                     )
                     await self._step_down()
-                if pending is None and now >= next_try:
-                    sent = now
-                    ttl_ms = int(self.ttl_s * 1000)
-                    pending = loop.run_in_executor(self._pool, self._store.acquire_lease, self.holder, ttl_ms)
-                if pending is not None and pending.done():
-                    try:
-                        lease = pending.result()
-                    except Exception as err:  # the database away: keep trying; the deadline decides
-                        log.warning("leader lease: cannot reach the store: %s", err)
-                        lease = None
-                        if self.lease is not None:
-                            next_try = sent + self.ttl_s / 8
-                            pending = None
-                            await asyncio.sleep(TICK_S)
-                            continue
-                    pending = None
-                    await self._took(lease, sent)
-                    next_try = sent + (self.ttl_s / 4 if self.lease is not None else self.ttl_s / 6)
                 await asyncio.sleep(TICK_S)
         finally:
+            self._stop.set()
+            held = self.lease
             await self._step_down()
-            if pending is not None:
-                with contextlib.suppress(Exception):
-                    lease = await asyncio.wait_for(pending, 2)
-                    if lease is not None:
-                        self.lease = lease
-            if self.lease is not None:  # a clean stop ends the term at once
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(
-                        loop.run_in_executor(self._pool, self._store.release_lease, self.lease), 2
-                    )
-                self.lease = None
-            self._pool.shutdown(wait=False)
+            await _joined(renewer, within_s=5.0)
+            for _, lease, _ in self._outcomes:  # a renewal that answered after the last tick
+                held = lease or held
+            if held is not None and not renewer.is_alive():  # a clean stop ends the term at once
+                release = threading.Thread(
+                    target=self._release, args=(held,), name="edgeward-lease-release", daemon=True
+                )
+                release.start()
+                await _joined(release, within_s=3.0)
+
+    def _release(self, lease: Lease) -> None:
+        try:
+            self._store.release_lease(lease)
+        except Exception as err:  # it runs out by itself
+            log.warning("leader lease %d not released: %s", lease.token, err)
 
     async def _took(self, lease: Lease | None, sent: float) -> None:
         if lease is None:
@@ -121,7 +135,10 @@ class LeaderElection:
         if self.lease is not None and lease.token != self.lease.token:
             log.error("leader lease %d ended (now term %d): stepping down", self.lease.token, lease.token)
             await self._step_down()
-        self._deadline = sent + self.ttl_s * STEP_DOWN_AT
+        deadline = sent + self.ttl_s * STEP_DOWN_AT
+        if time.monotonic() >= deadline and self._store.dialect != "sqlite":
+            return  # an answer too late to act on: the next renewal decides
+        self._deadline = deadline
         if self.lease is None:
             self.lease = lease
             self.terms += 1
@@ -155,3 +172,10 @@ class LeaderElection:
         while not self.leading:
             self._changed.clear()
             await self._changed.wait()
+
+
+async def _joined(thread: threading.Thread, within_s: float) -> None:
+    """Wait (without blocking the loop, and without an executor thread) for ``thread`` to end."""
+    deadline = time.monotonic() + within_s
+    while thread.is_alive() and time.monotonic() < deadline:  # noqa: ASYNC110 - a thread sets no Event
+        await asyncio.sleep(TICK_S)
