@@ -35,7 +35,7 @@ from typing import Any
 import grpc
 
 from accelerators import registry
-from accelerators.base import Backend, Capabilities, CostModel, ModelArtifact, ModelHandle
+from accelerators.base import Backend, Capabilities, CostModel, ModelArtifact, ModelHandle, ModelRefused
 from attestation import attesters, keyrelease
 from attestation.artifacts import (
     AGENT_CODE,
@@ -394,57 +394,81 @@ class NodeAgent:
         return list(self._profiles.values())
 
     async def _profiler(self) -> None:
-        """Profile each model once it runs here, then re-publish the hello with the profile."""
+        """Profile each model once it runs here: on the accelerator it runs on and, with
+        ``profile_alternatives``, on every other accelerator of this node that can run it (what the
+        scheduler compares an energy move with); re-publish the hello after each profile."""
         while True:
             await self._profile_wake.wait()
             self._profile_wake.clear()
             for state in list(self.runtime.replicas.values()):
-                if self._loading():  # serving first: profiles wait for the last load (it wakes us)
-                    break
                 spec, backend = state.spec, state.backend
-                if state.phase != node_pb2.REPLICA_PHASE_RUNNING or backend is None:
-                    continue
-                key = (spec.model_name, spec.model_version, backend.kind)
                 held = self._unprofiled.get(spec.sha256)
-                if key in self._profiles or key in self._profile_failed or held is None:
+                if state.phase != node_pb2.REPLICA_PHASE_RUNNING or backend is None or held is None:
                     continue
-                artifact = ModelArtifact(*held, spec.sha256)  # checked when unlocked, and as it is read
-                run = partial(
-                    self._backends[backend.kind].profile, artifact, PROFILE_RUNS, warmup=PROFILE_WARMUP
-                )
-                try:
-                    profile = await asyncio.get_running_loop().run_in_executor(self._profile_pool, run)
-                except Exception as err:  # a model that serves but cannot be profiled keeps serving
-                    self._profile_failed.add(key)
-                    log.warning("profiling %s:%s on %s failed: %s", *key, err)
-                    continue
-                self._profiles[key] = node_pb2.ModelProfile(
-                    model_name=key[0],
-                    model_version=key[1],
-                    accelerator=key[2],
-                    runs=profile.runs,
-                    latency_p50_ms=profile.p50_ms,
-                    latency_p95_ms=profile.p95_ms,
-                    energy_j=profile.joules_per_inference,
-                    energy_source=_ENERGY_SOURCE.get(profile.energy_source, node_pb2.ENERGY_SOURCE_MODELLED),
-                    profiled_unix_ms=now_ms(),
-                )
-                while len(self._profiles) > MAX_PROFILES:
-                    self._profiles.popitem(last=False)
-                log.info("profiled %s:%s on %s: p95 %.3f ms", *key, profile.p95_ms)
-                try:
-                    await self._publish(TopicKind.HELLO, qos=1, retain=True, hello=self.hello())
-                except Exception as err:  # broker away: the next profile or reconnect re-announces
-                    log.warning("hello with profiles not published: %s", err)
-            # Keep a plaintext model only while a replica of it still waits for its profile.
+                for kind in self._profile_kinds(backend.kind):
+                    key = (spec.model_name, spec.model_version, kind)
+                    if key in self._profiles or key in self._profile_failed:
+                        continue
+                    if self._loading():  # serving first: profiles wait for the last load (it wakes us)
+                        break
+                    await self._profile(
+                        key, ModelArtifact(*held, spec.sha256), alternative=kind != backend.kind
+                    )
+            # Keep a plaintext model only while a replica of it still waits for a profile.
             done = self._profiles.keys() | self._profile_failed
             waiting = {
                 s.spec.sha256
                 for s in self.runtime.replicas.values()
-                if s.backend is None or (s.spec.model_name, s.spec.model_version, s.backend.kind) not in done
+                if s.backend is None
+                or any(
+                    (s.spec.model_name, s.spec.model_version, k) not in done
+                    for k in self._profile_kinds(s.backend.kind)
+                )
             }
             for digest in [d for d in self._unprofiled if d not in waiting]:
                 del self._unprofiled[digest]
+
+    def _profile_kinds(self, kind: str) -> list[str]:
+        """The accelerators a model running on ``kind`` is profiled on, ``kind`` first."""
+        if not self.config.profile_alternatives:
+            return [kind]
+        return [kind, *(k for k in sorted(self._backends) if k != kind)]
+
+    async def _profile(
+        self, key: tuple[str, str, str], artifact: ModelArtifact, *, alternative: bool
+    ) -> None:
+        """One profile (the artifact is checked when unlocked, and as it is read); publish it."""
+        run = partial(self._backends[key[2]].profile, artifact, PROFILE_RUNS, warmup=PROFILE_WARMUP)
+        try:
+            profile = await asyncio.get_running_loop().run_in_executor(self._profile_pool, run)
+        except ModelRefused as err:  # an alternative that cannot run the model: nothing to compare
+            self._profile_failed.add(key)
+            log.log(
+                logging.INFO if alternative else logging.WARNING, "%s:%s not profiled on %s: %s", *key, err
+            )
+            return
+        except Exception as err:  # a model that serves but cannot be profiled keeps serving
+            self._profile_failed.add(key)
+            log.warning("profiling %s:%s on %s failed: %s", *key, err)
+            return
+        self._profiles[key] = node_pb2.ModelProfile(
+            model_name=key[0],
+            model_version=key[1],
+            accelerator=key[2],
+            runs=profile.runs,
+            latency_p50_ms=profile.p50_ms,
+            latency_p95_ms=profile.p95_ms,
+            energy_j=profile.joules_per_inference,
+            energy_source=_ENERGY_SOURCE.get(profile.energy_source, node_pb2.ENERGY_SOURCE_MODELLED),
+            profiled_unix_ms=now_ms(),
+        )
+        while len(self._profiles) > MAX_PROFILES:
+            self._profiles.popitem(last=False)
+        log.info("profiled %s:%s on %s: p95 %.3f ms", *key, profile.p95_ms)
+        try:
+            await self._publish(TopicKind.HELLO, qos=1, retain=True, hello=self.hello())
+        except Exception as err:  # broker away: the next profile or reconnect re-announces
+            log.warning("hello with profiles not published: %s", err)
 
     def _loading(self) -> bool:
         return any(s.phase == node_pb2.REPLICA_PHASE_LOADING for s in self.runtime.replicas.values())

@@ -108,6 +108,11 @@ class AgentConfig(_Strict):
         "its first enrollment; unneeded once enrolled, or for a TPM whose EK certificate the orchestrator "
         "trusts (policy token-or-ek). Never logged; measured as '**********'.",
     )
+    profile_alternatives: bool = Field(
+        True,
+        description="Profile each model this node runs also on its other accelerators that can run it, "
+        "once, off the serving path, so the scheduler can compare them by measurement (energy moves).",
+    )
     fault_injection: FaultInjection = Field(
         default_factory=FaultInjection,
         description="Deliberate faults for tests and demos (off by default); see FaultInjection.",

@@ -29,11 +29,12 @@ import asyncio
 import contextlib
 import enum
 import logging
+import math
 import time
 import uuid
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
@@ -58,6 +59,7 @@ from .scheduler import (
     Unschedulable,
 )
 from .scheduler.correction import LatencyCorrection
+from .scheduler.energy import EnergyOffer, EnergyWatch, RunningReplica, energy_offers
 from .scheduler.rescheduling import (
     MoveCandidate,
     MoveCause,
@@ -100,6 +102,42 @@ BOUND = "scheduler.bound"
 RESCHEDULE = "reschedule."
 #: A replica that keeps missing its SLO but has nowhere better to go (it stays, and says so).
 SLO_STUCK = "reschedule.slo_violation.no_better_node"
+#: A replica moved for a measured energy saving (its replacement's reason, then its own when evicted).
+ENERGY = "reschedule.energy"
+#: A running replica whose replacement is starting elsewhere; it serves until that one runs.
+ENERGY_REPLACING = "reschedule.energy.replacing"
+#: An energy move given up: its replacement failed or vanished; the replica stays.
+ENERGY_ABANDONED = "reschedule.energy.abandoned"
+#: Energy moves are looked for at most this often, and at least this often while nothing changes.
+ENERGY_MIN_INTERVAL_S = 1.0
+ENERGY_RECHECK_S = 60.0
+#: Offers tried per look beyond what the rate and budgets allow to move (the others wait).
+ENERGY_TRIES = 32
+
+
+class EventPublisher(Protocol):
+    """Where the reconciler's notifications go: the event bus (orchestrator.events.EventBus)."""
+
+    def publish(
+        self, kind: str, subject: str, message: str, severity: node_pb2.Severity = ..., **attributes: object
+    ) -> Any: ...
+
+
+class _NoEvents:
+    def publish(self, kind: str, subject: str, message: str, severity: int = 0, **attributes: object) -> None:
+        """Nobody listens (a reconciler built without an event bus)."""
+
+
+@dataclass(frozen=True)
+class EnergyMove:
+    """An energy move in flight: its replacement is starting; ``replaced`` serves until it runs."""
+
+    replaced: str
+    deployment: str
+    source: str  # node/accelerator it leaves
+    target: str  # node/accelerator it goes to
+    saving: float
+    why: str
 
 
 class Trust(Protocol):
@@ -134,8 +172,10 @@ class Reconciler:
         on_change: Callable[[set[str]], None],
         trust: Trust,
         rollouts: RolloutController | None = None,
+        events: EventPublisher | None = None,
     ) -> None:
         self._store = store
+        self._events: EventPublisher = events or _NoEvents()
         self._rollouts = rollouts
         self._trust = trust
         self._db = db
@@ -159,6 +199,11 @@ class Reconciler:
         self._corrected: dict[tuple[str, str], int] = {}  # (node, model) -> newest window folded
         self._windows_folded = -1  # the fleet's windows_added at the last fold
         self._move_rate = MoveRate(resched.max_moves_per_minute)
+        self._energy_watch = EnergyWatch(resched.energy_policy())
+        self._energy_in_flight: dict[str, EnergyMove] = {}  # replacement id -> its move
+        self._energy_seen: tuple[int, int, frozenset[str]] = (-1, -1, frozenset())
+        self._energy_checked = -math.inf  # monotonic time of the last look for energy moves
+        self._changed_passes = 0  # passes that changed replicas, for "anything new?"
         self.passes = 0
         self._in_pass = False
         self._pass_done = asyncio.Event()
@@ -183,6 +228,12 @@ class Reconciler:
     def latency_scales(self) -> dict[str, float]:
         """Node -> its current latency correction (observed / predicted), for inspection."""
         return self._correction.scales()
+
+    @property
+    def energy_view(self) -> tuple[int, frozenset[str]]:
+        """What the last look for energy moves saw: the fleet's count of profile updates and the
+        cordoned nodes (tests wait on it rather than on time)."""
+        return self._energy_seen[0], self._energy_seen[2]
 
     @property
     def cordoned(self) -> frozenset[str]:
@@ -353,6 +404,25 @@ class Reconciler:
         windows = self._windows(new.node_id, new.model_name, new.model_version)
         self._slo_seen[new.id] = windows[-1].seq if windows else 0
         self._slo.pop(old.id, None)
+
+    def _cool_down(self, rep: ReplicaRecord, now: float) -> None:
+        """Leave ``rep`` where it is for a cooldown (an energy move of it was just given up)."""
+        self._slo[rep.id] = replace(self._slo.get(rep.id, SloState()), moved_at=now)
+        windows = self._windows(rep.node_id, rep.model_name, rep.model_version)
+        self._slo_seen.setdefault(rep.id, windows[-1].seq if windows else 0)
+
+    def _energy_due(self, now: float) -> bool:
+        """Whether to look for energy moves in this pass: something they depend on changed (node
+        profiles, replicas, cordons), an offer's sustain time or a cooldown may have ended, or
+        ``ENERGY_RECHECK_S`` passed; never more often than every ``ENERGY_MIN_INTERVAL_S``."""
+        if now - self._energy_checked < ENERGY_MIN_INTERVAL_S:
+            return False
+        seen = (self._fleet.profile_updates, self._changed_passes, frozenset(self._cordoned))
+        due = min(self._energy_watch.next_due(), self._energy_checked + ENERGY_RECHECK_S)
+        if seen == self._energy_seen and now < due:
+            return False
+        self._energy_seen, self._energy_checked = seen, now
+        return True
 
     def _predicted_latency(self, plan: PlacementPlan, model: api_pb2.Model, placed: Placement) -> float:
         """The corrected p95 predicted for ``model`` on the node ``placed`` chose; NaN when unknown."""
@@ -681,19 +751,28 @@ class ReconcilePass:
     # ------------------------------------------------------------ 2. telemetry
 
     async def rebalance(self) -> None:
-        """Correct each node's predictions from its telemetry windows; move replicas that keep
-        missing their SLO (within the disruption budget) to a node predicted to meet it."""
+        """Correct each node's predictions from its telemetry windows; finish the energy moves in
+        flight; move replicas that keep missing their SLO (within the disruption budget) to a node
+        predicted to meet it; start energy moves where measurements show a large, sustained saving."""
         rec = self.rec
         rec._correct(self.by_deployment, self.now, self.timeout)
-        if not rec._config.scheduler.rescheduling.slo_violation:
-            return
+        self._advance_energy_moves()
+        resched = rec._config.scheduler.rescheduling
+        if resched.slo_violation:
+            await self._slo_moves()
+        if resched.energy and rec._energy_due(self.now):
+            await self._energy_moves()
+
+    async def _slo_moves(self) -> None:
+        rec = self.rec
         candidates, running, allowed, recovered = rec._slo_candidates(
             self.deployments, self.by_deployment, self.now
         )
         for rep in recovered:  # it recovered where it is
             reps = self.by_deployment[rep.deployment]
             reps[reps.index(rep)] = self.change(rep, reason="", message="")
-        moves = select_moves(candidates, allowed)
+        replaced = {m.replaced for m in rec._energy_in_flight.values()}  # its replacement is starting
+        moves = select_moves([c for c in candidates if c.replica_id not in replaced], allowed)
         if not moves:
             return
         by_name = {d.name: d for d in self.deployments}
@@ -781,6 +860,168 @@ class ReconcilePass:
             rep = self.change(rep, reason=SLO_STUCK, message=message)
         return rep, None
 
+    # ------------------------------------------------------------ 2b. energy moves
+
+    def _advance_energy_moves(self) -> None:
+        """Finish the energy moves in flight: a replacement that runs takes over (the replica it
+        replaces is evicted); one that failed or vanished is given up (the replica stays); one
+        whose replica went away meanwhile is simply one of the deployment's replicas now."""
+        rec = self.rec
+        for new_id, move in list(rec._energy_in_flight.items()):
+            reps = self.by_deployment.get(move.deployment, [])
+            at = {r.id: i for i, r in enumerate(reps)}
+            new = reps[at[new_id]] if new_id in at else None
+            old = reps[at[move.replaced]] if move.replaced in at else None
+            if new is not None and new.phase in (Phase.DISPATCHED, Phase.LOADING) and old is not None:
+                continue  # still starting
+            del rec._energy_in_flight[new_id]
+            if old is None or old.phase == Phase.EVICTED:
+                continue
+            if new is not None and new.phase == Phase.RUNNING:
+                reps[at[old.id]] = self.evict(
+                    old,
+                    ENERGY,
+                    f"replaced by {new_id} on {move.target}: {100 * move.saving:.0f} % less energy",
+                )
+                rec._events.publish(
+                    "reschedule.energy",
+                    f"deployment/{move.deployment}",
+                    f"replica {old.id} moved to {move.target} as {new_id}: {move.why}",
+                    replica=new_id,
+                    replaced=old.id,
+                    source=move.source,
+                    target=move.target,
+                    saving=f"{move.saving:.3f}",
+                )
+                continue
+            ended = "vanished" if new is None else "failed" if new.phase == Phase.FAILED else "was evicted"
+            why = f"its replacement {new_id} on {move.target} {ended}"
+            if new is not None and new.phase == Phase.FAILED:
+                reps[at[new_id]] = self.evict(
+                    new, ENERGY_ABANDONED, f"replacement of {old.id}: {new.message}"
+                )
+            reps[at[old.id]] = self.change(
+                old, reason=ENERGY_ABANDONED, message=f"energy move given up: {why}"
+            )
+            rec._cool_down(old, self.now)
+            rec._events.publish(
+                "reschedule.energy.abandoned",
+                f"deployment/{move.deployment}",
+                f"replica {old.id} stays: {why}",
+                node_pb2.SEVERITY_WARNING,
+                replica=old.id,
+                target=move.target,
+            )
+
+    async def _energy_moves(self) -> None:
+        """Start the energy moves whose measured saving has held long enough (``EnergyWatch``),
+        within each deployment's disruption budget and the global rate of voluntary moves."""
+        rec = self.rec
+        candidates, budget = await self._energy_candidates()
+        rate = rec._move_rate.available(self.now)
+        if not candidates or not rate:
+            rec._energy_watch.keep_only(())
+            return
+        models = [(r.request.model.partition(":")[0], r.request.model.partition(":")[2]) for r in candidates]
+        plan = await rec._plan(self.replicas, self.changes, self.deployments, self.now, models)
+        offers = energy_offers(plan, candidates, rec._energy_watch.policy, rate + ENERGY_TRIES)
+        rec._energy_watch.keep_only(o.replica.replica_id for o in offers)
+        for offer in offers:
+            dep = offer.replica.request.deployment
+            ready = rec._energy_watch.sustained(offer.replica.replica_id, self.now)
+            if not (
+                ready and budget[dep] > 0 and rec._move_rate.available(self.now)
+            ) or not await self._start_energy_move(offer):
+                plan.unreserve(offer.replica.request.replica_id)
+                continue
+            budget[dep] -= 1
+
+    async def _energy_candidates(self) -> tuple[list[RunningReplica], dict[str, int]]:
+        """(running replicas that may move for energy, each deployment's budget for it): replicas of
+        settled deployments (every replica of the current generation running, no rollout, budget
+        left) that are not violating their SLO, not in a cooldown, and measured where they run."""
+        rec = self.rec
+        budget_cfg = rec._config.scheduler.rescheduling.max_unavailable
+        cooldown = rec._slo_policy.cooldown_s
+        replaced = {m.replaced for m in rec._energy_in_flight.values()}
+        candidates: list[RunningReplica] = []
+        budget: dict[str, int] = {}
+        for dep in self.deployments:
+            spec = dep.manifest.spec
+            reps = [r for r in self.by_deployment.get(dep.name, []) if r.phase != Phase.EVICTED]
+            settled = [r for r in reps if r.id not in rec._energy_in_flight]
+            if (
+                any(r.generation != dep.generation or r.phase != Phase.RUNNING for r in settled)
+                or len(settled) != spec.replicas
+            ):
+                continue
+            if rec._rollouts is not None and rec._rollouts.split(dep) is not None:
+                continue
+            in_flight = len(reps) - len(settled)
+            budget[dep.name] = allowed_disruptions(spec.replicas, len(settled), budget_cfg) - in_flight
+            model = await rec._model(spec.model.name, spec.model.version) if budget[dep.name] > 0 else None
+            if model is None:
+                continue
+            key = model_key(spec.model.name, spec.model.version)
+            for rep in settled:
+                state = rec._slo.get(rep.id)
+                node = rec._fleet.nodes.get(rep.node_id or "")
+                profile = node.profiles.get((key, rep.accelerator or "")) if node is not None else None
+                if profile is None or rep.id in replaced or not rep.node_id or not rep.accelerator:
+                    continue
+                if state is not None and (
+                    state.violating or (state.moved_at is not None and self.now - state.moved_at < cooldown)
+                ):
+                    continue
+                request = _request(dep, model[0], self.need[dep.name], new_replica_id(dep.name))
+                candidates.append(
+                    RunningReplica(rep.id, rep.node_id, rep.accelerator, profile.energy_j, request)
+                )
+        return candidates, budget
+
+    async def _start_energy_move(self, offer: EnergyOffer) -> bool:
+        """Start the replacement of ``offer``'s replica where the offer places it; the replica keeps
+        serving, and says so, until the replacement runs. False if the model's key is refused."""
+        rec = self.rec
+        placed, req = offer.placement, offer.replica.request
+        reps = self.by_deployment[req.deployment]
+        here = next(i for i, r in enumerate(reps) if r.id == offer.replica.replica_id)
+        old = reps[here]
+        model = await rec._model(old.model_name, old.model_version)
+        if model is None:
+            return False
+        target = ReplicaRecord(
+            id=req.replica_id,
+            deployment=req.deployment,
+            generation=old.generation,
+            model_name=old.model_name,
+            model_version=old.model_version,
+            phase=Phase.DISPATCHED,
+            updated_ms=self.wall,
+            node_id=placed.node_id,
+            accelerator=placed.accelerator,
+            reason=ENERGY,
+            message=offer.why(),
+        )
+        try:
+            deploy = rec._deploy_command(target, model)
+        except KeyReleaseError as err:
+            log.info("energy move of %s to %s not started: %s", old.id, placed.node_id, err)
+            return False
+        source, to = f"{old.node_id}/{old.accelerator}", f"{placed.node_id}/{placed.accelerator}"
+        reps.append(self.add(target))
+        self.send(placed.node_id, deploy)
+        rec._last_sent[target.id] = self.now
+        reps[here] = self.change(
+            old, reason=ENERGY_REPLACING, message=f"being replaced by {target.id} on {to}: {offer.why()}"
+        )
+        rec._energy_in_flight[target.id] = EnergyMove(
+            old.id, req.deployment, source, to, offer.saving, offer.why()
+        )
+        rec._moved(old, target, self.now)
+        log.info("energy move of %s from %s to %s as %s: %s", old.id, source, to, target.id, offer.why())
+        return True
+
     # ------------------------------------------------------------ 3. scale
 
     def scale(self) -> list[tuple[DeploymentRecord, ReplicaRecord]]:
@@ -798,7 +1039,10 @@ class ReconcilePass:
         return pending
 
     def _scale(self, dep: DeploymentRecord) -> list[ReplicaRecord]:
-        reps = [r for r in self.by_deployment.get(dep.name, []) if r.phase != Phase.EVICTED]
+        surge = self.rec._energy_in_flight  # replacements that join once they run (make before break)
+        reps = [
+            r for r in self.by_deployment.get(dep.name, []) if r.phase != Phase.EVICTED and r.id not in surge
+        ]
         current = [r for r in reps if r.generation == dep.generation]
         old = [r for r in reps if r.generation != dep.generation]
         spec = dep.manifest.spec
@@ -952,6 +1196,7 @@ class ReconcilePass:
         rec = self.rec
         if self.changes:
             await rec._db(rec._store.apply_replica_changes, self.changes)
+            rec._changed_passes += 1
         await publish_all(rec._publish, self.commands)
         if self.touched:
             rec._on_change(self.touched)

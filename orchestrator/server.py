@@ -271,6 +271,7 @@ class Orchestrator:
             on_change=lambda _names: self._feed_wake.set(),
             trust=self.verifier,
             rollouts=self.rollouts,
+            events=self.events,
         )
         nodes = await self.db(self.store.list_nodes)
         self.reconciler.set_cordoned(n.id for n in nodes if n.cordoned)

@@ -183,12 +183,25 @@ class PlacementPlan:
         self._account(node, req.deployment, req.memory_bytes, +1)
         self.last_bound = node
 
+    def release(self, node_id: str, deployment: str) -> None:
+        """Leave one running replica of ``deployment`` on ``node_id`` out of the spread counts while
+        a replacement for it is placed (:meth:`restore` undoes it). It keeps its slot and memory:
+        it runs until its replacement does (make before break)."""
+        self._count(self.snapshot.index(node_id), deployment, -1)
+
+    def restore(self, node_id: str, deployment: str) -> None:
+        """Count the replica :meth:`release` left out again."""
+        self._count(self.snapshot.index(node_id), deployment, +1)
+
     def _account(self, node: int, deployment: str, memory: int, sign: int) -> None:
         self.slots_used[node] += sign
         self.has_slot[node] = self.slots_used[node] < self.snapshot.slots_total[node]
         self.memory_free[node] -= sign * memory
         total = max(int(self.snapshot.slots_total[node]), 1)
         self.free_share[node] = min(max(100.0 * (1.0 - self.slots_used[node] / total), 0.0), 100.0)
+        self._count(node, deployment, sign)
+
+    def _count(self, node: int, deployment: str, sign: int) -> None:
         counts = self._per_deployment.setdefault(deployment, {})
         left = counts.get(node, 0) + sign
         if left:

@@ -9,6 +9,7 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .correction import CorrectionPolicy
+from .energy import EnergyPolicy
 from .profiles import PROFILES  # the built-in profiles; no third-party plugin is loaded here
 from .rescheduling import _PERCENT, SloPolicy
 
@@ -30,7 +31,8 @@ class ProfileSpec(_Strict):
 
 
 class ReschedulingConfig(_Strict):
-    """Moving running replicas off nodes that keep missing their deployment's latency SLO."""
+    """Moving running replicas: off nodes that keep missing their deployment's latency SLO, and to
+    places that measurably cost much less energy per inference."""
 
     slo_violation: bool = Field(True, description="Move replicas whose p95 latency stays over the SLO.")
     breach_windows: Annotated[int, Field(ge=1, le=1000)] = Field(
@@ -51,7 +53,21 @@ class ReschedulingConfig(_Strict):
         "'25%', rounded up) that may be down at once; voluntary moves only spend what is left.",
     )
     max_moves_per_minute: Annotated[int, Field(ge=0, le=100_000)] = Field(
-        30, description="Global cap on voluntary moves (SLO repairs) in any sliding minute."
+        30, description="Global cap on voluntary moves (SLO repairs, energy moves) in any sliding minute."
+    )
+    energy: bool = Field(
+        True,
+        description="Move running replicas where measured profiles show a large, sustained energy saving "
+        "(make before break, within max_unavailable, cooldown_s and max_moves_per_minute; never onto a "
+        "node predicted over SLO x recover_ratio).",
+    )
+    energy_min_saving: Annotated[float, Field(gt=0, lt=1)] = Field(
+        0.3,
+        description="Least share of a replica's joules per inference a move must save (hysteresis: a move "
+        "back would cost more).",
+    )
+    energy_sustain_s: Annotated[float, Field(ge=0, le=86_400)] = Field(
+        30.0, description="How long a saving must hold before the replica moves."
     )
     latency_smoothing: Annotated[float, Field(gt=0, le=1)] = Field(
         0.5, description="Weight of new telemetry windows in each node's latency correction."
@@ -79,6 +95,13 @@ class ReschedulingConfig(_Strict):
             recover_ratio=self.recover_ratio,
             breach_windows=self.breach_windows,
             cooldown_s=self.cooldown_s,
+        )
+
+    def energy_policy(self) -> EnergyPolicy:
+        return EnergyPolicy(
+            min_saving=self.energy_min_saving,
+            sustain_s=self.energy_sustain_s,
+            slo_headroom=self.recover_ratio,
         )
 
     def correction_policy(self) -> CorrectionPolicy:
