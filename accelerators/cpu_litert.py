@@ -11,6 +11,11 @@ integer input also accepts floating data, quantized as TFLite's QUANTIZE op does
 ``accelerators.execution``). Outputs are returned as the model produces them (quantized outputs
 stay integers; dequantize with ``TensorSpec.quantization``).
 
+Timing "modelled" (a board whose CPU is not this machine's, as in ``edgeward up``'s simulated
+boards): the outputs are still this interpreter's, but latency and energy come from the cost
+model (``peak_gops`` x ``sustained_fraction``) and the power model, like the simulated
+accelerators, and the capabilities say ``simulated``.
+
 Energy: where the package's RAPL counter is readable (Intel/AMD x86 Linux, usually root only)
 the energy of each inference is measured as the counter's difference across the invoke; it
 covers the whole CPU package, other work included. Elsewhere it is modelled from the configured
@@ -26,7 +31,7 @@ import logging
 import os
 import platform
 from pathlib import Path
-from typing import Self
+from typing import Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -41,13 +46,15 @@ from accelerators.base import (
     ModelArtifact,
     ModelHandle,
     ModelNotLoaded,
+    ModelRefused,
     PowerModel,
 )
-from accelerators.execution import InterpreterSession
+from accelerators.execution import InterpreterSession, modelled_result
 from accelerators.tflite_model import (
     allocate,
     check_container,
     describe,
+    inspect_tflite,
     interpreter_runtime,
     open_interpreter,
     runtime_problem,
@@ -119,6 +126,13 @@ class CpuLitertConfig(BaseModel):
         le=1,
         title="Fixed cost per inference (s)",
         description="Per-inference cost apart from the model's work, for cold-start predictions.",
+    )
+    timing: Literal["host", "modelled"] = Field(
+        default="host",
+        title="Timing",
+        description="host: latency and energy from this machine's wall time (the real CPU); modelled: "
+        "from the cost model (peak_gops x sustained_fraction) for a board whose CPU is not this one, "
+        "outputs still computed here, and the backend says it is simulated.",
     )
     memory_bytes: int | None = Field(
         default=None,
@@ -198,10 +212,14 @@ class CpuLitertBackend(Backend):
         self.config = config or CpuLitertConfig()
         runtime = interpreter_runtime()
         self._counter = RaplCounter.open(self.config.energy_counter) if self.config.energy_counter else None
+        device = f"{platform.machine() or 'cpu'} x{os.cpu_count() or 1} ({runtime.name})"
+        modelled = self.config.timing == "modelled"
+        if modelled:
+            device = f"{self.config.peak_gops:g} GOPS board CPU (simulated timing; outputs from {device})"
         self._capabilities = Capabilities(
             kind=KIND,
-            device=f"{platform.machine() or 'cpu'} x{os.cpu_count() or 1} ({runtime.name})",
-            simulated=False,
+            device=device,
+            simulated=modelled,
             dtypes=self.config.dtypes,
             ops=self.config.ops,
             memory_bytes=_physical_memory() if self.config.memory_bytes is None else self.config.memory_bytes,
@@ -216,6 +234,9 @@ class CpuLitertBackend(Backend):
         )
         self._power = self._capabilities.power
         self._loaded: dict[int, InterpreterSession] = {}
+        self._modelled: dict[
+            int, tuple[float, float]
+        ] = {}  # handle id -> (latency, busy) with timing "modelled"
         self._closed = False
 
     @classmethod
@@ -245,6 +266,12 @@ class CpuLitertBackend(Backend):
         allocate(interpreter)
         handle = ModelHandle(model.name, model.version, model.sha256, KIND, inputs, outputs)
         self._loaded[handle.id] = InterpreterSession(handle, interpreter, self._power, self._counter)
+        if self.config.timing == "modelled":
+            # The work as the catalog reads it: from the model's own ops, not the delegate's.
+            work = inspect_tflite(data).work
+            if work is None or self._capabilities.cost is None:
+                raise ModelRefused(f"{KIND}: cannot model this model's timing (its work could not be read)")
+            self._modelled[handle.id] = self._capabilities.cost.latency(work)
         log.info(
             "loaded %s:%s (%d bytes, ops %s) with %d thread(s)",
             model.name,
@@ -259,10 +286,15 @@ class CpuLitertBackend(Backend):
         session = self._loaded.get(handle.id)
         if session is None:
             raise ModelNotLoaded(handle.name, handle.version)
-        return session.infer(inputs)
+        timing = self._modelled.get(handle.id)
+        if timing is None:
+            return session.infer(inputs)
+        # A simulated board's CPU: this machine's time to compute the outputs is not the board's.
+        return modelled_result(self._power, session.infer(inputs).outputs, *timing)
 
     def unload(self, handle: ModelHandle) -> None:
         session = self._loaded.pop(handle.id, None)
+        self._modelled.pop(handle.id, None)
         if session is None:
             return
         session.close()  # waits for an inference in flight

@@ -59,6 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grpc-port", type=int, default=0, help="orchestrator gRPC port (default: a free one)")
     p.add_argument("--concurrency", type=int, default=4, help="concurrent inference clients (default 4)")
     p.add_argument(
+        "--board-cpus",
+        choices=("modelled", "host"),
+        default="modelled",
+        help="CPUs of boards of another architecture than this machine: timed by their cost model "
+        "(simulated, default) or by this machine's wall time at the board's power (optimistic)",
+    )
+    p.add_argument(
         "--tui",
         action="store_true",
         help="once the deployments run, open the operator console; traffic flows until you quit it",

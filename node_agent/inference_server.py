@@ -216,6 +216,7 @@ class LatencyStats:
         "_bounds",
         "_ring",
         "buckets",
+        "by_kind",
         "count",
         "energy_j",
         "energy_source",
@@ -233,9 +234,13 @@ class LatencyStats:
         self.errors = 0
         self.energy_j = 0.0
         self.energy_source: EnergySource = "modelled"
+        #: served inferences per accelerator kind, since the start
+        self.by_kind: dict[str, int] = {}
 
-    def record(self, latency_s: float, energy_j: float, energy_source: EnergySource) -> None:
+    def record(self, latency_s: float, energy_j: float, energy_source: EnergySource, kind: str = "") -> None:
         self._ring[self.count % len(self._ring)] = latency_s
+        if kind:
+            self.by_kind[kind] = self.by_kind.get(kind, 0) + 1
         self.buckets[bisect.bisect_left(self._bounds, latency_s)] += 1
         self.latency_sum_s += latency_s
         self.count += 1
@@ -312,7 +317,7 @@ class ModelTable:
             raise
         finally:
             self.in_flight -= 1
-        stats.record(time.perf_counter() - started, result.energy_j, result.energy_source)
+        stats.record(time.perf_counter() - started, result.energy_j, result.energy_source, handle.kind)
         return result
 
 

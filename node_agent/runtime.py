@@ -315,7 +315,7 @@ class Runtime:
             raise
         finally:
             self.in_flight -= 1
-        stats.record(time.perf_counter() - started, result.energy_j, result.energy_source)
+        stats.record(time.perf_counter() - started, result.energy_j, result.energy_source, handle.kind)
         scored = _confidence(handle, result.outputs)
         if scored is not None:
             counts = self.confidence.setdefault(key, [0, 0])
@@ -343,6 +343,7 @@ class Runtime:
                     confident=self.confidence.get((name, version), (0, 0))[1],
                     latency_buckets=stats.cumulative_buckets(),
                     latency_sum_s=stats.latency_sum_s,
+                    inferences_by_accelerator=stats.by_kind,
                 )
             )
         return out

@@ -9,10 +9,14 @@ and configuration (the same code the agents run; simulated accelerators are timi
 models, so this is exactly their figure). A figure is ``measured`` only where the platform
 measured it (RAPL on the CPU backend); everything else is ``modelled`` and labelled so.
 
-The comparison places every deployment's replicas from scratch on a snapshot of the fleet built
-from the same table, once per scheduler profile, then weighs each deployment's joules per
-inference (the mean over its replicas: clients spread requests over replicas evenly) by the
-inferences its model served during the run.
+The fleet's figure as placed weighs each (node, accelerator, model) figure by the inferences the
+node served there (agents count them per accelerator, so a replica moved between two
+accelerators of a node is counted where each inference ran). The comparison places every
+deployment's replicas from scratch on a snapshot of the fleet built from the same table, once
+per policy (energy-aware and round-robin knowing every figure; energy-aware knowing only the
+cost models and the models' work, as the live scheduler at its cold start), then weighs each
+deployment's joules per inference (the mean over its replicas: clients spread requests over
+replicas evenly) by the inferences its model served during the run.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from typing import Any
 
 from edgeward.v1 import api_pb2, node_pb2
 
-from .fleet import model_key
+from .fleet import accelerator_costs, model_key, model_work
 from .scheduler import Scheduler
 from .scheduler.placement import NodeInfo, Placement, PlacementRequest, Prediction
 from .scheduler.snapshot import FleetSnapshot
@@ -102,14 +106,27 @@ def energy_table(
     return table
 
 
-def served(nodes: Sequence[api_pb2.Node]) -> dict[tuple[str, str], int]:
-    """(node id, model key) -> inferences the node served of it (its latest telemetry, since start)."""
-    return {
-        (n.id, model_key(m.model_name, m.model_version)): int(m.inferences)
-        for n in nodes
-        for m in n.telemetry.models
-        if m.inferences
-    }
+#: (node id, accelerator kind, model key) -> inferences served there
+Served = dict[tuple[str, str, str], int]
+
+
+def served(nodes: Sequence[api_pb2.Node], deps: Sequence[api_pb2.Deployment]) -> Served:
+    """Inferences each node served of each model on each accelerator, since it started (its latest
+    telemetry). A model may have run on two accelerators of a node (an energy move); an agent
+    that does not split its counts by accelerator has them put on the accelerator its running
+    replica was bound to."""
+    bound = placed_kinds(deps)
+    out: Served = {}
+    for n in nodes:
+        for m in n.telemetry.models:
+            key = model_key(m.model_name, m.model_version)
+            by_kind = dict(m.inferences_by_accelerator) or (
+                {bound[n.id, key]: int(m.inferences)} if (n.id, key) in bound else {}
+            )
+            for kind, count in by_kind.items():
+                if count:
+                    out[n.id, kind, key] = int(count)
+    return out
 
 
 def placed_kinds(deps: Sequence[api_pb2.Deployment]) -> dict[tuple[str, str], str]:
@@ -125,30 +142,33 @@ def placed_kinds(deps: Sequence[api_pb2.Deployment]) -> dict[tuple[str, str], st
     }
 
 
-def node_energy(
-    node: api_pb2.Node,
-    table: EnergyTable,
-    kinds: Mapping[tuple[str, str], str],
-    counts: Mapping[tuple[str, str], int],
-) -> dict[str, Any]:
-    """One node's joules per inference over what it served (None if it served nothing known)."""
-    joules = total = 0.0
-    sources: set[str] = set()
-    for (node_id, key), n in counts.items():
-        figure = table.get((node_id, kinds.get((node_id, key), ""), key))
-        if node_id != node.id or figure is None:
+def joules(table: EnergyTable, counts: Served, node_id: str | None = None) -> tuple[float, int, set[str]]:
+    """(joules, inferences, energy sources) of what was served (on ``node_id`` only, if given),
+    counting only the inferences the table has a figure for."""
+    total_j, total, sources = 0.0, 0, set()
+    for (node, kind, key), n in counts.items():
+        figure = table.get((node, kind, key))
+        if figure is None or (node_id is not None and node != node_id):
             continue
-        joules += n * figure.energy_j
+        total_j += n * figure.energy_j
         total += n
         sources.add(figure.source)
+    return total_j, total, sources
+
+
+def node_energy(node: api_pb2.Node, table: EnergyTable, counts: Served) -> dict[str, Any]:
+    """One node's joules per inference over what it served (None if it served nothing known)."""
+    total_j, total, sources = joules(table, counts, node.id)
     return {
-        "j_per_inference": joules / total if total else None,
-        "inferences": int(total),
+        "j_per_inference": total_j / total if total else None,
+        "inferences": total,
         "energy_source": "measured" if sources == {"measured"} else "modelled",
     }
 
 
-def _node_info(node: api_pb2.Node, table: EnergyTable) -> NodeInfo:
+def _node_info(node: api_pb2.Node, table: EnergyTable, profiled: bool) -> NodeInfo:
+    """What the scheduler knows of ``node``: with ``profiled``, every figure of ``table`` for it;
+    without, none (a cold start: the cost models decide)."""
     hello = node.inventory
     return NodeInfo(
         id=node.id,
@@ -164,10 +184,11 @@ def _node_info(node: api_pb2.Node, table: EnergyTable) -> NodeInfo:
         attestation_tier=node.attestation_tier or "none",
         hardware_profile=hello.hardware_profile,
         nj_per_op={a.kind: a.active_w / a.peak_gops for a in hello.accelerators if a.peak_gops > 0},
+        costs=accelerator_costs(hello)[0],
         profiles={
             (kind, key): Prediction(f.latency_ms, f.energy_j)
             for (node_id, kind, key), f in table.items()
-            if node_id == node.id
+            if node_id == node.id and profiled
         },
     )
 
@@ -190,30 +211,41 @@ def _requests(dep: api_pb2.Deployment, dtypes: Sequence[str]) -> list[PlacementR
     ]
 
 
+#: The re-placements compared: name -> (scheduler profile, whether it knows every figure of the
+#: table or only the cost models, as the live scheduler did at its cold start).
+POLICIES: dict[str, tuple[str, bool]] = {
+    "energy-aware": ("energy-aware", True),
+    "round-robin": ("round-robin", True),
+    "energy-aware-cold-start": ("energy-aware", False),
+}
+
+
 def compare_policies(
     nodes: Sequence[api_pb2.Node],
     deps: Sequence[api_pb2.Deployment],
-    dtypes: Mapping[str, Sequence[str]],
+    models: Mapping[str, api_pb2.Model],
     table: EnergyTable,
-    counts: Mapping[tuple[str, str], int],
-    policies: Sequence[str] = ("energy-aware", "round-robin"),
+    counts: Served,
+    policies: Mapping[str, tuple[str, bool]] = POLICIES,
 ) -> dict[str, dict[str, Any]]:
-    """Per scheduler profile: where it places every deployment on this fleet (from scratch) and
-    the fleet's joules per inference with the inferences each model served. ``dtypes``: model key
-    -> the dtypes the model needs."""
+    """Per policy: where it places every deployment on this fleet (from scratch) and the fleet's
+    joules per inference with the inferences each model served. ``models``: model key -> its
+    catalog record (the dtypes it needs, its work for the cost models)."""
     by_model: dict[str, int] = {}
-    for (_, key), n in counts.items():
+    for (_, _, key), n in counts.items():
         by_model[key] = by_model.get(key, 0) + n
-    snapshot = FleetSnapshot.from_node_infos({n.id: _node_info(n, table) for n in nodes})
+    works = {key: w for key, m in models.items() if (w := model_work(m)) is not None}
     out: dict[str, dict[str, Any]] = {}
-    for policy in policies:
-        plan = Scheduler(policy).plan(snapshot)
-        joules = inferences = 0.0
+    for name, (profile, profiled) in policies.items():
+        infos = {n.id: _node_info(n, table, profiled) for n in nodes}
+        plan = Scheduler(profile).plan(FleetSnapshot.from_node_infos(infos, works=works))
+        total_j = inferences = 0.0
         placements: dict[str, list[str]] = {}
         unplaced = 0
         for dep in deps:
             key = model_key(dep.spec.model.name, dep.spec.model.version)
-            results = plan.place_many(_requests(dep, dtypes.get(key, ())))
+            dtypes = list(models[key].dtypes) if key in models else []
+            results = plan.place_many(_requests(dep, dtypes))
             bound = [r for r in results if isinstance(r, Placement)]
             unplaced += len(results) - len(bound)
             placements[dep.name] = [f"{r.node_id}/{r.accelerator}" for r in bound]
@@ -221,10 +253,10 @@ def compare_policies(
             known = [f.energy_j for f in figures if f is not None]
             n = by_model.get(key, 0)
             if known and n:
-                joules += n * sum(known) / len(known)
+                total_j += n * sum(known) / len(known)
                 inferences += n
-        out[policy] = {
-            "j_per_inference": joules / inferences if inferences else None,
+        out[name] = {
+            "j_per_inference": total_j / inferences if inferences else None,
             "placements": placements,
             "unplaced": unplaced,
         }

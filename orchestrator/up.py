@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import os
+import platform
 import signal
 import subprocess
 import sys
@@ -43,10 +44,11 @@ from rich.text import Text
 from attestation.tokens import TokenStore
 from edgeward.oip import grpc_predict_v2_pb2 as oip
 from edgeward.oip import grpc_predict_v2_pb2_grpc as oip_grpc
-from edgeward.v1 import api_pb2, api_pb2_grpc, node_pb2
+from edgeward.v1 import api_pb2, api_pb2_grpc, events_pb2, node_pb2
 
 from .catalog import CatalogConfig, PublisherKey, sign_metadata
 from .config import BrokerConfig, OrchestratorConfig
+from .scheduler.settings import ReschedulingConfig, SchedulerConfig
 from .server import Orchestrator
 from .tables import deployments_table, phase_name, state_name
 
@@ -67,6 +69,13 @@ BOARDS: list[tuple[str, str]] = [  # (hardware profile, zone)
 ]
 #: Every agent of the demo shares this one machine: one interpreter thread each, whatever the board.
 DEMO_THREADS = 1
+#: Energy moves wait this long for a saving to hold (30 s by default): short, so that a 30 s run
+#: shows them (docs/scheduler.md, "Energy moves").
+DEMO_ENERGY_SUSTAIN_S = 5.0
+#: At the end of the traffic, how long to wait for moves in flight to finish before the report.
+SETTLE_WAIT_S = 20.0
+#: The events of moved replicas (energy moves, SLO repairs, node loss) the report lists.
+MOVES = events_pb2.EventFilter(kind_prefix="reschedule.")
 NODE_WAIT_S = 60.0
 RUNNING_WAIT_S = 90.0
 
@@ -80,6 +89,8 @@ class AgentFleet:
     heartbeat_s: float = 2.0
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
 
+    board_cpus: str = "modelled"
+
     def start(self, count: int) -> None:
         conf_dir = self.state_dir / "agents"
         conf_dir.mkdir(parents=True, exist_ok=True)
@@ -89,7 +100,7 @@ class AgentFleet:
             node_id = f"node-{i}"
             config = {
                 "node_id": node_id,
-                **board_settings(i - 1),
+                **board_settings(i - 1, self.board_cpus),
                 "broker": {"url": self.broker_url},
                 "heartbeat_s": self.heartbeat_s,
                 "state_dir": str(self.state_dir / "agent-cache"),
@@ -130,6 +141,7 @@ class Traffic:
     by_workload: dict[str, list[float]] = field(default_factory=dict)
     #: use case -> answers per exit (index 0: exit 1), for multi-exit models
     exits: dict[str, list[int]] = field(default_factory=dict)
+    started_ms: int = 0  # wall clock when the traffic started (unix ms)
 
     def line(self, case: str) -> str:
         """One use case's live figures: inferences, recent p50/p95, exit distribution."""
@@ -142,17 +154,33 @@ class Traffic:
         return text
 
 
-def board_settings(index: int) -> dict[str, Any]:
+def board_settings(index: int, board_cpus: str = "modelled") -> dict[str, Any]:
     """The hardware part of the ``index``-th demo agent's config, from the catalog."""
     from accelerators.profiles import load_catalog
 
     name, zone = BOARDS[index % len(BOARDS)]
-    settings = load_catalog()[name].agent_settings()
+    profile = load_catalog()[name]
+    settings = profile.agent_settings()
     settings["labels"] = {**settings["labels"], "zone": zone}
     for acc in settings["accelerators"]:
-        if "num_threads" in acc["options"]:
-            acc["options"]["num_threads"] = DEMO_THREADS
+        acc["options"] = _demo_options(profile.labels, acc["kind"], acc["options"], board_cpus)
     return settings
+
+
+def _demo_options(
+    labels: dict[str, str], kind: str, options: dict[str, Any], board_cpus: str
+) -> dict[str, Any]:
+    """A catalog board's accelerator options as the demo runs them: one interpreter thread (every
+    agent shares this machine), and the CPU of a board of another architecture than this machine's
+    timed by its cost model (``board_cpus="modelled"``: the catalog's peak x the sustained share,
+    labelled simulated, like the FPGA and ASIC) or by this machine's wall time at the board's power
+    (``"host"``: a Cortex-A9 at this machine's speed, optimistic)."""
+    options = dict(options)
+    if "num_threads" in options:
+        options["num_threads"] = DEMO_THREADS
+    if kind == "cpu-litert" and labels.get("arch") != platform.machine() and board_cpus == "modelled":
+        options["timing"] = "modelled"
+    return options
 
 
 def _fit_selectors(manifest: str, nodes: int) -> str:
@@ -201,8 +229,10 @@ async def _up(args: argparse.Namespace) -> int:
         metrics_bind="127.0.0.1:0",  # Prometheus /metrics on a free loopback port
         # The demo's own publisher key: generated here, trusted by this orchestrator only.
         catalog=CatalogConfig(trusted_publishers=[trusted]),
+        scheduler=SchedulerConfig(rescheduling=ReschedulingConfig(energy_sustain_s=DEMO_ENERGY_SUSTAIN_S)),
     )
     work = workloads()
+    board_cpus = getattr(args, "board_cpus", "modelled")
     console.print(
         f"[bold]edgeward up[/bold]: {args.nodes} nodes, {len(work)} use case(s), state in {state_dir}"
     )
@@ -213,48 +243,81 @@ async def _up(args: argparse.Namespace) -> int:
             "[bold yellow]WARNING: plain-text MQTT and gRPC without authentication: "
             "for this local demo only, never for a real fleet[/bold yellow]"
         )
-        agents = AgentFleet(state_dir, orch.broker_url)
+        agents = AgentFleet(state_dir, orch.broker_url, board_cpus=board_cpus)
         try:
             agents.start(args.nodes)
-            async with grpc.aio.insecure_channel(orch.address) as channel:
-                nodes_api = api_pb2_grpc.NodeServiceStub(channel)
-                deps_api = api_pb2_grpc.DeploymentServiceStub(channel)
-                models_api = api_pb2_grpc.ModelServiceStub(channel)
-                if not await _wait_nodes(nodes_api, agents, args.nodes, orch.verifier.tier):
-                    return 1
-                models = await _publish(models_api, work, publisher)
-                for w in work:
-                    for part in w.parts:
-                        manifest = _fit_selectors(part.manifest, args.nodes)
-                        resp = await deps_api.Apply(api_pb2.ApplyRequest(manifest=manifest))
-                        console.print(
-                            f"deployment/{resp.deployment.name} {'created' if resp.created else 'configured'}"
-                        )
-                if not await _wait_running(deps_api, [d for w in work for d in w.deployments]):
-                    deps = (await deps_api.List(api_pb2.ListDeploymentsRequest())).deployments
-                    console.print(deployments_table(list(deps)))
-                    return 1
-                if args.tui:
-                    traffic = await _console(
-                        orch.address, nodes_api, deps_api, work, models, args.concurrency, state_dir
-                    )
-                else:
-                    traffic = await _drive(nodes_api, deps_api, work, models, args.duration, args.concurrency)
-                nodes = (await nodes_api.List(api_pb2.ListNodesRequest())).nodes
-                deps = (await deps_api.List(api_pb2.ListDeploymentsRequest())).deployments
+            run = await _run(orch, agents, args, work, publisher, state_dir)
         finally:
             # Off the event loop: the embedded broker lives in it, and a stopping agent waits for
             # the broker to acknowledge its OFFLINE status (else it is killed after the timeout).
             await asyncio.to_thread(agents.stop)
-    report = _report(list(nodes), list(deps), traffic, work)
+    if run is None:
+        return 1
+    nodes, deps, traffic, models = run
+    moves = [_move(e, traffic.started_ms) for e in orch.events.recent(MOVES, limit=10_000)]
+    report = _report(list(nodes), list(deps), traffic, work, moves)
     with console.status("energy: profiling models on accelerators the nodes did not load them on"):
-        report["energy"] = await asyncio.to_thread(_energy, report, list(nodes), list(deps), work, models)
+        report["energy"] = await asyncio.to_thread(
+            _energy, report, list(nodes), list(deps), work, models, board_cpus
+        )
     _print_summary(report)
     if args.report:
         Path(args.report).write_text(json.dumps(report, indent=2) + "\n")  # noqa: ASYNC240 - after shutdown
         console.print(f"report written to {args.report}")
     ok = all(d["running"] == d["replicas"] for d in report["deployments"]) and report["inferences"] > 0
     return 0 if ok else 1
+
+
+async def _run(
+    orch: Orchestrator,
+    agents: AgentFleet,
+    args: argparse.Namespace,
+    work: list,
+    publisher: PublisherKey,
+    state_dir: Path,
+) -> tuple[Any, Any, Traffic, dict[str, api_pb2.Model]] | None:
+    """Nodes up, models published, deployments applied and running, traffic driven, moves in
+    flight finished: (nodes, deployments, traffic, models), or None if a step failed."""
+    async with grpc.aio.insecure_channel(orch.address) as channel:
+        nodes_api = api_pb2_grpc.NodeServiceStub(channel)
+        deps_api = api_pb2_grpc.DeploymentServiceStub(channel)
+        models_api = api_pb2_grpc.ModelServiceStub(channel)
+        if not await _wait_nodes(nodes_api, agents, args.nodes, orch.verifier.tier):
+            return None
+        models = await _publish(models_api, work, publisher)
+        for w in work:
+            for part in w.parts:
+                manifest = _fit_selectors(part.manifest, args.nodes)
+                resp = await deps_api.Apply(api_pb2.ApplyRequest(manifest=manifest))
+                console.print(
+                    f"deployment/{resp.deployment.name} {'created' if resp.created else 'configured'}"
+                )
+        names = [d for w in work for d in w.deployments]
+        if not await _wait_running(deps_api, names):
+            deps = (await deps_api.List(api_pb2.ListDeploymentsRequest())).deployments
+            console.print(deployments_table(list(deps)))
+            return None
+        if args.tui:
+            traffic = await _console(
+                orch.address, nodes_api, deps_api, work, models, args.concurrency, state_dir
+            )
+        else:
+            traffic = await _drive(nodes_api, deps_api, work, models, args.duration, args.concurrency)
+        await _wait_running(deps_api, names, settled=True)
+        nodes = (await nodes_api.List(api_pb2.ListNodesRequest())).nodes
+        deps = (await deps_api.List(api_pb2.ListDeploymentsRequest())).deployments
+    return nodes, deps, traffic, models
+
+
+def _move(event: Any, traffic_started_ms: int) -> dict[str, Any]:
+    """A rescheduling event for the report, timed from the start of the traffic."""
+    return {
+        "kind": event.kind,
+        "at_s": round((event.time_unix_ms - traffic_started_ms) / 1000, 1),
+        "subject": event.subject,
+        "message": event.message,
+        **dict(event.attributes),
+    }
 
 
 async def _wait_nodes(nodes_api: Any, agents: AgentFleet, count: int, tier: Callable[[str], str]) -> bool:
@@ -325,9 +388,11 @@ async def _publish(models_api: Any, work: list, publisher: PublisherKey) -> dict
     return published
 
 
-async def _wait_running(deps_api: Any, names: list[str]) -> bool:
-    deadline = time.monotonic() + RUNNING_WAIT_S
-    with _progress() as progress:
+async def _wait_running(deps_api: Any, names: list[str], *, settled: bool = False) -> bool:
+    """Until every deployment runs its replicas; with ``settled``, until each runs exactly them and
+    nothing else (no replacement of an energy move still starting), for at most SETTLE_WAIT_S."""
+    deadline = time.monotonic() + (SETTLE_WAIT_S if settled else RUNNING_WAIT_S)
+    with _progress(disable=settled) as progress:
         tasks = {n: progress.add_task(f"deployment/{n}", total=None) for n in names}
         while True:
             done = True
@@ -335,10 +400,13 @@ async def _wait_running(deps_api: Any, names: list[str]) -> bool:
                 dep = await deps_api.Get(api_pb2.GetDeploymentRequest(name=name))
                 progress.update(tasks[name], total=dep.spec.replicas, completed=dep.status.running)
                 done &= dep.status.running >= dep.spec.replicas
+                if settled:
+                    done &= len(dep.status.replica_list) == dep.status.running == dep.spec.replicas
             if done:
                 return True
             if time.monotonic() > deadline:
-                console.print("[red]timed out waiting for replicas to run[/red]")
+                what = "moves to finish" if settled else "replicas to run"
+                console.print(f"[red]timed out waiting for {what}[/red]")
                 return False
             await asyncio.sleep(0.2)
 
@@ -427,6 +495,28 @@ async def _console(
     return result
 
 
+#: One traffic target: a running replica's use case, model, node endpoint and encoded inputs.
+Target = tuple[Any, api_pb2.Model, str, list[tuple[str, bytes, list[int]]]]
+
+
+#: Use case -> its entry model and the encoded inputs sent to it.
+Inputs = dict[str, tuple[api_pb2.Model, list[tuple[str, bytes, list[int]]]]]
+
+
+async def _targets(nodes_api: Any, deps_api: Any, work: list, inputs: Inputs) -> list[Target]:
+    """One target per running replica of each use case's entry deployment, as they are now."""
+    endpoints = {
+        n.id: n.inventory.inference_endpoint for n in (await nodes_api.List(api_pb2.ListNodesRequest())).nodes
+    }
+    targets = []
+    for w in work:
+        dep = await deps_api.Get(api_pb2.GetDeploymentRequest(name=w.deployment))
+        for rep in dep.status.replica_list:
+            if rep.phase == node_pb2.REPLICA_PHASE_RUNNING and rep.node_id in endpoints:
+                targets.append((w, inputs[w.case][0], endpoints[rep.node_id], inputs[w.case][1]))
+    return targets
+
+
 async def _drive(
     nodes_api: Any,
     deps_api: Any,
@@ -439,22 +529,26 @@ async def _drive(
     progress: bool = True,
 ) -> Traffic:
     """Send requests round-robin to every running replica's node until ``duration`` has passed
-    (or ``stop`` is set)."""
-    endpoints = {
-        n.id: n.inventory.inference_endpoint for n in (await nodes_api.List(api_pb2.ListNodesRequest())).nodes
+    (or ``stop`` is set); the replicas are looked up again every second, so the traffic follows
+    a replica that moves (an energy move) to its new node or accelerator."""
+    # A multi-exit model takes its first stage's input.
+    inputs: Inputs = {
+        w.case: (models[w.deployment], [_encode(models[w.deployment], x) for x in w.make_inputs(64, 7)])
+        for w in work
     }
-    targets = []
-    for w in work:
-        dep = await deps_api.Get(api_pb2.GetDeploymentRequest(name=w.deployment))
-        model = models[w.deployment]  # a multi-exit model takes its first stage's input
-        inputs = [_encode(model, x) for x in w.make_inputs(64, 7)]
-        for rep in dep.status.replica_list:
-            if rep.phase == node_pb2.REPLICA_PHASE_RUNNING:
-                targets.append((w, model, endpoints[rep.node_id], inputs))
+    targets = await _targets(nodes_api, deps_api, work, inputs)
     traffic = Traffic(exits={w.case: [0] * len(w.parts) for w in work if w.multi_exit})
-    channels = {ep: grpc.aio.insecure_channel(ep) for ep in {t[2] for t in targets}}
-    stubs = {ep: oip_grpc.GRPCInferenceServiceStub(ch) for ep, ch in channels.items()}
-    await _wait_served(stubs, [(t[0].target, t[2]) for t in targets if t[0].multi_exit])
+    channels: dict[str, grpc.aio.Channel] = {}
+
+    def stub(endpoint: str) -> Any:
+        if endpoint not in channels:
+            channels[endpoint] = grpc.aio.insecure_channel(endpoint)
+        return oip_grpc.GRPCInferenceServiceStub(channels[endpoint])
+
+    await _wait_served(
+        {t[2]: stub(t[2]) for t in targets}, [(t[0].target, t[2]) for t in targets if t[0].multi_exit]
+    )
+    traffic.started_ms = int(time.time() * 1000)
     deadline = time.monotonic() + duration
     stop = stop or asyncio.Event()
     counter = itertools.count()
@@ -462,32 +556,13 @@ async def _drive(
     async def worker() -> None:
         while time.monotonic() < deadline and not stop.is_set():
             i = next(counter)
-            w, model, endpoint, inputs = targets[i % len(targets)]
-            datatype, raw, shape = inputs[i % len(inputs)]
-            request = oip.ModelInferRequest(
-                model_name=w.target,
-                model_version=model.version,
-                id=str(i),
-                inputs=[
-                    oip.ModelInferRequest.InferInputTensor(
-                        name=model.inputs[0].name, datatype=datatype, shape=shape
-                    )
-                ],
-                raw_input_contents=[raw],
-            )
-            request.parameters["source"].string_param = "edgeward-up"
-            started = time.perf_counter()
-            try:
-                response = await stubs[endpoint].ModelInfer(request, timeout=5.0)
-            except grpc.aio.AioRpcError as err:
-                traffic.errors += 1
-                log.debug("inference on %s failed: %s", endpoint, err.code())
-                continue
-            ms = (time.perf_counter() - started) * 1000.0
-            traffic.latencies_ms.append(ms)
-            traffic.by_workload.setdefault(w.case, []).append(ms)
-            if w.multi_exit:
-                traffic.exits[w.case][response.parameters["exit"].int64_param - 1] += 1
+            await _infer_once(stub, targets[i % len(targets)], i, traffic)
+
+    async def follow() -> None:
+        while time.monotonic() < deadline and not stop.is_set():
+            await asyncio.sleep(1.0)
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                targets[:] = await _targets(nodes_api, deps_api, work, inputs) or targets
 
     with _progress(disable=not progress, figures=lambda: [traffic.line(w.case) for w in work]) as bar:
         task = bar.add_task(f"traffic ({len(targets)} replicas)", total=int(duration) if progress else None)
@@ -499,12 +574,40 @@ async def _drive(
 
         try:
             if targets:
-                await asyncio.gather(tick(), *(worker() for _ in range(max(1, concurrency))))
+                await asyncio.gather(tick(), follow(), *(worker() for _ in range(max(1, concurrency))))
         finally:
             for ch in channels.values():
                 with contextlib.suppress(Exception):
                     await ch.close()
     return traffic
+
+
+async def _infer_once(stub: Callable[[str], Any], target: Target, i: int, traffic: Traffic) -> None:
+    """One request to ``target``, counted in ``traffic``."""
+    w, model, endpoint, inputs = target
+    datatype, raw, shape = inputs[i % len(inputs)]
+    request = oip.ModelInferRequest(
+        model_name=w.target,
+        model_version=model.version,
+        id=str(i),
+        inputs=[
+            oip.ModelInferRequest.InferInputTensor(name=model.inputs[0].name, datatype=datatype, shape=shape)
+        ],
+        raw_input_contents=[raw],
+    )
+    request.parameters["source"].string_param = "edgeward-up"
+    started = time.perf_counter()
+    try:
+        response = await stub(endpoint).ModelInfer(request, timeout=5.0)
+    except grpc.aio.AioRpcError as err:
+        traffic.errors += 1
+        log.debug("inference on %s failed: %s", endpoint, err.code())
+        return
+    ms = (time.perf_counter() - started) * 1000.0
+    traffic.latencies_ms.append(ms)
+    traffic.by_workload.setdefault(w.case, []).append(ms)
+    if w.multi_exit:
+        traffic.exits[w.case][response.parameters["exit"].int64_param - 1] += 1
 
 
 async def _wait_served(stubs: dict[str, Any], targets: list[tuple[str, str]]) -> None:
@@ -524,65 +627,81 @@ def _pct(values: list[float], q: float) -> float:
     return round(float(np.percentile(values, q)), 3) if values else 0.0
 
 
-def _board_options(node: api_pb2.Node, kind: str) -> dict[str, Any] | None:
-    """The options a demo agent on ``node``'s board runs ``kind`` with (None: not a catalog board)."""
+def _board_options(board_cpus: str) -> Callable[[api_pb2.Node, str], dict[str, Any] | None]:
+    """The options a demo agent on a node's board runs an accelerator kind with (None: not a
+    catalog board)."""
     from accelerators.profiles import load_catalog
 
     catalog = load_catalog()
-    if node.inventory.hardware_profile not in catalog.profiles:
+
+    def options(node: api_pb2.Node, kind: str) -> dict[str, Any] | None:
+        if node.inventory.hardware_profile not in catalog.profiles:
+            return None
+        profile = catalog[node.inventory.hardware_profile]
+        for acc in profile.accelerator_configs():
+            if acc["kind"] == kind:
+                return _demo_options(profile.labels, kind, acc["options"], board_cpus)
         return None
-    for acc in catalog[node.inventory.hardware_profile].accelerator_configs():
-        if acc["kind"] == kind:
-            options = dict(acc["options"])
-            if "num_threads" in options:
-                options["num_threads"] = DEMO_THREADS
-            return options
-    return None
+
+    return options
 
 
-def _energy(report: dict, nodes: list, deps: list, work: list, models: dict[str, api_pb2.Model]) -> dict:
+def _energy(
+    report: dict, nodes: list, deps: list, work: list, models: dict[str, api_pb2.Model], board_cpus: str
+) -> dict:
     """Per-node joules per inference (added to ``report["nodes"]``) and the fleet's, as placed and
-    as round-robin would have placed it (orchestrator/fleet_energy.py says how)."""
+    as other policies would have placed it (orchestrator/fleet_energy.py says how)."""
     from . import fleet_energy
 
     artifacts = {
         f"{p.model_name}:{p.model_version}": p.model_file.read_bytes() for w in work for p in w.parts
     }
-    dtypes = {f"{m.name}:{m.version}": list(m.dtypes) for m in models.values()}
-    table = fleet_energy.energy_table(nodes, artifacts, _board_options)
-    counts = fleet_energy.served(nodes)
-    kinds = fleet_energy.placed_kinds(deps)
+    table = fleet_energy.energy_table(nodes, artifacts, _board_options(board_cpus))
+    counts = fleet_energy.served(nodes, deps)
     for row, node in zip(report["nodes"], nodes, strict=True):
-        row.update(fleet_energy.node_energy(node, table, kinds, counts))
-    joules = sum(
-        n * table[key[0], kinds[key], key[1]].energy_j
-        for key, n in counts.items()
-        if key in kinds and (key[0], kinds[key], key[1]) in table
-    )
-    served = sum(n for key, n in counts.items() if key in kinds and (key[0], kinds[key], key[1]) in table)
-    policies = fleet_energy.compare_policies(nodes, deps, dtypes, table, counts)
+        row.update(fleet_energy.node_energy(node, table, counts))
+    total_j, served, _ = fleet_energy.joules(table, counts)
+    catalog = {f"{m.name}:{m.version}": m for m in models.values()}
+    policies = fleet_energy.compare_policies(nodes, deps, catalog, table, counts)
     aware, rr = policies["energy-aware"]["j_per_inference"], policies["round-robin"]["j_per_inference"]
     sources = {f.source for f in table.values()}
     return {
         "source": "measured" if sources == {"measured"} else "modelled",
-        # The run: what the nodes served where the scheduler had placed the replicas, before any
-        # node had profiled a model (placement then goes by priors: accelerator nJ/op, node power).
-        "j_per_inference": joules / served if served else None,
+        # The run: what the nodes served where the replicas ran (placed at a cold start by the cost
+        # models, then moved where measurements showed a large, sustained saving).
+        "j_per_inference": total_j / served if served else None,
         "inferences": served,
-        # The same fleet and traffic, every deployment placed again knowing every profile.
+        # The same fleet and traffic, every deployment placed again from scratch.
         "energy_aware_j_per_inference": aware,
         "round_robin_j_per_inference": rr,
+        "cold_start_j_per_inference": policies["energy-aware-cold-start"]["j_per_inference"],
         "round_robin_vs_energy_aware": rr / aware if rr and aware else None,
         "policies": policies,
+        "board_cpus": board_cpus,
+        "figures": [
+            {
+                "node": node,
+                "accelerator": kind,
+                "model": key,
+                "mj_per_inference": round(f.energy_j * 1e3, 4),
+                "p95_ms": round(f.latency_ms, 4),
+                "source": f.source,
+                "origin": f.origin,
+            }
+            for (node, kind, key), f in sorted(table.items())
+        ],
         "method": "joules per inference of each model on each node's accelerator (the node's own profile, "
         "else profiled here with the same backend code and options), weighted by the inferences each "
-        "node served of it (as placed) or each model served (policies: every deployment placed from "
-        "scratch on this fleet by that scheduler profile, with every figure known; the mean over its "
-        "replicas, which clients load evenly)",
+        "node served of it on each accelerator (as placed) or each model served (policies: every "
+        "deployment placed from scratch on this fleet by that scheduler profile, knowing every figure, "
+        "or only the cost models for the cold start; the mean over its replicas, which clients load "
+        "evenly)",
     }
 
 
-def _report(nodes: list[api_pb2.Node], deps: list[api_pb2.Deployment], traffic: Traffic, work: list) -> dict:
+def _report(
+    nodes: list[api_pb2.Node], deps: list[api_pb2.Deployment], traffic: Traffic, work: list, moves: list[dict]
+) -> dict:
     return {
         "nodes": [
             {
@@ -619,6 +738,7 @@ def _report(nodes: list[api_pb2.Node], deps: list[api_pb2.Deployment], traffic: 
             for d in deps
         ],
         "accelerator_kinds": _kinds(deps),
+        "moves": moves,
         "inferences": len(traffic.latencies_ms),
         "errors": traffic.errors,
         "latency_ms": {"p50": _pct(traffic.latencies_ms, 50), "p95": _pct(traffic.latencies_ms, 95)},
@@ -714,14 +834,20 @@ def _print_summary(report: dict) -> None:
         "replicas per accelerator kind: "
         + ", ".join(f"{k} {n}" for k, n in report["accelerator_kinds"].items())
     )
+    for move in report["moves"]:
+        out.print(f"{move['kind']} at {move['at_s']:+.1f} s of traffic: {move['message']}")
+    if not report["moves"]:
+        out.print("moves: none (energy moves need a measured saving of at least energy_min_saving)")
     if energy.get("j_per_inference") is not None:
-        line = f"fleet energy ({energy['source']}): {energy['j_per_inference'] * 1e3:.3f} mJ per inference as placed"
+        line = f"fleet energy ({energy['source']}): {energy['j_per_inference'] * 1e3:.3f} mJ per inference as run"
         if energy["round_robin_vs_energy_aware"] is not None:
+            cold = energy["cold_start_j_per_inference"]
             line += (
                 f"; placed again knowing every profile: energy-aware "
                 f"{energy['energy_aware_j_per_inference'] * 1e3:.3f} mJ, round-robin "
                 f"{energy['round_robin_j_per_inference'] * 1e3:.3f} mJ "
-                f"({energy['round_robin_vs_energy_aware']:.2f} x)"
+                f"({energy['round_robin_vs_energy_aware']:.2f} x); energy-aware on cost models only "
+                + ("-" if cold is None else f"{cold * 1e3:.3f} mJ")
             )
         out.print(line)
     lat = report["latency_ms"]

@@ -334,3 +334,24 @@ def test_concurrent_inference_is_consistent(backend: Backend, model_set: dict[st
     for thread in threads:
         thread.join(timeout=60)
     assert not failures, failures[0]
+
+
+# ------------------------------------------------------------------------------------ cost model
+
+
+def test_the_cost_model_predicts_what_a_simulated_backend_reports(
+    kind: str, backend: Backend, model_set: dict[str, bytes]
+) -> None:
+    """What the scheduler predicts before a node has profiled a model (docs/scheduler.md, "Cold
+    start") is, for a simulated backend, what the backend itself will report."""
+    caps = backend.capabilities
+    assert caps.cost is not None
+    if not caps.simulated:
+        pytest.skip(f"{kind} here reports this machine's time; its cost model is an estimate")
+    data = model_set["industrial-int8"]
+    work = inspect_tflite(data).work
+    assert work is not None and work.macs > 0
+    latency_s, busy_s = caps.cost.latency(work)
+    profile = backend.profile(artifact("industrial-int8", data), 3)
+    assert profile.p95_ms == pytest.approx(latency_s * 1e3, rel=1e-3)
+    assert profile.joules_per_inference == pytest.approx(caps.power.energy_j(latency_s, busy_s), rel=1e-3)

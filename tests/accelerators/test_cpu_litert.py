@@ -29,6 +29,7 @@ from accelerators.base import (
 from accelerators.cpu_litert import CpuLitertBackend, CpuLitertConfig, RaplCounter
 from accelerators.registry import BackendRegistry
 from accelerators.tflite_model import inspect_tflite, interpreter_runtime
+from usecases import model_path
 
 MODELS = Path(__file__).resolve().parents[2] / "usecases" / "industrial" / "models"
 F32 = MODELS / "vibration_cnn_f32.tflite"
@@ -502,3 +503,30 @@ def test_registry_reports_unavailable_instead_of_raising() -> None:
         reg.create("asic-missing")
     with pytest.raises(ValueError, match="already registered"):
         reg.register("cpu-litert", CpuLitertBackend)
+
+
+def test_modelled_timing_is_a_simulated_board_cpu_with_this_interpreters_outputs() -> None:
+    """``timing: modelled`` (a board whose CPU is not this machine's): latency and energy from the
+    cost model and the power model, whatever this machine's speed; outputs as the real CPU's."""
+    data = model_path("industrial", "int8").read_bytes()
+    options = {"energy_counter": None, "peak_gops": 5.2, "power": {"idle_w": 2.0, "active_w": 3.0}}
+    with (
+        CpuLitertBackend.from_config({**options, "timing": "modelled"}) as board,
+        CpuLitertBackend.from_config(options) as host,
+    ):
+        assert board.capabilities.simulated and "simulated" in board.capabilities.device
+        assert not host.capabilities.simulated
+        work = inspect_tflite(data).work
+        assert work is not None and board.capabilities.cost is not None
+        latency_s, busy_s = board.capabilities.cost.latency(work)
+        assert latency_s == pytest.approx((2 * work.macs + work.elements) / (5.2e9 * 0.145) + 2.5e-6)
+        x = np.zeros([d if d > 0 else 1 for d in inspect_tflite(data).inputs[0].shape], np.int8)
+        results = []
+        for backend in (board, host):
+            handle = backend.load(ModelArtifact.from_bytes("v", "1", data))
+            results.append(backend.infer(handle, [x]))
+        assert results[0].latency_s == latency_s
+        assert results[0].energy_j == pytest.approx(2.0 * latency_s + 1.0 * busy_s)
+        assert results[0].energy_source == "modelled"
+        for name, out in results[1].outputs.items():
+            np.testing.assert_array_equal(results[0].outputs[name], out)

@@ -63,10 +63,18 @@ def test_up_deploys_all_use_cases_and_reports_exits(tmp_path):
         "fpga-pynq": True,
         "asic-edgetpu": True,
     }, "the FPGA and ASIC are simulated here, and say so"
+    # So are the ARM boards' CPUs (timed by their cost model); the x86 microserver's is this machine's.
+    assert {n["hardware_profile"]: accelerators[n["id"]]["cpu-litert"] for n in r["nodes"]} == {
+        "x86-n100": False,
+        "pynq-z2": True,
+        "coral-devboard": True,
+    }
     for d in r["deployments"]:
         for p in d["placements"]:
             assert p["accelerator"] in accelerators[p["node"]], p
-            assert (p["reason"], p["message"].split()[0]) == ("scheduler.bound", "score"), p
+            assert p["reason"] in ("scheduler.bound", "reschedule.energy"), p  # placed, or moved for energy
+            assert p["message"].split()[0] == ("score" if p["reason"] == "scheduler.bound" else "moved"), p
+    assert all(m["kind"].startswith("reschedule.energy") for m in r["moves"]), r["moves"]
     for n in r["nodes"]:
         assert n["energy_source"] == "modelled"  # no RAPL here; where there is, it says measured
         assert n["inferences"] > 0 and n["j_per_inference"] > 0, n
@@ -76,6 +84,8 @@ def test_up_deploys_all_use_cases_and_reports_exits(tmp_path):
     assert e["round_robin_vs_energy_aware"] == pytest.approx(
         e["round_robin_j_per_inference"] / e["energy_aware_j_per_inference"]
     )
-    assert set(e["policies"]) == {"energy-aware", "round-robin"}
+    assert set(e["policies"]) == {"energy-aware", "round-robin", "energy-aware-cold-start"}
+    assert e["cold_start_j_per_inference"] == e["policies"]["energy-aware-cold-start"]["j_per_inference"] > 0
+    assert e["board_cpus"] == "modelled"
     assert all(p["unplaced"] == 0 for p in e["policies"].values())
     assert "fleet energy (modelled)" in done.stdout and "round-robin" in done.stdout

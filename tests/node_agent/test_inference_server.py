@@ -321,6 +321,7 @@ async def test_in_process_infer_and_stats(node: Node) -> None:
     assert 0 < snapshot.p50_ms <= snapshot.p95_ms <= snapshot.p99_ms
     assert snapshot.energy_j > 0
     assert snapshot.energy_source == "modelled"
+    assert node.table.stats[(F32, "1")].by_kind == {"cpu-litert": 2}  # served, per accelerator
     assert node.table.in_flight == 0
 
 

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from edgeward.v1 import node_pb2
 from edgeward.wire import node_message
-from orchestrator.fleet import LATENCY_INVALID, PROFILE_INVALID, Fleet
+from orchestrator.fleet import COST_MODEL_INVALID, LATENCY_INVALID, PROFILE_INVALID, Fleet
 from orchestrator.scheduler import (
     FleetSnapshot,
     NodeInfo,
@@ -249,6 +249,30 @@ def test_bad_profiles_are_dropped_and_counted():
     fleet.apply(_hello([_profile(p95=math.nan), _profile(p95=0.0), bad]))
     assert fleet.nodes["n1"].profiles == {}
     assert fleet.dropped[PROFILE_INVALID] == 3
+
+
+def test_cost_models_are_read_from_the_hello_and_bad_ones_dropped_and_counted():
+    good = node_pb2.CostModel(
+        invoke_overhead_s=1e-4, macs_per_s=1e9, elements_per_s=2e9, link_bytes_per_s=5e8
+    )
+    bad = node_pb2.CostModel(invoke_overhead_s=math.nan, macs_per_s=1e9, elements_per_s=2e9)
+    no_rate = node_pb2.CostModel(invoke_overhead_s=1e-4)
+    hello = node_pb2.Hello(
+        hardware_profile="board",
+        boot_unix_ms=1,
+        accelerators=[
+            node_pb2.Accelerator(kind="npu", idle_w=0.5, active_w=2.0, cost=good),
+            node_pb2.Accelerator(kind="gpu", idle_w=0.5, active_w=2.0, cost=bad),
+            node_pb2.Accelerator(kind="dsp", idle_w=0.5, active_w=2.0, cost=no_rate),
+            node_pb2.Accelerator(kind="cpu-litert", idle_w=1.0, active_w=2.0),  # an older agent: none
+            node_pb2.Accelerator(kind="tpu", availability="unavailable: no device", cost=good),
+        ],
+    )
+    fleet = Fleet()
+    fleet.apply(node_message("n1", hello=hello))
+    [(kind, cost)] = fleet.nodes["n1"].costs.items()
+    assert kind == "npu" and (cost.macs_per_s, cost.idle_w, cost.active_w) == (1e9, 0.5, 2.0)
+    assert fleet.dropped[COST_MODEL_INVALID] == 2
 
 
 def _telemetry(inferences, p95):
