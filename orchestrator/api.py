@@ -37,7 +37,7 @@ from .manifest import NAME_RE, SEMVER_RE, DeploymentManifest, parse_manifest
 from .phases import ACTIVE, Phase
 from .reconciler import Reconciler
 from .rollout import RolloutController, RolloutError
-from .store import DeploymentRecord, NodeRecord, ReplicaChange, Store
+from .store import DeploymentRecord, ModelRecord, NodeRecord, ReplicaChange, SealedArtifact, Store
 from .telemetry import TelemetryStore
 from .verifier import FleetVerifier
 from .views import ApiViews, deployment_to_pb, model_pb, node_to_pb, replica_to_pb
@@ -546,12 +546,16 @@ class ModelService(api_pb2_grpc.ModelServiceServicer):
         self, request: api_pb2.DownloadModelRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[api_pb2.ModelChunk]:
         """The sealed artifact: useless without a data key released to an attested node."""
+        store = self._control.store
+
+        def read() -> tuple[ModelRecord, SealedArtifact, bytes]:
+            # One trip to the store's thread, not three: a fleet's nodes download together.
+            record = store.get_model(request.name, request.version or None)
+            sealed = store.get_sealed(record.name, record.version)
+            return record, sealed, store.read_artifact(sealed.sha256)
+
         try:
-            record = await self._control.db(
-                self._control.store.get_model, request.name, request.version or None
-            )
-            sealed = await self._control.db(self._control.store.get_sealed, record.name, record.version)
-            data = await self._control.db(self._control.store.read_artifact, sealed.sha256)
+            record, sealed, data = await self._control.db(read)
         except NotFound as err:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(err))
         if sealed.revoked_ms:
