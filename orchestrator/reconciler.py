@@ -111,6 +111,9 @@ ENERGY_ABANDONED = "reschedule.energy.abandoned"
 #: Energy moves are looked for at most this often, and at least this often while nothing changes.
 ENERGY_MIN_INTERVAL_S = 1.0
 ENERGY_RECHECK_S = 60.0
+#: Looks take at most this share of the reconciler's time: the next waits 1/ENERGY_DUTY times as
+#: long as the last one took (a look at 10,000 nodes builds a snapshot: about half a second).
+ENERGY_DUTY = 0.05
 #: Offers tried per look beyond what the rate and budgets allow to move (the others wait).
 ENERGY_TRIES = 32
 
@@ -203,6 +206,8 @@ class Reconciler:
         self._energy_in_flight: dict[str, EnergyMove] = {}  # replacement id -> its move
         self._energy_seen: tuple[int, int, frozenset[str]] = (-1, -1, frozenset())
         self._energy_checked = -math.inf  # monotonic time of the last look for energy moves
+        self._energy_tried: dict[str, float] = {}  # replica id -> when a look last found it no move
+        self._energy_cost = 0.0  # seconds the last look took
         self._changed_passes = 0  # passes that changed replicas, for "anything new?"
         self.passes = 0
         self._in_pass = False
@@ -405,6 +410,16 @@ class Reconciler:
         self._slo_seen[new.id] = windows[-1].seq if windows else 0
         self._slo.pop(old.id, None)
 
+    def _cheapest_measured(self) -> dict[str, float]:
+        """Model key -> the least joules per inference any node measured for it, on any accelerator:
+        no energy move of that model can save more than down to this."""
+        cheapest: dict[str, float] = {}
+        for node in self._fleet.nodes.values():
+            for (key, _), profile in node.profiles.items():
+                if profile.energy_j < cheapest.get(key, math.inf):
+                    cheapest[key] = profile.energy_j
+        return cheapest
+
     def _cool_down(self, rep: ReplicaRecord, now: float) -> None:
         """Leave ``rep`` where it is for a cooldown (an energy move of it was just given up)."""
         self._slo[rep.id] = replace(self._slo.get(rep.id, SloState()), moved_at=now)
@@ -414,13 +429,16 @@ class Reconciler:
     def _energy_due(self, now: float) -> bool:
         """Whether to look for energy moves in this pass: something they depend on changed (node
         profiles, replicas, cordons), an offer's sustain time or a cooldown may have ended, or
-        ``ENERGY_RECHECK_S`` passed; never more often than every ``ENERGY_MIN_INTERVAL_S``."""
-        if now - self._energy_checked < ENERGY_MIN_INTERVAL_S:
+        ``ENERGY_RECHECK_S`` passed; never more often than every ``ENERGY_MIN_INTERVAL_S``, nor
+        than ``ENERGY_DUTY`` of the time allows."""
+        if now - self._energy_checked < max(ENERGY_MIN_INTERVAL_S, self._energy_cost / ENERGY_DUTY):
             return False
         seen = (self._fleet.profile_updates, self._changed_passes, frozenset(self._cordoned))
         due = min(self._energy_watch.next_due(), self._energy_checked + ENERGY_RECHECK_S)
         if seen == self._energy_seen and now < due:
             return False
+        if (seen[0], seen[2]) != (self._energy_seen[0], self._energy_seen[2]):
+            self._energy_tried.clear()  # new measurements or nodes: a try in vain may succeed now
         self._energy_seen, self._energy_checked = seen, now
         return True
 
@@ -761,7 +779,9 @@ class ReconcilePass:
         if resched.slo_violation:
             await self._slo_moves()
         if resched.energy and rec._energy_due(self.now):
+            started = time.monotonic()
             await self._energy_moves()
+            rec._energy_cost = time.monotonic() - started
 
     async def _slo_moves(self) -> None:
         rec = self.rec
@@ -915,17 +935,21 @@ class ReconcilePass:
 
     async def _energy_moves(self) -> None:
         """Start the energy moves whose measured saving has held long enough (``EnergyWatch``),
-        within each deployment's disruption budget and the global rate of voluntary moves."""
+        within each deployment's disruption budget and the global rate of voluntary moves. A look
+        tries at most the rate plus ``ENERGY_TRIES`` replicas, the largest possible savings first;
+        one whose try found no move is not tried again for ``ENERGY_RECHECK_S``."""
         rec = self.rec
-        candidates, budget = await self._energy_candidates()
         rate = rec._move_rate.available(self.now)
-        if not candidates or not rate:
+        candidates, budget = await self._energy_candidates(rate + ENERGY_TRIES if rate else 0)
+        if not candidates:
             rec._energy_watch.keep_only(())
             return
         models = [(r.request.model.partition(":")[0], r.request.model.partition(":")[2]) for r in candidates]
         plan = await rec._plan(self.replicas, self.changes, self.deployments, self.now, models)
-        offers = energy_offers(plan, candidates, rec._energy_watch.policy, rate + ENERGY_TRIES)
-        rec._energy_watch.keep_only(o.replica.replica_id for o in offers)
+        offers = energy_offers(plan, candidates, rec._energy_watch.policy, len(candidates))
+        offered = {o.replica.replica_id for o in offers}
+        rec._energy_watch.keep_only(offered)
+        rec._energy_tried.update((r.replica_id, self.now) for r in candidates if r.replica_id not in offered)
         for offer in offers:
             dep = offer.replica.request.deployment
             ready = rec._energy_watch.sustained(offer.replica.replica_id, self.now)
@@ -936,48 +960,69 @@ class ReconcilePass:
                 continue
             budget[dep] -= 1
 
-    async def _energy_candidates(self) -> tuple[list[RunningReplica], dict[str, int]]:
-        """(running replicas that may move for energy, each deployment's budget for it): replicas of
-        settled deployments (every replica of the current generation running, no rollout, budget
-        left) that are not violating their SLO, not in a cooldown, and measured where they run."""
+    async def _energy_candidates(self, tries: int) -> tuple[list[RunningReplica], dict[str, int]]:
+        """(up to ``tries`` running replicas that may move for energy, the largest possible savings
+        first; each deployment's budget for it): replicas of settled deployments (every replica of
+        the current generation running, no rollout, budget left) that are not violating their SLO,
+        not in a cooldown, measured where they run, that the cheapest measurement of their model
+        anywhere would save enough, and not tried in vain lately."""
         rec = self.rec
-        budget_cfg = rec._config.scheduler.rescheduling.max_unavailable
-        cooldown = rec._slo_policy.cooldown_s
-        replaced = {m.replaced for m in rec._energy_in_flight.values()}
-        candidates: list[RunningReplica] = []
         budget: dict[str, int] = {}
-        for dep in self.deployments:
-            spec = dep.manifest.spec
-            reps = [r for r in self.by_deployment.get(dep.name, []) if r.phase != Phase.EVICTED]
-            settled = [r for r in reps if r.id not in rec._energy_in_flight]
-            if (
-                any(r.generation != dep.generation or r.phase != Phase.RUNNING for r in settled)
-                or len(settled) != spec.replicas
-            ):
-                continue
-            if rec._rollouts is not None and rec._rollouts.split(dep) is not None:
-                continue
-            in_flight = len(reps) - len(settled)
-            budget[dep.name] = allowed_disruptions(spec.replicas, len(settled), budget_cfg) - in_flight
-            model = await rec._model(spec.model.name, spec.model.version) if budget[dep.name] > 0 else None
-            if model is None:
-                continue
-            key = model_key(spec.model.name, spec.model.version)
-            for rep in settled:
-                state = rec._slo.get(rep.id)
+        ranked: list[tuple[float, str, ReplicaRecord, DeploymentRecord, float]] = []
+        cheapest = rec._cheapest_measured()
+        keep = 1.0 - rec._energy_watch.policy.min_saving
+        rec._energy_tried = {r: t for r, t in rec._energy_tried.items() if self.now - t < ENERGY_RECHECK_S}
+        for dep in self.deployments if tries > 0 else ():
+            key = model_key(dep.manifest.spec.model.name, dep.manifest.spec.model.version)
+            for rep in self._energy_settled(dep, budget) if key in cheapest else ():
                 node = rec._fleet.nodes.get(rep.node_id or "")
                 profile = node.profiles.get((key, rep.accelerator or "")) if node is not None else None
-                if profile is None or rep.id in replaced or not rep.node_id or not rep.accelerator:
+                if profile is None or cheapest[key] > profile.energy_j * keep:
                     continue
-                if state is not None and (
-                    state.violating or (state.moved_at is not None and self.now - state.moved_at < cooldown)
-                ):
-                    continue
+                if rep.id not in rec._energy_tried and self._energy_free(rep):
+                    ranked.append((cheapest[key] / profile.energy_j, rep.id, rep, dep, profile.energy_j))
+        candidates: list[RunningReplica] = []
+        for _, _, rep, dep, energy_j in sorted(ranked)[:tries]:
+            model = await rec._model(rep.model_name, rep.model_version)
+            if model is not None:
                 request = _request(dep, model[0], self.need[dep.name], new_replica_id(dep.name))
                 candidates.append(
-                    RunningReplica(rep.id, rep.node_id, rep.accelerator, profile.energy_j, request)
+                    RunningReplica(rep.id, rep.node_id or "", rep.accelerator or "", energy_j, request)
                 )
         return candidates, budget
+
+    def _energy_settled(self, dep: DeploymentRecord, budget: dict[str, int]) -> list[ReplicaRecord]:
+        """The replicas of ``dep`` if it is settled and has disruption budget left (set in ``budget``),
+        else none: every replica of its generation running, no rollout in progress."""
+        rec = self.rec
+        spec = dep.manifest.spec
+        reps = [r for r in self.by_deployment.get(dep.name, []) if r.phase != Phase.EVICTED]
+        settled = [r for r in reps if r.id not in rec._energy_in_flight]
+        if len(settled) != spec.replicas or any(
+            r.generation != dep.generation or r.phase != Phase.RUNNING for r in settled
+        ):
+            return []
+        if rec._rollouts is not None and rec._rollouts.split(dep) is not None:
+            return []
+        budget_cfg = rec._config.scheduler.rescheduling.max_unavailable
+        budget[dep.name] = allowed_disruptions(spec.replicas, len(settled), budget_cfg) - (
+            len(reps) - len(settled)
+        )
+        return settled if budget[dep.name] > 0 else []
+
+    def _energy_free(self, rep: ReplicaRecord) -> bool:
+        """Whether ``rep`` may move for energy now: placed on a known accelerator, not the replica of
+        a move in flight, not violating its SLO, not in its cooldown."""
+        rec = self.rec
+        if not rep.node_id or not rep.accelerator:
+            return False
+        if any(m.replaced == rep.id for m in rec._energy_in_flight.values()):
+            return False
+        state = rec._slo.get(rep.id)
+        if state is None:
+            return True
+        cooling = state.moved_at is not None and self.now - state.moved_at < rec._slo_policy.cooldown_s
+        return not (state.violating or cooling)
 
     async def _start_energy_move(self, offer: EnergyOffer) -> bool:
         """Start the replacement of ``offer``'s replica where the offer places it; the replica keeps
