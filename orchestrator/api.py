@@ -90,16 +90,23 @@ def _rpc(method: Callable) -> Callable:
     return wrapper
 
 
-def request_checks(run_blocking: DbCall) -> dict[str, RequestCheck]:
+def request_checks(
+    run_blocking: DbCall, pipeline_stages: Callable[[str], Awaitable[set[str]]]
+) -> dict[str, RequestCheck]:
     """The checks the authorization interceptor runs before it authorizes (docs/security.md): Apply's
-    manifest is parsed and validated here, once, and its names are what ownership is judged on."""
+    manifest is parsed and validated here, once, and its names are what ownership is judged on
+    (a multi-exit stage's pipeline too, with the deployments already in it: ``pipeline_stages``)."""
 
     async def apply(request: api_pb2.ApplyRequest) -> Checked:
         try:
             manifest = await run_blocking(parse_manifest, request.manifest)
         except InvalidManifest as err:
             raise InvalidRequest(str(err)) from err
-        return Checked(request, manifest, manifest.metadata.name, manifest.spec.model.name)
+        name, mx = manifest.metadata.name, manifest.spec.multi_exit
+        if mx is None:
+            return Checked(request, manifest, name, manifest.spec.model.name)
+        stages = frozenset(await pipeline_stages(mx.pipeline) - {name})
+        return Checked(request, manifest, name, manifest.spec.model.name, mx.pipeline, stages)
 
     return {APPLY: apply}
 

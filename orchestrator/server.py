@@ -295,7 +295,7 @@ class Orchestrator:
             log.warning(PLAINTEXT_WARNING, cfg.grpc_bind)
         else:
             self.guard = await ApiGuard.open(
-                sec, cfg.state_dir, self._exists, request_checks(self.run_blocking)
+                sec, cfg.state_dir, self._exists, request_checks(self.run_blocking, self._pipeline_stages)
             )
         if cfg.broker.url is None:
             self._broker = EmbeddedBroker(
@@ -848,6 +848,16 @@ class Orchestrator:
 
     async def deployment_pb(self, name: str) -> api_pb2.Deployment:
         return await self.views.deployment(name)
+
+    async def _pipeline_stages(self, pipeline: str) -> set[str]:
+        """The deployments that are stages of the multi-exit model ``pipeline`` (asked before a team's
+        stage joins it, docs/security.md)."""
+        deployments = await self.db(self.store.list_deployments)
+        return {
+            d.name
+            for d in deployments
+            if d.manifest.spec.multi_exit is not None and d.manifest.spec.multi_exit.pipeline == pipeline
+        }
 
     async def _exists(self, kind: str, name: str) -> bool:
         """Whether a deployment or model exists (asked before a team claims a name, docs/security.md)."""

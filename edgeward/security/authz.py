@@ -150,6 +150,9 @@ class Checked:
     value: Any
     target: str | None
     uses: str | None = None
+    #: a multi-exit stage: the pipeline it joins, and the other deployments already in it
+    pipeline: str | None = None
+    stages: frozenset[str] = frozenset()
 
 
 RequestCheck = Callable[[Any], Awaitable[Checked]]
@@ -374,6 +377,37 @@ class Authorizer(Authenticator):
                 "security.authz.model_not_owned", f"model {model!r} does not belong to {identity.owner}"
             )
 
+    async def check_pipeline(self, identity: Identity, checked: Checked) -> bool:
+        """A team's multi-exit stage may only join a pipeline of its own; True if it claims a new one.
+
+        Nodes serve a multi-exit model under its pipeline name, ahead of a plain model of that name,
+        and the orchestrator wires every deployment that names the pipeline into it: a pipeline name
+        is a model name (held in the registry as one). A name the registry does not know yet belongs
+        to the owners of the deployments already in the pipeline (operators for a model of that name
+        that predates ownership); a team that is the only one there, or finds nothing, claims it."""
+        pipeline = checked.pipeline
+        if identity.role is not Role.TEAM or pipeline is None:
+            return False
+        owner = self.owners.owner(MODEL, pipeline)
+        if owner == identity.owner:
+            return False
+        if owner is None:
+            others = {self.owners.owner(DEPLOYMENT, d) or OPERATOR_OWNER for d in checked.stages} - {
+                identity.owner
+            }
+            if (
+                not others
+                and not await self._exists_(MODEL, pipeline)
+                and self.owners.owner(MODEL, pipeline) is None  # nobody claimed it while we looked
+            ):
+                self.owners.reserve(MODEL, pipeline, identity.owner)
+                return True
+            owner = self.owners.owner(MODEL, pipeline) or min(others, default=OPERATOR_OWNER)
+        raise Denied(
+            "security.authz.pipeline_not_owned",
+            f"multiExit.pipeline {pipeline!r} belongs to {owner}, not {identity.owner}",
+        )
+
     async def _exists_(self, kind: str, name: str) -> bool:
         return False if self._exists is None else await self._exists(kind, name)
 
@@ -424,11 +458,13 @@ class AuthzInterceptor(RequestGuard):
 
     async def _admit(
         self, method: str, rule: MethodRule, request: Any, context: grpc.aio.ServicerContext
-    ) -> tuple[Identity, str | None, bool]:
+    ) -> tuple[Identity, str | None, list[tuple[str, str]]]:
         """Identify, check and authorize; on refusal audit and abort (raises). Sets `caller` and
-        `checked_value` for the handler."""
+        `checked_value` for the handler. Returns the names the call reserved for the caller, as
+        (kind, name): kept if it succeeds, released otherwise (`_settle`)."""
         identity: Identity | None = None
         name: str | None = None
+        claims: list[tuple[str, str]] = []
         try:
             identity = self.authz.identify(client_pem(context))
             self.authz.check_revoked(identity)  # after identify: the audit line names the revoked one
@@ -449,13 +485,18 @@ class AuthzInterceptor(RequestGuard):
                         "security.authz.owner_team",
                         f"owner_team comes from the caller's certificate: {identity} cannot name team {claimed!r}",
                     )
-            # Last: it may reserve the name of a new object for this caller.
-            claim = await self.authz.check(identity, method, rule, name)
+            # Last: they may reserve the names of new objects for this caller.
+            if await self.authz.check(identity, method, rule, name):
+                claims.append((rule.kind or "", name or ""))
+            if checked is not None and await self.authz.check_pipeline(identity, checked):
+                claims.append((MODEL, checked.pipeline or ""))
         except Denied as denial:
+            for kind, claimed in claims:
+                await self.authz.owners.forget(kind, claimed)
             await self._refused(method, rule, identity, name, context, denial)
             raise AssertionError("unreachable: abort raises") from denial
         _CALLER.set(identity)
-        return identity, name, claim
+        return identity, name, claims
 
     async def _check(self, method: str, request: Any) -> Checked | None:
         check = self.checks.get(method)
@@ -508,7 +549,7 @@ class AuthzInterceptor(RequestGuard):
         rule: MethodRule,
         identity: Identity,
         name: str | None,
-        claim: bool,
+        claims: list[tuple[str, str]],
         request: Any,
         context: grpc.aio.ServicerContext,
         failed: BaseException | None,
@@ -517,12 +558,14 @@ class AuthzInterceptor(RequestGuard):
         ok = failed is None
         owners = self.authz.owners
         mutating = not isinstance(request, Undecodable) and rule.is_mutating(request)
-        if claim and not (ok and mutating):
-            await owners.forget(rule.kind or "", name or "")  # the reservation of a failed or dry-run call
-        elif ok and name is not None and rule.kind is not None and mutating:
+        for kind, claimed in claims:  # kept by a call that made its object, else (dry run too) released
+            await (
+                owners.set(kind, claimed, identity.owner) if ok and mutating else owners.forget(kind, claimed)
+            )
+        if ok and name is not None and rule.kind is not None and mutating:
             if rule.releases:
                 await owners.forget(rule.kind, name)
-            elif rule.claims and (claim or owners.owner(rule.kind, name) is None):
+            elif rule.claims and owners.owner(rule.kind, name) is None:  # an operator's new object
                 await owners.set(rule.kind, name, identity.owner)
         if _REFUSED.get():
             return  # refused mid-stream: audited by refuse()
@@ -541,13 +584,13 @@ class AuthzInterceptor(RequestGuard):
         rule = rule_for(method)
 
         async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            identity, name, claim = await self._admit(method, rule, request, context)
+            identity, name, claims = await self._admit(method, rule, request, context)
             try:
                 response = await behavior(request, context)
             except BaseException as err:
-                await self._settle(method, rule, identity, name, claim, request, context, err)
+                await self._settle(method, rule, identity, name, claims, request, context, err)
                 raise
-            await self._settle(method, rule, identity, name, claim, request, context, None)
+            await self._settle(method, rule, identity, name, claims, request, context, None)
             return _filter_response(method, identity, self.authz, response)
 
         return call
@@ -556,7 +599,7 @@ class AuthzInterceptor(RequestGuard):
         rule = rule_for(method)
 
         async def call(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            identity, _name, _claim = await self._admit(method, rule, request, context)
+            identity, _name, _claims = await self._admit(method, rule, request, context)
             team_watch = identity.role is Role.TEAM and method == _D + "Watch"
             try:
                 async for item in self.authz.stream(identity, behavior(request, context)):
@@ -574,7 +617,7 @@ class AuthzInterceptor(RequestGuard):
         async def call(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
             # The first message (a model push's metadata) names the target; it is handed on unchanged.
             first = await anext(aiter(requests), None)
-            identity, name, claim = await self._admit(method, rule, first, context)
+            identity, name, claims = await self._admit(method, rule, first, context)
             rest = self.checked(method, requests, context)
 
             async def replay() -> AsyncIterator[Any]:
@@ -586,9 +629,9 @@ class AuthzInterceptor(RequestGuard):
             try:
                 response = await behavior(replay(), context)
             except BaseException as err:
-                await self._settle(method, rule, identity, name, claim, first, context, err)
+                await self._settle(method, rule, identity, name, claims, first, context, err)
                 raise
-            await self._settle(method, rule, identity, name, claim, first, context, None)
+            await self._settle(method, rule, identity, name, claims, first, context, None)
             return response
 
         return call
@@ -597,7 +640,7 @@ class AuthzInterceptor(RequestGuard):
         rule = rule_for(method)
 
         async def call(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            identity, _name, _claim = await self._admit(method, rule, None, context)
+            identity, _name, _claims = await self._admit(method, rule, None, context)
             try:
                 async for item in self.authz.stream(
                     identity, behavior(self.checked(method, requests, context), context)

@@ -1,0 +1,88 @@
+"""Variants of the hostile-tenant breaks of issue #15 that the first fixes did not cover, against the
+real orchestrator (mutual TLS, authorization, audit)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import grpc
+import pytest
+from security_support import Client, manifest
+
+from edgeward.security.audit import read_audit
+from edgeward.v1 import api_pb2
+from orchestrator.multiexit import plan
+from orchestrator.server import Orchestrator
+
+DENIED = grpc.StatusCode.PERMISSION_DENIED
+
+
+async def refused(call) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await call
+    return info.value
+
+
+def stage(name: str, model: str, pipeline: str, k: int, threshold: float | None = None) -> str:
+    """A multi-exit stage deployment (``threshold`` on every stage but the last)."""
+    cut = f", threshold: {threshold}" if threshold is not None else ""
+    return manifest(name, model) + f"  multiExit: {{pipeline: {pipeline}, stage: {k}{cut}}}\n"
+
+
+def not_wired(orch: Orchestrator) -> dict[str, str]:
+    """Why each multi-exit model is not served (no replica runs here, so each has a reason)."""
+    return plan(orch.store.list_deployments(), [], {})[1]
+
+
+async def test_a_team_cannot_join_or_shadow_another_teams_multi_exit_model(
+    connect: Callable[..., Client], secure_orchestrator: Orchestrator
+):
+    """The orchestrator wires every deployment that names a pipeline into that multi-exit model, and a
+    node serves the pipeline under its name ahead of a plain model of the same name. Another team's
+    stage under the same pipeline name used to be accepted: a second stage 1 (or a stage 3 after a
+    last stage) unwired the model on every node, a stage where one was missing spliced the other
+    team's model into the chain, and a one-stage pipeline named like another team's model made nodes
+    answer that model's callers with the other team's pipeline."""
+    home = connect("team", "ci", team="smart-home")
+    auto = connect("team", "ci", team="automotive")
+    operator = connect("operator", "alice")
+    for model in ("home-s1", "home-s2", "home-model"):
+        await home.push(model)
+    await home.apply(stage("home-st1", "home-s1", "home-pipe", 1, 0.9))
+    await home.apply(stage("home-st2", "home-s2", "home-pipe", 2))
+    await auto.push("auto-model")
+    await operator.push("ops-model")
+    await operator.apply(stage("ops-st1", "ops-model", "ops-pipe", 1, 0.9))
+    before = not_wired(secure_orchestrator)
+    assert before["home-pipe"] == "stage 1 (home-st1) has no running replica"
+
+    attacks = {
+        "a second stage 1": stage("auto-x", "auto-model", "home-pipe", 1, 0.5),
+        "a stage after the last": stage("auto-x", "auto-model", "home-pipe", 3),
+        "a stage of a name another team's model has": stage("auto-x", "auto-model", "home-model", 1),
+        "a stage of the operator's pipeline": stage("auto-x", "auto-model", "ops-pipe", 2),
+    }
+    for what, text in attacks.items():
+        for dry_run in (True, False):
+            request = api_pb2.ApplyRequest(manifest=text, dry_run=dry_run)
+            err = await refused(auto.deployments.Apply(request, timeout=10))
+            assert err.code() == DENIED, (what, err.code(), err.details())
+            assert "security.authz.pipeline_not_owned" in err.details(), (what, err.details())
+    assert await auto.list() == []
+    assert not_wired(secure_orchestrator) == before  # still complete but for its replicas
+    lines = [x for x in read_audit(secure_orchestrator.guard.audit.path) if x["who"] == "team:automotive:ci"]
+    refusals = [x for x in lines if x["method"].endswith("/Apply")]
+    assert len(refusals) == 2 * len(attacks)
+    assert all(x["result"] == "PERMISSION_DENIED" and "pipeline" in x["reason"] for x in refusals)
+
+    # A pipeline's name is held like a model's: nobody else pushes a model under it.
+    assert (await refused(auto.push("home-pipe"))).code() == DENIED
+    # The owner keeps changing its own stages; a team claims a pipeline name nobody uses.
+    await home.apply(stage("home-st2", "home-s2", "home-pipe", 2).replace("replicas: 0", "replicas: 1"))
+    await auto.apply(stage("auto-st1", "auto-model", "auto-pipe", 1))
+    err = await refused(home.apply(stage("home-x", "home-s1", "auto-pipe", 2)))
+    assert err.code() == DENIED and "security.authz.pipeline_not_owned" in err.details()
+    # A refused or dry-run call leaves no claim behind.
+    dry = api_pb2.ApplyRequest(manifest=stage("auto-dry", "auto-model", "dry-pipe", 1), dry_run=True)
+    await auto.deployments.Apply(dry, timeout=10)
+    await home.apply(stage("home-dry", "home-s1", "dry-pipe", 1))
