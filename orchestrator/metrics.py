@@ -5,6 +5,11 @@ buckets every node reports (``edgeward.wire.LATENCY_BUCKETS_S``). Energy and pow
 ``source`` label, ``measured`` or ``modelled``, exactly as the nodes report them. Models are
 labelled ``model`` (name) and ``version``. ``promtool check metrics`` passes on the output
 (tests/orchestrator/test_metrics.py).
+
+Over HTTPS (`MetricsServer.https`, any bind outside loopback in a TLS fleet) the scraper needs an
+operator or orchestrator certificate of the fleet CA that the CRL, re-read as it changes, does not
+revoke: the metrics name every node, model and version with its traffic, which is no business of a
+team, a node or a broker.
 """
 
 from __future__ import annotations
@@ -16,9 +21,15 @@ import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from edgeward.security.authz import Authenticator, Denied
+from edgeward.security.identity import Role
+from edgeward.security.tls import RevocationList, TlsFiles
+
 log = logging.getLogger(__name__)
 
 MAX_REQUEST = 8192
+#: Who may scrape /metrics over HTTPS.
+SCRAPERS = frozenset({Role.OPERATOR, Role.ORCHESTRATOR})
 
 Labels = dict[str, str]
 
@@ -75,12 +86,43 @@ class MetricsServer:
     """``GET /metrics`` on ``bind``; with ``tls`` (a server context that requires a client certificate
     of the fleet CA: the scraper's) HTTPS only. The config gives it TLS for any bind outside loopback."""
 
-    def __init__(self, collect: Callable[[], bytes], bind: str, tls: ssl.SSLContext | None = None) -> None:
+    def __init__(
+        self,
+        collect: Callable[[], bytes],
+        bind: str,
+        tls: ssl.SSLContext | None = None,
+        scrapers: Authenticator | None = None,
+    ) -> None:
         self._collect = collect
         self._bind = bind
         self._tls = tls
+        self._scrapers = scrapers
         self._server: asyncio.Server | None = None
         self.port = 0
+        self.refused = 0
+
+    @classmethod
+    def https(cls, collect: Callable[[], bytes], bind: str, tls: TlsFiles) -> MetricsServer:
+        """Mutual TLS with the fleet's files; only `SCRAPERS` whose certificate is not revoked."""
+        revocations = RevocationList(tls.crl_file, tls.ca_file) if tls.crl_file is not None else None
+        return cls(collect, bind, tls.server_context(), Authenticator(revocations))
+
+    def _refusal(self, writer: asyncio.StreamWriter) -> str:
+        """Why this connection's client may not read the metrics ('' if it may)."""
+        if self._scrapers is None:
+            return ""
+        ssl_object = writer.get_extra_info("ssl_object")
+        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        try:
+            identity = self._scrapers.identify(ssl.DER_cert_to_PEM_cert(der).encode() if der else None)
+            self._scrapers.check_revoked(identity)
+            if identity.role not in SCRAPERS:
+                raise Denied("security.authz.role", f"{identity.role} may not read /metrics")
+        except Denied as denial:
+            self.refused += 1
+            log.warning("refused /metrics to %s: %s", writer.get_extra_info("peername"), denial)
+            return str(denial)
+        return ""
 
     async def start(self) -> None:
         host, _, port = self._bind.rpartition(":")
@@ -103,6 +145,8 @@ class MetricsServer:
                 status, body, ctype = b"405 Method Not Allowed", b"only GET\n", b"text/plain"
             elif path.split(b"?")[0] != b"/metrics":
                 status, body, ctype = b"404 Not Found", b"see /metrics\n", b"text/plain"
+            elif refusal := self._refusal(writer):
+                status, body, ctype = b"403 Forbidden", refusal.encode() + b"\n", b"text/plain"
             else:
                 status, body, ctype = b"200 OK", self._collect(), b"text/plain; version=0.0.4"
             writer.write(

@@ -340,10 +340,10 @@ class Orchestrator:
         if self.grpc_port == 0:
             raise OSError(f"cannot bind the gRPC API to {cfg.grpc_bind}")
         if cfg.metrics_bind:
-            tls = None if is_loopback(cfg.metrics_bind) or cfg.security is None else cfg.security.tls
-            self._metrics = MetricsServer(
-                self.render_metrics, cfg.metrics_bind, None if tls is None else tls.server_context()
-            )
+            if is_loopback(cfg.metrics_bind) or cfg.security is None:
+                self._metrics = MetricsServer(self.render_metrics, cfg.metrics_bind)
+            else:
+                self._metrics = MetricsServer.https(self.render_metrics, cfg.metrics_bind, cfg.security.tls)
             await self._metrics.start()
             self.metrics_port = self._metrics.port
 

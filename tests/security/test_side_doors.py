@@ -183,42 +183,71 @@ async def test_multi_exit_hand_offs_use_mutual_tls_to_the_named_node(
     await host1.close()
 
 
-async def test_metrics_outside_loopback_are_https_for_fleet_certificates(fleet_ca: FleetCA):
-    """The TLS branch of /metrics (the config gives it every bind outside loopback; tested here on
+async def scrape(port: int, ca: FleetCA, client: IssuedFiles | None, tls: bool = True) -> bytes:
+    """The answer to GET /metrics (empty if the connection was refused)."""
+    context = None
+    if tls:
+        context = ssl.create_default_context(cafile=str(ca.ca_file))
+        if client is not None:
+            context.load_cert_chain(str(client.cert_file), str(client.key_file))
+    try:
+        reader, writer = await asyncio.open_connection(
+            LOOPBACK, port, ssl=context, server_hostname=LOOPBACK if context else None
+        )
+    except (ssl.SSLError, ConnectionError):
+        return b""
+    try:
+        writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        await writer.drain()
+        return await reader.read()
+    except (ssl.SSLError, ConnectionError):
+        return b""
+    finally:
+        writer.close()
+        with contextlib.suppress(ssl.SSLError, ConnectionError):
+            await writer.wait_closed()
+
+
+@pytest.fixture
+async def https_metrics(fleet_ca: FleetCA) -> AsyncIterator[MetricsServer]:
+    """/metrics as the orchestrator serves it outside loopback in a TLS fleet (tested here on
     loopback, where tests must stay)."""
     orch = fleet_ca.files("orchestrator:main")
     server_tls = TlsFiles(fleet_ca.ca_file, orch.cert_file, orch.key_file, fleet_ca.crl_file)
-    metrics = MetricsServer(lambda: b"edgeward_up 1\n", f"{LOOPBACK}:0", server_tls.server_context())
+    metrics = MetricsServer.https(lambda: b"edgeward_up 1\n", f"{LOOPBACK}:0", server_tls)
     await metrics.start()
-    operator = fleet_ca.issue(parse_subject("operator", "prometheus"))
-
-    async def get(tls: str) -> bytes:
-        """The answer to GET /metrics (empty if the connection was refused)."""
-        context = None
-        if tls != "plaintext":
-            context = ssl.create_default_context(cafile=str(fleet_ca.ca_file))
-            if tls == "client certificate":
-                context.load_cert_chain(str(operator.cert_file), str(operator.key_file))
-        try:
-            reader, writer = await asyncio.open_connection(
-                LOOPBACK, metrics.port, ssl=context, server_hostname=LOOPBACK if context else None
-            )
-        except (ssl.SSLError, ConnectionError):
-            return b""
-        try:
-            writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-            await writer.drain()
-            return await reader.read()
-        except (ssl.SSLError, ConnectionError):
-            return b""
-        finally:
-            writer.close()
-            with contextlib.suppress(ssl.SSLError, ConnectionError):
-                await writer.wait_closed()
-
     try:
-        assert (await get("client certificate")).endswith(b"edgeward_up 1\n")
-        assert b"edgeward_up" not in await get("no client certificate")
-        assert b"edgeward_up" not in await get("plaintext")
+        yield metrics
     finally:
         await metrics.stop()
+
+
+async def test_metrics_outside_loopback_are_https_for_fleet_certificates(
+    fleet_ca: FleetCA, https_metrics: MetricsServer
+):
+    operator = fleet_ca.issue(parse_subject("operator", "prometheus"))
+    port = https_metrics.port
+    assert (await scrape(port, fleet_ca, operator)).endswith(b"edgeward_up 1\n")
+    assert b"edgeward_up" not in await scrape(port, fleet_ca, None)
+    assert b"edgeward_up" not in await scrape(port, fleet_ca, None, tls=False)
+
+
+async def test_metrics_are_for_operators_and_follow_the_crl(fleet_ca: FleetCA, https_metrics: MetricsServer):
+    """/metrics names every node, model and version with its traffic. Any fleet certificate used to
+    read it, so a team learnt the other teams' models and their use, and a node the whole fleet; and a
+    certificate revoked after the server started kept reading it (its TLS context read the CRL once)."""
+    port = https_metrics.port
+    operator = fleet_ca.issue(parse_subject("operator", "prometheus"))
+    leaving = fleet_ca.issue(parse_subject("operator", "leaving"))
+    for subject in (("team", "ci", "smart-home"), ("node", "node-1"), ("broker", "mosquitto")):
+        answer = await scrape(port, fleet_ca, fleet_ca.issue(parse_subject(*subject)))
+        assert answer.startswith(b"HTTP/1.1 403 ") and b"security.authz.role" in answer, (subject, answer)
+        assert b"edgeward_up" not in answer
+    assert (await scrape(port, fleet_ca, leaving)).endswith(b"edgeward_up 1\n")
+    fleet_ca.revoke("operator:leaving")
+    async with asyncio.timeout(10):  # the CRL is re-read at most once a second
+        while b"edgeward_up" in (answer := await scrape(port, fleet_ca, leaving)):
+            await asyncio.sleep(0.1)
+    assert answer.startswith(b"HTTP/1.1 403 ") and b"security.authn.revoked" in answer, answer
+    assert (await scrape(port, fleet_ca, operator)).endswith(b"edgeward_up 1\n")
+    assert https_metrics.refused == 4
