@@ -74,6 +74,7 @@ from .fleet import Fleet
 from .leader import CURRENT_LEASE, LeaderElection
 from .metrics import Family, MetricsServer, render
 from .multiexit import PipelineRouter
+from .owners import StoreOwners
 from .reconciler import Reconciler, command
 from .rollout import RolloutController
 from .scheduler import Scheduler
@@ -294,8 +295,14 @@ class Orchestrator:
         if sec is None:
             log.warning(PLAINTEXT_WARNING, cfg.grpc_bind)
         else:
+            owners = StoreOwners(self.store, self.db)
+            await owners.import_legacy(cfg.state_dir)
             self.guard = await ApiGuard.open(
-                sec, cfg.state_dir, self._exists, request_checks(self.run_blocking, self._pipeline_stages)
+                sec,
+                cfg.state_dir,
+                owners,
+                self._exists,
+                request_checks(self.run_blocking, self._pipeline_stages),
             )
         if cfg.broker.url is None:
             self._broker = EmbeddedBroker(

@@ -215,6 +215,10 @@ class Store(Protocol):
     def revision(self) -> int: ...
     def written_by_me(self, revision: int) -> bool: ...
     def changes_since(self, revision: int, limit: int = ...) -> list[tuple[int, str]]: ...
+    def owner_of(self, kind: str, name: str) -> str | None: ...
+    def owned_by(self, kind: str, owner: str) -> set[str]: ...
+    def claim_owner(self, kind: str, name: str, owner: str) -> str: ...
+    def forget_owner(self, kind: str, name: str, owner: str | None = None) -> None: ...
     def close(self) -> None: ...
 
 
@@ -461,6 +465,37 @@ class SqlStore:
         if rows and rows[0][0] != revision + 1:
             raise RevisionGone(revision, rows[0][0])
         return [(int(r), d) for r, d in rows]
+
+    # ---------------------------------------------------------------- ownership (docs/security.md)
+
+    def owner_of(self, kind: str, name: str) -> str | None:
+        """Who owns deployment or model ``name`` (``team/NAME``, ``operator``), None if nobody."""
+        o = t.owners.c
+        with self._read() as conn:
+            return conn.execute(sa.select(o.owner).where(o.kind == kind, o.name == name)).scalar()
+
+    def owned_by(self, kind: str, owner: str) -> set[str]:
+        o = t.owners.c
+        with self._read() as conn:
+            return set(conn.execute(sa.select(o.name).where(o.kind == kind, o.owner == owner)).scalars())
+
+    def claim_owner(self, kind: str, name: str, owner: str) -> str:
+        """Record ``owner`` for a name nobody holds yet; the owner it has now (one claim wins, whichever
+        replica makes it)."""
+        o = t.owners.c
+
+        def claim(conn: sa.Connection) -> str:
+            conn.execute(self._statements.claim_owner, {"kind": kind, "name": name, "owner": owner})
+            held: str = conn.execute(sa.select(o.owner).where(o.kind == kind, o.name == name)).scalar_one()
+            return held
+
+        return self._write(claim)
+
+    def forget_owner(self, kind: str, name: str, owner: str | None = None) -> None:
+        """Drop the owner of ``name`` (only if it is ``owner``, when given)."""
+        o = t.owners.c
+        where = [o.kind == kind, o.name == name] + ([o.owner == owner] if owner is not None else [])
+        self._write(lambda conn: conn.execute(t.owners.delete().where(*where)))
 
     @contextmanager
     def _read(self) -> Iterator[sa.Connection]:
@@ -1048,6 +1083,7 @@ class _Statements:
         self.upsert_rollout = upsert(t.rollouts, ("deployment",), ("record", "updated_ms"))
         self.upsert_template = upsert(t.deployment_templates, ("deployment", "generation"), ("manifest",))
         self.put_artifact = insert(t.artifacts).on_conflict_do_nothing(index_elements=["sha256"])
+        self.claim_owner = insert(t.owners).on_conflict_do_nothing(index_elements=["kind", "name"])
 
 
 _MODELS = sa.select(

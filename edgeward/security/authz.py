@@ -21,11 +21,10 @@ import asyncio
 import logging
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 
@@ -33,7 +32,6 @@ from edgeward.grpc_standard import STANDARD_METHODS
 from edgeward.security.audit import AuditEntry, AuditLog
 from edgeward.security.boundary import UNDECODABLE, RequestGuard, StreamCut, Undecodable, until_set
 from edgeward.security.errors import IdentityError
-from edgeward.security.files import private_dir, private_file, tighten
 from edgeward.security.identity import Identity, Role
 from edgeward.security.tls import RevocationList
 from edgeward.v1 import api_pb2
@@ -60,77 +58,37 @@ class Denied(Exception):
 # ---------------------------------------------------------------- ownership
 
 
-class OwnershipRegistry:
-    """Who owns each deployment and model (``team/NAME`` or ``operator``), in SQLite under the
-    orchestrator's state directory. Reads come from memory on the event loop; decisions and
-    updates happen there too (so a claim is atomic), and the file is written on the registry's
-    own thread."""
+class Owners(Protocol):
+    """Who owns each deployment and model (``team/NAME`` or ``operator``), kept where every replica of
+    the orchestrator reads and writes it (the orchestrator's store): no decision rests on a copy that
+    another replica may have changed since."""
 
-    def __init__(self, path: Path, pool: ThreadPoolExecutor, db: sqlite3.Connection, owners: dict) -> None:
-        self.path = path
-        self._pool = pool
-        self._db = db
-        self._owners: dict[tuple[str, str], str] = owners
+    async def owner(self, kind: str, name: str) -> str | None: ...
 
-    @classmethod
-    async def open(cls, path: Path | str) -> OwnershipRegistry:
-        path = Path(path)
-        pool = ThreadPoolExecutor(1, thread_name_prefix="edgeward-owners")
+    async def owned(self, kind: str, owner: str) -> set[str]: ...
 
-        def load() -> tuple[sqlite3.Connection, dict[tuple[str, str], str]]:
-            private_dir(path.parent)
-            private_file(path)  # SQLite gives -wal/-shm the database file's mode
-            for suffix in ("-wal", "-shm"):
-                tighten(f"{path}{suffix}")
-            db = cls._open(path)
-            rows = db.execute("SELECT kind, name, owner FROM owners").fetchall()
-            return db, {(k, n): o for k, n, o in rows}
+    async def claim(self, kind: str, name: str, owner: str) -> str:
+        """Record ``owner`` for a name nobody holds yet (one claim wins, across replicas); returns the
+        owner the name has now."""
+        ...
 
-        try:
-            db, owners = await asyncio.get_running_loop().run_in_executor(pool, load)
-        except BaseException:
-            pool.shutdown(wait=True)
-            raise
-        return cls(path, pool, db, owners)
+    async def forget(self, kind: str, name: str, owner: str | None = None) -> None:
+        """Drop the owner of ``name`` (only if it is ``owner``, when given)."""
+        ...
 
-    @staticmethod
-    def _open(path: Path) -> sqlite3.Connection:
-        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute(
-            "CREATE TABLE IF NOT EXISTS owners (kind TEXT NOT NULL, name TEXT NOT NULL, owner TEXT NOT NULL, "
-            "PRIMARY KEY (kind, name))"
-        )
-        return db
 
-    def owner(self, kind: str, name: str) -> str | None:
-        return self._owners.get((kind, name))
-
-    def owned(self, kind: str, owner: str) -> set[str]:
-        return {n for (k, n), o in self._owners.items() if k == kind and o == owner}
-
-    def reserve(self, kind: str, name: str, owner: str) -> None:
-        """Hold a name for ``owner`` while its creating call runs (kept by `set`, dropped by `forget`)."""
-        self._owners[(kind, name)] = owner
-
-    async def set(self, kind: str, name: str, owner: str) -> None:
-        self._owners[(kind, name)] = owner
-        await self._run(
-            "INSERT INTO owners (kind, name, owner) VALUES (?, ?, ?) "
-            "ON CONFLICT (kind, name) DO UPDATE SET owner = excluded.owner",
-            (kind, name, owner),
-        )
-
-    async def forget(self, kind: str, name: str) -> None:
-        self._owners.pop((kind, name), None)
-        await self._run("DELETE FROM owners WHERE kind = ? AND name = ?", (kind, name))
-
-    async def _run(self, sql: str, args: tuple[str, ...]) -> None:
-        await asyncio.get_running_loop().run_in_executor(self._pool, self._db.execute, sql, args)
-
-    def close(self) -> None:
-        self._pool.submit(self._db.close).result()
-        self._pool.shutdown(wait=True)
+def legacy_owners(path: Path) -> list[tuple[str, str, str]]:
+    """The (kind, name, owner) rows of the ownership file of earlier releases (``owners.sqlite`` in
+    the state directory), to be moved into the store; [] if there is none."""
+    if not path.exists():
+        return []
+    db = sqlite3.connect(path)  # closing the last connection folds its WAL back into the file
+    try:
+        return [(str(k), str(n), str(o)) for k, n, o in db.execute("SELECT kind, name, owner FROM owners")]
+    except sqlite3.OperationalError:  # no table: nothing was ever recorded
+        return []
+    finally:
+        db.close()
 
 
 # ---------------------------------------------------------------- rules
@@ -335,7 +293,7 @@ class Authorizer(Authenticator):
 
     def __init__(
         self,
-        owners: OwnershipRegistry,
+        owners: Owners,
         *,
         revocations: RevocationList | None = None,
         exists: Callable[[str, str], Awaitable[bool]] | None = None,
@@ -349,18 +307,17 @@ class Authorizer(Authenticator):
             raise Denied("security.authz.role", f"{identity.role} may not call {method}")
 
     async def check(self, identity: Identity, method: str, rule: MethodRule, name: str | None) -> bool:
-        """Raise `Denied` unless ``identity`` may make this call; True if it claims a new object."""
+        """Raise `Denied` unless ``identity`` may make this call; True if it claimed a new object."""
         self.check_role(identity, method, rule)
         if identity.role is not Role.TEAM or rule.kind is None or name is None:
             return False
-        owner = self.owners.owner(rule.kind, name)
+        owner = await self.owners.owner(rule.kind, name)
         if owner == identity.owner:
             return False
         if owner is None and rule.claims and not await self._exists_(rule.kind, name):
-            if self.owners.owner(rule.kind, name) is None:  # nobody claimed it while we looked
-                self.owners.reserve(rule.kind, name, identity.owner)
+            owner = await self.owners.claim(rule.kind, name, identity.owner)  # one claim wins
+            if owner == identity.owner:
                 return True
-            owner = self.owners.owner(rule.kind, name)
         raise Denied(
             "security.authz.not_owner",
             f"{rule.kind} {name!r} belongs to {owner or OPERATOR_OWNER}, not {identity.owner}",
@@ -371,38 +328,34 @@ class Authorizer(Authenticator):
         if (
             identity.role is Role.TEAM
             and model is not None
-            and self.owners.owner(MODEL, model) != identity.owner
+            and await self.owners.owner(MODEL, model) != identity.owner
         ):
             raise Denied(
                 "security.authz.model_not_owned", f"model {model!r} does not belong to {identity.owner}"
             )
 
     async def check_pipeline(self, identity: Identity, checked: Checked) -> bool:
-        """A team's multi-exit stage may only join a pipeline of its own; True if it claims a new one.
+        """A team's multi-exit stage may only join a pipeline of its own; True if it claimed a new one.
 
         Nodes serve a multi-exit model under its pipeline name, ahead of a plain model of that name,
         and the orchestrator wires every deployment that names the pipeline into it: a pipeline name
-        is a model name (held in the registry as one). A name the registry does not know yet belongs
-        to the owners of the deployments already in the pipeline (operators for a model of that name
-        that predates ownership); a team that is the only one there, or finds nothing, claims it."""
+        is a model name (recorded as one). A name nobody holds yet belongs to the owners of the
+        deployments already in the pipeline (operators for a model of that name that predates
+        ownership); a team that is the only one there, or finds nothing, claims it."""
         pipeline = checked.pipeline
         if identity.role is not Role.TEAM or pipeline is None:
             return False
-        owner = self.owners.owner(MODEL, pipeline)
+        owner = await self.owners.owner(MODEL, pipeline)
         if owner == identity.owner:
             return False
         if owner is None:
-            others = {self.owners.owner(DEPLOYMENT, d) or OPERATOR_OWNER for d in checked.stages} - {
-                identity.owner
-            }
-            if (
-                not others
-                and not await self._exists_(MODEL, pipeline)
-                and self.owners.owner(MODEL, pipeline) is None  # nobody claimed it while we looked
-            ):
-                self.owners.reserve(MODEL, pipeline, identity.owner)
-                return True
-            owner = self.owners.owner(MODEL, pipeline) or min(others, default=OPERATOR_OWNER)
+            others = {await self.owners.owner(DEPLOYMENT, d) or OPERATOR_OWNER for d in checked.stages}
+            others.discard(identity.owner)
+            if not others and not await self._exists_(MODEL, pipeline):
+                owner = await self.owners.claim(MODEL, pipeline, identity.owner)
+                if owner == identity.owner:
+                    return True
+            owner = owner or min(others, default=OPERATOR_OWNER)
         raise Denied(
             "security.authz.pipeline_not_owned",
             f"multiExit.pipeline {pipeline!r} belongs to {owner}, not {identity.owner}",
@@ -411,26 +364,30 @@ class Authorizer(Authenticator):
     async def _exists_(self, kind: str, name: str) -> bool:
         return False if self._exists is None else await self._exists(kind, name)
 
-    def visible(self, identity: Identity, kind: str, names: Iterable[str]) -> set[str]:
+    async def visible(self, identity: Identity, kind: str, names: Iterable[str]) -> set[str]:
         """Which of ``names`` the identity may see."""
         if identity.role is not Role.TEAM:
             return set(names)
-        return set(names) & self.owners.owned(kind, identity.owner)
+        return set(names) & await self.owners.owned(kind, identity.owner)
+
+    async def sees(self, identity: Identity, kind: str, name: str) -> bool:
+        """Whether the identity may see the one object ``name``."""
+        return identity.role is not Role.TEAM or await self.owners.owner(kind, name) == identity.owner
 
 
 # ---------------------------------------------------------------- gRPC
 
 
-def _filter_response(method: str, identity: Identity, authz: Authorizer, response: Any) -> Any:
+async def _filter_response(method: str, identity: Identity, authz: Authorizer, response: Any) -> Any:
     if identity.role is not Role.TEAM:
         return response
     if method == _D + "List":
-        mine = authz.visible(identity, DEPLOYMENT, (d.name for d in response.deployments))
+        mine = await authz.visible(identity, DEPLOYMENT, (d.name for d in response.deployments))
         return api_pb2.ListDeploymentsResponse(
             deployments=[d for d in response.deployments if d.name in mine]
         )
     if method == _M + "List":
-        mine = authz.visible(identity, MODEL, (m.name for m in response.models))
+        mine = await authz.visible(identity, MODEL, (m.name for m in response.models))
         return api_pb2.ListModelsResponse(models=[m for m in response.models if m.name in mine])
     return response
 
@@ -492,7 +449,7 @@ class AuthzInterceptor(RequestGuard):
                 claims.append((MODEL, checked.pipeline or ""))
         except Denied as denial:
             for kind, claimed in claims:
-                await self.authz.owners.forget(kind, claimed)
+                await self.authz.owners.forget(kind, claimed, identity.owner if identity else None)
             await self._refused(method, rule, identity, name, context, denial)
             raise AssertionError("unreachable: abort raises") from denial
         _CALLER.set(identity)
@@ -559,14 +516,13 @@ class AuthzInterceptor(RequestGuard):
         owners = self.authz.owners
         mutating = not isinstance(request, Undecodable) and rule.is_mutating(request)
         for kind, claimed in claims:  # kept by a call that made its object, else (dry run too) released
-            await (
-                owners.set(kind, claimed, identity.owner) if ok and mutating else owners.forget(kind, claimed)
-            )
+            if not (ok and mutating):
+                await owners.forget(kind, claimed, identity.owner)
         if ok and name is not None and rule.kind is not None and mutating:
             if rule.releases:
                 await owners.forget(rule.kind, name)
-            elif rule.claims and owners.owner(rule.kind, name) is None:  # an operator's new object
-                await owners.set(rule.kind, name, identity.owner)
+            elif rule.claims and await owners.owner(rule.kind, name) is None:  # an operator's new object
+                await owners.claim(rule.kind, name, identity.owner)
         if _REFUSED.get():
             return  # refused mid-stream: audited by refuse()
         if mutating or (failed is not None and _refusal(context)):
@@ -591,7 +547,7 @@ class AuthzInterceptor(RequestGuard):
                 await self._settle(method, rule, identity, name, claims, request, context, err)
                 raise
             await self._settle(method, rule, identity, name, claims, request, context, None)
-            return _filter_response(method, identity, self.authz, response)
+            return await _filter_response(method, identity, self.authz, response)
 
         return call
 
@@ -603,7 +559,7 @@ class AuthzInterceptor(RequestGuard):
             team_watch = identity.role is Role.TEAM and method == _D + "Watch"
             try:
                 async for item in self.authz.stream(identity, behavior(request, context)):
-                    if team_watch and not self.authz.visible(identity, DEPLOYMENT, [item.deployment.name]):
+                    if team_watch and not await self.authz.sees(identity, DEPLOYMENT, item.deployment.name):
                         continue
                     yield item
             except StreamCut:

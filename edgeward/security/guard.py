@@ -1,7 +1,7 @@
 """Everything a gRPC server of the orchestrator needs for security, opened and closed as one.
 
-``guard = await ApiGuard.open(config.security, state_dir, exists, checks)`` reads the TLS files, the CRL and
-the ownership registry; ``grpc.aio.server(interceptors=guard.interceptors)``;
+``guard = await ApiGuard.open(config.security, state_dir, owners, exists, checks)`` reads the TLS files and
+the CRL (``owners``: where ownership is kept, the orchestrator's store); ``grpc.aio.server(interceptors=guard.interceptors)``;
 ``guard.add_port(server, bind)`` binds with mutual TLS; ``guard.close()`` at shutdown.
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import grpc
 
 from edgeward.security.audit import AuditLog
-from edgeward.security.authz import Authorizer, AuthzInterceptor, OwnershipRegistry, RequestCheck
+from edgeward.security.authz import Authorizer, AuthzInterceptor, Owners, RequestCheck
 from edgeward.security.config import SecurityConfig
 from edgeward.security.tls import RevocationList
 
@@ -44,17 +44,16 @@ class ApiGuard:
         cls,
         config: SecurityConfig,
         state_dir: Path,
+        owners: Owners,
         exists: Callable[[str, str], Awaitable[bool]] | None = None,
         checks: Mapping[str, RequestCheck] | None = None,
     ) -> ApiGuard:
         revocations = RevocationList(config.crl_file, config.ca_file) if config.crl_file is not None else None
-        owners = await OwnershipRegistry.open(Path(state_dir) / "security" / "owners.sqlite")
         audit = AuditLog(config.audit_log or Path(state_dir) / "security" / "audit.jsonl")
         try:
             return cls(config, audit, Authorizer(owners, revocations=revocations, exists=exists), checks)
         except BaseException:
             audit.close()
-            owners.close()
             raise
 
     def add_port(self, server: grpc.aio.Server, bind: str) -> int:
@@ -64,4 +63,3 @@ class ApiGuard:
 
     def close(self) -> None:
         self.audit.close()
-        self.authz.owners.close()

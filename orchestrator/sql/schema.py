@@ -10,7 +10,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 
 # The newest revision under migrations/versions (checked by the tests against Alembic's own view).
-HEAD = "0003"
+HEAD = "0004"
 
 # Epoch milliseconds and byte sizes need 64 bits: BIGINT on PostgreSQL; on SQLite every INTEGER is
 # already 64-bit, and the stores written before Alembic spell it INTEGER.
@@ -186,4 +186,14 @@ deployment_changes = sa.Table(
     metadata,
     sa.Column("revision", Int64, primary_key=True, autoincrement=False),
     sa.Column("deployment", sa.Text, nullable=False),
+)
+
+# Who owns each deployment and model ('team/NAME' or 'operator'; docs/security.md), in the store so
+# that every replica decides on the same record. A row is claimed by inserting it (one wins).
+owners = sa.Table(
+    "owners",
+    metadata,
+    sa.Column("kind", sa.Text, primary_key=True),
+    sa.Column("name", sa.Text, primary_key=True),
+    sa.Column("owner", sa.Text, nullable=False),
 )

@@ -55,7 +55,7 @@ async def test_a_running_orchestrator_keeps_its_state_private(
     state_dir = secure_orchestrator.config.state_dir
     # The test process runs with its usual umask (022): the modes must not depend on it.
     assert loose_modes(state_dir) == []
-    for name in ("edgeward.db", "edgeward.db-wal", "security/owners.sqlite", "security/audit.jsonl"):
+    for name in ("edgeward.db", "edgeward.db-wal", "security/audit.jsonl"):
         assert (state_dir / name).exists(), name
 
 
