@@ -7,7 +7,9 @@ can run it), the measured figures may show a much cheaper place. An *offer* is w
 would do with the replica now: its replacement placed by the same profile (filters and scores;
 the replica itself left out of the spread counts), kept only when
 
-- the place differs (another node, or another accelerator of the same node);
+- the place differs in hardware: another accelerator of the same node, or a node of another
+  hardware profile (two nodes of one profile are the same hardware: a difference between their
+  profiles is measurement noise, not a saving);
 - both figures are measured: the replica's own node profiled the model where it runs, and the
   target's figure is a profile too (the target node's own, or that of nodes of its hardware
   profile), never a cost-model prediction;
@@ -127,9 +129,8 @@ def _offer(plan: PlacementPlan, replica: RunningReplica, policy: EnergyPolicy) -
     if not isinstance(result, Placement):
         return None
     offer = EnergyOffer(replica, result)
-    same = (result.node_id, result.accelerator) == (replica.node_id, replica.accelerator)
     if (
-        same
+        _interchangeable(plan, replica, result)
         or result.basis not in MEASURED
         or not offer.saving >= policy.min_saving  # NaN (no prediction) is no saving
         or not _meets_slo(plan, result, req.max_latency_ms * policy.slo_headroom)
@@ -137,6 +138,17 @@ def _offer(plan: PlacementPlan, replica: RunningReplica, policy: EnergyPolicy) -
         plan.unreserve(req.replica_id)
         return None
     return offer
+
+
+def _interchangeable(plan: PlacementPlan, replica: RunningReplica, placed: Placement) -> bool:
+    """The same accelerator kind on a node of the same hardware profile (or the very place): the
+    same hardware, so a difference between the two nodes' profiles is measurement noise (a busy
+    moment while one of them profiled), not a saving."""
+    if placed.accelerator != replica.accelerator:
+        return False
+    snap = plan.snapshot
+    here, there = snap.node_class[snap.index(replica.node_id)], snap.node_class[snap.index(placed.node_id)]
+    return snap.classes[here].profile == snap.classes[there].profile
 
 
 def _meets_slo(plan: PlacementPlan, placed: Placement, limit_ms: float) -> bool:

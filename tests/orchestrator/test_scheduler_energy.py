@@ -3,6 +3,7 @@ move, where, and when."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -99,6 +100,14 @@ def test_a_large_measured_saving_is_offered_and_stays_reserved() -> None:
 def test_no_offer_without_a_large_measured_saving_within_the_slo(b: NodeInfo, policy, slo) -> None:
     plan = plan_of(node("a", 1.0, replicas=1), b)
     assert energy_offers(plan, [running(1.0, slo)], policy, limit=4) == []
+    assert plan.reservations == {}
+
+
+def test_no_offer_between_nodes_of_the_same_hardware_profile() -> None:
+    """Identical hardware: b's ten times lower figure is noise of its measurement, not a saving."""
+    a, b = node("a", 1.0, replicas=1), node("b", 0.1)
+    plan = plan_of(a, dataclasses.replace(b, hardware_profile=a.hardware_profile))
+    assert energy_offers(plan, [running(1.0)], EnergyPolicy(), limit=4) == []
     assert plan.reservations == {}
 
 
