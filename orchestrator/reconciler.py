@@ -189,7 +189,7 @@ class Reconciler:
         self._artifact_endpoint = artifact_endpoint
         self._on_change = on_change
         self._wake = asyncio.Event()
-        self._started = time.monotonic()
+        self._grace_ends = time.monotonic() + config.node_timeout_s
         self._last_sent: dict[str, float] = {}  # replica id -> monotonic time of the last command
         self._needs_sync: set[str] = set()  # nodes that (re)connected: send their full set
         self._cordoned: set[str] = set()
@@ -218,12 +218,15 @@ class Reconciler:
     def trigger(self) -> None:
         self._wake.set()
 
-    def start_grace(self) -> None:
-        """Start the grace period (one node timeout in which a node not heard from yet is unknown,
-        not lost) now: when the orchestrator has subscribed and can first hear the fleet. Counted
-        from construction, a start-up slowed by a loaded machine used it up before the retained
-        statuses arrived, and the replicas of live nodes were evicted as lost."""
-        self._started = time.monotonic()
+    def start_grace(self, reconnect_s: float = 0.0) -> None:
+        """Start the grace period now, when the orchestrator has subscribed and its ingest runs:
+        a node not heard from yet is unknown, not lost, for ``reconnect_s`` (how long the fleet may
+        take to reconnect: nonzero when the broker started with us and every node must come back
+        to it) plus one node timeout. Counted from construction, a start-up slowed by a loaded
+        machine used it up before the retained statuses arrived; without ``reconnect_s``, nodes
+        whose reconnect backoff had grown while the orchestrator and its embedded broker were down
+        came back after it, and their running replicas were evicted as lost and placed again."""
+        self._grace_ends = time.monotonic() + reconnect_s + self._config.node_timeout_s
 
     def node_connected(self, node_id: str) -> None:
         self._needs_sync.add(node_id)
@@ -608,8 +611,8 @@ class ReconcilePass:
         self.now = time.monotonic()
         self.wall = now_ms()
         self.timeout = rec._config.node_timeout_s
-        # Just after a start the retained hello/status messages are still arriving.
-        self.in_grace = self.now - rec._started < self.timeout
+        # Just after a start the retained hello/status messages (or the nodes) are still arriving.
+        self.in_grace = self.now < rec._grace_ends
         self.need = {d.name: required_tier(d) for d in deployments}
         self.changes: list[ReplicaChange] = []
         self.commands: list[tuple[str, node_pb2.Command]] = []

@@ -22,7 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from edgeward.grpc_standard import HealthServicer, enable_reflection
 from edgeward.mqtt.broker import EmbeddedBroker
-from edgeward.mqtt.session import BrokerURL, Message, MqttSession, SessionStats
+from edgeward.mqtt.session import RECONNECT_DELAY_S, BrokerURL, Message, MqttSession, SessionStats
 from edgeward.mqtt.topics import (
     TopicError,
     TopicKind,
@@ -97,6 +97,9 @@ INGEST_KINDS = (TopicKind.HELLO, TopicKind.STATUS, TopicKind.TELEMETRY, TopicKin
 # An OFFLINE status (a last will, or a node's goodbye) takes effect after this long unless our own
 # broker connection drops meanwhile: a broker that shuts down publishes every client's will first.
 OFFLINE_CONFIRM_S = 0.5
+# How long after a broker (re)starts a node may take to reconnect to it: the largest delay of the
+# nodes' reconnect backoff. Their silence in that time says nothing about them.
+FLEET_RECONNECT_S = RECONNECT_DELAY_S[1]
 MAX_RESPONSE_BYTES = 64 * 1024 * 1024  # a List of a large fleet; requests are capped by max_grpc_message
 LIVENESS_TICK_S = 0.1
 INGEST_BATCH = 512  # MQTT messages taken from the inbox and worked on together
@@ -338,7 +341,6 @@ class Orchestrator:
         await self._mqtt.__aenter__()
         for kind in INGEST_KINDS:
             await self._mqtt.subscribe(nodes_filter(kind, b.topic_prefix), qos=1)
-        self.reconciler.start_grace()  # the fleet can be heard from now on
         self._server = self._grpc_server()
         if self.guard is None:
             self.grpc_port = self._server.add_insecure_port(cfg.grpc_bind)
@@ -401,6 +403,9 @@ class Orchestrator:
         self._tasks.append(asyncio.create_task(self.election.run(), name="edgeward-election"))
         if self.store.dialect == "sqlite":  # one replica: it leads from the start, as it always did
             await self.election.wait_leading()
+        # The fleet can be heard from now on; an embedded broker started with us: every node has to
+        # reconnect to it first, at its own backoff.
+        self.reconciler.start_grace(FLEET_RECONNECT_S if self._broker is not None else 0.0)
         self._tasks.append(asyncio.create_task(self._ingest(), name="edgeward-ingest"))
         self._tasks.append(asyncio.create_task(self._flush_telemetry(), name="edgeward-telemetry"))
         self._tasks.append(asyncio.create_task(self._hold_liveness(), name="edgeward-liveness"))
@@ -690,25 +695,32 @@ class Orchestrator:
         """Apply OFFLINE statuses once confirmed (``OFFLINE_CONFIRM_S``). While our own broker
         connection is down, the nodes' silence and the wills of the broker's shutdown prove nothing
         about them: pending OFFLINEs are discarded and the last_seen of the online nodes kept fresh,
-        so after the reconnect each has one node_timeout_s to speak before it is declared lost (a
-        broker restart moves no replica)."""
+        and so for ``FLEET_RECONNECT_S`` after we are back (the nodes reconnect at their own
+        backoff, which grew during the outage), so after that each has one node_timeout_s to speak
+        before it is declared lost (a broker restart moves no replica)."""
+        down_at: float | None = None  # when our connection was last seen down
         while True:
             await asyncio.sleep(LIVENESS_TICK_S)
             now = time.monotonic()
-            if self._mqtt is None or self._mqtt.connected:
+            connected = self._mqtt is None or self._mqtt.connected
+            if connected:
                 due = [n for n, (at, _) in self._pending_offline.items() if at <= now]
                 for node_id in due:
                     self.fleet.apply(self._pending_offline.pop(node_id)[1])
                 if due:
                     self.reconciler.trigger()
-                continue
-            if self._pending_offline:
-                log.warning(
-                    "broker connection lost just after %d nodes went offline: taken as the broker's "
-                    "shutdown, not theirs",
-                    len(self._pending_offline),
-                )
-                self._pending_offline.clear()
+                if down_at is None or now - down_at > FLEET_RECONNECT_S:
+                    down_at = None
+                    continue
+            else:
+                down_at = now
+                if self._pending_offline:
+                    log.warning(
+                        "broker connection lost just after %d nodes went offline: taken as the "
+                        "broker's shutdown, not theirs",
+                        len(self._pending_offline),
+                    )
+                    self._pending_offline.clear()
             timeout = self.config.node_timeout_s
             for node in self.fleet.nodes.values():
                 if node.online(now, timeout):  # a node already lost stays lost

@@ -116,7 +116,8 @@ async def test_wait_passes_returns_after_whole_passes(store, tmp_path) -> None:
 
 async def test_the_grace_period_starts_when_the_fleet_can_be_heard(store, tmp_path) -> None:
     """A replica on a node not heard from yet is unknown, not lost, for one node timeout from the
-    moment the orchestrator subscribed (start_grace), however long the start-up took before it."""
+    moment the orchestrator could first hear the fleet (start_grace), however long the start-up
+    took before it."""
     from orchestrator.phases import Phase
     from orchestrator.store import ReplicaChange, ReplicaRecord
 
@@ -125,12 +126,36 @@ async def test_the_grace_period_starts_when_the_fleet_can_be_heard(store, tmp_pa
     bound = ReplicaRecord("vib-1", "vib", 1, "vib-cnn", "1.0.0", Phase.RUNNING, 1, node_id="node-1")
     store.apply_replica_changes([ReplicaChange(bound)])
     rec = reconciler(store, tmp_path)
-    rec._started -= 3600  # a start-up that took longer than the node timeout before subscribing
+    rec._grace_ends -= 3600  # a start-up that took longer than the node timeout before subscribing
     rec.start_grace()
     await rec.reconcile_once()
     [replica] = store.list_replicas("vib")
     assert replica.phase == Phase.RUNNING, replica.reason
-    rec._started -= 3600  # the grace is over and the node never spoke: now it is lost
+    rec._grace_ends -= 3600  # the grace is over and the node never spoke: now it is lost
+    await rec.reconcile_once()
+    phases = {r.id: (r.phase, r.reason) for r in store.list_replicas("vib")}
+    assert phases["vib-1"] == (Phase.EVICTED, "node.lost")
+
+
+async def test_the_grace_period_covers_the_fleets_reconnect(store, tmp_path) -> None:
+    """With an embedded broker that started with the orchestrator, every node must reconnect before
+    it can be heard, at its own backoff: the grace is that long plus one node timeout, and a
+    replica on a node that comes back within it is never evicted."""
+    from orchestrator.phases import Phase
+    from orchestrator.store import ReplicaChange, ReplicaRecord
+
+    store.put_deployment(parse_manifest(MANIFEST), 1)
+    push(store)
+    bound = ReplicaRecord("vib-1", "vib", 1, "vib-cnn", "1.0.0", Phase.RUNNING, 1, node_id="node-1")
+    store.apply_replica_changes([ReplicaChange(bound)])
+    rec = reconciler(store, tmp_path)
+    timeout = rec._config.node_timeout_s
+    rec.start_grace(reconnect_s=8.0)
+    rec._grace_ends -= timeout + 1.0  # one node timeout and a second of the reconnect gone by
+    await rec.reconcile_once()
+    [replica] = store.list_replicas("vib")
+    assert replica.phase == Phase.RUNNING, replica.reason
+    rec._grace_ends -= 7.0  # the whole reconnect allowance too: the silent node is lost
     await rec.reconcile_once()
     phases = {r.id: (r.phase, r.reason) for r in store.list_replicas("vib")}
     assert phases["vib-1"] == (Phase.EVICTED, "node.lost")
