@@ -798,6 +798,12 @@ class Orchestrator:
         leader.add({}, 1.0 if self.leading else 0.0)
         terms = Family("edgeward_leader_terms_total", "counter", "Leader terms this replica started")
         terms.add({}, float(self.election.terms if self.election is not None else 0))
+        passes = Family(
+            "edgeward_reconcile_passes_total",
+            "counter",
+            "Reconcile passes this replica completed (failed ones too; only the leader reconciles)",
+        )
+        passes.add({}, float(self.reconciler.passes))
         dropped = Family("edgeward_mqtt_dropped_total", "counter", "MQTT payloads refused at the boundary")
         for r, c in sorted(self.drop_counts().items()):
             dropped.add({"reason": r}, float(c))
@@ -806,7 +812,7 @@ class Orchestrator:
         ingest = [
             Family(n, k, h, [("", lb, v) for lb, v in samples]) for n, k, h, samples in self._ingest_metrics()
         ]
-        return render([up, watts, joules, served, latency, leader, terms, dropped, ingested, *ingest])
+        return render([up, watts, joules, served, latency, leader, terms, passes, dropped, ingested, *ingest])
 
     def _ingest_metrics(self) -> list:
         stats = self._mqtt.stats if self._mqtt is not None else SessionStats()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -11,29 +10,6 @@ import pytest
 import yaml
 from fault_support import MODEL, Probe, Proc, catalog_config, enrollment_token, wait_for
 from processes import listen_port
-
-#: Bound on a process's own start (imports, measuring its code, opening the store) before it says
-#: it is ready. Kept apart from what a test measures: on a loaded machine an orchestrator took 28 s
-#: to start, which used up the 40 s a test gave its nodes to come online (and a restart's 30 s).
-STARTUP_S = 180.0
-
-
-def started(proc: Proc, marker: str, offset: int = 0) -> Proc:
-    """Wait until ``proc`` logs ``marker`` (after byte ``offset`` of its log: a restarted process
-    appends to the same file); fail at once, with its log, if it exits first."""
-    deadline = time.monotonic() + STARTUP_S
-    while True:
-        with proc.log.open("rb") as fh:
-            fh.seek(offset)
-            if marker.encode() in fh.read():
-                return proc
-        if not proc.alive:
-            raise AssertionError(f"{proc.name} exited before it was ready:\n{proc.log.read_text()[-3000:]}")
-        if time.monotonic() > deadline:
-            raise AssertionError(
-                f"{proc.name} not ready after {STARTUP_S:g} s:\n{proc.log.read_text()[-3000:]}"
-            )
-        time.sleep(0.1)
 
 
 def _log_size(tmp_path: Path, name: str) -> int:
@@ -74,7 +50,7 @@ class Cluster:
         offset = _log_size(self.tmp_path, "orchestrator")
         proc = Proc("orchestrator", ["orchestrator", "-c", str(cfg)], self.tmp_path)
         self.procs.append(proc)
-        return started(proc, "orchestrator ready", offset)
+        return proc.wait_logged("orchestrator ready", offset)
 
     def agent(self, i: int) -> Proc:
         cfg = self.tmp_path / f"node-{i}.yaml"
@@ -98,19 +74,20 @@ class Cluster:
     def agents_started(self, agents: dict[str, Proc]) -> None:
         """Wait until every agent of ``agents`` (just started) says it is ready."""
         for node_id, proc in agents.items():
-            started(proc, f"node {node_id} ready", self._log_offsets[node_id])
+            proc.wait_logged(f"node {node_id} ready", self._log_offsets[node_id])
 
     def probe(self) -> Probe:
         return Probe(self.server)
 
     def start_fleet(self, nodes: int) -> dict[str, Proc]:
         """The orchestrator and ``nodes`` agents, all online and attested, the model pushed."""
-        self.orchestrator()
+        orchestrator = self.orchestrator()
         agents = {f"node-{i}": self.agent(i) for i in range(1, nodes + 1)}
         self.agents_started(agents)
-        with self.probe() as probe:
-            wait_for(lambda: len(probe.online()) == nodes, 40, f"{nodes} nodes online")
-            wait_for(lambda: len(probe.attested()) == nodes, 30, f"{nodes} nodes attested")
+        alive = [orchestrator, *agents.values()]
+        with self.probe() as probe:  # the bounds only stop a hang: each wait ends when it holds
+            wait_for(lambda: len(probe.online()) == nodes, 120, f"{nodes} nodes online", procs=alive)
+            wait_for(lambda: len(probe.attested()) == nodes, 120, f"{nodes} nodes attested", procs=alive)
             probe.push(MODEL)
         return agents
 

@@ -6,20 +6,17 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TypeVar
 
 import grpc
-from processes import Proc  # noqa: F401  (re-exported for the fault tests and bench/faults.py)
+from processes import Proc, wait_for  # noqa: F401  (re-exported for the fault tests and bench/faults.py)
 
 from attestation.tokens import TokenStore
 from edgeward.v1 import api_pb2, api_pb2_grpc, attestation_pb2, attestation_pb2_grpc, node_pb2
 from orchestrator.catalog import PublisherKey, sign_metadata
 from usecases import model_path
 
-T = TypeVar("T")
 RUNNING = node_pb2.REPLICA_PHASE_RUNNING
 EVICTED = node_pb2.REPLICA_PHASE_EVICTED
 ONLINE = node_pb2.NODE_STATE_ONLINE
@@ -48,22 +45,6 @@ def deployment_manifest(name: str, replicas: int, model: str = "vib-cnn", versio
         f"spec:\n  model: {{name: {model}, version: {version}}}\n  replicas: {replicas}\n"
         "  requirements: {accelerators: [cpu-litert], memory: 16Mi}\n"
     )
-
-
-def wait_for(check: Callable[[], T], timeout: float, what: str, interval: float = 0.1) -> T:
-    """Poll ``check`` until it returns something truthy; gRPC errors count as 'not yet'."""
-    deadline = time.monotonic() + timeout
-    last: Exception | None = None
-    while True:
-        try:
-            value = check()
-            if value:
-                return value
-        except grpc.RpcError as err:
-            last = err
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what} (last error: {last})")
-        time.sleep(interval)
 
 
 class Probe:
