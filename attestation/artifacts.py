@@ -29,11 +29,13 @@ import importlib.machinery
 import importlib.util
 import logging
 import marshal
+import site
 import sys
+import sysconfig
 from collections.abc import Iterable
 from pathlib import Path
 
-from edgeward.bytecode import isolated
+from edgeward.bytecode import isolated, whole_process
 
 from .errors import AttestationError
 
@@ -56,6 +58,15 @@ AGENT_DEPENDENCIES: tuple[str, ...] = (
     "ai_edge_litert",
     "tflite_runtime",
     "tpm2_pytss",
+    # What those import in turn, outside their own trees: protobuf's parser (native), pydantic's and
+    # cryptography's helpers; and what the site's .pth files import at every start.
+    "google._upb",
+    "typing_extensions",
+    "annotated_types",
+    "typing_inspection",
+    "cffi",
+    "_cffi_backend",
+    "_distutils_hack",
 )
 AGENT_CODE = "agent.code"
 AGENT_DEPS = "agent.deps"
@@ -71,6 +82,36 @@ def package_dir(name: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
+def module_path(name: str) -> Path:
+    """The directory of package ``name``, or the file of single-file module ``name`` (found without
+    importing it; a dotted name imports its parents)."""
+    spec = importlib.util.find_spec(name)
+    if spec is not None and spec.submodule_search_locations:
+        return Path(next(iter(spec.submodule_search_locations)))
+    if spec is not None and spec.has_location and spec.origin:
+        return Path(spec.origin)
+    raise AttestationError("attestation.code.not_found", f"module {name!r} is not installed")
+
+
+def site_dirs() -> list[Path]:
+    """The directories the interpreter's ``site`` reads ``.pth`` files from (and imports from)."""
+    dirs = list(site.getsitepackages())
+    if site.ENABLE_USER_SITE:
+        dirs.append(site.getusersitepackages())
+    return [Path(d) for d in dict.fromkeys(dirs) if Path(d).is_dir()]
+
+
+def _site_files() -> list[tuple[str, Path]]:
+    """The top-level files of the site directories that run at start or on import: ``.pth`` files
+    (``site`` executes their ``import`` lines) and single-file modules; measured with ``agent.deps``."""
+    return [
+        (f"site/{p.name}", p)
+        for d in site_dirs()
+        for p in sorted(d.iterdir())
+        if p.is_file() and p.name.endswith((".pth", *_EXECUTABLE))
+    ]
+
+
 _DIGESTS: dict[tuple[str, ...], bytes] = {}
 
 
@@ -78,7 +119,7 @@ def _installed(packages: Iterable[str], required: bool) -> list[tuple[str, Path]
     trees = []
     for name in packages:
         try:
-            trees.append((name, package_dir(name)))
+            trees.append((name, module_path(name)))
         except (AttestationError, ImportError, ValueError):
             if required:
                 raise
@@ -100,7 +141,7 @@ def deps_digest(packages: Iterable[str] = AGENT_DEPENDENCIES) -> bytes:
     key = ("deps", *packages)
     digest = _DIGESTS.get(key)
     if digest is None:
-        digest = _DIGESTS[key] = tree_digest(_installed(key[1:], required=False))
+        digest = _DIGESTS[key] = tree_digest([*_installed(key[1:], required=False), *_site_files()])
     return digest
 
 
@@ -111,6 +152,10 @@ def tree_digest(trees: Iterable[tuple[str, Path]]) -> bytes:
     h = hashlib.sha256(b"edgeward/v1 code\x00")
     for name, root in trees:
         h.update(f"tree {name}\x00".encode())
+        if root.is_file():  # a single-file module (or a site file)
+            h.update(f"{name}/{root.name}\x00".encode())
+            h.update(hashlib.sha256(root.read_bytes()).digest())
+            continue
         files = [
             p
             for p in root.rglob("*")
@@ -131,19 +176,75 @@ def measured_digest(digest: bytes, packages: Iterable[str]) -> bytes:
     from the private cache, compiled from their sources."""
     key = ("measured", digest.hex(), *packages)
     known = _DIGESTS.get(key)
-    if known is not None:  # what loads later comes from the private cache (isolate): nothing to add
+    if known is None:  # what loads later comes from the private cache (isolate): checked once
+        roots = [root.resolve() for _name, root in _installed(key[2:], required=False)]
+        stale = sorted(_unfaithful_caches(roots))
+        known = digest
+        if stale:
+            h = hashlib.sha256(b"edgeward/v1 unfaithful bytecode\x00" + digest)
+            for path, cache_digest in stale:
+                log.error("bytecode cache %s does not match its source: measured as such", path)
+                h.update(f"{path}\x00".encode() + cache_digest)
+            known = h.digest()
+        _DIGESTS[key] = known
+    foreign = foreign_modules()
+    if not foreign:
         return known
-    roots = [root.resolve() for _name, root in _installed(key[2:], required=False)]
-    stale = sorted(_unfaithful_caches(roots))
-    if not stale:
-        _DIGESTS[key] = digest
-        return digest
-    h = hashlib.sha256(b"edgeward/v1 unfaithful bytecode\x00" + digest)
-    for path, cache_digest in stale:
-        log.error("bytecode cache %s does not match its source: measured as such", path)
-        h.update(f"{path}\x00".encode() + cache_digest)
-    _DIGESTS[key] = h.digest()
-    return _DIGESTS[key]
+    h = hashlib.sha256(b"edgeward/v1 foreign modules\x00" + known)
+    for module, path in foreign:
+        h.update(f"{module}\x00{path}\x00".encode())
+    return h.digest()
+
+
+_FOREIGN: dict[str, str] = {}  # module -> file, of the modules found outside the measured installation
+_CHECKED: set[str] = set()
+
+
+def foreign_modules() -> list[tuple[str, str]]:
+    """(module, file) of every module this process loaded from outside its measured installation:
+    the stdlib of the interpreter, the trees of ``agent.code`` and ``agent.deps``, and the site
+    directories' top-level files. Only for a process that runs the agent alone (`whole_process`),
+    where any other module is code nobody measured (a ``sitecustomize``, a module found first on
+    ``PYTHONPATH``, an unmeasured dependency); each module is looked at once, when first seen."""
+    if not whole_process():
+        return []
+    new = [n for n in list(sys.modules) if n not in _CHECKED]
+    if new:
+        allowed = _allowed_roots()
+        sites = [d.resolve() for d in site_dirs()]
+        for name in new:
+            _CHECKED.add(name)
+            path = _module_file(sys.modules.get(name))
+            if name == "__main__" or path is None or path.parent.resolve() in sites:
+                continue  # the entry script (like the interpreter); site files are measured whole
+            resolved = path.resolve()
+            if any(resolved.is_relative_to(root) for root in allowed[0]) and not any(
+                resolved.is_relative_to(s) for s in sites
+            ):
+                continue  # the interpreter's own library
+            if any(resolved == root or resolved.is_relative_to(root) for root in allowed[1]):
+                continue
+            _FOREIGN[name] = str(resolved)
+            log.error("module %s was loaded from %s, outside the measured installation", name, resolved)
+    return sorted(_FOREIGN.items())
+
+
+def _module_file(module: object) -> Path | None:
+    spec = getattr(module, "__spec__", None)
+    origin = getattr(spec, "origin", None) if spec is not None else getattr(module, "__file__", None)
+    if not origin or origin in ("built-in", "frozen") or not getattr(spec, "has_location", True):
+        return None
+    return Path(origin)
+
+
+def _allowed_roots() -> tuple[list[Path], list[Path]]:
+    """(the interpreter's library directories, the measured trees and files)."""
+    paths = sysconfig.get_paths()
+    stdlib = [Path(paths[k]).resolve() for k in ("stdlib", "platstdlib") if k in paths]
+    measured = [
+        root.resolve() for _n, root in _installed((*AGENT_CODE_PACKAGES, *AGENT_DEPENDENCIES), required=False)
+    ]
+    return stdlib, measured
 
 
 def _unfaithful_caches(roots: list[Path]) -> Iterable[tuple[str, bytes]]:

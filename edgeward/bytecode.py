@@ -23,6 +23,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 ENV = "EDGEWARD_BYTECODE_DIR"
+_WHOLE_PROCESS = False  # set by `edgeward agent`: the agent is all this process runs
 
 
 def _private(path: Path) -> bool:
@@ -34,10 +35,13 @@ def _private(path: Path) -> bool:
     return stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o022
 
 
-def isolate(directory: Path | str | None = None) -> Path:
+def isolate(directory: Path | str | None = None, *, whole_process: bool = False) -> Path:
     """Keep this process's bytecode in a private directory (``directory``, ``$EDGEWARD_BYTECODE_DIR``
     or ``~/.cache/edgeward/bytecode``; a fresh temporary one if that is not private). Idempotent:
-    the first call wins, so the caches of one process never mix."""
+    the first call wins, so the caches of one process never mix. ``whole_process``: the caller is
+    the entry point of a process that runs the agent and nothing else (`whole_process`)."""
+    global _WHOLE_PROCESS
+    _WHOLE_PROCESS = _WHOLE_PROCESS or whole_process
     if sys.pycache_prefix is not None and _private(Path(sys.pycache_prefix)):
         return Path(sys.pycache_prefix)
     chosen = Path(directory or os.environ.get(ENV) or Path.home() / ".cache" / "edgeward" / "bytecode")
@@ -54,3 +58,11 @@ def isolated() -> Path | None:
     """The private bytecode directory of this process, if `isolate` ran."""
     prefix = sys.pycache_prefix
     return Path(prefix) if prefix is not None and _private(Path(prefix)) else None
+
+
+def whole_process() -> bool:
+    """Whether this process runs the agent alone (``edgeward agent``), so that every module it loads is
+    the agent's: the agent then refuses to vouch for modules from outside its measured installation
+    (`attestation.artifacts.foreign_modules`). In-process agents (tests, ``edgeward sim-fleet``) share
+    their process with other code and are not held to that."""
+    return _WHOLE_PROCESS

@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         # Before the agent imports itself: no bytecode but what it compiles from its measured sources.
         from edgeward.bytecode import isolate
 
-        isolate()
+        isolate(whole_process=True)
     module, _, func = args.handler.partition(":")
     handler = getattr(importlib.import_module(module), func)
     try:

@@ -10,6 +10,7 @@ keeps bytecode out of the package trees), or its measurement sees it and the ver
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -45,22 +46,9 @@ def swap_bytecode(source: Path, marker: Path) -> None:
     cache.write_bytes(_code_to_timestamp_pyc(code, int(stat.st_mtime), stat.st_size))
 
 
-@pytest.mark.parametrize(
-    "module",
-    [
-        "node_agent/runtime.py",  # imported once the agent runs
-        "edgeward/cli.py",  # imported by `python -m edgeward` before anything of the agent
-    ],
-)
-async def test_swapped_bytecode_never_runs_on_an_affirmed_node(
-    tmp_path: Path, topic_prefix: str, module: str
-):
-    copy = tmp_path / "install"
-    for name in AGENT_CODE_PACKAGES:
-        shutil.copytree(package_dir(name), copy / name, ignore=shutil.ignore_patterns("__pycache__"))
-    marker = tmp_path / "swapped-bytecode-ran"
-    swap_bytecode(copy / module, marker)
-
+async def attest_copy(tmp_path: Path, topic_prefix: str, copy: Path) -> AttestationState | None:
+    """Start a real agent process from ``copy`` (first on its PYTHONPATH) against a real orchestrator
+    with the built-in reference values of this installation; the attestation state it reaches."""
     config = OrchestratorConfig(
         state_dir=tmp_path / "orch",
         grpc_bind="127.0.0.1:0",
@@ -114,9 +102,56 @@ async def test_swapped_bytecode_never_runs_on_an_affirmed_node(
             agent.terminate()  # its goodbye goes through our broker: the loop keeps running meanwhile
             async with asyncio.timeout(20):
                 await agent.wait()
+    return state
+
+
+def faithful_copy(tmp_path: Path) -> Path:
+    copy = tmp_path / "install"
+    for name in AGENT_CODE_PACKAGES:
+        shutil.copytree(package_dir(name), copy / name, ignore=shutil.ignore_patterns("__pycache__"))
+    return copy
+
+
+@pytest.mark.parametrize(
+    "module",
+    [
+        "node_agent/runtime.py",  # imported once the agent runs
+        "edgeward/cli.py",  # imported by `python -m edgeward` before anything of the agent
+    ],
+)
+async def test_swapped_bytecode_never_runs_on_an_affirmed_node(
+    tmp_path: Path, topic_prefix: str, module: str
+):
+    copy = faithful_copy(tmp_path)
+    marker = tmp_path / "swapped-bytecode-ran"
+    swap_bytecode(copy / module, marker)
+    state = await attest_copy(tmp_path, topic_prefix, copy)
     ran = marker.exists()
     assert not (ran and state is AttestationState.AFFIRMING), "modified bytecode ran on an affirmed node"
     if module == "edgeward/cli.py":  # it runs before the agent can keep caches out: measured, refused
         assert ran and state is AttestationState.CONTRAINDICATED
     else:  # never loaded: the agent compiled its measured source instead
         assert not ran and state is AttestationState.AFFIRMING
+
+
+@pytest.mark.parametrize("module", ["sitecustomize", "typing_extensions"])
+async def test_code_outside_the_measured_packages_never_runs_on_an_affirmed_node(
+    tmp_path: Path, topic_prefix: str, module: str
+):
+    """Code the agent process runs from outside the measured package trees: ``sitecustomize`` (run by
+    the interpreter at start from anywhere on its path) and a module that a measured dependency
+    imports but that is not measured itself (``typing_extensions``, imported by pydantic), here found
+    first on the agent's path. Either must change what the node reports."""
+    copy = faithful_copy(tmp_path)
+    marker = tmp_path / "unmeasured-code-ran"
+    original = ""
+    if module != "sitecustomize":
+        spec = importlib.util.find_spec(module)
+        assert spec is not None and spec.origin is not None
+        original = Path(spec.origin).read_text()
+    (copy / f"{module}.py").write_text(
+        f"{original}\nimport pathlib as _p\n_p.Path({str(marker)!r}).touch()\n"
+    )
+    state = await attest_copy(tmp_path, topic_prefix, copy)
+    assert marker.exists(), "the planted code did not run: the test proves nothing"
+    assert state is AttestationState.CONTRAINDICATED, "unmeasured code ran on an affirmed node"
