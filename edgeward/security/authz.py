@@ -492,13 +492,21 @@ class AuthzInterceptor(RequestGuard):
     async def _cut(
         self, method: str, rule: MethodRule, identity: Identity, context: grpc.aio.ServicerContext
     ) -> None:
-        """End a response stream whose certificate was revoked while it was open (raises)."""
+        """End a stream whose certificate was revoked while it was open (raises)."""
         denial = Denied(
             "security.authn.revoked",
             f"certificate {identity.serial:x} of {identity} was revoked; stream closed",
             grpc.StatusCode.UNAUTHENTICATED,
         )
         await self._refused(method, rule, identity, None, context, denial)
+
+    async def _unless_revoked(
+        self, method: str, rule: MethodRule, identity: Identity, context: grpc.aio.ServicerContext
+    ) -> None:
+        """End a request stream (a push) whose certificate was revoked while it was open (raises)."""
+        if self.authz.revocations is not None and self.authz.revocations.is_revoked(identity.serial):
+            _REFUSED.set(True)  # this call's refusal has its audit line (see _settle)
+            await self._cut(method, rule, identity, context)
 
     async def _settle(
         self,
@@ -580,7 +588,10 @@ class AuthzInterceptor(RequestGuard):
                 if first is not None:
                     yield first
                 async for item in rest:
+                    await self._unless_revoked(method, rule, identity, context)
                     yield item
+                # The handler acts once the stream ends (a push publishes): not for a revoked caller.
+                await self._unless_revoked(method, rule, identity, context)
 
             try:
                 response = await behavior(replay(), context)

@@ -6,10 +6,12 @@ regenerated and reloaded, gives them no topic any more)."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections.abc import Callable
 
 import grpc
-from security_support import Client, SecureBroker, manifest, session
+import pytest
+from security_support import MODEL, Client, SecureBroker, manifest, session
 
 from edgeward.security.audit import read_audit
 from edgeward.security.pki import FleetCA
@@ -107,3 +109,49 @@ async def next_payloads(sess, sentinel: bytes) -> list[bytes]:
             if message.payload == sentinel:
                 return got
     raise AssertionError("session closed")
+
+
+async def test_a_push_under_way_when_its_certificate_is_revoked_publishes_nothing(
+    connect: Callable[..., Client], fleet_ca: FleetCA, secure_orchestrator: Orchestrator
+):
+    """A model push is a request stream, open as long as its client keeps sending: one started before
+    the certificate was revoked used to run to its end and publish the model under the revoked
+    identity (only response streams were ended)."""
+    mallory = connect("team", "mallory", team="smart-home")
+    data = MODEL.read_bytes()
+    meta = api_pb2.ModelMetadata(
+        name="late-model", version="1.0.0", size=len(data), sha256=hashlib.sha256(data).hexdigest()
+    )
+    parts: asyncio.Queue[api_pb2.PushModelRequest | None] = asyncio.Queue()
+
+    async def requests():
+        while (part := await parts.get()) is not None:
+            yield part
+
+    push = mallory.models.Push(requests(), timeout=30)
+    await parts.put(api_pb2.PushModelRequest(metadata=meta))
+    await parts.put(api_pb2.PushModelRequest(chunk=data[:1024]))
+    authz = secure_orchestrator.guard.authz
+    async with asyncio.timeout(STREAM_END_S):  # the push is admitted (identified, checked unrevoked)
+        while not any(i.name == "mallory" for i in authz._identities.values()):
+            await asyncio.sleep(0.01)
+    fleet_ca.revoke("team:smart-home:mallory")
+    async with asyncio.timeout(STREAM_END_S):  # until the orchestrator has read the new CRL
+        while True:
+            try:
+                await mallory.list()
+            except grpc.aio.AioRpcError as err:
+                refused = err.code()
+                break
+    assert refused == grpc.StatusCode.UNAUTHENTICATED
+    await parts.put(api_pb2.PushModelRequest(chunk=data[1024:]))
+    await parts.put(None)
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await push
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED, info.value.details()
+    assert "security.authn.revoked" in (info.value.details() or "")
+    operator = connect("operator", "alice")
+    listed = await operator.models.List(api_pb2.ListModelsRequest(), timeout=5)
+    assert [m.name for m in listed.models] == []
+    lines = [x for x in read_audit(secure_orchestrator.guard.audit.path) if x["method"].endswith("/Push")]
+    assert [(x["who"], x["result"]) for x in lines] == [("team:smart-home:mallory", "UNAUTHENTICATED")]
