@@ -67,6 +67,7 @@ from edgeward.wire import LATENCY_BUCKETS_S
 __all__ = [
     "SERVICE_NAME",
     "HandoffFailed",
+    "HandoffOnly",
     "InferenceServerError",
     "InferenceServicer",
     "InvalidRequest",
@@ -133,6 +134,10 @@ class RateLimited(InferenceServerError):
 
 class HandoffFailed(InferenceServerError):
     """A multi-exit request could not continue on the node serving its next stage (UNAVAILABLE)."""
+
+
+class HandoffOnly(InferenceServerError):
+    """A client asked for what only a node handing a request on may do (PERMISSION_DENIED)."""
 
 
 class InvalidRequest(InferenceServerError):
@@ -421,6 +426,8 @@ def _status_of(err: Exception) -> grpc.StatusCode:
         return grpc.StatusCode.UNAVAILABLE
     if isinstance(err, RateLimited):
         return grpc.StatusCode.RESOURCE_EXHAUSTED
+    if isinstance(err, HandoffOnly):
+        return grpc.StatusCode.PERMISSION_DENIED
     if isinstance(err, InvalidRequest | InvalidInput):
         return grpc.StatusCode.INVALID_ARGUMENT
     return grpc.StatusCode.INTERNAL

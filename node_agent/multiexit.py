@@ -23,6 +23,7 @@ before the next stage would overrun the budget).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import time
@@ -36,11 +37,14 @@ import numpy as np
 from accelerators.base import NUMPY_DTYPES, Quantization, TensorSpec, datatype_of
 from edgeward.oip import grpc_predict_v2_pb2 as pb
 from edgeward.oip import grpc_predict_v2_pb2_grpc as pb_grpc
+from edgeward.security.authz import caller
+from edgeward.security.identity import Identity, Role
 from edgeward.security.tls import TlsFiles, grpc_aio_channel
 from edgeward.v1 import node_pb2
 
 from .inference_server import (
     HandoffFailed,
+    HandoffOnly,
     InvalidRequest,
     ModelHost,
     RateLimited,
@@ -65,6 +69,14 @@ ZERO_POINT_PARAM = "quant_zero_point"
 OTHER = "other"
 MAX_SOURCES = 16  # per model: bounds telemetry and the orchestrator's detector rows
 SOURCE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,63}")
+
+
+def _identity_source(who: Identity) -> str:
+    """The source of a fleet client: its certificate's CN, or a digest of it when that is too long."""
+    cn = who.common_name
+    return cn if len(cn) <= 40 else "id:" + hashlib.sha256(cn.encode()).hexdigest()[:16]
+
+
 HANDOFF_TIMEOUT_S = 5.0
 _EWMA = 0.2
 
@@ -268,14 +280,24 @@ class MultiExitHost:
     # ------------------------------------------------------------ sources and counters
 
     def source_of(self, pipeline: str, raw: str) -> str:
-        """The bounded source label of a request: unknown, malformed or excess sources are ``other``."""
+        """The bounded source label of a request: unknown, malformed or excess sources are ``other``.
+
+        In a TLS fleet a client's source is its certificate: its own label goes under it
+        (``team:smart-home:ci/cam-1``), a missing, malformed or excess one leaves the certificate alone
+        (``team:smart-home:ci``), so no client is counted, or rate-limited, as another. Hand-offs keep
+        the source the first node gave the request."""
+        who = caller()
+        fallback = OTHER
+        if who is not None and who.role is not Role.NODE:
+            fallback = _identity_source(who)
+            raw = f"{fallback}/{raw}" if raw else fallback
         if not raw or not SOURCE_RE.fullmatch(raw):
-            return OTHER
+            return fallback
         known = self._sources.setdefault(pipeline, set())
-        if raw in known:
+        if raw in known or raw == fallback != OTHER:
             return raw
         if len(known) >= MAX_SOURCES:
-            return OTHER
+            return fallback
         known.add(raw)
         return raw
 
@@ -313,6 +335,12 @@ class MultiExitHost:
         self, pipeline: Pipeline, request: pb.ModelInferRequest, source: str
     ) -> pb.ModelInferResponse:
         first = int_parameter(request, STAGE_PARAM, 1)
+        who = caller()
+        if first != 1 and who is not None and who.role is not Role.NODE:
+            # Requests enter at stage 1, where they are rate-limited and counted per source.
+            raise HandoffOnly(
+                f"parameters.{STAGE_PARAM}: only a node handing a request on enters past stage 1"
+            )
         if not 1 <= first <= len(pipeline.stages):
             raise InvalidRequest(
                 f"parameters.{STAGE_PARAM}",
