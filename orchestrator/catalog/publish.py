@@ -19,7 +19,7 @@ from edgeward.wire import now_ms
 from ..errors import AlreadyExists, InvalidModel, NotFound
 from ..events import EventBus
 from ..fleet import model_work_pb
-from ..manifest import NAME_RE, SEMVER_RE
+from ..manifest import LABEL_RE, NAME_RE, SEMVER_RE
 from ..store import ModelRecord, SealedArtifact, Store
 from .errors import VersionExists
 from .signing import PublisherTrust
@@ -27,6 +27,8 @@ from .signing import PublisherTrust
 log = logging.getLogger(__name__)
 
 MAX_MODEL_BYTES = 64 * 1024 * 1024
+MAX_METADATA_BYTES = 16 * 1024  # a push's metadata: description, labels, profiles
+MAX_LABELS = 64
 
 Call = Callable[..., Awaitable[Any]]
 
@@ -159,6 +161,21 @@ def check_metadata(meta: api_pb2.ModelMetadata) -> None:
         raise InvalidModel("model.push.bad_sha256", "metadata.sha256 must be 64 hex digits")
     if not 0 < meta.size <= MAX_MODEL_BYTES:
         raise InvalidModel("model.push.bad_size", f"metadata.size must be within 1..{MAX_MODEL_BYTES}")
+    # Every version's metadata is kept and comes back whole in each Get and List, the operator's
+    # catalogue included: a few versions of megabytes would outgrow what clients accept (4 MiB).
+    if meta.ByteSize() > MAX_METADATA_BYTES:
+        raise InvalidModel(
+            "model.push.metadata_too_large",
+            f"metadata is {meta.ByteSize()} bytes, at most {MAX_METADATA_BYTES} (description, labels and "
+            "profiles included)",
+        )
+    if len(meta.labels) > MAX_LABELS:
+        raise InvalidModel("model.push.bad_labels", f"metadata.labels: at most {MAX_LABELS} labels")
+    for key, value in meta.labels.items():
+        if not LABEL_RE.fullmatch(key) or (value and not LABEL_RE.fullmatch(value)):
+            raise InvalidModel(
+                "model.push.bad_labels", f"metadata.labels: {key!r}: {value!r} is not a valid label"
+            )
 
 
 def seal_artifact(data: bytes, aad: bytes) -> tuple[bytes, SealedArtifact]:

@@ -3,11 +3,12 @@ real orchestrator (mutual TLS, authorization, audit)."""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 
 import grpc
 import pytest
-from security_support import Client, manifest
+from security_support import MODEL, Client, manifest
 
 from edgeward.security.audit import read_audit
 from edgeward.v1 import api_pb2
@@ -86,3 +87,45 @@ async def test_a_team_cannot_join_or_shadow_another_teams_multi_exit_model(
     dry = api_pb2.ApplyRequest(manifest=stage("auto-dry", "auto-model", "dry-pipe", 1), dry_run=True)
     await auto.deployments.Apply(dry, timeout=10)
     await home.apply(stage("home-dry", "home-s1", "dry-pipe", 1))
+
+
+async def test_a_push_cannot_bloat_everyones_catalogue(connect: Callable[..., Client]):
+    """Push metadata had no bound but the 4 MiB request: every version's description, labels and
+    profiles are kept and come back in each List, the operator's whole catalogue included. Two
+    versions with megabytes of metadata and the operator's `models list` outgrew what a client
+    accepts (RESOURCE_EXHAUSTED), for good."""
+    mallory = connect("team", "ci", team="automotive")
+    operator = connect("operator", "alice")
+    data = MODEL.read_bytes()
+
+    def meta(version: str, **fields) -> api_pb2.ModelMetadata:
+        m = api_pb2.ModelMetadata(
+            name="big", version=version, size=len(data), sha256=hashlib.sha256(data).hexdigest()
+        )
+        for key, value in fields.items():
+            if key == "labels":
+                m.labels.update(value)
+            else:
+                setattr(m, key, value)
+        return m
+
+    async def push(m: api_pb2.ModelMetadata) -> api_pb2.Model:
+        async def parts():
+            yield api_pb2.PushModelRequest(metadata=m)
+            yield api_pb2.PushModelRequest(chunk=data)
+
+        return await mallory.models.Push(parts(), timeout=30)
+
+    for k, bloated in enumerate(
+        (
+            meta("1.0.0", description="x" * 3_000_000),
+            meta("1.0.1", labels={f"k{i}": "v" * 40 for i in range(40_000)}),
+            meta("1.0.2", labels={"ok": "yes", "bad label": "x"}),
+        )
+    ):
+        err = await refused(push(bloated))
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, (k, err.code(), err.details()[:200])
+        assert "model.push.metadata_too_large" in err.details() or "model.push.bad_labels" in err.details()
+    await push(meta("1.0.0", description="a small model", labels={"camera": "front"}))  # within bounds
+    listed = await operator.models.List(api_pb2.ListModelsRequest(), timeout=10)
+    assert [(m.name, m.version) for m in listed.models] == [("big", "1.0.0")]
