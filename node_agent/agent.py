@@ -4,7 +4,7 @@ inference and reports status and telemetry over MQTT.
 Topics (under ``{prefix}/nodes/{node_id}/``): ``hello`` and ``status`` are retained; the broker
 publishes the last will ``status = OFFLINE`` if the agent dies. Commands arrive on ``cmd`` with
 QoS 1; each carries a ``command_id``, and a repeated id is acknowledged without being executed
-again.
+again. They run in lanes (``LANES``): in order within a lane, the lanes side by side.
 
 Attestation (docs/attestation.md): before connecting, the agent opens its attester (``software``
 or ``tpm2``) and measures its code (``agent.code``), its config (``agent.config``) and its
@@ -27,10 +27,11 @@ import re
 import tempfile
 import time
 from collections import OrderedDict, deque
+from collections.abc import Awaitable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
@@ -65,8 +66,14 @@ from .multiexit import MultiExitHost
 from .runtime import ArtifactError, Runtime
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 SEEN_COMMANDS = 4096
+# Commands run in lanes: in order within a lane, the lanes side by side. Attestation has its own, so
+# a challenge never waits behind a replica change (an unload, a wipe); every command that changes the
+# replicas shares the default lane, so their order on the node is the order they were sent in.
+LANES = {"attest": "attestation"}
+DEFAULT_LANE = "replicas"
 DOWNLOAD_TIMEOUT_S = 60.0
 CONNECT_BACKOFF_S = (0.5, 15.0)  # first and largest delay between broker connection attempts
 # After a reconnect, buffered telemetry waits this long before it is replayed: the orchestrator
@@ -138,11 +145,13 @@ class NodeAgent:
         self._pool = pool or ThreadPoolExecutor(2, thread_name_prefix=f"agent-{self.node_id}")
         self._backends: dict[str, Backend] = {}
         self._availability: dict[str, str] = {}
-        self._seen: OrderedDict[str, node_pb2.CommandAck] = OrderedDict()
+        self._seen: OrderedDict[str, asyncio.Future[node_pb2.CommandAck]] = OrderedDict()
         self._status_seq = 0
         self._epoch = 0  # the current broker connection's (Status.epoch): its start, unix ms
         self._status_dirty = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
+        self._background: set[asyncio.Task[Any]] = set()  # _spawn's: acknowledgements, answers in flight
+        self._answer_ack_delay_s = config.fault_injection.answer_ack_delay_ms / 1e3
         self._mqtt: MqttSession | None = None
         self._server: grpc.aio.Server | None = None
         self._own_channels = channels is None
@@ -286,9 +295,9 @@ class NodeAgent:
         return Will(self._topic(TopicKind.STATUS), self._offline(), qos=1, retain=True)
 
     async def _stop(self) -> None:
-        for task in self._tasks:
+        for task in [*self._tasks, *self._background]:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, *self._background, return_exceptions=True)
         self._tasks.clear()
         if self._own_pool:
             self._profile_pool.shutdown(wait=True)  # a profile still running must not outlive its backend
@@ -378,6 +387,8 @@ class NodeAgent:
         assert self._mqtt is not None
         payload = node_message(self.node_id, **body).SerializeToString()
         await self._mqtt.publish(self._topic(kind), payload, qos=qos, retain=retain)
+        if qos and self._answer_ack_delay_s and kind in (TopicKind.EVENTS, TopicKind.EVIDENCE):
+            await asyncio.sleep(self._answer_ack_delay_s)  # fault injection: a broker that acknowledges late
 
     async def _announce(self) -> None:
         await self._publish(TopicKind.HELLO, qos=1, retain=True, hello=self.hello())
@@ -650,55 +661,116 @@ class NodeAgent:
     # ------------------------------------------------------------ commands
 
     async def _commands(self) -> None:
+        """Take commands off the wire and hand each to its lane (``LANES``): a lane executes its
+        commands one at a time, in arrival order, and the lanes run side by side, so a challenge never
+        waits behind a replica change. No lane waits for an acknowledgement's PUBACK."""
         assert self._mqtt is not None
-        async for message in self._mqtt.messages():
-            try:
-                cmd = decode_command(
-                    message.payload, node_id=self.node_id, max_payload=self.config.broker.max_payload
-                )
-            except WireError as err:
-                self.drops.drop(err)
-                log.debug("dropped command: %s", err)
-                continue
-            ack = self._seen.get(cmd.command_id)
-            if ack is not None:
-                duplicate = node_pb2.CommandAck(
-                    command_id=cmd.command_id, ok=ack.ok, reason=ack.reason, duplicate=True
-                )
-                await self._ack(duplicate)
-                continue
-            ack = await self._execute(cmd)
-            self._seen[cmd.command_id] = ack
-            while len(self._seen) > SEEN_COMMANDS:
-                self._seen.popitem(last=False)
-            await self._ack(ack)
+        lanes: dict[str, asyncio.Queue[tuple[node_pb2.Command, asyncio.Future[node_pb2.CommandAck]]]] = {
+            lane: asyncio.Queue() for lane in {*LANES.values(), DEFAULT_LANE}
+        }
+        workers = [
+            asyncio.create_task(self._lane(queue), name=f"{self.node_id}-lane-{lane}")
+            for lane, queue in lanes.items()
+        ]
+        try:
+            async for message in self._mqtt.messages():
+                try:
+                    cmd = decode_command(
+                        message.payload, node_id=self.node_id, max_payload=self.config.broker.max_payload
+                    )
+                except WireError as err:
+                    self.drops.drop(err)
+                    log.debug("dropped command: %s", err)
+                    continue
+                outcome = self._seen.get(cmd.command_id)
+                if outcome is not None:  # redelivered: acknowledged (once it is done), not run again
+                    self._spawn(self._ack_duplicate(outcome))
+                    continue
+                outcome = self._seen[cmd.command_id] = asyncio.get_running_loop().create_future()
+                while len(self._seen) > SEEN_COMMANDS:
+                    self._seen.popitem(last=False)
+                lanes[LANES.get(cmd.WhichOneof("body"), DEFAULT_LANE)].put_nowait((cmd, outcome))
+        finally:
+            for worker in workers:
+                worker.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
 
-    async def _execute(self, cmd: node_pb2.Command) -> node_pb2.CommandAck:
+    async def _lane(
+        self, queue: asyncio.Queue[tuple[node_pb2.Command, asyncio.Future[node_pb2.CommandAck]]]
+    ) -> None:
+        while True:
+            cmd, outcome = await queue.get()
+            done = await self._execute(cmd)
+            self._spawn(self._settle(done, outcome))
+
+    async def _settle(
+        self,
+        done: node_pb2.CommandAck | asyncio.Task[node_pb2.CommandAck],
+        outcome: asyncio.Future[node_pb2.CommandAck],
+    ) -> None:
+        ack = done if isinstance(done, node_pb2.CommandAck) else await done
+        outcome.set_result(ack)
+        await self._ack(ack)
+
+    async def _ack_duplicate(self, outcome: asyncio.Future[node_pb2.CommandAck]) -> None:
+        ack = await asyncio.shield(outcome)
+        await self._ack(
+            node_pb2.CommandAck(command_id=ack.command_id, ok=ack.ok, reason=ack.reason, duplicate=True)
+        )
+
+    def _spawn(self, work: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+        """Run ``work`` beside the lanes; cancelled when the agent stops."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    async def _execute(
+        self, cmd: node_pb2.Command
+    ) -> node_pb2.CommandAck | asyncio.Task[node_pb2.CommandAck]:
+        """Execute ``cmd`` on its lane: its acknowledgement, or, when what is left of the command is
+        only waiting for the broker (a published answer's PUBACK), a task that ends with it."""
         body = cmd.WhichOneof("body")
         try:
-            if body == "deploy":
-                self.runtime.deploy(cmd.deploy, self._fetch)
-            elif body == "undeploy":
-                await self.runtime.undeploy(cmd.undeploy.replica_id)
-            elif body == "sync":
-                await self.runtime.sync(list(cmd.sync.replicas), self._fetch)
-            elif body == "attest":
-                await self._attest(cmd.attest.message)
-            elif body == "wipe":
-                await self._wipe(cmd.wipe)
-            elif body == "pipelines" and self.pipelines is not None:
-                self.pipelines.configure(cmd.pipelines.pipelines)
-            elif body == "mitigate" and self.pipelines is not None:
-                self.pipelines.mitigate(cmd.mitigate.mitigations)
-        except AttestationError as err:
+            follow_up = await self._run(cmd, body)
+        except Exception as err:
+            return self._refusal(cmd, body, err)
+        if follow_up is None:
+            return node_pb2.CommandAck(command_id=cmd.command_id, ok=True)
+        return self._spawn(self._conclude(cmd, body, follow_up))
+
+    async def _conclude(
+        self, cmd: node_pb2.Command, body: str | None, follow_up: Awaitable[None]
+    ) -> node_pb2.CommandAck:
+        try:
+            await follow_up
+        except Exception as err:
+            return self._refusal(cmd, body, err)
+        return node_pb2.CommandAck(command_id=cmd.command_id, ok=True)
+
+    def _refusal(self, cmd: node_pb2.Command, body: str | None, err: Exception) -> node_pb2.CommandAck:
+        if isinstance(err, AttestationError):
             log.warning("command %s (%s) refused: %s", cmd.command_id, body, err)
             return node_pb2.CommandAck(command_id=cmd.command_id, ok=False, reason=err.reason)
-        except Exception as err:
-            log.exception("command %s (%s) failed", cmd.command_id, body)
-            return node_pb2.CommandAck(
-                command_id=cmd.command_id, ok=False, reason=f"agent.command.failed: {err}"
-            )
-        return node_pb2.CommandAck(command_id=cmd.command_id, ok=True)
+        log.error("command %s (%s) failed", cmd.command_id, body, exc_info=err)
+        return node_pb2.CommandAck(command_id=cmd.command_id, ok=False, reason=f"agent.command.failed: {err}")
+
+    async def _run(self, cmd: node_pb2.Command, body: str | None) -> Awaitable[None] | None:
+        if body == "deploy":
+            self.runtime.deploy(cmd.deploy, self._fetch)
+        elif body == "undeploy":
+            await self.runtime.undeploy(cmd.undeploy.replica_id)
+        elif body == "sync":
+            await self.runtime.sync(list(cmd.sync.replicas), self._fetch)
+        elif body == "attest":
+            return await self._attest(cmd.attest.message)
+        elif body == "wipe":
+            return await self._wipe(cmd.wipe)
+        elif body == "pipelines" and self.pipelines is not None:
+            self.pipelines.configure(cmd.pipelines.pipelines)
+        elif body == "mitigate" and self.pipelines is not None:
+            self.pipelines.mitigate(cmd.mitigate.mitigations)
+        return None
 
     async def _ack(self, ack: node_pb2.CommandAck) -> None:
         event = node_pb2.Event(id="agent.command.ack", severity=node_pb2.SEVERITY_INFO, ack=ack)
@@ -724,22 +796,29 @@ class NodeAgent:
             for component, digest in sorted((measurements() if measurements else {}).items()):
                 self.responder.measure_digest(component, bytes.fromhex(digest), kind)
 
-    async def _attest(self, message: bytes) -> None:
-        """Answer the verifier: enroll when asked with an empty message, else answer its challenge."""
+    async def _attest(self, message: bytes) -> Awaitable[None]:
+        """Answer the verifier: enroll when asked with an empty message, else answer its challenge.
+        The answer is on its way (queued in order) when this returns; the returned task waits for the
+        broker's acknowledgement."""
         assert self.responder is not None
         if message:
             payload = await self.run_blocking(self.responder.handle, message)
         else:
             payload = await self.run_blocking(self.responder.enrollment_request)
+        quote = attestation_pb2.AttesterMessage.FromString(payload).WhichOneof("body") == "evidence"
+        return self._spawn(self._send_evidence(payload, quote=quote))
+
+    async def _send_evidence(self, payload: bytes, *, quote: bool) -> None:
         await self._publish(TopicKind.EVIDENCE, qos=1, evidence=node_pb2.Evidence(payload=payload))
-        if attestation_pb2.AttesterMessage.FromString(payload).WhichOneof("body") == "evidence":
+        if quote:
             # A fresh quote is with the verifier: the result it issues outlives the lease from now.
             self._attested_at = time.monotonic()
 
-    async def _wipe(self, wipe: node_pb2.Wipe) -> None:
+    async def _wipe(self, wipe: node_pb2.Wipe) -> Awaitable[None]:
         """Quarantine (no model named): unload everything, delete the cache. Model wipe: only that
         model's replicas (and with them its released keys) and its cached artifacts, crash-consistently
-        (``_wipe_model``). Confirmed with ``agent.wipe.done``, which names the wipe."""
+        (``_wipe_model``). Confirmed with ``agent.wipe.done``, which names the wipe; the returned task
+        waits for the broker's acknowledgement of it."""
         if wipe.model_name:
             replicas, files = await self._wipe_model(wipe)
         else:
@@ -760,7 +839,7 @@ class NodeAgent:
             message=f"{replicas} replicas unloaded, {files} cached artifacts deleted",
             attributes=attributes,
         )
-        await self._publish(TopicKind.EVENTS, qos=1, event=event)
+        return self._spawn(self._publish(TopicKind.EVENTS, qos=1, event=event))
 
     async def _wipe_model(self, wipe: node_pb2.Wipe) -> tuple[int, int]:
         """Record the intent durably, unload the model's replicas (their specs hold the wrapped keys),

@@ -55,7 +55,9 @@ class FaultInjection(_Strict):
 
     The delay is added to every served inference on the node's accelerators (inside the time the
     node measures and reports), not to the node's own model profiles: it stands for an accelerator
-    that slowed down after the node was profiled (thermal throttling, a noisy neighbour).
+    that slowed down after the node was profiled (thermal throttling, a noisy neighbour). The
+    answers' acknowledgement delay stands for a broker that acknowledges late (as an overloaded one
+    does).
     """
 
     inference_delay_ms: Annotated[float, Field(ge=0, le=60_000)] = Field(
@@ -63,6 +65,11 @@ class FaultInjection(_Strict):
     )
     inference_jitter_ms: Annotated[float, Field(ge=0, le=60_000)] = Field(
         0.0, description="Fault injection: uniform random delay of 0..this added on top, milliseconds."
+    )
+    answer_ack_delay_ms: Annotated[float, Field(ge=0, le=600_000)] = Field(
+        0.0,
+        description="Fault injection: the node's answers to commands (evidence, events such as "
+        "command acknowledgements) wait this much longer for the broker's PUBACK, milliseconds.",
     )
     models: list[Annotated[str, Field(min_length=1, pattern=r"^[^:\s]+(:[^:\s]+)?$")]] = Field(
         default_factory=list,
