@@ -20,7 +20,7 @@ import psutil
 import pytest
 from nats_cluster import NatsCluster, find_nats_server
 from pg_server import PostgresServer, find_bindir
-from processes import free_port
+from processes import listen_port
 
 from edgeward.mqtt import BrokerURL
 from edgeward.mqtt.broker import EmbeddedBroker
@@ -74,7 +74,7 @@ class Mosquitto:
         attempts = 3 if self.port == 0 else 1
         for attempt in range(attempts):
             if attempts > 1:
-                self.port = free_port()
+                self.port = listen_port()
             try:
                 self._spawn()
                 return

@@ -12,7 +12,6 @@ import os
 import pwd
 import secrets
 import shutil
-import socket
 import subprocess
 import tempfile
 import uuid
@@ -34,12 +33,6 @@ def find_bindir() -> Path | None:
         return found[-1].parent
     on_path = shutil.which("pg_ctl")
     return Path(on_path).parent if on_path else None
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((LOOPBACK, 0))
-        return int(sock.getsockname()[1])
 
 
 class PostgresServer:
@@ -95,8 +88,11 @@ class PostgresServer:
         pwfile.unlink()
         if done.returncode != 0:
             raise RuntimeError(f"initdb failed:\n{done.stdout}\n{done.stderr}")
+        # Imported here: bench/scale_out.py loads this file by path, and tests/processes.py after it.
+        from processes import listen_port
+
         for attempt in range(3):
-            self.port = _free_port()
+            self.port = listen_port()
             options = " ".join(
                 [
                     f"-p {self.port}",

@@ -28,19 +28,12 @@ T = TypeVar("T")
 STARTUP_S = 180.0
 
 
-def free_port() -> int:
-    """A loopback TCP port that was free a moment ago."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def listen_port(count: int = 1) -> int:
     """A free loopback TCP port below the ephemeral range, for a child process to listen on later
-    (the first of ``count`` consecutive free ones). ``free_port`` hands out ephemeral ports: on a
-    busy machine an outgoing connection may take one before the child binds it (or a client
-    retrying a connection to it may connect to itself); ports below the range are never handed to
-    outgoing connections."""
+    (the first of ``count`` consecutive free ones). An ephemeral port (``bind(0)``) is no good for
+    that: on a busy machine an outgoing connection may take it before the child binds it (or a
+    client retrying a connection to it may connect to itself); ports below the range are never
+    handed to outgoing connections."""
     low = 32768
     with contextlib.suppress(OSError, ValueError):
         low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])

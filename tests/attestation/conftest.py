@@ -14,6 +14,7 @@ import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -30,7 +31,6 @@ from attestation.reference import ReferenceValues
 from attestation.responder import AttestationResponder
 from attestation.service import AttestationVerifierService, VerifierConfig
 
-LOOPBACK = "127.0.0.1"
 SWTPM = shutil.which("swtpm")
 SWTPM_SETUP = shutil.which("swtpm_setup")
 SWTPM_LOCALCA = shutil.which("swtpm_localca")
@@ -69,22 +69,6 @@ def measure_platform(responder: AttestationResponder, code: bytes = AGENT_CODE) 
 
 
 # ------------------------------------------------------------------------------ swtpm
-
-
-def _free_port_pair() -> int:
-    for _ in range(50):
-        with socket.socket() as sock:
-            sock.bind((LOOPBACK, 0))
-            port = int(sock.getsockname()[1])
-        if port >= 65535:
-            continue
-        with socket.socket() as probe:
-            try:
-                probe.bind((LOOPBACK, port + 1))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError("no free pair of loopback ports")
 
 
 @dataclass
@@ -147,62 +131,63 @@ def manufactured(tmp_path_factory: pytest.TempPathFactory) -> Manufactured:
 
 
 class Swtpm:
-    """One ``swtpm socket`` on loopback ports over a private copy of a manufactured state."""
+    """One ``swtpm socket`` over a private copy of a manufactured state, on Unix sockets: the data
+    socket and, beside it, the control socket (``.ctrl``) that the swtpm TCTI of tpm2-tss (3.2 and
+    later) derives from ``path``. No ports: on a busy machine (thousands of sockets open) a pair of
+    consecutive free loopback ports was not always to be had."""
 
     def __init__(self, state: Path, workdir: Path) -> None:
         self.state = workdir / "state"
         shutil.copytree(state, self.state)
         self.log = workdir / "swtpm.log"
-        self.port = 0
+        # A short directory of its own: a socket path has at most 107 bytes, a test's tmp_path may not.
+        self.sockets = Path(tempfile.mkdtemp(prefix="swtpm-"))
+        self.path = self.sockets / "tpm.sock"
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def tcti(self) -> str:
-        return f"swtpm:host={LOOPBACK},port={self.port}"
+        return f"swtpm:path={self.path}"
 
     def start(self) -> None:
         assert SWTPM is not None
-        for _ in range(3):
-            self.port = _free_port_pair()
-            with self.log.open("ab") as log:
-                self.proc = subprocess.Popen(
-                    [
-                        SWTPM,
-                        "socket",
-                        "--tpm2",
-                        "--tpmstate",
-                        f"dir={self.state}",
-                        "--server",
-                        f"type=tcp,port={self.port},bindaddr={LOOPBACK}",
-                        "--ctrl",
-                        f"type=tcp,port={self.port + 1},bindaddr={LOOPBACK}",
-                        "--flags",
-                        "not-need-init,startup-clear",
-                    ],
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                )
-            deadline = time.monotonic() + 5
-            while time.monotonic() < deadline and self.proc.poll() is None:
-                with (
-                    contextlib.suppress(OSError),
-                    socket.create_connection((LOOPBACK, self.port), timeout=0.2),
-                ):
-                    return
-                time.sleep(0.02)
-            self.stop()  # lost the port race or died: try other ports
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [
+                    SWTPM,
+                    "socket",
+                    "--tpm2",
+                    "--tpmstate",
+                    f"dir={self.state}",
+                    "--server",
+                    f"type=unixio,path={self.path}",
+                    "--ctrl",
+                    f"type=unixio,path={self.path}.ctrl",
+                    "--flags",
+                    "not-need-init,startup-clear",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + 60  # only a hang takes this long: swtpm listens at once
+        while self.proc.poll() is None and time.monotonic() < deadline:
+            with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX) as probe:
+                probe.connect(str(self.path))
+                return
+            time.sleep(0.02)
+        self.stop()
         raise RuntimeError(f"swtpm did not start:\n{self.log.read_text(errors='replace')}")
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        if proc is not None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        shutil.rmtree(self.sockets, ignore_errors=True)
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from hypothesis import given
 from hypothesis import strategies as st
-from processes import free_port
+from processes import listen_port
 
 import edgeward
 from edgeward.mqtt import (
@@ -472,7 +472,7 @@ async def test_close_ends_iteration_and_leaves_no_thread(mqtt_url: BrokerURL, to
 
 
 async def test_connect_refused_raises_connect_error() -> None:
-    url = BrokerURL(host=LOOPBACK, port=free_port())
+    url = BrokerURL(host=LOOPBACK, port=listen_port())  # nobody listens; never our own source port
     with pytest.raises(MqttConnectError) as info:
         async with MqttSession(url, client_id("nobody")):
             pass

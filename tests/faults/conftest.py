@@ -24,8 +24,10 @@ class Cluster:
         self.tmp_path = tmp_path
         self.topic_prefix = topic_prefix
         self.procs: list[Proc] = []
-        self.grpc_port = listen_port()  # below the ephemeral range: a restart rebinds it
+        # Below the ephemeral range: a restart rebinds them.
+        self.grpc_port, self.metrics_port = listen_port(), listen_port()
         self.server = f"127.0.0.1:{self.grpc_port}"
+        self.metrics = f"127.0.0.1:{self.metrics_port}"  # /metrics: reconcile passes (wait_passes)
         self.broker_url = ""
         self.orchestrator_overrides: dict[str, Any] = {}
         self.agent_overrides: dict[str, Any] = {}
@@ -38,6 +40,7 @@ class Cluster:
                 {
                     "state_dir": str(self.tmp_path / "state"),
                     "grpc_bind": self.server,
+                    "metrics_bind": self.metrics,
                     "broker": {"url": self.broker_url, "topic_prefix": self.topic_prefix},
                     "node_timeout_s": 4.0,
                     "reconcile_interval_s": 0.3,

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
-from processes import Proc, wait_for  # noqa: F401  (re-exported for the fault tests and bench/faults.py)
+from processes import Proc, wait_for, wait_passes  # noqa: F401  (re-exported for the fault tests and bench/faults.py)
 
 from attestation.tokens import TokenStore
 from edgeward.v1 import api_pb2, api_pb2_grpc, attestation_pb2, attestation_pb2_grpc, node_pb2
@@ -21,6 +21,9 @@ RUNNING = node_pb2.REPLICA_PHASE_RUNNING
 EVICTED = node_pb2.REPLICA_PHASE_EVICTED
 ONLINE = node_pb2.NODE_STATE_ONLINE
 MODEL = model_path("industrial", "int8")
+#: Bound on a wait for the fleet to reach a state: it only stops a hang (a wait returns as soon as
+#: its condition holds), so it is far above what a loaded machine takes.
+WAIT_S = 120.0
 #: Signs the suite's model pushes; orchestrators trust it through ``catalog_config``.
 PUBLISHER = PublisherKey.generate()
 

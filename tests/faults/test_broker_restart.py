@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from fault_support import deployment_manifest, max_gap_ms, wait_for
+from fault_support import WAIT_S, deployment_manifest, max_gap_ms, wait_for
 
 from edgeward.wire import now_ms
 
@@ -25,7 +25,7 @@ def test_broker_restart_moves_nothing_and_telemetry_resumes(mosquitto_factory, c
     nodes = sorted(cluster.start_fleet(3))
     with cluster.probe() as probe:
         probe.apply(deployment_manifest("vib", 3))
-        wait_for(lambda: probe.converged({"vib": 3}), 30, "3 replicas running")
+        wait_for(lambda: probe.converged({"vib": 3}), WAIT_S, "3 replicas running")
         before = probe.placement("vib")
 
         broker.stop()
@@ -36,7 +36,7 @@ def test_broker_restart_moves_nothing_and_telemetry_resumes(mosquitto_factory, c
         restarted_ms = now_ms()
 
         wait_for(
-            lambda: all(probe.telemetry(n, restarted_ms) for n in nodes), 20, "telemetry from every node"
+            lambda: all(probe.telemetry(n, restarted_ms) for n in nodes), WAIT_S, "telemetry from every node"
         )
         for node in nodes:
             # The samples taken during the outage were replayed: no hole longer than a few beats.
@@ -45,6 +45,6 @@ def test_broker_restart_moves_nothing_and_telemetry_resumes(mosquitto_factory, c
             assert gap <= 4 * HEARTBEAT_MS, f"{node}: telemetry gap of {gap} ms across the broker restart"
 
         probe.apply(deployment_manifest("vib", 4))  # a command that must be sent and acknowledged
-        wait_for(lambda: probe.converged({"vib": 4}), 30, "the scale-up running after the restart")
+        wait_for(lambda: probe.converged({"vib": 4}), WAIT_S, "the scale-up running after the restart")
         after = probe.placement("vib")
         assert before.items() <= after.items(), "no replica moved or doubled across the broker restart"

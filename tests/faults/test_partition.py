@@ -23,6 +23,7 @@ import pytest
 import yaml
 from fault_support import (
     MODEL,
+    WAIT_S,
     Probe,
     Proc,
     catalog_config,
@@ -30,11 +31,13 @@ from fault_support import (
     enrollment_token,
     max_gap_ms,
     wait_for,
+    wait_passes,
 )
 
 from edgeward.wire import now_ms
 
-pytestmark = [pytest.mark.faults, pytest.mark.slow, pytest.mark.timeout(120)]
+pytestmark = [pytest.mark.faults, pytest.mark.slow, pytest.mark.timeout(600)]
+# The timeout only stops a hang: each wait below returns as soon as its condition holds.
 
 IP = shutil.which("ip", path=os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"]))
 MOSQUITTO = shutil.which("mosquitto", path=os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin"]))
@@ -44,6 +47,15 @@ HEARTBEAT_S = 0.5
 
 def _ip(*args: str) -> None:
     subprocess.run([IP, *args], check=True, capture_output=True, timeout=10)
+
+
+def _wait_listening(proc: subprocess.Popen, log: Path) -> None:
+    """Wait until Mosquitto (in a namespace the test cannot connect into) says it listens."""
+    deadline = time.monotonic() + WAIT_S
+    while b"Opening ipv4 listen socket" not in log.read_bytes():
+        assert proc.poll() is None, f"mosquitto exited:\n{log.read_text(errors='replace')}"
+        assert time.monotonic() < deadline, f"mosquitto not listening:\n{log.read_text(errors='replace')}"
+        time.sleep(0.05)
 
 
 @pytest.fixture
@@ -94,6 +106,7 @@ def test_partitioned_agent_is_replaced_and_its_return_doubles_nothing(namespaces
         with (tmp_path / "mosquitto.log").open("ab") as log:
             others.append(subprocess.Popen([*in_core, MOSQUITTO, "-c", str(conf)], stdout=log, stderr=log))
         broker = f"mqtt://{core_ip}:1883"
+        _wait_listening(others[-1], tmp_path / "mosquitto.log")
         state = tmp_path / "state"
         orch_cfg = tmp_path / "orchestrator.yaml"
         orch_cfg.write_text(
@@ -101,6 +114,7 @@ def test_partitioned_agent_is_replaced_and_its_return_doubles_nothing(namespaces
                 {
                     "state_dir": str(state),
                     "grpc_bind": "127.0.0.1:50051",  # the core namespace's loopback
+                    "metrics_bind": "127.0.0.1:9090",
                     "advertise": f"{core_ip}:50051",  # relayed to it, for the edge node's downloads
                     "broker": {"url": broker, "topic_prefix": topic_prefix},
                     "node_timeout_s": 4.0,
@@ -110,8 +124,8 @@ def test_partitioned_agent_is_replaced_and_its_return_doubles_nothing(namespaces
                 }
             )
         )
-        time.sleep(0.5)  # mosquitto binds
         procs.append(Proc("orchestrator", ["orchestrator", "-c", str(orch_cfg)], tmp_path, prefix=in_core))
+        procs[0].wait_logged("orchestrator ready")
         for i, prefix in ((1, in_core), (2, in_core), (3, in_edge)):
             cfg = tmp_path / f"node-{i}.yaml"
             cfg.write_text(
@@ -126,40 +140,44 @@ def test_partitioned_agent_is_replaced_and_its_return_doubles_nothing(namespaces
                 )
             )
             procs.append(Proc(f"node-{i}", ["agent", "-c", str(cfg)], tmp_path, prefix=prefix))
-        sock = tmp_path / "grpc.sock"
+        sock, metrics = tmp_path / "grpc.sock", f"unix:{tmp_path / 'metrics.sock'}"
         relay = Path(__file__).with_name("netns_relay.py")
-        for listen in (f"unix:{sock}", f"{core_ip}:50051"):
+        for listen, upstream in (
+            (f"unix:{sock}", "127.0.0.1:50051"),
+            (f"{core_ip}:50051", "127.0.0.1:50051"),
+            (metrics, "127.0.0.1:9090"),
+        ):
             others.append(
                 subprocess.Popen(
-                    [*in_core, sys.executable, str(relay), listen, "127.0.0.1:50051"],
+                    [*in_core, sys.executable, str(relay), listen, upstream],
                     stdout=subprocess.DEVNULL,
                 )
             )
         with Probe(f"unix:{sock}") as probe:
-            wait_for(lambda: len(probe.online()) == 3, 60, "3 nodes online")
-            wait_for(lambda: len(probe.attested()) == 3, 30, "3 nodes attested")
+            wait_for(lambda: len(probe.online()) == 3, WAIT_S, "3 nodes online", procs=procs)
+            wait_for(lambda: len(probe.attested()) == 3, WAIT_S, "3 nodes attested", procs=procs)
             probe.push(MODEL)
             probe.apply(deployment_manifest("vib", 3))
-            wait_for(lambda: probe.converged({"vib": 3}), 40, "3 replicas running")
+            wait_for(lambda: probe.converged({"vib": 3}), WAIT_S, "3 replicas running")
             before = probe.placement("vib")
             assert "node-3" in before.values(), "one replica runs on the edge node"
 
             _ip("-n", edge, "link", "set", namespaces["edge_link"], "down")  # the partition
             cut_ms = now_ms()
-            wait_for(lambda: "node-3" not in probe.online(), 15, "the edge node lost")
+            wait_for(lambda: "node-3" not in probe.online(), WAIT_S, "the edge node lost")
             wait_for(
                 lambda: probe.converged({"vib": 3}) and "node-3" not in probe.placement("vib").values(),
-                20,
+                WAIT_S,
                 "its replica rescheduled in the core",
             )
             time.sleep(max(0.0, PARTITION_S - (now_ms() - cut_ms) / 1000))
             _ip("-n", edge, "link", "set", namespaces["edge_link"], "up")  # the heal
             healed_ms = now_ms()
 
-            wait_for(lambda: "node-3" in probe.online(), 40, "the edge node back")
+            wait_for(lambda: "node-3" in probe.online(), WAIT_S, "the edge node back")
             moved = probe.placement("vib")
-            wait_for(lambda: probe.converged({"vib": 3}), 30, "convergence after the heal")
-            time.sleep(2.0)  # a few reconcile passes and status reports
+            wait_for(lambda: probe.converged({"vib": 3}), WAIT_S, "convergence after the heal")
+            wait_passes(metrics, 3)  # passes that saw the healed node's reports
             assert probe.converged({"vib": 3})
             assert probe.placement("vib") == moved, "nothing doubled or moved back after the heal"
             edge_node = next(n for n in probe.nodes() if n.id == "node-3")

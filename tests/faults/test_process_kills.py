@@ -10,7 +10,7 @@ import time
 
 import grpc
 import pytest
-from fault_support import EVICTED, MODEL, deployment_manifest, wait_for
+from fault_support import EVICTED, MODEL, WAIT_S, deployment_manifest, wait_for, wait_passes
 
 pytestmark = [pytest.mark.faults, pytest.mark.broker, pytest.mark.slow, pytest.mark.timeout(600)]
 # The timeout only stops a hang: each process's start is bounded on its own (conftest.STARTUP_S) and
@@ -35,11 +35,11 @@ def test_kill9_orchestrator_during_apply_loses_no_acknowledged_deployment(cluste
     agents = {f"node-{i}": cluster.agent(i) for i in range(1, 4)}
     cluster.agents_started(agents)
     with cluster.probe() as probe:
-        wait_for(lambda: len(probe.online()) == len(agents), 40, "3 nodes online")
-        wait_for(lambda: len(probe.attested()) == len(agents), 30, "3 nodes attested")
+        wait_for(lambda: len(probe.online()) == len(agents), WAIT_S, "3 nodes online")
+        wait_for(lambda: len(probe.attested()) == len(agents), WAIT_S, "3 nodes attested")
         probe.push(MODEL)
         probe.apply(deployment_manifest("base", 3))
-        wait_for(lambda: probe.converged({"base": 3}), 30, "the base deployment running")
+        wait_for(lambda: probe.converged({"base": 3}), WAIT_S, "the base deployment running")
         base = probe.placement("base")
     desired = {"base": 3}
     for round_ in range(2):
@@ -85,12 +85,12 @@ def test_kill9_orchestrator_during_apply_loses_no_acknowledged_deployment(cluste
         assert _integrity(cluster.tmp_path / "state" / "edgeward.db") == "ok", f"seed {seed}"
         orch = cluster.orchestrator()
         with cluster.probe() as probe:
-            present = wait_for(probe.deployment_names, 30, "the orchestrator back")
+            present = wait_for(probe.deployment_names, WAIT_S, "the orchestrator back")
             lost = set(acknowledged) - present
             assert not lost, f"acknowledged deployments lost by kill -9 (seed {seed}): {sorted(lost)}"
             # An apply whose answer the kill swallowed may or may not have committed: both are fine.
             desired.update({name: replicas[name] for name in present if name in replicas})
-            wait_for(lambda: probe.converged(desired), 45, f"convergence after kill -9 #{round_ + 1}")
+            wait_for(lambda: probe.converged(desired), WAIT_S, f"convergence after kill -9 #{round_ + 1}")
             assert probe.placement("base") == base, "no replica of the base deployment moved or doubled"
 
 
@@ -99,24 +99,24 @@ def test_killed_agents_are_replaced_and_their_return_doubles_nothing(cluster, mo
     agents = cluster.start_fleet(3)
     with cluster.probe() as probe:
         probe.apply(deployment_manifest("vib", 4))
-        wait_for(lambda: probe.converged({"vib": 4}), 30, "4 replicas running")
+        wait_for(lambda: probe.converged({"vib": 4}), WAIT_S, "4 replicas running")
         placement = probe.placement("vib")
         victims = sorted(set(placement.values()))[:2]
         for victim in victims:
             agents[victim].kill9()
         killed_at = time.monotonic()
-        wait_for(lambda: not probe.online() & set(victims), 15, "the killed nodes offline")
+        wait_for(lambda: not probe.online() & set(victims), WAIT_S, "the killed nodes offline")
         detected_s = time.monotonic() - killed_at
-        wait_for(lambda: probe.converged({"vib": 4}), 20, "the replicas rescheduled")
+        wait_for(lambda: probe.converged({"vib": 4}), WAIT_S, "the replicas rescheduled")
         moved = probe.placement("vib")
         assert not set(moved.values()) & set(victims)
         for victim in victims:  # the same nodes come back, with their sealed-artifact caches
             agents[victim] = cluster.agent(int(victim.rsplit("-", 1)[1]))
         cluster.agents_started({victim: agents[victim] for victim in victims})
-        wait_for(lambda: len(probe.online()) == 3, 30, "the killed nodes back")
-        wait_for(lambda: len(probe.attested()) == 3, 30, "the killed nodes attested again")
-        time.sleep(2.0)  # a few reconcile passes and status reports
-        wait_for(lambda: probe.converged({"vib": 4}), 20, "convergence after their return")
+        wait_for(lambda: len(probe.online()) == 3, WAIT_S, "the killed nodes back")
+        wait_for(lambda: len(probe.attested()) == 3, WAIT_S, "the killed nodes attested again")
+        wait_passes(cluster.metrics, 3)  # passes that saw their reports: nothing may move back
+        wait_for(lambda: probe.converged({"vib": 4}), WAIT_S, "convergence after their return")
         assert probe.placement("vib") == moved, "nothing moves back and nothing doubles"
         dep = probe.deployment("vib")
         assert not [r for r in dep.status.replica_list if r.phase == EVICTED]

@@ -6,14 +6,14 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
-import time
 
 import grpc
 import numpy as np
 import pytest
 import yaml
 from conftest import MODEL_INT8, PUBLISHER, manifest, trust_publisher
-from processes import Proc, free_port
+from processes import Proc, listen_port, wait_passes
+from processes import wait_for as wait_until
 from test_rollout import INPUT, INPUT_SCALE, INPUT_ZERO_POINT, rebuilt, strategy
 
 from attestation.tokens import TokenStore
@@ -34,17 +34,12 @@ LIVE = (
 )
 
 
-def wait_for(check, timeout: float = 20.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            value = check()
-            if value:
-                return value
-        except (ClientError, grpc.RpcError):  # the server is (re)starting
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+#: Bound on every wait: it only stops a hang (each wait returns as soon as its condition holds).
+WAIT_S = 120.0
+
+
+def wait_for(check, timeout: float = WAIT_S, what: str = "condition", procs=()):
+    return wait_until(check, timeout, what, procs=procs, retry=(ClientError, grpc.RpcError))
 
 
 def status(server: str) -> api_pb2.RolloutStatus:
@@ -97,7 +92,7 @@ def traffic(endpoints: list[str], stop: threading.Event) -> None:
 
 
 def test_kill9_mid_rollout_resumes_at_the_recorded_step(tmp_path, mosquitto, topic_prefix):
-    grpc_port = free_port()
+    grpc_port, metrics_port = listen_port(), listen_port()  # a restart binds them again
     publishers = trust_publisher(tmp_path / "publishers")
     config = tmp_path / "orchestrator.yaml"
     config.write_text(
@@ -105,6 +100,7 @@ def test_kill9_mid_rollout_resumes_at_the_recorded_step(tmp_path, mosquitto, top
             {
                 "state_dir": str(tmp_path / "state"),
                 "grpc_bind": f"127.0.0.1:{grpc_port}",
+                "metrics_bind": f"127.0.0.1:{metrics_port}",
                 "broker": {"url": str(mosquitto), "topic_prefix": topic_prefix},
                 "node_timeout_s": 4.0,
                 "reconcile_interval_s": 0.2,
@@ -113,9 +109,10 @@ def test_kill9_mid_rollout_resumes_at_the_recorded_step(tmp_path, mosquitto, top
             }
         )
     )
-    server = f"127.0.0.1:{grpc_port}"
+    server, metrics = f"127.0.0.1:{grpc_port}", f"127.0.0.1:{metrics_port}"
     procs = [Proc("orchestrator", ["orchestrator", "-c", str(config)], tmp_path)]
     try:
+        procs[0].wait_serving(server)
         for i in (1, 2):
             node = tmp_path / f"node-{i}.yaml"
             node.write_text(
@@ -134,7 +131,7 @@ def test_kill9_mid_rollout_resumes_at_the_recorded_step(tmp_path, mosquitto, top
             procs.append(Proc(f"node-{i}", ["agent", "-c", str(node)], tmp_path))
         rollout = strategy(steps="[25, 50, 100]", pause="3s", min_inferences=5)
         with EdgewardClient(server) as client:
-            wait_for(lambda: attested(server) == 2, what="2 nodes attested")
+            wait_for(lambda: attested(server) == 2, what="2 nodes attested", procs=procs)
             base = MODEL_INT8.read_bytes()
             client.push_model(base, "vib-cnn", "1.0.0", key=PUBLISHER)
             client.push_model(
@@ -165,8 +162,9 @@ def test_kill9_mid_rollout_resumes_at_the_recorded_step(tmp_path, mosquitto, top
             procs[0].popen.send_signal(signal.SIGKILL)
             procs[0].popen.wait()
             procs.append(Proc("orchestrator-2", ["orchestrator", "-c", str(config)], tmp_path))
+            procs[-1].wait_serving(server)
             with EdgewardClient(server) as client:
-                resumed = wait_for(lambda: status(server), what="the orchestrator back")
+                resumed = status(server)
                 assert resumed.step == 2, "resumes at the recorded step"
                 assert (resumed.from_generation, resumed.to_generation) == (
                     recorded.from_generation,
@@ -174,11 +172,14 @@ def test_kill9_mid_rollout_resumes_at_the_recorded_step(tmp_path, mosquitto, top
                 )
                 assert resumed.state == api_pb2.ROLLOUT_STATE_PROGRESSING
                 assert live(client) == before, "the same replicas on the same nodes"
-                time.sleep(1.5)  # several passes: still nothing lost or doubled at this step
-                assert live(client) == before
+                wait_passes(metrics, 3, procs=procs[-1:])
+                now = live(client)
+                if status(server).step == 2:  # still at step 2 (read after now): nothing lost or doubled
+                    assert now == before
+                else:  # a loaded machine took the step's pause to get here: step 2's new replicas stay
+                    assert {r for r in before if r[2] == "1.1.0"} <= now
                 wait_for(
                     lambda: status(server).state == api_pb2.ROLLOUT_STATE_COMPLETED,
-                    timeout=25,
                     what="rollout completed after the restart",
                 )
                 wait_for(lambda: all_running(client, "1.1.0"), what="4 replicas of 1.1.0")

@@ -8,7 +8,7 @@ import contextlib
 import grpc
 from conftest import Api, manifest, trust_publisher
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from processes import free_port
+from processes import listen_port
 
 from orchestrator.config import BrokerConfig, OrchestratorConfig
 from orchestrator.rollout import RolloutController
@@ -29,7 +29,7 @@ async def test_the_api_works_as_soon_as_health_says_serving(tmp_path, monkeypatc
     every start takes) until a health probe that waits for the server has come back: an
     orchestrator that serves before it is built answers SERVING during the hold, and the Apply
     that follows fails (INTERNAL). Then Apply is called at the first SERVING."""
-    port = free_port()
+    port = listen_port()  # bound twice; probed while nothing listens on it
     async with (
         Orchestrator(config(tmp_path, port)) as first,  # leaves a catalog with a model in it
         grpc.aio.insecure_channel(first.address) as channel,

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import socket
-
 import pytest
+from processes import listen_port
 from textual.widgets import Input, Sparkline
 from tui_support import event_ids, eventually, infer, manifest, push, rows, vibration_model
 
@@ -214,14 +213,10 @@ async def test_node_detail_has_live_sparklines(console_fleet):
         assert not isinstance(app.screen, NodeDetailScreen)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 async def test_banner_when_unreachable_then_reconnects(tmp_path):
-    port = _free_port()
+    # Below the ephemeral range: the console keeps connecting to the port while nothing listens on it,
+    # and a client connecting to an ephemeral port nobody listens on can connect to itself.
+    port = listen_port()
     config = OrchestratorConfig(
         state_dir=tmp_path / "orch", grpc_bind=f"127.0.0.1:{port}", broker=BrokerConfig()
     )
