@@ -26,11 +26,19 @@ from edgeward.wire import now_ms
 
 from .catalog import ModelState
 from .catalog.errors import CatalogError
-from .catalog.publish import MAX_MODEL_BYTES, ModelPublisher
+from .catalog.publish import MAX_MODEL_BYTES, ModelPublisher, PushBudget
 from .catalog.service import Catalog
 from .catalog.views import compliance, node_trust, placements
 from .catalog.wipe import status_pb as wipe_status_pb
-from .errors import AlreadyExists, InvalidManifest, InvalidModel, NotFound, OrchestratorError, RevisionGone
+from .errors import (
+    AlreadyExists,
+    Busy,
+    InvalidManifest,
+    InvalidModel,
+    NotFound,
+    OrchestratorError,
+    RevisionGone,
+)
 from .events import EventBus
 from .fleet import Fleet
 from .manifest import NAME_RE, SEMVER_RE, DeploymentManifest, parse_manifest
@@ -65,6 +73,8 @@ def _status(err: Exception) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.NOT_FOUND, str(err)
     if isinstance(err, AlreadyExists):
         return grpc.StatusCode.ALREADY_EXISTS, str(err)
+    if isinstance(err, Busy):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(err)
     return grpc.StatusCode.INTERNAL, f"internal error: {type(err).__name__}"
 
 
@@ -395,12 +405,14 @@ class ModelService(api_pb2_grpc.ModelServiceServicer):
         catalog: Catalog,
         verifier: FleetVerifier,
         fleet: Fleet,
+        budget: PushBudget,
     ) -> None:
         self._control = control
         self._publisher = publisher
         self._catalog = catalog
         self._verifier = verifier
         self._fleet = fleet
+        self._budget = budget
 
     @_rpc
     async def Push(
@@ -409,23 +421,35 @@ class ModelService(api_pb2_grpc.ModelServiceServicer):
         meta: api_pb2.ModelMetadata | None = None
         publisher = ""
         data = bytearray()
-        async for part in request_iterator:
-            which = part.WhichOneof("part")
-            if which == "metadata":
-                if meta is not None:
-                    raise InvalidModel("model.push.metadata_twice", "metadata must be sent once, first")
-                meta = part.metadata
-                # Everything the metadata alone decides is refused before the artifact streams in.
-                publisher = await self._publisher.admit(meta)
-            elif which == "chunk":
-                if meta is None:
-                    raise InvalidModel("model.push.no_metadata", "the first message must carry the metadata")
-                data.extend(part.chunk)
-                if len(data) > meta.size or len(data) > MAX_MODEL_BYTES:
-                    raise InvalidModel("model.push.too_large", f"more than the announced {meta.size} bytes")
-        if meta is None:
-            raise InvalidModel("model.push.no_metadata", "empty push")
-        return await self._publisher.publish(meta, bytes(data), publisher, _owner_team(meta))
+        who = str(caller() or context.peer())
+        held = 0
+        try:
+            async for part in request_iterator:
+                which = part.WhichOneof("part")
+                if which == "metadata":
+                    if meta is not None:
+                        raise InvalidModel("model.push.metadata_twice", "metadata must be sent once, first")
+                    meta = part.metadata
+                    # Everything the metadata alone decides is refused before the artifact streams in.
+                    publisher = await self._publisher.admit(meta)
+                    self._budget.take(who, meta.size)
+                    held = meta.size
+                elif which == "chunk":
+                    if meta is None:
+                        raise InvalidModel(
+                            "model.push.no_metadata", "the first message must carry the metadata"
+                        )
+                    data.extend(part.chunk)
+                    if len(data) > meta.size or len(data) > MAX_MODEL_BYTES:
+                        raise InvalidModel(
+                            "model.push.too_large", f"more than the announced {meta.size} bytes"
+                        )
+            if meta is None:
+                raise InvalidModel("model.push.no_metadata", "empty push")
+            return await self._publisher.publish(meta, bytes(data), publisher, _owner_team(meta))
+        finally:
+            if held:
+                self._budget.give(who, held)
 
     @_rpc
     async def History(

@@ -37,6 +37,15 @@ class InvalidModel(OrchestratorError):
         self.reason = reason
 
 
+class Busy(OrchestratorError):
+    """A request would take more than the orchestrator keeps for such requests at once (a push's
+    bytes in memory); the caller may retry once others finished (RESOURCE_EXHAUSTED)."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
 class IllegalTransition(OrchestratorError):
     """A lifecycle moved along an edge its transition table does not have: a bug."""
 

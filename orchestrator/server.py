@@ -63,7 +63,7 @@ from .api import (
     WatchHub,
     request_checks,
 )
-from .catalog.publish import ModelPublisher
+from .catalog.publish import ModelPublisher, PushBudget
 from .catalog.service import Catalog
 from .catalog.signing import PublisherTrust
 from .config import OrchestratorConfig
@@ -147,6 +147,7 @@ class Orchestrator:
         self._server: grpc.aio.Server | None = None
         self._health = HealthServicer()
         self.guard: ApiGuard | None = None
+        self.pushes = PushBudget()  # model pushes being received (held in memory) at once
         self.store: SqlStore
         self.reconciler: Reconciler
         self.verifier: FleetVerifier
@@ -391,7 +392,7 @@ class Orchestrator:
         return ApiServices(
             deployments=DeploymentService(control, self.views, self.watch, self.run_blocking),
             nodes=NodeService(control, self.views),
-            models=ModelService(control, publisher, self.catalog, self.verifier, self.fleet),
+            models=ModelService(control, publisher, self.catalog, self.verifier, self.fleet, self.pushes),
             telemetry=TelemetryService(self.telemetry),
             rollouts=RolloutService(self.store, self.db, self.rollouts),
         )

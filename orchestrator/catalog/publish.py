@@ -16,7 +16,7 @@ from attestation.keyrelease import new_data_key, seal
 from edgeward.v1 import api_pb2
 from edgeward.wire import now_ms
 
-from ..errors import AlreadyExists, InvalidModel, NotFound
+from ..errors import AlreadyExists, Busy, InvalidModel, NotFound
 from ..events import EventBus
 from ..fleet import model_work_pb
 from ..manifest import LABEL_RE, NAME_RE, SEMVER_RE
@@ -29,6 +29,10 @@ log = logging.getLogger(__name__)
 MAX_MODEL_BYTES = 64 * 1024 * 1024
 MAX_METADATA_BYTES = 16 * 1024  # a push's metadata: description, labels, profiles
 MAX_LABELS = 64
+#: Pushes are received whole into memory before they are sealed: at most this many bytes (announced
+#: sizes) at once, and at most PUSHES_PER_CALLER pushes of one caller (certificate) at once.
+PUSH_BYTES_IN_FLIGHT = 4 * MAX_MODEL_BYTES
+PUSHES_PER_CALLER = 2
 
 Call = Callable[..., Awaitable[Any]]
 
@@ -201,3 +205,33 @@ def _tensor(spec: Any) -> api_pb2.TensorSpec:
     return api_pb2.TensorSpec(
         name=spec.name, datatype=spec.dtype, shape=list(spec.shape), scale=scale, zero_point=zero
     )
+
+
+class PushBudget:
+    """The pushes being received at once, by caller: each holds its announced size in memory until it
+    is published. A push past `PUSH_BYTES_IN_FLIGHT` in all, or past `PUSHES_PER_CALLER` of its
+    caller, is refused (`Busy`) before its artifact streams in."""
+
+    def __init__(self, total: int = PUSH_BYTES_IN_FLIGHT, per_caller: int = PUSHES_PER_CALLER) -> None:
+        self.total = total
+        self.per_caller = per_caller
+        self.held = 0
+        self._calls: dict[str, int] = {}
+
+    def take(self, caller: str, size: int) -> None:
+        calls = self._calls.get(caller, 0)
+        if calls >= self.per_caller:
+            raise Busy("model.push.busy", f"{caller} has {calls} pushes under way, at most {self.per_caller}")
+        if self.held + size > self.total:
+            raise Busy(
+                "model.push.busy", f"{self.held} bytes of pushes under way, at most {self.total}: retry later"
+            )
+        self._calls[caller] = calls + 1
+        self.held += size
+
+    def give(self, caller: str, size: int) -> None:
+        self.held -= size
+        if self._calls[caller] <= 1:
+            del self._calls[caller]
+        else:
+            self._calls[caller] -= 1

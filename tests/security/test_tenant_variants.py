@@ -3,6 +3,7 @@ real orchestrator (mutual TLS, authorization, audit)."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections.abc import Callable
 
@@ -129,3 +130,48 @@ async def test_a_push_cannot_bloat_everyones_catalogue(connect: Callable[..., Cl
     await push(meta("1.0.0", description="a small model", labels={"camera": "front"}))  # within bounds
     listed = await operator.models.List(api_pb2.ListModelsRequest(), timeout=10)
     assert [(m.name, m.version) for m in listed.models] == [("big", "1.0.0")]
+
+
+async def test_pushes_under_way_are_bounded(
+    connect: Callable[..., Client], secure_orchestrator: Orchestrator
+):
+    """A push is received whole into memory before it is sealed (up to 64 MiB each), and nothing
+    bounded how many were under way: a team certificate holding pushes open held as much of the
+    orchestrator's memory as it liked. Now at most two per caller and 256 MiB in all."""
+    mallory = connect("team", "ci", team="automotive")
+    alice = connect("team", "ci", team="smart-home")
+    size = 64 * 1024 * 1024
+    budget = secure_orchestrator.pushes
+
+    def open_push(client: Client, name: str) -> tuple[asyncio.Queue, grpc.aio.StreamUnaryCall]:
+        parts: asyncio.Queue[api_pb2.PushModelRequest | None] = asyncio.Queue()
+        meta = api_pb2.ModelMetadata(name=name, version="1.0.0", size=size, sha256="0" * 64)
+        parts.put_nowait(api_pb2.PushModelRequest(metadata=meta))
+        parts.put_nowait(api_pb2.PushModelRequest(chunk=b"\0" * 1024))
+
+        async def requests():
+            while (part := await parts.get()) is not None:
+                yield part
+
+        return parts, client.models.Push(requests(), timeout=30)
+
+    async def held(n: int) -> None:
+        async with asyncio.timeout(10):
+            while budget.held != n * size:
+                await asyncio.sleep(0.01)
+
+    first = open_push(mallory, "m1")
+    await held(1)
+    second = open_push(mallory, "m2")
+    await held(2)
+    third_parts, third = open_push(mallory, "m3")
+    err = await refused(third)
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "model.push.busy" in err.details()
+    third_parts.put_nowait(None)
+    others = open_push(alice, "a1")  # another caller still gets in
+    await held(3)
+    for parts, call in (first, second, others):  # each ends short of its announced size
+        parts.put_nowait(None)
+        assert (await refused(call)).code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert budget.held == 0
+    await mallory.push("m4")  # and mallory can push again
