@@ -32,7 +32,8 @@ import marshal
 import site
 import sys
 import sysconfig
-from collections.abc import Iterable
+import threading
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from edgeward.bytecode import isolated, whole_process
@@ -113,6 +114,17 @@ def _site_files() -> list[tuple[str, Path]]:
 
 
 _DIGESTS: dict[tuple[str, ...], bytes] = {}
+# The first caller computes a digest while the others wait for it: the agents of one process start
+# together on its blocking pool, and each computing it again cost eight times the work (sim-fleet).
+_ONCE = threading.RLock()
+
+
+def _once(key: tuple[str, ...], compute: Callable[[], bytes]) -> bytes:
+    with _ONCE:
+        digest = _DIGESTS.get(key)
+        if digest is None:
+            digest = _DIGESTS[key] = compute()
+        return digest
 
 
 def _installed(packages: Iterable[str], required: bool) -> list[tuple[str, Path]]:
@@ -129,20 +141,14 @@ def _installed(packages: Iterable[str], required: bool) -> list[tuple[str, Path]
 def code_digest(packages: Iterable[str] = AGENT_CODE_PACKAGES) -> bytes:
     """The ``agent.code`` digest of the installed ``packages``, computed once per process."""
     key = tuple(packages)
-    digest = _DIGESTS.get(key)
-    if digest is None:
-        digest = _DIGESTS[key] = tree_digest(_installed(key, required=True))
-    return digest
+    return _once(key, lambda: tree_digest(_installed(key, required=True)))
 
 
 def deps_digest(packages: Iterable[str] = AGENT_DEPENDENCIES) -> bytes:
     """The ``agent.deps`` digest of those of ``packages`` that are installed (each named, so a missing
     one counts), computed once per process."""
     key = ("deps", *packages)
-    digest = _DIGESTS.get(key)
-    if digest is None:
-        digest = _DIGESTS[key] = tree_digest([*_installed(key[1:], required=False), *_site_files()])
-    return digest
+    return _once(key, lambda: tree_digest([*_installed(key[1:], required=False), *_site_files()]))
 
 
 def tree_digest(trees: Iterable[tuple[str, Path]]) -> bytes:
@@ -175,18 +181,19 @@ def measured_digest(digest: bytes, packages: Iterable[str]) -> bytes:
     Once per process, like the digests: modules imported after `edgeward.bytecode.isolate` come
     from the private cache, compiled from their sources."""
     key = ("measured", digest.hex(), *packages)
-    known = _DIGESTS.get(key)
-    if known is None:  # what loads later comes from the private cache (isolate): checked once
+
+    def check() -> bytes:  # what loads later comes from the private cache (isolate): checked once
         roots = [root.resolve() for _name, root in _installed(key[2:], required=False)]
         stale = sorted(_unfaithful_caches(roots))
-        known = digest
-        if stale:
-            h = hashlib.sha256(b"edgeward/v1 unfaithful bytecode\x00" + digest)
-            for path, cache_digest in stale:
-                log.error("bytecode cache %s does not match its source: measured as such", path)
-                h.update(f"{path}\x00".encode() + cache_digest)
-            known = h.digest()
-        _DIGESTS[key] = known
+        if not stale:
+            return digest
+        h = hashlib.sha256(b"edgeward/v1 unfaithful bytecode\x00" + digest)
+        for path, cache_digest in stale:
+            log.error("bytecode cache %s does not match its source: measured as such", path)
+            h.update(f"{path}\x00".encode() + cache_digest)
+        return h.digest()
+
+    known = _once(key, check)
     foreign = foreign_modules()
     if not foreign:
         return known
@@ -208,6 +215,11 @@ def foreign_modules() -> list[tuple[str, str]]:
     ``PYTHONPATH``, an unmeasured dependency); each module is looked at once, when first seen."""
     if not whole_process():
         return []
+    with _ONCE:
+        return _foreign_modules()
+
+
+def _foreign_modules() -> list[tuple[str, str]]:
     new = [n for n in list(sys.modules) if n not in _CHECKED]
     if new:
         allowed = _allowed_roots()

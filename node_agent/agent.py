@@ -75,6 +75,9 @@ SEEN_COMMANDS = 4096
 LANES = {"attest": "attestation"}
 DEFAULT_LANE = "replicas"
 DOWNLOAD_TIMEOUT_S = 60.0
+# At stop, the OFFLINE status is written before the DISCONNECT (so the broker has it either way);
+# its PUBACK is awaited this long at most: a slow broker must not hold a shutdown for its timeout.
+GOODBYE_S = 2.0
 CONNECT_BACKOFF_S = (0.5, 15.0)  # first and largest delay between broker connection attempts
 # After a reconnect, buffered telemetry waits this long before it is replayed: the orchestrator
 # (which reconnects within a second, ORCHESTRATOR_RECONNECT_S) must have re-subscribed first, or a
@@ -306,7 +309,10 @@ class NodeAgent:
             try:
                 if not self._mqtt.connected:  # no broker to say goodbye to (nor to wait for)
                     raise MqttError("not connected")
-                await self._mqtt.publish(self._topic(TopicKind.STATUS), self._offline(), qos=1, retain=True)
+                async with asyncio.timeout(GOODBYE_S):
+                    await self._mqtt.publish(
+                        self._topic(TopicKind.STATUS), self._offline(), qos=1, retain=True
+                    )
             except Exception as err:
                 log.debug("could not publish offline status: %s", err)
             await self._mqtt.__aexit__(None, None, None)

@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 
 ZONES = ("edge-a", "edge-b", "edge-c")
 BLOCKING_THREADS = 8  # the process's pool for key generation, measurement, cache files
+# Stopping: every agent at once (each says goodbye within node_agent.agent.GOODBYE_S); whatever
+# has not stopped after this long is abandoned: the process is about to exit and its sockets with it.
+STOP_BOUND_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -135,11 +138,29 @@ async def hollow_fleet(
                 group.create_task(start(config))
         yield agents
     finally:
-        await asyncio.gather(*(a.__aexit__(None, None, None) for a in agents), return_exceptions=True)
+        await _stop_all(agents)
         for channel in channels.values():
             await channel.close()
-        pool.shutdown(wait=True)
+        pool.shutdown(wait=True, cancel_futures=True)
         agent_log.removeFilter(once)
+
+
+async def _stop_all(agents: list[NodeAgent]) -> None:
+    """Stop every agent at once, bounded by ``STOP_BOUND_S`` in all."""
+    if not agents:
+        return
+    t0 = time.monotonic()
+    stops = [asyncio.ensure_future(a.__aexit__(None, None, None)) for a in agents]
+    _, pending = await asyncio.wait(stops, timeout=STOP_BOUND_S)
+    for stop in pending:
+        stop.cancel()
+    await asyncio.gather(*stops, return_exceptions=True)
+    log.info(
+        "%d hollow nodes stopped in %.1f s%s",
+        len(agents),
+        time.monotonic() - t0,
+        f" ({len(pending)} abandoned after {STOP_BOUND_S:g} s)" if pending else "",
+    )
 
 
 class Progress:
