@@ -65,8 +65,10 @@ def manifest(
 
 
 async def eventually(
-    check: Callable[[], Awaitable[bool]], timeout: float = 20.0, what: str = "condition"
+    check: Callable[[], Awaitable[bool]], timeout: float = 120.0, what: str = "condition"
 ) -> None:
+    """Poll ``check`` until it holds. ``timeout`` only stops a hang (the orchestrator and the agents
+    of the ``fleet`` share this process and its event loop: on a loaded machine, seconds go by)."""
     deadline = time.monotonic() + timeout
     while True:
         if await check():

@@ -19,6 +19,10 @@ from usecases import model_path
 
 MODEL = model_path("industrial", "int8")
 LOOPBACK = "127.0.0.1"
+#: Deadline of a client call: it only stops a hang. The orchestrator runs in the test's own process
+#: and event loop, so on a loaded machine a call can take seconds; a tight deadline turned that
+#: into DEADLINE_EXCEEDED.
+CALL_S = 120.0
 
 
 def manifest(name: str, model: str, replicas: int = 0) -> str:
@@ -52,19 +56,19 @@ class Client:
             yield api_pb2.PushModelRequest(metadata=meta)
             yield api_pb2.PushModelRequest(chunk=data)
 
-        return await self.models.Push(parts(), timeout=30)
+        return await self.models.Push(parts(), timeout=CALL_S)
 
     async def apply(self, text: str) -> api_pb2.ApplyResponse:
-        return await self.deployments.Apply(api_pb2.ApplyRequest(manifest=text), timeout=10)
+        return await self.deployments.Apply(api_pb2.ApplyRequest(manifest=text), timeout=CALL_S)
 
     async def get(self, name: str) -> api_pb2.Deployment:
-        return await self.deployments.Get(api_pb2.GetDeploymentRequest(name=name), timeout=10)
+        return await self.deployments.Get(api_pb2.GetDeploymentRequest(name=name), timeout=CALL_S)
 
     async def delete(self, name: str) -> api_pb2.DeleteDeploymentResponse:
-        return await self.deployments.Delete(api_pb2.DeleteDeploymentRequest(name=name), timeout=10)
+        return await self.deployments.Delete(api_pb2.DeleteDeploymentRequest(name=name), timeout=CALL_S)
 
     async def list(self) -> list[str]:
-        response = await self.deployments.List(api_pb2.ListDeploymentsRequest(), timeout=10)
+        response = await self.deployments.List(api_pb2.ListDeploymentsRequest(), timeout=CALL_S)
         return sorted(d.name for d in response.deployments)
 
 
