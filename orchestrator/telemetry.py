@@ -113,6 +113,12 @@ class ExitCounters:
     def latest(self, node_id: str) -> list[node_pb2.ExitStats]:
         return self._latest.get(node_id, [])
 
+    def windowed(self, stream: tuple[str, str, str]) -> int:
+        """Requests of ``stream`` (node, model, source) handed out in windows so far: what the
+        detectors have seen of it."""
+        row = self._index.get(stream)
+        return int(self._last[row, 0]) if row is not None and row < len(self._last) else 0
+
 
 @dataclass
 class _Rings:

@@ -358,6 +358,12 @@ class EmbeddedBroker:
         """Messages dropped because their payload exceeded ``max_payload``."""
         return 0 if self._broker is None else self._broker.dropped_oversize
 
+    @property
+    def session_ids(self) -> set[str]:
+        """Client ids of the sessions the broker holds: connected, or kept for a client that
+        disconnected with a persistent session (amqtt sweeps the others away once a second)."""
+        return set() if self._broker is None else set(self._broker._sessions)
+
     async def __aenter__(self) -> Self:
         await self.start()
         return self

@@ -89,14 +89,23 @@ async def test_retained_messages_go_only_to_matching_subscribers(
         await orchestrator.publish(hello, b"", qos=1, retain=True)
 
 
-async def test_persistent_sessions_keep_queued_messages(mqtt_url: BrokerURL, topic_prefix: str) -> None:
+async def test_persistent_sessions_keep_queued_messages(
+    mqtt_url: BrokerURL, topic_prefix: str, request: pytest.FixtureRequest
+) -> None:
     cmd = node_topic("n1", TopicKind.CMD, topic_prefix)
-    node_id = client_id("node")
+    node_id, orch_id = client_id("node"), client_id("orch")
     async with MqttSession(mqtt_url, node_id, clean_start=False) as node:
         await node.subscribe(cmd, qos=1)
-    async with MqttSession(mqtt_url, client_id("orch")) as orchestrator:
+    async with MqttSession(mqtt_url, orch_id) as orchestrator:
         await orchestrator.publish(cmd, b"load model", qos=1)
-    await asyncio.sleep(1.5)  # amqtt sweeps disconnected sessions every second
+    if request.node.callspec.params["mqtt_url"] == "embedded":
+        # amqtt sweeps disconnected sessions once a second: once the orchestrator's clean session is
+        # gone, a sweep ran after both disconnected, and the node's persistent one must have stayed.
+        broker: EmbeddedBroker = request.getfixturevalue("embedded_broker")
+        async with asyncio.timeout(60):  # bounds a hang only
+            while orch_id in broker.session_ids:
+                await asyncio.sleep(0.05)
+        assert node_id in broker.session_ids
     async with MqttSession(mqtt_url, node_id, clean_start=False) as node:
         message = await receive(node)
         assert (message.payload, message.qos, message.retain) == (b"load model", 1, False)

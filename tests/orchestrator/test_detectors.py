@@ -99,6 +99,9 @@ def test_exit_counters_turn_cumulative_counts_into_windows():
     w = c.windows(min_total=5)  # cam-2 answered 1 request: it accumulates into a later window
     assert w.streams == [("n1", "m", "cam-1")]
     assert (w.early.tolist(), w.total.tolist(), w.refused.tolist()) == ([12], [35], [3])
+    # What the detectors have seen of each stream (cam-2's second report is still held back).
+    assert (c.windowed(("n1", "m", "cam-1")), c.windowed(("n1", "m", "cam-2"))) == (85, 2)
+    assert c.windowed(("n2", "m", "cam-1")) == 0
     c.add("n1", [exit_stats("m", "cam-2", [6, 0, 1])])
     assert c.windows(min_total=5).total.tolist() == [5]
     c.add("n1", [exit_stats("m", "cam-1", [3, 0, 0])])  # the agent restarted: counting from zero
