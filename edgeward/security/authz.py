@@ -43,6 +43,7 @@ MODEL = "model"
 OPERATOR_OWNER = "operator"
 _ANY_ROLE = frozenset(Role)
 _IDENTITY_CACHE = 1024
+MAX_WATCHES = 16  # Watch streams one certificate may hold open at once
 
 
 class Denied(Exception):
@@ -370,10 +371,6 @@ class Authorizer(Authenticator):
             return set(names)
         return set(names) & await self.owners.owned(kind, identity.owner)
 
-    async def sees(self, identity: Identity, kind: str, name: str) -> bool:
-        """Whether the identity may see the one object ``name``."""
-        return identity.role is not Role.TEAM or await self.owners.owner(kind, name) == identity.owner
-
 
 # ---------------------------------------------------------------- gRPC
 
@@ -392,6 +389,34 @@ async def _filter_response(method: str, identity: Identity, authz: Authorizer, r
     return response
 
 
+class TeamWatch:
+    """Which events of a DeploymentService/Watch stream a team sees: its own deployments'. Whose a
+    name is, is read once per stream and again only for a name it has not classified yet, in a
+    later revision than it last read: a name changes hands only through its deletion, which the
+    stream sees (in revision order) before any event of the next owner."""
+
+    def __init__(self, authz: Authorizer, identity: Identity) -> None:
+        self._authz = authz
+        self._identity = identity
+        self._mine: set[str] = set()
+        self._theirs: set[str] = set()
+        self._read_at = -1  # the revision the owners were last read at (-1: never)
+
+    async def shows(self, event: Any) -> bool:
+        name = event.deployment.name
+        if name not in self._mine and name not in self._theirs:
+            if event.revision > self._read_at:
+                self._mine = await self._authz.owners.owned(DEPLOYMENT, self._identity.owner)
+                self._read_at = event.revision
+            if name not in self._mine:
+                self._theirs.add(name)
+        shown = name in self._mine
+        if event.type == api_pb2.WATCH_EVENT_TYPE_DELETED:  # the name may change hands from now on
+            self._mine.discard(name)
+            self._theirs.discard(name)
+        return shown
+
+
 class AuthzInterceptor(RequestGuard):
     """Enforces `RULES` on every call of a server that requires client certificates.
 
@@ -407,6 +432,7 @@ class AuthzInterceptor(RequestGuard):
         self.audit = audit
         self.checks = dict(checks or {})
         self.denied = 0
+        self.watches: dict[str, int] = {}  # open Watch streams per certificate (CN)
         unchecked = [m for m, r in RULES.items() if r.kind and r.target is None and m not in self.checks]
         if unchecked:  # their target is known only from a check: without it they would go unchecked
             raise ValueError(f"these methods need a request check: {', '.join(unchecked)}")
@@ -561,19 +587,51 @@ class AuthzInterceptor(RequestGuard):
 
     def ustream(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
         rule = rule_for(method)
+        watch = method.endswith("/Watch")
 
         async def call(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             identity, _name, _claims = await self._admit(method, rule, request, context)
-            team_watch = identity.role is Role.TEAM and method == _D + "Watch"
+            who = identity.common_name
+            if watch:  # each holds a queue of up to a thousand changes while its client does not read
+                if self.watches.get(who, 0) >= MAX_WATCHES:
+                    denial = Denied(
+                        "request.streams",
+                        f"{who} has {MAX_WATCHES} Watch streams open, at most {MAX_WATCHES}",
+                        grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    )
+                    await self._refused(method, rule, identity, None, context, denial)
+                self.watches[who] = self.watches.get(who, 0) + 1
             try:
-                async for item in self.authz.stream(identity, behavior(request, context)):
-                    if team_watch and not await self.authz.sees(identity, DEPLOYMENT, item.deployment.name):
-                        continue
+                async for item in self._watched(method, rule, identity, behavior(request, context), context):
                     yield item
-            except StreamCut:
-                await self._cut(method, rule, identity, context)
+            finally:
+                if watch:
+                    self.watches[who] -= 1
+                    if not self.watches[who]:
+                        del self.watches[who]
 
         return call
+
+    async def _watched(
+        self,
+        method: str,
+        rule: MethodRule,
+        identity: Identity,
+        items: AsyncIterator[Any],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[Any]:
+        """A response stream as the caller may see it: a team's Watch only its own deployments; ended
+        once the caller's certificate is revoked."""
+        team_watch = (
+            TeamWatch(self.authz, identity) if identity.role is Role.TEAM and method == _D + "Watch" else None
+        )
+        try:
+            async for item in self.authz.stream(identity, items):
+                if team_watch is not None and not await team_watch.shows(item):
+                    continue
+                yield item
+        except StreamCut:
+            await self._cut(method, rule, identity, context)
 
     def sunary(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
         rule = rule_for(method)

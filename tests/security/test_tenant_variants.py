@@ -12,6 +12,7 @@ import pytest
 from security_support import MODEL, Client, manifest
 
 from edgeward.security.audit import read_audit
+from edgeward.security.authz import MAX_WATCHES
 from edgeward.v1 import api_pb2
 from orchestrator.multiexit import plan
 from orchestrator.server import Orchestrator
@@ -175,3 +176,66 @@ async def test_pushes_under_way_are_bounded(
         assert (await refused(call)).code() == grpc.StatusCode.INVALID_ARGUMENT
     assert budget.held == 0
     await mallory.push("m4")  # and mallory can push again
+
+
+async def test_a_teams_watch_shows_its_own_deployments_even_as_a_name_changes_hands(
+    connect: Callable[..., Client], secure_orchestrator: Orchestrator
+):
+    home = connect("team", "ci", team="smart-home")
+    auto = connect("team", "ci", team="automotive")
+    await home.push("home-model")
+    await auto.push("auto-model")
+    await auto.apply(manifest("auto-old", "auto-model"))
+    watch = home.deployments.Watch(api_pb2.WatchDeploymentsRequest(), timeout=30)
+    await home.apply(manifest("x", "home-model"))
+    first = await watch.read()  # the stream is served (nothing of the snapshot is home's)
+    assert (first.type, first.deployment.name) == (api_pb2.WATCH_EVENT_TYPE_ADDED, "x")
+    await auto.apply(manifest("auto-new", "auto-model"))
+    await home.delete("x")
+    await auto.apply(manifest("x", "auto-model"))  # the name is the automotive team's now
+    await auto.apply(manifest("x", "auto-model", replicas=1))
+    await home.apply(manifest("home-last", "home-model"))
+    seen = []
+    async with asyncio.timeout(10):
+        while (event := await watch.read()).deployment.name != "home-last":
+            seen.append((api_pb2.WatchEventType.Name(event.type), event.deployment.name))
+    watch.cancel()
+    assert seen == [("WATCH_EVENT_TYPE_DELETED", "x")], seen
+
+
+async def test_one_certificate_holds_a_bounded_number_of_watch_streams(
+    connect: Callable[..., Client], secure_orchestrator: Orchestrator
+):
+    """Each Watch stream keeps a queue of up to a thousand deployment changes (every team's, before
+    they are filtered) while its client does not read; one certificate could open as many as it
+    liked, each holding its share of the orchestrator's memory."""
+    mallory = connect("team", "ci", team="automotive")
+    alice = connect("team", "ci", team="smart-home")
+    interceptor = secure_orchestrator.guard.interceptor
+    limit = MAX_WATCHES
+    streams = [mallory.deployments.Watch(api_pb2.WatchDeploymentsRequest(), timeout=30) for _ in range(limit)]
+    async with asyncio.timeout(10):
+        while interceptor.watches.get("team:automotive:ci", 0) < limit:
+            await asyncio.sleep(0.01)
+    extra = mallory.deployments.Watch(api_pb2.WatchDeploymentsRequest(), timeout=30)
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await extra.read()
+    assert (
+        info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "request.streams" in info.value.details()
+    )
+    other = alice.deployments.Watch(api_pb2.WatchDeploymentsRequest(), timeout=30)  # another certificate
+    streams[0].cancel()
+    async with asyncio.timeout(10):
+        while (
+            interceptor.watches.get("team:automotive:ci", 0) != limit - 1
+            or "team:smart-home:ci" not in interceptor.watches
+        ):
+            await asyncio.sleep(0.01)
+    streams[0] = mallory.deployments.Watch(api_pb2.WatchDeploymentsRequest(), timeout=30)
+    async with asyncio.timeout(10):
+        while interceptor.watches.get("team:automotive:ci", 0) < limit:
+            await asyncio.sleep(0.01)
+    for stream in (*streams, other):
+        stream.cancel()
+    lines = [x for x in read_audit(secure_orchestrator.guard.audit.path) if x["method"].endswith("/Watch")]
+    assert [(x["who"], x["result"]) for x in lines] == [("team:automotive:ci", "RESOURCE_EXHAUSTED")]
