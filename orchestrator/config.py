@@ -237,7 +237,7 @@ class OrchestratorConfig(BaseModel):
     metrics_bind: str | None = Field(
         None,
         description="host:port of the Prometheus /metrics endpoint; unset: no endpoint. Outside loopback it "
-        "needs 'security' and serves HTTPS that requires a client certificate of the fleet CA.",
+        "needs 'security' and serves HTTPS to operator and orchestrator certificates of the fleet CA.",
     )
     max_grpc_message: Annotated[int, Field(ge=1024 * 1024, le=512 * 1024 * 1024)] = Field(
         4 * 1024 * 1024,

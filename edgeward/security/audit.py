@@ -55,12 +55,22 @@ class AuditEntry:
             role=str(identity.role) if identity else "",
             team=(identity.team or "") if identity else "",
             serial=f"{identity.serial:x}" if identity else "",
-            peer=peer,
-            method=method,
-            target=target,
+            peer=bounded(peer, MAX_FIELD),
+            method=bounded(method, MAX_FIELD),
+            target=bounded(target, MAX_FIELD),
             result=result,
-            reason=reason,
+            reason=bounded(reason, MAX_REASON),
         )
+
+
+MAX_FIELD = 256  # peer, method, target: a caller's names are echoed, never at any length
+MAX_REASON = 1024
+
+
+def bounded(text: str, most: int) -> str:
+    """``text``, cut to ``most`` characters (saying how long it was): one refused call with a name of
+    megabytes must not write megabytes to the log."""
+    return text if len(text) <= most else f"{text[:most]}...[{len(text)} characters]"
 
 
 class AuditLog:

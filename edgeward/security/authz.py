@@ -29,7 +29,7 @@ from typing import Any, Protocol
 import grpc
 
 from edgeward.grpc_standard import STANDARD_METHODS
-from edgeward.security.audit import AuditEntry, AuditLog
+from edgeward.security.audit import MAX_REASON, AuditEntry, AuditLog, bounded
 from edgeward.security.boundary import UNDECODABLE, RequestGuard, StreamCut, Undecodable, until_set
 from edgeward.security.errors import IdentityError
 from edgeward.security.identity import Identity, Role
@@ -44,6 +44,7 @@ OPERATOR_OWNER = "operator"
 _ANY_ROLE = frozenset(Role)
 _IDENTITY_CACHE = 1024
 MAX_WATCHES = 16  # Watch streams one certificate may hold open at once
+MAX_NAME = 253  # the longest name a request may give for its target (object names are shorter still)
 
 
 class Denied(Exception):
@@ -461,6 +462,12 @@ class AuthzInterceptor(RequestGuard):
                 await self.authz.check_model_use(identity, checked.uses)
             elif rule.target is not None and request is not None:
                 name = rule.target(request)
+                if name is not None and len(name) > MAX_NAME:  # no object has such a name
+                    raise Denied(
+                        "request.name_too_long",
+                        f"a name of {len(name)} characters, at most {MAX_NAME}",
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                    )
             if method == _M + "Push" and request is not None:
                 claimed = request.metadata.owner_team
                 if claimed not in ("", identity.team or ""):
@@ -501,13 +508,14 @@ class AuthzInterceptor(RequestGuard):
     ) -> None:
         self.denied += 1
         # The text, not the exception: a kept log record would keep the request through its traceback.
-        log.warning("refused %s to %s: %s", method, identity or context.peer(), str(denial))
+        text = bounded(str(denial), MAX_REASON)
+        log.warning("refused %s to %s: %s", method, identity or context.peer(), text)
         await self.audit.record(
             AuditEntry.make(
                 identity, context.peer(), method, _target_text(rule, name), denial.code.name, str(denial)
             )
         )
-        await context.abort(denial.code, str(denial))
+        await context.abort(denial.code, text)
 
     async def refuse(self, method: str, bad: Undecodable, context: grpc.aio.ServicerContext) -> None:
         """A later message of a request stream did not decode: audited, then the call ends (raises)."""

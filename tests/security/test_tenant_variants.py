@@ -239,3 +239,23 @@ async def test_one_certificate_holds_a_bounded_number_of_watch_streams(
         stream.cancel()
     lines = [x for x in read_audit(secure_orchestrator.guard.audit.path) if x["method"].endswith("/Watch")]
     assert [(x["who"], x["result"]) for x in lines] == [("team:automotive:ci", "RESOURCE_EXHAUSTED")]
+
+
+async def test_a_refusal_writes_a_bounded_audit_line(
+    connect: Callable[..., Client], secure_orchestrator: Orchestrator
+):
+    """Names a request gives for its target went into the audit line whole (twice: target and reason),
+    fsync-ed: one refused Delete of a 3 MB name wrote 6 MB to the audit log, so a team certificate
+    could fill the orchestrator's disk at the speed of its requests."""
+    team = connect("team", "ci", team="smart-home")
+    path = secure_orchestrator.guard.audit.path
+    for call in (
+        lambda: team.deployments.Delete(api_pb2.DeleteDeploymentRequest(name="a" * 3_000_000), timeout=10),
+        lambda: team.models.Get(api_pb2.GetModelRequest(name="b" * 1_000_000), timeout=10),
+    ):
+        err = await refused(call())
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "request.name_too_long" in err.details()
+    lines = read_audit(path)
+    assert [x["result"] for x in lines] == ["INVALID_ARGUMENT"] * 2
+    assert path.stat().st_size < 4096
+    assert lines[0]["target"].startswith("deployment/aaa") and "3000011 characters" in lines[0]["target"]
