@@ -36,7 +36,7 @@ import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from edgeward.bytecode import isolated, whole_process
+from edgeward.bytecode import isolated, startup_modules, whole_process
 
 from .errors import AttestationError
 
@@ -68,6 +68,7 @@ AGENT_DEPENDENCIES: tuple[str, ...] = (
     "cffi",
     "_cffi_backend",
     "_distutils_hack",
+    "certifi",  # imported at every start by a site .pth file in some environments
 )
 AGENT_CODE = "agent.code"
 AGENT_DEPS = "agent.deps"
@@ -221,6 +222,7 @@ def foreign_modules() -> list[tuple[str, str]]:
 
 def _foreign_modules() -> list[tuple[str, str]]:
     new = [n for n in list(sys.modules) if n not in _CHECKED]
+    startup = startup_modules()
     if new:
         allowed = _allowed_roots()
         sites = [d.resolve() for d in site_dirs()]
@@ -230,10 +232,11 @@ def _foreign_modules() -> list[tuple[str, str]]:
             if name == "__main__" or path is None or path.parent.resolve() in sites:
                 continue  # the entry script (like the interpreter); site files are measured whole
             resolved = path.resolve()
-            if any(resolved.is_relative_to(root) for root in allowed[0]) and not any(
-                resolved.is_relative_to(s) for s in sites
-            ):
+            in_site = any(resolved.is_relative_to(s) for s in sites)
+            if any(resolved.is_relative_to(root) for root in allowed[0]) and not in_site:
                 continue  # the interpreter's own library
+            if in_site and name in startup:
+                continue  # installed, and imported by a (measured) site .pth file before the agent ran
             if any(resolved == root or resolved.is_relative_to(root) for root in allowed[1]):
                 continue
             _FOREIGN[name] = str(resolved)

@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 ENV = "EDGEWARD_BYTECODE_DIR"
 _WHOLE_PROCESS = False  # set by `edgeward agent`: the agent is all this process runs
+_STARTUP: frozenset[str] = frozenset()  # the modules loaded before `edgeward agent` started the agent
 
 
 def _private(path: Path) -> bool:
@@ -40,8 +41,10 @@ def isolate(directory: Path | str | None = None, *, whole_process: bool = False)
     or ``~/.cache/edgeward/bytecode``; a fresh temporary one if that is not private). Idempotent:
     the first call wins, so the caches of one process never mix. ``whole_process``: the caller is
     the entry point of a process that runs the agent and nothing else (`whole_process`)."""
-    global _WHOLE_PROCESS
-    _WHOLE_PROCESS = _WHOLE_PROCESS or whole_process
+    global _WHOLE_PROCESS, _STARTUP
+    if whole_process and not _WHOLE_PROCESS:
+        _WHOLE_PROCESS = True
+        _STARTUP = frozenset(sys.modules)
     if sys.pycache_prefix is not None and _private(Path(sys.pycache_prefix)):
         return Path(sys.pycache_prefix)
     chosen = Path(directory or os.environ.get(ENV) or Path.home() / ".cache" / "edgeward" / "bytecode")
@@ -66,3 +69,9 @@ def whole_process() -> bool:
     (`attestation.artifacts.foreign_modules`). In-process agents (tests, ``edgeward sim-fleet``) share
     their process with other code and are not held to that."""
     return _WHOLE_PROCESS
+
+
+def startup_modules() -> frozenset[str]:
+    """The modules this process had loaded when ``edgeward agent`` started the agent: the interpreter's
+    start (``site`` and what the site's ``.pth`` files import) and the entry point."""
+    return _STARTUP
