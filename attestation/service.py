@@ -83,6 +83,9 @@ from .verifier import (
 log = logging.getLogger(__name__)
 
 MAX_SPENT_NONCES = 200_000
+# Wrapped keys kept for sending again (one wrap per node, model version and binding key, however
+# many replicas, resends and syncs carry it); the oldest goes first.
+MAX_WRAPPED_KEYS = 32_768
 _SPENT_DETAIL = {
     "attestation.nonce.reused": "this nonce was answered before",
     "attestation.nonce.expired": "the challenge expired before this answer",
@@ -221,6 +224,7 @@ class AttestationVerifierService:
         self._spent: OrderedDict[bytes, tuple[int, str]] = OrderedDict()
         self._listeners: list[Callable[[pb.NodeAttestation], None]] = []
         self._lock = threading.RLock()
+        self._wrapped: OrderedDict[tuple[int, bytes, str, bytes], bytes] = OrderedDict()
 
     def now_ms(self) -> int:
         return int(self._clock() * 1000)
@@ -537,7 +541,20 @@ class AttestationVerifierService:
             kind = node.known.enrollment.kind
         if not binding:
             raise KeyReleaseError("attestation.key.no_binding", f"node {node_id!r} presented no binding key")
-        return wrap_key(data_key, kind, binding, context).SerializeToString()
+        # Authorised just now, as every release is; the wrap itself is reused while the node's binding
+        # key is the same: sending the same envelope again is what a resent command does anyway.
+        key = (kind, binding, context, hashlib.sha256(data_key).digest())  # not the key itself
+        with self._lock:
+            wrapped = self._wrapped.get(key)
+            if wrapped is not None:
+                self._wrapped.move_to_end(key)
+                return wrapped
+        wrapped = wrap_key(data_key, kind, binding, context).SerializeToString()
+        with self._lock:
+            self._wrapped[key] = wrapped
+            while len(self._wrapped) > MAX_WRAPPED_KEYS:
+                self._wrapped.popitem(last=False)
+        return wrapped
 
     # ------------------------------------------------------------ views
 

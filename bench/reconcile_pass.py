@@ -40,7 +40,7 @@ from attestation.artifacts import key_context
 from attestation.keyrelease import wrap_key
 from edgeward.v1 import api_pb2, attestation_pb2, node_pb2
 from edgeward.wire import node_message
-from orchestrator.api import deployment_to_pb, fill_slo_attainment, node_to_pb
+from orchestrator.api import deployment_to_pb, node_to_pb
 from orchestrator.config import OrchestratorConfig
 from orchestrator.fleet import Fleet
 from orchestrator.manifest import parse_manifest
@@ -48,6 +48,7 @@ from orchestrator.phases import Phase
 from orchestrator.reconciler import Reconciler
 from orchestrator.scheduler import Scheduler
 from orchestrator.store import ModelRecord, SealedArtifact, SqlStore
+from orchestrator.telemetry import SloQuestion, TelemetryStore
 
 KIND = "sim-hollow"
 
@@ -132,7 +133,7 @@ class Setup:
             on_change=lambda _: None,
             trust=WrappingTrust(self.ids),
         )
-        self.reconciler._started -= 3600  # past the start-up grace period
+        self.reconciler._grace_ends = 0.0  # past the start-up grace period
 
     async def db(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.pool, partial(fn, *args))
@@ -167,7 +168,10 @@ class Setup:
             lambda: (self.store.get_deployment("scale"), self.store.list_replicas("scale"))
         )
         pb = deployment_to_pb(record, replicas)
-        fill_slo_attainment([(record, replicas, pb)], lambda _n: [])
+        running = [(r.node_id, r.model_name, r.model_version) for r in replicas if r.phase == Phase.RUNNING]
+        TelemetryStore().slo_attainment(
+            [SloQuestion(record.manifest.spec.requirements.max_latency_ms, running)]
+        )
         out["get_deployment"] = time.perf_counter() - t
         assert pb.status.running == len(self.ids), pb.status.running
         t = time.perf_counter()

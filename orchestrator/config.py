@@ -232,7 +232,9 @@ class OrchestratorConfig(BaseModel):
         60.0, description="A dispatched replica the node never reports is failed after this long."
     )
     resend_interval_s: Annotated[float, Field(gt=0, le=600)] = Field(
-        5.0, description="How often an unacknowledged command is sent again."
+        5.0,
+        description="How long a command the node has not acted on waits before it is sent again; "
+        "each further resend of the same replica's command waits twice as long, up to 4x.",
     )
     metrics_bind: str | None = Field(
         None,

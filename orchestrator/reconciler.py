@@ -84,6 +84,10 @@ FAILED_RETENTION_MS = 5_000
 PUBLISH_WINDOW = 1_000
 #: Replicas bound between two yields to the event loop.
 PLACE_SLICE = 256
+# The n-th resend of a replica's command waits resend_interval_s x RESEND_BACKOFF[n] after the
+# previous send: a node that is slow to report (a loaded fleet, a broker behind) is not sent the
+# same command, each with its key released again, every few seconds while it works through them.
+RESEND_BACKOFF = (1, 2, 4)
 _REPORTED_PHASE = {
     node_pb2.REPLICA_PHASE_LOADING: Phase.LOADING,
     node_pb2.REPLICA_PHASE_RUNNING: Phase.RUNNING,
@@ -191,6 +195,7 @@ class Reconciler:
         self._wake = asyncio.Event()
         self._grace_ends = time.monotonic() + config.node_timeout_s
         self._last_sent: dict[str, float] = {}  # replica id -> monotonic time of the last command
+        self._resent: dict[str, int] = {}  # replica id -> resends since its phase last moved
         self._needs_sync: set[str] = set()  # nodes that (re)connected: send their full set
         self._cordoned: set[str] = set()
         self._models: dict[tuple[str, str], CatalogEntry] = {}
@@ -480,9 +485,12 @@ class Reconciler:
         )
 
     def _resend(self, commands: list, rep: ReplicaRecord, now: float, *, undeploy: bool = False) -> None:
-        if now - self._last_sent.get(rep.id, 0.0) < self._config.resend_interval_s:
+        resent = self._resent.get(rep.id, 0)
+        interval = self._config.resend_interval_s * RESEND_BACKOFF[min(resent, len(RESEND_BACKOFF) - 1)]
+        if now - self._last_sent.get(rep.id, 0.0) < interval:
             return
         self._last_sent[rep.id] = now
+        self._resent[rep.id] = resent + 1
         assert rep.node_id is not None
         if undeploy:
             commands.append(
@@ -650,6 +658,7 @@ class ReconcilePass:
         """An evicted replica its node no longer holds: deleted at the commit."""
         self.changes.append(ReplicaChange(rep, delete=True))
         self.rec._last_sent.pop(rep.id, None)
+        self.rec._resent.pop(rep.id, None)
         self.touched.add(rep.deployment)
 
     def resend(self, rep: ReplicaRecord, *, undeploy: bool = False) -> None:
@@ -663,6 +672,7 @@ class ReconcilePass:
         evicted = self.change(rep, phase=Phase.EVICTED, reason=reason, message=message)
         if rep.phase != Phase.PENDING and rep.node_id is not None:
             self.rec._last_sent.pop(rep.id, None)
+            self.rec._resent.pop(rep.id, None)
             self.resend(evicted, undeploy=True)
         return evicted
 
@@ -765,6 +775,7 @@ class ReconcilePass:
             or reported not in TRANSITIONS[rep.phase]
         ):
             return rep
+        self.rec._resent.pop(rep.id, None)  # the node moved it on: the next resend comes early again
         if not report.reason and (rep.reason.startswith(RESCHEDULE) or rep.reason == BOUND):
             return self.change(rep, phase=reported)  # keep saying why it runs here
         return self.change(rep, phase=reported, reason=report.reason, message=report.message)

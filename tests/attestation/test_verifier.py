@@ -17,7 +17,8 @@ from conftest import (
 )
 from simulated_tpm import SimulatedTpmAttester
 
-from attestation.errors import EnrollmentError, EvidenceRejected
+from attestation import keyrelease
+from attestation.errors import EnrollmentError, EvidenceRejected, KeyReleaseError
 from attestation.responder import AttestationResponder
 from attestation.results import open_signed_result
 from attestation.service import AttestationState, AttestationVerifierService, VerifierConfig
@@ -298,6 +299,35 @@ def test_foreign_binding_key_is_not_released_to(make_node, verifier):
     outcome = verifier.receive("node-a", message.SerializeToString())
     assert [r.id for r in outcome.result.reasons] == ["attestation.binding.invalid"]
     assert not outcome.result.binding_public
+
+
+def test_a_released_key_is_wrapped_once_and_authorised_every_time(make_node, verifier, clock):
+    """The envelope for (node, context, key) is made once and sent again; another context or data key
+    gets its own; every release is still authorised anew."""
+    node = make_node()
+    attest(verifier, node)
+    data_key = keyrelease.new_data_key()
+    first = verifier.release_key("node-a", data_key, "node-a/m/1")
+    assert verifier.release_key("node-a", data_key, "node-a/m/1") == first
+    assert node.unwrap(first) == data_key
+    assert verifier.release_key("node-a", data_key, "node-a/m/2") != first
+    assert verifier.release_key("node-a", keyrelease.new_data_key(), "node-a/m/1") != first
+
+    verifier.revoke("node-a")  # a cached envelope is no release: the node is refused
+    with pytest.raises(KeyReleaseError) as revoked:
+        verifier.release_key("node-a", data_key, "node-a/m/1")
+    assert revoked.value.reason == "attestation.key.not_attested"
+
+
+def test_a_cached_envelope_is_not_sent_after_the_result_expires(make_node, verifier, clock):
+    node = make_node()
+    attest(verifier, node)
+    data_key = keyrelease.new_data_key()
+    verifier.release_key("node-a", data_key, "node-a/m/1")
+    clock.advance(verifier.config.result_ttl_s)  # the result expired: the envelope is not sent again
+    with pytest.raises(KeyReleaseError) as expired:
+        verifier.release_key("node-a", data_key, "node-a/m/1")
+    assert expired.value.reason == "attestation.key.not_attested"
 
 
 # ------------------------------------------------------------------------------ enrollment

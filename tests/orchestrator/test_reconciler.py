@@ -14,9 +14,10 @@ from edgeward.v1 import api_pb2, node_pb2
 from orchestrator.config import OrchestratorConfig
 from orchestrator.fleet import Fleet
 from orchestrator.manifest import parse_manifest
+from orchestrator.phases import Phase
 from orchestrator.reconciler import Reconciler
 from orchestrator.scheduler import Scheduler
-from orchestrator.store import ModelRecord, SqlStore
+from orchestrator.store import ModelRecord, ReplicaRecord, SqlStore
 
 MANIFEST = (
     "apiVersion: edgeward/v1\nkind: Deployment\nmetadata: {name: vib}\n"
@@ -159,3 +160,26 @@ async def test_the_grace_period_covers_the_fleets_reconnect(store, tmp_path) -> 
     await rec.reconcile_once()
     phases = {r.id: (r.phase, r.reason) for r in store.list_replicas("vib")}
     assert phases["vib-1"] == (Phase.EVICTED, "node.lost")
+
+
+async def test_resends_of_one_replica_back_off_to_four_times_the_interval(store, tmp_path) -> None:
+    """A node slow to act on a command is sent it again after resend_interval_s, then after twice and
+    four times that; once it reports the replica moving on, the next resend comes early again."""
+    rec = reconciler(store, tmp_path)
+    interval = rec._config.resend_interval_s
+    rep = ReplicaRecord("vib-1", "vib", 1, "vib-cnn", "1.0.0", Phase.EVICTED, 0, node_id="node-1")
+    commands: list = []
+    sent_at = []
+    rec._last_sent[rep.id] = t = 1000.0  # sent when it was bound (or evicted)
+    while t < 1000.0 + 12 * interval:
+        before = len(commands)
+        rec._resend(commands, rep, t, undeploy=True)
+        if len(commands) > before:
+            sent_at.append((t - 1000.0) / interval)
+        t += interval / 10
+    assert [round(s, 1) for s in sent_at] == [1.0, 3.0, 7.0, 11.0]
+
+    rec._resent.pop(rep.id)  # what following a report that moved the replica does
+    before = len(commands)
+    rec._resend(commands, rep, t + interval, undeploy=True)
+    assert len(commands) == before + 1
