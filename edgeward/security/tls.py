@@ -6,6 +6,7 @@ validated without IO.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import os
 import ssl
@@ -107,8 +108,9 @@ def grpc_aio_channel(target: str, tls: TlsFiles | None, server_name: str | None 
 class RevocationList:
     """The serials a CRL file revokes, re-read whenever the file changes (checked at most once a second).
 
-    A CRL that cannot be read or is not signed by the CA keeps the last good list and is logged;
-    a missing file at start is an error (the caller asked for revocation checks).
+    A CRL that cannot be read, is not signed by the CA, or was issued before the one in force (a
+    replayed copy would undo revocations) keeps the last good list and is logged; a missing file at
+    start is an error (the caller asked for revocation checks).
     """
 
     def __init__(self, crl_file: Path, ca_file: Path, *, min_interval_s: float = 1.0) -> None:
@@ -119,6 +121,7 @@ class RevocationList:
         self._stamp: tuple[int, int] | None = None
         self._checked = 0.0
         self._revoked: frozenset[int] = frozenset()
+        self._issued: dt.datetime | None = None  # lastUpdate of the CRL in force
         self._load(force=True)
 
     def is_revoked(self, serial: int, now: float | None = None) -> bool:
@@ -153,12 +156,19 @@ class RevocationList:
                 crl = x509.load_pem_x509_crl(self.crl_file.read_bytes())
                 if not any(crl.is_signature_valid(ca.public_key()) for ca in self._ca):  # type: ignore[arg-type]
                     raise ValueError("not signed by the fleet CA")
+                if self._issued is not None and crl.last_update_utc < self._issued:
+                    # A CRL from before the one in force (a replayed copy) would undo revocations.
+                    self._stamp = stamp
+                    raise ValueError(
+                        f"issued {crl.last_update_utc:%Y-%m-%d %H:%M:%S}, before the one in force"
+                    )
             except (OSError, ValueError) as err:
                 if force:
                     raise PkiError("security.crl.bad", f"{self.crl_file}: {err}") from err
                 log.warning("ignoring CRL %s (%s); keeping the last one", self.crl_file, err)
                 return
             self._revoked = frozenset(r.serial_number for r in crl)
+            self._issued = crl.last_update_utc
             self._stamp = stamp
             log.info("CRL %s: %d revoked certificate(s)", self.crl_file, len(self._revoked))
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import stat
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 
 from edgeward.cli import main
 from edgeward.security.authz import RULES, rule_for
@@ -163,3 +165,27 @@ def test_configs_default_to_tls_when_the_pki_is_given(fleet_ca: FleetCA, tmp_pat
     assert (agent.broker.url, str(agent.broker.key_file)) == ("mqtts://127.0.0.1:8883", "n.key")
     with pytest.raises(ValueError, match="plaintext mqtt:// is refused"):
         AgentConfig.model_validate({"node_id": "n1", "tls": tls, "broker": {"url": "mqtt://b:1883"}})
+
+
+def test_an_older_crl_does_not_undo_a_revocation(fleet_ca: FleetCA):
+    """Any CRL the fleet CA signed was taken, the oldest too: a copy from before a revocation, put back
+    where a server reads its CRL (a replayed file, a stale copy from configuration management),
+    made the revoked certificate good again."""
+    node, other = (fleet_ca.issue(parse_subject("node", n)) for n in ("node-1", "node-2"))
+    ca_key, ca_cert = fleet_ca._load_ca()
+    now = dt.datetime.now(dt.UTC)
+    older = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca_cert.subject)
+        .last_update(now - dt.timedelta(days=1))
+        .next_update(now + dt.timedelta(days=30))
+        .sign(ca_key, hashes.SHA256())
+        .public_bytes(serialization.Encoding.PEM)
+    )
+    crl = RevocationList(fleet_ca.crl_file, fleet_ca.ca_file, min_interval_s=0)
+    fleet_ca.revoke("node-1")
+    assert crl.is_revoked(node.serial)
+    fleet_ca.crl_file.write_bytes(older)
+    assert crl.is_revoked(node.serial)
+    fleet_ca.revoke("node-2")  # the next CRL is taken as usual
+    assert crl.is_revoked(node.serial) and crl.is_revoked(other.serial)
