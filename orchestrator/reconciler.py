@@ -84,6 +84,10 @@ FAILED_RETENTION_MS = 5_000
 PUBLISH_WINDOW = 1_000
 #: Replicas bound between two yields to the event loop.
 PLACE_SLICE = 256
+# A pass that binds many replicas saves and starts sending every this many bindings (at most
+# PUBLISH_WINDOW, so one slice's publishes all start before the next slice's): the first nodes load
+# while the rest are bound, instead of every node waiting for the whole pass.
+COMMIT_SLICE = 1000
 # The n-th resend of a replica's command waits resend_interval_s x RESEND_BACKOFF[n] after the
 # previous send: a node that is slow to report (a loaded fleet, a broker behind) is not sent the
 # same command, each with its key released again, every few seconds while it works through them.
@@ -281,12 +285,16 @@ class Reconciler:
             if self._rollouts is not None and await self._rollouts.tick(deployments, replicas):
                 deployments, replicas = await self._read()
             run = ReconcilePass(self, deployments, replicas)
-            run.follow_reports()
-            await run.rebalance()
-            pending = run.scale()
-            await run.place(pending)
-            await run.sync_nodes()
-            await run.commit()
+            try:
+                run.follow_reports()
+                await run.rebalance()
+                pending = run.scale()
+                await run.place(pending)
+                await run.sync_nodes()
+                await run.commit()
+            except BaseException:
+                await asyncio.gather(*run.sending, return_exceptions=True)  # started: out, or failed
+                raise
         finally:
             self._in_pass = False
             self.passes += 1
@@ -625,6 +633,10 @@ class ReconcilePass:
         self.changes: list[ReplicaChange] = []
         self.commands: list[tuple[str, node_pb2.Command]] = []
         self.touched: set[str] = set()
+        self._saved = 0  # changes[:_saved] are in the store
+        self._started = 0  # commands[:_started] are being sent
+        self.sending: list[asyncio.Task[None]] = []
+        self._changed = False
         self.by_deployment: dict[str, list[ReplicaRecord]] = defaultdict(list)
         self._tiers: dict[str, str] = {}
 
@@ -1153,10 +1165,16 @@ class ReconcilePass:
             return outcomes
         models = [(rep.model_name, rep.model_version) for _, rep in pending]
         plan = await self.rec._plan(self.replicas, self.changes, self.deployments, self.now, models)
+        bound = 0
         for k, (dep, rep) in enumerate(pending):
             if k and not k % PLACE_SLICE:
                 await asyncio.sleep(0)  # let ingest run: binding 10,000 replicas takes seconds
-            outcomes[await self._place(plan, dep, rep)] += 1
+            outcome = await self._place(plan, dep, rep)
+            outcomes[outcome] += 1
+            if outcome is Placed.BOUND:
+                bound += 1
+                if not bound % COMMIT_SLICE:
+                    await self.flush()
         return outcomes
 
     async def _place(self, plan: PlacementPlan, dep: DeploymentRecord, rep: ReplicaRecord) -> Placed:
@@ -1250,15 +1268,37 @@ class ReconcilePass:
     # ------------------------------------------------------------ 6. commit
 
     async def commit(self) -> None:
-        """Save every decision in one transaction, then publish the commands (a crash between
-        the two loses commands, which are re-sent, never a decision)."""
+        """Save the decisions not saved yet in one transaction, then publish their commands (a crash
+        between the two loses commands, which are re-sent, never a decision), and wait until every
+        command of the pass is out."""
+        await self.flush()
+        await self.sent()
+        if self._changed:
+            self.rec._changed_passes += 1
+
+    async def flush(self) -> None:
+        """Save the decisions made so far (one transaction) and start publishing their commands,
+        in order, without waiting for them (``sent``). ``place`` flushes every ``COMMIT_SLICE``
+        bindings; a crash after a flush leaves a store that the next pass carries on from."""
         rec = self.rec
-        if self.changes:
-            await rec._db(rec._store.apply_replica_changes, self.changes)
-            rec._changed_passes += 1
-        await publish_all(rec._publish, self.commands)
+        changes, self._saved = self.changes[self._saved :], len(self.changes)
+        if changes:
+            await rec._db(rec._store.apply_replica_changes, changes)
+            self._changed = True
+        commands, self._started = self.commands[self._started :], len(self.commands)
+        if commands:
+            self.sending.append(asyncio.create_task(publish_all(rec._publish, commands)))
         if self.touched:
             rec._on_change(self.touched)
+            self.touched = set()
+
+    async def sent(self) -> None:
+        """Wait for the commands being published (raise the first failure)."""
+        sending, self.sending = self.sending, []
+        results = await asyncio.gather(*sending, return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
 
 
 def _node_info(

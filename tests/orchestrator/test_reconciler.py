@@ -6,18 +6,22 @@ import asyncio
 import hashlib
 import sqlite3
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import pytest
 
 from edgeward.v1 import api_pb2, node_pb2
+from edgeward.wire import node_message
+from orchestrator import reconciler as reconciler_module
 from orchestrator.config import OrchestratorConfig
 from orchestrator.fleet import Fleet
 from orchestrator.manifest import parse_manifest
 from orchestrator.phases import Phase
 from orchestrator.reconciler import Reconciler
 from orchestrator.scheduler import Scheduler
-from orchestrator.store import ModelRecord, ReplicaRecord, SqlStore
+from orchestrator.store import ModelRecord, ReplicaRecord, SealedArtifact, SqlStore
 
 MANIFEST = (
     "apiVersion: edgeward/v1\nkind: Deployment\nmetadata: {name: vib}\n"
@@ -36,6 +40,19 @@ class NoTrust:
 
     def release_key(self, node_id: str, name: str, version: str, data_key: bytes) -> bytes:
         raise AssertionError("no key is released without a node")
+
+
+class Affirmed:
+    """Every node holds an affirming software-tier result; keys are 'released' as placeholders."""
+
+    def tier(self, node_id: str) -> str:
+        return "software"
+
+    def why_not_trusted(self, node_id: str) -> tuple[str, str] | None:
+        return None
+
+    def release_key(self, node_id: str, name: str, version: str, data_key: bytes) -> bytes:
+        return b"wrapped for " + node_id.encode()
 
 
 @pytest.fixture
@@ -183,3 +200,55 @@ async def test_resends_of_one_replica_back_off_to_four_times_the_interval(store,
     before = len(commands)
     rec._resend(commands, rep, t + interval, undeploy=True)
     assert len(commands) == before + 1
+
+
+async def test_a_large_apply_is_saved_and_sent_in_slices(store, tmp_path, monkeypatch) -> None:
+    """Binding many replicas, the pass saves and starts sending every COMMIT_SLICE bindings: the
+    first nodes get their commands while the rest are bound, each after its decision is saved."""
+    monkeypatch.setattr(reconciler_module, "COMMIT_SLICE", 2)
+    fleet = Fleet()
+    for i in range(5):
+        acc = node_pb2.Accelerator(kind="cpu-litert", dtypes=["INT8"], peak_gops=1.0)
+        hello = node_pb2.Hello(accelerators=[acc], max_replicas=8, memory_bytes=2**30, boot_unix_ms=1)
+        fleet.apply(node_message(f"node-{i}", hello=hello))
+        fleet.apply(node_message(f"node-{i}", status=node_pb2.Status(state=node_pb2.NODE_STATE_ONLINE)))
+    blob = b"sealed model"
+    info = api_pb2.Model(name="vib-cnn", version="1.0.0", sha256="0" * 64, size=5, dtypes=["INT8"])
+    sealed = SealedArtifact(hashlib.sha256(blob).hexdigest(), len(blob), b"k" * 32)
+    store.put_model(ModelRecord("vib-cnn", "1.0.0", "0" * 64, 5, info.SerializeToString(), 1), blob, sealed)
+    store.put_deployment(parse_manifest(MANIFEST.replace("replicas: 1", "replicas: 5")), 1)
+    writes = 0
+    published: list[tuple[int, set[str]]] = []  # (saves started so far, replicas saved as dispatched)
+
+    pool = ThreadPoolExecutor(1)  # the store's thread, as in the orchestrator: the loop runs meanwhile
+
+    async def db(fn, *args):
+        nonlocal writes
+        writes += fn == store.apply_replica_changes
+        return await asyncio.get_running_loop().run_in_executor(pool, partial(fn, *args))
+
+    async def publish(node_id: str, cmd: node_pb2.Command) -> None:
+        saved = {r.id for r in store.list_replicas("vib") if r.phase == Phase.DISPATCHED}
+        published.append((writes, saved))
+        assert cmd.deploy.replica_id in saved, "a command goes out only after its decision is saved"
+
+    rec = Reconciler(
+        store,
+        db,
+        fleet,
+        Scheduler(),
+        publish,
+        OrchestratorConfig(state_dir=tmp_path / "orch"),
+        artifact_endpoint=lambda: "127.0.0.1:1",
+        on_change=lambda _: None,
+        trust=Affirmed(),
+    )
+    rec._grace_ends = 0.0
+    try:
+        await rec.reconcile_once()
+    finally:
+        pool.shutdown()
+    assert writes == 3  # after the 2nd and the 4th binding, then the rest
+    # The first slice's commands go out while the second slice is saved, and so on.
+    assert [w for w, _ in published] == [2, 2, 3, 3, 3]
+    assert len({r.node_id for r in store.list_replicas("vib")}) == 5
