@@ -16,6 +16,7 @@ import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any
 
 import grpc
@@ -413,6 +414,14 @@ class ModelService(api_pb2_grpc.ModelServiceServicer):
         self._verifier = verifier
         self._fleet = fleet
         self._budget = budget
+        # Downloads of one model version that arrive while its read is under way share that read
+        # (a fleet's nodes download together after an apply); the next burst reads afresh.
+        self._reading: dict[tuple[str, str], asyncio.Future[tuple[ModelRecord, SealedArtifact, bytes]]] = {}
+
+    def _read_done(self, key: tuple[str, str], read: asyncio.Future) -> None:
+        self._reading.pop(key, None)
+        if not read.cancelled():
+            read.exception()  # retrieved: every waiter may have left before it failed
 
     @_rpc
     async def Push(
@@ -585,8 +594,13 @@ class ModelService(api_pb2_grpc.ModelServiceServicer):
             sealed = store.get_sealed(record.name, record.version)
             return record, sealed, store.read_artifact(sealed.sha256)
 
+        key = (request.name, request.version)
+        shared = self._reading.get(key)
+        if shared is None:
+            shared = self._reading[key] = asyncio.ensure_future(self._control.db(read))
+            shared.add_done_callback(partial(self._read_done, key))
         try:
-            record, sealed, data = await self._control.db(read)
+            record, sealed, data = await asyncio.shield(shared)  # one caller leaving cancels no other
         except NotFound as err:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(err))
         if sealed.revoked_ms:

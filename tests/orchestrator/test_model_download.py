@@ -1,0 +1,70 @@
+"""Downloads of one model version that arrive together share one read of the store (a fleet's nodes
+download together after an apply); a later download reads afresh."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from edgeward.v1 import api_pb2
+from orchestrator.api import Control, ModelService
+from orchestrator.store import ModelRecord, SealedArtifact, SqlStore
+
+BLOB = b"sealed model bytes" * 100
+
+
+class CountingStore(SqlStore):
+    reads = 0
+
+    def read_artifact(self, sha256: str) -> bytes:
+        self.reads += 1
+        return super().read_artifact(sha256)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[CountingStore]:
+    store = CountingStore(tmp_path / "orch")
+    info = api_pb2.Model(name="vib-cnn", version="1.0.0", sha256="0" * 64, size=5, dtypes=["INT8"])
+    sealed = SealedArtifact(hashlib.sha256(BLOB).hexdigest(), len(BLOB), b"k" * 32)
+    store.put_model(ModelRecord("vib-cnn", "1.0.0", "0" * 64, 5, info.SerializeToString(), 1), BLOB, sealed)
+    yield store
+    store.close()
+
+
+async def test_downloads_arriving_together_share_one_read(store: CountingStore) -> None:
+    pool = ThreadPoolExecutor(1)  # the store's one thread, as in the orchestrator
+    held = threading.Event()
+
+    async def db(fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(pool, partial(fn, *args))
+
+    control = Control(store, db, None, None, lambda: None)  # type: ignore[arg-type]
+    service = ModelService(control, None, None, None, None, None)  # type: ignore[arg-type]
+    request = api_pb2.DownloadModelRequest(name="vib-cnn", version="1.0.0")
+
+    async def download() -> bytes:
+        return b"".join([chunk.data async for chunk in service.Download(request, None)])  # type: ignore[arg-type]
+
+    try:
+        blocker = asyncio.get_running_loop().run_in_executor(pool, held.wait)  # the store thread is busy
+        downloads = [asyncio.create_task(download()) for _ in range(20)]
+        for _ in range(3):  # each download runs to its first wait: the read, behind the busy thread
+            await asyncio.sleep(0)
+        assert not any(t.done() for t in downloads)
+        held.set()
+        await blocker
+        assert await asyncio.gather(*downloads) == [BLOB] * 20
+        assert store.reads == 1
+        assert await download() == BLOB  # the next one reads again (a revocation would be seen)
+        assert store.reads == 2
+    finally:
+        held.set()
+        pool.shutdown()
