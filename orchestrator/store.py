@@ -22,6 +22,7 @@ also makes that thread the only committer of its process.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import os
 import random
@@ -223,7 +224,11 @@ class Store(Protocol):
 
 
 DB_FILE = "edgeward.db"
-WRITE_ATTEMPTS = 8  # a write that keeps losing serialization races (PostgreSQL) fails after this many
+# A write that keeps losing serialization races (PostgreSQL) is retried for this long before it fails:
+# a count of attempts ran out under load (8 attempts, half a second of back-off, while another
+# replica's transactions, stretched by a busy CPU, kept taking the change feed's counter row first).
+WRITE_RETRY_S = 30.0
+WRITE_BACKOFF_S = 0.25  # the largest pause between two attempts (jittered, doubling from 2 ms)
 _IN_CHUNK = 1000  # ids per IN (...) list
 LEADER = "leader"  # the lease row of the replicas' singleton loops
 CHANGES_KEPT = 100_000  # revisions of the deployments' change feed kept for Watch resumption
@@ -315,8 +320,9 @@ class SqlStore:
         serialization failure or a deadlock, or the connection dropped before COMMIT was sent
         (``work`` must only touch the database). A connection lost during COMMIT is not retried:
         the transaction may have committed."""
-        for attempt in range(WRITE_ATTEMPTS):
-            last = attempt == WRITE_ATTEMPTS - 1
+        deadline = time.monotonic() + WRITE_RETRY_S
+        for attempt in itertools.count():
+            last = time.monotonic() >= deadline
             with self._lock:
                 self._replicas = None  # any write may change them
                 conn = self._connection(WRITE)
@@ -341,7 +347,8 @@ class SqlStore:
                         _rollback(tx)
                         if last or not retryable(err):
                             raise
-            time.sleep(random.uniform(0, 0.002 * 2**attempt))  # noqa: S311 - jitter, not a secret
+            pause = min(WRITE_BACKOFF_S, 0.002 * 2 ** min(attempt, 16))
+            time.sleep(random.uniform(0, pause))  # noqa: S311 - jitter, not a secret
         raise AssertionError("unreachable")
 
     # ---------------------------------------------------------------- leader lease and fencing
