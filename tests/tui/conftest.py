@@ -149,7 +149,7 @@ DEMO_MODELS = [  # (precision of the industrial model, name, version, use case)
     ("float32", "vibration-cnn", "1.1.0", "industrial"),
     ("float32", "vibration-cnn", "0.9.0", "industrial"),
 ]
-STARTUP_S = 60.0
+STARTUP_S = 180.0  # bounds a hang only: the fleet is ready as soon as it is ready
 
 
 @dataclass
