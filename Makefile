@@ -33,7 +33,7 @@ promtool:
 	  || echo "NOTE: Debian's prometheus package could not be fetched: the promtool test will be skipped"; fi
 
 test-deps: system-deps promtool
-	$(PIP) install -q -e '.[dev,tpm,postgres]'
+	$(PIP) install -q -e '.[dev,tpm,postgres,nats]'
 
 test: test-deps
 	$(PYTHON) -m pytest

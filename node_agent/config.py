@@ -38,6 +38,11 @@ class AgentBrokerConfig(_Strict):
     max_payload: Annotated[int, Field(ge=1024, le=64 * 1024 * 1024)] = Field(
         256 * 1024, description="Commands larger than this are dropped and counted."
     )
+    nats: bool = Field(
+        False,
+        description="The broker is NATS's MQTT gateway, which cannot carry '.' in a topic ('/' becomes '.'): "
+        "node_id and topic_prefix are checked for it when the config is loaded.",
+    )
 
 
 class PowerProfile(_Strict):
@@ -191,6 +196,20 @@ class AgentConfig(_Strict):
     def _node_id(cls, value: str) -> str:
         validate_node_id(value)
         return value
+
+    @model_validator(mode="after")
+    def _no_dots_for_nats(self) -> AgentConfig:
+        if self.broker.nats:
+            for field, value in (
+                ("node_id", self.node_id),
+                ("broker.topic_prefix", self.broker.topic_prefix),
+            ):
+                if "." in value:
+                    raise ValueError(
+                        f"{field}: {value!r} has a '.', which NATS's MQTT gateway cannot carry in a topic "
+                        "(broker.nats: it maps '/' to '.'); use '-' or '_'"
+                    )
+        return self
 
 
 def load_agent_config(path: Path) -> AgentConfig:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -29,6 +29,42 @@ class ConfigError(OrchestratorError):
     pass
 
 
+class JetStreamConfig(BaseModel):
+    """The NATS JetStream stream that replicas share the fleet's statuses and telemetry through
+    (``broker.ingest: jetstream``; docs/scale-out.md, "Ingest")."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    urls: list[str] = Field(
+        min_length=1,
+        description="nats://host:port (or tls://) of the NATS servers' client ports; the client fails over "
+        "between them.",
+    )
+    stream_replicas: Annotated[int, Field(ge=1, le=5)] = Field(
+        3, description="Copies JetStream keeps of the stream (3 on a three-server cluster; 1 on one server)."
+    )
+    ack_wait_s: Annotated[float, Field(ge=1, le=300)] = Field(
+        5.0,
+        description="A message that a replica took and did not acknowledge (it died before its merge into "
+        "the store committed) goes to another replica after this long.",
+    )
+    max_age_s: Annotated[float, Field(ge=60, le=7 * 86400)] = Field(
+        3600.0, description="Messages that no replica took for this long (all of them down) are dropped."
+    )
+
+    @field_validator("urls")
+    @classmethod
+    def _nats_urls(cls, urls: list[str]) -> list[str]:
+        for url in urls:
+            scheme, sep, rest = url.partition("://")
+            if scheme not in ("nats", "tls") or not sep or not rest or "@" in rest:
+                raise ValueError(
+                    f"{url!r}: expected nats://host:port or tls://host:port (credentials are not taken "
+                    "in the URL)"
+                )
+        return urls
+
+
 class BrokerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -49,6 +85,17 @@ class BrokerConfig(BaseModel):
         False,
         description="Publish each event on {prefix}/events/<kind with '/' for '.'> (events/rollout/progress) "
         "instead of {prefix}/events/<kind>: NATS's MQTT gateway refuses '.' in topics.",
+    )
+    ingest: Literal["all", "shared", "jetstream"] = Field(
+        "all",
+        description="Who hears the nodes' statuses and telemetry (the heartbeat stream): 'all' (every replica "
+        "hears every node: one replica, the default), 'shared' (MQTT shared subscriptions "
+        "$share/edgeward/...: each message reaches one replica; Mosquitto, EMQX, ...) or 'jetstream' (a "
+        "JetStream stream and durable consumer that the replicas share: NATS). Shared ingest needs "
+        "PostgreSQL (state.url): replicas merge what they hear into it (docs/scale-out.md).",
+    )
+    jetstream: JetStreamConfig | None = Field(
+        None, description="The NATS JetStream source (ingest: jetstream)."
     )
     max_payload: Annotated[int, Field(ge=1024, le=64 * 1024 * 1024)] = Field(
         256 * 1024, description="Payloads larger than this are dropped and counted."
@@ -303,6 +350,28 @@ class OrchestratorConfig(BaseModel):
                         f"{field}: {bind!r} is not a loopback address; plaintext is for the local "
                         "demo only (set 'security', docs/security.md)"
                     )
+        return self
+
+    @model_validator(mode="after")
+    def _shared_ingest(self) -> OrchestratorConfig:
+        b = self.broker
+        if b.ingest != "all" and self.state.url is None:
+            raise ValueError(
+                f"broker.ingest: {b.ingest!r} needs state.url (PostgreSQL): the replicas sharing the ingest "
+                "merge what they hear into the store they share (docs/scale-out.md)"
+            )
+        if b.ingest == "shared" and b.url is None:
+            raise ValueError(
+                "broker.ingest: 'shared' needs an external broker with shared subscriptions (broker.url); "
+                "the embedded broker has none"
+            )
+        if (b.ingest == "jetstream") != (b.jetstream is not None):
+            raise ValueError("broker.jetstream: set it with broker.ingest: 'jetstream', and only then")
+        if (b.ingest == "jetstream" or b.event_topic_levels) and "." in b.topic_prefix:
+            raise ValueError(
+                f"broker.topic_prefix: {b.topic_prefix!r} has a '.', which NATS (ingest: jetstream, "
+                "event_topic_levels) cannot carry in a topic: NATS maps '/' to '.'"
+            )
         return self
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -71,13 +72,16 @@ from .detectors import SlowdownGuard
 from .errors import NotFound
 from .events import KIND_RE, EventBus, EventService
 from .fleet import Fleet
+from .jetstream import JetStreamIngest
 from .leader import CURRENT_LEASE, LeaderElection
 from .metrics import Family, MetricsServer, render
 from .multiexit import PipelineRouter
+from .node_states import NodeStates
 from .owners import StoreOwners
 from .reconciler import Reconciler, command
 from .rollout import RolloutController
 from .scheduler import Scheduler
+from .shared_ingest import SharedIngest
 from .store import Lease, NodeRecord, SqlStore, open_store
 from .telemetry import TelemetryStore
 from .verifier import FleetVerifier
@@ -94,6 +98,10 @@ SERVICE_NAMES = (
     events_pb2.DESCRIPTOR.services_by_name["EventService"].full_name,
 )
 INGEST_KINDS = (TopicKind.HELLO, TopicKind.STATUS, TopicKind.TELEMETRY, TopicKind.EVENTS, TopicKind.EVIDENCE)
+# The heartbeat stream, which replicas share with broker.ingest 'shared' or 'jetstream'; hellos,
+# events and evidence (rare, retained or one-shot) reach every replica (docs/scale-out.md, "Ingest").
+SHARED_KINDS = (TopicKind.STATUS, TopicKind.TELEMETRY)
+SHARE_GROUP = "edgeward"
 # An OFFLINE status (a last will, or a node's goodbye) takes effect after this long unless our own
 # broker connection drops meanwhile: a broker that shuts down publishes every client's will first.
 OFFLINE_CONFIRM_S = 0.5
@@ -159,6 +167,8 @@ class Orchestrator:
         self.revision = 0  # the newest change of the store's feed this replica has handled
         self._feed_wake = asyncio.Event()
         self._relaying = False
+        self.shared: SharedIngest | None = None  # broker.ingest 'shared' or 'jetstream'
+        self._jetstream: JetStreamIngest | None = None
 
     # ------------------------------------------------------------ executors
 
@@ -340,8 +350,7 @@ class Orchestrator:
             max_outbound=ORCHESTRATOR_OUTBOUND,
         )
         await self._mqtt.__aenter__()
-        for kind in INGEST_KINDS:
-            await self._mqtt.subscribe(nodes_filter(kind, b.topic_prefix), qos=1)
+        await self._subscribe_ingest()
         self._server = self._grpc_server()
         if self.guard is None:
             self.grpc_port = self._server.add_insecure_port(cfg.grpc_bind)
@@ -356,6 +365,58 @@ class Orchestrator:
                 self._metrics = MetricsServer.https(self.render_metrics, cfg.metrics_bind, cfg.security.tls)
             await self._metrics.start()
             self.metrics_port = self._metrics.port
+
+    async def _subscribe_ingest(self) -> None:
+        """Every kind a replica hears: all of them with ``broker.ingest: all``; else statuses and
+        telemetry through a shared subscription or the JetStream stream, each message to one replica,
+        merged into the store (:class:`SharedIngest`)."""
+        b = self.config.broker
+        assert self._mqtt is not None
+        for kind in INGEST_KINDS:
+            topic_filter = nodes_filter(kind, b.topic_prefix)
+            if kind in SHARED_KINDS and b.ingest == "jetstream":
+                continue
+            if kind in SHARED_KINDS and b.ingest == "shared":
+                topic_filter = f"$share/{SHARE_GROUP}/{topic_filter}"
+            await self._mqtt.subscribe(topic_filter, qos=1)
+        if b.ingest == "all":
+            return
+        self.shared = SharedIngest(
+            NodeStates(self.store.engine),
+            self.fleet,
+            self.telemetry,
+            self.replica_id,
+            on_status=lambda: self.reconciler.trigger(),
+            leading=lambda: self.leading,
+        )
+        if b.jetstream is not None:
+            self._jetstream = JetStreamIngest(
+                b.jetstream.urls,
+                b.topic_prefix,
+                kinds=tuple(k.value for k in SHARED_KINDS),
+                tls=self._nats_tls(),
+                stream_replicas=b.jetstream.stream_replicas,
+                ack_wait_s=b.jetstream.ack_wait_s,
+                max_age_s=b.jetstream.max_age_s,
+                name=f"edgeward-orchestrator-{self.replica_id}",
+            )
+            await self._jetstream.__aenter__()
+
+    def _nats_tls(self) -> ssl.SSLContext | None:
+        """TLS for tls:// NATS URLs: the broker's (or the security section's) CA and client certificate."""
+        b, sec = self.config.broker, self.config.security
+        assert b.jetstream is not None
+        if not any(u.startswith("tls://") for u in b.jetstream.urls):
+            return None
+        ca = b.ca_file or (sec.ca_file if sec else None)
+        context = ssl.create_default_context(cafile=ca)
+        cert, key = (
+            b.cert_file or (sec.cert_file if sec else None),
+            b.key_file or (sec.key_file if sec else None),
+        )
+        if cert is not None and key is not None:
+            context.load_cert_chain(cert, key)
+        return context
 
     def _grpc_server(self) -> grpc.aio.Server:
         server = grpc.aio.server(
@@ -407,6 +468,11 @@ class Orchestrator:
         # The fleet can be heard from now on; an embedded broker started with us: every node has to
         # reconnect to it first, at its own backoff.
         self.reconciler.start_grace(FLEET_RECONNECT_S if self._broker is not None else 0.0)
+        if self.shared is not None:  # what the other replicas merged before this one started
+            await self.shared.load()
+            self._tasks.append(asyncio.create_task(self.shared.run(), name="edgeward-shared-ingest"))
+        if self._jetstream is not None:
+            self._tasks.append(asyncio.create_task(self._ingest_jetstream(), name="edgeward-jetstream"))
         self._tasks.append(asyncio.create_task(self._ingest(), name="edgeward-ingest"))
         self._tasks.append(asyncio.create_task(self._flush_telemetry(), name="edgeward-telemetry"))
         self._tasks.append(asyncio.create_task(self._hold_liveness(), name="edgeward-liveness"))
@@ -430,6 +496,14 @@ class Orchestrator:
         if self._server is not None:
             await _bounded("gRPC server", self._server.stop(grace=0.5))
             self._server = None
+        if self._jetstream is not None:
+            await _bounded("JetStream source", self._jetstream.__aexit__(None, None, None))
+            self._jetstream = None
+        if self.shared is not None:
+            with contextlib.suppress(Exception):  # what is still unmerged: a last try
+                await _bounded("shared ingest's last merge", self.shared.flush())
+            await asyncio.get_running_loop().run_in_executor(None, self.shared.close)
+            self.shared = None
         if self._mqtt is not None:
             await _bounded("MQTT session", self._mqtt.__aexit__(None, None, None))
             self._mqtt = None
@@ -554,6 +628,26 @@ class Orchestrator:
         while batch := await self._mqtt.next_batch(INGEST_BATCH):
             await self._ingest_batch(batch)
 
+    async def _ingest_jetstream(self) -> None:
+        """Statuses and telemetry from the JetStream stream the replicas share: each batch is applied,
+        merged into the store, and only then acknowledged (a replica that dies before that leaves its
+        batch to another one, after ``ack_wait_s``)."""
+        assert self._jetstream is not None
+        assert self.shared is not None
+        while True:
+            batch = await self._jetstream.next_batch(INGEST_BATCH)
+            if not batch:
+                continue
+            await self._ingest_batch([m for m, _ in batch])
+            try:
+                await self.shared.flush()
+            except Exception as err:  # the database away: not acknowledged, redelivered
+                log.warning(
+                    "shared ingest: merge failed, %d messages left to redelivery: %s", len(batch), err
+                )
+                continue
+            await self._jetstream.ack(batch)
+
     async def _ingest_batch(self, batch: list[Message]) -> None:
         prefix = self.config.broker.topic_prefix
         max_payload = self.config.broker.max_payload
@@ -584,10 +678,12 @@ class Orchestrator:
             if msg.WhichOneof("body") == "status" and msg.status.state == node_pb2.NODE_STATE_OFFLINE:
                 self._offline(node_id, msg, message.retain)
                 continue
-            if not message.retain:
-                self._pending_offline.pop(node_id, None)  # it spoke after its will: it is back
+            if not message.retain and node_id in self._pending_offline and self._back(msg):
+                del self._pending_offline[node_id]  # it spoke after its will: it is back
             what = self.fleet.apply(msg, retained=message.retain)
             body = msg.WhichOneof("body")
+            if self.shared is not None and body == "status":
+                self.shared.received(msg, message.payload)
             if what == "hello":
                 self.reconciler.node_connected(node_id)
                 inventories.append(self._node_record(node_id, msg))
@@ -605,6 +701,8 @@ class Orchestrator:
                 self._node_event(node_id, msg.event)
             elif body == "telemetry" and not self.telemetry.add(node_id, msg.sent_unix_ms, msg.telemetry):
                 self.drops.drop(WireError("wire.telemetry.invalid_value"))
+            elif body == "telemetry" and self.shared is not None:
+                self.shared.received(msg, message.payload)
             elif body == "event" and msg.event.ack.command_id and not msg.event.ack.ok:
                 log.warning(
                     "node %s refused command %s: %s", node_id, msg.event.ack.command_id, msg.event.ack.reason
@@ -619,6 +717,16 @@ class Orchestrator:
             self._wire_work.add(node_id, steps)
         if serial:
             self._wire_work.add("", serial)
+
+    def _back(self, msg: node_pb2.NodeMessage) -> bool:
+        """Whether ``msg``, from a node whose OFFLINE is pending, says the node is back: a newer status
+        (by the node's own order), or, when this replica hears all of the node's messages in order
+        from one broker connection (``ingest: all``), any message after the OFFLINE. A shared ingest
+        may be handed an older message late (another replica died holding it)."""
+        offline = self._pending_offline[msg.node_id][1].status
+        if msg.HasField("status"):
+            return (msg.status.epoch, msg.status.status_seq) > (offline.epoch, offline.status_seq)
+        return self.shared is None
 
     def _as_leader(
         self, fn: Callable[..., Awaitable[None]], *args: Any
@@ -707,7 +815,10 @@ class Orchestrator:
             if connected:
                 due = [n for n, (at, _) in self._pending_offline.items() if at <= now]
                 for node_id in due:
-                    self.fleet.apply(self._pending_offline.pop(node_id)[1])
+                    offline = self._pending_offline.pop(node_id)[1]
+                    self.fleet.apply(offline)
+                    if self.shared is not None:
+                        self.shared.status(offline, offline.SerializeToString())
                 if due:
                     self.reconciler.trigger()
                 if down_at is None or now - down_at > FLEET_RECONNECT_S:
@@ -846,6 +957,25 @@ class Orchestrator:
                 "Messages waiting in the ingest inbox",
                 [({}, float(queued))],
             ),
+            *self._shared_metrics(),
+        ]
+
+    def _shared_metrics(self) -> list:
+        if self.shared is None:
+            return []
+        counts = dict(self.shared.counts)
+        if self._jetstream is not None:
+            counts["jetstream_received"] = self._jetstream.received
+            counts["jetstream_redelivered"] = self._jetstream.redelivered
+        return [
+            (
+                "edgeward_shared_ingest_total",
+                "counter",
+                "Shared ingest (broker.ingest shared or jetstream): statuses and telemetry this replica received "
+                "(received; of them from JetStream, and redelivered there), node rows it merged into the store "
+                "(merged, in flushes), and rows other replicas merged that it read (read_status, read_telemetry)",
+                [({"what": k}, float(v)) for k, v in sorted(counts.items())],
+            )
         ]
 
     def drop_counts(self) -> dict[str, int]:

@@ -36,6 +36,11 @@ class NatsCluster:
     def mqtt_urls(self) -> list[str]:
         return [f"mqtt://{LOOPBACK}:{p}" for p in self.mqtt_ports]
 
+    @property
+    def client_urls(self) -> list[str]:
+        """The servers' NATS client ports (JetStream: broker.ingest 'jetstream')."""
+        return [f"nats://{LOOPBACK}:{p}" for p in self.client_ports]
+
     def _config(self, i: int) -> Path:
         routes = ", ".join(f"nats-route://{LOOPBACK}:{p}" for p in self.route_ports)
         conf = self.workdir / f"nats-{i}.conf"

@@ -5,7 +5,8 @@ transaction handling is switched off and every transaction starts with our BEGIN
 write, so a writer holds the lock from its first read and never has to upgrade it).
 
 PostgreSQL: psycopg 3 through SQLAlchemy's pool; writes run SERIALIZABLE (and are retried on a
-serialization failure by the store), reads REPEATABLE READ READ ONLY (one snapshot per read).
+serialization failure by the store), reads REPEATABLE READ READ ONLY (one snapshot per read), the
+shared ingest's merges READ COMMITTED (``MERGE``).
 
 Which kind a transaction is, the store says in ``Connection.info[PURPOSE]`` before it begins; the
 "begin" hook below turns that into the engine's BEGIN without a round of SQLAlchemy statement
@@ -26,6 +27,10 @@ from sqlalchemy.exc import ArgumentError
 PURPOSE = "edgeward_tx"
 WRITE = "write"
 READ = "read"
+# A write of the shared ingest (orchestrator/node_states.py): one upsert per row whose conditions
+# decide on the row's newest version, so READ COMMITTED suffices and replicas writing rows of the
+# same nodes wait for each other's row locks instead of failing as serialization conflicts.
+MERGE = "merge"
 
 _POSTGRES_SCHEMES = {"postgresql", "postgres", "postgresql+psycopg"}
 # SQLSTATEs after which PostgreSQL asks the client to run the transaction again.
@@ -88,7 +93,7 @@ def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
 
 def _sqlite_begin(conn: sa.Connection) -> None:
     # IMMEDIATE: a writer takes the lock at BEGIN, so it never fails to upgrade a read lock mid-way.
-    statement = "BEGIN IMMEDIATE" if conn.info.get(PURPOSE) == WRITE else "BEGIN"
+    statement = "BEGIN IMMEDIATE" if conn.info.get(PURPOSE) in (WRITE, MERGE) else "BEGIN"
     conn.connection.driver_connection.execute(statement)  # type: ignore[union-attr]
 
 
@@ -123,9 +128,10 @@ def _postgres_begin(conn: sa.Connection) -> None:
         return
     driver = conn.connection.driver_connection
     # psycopg sends these with the BEGIN it issues before the transaction's first statement.
-    driver.isolation_level = (  # type: ignore[union-attr]
-        psycopg.IsolationLevel.SERIALIZABLE if what == WRITE else psycopg.IsolationLevel.REPEATABLE_READ
-    )
+    driver.isolation_level = {  # type: ignore[union-attr]
+        WRITE: psycopg.IsolationLevel.SERIALIZABLE,
+        MERGE: psycopg.IsolationLevel.READ_COMMITTED,
+    }.get(what, psycopg.IsolationLevel.REPEATABLE_READ)
     driver.read_only = what == READ  # type: ignore[union-attr]
 
 

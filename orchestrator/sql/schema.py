@@ -10,7 +10,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 
 # The newest revision under migrations/versions (checked by the tests against Alembic's own view).
-HEAD = "0004"
+HEAD = "0005"
 
 # Epoch milliseconds and byte sizes need 64 bits: BIGINT on PostgreSQL; on SQLite every INTEGER is
 # already 64-bit, and the stores written before Alembic spell it INTEGER.
@@ -196,4 +196,30 @@ owners = sa.Table(
     sa.Column("kind", sa.Text, primary_key=True),
     sa.Column("name", sa.Text, primary_key=True),
     sa.Column("owner", sa.Text, nullable=False),
+)
+
+# Ingest shared by the replicas (docs/scale-out.md, "Ingest"): per node, the newest status (the
+# NodeMessage as the node sent it, ordered by (epoch, seq); digest: of its content without the order)
+# and telemetry (by the node's sent time), and when any replica last heard it (seen_ms, the
+# database's clock). (swriter, sseq) says which replica's flush last changed the status's content,
+# (twriter, tseq) the telemetry: each replica numbers its own flushes, which commit in that order, so
+# a reader that keeps a cursor per writer misses no change (orchestrator/node_states.py).
+node_states = sa.Table(
+    "node_states",
+    metadata,
+    sa.Column("node_id", sa.Text, primary_key=True),
+    sa.Column("status", sa.LargeBinary),
+    sa.Column("epoch", Int64, nullable=False, server_default=sa.text("-1")),
+    sa.Column("seq", Int64, nullable=False, server_default=sa.text("-1")),
+    sa.Column("digest", sa.LargeBinary),
+    sa.Column("swriter", sa.Text, nullable=False, server_default=EMPTY),
+    sa.Column("sseq", Int64, nullable=False, server_default=ZERO),
+    sa.Column("telemetry", sa.LargeBinary),
+    sa.Column("telemetry_ms", Int64, nullable=False, server_default=sa.text("-1")),
+    sa.Column("twriter", sa.Text, nullable=False, server_default=EMPTY),
+    sa.Column("tseq", Int64, nullable=False, server_default=ZERO),
+    sa.Column("seen_ms", Int64, nullable=False, server_default=ZERO),
+    sa.Index("node_states_by_status_writer", "swriter", "sseq"),
+    sa.Index("node_states_by_telemetry_writer", "twriter", "tseq"),
+    sa.Index("node_states_by_seen", "seen_ms"),
 )
