@@ -678,6 +678,8 @@ class Orchestrator:
             if msg.WhichOneof("body") == "status" and msg.status.state == node_pb2.NODE_STATE_OFFLINE:
                 self._offline(node_id, msg, message.retain)
                 continue
+            if self.shared is not None and self.shared.stale(msg):
+                continue  # telemetry older than what this replica applied: redelivered late
             if not message.retain and node_id in self._pending_offline and self._back(msg):
                 del self._pending_offline[node_id]  # it spoke after its will: it is back
             what = self.fleet.apply(msg, retained=message.retain)

@@ -108,11 +108,22 @@ class SharedIngest:
             self.status(msg, payload)
         elif msg.HasField("telemetry"):
             sent = msg.sent_unix_ms
-            if sent > self._telemetry_ms.get(node_id, -1):
-                self._telemetry_ms[node_id] = sent
             queued = self._telemetry_out.get(node_id)
             if queued is None or sent > queued[0]:
                 self._telemetry_out[node_id] = (sent, payload)
+
+    def stale(self, msg: node_pb2.NodeMessage) -> bool:
+        """Whether ``msg`` is telemetry older than (or the same as) the newest this replica applied for
+        its node: a sample that reaches a replica late (redelivered after another replica died holding
+        it) would put older counters in the view. Statuses need no such check: the fleet view orders
+        them by ``(epoch, seq)``."""
+        if not msg.HasField("telemetry"):
+            return False
+        if msg.sent_unix_ms <= self._telemetry_ms.get(msg.node_id, -1):
+            self.counts["stale"] += 1
+            return True
+        self._telemetry_ms[msg.node_id] = msg.sent_unix_ms
+        return False
 
     def status(self, msg: node_pb2.NodeMessage, payload: bytes) -> None:
         """Merge a status at the next flush (also one this replica applied late: a confirmed will)."""
@@ -192,8 +203,7 @@ class SharedIngest:
                 continue
             if kind == "status":
                 changed |= self._fleet.apply(msg, retained=True) == "status"
-            elif msg.sent_unix_ms > self._telemetry_ms.get(msg.node_id, -1):
-                self._telemetry_ms[msg.node_id] = msg.sent_unix_ms
+            elif not self.stale(msg):
                 self._fleet.apply(msg, retained=True)
                 self._telemetry.add(msg.node_id, msg.sent_unix_ms, msg.telemetry)
         self.counts[f"read_{kind}"] += len(rows)
