@@ -7,11 +7,15 @@ a private Mosquitto, then measures through the public gRPC API and /metrics:
   another replica's /metrics says ``edgeward_leader 1`` (then the killed one is started again, so
   there are always three); p50 / p99 over the kills;
 * apply throughput and apply -> Running with 1 and with 3 replicas, ``--nodes`` hollow nodes
-  (``edgeward sim-fleet``, attested), a fresh database each: ``--deployments`` deployments that
+  (``edgeward sim-fleet``, attested), a fresh database each; one replica hears every node
+  (``broker.ingest: all``, the default), three share the ingest (``--ingest``, default ``shared``:
+  Mosquitto's ``$share``; ``all`` measures the fan-out instead): ``--deployments`` deployments that
   together ask for one replica per node, applied concurrently (8 calls in flight, spread over the
   replicas round-robin); throughput = deployments / time of the Apply calls; apply -> Running per
   replica from the return of its deployment's Apply to its first Running, seen by polling List on a
   replica every 0.5 s; p50 / p99. The ratio 3 / 1 replicas compares the two runs of one invocation.
+  The CPU seconds each replica process and the hollow fleet used from the first Apply to the last
+  replica Running are reported too (where the machine's two cores went).
 
     nice -n 10 python bench/scale_out.py --nodes 1000 --kills 10
 """
@@ -64,7 +68,7 @@ ONLINE = node_pb2.NODE_STATE_ONLINE
 
 class Replica:
     def __init__(
-        self, work: Path, index: int, url: str, broker_port: int, public_key: Path, ttl: float
+        self, work: Path, index: int, url: str, broker_port: int, public_key: Path, ttl: float, ingest: str
     ) -> None:
         self.grpc_port, self.metrics_port = listen_port(), listen_port()
         self.address = f"127.0.0.1:{self.grpc_port}"
@@ -73,7 +77,7 @@ class Replica:
         self.conf.write_text(
             f"state_dir: {work / 'orch'}\ngrpc_bind: {self.address}\n"
             f"metrics_bind: 127.0.0.1:{self.metrics_port}\nnode_timeout_s: 15\n"
-            f"broker: {{url: 'mqtt://127.0.0.1:{broker_port}'}}\n"
+            f"broker: {{url: 'mqtt://127.0.0.1:{broker_port}', ingest: {ingest}}}\n"
             f"state: {{url: '{url}', lease_ttl_s: {ttl}}}\n"
             f"catalog: {{trusted_publishers: ['{public_key}']}}\n"
         )
@@ -125,9 +129,9 @@ def wait(check, timeout: float, what: str, interval: float = 0.02):
 
 
 def start_replicas(
-    work: Path, count: int, url: str, broker_port: int, public: Path, ttl: float
+    work: Path, count: int, url: str, broker_port: int, public: Path, ttl: float, ingest: str = "all"
 ) -> list[Replica]:
-    replicas = [Replica(work, i, url, broker_port, public, ttl) for i in range(count)]
+    replicas = [Replica(work, i, url, broker_port, public, ttl, ingest) for i in range(count)]
     replicas[0].start()  # first alone: it creates the shared keys and migrates the database
     wait(replicas[0].leading, 60, "the first replica leading")
     for r in replicas[1:]:
@@ -157,6 +161,21 @@ def takeover(work: Path, url: str, broker_port: int, public: Path, kills: int, t
     return times
 
 
+def cpu_seconds(replicas: list[Replica], fleet: list[subprocess.Popen]) -> list[float]:
+    """CPU seconds (user + system) used so far by each replica process, then by the whole fleet."""
+    import psutil
+
+    def used(pid: int) -> float:
+        try:
+            t = psutil.Process(pid).cpu_times()
+        except psutil.Error:
+            return 0.0
+        return t.user + t.system
+
+    per_replica = [used(r.proc.pid) if r.proc is not None else 0.0 for r in replicas]
+    return [*per_replica, sum(used(p.pid) for p in fleet)]
+
+
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered)) - 1))]
@@ -167,9 +186,10 @@ async def apply_run(args: argparse.Namespace, work: Path, url: str, broker_port:
 
     publisher = PublisherKey.generate()
     _, public = publisher.write(work / "publisher")
-    replicas = start_replicas(work, count, url, broker_port, public, args.ttl)
+    ingest = args.ingest if count > 1 else "all"
+    replicas = start_replicas(work, count, url, broker_port, public, args.ttl, ingest)
     fleet: list[subprocess.Popen] = []
-    result: dict = {"replicas": count}
+    result: dict = {"replicas": count, "ingest": ingest}
     channels = [grpc.aio.insecure_channel(r.address) for r in replicas]
     try:
         leader = replicas.index(leader_of(replicas))
@@ -212,6 +232,7 @@ async def apply_run(args: argparse.Namespace, work: Path, url: str, broker_port:
                 await deps[i % len(deps)].Apply(api_pb2.ApplyRequest(manifest=manifest), timeout=120)
             applied[name] = time.monotonic()
 
+        cpu_before = cpu_seconds(replicas, fleet)
         start = time.monotonic()
         await asyncio.gather(*(apply(i) for i in range(args.deployments)))
         result["apply_s"] = time.monotonic() - start
@@ -227,6 +248,8 @@ async def apply_run(args: argparse.Namespace, work: Path, url: str, broker_port:
                 for r in d.status.replica_list:
                     if r.phase == RUNNING and r.id not in first_running:
                         first_running[r.id] = now - applied[d.name]
+        cpu_after = cpu_seconds(replicas, fleet)
+        result["cpu_s"] = [round(b - a, 1) for a, b in zip(cpu_before, cpu_after, strict=True)]
         times = list(first_running.values())
         result["running"] = len(times)
         result["p50_s"] = statistics.median(times) if times else float("nan")
@@ -260,6 +283,9 @@ def main() -> None:
     parser.add_argument("--heartbeat", type=float, default=5.0)
     parser.add_argument("--startup-timeout", type=float, default=900.0)
     parser.add_argument("--running-timeout", type=float, default=600.0)
+    parser.add_argument(
+        "--ingest", choices=("shared", "all"), default="shared", help="broker.ingest of the 3-replica runs"
+    )
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     bindir = pg_server.find_bindir()
@@ -295,8 +321,9 @@ def main() -> None:
     ratio_tp = median(3, "applies_per_s") / median(1, "applies_per_s")
     ratio_p99 = median(3, "p99_s") / median(1, "p99_s")
     rows = "\n".join(
-        f"| {k + 1} | {r['replicas']} | {r['attested_s']:.0f} s | {r['applies_per_s']:.1f} | "
-        f"{r['p50_s']:.2f} s | {r['p99_s']:.2f} s | {r['running']} |"
+        f"| {k + 1} | {r['replicas']} (`{r['ingest']}`) | {r['attested_s']:.0f} s | {r['applies_per_s']:.1f} | "
+        f"{r['p50_s']:.2f} s | {r['p99_s']:.2f} s | {r['running']} | "
+        f"{' / '.join(f'{c:.1f}' for c in r['cpu_s'][:-1])} | {r['cpu_s'][-1]:.1f} |"
         for k, r in enumerate(runs)
     )
     body = f"""## Scale-out: leader takeover, 1 vs 3 replicas on PostgreSQL, {args.nodes:,} hollow nodes
@@ -319,15 +346,14 @@ hollow node, Apply calls spread over the replicas, 8 in flight):
 
 Runs in the order {", ".join(str(c) for c in order)} replicas (so that a drift of the machine's load cancels out):
 
-| run | replicas | nodes attested after | applies/s | apply -> Running p50 | p99 | running |
-|---|---|---|---|---|---|---|
+| run | replicas (ingest) | nodes attested after | applies/s | apply -> Running p50 | p99 | running | CPU s per replica (leader first if it was the first) | CPU s hollow fleet |
+|---|---|---|---|---|---|---|---|---|
 {rows}
 
 Medians, 3 / 1 replicas: apply throughput **x{ratio_tp:.2f}**, apply -> Running p99 **x{ratio_p99:.2f}**
-(below 1 is faster). With one replica, every Apply waits on the same store thread as the leader's
-reconcile passes and the ingest of {args.nodes:,} nodes; with three, two thirds of the calls land on
-followers, whose store threads do nothing else. Every replica hears every node (docs/scale-out.md, "Ingest"), so on this one 2-core machine three
-replicas pay for three copies of the fleet's ingest; the API calls spread over them.
+(below 1 is faster). One replica hears every node (`broker.ingest: all`); three share the ingest
+(`{args.ingest}`: {"Mosquitto's `$share`, each message to one replica, merged into the store" if args.ingest == "shared" else "every replica hears every node"}; docs/scale-out.md, "Ingest"). Apply calls are spread over
+the replicas; the leader alone places replicas and acts on the nodes' reports.
 """
     print(body)
     if not args.no_write:
