@@ -726,7 +726,7 @@ class Orchestrator:
         from one broker connection (``ingest: all``), any message after the OFFLINE. A shared ingest
         may be handed an older message late (another replica died holding it)."""
         offline = self._pending_offline[msg.node_id][1].status
-        if msg.HasField("status"):
+        if msg.HasField("status") and msg.status.epoch and offline.epoch:  # epoch 0: an older agent
             return (msg.status.epoch, msg.status.status_seq) > (offline.epoch, offline.status_seq)
         return self.shared is None
 
