@@ -4,7 +4,9 @@
   import each other;
 * no import cycle between our modules (every import counts: lazy ones inside functions and those
   under ``TYPE_CHECKING`` too);
-* no function in ``orchestrator/`` is longer than 80 lines (Alembic migrations aside).
+* no function in ``orchestrator/`` is longer than 80 lines (Alembic migrations aside);
+* no two test modules share a file name (the suite imports them by basename, ``rootdir``-relative
+  without packages: a second ``test_x.py`` stops the whole collection).
 """
 
 from __future__ import annotations
@@ -150,3 +152,11 @@ def test_no_function_in_the_orchestrator_is_longer_than_80_lines() -> None:
         if lines > MAX_FUNCTION_LINES and not where.startswith(MIGRATIONS)
     }
     assert long == {}
+
+
+def test_no_two_test_modules_share_a_file_name() -> None:
+    seen: dict[str, list[str]] = {}
+    for path in sorted((ROOT / "tests").rglob("*.py")):
+        if path.name not in ("__init__.py", "conftest.py"):
+            seen.setdefault(path.name, []).append(str(path.relative_to(ROOT)))
+    assert {name: paths for name, paths in seen.items() if len(paths) > 1} == {}
