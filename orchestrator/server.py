@@ -918,6 +918,12 @@ class Orchestrator:
             "Reconcile passes this replica completed (failed ones too; only the leader reconciles)",
         )
         passes.add({}, float(self.reconciler.passes))
+        retries = Family(
+            "edgeward_store_write_retries_total",
+            "counter",
+            "Store write transactions run again after a serialization failure, a deadlock or a lost connection",
+        )
+        retries.add({}, float(self.store.write_retries))
         dropped = Family("edgeward_mqtt_dropped_total", "counter", "MQTT payloads refused at the boundary")
         for r, c in sorted(self.drop_counts().items()):
             dropped.add({"reason": r}, float(c))
@@ -926,7 +932,9 @@ class Orchestrator:
         ingest = [
             Family(n, k, h, [("", lb, v) for lb, v in samples]) for n, k, h, samples in self._ingest_metrics()
         ]
-        return render([up, watts, joules, served, latency, leader, terms, passes, dropped, ingested, *ingest])
+        return render(
+            [up, watts, joules, served, latency, leader, terms, passes, retries, dropped, ingested, *ingest]
+        )
 
     def _ingest_metrics(self) -> list:
         stats = self._mqtt.stats if self._mqtt is not None else SessionStats()

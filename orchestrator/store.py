@@ -6,8 +6,8 @@ Alembic, ``orchestrator/sql``) and two engines:
 - SQLite, the default: one file under the state dir, WAL journal, every write one transaction, so a
   kill -9 at any point leaves a consistent store. Model artifacts are files beside the database,
   content-addressed by sha256 and written atomically (write, fsync, rename).
-- PostgreSQL (``state.url``), for several orchestrator replicas: writes are SERIALIZABLE and retried on
-  a serialization failure; artifacts are rows of the ``artifacts`` table, in the same transaction as
+- PostgreSQL (``state.url``), for several orchestrator replicas: writes are SERIALIZABLE, take turns
+  across replicas (a table lock, their first statement) and are retried on a serialization failure; artifacts are rows of the ``artifacts`` table, in the same transaction as
   their model, so every replica sees them (docs/scale-out.md).
 
 With attestation, an artifact is stored sealed (encrypted with its model version's data key, see
@@ -235,6 +235,13 @@ CHANGES_KEPT = 100_000  # revisions of the deployments' change feed kept for Wat
 DEPLOYMENT_REVISION = "deployment_revision"
 # The database's clock in epoch milliseconds: lease expiry never depends on a replica's clock.
 _PG_NOW_MS = "(extract(epoch from clock_timestamp()) * 1000)::bigint"
+# The first statement of every write on PostgreSQL. The mode conflicts with itself and with row
+# writes, not with reads: the store's write transactions (each replica's) run one at a time, in the
+# order their locks were granted. A write's snapshot is taken at its first query, after the lock, so
+# it sees every write before it and no two writes can fail each other as serialization conflicts on
+# the change feed's counter row (which nearly every write bumps). What that costs and what it does
+# when a replica freezes mid-write: docs/scale-out.md.
+_WRITE_LOCK = sa.text("LOCK TABLE counters IN SHARE ROW EXCLUSIVE MODE")
 _FENCE_CHECK = sa.text(  # constant SQL, the values are bound
     "SELECT 1 FROM leases WHERE name = :name AND holder = :holder AND token = :token "  # noqa: S608
     f"AND expires_ms > {_PG_NOW_MS} FOR SHARE"
@@ -285,6 +292,7 @@ class SqlStore:
         self._statements = _Statements(sqlite.insert if self.dialect == "sqlite" else postgresql.insert)
         self._fence = threading.local()  # .lease: the lease the current thread's writes are fenced by
         self._own: deque[tuple[int, int]] = deque(maxlen=4096)  # revisions our own commits wrote
+        self.write_retries = 0  # write transactions run again (PostgreSQL asked for it, or a lost link)
         try:
             migrate(self.engine, self.where)
         except sa.exc.OperationalError as err:
@@ -329,6 +337,8 @@ class SqlStore:
                 tx = conn.begin()
                 self._fence.written = None
                 try:
+                    if self.dialect == "postgresql":
+                        conn.execute(_WRITE_LOCK)
                     self._check_fence(conn)
                     result = work(conn)
                 except sa.exc.DBAPIError as err:
@@ -347,6 +357,7 @@ class SqlStore:
                         _rollback(tx)
                         if last or not retryable(err):
                             raise
+            self.write_retries += 1
             pause = min(WRITE_BACKOFF_S, 0.002 * 2 ** min(attempt, 16))
             time.sleep(random.uniform(0, pause))  # noqa: S311 - jitter, not a secret
         raise AssertionError("unreachable")
