@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import logging
 import os
 import random
@@ -75,6 +76,21 @@ SEEN_COMMANDS = 4096
 LANES = {"attest": "attestation"}
 DEFAULT_LANE = "replicas"
 DOWNLOAD_TIMEOUT_S = 60.0
+# A download that ends with one of these codes is tried again after a jittered, doubling pause: the
+# artifact server was busy, restarting or out of reach for a moment (after an apply to a 10,000-node
+# fleet, thousands of downloads start together). Other codes (NOT_FOUND, a revoked model's
+# FAILED_PRECONDITION, PERMISSION_DENIED) and a stream of the wrong shape fail the replica at once.
+TRANSIENT_DOWNLOAD_CODES = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.ABORTED,
+    }
+)
+DOWNLOAD_RETRY_S = 180.0  # transient failures are tried again for this long, then the replica fails
+DOWNLOAD_BACKOFF_S = (1.0, 15.0)  # the pauses' first and largest bound (full jitter: 0 up to the bound)
 # At stop, the OFFLINE status is written before the DISCONNECT (so the broker has it either way);
 # its PUBACK is awaited this long at most: a slow broker must not hold a shutdown for its timeout.
 GOODBYE_S = 2.0
@@ -949,19 +965,55 @@ class NodeAgent:
             # With a node certificate, mutual TLS (the orchestrator only lets nodes download artifacts).
             tls = self.config.tls.tls if self.config.tls is not None else None
             channel = self._channels[spec.artifact_endpoint] = grpc_aio_channel(spec.artifact_endpoint, tls)
-        stub = api_pb2_grpc.ModelServiceStub(channel)
-        data = bytearray()
-        request = api_pb2.DownloadModelRequest(name=spec.model_name, version=spec.model_version)
-        size = None
-        async for chunk in stub.Download(request, timeout=DOWNLOAD_TIMEOUT_S):
-            size = chunk.size if size is None else size
-            # Sealing adds a nonce and a tag: a sealed artifact is a little larger than its model.
-            if chunk.offset != len(data) or chunk.size != size or not spec.size < size <= spec.size + 1024:
-                raise ValueError("artifact stream out of order or of unexpected size")
-            data.extend(chunk.data)
-        if len(data) != size:
-            raise ValueError(f"artifact stream ended at {len(data)} of {size} bytes")
-        return bytes(data)
+        return await download_artifact(api_pb2_grpc.ModelServiceStub(channel), spec)
+
+
+async def download_artifact(
+    stub: api_pb2_grpc.ModelServiceStub,
+    spec: node_pb2.DeployReplica,
+    retry_s: float = DOWNLOAD_RETRY_S,
+    backoff_s: tuple[float, float] = DOWNLOAD_BACKOFF_S,
+) -> bytes:
+    """The sealed artifact of ``spec``, tried again after a transient gRPC failure for ``retry_s``,
+    with pauses drawn from 0 up to a doubling bound (a crowd of nodes refused together does not come
+    back together). The sealed bytes are checked when they are opened: a retry cannot mix two copies."""
+    deadline = time.monotonic() + retry_s
+    bound = backoff_s[0]
+    for attempt in itertools.count(1):
+        try:
+            return await _download(stub, spec)
+        except grpc.aio.AioRpcError as err:
+            pause = random.uniform(0, bound)  # noqa: S311 -- spreading retries, not a secret
+            if err.code() not in TRANSIENT_DOWNLOAD_CODES or time.monotonic() + pause > deadline:
+                raise
+            log.info(
+                "download of %s:%s for %s: %s (attempt %d); again in %.1f s",
+                spec.model_name,
+                spec.model_version,
+                spec.replica_id,
+                err.code().name,
+                attempt,
+                pause,
+            )
+            await asyncio.sleep(pause)
+            bound = min(bound * 2, backoff_s[1])
+    raise AssertionError("unreachable")
+
+
+async def _download(stub: api_pb2_grpc.ModelServiceStub, spec: node_pb2.DeployReplica) -> bytes:
+    """One download of a sealed artifact, its chunks checked for order and size."""
+    data = bytearray()
+    request = api_pb2.DownloadModelRequest(name=spec.model_name, version=spec.model_version)
+    size = None
+    async for chunk in stub.Download(request, timeout=DOWNLOAD_TIMEOUT_S):
+        size = chunk.size if size is None else size
+        # Sealing adds a nonce and a tag: a sealed artifact is a little larger than its model.
+        if chunk.offset != len(data) or chunk.size != size or not spec.size < size <= spec.size + 1024:
+            raise ValueError("artifact stream out of order or of unexpected size")
+        data.extend(chunk.data)
+    if len(data) != size:
+        raise ValueError(f"artifact stream ended at {len(data)} of {size} bytes")
+    return bytes(data)
 
 
 class FaultInjectedBackend(Backend):

@@ -57,6 +57,7 @@ from edgeward.wire import (
 from .api import (
     Control,
     DeploymentService,
+    DownloadGate,
     ModelService,
     NodeService,
     RolloutService,
@@ -156,6 +157,7 @@ class Orchestrator:
         self._health = HealthServicer()
         self.guard: ApiGuard | None = None
         self.pushes = PushBudget()  # model pushes being received (held in memory) at once
+        self.downloads = DownloadGate()  # artifact downloads served at once
         self.store: SqlStore
         self.reconciler: Reconciler
         self.verifier: FleetVerifier
@@ -453,7 +455,9 @@ class Orchestrator:
         return ApiServices(
             deployments=DeploymentService(control, self.views, self.watch, self.run_blocking),
             nodes=NodeService(control, self.views),
-            models=ModelService(control, publisher, self.catalog, self.verifier, self.fleet, self.pushes),
+            models=ModelService(
+                control, publisher, self.catalog, self.verifier, self.fleet, self.pushes, self.downloads
+            ),
             telemetry=TelemetryService(self.telemetry),
             rollouts=RolloutService(self.store, self.db, self.rollouts),
         )
@@ -924,6 +928,12 @@ class Orchestrator:
             "Store write transactions run again after a serialization failure, a deadlock or a lost connection",
         )
         retries.add({}, float(self.store.write_retries))
+        downloads = Family(
+            "edgeward_model_downloads_refused_total",
+            "counter",
+            "Artifact downloads refused because the most allowed were being served (agents try again)",
+        )
+        downloads.add({}, float(self.downloads.refused))
         dropped = Family("edgeward_mqtt_dropped_total", "counter", "MQTT payloads refused at the boundary")
         for r, c in sorted(self.drop_counts().items()):
             dropped.add({"reason": r}, float(c))
@@ -932,9 +942,8 @@ class Orchestrator:
         ingest = [
             Family(n, k, h, [("", lb, v) for lb, v in samples]) for n, k, h, samples in self._ingest_metrics()
         ]
-        return render(
-            [up, watts, joules, served, latency, leader, terms, passes, retries, dropped, ingested, *ingest]
-        )
+        families = [up, watts, joules, served, latency, leader, terms, passes, retries, downloads]
+        return render([*families, dropped, ingested, *ingest])
 
     def _ingest_metrics(self) -> list:
         stats = self._mqtt.stats if self._mqtt is not None else SessionStats()

@@ -12,10 +12,11 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
-from edgeward.v1 import api_pb2
-from orchestrator.api import Control, ModelService
+from edgeward.v1 import api_pb2, api_pb2_grpc
+from orchestrator.api import Control, DownloadGate, ModelService
 from orchestrator.store import ModelRecord, SealedArtifact, SqlStore
 
 BLOB = b"sealed model bytes" * 100
@@ -67,4 +68,47 @@ async def test_downloads_arriving_together_share_one_read(store: CountingStore) 
         assert store.reads == 2
     finally:
         held.set()
+        pool.shutdown()
+
+
+async def test_downloads_past_the_limit_are_refused_at_once_and_counted(store: CountingStore) -> None:
+    """Over a real gRPC server: with two downloads being served (the store's thread busy), a third is
+    refused with RESOURCE_EXHAUSTED (agents try again later); the two complete, and the gate is empty."""
+    pool = ThreadPoolExecutor(1)
+    held = threading.Event()
+
+    async def db(fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(pool, partial(fn, *args))
+
+    gate = DownloadGate(limit=2)
+    control = Control(store, db, None, None, lambda: None)  # type: ignore[arg-type]
+    service = ModelService(control, None, None, None, None, None, gate)  # type: ignore[arg-type]
+    server = grpc.aio.server()
+    api_pb2_grpc.add_ModelServiceServicer_to_server(service, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    stub = api_pb2_grpc.ModelServiceStub(channel)
+    request = api_pb2.DownloadModelRequest(name="vib-cnn", version="1.0.0")
+
+    async def download() -> bytes:
+        return b"".join([chunk.data async for chunk in stub.Download(request, timeout=30)])
+
+    try:
+        blocker = asyncio.get_running_loop().run_in_executor(pool, held.wait)
+        served = [asyncio.create_task(download()) for _ in range(2)]
+        while gate.active < 2:  # both reached the server and wait for the store
+            await asyncio.sleep(0.01)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await download()
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "model.download.busy" in (refused.value.details() or "")
+        held.set()
+        await blocker
+        assert await asyncio.gather(*served) == [BLOB, BLOB]
+        assert (gate.active, gate.refused) == (0, 1)
+    finally:
+        held.set()
+        await channel.close()
+        await server.stop(None)
         pool.shutdown()
