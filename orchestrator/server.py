@@ -110,6 +110,7 @@ OFFLINE_CONFIRM_S = 0.5
 # nodes' reconnect backoff. Their silence in that time says nothing about them.
 FLEET_RECONNECT_S = RECONNECT_DELAY_S[1]
 MAX_RESPONSE_BYTES = 64 * 1024 * 1024  # a List of a large fleet; requests are capped by max_grpc_message
+MAX_PENDING_CALLS = 20_000  # gRPC calls arrived and not yet taken by the loop (a whole fleet downloading)
 LIVENESS_TICK_S = 0.1
 INGEST_BATCH = 512  # MQTT messages taken from the inbox and worked on together
 ORCHESTRATOR_RECONNECT_S = (0.1, 1.0)
@@ -426,6 +427,12 @@ class Orchestrator:
             options=[
                 ("grpc.max_receive_message_length", self.config.max_grpc_message),
                 ("grpc.max_send_message_length", MAX_RESPONSE_BYTES),
+                # Calls that arrived and wait for the server's loop to take them. gRPC's defaults
+                # (1,000; 3,000 at most) cancel the rest: after an apply to 10,000 nodes, their
+                # downloads came back CANCELLED for minutes. Each waiting call costs little memory;
+                # past what is taken, the download gate refuses with RESOURCE_EXHAUSTED.
+                ("grpc.server.max_pending_requests", MAX_PENDING_CALLS),
+                ("grpc.server.max_pending_requests_hard_limit", 2 * MAX_PENDING_CALLS),
             ],
         )
         services = self.services()
