@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -33,6 +34,28 @@ log = logging.getLogger(__name__)
 
 ZONES = ("edge-a", "edge-b", "edge-c")
 BLOCKING_THREADS = 8  # the process's pool for key generation, measurement, cache files
+# Hollow agents share artifact channels, this many agents a connection: real agents each have their
+# own, and one HTTP/2 connection carrying 2,500 agents' downloads at once stalled them all behind
+# its flow-control window (a 10,000-node apply hardly moved past Loading).
+AGENTS_PER_CHANNEL = 50
+
+
+class _ChannelGroup(dict[str, grpc.aio.Channel]):
+    """The artifact channels of one group of hollow agents, on a TCP connection of the group's own
+    (gRPC shares one connection between channels of equal arguments: the group's number differs)."""
+
+    def __init__(self, group: int) -> None:
+        super().__init__()
+        self.group = group
+
+    def get(self, endpoint: str, default: Any = None) -> grpc.aio.Channel:
+        channel = super().get(endpoint)
+        if channel is None:
+            options = [("edgeward.hollow_channel_group", self.group)]
+            channel = self[endpoint] = grpc.aio.insecure_channel(endpoint, options=options)
+        return channel
+
+
 # Stopping: every agent at once (each says goodbye within node_agent.agent.GOODBYE_S); whatever
 # has not stopped after this long is abandoned: the process is about to exit and its sockets with it.
 STOP_BOUND_S = 10.0
@@ -119,13 +142,14 @@ async def hollow_fleet(
     agent_log.addFilter(once)
     loop = asyncio.get_running_loop()
     pool = ThreadPoolExecutor(BLOCKING_THREADS, thread_name_prefix="hollow")
-    channels: dict[str, grpc.aio.Channel] = {}
+    groups = [_ChannelGroup(k) for k in range(-(-spec.nodes // AGENTS_PER_CHANNEL))]
     agents: list[NodeAgent] = []
     try:
         configs = await loop.run_in_executor(pool, _configs, spec)
         gate = asyncio.Semaphore(spec.concurrency)
 
-        async def start(config: AgentConfig) -> None:
+        async def start(k: int, config: AgentConfig) -> None:
+            channels = groups[k // AGENTS_PER_CHANNEL]
             agent = NodeAgent(config, pool=pool, channels=channels, serve_inference=False)
             async with gate:
                 await agent.__aenter__()
@@ -134,12 +158,12 @@ async def hollow_fleet(
                 progress(len(agents), spec.nodes)
 
         async with asyncio.TaskGroup() as group:  # one that cannot start stops the others
-            for config in configs:
-                group.create_task(start(config))
+            for k, config in enumerate(configs):
+                group.create_task(start(k, config))
         yield agents
     finally:
         await _stop_all(agents)
-        for channel in channels.values():
+        for channel in (c for g in groups for c in g.values()):
             await channel.close()
         pool.shutdown(wait=True, cancel_futures=True)
         agent_log.removeFilter(once)

@@ -421,6 +421,8 @@ class MqttSession:
         self._sock: socket.socket | None = None  # the socket paho handed to the loop, while open
         self._sock_closed: asyncio.Event | None = None
         self._reading = False
+        self._writing = False  # a writer is registered: the socket did not take all paho queued
+        self._flush_soon = False  # a write of what paho queued is due at the end of this loop turn
         self._misc_timer: asyncio.TimerHandle | None = None
         self._reconnect_task: asyncio.Task[None] | None = None
         self._link_changed = asyncio.Event()
@@ -695,6 +697,7 @@ class MqttSession:
             self._client.drop_buffer()  # bytes of an earlier connection
         self._sock_closed = asyncio.Event()
         self._reading = False
+        self._writing = False
         self._resume_reading()
         if self._misc_timer is None:
             # Spread over the interval: thousands of sessions started together tick apart.
@@ -713,17 +716,34 @@ class MqttSession:
         loop.remove_reader(sock)
         loop.remove_writer(sock)
         self._reading = False
+        self._writing = False
         if self._sock_closed is not None:
             self._sock_closed.set()
         if sock.fileno() != -1 and self._state is _State.CLOSED:
             sock.close()  # close() gave up waiting for the DISCONNECT to leave
 
+    # paho asks for a writer whenever a packet is queued and drops it when its queue is empty: two
+    # epoll changes per publish, which took half of a 2,500-node hollow fleet's CPU. Instead, what
+    # was queued during one turn of the loop is written at the end of it, in one go, and a writer
+    # is only registered while the socket does not take everything.
     def _want_write(self, sock: socket.socket) -> None:
-        if sock is self._sock:
+        if sock is self._sock and not self._flush_soon:
+            self._flush_soon = True
+            self._require_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_soon = False
+        client, sock = self._client, self._sock
+        if client is None or sock is None:
+            return
+        client.loop_write()
+        if sock is self._sock and client.want_write() and not self._writing:
+            self._writing = True
             self._require_loop().add_writer(sock, self._writable)
 
     def _no_write(self, sock: socket.socket) -> None:
-        if sock is self._sock:
+        if sock is self._sock and self._writing:
+            self._writing = False
             self._require_loop().remove_writer(sock)
 
     def _readable(self) -> None:
