@@ -805,7 +805,9 @@ def _print_summary(report: dict) -> None:
     placements = Table(title="placements (edgeward explain)", title_justify="left")
     for col in ("DEPLOYMENT", "NODE", "ACCELERATOR", "WHY"):
         placements.add_column(col)
-    simulated = {a["kind"] for n in report["nodes"] for a in n["accelerators"] if a["simulated"]}
+    # Per node: one kind may run for real on one node (node-1's CPU runs LiteRT) and be simulated on
+    # another (the CPU of a simulated FPGA board).
+    simulated = {(n["id"], a["kind"]) for n in report["nodes"] for a in n["accelerators"] if a["simulated"]}
     by_dep = {u["deployment"]: u for u in report["use_cases"].values()}
     later = {d: u for u in report["use_cases"].values() for d in u["deployments"][1:]}
     for d in report["deployments"]:
@@ -815,7 +817,9 @@ def _print_summary(report: dict) -> None:
             figures = ["(stage)", "", ""]
         for p in d["placements"]:
             if p["node"]:
-                kind = p["accelerator"] + (" (simulated)" if p["accelerator"] in simulated else "")
+                kind = p["accelerator"] + (
+                    " (simulated)" if (p["node"], p["accelerator"]) in simulated else ""
+                )
                 placements.add_row(d["name"], p["node"], kind, f"{p['reason']}: {p['message']}")
         deps.add_row(
             d["name"],
