@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from trust_stubs import Affirmed
 
 from accelerators.fpga_pynq import FpgaPynqBackend, FpgaPynqConfig
 from accelerators.tflite_model import inspect_tflite
@@ -35,19 +36,6 @@ MANIFEST = (
     "spec:\n  model: {name: vib-cnn, version: 1.0.0}\n  replicas: 1\n"
     "  requirements: {maxLatencyMs: 50}\n"
 )
-
-
-class Affirmed:
-    """Every node holds an affirming software-tier result; keys are 'released' as placeholders."""
-
-    def tier(self, node_id: str) -> str:
-        return "software"
-
-    def why_not_trusted(self, node_id: str) -> tuple[str, str] | None:
-        return None
-
-    def release_key(self, node_id: str, name: str, version: str, data_key: bytes) -> bytes:
-        return b"wrapped for " + node_id.encode()
 
 
 class Board:

@@ -11,6 +11,7 @@ from functools import partial
 from pathlib import Path
 
 import pytest
+from trust_stubs import Affirmed, NoTrust
 
 from edgeward.v1 import api_pb2, node_pb2
 from edgeward.wire import node_message
@@ -27,32 +28,6 @@ MANIFEST = (
     "apiVersion: edgeward/v1\nkind: Deployment\nmetadata: {name: vib}\n"
     "spec:\n  model: {name: vib-cnn, version: 1.0.0}\n  replicas: 1\n"
 )
-
-
-class NoTrust:
-    """No node is attested (there are no nodes here): the reconciler's trust seam."""
-
-    def tier(self, node_id: str) -> str:
-        return "none"
-
-    def why_not_trusted(self, node_id: str) -> tuple[str, str] | None:
-        return None
-
-    def release_key(self, node_id: str, name: str, version: str, data_key: bytes) -> bytes:
-        raise AssertionError("no key is released without a node")
-
-
-class Affirmed:
-    """Every node holds an affirming software-tier result; keys are 'released' as placeholders."""
-
-    def tier(self, node_id: str) -> str:
-        return "software"
-
-    def why_not_trusted(self, node_id: str) -> tuple[str, str] | None:
-        return None
-
-    def release_key(self, node_id: str, name: str, version: str, data_key: bytes) -> bytes:
-        return b"wrapped for " + node_id.encode()
 
 
 @pytest.fixture

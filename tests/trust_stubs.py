@@ -1,0 +1,30 @@
+"""Stand-ins for the reconciler's trust seam (the fleet verifier) in tests that feed node messages by
+hand and run no attestation."""
+
+from __future__ import annotations
+
+
+class NoTrust:
+    """No node is attested (there are no nodes here)."""
+
+    def tier(self, node_id: str) -> str:
+        return "none"
+
+    def why_not_trusted(self, node_id: str) -> tuple[str, str] | None:
+        return None
+
+    def release_key(self, node_id: str, name: str, version: str, data_key: bytes) -> bytes:
+        raise AssertionError("no key is released without a node")
+
+
+class Affirmed:
+    """Every node holds an affirming software-tier result; keys are 'released' as placeholders."""
+
+    def tier(self, node_id: str) -> str:
+        return "software"
+
+    def why_not_trusted(self, node_id: str) -> tuple[str, str] | None:
+        return None
+
+    def release_key(self, node_id: str, name: str, version: str, data_key: bytes) -> bytes:
+        return b"wrapped for " + node_id.encode()
