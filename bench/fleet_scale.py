@@ -178,7 +178,7 @@ class Rss:
 
 
 async def bench(args: argparse.Namespace, work: Path) -> dict:
-    from orchestrator.catalog.signing import PublisherKey, sign_metadata
+    from orchestrator.catalog.signing import PublisherKey
 
     publisher = PublisherKey.generate()
     _, public = publisher.write(work / "publisher")
@@ -226,44 +226,8 @@ async def bench(args: argparse.Namespace, work: Path) -> dict:
             print(f"all {args.nodes} online after {result['online_s']:.1f} s, attested after "
                   f"{result['attested_s']:.1f} s", flush=True)  # fmt: skip
 
-            data = model_path("industrial", "int8").read_bytes()
-            meta = api_pb2.ModelMetadata(
-                name="vib-cnn", version="1.0.0", size=len(data), sha256=hashlib.sha256(data).hexdigest()
-            )
-            meta = sign_metadata(meta, publisher)
-
-            async def parts():
-                yield api_pb2.PushModelRequest(metadata=meta)
-                yield api_pb2.PushModelRequest(chunk=data)
-
-            await models.Push(parts())
-            manifest = (
-                "apiVersion: edgeward/v1\nkind: Deployment\nmetadata: {name: scale}\n"
-                f"spec:\n  model: {{name: vib-cnn, version: 1.0.0}}\n  replicas: {args.nodes}\n"
-                "  requirements: {accelerators: [sim-hollow], memory: 1Mi}\n"
-            )
-            applied = time.monotonic()
-            await deps.Apply(api_pb2.ApplyRequest(manifest=manifest), timeout=120)
-            first_running: dict[str, float] = {}
-            while len(first_running) < args.nodes:
-                await asyncio.sleep(poll / 2)
-                dep = await deps.Get(api_pb2.GetDeploymentRequest(name="scale"), timeout=60)
-                now = time.monotonic() - applied
-                for r in dep.status.replica_list:
-                    if r.phase == RUNNING:
-                        first_running.setdefault(r.id, now)
-                rss.sample()
-                if now > args.running_timeout:
-                    break
-            times = sorted(first_running.values())
-            result["running"] = len(times)
-            result["p50_s"] = statistics.median(times) if times else float("nan")
-            result["p99_s"] = (
-                times[max(0, int(len(times) * 0.99) - 1)] if len(times) == args.nodes else float("nan")
-            )
-            result["all_running_s"] = times[-1] if len(times) == args.nodes else float("nan")
-            print(f"{len(times)}/{args.nodes} running; p50 {result['p50_s']:.1f} s, p99 {result['p99_s']:.1f} s",
-                  flush=True)  # fmt: skip
+            if not args.no_apply:
+                await apply_and_wait(args, models, deps, publisher, rss, result)
 
             falsely_offline: set[str] = set()
             steady_end = time.monotonic() + args.steady
@@ -306,6 +270,50 @@ async def bench(args: argparse.Namespace, work: Path) -> dict:
     return result
 
 
+async def apply_and_wait(args, models, deps, publisher, rss, result: dict) -> None:
+    """Push the model, apply one deployment with a replica per node, and time each replica's first
+    Running (p50 / p99 over the replicas) into ``result``."""
+    from orchestrator.catalog.signing import sign_metadata
+
+    poll = result["poll_s"]
+    data = model_path("industrial", "int8").read_bytes()
+    meta = api_pb2.ModelMetadata(
+        name="vib-cnn", version="1.0.0", size=len(data), sha256=hashlib.sha256(data).hexdigest()
+    )
+    meta = sign_metadata(meta, publisher)
+
+    async def parts():
+        yield api_pb2.PushModelRequest(metadata=meta)
+        yield api_pb2.PushModelRequest(chunk=data)
+
+    await models.Push(parts())
+    manifest = (
+        "apiVersion: edgeward/v1\nkind: Deployment\nmetadata: {name: scale}\n"
+        f"spec:\n  model: {{name: vib-cnn, version: 1.0.0}}\n  replicas: {args.nodes}\n"
+        "  requirements: {accelerators: [sim-hollow], memory: 1Mi}\n"
+    )
+    applied = time.monotonic()
+    await deps.Apply(api_pb2.ApplyRequest(manifest=manifest), timeout=120)
+    first_running: dict[str, float] = {}
+    while len(first_running) < args.nodes:
+        await asyncio.sleep(poll / 2)
+        dep = await deps.Get(api_pb2.GetDeploymentRequest(name="scale"), timeout=60)
+        now = time.monotonic() - applied
+        for r in dep.status.replica_list:
+            if r.phase == RUNNING:
+                first_running.setdefault(r.id, now)
+        rss.sample()
+        if now > args.running_timeout:
+            break
+    times = sorted(first_running.values())
+    result["running"] = len(times)
+    result["p50_s"] = statistics.median(times) if times else float("nan")
+    result["p99_s"] = times[max(0, int(len(times) * 0.99) - 1)] if len(times) == args.nodes else float("nan")
+    result["all_running_s"] = times[-1] if len(times) == args.nodes else float("nan")
+    print(f"{len(times)}/{args.nodes} running; p50 {result['p50_s']:.1f} s, p99 {result['p99_s']:.1f} s",
+          flush=True)  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nodes", type=int, default=2000)
@@ -322,6 +330,11 @@ def main() -> None:
         choices=["mosquitto", "embedded"],
         default="mosquitto",
         help="embedded: measure amqtt's limit",
+    )
+    parser.add_argument(
+        "--no-apply",
+        action="store_true",
+        help="no deployment: the steady window follows the fleet's attestation (online, liveness, RSS, ingest)",
     )
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
@@ -354,7 +367,7 @@ flush to disk), inside the time to online.
 |---|---|
 | all nodes online | {r.get("online_s", float("nan")):.1f} s after the fleet processes started |
 | all nodes attested (software tier) | {r.get("attested_s", float("nan")):.1f} s |
-| apply -> Running, {r["nodes"]:,} replicas | {r.get("running", 0):,} running; p50 {r.get("p50_s", float("nan")):.1f} s, p99 {r.get("p99_s", float("nan")):.1f} s, all {r.get("all_running_s", float("nan")):.1f} s |
+| apply -> Running, {r["nodes"]:,} replicas | {"not measured (--no-apply)" if args.no_apply else f"{r.get('running', 0):,} running; p50 {r.get('p50_s', float('nan')):.1f} s, p99 {r.get('p99_s', float('nan')):.1f} s, all {r.get('all_running_s', float('nan')):.1f} s"} |
 | nodes falsely marked offline, {args.steady:g} s steady window | {r.get("falsely_offline", "n/a")} |
 | orchestrator RSS | peak {r.get("rss_mb", float("nan")):.0f} MB, {r.get("rss_steady_mb", float("nan")):.0f} MB at the end of the window |
 | QoS 1 (hello, status, events, evidence): acknowledged to the agents / taken in | {r["published_qos1"]:,} / {received1:,.0f} |
@@ -377,7 +390,8 @@ flush to disk), inside the time to online.
         body += f"\nStartup stalled: {r['stalled']}.\n"
     print(body)
     if not args.no_write:
-        write_section(f"fleet-scale-{args.broker}-{r['nodes']}", body)
+        suffix = "-no-apply" if args.no_apply else ""
+        write_section(f"fleet-scale-{args.broker}-{r['nodes']}{suffix}", body)
 
 
 if __name__ == "__main__":
