@@ -49,6 +49,11 @@ class ApiGuard:
         checks: Mapping[str, RequestCheck] | None = None,
     ) -> ApiGuard:
         revocations = RevocationList(config.crl_file, config.ca_file) if config.crl_file is not None else None
+        if revocations is None:
+            log.warning(
+                "certificate revocation is off: security.crl_file is not set, so a revoked certificate "
+                "is still accepted (set pki_dir, or crl_file to the CRL 'edgeward pki crl' writes)"
+            )
         audit = AuditLog(config.audit_log or Path(state_dir) / "security" / "audit.jsonl")
         try:
             return cls(config, audit, Authorizer(owners, revocations=revocations, exists=exists), checks)
