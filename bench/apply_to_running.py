@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
 import multiprocessing
 import statistics
 import sys
@@ -25,10 +24,10 @@ import grpc
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _models import push_vib_cnn
 from _report import command, machine, write_section
 
 from edgeward.v1 import api_pb2, api_pb2_grpc, node_pb2
-from usecases import model_path
 
 RUNNING = node_pb2.REPLICA_PHASE_RUNNING
 
@@ -72,7 +71,7 @@ def run_agents(
 
 async def bench(nodes: int, rounds: int) -> dict:
     from attestation.tokens import TokenStore
-    from orchestrator.catalog.signing import PublisherKey, sign_metadata
+    from orchestrator.catalog.signing import PublisherKey
     from orchestrator.config import OrchestratorConfig
     from orchestrator.server import Orchestrator
 
@@ -109,18 +108,7 @@ async def bench(nodes: int, rounds: int) -> dict:
                         raise SystemExit("agents did not come online")
                     await asyncio.sleep(0.5)
                 print(f"{nodes} nodes online after {time.monotonic() - t0:.1f} s", flush=True)
-                data = model_path("industrial", "int8").read_bytes()
-                meta = api_pb2.ModelMetadata(
-                    name="vib-cnn", version="1.0.0", size=len(data), sha256=hashlib.sha256(data).hexdigest()
-                )
-
-                meta = sign_metadata(meta, publisher)
-
-                async def parts():
-                    yield api_pb2.PushModelRequest(metadata=meta)
-                    yield api_pb2.PushModelRequest(chunk=data)
-
-                await models.Push(parts())
+                await push_vib_cnn(models, publisher)
                 results = []
                 for r in range(rounds):
                     results.append(await one_round(deps, nodes, f"bench-{r}"))

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
 import os
 import re
 import resource
@@ -40,10 +39,10 @@ import grpc
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _models import push_vib_cnn
 from _report import command, machine, write_section
 
 from edgeward.v1 import api_pb2, api_pb2_grpc, node_pb2
-from usecases import model_path
 
 ONLINE = node_pb2.NODE_STATE_ONLINE
 RUNNING = node_pb2.REPLICA_PHASE_RUNNING
@@ -273,20 +272,8 @@ async def bench(args: argparse.Namespace, work: Path) -> dict:
 async def apply_and_wait(args, models, deps, publisher, rss, result: dict) -> None:
     """Push the model, apply one deployment with a replica per node, and time each replica's first
     Running (p50 / p99 over the replicas) into ``result``."""
-    from orchestrator.catalog.signing import sign_metadata
-
     poll = result["poll_s"]
-    data = model_path("industrial", "int8").read_bytes()
-    meta = api_pb2.ModelMetadata(
-        name="vib-cnn", version="1.0.0", size=len(data), sha256=hashlib.sha256(data).hexdigest()
-    )
-    meta = sign_metadata(meta, publisher)
-
-    async def parts():
-        yield api_pb2.PushModelRequest(metadata=meta)
-        yield api_pb2.PushModelRequest(chunk=data)
-
-    await models.Push(parts())
+    await push_vib_cnn(models, publisher)
     manifest = (
         "apiVersion: edgeward/v1\nkind: Deployment\nmetadata: {name: scale}\n"
         f"spec:\n  model: {{name: vib-cnn, version: 1.0.0}}\n  replicas: {args.nodes}\n"

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
 import importlib.util
 import os
 import statistics
@@ -40,6 +39,7 @@ import grpc
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from _models import push_vib_cnn
 from _report import command, machine, write_section
 from fleet_scale import raise_fd_limit, start_fleet, start_mosquitto, wait_port
 
@@ -60,7 +60,6 @@ pg_server = _test_helper("pg_server")
 listen_port = _test_helper("processes").listen_port
 
 from edgeward.v1 import api_pb2, api_pb2_grpc, node_pb2
-from usecases import model_path
 
 RUNNING = node_pb2.REPLICA_PHASE_RUNNING
 ONLINE = node_pb2.NODE_STATE_ONLINE
@@ -182,7 +181,7 @@ def pct(values: list[float], q: float) -> float:
 
 
 async def apply_run(args: argparse.Namespace, work: Path, url: str, broker_port: int, count: int) -> dict:
-    from orchestrator.catalog.signing import PublisherKey, sign_metadata
+    from orchestrator.catalog.signing import PublisherKey
 
     publisher = PublisherKey.generate()
     _, public = publisher.write(work / "publisher")
@@ -205,17 +204,7 @@ async def apply_run(args: argparse.Namespace, work: Path, url: str, broker_port:
             if time.monotonic() - t0 > args.startup_timeout:
                 raise SystemExit(f"{attested}/{args.nodes} attested after {args.startup_timeout:.0f} s")
         result["attested_s"] = time.monotonic() - t0
-        data = model_path("industrial", "int8").read_bytes()
-        meta = api_pb2.ModelMetadata(
-            name="vib-cnn", version="1.0.0", size=len(data), sha256=hashlib.sha256(data).hexdigest()
-        )
-        meta = sign_metadata(meta, publisher)
-
-        async def parts():
-            yield api_pb2.PushModelRequest(metadata=meta)
-            yield api_pb2.PushModelRequest(chunk=data)
-
-        await api_pb2_grpc.ModelServiceStub(channels[0]).Push(parts())
+        await push_vib_cnn(api_pb2_grpc.ModelServiceStub(channels[0]), publisher)
         per = args.nodes // args.deployments
         deps = [api_pb2_grpc.DeploymentServiceStub(c) for c in channels]
         applied: dict[str, float] = {}
