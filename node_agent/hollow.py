@@ -34,9 +34,9 @@ log = logging.getLogger(__name__)
 
 ZONES = ("edge-a", "edge-b", "edge-c")
 BLOCKING_THREADS = 8  # the process's pool for key generation, measurement, cache files
-# Hollow agents share artifact channels, this many agents a connection: real agents each have their
-# own, and one HTTP/2 connection carrying 2,500 agents' downloads at once stalled them all behind
-# its flow-control window (a 10,000-node apply hardly moved past Loading).
+# Hollow agents share artifact channels, this many agents a connection: real agents each have a
+# connection of their own, one per process (2,500 agents' downloads on one HTTP/2 connection) was
+# further from that than a node would ever be.
 AGENTS_PER_CHANNEL = 50
 
 

@@ -401,9 +401,8 @@ class NodeService(api_pb2_grpc.NodeServiceServicer):
 class DownloadGate:
     """How many artifact downloads are served at once. Past ``limit`` a download is refused at once
     with RESOURCE_EXHAUSTED, which agents try again after a jittered pause: after an apply to a large
-    fleet, thousands of nodes ask together, and a gRPC server holding thousands of streams at once
-    starts cancelling some of them (measured: 2,500 at once, 15% CANCELLED) while its memory grows
-    with every artifact queued for sending. Refusals are counted (``edgeward_model_downloads_refused_total``)."""
+    fleet thousands of nodes ask together, and each download served holds a copy of its artifact in
+    the send queue. Refusals are counted (``edgeward_model_downloads_refused_total``)."""
 
     def __init__(self, limit: int = 256) -> None:
         self.limit = limit
