@@ -25,6 +25,7 @@ from edgeward.security.authz import Checked, InvalidRequest, RequestCheck, calle
 from edgeward.v1 import api_pb2, api_pb2_grpc, node_pb2
 from edgeward.wire import now_ms
 
+from .artifact_server import Artifact, chunks
 from .catalog import ModelState
 from .catalog.errors import CatalogError
 from .catalog.publish import MAX_MODEL_BYTES, ModelPublisher, PushBudget
@@ -61,7 +62,6 @@ __all__ = [  # the conversions live in .views; kept importable here
 ]
 
 DbCall = Callable[..., Awaitable[Any]]
-CHUNK = 256 * 1024
 APPLY = "/edgeward.v1.DeploymentService/Apply"
 
 
@@ -646,10 +646,8 @@ class ModelService(api_pb2_grpc.ModelServiceServicer):
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"model.revoked: {record.name}:{record.version} is revoked",
             )
-        for offset in range(0, len(data), CHUNK):
-            yield api_pb2.ModelChunk(
-                data=data[offset : offset + CHUNK], offset=offset, size=len(data), sha256=sealed.sha256
-            )
+        for chunk in chunks(Artifact(record, sealed, data)):
+            yield chunk
 
 
 def _owner_team(meta: api_pb2.ModelMetadata) -> str:

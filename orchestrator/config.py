@@ -265,8 +265,16 @@ class OrchestratorConfig(BaseModel):
         default_factory=StateConfig, description="The store's engine: SQLite (default) or PostgreSQL."
     )
     grpc_bind: str = Field("127.0.0.1:50051", description="host:port of the gRPC API; port 0 picks one.")
+    artifact_bind: str | None = Field(
+        None,
+        description="host:port of the artifact server, which serves nodes their sealed model artifacts on "
+        "threads of its own (so a busy control loop does not hold a fleet's downloads); port 0 picks one. "
+        "Unset: the gRPC API's host, a free port.",
+    )
     advertise: str | None = Field(
-        None, description="host:port that nodes use to download artifacts; defaults to the bound address."
+        None,
+        description="host:port that nodes use to download artifacts; defaults to the artifact server's "
+        "bound address.",
     )
     broker: BrokerConfig = Field(default_factory=BrokerConfig)
     node_timeout_s: Annotated[float, Field(gt=0, le=3600)] = Field(
@@ -340,6 +348,7 @@ class OrchestratorConfig(BaseModel):
         if self.security is None:
             for field, bind in (
                 ("grpc_bind", self.grpc_bind),
+                ("artifact_bind", self.artifact_bind),
                 ("broker.embedded_bind", self.broker.embedded_bind),
                 ("metrics_bind", self.metrics_bind),
             ):

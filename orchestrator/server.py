@@ -65,6 +65,8 @@ from .api import (
     WatchHub,
     request_checks,
 )
+from .artifact_server import READ_TIMEOUT_S as ARTIFACT_READ_TIMEOUT_S
+from .artifact_server import Artifact, ArtifactCache, ArtifactServer
 from .catalog.publish import ModelPublisher, PushBudget
 from .catalog.service import Catalog
 from .catalog.signing import PublisherTrust
@@ -147,6 +149,8 @@ class Orchestrator:
         self._metrics: MetricsServer | None = None
         self.broker_url: str = config.broker.url or ""
         self.grpc_port = 0
+        self.artifact_port = 0
+        self._artifacts: ArtifactServer | None = None
         self._db_pool = ThreadPoolExecutor(1, thread_name_prefix="edgeward-store")
         self._blocking_pool = ThreadPoolExecutor(2, thread_name_prefix="edgeward-blocking")
         self._enroll_pool = ThreadPoolExecutor(ENROLL_THREADS, thread_name_prefix="edgeward-enroll")
@@ -361,6 +365,13 @@ class Orchestrator:
             self.grpc_port = self.guard.add_port(self._server, cfg.grpc_bind)
         if self.grpc_port == 0:
             raise OSError(f"cannot bind the gRPC API to {cfg.grpc_bind}")
+        self._artifacts = ArtifactServer(
+            ArtifactCache(self._read_artifact),
+            authn=None if self.guard is None else self.guard.authz,
+            audit=None if self.guard is None else self.guard.audit,
+            credentials=None if self.guard is None else self.guard.credentials,
+        )
+        self.artifact_port = await self.run_blocking(self._artifacts.start, self._artifact_bind)
         if cfg.metrics_bind:
             if is_loopback(cfg.metrics_bind) or cfg.security is None:
                 self._metrics = MetricsServer(self.render_metrics, cfg.metrics_bind)
@@ -507,6 +518,9 @@ class Orchestrator:
         if self._server is not None:
             await _bounded("gRPC server", self._server.stop(grace=0.5))
             self._server = None
+        if self._artifacts is not None:
+            await _bounded("artifact server", self.run_blocking(self._artifacts.stop))
+            self._artifacts = None
         if self._jetstream is not None:
             await _bounded("JetStream source", self._jetstream.__aexit__(None, None, None))
             self._jetstream = None
@@ -623,8 +637,29 @@ class Orchestrator:
         return f"{host}:{self.grpc_port}"
 
     @property
+    def _artifact_bind(self) -> str:
+        return self.config.artifact_bind or f"{self.config.grpc_bind.rsplit(':', 1)[0]}:0"
+
+    @property
+    def artifact_address(self) -> str:
+        """Where the artifact server listens (host as configured, the port it bound)."""
+        return f"{self._artifact_bind.rsplit(':', 1)[0]}:{self.artifact_port}"
+
+    @property
     def advertise(self) -> str:
-        return self.config.advertise or self.address
+        """The artifact endpoint deploy commands name: the configured one, else the artifact server."""
+        return self.config.advertise or self.artifact_address
+
+    def _read_artifact(self, name: str, version: str) -> Artifact:
+        """On an artifact server thread: one model version's record and sealed bytes, read on the
+        store's thread (the artifact server caches them for a few seconds)."""
+
+        def read() -> Artifact:
+            record = self.store.get_model(name, version or None)
+            sealed = self.store.get_sealed(record.name, record.version)
+            return Artifact(record, sealed, self.store.read_artifact(sealed.sha256))
+
+        return self._db_pool.submit(read).result(timeout=ARTIFACT_READ_TIMEOUT_S)
 
     # ------------------------------------------------------------ MQTT
 
@@ -941,6 +976,15 @@ class Orchestrator:
             "Artifact downloads refused because the most allowed were being served (agents try again)",
         )
         downloads.add({}, float(self.downloads.refused))
+        artifacts = Family(
+            "edgeward_artifact_downloads_total",
+            "counter",
+            "Downloads from the artifact server by result: served; refused (not a node, revoked certificate "
+            "or model, unknown model, bad name); failed (the store did not answer). Downloads past its "
+            "limit are refused by gRPC with RESOURCE_EXHAUSTED and not counted here",
+        )
+        for result, count in sorted((self._artifacts.counts if self._artifacts else {}).items()):
+            artifacts.add({"result": result}, float(count))
         dropped = Family("edgeward_mqtt_dropped_total", "counter", "MQTT payloads refused at the boundary")
         for r, c in sorted(self.drop_counts().items()):
             dropped.add({"reason": r}, float(c))
@@ -949,7 +993,7 @@ class Orchestrator:
         ingest = [
             Family(n, k, h, [("", lb, v) for lb, v in samples]) for n, k, h, samples in self._ingest_metrics()
         ]
-        families = [up, watts, joules, served, latency, leader, terms, passes, retries, downloads]
+        families = [up, watts, joules, served, latency, leader, terms, passes, retries, downloads, artifacts]
         return render([*families, dropped, ingested, *ingest])
 
     def _ingest_metrics(self) -> list:

@@ -33,7 +33,7 @@ class ApiGuard:
         self.audit = audit
         self.authz = authz
         self.interceptor = AuthzInterceptor(authz, audit, checks)
-        self._credentials = config.tls.server_credentials()
+        self.credentials = config.tls.server_credentials()  # the API's, and the artifact server's
 
     @property
     def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
@@ -62,7 +62,7 @@ class ApiGuard:
             raise
 
     def add_port(self, server: grpc.aio.Server, bind: str) -> int:
-        port = server.add_secure_port(bind, self._credentials)
+        port = server.add_secure_port(bind, self.credentials)
         log.info("gRPC API on %s: mutual TLS, audit log %s", bind, self.audit.path)
         return port
 

@@ -1,5 +1,6 @@
 """Downloads of one model version that arrive together share one read of the store (a fleet's nodes
-download together after an apply); a later download reads afresh."""
+download together after an apply); a later download reads afresh. Past a limit, downloads are
+refused at once. Both on the gRPC API and on the artifact server."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import hashlib
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,7 @@ import pytest
 
 from edgeward.v1 import api_pb2, api_pb2_grpc
 from orchestrator.api import Control, DownloadGate, ModelService
+from orchestrator.artifact_server import Artifact, ArtifactCache, ArtifactServer
 from orchestrator.store import ModelRecord, SealedArtifact, SqlStore
 
 BLOB = b"sealed model bytes" * 100
@@ -111,4 +114,66 @@ async def test_downloads_past_the_limit_are_refused_at_once_and_counted(store: C
         held.set()
         await channel.close()
         await server.stop(None)
+        pool.shutdown()
+
+
+def test_the_artifact_server_reads_a_version_once_per_ttl_and_refuses_past_its_limit(
+    store: CountingStore,
+) -> None:
+    """The artifact server (its own threads, no event loop): with two downloads held in a slow read,
+    a third is refused with RESOURCE_EXHAUSTED; a version read is served to every download for
+    ``ttl_s``, then read again; a revoked version and an unreadable store are refused clearly."""
+    now = [0.0]
+    started: list[str] = []
+    held = threading.Event()
+    revoked: set[str] = set()
+    record = store.get_model("vib-cnn", "1.0.0")
+    sealed = store.get_sealed("vib-cnn", "1.0.0")
+
+    def read(name: str, version: str) -> Artifact:
+        started.append(name)
+        if name == "broken":
+            raise RuntimeError("store unreachable")
+        held.wait(30)
+        mark = 1 if name in revoked else None
+        return Artifact(record, replace(sealed, revoked_ms=mark), store.read_artifact(sealed.sha256))
+
+    cache = ArtifactCache(read, ttl_s=2.0, clock=lambda: now[0])
+    server = ArtifactServer(cache, limit=2, threads=2)
+    port = server.start("127.0.0.1:0")
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    stub = api_pb2_grpc.ModelServiceStub(channel)
+
+    def download(name: str) -> bytes:
+        request = api_pb2.DownloadModelRequest(name=name, version="1.0.0")
+        return b"".join(chunk.data for chunk in stub.Download(request, timeout=30))
+
+    def refusal(name: str) -> grpc.RpcError:
+        with pytest.raises(grpc.RpcError) as info:
+            download(name)
+        return info.value
+
+    pool = ThreadPoolExecutor(2)
+    try:
+        served = [pool.submit(download, name) for name in ("a", "b")]
+        while len(started) < 2:  # both downloads are in their read
+            threading.Event().wait(0.01)
+        assert refusal("c").code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        held.set()
+        assert [f.result(30) for f in served] == [BLOB, BLOB]
+
+        assert [download("a") for _ in range(3)] == [BLOB] * 3  # within the ttl: no read
+        assert cache.reads == 2
+        now[0] += 2.0
+        revoked.add("a")
+        err = refusal("a")  # read again, and now refused
+        assert err.code() == grpc.StatusCode.FAILED_PRECONDITION and "model.revoked" in err.details()
+        assert cache.reads == 3
+        err = refusal("broken")
+        assert err.code() == grpc.StatusCode.UNAVAILABLE and "RuntimeError" in err.details()
+        assert server.counts == {"served": 5, "refused": 1, "failed": 1}
+    finally:
+        held.set()
+        channel.close()
+        server.stop()
         pool.shutdown()
