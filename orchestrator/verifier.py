@@ -367,7 +367,10 @@ class FleetVerifier:
     async def tick(self) -> None:
         for node_id in self.service.expire():
             state = self.service.state(node_id)
-            await self.quarantine(node_id, _STATE_REASON[state], self._explain(node_id, state))
+            reason = _STATE_REASON.get(state)
+            if reason is None:  # affirmed again while the quarantines before it were sent
+                continue
+            await self.quarantine(node_id, reason, self._explain(node_id, state))
         now = time.monotonic()
         interval = self.config.challenge_interval_s
         online = [n.id for n in self._fleet.nodes.values() if n.online(now, self._node_timeout_s)]

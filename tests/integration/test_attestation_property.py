@@ -22,7 +22,17 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from attestation import keyrelease
-from attestation.artifacts import AGENT_CODE_PACKAGES, code_digest, model_aad, model_component
+from attestation.artifacts import (
+    AGENT_CODE,
+    AGENT_CODE_PACKAGES,
+    AGENT_DEPENDENCIES,
+    AGENT_DEPS,
+    code_digest,
+    deps_digest,
+    measured_digest,
+    model_aad,
+    model_component,
+)
 from attestation.attesters import create as create_attester
 from attestation.attesters.software import SoftwareAttesterConfig
 from attestation.errors import AttestationError
@@ -63,7 +73,13 @@ class Node:
             node_id, create_attester(SoftwareAttesterConfig(key_dir=key_dir))
         )
         self.responder.open()
-        self.responder.measure_digest("agent.code", code_digest(), ",".join(AGENT_CODE_PACKAGES))
+        # As the agent measures itself (NodeAgent._measure_platform), so that the built-in policy affirms.
+        self.responder.measure_digest(
+            AGENT_CODE, measured_digest(code_digest(), AGENT_CODE_PACKAGES), ",".join(AGENT_CODE_PACKAGES)
+        )
+        self.responder.measure_digest(
+            AGENT_DEPS, measured_digest(deps_digest(), AGENT_DEPENDENCIES), ",".join(AGENT_DEPENDENCIES)
+        )
         self.responder.measure("agent.config", node_id.encode(), "config")
         self.running: dict[str, node_pb2.DeployReplica] = {}
         self.failed: dict[str, tuple[node_pb2.DeployReplica, str]] = {}
@@ -303,3 +319,71 @@ class AttestationGate(RuleBasedStateMachine):
 
 
 TestAttestationGate = AttestationGate.TestCase
+
+
+def test_a_node_affirmed_again_while_expired_nodes_are_quarantined_is_left_alone(tmp_path: Path) -> None:
+    """Two results expire together; while the wipe of the first is being sent, the second node is
+    attested again. The pass goes on: the first is quarantined, the second (affirming) is not. (At
+    10,000 nodes this interleaving raised a KeyError that ended the pass, leaving later expired
+    nodes unquarantined.)"""
+    loop = asyncio.new_event_loop()
+    clock = Clock()
+    store = SqlStore(tmp_path / "orch")
+    fleet = Fleet()
+    nodes = {n: Node(n, tmp_path / n) for n in ("n1", "n2")}
+    outbox: list[node_pb2.Command] = []
+    reattested: list[str] = []
+
+    async def publish(node_id: str, cmd: node_pb2.Command) -> None:
+        outbox.append(cmd)
+        if cmd.WhichOneof("body") == "wipe" and not reattested:
+            other = "n2" if node_id == "n1" else "n1"
+            reattested.append(other)
+            await verifier.attest(other)
+            await deliver()
+
+    async def deliver() -> None:
+        while outbox:
+            cmd = outbox.pop(0)
+            node = nodes[cmd.node_id]
+            node.command(cmd, b"")
+            for payload in node.outbox:
+                await verifier.evidence(node.id, payload)
+            node.outbox.clear()
+
+    async def db(fn, *args):
+        return fn(*args)
+
+    att = AttestationConfig()
+    service = AttestationVerifierService(att.verifier, builtin_reference(), clock=clock)
+    verifier = FleetVerifier(
+        att,
+        service,
+        fleet=fleet,
+        publish=publish,
+        db=db,
+        store=store,
+        node_timeout_s=3600,
+        on_change=lambda: None,
+    )
+    try:
+        for node in nodes.values():
+            fleet.apply(node.hello())
+            fleet.apply(node.status())
+            loop.run_until_complete(verifier.node_connected(node.id))
+            loop.run_until_complete(deliver())
+            loop.run_until_complete(verifier.attest(node.id))  # enrolled above, attested now
+            loop.run_until_complete(deliver())
+        assert {service.tier(n) for n in nodes} == {"software"}, [
+            (n, service.state(n), verifier.quarantined) for n in nodes
+        ]
+        clock.now += att.verifier.result_ttl_s + 1
+        loop.run_until_complete(verifier.tick())
+        (first,) = set(nodes) - set(reattested)
+        assert set(verifier.quarantined) == {first}
+        assert service.tier(reattested[0]) == "software"
+    finally:
+        for node in nodes.values():
+            node.responder.close()
+        store.close()
+        loop.close()
