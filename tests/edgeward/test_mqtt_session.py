@@ -410,6 +410,33 @@ async def test_a_slow_consumer_never_loses_qos1_messages(mqtt_url: BrokerURL, to
 
 
 @pytest.mark.broker
+async def test_a_publish_waits_for_its_puback_while_the_session_holds_its_socket_back(
+    mqtt_url: BrokerURL, topic_prefix: str
+) -> None:
+    """With its inbox full the session stops reading its socket, and the PUBACK of its own QoS 1
+    publish waits behind what it has not read: the publish waits past ``timeout`` for it (the broker
+    is there; the hold is ours) and completes once the inbox is taken."""
+    inbound = node_topic("n1", TopicKind.EVENTS, topic_prefix)
+    outbound = node_topic("n2", TopicKind.EVENTS, topic_prefix)
+    count = 40
+    async with (
+        MqttSession(mqtt_url, client_id("sub"), max_queued=4) as sub,
+        MqttSession(mqtt_url, client_id("pub")) as pub,
+    ):
+        sub._timeout = 0.5  # after connecting: a short CONNACK deadline would depend on the machine
+        await sub.subscribe(inbound, qos=1)
+        sent = asyncio.gather(*(pub.publish(inbound, str(i).encode(), qos=1) for i in range(count)))
+        await wait_until(lambda: sub.stats.paused >= 1 and not sub._reading, within=10)
+        mine = asyncio.create_task(sub.publish(outbound, b"command", qos=1))
+        await asyncio.sleep(1.5)  # three timeouts: without the hold taken into account, it had failed
+        assert not mine.done()
+        got = [(await receive(sub)).payload for _ in range(count)]
+        await mine  # its PUBACK was read once the inbox was taken
+        await sent
+        assert got == [str(i).encode() for i in range(count)]
+
+
+@pytest.mark.broker
 async def test_qos1_messages_are_taken_before_waiting_qos0_ones(
     mqtt_url: BrokerURL, topic_prefix: str
 ) -> None:
