@@ -20,7 +20,7 @@ from orchestrator.config import OrchestratorConfig
 from orchestrator.fleet import Fleet
 from orchestrator.manifest import parse_manifest
 from orchestrator.phases import Phase
-from orchestrator.reconciler import Reconciler
+from orchestrator.reconciler import PUBLISH_WINDOW, Reconciler, publish_all
 from orchestrator.scheduler import Scheduler
 from orchestrator.store import ModelRecord, ReplicaRecord, SealedArtifact, SqlStore
 
@@ -227,3 +227,33 @@ async def test_a_large_apply_is_saved_and_sent_in_slices(store, tmp_path, monkey
     # The first slice's commands go out while the second slice is saved, and so on.
     assert [w for w, _ in published] == [2, 2, 3, 3, 3]
     assert len({r.node_id for r in store.list_replicas("vib")}) == 5
+
+
+async def test_publish_all_starts_commands_in_order_within_its_window() -> None:
+    """Thousands of commands: they start in list order, at most PUBLISH_WINDOW await their PUBACK at
+    once, and one that fails stops none of the others (its error is raised at the end)."""
+    count = 3 * PUBLISH_WINDOW + 7
+    started: list[str] = []
+    in_flight = peak = 0
+    gate = asyncio.Event()
+
+    async def publish(node_id: str, cmd: node_pb2.Command) -> None:
+        nonlocal in_flight, peak
+        started.append(node_id)
+        in_flight += 1
+        peak = max(peak, in_flight)
+        await gate.wait()
+        in_flight -= 1
+        if node_id == "n00005":
+            raise RuntimeError("broker away")
+
+    commands = [(f"n{i:05d}", node_pb2.Command(node_id=f"n{i:05d}")) for i in range(count)]
+    sending = asyncio.create_task(publish_all(publish, commands))
+    while len(started) < PUBLISH_WINDOW:
+        await asyncio.sleep(0)
+    assert len(started) == PUBLISH_WINDOW  # the window is full; the rest wait
+    gate.set()
+    with pytest.raises(RuntimeError, match="broker away"):
+        await sending
+    assert started == [node_id for node_id, _ in commands]
+    assert peak == PUBLISH_WINDOW
