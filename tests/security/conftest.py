@@ -9,10 +9,9 @@ from pathlib import Path
 
 import grpc
 import pytest
-from security_support import LOOPBACK, Client, SecureBroker, secure_config
+from security_support import LOOPBACK, Client, SecureBroker, client_tls, secure_config
 
 from edgeward.mqtt.broker import EmbeddedBroker
-from edgeward.security.errors import PkiError
 from edgeward.security.mqtt_acl import mosquitto_acl
 from edgeward.security.pki import FleetCA, parse_subject
 from edgeward.security.tls import TlsFiles, grpc_aio_channel
@@ -36,15 +35,7 @@ async def connect(
     channels: list[grpc.aio.Channel] = []
 
     def make(role: str | None, name: str = "", team: str | None = None) -> Client:
-        tls = None
-        if role is not None:
-            identity = parse_subject(role, name, team)
-            try:
-                files = fleet_ca.files(identity.common_name)
-            except PkiError:
-                files = fleet_ca.issue(identity)
-            tls = TlsFiles(fleet_ca.ca_file, files.cert_file, files.key_file)
-        channel = grpc_aio_channel(secure_orchestrator.address, tls)
+        channel = grpc_aio_channel(secure_orchestrator.address, client_tls(fleet_ca, role, name, team))
         channels.append(channel)
         return Client(channel)
 

@@ -12,7 +12,9 @@ from pathlib import Path
 import grpc
 
 from edgeward.mqtt.session import BrokerURL, Message, MqttSession
-from edgeward.security.pki import FleetCA, IssuedFiles
+from edgeward.security.errors import PkiError
+from edgeward.security.pki import FleetCA, IssuedFiles, parse_subject
+from edgeward.security.tls import TlsFiles
 from edgeward.v1 import api_pb2, api_pb2_grpc
 from orchestrator.config import BrokerConfig, OrchestratorConfig
 from usecases import model_path
@@ -70,6 +72,19 @@ class Client:
     async def list(self) -> list[str]:
         response = await self.deployments.List(api_pb2.ListDeploymentsRequest(), timeout=CALL_S)
         return sorted(d.name for d in response.deployments)
+
+
+def client_tls(ca: FleetCA, role: str | None, name: str = "", team: str | None = None) -> TlsFiles | None:
+    """TLS files of a certificate of that identity, issued on first use (None for ``role`` None:
+    no TLS at all)."""
+    if role is None:
+        return None
+    identity = parse_subject(role, name, team)
+    try:
+        files = ca.files(identity.common_name)
+    except PkiError:
+        files = ca.issue(identity)
+    return TlsFiles(ca.ca_file, files.cert_file, files.key_file)
 
 
 def secure_config(ca: FleetCA, state_dir: Path, topic_prefix: str, **kw: object) -> OrchestratorConfig:

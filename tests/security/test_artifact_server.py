@@ -9,12 +9,11 @@ from collections.abc import Callable
 
 import grpc
 import pytest
-from security_support import CALL_S, Client
+from security_support import CALL_S, Client, client_tls
 
 from edgeward.security.audit import read_audit
-from edgeward.security.errors import PkiError
-from edgeward.security.pki import FleetCA, parse_subject
-from edgeward.security.tls import TlsFiles, grpc_aio_channel
+from edgeward.security.pki import FleetCA
+from edgeward.security.tls import grpc_aio_channel
 from edgeward.v1 import api_pb2, api_pb2_grpc
 from orchestrator.server import Orchestrator
 
@@ -22,15 +21,7 @@ from orchestrator.server import Orchestrator
 def stub(orch: Orchestrator, fleet_ca: FleetCA, role: str | None, name: str = "", team: str | None = None):
     """A ModelService stub on the artifact server's port with a certificate of that identity (None:
     no TLS at all), and its channel."""
-    tls = None
-    if role is not None:
-        identity = parse_subject(role, name, team)
-        try:
-            files = fleet_ca.files(identity.common_name)
-        except PkiError:
-            files = fleet_ca.issue(identity)
-        tls = TlsFiles(fleet_ca.ca_file, files.cert_file, files.key_file)
-    channel = grpc_aio_channel(orch.artifact_address, tls)
+    channel = grpc_aio_channel(orch.artifact_address, client_tls(fleet_ca, role, name, team))
     return api_pb2_grpc.ModelServiceStub(channel), channel
 
 
