@@ -958,6 +958,19 @@ class Orchestrator:
         leader.add({}, 1.0 if self.leading else 0.0)
         terms = Family("edgeward_leader_terms_total", "counter", "Leader terms this replica started")
         terms.add({}, float(self.election.terms if self.election is not None else 0))
+        dropped = Family("edgeward_mqtt_dropped_total", "counter", "MQTT payloads refused at the boundary")
+        for r, c in sorted(self.drop_counts().items()):
+            dropped.add({"reason": r}, float(c))
+        ingested = Family("edgeward_telemetry_samples_total", "counter", "Telemetry samples ingested")
+        ingested.add({}, float(self.telemetry.ingested))
+        ingest = [
+            Family(n, k, h, [("", lb, v) for lb, v in samples]) for n, k, h, samples in self._ingest_metrics()
+        ]
+        families = [up, watts, joules, served, latency, leader, terms, *self._control_metrics()]
+        return render([*families, dropped, ingested, *ingest])
+
+    def _control_metrics(self) -> list[Family]:
+        """Reconcile passes, store write retries, artifact downloads."""
         passes = Family(
             "edgeward_reconcile_passes_total",
             "counter",
@@ -970,12 +983,12 @@ class Orchestrator:
             "Store write transactions run again after a serialization failure, a deadlock or a lost connection",
         )
         retries.add({}, float(self.store.write_retries))
-        downloads = Family(
+        refused = Family(
             "edgeward_model_downloads_refused_total",
             "counter",
             "Artifact downloads refused because the most allowed were being served (agents try again)",
         )
-        downloads.add({}, float(self.downloads.refused))
+        refused.add({}, float(self.downloads.refused))
         artifacts = Family(
             "edgeward_artifact_downloads_total",
             "counter",
@@ -985,16 +998,7 @@ class Orchestrator:
         )
         for result, count in sorted((self._artifacts.counts if self._artifacts else {}).items()):
             artifacts.add({"result": result}, float(count))
-        dropped = Family("edgeward_mqtt_dropped_total", "counter", "MQTT payloads refused at the boundary")
-        for r, c in sorted(self.drop_counts().items()):
-            dropped.add({"reason": r}, float(c))
-        ingested = Family("edgeward_telemetry_samples_total", "counter", "Telemetry samples ingested")
-        ingested.add({}, float(self.telemetry.ingested))
-        ingest = [
-            Family(n, k, h, [("", lb, v) for lb, v in samples]) for n, k, h, samples in self._ingest_metrics()
-        ]
-        families = [up, watts, joules, served, latency, leader, terms, passes, retries, downloads, artifacts]
-        return render([*families, dropped, ingested, *ingest])
+        return [passes, retries, refused, artifacts]
 
     def _ingest_metrics(self) -> list:
         stats = self._mqtt.stats if self._mqtt is not None else SessionStats()
