@@ -77,7 +77,7 @@ from .events import KIND_RE, EventBus, EventService
 from .fleet import Fleet
 from .jetstream import JetStreamIngest
 from .leader import CURRENT_LEASE, LeaderElection
-from .metrics import Family, MetricsServer, render
+from .metrics import Family, LoopLag, MetricsServer, render
 from .multiexit import PipelineRouter
 from .node_states import NodeStates
 from .owners import StoreOwners
@@ -150,6 +150,7 @@ class Orchestrator:
         self.broker_url: str = config.broker.url or ""
         self.grpc_port = 0
         self.artifact_port = 0
+        self.loop_lag = LoopLag()
         self._artifacts: ArtifactServer | None = None
         self._db_pool = ThreadPoolExecutor(1, thread_name_prefix="edgeward-store")
         self._blocking_pool = ThreadPoolExecutor(2, thread_name_prefix="edgeward-blocking")
@@ -500,6 +501,7 @@ class Orchestrator:
         self._tasks.append(asyncio.create_task(self._hold_liveness(), name="edgeward-liveness"))
         self._tasks.append(asyncio.create_task(self._follow_changes(), name="edgeward-changes"))
         self._tasks.append(asyncio.create_task(self._send_events(), name="edgeward-events"))
+        self._tasks.append(asyncio.create_task(self.loop_lag.run(), name="edgeward-loop-lag"))
         assert self._server is not None
         await self._server.start()
         for name in ("", *SERVICE_NAMES):
@@ -967,6 +969,7 @@ class Orchestrator:
             Family(n, k, h, [("", lb, v) for lb, v in samples]) for n, k, h, samples in self._ingest_metrics()
         ]
         families = [up, watts, joules, served, latency, leader, terms, *self._control_metrics()]
+        families += self.loop_lag.families()
         return render([*families, dropped, ingested, *ingest])
 
     def _control_metrics(self) -> list[Family]:

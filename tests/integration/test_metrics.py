@@ -95,6 +95,7 @@ async def test_metrics_pass_promtool_and_forget_nodes_that_left(fleet, mqtt_url,
     assert 'edgeward_model_inferences_total{model="vib-cnn",node="n1",version="1.0.0"} 20.0' in body
     passes = next(line for line in body.splitlines() if line.startswith("edgeward_reconcile_passes_total "))
     assert float(passes.split()[1]) >= 1  # the replicas were placed by a pass
+    assert "edgeward_event_loop_lag_seconds_count " in body  # the loop's own lag, checked by promtool too
 
     # A node that reports and then leaves (its last will: OFFLINE): only its node_up stays, at 0.
     async with MqttSession(mqtt_url, "gone-1") as gone:
