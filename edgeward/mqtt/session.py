@@ -369,7 +369,9 @@ class MqttSession:
     backoff's (first, largest) delay in seconds. ``max_inflight`` QoS 1 messages may await their
     PUBACK on the wire at once (0: no limit, each is sent at once), and ``max_outbound`` be kept in
     all (beyond it a publish fails at once): a control plane that commands thousands of nodes
-    lifts the first and raises the second. ``will`` may be a function returning the will:
+    lifts the first and raises the second. ``read_batch`` packets are read from the socket per turn
+    of the loop (``READ_BATCH``: fair among thousands of sessions on one loop); a control plane
+    whose one session carries a whole fleet's traffic reads more. ``will`` may be a function returning the will:
     it is called before every connect and reconnect, so a will can name its connection.
     """
 
@@ -388,6 +390,7 @@ class MqttSession:
         reconnect_delay: tuple[float, float] = RECONNECT_DELAY_S,
         max_inflight: int = MAX_INFLIGHT_QOS1,
         max_outbound: int = MAX_OUTBOUND_QOS1,
+        read_batch: int = READ_BATCH,
     ) -> None:
         if not isinstance(client_id, str) or not client_id:
             raise ValueError("client_id must be a non-empty string")
@@ -397,6 +400,8 @@ class MqttSession:
             raise ValueError(
                 f"reconnect_delay must be (first, largest) with 0 < first <= largest, got {reconnect_delay}"
             )
+        if read_batch < 1:
+            raise ValueError(f"read_batch >= 1 required, got {read_batch}")
         if not 0 <= max_inflight <= max_outbound:
             raise ValueError(
                 f"0 <= max_inflight <= max_outbound required, got {max_inflight}, {max_outbound}"
@@ -415,6 +420,7 @@ class MqttSession:
         self._reconnect_delay = reconnect_delay
         self._max_inflight = max_inflight
         self._max_outbound = max_outbound
+        self._read_batch = read_batch
         self._connected_at = 0.0
 
         self._state = _State.NEW
@@ -765,7 +771,7 @@ class MqttSession:
         client = self._client
         if client is None or not self._reading:
             return
-        for _ in range(READ_BATCH):
+        for _ in range(self._read_batch):
             before = self._progress
             if client.loop_read() != MQTTErrorCode.MQTT_ERR_SUCCESS or not self._reading:
                 return

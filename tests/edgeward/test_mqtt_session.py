@@ -437,6 +437,27 @@ async def test_a_publish_waits_for_its_puback_while_the_session_holds_its_socket
 
 
 @pytest.mark.broker
+async def test_a_burst_is_read_in_order_whatever_the_read_batch(
+    mqtt_url: BrokerURL, topic_prefix: str
+) -> None:
+    """``read_batch`` packets per turn of the loop (one, or the orchestrator's thousands): what
+    arrives in one burst is read to the end, in order (the reads chain from turn to turn)."""
+    topic = node_topic("n1", TopicKind.EVENTS, topic_prefix)
+    count = 50
+    with pytest.raises(ValueError, match="read_batch"):
+        MqttSession(mqtt_url, client_id("bad"), read_batch=0)
+    for batch in (1, 2048):
+        async with (
+            MqttSession(mqtt_url, client_id("sub"), read_batch=batch) as sub,
+            MqttSession(mqtt_url, client_id("pub")) as pub,
+        ):
+            await sub.subscribe(topic, qos=1)
+            await asyncio.gather(*(pub.publish(topic, str(i).encode(), qos=1) for i in range(count)))
+            got = [(await receive(sub)).payload for _ in range(count)]
+            assert got == [str(i).encode() for i in range(count)], batch
+
+
+@pytest.mark.broker
 async def test_qos1_messages_are_taken_before_waiting_qos0_ones(
     mqtt_url: BrokerURL, topic_prefix: str
 ) -> None:
