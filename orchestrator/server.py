@@ -119,9 +119,10 @@ ORCHESTRATOR_RECONNECT_S = (0.1, 1.0)
 ENROLL_THREADS = 8  # first enrollments in progress at once (each ends with a directory sync)
 ORCHESTRATOR_INFLIGHT = 0  # QoS 1 commands awaiting their PUBACK on the wire at once: no limit
 ORCHESTRATOR_OUTBOUND = 50_000  # and kept in all (a few per node of a 10,000-node fleet)
-# Packets read from the broker per turn of the loop. With the agents' 64, at 10,000 nodes and turns
-# of 0.5 s the orchestrator read about 130 packets a second of the fleet's thousands: the broker's
-# PUBACKs waited behind them in the stream, and commands failed after 10 s with the inbox empty.
+# Packets read from the broker per turn of the loop. With the agents' 64, at 10,000 nodes (turns of
+# up to a few seconds by the lag probe) the orchestrator read at most 64 a turn of the fleet's
+# thousands a second: the broker's PUBACKs waited behind them in the stream, and commands failed
+# after 10 s while the inbox stood empty.
 ORCHESTRATOR_READ_BATCH = 2_048
 CHANGE_POLL_S = 0.1  # how often a replica reads the store's change feed (Watch across replicas)
 LEADER_REFRESH_S = 2.0  # how often the leader re-reads what other replicas' APIs changed
