@@ -25,7 +25,7 @@ from edgeward.security.authz import Checked, InvalidRequest, RequestCheck, calle
 from edgeward.v1 import api_pb2, api_pb2_grpc, node_pb2
 from edgeward.wire import now_ms
 
-from .artifact_server import Artifact, chunks
+from .artifact_server import Artifact, chunks, read_artifact
 from .catalog import ModelState
 from .catalog.errors import CatalogError
 from .catalog.publish import MAX_MODEL_BYTES, ModelPublisher, PushBudget
@@ -47,7 +47,7 @@ from .manifest import NAME_RE, SEMVER_RE, DeploymentManifest, parse_manifest
 from .phases import ACTIVE, Phase
 from .reconciler import Reconciler
 from .rollout import RolloutController, RolloutError
-from .store import DeploymentRecord, ModelRecord, NodeRecord, ReplicaChange, SealedArtifact, Store
+from .store import DeploymentRecord, NodeRecord, ReplicaChange, Store
 from .telemetry import TelemetryStore
 from .verifier import FleetVerifier
 from .views import ApiViews, deployment_to_pb, model_pb, node_to_pb, replica_to_pb
@@ -440,7 +440,7 @@ class ModelService(api_pb2_grpc.ModelServiceServicer):
         self._downloads = downloads or DownloadGate()
         # Downloads of one model version that arrive while its read is under way share that read
         # (a fleet's nodes download together after an apply); the next burst reads afresh.
-        self._reading: dict[tuple[str, str], asyncio.Future[tuple[ModelRecord, SealedArtifact, bytes]]] = {}
+        self._reading: dict[tuple[str, str], asyncio.Future[Artifact]] = {}
 
     def _read_done(self, key: tuple[str, str], read: asyncio.Future) -> None:
         self._reading.pop(key, None)
@@ -624,29 +624,23 @@ class ModelService(api_pb2_grpc.ModelServiceServicer):
     async def _sealed_chunks(
         self, request: api_pb2.DownloadModelRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[api_pb2.ModelChunk]:
-        store = self._control.store
-
-        def read() -> tuple[ModelRecord, SealedArtifact, bytes]:
-            # One trip to the store's thread, not three: a fleet's nodes download together.
-            record = store.get_model(request.name, request.version or None)
-            sealed = store.get_sealed(record.name, record.version)
-            return record, sealed, store.read_artifact(sealed.sha256)
-
         key = (request.name, request.version)
         shared = self._reading.get(key)
         if shared is None:
-            shared = self._reading[key] = asyncio.ensure_future(self._control.db(read))
+            # One trip to the store's thread, not three, shared by the downloads arriving meanwhile.
+            read = self._control.db(read_artifact, self._control.store, request.name, request.version)
+            shared = self._reading[key] = asyncio.ensure_future(read)
             shared.add_done_callback(partial(self._read_done, key))
         try:
-            record, sealed, data = await asyncio.shield(shared)  # one caller leaving cancels no other
+            artifact = await asyncio.shield(shared)  # one caller leaving cancels no other
         except NotFound as err:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(err))
-        if sealed.revoked_ms:
+        if artifact.sealed.revoked_ms:
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
-                f"model.revoked: {record.name}:{record.version} is revoked",
+                f"model.revoked: {artifact.record.name}:{artifact.record.version} is revoked",
             )
-        for chunk in chunks(Artifact(record, sealed, data)):
+        for chunk in chunks(artifact):
             yield chunk
 
 

@@ -33,7 +33,7 @@ from edgeward.security.authz import MAX_NAME, Authenticator, Denied, client_pem
 from edgeward.security.identity import Role
 from edgeward.v1 import api_pb2
 from orchestrator.errors import NotFound
-from orchestrator.store import ModelRecord, SealedArtifact
+from orchestrator.store import ModelRecord, SealedArtifact, Store
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,14 @@ class Artifact:
     record: ModelRecord
     sealed: SealedArtifact
     data: bytes
+
+
+def read_artifact(store: Store, name: str, version: str) -> Artifact:
+    """On the store's thread: one model version's record and sealed bytes (``version`` "": the
+    newest). Raises `NotFound`."""
+    record = store.get_model(name, version or None)
+    sealed = store.get_sealed(record.name, record.version)
+    return Artifact(record, sealed, store.read_artifact(sealed.sha256))
 
 
 def chunks(artifact: Artifact) -> Iterator[api_pb2.ModelChunk]:

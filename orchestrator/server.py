@@ -66,7 +66,7 @@ from .api import (
     request_checks,
 )
 from .artifact_server import READ_TIMEOUT_S as ARTIFACT_READ_TIMEOUT_S
-from .artifact_server import Artifact, ArtifactCache, ArtifactServer
+from .artifact_server import Artifact, ArtifactCache, ArtifactServer, read_artifact
 from .catalog.publish import ModelPublisher, PushBudget
 from .catalog.service import Catalog
 from .catalog.signing import PublisherTrust
@@ -662,12 +662,8 @@ class Orchestrator:
         """On an artifact server thread: one model version's record and sealed bytes, read on the
         store's thread (the artifact server caches them for a few seconds)."""
 
-        def read() -> Artifact:
-            record = self.store.get_model(name, version or None)
-            sealed = self.store.get_sealed(record.name, record.version)
-            return Artifact(record, sealed, self.store.read_artifact(sealed.sha256))
-
-        return self._db_pool.submit(read).result(timeout=ARTIFACT_READ_TIMEOUT_S)
+        read = self._db_pool.submit(read_artifact, self.store, name, version)
+        return read.result(timeout=ARTIFACT_READ_TIMEOUT_S)
 
     # ------------------------------------------------------------ MQTT
 
