@@ -35,13 +35,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import grpc
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _models import push_vib_cnn
 from _report import command, machine, write_section
 
+from edgeward.security.tls import MAX_RESPONSE_BYTES, grpc_aio_channel
 from edgeward.v1 import api_pb2, api_pb2_grpc, node_pb2
 
 ONLINE = node_pb2.NODE_STATE_ONLINE
@@ -188,7 +188,9 @@ async def bench(args: argparse.Namespace, work: Path) -> dict:
     fleet: list[subprocess.Popen] = []
     result: dict = {"nodes": args.nodes, "processes": args.processes, "load_start": os.getloadavg()}
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+        async with grpc_aio_channel(
+            f"127.0.0.1:{grpc_port}", None, max_receive=MAX_RESPONSE_BYTES
+        ) as channel:
             nodes_api = api_pb2_grpc.NodeServiceStub(channel)
             deps = api_pb2_grpc.DeploymentServiceStub(channel)
             models = api_pb2_grpc.ModelServiceStub(channel)

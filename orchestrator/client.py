@@ -18,7 +18,7 @@ import grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from edgeward.security.errors import SecurityError
-from edgeward.security.tls import TlsFiles, grpc_aio_channel, grpc_channel
+from edgeward.security.tls import MAX_RESPONSE_BYTES, TlsFiles, grpc_aio_channel, grpc_channel
 from edgeward.v1 import api_pb2, api_pb2_grpc, events_pb2, events_pb2_grpc
 
 from .catalog.signing import PublisherKey, sign_metadata
@@ -76,7 +76,7 @@ class EdgewardClient(_Stubs):
     def __init__(self, server: str, timeout: float = 15.0, tls: TlsFiles | None = None) -> None:
         """``tls``: mutual TLS with this certificate; default: $EDGEWARD_CA/CERT/KEY, else plaintext."""
         try:
-            self._channel = grpc_channel(server, _tls(tls))
+            self._channel = grpc_channel(server, _tls(tls), max_receive=MAX_RESPONSE_BYTES)
         except SecurityError as err:
             raise ClientError("INVALID_ARGUMENT", str(err)) from err
         super().__init__(self._channel)
@@ -243,7 +243,7 @@ class AsyncEdgewardClient(_Stubs):
         self.server = server
         self.timeout = timeout
         try:
-            self._channel = grpc_aio_channel(server, _tls(tls))
+            self._channel = grpc_aio_channel(server, _tls(tls), max_receive=MAX_RESPONSE_BYTES)
         except SecurityError as err:
             raise ClientError("INVALID_ARGUMENT", str(err)) from err
         super().__init__(self._channel)

@@ -36,6 +36,7 @@ from edgeward.security.authz import DEPLOYMENT
 from edgeward.security.boundary import RequestGuard
 from edgeward.security.config import PLAINTEXT_WARNING, is_loopback
 from edgeward.security.guard import ApiGuard
+from edgeward.security.tls import MAX_RESPONSE_BYTES
 from edgeward.v1 import (
     api_pb2,
     api_pb2_grpc,
@@ -111,7 +112,6 @@ OFFLINE_CONFIRM_S = 0.5
 # How long after a broker (re)starts a node may take to reconnect to it: the largest delay of the
 # nodes' reconnect backoff. Their silence in that time says nothing about them.
 FLEET_RECONNECT_S = RECONNECT_DELAY_S[1]
-MAX_RESPONSE_BYTES = 64 * 1024 * 1024  # a List of a large fleet; requests are capped by max_grpc_message
 MAX_PENDING_CALLS = 20_000  # gRPC calls arrived and not yet taken by the loop (a whole fleet downloading)
 LIVENESS_TICK_S = 0.1
 INGEST_BATCH = 512  # MQTT messages taken from the inbox and worked on together
