@@ -352,3 +352,40 @@ def test_concurrent_redemptions_share_their_directory_syncs(store: TokenStore, m
     assert all(r.used_unix_ms is not None for r in store.list())
     # One sync of both directories for the first, and one shared by the 15 that asked during it.
     assert len(synced) == 4
+
+
+def test_the_same_request_twice_gets_the_same_challenge(store, clock, node):
+    """A request redelivered, or sent for two asks, while its enrollment is pending: one enrollment,
+    either answer completes it. A new challenge for the second (the verifier did so before) refused
+    the first answer as a bad proof and the second as unexpected: 2 % of a 10,000-node onboarding."""
+    verifier = gated(store, clock, EnrollmentPolicy.TOKEN)
+    responder = node("node-a", store.mint("node-a").token)
+    request = responder.enrollment_request()
+    first = verifier.receive("node-a", request).reply
+    assert first is not None
+    assert verifier.receive("node-a", request).reply == first
+    outcome = verifier.receive("node-a", responder.handle(first))
+    assert outcome.rejected is None and outcome.enrolled is not None
+    assert not verifier.rejections.counts
+
+
+def test_a_repeated_request_after_its_challenge_expired_is_challenged_anew(store, clock, node):
+    verifier = gated(store, clock, EnrollmentPolicy.TOKEN)
+    responder = node("node-a", store.mint("node-a").token)
+    request = responder.enrollment_request()
+    first = verifier.receive("node-a", request).reply
+    clock.now += VerifierConfig().enrollment_ttl_s + 1
+    second = verifier.receive("node-a", request).reply
+    assert second is not None and second != first
+    assert verifier.receive("node-a", responder.handle(second)).enrolled is not None
+
+
+def test_another_request_while_one_is_pending_replaces_it(store, clock, node):
+    verifier = gated(store, clock, EnrollmentPolicy.TOKEN)
+    token = store.mint("node-a").token
+    old, new = node("node-a", token, keys="old"), node("node-a", token, keys="new")
+    stale = verifier.receive("node-a", old.enrollment_request()).reply
+    fresh = verifier.receive("node-a", new.enrollment_request()).reply
+    assert stale != fresh
+    assert verifier.receive("node-a", old.handle(stale)).rejected.reason == "attestation.enroll.bad_proof"
+    assert enroll(verifier, new) is None
