@@ -738,6 +738,8 @@ class Orchestrator:
                 self.shared.received(msg, message.payload)
             if what == "hello":
                 self.reconciler.node_connected(node_id)
+                if self.leading:
+                    self.verifier.hello(node_id)
                 inventories.append(self._node_record(node_id, msg))
                 if step := self._as_leader(self._node_connected, node_id):
                     waits.setdefault(node_id, []).append(step)
@@ -1003,7 +1005,33 @@ class Orchestrator:
         )
         for result, count in sorted((self._artifacts.counts if self._artifacts else {}).items()):
             artifacts.add({"result": result}, float(count))
-        return [passes, retries, refused, artifacts]
+        return [passes, retries, refused, artifacts, *self._attestation_metrics()]
+
+    def _attestation_metrics(self) -> list[Family]:
+        """The attestation exchange window (orchestrator.attest_window), on the leader."""
+        window = self.verifier.window
+        size = Family(
+            "edgeward_attestation_window",
+            "gauge",
+            "Attestation exchanges the leader lets be in flight at once (adapts to the answers' delay)",
+        )
+        size.add({}, float(int(window.size)))
+        exchanges = Family(
+            "edgeward_attestation_exchanges",
+            "gauge",
+            "Attestation exchanges in flight, and nodes queued for one",
+        )
+        exchanges.add({"state": "in_flight"}, float(window.in_flight))
+        exchanges.add({"state": "queued"}, float(window.queued))
+        signals = Family(
+            "edgeward_attestation_congestion_total",
+            "counter",
+            "Answers later than the window's target round-trip time (late), exchanges unanswered by "
+            "their deadline (lost), and times the window was halved for them (narrowed)",
+        )
+        for what in ("late", "lost", "narrowed"):
+            signals.add({"signal": what}, float(getattr(window, what)))
+        return [size, exchanges, signals]
 
     def _ingest_metrics(self) -> list:
         stats = self._mqtt.stats if self._mqtt is not None else SessionStats()

@@ -4,16 +4,19 @@ store, gating and quarantine for the reconciler, key release for the dispatcher.
 The attestation package does the appraisal (:class:`attestation.service.AttestationVerifierService`);
 this module wires it in (docs/attestation.md, "How it is wired")::
 
-    node hello ─────────────▶ attest(node): challenge if enrolled, else Attest{} (= please enroll)
+    node hello ─────────────▶ queued for an exchange: a challenge if enrolled, else Attest{}
+                              (= please enroll), sent when the window has room (attest_window:
+                              at most so many exchanges in flight, adapted to the answers' delay)
     .../evidence ───────────▶ evidence(): service.receive -> reply as an ``attest`` command;
                               a new enrollment is stored and challenged at once; a first
                               enrollment needs the operator's approval (attestation.enrollment:
                               a one-time token or a trusted EK certificate), a refused one is an
                               event attestation.enrollment.refused;
                               a result that is not affirming -> quarantine
-    every tick (1 s) ───────▶ service.expire() -> quarantine; nodes due (challenge_interval_s) challenged,
+    every tick (1 s) ───────▶ service.expire() -> quarantine; nodes due (challenge_interval_s) queued,
                               most overdue first and paced (CHALLENGE_PACE), so a fleet that came
-                              up at once is challenged spread over the interval
+                              up at once is challenged spread over the interval; renewals (a
+                              node holding a result) go before nodes with none
     quarantine(node) ───────▶ alert (log), ``wipe`` command, reconciler woken: it evicts the node's
                               replicas (reason attestation.*) and places them on trusted nodes
     agent.wipe.done event ──▶ wipe_confirmed()
@@ -57,6 +60,7 @@ from edgeward.v1 import attestation_pb2 as apb
 from edgeward.v1 import node_pb2
 from edgeward.wire import now_ms
 
+from .attest_window import ExchangeWindow
 from .config import AttestationConfig
 from .events import WARNING, EventBus
 from .fleet import Fleet
@@ -71,8 +75,16 @@ TICK_S = 1.0
 # that came up at once is not challenged all at once again: its challenges spread over the interval.
 CHALLENGE_PACE = 2.0
 CHALLENGE_BURST = 32
-#: Paced challenges awaiting their PUBACK at once; beyond it the due nodes wait for the next tick.
-MAX_CHALLENGING = 5_000
+#: The window's bounds (attest_window.ExchangeWindow). Its target round-trip time is this share of
+#: the nonce's lifetime: an answer later than that nearly came too late. Not less: the whole
+#: machine slows down in an apply at 10,000 nodes, and a window narrowed for that delay (a target of
+#: 0.4) fell to its minimum, too few renewals to keep the fleet's results alive.
+WINDOW_INITIAL = 64
+WINDOW_MINIMUM = 64
+WINDOW_MAXIMUM = 4096
+WINDOW_TARGET = 0.6
+WINDOW_INCREASE = 8.0
+_HOLDS_RESULT = {AttestationState.AFFIRMING, AttestationState.WARNING}
 _STATE_REASON = {
     None: "attestation.missing",
     AttestationState.ENROLLED: "attestation.missing",
@@ -154,7 +166,14 @@ class FleetVerifier:
         self.quarantined: dict[str, Quarantine] = {}
         self._revoked_keys: set[tuple[str, str]] = set()  # (model, version): never released again
         self._released: dict[tuple[str, str], set[str]] = {}  # (model, version) -> nodes given its key
-        self._challenging: set[asyncio.Task[None]] = set()  # paced challenges awaiting their PUBACK
+        self._challenging: set[asyncio.Task[None]] = set()  # sent exchanges awaiting their PUBACK
+        self.window = ExchangeWindow(
+            target_rtt_s=config.verifier.challenge_ttl_s * WINDOW_TARGET,
+            initial=WINDOW_INITIAL,
+            minimum=WINDOW_MINIMUM,
+            maximum=WINDOW_MAXIMUM,
+            increase=WINDOW_INCREASE,
+        )
 
     @staticmethod
     def load_service(config: AttestationConfig, state_dir: Path) -> AttestationVerifierService:
@@ -249,15 +268,42 @@ class FleetVerifier:
     async def _send(self, node_id: str, **body: object) -> None:
         await self._publish(node_id, command(node_id, **body))
 
-    async def node_connected(self, node_id: str) -> None:
+    def hello(self, node_id: str) -> None:
+        """The node (re)connected: queue its exchange (anything in flight with it before died with
+        its connection). Called as ingest takes the hello, before anything it awaits: a tick that
+        ran in between found the node online and due, and asked it to enroll a second time (two
+        enrollment requests, the first answer refused as a bad proof)."""
         self._first_seen.setdefault(node_id, time.monotonic())
-        await self.attest(node_id)
+        state = self.service.state(node_id)
+        if state == AttestationState.REVOKED:
+            self.window.forget(node_id)
+            return
+        self.window.restart(node_id, renewal=state in _HOLDS_RESULT)
+
+    async def node_connected(self, node_id: str) -> None:
+        """Send the exchanges the window has room for (the node's among them, queued by hello)."""
+        self._pump()
+
+    def _pump(self) -> None:
+        """Send the queued exchanges the window has room for; each waits for its PUBACK in a task
+        of its own (awaited here, a 10,000-node fleet's ticks slowed until results expired)."""
+        now = time.monotonic()
+        online = self._online
+        for node_id in self.window.ready(now, self.config.verifier.challenge_ttl_s, online):
+            task = asyncio.get_running_loop().create_task(self.attest(node_id))
+            self._challenging.add(task)
+            task.add_done_callback(self._challenging.discard)
+
+    def _online(self, node_id: str) -> bool:
+        node = self._fleet.nodes.get(node_id)
+        return node is not None and node.online(time.monotonic(), self._node_timeout_s)
 
     async def attest(self, node_id: str) -> None:
         """Challenge the node now (or ask it to enroll if it is not enrolled)."""
         self._last_attest[node_id] = time.monotonic()
         state = self.service.state(node_id)
         if state == AttestationState.REVOKED:
+            self.window.forget(node_id)  # never attested again: its place goes to the next node
             return
         message = b"" if state is None else self.service.challenge(node_id)
         await self._send(node_id, attest=node_pb2.Attest(message=message))
@@ -271,20 +317,26 @@ class FleetVerifier:
             log.exception("attestation message of %s not handled", node_id)
 
     async def _evidence(self, node_id: str, payload: bytes) -> None:
+        self.window.answered(node_id, time.monotonic())
         if self.service.state(node_id) is None:
             # A first enrollment reads and redeems token files: off the loop.
             outcome = await self._enroll(self.service.receive, node_id, payload)
         else:
             outcome = self.service.receive(node_id, payload)
+        if outcome.rejected is not None or outcome.result is not None:
+            self.window.finish(node_id)  # a result or a refusal ends the exchange
+            self._pump()
         if isinstance(outcome.rejected, EnrollmentError):
             self._enrollment_refused(node_id, outcome.rejected)
         if outcome.reply is not None:
+            self.window.next_step(node_id, time.monotonic(), self.config.verifier.enrollment_ttl_s)
             await self._send(node_id, attest=node_pb2.Attest(message=outcome.reply))
         if outcome.enrolled is not None:
             self._refused.pop(node_id, None)
             await self._db(
                 self._store.put_enrollment, node_id, outcome.enrolled.SerializeToString(), now_ms()
             )
+            self.window.next_step(node_id, time.monotonic(), self.config.verifier.challenge_ttl_s)
             await self.attest(node_id)
         result = outcome.result
         if result is None:
@@ -372,21 +424,18 @@ class FleetVerifier:
                 continue
             await self.quarantine(node_id, reason, self._explain(node_id, state))
         now = time.monotonic()
+        self.window.expire(now)  # unanswered by their deadline: ended, and the window narrows
         interval = self.config.challenge_interval_s
         online = [n.id for n in self._fleet.nodes.values() if n.online(now, self._node_timeout_s)]
         last = self._last_attest
-        due = [n for n in online if now - last.get(n, 0.0) >= interval]
-        if not due:
-            return
+        busy = self.window.busy
+        due = [n for n in online if now - last.get(n, 0.0) >= interval and not busy(n)]
         tick = min(TICK_S, interval / 2)
         budget = max(CHALLENGE_BURST, math.ceil(CHALLENGE_PACE * len(online) * tick / interval))
         if len(due) > budget:
             due.sort(key=lambda n: last.get(n, 0.0))
             del due[budget:]
-        # Each challenge waits for its PUBACK on its own: the pace holds whatever the broker's
-        # latency (awaited here, a 10,000-node fleet's ticks slowed until results expired).
-        room = MAX_CHALLENGING - len(self._challenging)
-        for node_id in due[: max(0, room)]:
-            task = asyncio.get_running_loop().create_task(self.attest(node_id))
-            self._challenging.add(task)
-            task.add_done_callback(self._challenging.discard)
+        state_of = self.service.state
+        for node_id in due:
+            self.window.want(node_id, renewal=state_of(node_id) in _HOLDS_RESULT)
+        self._pump()
