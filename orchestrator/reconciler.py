@@ -82,8 +82,11 @@ log = logging.getLogger(__name__)
 FAILED_RETENTION_MS = 5_000
 #: Commands of one pass awaiting their PUBACK at once (below the session's bound on queued QoS 1).
 PUBLISH_WINDOW = 1_000
-#: Replicas bound between two yields to the event loop.
-PLACE_SLICE = 256
+#: Longest a pass binds replicas before it yields to the event loop (ingest runs in between): time,
+#: not a count, so a pass keeps a share of a busy loop. At 10,000 nodes (bench/fleet_scale.py, one
+#: run each) the last of 10,000 replicas was dispatched 35 s after the first with a yield every 256
+#: replicas (about 0.1 s of binding), 29 s with this; the binding alone takes 4.6 s.
+PLACE_SLICE_S = 0.5
 # A pass that binds many replicas saves and starts sending every this many bindings (at most
 # PUBLISH_WINDOW, so one slice's publishes all start before the next slice's): the first nodes load
 # while the rest are bound, instead of every node waiting for the whole pass.
@@ -1166,9 +1169,11 @@ class ReconcilePass:
         models = [(rep.model_name, rep.model_version) for _, rep in pending]
         plan = await self.rec._plan(self.replicas, self.changes, self.deployments, self.now, models)
         bound = 0
-        for k, (dep, rep) in enumerate(pending):
-            if k and not k % PLACE_SLICE:
+        slice_ends = time.perf_counter() + PLACE_SLICE_S
+        for dep, rep in pending:
+            if time.perf_counter() >= slice_ends:
                 await asyncio.sleep(0)  # let ingest run: binding 10,000 replicas takes seconds
+                slice_ends = time.perf_counter() + PLACE_SLICE_S
             outcome = await self._place(plan, dep, rep)
             outcomes[outcome] += 1
             if outcome is Placed.BOUND:

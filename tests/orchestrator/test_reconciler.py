@@ -177,10 +177,8 @@ async def test_resends_of_one_replica_back_off_to_four_times_the_interval(store,
     assert len(commands) == before + 1
 
 
-async def test_a_large_apply_is_saved_and_sent_in_slices(store, tmp_path, monkeypatch) -> None:
-    """Binding many replicas, the pass saves and starts sending every COMMIT_SLICE bindings: the
-    first nodes get their commands while the rest are bound, each after its decision is saved."""
-    monkeypatch.setattr(reconciler_module, "COMMIT_SLICE", 2)
+def five_nodes_and_five_replicas(store: SqlStore) -> Fleet:
+    """Five online nodes, a sealed model in the catalog and a deployment of five replicas."""
     fleet = Fleet()
     for i in range(5):
         acc = node_pb2.Accelerator(kind="cpu-litert", dtypes=["INT8"], peak_gops=1.0)
@@ -192,6 +190,14 @@ async def test_a_large_apply_is_saved_and_sent_in_slices(store, tmp_path, monkey
     sealed = SealedArtifact(hashlib.sha256(blob).hexdigest(), len(blob), b"k" * 32)
     store.put_model(ModelRecord("vib-cnn", "1.0.0", "0" * 64, 5, info.SerializeToString(), 1), blob, sealed)
     store.put_deployment(parse_manifest(MANIFEST.replace("replicas: 1", "replicas: 5")), 1)
+    return fleet
+
+
+async def test_a_large_apply_is_saved_and_sent_in_slices(store, tmp_path, monkeypatch) -> None:
+    """Binding many replicas, the pass saves and starts sending every COMMIT_SLICE bindings: the
+    first nodes get their commands while the rest are bound, each after its decision is saved."""
+    monkeypatch.setattr(reconciler_module, "COMMIT_SLICE", 2)
+    fleet = five_nodes_and_five_replicas(store)
     writes = 0
     published: list[tuple[int, set[str]]] = []  # (saves started so far, replicas saved as dispatched)
 
@@ -257,3 +263,47 @@ async def test_publish_all_starts_commands_in_order_within_its_window() -> None:
         await sending
     assert started == [node_id for node_id, _ in commands]
     assert peak == PUBLISH_WINDOW
+
+
+@pytest.mark.parametrize(("slice_s", "turns"), [(0.0, 5), (3600.0, 0)])
+async def test_binding_yields_to_the_loop_each_time_its_slice_of_time_is_used(
+    store, tmp_path, monkeypatch, slice_s, turns
+) -> None:
+    """The pass binds for PLACE_SLICE_S, then lets the loop run (ingest): with no time at all, it
+    yields before every binding; with an hour, never while it binds five."""
+    monkeypatch.setattr(reconciler_module, "PLACE_SLICE_S", slice_s)
+    fleet = five_nodes_and_five_replicas(store)
+    binding = True
+    seen = 0
+
+    async def db(fn, *args):
+        return fn(*args)  # inline: the only turns the loop gets are the pass's own yields
+
+    async def publish(node_id: str, cmd: node_pb2.Command) -> None:
+        pass
+
+    async def other_work() -> None:
+        nonlocal seen
+        while binding:
+            seen += 1
+            await asyncio.sleep(0)
+
+    rec = Reconciler(
+        store,
+        db,
+        fleet,
+        Scheduler(),
+        publish,
+        OrchestratorConfig(state_dir=tmp_path / "orch"),
+        artifact_endpoint=lambda: "127.0.0.1:1",
+        on_change=lambda _: None,
+        trust=Affirmed(),
+    )
+    rec._grace_ends = 0.0
+    task = asyncio.get_running_loop().create_task(other_work())
+    await asyncio.sleep(0)  # it starts, counted once
+    run = reconciler_module.ReconcilePass(rec, store.list_deployments(), store.list_replicas())
+    await run.place(run.scale())
+    binding = False
+    await task
+    assert seen - 1 == turns
