@@ -326,11 +326,22 @@ def main() -> None:
         help="no deployment: the steady window follows the fleet's attestation (online, liveness, RSS, ingest)",
     )
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the work directory (the processes' logs); default: delete it",
+    )
     args = parser.parse_args()
     args.processes = args.processes or max(1, -(-args.nodes // PER_PROCESS))
     fd_limit = raise_fd_limit()
     work = Path(tempfile.mkdtemp(prefix="edgeward-scale-"))
-    r = asyncio.run(bench(args, work))
+    try:
+        r = asyncio.run(bench(args, work))
+    finally:
+        if args.keep:
+            print(f"work directory kept: {work}", flush=True)
+        else:
+            shutil.rmtree(work, ignore_errors=True)  # 10,000 nodes' keys and caches
     ingest = r.get("ingest", {})
     received0 = ingest.get('edgeward_mqtt_received_total{qos="0"}', float("nan"))
     received1 = ingest.get('edgeward_mqtt_received_total{qos="1"}', float("nan"))
