@@ -44,16 +44,20 @@ def reconciler(store: SqlStore, tmp_path: Path) -> Reconciler:
     async def publish(node_id: str, cmd: node_pb2.Command) -> None:
         raise AssertionError(f"nothing to send to {node_id}")
 
+    return built(store, tmp_path, Fleet(), db, publish, NoTrust())
+
+
+def built(store: SqlStore, tmp_path: Path, fleet: Fleet, db, publish, trust) -> Reconciler:
     return Reconciler(
         store,
         db,
-        Fleet(),
+        fleet,
         Scheduler(),
         publish,
         OrchestratorConfig(state_dir=tmp_path / "orch"),
         artifact_endpoint=lambda: "127.0.0.1:1",
         on_change=lambda _: None,
-        trust=NoTrust(),
+        trust=trust,
     )
 
 
@@ -177,6 +181,13 @@ async def test_resends_of_one_replica_back_off_to_four_times_the_interval(store,
     assert len(commands) == before + 1
 
 
+def affirmed(store: SqlStore, tmp_path: Path, fleet: Fleet, db, publish) -> Reconciler:
+    """A reconciler whose nodes all hold an affirming attestation, past the start-up grace."""
+    rec = built(store, tmp_path, fleet, db, publish, Affirmed())
+    rec._grace_ends = 0.0
+    return rec
+
+
 def five_nodes_and_five_replicas(store: SqlStore) -> Fleet:
     """Five online nodes, a sealed model in the catalog and a deployment of five replicas."""
     fleet = Fleet()
@@ -213,18 +224,7 @@ async def test_a_large_apply_is_saved_and_sent_in_slices(store, tmp_path, monkey
         published.append((writes, saved))
         assert cmd.deploy.replica_id in saved, "a command goes out only after its decision is saved"
 
-    rec = Reconciler(
-        store,
-        db,
-        fleet,
-        Scheduler(),
-        publish,
-        OrchestratorConfig(state_dir=tmp_path / "orch"),
-        artifact_endpoint=lambda: "127.0.0.1:1",
-        on_change=lambda _: None,
-        trust=Affirmed(),
-    )
-    rec._grace_ends = 0.0
+    rec = affirmed(store, tmp_path, fleet, db, publish)
     try:
         await rec.reconcile_once()
     finally:
@@ -288,18 +288,7 @@ async def test_binding_yields_to_the_loop_each_time_its_slice_of_time_is_used(
             seen += 1
             await asyncio.sleep(0)
 
-    rec = Reconciler(
-        store,
-        db,
-        fleet,
-        Scheduler(),
-        publish,
-        OrchestratorConfig(state_dir=tmp_path / "orch"),
-        artifact_endpoint=lambda: "127.0.0.1:1",
-        on_change=lambda _: None,
-        trust=Affirmed(),
-    )
-    rec._grace_ends = 0.0
+    rec = affirmed(store, tmp_path, fleet, db, publish)
     task = asyncio.get_running_loop().create_task(other_work())
     await asyncio.sleep(0)  # it starts, counted once
     run = reconciler_module.ReconcilePass(rec, store.list_deployments(), store.list_replicas())
