@@ -685,3 +685,36 @@ async def test_mutual_tls_with_mosquitto(
         async with MqttSession(untrusting, client_id("mitm")):
             pass
     assert isinstance(info.value.__cause__, ssl.SSLCertVerificationError)
+
+
+@pytest.mark.broker
+async def test_a_publish_without_a_puback_fails_after_its_timeout_the_others_go_on(
+    mosquitto_factory: Callable[..., Any],
+) -> None:
+    """A broker that stops answering (frozen): each QoS 1 publish fails with "no PUBACK" after its
+    ``timeout`` (the session's one sweep timer, up to a sweep late), in the order they were sent, and
+    a publish acknowledged before the freeze is unaffected. The session is reading its socket, so
+    no hold applies."""
+    broker = mosquitto_factory()
+    topic = node_topic("n1", TopicKind.EVENTS, "edgeward")
+    async with MqttSession(broker.url, client_id("pub")) as pub:
+        await pub.publish(topic, b"before", qos=1)
+        pub._timeout = 0.5  # after connecting: a short CONNACK deadline would depend on the machine
+        os.kill(broker.proc.pid, signal.SIGSTOP)
+        try:
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            failed_at: list[float] = []
+
+            async def publish(i: int) -> None:
+                with pytest.raises(MqttPublishError, match=r"no PUBACK within 0\.5 s"):
+                    await pub.publish(topic, str(i).encode(), qos=1)
+                failed_at.append(loop.time() - started)
+
+            await asyncio.gather(*(publish(i) for i in range(5)))
+        finally:
+            os.kill(broker.proc.pid, signal.SIGCONT)
+        assert len(failed_at) == 5
+        assert min(failed_at) >= 0.5  # never before its timeout
+        assert not pub._puback_waiters and not pub._puback_deadlines
+        assert pub.stats.published_qos1 == 1
