@@ -295,8 +295,15 @@ class FleetVerifier:
             task.add_done_callback(self._challenging.discard)
 
     def _online(self, node_id: str) -> bool:
+        """Still worth an exchange: heard from within the node timeout and not gone offline. A node
+        that has said hello and no status yet is (its first challenge answers that hello)."""
         node = self._fleet.nodes.get(node_id)
-        return node is not None and node.online(time.monotonic(), self._node_timeout_s)
+        return (
+            node is not None
+            and node.hello is not None
+            and node.state != node_pb2.NODE_STATE_OFFLINE
+            and time.monotonic() - node.last_seen <= self._node_timeout_s
+        )
 
     async def attest(self, node_id: str) -> None:
         """Challenge the node now (or ask it to enroll if it is not enrolled)."""

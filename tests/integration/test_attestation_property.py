@@ -429,3 +429,33 @@ def test_a_tick_between_a_hello_and_its_step_asks_the_node_to_enroll_once(tmp_pa
         node.responder.close()
         store.close()
         loop.close()
+
+
+def test_a_node_that_said_hello_and_no_status_yet_is_asked_to_enroll(tmp_path: Path) -> None:
+    """The exchange goes out on the hello alone (the node's status may come after): queued nodes are
+    dropped only once they are offline or silent, not for a status they have not sent yet."""
+    loop = asyncio.new_event_loop()
+    store = SqlStore(tmp_path / "orch")
+    fleet = Fleet()
+    node = Node("n1", tmp_path / "n1")
+    sent: list[node_pb2.Command] = []
+
+    async def publish(node_id: str, cmd: node_pb2.Command) -> None:
+        sent.append(cmd)
+
+    verifier = inline_verifier(AttestationConfig(), Clock(), fleet, store, publish)
+    try:
+        fleet.apply(node.hello())
+        verifier.hello(node.id)
+        loop.run_until_complete(verifier.node_connected(node.id))
+        loop.run_until_complete(verifier.challenges_sent())
+        assert [c.WhichOneof("body") for c in sent] == ["attest"]
+        fleet.apply(node_message(node.id, status=node_pb2.Status(state=node_pb2.NODE_STATE_OFFLINE)))
+        verifier.hello(node.id)  # queued again, but offline by the time the window has room
+        loop.run_until_complete(verifier.node_connected(node.id))
+        loop.run_until_complete(verifier.challenges_sent())
+        assert len(sent) == 1 and not verifier.window.busy(node.id)
+    finally:
+        node.responder.close()
+        store.close()
+        loop.close()
