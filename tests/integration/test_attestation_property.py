@@ -15,8 +15,11 @@ import asyncio
 import hashlib
 import shutil
 import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
@@ -400,62 +403,73 @@ def test_a_node_affirmed_again_while_expired_nodes_are_quarantined_is_left_alone
         loop.close()
 
 
-def test_a_tick_between_a_hello_and_its_step_asks_the_node_to_enroll_once(tmp_path: Path) -> None:
+@dataclass
+class OneNode:
+    """One in-test node beside a FleetVerifier whose commands are collected in ``sent``."""
+
+    loop: asyncio.AbstractEventLoop
+    fleet: Fleet
+    node: Node
+    verifier: FleetVerifier
+    sent: list[node_pb2.Command]
+
+    def run(self, coro) -> None:
+        self.loop.run_until_complete(coro)
+
+
+@pytest.fixture
+def one_node(tmp_path: Path) -> Iterator[OneNode]:
+    loop = asyncio.new_event_loop()
+    store = SqlStore(tmp_path / "orch")
+    fleet = Fleet()
+    sent: list[node_pb2.Command] = []
+
+    async def publish(node_id: str, cmd: node_pb2.Command) -> None:
+        sent.append(cmd)
+
+    setup = OneNode(
+        loop,
+        fleet,
+        Node("n1", tmp_path / "n1"),
+        inline_verifier(AttestationConfig(), Clock(), fleet, store, publish),
+        sent,
+    )
+    try:
+        yield setup
+    finally:
+        setup.node.responder.close()
+        store.close()
+        loop.close()
+
+
+def test_a_tick_between_a_hello_and_its_step_asks_the_node_to_enroll_once(one_node: OneNode) -> None:
     """Ingest applies a hello (the node is online) and runs its wire step only after the store wrote
     the batch's inventories; a verifier tick in between found the node due and asked it to enroll,
     and the step asked again: two requests, two challenges, the first answer refused as a bad
     proof (2 % of a 10,000-node onboarding). The hello queues the node at once; it is asked once."""
-    loop = asyncio.new_event_loop()
-    store = SqlStore(tmp_path / "orch")
-    fleet = Fleet()
-    node = Node("n1", tmp_path / "n1")
-    sent: list[node_pb2.Command] = []
-
-    async def publish(node_id: str, cmd: node_pb2.Command) -> None:
-        sent.append(cmd)
-
-    verifier = inline_verifier(AttestationConfig(), Clock(), fleet, store, publish)
-    try:
-        fleet.apply(node.hello())
-        fleet.apply(node.status())
-        verifier.hello(node.id)
-        loop.run_until_complete(verifier.tick())
-        loop.run_until_complete(verifier.node_connected(node.id))
-        loop.run_until_complete(verifier.challenges_sent())
-        asks = [c for c in sent if c.WhichOneof("body") == "attest" and not c.attest.message]
-        assert len(asks) == 1, sent
-        assert verifier.window.busy(node.id)
-    finally:
-        node.responder.close()
-        store.close()
-        loop.close()
+    s, node, verifier = one_node, one_node.node, one_node.verifier
+    s.fleet.apply(node.hello())
+    s.fleet.apply(node.status())
+    verifier.hello(node.id)
+    s.run(verifier.tick())
+    s.run(verifier.node_connected(node.id))
+    s.run(verifier.challenges_sent())
+    asks = [c for c in s.sent if c.WhichOneof("body") == "attest" and not c.attest.message]
+    assert len(asks) == 1, s.sent
+    assert verifier.window.busy(node.id)
 
 
-def test_a_node_that_said_hello_and_no_status_yet_is_asked_to_enroll(tmp_path: Path) -> None:
+def test_a_node_that_said_hello_and_no_status_yet_is_asked_to_enroll(one_node: OneNode) -> None:
     """The exchange goes out on the hello alone (the node's status may come after): queued nodes are
     dropped only once they are offline or silent, not for a status they have not sent yet."""
-    loop = asyncio.new_event_loop()
-    store = SqlStore(tmp_path / "orch")
-    fleet = Fleet()
-    node = Node("n1", tmp_path / "n1")
-    sent: list[node_pb2.Command] = []
-
-    async def publish(node_id: str, cmd: node_pb2.Command) -> None:
-        sent.append(cmd)
-
-    verifier = inline_verifier(AttestationConfig(), Clock(), fleet, store, publish)
-    try:
-        fleet.apply(node.hello())
-        verifier.hello(node.id)
-        loop.run_until_complete(verifier.node_connected(node.id))
-        loop.run_until_complete(verifier.challenges_sent())
-        assert [c.WhichOneof("body") for c in sent] == ["attest"]
-        fleet.apply(node_message(node.id, status=node_pb2.Status(state=node_pb2.NODE_STATE_OFFLINE)))
-        verifier.hello(node.id)  # queued again, but offline by the time the window has room
-        loop.run_until_complete(verifier.node_connected(node.id))
-        loop.run_until_complete(verifier.challenges_sent())
-        assert len(sent) == 1 and not verifier.window.busy(node.id)
-    finally:
-        node.responder.close()
-        store.close()
-        loop.close()
+    s, node, verifier = one_node, one_node.node, one_node.verifier
+    s.fleet.apply(node.hello())
+    verifier.hello(node.id)
+    s.run(verifier.node_connected(node.id))
+    s.run(verifier.challenges_sent())
+    assert [c.WhichOneof("body") for c in s.sent] == ["attest"]
+    s.fleet.apply(node_message(node.id, status=node_pb2.Status(state=node_pb2.NODE_STATE_OFFLINE)))
+    verifier.hello(node.id)  # queued again, but offline by the time the window has room
+    s.run(verifier.node_connected(node.id))
+    s.run(verifier.challenges_sent())
+    assert len(s.sent) == 1 and not verifier.window.busy(node.id)
