@@ -88,7 +88,8 @@ class _NoPuback(Exception):
 @dataclass(slots=True)
 class _PubackDeadline:
     """When a QoS 1 publish gives up waiting for its PUBACK. One sweep timer per session checks
-    them in order (a timer and a shield per publish were a fifth of a hollow fleet's CPU)."""
+    them in order: a timer and a shield per publish cost 57 us of CPU per publish against 48 us
+    (20,000 publishes to a local Mosquitto), and showed in a hollow fleet's profile."""
 
     waiter: asyncio.Future[None]
     at: float  # loop time
