@@ -217,8 +217,8 @@ class AttestationVerifierService:
         )
         self._pcrs = config.layout.pcrs
         self._nodes: dict[str, _Node] = {}
-        self._pending_enrollments: dict[str, enroll.PendingEnrollment] = {}
-        self._enroll_challenges: dict[str, bytes] = {}  # node -> the reply to its pending enrollment
+        # node -> its enrollment in progress, and the reply that challenged it
+        self._pending_enrollments: dict[str, tuple[enroll.PendingEnrollment, bytes]] = {}
         self._outstanding: dict[bytes, IssuedChallenge] = {}
         self._per_node: dict[str, list[bytes]] = {}
         # Nonces that can no longer be answered -> (forget after ms, the reason to report).
@@ -296,11 +296,11 @@ class AttestationVerifierService:
                     )
         now = self.now_ms()
         with self._lock:
-            repeated = self._pending_enrollments.get(node_id)
+            repeated, sent = self._pending_enrollments.get(node_id, (None, b""))
             if repeated is not None and repeated.request == request and now <= repeated.expires_ms:
                 # The same request again (redelivered, or asked twice): the same challenge, so the
                 # answer to either one completes the enrollment; no token is checked twice.
-                return self._enroll_challenges[node_id]
+                return sent
         pending, challenge = enroll.begin(
             request,
             trusted=self.ek_trust,
@@ -311,14 +311,12 @@ class AttestationVerifierService:
         )  # the known AK again: nothing new to approve
         reply = pb.VerifierMessage(schema=MESSAGE_SCHEMA, enroll_challenge=challenge).SerializeToString()
         with self._lock:
-            self._pending_enrollments[node_id] = pending
-            self._enroll_challenges[node_id] = reply
+            self._pending_enrollments[node_id] = (pending, reply)
         return reply
 
     def enroll_finish(self, node_id: str, answer: pb.EnrollmentAnswer) -> pb.Enrollment:
         with self._lock:
-            pending = self._pending_enrollments.pop(node_id, None)
-            self._enroll_challenges.pop(node_id, None)
+            pending, _ = self._pending_enrollments.pop(node_id, (None, b""))
         if pending is None or answer.node_id != node_id:
             raise EnrollmentError(
                 "attestation.enroll.unexpected", f"no enrollment of {node_id!r} in progress"
@@ -365,7 +363,6 @@ class AttestationVerifierService:
         with self._lock:
             self._nodes.pop(node_id, None)
             self._pending_enrollments.pop(node_id, None)
-            self._enroll_challenges.pop(node_id, None)
             for nonce in self._per_node.pop(node_id, []):
                 self._outstanding.pop(nonce, None)
 
