@@ -96,6 +96,10 @@ async def test_metrics_pass_promtool_and_forget_nodes_that_left(fleet, mqtt_url,
     passes = next(line for line in body.splitlines() if line.startswith("edgeward_reconcile_passes_total "))
     assert float(passes.split()[1]) >= 1  # the replicas were placed by a pass
     assert "edgeward_event_loop_lag_seconds_count " in body  # the loop's own lag, checked by promtool too
+    # The attestation window (its values depend on how fast the answers came: only its series here).
+    assert "edgeward_attestation_window " in body
+    assert 'edgeward_attestation_exchanges{state="in_flight"} ' in body
+    assert 'edgeward_attestation_congestion_total{signal="lost"} ' in body
 
     # A node that reports and then leaves (its last will: OFFLINE): only its node_up stays, at 0.
     async with MqttSession(mqtt_url, "gone-1") as gone:
