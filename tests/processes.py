@@ -28,18 +28,26 @@ T = TypeVar("T")
 STARTUP_S = 180.0
 
 
+#: Ports this process has handed out: free when asked is not enough, since two children given
+#: ports before either binds would otherwise race for the same one (seen: a replica's metrics port
+#: equal to another's gRPC port, and the second to bind failed to start).
+_handed_out: set[int] = set()
+
+
 def listen_port(count: int = 1) -> int:
     """A free loopback TCP port below the ephemeral range, for a child process to listen on later
-    (the first of ``count`` consecutive free ones). An ephemeral port (``bind(0)``) is no good for
-    that: on a busy machine an outgoing connection may take it before the child binds it (or a
-    client retrying a connection to it may connect to itself); ports below the range are never
-    handed to outgoing connections."""
+    (the first of ``count`` consecutive free ones), never one handed out before by this process.
+    An ephemeral port (``bind(0)``) is no good for that: on a busy machine an outgoing connection
+    may take it before the child binds it (or a client retrying a connection to it may connect to
+    itself); ports below the range are never handed to outgoing connections."""
     low = 32768
     with contextlib.suppress(OSError, ValueError):
         low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     for _ in range(200):
         port = random.randrange(max(1024, low - 12000), low - count + 1)
-        if all(_bindable(p) for p in range(port, port + count)):
+        ports = range(port, port + count)
+        if not _handed_out.intersection(ports) and all(_bindable(p) for p in ports):
+            _handed_out.update(ports)
             return port
     raise RuntimeError(f"no {count} consecutive free loopback ports below {low}")
 
