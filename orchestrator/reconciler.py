@@ -91,6 +91,10 @@ PLACE_SLICE_S = 0.5
 # PUBLISH_WINDOW, so one slice's publishes all start before the next slice's): the first nodes load
 # while the rest are bound, instead of every node waiting for the whole pass.
 COMMIT_SLICE = 1000
+# While a pass binds, it follows the reports of the replicas it has dispatched at most this often
+# (at its yields): a pass that binds 10,000 replicas for tens of seconds does not hold back the
+# first ones' Running until it ends.
+FOLLOW_BOUND_S = 1.0
 # The n-th resend of a replica's command waits resend_interval_s x RESEND_BACKOFF[n] after the
 # previous send: a node that is slow to report (a loaded fleet, a broker behind) is not sent the
 # same command, each with its key released again, every few seconds while it works through them.
@@ -642,6 +646,7 @@ class ReconcilePass:
         self._changed = False
         self.by_deployment: dict[str, list[ReplicaRecord]] = defaultdict(list)
         self._tiers: dict[str, str] = {}
+        self.dispatched: list[ReplicaRecord] = []  # bound by this pass, not yet seen running
 
     def tier(self, node_id: str) -> str:
         """The node's attestation tier, asked of the verifier once per pass (not once per replica)."""
@@ -1170,9 +1175,14 @@ class ReconcilePass:
         plan = await self.rec._plan(self.replicas, self.changes, self.deployments, self.now, models)
         bound = 0
         slice_ends = time.perf_counter() + PLACE_SLICE_S
+        follow_at = time.perf_counter() + FOLLOW_BOUND_S
         for dep, rep in pending:
             if time.perf_counter() >= slice_ends:
                 await asyncio.sleep(0)  # let ingest run: binding 10,000 replicas takes seconds
+                if time.perf_counter() >= follow_at:
+                    if self.follow_dispatched():
+                        await self.flush()
+                    follow_at = time.perf_counter() + FOLLOW_BOUND_S
                 slice_ends = time.perf_counter() + PLACE_SLICE_S
             outcome = await self._place(plan, dep, rep)
             outcomes[outcome] += 1
@@ -1211,7 +1221,24 @@ class ReconcilePass:
         )
         self.send(result.node_id, deploy)
         rec._last_sent[bound.id] = self.now
+        self.dispatched.append(bound)
         return Placed.BOUND
+
+    def follow_dispatched(self) -> int:
+        """Follow what the nodes report of the replicas this pass dispatched (step 1 of the next pass
+        would, once this one ends); how many moved on."""
+        nodes = self.rec._fleet.nodes
+        moved = 0
+        waiting = []
+        for rep in self.dispatched:
+            node = nodes.get(rep.node_id or "")
+            report = node.reports.get(rep.id) if node is not None else None
+            new = rep if report is None else self._follow_report(rep, report)
+            moved += new is not rep
+            if new.phase in (Phase.DISPATCHED, Phase.LOADING):
+                waiting.append(new)
+        self.dispatched = waiting
+        return moved
 
     def _explain(self, rep: ReplicaRecord, reason: str, message: str) -> None:
         """Say why a replica stays pending (only when that changed: no write per pass)."""
@@ -1276,6 +1303,7 @@ class ReconcilePass:
         """Save the decisions not saved yet in one transaction, then publish their commands (a crash
         between the two loses commands, which are re-sent, never a decision), and wait until every
         command of the pass is out."""
+        self.follow_dispatched()
         await self.flush()
         await self.sent()
         if self._changed:

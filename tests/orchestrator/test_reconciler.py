@@ -235,6 +235,38 @@ async def test_a_large_apply_is_saved_and_sent_in_slices(store, tmp_path, monkey
     assert len({r.node_id for r in store.list_replicas("vib")}) == 5
 
 
+async def test_a_long_pass_records_running_while_it_still_binds(store, tmp_path, monkeypatch) -> None:
+    """A pass that binds for long follows the reports of the replicas it has already dispatched
+    (at its yields): a node that runs its replica at once is recorded Running before the pass binds
+    the last replica, not at the next pass."""
+    monkeypatch.setattr(reconciler_module, "COMMIT_SLICE", 1)
+    monkeypatch.setattr(reconciler_module, "PLACE_SLICE_S", 0.0)
+    monkeypatch.setattr(reconciler_module, "FOLLOW_BOUND_S", 0.0)
+    fleet = five_nodes_and_five_replicas(store)
+    batches: list[list[tuple[str, Phase]]] = []  # each write: (replica, phase) of its changes
+
+    async def db(fn, *args):
+        if fn == store.apply_replica_changes:
+            batches.append([(c.replica.id, c.replica.phase) for c in args[0]])
+        return fn(*args)
+
+    async def publish(node_id: str, cmd: node_pb2.Command) -> None:  # the node runs it at once
+        report = node_pb2.ReplicaReport(
+            replica_id=cmd.deploy.replica_id, phase=node_pb2.REPLICA_PHASE_RUNNING
+        )
+        seq = fleet.nodes[node_id].status_seq + 1
+        status = node_pb2.Status(state=node_pb2.NODE_STATE_ONLINE, status_seq=seq, replicas=[report])
+        fleet.apply(node_message(node_id, status=status))
+
+    rec = affirmed(store, tmp_path, fleet, db, publish)
+    await rec.reconcile_once()
+    first_running = next(i for i, b in enumerate(batches) if any(p == Phase.RUNNING for _, p in b))
+    last_bound = max(i for i, b in enumerate(batches) if any(p == Phase.DISPATCHED for _, p in b))
+    assert first_running < last_bound, batches
+    await rec.reconcile_once()  # the last ones, sent at the pass's end, at the next pass
+    assert {r.phase for r in store.list_replicas("vib")} == {Phase.RUNNING}
+
+
 async def test_publish_all_starts_commands_in_order_within_its_window() -> None:
     """Thousands of commands: they start in list order, at most PUBLISH_WINDOW await their PUBACK at
     once, and one that fails stops none of the others (its error is raised at the end)."""
