@@ -252,13 +252,39 @@ def test_jetstream_on_a_nats_cluster_redelivers_what_a_dead_replica_held(
                     lambda r=r: views_complete(r.address, back), 60, f"replica {r.index}: the redelivered"
                 )
             except AssertionError as err:
-                counts = {w: r.shared(w) for w in ("received", "jetstream_redelivered", "read_status")}
-                raise AssertionError(f"{err}; (seen, expected) {MISMATCH.get(r.address)}; {counts}") from None
+                wrong = MISMATCH.get(r.address) or {}
+                raise AssertionError(
+                    f"{err}; (seen, expected) {wrong}; {shares(leader, follower)}; "
+                    f"stored: {stored_statuses(postgres_url, list(wrong))}"
+                ) from None
         assert sum(r.shared("jetstream_redelivered") for r in (leader, follower)) >= taken
     finally:
         fleet.close()
         for r in replicas:
             r.proc.stop()
+
+
+def shares(*replicas: Replica) -> dict[int, dict[str, float]]:
+    """What each replica took of the stream, for a failure message."""
+    whats = ("received", "jetstream_redelivered", "read_status", "merged")
+    return {r.index: {w: r.shared(w) for w in whats} for r in replicas}
+
+
+def stored_statuses(postgres_url: str, ids: list[str]) -> dict[str, tuple]:
+    """Each node's merged status as the store holds it: (state, seq, writer, flush), for a failure
+    message."""
+    import psycopg
+
+    out: dict[str, tuple] = {}
+    with psycopg.connect(
+        postgres_url.replace("postgresql+psycopg", "postgresql"), connect_timeout=10
+    ) as conn:
+        for node_id, status, seq, swriter, sseq in conn.execute(
+            "SELECT node_id, status, seq, swriter, sseq FROM node_states WHERE node_id = ANY(%s)", (ids,)
+        ):
+            state = node_pb2.NodeMessage.FromString(status).status.state if status else None
+            out[node_id] = (state, seq, swriter, sseq)
+    return out
 
 
 async def die_holding(urls: list[str], fleet: Fleet) -> int:
