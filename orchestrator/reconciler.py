@@ -32,7 +32,7 @@ import logging
 import math
 import time
 import uuid
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Protocol
@@ -99,6 +99,8 @@ FOLLOW_BOUND_S = 1.0
 # previous send: a node that is slow to report (a loaded fleet, a broker behind) is not sent the
 # same command, each with its key released again, every few seconds while it works through them.
 RESEND_BACKOFF = (1, 2, 4)
+# Phase changes logged one line each (the others are counted per save).
+_NEWS = frozenset({Phase.FAILED, Phase.EVICTED})
 _REPORTED_PHASE = {
     node_pb2.REPLICA_PHASE_LOADING: Phase.LOADING,
     node_pb2.REPLICA_PHASE_RUNNING: Phase.RUNNING,
@@ -647,6 +649,7 @@ class ReconcilePass:
         self.by_deployment: dict[str, list[ReplicaRecord]] = defaultdict(list)
         self._tiers: dict[str, str] = {}
         self.dispatched: list[ReplicaRecord] = []  # bound by this pass, not yet seen running
+        self.moves: Counter[tuple[Phase, Phase]] = Counter()  # phase changes not logged yet
 
     def tier(self, node_id: str) -> str:
         """The node's attestation tier, asked of the verifier once per pass (not once per replica)."""
@@ -661,9 +664,18 @@ class ReconcilePass:
         """The replica with ``updates``, recorded to be saved at the commit."""
         new = replace(rep, updated_ms=self.wall, **updates)
         if new.phase != rep.phase:
-            log.info(
-                "replica %s %s -> %s on %s (%s)", rep.id, rep.phase, new.phase, new.node_id or "-", new.reason
+            # A failure or an eviction is news, one line each; the routine moves of 10,000 replicas
+            # (30,000 lines in an apply, 7 % of a busy loop) are counted and logged per save.
+            log.log(
+                logging.INFO if new.phase in _NEWS else logging.DEBUG,
+                "replica %s %s -> %s on %s (%s)",
+                rep.id,
+                rep.phase,
+                new.phase,
+                new.node_id or "-",
+                new.reason,
             )
+            self.moves[(rep.phase, new.phase)] += 1
         self.changes.append(ReplicaChange(new))
         self.touched.add(rep.deployment)
         return new
@@ -1318,6 +1330,10 @@ class ReconcilePass:
         if changes:
             await rec._db(rec._store.apply_replica_changes, changes)
             self._changed = True
+        if self.moves:
+            moved = ", ".join(f"{n} {a} -> {b}" for (a, b), n in sorted(self.moves.items()))
+            log.info("replicas saved: %s", moved)
+            self.moves.clear()
         commands, self._started = self.commands[self._started :], len(self.commands)
         if commands:
             self.sending.append(asyncio.create_task(publish_all(rec._publish, commands)))
