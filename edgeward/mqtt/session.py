@@ -313,6 +313,61 @@ class _ClosingSSLSocket(ssl.SSLSocket):
             raise
 
 
+_INFO_LOCK = threading.Lock()
+
+
+class _MessageInfo(paho.MQTTMessageInfo):
+    """paho's ``MQTTMessageInfo`` whose ``threading.Condition`` is made only when a thread waits on
+    it (``wait_for_publish``). paho makes one for every message, sent or received; on one event loop
+    nothing ever waits, and the Condition (an RLock and a deque) was 8 % of a hollow fleet process's
+    CPU and 4 % of the orchestrator's loop at 10,000 nodes. Installed for every paho client of the
+    process (paho looks the class up when it makes each message); the behaviour is paho's own."""
+
+    __slots__ = ("_cond",)
+
+    def __init__(self, mid: int) -> None:  # paho's, without the Condition
+        self.mid = mid
+        self._published = False
+        self._cond: threading.Condition | None = None
+        self.rc = MQTTErrorCode.MQTT_ERR_SUCCESS
+        self._iterpos = 0
+
+    @property
+    def _condition(self) -> threading.Condition:
+        with _INFO_LOCK:
+            if self._cond is None:
+                self._cond = threading.Condition()
+            return self._cond
+
+    @_condition.setter
+    def _condition(self, value: threading.Condition) -> None:
+        with _INFO_LOCK:
+            self._cond = value
+
+    def is_published(self) -> bool:
+        if self._cond is not None:
+            return super().is_published()
+        published = self._published  # paho reads it under the Condition; no thread waits on it
+        if self.rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:  # paho's checks
+            raise ValueError("Message is not queued due to ERR_QUEUE_SIZE")
+        if self.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_AGAIN):
+            raise RuntimeError(f"Message publish failed: {paho.error_string(self.rc)}")
+        return published
+
+    def _set_as_published(self) -> None:
+        with _INFO_LOCK:  # no waiter yet: one that comes sees _published (it makes the Condition
+            if self._cond is None:  # under this lock, then checks _published under the Condition)
+                self._published = True
+                return
+            cond = self._cond
+        with cond:
+            self._published = True
+            cond.notify()
+
+
+paho.MQTTMessageInfo = _MessageInfo  # type: ignore[misc]
+
+
 class _Client(paho.Client):
     """paho's client, read the way one event loop serving thousands of sessions needs (paho 2.x).
 

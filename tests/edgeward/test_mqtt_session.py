@@ -718,3 +718,48 @@ async def test_a_publish_without_a_puback_fails_after_its_timeout_the_others_go_
         assert min(failed_at) >= 0.5  # never before its timeout
         assert not pub._puback_waiters and not pub._puback_deadlines
         assert pub.stats.published_qos1 == 1
+
+
+@pytest.mark.broker
+async def test_no_condition_per_message_yet_a_thread_can_still_wait_on_one(
+    mqtt_url: BrokerURL, topic_prefix: str, monkeypatch
+) -> None:
+    """paho makes a threading.Condition per message; the session's message info makes one only when a
+    thread waits (wait_for_publish). A QoS 1 round trip on the loop makes none; a threaded paho
+    client in the same process still waits for its PUBACK."""
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    made = 0
+    real = threading.Condition
+
+    def counted(*args: Any) -> threading.Condition:
+        nonlocal made
+        made += 1
+        return real(*args)
+
+    monkeypatch.setattr(threading, "Condition", counted)
+    topic = node_topic("n1", TopicKind.STATUS, topic_prefix)
+    async with MqttSession(mqtt_url, client_id("sub")) as sub, MqttSession(mqtt_url, client_id("pub")) as pub:
+        await sub.subscribe(nodes_filter(TopicKind.STATUS, topic_prefix), qos=1)
+        made = 0
+        for _ in range(20):
+            await pub.publish(topic, b"status", qos=1)  # returns once its PUBACK came
+        for _ in range(20):
+            await receive(sub)
+        assert made == 0
+
+    threaded = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=client_id("thread"))
+    threaded.connect(mqtt_url.host, mqtt_url.port)
+    threaded.loop_start()
+    try:
+        info = threaded.publish(topic, b"status", qos=1)
+        waiter = threading.Thread(target=info.wait_for_publish, args=(10,))
+        waiter.start()
+        while waiter.is_alive():
+            await asyncio.sleep(0.01)
+        assert info.is_published()
+        assert info._cond is not None  # made by the waiter
+    finally:
+        threaded.disconnect()
+        threaded.loop_stop()
