@@ -93,6 +93,27 @@ def test_expire_reports_each_expiry_once(make_node, verifier, clock):
     assert verifier.expire() == []
 
 
+def test_each_result_expires_at_its_own_time_across_renewals(make_node, verifier, clock):
+    """expire() looks at the nodes only once the earliest expiry it knows has passed: a renewal moves
+    a node's expiry later, and a new result never hides an earlier one."""
+    ttl = verifier.config.result_ttl_s
+    a, b = make_node("node-a"), make_node("node-b")
+    assert verifier.expire() == []  # no result: none can expire until one comes
+    attest(verifier, a)
+    assert verifier.expire() == []  # nothing due: the earliest expiry is node-a's
+    clock.advance(ttl / 2)
+    attest(verifier, b)  # expires half a ttl after node-a
+    clock.advance(ttl / 4)
+    attest(verifier, a)  # renewed: now expires a quarter ttl after node-b
+    clock.advance(ttl / 4)  # node-a's first result would have expired now
+    assert verifier.expire() == []
+    clock.advance(ttl / 2)  # node-b's expires
+    assert verifier.expire() == ["node-b"]
+    clock.advance(ttl / 4)
+    assert verifier.expire() == ["node-a"]
+    assert verifier.expire() == []
+
+
 # ------------------------------------------------------------------------------ rejected
 
 
