@@ -620,7 +620,8 @@ class ReconcilePass:
        missing their SLO;
     3. :meth:`scale` creates and retires replicas to each deployment's desired count (and its
        rollout's split);
-    4. :meth:`place` binds the pending replicas on one snapshot of the fleet;
+    4. :meth:`place` binds the pending replicas on one snapshot of the fleet (and, while it binds,
+       follows what the nodes report of those it has dispatched: :meth:`follow_dispatched`);
     5. :meth:`sync_nodes` sends reconnected nodes their whole desired set and unloads orphans;
     6. :meth:`commit` saves every decision in one transaction, then publishes the commands.
 
@@ -1240,11 +1241,12 @@ class ReconcilePass:
         """Follow what the nodes report of the replicas this pass dispatched (step 1 of the next pass
         would, once this one ends); how many moved on."""
         nodes = self.rec._fleet.nodes
+        now = time.monotonic()
         moved = 0
         waiting = []
         for rep in self.dispatched:
             node = nodes.get(rep.node_id or "")
-            report = node.reports.get(rep.id) if node is not None else None
+            report = node.reports.get(rep.id) if node is not None and node.online(now, self.timeout) else None
             new = rep if report is None else self._follow_report(rep, report)
             moved += new is not rep
             if new.phase in (Phase.DISPATCHED, Phase.LOADING):
