@@ -12,6 +12,7 @@ an invalid manifest is INVALID_ARGUMENT with every field path, an unknown model 
 from __future__ import annotations
 
 import asyncio
+import base64
 import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -35,6 +36,7 @@ from .catalog.wipe import status_pb as wipe_status_pb
 from .errors import (
     AlreadyExists,
     Busy,
+    InvalidArgument,
     InvalidManifest,
     InvalidModel,
     NotFound,
@@ -68,7 +70,7 @@ APPLY = "/edgeward.v1.DeploymentService/Apply"
 def _status(err: Exception) -> tuple[grpc.StatusCode, str]:
     if isinstance(err, CatalogError | RolloutError):
         return grpc.StatusCode.FAILED_PRECONDITION, str(err)
-    if isinstance(err, InvalidManifest | InvalidModel):
+    if isinstance(err, InvalidManifest | InvalidModel | InvalidArgument):
         return grpc.StatusCode.INVALID_ARGUMENT, str(err)
     if isinstance(err, NotFound):
         return grpc.StatusCode.NOT_FOUND, str(err)
@@ -327,6 +329,32 @@ class WatchHub:
 # ---------------------------------------------------------------- nodes
 
 
+MAX_NODES_PAGE = 5_000  # NodeService.List: a larger page_size gets this many
+_PAGE_PREFIX = "n1:"  # a page token's version prefix
+
+
+def encode_page_token(last_id: str) -> str:
+    """The token of the page after the node ``last_id`` (opaque to clients: base64 of a version and
+    the id)."""
+    return base64.urlsafe_b64encode((_PAGE_PREFIX + last_id).encode()).decode()
+
+
+def decode_page_token(token: str) -> str:
+    """The node id a page token starts after ("" for no token); InvalidArgument if this server did
+    not issue it."""
+    if not token:
+        return ""
+    try:
+        text = base64.urlsafe_b64decode(token.encode("ascii")).decode()
+    except (ValueError, UnicodeError):
+        text = ""
+    if not text.startswith(_PAGE_PREFIX) or len(text) == len(_PAGE_PREFIX):
+        raise InvalidArgument(
+            [("page_token", "not a token of this API: pass the previous page's next_page_token")]
+        )
+    return text[len(_PAGE_PREFIX) :]
+
+
 class NodeService(api_pb2_grpc.NodeServiceServicer):
     def __init__(self, control: Control, views: ApiViews) -> None:
         self._control = control
@@ -336,7 +364,16 @@ class NodeService(api_pb2_grpc.NodeServiceServicer):
     async def List(
         self, request: api_pb2.ListNodesRequest, context: grpc.aio.ServicerContext
     ) -> api_pb2.ListNodesResponse:
-        return api_pb2.ListNodesResponse(nodes=await self._views.nodes())
+        """Every node, or a page of them (``page_size``, ``page_token``) in node id order: the
+        next page starts after the last node of this one, so nodes that come or go in between
+        shift no page."""
+        if request.page_size < 0:
+            raise InvalidArgument([("page_size", "must be 0 (every node) or more")])
+        after = decode_page_token(request.page_token)
+        size = min(request.page_size, MAX_NODES_PAGE)
+        nodes, more = await self._views.nodes(after=after, limit=size)
+        token = encode_page_token(nodes[-1].id) if more and nodes else ""
+        return api_pb2.ListNodesResponse(nodes=nodes, next_page_token=token)
 
     @_rpc
     async def Get(self, request: api_pb2.GetNodeRequest, context: grpc.aio.ServicerContext) -> api_pb2.Node:

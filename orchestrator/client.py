@@ -24,6 +24,7 @@ from edgeward.v1 import api_pb2, api_pb2_grpc, events_pb2, events_pb2_grpc
 from .catalog.signing import PublisherKey, sign_metadata
 
 CHUNK = 256 * 1024
+NODES_PAGE = 1_000  # nodes per List call (about 0.6 MB at 10,000 nodes' worth of replicas)
 ATTESTATION_SERVICE = "edgeward.v1.AttestationService"
 EVENT_SERVICE = "edgeward.v1.EventService"
 UNREACHABLE_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
@@ -125,7 +126,16 @@ class EdgewardClient(_Stubs):
             stream.cancel()
 
     def list_nodes(self) -> list[api_pb2.Node]:
-        return list(_call(self.nodes.List, api_pb2.ListNodesRequest(), self.timeout).nodes)
+        """Every node, a page (``NODES_PAGE``) per call."""
+        nodes: list[api_pb2.Node] = []
+        token = ""
+        while True:
+            request = api_pb2.ListNodesRequest(page_size=NODES_PAGE, page_token=token)
+            page = _call(self.nodes.List, request, self.timeout)
+            nodes += page.nodes
+            token = page.next_page_token
+            if not token:
+                return nodes
 
     def get_node(self, node_id: str) -> api_pb2.Node:
         return _call(self.nodes.Get, api_pb2.GetNodeRequest(node_id=node_id), self.timeout)
@@ -301,7 +311,16 @@ class AsyncEdgewardClient(_Stubs):
     # ------------------------------------------------------------ nodes
 
     async def list_nodes(self) -> list[api_pb2.Node]:
-        return list((await self._unary(self.nodes.List, api_pb2.ListNodesRequest())).nodes)
+        """Every node, a page (``NODES_PAGE``) per call."""
+        nodes: list[api_pb2.Node] = []
+        token = ""
+        while True:
+            request = api_pb2.ListNodesRequest(page_size=NODES_PAGE, page_token=token)
+            page = await self._unary(self.nodes.List, request)
+            nodes += page.nodes
+            token = page.next_page_token
+            if not token:
+                return nodes
 
     async def get_node(self, node_id: str) -> api_pb2.Node:
         return await self._unary(self.nodes.Get, api_pb2.GetNodeRequest(node_id=node_id))

@@ -15,6 +15,14 @@ class InvalidManifest(OrchestratorError):
         super().__init__("; ".join(f"{path}: {reason}" for path, reason in errors))
 
 
+class InvalidArgument(OrchestratorError):
+    """A request field the API refuses; ``errors`` holds ``(field_path, reason)`` pairs."""
+
+    def __init__(self, errors: list[tuple[str, str]]) -> None:
+        self.errors = errors
+        super().__init__("; ".join(f"{path}: {reason}" for path, reason in errors))
+
+
 class NotFound(OrchestratorError):
     def __init__(self, kind: str, name: str) -> None:
         super().__init__(f"{kind} {name!r} not found")

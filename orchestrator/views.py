@@ -176,15 +176,25 @@ class ApiViews:
                 pb.status.rollout.CopyFrom(self._rollouts.status_pb(record))
         return out
 
-    async def nodes(self) -> list[api_pb2.Node]:
+    async def nodes(self, after: str = "", limit: int = 0) -> tuple[list[api_pb2.Node], bool]:
+        """The nodes whose id sorts after ``after``, at most ``limit`` of them (0: all), in id order,
+        and whether more follow. Only the page's nodes are built."""
         records, replicas = await self._db(lambda: (self._store.list_nodes(), self._store.list_replicas()))
         by_id = {r.id: r for r in records}
+        ids = sorted(
+            i
+            for i in set(by_id) | {n for n, v in self._fleet.nodes.items() if v.hello is not None}
+            if i > after
+        )
+        more = 0 < limit < len(ids)
+        if more:
+            del ids[limit:]
+        page = set(ids)
         on_node: dict[str, list[ReplicaRecord]] = defaultdict(list)  # one pass, not one per node
         for rep in replicas:
-            if rep.node_id:
+            if rep.node_id in page:
                 on_node[rep.node_id].append(rep)
-        ids = sorted(set(by_id) | {n for n, v in self._fleet.nodes.items() if v.hello is not None})
-        return [self._node(i, by_id.get(i), on_node.get(i, ())) for i in ids]
+        return [self._node(i, by_id.get(i), on_node.get(i, ())) for i in ids], more
 
     async def node(self, node_id: str) -> api_pb2.Node:
         record, replicas = await self._db(
