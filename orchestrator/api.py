@@ -70,7 +70,7 @@ APPLY = "/edgeward.v1.DeploymentService/Apply"
 def _status(err: Exception) -> tuple[grpc.StatusCode, str]:
     if isinstance(err, CatalogError | RolloutError):
         return grpc.StatusCode.FAILED_PRECONDITION, str(err)
-    if isinstance(err, InvalidManifest | InvalidModel | InvalidArgument):
+    if isinstance(err, InvalidArgument | InvalidModel):
         return grpc.StatusCode.INVALID_ARGUMENT, str(err)
     if isinstance(err, NotFound):
         return grpc.StatusCode.NOT_FOUND, str(err)
@@ -755,7 +755,7 @@ class RolloutService(api_pb2_grpc.RolloutServiceServicer):
 
     async def _act(self, kind: str, request: api_pb2.RolloutRequest) -> api_pb2.RolloutStatus:
         if not NAME_RE.fullmatch(request.deployment):
-            raise InvalidManifest([("deployment", "must be a DNS-1123 label")])
+            raise InvalidArgument([("deployment", "must be a DNS-1123 label")])
         rollout = await self._rollouts.request(kind, request.deployment, request.reason[:500])
         record = await self._db(self._store.get_deployment, request.deployment)
         return self._rollouts.status_pb(record, rollout)

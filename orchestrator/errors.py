@@ -7,20 +7,16 @@ class OrchestratorError(Exception):
     """Base of every error the orchestrator raises on purpose."""
 
 
-class InvalidManifest(OrchestratorError):
-    """A manifest failed validation; ``errors`` holds ``(field_path, reason)`` pairs."""
-
-    def __init__(self, errors: list[tuple[str, str]]) -> None:
-        self.errors = errors
-        super().__init__("; ".join(f"{path}: {reason}" for path, reason in errors))
-
-
 class InvalidArgument(OrchestratorError):
-    """A request field the API refuses; ``errors`` holds ``(field_path, reason)`` pairs."""
+    """A request the API refuses; ``errors`` holds ``(field_path, reason)`` pairs."""
 
     def __init__(self, errors: list[tuple[str, str]]) -> None:
         self.errors = errors
         super().__init__("; ".join(f"{path}: {reason}" for path, reason in errors))
+
+
+class InvalidManifest(InvalidArgument):
+    """A manifest failed validation."""
 
 
 class NotFound(OrchestratorError):

@@ -8,13 +8,14 @@ import grpc
 import pytest
 
 from edgeward.v1 import api_pb2, api_pb2_grpc
+from orchestrator import api as api_module
 from orchestrator import client as client_module
 from orchestrator.client import AsyncEdgewardClient
 
 pytestmark = [pytest.mark.broker]
 
 
-async def test_pages_make_up_the_whole_list_in_id_order(fleet) -> None:
+async def test_pages_make_up_the_whole_list_in_id_order(fleet, monkeypatch) -> None:
     orch, _, _ = await fleet(nodes=5, attested=False)
     async with grpc.aio.insecure_channel(orch.address) as channel:
         nodes = api_pb2_grpc.NodeServiceStub(channel)
@@ -28,6 +29,9 @@ async def test_pages_make_up_the_whole_list_in_id_order(fleet) -> None:
             if not token:
                 break
         assert pages == [whole[0:2], whole[2:4], whole[4:5]]
+        monkeypatch.setattr(api_module, "MAX_NODES_PAGE", 3)  # a larger page_size gets the cap
+        capped = await nodes.List(api_pb2.ListNodesRequest(page_size=100))
+        assert [n.id for n in capped.nodes] == whole[0:3] and capped.next_page_token
 
         for request, field in (
             (api_pb2.ListNodesRequest(page_size=-1), "page_size"),
