@@ -40,6 +40,7 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _models import push_vib_cnn
 from _report import command, machine, write_section
+from _sched import CpuClock, ThreadClock
 
 from edgeward.security.tls import MAX_RESPONSE_BYTES, grpc_aio_channel
 from edgeward.v1 import api_pb2, api_pb2_grpc, node_pb2
@@ -228,7 +229,8 @@ async def bench(args: argparse.Namespace, work: Path) -> dict:
                   f"{result['attested_s']:.1f} s", flush=True)  # fmt: skip
 
             if not args.no_apply:
-                await apply_and_wait(args, models, deps, publisher, rss, result)
+                machine_share = MachineShare(orch.pid, [p.pid for p in fleet])
+                await apply_and_wait(args, models, deps, publisher, rss, result, machine_share)
 
             falsely_offline: set[str] = set()
             steady_end = time.monotonic() + args.steady
@@ -242,38 +244,70 @@ async def bench(args: argparse.Namespace, work: Path) -> dict:
             print(f"steady {args.steady:.0f} s: {len(falsely_offline)} nodes falsely offline; "
                   f"orchestrator RSS peak {result['rss_mb']:.0f} MB", flush=True)  # fmt: skip
     finally:
-        published = published_qos1 = 0
-        for proc in fleet:
-            proc.send_signal(signal.SIGTERM)
-        for k, proc in enumerate(fleet):
-            try:
-                proc.wait(120)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-            text = (work / f"fleet-{k}.log").read_text(errors="replace")
-            for total, qos1 in re.findall(r"^sim-fleet: published (\d+) messages, (\d+) of them", text, re.M):
-                published += int(total)
-                published_qos1 += int(qos1)
-        await asyncio.sleep(3.0)  # the last offline statuses reach the orchestrator
-        if orch.poll() is None:
-            result["ingest"] = await metrics(metrics_port)
-        result["published"] = published
-        result["published_qos1"] = published_qos1
-        result["load_end"] = os.getloadavg()
-        orch.send_signal(signal.SIGTERM)
         try:
-            orch.wait(60)
-        except subprocess.TimeoutExpired:
-            orch.kill()
-        if broker is not None:
-            broker.terminate()
-            broker.wait()
+            await stop_fleet(fleet, work, orch, metrics_port, result)
+        finally:  # whatever failed above, no process of the bench outlives it
+            for proc in fleet:
+                if proc.poll() is None:
+                    proc.kill()
+            orch.send_signal(signal.SIGTERM)
+            try:
+                orch.wait(60)
+            except subprocess.TimeoutExpired:
+                orch.kill()
+            if broker is not None:
+                broker.terminate()
+                broker.wait()
     return result
 
 
-async def apply_and_wait(args, models, deps, publisher, rss, result: dict) -> None:
+async def stop_fleet(
+    fleet: list, work: Path, orch: subprocess.Popen, metrics_port: int, result: dict
+) -> None:
+    """Stop the fleet processes and total what they published; the orchestrator's ingest figures."""
+    published = published_qos1 = 0
+    for proc in fleet:
+        proc.send_signal(signal.SIGTERM)
+    for k, proc in enumerate(fleet):
+        try:
+            proc.wait(120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        text = (work / f"fleet-{k}.log").read_text(errors="replace")
+        for total, qos1 in re.findall(r"^sim-fleet: published (\d+) messages, (\d+) of them", text, re.M):
+            published += int(total)
+            published_qos1 += int(qos1)
+    await asyncio.sleep(3.0)  # the last offline statuses reach the orchestrator
+    if orch.poll() is None:
+        result["ingest"] = await metrics(metrics_port)
+    result["published"] = published
+    result["published_qos1"] = published_qos1
+    result["load_end"] = os.getloadavg()
+
+
+class MachineShare:
+    """Over the apply: how much of the time the orchestrator's event loop ran, and how much it was
+    runnable but waiting for a core; the CPU the orchestrator and the fleet processes used."""
+
+    def __init__(self, orch_pid: int, fleet_pids: list[int]) -> None:
+        self.loop = ThreadClock(orch_pid)
+        self.orch = CpuClock([orch_pid])
+        self.fleet = CpuClock(fleet_pids)
+
+    def start(self) -> None:
+        for clock in (self.loop, self.orch, self.fleet):
+            clock.start()
+
+    def stop(self, result: dict) -> None:
+        result["loop_share"] = self.loop.stop()
+        result["orch_cores"] = self.orch.stop()
+        result["fleet_cores"] = self.fleet.stop()
+
+
+async def apply_and_wait(args, models, deps, publisher, rss, result: dict, share: MachineShare) -> None:
     """Push the model, apply one deployment with a replica per node, and time each replica's first
-    Running (p50 / p99 over the replicas) into ``result``."""
+    Running (p50 / p99 over the replicas) into ``result``, with where the orchestrator's time went
+    meanwhile (``share``)."""
     poll = result["poll_s"]
     await push_vib_cnn(models, publisher)
     manifest = (
@@ -282,6 +316,7 @@ async def apply_and_wait(args, models, deps, publisher, rss, result: dict) -> No
         "  requirements: {accelerators: [sim-hollow], memory: 1Mi}\n"
     )
     applied = time.monotonic()
+    share.start()
     await deps.Apply(api_pb2.ApplyRequest(manifest=manifest), timeout=120)
     first_running: dict[str, float] = {}
     while len(first_running) < args.nodes:
@@ -294,6 +329,7 @@ async def apply_and_wait(args, models, deps, publisher, rss, result: dict) -> No
         rss.sample()
         if now > args.running_timeout:
             break
+    share.stop(result)
     times = sorted(first_running.values())
     result["running"] = len(times)
     result["p50_s"] = statistics.median(times) if times else float("nan")
@@ -301,6 +337,10 @@ async def apply_and_wait(args, models, deps, publisher, rss, result: dict) -> No
     result["all_running_s"] = times[-1] if len(times) == args.nodes else float("nan")
     print(f"{len(times)}/{args.nodes} running; p50 {result['p50_s']:.1f} s, p99 {result['p99_s']:.1f} s",
           flush=True)  # fmt: skip
+
+
+def _cores(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f} cores"
 
 
 def main() -> None:
@@ -368,6 +408,8 @@ flush to disk), inside the time to online.
 | all nodes online | {r.get("online_s", float("nan")):.1f} s after the fleet processes started |
 | all nodes attested (software tier) | {r.get("attested_s", float("nan")):.1f} s |
 | apply -> Running, {r["nodes"]:,} replicas | {"not measured (--no-apply)" if args.no_apply else f"{r.get('running', 0):,} running; p50 {r.get('p50_s', float('nan')):.1f} s, p99 {r.get('p99_s', float('nan')):.1f} s, all {r.get('all_running_s', float('nan')):.1f} s"} |
+| during the apply: the orchestrator's event loop | {r.get("loop_share") or "not measured"} |
+| during the apply: CPU of the orchestrator / of the fleet processes | {_cores(r.get("orch_cores"))} / {_cores(r.get("fleet_cores"))} of the machine's 2 |
 | nodes falsely marked offline, {args.steady:g} s steady window | {r.get("falsely_offline", "n/a")} |
 | orchestrator RSS | peak {r.get("rss_mb", float("nan")):.0f} MB, {r.get("rss_steady_mb", float("nan")):.0f} MB at the end of the window |
 | QoS 1 (hello, status, events, evidence): acknowledged to the agents / taken in | {r["published_qos1"]:,} / {received1:,.0f} |

@@ -42,6 +42,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from _models import push_vib_cnn
 from _report import command, machine, write_section
+from _sched import Share, ThreadClock
 from fleet_scale import raise_fd_limit, start_fleet, start_mosquitto, wait_port
 
 
@@ -225,6 +226,10 @@ async def apply_run(args: argparse.Namespace, work: Path, url: str, broker_port:
             applied_wall[name] = time.time()
 
         cpu_before = cpu_seconds(replicas, fleet)
+        leader_proc = replicas[leader].proc
+        loop_clock = ThreadClock(leader_proc.pid) if leader_proc is not None else None
+        if loop_clock is not None:
+            loop_clock.start()
         start = time.monotonic()
         await asyncio.gather(*(apply(i) for i in range(args.deployments)))
         result["apply_s"] = time.monotonic() - start
@@ -245,6 +250,7 @@ async def apply_run(args: argparse.Namespace, work: Path, url: str, broker_port:
                         first_running[r.id] = now - applied[d.name]
                         recorded[r.id] = r.updated_unix_ms / 1000 - applied_wall[d.name]
         cpu_after = cpu_seconds(replicas, fleet)
+        result["loop_share"] = loop_clock.stop() if loop_clock is not None else None
         result["cpu_s"] = [round(b - a, 1) for a, b in zip(cpu_before, cpu_after, strict=True)]
         times = list(first_running.values())
         result["running"] = len(times)
@@ -269,6 +275,10 @@ async def apply_run(args: argparse.Namespace, work: Path, url: str, broker_port:
         for r in replicas:
             r.stop()
     return result
+
+
+def _loop(share: Share | None) -> str:
+    return "n/a" if share is None else f"{share.on_cpu:.0%} / {share.waiting:.0%}"
 
 
 def main() -> None:
@@ -324,7 +334,7 @@ def main() -> None:
     rows = "\n".join(
         f"| {k + 1} | {r['replicas']} (`{r['ingest']}`) | {r['attested_s']:.0f} s | {r['applies_per_s']:.1f} | "
         f"{r['p50_s']:.2f} s | {r['p99_s']:.2f} s | {r['recorded_p50_s']:.2f} s | {r['recorded_p99_s']:.2f} s | "
-        f"{r['running']} | "
+        f"{r['running']} | {_loop(r.get('loop_share'))} | "
         f"{' / '.join(f'{c:.1f}' for c in r['cpu_s'][:-1])} | {r['cpu_s'][-1]:.1f} |"
         for k, r in enumerate(runs)
     )
@@ -353,13 +363,15 @@ hollow node, Apply calls spread over the replicas, 8 in flight):
 
 Runs in the order {", ".join(str(c) for c in order)} replicas (so that a drift of the machine's load cancels out):
 
-| run | replicas (ingest) | nodes attested after | applies/s | apply -> Running p50 | p99 | recorded p50 | recorded p99 | running | CPU s per replica (leader first if it was the first) | CPU s hollow fleet |
-|---|---|---|---|---|---|---|---|---|---|---|
+| run | replicas (ingest) | nodes attested after | applies/s | apply -> Running p50 | p99 | recorded p50 | recorded p99 | running | leader's loop: on a CPU / waiting for one | CPU s per replica (leader first if it was the first) | CPU s hollow fleet |
+|---|---|---|---|---|---|---|---|---|---|---|---|
 {rows}
 
 Medians, 3 / 1 replicas: apply throughput **x{ratio_tp:.2f}**, apply -> Running p99 **x{ratio_p99:.2f}**
 (below 1 is faster). "apply -> Running" is when the bench's poll (every 0.5 s) first saw the replica
 Running; "recorded" is the replica's update time as the orchestrator stored it (no poll in it).
+"Leader's loop" is the share of the apply (from the first Apply until every replica ran) that the
+leader's event loop spent on a CPU, and runnable but waiting for one (bench/_sched.py).
 One replica hears every node (`broker.ingest: all`); three share the ingest
 (`{args.ingest}`: {"Mosquitto's `$share`, each message to one replica, merged into the store" if args.ingest == "shared" else "every replica hears every node"}; docs/scale-out.md, "Ingest"). Apply calls are spread over
 the replicas; the leader alone places replicas and acts on the nodes' reports.
