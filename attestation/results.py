@@ -56,7 +56,10 @@ class ResultSigner:
         self.key_id = key_id(self.public_key)
 
     def sign(self, result: pb.AttestationResult) -> pb.SignedAttestationResult:
-        data = result.SerializeToString(deterministic=True)
+        return self.sign_serialized(result.SerializeToString(deterministic=True))
+
+    def sign_serialized(self, data: bytes) -> pb.SignedAttestationResult:
+        """Sign a result serialised with ``deterministic=True``."""
         return pb.SignedAttestationResult(
             result=data, signature=self._key.sign(data), verifier_key_id=self.key_id
         )

@@ -151,10 +151,28 @@ class IssuedChallenge:
 TakeNonce = Callable[[bytes, str], IssuedChallenge]
 
 
-@dataclass
 class Appraisal:
-    result: pb.AttestationResult
-    signed: pb.SignedAttestationResult
+    """A result, and the verifier's signature over it made when it is first read.
+
+    A fleet renews every node's result each challenge interval (10,000 nodes at 30 s: 333 a
+    second), and most are superseded before anyone asks for them signed. The result is serialised
+    now, so the signature covers it as it is now; Ed25519 signatures are deterministic, so signing
+    later gives the bytes that signing at once would have."""
+
+    __slots__ = ("_serialized", "_signed", "_signer", "result")
+
+    def __init__(self, result: pb.AttestationResult, signer: ResultSigner) -> None:
+        self.result = result
+        self._serialized = result.SerializeToString(deterministic=True)
+        self._signer = signer
+        self._signed: pb.SignedAttestationResult | None = None
+
+    @property
+    def signed(self) -> pb.SignedAttestationResult:
+        # Two threads reading it at once both sign: the same bytes, so either may stay.
+        if self._signed is None:
+            self._signed = self._signer.sign_serialized(self._serialized)
+        return self._signed
 
 
 # ------------------------------------------------------------------------------ appraiser
@@ -225,7 +243,7 @@ class Appraiser:
             evidence_sha256=evidence_sha256,
             binding_public=binding if status != pb.ATTESTATION_STATUS_CONTRAINDICATED else b"",
         )
-        return Appraisal(result, self.signer.sign(result))
+        return Appraisal(result, self.signer)
 
     def _check(
         self,

@@ -85,6 +85,23 @@ def test_affirming_result_is_signed_and_expires(make_node, verifier, clock: Cloc
     assert verifier.expire() == ["node-a"]  # reads never record the expiry; expire() does, once
 
 
+def test_a_result_is_signed_when_first_read_not_when_made(make_node, verifier, monkeypatch):
+    """Renewals superseded unread cost no signature; the one read is signed once, with the bytes
+    signing it at once would have given (Ed25519 is deterministic)."""
+    signed: list[bytes] = []
+    sign = verifier.signer.sign_serialized
+    monkeypatch.setattr(verifier.signer, "sign_serialized", lambda data: signed.append(data) or sign(data))
+    node = make_node()
+    for _ in range(3):
+        assert attest(verifier, node).result.status == AFFIRMING
+    assert signed == []
+    first, again = verifier.result("node-a"), verifier.result("node-a")
+    assert len(signed) == 1
+    assert first == again
+    result = open_signed_result(first, verifier.signer.public_key)
+    assert verifier.signer.sign(result) == first
+
+
 def test_expire_reports_each_expiry_once(make_node, verifier, clock):
     node = make_node()
     attest(verifier, node)
