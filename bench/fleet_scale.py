@@ -315,17 +315,19 @@ async def apply_and_wait(args, models, deps, publisher, rss, result: dict, share
         f"spec:\n  model: {{name: vib-cnn, version: 1.0.0}}\n  replicas: {args.nodes}\n"
         "  requirements: {accelerators: [sim-hollow], memory: 1Mi}\n"
     )
-    applied = time.monotonic()
+    applied, applied_wall = time.monotonic(), time.time()
     share.start()
     await deps.Apply(api_pb2.ApplyRequest(manifest=manifest), timeout=120)
     first_running: dict[str, float] = {}
+    recorded: dict[str, float] = {}  # the replica's update time as the orchestrator stored it
     while len(first_running) < args.nodes:
         await asyncio.sleep(poll / 2)
         dep = await deps.Get(api_pb2.GetDeploymentRequest(name="scale"), timeout=60)
         now = time.monotonic() - applied
         for r in dep.status.replica_list:
-            if r.phase == RUNNING:
-                first_running.setdefault(r.id, now)
+            if r.phase == RUNNING and r.id not in first_running:
+                first_running[r.id] = now
+                recorded[r.id] = r.updated_unix_ms / 1000 - applied_wall
         rss.sample()
         if now > args.running_timeout:
             break
@@ -335,7 +337,13 @@ async def apply_and_wait(args, models, deps, publisher, rss, result: dict, share
     result["p50_s"] = statistics.median(times) if times else float("nan")
     result["p99_s"] = times[max(0, int(len(times) * 0.99) - 1)] if len(times) == args.nodes else float("nan")
     result["all_running_s"] = times[-1] if len(times) == args.nodes else float("nan")
-    print(f"{len(times)}/{args.nodes} running; p50 {result['p50_s']:.1f} s, p99 {result['p99_s']:.1f} s",
+    stamped = sorted(recorded.values())
+    result["recorded_p50_s"] = statistics.median(stamped) if stamped else float("nan")
+    result["recorded_p99_s"] = (
+        stamped[max(0, int(len(stamped) * 0.99) - 1)] if len(stamped) == args.nodes else float("nan")
+    )
+    print(f"{len(times)}/{args.nodes} running; p50 {result['p50_s']:.1f} s, p99 {result['p99_s']:.1f} s "
+          f"(recorded: p50 {result['recorded_p50_s']:.1f} s, p99 {result['recorded_p99_s']:.1f} s)",
           flush=True)  # fmt: skip
 
 
@@ -399,7 +407,8 @@ at the end, on the shared 2-core machine; open-file limit {fd_limit})
 {r["nodes"]:,} hollow nodes (`edgeward sim-fleet`: real agents, simulated backend) in {r["processes"]}
 process(es), heartbeat {args.heartbeat:g} s, node timeout {args.node_timeout:g} s; the orchestrator (SQLite)
 and Mosquitto each in their own process, all on this machine. The fleet is listed every
-{r.get("poll_s", 2.0):g} s (the deployment every {r.get("poll_s", 2.0) / 2:g} s): times are to that resolution.
+{r.get("poll_s", 2.0):g} s (the deployment every {r.get("poll_s", 2.0) / 2:g} s): times are to that resolution,
+but for the "recorded" row: each replica's update time when the poll first saw it Running.
 The enrollment tokens are minted by the fleet processes at their start, in one batch each (one
 flush to disk), inside the time to online.
 
@@ -408,6 +417,7 @@ flush to disk), inside the time to online.
 | all nodes online | {r.get("online_s", float("nan")):.1f} s after the fleet processes started |
 | all nodes attested (software tier) | {r.get("attested_s", float("nan")):.1f} s |
 | apply -> Running, {r["nodes"]:,} replicas | {"not measured (--no-apply)" if args.no_apply else f"{r.get('running', 0):,} running; p50 {r.get('p50_s', float('nan')):.1f} s, p99 {r.get('p99_s', float('nan')):.1f} s, all {r.get('all_running_s', float('nan')):.1f} s"} |
+| apply -> Running as the orchestrator recorded it (no poll in it) | {"not measured" if args.no_apply else f"p50 {r.get('recorded_p50_s', float('nan')):.1f} s, p99 {r.get('recorded_p99_s', float('nan')):.1f} s"} |
 | during the apply: the orchestrator's event loop | {r.get("loop_share") or "not measured"} |
 | during the apply: CPU of the orchestrator / of the fleet processes | {_cores(r.get("orch_cores"))} / {_cores(r.get("fleet_cores"))} of the machine's 2 |
 | nodes falsely marked offline, {args.steady:g} s steady window | {r.get("falsely_offline", "n/a")} |
