@@ -267,6 +267,26 @@ async def test_a_long_pass_records_running_while_it_still_binds(store, tmp_path,
     assert {r.phase for r in store.list_replicas("vib")} == {Phase.RUNNING}
 
 
+async def test_a_replica_is_stamped_when_the_pass_changes_it(store, tmp_path, monkeypatch) -> None:
+    """Not when the pass began: a long pass's last bindings would look older than they are (the
+    dispatch timeout fails a replica by its stamp)."""
+    clock = iter(range(1_000_000, 2_000_000, 1_000))  # every reading 1 s after the one before
+    monkeypatch.setattr(reconciler_module, "now_ms", lambda: next(clock))
+    fleet = five_nodes_and_five_replicas(store)
+
+    async def db(fn, *args):
+        return fn(*args)
+
+    async def publish(node_id: str, cmd: node_pb2.Command) -> None:
+        pass
+
+    rec = affirmed(store, tmp_path, fleet, db, publish)
+    await rec.reconcile_once()
+    replicas = store.list_replicas("vib")
+    assert {r.phase for r in replicas} == {Phase.DISPATCHED}
+    assert len({r.updated_ms for r in replicas}) == 5, [r.updated_ms for r in replicas]
+
+
 async def test_publish_all_starts_commands_in_order_within_its_window() -> None:
     """Thousands of commands: they start in list order, at most PUBLISH_WINDOW await their PUBACK at
     once, and one that fails stops none of the others (its error is raised at the end)."""
