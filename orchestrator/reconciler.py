@@ -915,7 +915,7 @@ class ReconcilePass:
             message=f"moved from {rep.node_id} ({breach}); predicted {guess} here",
         )
         self.send(result.node_id, deploy)
-        rec._last_sent[new.id] = self.now
+        rec._last_sent[new.id] = time.monotonic()
         log.warning(
             "replica %s moved from %s to %s as %s: %s", rep.id, rep.node_id, new.node_id, new.id, breach
         )
@@ -1105,7 +1105,7 @@ class ReconcilePass:
         source, to = f"{old.node_id}/{old.accelerator}", f"{placed.node_id}/{placed.accelerator}"
         reps.append(self.add(target))
         self.send(placed.node_id, deploy)
-        rec._last_sent[target.id] = self.now
+        rec._last_sent[target.id] = time.monotonic()
         reps[here] = self.change(
             old, reason=ENERGY_REPLACING, message=f"being replaced by {target.id} on {to}: {offer.why()}"
         )
@@ -1235,7 +1235,9 @@ class ReconcilePass:
             message=result.why(),
         )
         self.send(result.node_id, deploy)
-        rec._last_sent[bound.id] = self.now
+        # Now, not the pass's start: a replica bound 30 s into a long pass and not yet acknowledged
+        # was sent its command again at the next pass, as if it had waited 30 s.
+        rec._last_sent[bound.id] = time.monotonic()
         self.dispatched.append(bound)
         return Placed.BOUND
 

@@ -287,6 +287,24 @@ async def test_a_replica_is_stamped_when_the_pass_changes_it(store, tmp_path, mo
     assert len({r.updated_ms for r in replicas}) == 5, [r.updated_ms for r in replicas]
 
 
+async def test_a_command_is_timed_from_when_its_replica_was_bound(store, tmp_path, monkeypatch) -> None:
+    """Not from when the pass began: a replica bound late in a long pass and not acknowledged yet
+    was sent its command again at the next pass, as if it had waited the whole pass."""
+    monkeypatch.setattr(reconciler_module, "COMMIT_SLICE", 1)
+    fleet = five_nodes_and_five_replicas(store)
+
+    async def db(fn, *args):
+        await asyncio.sleep(0.01)  # each binding's save takes time: the pass lasts
+        return fn(*args)
+
+    async def publish(node_id: str, cmd: node_pb2.Command) -> None:
+        pass
+
+    rec = affirmed(store, tmp_path, fleet, db, publish)
+    await rec.reconcile_once()
+    assert len(set(rec._last_sent.values())) == 5, rec._last_sent  # one time per binding
+
+
 async def test_publish_all_starts_commands_in_order_within_its_window() -> None:
     """Thousands of commands: they start in list order, at most PUBLISH_WINDOW await their PUBACK at
     once, and one that fails stops none of the others (its error is raised at the end)."""
