@@ -26,6 +26,15 @@ def _schedstat(pid: int, tid: int) -> tuple[float, float] | None:
     return int(run_ns) / 1e9, int(wait_ns) / 1e9
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system) the process has used so far; 0 once it is gone."""
+    try:
+        times = psutil.Process(pid).cpu_times()
+    except psutil.Error:
+        return 0.0
+    return times.user + times.system
+
+
 @dataclass(frozen=True)
 class Share:
     """Fractions of a window of ``wall_s`` seconds."""
@@ -65,18 +74,11 @@ class CpuClock:
     """``start()``, then ``stop()``: the CPU the processes used over the window, in cores."""
 
     def __init__(self, pids: list[int]) -> None:
-        self.procs = [psutil.Process(pid) for pid in pids]
+        self.pids = pids
         self._begin: tuple[float, float] | None = None
 
     def _used(self) -> float:
-        total = 0.0
-        for proc in self.procs:
-            try:
-                times = proc.cpu_times()
-            except psutil.Error:
-                continue
-            total += times.user + times.system
-        return total
+        return sum(cpu_seconds(pid) for pid in self.pids)
 
     def start(self) -> None:
         self._begin = (time.monotonic(), self._used())

@@ -37,7 +37,8 @@ nonce (single use, expiry), PCR digest, replay of the event log (10 platform + t
 events), reference-value checks, binding-key policy check and the state update. The verifier's
 Ed25519 signature over the result is made when the result is first read (a renewal's result is
 mostly superseded unread), so it is not in these figures; until 2026-12-05 it was, and a run then
-of both, back to back, gave x1.18 (ECC) and x1.13 (Ed25519) per CPU-second for the change. TPM-format evidence comes from `tests/simulated_tpm.py` (`SimulatedTpmAttester`),
+of both, back to back, gave x1.18 (ECC) and x1.13 (Ed25519) per CPU-second for the change.
+TPM-format evidence comes from `tests/simulated_tpm.py` (`SimulatedTpmAttester`),
 which emits the same TPMS_ATTEST / TPMT_SIGNATURE / TPM2B_PUBLIC bytes as a TPM (the verifier
 cannot tell them apart; a real TPM only makes *generating* evidence slower). Each node's binding
 key certification is checked on its first evidence and cached, as in production. Pinned to one

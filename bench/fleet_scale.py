@@ -335,16 +335,19 @@ async def apply_and_wait(args, models, deps, publisher, rss, result: dict, share
     times = sorted(first_running.values())
     result["running"] = len(times)
     result["p50_s"] = statistics.median(times) if times else float("nan")
-    result["p99_s"] = times[max(0, int(len(times) * 0.99) - 1)] if len(times) == args.nodes else float("nan")
+    result["p99_s"] = _p99(times, args.nodes)
     result["all_running_s"] = times[-1] if len(times) == args.nodes else float("nan")
     stamped = sorted(recorded.values())
     result["recorded_p50_s"] = statistics.median(stamped) if stamped else float("nan")
-    result["recorded_p99_s"] = (
-        stamped[max(0, int(len(stamped) * 0.99) - 1)] if len(stamped) == args.nodes else float("nan")
-    )
+    result["recorded_p99_s"] = _p99(stamped, args.nodes)
     print(f"{len(times)}/{args.nodes} running; p50 {result['p50_s']:.1f} s, p99 {result['p99_s']:.1f} s "
           f"(recorded: p50 {result['recorded_p50_s']:.1f} s, p99 {result['recorded_p99_s']:.1f} s)",
           flush=True)  # fmt: skip
+
+
+def _p99(ordered: list[float], want: int) -> float:
+    """The p99 of ``ordered`` (sorted), once all ``want`` replicas are in it."""
+    return ordered[max(0, int(len(ordered) * 0.99) - 1)] if len(ordered) == want else float("nan")
 
 
 def _cores(value: float | None) -> str:

@@ -42,7 +42,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from _models import push_vib_cnn
 from _report import command, machine, write_section
-from _sched import Share, ThreadClock
+from _sched import Share, ThreadClock, cpu_seconds
 from fleet_scale import raise_fd_limit, start_fleet, start_mosquitto, wait_port
 
 
@@ -162,19 +162,10 @@ def takeover(work: Path, url: str, broker_port: int, public: Path, kills: int, t
     return times
 
 
-def cpu_seconds(replicas: list[Replica], fleet: list[subprocess.Popen]) -> list[float]:
+def cpu_used(replicas: list[Replica], fleet: list[subprocess.Popen]) -> list[float]:
     """CPU seconds (user + system) used so far by each replica process, then by the whole fleet."""
-    import psutil
-
-    def used(pid: int) -> float:
-        try:
-            t = psutil.Process(pid).cpu_times()
-        except psutil.Error:
-            return 0.0
-        return t.user + t.system
-
-    per_replica = [used(r.proc.pid) if r.proc is not None else 0.0 for r in replicas]
-    return [*per_replica, sum(used(p.pid) for p in fleet)]
+    per_replica = [cpu_seconds(r.proc.pid) if r.proc is not None else 0.0 for r in replicas]
+    return [*per_replica, sum(cpu_seconds(p.pid) for p in fleet)]
 
 
 def pct(values: list[float], q: float) -> float:
@@ -225,11 +216,11 @@ async def apply_run(args: argparse.Namespace, work: Path, url: str, broker_port:
             applied[name] = time.monotonic()
             applied_wall[name] = time.time()
 
-        cpu_before = cpu_seconds(replicas, fleet)
+        cpu_before = cpu_used(replicas, fleet)
         leader_proc = replicas[leader].proc
-        loop_clock = ThreadClock(leader_proc.pid) if leader_proc is not None else None
-        if loop_clock is not None:
-            loop_clock.start()
+        assert leader_proc is not None  # started above
+        loop_clock = ThreadClock(leader_proc.pid)
+        loop_clock.start()
         start = time.monotonic()
         await asyncio.gather(*(apply(i) for i in range(args.deployments)))
         result["apply_s"] = time.monotonic() - start
@@ -249,8 +240,8 @@ async def apply_run(args: argparse.Namespace, work: Path, url: str, broker_port:
                     if r.phase == RUNNING and r.id not in first_running:
                         first_running[r.id] = now - applied[d.name]
                         recorded[r.id] = r.updated_unix_ms / 1000 - applied_wall[d.name]
-        cpu_after = cpu_seconds(replicas, fleet)
-        result["loop_share"] = loop_clock.stop() if loop_clock is not None else None
+        cpu_after = cpu_used(replicas, fleet)
+        result["loop_share"] = loop_clock.stop()
         result["cpu_s"] = [round(b - a, 1) for a, b in zip(cpu_before, cpu_after, strict=True)]
         times = list(first_running.values())
         result["running"] = len(times)
