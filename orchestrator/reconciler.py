@@ -227,6 +227,8 @@ class Reconciler:
         self._energy_tried: dict[str, float] = {}  # replica id -> when a look last found it no move
         self._energy_cost = 0.0  # seconds the last look took
         self._changed_passes = 0  # passes that changed replicas, for "anything new?"
+        # (change feed revision, deployments, replicas) of the last read of the store
+        self._last_read: tuple[int, list[DeploymentRecord], list[ReplicaRecord]] | None = None
         self.passes = 0
         self._in_pass = False
         self._pass_done = asyncio.Event()
@@ -320,7 +322,21 @@ class Reconciler:
             await self._pass_done.wait()
 
     async def _read(self) -> tuple[list[DeploymentRecord], list[ReplicaRecord]]:
-        return await self._db(lambda: (self._store.list_deployments(), self._store.list_replicas()))
+        """The deployments and their replicas, read again only when the store's change feed moved
+        since the last read: every write of either records a revision there, whichever replica
+        made it. At 10,000 replicas a pass with nothing to change spent most of its time reading
+        them, once a second. The revision is read first: a write between it and the lists makes
+        the next pass read again, never miss it. The records are frozen; the lists are copied."""
+        last = self._last_read
+
+        def read() -> tuple[int, list[DeploymentRecord], list[ReplicaRecord]]:
+            revision = self._store.revision()
+            if last is not None and last[0] == revision:
+                return last
+            return revision, self._store.list_deployments(), self._store.list_replicas()
+
+        self._last_read = await self._db(read)
+        return list(self._last_read[1]), list(self._last_read[2])
 
     # ------------------------------------------------------------ performance
 
@@ -1273,12 +1289,13 @@ class ReconcilePass:
                 final.pop(ch.replica.id, None)
             else:
                 final[ch.replica.id] = ch.replica
-        desired_by_node: dict[str, list[ReplicaRecord]] = defaultdict(list)
-        for rep in final.values():
-            if rep.node_id and rep.phase in ACTIVE:
-                desired_by_node[rep.node_id].append(rep)
-        for node_id in list(self.rec._needs_sync):
-            await self._sync(node_id, desired_by_node.get(node_id, []))
+        if self.rec._needs_sync:  # most passes: none (no walk of every replica for nothing)
+            desired_by_node: dict[str, list[ReplicaRecord]] = defaultdict(list)
+            for rep in final.values():
+                if rep.node_id and rep.phase in ACTIVE:
+                    desired_by_node[rep.node_id].append(rep)
+            for node_id in list(self.rec._needs_sync):
+                await self._sync(node_id, desired_by_node.get(node_id, []))
         self._unload_orphans(final)
 
     async def _sync(self, node_id: str, desired: list[ReplicaRecord]) -> None:

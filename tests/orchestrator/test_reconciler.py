@@ -98,6 +98,30 @@ async def test_a_store_failure_in_the_model_lookup_is_not_model_not_found(
     assert replica.reason.startswith("scheduler.")
 
 
+async def test_a_pass_reads_the_store_again_only_after_a_write(store, tmp_path, monkeypatch) -> None:
+    """The change feed's revision gates the read: a pass after one that wrote nothing reuses what it
+    read, and a write through another handle on the same database (another replica, or the API)
+    is read by the next pass."""
+    store.put_deployment(parse_manifest(MANIFEST), 1)
+    rec = reconciler(store, tmp_path)
+    reads: list[int] = []
+    real = store.list_replicas
+    monkeypatch.setattr(store, "list_replicas", lambda *a: reads.append(1) or real(*a))
+    await rec.reconcile_once()  # adds the replica, pending (no model): a write
+    await rec.reconcile_once()  # reads it; nothing new to say
+    await rec.reconcile_once()
+    assert len(reads) == 2
+    other = SqlStore(tmp_path / "orch")
+    try:
+        other.put_deployment(parse_manifest(MANIFEST.replace("replicas: 1", "replicas: 2")), 2)
+    finally:
+        other.close()
+    await rec.reconcile_once()
+    assert len(reads) == 3
+    assert len(store.list_replicas("vib")) == 2
+    assert {r.reason for r in store.list_replicas("vib")} == {"model.not_found"}
+
+
 async def test_wait_passes_returns_after_whole_passes(store, tmp_path) -> None:
     rec = reconciler(store, tmp_path)
     loop = asyncio.create_task(rec.run())
