@@ -233,11 +233,19 @@ async def bench(args: argparse.Namespace, work: Path) -> dict:
                 await apply_and_wait(args, models, deps, publisher, rss, result, machine_share)
 
             falsely_offline: set[str] = set()
+            steady_cpu = {
+                "orch": CpuClock([orch.pid]),
+                "fleet": CpuClock([p.pid for p in fleet]),
+                "broker": CpuClock([] if broker is None else [broker.pid]),
+            }
+            for clock in steady_cpu.values():
+                clock.start()
             steady_end = time.monotonic() + args.steady
             while time.monotonic() < steady_end:
                 await asyncio.sleep(poll)
                 falsely_offline |= {n.id for n in await node_list() if n.state != ONLINE}
                 rss.sample()
+            result["steady_cores"] = {n: c.stop() if c.pids else None for n, c in steady_cpu.items()}
             result["falsely_offline"] = len(falsely_offline)
             result["rss_mb"] = rss.peak / 2**20
             result["rss_steady_mb"] = rss.sample() / 2**20
@@ -412,6 +420,7 @@ process(es), heartbeat {args.heartbeat:g} s, node timeout {args.node_timeout:g} 
 and Mosquitto each in their own process, all on this machine. The fleet is listed every
 {r.get("poll_s", 2.0):g} s (the deployment every {r.get("poll_s", 2.0) / 2:g} s): times are to that resolution,
 but for the "recorded" row: each replica's update time when the poll first saw it Running.
+The steady window's CPU of the orchestrator includes answering that listing.
 The enrollment tokens are minted by the fleet processes at their start, in one batch each (one
 flush to disk), inside the time to online.
 
@@ -424,6 +433,7 @@ flush to disk), inside the time to online.
 | during the apply: the orchestrator's event loop | {r.get("loop_share") or "not measured"} |
 | during the apply: CPU of the orchestrator / of the fleet processes | {_cores(r.get("orch_cores"))} / {_cores(r.get("fleet_cores"))} of the machine's 2 |
 | nodes falsely marked offline, {args.steady:g} s steady window | {r.get("falsely_offline", "n/a")} |
+| steady window: CPU of the orchestrator / of the fleet processes / of Mosquitto | {" / ".join(_cores(r.get("steady_cores", {}).get(k)) for k in ("orch", "fleet", "broker"))} |
 | orchestrator RSS | peak {r.get("rss_mb", float("nan")):.0f} MB, {r.get("rss_steady_mb", float("nan")):.0f} MB at the end of the window |
 | QoS 1 (hello, status, events, evidence): acknowledged to the agents / taken in | {r["published_qos1"]:,} / {received1:,.0f} |
 | QoS 1 lost (acknowledged - taken in, at least 0) | {lost1:,.0f} |
