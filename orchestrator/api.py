@@ -52,7 +52,7 @@ from .rollout import RolloutController, RolloutError
 from .store import DeploymentRecord, NodeRecord, ReplicaChange, Store
 from .telemetry import TelemetryStore
 from .verifier import FleetVerifier
-from .views import ApiViews, deployment_to_pb, model_pb, node_to_pb, replica_to_pb
+from .views import VIEWS, ApiViews, deployment_to_pb, model_pb, node_to_pb, replica_to_pb
 
 log = logging.getLogger(__name__)
 
@@ -190,13 +190,13 @@ class DeploymentService(api_pb2_grpc.DeploymentServiceServicer):
     async def Get(
         self, request: api_pb2.GetDeploymentRequest, context: grpc.aio.ServicerContext
     ) -> api_pb2.Deployment:
-        return await self._views.deployment(request.name)
+        return await self._views.deployment(request.name, _view(request.view))
 
     @_rpc
     async def List(
         self, request: api_pb2.ListDeploymentsRequest, context: grpc.aio.ServicerContext
     ) -> api_pb2.ListDeploymentsResponse:
-        return api_pb2.ListDeploymentsResponse(deployments=await self._views.deployments())
+        return api_pb2.ListDeploymentsResponse(deployments=await self._views.deployments(_view(request.view)))
 
     @_rpc
     async def Delete(
@@ -331,6 +331,13 @@ class WatchHub:
 
 MAX_NODES_PAGE = 5_000  # NodeService.List: a larger page_size gets this many
 _PAGE_PREFIX = "n1:"  # a page token's version prefix
+
+
+def _view(view: int) -> int:
+    """The deployment view asked for (unspecified: full); InvalidArgument for a value this API lacks."""
+    if view not in VIEWS:
+        raise InvalidArgument([("view", f"{view} is not a DeploymentView (BASIC or FULL)")])
+    return view or api_pb2.DEPLOYMENT_VIEW_FULL
 
 
 def encode_page_token(last_id: str) -> str:

@@ -185,6 +185,7 @@ class Store(Protocol):
     def list_deployments(self) -> list[DeploymentRecord]: ...
     def delete_deployment(self, name: str, now_ms: int) -> list[ReplicaRecord]: ...
     def list_replicas(self, deployment: str | None = None) -> list[ReplicaRecord]: ...
+    def running_counts(self, deployment: str | None = None) -> dict[tuple[str, int], int]: ...
     def apply_replica_changes(self, changes: Iterable[ReplicaChange]) -> None: ...
     def get_node(self, node_id: str) -> NodeRecord | None: ...
     def list_nodes(self) -> list[NodeRecord]: ...
@@ -920,6 +921,13 @@ class SqlStore:
                 self._replicas = replicas  # read under the lock: no write came in between
         return list(replicas)
 
+    def running_counts(self, deployment: str | None = None) -> dict[tuple[str, int], int]:
+        """(deployment, generation) -> how many of its replicas are Running, counted by the store
+        (of one deployment, or of all): what a view of counts needs, without reading every replica."""
+        query = _RUNNING if deployment is None else _RUNNING.where(t.replicas.c.deployment == deployment)
+        with self._read() as conn:
+            return {(name, int(gen)): int(count) for name, gen, count in conn.execute(query).all()}
+
     def apply_replica_changes(self, changes: Iterable[ReplicaChange]) -> None:
         """Insert, update or delete replicas in one transaction, checking every phase transition."""
         batch = list(changes)
@@ -1152,6 +1160,11 @@ _LIST_REPLICAS_OF = _REPLICAS.where(t.replicas.c.deployment == sa.bindparam("dep
 )
 _REPLICA_PHASES = sa.select(t.replicas.c.id, t.replicas.c.phase).where(
     t.replicas.c.id.in_(sa.bindparam("ids", expanding=True))
+)
+_RUNNING = (
+    sa.select(t.replicas.c.deployment, t.replicas.c.generation, sa.func.count())
+    .where(t.replicas.c.phase == Phase.RUNNING.value)
+    .group_by(t.replicas.c.deployment, t.replicas.c.generation)
 )
 _DELETE_REPLICAS = t.replicas.delete().where(t.replicas.c.id.in_(sa.bindparam("ids", expanding=True)))
 _GET_DEPLOYMENT = _DEPLOYMENTS.where(t.deployments.c.name == sa.bindparam("name"))

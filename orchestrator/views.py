@@ -20,6 +20,9 @@ from .telemetry import SloQuestion, TelemetryStore
 from .verifier import FleetVerifier
 
 DbCall = Callable[..., Awaitable[Any]]
+FULL = api_pb2.DEPLOYMENT_VIEW_FULL
+BASIC = api_pb2.DEPLOYMENT_VIEW_BASIC
+VIEWS = frozenset(api_pb2.DeploymentView.values())
 
 
 # ---------------------------------------------------------------- conversions
@@ -39,9 +42,32 @@ def replica_to_pb(rep: ReplicaRecord) -> api_pb2.Replica:
 
 
 def deployment_to_pb(record: DeploymentRecord, replicas: list[ReplicaRecord]) -> api_pb2.Deployment:
+    """The full view: every replica listed, the Running ones of the current generation counted."""
+    live = [r for r in replicas if r.phase != Phase.EVICTED]
+    return _deployment_pb(
+        record,
+        api_pb2.DeploymentStatus(
+            replicas=record.manifest.spec.replicas,
+            running=sum(r.phase == Phase.RUNNING and r.generation == record.generation for r in live),
+            replica_list=[replica_to_pb(r) for r in replicas],
+            observed_generation=record.generation,
+        ),
+    )
+
+
+def deployment_basic_pb(record: DeploymentRecord, running: int) -> api_pb2.Deployment:
+    """The basic view (``DEPLOYMENT_VIEW_BASIC``): the counts, ``running`` as the store counted it."""
+    return _deployment_pb(
+        record,
+        api_pb2.DeploymentStatus(
+            replicas=record.manifest.spec.replicas, running=running, observed_generation=record.generation
+        ),
+    )
+
+
+def _deployment_pb(record: DeploymentRecord, status: api_pb2.DeploymentStatus) -> api_pb2.Deployment:
     spec = record.manifest.spec
     req = spec.requirements
-    live = [r for r in replicas if r.phase != Phase.EVICTED]
     return api_pb2.Deployment(
         name=record.name,
         labels=record.manifest.metadata.labels,
@@ -57,12 +83,7 @@ def deployment_to_pb(record: DeploymentRecord, replicas: list[ReplicaRecord]) ->
             ),
             selector=spec.selector.match_labels,
         ),
-        status=api_pb2.DeploymentStatus(
-            replicas=spec.replicas,
-            running=sum(r.phase == Phase.RUNNING and r.generation == record.generation for r in live),
-            replica_list=[replica_to_pb(r) for r in replicas],
-            observed_generation=record.generation,
-        ),
+        status=status,
         created_unix_ms=record.created_ms,
         updated_unix_ms=record.updated_ms,
     )
@@ -127,7 +148,12 @@ class ApiViews:
         self._verifier = verifier
         self._node_timeout_s = node_timeout_s
 
-    async def deployment(self, name: str) -> api_pb2.Deployment:
+    async def deployment(self, name: str, view: int = FULL) -> api_pb2.Deployment:
+        if view == BASIC:
+            record, counts = await self._db(
+                lambda: (self._store.get_deployment(name), self._store.running_counts(name))
+            )
+            return self._basic([record], counts)[0]
         record, replicas = await self._db(
             lambda: (self._store.get_deployment(name), self._store.list_replicas(name))
         )
@@ -140,7 +166,12 @@ class ApiViews:
         except NotFound:
             return None
 
-    async def deployments(self) -> list[api_pb2.Deployment]:
+    async def deployments(self, view: int = FULL) -> list[api_pb2.Deployment]:
+        if view == BASIC:
+            records, counts = await self._db(
+                lambda: (self._store.list_deployments(), self._store.running_counts())
+            )
+            return self._basic(records, counts)
         records, replicas = await self._db(
             lambda: (self._store.list_deployments(), self._store.list_replicas())
         )
@@ -148,6 +179,15 @@ class ApiViews:
         for rep in replicas:
             by_dep.setdefault(rep.deployment, []).append(rep)
         return self._deployments([(r, by_dep.get(r.name, [])) for r in records])
+
+    def _basic(
+        self, records: list[DeploymentRecord], running: dict[tuple[str, int], int]
+    ) -> list[api_pb2.Deployment]:
+        out = [deployment_basic_pb(r, running.get((r.name, r.generation), 0)) for r in records]
+        for record, pb in zip(records, out, strict=True):
+            if self._rollouts.get(record.name) is not None:
+                pb.status.rollout.CopyFrom(self._rollouts.status_pb(record))
+        return out
 
     def _deployments(
         self, rows: list[tuple[DeploymentRecord, list[ReplicaRecord]]]

@@ -54,6 +54,22 @@ async def test_apply_run_serve_delete(fleet):
 
     await eventually(all_running, what="3 replicas running")
     dep = await api.deployment("vib")
+    # The basic view: the same deployment and counts, no replica list (one count in the store).
+    basic = await api.deployments.Get(
+        api_pb2.GetDeploymentRequest(name="vib", view=api_pb2.DEPLOYMENT_VIEW_BASIC)
+    )
+    assert basic.status.running == 3 and not basic.status.replica_list
+    full = api_pb2.Deployment()
+    full.CopyFrom(dep)
+    full.status.ClearField("replica_list")
+    full.status.ClearField("slo_attainment")
+    full.status.slo_replicas_measured = full.status.slo_replicas_met = 0
+    assert basic == full
+    listed = await api.deployments.List(api_pb2.ListDeploymentsRequest(view=api_pb2.DEPLOYMENT_VIEW_BASIC))
+    assert list(listed.deployments) == [basic]
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await api.deployments.Get(api_pb2.GetDeploymentRequest(name="vib", view=7))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "view" in info.value.details()
     nodes_used = {r.node_id for r in dep.status.replica_list}
     assert nodes_used == {"n1", "n2", "n3"}, "spread puts one replica on each node"
     endpoints = {n.id: n.inventory.inference_endpoint for n in await api.nodes_list()}

@@ -189,3 +189,29 @@ def test_a_store_knows_the_revisions_its_own_commits_wrote(pg_stores):
     b.put_deployment(manifest("c"), 1)
     assert [a.written_by_me(r) for r in (1, 2, 3)] == [True, False, False]
     assert [b.written_by_me(r) for r in (1, 2, 3)] == [False, True, True]
+
+
+def test_running_replicas_are_counted_per_deployment_and_generation(tmp_path, store_url):
+    store = SqlStore(tmp_path, store_url)
+    try:
+        for name in ("d1", "d2"):
+            store.put_deployment(manifest(name), 1)
+
+        def rep(dep: str, rid: str, generation: int, phase: Phase) -> ReplicaChange:
+            return ReplicaChange(ReplicaRecord(rid, dep, generation, "m", "1.0.0", phase, 1))
+
+        store.apply_replica_changes(
+            [
+                rep("d1", "a", 1, Phase.RUNNING),
+                rep("d1", "b", 1, Phase.RUNNING),
+                rep("d1", "c", 2, Phase.RUNNING),
+                rep("d1", "d", 2, Phase.LOADING),
+                rep("d2", "e", 1, Phase.FAILED),
+            ]
+        )
+        assert store.running_counts() == {("d1", 1): 2, ("d1", 2): 1}
+        assert store.running_counts("d1") == {("d1", 1): 2, ("d1", 2): 1}
+        assert store.running_counts("d2") == {}
+        assert store.running_counts("nope") == {}
+    finally:
+        store.close()
