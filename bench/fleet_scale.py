@@ -7,8 +7,8 @@ that split the N hollow nodes between them (real agents on one event loop per pr
 backend; docs/benchmarks.md). It measures, through the public gRPC API and /metrics:
 
 * time until all N nodes are online (from the start of the fleet processes) and attested;
-* apply -> Running of one deployment with N replicas: p50 / p99 over the replicas, each replica's
-  first Running as seen by polling the deployment;
+* apply -> Running of one deployment with N replicas: p50 / p99 over the replicas, as polling the
+  deployment's Running count saw them, and as the orchestrator recorded each replica's move;
 * nodes falsely marked offline during a steady window (no node is stopped: every offline sighting
   is false);
 * the orchestrator's RSS (largest seen);
@@ -313,9 +313,9 @@ class MachineShare:
 
 
 async def apply_and_wait(args, models, deps, publisher, rss, result: dict, share: MachineShare) -> None:
-    """Push the model, apply one deployment with a replica per node, and time each replica's first
-    Running (p50 / p99 over the replicas) into ``result``, with where the orchestrator's time went
-    meanwhile (``share``)."""
+    """Push the model, apply one deployment with a replica per node, and time the replicas' Running
+    (p50 / p99: the polls at which half and 99 % ran; and each replica's recorded time) into
+    ``result``, with where the orchestrator's time went meanwhile (``share``)."""
     poll = result["poll_s"]
     await push_vib_cnn(models, publisher)
     manifest = (
@@ -326,31 +326,36 @@ async def apply_and_wait(args, models, deps, publisher, rss, result: dict, share
     applied, applied_wall = time.monotonic(), time.time()
     share.start()
     await deps.Apply(api_pb2.ApplyRequest(manifest=manifest), timeout=120)
-    first_running: dict[str, float] = {}
-    recorded: dict[str, float] = {}  # the replica's update time as the orchestrator stored it
-    while len(first_running) < args.nodes:
+    # Polled in the basic view (counts, no replica list: listing 10,000 replicas took the orchestrator
+    # about 250 ms a time); each replica's recorded time is read once, at the end.
+    basic = api_pb2.GetDeploymentRequest(name="scale", view=api_pb2.DEPLOYMENT_VIEW_BASIC)
+    counts: list[tuple[float, int]] = []  # (seconds since the apply, replicas Running) at each poll
+    while not counts or counts[-1][1] < args.nodes:
         await asyncio.sleep(poll / 2)
-        dep = await deps.Get(api_pb2.GetDeploymentRequest(name="scale"), timeout=60)
-        now = time.monotonic() - applied
-        for r in dep.status.replica_list:
-            if r.phase == RUNNING and r.id not in first_running:
-                first_running[r.id] = now
-                recorded[r.id] = r.updated_unix_ms / 1000 - applied_wall
+        dep = await deps.Get(basic, timeout=60)
+        counts.append((time.monotonic() - applied, dep.status.running))
         rss.sample()
-        if now > args.running_timeout:
+        if counts[-1][0] > args.running_timeout:
             break
     share.stop(result)
-    times = sorted(first_running.values())
-    result["running"] = len(times)
-    result["p50_s"] = statistics.median(times) if times else float("nan")
-    result["p99_s"] = _p99(times, args.nodes)
-    result["all_running_s"] = times[-1] if len(times) == args.nodes else float("nan")
-    stamped = sorted(recorded.values())
+    full = await deps.Get(api_pb2.GetDeploymentRequest(name="scale"), timeout=60)
+    result["running"] = counts[-1][1]
+    result["p50_s"] = _first(counts, -(-args.nodes // 2))
+    result["p99_s"] = _first(counts, int(args.nodes * 0.99))
+    result["all_running_s"] = _first(counts, args.nodes)
+    stamped = sorted(
+        r.updated_unix_ms / 1000 - applied_wall for r in full.status.replica_list if r.phase == RUNNING
+    )
     result["recorded_p50_s"] = statistics.median(stamped) if stamped else float("nan")
     result["recorded_p99_s"] = _p99(stamped, args.nodes)
-    print(f"{len(times)}/{args.nodes} running; p50 {result['p50_s']:.1f} s, p99 {result['p99_s']:.1f} s "
+    print(f"{result['running']}/{args.nodes} running; p50 {result['p50_s']:.1f} s, p99 {result['p99_s']:.1f} s "
           f"(recorded: p50 {result['recorded_p50_s']:.1f} s, p99 {result['recorded_p99_s']:.1f} s)",
           flush=True)  # fmt: skip
+
+
+def _first(counts: list[tuple[float, int]], at_least: int) -> float:
+    """The time of the first poll that saw at least ``at_least`` replicas Running."""
+    return next((t for t, running in counts if running >= at_least), float("nan"))
 
 
 def _p99(ordered: list[float], want: int) -> float:
@@ -419,7 +424,8 @@ at the end, on the shared 2-core machine; open-file limit {fd_limit})
 process(es), heartbeat {args.heartbeat:g} s, node timeout {args.node_timeout:g} s; the orchestrator (SQLite)
 and Mosquitto each in their own process, all on this machine. The fleet is listed every
 {r.get("poll_s", 2.0):g} s (the deployment every {r.get("poll_s", 2.0) / 2:g} s): times are to that resolution,
-but for the "recorded" row: each replica's update time when the poll first saw it Running.
+but for the "recorded" row: each replica's update time as stored, read once all ran. The
+deployment is polled in its basic view (the Running count, no replica list).
 The steady window's CPU of the orchestrator includes answering that listing.
 The enrollment tokens are minted by the fleet processes at their start, in one batch each (one
 flush to disk), inside the time to online.
