@@ -21,7 +21,7 @@ from numpy.typing import NDArray
 
 from .placement import Code, FilterStatus, Placement, PlacementRequest, SchedulerError, Unschedulable
 from .plugins import FilterPlugin, ScorePlugin
-from .shape import RequestShape
+from .shape import Nodes, RequestShape
 from .snapshot import BASIS, FleetSnapshot
 
 #: The only node left is the one the replica moves off.
@@ -48,6 +48,9 @@ class _Evaluated:
     shape: RequestShape
     candidates: NDArray[np.intp]  # nodes passing every static filter, ascending
     static_score: NDArray[np.float64]  # weighted sum of the static scores of the candidates
+    # What the dynamic plugins index with: the candidates, or ``_ALL`` when every node is one, so
+    # that they read their arrays whole (a view) instead of gathering every element (a copy each).
+    select: Nodes
 
 
 @dataclass(frozen=True)
@@ -105,11 +108,11 @@ class PlacementPlan:
         if candidates.size:
             fit: NDArray[np.bool_] | None = None
             for plugin in self._dynamic_filters:
-                for _reason, passes in plugin.filter(req, evaluated.shape, self, candidates):
+                for _reason, passes in plugin.filter(req, evaluated.shape, self, evaluated.select):
                     fit = passes if fit is None else fit & passes
             total = evaluated.static_score
             for scorer, weight in self._dynamic_scorers:
-                total = total + weight * scorer.score(req, evaluated.shape, self, candidates, fit)
+                total = total + weight * scorer.score(req, evaluated.shape, self, evaluated.select, fit)
             masked = total if fit is None else np.where(fit, total, -np.inf)
             if req.avoid_node and req.avoid_node in self.snapshot.positions:
                 avoid = np.searchsorted(candidates, self.snapshot.positions[req.avoid_node])
@@ -265,7 +268,8 @@ class PlacementPlan:
         static = np.zeros(candidates.size)
         for scorer, weight in self._static_scorers:
             static += weight * scorer.score(req, shape, self, candidates, None)
-        evaluated = _Evaluated(shape, candidates, static)
+        select = _ALL if candidates.size == self.snapshot.size else candidates
+        evaluated = _Evaluated(shape, candidates, static, select)
         self._shapes[key] = evaluated
         if len(self._shapes) > _SHAPE_CACHE:
             self._shapes.popitem(last=False)

@@ -324,6 +324,21 @@ def test_place_many_matches_one_at_a_time():
     assert batch[-1].reason == "scheduler.filter.capacity"
 
 
+def test_a_fleet_where_every_node_is_a_candidate_places_as_one_with_others_filtered_out():
+    """Plugins read whole arrays when every node passes the static filters, and gather the
+    candidates otherwise: the same nodes get the same replicas either way."""
+    nodes = [
+        node(f"n{i:02d}", labels={"zone": "abc"[i % 3]}, max_replicas=1 + i % 3, active_w=3.0 + i % 5)
+        for i in range(24)
+    ]
+    shut_out = node("n99", accelerators={"fpga-sim": frozenset({"INT8"})})  # fails the accelerator filter
+    reqs = [request(replica_id=f"r{k}", accelerators=frozenset({"cpu-litert"})) for k in range(40)]
+    everyone = Scheduler().plan(FleetSnapshot.from_node_infos(nodes)).place_many(reqs)
+    some = Scheduler().plan(FleetSnapshot.from_node_infos([*nodes, shut_out])).place_many(reqs)
+    assert [getattr(p, "node_id", p) for p in everyone] == [getattr(p, "node_id", p) for p in some]
+    assert {getattr(p, "node_id", None) for p in everyone} - {None} == {n.id for n in nodes}
+
+
 def test_reserve_and_unreserve_are_idempotent():
     snap = FleetSnapshot.from_node_infos([node("a", max_replicas=1), node("b", max_replicas=1)])
     plan = Scheduler().plan(snap)
