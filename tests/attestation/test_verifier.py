@@ -164,6 +164,20 @@ def test_tampered_quote_fails_the_signature(make_node, verifier):
     assert verifier.state("node-a") == AttestationState.ENROLLED
 
 
+@pytest.mark.parametrize(
+    "forge",
+    [lambda sig: sig[:-1], lambda sig: sig + b"\0", lambda sig: bytes([sig[0] ^ 1]) + sig[1:]],
+    ids=["short", "long", "flipped"],
+)
+def test_a_software_quote_with_a_forged_signature_fails_the_signature(software_node, verifier, forge):
+    node = software_node("node-a")
+    enroll(verifier, node)
+    message = evidence_of(node, verifier)
+    assert len(message.evidence.quote.signature) == 64  # an Ed25519 AK
+    message.evidence.quote.signature = forge(message.evidence.quote.signature)
+    assert rejected(verifier, "node-a", message) == "attestation.quote.bad_signature"
+
+
 def test_nonce_from_elsewhere_is_unknown(make_node, verifier, clock):
     node = make_node()
     other = AttestationVerifierService(VerifierConfig(), reference_values(), clock=clock)
