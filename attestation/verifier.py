@@ -24,8 +24,6 @@ import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import nacl.bindings
-import nacl.exceptions
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from google.protobuf.message import DecodeError
 
@@ -133,6 +131,11 @@ class KnownAttester:
             # libsodium, not OpenSSL: the same check (RFC 8032 with a canonical S; libsodium also
             # refuses small-order keys), about twice as fast here (70 against 130 us), and this is
             # every renewal of every software-tier node (10,000 nodes at 30 s: 333 a second).
+            # Imported here, not with the module: agents import this module too (the message
+            # schema), and every module an agent loads must belong to its measured dependencies.
+            import nacl.bindings
+            import nacl.exceptions
+
             if len(signed.signature) != nacl.bindings.crypto_sign_BYTES:
                 raise BadSignature(detail=f"Ed25519 signature of {len(signed.signature)} bytes, not 64")
             try:
