@@ -43,12 +43,11 @@ def replica_to_pb(rep: ReplicaRecord) -> api_pb2.Replica:
 
 def deployment_to_pb(record: DeploymentRecord, replicas: list[ReplicaRecord]) -> api_pb2.Deployment:
     """The full view: every replica listed, the Running ones of the current generation counted."""
-    live = [r for r in replicas if r.phase != Phase.EVICTED]
     return _deployment_pb(
         record,
         api_pb2.DeploymentStatus(
             replicas=record.manifest.spec.replicas,
-            running=sum(r.phase == Phase.RUNNING and r.generation == record.generation for r in live),
+            running=sum(r.phase == Phase.RUNNING and r.generation == record.generation for r in replicas),
             replica_list=[replica_to_pb(r) for r in replicas],
             observed_generation=record.generation,
         ),
@@ -185,9 +184,13 @@ class ApiViews:
     ) -> list[api_pb2.Deployment]:
         out = [deployment_basic_pb(r, running.get((r.name, r.generation), 0)) for r in records]
         for record, pb in zip(records, out, strict=True):
-            if self._rollouts.get(record.name) is not None:
-                pb.status.rollout.CopyFrom(self._rollouts.status_pb(record))
+            self._add_rollout(record, pb)
         return out
+
+    def _add_rollout(self, record: DeploymentRecord, pb: api_pb2.Deployment) -> None:
+        """The deployment's latest rollout into its status (both views show it)."""
+        if self._rollouts.get(record.name) is not None:
+            pb.status.rollout.CopyFrom(self._rollouts.status_pb(record))
 
     def _deployments(
         self, rows: list[tuple[DeploymentRecord, list[ReplicaRecord]]]
@@ -212,8 +215,7 @@ class ApiViews:
                 pb.status.slo_replicas_measured = slo.measured
                 pb.status.slo_replicas_met = slo.met
                 pb.status.slo_attainment = slo.met / slo.measured
-            if self._rollouts.get(record.name) is not None:
-                pb.status.rollout.CopyFrom(self._rollouts.status_pb(record))
+            self._add_rollout(record, pb)
         return out
 
     async def nodes(self, after: str = "", limit: int = 0) -> tuple[list[api_pb2.Node], bool]:
