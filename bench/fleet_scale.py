@@ -426,7 +426,7 @@ and Mosquitto each in their own process, all on this machine. The fleet is liste
 {r.get("poll_s", 2.0):g} s (the deployment every {r.get("poll_s", 2.0) / 2:g} s): times are to that resolution,
 but for the "recorded" row: each replica's update time as stored, read once all ran. The
 deployment is polled in its basic view (the Running count, no replica list).
-The steady window's CPU of the orchestrator includes answering that listing.
+The steady window's CPU of the orchestrator includes answering the bench's listing of the fleet.
 The enrollment tokens are minted by the fleet processes at their start, in one batch each (one
 flush to disk), inside the time to online.
 
