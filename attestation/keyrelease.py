@@ -31,6 +31,8 @@ from .errors import KeyReleaseError
 WRAP_SCHEMA = 1
 _INFO = b"edgeward/v1 key release\x00"
 _NONCE = 12
+#: A fixed X25519 scalar to test public keys with (no secret: it protects nothing).
+_PROBE = x25519.X25519PrivateKey.from_private_bytes(bytes(range(32)))
 
 
 def new_data_key() -> bytes:
@@ -57,23 +59,42 @@ def _kek(shared: bytes, ephemeral: bytes, binding: bytes, context: str) -> bytes
     return HKDF(hashes.SHA256(), 32, salt=None, info=info + context.encode()).derive(shared)
 
 
+def x25519_binding_problem(public: bytes) -> str | None:
+    """Why ``public`` cannot be a binding key to wrap data keys to, or None: not 32 bytes, or a point
+    of small order, with which every X25519 exchange gives the all-zero secret (RFC 7748, section
+    6.1). A node whose attester certifies such a point must not pass as having a binding key: each
+    wrap to it would fail. One exchange with any fixed scalar finds every such point (X25519 clamps
+    scalars to multiples of the cofactor)."""
+    try:
+        _PROBE.exchange(x25519.X25519PublicKey.from_public_bytes(public))
+    except ValueError as err:  # wrong length, or the all-zero shared secret
+        return f"not a usable X25519 public key: {err}"
+    return None
+
+
 def wrap_key(data_key: bytes, kind: pb.AttesterKind, binding_public: bytes, context: str) -> pb.WrappedKey:
-    """Wrap ``data_key`` to a node's binding key (raw X25519, or the TPM key's TPM2B_PUBLIC)."""
+    """Wrap ``data_key`` to a node's binding key (raw X25519, or the TPM key's TPM2B_PUBLIC).
+    A key that cannot be wrapped to is a ``KeyReleaseError`` (``attestation.key.bad_binding``),
+    whatever is wrong with it: a caller placing thousands of replicas must be able to skip one node."""
     if kind == pb.ATTESTER_KIND_SOFTWARE:
-        try:
-            recipient = x25519.X25519PublicKey.from_public_bytes(binding_public)
-        except ValueError as err:
-            raise KeyReleaseError("attestation.key.bad_binding", str(err)) from err
         eph = x25519.X25519PrivateKey.generate()
-        shared = eph.exchange(recipient)
+        try:
+            shared = eph.exchange(x25519.X25519PublicKey.from_public_bytes(binding_public))
+        except ValueError as err:  # wrong length, or a point of small order (all-zero secret)
+            raise KeyReleaseError("attestation.key.bad_binding", str(err)) from err
         eph_raw = eph.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
     elif kind == pb.ATTESTER_KIND_TPM2:
-        public = tpm_wire.parse_public(binding_public)
-        key = public.key
+        try:
+            key = tpm_wire.parse_public(binding_public).key
+        except tpm_wire.TpmStructureError as err:
+            raise KeyReleaseError("attestation.key.bad_binding", str(err)) from err
         if not isinstance(key, ec.EllipticCurvePublicKey):
             raise KeyReleaseError("attestation.key.bad_binding", "TPM binding key is not an ECC key")
         eph_ec = ec.generate_private_key(key.curve)
-        shared = eph_ec.exchange(ec.ECDH(), key)
+        try:
+            shared = eph_ec.exchange(ec.ECDH(), key)
+        except ValueError as err:
+            raise KeyReleaseError("attestation.key.bad_binding", str(err)) from err
         eph_raw = eph_ec.public_key().public_bytes(Encoding.X962, PublicFormat.UncompressedPoint)
     else:
         raise KeyReleaseError("attestation.key.bad_binding", f"attester kind {kind}")

@@ -33,6 +33,7 @@ from . import tpm_wire
 from .attesters.software import software_name
 from .errors import BadSignature, EvidenceMalformed, EvidenceRejected, UnknownAttestationKey
 from .eventlog import EVENT_DOMAIN, ZERO, MeasurementEvent, PcrLayout
+from .keyrelease import x25519_binding_problem
 from .reference import CheckContext, ReferenceValues, reason
 from .results import RESULT_SCHEMA, TIER_OF_KIND, ResultSigner, status_of
 
@@ -365,6 +366,9 @@ class Appraiser:
             if certify is not None:
                 if len(binding.public) != 32 or certify.certified_name != software_name(binding.public):
                     return "certified name does not match the X25519 key"
+                problem = x25519_binding_problem(binding.public)
+                if problem is not None:  # certified by the node's own key: a node can certify anything
+                    return problem
                 known.certified_binding = binding.public
             return None
         try:

@@ -17,7 +17,8 @@ from conftest import (
 )
 from simulated_tpm import SimulatedTpmAttester
 
-from attestation import keyrelease
+from attestation import keyrelease, tpm_wire
+from attestation.attesters.software import software_name
 from attestation.errors import EnrollmentError, EvidenceRejected, KeyReleaseError
 from attestation.responder import AttestationResponder
 from attestation.results import open_signed_result
@@ -351,6 +352,42 @@ def test_foreign_binding_key_is_not_released_to(make_node, verifier):
     outcome = verifier.receive("node-a", message.SerializeToString())
     assert [r.id for r in outcome.result.reasons] == ["attestation.binding.invalid"]
     assert not outcome.result.binding_public
+
+
+# Points of small order on Curve25519 (RFC 7748, section 6.1; the list libsodium refuses): zero,
+# one, and a point of order 8.
+SMALL_ORDER = [
+    bytes(32),
+    (1).to_bytes(32, "little"),
+    bytes.fromhex("e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800"),
+]
+
+
+@pytest.mark.parametrize("point", SMALL_ORDER, ids=["zero", "one", "order-8"])
+def test_a_binding_key_of_small_order_is_no_binding_key(software_node, verifier, point):
+    """A software node certifies its binding key with its own attestation key, so a hostile one can
+    present a point of small order: every exchange with it gives the all-zero secret, and a wrap to
+    it failed with a ValueError that stopped the reconcile pass at that node, every pass. Such a key
+    now makes the result contraindicated, and a wrap to it is a KeyReleaseError."""
+    node = software_node("node-a")
+    enroll(verifier, node)
+    measure_platform(node)
+    attester = node.attester
+
+    def hostile_binding(nonce: bytes, platform_pcr: int) -> pb.Binding:
+        certify = attester._attest(tpm_wire.ST_ATTEST_CERTIFY, nonce, certified_name=software_name(point))
+        return pb.Binding(public=point, certify=certify)
+
+    attester.binding = hostile_binding
+    outcome = verifier.receive("node-a", evidence_of(node, verifier).SerializeToString())
+    assert outcome.result.status == CONTRAINDICATED
+    assert [r.id for r in outcome.result.reasons] == ["attestation.binding.invalid"]
+    assert "not a usable X25519 public key" in outcome.result.reasons[0].message
+    assert not outcome.result.binding_public
+    assert verifier.tier("node-a") == "none"
+    with pytest.raises(KeyReleaseError) as refused:
+        keyrelease.wrap_key(keyrelease.new_data_key(), pb.ATTESTER_KIND_SOFTWARE, point, "node-a/m/1")
+    assert refused.value.reason == "attestation.key.bad_binding"
 
 
 def test_a_released_key_is_wrapped_once_and_authorised_every_time(make_node, verifier, clock):
