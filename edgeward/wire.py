@@ -1,13 +1,15 @@
 """Encoding and boundary validation of the MQTT payloads defined in ``edgeward/v1/node.proto``.
 
 A payload that is too large, does not parse, has an unknown schema version, carries a body that
-does not belong on its topic, or names another node than its topic is refused with a
+does not belong on its topic, names another node than its topic, or (a hello) advertises
+accelerator figures the scheduler cannot rank with, is refused with a
 :class:`WireError` whose ``reason`` is a short machine-readable id. Receivers count the reasons
 (:class:`DropCounter`) and carry on: bad input never crashes a process.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -104,7 +106,28 @@ def decode_node_message(
     body = msg.WhichOneof("body")
     if body != expected:
         raise WireError("wire.payload.wrong_body", f"{body!r} on topic kind {kind!r}")
+    if body == "hello":
+        _check_hello(msg.hello)
     return msg
+
+
+#: An accelerator's figures the scheduler computes with (watts, peak rate): finite and not negative.
+_ACCELERATOR_FIGURES = ("peak_gops", "idle_w", "active_w")
+
+
+def _check_hello(hello: node_pb2.Hello) -> None:
+    """Refuse a hello whose accelerator figures are not finite and non-negative. The scheduler ranks
+    nodes with them: one node's NaN watts made the energy score NaN for every node, and every
+    placement in the fleet unschedulable; a negative one made that node win every placement. (Cost
+    models are checked where they are read: a bad one is dropped on its own, the hello kept.)"""
+    for i, acc in enumerate(hello.accelerators):
+        for name in _ACCELERATOR_FIGURES:
+            value = getattr(acc, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise WireError(
+                    "wire.hello.invalid_value",
+                    f"hello.accelerators[{i}].{name}: {value!r}, not a finite number >= 0",
+                )
 
 
 def decode_command(

@@ -1,6 +1,7 @@
 """Boundary validation of MQTT payloads: bad ones raise a WireError with a reason id."""
 
 import contextlib
+import math
 
 import pytest
 from hypothesis import given
@@ -38,6 +39,29 @@ def test_bad_node_payloads(payload, node_id, kind, reason):
     with pytest.raises(WireError) as info:
         decode_node_message(payload, node_id=node_id, kind=kind)
     assert info.value.reason == reason
+
+
+def _hello(**figures) -> bytes:
+    accelerators = [
+        node_pb2.Accelerator(kind="cpu-litert", peak_gops=0.0, idle_w=0.0, active_w=0.0),
+        node_pb2.Accelerator(kind="npu", **{"peak_gops": 4.0, "idle_w": 0.5, "active_w": 2.0, **figures}),
+    ]
+    return node_message("n1", hello=node_pb2.Hello(accelerators=accelerators)).SerializeToString()
+
+
+def test_a_hello_with_finite_non_negative_figures_decodes():
+    assert len(decode_node_message(_hello(), node_id="n1", kind="hello").hello.accelerators) == 2
+
+
+@pytest.mark.parametrize("name", ["peak_gops", "idle_w", "active_w"])
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf, -1.0, -1e308])
+def test_a_hello_with_figures_the_scheduler_cannot_rank_with_is_refused(name, value):
+    """One node's NaN watts made the energy score NaN for every node (every placement in the fleet
+    unschedulable); negative watts made that node win every placement."""
+    with pytest.raises(WireError) as info:
+        decode_node_message(_hello(**{name: value}), node_id="n1", kind="hello")
+    assert info.value.reason == "wire.hello.invalid_value"
+    assert info.value.detail.startswith(f"hello.accelerators[1].{name}: ")
 
 
 def test_commands_need_id_body_and_right_node():

@@ -3,6 +3,8 @@ real LiteRT interpreter, real .tflite model."""
 
 from __future__ import annotations
 
+import math
+
 import grpc
 import numpy as np
 import pytest
@@ -170,6 +172,10 @@ async def test_garbage_on_every_topic_is_dropped_and_counted(fleet, mqtt_url, to
     bad.append((node_topic("n7", "status", topic_prefix), status_for_n1))  # names another node
     bad.append((node_topic("n1", "telemetry", topic_prefix), status_for_n1))  # wrong body for topic
     bad.append((f"{topic_prefix}/nodes/n1/hello/extra", b"x"))  # not a node topic
+    nan_watts = node_pb2.Hello(accelerators=[node_pb2.Accelerator(kind="cpu-litert", active_w=math.nan)])
+    bad.append(
+        (node_topic("n1", "hello", topic_prefix), node_message("n1", hello=nan_watts).SerializeToString())
+    )
     cmd_garbage = [
         b"\x00\xff",
         b"\x08" * 300_000,
@@ -196,6 +202,8 @@ async def test_garbage_on_every_topic_is_dropped_and_counted(fleet, mqtt_url, to
     assert broker is None or broker.dropped_oversize == 6
     assert counts["wire.payload.wrong_node"] == 1
     assert counts["wire.payload.wrong_body"] == 1
+    assert counts["wire.hello.invalid_value"] == 1  # and the node keeps the hello it sent itself
+    assert all(math.isfinite(acc.active_w) for acc in orch.fleet.nodes["n1"].hello.accelerators)
     assert counts["wire.payload.unparseable"] + counts.get("wire.payload.unknown_schema", 0) == 5
     assert agent.drop_counts()["wire.payload.wrong_node"] == 1
     # still alive and serving
