@@ -64,6 +64,7 @@ class SlowdownDetector:
     threshold: float = 12.0
     min_requests: int = 5
     _index: dict[Hashable, int] = field(default_factory=dict)
+    _free: list[int] = field(default_factory=list)  # rows of forgotten streams, to reuse
     _s: np.ndarray = field(default_factory=lambda: np.zeros(0))
     _alarmed: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
     _cleared: list[Hashable] = field(default_factory=list)
@@ -101,7 +102,8 @@ class SlowdownDetector:
         for i, stream in enumerate(streams):
             row = self._index.get(stream)
             if row is None:
-                row = self._index[stream] = len(self._index)
+                # Without free rows, the rows in use are exactly 0 .. len(_index) - 1.
+                row = self._index[stream] = self._free.pop() if self._free else len(self._index)
             rows[i] = row
         if len(self._index) > len(self._s):
             grow = max(16, 2 * len(self._index)) - len(self._s)
@@ -152,6 +154,13 @@ class SlowdownDetector:
             self._s[row] = 0.0
             self._alarmed[row] = False
 
+    def forget(self, stream: Hashable) -> None:
+        """Drop a stream's state (its node no longer reports it); its row is reused."""
+        self.reset(stream)
+        row = self._index.pop(stream, None)
+        if row is not None:
+            self._free.append(row)
+
 
 # ------------------------------------------------------------------------------ live telemetry
 
@@ -186,6 +195,7 @@ class SlowdownGuard:
 
     def observe(self, windows: ExitWindows) -> GuardDecision:
         decision = GuardDecision()
+        self._forget(windows)
         if not self.config.enabled or not len(windows):
             return decision
         models = np.array([s[1] for s in windows.streams])
@@ -203,6 +213,23 @@ class SlowdownGuard:
             for stream in det.pop_cleared():
                 self._clear(cast(Stream, stream), det, decision)
         return decision
+
+    def _forget(self, windows: ExitWindows) -> None:
+        """Drop the state of the streams (and models) the telemetry forgot: a node at its bound of
+        streams stopped reporting them (telemetry.ExitCounters). A mitigation of such a stream is
+        forgotten too; the node's set is sent again with its next change."""
+        for node, model, source in windows.forgotten:
+            det = self.detectors.get(model)
+            if det is not None:
+                det.forget((node, model, source))
+            active = self._active.get(node)
+            if active is not None:
+                active.pop((model, source), None)
+                if not active:
+                    del self._active[node]
+        for model in windows.forgotten_models:
+            self.detectors.pop(model, None)
+            self._learning.pop(model, None)
 
     def _learn(self, model: str, early: np.ndarray, total: np.ndarray) -> None:
         seen = self._learning.setdefault(model, np.zeros(2, np.int64))

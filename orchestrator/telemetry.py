@@ -14,8 +14,10 @@ those windows feed the slowdown detector (``orchestrator.detectors``).
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 
@@ -45,26 +47,43 @@ class ExitWindows:
     early: np.ndarray
     total: np.ndarray
     refused: np.ndarray
+    #: Streams forgotten since the previous windows (a node at its bound left them out of a report),
+    #: and the models none of whose streams is left: their detector state goes with them.
+    forgotten: list[tuple[str, str, str]] = field(default_factory=list)
+    forgotten_models: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.streams)
 
 
 class ExitCounters:
-    """Cumulative exit counters of every stream -> per-window differences, batched."""
+    """Cumulative exit counters of every stream -> per-window differences, batched.
+
+    A node holds at most ``MAX_EXIT_STREAMS_PER_NODE`` streams here. Each report repeats every
+    stream the node counts, so when a report brings new streams to a node at that bound, its
+    streams that the report leaves out are forgotten (their rows reused, and the detectors told
+    through :attr:`ExitWindows.forgotten`); new ones beyond the bound are dropped and counted. A
+    node that invented new source or model names in every report had grown this table, and the
+    detectors' state, without end (up to 256 streams a message, 50 messages a second). A node
+    within the bound never has a stream forgotten."""
 
     _COLUMNS = 3  # total, early, refused
 
     def __init__(self) -> None:
         self._index: dict[tuple[str, str, str], int] = {}
-        self._streams: list[tuple[str, str, str]] = []
+        self._streams: list[tuple[str, str, str] | None] = []  # None: a free row
+        self._free: list[int] = []
+        self._of_node: dict[str, set[int]] = {}
+        self._of_model: Counter[str] = Counter()  # streams per model
+        self._forgotten: list[tuple[str, str, str]] = []
         self._last = np.zeros((0, self._COLUMNS), np.int64)
         self._pending: dict[int, tuple[int, int, int]] = {}
         self._latest: dict[str, list[node_pb2.ExitStats]] = {}
         self.dropped = 0
 
     def add(self, node_id: str, stats: Iterable[node_pb2.ExitStats]) -> None:
-        """Queue one node's counters; malformed entries are dropped and counted in ``dropped``."""
+        """Queue one node's counters; malformed entries, and new streams beyond the node's bound,
+        are dropped and counted in ``dropped``."""
         kept: list[node_pb2.ExitStats] = []
         for e in stats:
             exits = e.exits
@@ -78,13 +97,54 @@ class ExitCounters:
                 self.dropped += 1
                 continue
             kept.append(e)
-            key = (node_id, e.model_name, e.source)
+        rows = self._of_node.setdefault(node_id, set())
+        keys = [(node_id, e.model_name, e.source) for e in kept]
+        if len(rows) + len({k for k in keys if k not in self._index}) > MAX_EXIT_STREAMS_PER_NODE:
+            self._forget(rows, rows - {self._index[k] for k in keys if k in self._index})
+        admitted = []
+        for key, e in zip(keys, kept, strict=True):
             row = self._index.get(key)
             if row is None:
-                row = self._index[key] = len(self._streams)
-                self._streams.append(key)
-            self._pending[row] = (e.requests, sum(exits[:-1]), e.refused)
-        self._latest[node_id] = kept
+                if len(rows) >= MAX_EXIT_STREAMS_PER_NODE:
+                    self.dropped += 1
+                    continue
+                row = self._new_row(key)
+                rows.add(row)
+            self._pending[row] = (e.requests, sum(e.exits[:-1]), e.refused)
+            admitted.append(e)
+        self._latest[node_id] = admitted
+
+    def _new_row(self, key: tuple[str, str, str]) -> int:
+        if self._free:
+            row = self._free.pop()
+            self._streams[row] = key
+            if row < len(self._last):
+                self._last[row] = 0
+        else:
+            row = len(self._streams)
+            self._streams.append(key)
+        self._index[key] = row
+        self._of_model[key[1]] += 1
+        return row
+
+    def _forget(self, rows: set[int], gone: set[int]) -> None:
+        for row in gone:
+            key = self._streams[row]
+            assert key is not None
+            del self._index[key]
+            self._streams[row] = None
+            self._pending.pop(row, None)
+            self._free.append(row)
+            self._of_model[key[1]] -= 1
+            self._forgotten.append(key)
+        rows -= gone
+
+    def _take_forgotten(self) -> tuple[list[tuple[str, str, str]], list[str]]:
+        forgotten, self._forgotten = self._forgotten, []
+        models = sorted({k[1] for k in forgotten if self._of_model[k[1]] <= 0})
+        for model in models:
+            del self._of_model[model]
+        return forgotten, models
 
     def windows(self, min_total: int = 0) -> ExitWindows:
         """Differences since the previous call for every stream reported meanwhile.
@@ -95,9 +155,10 @@ class ExitCounters:
         if len(self._streams) > len(self._last):
             grow = max(16, 2 * len(self._streams)) - len(self._last)
             self._last = np.r_[self._last, np.zeros((grow, self._COLUMNS), np.int64)]
+        forgotten, models = self._take_forgotten()
         if not self._pending:
             empty = np.zeros(0, np.int64)
-            return ExitWindows([], empty, empty, empty)
+            return ExitWindows([], empty, empty, empty, forgotten, models)
         rows = np.fromiter(self._pending, np.int64, len(self._pending))
         current = np.array(list(self._pending.values()), np.int64).reshape(-1, self._COLUMNS)
         self._pending = {}
@@ -108,7 +169,16 @@ class ExitCounters:
         keep = (delta[:, 0] >= min_total) | restarted
         rows, current, delta = rows[keep], current[keep], delta[keep]
         self._last[rows] = current
-        return ExitWindows([self._streams[r] for r in rows], delta[:, 1], delta[:, 0], delta[:, 2])
+        streams = [self._streams[r] for r in rows]
+        assert None not in streams  # a forgotten row leaves the pending set with it
+        return ExitWindows(
+            cast(list[tuple[str, str, str]], streams),
+            delta[:, 1],
+            delta[:, 0],
+            delta[:, 2],
+            forgotten,
+            models,
+        )
 
     def latest(self, node_id: str) -> list[node_pb2.ExitStats]:
         return self._latest.get(node_id, [])

@@ -127,6 +127,47 @@ def test_exit_counters_drop_and_count_malformed_entries():
     assert c.windows().streams == [("n1", "m", "ok")]
 
 
+def test_a_node_that_invents_streams_holds_at_most_its_bound():
+    """A node that reports new source and model names in every report (each at most 256 streams,
+    50 reports a second) grew the counters and the detectors' state (and the mitigations of its
+    alerts) without end. Now a node at its bound loses the streams it left out of its latest report
+    (their rows reused, the detectors told); an honest node within the bound never loses one."""
+    guard = SlowdownGuard(SlowdownConfig(learn_requests=20, min_requests=1))
+    counters = ExitCounters()
+
+    def honest(k):
+        counters.add("honest", [exit_stats("sign", "cam-1", [90 * k, 10 * k])])
+
+    alerts = 0
+    for rnd in range(20):  # fresh names every round: learnt, then half of them collapse (alerts)
+        names = [(f"m{rnd}-{i % 2}", f"s{rnd}-{i}") for i in range(256)]
+        counters.add("hostile", [exit_stats(m, src, [50, 50]) for m, src in names])
+        honest(2 * rnd + 1)
+        guard.observe(counters.windows())
+        collapsed = [[50, 150] if i % 2 else [100, 50] for i in range(256)]
+        counters.add("hostile", [exit_stats(m, src, e) for (m, src), e in zip(names, collapsed, strict=True)])
+        honest(2 * rnd + 2)
+        decision = guard.observe(counters.windows())
+        alerts += sum(n.kind == "alert.slowdown" for n in decision.notices)
+    assert alerts == 20 * 128  # the detectors work on the invented streams: they alert
+    assert len(counters._index) == 256 + 1
+    assert len(counters._streams) == 256 + 1  # rows are reused, not added
+    assert set(guard.detectors) == {"sign", "m19-0", "m19-1"}  # older invented models are gone
+    assert sum(len(d._index) for d in guard.detectors.values()) == 256 + 1
+    assert len(guard._active["hostile"]) == 128  # the last round's mitigations, no older ones
+    # The honest node never lost its stream: its detector learnt once and saw every window.
+    assert guard.detectors["sign"].statistic(("honest", "sign", "cam-1")) == 0.0
+    assert counters.windowed(("honest", "sign", "cam-1")) == 100 * 40
+
+
+def test_new_streams_beyond_the_bound_in_one_report_are_dropped_and_counted():
+    counters = ExitCounters()
+    counters.add("n1", [exit_stats("m", f"s{i}", [1]) for i in range(300)])  # 256 a report at most
+    assert counters.dropped == 44
+    assert len(counters.windows().streams) == 256
+    assert counters.windows().forgotten == []
+
+
 def feed(guard, counters, node, model, streams):
     counters.add(node, [exit_stats(model, src, exits) for src, exits in streams.items()])
     return guard.observe(counters.windows(min_total=guard.config.min_requests))
