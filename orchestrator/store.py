@@ -236,6 +236,10 @@ CHANGES_KEPT = 100_000  # revisions of the deployments' change feed kept for Wat
 DEPLOYMENT_REVISION = "deployment_revision"
 # The database's clock in epoch milliseconds: lease expiry never depends on a replica's clock.
 _PG_NOW_MS = "(extract(epoch from clock_timestamp()) * 1000)::bigint"
+#: The lease row if another holder's lease still runs (a plain read: no row lock).
+_LEASE_HELD_BY_ANOTHER = sa.text(
+    f"SELECT 1 FROM leases WHERE name = :name AND holder <> :holder AND expires_ms > {_PG_NOW_MS}"  # noqa: S608 - a constant expression, no input
+)
 # The first statement of every write on PostgreSQL. The mode conflicts with itself and with row
 # writes, not with reads: the store's write transactions (each replica's) run one at a time, in the
 # order their locks were granted. A write's snapshot is taken at its first query, after the lock, so
@@ -372,9 +376,19 @@ class SqlStore:
 
         Runs on its own pooled connection, not the store thread's, so a long store call never
         delays a renewal; ``lock_timeout`` bounds the wait for singleton writes in flight (their
-        fencing check holds the lease row FOR SHARE until they commit)."""
+        fencing check holds the lease row FOR SHARE until they commit).
+
+        A follower first reads the row, without a lock, and tries no further while another holder's
+        lease runs: ``INSERT ... ON CONFLICT DO UPDATE`` locks the conflicting row even when its
+        ``WHERE`` leaves it unchanged, so every follower's try (twice a second) waited behind the
+        leader's fenced write in flight (failing at its lock timeout behind a long one) and could
+        hold up the leader's next write."""
         if self.dialect == "sqlite":
             return Lease(holder, 1, 2**62)
+        with self.engine.connect() as conn:
+            held = conn.execute(_LEASE_HELD_BY_ANOTHER, {"name": LEADER, "holder": holder}).first()
+        if held is not None:
+            return None
         sql = sa.text(
             f"""
             INSERT INTO leases (name, holder, token, expires_ms) VALUES (:name, :holder, 1, {_PG_NOW_MS} + :ttl)

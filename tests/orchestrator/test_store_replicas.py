@@ -62,6 +62,19 @@ def test_one_holder_at_a_time_and_a_takeover_starts_a_new_term(pg_stores):
     assert a.acquire_lease("a", 60_000) is None
 
 
+def test_a_followers_try_does_not_lock_the_lease_row(pg_stores):
+    """The leader's fenced writes hold the lease row FOR SHARE until they commit. A follower's try
+    used INSERT ... ON CONFLICT DO UPDATE, which locks the row even when its WHERE leaves it alone:
+    it waited behind the leader's write (here: until its lock timeout, then an error) and the
+    leader's next write queued behind it. It now reads the row first and stops while another
+    holder's lease runs."""
+    a, b = pg_stores
+    assert a.acquire_lease("a", 60_000) is not None
+    with a.engine.connect() as conn, conn.begin():  # a fenced write of the leader, in flight
+        conn.execute(sa.text("SELECT 1 FROM leases WHERE name = 'leader' FOR SHARE")).one()
+        assert b.acquire_lease("b", 60_000) is None
+
+
 def test_a_paused_ex_leaders_write_is_refused_by_the_token_check(pg_stores):
     """A leader whose lease ran out while it was paused: its next singleton write fails and
     nothing of it is stored, even though no one took over (the term is over)."""
