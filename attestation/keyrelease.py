@@ -18,7 +18,7 @@ import os
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec, x25519
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
@@ -31,8 +31,6 @@ from .errors import KeyReleaseError
 WRAP_SCHEMA = 1
 _INFO = b"edgeward/v1 key release\x00"
 _NONCE = 12
-#: A fixed X25519 scalar to test public keys with (no secret: it protects nothing).
-_PROBE = x25519.X25519PrivateKey.from_private_bytes(bytes(range(32)))
 
 
 def new_data_key() -> bytes:
@@ -59,16 +57,37 @@ def _kek(shared: bytes, ephemeral: bytes, binding: bytes, context: str) -> bytes
     return HKDF(hashes.SHA256(), 32, salt=None, info=info + context.encode()).derive(shared)
 
 
-def x25519_binding_problem(public: bytes) -> str | None:
-    """Why ``public`` cannot be a binding key to wrap data keys to, or None: not 32 bytes, or a point
-    of small order, with which every X25519 exchange gives the all-zero secret (RFC 7748, section
-    6.1). A node whose attester certifies such a point must not pass as having a binding key: each
-    wrap to it would fail. One exchange with any fixed scalar finds every such point (X25519 clamps
-    scalars to multiples of the cofactor)."""
+def _x25519(secret: bytes, public: bytes) -> bytes:
+    """libsodium's X25519 (RFC 7748; it clamps the scalar as OpenSSL does; 48 against 68 us here for
+    a key pair and an exchange): the shared secret, or KeyReleaseError for a public key that is not
+    32 bytes or is of small order (the all-zero secret, RFC 7748 section 6.1). Imported here, not with
+    the module: agents unwrap with this module and load only what their measured dependencies hold."""
+    import nacl.bindings
+    import nacl.exceptions
+
+    if len(public) != nacl.bindings.crypto_scalarmult_BYTES:
+        raise KeyReleaseError("attestation.key.bad_binding", f"X25519 key of {len(public)} bytes")
     try:
-        _PROBE.exchange(x25519.X25519PublicKey.from_public_bytes(public))
-    except ValueError as err:  # wrong length, or the all-zero shared secret
-        return f"not a usable X25519 public key: {err}"
+        return nacl.bindings.crypto_scalarmult(secret, public)
+    except nacl.exceptions.RuntimeError as err:
+        raise KeyReleaseError("attestation.key.bad_binding", "X25519 key of small order") from err
+
+
+def _x25519_public(secret: bytes) -> bytes:
+    import nacl.bindings  # as in _x25519
+
+    return nacl.bindings.crypto_scalarmult_base(secret)
+
+
+def x25519_binding_problem(public: bytes) -> str | None:
+    """Why ``public`` cannot be a binding key to wrap data keys to, or None. A node whose attester
+    certifies such a key must not pass as having a binding key: each wrap to it would fail. One
+    exchange with any fixed scalar finds every key of small order (X25519 clamps scalars to
+    multiples of the cofactor)."""
+    try:
+        _x25519(bytes(range(32)), public)
+    except KeyReleaseError as err:
+        return f"not a usable X25519 public key: {err.detail or err}"
     return None
 
 
@@ -77,21 +96,9 @@ def wrap_key(data_key: bytes, kind: pb.AttesterKind, binding_public: bytes, cont
     A key that cannot be wrapped to is a ``KeyReleaseError`` (``attestation.key.bad_binding``),
     whatever is wrong with it: a caller placing thousands of replicas must be able to skip one node."""
     if kind == pb.ATTESTER_KIND_SOFTWARE:
-        # libsodium's X25519 (the same function, RFC 7748; it clamps the random scalar as OpenSSL
-        # does): 48 against 68 us here for the key pair and the exchange, once per replica bound.
-        # Imported here, not with the module: agents unwrap with this module and load only what
-        # their measured dependencies hold.
-        import nacl.bindings
-        import nacl.exceptions
-
-        if len(binding_public) != nacl.bindings.crypto_scalarmult_BYTES:
-            raise KeyReleaseError("attestation.key.bad_binding", f"X25519 key of {len(binding_public)} bytes")
-        secret = os.urandom(nacl.bindings.crypto_scalarmult_SCALARBYTES)
-        try:
-            shared = nacl.bindings.crypto_scalarmult(secret, binding_public)
-        except nacl.exceptions.RuntimeError as err:  # a point of small order: the all-zero secret
-            raise KeyReleaseError("attestation.key.bad_binding", "X25519 key of small order") from err
-        eph_raw = nacl.bindings.crypto_scalarmult_base(secret)
+        secret = os.urandom(32)
+        shared = _x25519(secret, binding_public)
+        eph_raw = _x25519_public(secret)
     elif kind == pb.ATTESTER_KIND_TPM2:
         try:
             key = tpm_wire.parse_public(binding_public).key

@@ -1235,7 +1235,7 @@ class ReconcilePass:
                 rep, "model.not_found", f"model {rep.model_name}:{rep.model_version} is not in the catalog"
             )
             return Placed.NO_MODEL
-        result = plan.place(self._request(dep, model[0], rep.id))
+        result = plan.place(self._request_for(dep, model[0], rep.id))
         if isinstance(result, Unschedulable):
             self._explain(rep, result.reason, result.message)
             return Placed.UNSCHEDULABLE
@@ -1278,7 +1278,7 @@ class ReconcilePass:
         self.dispatched = waiting
         return moved
 
-    def _request(self, dep: DeploymentRecord, model: api_pb2.Model, replica_id: str) -> PlacementRequest:
+    def _request_for(self, dep: DeploymentRecord, model: api_pb2.Model, replica_id: str) -> PlacementRequest:
         """The placement request for a replica of ``dep``: built once per deployment and model in
         a pass (a pass that binds 10,000 replicas built 10,000 equal ones), given the replica's id."""
         key = (dep.name, model.name, model.version)
