@@ -13,7 +13,7 @@ a private Mosquitto, then measures through the public gRPC API and /metrics:
   together ask for one replica per node, applied concurrently (8 calls in flight, spread over the
   replicas round-robin); throughput = deployments / time of the Apply calls; apply -> Running per
   replica from the return of its deployment's Apply to its first Running, seen by polling List on a
-  replica every 0.5 s; p50 / p99. The ratio 3 / 1 replicas compares the two runs of one invocation.
+  replica every 0.25 s from the first Apply on; p50 / p99. The ratio 3 / 1 replicas compares the two runs of one invocation.
   The CPU seconds each replica process and the hollow fleet used from the first Apply to the last
   replica Running are reported too (where the machine's two cores went).
 
@@ -45,6 +45,8 @@ from _report import command, machine, write_section
 from _sched import Share, ThreadClock, cpu_seconds
 from fleet_scale import raise_fd_limit, start_fleet, start_mosquitto, wait_port
 
+POLL_S = 0.25  # how often the bench lists the deployments to see replicas Running
+
 
 def _test_helper(name: str) -> ModuleType:
     """A helper module of tests/ (the private PostgreSQL, ports), loaded from its file: tests/ is not
@@ -64,6 +66,7 @@ listen_port = _test_helper("processes").listen_port
 from edgeward.v1 import api_pb2, api_pb2_grpc, node_pb2
 
 RUNNING = node_pb2.REPLICA_PHASE_RUNNING
+DISPATCHED = node_pb2.REPLICA_PHASE_DISPATCHED
 ONLINE = node_pb2.NODE_STATE_ONLINE
 
 
@@ -168,6 +171,31 @@ def cpu_used(replicas: list[Replica], fleet: list[subprocess.Popen]) -> list[flo
     return [*per_replica, sum(cpu_seconds(p.pid) for p in fleet)]
 
 
+async def steady_cost(url: str, replicas: list[Replica], seconds: float) -> dict:
+    """Over ``seconds`` of the attested fleet's steady heartbeats, before any Apply: the database's
+    transactions a second (every replica's reads, writes and merges) and each replica's share of a
+    core (its polls, its ingest)."""
+    import psycopg
+
+    def transactions() -> int:
+        with psycopg.connect(url) as conn:
+            row = conn.execute(
+                "SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = current_database()"
+            ).fetchone()
+            assert row is not None
+            return int(row[0])
+
+    # PostgreSQL's statistics reach pg_stat_database within a second of a transaction's end, at both
+    # ends of the window alike.
+    before_tx, before_cpu, t0 = transactions(), cpu_used(replicas, []), time.monotonic()
+    await asyncio.sleep(seconds)
+    after_tx, after_cpu, elapsed = transactions(), cpu_used(replicas, []), time.monotonic() - t0
+    return {
+        "tx_per_s": (after_tx - before_tx) / elapsed,
+        "cpu_share": [(b - a) / elapsed for a, b in zip(before_cpu[:-1], after_cpu[:-1], strict=True)],
+    }
+
+
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered)) - 1))]
@@ -197,6 +225,7 @@ async def apply_run(args: argparse.Namespace, work: Path, url: str, broker_port:
             if time.monotonic() - t0 > args.startup_timeout:
                 raise SystemExit(f"{attested}/{args.nodes} attested after {args.startup_timeout:.0f} s")
         result["attested_s"] = time.monotonic() - t0
+        result["steady"] = await steady_cost(url, replicas, args.steady)
         await push_vib_cnn(api_pb2_grpc.ModelServiceStub(channels[0]), publisher)
         per = args.nodes // args.deployments
         deps = [api_pb2_grpc.DeploymentServiceStub(c) for c in channels]
@@ -218,30 +247,42 @@ async def apply_run(args: argparse.Namespace, work: Path, url: str, broker_port:
             applied[name] = time.monotonic()
             applied_wall[name] = time.time()
 
+        first_running: dict[str, float] = {}
+        # By the orchestrator: the replica's update time when first seen Running, and Dispatched (not
+        # every replica is seen Dispatched: the phase may last less than a poll).
+        recorded: dict[str, float] = {}
+        dispatched: dict[str, float] = {}
+        want = per * args.deployments
+
+        async def watch() -> None:
+            """Poll from the first Apply on, alongside the calls: a replica of an early deployment is
+            seen Running when it runs, not when the last deployment has been applied."""
+            deadline = time.monotonic() + args.running_timeout
+            while len(first_running) < want and time.monotonic() < deadline:
+                await asyncio.sleep(POLL_S)
+                listed = (await deps[0].List(api_pb2.ListDeploymentsRequest(), timeout=60)).deployments
+                now = time.monotonic()
+                for d in listed:
+                    if d.name not in applied:  # stored, but its Apply has not returned yet: next poll
+                        continue
+                    for r in d.status.replica_list:
+                        if r.phase == DISPATCHED and r.id not in dispatched:
+                            dispatched[r.id] = r.updated_unix_ms / 1000 - applied_wall[d.name]
+                        if r.phase == RUNNING and r.id not in first_running:
+                            first_running[r.id] = now - applied[d.name]
+                            recorded[r.id] = r.updated_unix_ms / 1000 - applied_wall[d.name]
+
         cpu_before = cpu_used(replicas, fleet)
         leader_proc = replicas[leader].proc
         assert leader_proc is not None  # started above
         loop_clock = ThreadClock(leader_proc.pid)
         loop_clock.start()
         start = time.monotonic()
+        watcher = asyncio.create_task(watch())
         await asyncio.gather(*(apply(i) for i in range(args.deployments)))
         result["apply_s"] = time.monotonic() - start
         result["applies_per_s"] = args.deployments / result["apply_s"]
-        first_running: dict[str, float] = {}
-        recorded: dict[
-            str, float
-        ] = {}  # by the orchestrator: the replica's update time when first seen Running
-        want = per * args.deployments
-        deadline = time.monotonic() + args.running_timeout
-        while len(first_running) < want and time.monotonic() < deadline:
-            await asyncio.sleep(0.5)
-            listed = (await deps[0].List(api_pb2.ListDeploymentsRequest(), timeout=60)).deployments
-            now = time.monotonic()
-            for d in listed:
-                for r in d.status.replica_list:
-                    if r.phase == RUNNING and r.id not in first_running:
-                        first_running[r.id] = now - applied[d.name]
-                        recorded[r.id] = r.updated_unix_ms / 1000 - applied_wall[d.name]
+        await watcher
         cpu_after = cpu_used(replicas, fleet)
         result["loop_share"] = loop_clock.stop()
         result["cpu_s"] = [round(b - a, 1) for a, b in zip(cpu_before, cpu_after, strict=True)]
@@ -250,6 +291,11 @@ async def apply_run(args: argparse.Namespace, work: Path, url: str, broker_port:
         result["p50_s"] = statistics.median(times) if times else float("nan")
         result["p99_s"] = pct(times, 0.99) if len(times) == want else float("nan")
         stamped = list(recorded.values())
+        both = [k for k in recorded if k in dispatched]
+        result["dispatched_p50_s"] = statistics.median(dispatched[k] for k in both) if both else float("nan")
+        result["to_running_p50_s"] = (
+            statistics.median(recorded[k] - dispatched[k] for k in both) if both else float("nan")
+        )
         result["recorded_p50_s"] = statistics.median(stamped) if stamped else float("nan")
         result["recorded_p99_s"] = pct(stamped, 0.99) if len(stamped) == want else float("nan")
         print(f"{count} replica(s): {result['applies_per_s']:.1f} applies/s; {len(times)}/{want} running, "
@@ -296,6 +342,9 @@ def main() -> None:
         help="Apply calls started per second, the same for every replica count (default 0: as fast as "
         "8 calls in flight go, so more replicas also take more deployments at once)",
     )
+    parser.add_argument(
+        "--steady", type=float, default=10.0, help="seconds of steady heartbeats measured before the apply"
+    )
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     bindir = pg_server.find_bindir()
@@ -338,8 +387,10 @@ def main() -> None:
         else "8 in flight: more replicas also take more deployments at once (`--apply-rate` compares at one rate)"
     )
     rows = "\n".join(
-        f"| {k + 1} | {r['replicas']} (`{r['ingest']}`) | {r['attested_s']:.0f} s | {r['applies_per_s']:.1f} | "
+        f"| {k + 1} | {r['replicas']} (`{r['ingest']}`) | {r['attested_s']:.0f} s | {r['steady']['tx_per_s']:.0f} | "
+        f"{' / '.join(f'{c:.0%}' for c in r['steady']['cpu_share'])} | {r['applies_per_s']:.1f} | "
         f"{r['p50_s']:.2f} s | {r['p99_s']:.2f} s | {r['recorded_p50_s']:.2f} s | {r['recorded_p99_s']:.2f} s | "
+        f"{r['dispatched_p50_s']:.2f} s / {r['to_running_p50_s']:.2f} s | "
         f"{r['running']} | {_loop(r.get('loop_share'))} | "
         f"{' / '.join(f'{c:.1f}' for c in r['cpu_s'][:-1])} | {r['cpu_s'][-1]:.1f} |"
         for k, r in enumerate(runs)
@@ -370,13 +421,16 @@ hollow node, Apply calls spread over the replicas, {paced}):
 
 Runs in the order {", ".join(str(c) for c in order)} replicas (so that a drift of the machine's load cancels out):
 
-| run | replicas (ingest) | nodes attested after | applies/s | apply -> Running p50 | p99 | recorded p50 | recorded p99 | running | leader's loop: on a CPU / waiting for one | CPU s per replica (leader first if it was the first) | CPU s hollow fleet |
-|---|---|---|---|---|---|---|---|---|---|---|---|
+| run | replicas (ingest) | nodes attested after | steady: database transactions/s | steady: share of a core per replica | applies/s | apply -> Running p50 | p99 | recorded p50 | recorded p99 | recorded: dispatched after / then Running after (p50) | running | leader's loop: on a CPU / waiting for one | CPU s per replica (leader first if it was the first) | CPU s hollow fleet |
+|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|
 {rows}
 
 Medians, 3 / 1 replicas: apply throughput **x{ratio_tp:.2f}**, apply -> Running p99 **x{ratio_p99:.2f}**
-(recorded p99 x{ratio_recorded:.2f}; below 1 is faster). "apply -> Running" is when the bench's poll (every 0.5 s) first saw the replica
-Running; "recorded" is the replica's update time as the orchestrator stored it (no poll in it).
+(recorded p99 x{ratio_recorded:.2f}; below 1 is faster). "apply -> Running" is when the bench's poll (every {POLL_S} s, from the first Apply on) first saw the replica
+Running; "recorded" is the replica's update time as the orchestrator stored it (no poll in it), split,
+for the replicas a poll saw Dispatched, into Apply -> dispatched (the leader placed it and sent the
+command) and dispatched -> Running (the node fetched and loaded the model and its report reached
+the leader). "Steady" is {args.steady:g} s of the attested fleet's heartbeats before the first Apply.
 "Leader's loop" is the share of the apply (from the first Apply until every replica ran) that the
 leader's event loop spent on a CPU, and runnable but waiting for one (bench/_sched.py).
 One replica hears every node (`broker.ingest: all`); three share the ingest
