@@ -36,6 +36,7 @@ import sqlalchemy as sa
 
 from .sql import schema as t
 from .sql.engine import MERGE, PURPOSE, READ, retryable
+from .sql.notify import STATES
 
 _T = TypeVar("_T")
 ATTEMPTS = 6
@@ -51,6 +52,12 @@ _STATUS_CHANGED = (
     f"({_NEWER_STATUS}) AND (node_states.digest IS NULL OR excluded.digest <> node_states.digest)"
 )
 _NEWER_TELEMETRY = "excluded.telemetry IS NOT NULL AND excluded.telemetry_ms > node_states.telemetry_ms"
+# After a merge on PostgreSQL: tell the other replicas (the leader) if it changed a status's content
+# (the rows it stamped; an index serves the look). Delivered at commit.
+_NOTIFY_CHANGED = sa.text(
+    f"SELECT pg_notify('{STATES}', :writer) WHERE EXISTS "  # noqa: S608 - a constant channel name
+    "(SELECT 1 FROM node_states WHERE swriter = :writer AND sseq = :flush AND status IS NOT NULL)"
+)
 
 
 def _merge_sql(now: str) -> sa.TextClause:
@@ -175,8 +182,15 @@ class NodeStates:
     def merge(self, writer: str, flush: int, merge: Merge) -> int:
         """Merge flush number ``flush`` of ``writer`` in one transaction; the node rows it touched."""
         rows = merge.rows(writer, flush, int(time.time() * 1000))
+        notify = not self._sqlite and bool(merge.statuses)
+
+        def work(conn: sa.Connection) -> None:
+            conn.execute(self._merge, rows)
+            if notify:
+                conn.execute(_NOTIFY_CHANGED, {"writer": writer, "flush": flush})
+
         if rows:
-            self._run(MERGE, lambda conn: conn.execute(self._merge, rows))
+            self._run(MERGE, work)
         return len(rows)
 
     def changed_since(

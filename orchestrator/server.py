@@ -86,6 +86,7 @@ from .reconciler import Reconciler, command
 from .rollout import RolloutController
 from .scheduler import Scheduler
 from .shared_ingest import SharedIngest
+from .sql.notify import DEPLOYMENTS, STATES, Listener
 from .store import Lease, NodeRecord, SqlStore, open_store
 from .telemetry import TelemetryStore
 from .verifier import FleetVerifier
@@ -125,6 +126,7 @@ ORCHESTRATOR_OUTBOUND = 50_000  # and kept in all (a few per node of a 10,000-no
 # after 10 s while the inbox stood empty.
 ORCHESTRATOR_READ_BATCH = 2_048
 CHANGE_POLL_S = 0.1  # how often a replica reads the store's change feed (Watch across replicas)
+NOTIFIED_POLL_S = 1.0  # and while PostgreSQL notifies it of every change (orchestrator/sql/notify.py)
 LEADER_REFRESH_S = 2.0  # how often the leader re-reads what other replicas' APIs changed
 
 
@@ -182,6 +184,7 @@ class Orchestrator:
         self._relaying = False
         self.shared: SharedIngest | None = None  # broker.ingest 'shared' or 'jetstream'
         self._jetstream: JetStreamIngest | None = None
+        self._listener: Listener | None = None  # PostgreSQL: the other replicas' notifications
 
     # ------------------------------------------------------------ executors
 
@@ -409,6 +412,7 @@ class Orchestrator:
             self.replica_id,
             on_status=lambda: self.reconciler.trigger(),
             leading=lambda: self.leading,
+            notified=self._notified,
         )
         if b.jetstream is not None:
             self._jetstream = JetStreamIngest(
@@ -494,6 +498,12 @@ class Orchestrator:
         self._tasks.append(asyncio.create_task(self.election.run(), name="edgeward-election"))
         if self.store.dialect == "sqlite":  # one replica: it leads from the start, as it always did
             await self.election.wait_leading()
+        else:
+            self.store.writer = self.replica_id
+            self._listener = Listener(
+                self.store.engine, {DEPLOYMENTS: self._changed_elsewhere, STATES: self._merged_elsewhere}
+            )
+            self._tasks.append(asyncio.create_task(self._listener.run(), name="edgeward-listen"))
         # The fleet can be heard from now on; an embedded broker started with us: every node has to
         # reconnect to it first, at its own backoff.
         self.reconciler.start_grace(FLEET_RECONNECT_S if self._broker is not None else 0.0)
@@ -603,10 +613,12 @@ class Orchestrator:
     async def _follow_changes(self) -> None:
         """Every replica reads the store's change feed (the deployments changed by any replica, in
         revision order) and hands each change once to its Watch streams; the leader's reconciler
-        wakes up for the changes other replicas' APIs made."""
+        wakes up for the changes other replicas' APIs made. On PostgreSQL the store notifies every
+        change (orchestrator/sql/notify.py) and the feed is read then, and polled every
+        ``NOTIFIED_POLL_S``; while notifications do not flow, every ``CHANGE_POLL_S``."""
         while True:
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(CHANGE_POLL_S):
+                async with asyncio.timeout(NOTIFIED_POLL_S if self._notified() else CHANGE_POLL_S):
                     await self._feed_wake.wait()
             self._feed_wake.clear()
             try:
@@ -615,6 +627,10 @@ class Orchestrator:
                 raise
             except Exception as err:  # the database away: the next poll retries from the same revision
                 log.warning("cannot read the change feed: %s", err)
+            if self._notified() and not self.leading:
+                # Woken by every commit of the leader's passes: a follower, which only serves Watch
+                # streams from the feed, reads it at most every CHANGE_POLL_S.
+                await asyncio.sleep(CHANGE_POLL_S)
 
     async def _publish_changes(self) -> None:
         while changes := await self.db(self.store.changes_since, self.revision):
@@ -635,6 +651,18 @@ class Orchestrator:
     def changed(self) -> None:
         """This replica changed a deployment: read the change feed now rather than at the next poll."""
         self._feed_wake.set()
+
+    def _notified(self) -> bool:
+        """Whether the other replicas' changes are notified now (else they are polled for fast)."""
+        return self._listener is not None and self._listener.connected
+
+    def _changed_elsewhere(self, writer: str) -> None:
+        if writer != self.replica_id:  # its own changes this replica has read already
+            self._feed_wake.set()
+
+    def _merged_elsewhere(self, writer: str) -> None:
+        if self.shared is not None:
+            self.shared.merged_elsewhere(writer)
 
     async def deployment_pb_or_none(self, name: str) -> api_pb2.Deployment | None:
         return await self.views.deployment_or_none(name)

@@ -22,6 +22,7 @@ read back through another replica's merge, is harmless.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import time
@@ -41,6 +42,9 @@ log = logging.getLogger(__name__)
 
 FLUSH_S = 0.1
 STATUS_FOLLOW_S = 0.1
+# While the store's notifications flow (PostgreSQL LISTEN/NOTIFY, orchestrator/sql/notify.py) the
+# leader reads the statuses when another replica's merge changed one, and at least this often.
+NOTIFIED_FOLLOW_S = 1.0
 FOLLOWER_S = 1.0
 TELEMETRY_FOLLOW_S = 1.0
 SEEN_S = 1.0
@@ -70,13 +74,18 @@ class SharedIngest:
         *,
         on_status: Callable[[], None],
         leading: Callable[[], bool],
+        notified: Callable[[], bool] = lambda: False,
     ) -> None:
+        """``notified``: whether the store's notifications flow now (:meth:`merged_elsewhere` is
+        called for every other replica's merge that changed a status)."""
         self._states = states
         self._fleet = fleet
         self._telemetry = telemetry
         self.writer = writer
         self._on_status = on_status
         self._leading = leading
+        self._notified = notified
+        self._others_merged = asyncio.Event()  # another replica merged a changed status
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="edgeward-shared-ingest")
         self._statuses: dict[str, tuple[int, int, bytes, bytes]] = {}
         self._telemetry_out: dict[str, tuple[int, bytes]] = {}
@@ -167,21 +176,42 @@ class SharedIngest:
     async def run(self) -> None:
         await asyncio.gather(
             self._every(FLUSH_S, self.flush, "merge into the store"),
-            self._every(STATUS_FOLLOW_S, self._follow_statuses, "read the statuses"),
+            self._on_event(
+                self._others_merged,
+                lambda: NOTIFIED_FOLLOW_S if self._notified() else STATUS_FOLLOW_S,
+                self._follow_statuses,
+                "read the statuses",
+            ),
             self._every(TELEMETRY_FOLLOW_S, partial(self._follow, "telemetry"), "read the telemetry"),
             self._every(SEEN_S, self._follow_seen, "read the liveness"),
         )
 
+    @classmethod
+    async def _every(cls, period: float, step: Callable[[], Any], what: str) -> None:
+        await cls._on_event(asyncio.Event(), lambda: period, step, what)  # an event nobody sets
+
     @staticmethod
-    async def _every(period: float, step: Callable[[], Any], what: str) -> None:
+    async def _on_event(
+        event: asyncio.Event, period: Callable[[], float], step: Callable[[], Any], what: str
+    ) -> None:
+        """``step`` when ``event`` is set, and at the latest ``period()`` after the last time."""
         while True:
-            await asyncio.sleep(period)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(period()):
+                    await event.wait()
+            event.clear()
             try:
                 await step()
             except asyncio.CancelledError:
                 raise
             except Exception as err:  # the database away: the next round retries
                 log.warning("shared ingest: cannot %s: %s", what, err)
+
+    def merged_elsewhere(self, writer: str) -> None:
+        """The store says a replica's merge changed a status (``writer`` its id, empty if unknown): on
+        the leader, read the statuses now."""
+        if writer != self.writer and self._leading():
+            self._others_merged.set()
 
     async def _follow_statuses(self) -> None:
         """On the leader every round, elsewhere every ``FOLLOWER_S``."""

@@ -57,6 +57,7 @@ from .sql.engine import (
     sqlite_engine,
 )
 from .sql.migrate import migrate
+from .sql.notify import NOTIFY_DEPLOYMENTS
 
 if TYPE_CHECKING:
     from .config import OrchestratorConfig
@@ -298,6 +299,7 @@ class SqlStore:
         self._fence = threading.local()  # .lease: the lease the current thread's writes are fenced by
         self._own: deque[tuple[int, int]] = deque(maxlen=4096)  # revisions our own commits wrote
         self.write_retries = 0  # write transactions run again (PostgreSQL asked for it, or a lost link)
+        self.writer = ""  # who this process is to the other replicas (their notifications' payload)
         try:
             migrate(self.engine, self.where)
         except sa.exc.OperationalError as err:
@@ -462,6 +464,8 @@ class SqlStore:
             t.deployment_changes.insert(),
             [{"revision": first + i, "deployment": name} for i, name in enumerate(names)],
         )
+        if self.dialect == "postgresql":  # the other replicas read the feed at once (sql/notify.py)
+            conn.execute(NOTIFY_DEPLOYMENTS, {"writer": self.writer})
         if first // 1000 != (last + 1) // 1000:  # now and then, forget the oldest revisions
             conn.execute(
                 t.deployment_changes.delete().where(t.deployment_changes.c.revision <= last - CHANGES_KEPT)

@@ -1,0 +1,88 @@
+"""Wake-ups between replicas on PostgreSQL: LISTEN/NOTIFY (docs/scale-out.md, "Change feed").
+
+A transaction that changes what another replica must act on sends a NOTIFY on one of ``CHANNELS``
+(PostgreSQL delivers it when, and only if, the transaction commits, in commit order): a change of
+the store's feed of deployments (``DEPLOYMENTS``), and a shared-ingest merge that changed a node's
+status (``STATES``); the payload is the writing replica's id. :class:`Listener` holds one connection of its
+own that LISTENs on them and calls the replica back for each.
+
+A notification only says "read now": what changed is always read from the tables, by the same
+readers that otherwise poll. So a lost notification costs latency, never a change: while the
+listener is not connected the readers poll at their fast rate, and after it (re)connects every
+callback is called once, for whatever committed while nobody listened.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import sqlalchemy as sa
+
+log = logging.getLogger(__name__)
+
+DEPLOYMENTS = "edgeward_deployments"
+STATES = "edgeward_states"
+CHANNELS = (DEPLOYMENTS, STATES)
+RETRY_S = (0.2, 0.5, 1.0, 2.0, 5.0)  # reconnect backoff; the last repeats
+
+# The payload: the writing replica's id (it has read its own change already).
+NOTIFY_DEPLOYMENTS = sa.text(f"SELECT pg_notify('{DEPLOYMENTS}', :writer)")
+
+
+class Listener:
+    """LISTEN on ``CHANNELS`` over a connection to ``url``'s database; ``on[channel](payload)`` per
+    notification, on the event loop. :attr:`connected` says whether notifications flow now (the
+    readers poll slowly only then)."""
+
+    def __init__(self, engine: sa.Engine, on: Mapping[str, Callable[[str], None]]) -> None:
+        self._engine = engine
+        self._on = dict(on)
+        self.connected = False
+        self.counts = {"notifications": 0, "connects": 0}
+
+    def _connect_kwargs(self) -> dict[str, Any]:
+        _, params = self._engine.dialect.create_connect_args(self._engine.url)
+        params.setdefault("connect_timeout", 10)
+        # Keepalives: a connection whose peer vanished without a reset is noticed within a minute.
+        params.update(application_name="edgeward-listen", keepalives=1, keepalives_idle=20,
+                      keepalives_interval=5, keepalives_count=4)  # fmt: skip
+        return dict(params)
+
+    async def run(self) -> None:
+        import psycopg
+
+        failures = 0
+        while True:
+            try:
+                conn = await psycopg.AsyncConnection.connect(autocommit=True, **self._connect_kwargs())
+            except (psycopg.Error, OSError) as err:
+                log.warning("cannot listen for other replicas' changes (polling meanwhile): %s", err)
+                await asyncio.sleep(RETRY_S[min(failures, len(RETRY_S) - 1)])
+                failures += 1
+                continue
+            try:
+                async with conn:
+                    for channel in CHANNELS:
+                        await conn.execute(f"LISTEN {channel}")
+                    self.connected = True
+                    self.counts["connects"] += 1
+                    failures = 0
+                    self._catch_up()
+                    async for notify in conn.notifies():
+                        self.counts["notifications"] += 1
+                        callback = self._on.get(notify.channel)
+                        if callback is not None:
+                            callback(notify.payload)
+            except (psycopg.Error, OSError) as err:
+                log.warning("lost the connection that listens for other replicas' changes: %s", err)
+            finally:
+                self.connected = False
+            await asyncio.sleep(RETRY_S[0])
+
+    def _catch_up(self) -> None:
+        """What committed while nobody listened: every reader reads once."""
+        for callback in self._on.values():
+            callback("")

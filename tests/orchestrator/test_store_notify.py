@@ -1,0 +1,115 @@
+"""Wake-ups between replicas (orchestrator/sql/notify.py) on a real PostgreSQL: a change of the
+deployments' feed and a merge that changes a node's status are notified at commit, a merge that only
+repeats a status is not, and a listener whose connection the server ends comes back and asks every
+reader to read once (what committed meanwhile is never lost)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import sqlalchemy as sa
+from test_node_states import status
+
+from orchestrator.manifest import parse_manifest
+from orchestrator.node_states import Merge, NodeStates
+from orchestrator.sql.notify import DEPLOYMENTS, STATES, Listener
+from orchestrator.store import SqlStore
+
+MANIFEST = """\
+apiVersion: edgeward/v1
+kind: Deployment
+metadata: {name: web}
+spec:
+  model: {name: m, version: 1.0.0}
+  replicas: 1
+"""
+
+
+class Heard:
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str]] = []
+        self.changed = asyncio.Event()
+
+    def on(self, channel: str):
+        def callback(payload: str) -> None:
+            self.events.append((channel, payload))
+            self.changed.set()
+
+        return callback
+
+    async def next(self, timeout: float = 30.0) -> tuple[str, str]:
+        while not self.events:
+            self.changed.clear()
+            await asyncio.wait_for(self.changed.wait(), timeout)
+        return self.events.pop(0)
+
+
+@pytest.fixture
+async def listened(tmp_path, postgres_url):
+    """Two replicas' stores on one database; the second one listens: (first store, listener, heard)."""
+    a = SqlStore(tmp_path / "a", postgres_url)
+    b = SqlStore(tmp_path / "b", postgres_url)
+    heard = Heard()
+    listener = Listener(b.engine, {DEPLOYMENTS: heard.on(DEPLOYMENTS), STATES: heard.on(STATES)})
+    task = asyncio.create_task(listener.run())
+    try:
+        # Connecting calls every reader once (the catch-up): both channels, empty payload.
+        assert sorted([await heard.next(), await heard.next()]) == [(DEPLOYMENTS, ""), (STATES, "")]
+        assert listener.connected
+        yield a, listener, heard
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        a.close()
+        b.close()
+    assert not listener.connected
+
+
+async def test_another_replicas_writes_are_notified_at_commit(listened):
+    a, _, heard = listened
+    a.writer = "replica-a"
+    states = NodeStates(a.engine)
+    try:
+        a.put_deployment(parse_manifest(MANIFEST), 1000)
+        assert await heard.next() == (DEPLOYMENTS, "replica-a")
+        # A merge that changes n1's status names its writer; the same status again, or a heartbeat
+        # that repeats it, changes nothing and says nothing.
+        states.merge("replica-a", 1, Merge({"n1": status("n1", 1, 1)}, {}, ["n1"]))
+        assert await heard.next() == (STATES, "replica-a")
+        states.merge("replica-a", 2, Merge({"n1": status("n1", 1, 2)}, {}, ["n1"]))
+        states.merge("replica-a", 3, Merge({}, {}, ["n1"]))  # liveness only
+        # A marker after them: PostgreSQL delivers notifications in commit order, so any of the two
+        # merges would have come before it.
+        a.put_deployment(parse_manifest(MANIFEST.replace("replicas: 1", "replicas: 2")), 2000)
+        assert await heard.next() == (DEPLOYMENTS, "replica-a")
+        assert heard.events == []
+    finally:
+        states.close()
+
+
+async def test_a_rolled_back_write_is_not_notified(listened):
+    a, _, heard = listened
+    with a.engine.connect() as conn:  # a NOTIFY in a transaction that does not commit
+        conn.execute(sa.text(f"SELECT pg_notify('{DEPLOYMENTS}', 'lost')"))
+        conn.rollback()
+    a.put_deployment(parse_manifest(MANIFEST), 1000)
+    assert await heard.next() == (DEPLOYMENTS, "")
+    assert heard.events == []
+
+
+async def test_a_listener_cut_off_reconnects_and_catches_up(listened):
+    a, listener, heard = listened
+    with a.engine.connect() as conn:  # the server ends the listening session (a failover, a kill)
+        ended = conn.execute(
+            sa.text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE application_name = 'edgeward-listen' AND datname = current_database()"
+            )
+        ).all()
+    assert ended == [(True,)]
+    # Back, and every reader asked to read once, for what committed while nobody listened.
+    assert sorted([await heard.next(), await heard.next()]) == [(DEPLOYMENTS, ""), (STATES, "")]
+    assert listener.connected and listener.counts["connects"] == 2
+    a.put_deployment(parse_manifest(MANIFEST), 1000)
+    assert await heard.next() == (DEPLOYMENTS, "")
