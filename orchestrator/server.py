@@ -1096,8 +1096,27 @@ class Orchestrator:
         ]
 
     def _shared_metrics(self) -> list:
+        listening = (
+            []
+            if self._listener is None
+            else [
+                (
+                    "edgeward_store_notified",
+                    "gauge",
+                    "1 while this replica listens for the other replicas' changes (PostgreSQL LISTEN); 0: it "
+                    "polls for them",
+                    [({}, 1.0 if self._listener.connected else 0.0)],
+                ),
+                (
+                    "edgeward_store_notifications_total",
+                    "counter",
+                    "Notifications of other replicas' changes this replica received, and times it (re)connected",
+                    [({"what": k}, float(v)) for k, v in sorted(self._listener.counts.items())],
+                ),
+            ]
+        )
         if self.shared is None:
-            return []
+            return listening
         counts = dict(self.shared.counts)
         if self._jetstream is not None:
             counts["jetstream_received"] = self._jetstream.received
@@ -1110,7 +1129,8 @@ class Orchestrator:
                 "(received; of them from JetStream, and redelivered there), node rows it merged into the store "
                 "(merged, in flushes), and rows other replicas merged that it read (read_status, read_telemetry)",
                 [({"what": k}, float(v)) for k, v in sorted(counts.items())],
-            )
+            ),
+            *listening,
         ]
 
     def drop_counts(self) -> dict[str, int]:

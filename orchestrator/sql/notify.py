@@ -58,12 +58,6 @@ class Listener:
         while True:
             try:
                 conn = await psycopg.AsyncConnection.connect(autocommit=True, **self._connect_kwargs())
-            except (psycopg.Error, OSError) as err:
-                log.warning("cannot listen for other replicas' changes (polling meanwhile): %s", err)
-                await asyncio.sleep(RETRY_S[min(failures, len(RETRY_S) - 1)])
-                failures += 1
-                continue
-            try:
                 async with conn:
                     for channel in CHANNELS:
                         await conn.execute(f"LISTEN {channel}")
@@ -77,10 +71,13 @@ class Listener:
                         if callback is not None:
                             callback(notify.payload)
             except (psycopg.Error, OSError) as err:
-                log.warning("lost the connection that listens for other replicas' changes: %s", err)
+                log.warning("not listening for other replicas' changes (polling meanwhile): %s", err)
+            except Exception:  # never expected; the readers poll meanwhile, and this tries again
+                log.exception("not listening for other replicas' changes (polling meanwhile)")
             finally:
                 self.connected = False
-            await asyncio.sleep(RETRY_S[0])
+            await asyncio.sleep(RETRY_S[min(failures, len(RETRY_S) - 1)])
+            failures += 1
 
     def _catch_up(self) -> None:
         """What committed while nobody listened: every reader reads once."""

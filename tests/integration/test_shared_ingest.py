@@ -115,8 +115,11 @@ class Replica:
         self.proc = Proc(f"orchestrator-{index}", ["orchestrator", "-c", str(config)], tmp_path)
 
     def shared(self, what: str) -> float:
+        return self.metric(f'edgeward_shared_ingest_total{{what="{what}"}}')
+
+    def metric(self, name: str) -> float:
         for line in scrape(self.metrics).splitlines():
-            if line.startswith(f'edgeward_shared_ingest_total{{what="{what}"}} '):
+            if line.startswith(f"{name} "):
                 return float(line.split()[1])
         return 0.0
 
@@ -197,6 +200,10 @@ def check_views(leader: Replica, follower: Replica, fleet: Fleet) -> None:
     total = ROUNDS * NODES * 2
     for r in (leader, follower):
         assert 0 < r.shared("received") < total, "a replica hears a share of the stream, not all of it"
+        # The replicas listen for each other's changes (PostgreSQL LISTEN/NOTIFY) rather than poll:
+        assert r.metric("edgeward_store_notified") == 1
+    # and the followers' merges of the statuses they received were notified to the leader.
+    assert leader.metric('edgeward_store_notifications_total{what="notifications"}') > 0
 
 
 def test_shared_subscriptions_on_mosquitto(tmp_path, postgres_url, mosquitto, topic_prefix):
