@@ -43,7 +43,11 @@ from typing import Any, Self, TypeVar
 from urllib.parse import urlsplit
 
 import paho.mqtt.client as paho
+from paho.mqtt.client import MalformedPacket
 from paho.mqtt.enums import CallbackAPIVersion, LogLevel, MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 
 log = logging.getLogger(__name__)
 _paho_log = logging.getLogger(f"{__name__}.paho")
@@ -372,11 +376,33 @@ class _MessageInfo(paho.MQTTMessageInfo):
 paho.MQTTMessageInfo = _MessageInfo  # type: ignore[misc]
 
 
+def _fresh_packet() -> Any:
+    """paho's state of a packet being read, as paho resets it after each."""
+    return {
+        "command": 0,
+        "have_remaining": 0,
+        "remaining_count": [],
+        "remaining_mult": 1,
+        "remaining_length": 0,
+        "packet": bytearray(b""),
+        "to_process": 0,
+        "pos": 0,
+    }
+
+
+# What an MQTT 3.1.1 PUBACK says besides its packet id: success, no properties (given to on_publish).
+_PUBACK_SUCCESS = ReasonCode(PacketTypes.PUBACK)
+_NO_PROPERTIES = Properties(PacketTypes.PUBACK)
+
+
 class _Client(paho.Client):
     """paho's client, read the way one event loop serving thousands of sessions needs (paho 2.x).
 
     * Reads come from a buffer filled by one ``recv`` of up to ``RECV_CHUNK`` bytes: paho asks
-      the socket for every packet's first byte, its length bytes and its body one call each.
+      the socket for every packet's first byte, its length bytes and its body one call each. A
+      packet whole in the buffer is cut out of it in one step, and MQTT 3.1.1 PUBLISH (QoS 0, 1)
+      and PUBACK are parsed in place (paho builds struct formats from each PUBLISH's lengths and a
+      reason code and property set for each PUBACK): 2-5 times as fast (bench/mqtt_read.py).
     * ``loop_read`` reads one packet (the session batches them, ``READ_BATCH``); paho reads as many
       as it holds messages in its queues, which held the loop for seconds under a large queue.
     * A received message goes straight to ``on_message``: paho matches every topic against the
@@ -414,6 +440,82 @@ class _Client(paho.Client):
         rc = self._packet_read()
         if rc > 0:
             return self._loop_rc_handle(rc)
+        return MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    def _packet_read(self) -> MQTTErrorCode:
+        """A packet that is whole in the read buffer is cut out of it in one step; paho takes its
+        first byte, each length byte and its body one call each, with a dict update and a lock
+        round per step. Anything else (the buffer empty, a packet split between two reads, a
+        packet half read the paho way) goes the paho way."""
+        packet = self._in_packet
+        buf, pos = self._rbuf, self._rpos
+        end = len(buf)
+        if packet["command"] or end - pos < 2:
+            return super()._packet_read()
+        length, shift, i = 0, 0, pos + 1
+        while True:
+            if i >= end or i - pos > 4:  # the length is not all here, or longer than MQTT's 4 bytes
+                return super()._packet_read()
+            byte = buf[i]
+            i += 1
+            length |= (byte & 0x7F) << shift
+            shift += 7
+            if not byte & 0x80:
+                break
+        if i + length > end:
+            return super()._packet_read()
+        self._rpos = i + length
+        packet["command"] = buf[pos]
+        packet["remaining_length"] = length
+        packet["packet"] = buf[i : i + length]  # type: ignore[typeddict-item] # paho's handlers slice it: bytes do
+        packet["pos"] = 0
+        try:
+            rc = self._packet_handle()
+        except MalformedPacket as err:
+            self._easy_log(paho.MQTT_LOG_DEBUG, "Received malformed packet: %s", err)
+            rc = MQTTErrorCode.MQTT_ERR_PROTOCOL
+        self._in_packet = _fresh_packet()
+        with self._msgtime_mutex:
+            self._last_bytes_received = paho.time_func()
+        return rc
+
+    def _handle_publish(self) -> MQTTErrorCode:
+        """MQTT 3.1.1, QoS 0 and 1: the packet parsed with slices (paho builds two struct formats
+        from each packet's lengths, and formats a log line's topic whether or not it logs)."""
+        header = self._in_packet["command"]
+        qos = (header & 0x06) >> 1
+        if self._protocol == MQTTProtocolVersion.MQTTv5 or qos > 1:
+            return super()._handle_publish()
+        data = self._in_packet["packet"]
+        if len(data) < 2:
+            raise MalformedPacket("PUBLISH without a topic length")
+        start = 2 + ((data[0] << 8) | data[1])
+        if start == 2 or len(data) < start + 2 * qos:
+            raise MalformedPacket("PUBLISH shorter than its topic and packet id, or with an empty topic")
+        mid = ((data[start] << 8) | data[start + 1]) if qos else 0
+        message = paho.MQTTMessage(mid=mid, topic=bytes(data[2:start]))
+        message.dup = bool(header & 0x08)
+        message.qos = qos
+        message.retain = bool(header & 0x01)
+        message.payload = data[start + 2 * qos :]
+        message.timestamp = paho.time_func()
+        self._handle_on_message(message)
+        if qos and not self._manual_ack:
+            return self._send_puback(mid)
+        return MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    def _handle_pubackcomp(self, cmd: Any) -> MQTTErrorCode:
+        """MQTT 3.1.1 PUBACK: the packet id read in place (paho makes a reason code and a property
+        set for each, which 3.1.1 has not got: the callback is given the same two for every one)."""
+        if cmd != "PUBACK" or self._protocol == MQTTProtocolVersion.MQTTv5:
+            return super()._handle_pubackcomp(cmd)
+        data = self._in_packet["packet"]
+        if len(data) != 2:
+            raise MalformedPacket("PUBACK of a length other than 2")
+        mid = (data[0] << 8) | data[1]
+        with self._out_message_mutex:
+            if mid in self._out_messages:
+                return self._do_on_publish(mid, _PUBACK_SUCCESS, _NO_PROPERTIES)
         return MQTTErrorCode.MQTT_ERR_SUCCESS
 
     def _handle_on_message(self, message: paho.MQTTMessage) -> None:
