@@ -43,7 +43,8 @@ log = logging.getLogger(__name__)
 FLUSH_S = 0.1
 STATUS_FOLLOW_S = 0.1
 # While the store's notifications flow (PostgreSQL LISTEN/NOTIFY, orchestrator/sql/notify.py) the
-# leader reads the statuses when another replica's merge changed one, and at least this often.
+# leader reads the statuses when another replica's merge changed one (not within STATUS_FOLLOW_S of
+# its last read: a burst of merges is one read), and at least this often.
 NOTIFIED_FOLLOW_S = 1.0
 FOLLOWER_S = 1.0
 TELEMETRY_FOLLOW_S = 1.0
@@ -181,6 +182,7 @@ class SharedIngest:
                 lambda: NOTIFIED_FOLLOW_S if self._notified() else STATUS_FOLLOW_S,
                 self._follow_statuses,
                 "read the statuses",
+                gap=lambda: STATUS_FOLLOW_S if self._notified() else 0.0,
             ),
             self._every(TELEMETRY_FOLLOW_S, partial(self._follow, "telemetry"), "read the telemetry"),
             self._every(SEEN_S, self._follow_seen, "read the liveness"),
@@ -192,10 +194,16 @@ class SharedIngest:
 
     @staticmethod
     async def _on_event(
-        event: asyncio.Event, period: Callable[[], float], step: Callable[[], Any], what: str
+        event: asyncio.Event,
+        period: Callable[[], float],
+        step: Callable[[], Any],
+        what: str,
+        gap: Callable[[], float] = lambda: 0.0,
     ) -> None:
-        """``step`` when ``event`` is set, and at the latest ``period()`` after the last time."""
+        """``step`` when ``event`` is set, but not within ``gap()`` of the last time (a burst of
+        wake-ups is one step), and at the latest ``period()`` after the last time."""
         while True:
+            await asyncio.sleep(gap())
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(period()):
                     await event.wait()
