@@ -660,9 +660,10 @@ class Orchestrator:
         """Whether the other replicas' changes are notified now (else they are polled for fast)."""
         return self._listener is not None and self._listener.connected
 
-    def _changed_elsewhere(self, writer: str) -> None:
-        if writer != self.replica_id:  # its own changes this replica has read already
-            self._feed_wake.set()
+    def _changed_elsewhere(self, _writer: str) -> None:
+        # Its own changes too: not every local write wakes the feed itself (the rollout
+        # controller's do not), and reads are at most every CHANGE_POLL_S however often woken.
+        self._feed_wake.set()
 
     def _merged_elsewhere(self, writer: str) -> None:
         if self.shared is not None:

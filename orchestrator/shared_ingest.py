@@ -216,9 +216,10 @@ class SharedIngest:
                 log.warning("shared ingest: cannot %s: %s", what, err)
 
     def merged_elsewhere(self, writer: str) -> None:
-        """The store says a replica's merge changed a status (``writer`` its id, empty if unknown): on
-        the leader, read the statuses now."""
-        if writer != self.writer and self._leading():
+        """The store says a replica's merge changed a status (``writer`` its id, empty if unknown): read
+        the statuses now (a follower's read only looks every ``FOLLOWER_S``; waking it too means a
+        replica that takes the lead reads at once, not up to ``NOTIFIED_FOLLOW_S`` later)."""
+        if writer != self.writer:
             self._others_merged.set()
 
     async def _follow_statuses(self) -> None:

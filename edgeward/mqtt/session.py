@@ -474,7 +474,10 @@ class _Client(paho.Client):
         except MalformedPacket as err:
             self._easy_log(paho.MQTT_LOG_DEBUG, "Received malformed packet: %s", err)
             rc = MQTTErrorCode.MQTT_ERR_PROTOCOL
-        self._in_packet = _fresh_packet()
+        finally:
+            # Also when a callback raised: the packet is consumed, the next read starts at the next
+            # one's first byte (left half-set, paho's path would read that byte as this one's length).
+            self._in_packet = _fresh_packet()
         with self._msgtime_mutex:
             self._last_bytes_received = paho.time_func()
         return rc

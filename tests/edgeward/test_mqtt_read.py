@@ -157,3 +157,27 @@ def test_a_malformed_packet_ends_the_connection_as_with_paho(packet: bytes) -> N
     finally:
         ours.close()
         paho_s.close()
+
+
+def test_a_callback_that_raises_leaves_the_stream_in_step() -> None:
+    """The packet is consumed whatever its callback does: the next one is read from its first byte."""
+    ours = Reader.of(_Client)
+    calls = []
+
+    def broken_on_a(_c, _u, m) -> None:
+        calls.append(m.topic)
+        if m.topic == "a":
+            raise RuntimeError("a broken consumer")
+
+    ours.client.on_message = broken_on_a
+    try:
+        # The first read fills the buffer (paho's way, for the first packet); the next two are
+        # whole in it.
+        ours.theirs.sendall(b"".join(publish(t, b"1", 0, 0, False, False) for t in (b"z", b"a", b"b")))
+        assert ours.client._packet_read() == MQTTErrorCode.MQTT_ERR_SUCCESS
+        with pytest.raises(RuntimeError):
+            ours.client._packet_read()
+        assert ours.client._packet_read() == MQTTErrorCode.MQTT_ERR_SUCCESS
+        assert calls == ["z", "a", "b"]
+    finally:
+        ours.close()
