@@ -16,7 +16,8 @@ that changed a status's content stamps the row ``(swriter, sseq)``, one that bro
 ``(twriter, tseq)``: the replica's id and the number of its flush (a heartbeat that repeats the
 node's state stamps nothing: readers are not asked to read it again). One replica's flushes commit
 in the order of their numbers (one thread, one transaction after the other), so a reader that keeps a
-cursor per writer sees every change, none twice.
+cursor ``(flush, node id)`` per writer sees every change, none twice, however many nodes one flush
+changed.
 
 This class works on a connection of its own, on the caller's thread (the shared ingest's), never on
 the store thread's: merges and reads of the fleet's heartbeats do not queue behind API calls and
@@ -39,6 +40,7 @@ from .sql.engine import MERGE, PURPOSE, READ, retryable
 from .sql.notify import STATES
 
 _T = TypeVar("_T")
+Cursor = tuple[int, str]  # a reader's place in one writer's changes: (flush, node id), both read
 ATTEMPTS = 6
 MAX_SEQ = 2**63 - 1  # the will's status_seq (2^64 - 1, FINAL_STATUS_SEQ) as a signed 64-bit column
 _PG_NOW_MS = "(extract(epoch from clock_timestamp()) * 1000)::bigint"
@@ -98,6 +100,11 @@ class NodeState:
     message: bytes
     writer: str
     seq: int
+
+    @property
+    def cursor(self) -> Cursor:
+        """Where a reader of ``writer``'s changes stands once it has read this row."""
+        return (self.seq, self.node_id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,25 +201,31 @@ class NodeStates:
         return len(rows)
 
     def changed_since(
-        self, kind: str, cursors: Mapping[str, int], exclude: str, limit: int = 5000
+        self, kind: str, cursors: Mapping[str, Cursor], exclude: str, limit: int = 5000
     ) -> list[NodeState]:
         """The statuses (``kind`` "status") or telemetry ("telemetry") that writers other than
-        ``exclude`` changed after their cursor (all of a writer not in ``cursors``), by writer and in
-        each writer's order; at most ``limit`` (the caller advances its cursors and asks again)."""
+        ``exclude`` changed after their cursor (all of a writer not in ``cursors``), in the order of
+        (writer, flush, node id); at most ``limit``: the caller moves each writer's cursor to the
+        last row's :attr:`NodeState.cursor` and asks again. The node id is part of the cursor
+        because one flush may change more nodes than one read returns."""
         c = t.node_states.c
         message, writer, seq = (
             (c.status, c.swriter, c.sseq) if kind == "status" else (c.telemetry, c.twriter, c.tseq)
         )
-        newer = [sa.and_(writer == w, seq > n) for w, n in cursors.items() if w != exclude]
-        unknown = sa.and_(writer != "", writer.not_in([*cursors, exclude]), message.is_not(None))
+        newer = [
+            sa.and_(writer == w, sa.tuple_(seq, c.node_id) > sa.tuple_(sa.literal(n), sa.literal(node)))
+            for w, (n, node) in cursors.items()
+            if w != exclude
+        ]
+        unknown = sa.and_(writer != "", writer.not_in([*cursors, exclude]))
         query = (
             sa.select(c.node_id, message, writer, seq)
-            .where(sa.or_(unknown, *newer))
-            .order_by(writer, seq)
+            .where(sa.or_(unknown, *newer), message.is_not(None))
+            .order_by(writer, seq, c.node_id)
             .limit(limit)
         )
         rows = self._run(READ, lambda conn: conn.execute(query).all())
-        return [NodeState(n, bytes(m), w, int(q)) for n, m, w, q in rows if m is not None]
+        return [NodeState(n, bytes(m), w, int(q)) for n, m, w, q in rows]
 
     def seen_since(self, since_ms: int) -> tuple[int, list[str], list[int]]:
         """(the database's now, node ids, when each was last heard) of the nodes heard after

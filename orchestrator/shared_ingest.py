@@ -35,7 +35,7 @@ from typing import Any
 from edgeward.v1 import node_pb2
 
 from .fleet import Fleet
-from .node_states import Merge, NodeStates
+from .node_states import Cursor, Merge, NodeStates
 from .telemetry import TelemetryStore
 
 log = logging.getLogger(__name__)
@@ -93,7 +93,7 @@ class SharedIngest:
         self._seen: set[str] = set()
         self._flushes = 0
         self._flush_lock = asyncio.Lock()
-        self._cursors: dict[str, dict[str, int]] = {"status": {}, "telemetry": {}}
+        self._cursors: dict[str, dict[str, Cursor]] = {"status": {}, "telemetry": {}}
         self._seen_since = 0
         self._followed_at = 0.0
         self._telemetry_ms: dict[str, int] = {}  # newest telemetry applied per node (from anywhere)
@@ -234,7 +234,7 @@ class SharedIngest:
         rows = await self._call(self._states.changed_since, kind, dict(cursors), self.writer, READ_LIMIT)
         changed = False
         for row in rows:
-            cursors[row.writer] = max(cursors.get(row.writer, 0), row.seq)
+            cursors[row.writer] = max(cursors.get(row.writer, row.cursor), row.cursor)
             try:
                 msg = node_pb2.NodeMessage.FromString(row.message)
             except Exception:  # stored by a replica that had decoded it: never expected

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 
 # The newest revision under migrations/versions (checked by the tests against Alembic's own view).
-HEAD = "0005"
+HEAD = "0006"
 
 # Epoch milliseconds and byte sizes need 64 bits: BIGINT on PostgreSQL; on SQLite every INTEGER is
 # already 64-bit, and the stores written before Alembic spell it INTEGER.
@@ -203,7 +203,8 @@ owners = sa.Table(
 # and telemetry (by the node's sent time), and when any replica last heard it (seen_ms, the
 # database's clock). (swriter, sseq) says which replica's flush last changed the status's content,
 # (twriter, tseq) the telemetry: each replica numbers its own flushes, which commit in that order, so
-# a reader that keeps a cursor per writer misses no change (orchestrator/node_states.py).
+# a reader that keeps a cursor (flush, node id) per writer misses no change, however many nodes one
+# flush changed (orchestrator/node_states.py).
 node_states = sa.Table(
     "node_states",
     metadata,
@@ -219,7 +220,7 @@ node_states = sa.Table(
     sa.Column("twriter", sa.Text, nullable=False, server_default=EMPTY),
     sa.Column("tseq", Int64, nullable=False, server_default=ZERO),
     sa.Column("seen_ms", Int64, nullable=False, server_default=ZERO),
-    sa.Index("node_states_by_status_writer", "swriter", "sseq"),
-    sa.Index("node_states_by_telemetry_writer", "twriter", "tseq"),
+    sa.Index("node_states_by_status_writer", "swriter", "sseq", "node_id"),
+    sa.Index("node_states_by_telemetry_writer", "twriter", "tseq", "node_id"),
     sa.Index("node_states_by_seen", "seen_ms"),
 )

@@ -10,7 +10,7 @@ import pytest
 
 from edgeward.v1 import node_pb2
 from orchestrator.config import OrchestratorConfig
-from orchestrator.node_states import Merge, NodeStates
+from orchestrator.node_states import Cursor, Merge, NodeStates
 from orchestrator.shared_ingest import status_digest
 from orchestrator.store import SqlStore
 
@@ -35,10 +35,12 @@ def telemetry(node: str, sent_ms: int, inferences: int) -> tuple[int, bytes]:
     ).SerializeToString()
 
 
-def read(states: NodeStates, kind: str, cursors: dict[str, int], me: str = "reader") -> list:
-    rows = states.changed_since(kind, cursors, me)
+def read(
+    states: NodeStates, kind: str, cursors: dict[str, Cursor], me: str = "reader", limit: int = 5000
+) -> list:
+    rows = states.changed_since(kind, cursors, me, limit)
     for row in rows:
-        cursors[row.writer] = max(cursors.get(row.writer, 0), row.seq)
+        cursors[row.writer] = max(cursors.get(row.writer, row.cursor), row.cursor)
     return rows
 
 
@@ -52,7 +54,7 @@ def states(tmp_path, store_url):
 
 
 def test_statuses_merge_newest_first_and_a_repeat_changes_nothing(states):
-    cursors: dict[str, int] = {}
+    cursors: dict[str, Cursor] = {}
     states.merge("a", 1, Merge({"n1": status("n1", 100, 5, node_pb2.REPLICA_PHASE_LOADING)}, {}, ["n1"]))
     assert [(r.node_id, r.writer, r.seq) for r in read(states, "status", cursors)] == [("n1", "a", 1)]
     # An older status (another replica got it late) and the same one again (redelivered): no change.
@@ -80,14 +82,14 @@ def test_telemetry_keeps_the_newest_sample_and_skips_the_writers_own(states):
     states.merge("b", 2, Merge({}, {"n1": telemetry("n1", 1000, 10)}, []))  # redelivered: the same
     assert read(states, "telemetry", {}, me="a") == [], "a's own rows, and nothing newer from b"
     states.merge("b", 3, Merge({}, {"n1": telemetry("n1", 2000, 25)}, []))
-    rows = read(states, "telemetry", {"a": 1}, me="a")
+    rows = read(states, "telemetry", {"a": (1, "")}, me="a")
     assert [(r.node_id, r.writer) for r in rows] == [("n1", "b")]
     stats = node_pb2.NodeMessage.FromString(rows[0].message).telemetry.models[0]
     assert stats.inferences == 25
 
 
 def test_a_reader_with_a_cursor_per_writer_sees_every_change_once(states):
-    cursors: dict[str, int] = {}
+    cursors: dict[str, Cursor] = {}
     seen = []
     for flush in range(1, 31):
         writer = "ab"[flush % 2]
@@ -99,6 +101,32 @@ def test_a_reader_with_a_cursor_per_writer_sees_every_change_once(states):
     assert len(seen) == len(set(seen)), "no change read twice"
     assert {n for n, _, _ in seen} == {f"n{i}" for i in range(7)}
     assert read(states, "status", cursors) == []
+
+
+@pytest.mark.parametrize("kind", ["status", "telemetry"])
+def test_a_flush_that_changed_more_nodes_than_one_read_returns_is_read_whole(states, kind):
+    """Pages of 5 through flushes of 12 and 7 nodes (and a flush of nodes only heard, which has
+    nothing to read): every change is read once, none is skipped where a page ends inside a flush."""
+    nodes = [f"n{i:02d}" for i in range(12)]
+    states.merge("a", 1, Merge({}, {}, [f"quiet{i}" for i in range(9)]))
+
+    def change(flush: int, names: list[str]) -> Merge:
+        if kind == "status":
+            return Merge({n: status(n, 100, flush, phase=flush % 5 + 1) for n in names}, {}, names)
+        return Merge({}, {n: telemetry(n, 1000 * flush, flush) for n in names}, names)
+
+    states.merge("a", 2, change(2, nodes))
+    others = [f"m{i}" for i in range(7)]
+    states.merge("b", 1, change(3, others))
+    cursors: dict[str, Cursor] = {}
+    seen = []
+    while page := read(states, kind, cursors, limit=5):
+        assert len(page) <= 5
+        seen += [(r.node_id, r.writer, r.seq) for r in page]
+    assert len(seen) == len(set(seen)) == 19
+    assert sorted(seen) == sorted([(n, "a", 2) for n in nodes] + [(n, "b", 1) for n in others])
+    states.merge("a", 3, change(4, nodes[5:]))
+    assert sorted(r.node_id for r in read(states, kind, cursors, limit=50)) == nodes[5:]
 
 
 def test_liveness_is_read_on_the_databases_clock(states):
