@@ -501,7 +501,9 @@ class Orchestrator:
         else:
             self.store.writer = self.replica_id
             self._listener = Listener(
-                self.store.engine, {DEPLOYMENTS: self._changed_elsewhere, STATES: self._merged_elsewhere}
+                self.store.engine,
+                {DEPLOYMENTS: self._changed_elsewhere, STATES: self._merged_elsewhere},
+                self.config.state.connect_timeout_s,
             )
             self._tasks.append(asyncio.create_task(self._listener.run(), name="edgeward-listen"))
         # The fleet can be heard from now on; an embedded broker started with us: every node has to
@@ -1115,7 +1117,8 @@ class Orchestrator:
                 (
                     "edgeward_store_notifications_total",
                     "counter",
-                    "Notifications of other replicas' changes this replica received, and times it (re)connected",
+                    "Change notifications this replica received (its own changes' included: PostgreSQL "
+                    "sends them to every listener), and times it (re)connected",
                     [({"what": k}, float(v)) for k, v in sorted(self._listener.counts.items())],
                 ),
             ]

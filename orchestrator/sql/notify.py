@@ -37,18 +37,25 @@ class Listener:
     notification, on the event loop. :attr:`connected` says whether notifications flow now (the
     readers poll slowly only then)."""
 
-    def __init__(self, engine: sa.Engine, on: Mapping[str, Callable[[str], None]]) -> None:
+    def __init__(
+        self, engine: sa.Engine, on: Mapping[str, Callable[[str], None]], connect_timeout_s: float = 10.0
+    ) -> None:
+        """``connect_timeout_s``: as the store's (``state.connect_timeout_s``); keepalive settings in
+        the store's URL win over the listener's own."""
         self._engine = engine
         self._on = dict(on)
+        self._connect_timeout_s = connect_timeout_s
         self.connected = False
         self.counts = {"notifications": 0, "connects": 0}
 
     def _connect_kwargs(self) -> dict[str, Any]:
         _, params = self._engine.dialect.create_connect_args(self._engine.url)
-        params.setdefault("connect_timeout", 10)
+        params.setdefault("connect_timeout", max(1, round(self._connect_timeout_s)))
         # Keepalives: a connection whose peer vanished without a reset is noticed within a minute.
-        params.update(application_name="edgeward-listen", keepalives=1, keepalives_idle=20,
-                      keepalives_interval=5, keepalives_count=4)  # fmt: skip
+        for key, value in {"keepalives": 1, "keepalives_idle": 20, "keepalives_interval": 5,
+                           "keepalives_count": 4}.items():  # fmt: skip
+            params.setdefault(key, value)
+        params["application_name"] = "edgeward-listen"
         return dict(params)
 
     async def run(self) -> None:

@@ -113,3 +113,22 @@ async def test_a_listener_cut_off_reconnects_and_catches_up(listened):
     assert listener.connected and listener.counts["connects"] == 2
     a.put_deployment(parse_manifest(MANIFEST), 1000)
     assert await heard.next() == (DEPLOYMENTS, "")
+
+
+def test_the_listener_connects_as_the_store_says():
+    """The store's connect timeout bounds the listener's connect too; keepalives set in the URL win
+    over the listener's own; the session is named for what it does."""
+    from orchestrator.sql.engine import parse_postgres_url, postgres_engine
+
+    def kwargs(url: str, timeout: float) -> dict:
+        engine = postgres_engine(parse_postgres_url(url), 1, timeout)
+        try:
+            return Listener(engine, {}, timeout)._connect_kwargs()
+        finally:
+            engine.dispose()
+
+    plain = kwargs("postgresql://edgeward@127.0.0.1:5432/edgeward", 3.0)
+    assert (plain["connect_timeout"], plain["keepalives_idle"]) == (3, 20)
+    assert plain["application_name"] == "edgeward-listen"
+    tuned = kwargs("postgresql://edgeward@127.0.0.1:5432/edgeward?keepalives_idle=7&connect_timeout=2", 30.0)
+    assert (tuned["connect_timeout"], tuned["keepalives_idle"], tuned["keepalives_count"]) == ("2", "7", 4)
