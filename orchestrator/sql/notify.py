@@ -27,6 +27,11 @@ DEPLOYMENTS = "edgeward_deployments"
 STATES = "edgeward_states"
 CHANNELS = (DEPLOYMENTS, STATES)
 RETRY_S = (0.2, 0.5, 1.0, 2.0, 5.0)  # reconnect backoff; the last repeats
+# A listener checks its session with a round trip every PING_S: a connection that hangs without a
+# reset (a dead peer, a network cut) stops counting as listening within PING_S + PING_TIMEOUT_S,
+# not when the TCP keepalives give up. Notifications that arrive meanwhile wait in psycopg's backlog.
+PING_S = 5.0
+PING_TIMEOUT_S = 5.0
 
 # The payload: the writing replica's id (it has read its own change already).
 NOTIFY_DEPLOYMENTS = sa.text(f"SELECT pg_notify('{DEPLOYMENTS}', :writer)")
@@ -38,13 +43,20 @@ class Listener:
     readers poll slowly only then)."""
 
     def __init__(
-        self, engine: sa.Engine, on: Mapping[str, Callable[[str], None]], connect_timeout_s: float = 10.0
+        self,
+        engine: sa.Engine,
+        on: Mapping[str, Callable[[str], None]],
+        connect_timeout_s: float = 10.0,
+        *,
+        ping_s: float = PING_S,
+        ping_timeout_s: float = PING_TIMEOUT_S,
     ) -> None:
         """``connect_timeout_s``: as the store's (``state.connect_timeout_s``); keepalive settings in
         the store's URL win over the listener's own."""
         self._engine = engine
         self._on = dict(on)
         self._connect_timeout_s = connect_timeout_s
+        self._ping_s, self._ping_timeout_s = ping_s, ping_timeout_s
         self.connected = False
         self.counts = {"notifications": 0, "connects": 0}
 
@@ -72,11 +84,18 @@ class Listener:
                     self.counts["connects"] += 1
                     failures = 0
                     self._catch_up()
-                    async for notify in conn.notifies():
-                        self.counts["notifications"] += 1
-                        callback = self._on.get(notify.channel)
-                        if callback is not None:
-                            callback(notify.payload)
+                    while True:
+                        async for notify in conn.notifies(timeout=self._ping_s):
+                            self.counts["notifications"] += 1
+                            callback = self._on.get(notify.channel)
+                            if callback is not None:
+                                callback(notify.payload)
+                        try:
+                            async with asyncio.timeout(self._ping_timeout_s):
+                                await conn.execute("SELECT 1")
+                        except TimeoutError:
+                            await conn.close()  # without a word to a server that does not answer
+                            raise OSError(f"no answer to a ping within {self._ping_timeout_s:g} s") from None
             except (psycopg.Error, OSError) as err:
                 log.warning("not listening for other replicas' changes (polling meanwhile): %s", err)
             except Exception:  # never expected; the readers poll meanwhile, and this tries again

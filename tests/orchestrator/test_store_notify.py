@@ -132,3 +132,89 @@ def test_the_listener_connects_as_the_store_says():
     assert plain["application_name"] == "edgeward-listen"
     tuned = kwargs("postgresql://edgeward@127.0.0.1:5432/edgeward?keepalives_idle=7&connect_timeout=2", 30.0)
     assert (tuned["connect_timeout"], tuned["keepalives_idle"], tuned["keepalives_count"]) == ("2", "7", 4)
+
+
+class FreezingRelay:
+    """A TCP relay to PostgreSQL that can stop relaying without closing anything: a network cut
+    that sends no reset, which only a round trip (or, much later, TCP keepalives) notices."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self._target = (host, port)
+        self.frozen = False
+        self._server: asyncio.Server | None = None
+        self._relays: set[asyncio.Task] = set()
+
+    async def start(self) -> int:
+        self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        return self._server.sockets[0].getsockname()[1]
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for relay in self._relays:
+            relay.cancel()
+        await asyncio.gather(*self._relays, return_exceptions=True)
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._relays.add(task)
+        up_reader, up_writer = await asyncio.open_connection(*self._target)
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            while data := await src.read(65536):
+                while self.frozen:
+                    await asyncio.sleep(0.05)
+                dst.write(data)
+                await dst.drain()
+            dst.close()
+
+        try:
+            await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer), return_exceptions=True)
+        finally:
+            writer.close()
+            up_writer.close()
+
+
+async def test_a_listener_whose_connection_hangs_notices_and_comes_back(tmp_path, postgres_url):
+    """No reset, no error: the session just stops answering. The listener's ping finds it out (it
+    stops counting as listening, so the readers poll fast), and it connects again once it can."""
+    from sqlalchemy.engine import make_url
+
+    from orchestrator.sql.engine import parse_postgres_url, postgres_engine
+
+    a = SqlStore(tmp_path / "a", postgres_url)
+    target = make_url(postgres_url)
+    relay = FreezingRelay(target.host or "127.0.0.1", target.port or 5432)
+    port = await relay.start()
+    via_relay = target.set(port=port).render_as_string(hide_password=False)
+    engine = postgres_engine(parse_postgres_url(via_relay), 1, 2.0)
+    heard = Heard()
+    listener = Listener(
+        engine,
+        {DEPLOYMENTS: heard.on(DEPLOYMENTS), STATES: heard.on(STATES)},
+        2.0,
+        ping_s=0.2,
+        ping_timeout_s=0.5,
+    )
+    task = asyncio.create_task(listener.run())
+    try:
+        assert sorted([await heard.next(), await heard.next()]) == [(DEPLOYMENTS, ""), (STATES, "")]
+        assert listener.connected
+        relay.frozen = True
+        async with asyncio.timeout(30):
+            while listener.connected:
+                await asyncio.sleep(0.05)
+        a.put_deployment(parse_manifest(MANIFEST), 1000)  # committed while nobody can listen
+        relay.frozen = False
+        # Back, and every reader asked to read once, for what committed meanwhile.
+        assert sorted([await heard.next(), await heard.next()]) == [(DEPLOYMENTS, ""), (STATES, "")]
+        assert listener.connected and listener.counts["connects"] == 2
+        a.put_deployment(parse_manifest(MANIFEST.replace("replicas: 1", "replicas: 2")), 2000)
+        assert await heard.next() == (DEPLOYMENTS, "")
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await relay.close()
+        engine.dispose()
+        a.close()
