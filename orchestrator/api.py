@@ -68,6 +68,8 @@ APPLY = "/edgeward.v1.DeploymentService/Apply"
 
 
 def _status(err: Exception) -> tuple[grpc.StatusCode, str]:
+    if isinstance(err, RolloutError) and err.reason == "rollout.no_leader":
+        return grpc.StatusCode.UNAVAILABLE, str(err)  # a takeover in progress: try again
     if isinstance(err, CatalogError | RolloutError):
         return grpc.StatusCode.FAILED_PRECONDITION, str(err)
     if isinstance(err, InvalidArgument | InvalidModel):

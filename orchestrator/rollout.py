@@ -40,7 +40,7 @@ from .errors import IllegalTransition, NotFound, OrchestratorError
 from .fleet import Fleet
 from .manifest import StrategySpec
 from .phases import Phase
-from .store import DeploymentRecord, ReplicaRecord, Store
+from .store import ACTION_DONE, ACTION_PENDING, DeploymentRecord, ReplicaRecord, Store
 
 if TYPE_CHECKING:
     from .events import EventBus
@@ -51,6 +51,7 @@ DbCall = Callable[..., Awaitable[Any]]
 #: An output counts as confident when its top-1 probability reaches this (agent side, ModelStats).
 CONFIDENT_P = 0.8
 ACTION_TIMEOUT_S = 10.0
+ACTION_POLL_S = 0.05  # how often a replica that does not lead looks for the outcome of its action
 # Which replica of a generation to retire first: those that serve nothing yet.
 _RETIRE_ORDER = {Phase.PENDING: 0, Phase.FAILED: 1, Phase.DISPATCHED: 2, Phase.LOADING: 3, Phase.RUNNING: 4}
 
@@ -84,6 +85,28 @@ class RolloutError(OrchestratorError):
     def __init__(self, reason: str, detail: str) -> None:
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
+
+
+def _refused(err: Exception) -> str:
+    """A refusal as the leader writes it back for the replica that asked."""
+    if isinstance(err, NotFound):
+        return json.dumps({"not_found": [err.kind, err.name]})
+    if isinstance(err, RolloutError):
+        return json.dumps({"reason": err.reason, "message": str(err)})
+    return json.dumps({"reason": "rollout.failed", "message": f"{type(err).__name__}: {err}"})
+
+
+def _refusal(outcome: str) -> RolloutError | NotFound:
+    """The leader's refusal, as the asking replica raises it (the API maps it as on the leader)."""
+    try:
+        data = json.loads(outcome)
+        if "not_found" in data:
+            kind, name = data["not_found"]
+            return NotFound(str(kind), str(name))
+        reason = str(data["reason"])
+        return RolloutError(reason, str(data["message"]).removeprefix(f"{reason}: "))
+    except (ValueError, KeyError, TypeError):
+        return RolloutError("rollout.refused", "the leader refused the action")
 
 
 def check_transition(current: RolloutState, new: RolloutState) -> None:
@@ -348,10 +371,15 @@ class _Window:
 
 @dataclass
 class _Action:
+    """An operator action for the next pass: asked of this replica (``done`` resolves with its
+    outcome), or of another replica that does not lead (``remote``: its row in the store, where the
+    outcome goes)."""
+
     kind: Action
     deployment: str
     reason: str
-    done: asyncio.Future[Rollout]
+    done: asyncio.Future[Rollout] | None = None
+    remote: int | None = None
 
 
 class RolloutController:
@@ -365,9 +393,17 @@ class RolloutController:
         events: EventBus,
         node_timeout_s: float,
         wake: Callable[[], None],
+        *,
+        leading: Callable[[], bool] = lambda: True,
+        shared: bool = False,
     ) -> None:
+        """``leading``: whether this replica runs the passes now (else an action asked of it goes
+        to the leader through the store); ``shared``: whether other replicas may ask actions of
+        this one's passes (a store on PostgreSQL)."""
         self._store = store
         self._db = db
+        self._leading = leading
+        self._shared = shared
         self._fleet = fleet
         self._events = events
         self._node_timeout_s = node_timeout_s
@@ -422,21 +458,9 @@ class RolloutController:
         for name in [n for n in self._records if n not in names]:  # deleted with its deployment
             del self._records[name]
             self._windows.pop(name, None)
-        changed = False
-        actions, self._actions = self._actions, []
-        by_name = {d.name: d for d in deployments}
-        for action in actions:
-            try:
-                rec, moved = await self._act(action, by_name.get(action.deployment), by_dep)
-            except Exception as err:  # RolloutError, NotFound: the caller hears it
-                if not action.done.done():
-                    action.done.set_exception(err)
-                continue
-            changed |= moved
-            if not action.done.done():
-                action.done.set_result(rec)
-        if changed:
+        if await self._take_actions(deployments, by_dep):
             return True
+        changed = False
         for dep in deployments:
             reps = by_dep.get(dep.name, [])
             try:
@@ -455,11 +479,85 @@ class RolloutController:
             action = Action(kind)
         except ValueError:
             raise RolloutError("rollout.unknown_action", str(kind)) from None
+        if not self._leading():
+            return await self._ask_leader(action, deployment, reason)
         done: asyncio.Future[Rollout] = asyncio.get_running_loop().create_future()
         self._actions.append(_Action(action, deployment, reason, done))
         self._wake()
-        async with asyncio.timeout(ACTION_TIMEOUT_S):
-            return await done
+        try:
+            async with asyncio.timeout(ACTION_TIMEOUT_S):
+                return await done
+        except TimeoutError:  # this replica stopped leading before a pass took it
+            raise RolloutError(
+                "rollout.no_leader",
+                f"no pass took the {action.value} of {deployment} within {ACTION_TIMEOUT_S:g} s",
+            ) from None
+
+    async def _ask_leader(self, action: Action, deployment: str, reason: str) -> Rollout:
+        """On a replica that does not lead: the action goes to the leader through the store (one row;
+        on PostgreSQL a notification wakes the leader's pass), and its outcome comes back there. The
+        leader alone changes rollouts, so an action never races a step the leader is saving."""
+        action_id = await self._db(
+            self._store.request_rollout_action, deployment, action.value, reason, now_ms()
+        )
+        deadline = asyncio.get_running_loop().time() + ACTION_TIMEOUT_S
+        while True:
+            await asyncio.sleep(ACTION_POLL_S)
+            found = await self._db(self._store.rollout_action, action_id)
+            if found is not None and found[0] != ACTION_PENDING:
+                break
+            if asyncio.get_running_loop().time() > deadline and await self._db(
+                self._store.withdraw_rollout_action, action_id
+            ):
+                raise RolloutError(
+                    "rollout.no_leader",
+                    f"no leader took the {action.value} of {deployment} within {ACTION_TIMEOUT_S:g} s; "
+                    "nothing changed",
+                )
+        await self._db(self._store.forget_rollout_action, action_id)
+        state, outcome = found
+        if state != ACTION_DONE:
+            raise _refusal(outcome or "{}")
+        rec = Rollout.from_json(outcome or "")
+        self._records[rec.deployment] = rec
+        return rec
+
+    async def _take_actions(
+        self, deployments: list[DeploymentRecord], by_dep: dict[str, list[ReplicaRecord]]
+    ) -> bool:
+        """The actions asked of this replica, and of the others (from the store), oldest first within
+        each; True when one changed the store's deployments or replicas (a rollback)."""
+        actions, self._actions = self._actions, []
+        if self._shared:
+            for action_id, name, kind, reason in await self._db(self._store.pending_rollout_actions):
+                try:
+                    actions.append(_Action(Action(kind), name, reason, remote=action_id))
+                except ValueError:
+                    err = RolloutError("rollout.unknown_action", kind[:50])
+                    await self._db(
+                        self._store.finish_rollout_action, action_id, False, _refused(err), now_ms()
+                    )
+        changed = False
+        by_name = {d.name: d for d in deployments}
+        for action in actions:
+            try:
+                rec, moved = await self._act(action, by_name.get(action.deployment), by_dep)
+            except Exception as err:  # RolloutError, NotFound: the caller hears it
+                if action.remote is not None:
+                    await self._db(
+                        self._store.finish_rollout_action, action.remote, False, _refused(err), now_ms()
+                    )
+                elif action.done is not None and not action.done.done():
+                    action.done.set_exception(err)
+                continue
+            changed |= moved
+            if action.remote is not None:
+                await self._db(
+                    self._store.finish_rollout_action, action.remote, True, rec.to_json(), now_ms()
+                )
+            elif action.done is not None and not action.done.done():
+                action.done.set_result(rec)
+        return changed
 
     async def _act(
         self, action: _Action, dep: DeploymentRecord | None, by_dep: dict[str, list[ReplicaRecord]]

@@ -86,7 +86,7 @@ from .reconciler import Reconciler, command
 from .rollout import RolloutController
 from .scheduler import Scheduler
 from .shared_ingest import SharedIngest
-from .sql.notify import DEPLOYMENTS, STATES, Listener
+from .sql.notify import ACTIONS, DEPLOYMENTS, STATES, Listener
 from .store import Lease, NodeRecord, SqlStore, open_store
 from .telemetry import TelemetryStore
 from .verifier import FleetVerifier
@@ -289,6 +289,8 @@ class Orchestrator:
             self.events,
             cfg.node_timeout_s,
             wake=lambda: self.reconciler.trigger(),
+            leading=lambda: self.leading,
+            shared=self.store.dialect != "sqlite",
         )
         await self.rollouts.load()
         self.reconciler = Reconciler(
@@ -502,7 +504,7 @@ class Orchestrator:
             self.store.writer = self.replica_id
             self._listener = Listener(
                 self.store.engine,
-                {DEPLOYMENTS: self._changed_elsewhere, STATES: self._merged_elsewhere},
+                {DEPLOYMENTS: self._changed_elsewhere, STATES: self._merged_elsewhere, ACTIONS: self._asked},
                 self.config.state.connect_timeout_s,
             )
             self._tasks.append(asyncio.create_task(self._listener.run(), name="edgeward-listen"))
@@ -666,6 +668,11 @@ class Orchestrator:
         # Its own changes too: not every local write wakes the feed itself (the rollout
         # controller's do not), and reads are at most every CHANGE_POLL_S however often woken.
         self._feed_wake.set()
+
+    def _asked(self, _writer: str) -> None:
+        """A replica that does not lead asked for a rollout action: the leader's next pass takes it."""
+        if self.leading:
+            self.reconciler.trigger()
 
     def _merged_elsewhere(self, writer: str) -> None:
         if self.shared is not None:

@@ -57,7 +57,7 @@ from .sql.engine import (
     sqlite_engine,
 )
 from .sql.migrate import migrate
-from .sql.notify import NOTIFY_DEPLOYMENTS
+from .sql.notify import NOTIFY_ACTIONS, NOTIFY_DEPLOYMENTS
 
 if TYPE_CHECKING:
     from .config import OrchestratorConfig
@@ -198,6 +198,12 @@ class Store(Protocol):
     def get_template(self, name: str, generation: int) -> DeploymentManifest: ...
     def list_rollouts(self) -> dict[str, str]: ...
     def put_rollout(self, deployment: str, record: str, now_ms: int) -> None: ...
+    def request_rollout_action(self, deployment: str, kind: str, reason: str, now_ms: int) -> int: ...
+    def pending_rollout_actions(self) -> list[tuple[int, str, str, str]]: ...
+    def finish_rollout_action(self, action_id: int, ok: bool, outcome: str, now_ms: int) -> None: ...
+    def rollout_action(self, action_id: int) -> tuple[str, str | None] | None: ...
+    def withdraw_rollout_action(self, action_id: int) -> bool: ...
+    def forget_rollout_action(self, action_id: int) -> None: ...
     def roll_back(
         self, name: str, from_generation: int, to_generation: int, record: str, now_ms: int
     ) -> DeploymentRecord: ...
@@ -226,6 +232,9 @@ class Store(Protocol):
 
 
 DB_FILE = "edgeward.db"
+# Rollout actions asked of the leader (rollout_actions.state); an outcome nobody read is kept this long.
+ACTION_PENDING, ACTION_DONE, ACTION_REFUSED = "pending", "done", "refused"
+ACTIONS_KEPT_MS = 600_000
 # A write that keeps losing serialization races (PostgreSQL) is retried for this long before it fails:
 # a count of attempts ran out under load (8 attempts, half a second of back-off, while another
 # replica's transactions, stretched by a busy CPU, kept taking the change feed's counter row first).
@@ -1047,6 +1056,67 @@ class SqlStore:
         with self._read() as conn:
             rows = conn.execute(sa.select(r.deployment, r.record).order_by(r.deployment)).all()
         return {row[0]: row[1] for row in rows}
+
+    def request_rollout_action(self, deployment: str, kind: str, reason: str, now_ms: int) -> int:
+        """Ask the leader for a rollout action (this replica does not lead); its id. On PostgreSQL
+        the leader is notified at commit."""
+
+        def tx(conn: sa.Connection) -> int:
+            a = t.rollout_actions
+            row = {"deployment": deployment, "kind": kind, "reason": reason, "requested_ms": now_ms}
+            action_id = conn.execute(a.insert().values(**row).returning(a.c.id)).scalar_one()
+            if self.dialect == "postgresql":
+                conn.execute(NOTIFY_ACTIONS, {"writer": self.writer})
+            return int(action_id)
+
+        return self._write(tx)
+
+    def pending_rollout_actions(self) -> list[tuple[int, str, str, str]]:
+        """(id, deployment, kind, reason) of the actions no leader has taken yet, oldest first."""
+        a = t.rollout_actions.c
+        query = (
+            sa.select(a.id, a.deployment, a.kind, a.reason).where(a.state == ACTION_PENDING).order_by(a.id)
+        )
+        with self._read() as conn:
+            return [(int(i), d, k, r) for i, d, k, r in conn.execute(query).all()]
+
+    def finish_rollout_action(self, action_id: int, ok: bool, outcome: str, now_ms: int) -> None:
+        """The leader took the action: its ``outcome`` (done or refused) for the asking replica. The
+        outcomes nobody came back for (the asking replica died) go after ACTIONS_KEPT_MS."""
+        a = t.rollout_actions
+
+        def tx(conn: sa.Connection) -> None:
+            conn.execute(
+                a.update()
+                .where(a.c.id == action_id, a.c.state == ACTION_PENDING)
+                .values(state=ACTION_DONE if ok else ACTION_REFUSED, outcome=outcome)
+            )
+            conn.execute(
+                a.delete().where(a.c.state != ACTION_PENDING, a.c.requested_ms < now_ms - ACTIONS_KEPT_MS)
+            )
+
+        self._write(tx)
+
+    def rollout_action(self, action_id: int) -> tuple[str, str | None] | None:
+        """(state, outcome) of an action asked of the leader; None if it is gone."""
+        a = t.rollout_actions.c
+        with self._read() as conn:
+            row = conn.execute(sa.select(a.state, a.outcome).where(a.id == action_id)).first()
+        return None if row is None else (row[0], row[1])
+
+    def withdraw_rollout_action(self, action_id: int) -> bool:
+        """Take back an action no leader has taken yet; False if one has (its outcome is coming)."""
+        a = t.rollout_actions
+
+        def tx(conn: sa.Connection) -> bool:
+            gone = conn.execute(a.delete().where(a.c.id == action_id, a.c.state == ACTION_PENDING))
+            return gone.rowcount == 1
+
+        return self._write(tx)
+
+    def forget_rollout_action(self, action_id: int) -> None:
+        a = t.rollout_actions
+        self._write(lambda conn: conn.execute(a.delete().where(a.c.id == action_id)))
 
     def put_rollout(self, deployment: str, record: str, now_ms: int) -> None:
         def tx(conn: sa.Connection) -> None:

@@ -2,8 +2,9 @@
 
 A transaction that changes what another replica must act on sends a NOTIFY on one of ``CHANNELS``
 (PostgreSQL delivers it when, and only if, the transaction commits, in commit order): a change of
-the store's feed of deployments (``DEPLOYMENTS``), and a shared-ingest merge that changed a node's
-status (``STATES``); the payload is the writing replica's id. :class:`Listener` holds one connection of its
+the store's feed of deployments (``DEPLOYMENTS``), a shared-ingest merge that changed a node's
+status (``STATES``), and a rollout action asked of a replica that does not lead (``ACTIONS``,
+for the leader to take); the payload is the writing replica's id. :class:`Listener` holds one connection of its
 own that LISTENs on them and calls the replica back for each.
 
 A notification only says "read now": what changed is always read from the tables, by the same
@@ -25,7 +26,8 @@ log = logging.getLogger(__name__)
 
 DEPLOYMENTS = "edgeward_deployments"
 STATES = "edgeward_states"
-CHANNELS = (DEPLOYMENTS, STATES)
+ACTIONS = "edgeward_rollout_actions"
+CHANNELS = (DEPLOYMENTS, STATES, ACTIONS)
 RETRY_S = (0.2, 0.5, 1.0, 2.0, 5.0)  # reconnect backoff; the last repeats
 # A listener checks its session with a round trip every PING_S: a connection that hangs without a
 # reset (a dead peer, a network cut) stops counting as listening within PING_S + PING_TIMEOUT_S,
@@ -35,6 +37,7 @@ PING_TIMEOUT_S = 5.0
 
 # The payload: the writing replica's id (it has read its own change already).
 NOTIFY_DEPLOYMENTS = sa.text(f"SELECT pg_notify('{DEPLOYMENTS}', :writer)")
+NOTIFY_ACTIONS = sa.text(f"SELECT pg_notify('{ACTIONS}', :writer)")
 
 
 class Listener:

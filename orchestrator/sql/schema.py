@@ -10,7 +10,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 
 # The newest revision under migrations/versions (checked by the tests against Alembic's own view).
-HEAD = "0006"
+HEAD = "0007"
 
 # Epoch milliseconds and byte sizes need 64 bits: BIGINT on PostgreSQL; on SQLite every INTEGER is
 # already 64-bit, and the stores written before Alembic spell it INTEGER.
@@ -139,6 +139,22 @@ rollouts = sa.Table(
     sa.Column("deployment", sa.Text, primary_key=True),
     sa.Column("record", sa.Text, nullable=False),
     sa.Column("updated_ms", Int64, nullable=False),
+)
+
+# Rollout actions (pause, resume, undo) asked of a replica that does not lead: the leader's rollout
+# controller takes the pending ones in its next pass (woken by a notification on PostgreSQL) and
+# writes the outcome back (the Rollout record's JSON, or the refusal's) for the asking replica.
+rollout_actions = sa.Table(
+    "rollout_actions",
+    metadata,
+    sa.Column("id", Int64, primary_key=True, autoincrement=True),
+    sa.Column("deployment", sa.Text, nullable=False),
+    sa.Column("kind", sa.Text, nullable=False),
+    sa.Column("reason", sa.Text, nullable=False, server_default=EMPTY),
+    sa.Column("requested_ms", Int64, nullable=False),
+    sa.Column("state", sa.Text, nullable=False, server_default=sa.text("'pending'")),
+    sa.Column("outcome", sa.Text),
+    sa.Index("rollout_actions_by_state", "state", "id"),
 )
 
 deployment_templates = sa.Table(

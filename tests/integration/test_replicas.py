@@ -1,8 +1,9 @@
 """Three orchestrator replicas on one PostgreSQL, a three-server NATS cluster (MQTT gateway), two
 real node agents: kill -9 of the leader in the middle of an apply burst, then of the next leader in
-the middle of a canary rollout. Another replica takes over each time (the takeover time is
-measured), no deployment is lost, no replica placed twice, the rollout resumes at its step, and a
-Watch held on the replica that survives both sees every change exactly once, in order."""
+the middle of a canary rollout (paused and resumed through a follower first). Another replica takes
+over each time (the takeover time is measured), no deployment is lost, no replica placed twice, the
+rollout resumes at its step, and a Watch held on the replica that survives both sees every change
+exactly once, in order."""
 
 from __future__ import annotations
 
@@ -200,6 +201,12 @@ def test_the_leaders_kill9_mid_apply_and_mid_rollout(tmp_path, postgres_url, nat
                     )
 
                 wait_for(at_step_2, timeout=60, what="step 2 of 3 observed")
+                # An operator's pause and resume through a replica that does not lead: the leader
+                # takes them from the store, and the follower answers with the outcome.
+                paused = client.rollout("pause", "vib", "a look from a follower")
+                assert (paused.state, paused.step) == (api_pb2.ROLLOUT_STATE_PAUSED, 2)
+                assert status(leader.address).state == api_pb2.ROLLOUT_STATE_PAUSED, "the leader holds it"
+                assert client.rollout("resume", "vib").state == api_pb2.ROLLOUT_STATE_PROGRESSING
                 before = live(client)
                 recorded = status(survivor.address)
                 _, leader_3, took_2 = kill_leader(replicas)
