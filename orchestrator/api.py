@@ -49,7 +49,7 @@ from .manifest import NAME_RE, SEMVER_RE, DeploymentManifest, parse_manifest
 from .phases import ACTIVE, Phase
 from .reconciler import Reconciler
 from .rollout import RolloutController, RolloutError
-from .store import DeploymentRecord, NodeRecord, ReplicaChange, Store
+from .store import DeploymentRecord, ReplicaChange, Store
 from .telemetry import TelemetryStore
 from .verifier import FleetVerifier
 from .views import VIEWS, ApiViews, deployment_to_pb, model_pb, node_to_pb, replica_to_pb
@@ -426,15 +426,7 @@ class NodeService(api_pb2_grpc.NodeServiceServicer):
         return api_pb2.DrainResponse(node=await self._views.node(request.node_id), replicas_evicted=count)
 
     async def _set_cordon(self, node_id: str, cordon: bool) -> None:
-        store = self._control.store
-
-        def update() -> None:
-            record = store.get_node(node_id)
-            if record is None:
-                raise NotFound("node", node_id)
-            store.put_node(NodeRecord(record.id, cordon, record.inventory, record.last_seen_ms))
-
-        await self._control.db(update)
+        await self._control.db(self._control.store.set_cordoned, node_id, cordon)
         reconciler = self._control.reconciler
         cordoned = set(reconciler.cordoned)
         (cordoned.add if cordon else cordoned.discard)(node_id)

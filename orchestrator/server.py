@@ -603,6 +603,8 @@ class Orchestrator:
         if set(cordoned) != set(self.reconciler.cordoned):
             self.reconciler.set_cordoned(cordoned)
         await self.rollouts.load(announce=first)
+        if not first:  # the term's start restores them (catalog.wipes.restore)
+            await self.catalog.wipes.adopt()
 
     async def _refresh_loop(self) -> None:
         while True:
@@ -644,8 +646,13 @@ class Orchestrator:
         while changes := await self.db(self.store.changes_since, self.revision):
             if not all(self.store.written_by_me(revision) for revision, _ in changes):
                 # Another replica's API changed something: the rollout records this replica answers
-                # with (and, on the leader, acts on) and a pass of the leader's reconciler.
+                # with (and, on the leader, acts on), the cordons (a drain through another replica
+                # cordons, then evicts: the pass it wakes must not place the replacements back on
+                # the drained node) and a pass of the leader's reconciler.
                 await self.rollouts.load(announce=False)
+                cordoned = await self.db(self.store.cordoned_nodes)
+                if set(cordoned) != set(self.reconciler.cordoned):
+                    self.reconciler.set_cordoned(cordoned)
                 if self.leading:
                     self.reconciler.trigger()
             if self.watch.watchers:
@@ -808,7 +815,7 @@ class Orchestrator:
         if changed:
             self.reconciler.trigger()
         if inventories:
-            await self.db(self.store.put_nodes, inventories)
+            await self.db(self.store.put_inventories, inventories)
         for node_id, steps in waits.items():
             self._wire_work.add(node_id, steps)
         if serial:

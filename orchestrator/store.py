@@ -193,6 +193,8 @@ class Store(Protocol):
     def cordoned_nodes(self) -> list[str]: ...
     def put_node(self, record: NodeRecord) -> None: ...
     def put_nodes(self, records: Iterable[NodeRecord]) -> None: ...
+    def put_inventories(self, records: Iterable[NodeRecord]) -> None: ...
+    def set_cordoned(self, node_id: str, cordoned: bool) -> None: ...
     def put_enrollment(self, node_id: str, record: bytes, now_ms: int) -> None: ...
     def list_enrollments(self) -> list[bytes]: ...
     def get_template(self, name: str, generation: int) -> DeploymentManifest: ...
@@ -218,6 +220,7 @@ class Store(Protocol):
     def set_wipe_node(self, wipe_id: str, node_id: str, node: WipeNode) -> None: ...
     def get_wipe(self, wipe_id: str) -> WipeRecord: ...
     def list_wipes(self) -> list[WipeRecord]: ...
+    def unconfirmed_wipes(self) -> list[WipeRecord]: ...
     def acquire_lease(self, holder: str, ttl_ms: int) -> Lease | None: ...
     def release_lease(self, lease: Lease) -> None: ...
     def fenced(self, lease: Lease, fn: Callable[..., _T], *args: Any) -> _T: ...
@@ -812,6 +815,13 @@ class SqlStore:
         with self._read() as conn:
             return self._wipes(conn, sa.true())
 
+    def unconfirmed_wipes(self) -> list[WipeRecord]:
+        """The wipes with a node that has not confirmed (pending, or quarantined for it)."""
+        n = t.wipe_nodes.c
+        open_ = sa.select(n.wipe_id).where(n.state != "confirmed")
+        with self._read() as conn:
+            return self._wipes(conn, t.wipes.c.id.in_(open_))
+
     @staticmethod
     def _wipes(conn: sa.Connection, where: sa.ColumnElement[bool]) -> list[WipeRecord]:
         w, n = t.wipes.c, t.wipe_nodes.c
@@ -1014,7 +1024,16 @@ class SqlStore:
         self.put_nodes([record])
 
     def put_nodes(self, records: Iterable[NodeRecord]) -> None:
-        """Insert or update nodes in one transaction (an ingest batch's inventories)."""
+        """Insert or update nodes in one transaction, cordons included."""
+        self._put_nodes(self._statements.upsert_node, records)
+
+    def put_inventories(self, records: Iterable[NodeRecord]) -> None:
+        """What the nodes said in their hellos, in one transaction: a known node's inventory and when
+        it was heard, never its cordon (which an operator sets, perhaps through another replica
+        whose cordons this one has not read yet); a new node is stored as ``records`` say."""
+        self._put_nodes(self._statements.upsert_inventory, records)
+
+    def _put_nodes(self, statement: sa.Executable, records: Iterable[NodeRecord]) -> None:
         rows = [
             {
                 "id": r.id,
@@ -1025,7 +1044,17 @@ class SqlStore:
             for r in records
         ]
         if rows:
-            self._write(lambda conn: conn.execute(self._statements.upsert_node, rows))
+            self._write(lambda conn: conn.execute(statement, rows))
+
+    def set_cordoned(self, node_id: str, cordoned: bool) -> None:
+        """Cordon or uncordon a known node (NotFound otherwise), touching nothing else of it."""
+        n = t.nodes
+
+        def tx(conn: sa.Connection) -> None:
+            if conn.execute(n.update().where(n.c.id == node_id).values(cordoned=int(cordoned))).rowcount != 1:
+                raise NotFound("node", node_id)
+
+        self._write(tx)
 
     # ---------------------------------------------------------------- attestation enrollments
 
@@ -1193,6 +1222,7 @@ class _Statements:
 
         self.upsert_replica = upsert(t.replicas, ("id",), _REPLICA_MUTABLE)
         self.upsert_node = upsert(t.nodes, ("id",), ("cordoned", "inventory", "last_seen_ms"))
+        self.upsert_inventory = upsert(t.nodes, ("id",), ("inventory", "last_seen_ms"))
         self.upsert_enrollment = upsert(t.enrollments, ("node_id",), ("record", "updated_ms"))
         self.upsert_rollout = upsert(t.rollouts, ("deployment",), ("record", "updated_ms"))
         self.upsert_template = upsert(t.deployment_templates, ("deployment", "generation"), ("manifest",))

@@ -106,14 +106,28 @@ class WipeController:
 
     async def restore(self) -> None:
         """Resume the wipes an earlier run left unconfirmed; re-quarantine their silent nodes."""
-        for wipe in await self._db(self._store.list_wipes):
-            if any(n.state != CONFIRMED for n in wipe.nodes.values()):
-                self.active[wipe.id] = wipe
-                for node_id, n in wipe.nodes.items():
-                    if n.state == QUARANTINED:
-                        await self._quarantine(node_id, UNCONFIRMED, n.message)
+        for wipe in await self._db(self._store.unconfirmed_wipes):
+            self.active[wipe.id] = wipe
+            for node_id, n in wipe.nodes.items():
+                if n.state == QUARANTINED:
+                    await self._quarantine(node_id, UNCONFIRMED, n.message)
         if self.active:
             log.info("wipe: %d unconfirmed wipe(s) resumed", len(self.active))
+
+    async def adopt(self) -> None:
+        """On the leader: take on the unconfirmed wipes that another replica's API started (that
+        replica ordered the nodes; their confirmations, deadlines and re-sends are the leader's).
+        Called at every refresh from the store, and at once when a confirmation names a wipe this
+        replica does not know."""
+        after = time.monotonic() + self.config.misuse.window_s
+        for wipe in await self._db(self._store.unconfirmed_wipes):
+            if wipe.id in self.active:
+                continue
+            self.active[wipe.id] = wipe
+            for node_id in wipe.nodes:
+                for version in wipe.versions:
+                    self._monitor.wiped(node_id, wipe.name, version, after)
+            log.info("wipe %s of %s, started by another replica, taken on", wipe.id, wipe.name)
 
     # ------------------------------------------------------------ start
 
@@ -226,7 +240,10 @@ class WipeController:
     # ------------------------------------------------------------ confirmations
 
     async def confirmed(self, node_id: str, event: node_pb2.Event) -> None:
-        wipe = self.active.get(event.attributes.get("wipe_id", ""))
+        wipe_id = event.attributes.get("wipe_id", "")
+        if wipe_id and wipe_id not in self.active:
+            await self.adopt()  # started through another replica since the last refresh
+        wipe = self.active.get(wipe_id)
         if wipe is None or node_id not in wipe.nodes or wipe.nodes[node_id].state == CONFIRMED:
             return
         late = wipe.nodes[node_id].state == QUARANTINED

@@ -256,3 +256,51 @@ def test_the_leaders_kill9_mid_apply_and_mid_rollout(tmp_path, postgres_url, nat
             proc.stop()
         for r in locals().get("replicas", []):
             r.proc.stop()
+
+
+def test_a_wipe_asked_of_a_follower_is_confirmed_through_the_leader(tmp_path, postgres_url, nats_cluster):
+    """A follower starts the wipe (it revokes, evicts, orders the node); the node's confirmation is
+    handled by the leader, which takes the wipe on from the store (it used to drop the confirmation of
+    a wipe it did not know, and the wipe stayed pending for good)."""
+    publishers = trust_publisher(tmp_path / "publishers")
+    urls = nats_cluster.mqtt_urls
+    procs: list[Proc] = []
+    replicas: list[Replica] = []
+    try:
+        replicas.append(Replica(0, tmp_path, postgres_url, urls[0], publishers))
+        wait_for(lambda: replicas[0].leading(), timeout=60, what="the first replica leading")
+        replicas.append(Replica(1, tmp_path, postgres_url, urls[1], publishers))
+        node = tmp_path / "node-1.yaml"
+        token = TokenStore.in_state_dir(tmp_path / "state").mint("node-1").token
+        node.write_text(
+            yaml.safe_dump(
+                {
+                    "node_id": "node-1",
+                    "enrollment_token": token,
+                    "heartbeat_s": 0.5,
+                    "broker": {"url": urls[1]},
+                    "state_dir": str(tmp_path / "agents"),
+                }
+            )
+        )
+        procs.append(Proc("node-1", ["agent", "-c", str(node)], tmp_path))
+        wait_for(lambda: replicas[1].metrics() is not None, timeout=60, what="the follower serving")
+        wait_for(lambda: attested(replicas[0].address) == 1, timeout=60, what="the node attested")
+        assert not replicas[1].leading()
+        with EdgewardClient(replicas[1].address) as client:  # everything through the follower
+            client.push_model(MODEL_INT8.read_bytes(), "vib-cnn", "1.0.0", key=PUBLISHER)
+            client.apply(manifest(replicas=1))
+            wait_for(lambda: placed_once(client, ["vib"]), timeout=60, what="the replica running")
+            started = client.wipe_model("vib-cnn", "1.0.0", reason="leaked")
+            assert [n.node_id for n in started.nodes] == ["node-1"]
+            wipe = wait_for(
+                lambda: (w := client.get_wipe(started.id)).done and w,
+                timeout=60,
+                what="the node's confirmation recorded",
+            )
+            assert (wipe.confirmed, wipe.pending, wipe.quarantined) == (1, 0, 0)
+    finally:
+        for proc in reversed(procs):
+            proc.stop()
+        for r in replicas:
+            r.proc.stop()

@@ -111,6 +111,23 @@ def test_refuses_a_pre_alembic_schema_it_does_not_know(tmp_path):
         SqlStore(tmp_path)
 
 
+def test_a_hello_never_undoes_a_cordon(store):
+    """Replicas write the inventories their share of hellos brings, with the cordons as they last read
+    them: only an operator's cordon call changes the stored flag (a follower's stale view once
+    uncordoned a node the leader had just cordoned)."""
+    store.put_inventories([NodeRecord("n1", inventory=b"x", last_seen_ms=1)])
+    store.set_cordoned("n1", True)
+    store.put_inventories([NodeRecord("n1", cordoned=False, inventory=b"y", last_seen_ms=2)])
+    assert [(n.id, n.cordoned, n.inventory, n.last_seen_ms) for n in store.list_nodes()] == [
+        ("n1", True, b"y", 2)
+    ]
+    store.set_cordoned("n1", False)
+    assert store.cordoned_nodes() == []
+    with pytest.raises(NotFound):
+        store.set_cordoned("n2", True)
+    assert [n.id for n in store.list_nodes()] == ["n1"], "no node made up"
+
+
 def test_put_nodes_is_one_transaction(store):
     store.put_nodes([NodeRecord(f"n{i}", inventory=b"x", last_seen_ms=i) for i in range(3)])
     store.put_nodes([NodeRecord("n1", cordoned=True, inventory=b"y", last_seen_ms=9)])
