@@ -37,9 +37,13 @@ class AttestationServicer(attestation_pb2_grpc.AttestationServiceServicer):
         *,
         attest_timeout_s: float = 10.0,
         depth: int = 1024,
+        leading: Callable[[], bool] = lambda: True,
     ) -> None:
+        """``leading``: whether this process challenges the nodes now (with several orchestrator
+        replicas only the leader does; AttestNow elsewhere is refused, not left to time out)."""
         self._service = service
         self._attest_now = attest_now
+        self._leading = leading
         self._timeout = attest_timeout_s
         self._depth = depth
 
@@ -93,6 +97,12 @@ class AttestationServicer(attestation_pb2_grpc.AttestationServiceServicer):
         self, request: pb.AttestNowRequest, context: grpc.aio.ServicerContext
     ) -> pb.NodeAttestation:
         node_id = request.node_id
+        if not self._leading():
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                "attestation.not_leader: this replica does not challenge the nodes; ask the leader "
+                "(its edgeward_leader gauge is 1)",
+            )
         if self._service.snapshot(node_id) is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"node {node_id!r} is not enrolled")
         with self._changes() as queue:

@@ -466,7 +466,9 @@ class Orchestrator:
         api_pb2_grpc.add_TelemetryServiceServicer_to_server(services.telemetry, server)
         api_pb2_grpc.add_RolloutServiceServicer_to_server(services.rollouts, server)
         events_pb2_grpc.add_EventServiceServicer_to_server(EventService(self.events), server)
-        attestation_pb2_grpc.add_AttestationServiceServicer_to_server(self.verifier.servicer(), server)
+        attestation_pb2_grpc.add_AttestationServiceServicer_to_server(
+            self.verifier.servicer(lambda: self.leading), server
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         enable_reflection(SERVICE_NAMES, server)
         return server

@@ -212,8 +212,8 @@ class FleetVerifier:
         if restored:
             log.info("attestation: %d enrollments restored", restored)
 
-    def servicer(self) -> AttestationServicer:
-        return AttestationServicer(self.service, attest_now=self.attest)
+    def servicer(self, leading: Callable[[], bool] = lambda: True) -> AttestationServicer:
+        return AttestationServicer(self.service, attest_now=self.attest, leading=leading)
 
     # ------------------------------------------------------------ relying party
 

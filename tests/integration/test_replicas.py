@@ -20,7 +20,7 @@ from test_rollout import GOOD_SLO_MS, rebuilt, strategy
 from test_rollout_restart import all_running, attested, live, status, traffic, wait_for
 
 from attestation.tokens import TokenStore
-from edgeward.v1 import api_pb2, api_pb2_grpc, node_pb2
+from edgeward.v1 import api_pb2, api_pb2_grpc, attestation_pb2, attestation_pb2_grpc, node_pb2
 from orchestrator.client import EdgewardClient
 from orchestrator.store import SqlStore
 
@@ -261,7 +261,8 @@ def test_the_leaders_kill9_mid_apply_and_mid_rollout(tmp_path, postgres_url, nat
 def test_a_wipe_asked_of_a_follower_is_confirmed_through_the_leader(tmp_path, postgres_url, nats_cluster):
     """A follower starts the wipe (it revokes, evicts, orders the node); the node's confirmation is
     handled by the leader, which takes the wipe on from the store (it used to drop the confirmation of
-    a wipe it did not know, and the wipe stayed pending for good)."""
+    a wipe it did not know, and the wipe stayed pending for good). AttestNow, which only the leader
+    can do, is refused by the follower at once (it used to hang 10 s and answer an old view)."""
     publishers = trust_publisher(tmp_path / "publishers")
     urls = nats_cluster.mqtt_urls
     procs: list[Proc] = []
@@ -287,7 +288,14 @@ def test_a_wipe_asked_of_a_follower_is_confirmed_through_the_leader(tmp_path, po
         wait_for(lambda: replicas[1].metrics() is not None, timeout=60, what="the follower serving")
         wait_for(lambda: attested(replicas[0].address) == 1, timeout=60, what="the node attested")
         assert not replicas[1].leading()
-        with EdgewardClient(replicas[1].address) as client:  # everything through the follower
+        # AttestNow asked of the follower: refused at once (only the leader challenges the nodes).
+        with grpc.insecure_channel(replicas[1].address) as channel, pytest.raises(grpc.RpcError) as refused:
+            attestation_pb2_grpc.AttestationServiceStub(channel).AttestNow(
+                attestation_pb2.AttestNowRequest(node_id="node-1"), timeout=5
+            )
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "attestation.not_leader" in (refused.value.details() or "")
+        with EdgewardClient(replicas[1].address) as client:  # everything else through the follower
             client.push_model(MODEL_INT8.read_bytes(), "vib-cnn", "1.0.0", key=PUBLISHER)
             client.apply(manifest(replicas=1))
             wait_for(lambda: placed_once(client, ["vib"]), timeout=60, what="the replica running")
