@@ -504,7 +504,13 @@ class RolloutController:
         while True:
             await asyncio.sleep(ACTION_POLL_S)
             found = await self._db(self._store.rollout_action, action_id)
-            if found is not None and found[0] != ACTION_PENDING:
+            if found is None:  # never expected: only the asking replica deletes its pending row
+                raise RolloutError(
+                    "rollout.no_leader",
+                    f"the {action.value} of {deployment} was lost before a leader answered; "
+                    "see the rollout's status",
+                )
+            if found[0] != ACTION_PENDING:
                 break
             if asyncio.get_running_loop().time() > deadline and await self._db(
                 self._store.withdraw_rollout_action, action_id
