@@ -84,7 +84,7 @@ def child(state_dir: str, url: str | None, replicas: int) -> dict[str, float]:
     for d in range(200):
         timed("get_deployment", store.get_deployment, f"d{d % deployments}")
     for n in range(200):
-        timed("put_node", store.put_node, module.NodeRecord(f"n{n}", False, b"x" * 200, n))
+        timed("put_node", store.put_inventories, [module.NodeRecord(f"n{n}", False, b"x" * 200, n)])
     store.close()
     return {op: statistics.median(values) for op, values in times.items()}
 

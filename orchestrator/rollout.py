@@ -27,6 +27,7 @@ import asyncio
 import json
 import logging
 import math
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -52,6 +53,7 @@ DbCall = Callable[..., Awaitable[Any]]
 CONFIDENT_P = 0.8
 ACTION_TIMEOUT_S = 10.0
 ACTION_POLL_S = 0.05  # how often a replica that does not lead looks for the outcome of its action
+ASKED_POLL_S = 1.0  # how often the leader's passes look for other replicas' actions unprompted
 # Which replica of a generation to retire first: those that serve nothing yet.
 _RETIRE_ORDER = {Phase.PENDING: 0, Phase.FAILED: 1, Phase.DISPATCHED: 2, Phase.LOADING: 3, Phase.RUNNING: 4}
 
@@ -404,6 +406,10 @@ class RolloutController:
         self._db = db
         self._leading = leading
         self._shared = shared
+        # Other replicas' actions are read from the store when a notification says one was asked
+        # (and at least every ASKED_POLL_S, for when notifications do not flow), not every pass.
+        self._asked = True
+        self._asked_read = 0.0
         self._fleet = fleet
         self._events = events
         self._node_timeout_s = node_timeout_s
@@ -493,6 +499,10 @@ class RolloutController:
                 f"no pass took the {action.value} of {deployment} within {ACTION_TIMEOUT_S:g} s",
             ) from None
 
+    def actions_asked(self) -> None:
+        """Another replica asked for an action (a notification): the next pass reads them."""
+        self._asked = True
+
     async def _ask_leader(self, action: Action, deployment: str, reason: str) -> Rollout:
         """On a replica that does not lead: the action goes to the leader through the store (one row;
         on PostgreSQL a notification wakes the leader's pass), and its outcome comes back there. The
@@ -534,7 +544,9 @@ class RolloutController:
         """The actions asked of this replica, and of the others (from the store), oldest first within
         each; True when one changed the store's deployments or replicas (a rollback)."""
         actions, self._actions = self._actions, []
-        if self._shared:
+        now = time.monotonic()
+        if self._shared and (self._asked or now - self._asked_read >= ASKED_POLL_S):
+            self._asked, self._asked_read = False, now
             for action_id, name, kind, reason in await self._db(self._store.pending_rollout_actions):
                 try:
                     actions.append(_Action(Action(kind), name, reason, remote=action_id))

@@ -602,11 +602,15 @@ class Orchestrator:
         )
         if first or self.store.dialect != "sqlite":
             self.verifier.restore(enrollments, models, revoked)
-        if set(cordoned) != set(self.reconciler.cordoned):
-            self.reconciler.set_cordoned(cordoned)
+        self._set_cordons(cordoned)
         await self.rollouts.load(announce=first)
         if not first:  # the term's start restores them (catalog.wipes.restore)
             await self.catalog.wipes.adopt()
+
+    def _set_cordons(self, cordoned: list[str]) -> None:
+        """The cordons as the store has them (any replica's API may have changed them)."""
+        if set(cordoned) != set(self.reconciler.cordoned):
+            self.reconciler.set_cordoned(cordoned)
 
     async def _refresh_loop(self) -> None:
         while True:
@@ -652,9 +656,7 @@ class Orchestrator:
                 # cordons, then evicts: the pass it wakes must not place the replacements back on
                 # the drained node) and a pass of the leader's reconciler.
                 await self.rollouts.load(announce=False)
-                cordoned = await self.db(self.store.cordoned_nodes)
-                if set(cordoned) != set(self.reconciler.cordoned):
-                    self.reconciler.set_cordoned(cordoned)
+                self._set_cordons(await self.db(self.store.cordoned_nodes))
                 if self.leading:
                     self.reconciler.trigger()
             if self.watch.watchers:
@@ -680,6 +682,7 @@ class Orchestrator:
 
     def _asked(self, _writer: str) -> None:
         """A replica that does not lead asked for a rollout action: the leader's next pass takes it."""
+        self.rollouts.actions_asked()
         if self.leading:
             self.reconciler.trigger()
 

@@ -191,8 +191,6 @@ class Store(Protocol):
     def get_node(self, node_id: str) -> NodeRecord | None: ...
     def list_nodes(self) -> list[NodeRecord]: ...
     def cordoned_nodes(self) -> list[str]: ...
-    def put_node(self, record: NodeRecord) -> None: ...
-    def put_nodes(self, records: Iterable[NodeRecord]) -> None: ...
     def put_inventories(self, records: Iterable[NodeRecord]) -> None: ...
     def set_cordoned(self, node_id: str, cordoned: bool) -> None: ...
     def put_enrollment(self, node_id: str, record: bytes, now_ms: int) -> None: ...
@@ -1020,20 +1018,11 @@ class SqlStore:
         with self._read() as conn:
             return [r[0] for r in conn.execute(sa.select(n.id).where(n.cordoned != 0).order_by(n.id))]
 
-    def put_node(self, record: NodeRecord) -> None:
-        self.put_nodes([record])
-
-    def put_nodes(self, records: Iterable[NodeRecord]) -> None:
-        """Insert or update nodes in one transaction, cordons included."""
-        self._put_nodes(self._statements.upsert_node, records)
-
     def put_inventories(self, records: Iterable[NodeRecord]) -> None:
-        """What the nodes said in their hellos, in one transaction: a known node's inventory and when
-        it was heard, never its cordon (which an operator sets, perhaps through another replica
-        whose cordons this one has not read yet); a new node is stored as ``records`` say."""
-        self._put_nodes(self._statements.upsert_inventory, records)
-
-    def _put_nodes(self, statement: sa.Executable, records: Iterable[NodeRecord]) -> None:
+        """Insert or update nodes in one transaction (an ingest batch's hellos): a known node's
+        inventory and when it was heard, never its cordon (which only :meth:`set_cordoned` writes:
+        a replica's view of the cordons may be older than another replica's cordon call); a new
+        node is stored as ``records`` say."""
         rows = [
             {
                 "id": r.id,
@@ -1044,7 +1033,7 @@ class SqlStore:
             for r in records
         ]
         if rows:
-            self._write(lambda conn: conn.execute(statement, rows))
+            self._write(lambda conn: conn.execute(self._statements.upsert_inventory, rows))
 
     def set_cordoned(self, node_id: str, cordoned: bool) -> None:
         """Cordon or uncordon a known node (NotFound otherwise), touching nothing else of it."""
@@ -1221,7 +1210,6 @@ class _Statements:
             )
 
         self.upsert_replica = upsert(t.replicas, ("id",), _REPLICA_MUTABLE)
-        self.upsert_node = upsert(t.nodes, ("id",), ("cordoned", "inventory", "last_seen_ms"))
         self.upsert_inventory = upsert(t.nodes, ("id",), ("inventory", "last_seen_ms"))
         self.upsert_enrollment = upsert(t.enrollments, ("node_id",), ("record", "updated_ms"))
         self.upsert_rollout = upsert(t.rollouts, ("deployment",), ("record", "updated_ms"))

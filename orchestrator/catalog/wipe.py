@@ -17,7 +17,9 @@ Wipes live in the store, so an orchestrator restart resumes tracking them.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -26,7 +28,7 @@ from dataclasses import replace
 from edgeward.v1 import api_pb2, node_pb2
 from edgeward.wire import now_ms
 
-from ..errors import InvalidModel
+from ..errors import InvalidModel, NotFound
 from ..events import ERROR, INFO, WARNING, EventBus
 from ..fleet import Fleet
 from ..phases import Phase
@@ -43,6 +45,8 @@ _PB_STATE = {
     QUARANTINED: api_pb2.WIPE_NODE_STATE_QUARANTINED,
 }
 UNCONFIRMED = "model.wipe.unconfirmed"
+WIPE_ID_HEX = 10
+WIPE_ID_RE = re.compile(f"wipe-[0-9a-f]{{{WIPE_ID_HEX}}}")
 
 DbCall = Callable[..., Awaitable]
 SendWipe = Callable[[str, node_pb2.Wipe], Awaitable[None]]
@@ -119,15 +123,18 @@ class WipeController:
         replica ordered the nodes; their confirmations, deadlines and re-sends are the leader's).
         Called at every refresh from the store, and at once when a confirmation names a wipe this
         replica does not know."""
-        after = time.monotonic() + self.config.misuse.window_s
         for wipe in await self._db(self._store.unconfirmed_wipes):
-            if wipe.id in self.active:
-                continue
-            self.active[wipe.id] = wipe
-            for node_id in wipe.nodes:
-                for version in wipe.versions:
-                    self._monitor.wiped(node_id, wipe.name, version, after)
-            log.info("wipe %s of %s, started by another replica, taken on", wipe.id, wipe.name)
+            self._adopt(wipe)
+
+    def _adopt(self, wipe: WipeRecord) -> None:
+        if wipe.id in self.active or all(n.state == CONFIRMED for n in wipe.nodes.values()):
+            return
+        self.active[wipe.id] = wipe
+        after = time.monotonic() + self.config.misuse.window_s
+        for node_id in wipe.nodes:
+            for version in wipe.versions:
+                self._monitor.wiped(node_id, wipe.name, version, after)
+        log.info("wipe %s of %s, started by another replica, taken on", wipe.id, wipe.name)
 
     # ------------------------------------------------------------ start
 
@@ -155,7 +162,7 @@ class WipeController:
         wall = now_ms()
         reason = request.reason or "operator request"
         wipe = WipeRecord(
-            id=f"wipe-{uuid.uuid4().hex[:10]}",
+            id=f"wipe-{uuid.uuid4().hex[:WIPE_ID_HEX]}",
             name=request.name,
             versions=tuple(versions),
             sha256s=tuple(r.sha256 for r in records),
@@ -241,8 +248,11 @@ class WipeController:
 
     async def confirmed(self, node_id: str, event: node_pb2.Event) -> None:
         wipe_id = event.attributes.get("wipe_id", "")
-        if wipe_id and wipe_id not in self.active:
-            await self.adopt()  # started through another replica since the last refresh
+        if WIPE_ID_RE.fullmatch(wipe_id) and wipe_id not in self.active:
+            # Started through another replica since the last refresh: that one wipe from the store
+            # (a node naming wipes that do not exist costs one indexed read each, nothing more).
+            with contextlib.suppress(NotFound):
+                self._adopt(await self._db(self._store.get_wipe, wipe_id))
         wipe = self.active.get(wipe_id)
         if wipe is None or node_id not in wipe.nodes or wipe.nodes[node_id].state == CONFIRMED:
             return

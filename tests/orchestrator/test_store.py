@@ -128,15 +128,15 @@ def test_a_hello_never_undoes_a_cordon(store):
     assert [n.id for n in store.list_nodes()] == ["n1"], "no node made up"
 
 
-def test_put_nodes_is_one_transaction(store):
-    store.put_nodes([NodeRecord(f"n{i}", inventory=b"x", last_seen_ms=i) for i in range(3)])
-    store.put_nodes([NodeRecord("n1", cordoned=True, inventory=b"y", last_seen_ms=9)])
-    assert [(n.id, n.cordoned, n.inventory) for n in store.list_nodes()] == [
-        ("n0", False, b"x"),
-        ("n1", True, b"y"),
-        ("n2", False, b"x"),
+def test_put_inventories_is_one_transaction(store):
+    store.put_inventories([NodeRecord(f"n{i}", inventory=b"x", last_seen_ms=i) for i in range(3)])
+    store.put_inventories([NodeRecord("n1", inventory=b"y", last_seen_ms=9)])
+    assert [(n.id, n.inventory, n.last_seen_ms) for n in store.list_nodes()] == [
+        ("n0", b"x", 0),
+        ("n1", b"y", 9),
+        ("n2", b"x", 2),
     ]
     # A batch with one bad record writes none of it.
     with pytest.raises((sa.exc.StatementError, TypeError)):  # the driver refuses the object
-        store.put_nodes([NodeRecord("n3"), NodeRecord("n4", inventory=object())])  # type: ignore[arg-type]
+        store.put_inventories([NodeRecord("n3"), NodeRecord("n4", inventory=object())])  # type: ignore[arg-type]
     assert [n.id for n in store.list_nodes()] == ["n0", "n1", "n2"]
