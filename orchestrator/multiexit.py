@@ -135,6 +135,14 @@ class PipelineRouter:
     def trigger(self) -> None:
         self._wake.set()
 
+    def _read(self) -> tuple[list[DeploymentRecord], list[ReplicaRecord]]:
+        """On the store's thread: the multi-exit stage deployments and their replicas only. Every
+        replica of the fleet, read twice a second, took the store's thread (and the interpreter)
+        for a tenth of a second each time at 10,000 replicas, mostly for deployments that are not
+        multi-exit at all."""
+        stages = [d for d in self._store.list_deployments() if d.manifest.spec.multi_exit is not None]
+        return stages, [rep for dep in stages for rep in self._store.list_replicas(dep.name)]
+
     async def run(self) -> None:
         while True:
             try:
@@ -151,9 +159,7 @@ class PipelineRouter:
             self._wake.clear()
 
     async def sync(self) -> None:
-        deployments, replicas = await self._db(
-            lambda: (self._store.list_deployments(), self._store.list_replicas())
-        )
+        deployments, replicas = await self._db(self._read)
         endpoints = {
             nid: v.hello.inference_endpoint
             for nid, v in self._fleet.nodes.items()

@@ -3,16 +3,20 @@ between stages (real LiteRT outputs) and the orchestrator's wiring plan of runni
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 import pytest
 
 from accelerators.base import ModelArtifact
 from accelerators.cpu_litert import CpuLitertBackend, CpuLitertConfig
+from edgeward.v1 import node_pb2
 from node_agent.multiexit import dequantize, requantize, stage_outputs
+from orchestrator.fleet import Fleet
 from orchestrator.manifest import parse_manifest
-from orchestrator.multiexit import plan
+from orchestrator.multiexit import PipelineRouter, plan
 from orchestrator.phases import Phase
-from orchestrator.store import DeploymentRecord, ReplicaRecord
+from orchestrator.store import DeploymentRecord, ReplicaChange, ReplicaRecord, SqlStore
 from usecases import model_path
 from usecases.automotive.generator import Sign, preprocess, synthesize
 from usecases.workloads import manifests
@@ -106,3 +110,51 @@ def test_plan_refuses_incomplete_models_with_a_reason():
     assert plan(deps, reps, endpoints)[0] == {}
     deps, reps = _records({"sign-stage1": ["a"], "sign-stage2": ["a"], "sign-stage3": ["a"]})
     assert plan(deps[1:], reps, endpoints)[1] == {"sign-classifier": "stages [2, 3] are not 1..2"}
+
+
+class _CountingStore(SqlStore):
+    """A real store that remembers which replicas were listed (None: all of them)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.listed: list[str | None] = []
+
+    def list_replicas(self, deployment=None):
+        self.listed.append(deployment)
+        return super().list_replicas(deployment)
+
+
+def test_the_wiring_pass_reads_only_the_stage_deployments_replicas(tmp_path):
+    """Twice a second the router reads what it wires: every replica of the fleet took the store's
+    thread for a tenth of a second at 10,000 replicas, nearly all of deployments without stages."""
+    store = _CountingStore(tmp_path)
+    try:
+        deps, reps = _records({"sign-stage1": ["a"], "sign-stage2": ["b"], "sign-stage3": ["b"]})
+        (industrial,) = [parse_manifest(text) for text in manifests("industrial")]
+        for manifest in [d.manifest for d in deps] + [industrial]:
+            store.put_deployment(manifest, 0)
+        plain = [
+            ReplicaRecord(
+                f"vib-{i}", industrial.metadata.name, 1, "vibration", "1.0.0", Phase.RUNNING, 0, node_id="a"
+            )
+            for i in range(50)
+        ]
+        store.apply_replica_changes(ReplicaChange(r) for r in reps + plain)
+        fleet = Fleet()
+        for node, port in (("a", 1001), ("b", 1002)):
+            fleet.view(node).hello = node_pb2.Hello(inference_endpoint=f"127.0.0.1:{port}")
+        sent: dict[str, node_pb2.Command] = {}
+
+        async def publish(node: str, cmd: node_pb2.Command) -> None:
+            sent[node] = cmd
+
+        async def db(fn):
+            return fn()
+
+        asyncio.run(PipelineRouter(store, db, fleet, publish).sync())
+        assert sorted(store.listed) == ["sign-stage1", "sign-stage2", "sign-stage3"]  # never None
+        assert sorted(sent) == ["a", "b"]
+        (pipeline,) = sent["a"].pipelines.pipelines
+        assert [s.endpoint for s in pipeline.stages] == ["", "127.0.0.1:1002", "127.0.0.1:1002"]
+    finally:
+        store.close()
