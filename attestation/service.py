@@ -499,12 +499,20 @@ class AttestationVerifierService:
     def tier(self, node_id: str) -> str:
         """The tier a scheduler may rely on: that of an unexpired *affirming* result, else "none"."""
         with self._lock:
-            node = self._nodes.get(node_id)
-            if node is None or node.appraisal is None:
-                return "none"
-            if self._effective(node, self.now_ms()) != AttestationState.AFFIRMING:
-                return "none"
-            return node.appraisal.result.tier
+            return self._tier(self._nodes.get(node_id), self.now_ms())
+
+    def tiers(self, node_ids: Iterable[str]) -> dict[str, str]:
+        """:meth:`tier` of each node, under one lock and one reading of the clock: a reconcile pass
+        asks for every node of the fleet (10,000 calls of :meth:`tier` were a tenth of a busy
+        orchestrator's samples)."""
+        with self._lock:
+            now, nodes = self.now_ms(), self._nodes
+            return {node_id: self._tier(nodes.get(node_id), now) for node_id in node_ids}
+
+    def _tier(self, node: _Node | None, now: int) -> str:
+        if node is None or node.appraisal is None or self._effective(node, now) != AttestationState.AFFIRMING:
+            return "none"
+        return node.appraisal.result.tier
 
     def expire(self) -> list[str]:
         """Record every result that ran out (state EXPIRED, listeners told); returns those node ids,

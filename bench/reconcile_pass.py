@@ -25,6 +25,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
@@ -64,6 +65,9 @@ class WrappingTrust:
 
     def tier(self, node_id: str) -> str:
         return "software"
+
+    def tiers(self, node_ids: Iterable[str]) -> dict[str, str]:
+        return dict.fromkeys(node_ids, "software")
 
     def why_not_trusted(self, node_id: str) -> tuple[str, str] | None:
         return None

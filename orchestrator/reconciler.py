@@ -165,6 +165,10 @@ class Trust(Protocol):
 
     def tier(self, node_id: str) -> str: ...
 
+    def tiers(self, node_ids: Iterable[str]) -> dict[str, str]:
+        """``tier`` of each node at once."""
+        ...
+
     def why_not_trusted(self, node_id: str) -> tuple[str, str] | None: ...
 
     def release_key(self, node_id: str, name: str, version: str, data_key: bytes) -> bytes: ...
@@ -602,6 +606,7 @@ class Reconciler:
                 per_dep[rep.node_id][rep.deployment] += 1
                 memory[rep.node_id] += need.get(rep.deployment, 0)
         snapshot = {}
+        tiers = self._trust.tiers(self._fleet.nodes)
         for node in self._fleet.nodes.values():
             if node.hello is None:
                 continue
@@ -613,7 +618,7 @@ class Reconciler:
                 count[node.id],
                 memory[node.id],
                 dict(per_dep[node.id]),
-                self._trust.tier(node.id),
+                tiers[node.id],
                 self._correction.scale(node.id),
             )
         return snapshot
@@ -664,16 +669,20 @@ class ReconcilePass:
         self.sending: list[asyncio.Task[None]] = []
         self._changed = False
         self.by_deployment: dict[str, list[ReplicaRecord]] = defaultdict(list)
-        self._tiers: dict[str, str] = {}
+        self._tiers: dict[str, str] | None = None
         self.dispatched: list[ReplicaRecord] = []  # bound by this pass, not yet seen running
         self.moves: Counter[tuple[Phase, Phase]] = Counter()  # phase changes not logged yet
         self._requests: dict[tuple[str, str, str], PlacementRequest] = {}
 
     def tier(self, node_id: str) -> str:
-        """The node's attestation tier, asked of the verifier once per pass (not once per replica)."""
-        tier = self._tiers.get(node_id)
-        if tier is None:
-            tier = self._tiers[node_id] = self.rec._trust.tier(node_id)
+        """The node's attestation tier, asked of the verifier once per pass for the whole fleet (not
+        once per replica, nor once per node)."""
+        tiers = self._tiers
+        if tiers is None:
+            tiers = self._tiers = self.rec._trust.tiers(self.rec._fleet.nodes)
+        tier = tiers.get(node_id)
+        if tier is None:  # a node the fleet does not know (yet)
+            tier = tiers[node_id] = self.rec._trust.tier(node_id)
         return tier
 
     # ------------------------------------------------------------ decisions

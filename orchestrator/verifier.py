@@ -220,6 +220,9 @@ class FleetVerifier:
     def tier(self, node_id: str) -> str:
         return self.service.tier(node_id)
 
+    def tiers(self, node_ids: Iterable[str]) -> dict[str, str]:
+        return self.service.tiers(node_ids)
+
     def why_not_trusted(self, node_id: str) -> tuple[str, str] | None:
         """(reason id, message) when the node may hold no model; None when it holds an affirming
         result, or has just connected and has not had the time to answer its first challenge."""

@@ -3,12 +3,17 @@ hand and run no attestation."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 
 class NoTrust:
     """No node is attested (there are no nodes here)."""
 
     def tier(self, node_id: str) -> str:
         return "none"
+
+    def tiers(self, node_ids: Iterable[str]) -> dict[str, str]:
+        return dict.fromkeys(node_ids, "none")
 
     def why_not_trusted(self, node_id: str) -> tuple[str, str] | None:
         return None
@@ -22,6 +27,9 @@ class Affirmed:
 
     def tier(self, node_id: str) -> str:
         return "software"
+
+    def tiers(self, node_ids: Iterable[str]) -> dict[str, str]:
+        return dict.fromkeys(node_ids, "software")
 
     def why_not_trusted(self, node_id: str) -> tuple[str, str] | None:
         return None

@@ -120,10 +120,12 @@ class VerifierLifecycle(RuleBasedStateMachine):
     def tier_follows_the_latest_unexpired_affirming_result(self) -> None:
         if not hasattr(self, "service"):
             return
+        tiers = self.service.tiers([*NODES, "never-seen"])
+        assert tiers.pop("never-seen") == "none"
         for node_id in NODES:
             status, expires = self.latest.get(node_id, (None, 0))
             valid = status == pb.ATTESTATION_STATUS_AFFIRMING and self.now_ms() < expires
-            assert self.service.tier(node_id) == ("tpm2" if valid else "none")
+            assert self.service.tier(node_id) == tiers[node_id] == ("tpm2" if valid else "none")
             assert (self.service.result(node_id) is not None) == (
                 status is not None and self.now_ms() < expires
             )
