@@ -328,6 +328,7 @@ class FleetVerifier:
 
     async def _evidence(self, node_id: str, payload: bytes) -> None:
         self.window.answered(node_id, time.monotonic())
+        tier = self.service.tier(node_id)
         if self.service.state(node_id) is None:
             # A first enrollment reads and redeems token files: off the loop.
             outcome = await self._enroll(self.service.receive, node_id, payload)
@@ -357,10 +358,15 @@ class FleetVerifier:
             if held is not None and not (held.reason.startswith("model.wipe") and held.wiped_at is None):
                 del self.quarantined[node_id]
                 log.warning("node %s attested affirming again: out of quarantine", node_id)
+                tier = ""  # changed
         else:
             state = self.service.state(node_id)
             await self.quarantine(node_id, _STATE_REASON[state], self._explain(node_id, state))
-        self._on_change()
+        # Only news wakes the reconciler: a renewal that leaves the node's tier as it was changes
+        # nothing it decides, and at 10,000 nodes renewals arrive hundreds a second (each woke a
+        # pass over every replica: the passes ran back to back, half of an idle orchestrator's CPU).
+        if self.service.tier(node_id) != tier:
+            self._on_change()
 
     def _enrollment_refused(self, node_id: str, err: EnrollmentError) -> None:
         """Record the refusal; tell the operator once per node and reason (the node asks again at

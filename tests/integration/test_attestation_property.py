@@ -326,7 +326,7 @@ TestAttestationGate = AttestationGate.TestCase
 
 
 def inline_verifier(
-    att: AttestationConfig, clock: Clock, fleet: Fleet, store: SqlStore, publish
+    att: AttestationConfig, clock: Clock, fleet: Fleet, store: SqlStore, publish, on_change=lambda: None
 ) -> FleetVerifier:
     """A FleetVerifier whose store calls run inline, on a verifier service with this clock."""
 
@@ -342,7 +342,7 @@ def inline_verifier(
         db=db,
         store=store,
         node_timeout_s=3600,
-        on_change=lambda: None,
+        on_change=on_change,
     )
 
 
@@ -473,3 +473,55 @@ def test_a_node_that_said_hello_and_no_status_yet_is_asked_to_enroll(one_node: O
     s.run(verifier.node_connected(node.id))
     s.run(verifier.challenges_sent())
     assert len(s.sent) == 1 and not verifier.window.busy(node.id)
+
+
+def test_only_a_change_of_trust_wakes_the_reconciler(tmp_path: Path) -> None:
+    """A renewal that leaves the node's tier as it was wakes no reconcile pass: at 10,000 nodes the
+    renewals (hundreds a second) kept the passes over every replica running back to back. The first
+    result, a renewal after the result expired and a refusal each wake it."""
+    loop = asyncio.new_event_loop()
+    clock = Clock()
+    store = SqlStore(tmp_path / "orch")
+    fleet = Fleet()
+    node = Node("n1", tmp_path / "n1")
+    outbox: list[node_pb2.Command] = []
+    woken: list[float] = []
+
+    async def publish(node_id: str, cmd: node_pb2.Command) -> None:
+        outbox.append(cmd)
+
+    async def deliver() -> None:
+        while outbox:
+            node.command(outbox.pop(0), b"")
+            for payload in node.outbox:
+                await verifier.evidence(node.id, payload)
+            node.outbox.clear()
+
+    att = AttestationConfig()
+    verifier = inline_verifier(att, clock, fleet, store, publish, on_change=lambda: woken.append(clock.now))
+    try:
+        fleet.apply(node.hello())
+        fleet.apply(node.status())
+        verifier.hello(node.id)
+        loop.run_until_complete(verifier.node_connected(node.id))
+        loop.run_until_complete(deliver())
+        loop.run_until_complete(verifier.attest(node.id))
+        loop.run_until_complete(deliver())
+        assert verifier.service.tier(node.id) == "software" and len(woken) == 1  # trusted: news
+        for _ in range(3):  # renewals: the same tier, no news
+            clock.now += 10
+            loop.run_until_complete(verifier.attest(node.id))
+            loop.run_until_complete(deliver())
+        assert len(woken) == 1
+        clock.now += att.verifier.result_ttl_s + 1  # expired (read as "none"), then renewed
+        loop.run_until_complete(verifier.attest(node.id))
+        loop.run_until_complete(deliver())
+        assert verifier.service.tier(node.id) == "software" and len(woken) == 2
+        node.responder.measure_digest("agent.code", hashlib.sha256(b"other code").digest(), "x")  # tampered
+        loop.run_until_complete(verifier.attest(node.id))
+        loop.run_until_complete(deliver())
+        assert verifier.service.tier(node.id) == "none" and len(woken) >= 3
+    finally:
+        node.responder.close()
+        store.close()
+        loop.close()
