@@ -160,11 +160,12 @@ class PipelineRouter:
 
     async def sync(self) -> None:
         deployments, replicas = await self._db(self._read)
-        endpoints = {
-            nid: v.hello.inference_endpoint
-            for nid, v in self._fleet.nodes.items()
-            if v.hello is not None and v.hello.inference_endpoint
-        }
+        nodes = self._fleet.nodes
+        endpoints = {}  # of the nodes running a stage (not every node of the fleet, twice a second)
+        for node_id in {r.node_id for r in replicas if r.node_id}:
+            view = nodes.get(node_id)
+            if view is not None and view.hello is not None and view.hello.inference_endpoint:
+                endpoints[node_id] = view.hello.inference_endpoint
         wanted, problems = plan(deployments, replicas, endpoints)
         for name, why in problems.items():
             if self._problems.get(name) != why:
