@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import sqlite3
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ from edgeward.v1 import api_pb2, node_pb2
 from edgeward.wire import node_message
 from orchestrator import reconciler as reconciler_module
 from orchestrator.config import OrchestratorConfig
+from orchestrator.errors import StoreError
 from orchestrator.fleet import Fleet
 from orchestrator.manifest import parse_manifest
 from orchestrator.phases import Phase
@@ -257,6 +259,71 @@ async def test_a_large_apply_is_saved_and_sent_in_slices(store, tmp_path, monkey
     # The first slice's commands go out while the second slice is saved, and so on.
     assert [w for w, _ in published] == [2, 2, 3, 3, 3]
     assert len({r.node_id for r in store.list_replicas("vib")}) == 5
+
+
+async def test_the_pass_binds_on_while_the_store_saves(store, tmp_path, monkeypatch) -> None:
+    """The binding does not wait for each slice's save: at 10,000 nodes those waits held it up for
+    a seventh of its time. The first save is held until every replica is bound (it would wait for
+    ever if binding waited for it: the timeout fails the test instead)."""
+    monkeypatch.setattr(reconciler_module, "COMMIT_SLICE", 1)
+    fleet = five_nodes_and_five_replicas(store)
+    all_bound = asyncio.Event()
+
+    class Counting(Affirmed):
+        released = 0
+
+        def release_key(self, node_id: str, name: str, version: str, data_key: bytes) -> bytes:
+            Counting.released += 1
+            if Counting.released == 5:
+                all_bound.set()
+            return super().release_key(node_id, name, version, data_key)
+
+    held: list[int] = []  # replicas bound when the first save was let through
+
+    async def db(fn, *args):
+        if fn == store.apply_replica_changes and not held:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(all_bound.wait(), 5.0)
+            held.append(Counting.released)
+        return fn(*args)
+
+    async def publish(node_id: str, cmd: node_pb2.Command) -> None:
+        saved = {r.id for r in store.list_replicas("vib") if r.phase == Phase.DISPATCHED}
+        assert cmd.deploy.replica_id in saved, "a command goes out only after its decision is saved"
+
+    rec = built(store, tmp_path, fleet, db, publish, Counting())
+    rec._grace_ends = 0.0
+    await rec.reconcile_once()
+    assert held == [5]
+    assert {r.phase for r in store.list_replicas("vib")} == {Phase.DISPATCHED}
+
+
+async def test_a_failed_save_fails_the_pass_and_nothing_after_it_is_saved_or_sent(
+    store, tmp_path, monkeypatch
+) -> None:
+    """Saves run behind the binding, in order: when one fails, the saves after it write nothing,
+    their commands are never sent, and the pass fails (the next one starts from the store)."""
+    monkeypatch.setattr(reconciler_module, "COMMIT_SLICE", 1)
+    fleet = five_nodes_and_five_replicas(store)
+    writes = 0
+    sent: list[str] = []
+
+    async def db(fn, *args):
+        nonlocal writes
+        if fn == store.apply_replica_changes:
+            writes += 1
+            if writes == 2:
+                raise StoreError("database is locked")
+        return fn(*args)
+
+    async def publish(node_id: str, cmd: node_pb2.Command) -> None:
+        sent.append(cmd.deploy.replica_id)
+
+    rec = affirmed(store, tmp_path, fleet, db, publish)
+    with pytest.raises(StoreError):
+        await rec.reconcile_once()
+    dispatched = [r.id for r in store.list_replicas("vib") if r.phase == Phase.DISPATCHED]
+    assert writes == 2 and len(dispatched) == 1 and sent == dispatched
 
 
 async def test_a_long_pass_records_running_while_it_still_binds(store, tmp_path, monkeypatch) -> None:
