@@ -521,6 +521,22 @@ class Reconciler:
             f"node {rep.node_id} is attested {tier}, the deployment needs {need}",
         )
 
+    def _went_out(self, cmd: node_pb2.Command) -> None:
+        """A replica's command reached the broker: its resend is timed from now, not from when it
+        was decided. After an apply to 10,000 nodes the commands waited seconds for their saves and
+        the broker, and a resend timed from the decision sent thousands again (each with a fresh key
+        wrap) before the nodes had had them for the resend interval."""
+        body = cmd.WhichOneof("body")
+        replica_id = (
+            cmd.deploy.replica_id
+            if body == "deploy"
+            else cmd.undeploy.replica_id
+            if body == "undeploy"
+            else ""
+        )
+        if replica_id in self._last_sent:  # not a replica forgotten meanwhile
+            self._last_sent[replica_id] = time.monotonic()
+
     def _resend(self, commands: list, rep: ReplicaRecord, now: float, *, undeploy: bool = False) -> None:
         resent = self._resent.get(rep.id, 0)
         interval = self._config.resend_interval_s * RESEND_BACKOFF[min(resent, len(RESEND_BACKOFF) - 1)]
@@ -1363,6 +1379,12 @@ class ReconcilePass:
         command of the pass is out."""
         self.follow_dispatched()
         await self.flush()
+        # The saves and the commands of a large pass take seconds: follow the nodes meanwhile, as
+        # the binding does, so that a replica running by then is recorded now, not a pass later.
+        while outstanding := [t for t in (self._saving, *self.sending) if t is not None and not t.done()]:
+            await asyncio.wait(outstanding, timeout=FOLLOW_BOUND_S)
+            if self.follow_dispatched():
+                await self.flush()
         if self._saving is not None:
             await self._saving
         await self.sent()
@@ -1405,7 +1427,7 @@ class ReconcilePass:
             moved = ", ".join(f"{n} {a} -> {b}" for (a, b), n in sorted(moves.items()))
             log.info("replicas saved: %s", moved)
         if commands:
-            self.sending.append(asyncio.create_task(publish_all(rec._publish, commands)))
+            self.sending.append(asyncio.create_task(publish_all(rec._publish, commands, rec._went_out)))
         if touched:
             rec._on_change(touched)
 
@@ -1484,14 +1506,19 @@ def _request(dep: DeploymentRecord, model: api_pb2.Model, tier: str, replica_id:
     )
 
 
-async def publish_all(publish: Publish, commands: Sequence[tuple[str, node_pb2.Command]]) -> None:
+async def publish_all(
+    publish: Publish,
+    commands: Sequence[tuple[str, node_pb2.Command]],
+    went_out: Callable[[node_pb2.Command], None] = lambda _cmd: None,
+) -> None:
     """Publish ``commands`` in their order, up to ``PUBLISH_WINDOW`` of them awaiting their PUBACK
     at once: one at a time, a pass that binds thousands of replicas waited a broker round trip
     per command (MQTT keeps the order of one client's QoS 1 messages, so each node still gets
-    its commands in the order they were decided)."""
+    its commands in the order they were decided). ``went_out`` is told of each acknowledged one."""
     if len(commands) <= 1:
         for node_id, cmd in commands:
             await publish(node_id, cmd)
+            went_out(cmd)
         return
     # A window of senders, each taking the next command when its last one is acknowledged: the
     # publishes start in list order. (A task per command behind an asyncio.Semaphore costs a scan of
@@ -1503,6 +1530,7 @@ async def publish_all(publish: Publish, commands: Sequence[tuple[str, node_pb2.C
         for node_id, cmd in queue:
             try:
                 await publish(node_id, cmd)
+                went_out(cmd)
             except Exception as err:  # the other commands are still sent; the first failure is raised
                 failed = failed or err
         if failed is not None:

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import hashlib
 import sqlite3
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -394,6 +395,26 @@ async def test_a_command_is_timed_from_when_its_replica_was_bound(store, tmp_pat
     rec = affirmed(store, tmp_path, fleet, db, publish)
     await rec.reconcile_once()
     assert len(set(rec._last_sent.values())) == 5, rec._last_sent  # one time per binding
+
+
+async def test_a_resend_is_timed_from_when_the_command_went_out(store, tmp_path) -> None:
+    """Not from when it was decided: after an apply to 10,000 nodes the commands waited seconds for
+    their saves and the broker, and thousands were sent again before the nodes had had them for the
+    resend interval."""
+    fleet = five_nodes_and_five_replicas(store)
+    acknowledged: dict[str, float] = {}
+
+    async def db(fn, *args):
+        return fn(*args)
+
+    async def publish(node_id: str, cmd: node_pb2.Command) -> None:
+        await asyncio.sleep(0.05)  # the broker's PUBACK comes after a while
+        acknowledged[cmd.deploy.replica_id] = time.monotonic()
+
+    rec = affirmed(store, tmp_path, fleet, db, publish)
+    await rec.reconcile_once()
+    assert len(acknowledged) == 5
+    assert all(rec._last_sent[rid] >= at for rid, at in acknowledged.items()), (rec._last_sent, acknowledged)
 
 
 async def test_publish_all_starts_commands_in_order_within_its_window() -> None:
