@@ -288,8 +288,9 @@ class OrchestratorConfig(BaseModel):
     )
     resend_interval_s: Annotated[float, Field(gt=0, le=600)] = Field(
         5.0,
-        description="How long a command the node has not acted on waits before it is sent again; "
-        "each further resend of the same replica's command waits twice as long, up to 4x.",
+        description="How long a command the node has not acted on waits, from when the broker took "
+        "it, before it is sent again; each further resend of the same replica's command waits twice "
+        "as long, up to 4x.",
     )
     metrics_bind: str | None = Field(
         None,
