@@ -1403,10 +1403,11 @@ class ReconcilePass:
         moves, self.moves = self.moves, Counter()
         touched, self.touched = self.touched, set()
         self._changed |= bool(changes)
+        earlier = self._saving
+        if earlier is not None and earlier.done():
+            earlier.result()  # a failed save fails the pass now, not once it has bound everything
         if changes or commands or moves or touched:
-            self._saving = asyncio.create_task(self._save(self._saving, changes, moves, commands, touched))
-        if self._saving is not None and self._saving.done():
-            self._saving.result()  # a failed save fails the pass now, not at its end
+            self._saving = asyncio.create_task(self._save(earlier, changes, moves, commands, touched))
 
     async def _save(
         self,
@@ -1440,10 +1441,17 @@ class ReconcilePass:
                 raise result
 
     async def settle(self) -> None:
-        """After a failed pass: wait for what it started (saves, then publishing) to end, however."""
-        if self._saving is not None:
-            await asyncio.gather(self._saving, return_exceptions=True)
-        await asyncio.gather(*self.sending, return_exceptions=True)  # started: out, or failed
+        """After a failed pass: wait for what it started (saves, then publishing) to end, however.
+        Cancelled meanwhile (a shutdown that stops waiting): cancel them all, none is left running."""
+        try:
+            if self._saving is not None:
+                await asyncio.gather(self._saving, return_exceptions=True)
+            await asyncio.gather(*self.sending, return_exceptions=True)  # started: out, or failed
+        except asyncio.CancelledError:
+            for task in (self._saving, *self.sending):
+                if task is not None:
+                    task.cancel()
+            raise
 
 
 def _node_info(

@@ -397,6 +397,71 @@ async def test_a_command_is_timed_from_when_its_replica_was_bound(store, tmp_pat
     assert len(set(rec._last_sent.values())) == 5, rec._last_sent  # one time per binding
 
 
+async def test_a_failed_save_stops_the_binding_at_the_next_flush(store, tmp_path, monkeypatch) -> None:
+    """The pass does not bind (release keys, build commands) to the end before it notices that a
+    save failed: the next flush raises it."""
+    monkeypatch.setattr(reconciler_module, "COMMIT_SLICE", 1)
+    monkeypatch.setattr(reconciler_module, "PLACE_SLICE_S", 0.0)  # a yield after every binding
+    fleet = five_nodes_and_five_replicas(store)
+    released: list[str] = []
+
+    class Counting(Affirmed):
+        def release_key(self, node_id: str, name: str, version: str, data_key: bytes) -> bytes:
+            released.append(node_id)
+            return super().release_key(node_id, name, version, data_key)
+
+    async def db(fn, *args):
+        if fn == store.apply_replica_changes:
+            raise StoreError("database is locked")
+        return fn(*args)
+
+    async def publish(node_id: str, cmd: node_pb2.Command) -> None:
+        raise AssertionError("nothing is sent after a failed save")
+
+    rec = built(store, tmp_path, fleet, db, publish, Counting())
+    rec._grace_ends = 0.0
+    with pytest.raises(StoreError):
+        await rec.reconcile_once()
+    assert len(released) < 5, released
+
+
+async def test_a_pass_cancelled_while_it_settles_leaves_nothing_running(store, tmp_path, monkeypatch) -> None:
+    """A shutdown cancels a pass, then cancels it again when its bound runs out, while it waits for
+    a save: the publishing that earlier saves started is cancelled with it, not left running (on a
+    closed MQTT session)."""
+    monkeypatch.setattr(reconciler_module, "COMMIT_SLICE", 1)
+    fleet = five_nodes_and_five_replicas(store)
+    publishing = asyncio.Event()
+    writes = 0
+
+    async def db(fn, *args):
+        nonlocal writes
+        if fn == store.apply_replica_changes:
+            writes += 1
+            if writes == 2:
+                await asyncio.Event().wait()  # the second save never ends
+        return fn(*args)
+
+    async def publish(node_id: str, cmd: node_pb2.Command) -> None:
+        publishing.set()
+        await asyncio.Event().wait()  # the broker never acknowledges
+
+    rec = affirmed(store, tmp_path, fleet, db, publish)
+    before = asyncio.all_tasks()
+    task = asyncio.create_task(rec.reconcile_once())
+    await asyncio.wait_for(publishing.wait(), 10.0)  # the first slice is saved and going out
+    task.cancel()  # the pass fails and settles: it waits for the second save
+    for _ in range(5):
+        await asyncio.sleep(0)
+    task.cancel()  # the shutdown stops waiting
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    started = [t for t in asyncio.all_tasks() - before if t is not asyncio.current_task()]
+    if started:
+        _, running = await asyncio.wait(started, timeout=5.0)
+        assert not running, running
+
+
 async def test_a_resend_is_timed_from_when_the_command_went_out(store, tmp_path) -> None:
     """Not from when it was decided: after an apply to 10,000 nodes the commands waited seconds for
     their saves and the broker, and thousands were sent again before the nodes had had them for the
