@@ -524,18 +524,13 @@ class Reconciler:
     def _went_out(self, cmd: node_pb2.Command) -> None:
         """A replica's command reached the broker: its resend is timed from now, not from when it
         was decided. After an apply to 10,000 nodes the commands waited seconds for their saves and
-        the broker, and a resend timed from the decision sent thousands again (each with a fresh key
-        wrap) before the nodes had had them for the resend interval."""
+        the broker, and a resend timed from the decision sent thousands again (each a command for
+        the broker and the node to handle) before the nodes had had them for the resend interval."""
         body = cmd.WhichOneof("body")
-        replica_id = (
-            cmd.deploy.replica_id
-            if body == "deploy"
-            else cmd.undeploy.replica_id
-            if body == "undeploy"
-            else ""
-        )
-        if replica_id in self._last_sent:  # not a replica forgotten meanwhile
-            self._last_sent[replica_id] = time.monotonic()
+        if body in ("deploy", "undeploy"):
+            replica_id = getattr(cmd, body).replica_id
+            if replica_id in self._last_sent:  # not a replica forgotten meanwhile
+                self._last_sent[replica_id] = time.monotonic()
 
     def _resend(self, commands: list, rep: ReplicaRecord, now: float, *, undeploy: bool = False) -> None:
         resent = self._resent.get(rep.id, 0)

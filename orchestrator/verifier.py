@@ -328,7 +328,7 @@ class FleetVerifier:
 
     async def _evidence(self, node_id: str, payload: bytes) -> None:
         self.window.answered(node_id, time.monotonic())
-        tier = self.service.tier(node_id)
+        tier_before = self.service.tier(node_id)
         if self.service.state(node_id) is None:
             # A first enrollment reads and redeems token files: off the loop.
             outcome = await self._enroll(self.service.receive, node_id, payload)
@@ -352,20 +352,21 @@ class FleetVerifier:
         result = outcome.result
         if result is None:
             return
+        released = False
         if result.status == apb.ATTESTATION_STATUS_AFFIRMING:
             held = self.quarantined.get(node_id)
             # A node quarantined for not confirming a model wipe leaves only once it has confirmed.
             if held is not None and not (held.reason.startswith("model.wipe") and held.wiped_at is None):
                 del self.quarantined[node_id]
                 log.warning("node %s attested affirming again: out of quarantine", node_id)
-                tier = ""  # changed
+                released = True
         else:
             state = self.service.state(node_id)
             await self.quarantine(node_id, _STATE_REASON[state], self._explain(node_id, state))
         # Only news wakes the reconciler: a renewal that leaves the node's tier as it was changes
         # nothing it decides, and at 10,000 nodes renewals arrive hundreds a second (each woke a
         # pass over every replica: the passes ran back to back, half of an idle orchestrator's CPU).
-        if self.service.tier(node_id) != tier:
+        if released or self.service.tier(node_id) != tier_before:
             self._on_change()
 
     def _enrollment_refused(self, node_id: str, err: EnrollmentError) -> None:
