@@ -10,6 +10,8 @@ neither running nor runnable was idle, or blocked (the GIL, IO).
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,3 +91,26 @@ class CpuClock:
         t0, used0 = self._begin
         wall = time.monotonic() - t0
         return (self._used() - used0) / wall if wall > 0 else None
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds used so far by a process, its live descendants and the children it has reaped
+    (PostgreSQL's postmaster: every backend, ended or not); 0 once it is gone."""
+    try:
+        root = psutil.Process(pid)
+        times = root.cpu_times()
+        total = times.user + times.system + times.children_user + times.children_system
+        for child in root.children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                child_times = child.cpu_times()
+                total += child_times.user + child_times.system
+    except psutil.Error:
+        return 0.0
+    return total
+
+
+def pin(pid: int, cpus: set[int]) -> None:
+    """Run every thread of the process (and the threads and children it starts later) on ``cpus``."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(int(task.name), cpus)

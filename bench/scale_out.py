@@ -42,10 +42,11 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from _models import push_vib_cnn
 from _report import command, machine, write_section
-from _sched import Share, ThreadClock, cpu_seconds
+from _sched import Share, ThreadClock, cpu_seconds, pin, tree_cpu_seconds
 from fleet_scale import raise_fd_limit, start_fleet, start_mosquitto, wait_port
 
 POLL_S = 0.25  # how often the bench lists the deployments to see replicas Running
+FLEET_CPUS = {0}  # --pin-fleet: the hollow fleet's CPU
 
 
 def _test_helper(name: str) -> ModuleType:
@@ -165,10 +166,15 @@ def takeover(work: Path, url: str, broker_port: int, public: Path, kills: int, t
     return times
 
 
-def cpu_used(replicas: list[Replica], fleet: list[subprocess.Popen]) -> list[float]:
-    """CPU seconds (user + system) used so far by each replica process, then by the whole fleet."""
+def cpu_used(replicas: list[Replica], fleet: list[subprocess.Popen], postgres: int = 0) -> list[float]:
+    """CPU seconds (user + system) used so far by each replica process, then by the whole fleet,
+    then by PostgreSQL (the postmaster ``postgres`` and every backend, ended or not)."""
     per_replica = [cpu_seconds(r.proc.pid) if r.proc is not None else 0.0 for r in replicas]
-    return [*per_replica, sum(cpu_seconds(p.pid) for p in fleet)]
+    return [
+        *per_replica,
+        sum(cpu_seconds(p.pid) for p in fleet),
+        tree_cpu_seconds(postgres) if postgres else 0.0,
+    ]
 
 
 async def steady_cost(url: str, replicas: list[Replica], seconds: float) -> dict:
@@ -192,7 +198,7 @@ async def steady_cost(url: str, replicas: list[Replica], seconds: float) -> dict
     after_tx, after_cpu, elapsed = transactions(), cpu_used(replicas, []), time.monotonic() - t0
     return {
         "tx_per_s": (after_tx - before_tx) / elapsed,
-        "cpu_share": [(b - a) / elapsed for a, b in zip(before_cpu[:-1], after_cpu[:-1], strict=True)],
+        "cpu_share": [(b - a) / elapsed for a, b in zip(before_cpu[:-2], after_cpu[:-2], strict=True)],
     }
 
 
@@ -201,7 +207,9 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered)) - 1))]
 
 
-async def apply_run(args: argparse.Namespace, work: Path, url: str, broker_port: int, count: int) -> dict:
+async def apply_run(
+    args: argparse.Namespace, work: Path, url: str, broker_port: int, count: int, postgres: int
+) -> dict:
     from orchestrator.catalog.signing import PublisherKey
 
     publisher = PublisherKey.generate()
@@ -215,6 +223,9 @@ async def apply_run(args: argparse.Namespace, work: Path, url: str, broker_port:
         leader = replicas.index(leader_of(replicas))
         nodes_api = api_pb2_grpc.NodeServiceStub(channels[leader])
         fleet = start_fleet(work, broker_port, args.nodes, max(1, -(-args.nodes // 2500)), args.heartbeat)
+        if args.pin_fleet:  # before the fleet's threads start: they inherit it
+            for proc in fleet:
+                pin(proc.pid, FLEET_CPUS)
         t0 = time.monotonic()
         while True:  # attestation results live in the leader's verifier
             await asyncio.sleep(2.0)
@@ -272,7 +283,7 @@ async def apply_run(args: argparse.Namespace, work: Path, url: str, broker_port:
                             first_running[r.id] = now - applied[d.name]
                             recorded[r.id] = r.updated_unix_ms / 1000 - applied_wall[d.name]
 
-        cpu_before = cpu_used(replicas, fleet)
+        cpu_before = cpu_used(replicas, fleet, postgres)
         leader_proc = replicas[leader].proc
         assert leader_proc is not None  # started above
         loop_clock = ThreadClock(leader_proc.pid)
@@ -283,7 +294,7 @@ async def apply_run(args: argparse.Namespace, work: Path, url: str, broker_port:
         result["apply_s"] = time.monotonic() - start
         result["applies_per_s"] = args.deployments / result["apply_s"]
         await watcher
-        cpu_after = cpu_used(replicas, fleet)
+        cpu_after = cpu_used(replicas, fleet, postgres)
         result["loop_share"] = loop_clock.stop()
         result["cpu_s"] = [round(b - a, 1) for a, b in zip(cpu_before, cpu_after, strict=True)]
         times = list(first_running.values())
@@ -345,14 +356,26 @@ def main() -> None:
     parser.add_argument(
         "--steady", type=float, default=10.0, help="seconds of steady heartbeats measured before the apply"
     )
+    parser.add_argument(
+        "--pin-fleet",
+        action="store_true",
+        help="run the hollow fleet on the first CPU and everything else (PostgreSQL, Mosquitto, the "
+        "replicas) on the others: the nodes stand in for devices with CPUs of their own",
+    )
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     bindir = pg_server.find_bindir()
     if bindir is None:
         raise SystemExit("PostgreSQL server not installed: apt-get install postgresql")
     raise_fd_limit()
+    if args.pin_fleet:  # this script and what it starts from here on (not the fleet) on the other CPUs
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) < 2:
+            raise SystemExit("--pin-fleet needs at least 2 CPUs")
+        os.sched_setaffinity(0, set(cpus) - FLEET_CPUS)
     pg = pg_server.PostgresServer(bindir)
     pg.start()
+    postmaster = int((pg.datadir / "postmaster.pid").read_text().split()[0])
     root = Path(tempfile.mkdtemp(prefix="edgeward-scale-out-"))
     broker, broker_port = start_mosquitto(root)
     load_start = os.getloadavg()[0]
@@ -368,7 +391,8 @@ def main() -> None:
         for k, count in enumerate(order):
             work = root / f"apply-{k}-{count}"
             work.mkdir()
-            runs.append(asyncio.run(apply_run(args, work, pg.url(pg.create_database()), broker_port, count)))
+            url = pg.url(pg.create_database())
+            runs.append(asyncio.run(apply_run(args, work, url, broker_port, count, postmaster)))
     finally:
         broker.terminate()
         broker.wait()
@@ -392,7 +416,7 @@ def main() -> None:
         f"{r['p50_s']:.2f} s | {r['p99_s']:.2f} s | {r['recorded_p50_s']:.2f} s | {r['recorded_p99_s']:.2f} s | "
         f"{r['dispatched_p50_s']:.2f} s / {r['to_running_p50_s']:.2f} s | "
         f"{r['running']} | {_loop(r.get('loop_share'))} | "
-        f"{' / '.join(f'{c:.1f}' for c in r['cpu_s'][:-1])} | {r['cpu_s'][-1]:.1f} |"
+        f"{' / '.join(f'{c:.1f}' for c in r['cpu_s'][:-2])} | {r['cpu_s'][-2]:.1f} | {r['cpu_s'][-1]:.1f} |"
         for k, r in enumerate(runs)
     )
     takeover_text = (
@@ -405,11 +429,16 @@ for a follower's next try (every {args.ttl / 6:.2f} s)."""
         else "**Leader takeover**: not measured (`--kills 0`)."
     )
     rate_title = f", {args.apply_rate:g} Apply calls a second" if args.apply_rate else ""
+    rate_title += ", fleet on a core of its own" if args.pin_fleet else ""
+    cores = (
+        "the hollow fleet on one core, every replica, PostgreSQL and Mosquitto on the other (`--pin-fleet`)"
+        if args.pin_fleet
+        else "every replica, PostgreSQL, Mosquitto and the hollow fleet share its 2 cores"
+    )
     body = f"""## Scale-out: leader takeover, 1 vs 3 replicas on PostgreSQL, {args.nodes:,} hollow nodes{rate_title}
 
 `{command()}` ({machine()}; load average {load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the
-end, on the shared 2-core machine: every replica, PostgreSQL, Mosquitto and the hollow fleet share
-its 2 cores)
+end, on the shared 2-core machine: {cores})
 
 A private PostgreSQL and Mosquitto; orchestrator replicas as processes sharing one database and one
 state dir (`state.lease_ttl_s: {args.ttl:g}`).
@@ -421,8 +450,8 @@ hollow node, Apply calls spread over the replicas, {paced}):
 
 Runs in the order {", ".join(str(c) for c in order)} replicas (so that a drift of the machine's load cancels out):
 
-| run | replicas (ingest) | nodes attested after | steady: database transactions/s | steady: share of a core per replica | applies/s | apply -> Running p50 | p99 | recorded p50 | recorded p99 | recorded: dispatched after / then Running after (p50) | running | leader's loop: on a CPU / waiting for one | CPU s per replica (leader first if it was the first) | CPU s hollow fleet |
-|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|
+| run | replicas (ingest) | nodes attested after | steady: database transactions/s | steady: share of a core per replica | applies/s | apply -> Running p50 | p99 | recorded p50 | recorded p99 | recorded: dispatched after / then Running after (p50) | running | leader's loop: on a CPU / waiting for one | CPU s per replica (leader first if it was the first) | CPU s hollow fleet | CPU s PostgreSQL |
+|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|
 {rows}
 
 Medians, 3 / 1 replicas: apply throughput **x{ratio_tp:.2f}**, apply -> Running p99 **x{ratio_p99:.2f}**
@@ -439,7 +468,8 @@ the replicas; the leader alone places replicas and acts on the nodes' reports.
 """
     print(body)
     if not args.no_write:
-        write_section("scale-out-rate" if args.apply_rate else "scale-out", body)
+        name = "scale-out-rate" if args.apply_rate else "scale-out"
+        write_section(name + ("-pinned" if args.pin_fleet else ""), body)
 
 
 if __name__ == "__main__":
