@@ -18,21 +18,30 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Protocol
 
 import grpc
 
 from edgeward.v1 import attestation_pb2 as pb
 from edgeward.v1 import attestation_pb2_grpc
 
-from .service import AttestationVerifierService
-
 AttestNow = Callable[[str], Awaitable[None]]
+
+
+class AttestationSource(Protocol):
+    """What the servicer reads: an :class:`~attestation.service.AttestationVerifierService`, or
+    anything that answers for one (an orchestrator replica that does not lead answers from the
+    leader's results as the store has them)."""
+
+    def snapshot(self, node_id: str) -> pb.NodeAttestation | None: ...
+    def snapshots(self) -> list[pb.NodeAttestation]: ...
+    def subscribe(self, callback: Callable[[pb.NodeAttestation], None]) -> Callable[[], None]: ...
 
 
 class AttestationServicer(attestation_pb2_grpc.AttestationServiceServicer):
     def __init__(
         self,
-        service: AttestationVerifierService,
+        service: AttestationSource,
         attest_now: AttestNow,
         *,
         attest_timeout_s: float = 10.0,

@@ -51,6 +51,7 @@ from .reconciler import Reconciler
 from .rollout import RolloutController, RolloutError
 from .store import DeploymentRecord, ReplicaChange, Store
 from .telemetry import TelemetryStore
+from .trust_mirror import TrustMirror
 from .verifier import FleetVerifier
 from .views import VIEWS, ApiViews, deployment_to_pb, model_pb, node_to_pb, replica_to_pb
 
@@ -468,11 +469,15 @@ class ModelService(api_pb2_grpc.ModelServiceServicer):
         fleet: Fleet,
         budget: PushBudget,
         downloads: DownloadGate | None = None,
+        trust: TrustMirror | None = None,
     ) -> None:
+        """``trust`` answers the trust columns of Placements and Compliance (the leader's
+        verifier, on any replica; default: ``verifier`` itself, for a single orchestrator)."""
         self._control = control
         self._publisher = publisher
         self._catalog = catalog
         self._verifier = verifier
+        self._trust = trust
         self._fleet = fleet
         self._budget = budget
         self._downloads = downloads or DownloadGate()
@@ -596,11 +601,16 @@ class ModelService(api_pb2_grpc.ModelServiceServicer):
         catalog, replicas, nodes = await self._control.db(
             lambda: (store.list_models(), store.list_replicas(), store.list_nodes())
         )
+        trust = self._trust
         verifier = self._verifier
         placed = placements(
             catalog,
             replicas,
-            lambda n: node_trust(verifier.service.snapshot(n), verifier.tier(n)),
+            (
+                (lambda n: node_trust(trust.snapshot(n), trust.tier(n)))
+                if trust is not None
+                else (lambda n: node_trust(verifier.service.snapshot(n), verifier.tier(n)))
+            ),
             self._catalog.inferences,
             name=name,
             version=version,

@@ -89,6 +89,7 @@ from .shared_ingest import SharedIngest
 from .sql.notify import ACTIONS, DEPLOYMENTS, STATES, Listener
 from .store import Lease, NodeRecord, SqlStore, open_store
 from .telemetry import TelemetryStore
+from .trust_mirror import TrustMirror
 from .verifier import FleetVerifier
 from .views import ApiViews
 
@@ -174,6 +175,7 @@ class Orchestrator:
         self.store: SqlStore
         self.reconciler: Reconciler
         self.verifier: FleetVerifier
+        self.trust: TrustMirror  # the verifier's answers on any replica
         self.catalog: Catalog
         self.rollouts: RolloutController
         # This process among the replicas sharing the store (the leader lease's holder name).
@@ -259,6 +261,10 @@ class Orchestrator:
             events=self.events,
             enroll=self.run_enrolling,
         )
+        shared = self.store.dialect != "sqlite"
+        self.trust = TrustMirror(
+            self.verifier, self.store, self.db, leading=lambda: self.leading, shared=shared
+        )
         self.verifier.restore(
             *await self.db(
                 lambda: (
@@ -290,7 +296,7 @@ class Orchestrator:
             cfg.node_timeout_s,
             wake=lambda: self.reconciler.trigger(),
             leading=lambda: self.leading,
-            shared=self.store.dialect != "sqlite",
+            shared=shared,
         )
         await self.rollouts.load()
         self.reconciler = Reconciler(
@@ -315,7 +321,7 @@ class Orchestrator:
             fleet=self.fleet,
             telemetry=self.telemetry,
             rollouts=self.rollouts,
-            verifier=self.verifier,
+            trust=self.trust,
             node_timeout_s=cfg.node_timeout_s,
         )
 
@@ -467,7 +473,7 @@ class Orchestrator:
         api_pb2_grpc.add_RolloutServiceServicer_to_server(services.rollouts, server)
         events_pb2_grpc.add_EventServiceServicer_to_server(EventService(self.events), server)
         attestation_pb2_grpc.add_AttestationServiceServicer_to_server(
-            self.verifier.servicer(lambda: self.leading), server
+            self.verifier.servicer(lambda: self.leading, source=self.trust), server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         enable_reflection(SERVICE_NAMES, server)
@@ -489,7 +495,14 @@ class Orchestrator:
             deployments=DeploymentService(control, self.views, self.watch, self.run_blocking),
             nodes=NodeService(control, self.views),
             models=ModelService(
-                control, publisher, self.catalog, self.verifier, self.fleet, self.pushes, self.downloads
+                control,
+                publisher,
+                self.catalog,
+                self.verifier,
+                self.fleet,
+                self.pushes,
+                self.downloads,
+                trust=self.trust,
             ),
             telemetry=TelemetryService(self.telemetry),
             rollouts=RolloutService(self.store, self.db, self.rollouts),
@@ -510,6 +523,8 @@ class Orchestrator:
                 self.config.state.connect_timeout_s,
             )
             self._tasks.append(asyncio.create_task(self._listener.run(), name="edgeward-listen"))
+            await self.trust.load()  # the leader's attestation results, before the API answers
+            self._tasks.append(asyncio.create_task(self.trust.follow(), name="edgeward-trust-mirror"))
         # The fleet can be heard from now on; an embedded broker started with us: every node has to
         # reconnect to it first, at its own backoff.
         self.reconciler.start_grace(FLEET_RECONNECT_S if self._broker is not None else 0.0)
@@ -583,6 +598,7 @@ class Orchestrator:
             self.pipelines.run(),
             self.verifier.run(),
             self.catalog.run(),
+            *([self.trust.publish()] if self.trust.shared else []),
             self._watch_exits_loop(),
         ]
         if self.store.dialect != "sqlite":

@@ -154,6 +154,16 @@ class NodeRecord:
 
 
 @dataclass(frozen=True)
+class AttestationRow:
+    """A node's attestation as the leader's verifier has it, for the other replicas."""
+
+    node_id: str
+    view: bytes  # serialized edgeward.v1.NodeAttestation (its state as of the write)
+    quarantine_reason: str = ""  # the reason id while the node is quarantined
+    quarantine_message: str = ""
+
+
+@dataclass(frozen=True)
 class Lease:
     """A term of the leader lease: ``token`` grows by one per term; ``expires_ms`` is on the
     database's clock (a replica never compares it with its own)."""
@@ -195,6 +205,10 @@ class Store(Protocol):
     def set_cordoned(self, node_id: str, cordoned: bool) -> None: ...
     def put_enrollment(self, node_id: str, record: bytes, now_ms: int) -> None: ...
     def list_enrollments(self) -> list[bytes]: ...
+    def put_attestations(self, rows: list[AttestationRow]) -> int: ...
+    def attestations_since(
+        self, after: tuple[int, str], limit: int = ...
+    ) -> list[tuple[int, AttestationRow]]: ...
     def get_template(self, name: str, generation: int) -> DeploymentManifest: ...
     def list_rollouts(self) -> dict[str, str]: ...
     def put_rollout(self, deployment: str, record: str, now_ms: int) -> None: ...
@@ -1058,6 +1072,51 @@ class SqlStore:
             rows = conn.execute(sa.select(e.record).order_by(e.node_id)).all()
         return [bytes(r[0]) for r in rows]
 
+    # ---------------------------------------------------------------- attestation results
+
+    def put_attestations(self, rows: list[AttestationRow]) -> int:
+        """The leader's latest attestation view of these nodes, for the replicas that do not lead
+        (docs/scale-out.md): one revision, the next, for the whole batch; returns it. Writes take
+        turns, so the revisions commit in order."""
+        a = t.attestations
+
+        def tx(conn: sa.Connection) -> int:
+            last = conn.execute(sa.select(sa.func.coalesce(sa.func.max(a.c.revision), 0))).scalar_one()
+            revision = int(last) + 1
+            conn.execute(
+                self._statements.upsert_attestation,
+                [
+                    {
+                        "node_id": row.node_id,
+                        "revision": revision,
+                        "view": row.view,
+                        "quarantine_reason": row.quarantine_reason,
+                        "quarantine_message": _text(row.quarantine_message),
+                    }
+                    for row in sorted(rows, key=lambda r: r.node_id)  # rows locked in one order
+                ],
+            )
+            return revision
+
+        return self._write(tx) if rows else 0
+
+    def attestations_since(
+        self, after: tuple[int, str], limit: int = 5000
+    ) -> list[tuple[int, AttestationRow]]:
+        """The nodes whose attestation view was written after ``after`` (revision, node id: the cursor
+        of the last row read), in that order, at most ``limit``."""
+        a = t.attestations.c
+        revision, node_id = after
+        query = (
+            sa.select(a.revision, a.node_id, a.view, a.quarantine_reason, a.quarantine_message)
+            .where(sa.or_(a.revision > revision, sa.and_(a.revision == revision, a.node_id > node_id)))
+            .order_by(a.revision, a.node_id)
+            .limit(limit)
+        )
+        with self._read() as conn:
+            rows = conn.execute(query).all()
+        return [(int(r[0]), AttestationRow(r[1], bytes(r[2]), r[3], r[4])) for r in rows]
+
     # ---------------------------------------------------------------- rollouts
 
     def get_template(self, name: str, generation: int) -> DeploymentManifest:
@@ -1212,6 +1271,9 @@ class _Statements:
         self.upsert_replica = upsert(t.replicas, ("id",), _REPLICA_MUTABLE)
         self.upsert_inventory = upsert(t.nodes, ("id",), ("inventory", "last_seen_ms"))
         self.upsert_enrollment = upsert(t.enrollments, ("node_id",), ("record", "updated_ms"))
+        self.upsert_attestation = upsert(
+            t.attestations, ("node_id",), ("revision", "view", "quarantine_reason", "quarantine_message")
+        )
         self.upsert_rollout = upsert(t.rollouts, ("deployment",), ("record", "updated_ms"))
         self.upsert_template = upsert(t.deployment_templates, ("deployment", "generation"), ("manifest",))
         self.put_artifact = insert(t.artifacts).on_conflict_do_nothing(index_elements=["sha256"])

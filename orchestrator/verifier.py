@@ -51,7 +51,7 @@ from attestation.artifacts import (
 )
 from attestation.enrollment import EnrollmentApproval, load_ca_bundle
 from attestation.errors import EnrollmentError, KeyReleaseError
-from attestation.grpc_api import AttestationServicer
+from attestation.grpc_api import AttestationServicer, AttestationSource
 from attestation.reference import ReferenceValues
 from attestation.results import ResultSigner
 from attestation.service import AttestationState, AttestationVerifierService
@@ -164,6 +164,9 @@ class FleetVerifier:
         self._last_attest: dict[str, float] = {}  # node -> monotonic time of the last challenge/ask
         self._first_seen: dict[str, float] = {}  # node -> first hello since this orchestrator started
         self.quarantined: dict[str, Quarantine] = {}
+        # Told of every quarantine and release (orchestrator/trust_mirror.py; state changes come
+        # from the service's listeners).
+        self.on_trust_change: Callable[[str], None] = lambda _node_id: None
         self._revoked_keys: set[tuple[str, str]] = set()  # (model, version): never released again
         self._released: dict[tuple[str, str], set[str]] = {}  # (model, version) -> nodes given its key
         self._challenging: set[asyncio.Task[None]] = set()  # sent exchanges awaiting their PUBACK
@@ -212,8 +215,11 @@ class FleetVerifier:
         if restored:
             log.info("attestation: %d enrollments restored", restored)
 
-    def servicer(self, leading: Callable[[], bool] = lambda: True) -> AttestationServicer:
-        return AttestationServicer(self.service, attest_now=self.attest, leading=leading)
+    def servicer(
+        self, leading: Callable[[], bool] = lambda: True, source: AttestationSource | None = None
+    ) -> AttestationServicer:
+        """The attestation API; ``source`` answers its reads (default: this verifier's service)."""
+        return AttestationServicer(source or self.service, attest_now=self.attest, leading=leading)
 
     # ------------------------------------------------------------ relying party
 
@@ -358,6 +364,7 @@ class FleetVerifier:
             # A node quarantined for not confirming a model wipe leaves only once it has confirmed.
             if held is not None and not (held.reason.startswith("model.wipe") and held.wiped_at is None):
                 del self.quarantined[node_id]
+                self.on_trust_change(node_id)
                 log.warning("node %s attested affirming again: out of quarantine", node_id)
                 released = True
         else:
@@ -402,6 +409,7 @@ class FleetVerifier:
         if node_id in self.quarantined:
             return
         self.quarantined[node_id] = Quarantine(node_id, reason, message, time.monotonic())
+        self.on_trust_change(node_id)
         log.error(
             "ALERT node %s quarantined: %s (%s); wiping it and rescheduling its replicas",
             node_id,

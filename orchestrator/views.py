@@ -17,7 +17,7 @@ from .phases import Phase, to_pb
 from .rollout import RolloutController
 from .store import DeploymentRecord, ModelRecord, NodeRecord, ReplicaRecord, Store
 from .telemetry import SloQuestion, TelemetryStore
-from .verifier import FleetVerifier
+from .trust_mirror import TrustMirror
 
 DbCall = Callable[..., Awaitable[Any]]
 FULL = api_pb2.DEPLOYMENT_VIEW_FULL
@@ -136,7 +136,7 @@ class ApiViews:
         fleet: Fleet,
         telemetry: TelemetryStore,
         rollouts: RolloutController,
-        verifier: FleetVerifier,
+        trust: TrustMirror,
         node_timeout_s: float,
     ) -> None:
         self._store = store
@@ -144,7 +144,7 @@ class ApiViews:
         self._fleet = fleet
         self._telemetry = telemetry
         self._rollouts = rollouts
-        self._verifier = verifier
+        self._trust = trust
         self._node_timeout_s = node_timeout_s
 
     async def deployment(self, name: str, view: int = FULL) -> api_pb2.Deployment:
@@ -252,8 +252,6 @@ class ApiViews:
         view = self._fleet.nodes.get(node_id)
         online = view is not None and view.online(time.monotonic(), self._node_timeout_s)
         pb = node_to_pb(node_id, record, view, online, replicas)
-        pb.attestation_tier = self._verifier.tier(node_id)
-        quarantine = self._verifier.quarantined.get(node_id)
-        if quarantine is not None:
-            pb.quarantine_reason = quarantine.reason
+        pb.attestation_tier = self._trust.tier(node_id)  # the leader's verifier, on any replica
+        pb.quarantine_reason = self._trust.quarantine_reason(node_id)
         return pb

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 
 # The newest revision under migrations/versions (checked by the tests against Alembic's own view).
-HEAD = "0007"
+HEAD = "0008"
 
 # Epoch milliseconds and byte sizes need 64 bits: BIGINT on PostgreSQL; on SQLite every INTEGER is
 # already 64-bit, and the stores written before Alembic spell it INTEGER.
@@ -155,6 +155,21 @@ rollout_actions = sa.Table(
     sa.Column("state", sa.Text, nullable=False, server_default=sa.text("'pending'")),
     sa.Column("outcome", sa.Text),
     sa.Index("rollout_actions_by_state", "state", "id"),
+)
+
+# The leader's attestation results, for the replicas that do not lead (docs/scale-out.md): per node
+# its NodeAttestation as the leader's verifier last had it, and its quarantine. Only the leader writes
+# (fenced), one revision per batch; writes take turns, so revisions commit in order and a reader's
+# cursor (revision, node id) misses nothing.
+attestations = sa.Table(
+    "attestations",
+    metadata,
+    sa.Column("node_id", sa.Text, primary_key=True),
+    sa.Column("revision", Int64, nullable=False),
+    sa.Column("view", sa.LargeBinary, nullable=False),
+    sa.Column("quarantine_reason", sa.Text, nullable=False, server_default=EMPTY),
+    sa.Column("quarantine_message", sa.Text, nullable=False, server_default=EMPTY),
+    sa.Index("attestations_by_revision", "revision", "node_id"),
 )
 
 deployment_templates = sa.Table(

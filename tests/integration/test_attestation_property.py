@@ -325,6 +325,26 @@ class AttestationGate(RuleBasedStateMachine):
 TestAttestationGate = AttestationGate.TestCase
 
 
+class Courier:
+    """Carries a FleetVerifier's commands to an in-test node and its evidence back."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.outbox: list[node_pb2.Command] = []
+        self.verifier: FleetVerifier | None = None  # set once built (it needs ``publish``)
+
+    async def publish(self, node_id: str, cmd: node_pb2.Command) -> None:
+        self.outbox.append(cmd)
+
+    async def deliver(self) -> None:
+        assert self.verifier is not None
+        while self.outbox:
+            self.node.command(self.outbox.pop(0), b"")
+            for payload in self.node.outbox:
+                await self.verifier.evidence(self.node.id, payload)
+            self.node.outbox.clear()
+
+
 def inline_verifier(
     att: AttestationConfig, clock: Clock, fleet: Fleet, store: SqlStore, publish, on_change=lambda: None
 ) -> FleetVerifier:
@@ -484,21 +504,14 @@ def test_only_a_change_of_trust_wakes_the_reconciler(tmp_path: Path) -> None:
     store = SqlStore(tmp_path / "orch")
     fleet = Fleet()
     node = Node("n1", tmp_path / "n1")
-    outbox: list[node_pb2.Command] = []
+    courier = Courier(node)
+    deliver = courier.deliver
     woken: list[float] = []
-
-    async def publish(node_id: str, cmd: node_pb2.Command) -> None:
-        outbox.append(cmd)
-
-    async def deliver() -> None:
-        while outbox:
-            node.command(outbox.pop(0), b"")
-            for payload in node.outbox:
-                await verifier.evidence(node.id, payload)
-            node.outbox.clear()
-
     att = AttestationConfig()
-    verifier = inline_verifier(att, clock, fleet, store, publish, on_change=lambda: woken.append(clock.now))
+    verifier = inline_verifier(
+        att, clock, fleet, store, courier.publish, on_change=lambda: woken.append(clock.now)
+    )
+    courier.verifier = verifier
     try:
         fleet.apply(node.hello())
         fleet.apply(node.status())

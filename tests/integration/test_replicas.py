@@ -258,11 +258,48 @@ def test_the_leaders_kill9_mid_apply_and_mid_rollout(tmp_path, postgres_url, nat
             r.proc.stop()
 
 
+def follower_reads_the_leaders_results(leader: Replica, follower: Replica, node_id: str) -> None:
+    """The follower's AttestationService and node list answer with the leader's result (within the
+    mirror's lag), not with its own verifier's (it challenges no node)."""
+
+    def views(replica: Replica) -> tuple:
+        with grpc.insecure_channel(replica.address) as channel:
+            got = attestation_pb2_grpc.AttestationServiceStub(channel).Get(
+                attestation_pb2.GetAttestationRequest(node_id=node_id), timeout=5
+            )
+            listed = attestation_pb2_grpc.AttestationServiceStub(channel).List(
+                attestation_pb2.ListAttestationsRequest(), timeout=5
+            )
+            nodes = api_pb2_grpc.NodeServiceStub(channel).List(api_pb2.ListNodesRequest(), timeout=5).nodes
+        tier = next(n.attestation_tier for n in nodes if n.id == node_id)
+        return (
+            got.state,
+            got.result.tier,
+            got.signed_result.signature,
+            [n.node_id for n in listed.nodes],
+            tier,
+        )
+
+    def same() -> bool:
+        try:
+            return views(follower) == views(leader)
+        except grpc.RpcError:  # NOT_FOUND until the first rows are read
+            return False
+
+    wait_for(same, timeout=30, what="the follower answering with the leader's result")
+    state, tier, signature, listed, node_tier = views(follower)
+    assert state == attestation_pb2.ATTESTATION_STATE_AFFIRMING
+    assert tier == node_tier == "software"
+    assert signature  # the leader's signed result itself
+    assert listed == [node_id]
+
+
 def test_a_wipe_asked_of_a_follower_is_confirmed_through_the_leader(tmp_path, postgres_url, nats_cluster):
     """A follower starts the wipe (it revokes, evicts, orders the node); the node's confirmation is
     handled by the leader, which takes the wipe on from the store (it used to drop the confirmation of
     a wipe it did not know, and the wipe stayed pending for good). AttestNow, which only the leader
-    can do, is refused by the follower at once (it used to hang 10 s and answer an old view)."""
+    can do, is refused by the follower at once (it used to hang 10 s and answer an old view); the
+    follower's other attestation answers are the leader's results (it used to know no node)."""
     publishers = trust_publisher(tmp_path / "publishers")
     urls = nats_cluster.mqtt_urls
     procs: list[Proc] = []
@@ -295,6 +332,7 @@ def test_a_wipe_asked_of_a_follower_is_confirmed_through_the_leader(tmp_path, po
             )
         assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
         assert "attestation.not_leader" in (refused.value.details() or "")
+        follower_reads_the_leaders_results(replicas[0], replicas[1], "node-1")
         with EdgewardClient(replicas[1].address) as client:  # everything else through the follower
             client.push_model(MODEL_INT8.read_bytes(), "vib-cnn", "1.0.0", key=PUBLISHER)
             client.apply(manifest(replicas=1))

@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from orchestrator.errors import IllegalTransition, NotLeader, RevisionGone
 from orchestrator.manifest import parse_manifest
 from orchestrator.phases import Phase
-from orchestrator.store import ReplicaChange, ReplicaRecord, SqlStore
+from orchestrator.store import AttestationRow, Lease, ReplicaChange, ReplicaRecord, SqlStore
 
 MANIFEST = """
 apiVersion: edgeward/v1
@@ -75,15 +75,21 @@ def test_a_followers_try_does_not_lock_the_lease_row(pg_stores):
         assert b.acquire_lease("b", 60_000) is None
 
 
-def test_a_paused_ex_leaders_write_is_refused_by_the_token_check(pg_stores):
-    """A leader whose lease ran out while it was paused: its next singleton write fails and
-    nothing of it is stored, even though no one took over (the term is over)."""
-    a, b = pg_stores
-    old = a.acquire_lease("a", 1)  # expires after a millisecond
+def terms(a: SqlStore, b: SqlStore) -> tuple[Lease, Lease]:
+    """A term of ``a`` that ran out (it lasted a millisecond), and ``b``'s term after it."""
+    old = a.acquire_lease("a", 1)
     assert old is not None
     new = None
     while new is None:  # no fixed sleep: retry until the database's clock passed the expiry
         new = b.acquire_lease("b", 60_000)
+    return old, new
+
+
+def test_a_paused_ex_leaders_write_is_refused_by_the_token_check(pg_stores):
+    """A leader whose lease ran out while it was paused: its next singleton write fails and
+    nothing of it is stored, even though no one took over (the term is over)."""
+    a, b = pg_stores
+    old, new = terms(a, b)
     assert new.token == old.token + 1
     with pytest.raises(NotLeader):
         a.fenced(old, a.put_deployment, manifest("stale"), 1)
@@ -228,3 +234,45 @@ def test_running_replicas_are_counted_per_deployment_and_generation(tmp_path, st
         assert store.running_counts("nope") == {}
     finally:
         store.close()
+
+
+def test_attestation_views_are_read_back_by_revision_and_node(tmp_path, store_url):
+    """The leader's attestation results for the other replicas: each batch is the next revision; a
+    node written again moves to the newest; a reader's (revision, node) cursor pages through every
+    row once, in order, however the limit cuts a batch."""
+    store = SqlStore(tmp_path, store_url)
+    try:
+        assert store.put_attestations([]) == 0  # nothing to write: no transaction, no revision
+        assert store.attestations_since((0, "")) == []
+        first = store.put_attestations(
+            [AttestationRow("n2", b"v2"), AttestationRow("n1", b"v1"), AttestationRow("n3", b"v3")]
+        )
+        second = store.put_attestations(
+            [AttestationRow("n1", b"v1b", "attestation.contraindicated", "pcr 7\x00 differs")]
+        )
+        assert (first, second) == (1, 2)
+        rows = store.attestations_since((0, ""))
+        assert [(rev, row.node_id, row.view) for rev, row in rows] == [
+            (1, "n2", b"v2"),
+            (1, "n3", b"v3"),
+            (2, "n1", b"v1b"),
+        ]
+        assert rows[-1][1].quarantine_reason == "attestation.contraindicated"
+        assert rows[-1][1].quarantine_message == "pcr 7\ufffd differs"  # stored as both engines can
+        page = store.attestations_since((0, ""), limit=1)
+        assert [(rev, row.node_id) for rev, row in page] == [(1, "n2")]
+        rest = store.attestations_since((1, "n2"))
+        assert [(rev, row.node_id) for rev, row in rest] == [(1, "n3"), (2, "n1")]
+        assert store.attestations_since((2, "n1")) == []
+    finally:
+        store.close()
+
+
+def test_an_ex_leaders_attestation_views_are_refused(pg_stores):
+    """Only the leader of the current term writes the views the followers show."""
+    a, b = pg_stores
+    old, new = terms(a, b)
+    with pytest.raises(NotLeader):
+        a.fenced(old, a.put_attestations, [AttestationRow("n1", b"stale")])
+    b.fenced(new, b.put_attestations, [AttestationRow("n1", b"fresh")])
+    assert [row.view for _, row in a.attestations_since((0, ""))] == [b"fresh"]
