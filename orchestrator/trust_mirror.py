@@ -4,16 +4,20 @@ Only the leader challenges the nodes and verifies their evidence, so only its ve
 results. With several replicas (PostgreSQL) the leader writes what changed, every ``PUBLISH_S``, to
 the store's ``attestations`` table (one row per node: its ``NodeAttestation`` and its quarantine; a
 fenced write, so an ex-leader cannot overwrite its successor's), and the replicas that do not lead
-read the rows written since their cursor every ``FOLLOW_S``. :class:`TrustMirror` answers the API
-from whichever is right for this replica now: the verifier on the leader, the rows elsewhere. Its
-reads (``snapshot``, ``snapshots``, ``subscribe``) are those the attestation API's servicer uses, and
-``tier`` / ``quarantine_reason`` those of the node and placement views.
+read the rows written since their cursor every ``FOLLOW_S`` (the leader reads them too, so that it
+answers from fresh rows the moment it steps down). :class:`TrustMirror` answers the API from
+whichever is right for this replica now: the verifier on the leader, the rows elsewhere; when that
+changes, its Watch listeners get every node as the new source has it. Its reads (``snapshot``,
+``snapshots``, ``subscribe``) are those the attestation API's servicer uses, and ``tier`` /
+``quarantine_reason`` those of the node and placement views.
 
 A row keeps the state the leader had when it wrote it; a result that runs out reads as expired on
 every replica alike (its ``expires_unix_ms``, compared with the reading replica's clock), as the
-verifier's own reads do. What a replica shows lags the leader by up to ``PUBLISH_S + FOLLOW_S``; a
-new leader's verifier starts empty and re-attests the fleet (until then its rows of the old term
-stay, each true when it was written and ending at its expiry).
+verifier's own reads do. What a replica shows lags the leader by up to ``PUBLISH_S + FOLLOW_S``. A
+new term's first write is every node the new leader's verifier knows, as it knows it: nodes it has
+not attested yet read as enrolled everywhere (a replica that never led knows none attested) until
+it re-attests them. Writes go in batches of at most ``WRITE_BATCH`` rows, each its own short
+transaction: every replica's writes take turns with them.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ log = logging.getLogger(__name__)
 PUBLISH_S = 0.5
 FOLLOW_S = 1.0
 READ_LIMIT = 5000
+WRITE_BATCH = 500
 
 Listener = Callable[[apb.NodeAttestation], None]
 
@@ -83,6 +88,7 @@ class TrustMirror:
         self._dirty: set[str] = set()
         self._dirty_lock = threading.Lock()  # the verifier tells of changes from any thread
         self.shared = shared
+        self._was_local = self._local  # the source the Watch listeners were last told of
         if shared:
             verifier.service.subscribe(lambda view: self.changed(view.node_id))
             verifier.on_trust_change = self.changed
@@ -166,20 +172,27 @@ class TrustMirror:
     async def publish_once(self) -> None:
         with self._dirty_lock:
             dirty, self._dirty = self._dirty, set()
+        ordered = sorted(dirty)
+        for start in range(0, len(ordered), WRITE_BATCH):
+            batch = ordered[start : start + WRITE_BATCH]
+            try:
+                await self._db(self._store.put_attestations, self._rows(batch))
+            except BaseException:  # this batch and the ones after it: the next round
+                with self._dirty_lock:
+                    self._dirty.update(ordered[start:])
+                raise
+
+    def _rows(self, node_ids: list[str]) -> list[AttestationRow]:
+        """The verifier's views of these nodes now (read at the write: the newest)."""
         rows = []
-        for node_id in sorted(dirty):
+        for node_id in node_ids:
             view = self._verifier.service.snapshot(node_id)
             if view is None:  # forgotten by the verifier: its row keeps the last view
                 continue
             held = self._verifier.quarantined.get(node_id)
             reason, message = ("", "") if held is None else (held.reason, held.message)
             rows.append(AttestationRow(node_id, view.SerializeToString(), reason, message))
-        try:
-            await self._db(self._store.put_attestations, rows)
-        except BaseException:
-            with self._dirty_lock:
-                self._dirty |= dirty
-            raise
+        return rows
 
     # ------------------------------------------------------------ the others read
 
@@ -189,18 +202,35 @@ class TrustMirror:
             pass
 
     async def follow(self) -> None:
-        """On every replica (shared store): while it does not lead, read the rows written since its
-        cursor every ``FOLLOW_S``. The leader skips the reads; when it steps down it reads all it
-        skipped at once (a row per node)."""
+        """On every replica (shared store): read the rows written since the cursor every
+        ``FOLLOW_S``, and tell the Watch listeners when this replica's answers change source."""
         while True:
-            if not self._leading():
-                try:
-                    await self.load()
-                except asyncio.CancelledError:
-                    raise
-                except Exception as err:  # the database away: the next round retries
-                    log.warning("attestation results of the leader not read: %s", err)
+            try:
+                await self.load()
+            except asyncio.CancelledError:
+                raise
+            except Exception as err:  # the database away: the next round retries
+                log.warning("attestation results of the leader not read: %s", err)
+            self.switched()
             await asyncio.sleep(FOLLOW_S)
+
+    def switched(self) -> None:
+        """If this replica began or ended leading since the last look, every node as the answers'
+        new source has it, to the Watch listeners (a stream on a replica that took over showed
+        the old leader's results; it now shows the new leader's)."""
+        local = self._local
+        if local == self._was_local:
+            return
+        self._was_local = local
+        self._tell(self.snapshots())
+
+    def _tell(self, views: list[apb.NodeAttestation]) -> None:
+        for view in views:
+            for listener in list(self._listeners):
+                try:
+                    listener(view)
+                except Exception:  # one broken watcher must not stop the others
+                    log.exception("attestation listener failed")
 
     async def follow_once(self) -> int:
         rows = await self._db(self._store.attestations_since, self._cursor, READ_LIMIT)
@@ -213,11 +243,6 @@ class TrustMirror:
                 log.warning("attestation view of node %s unreadable; skipped", row.node_id)
                 continue
             self._views[row.node_id] = (view, row.quarantine_reason)
-            if self._local:
-                continue
-            for listener in list(self._listeners):
-                try:
-                    listener(effective(view, now))
-                except Exception:  # one broken watcher must not stop the others
-                    log.exception("attestation listener failed")
+            if not self._was_local:  # the listeners follow the rows (switched() tells them otherwise)
+                self._tell([effective(view, now)])
         return len(rows)

@@ -14,7 +14,7 @@ from test_attestation_property import Clock, Courier, Node, inline_verifier
 from edgeward.v1 import attestation_pb2 as apb
 from orchestrator.config import AttestationConfig
 from orchestrator.fleet import Fleet
-from orchestrator.store import SqlStore
+from orchestrator.store import AttestationRow, SqlStore
 from orchestrator.trust_mirror import TrustMirror, effective
 
 
@@ -35,7 +35,8 @@ def test_a_follower_answers_with_the_leaders_results_and_quarantines(
     fleet = Fleet()
     leader = courier.verifier = inline_verifier(att, clock, fleet, a, courier.publish)
     other = inline_verifier(att, clock, Fleet(), b, courier.publish)  # the follower's own: attests no node
-    on_leader = TrustMirror(leader, a, inline, leading=lambda: True, shared=True)
+    leads = [True]
+    on_leader = TrustMirror(leader, a, inline, leading=lambda: leads[0], shared=True)
     follower_clock = lambda: int(clock() * 1000)  # noqa: E731
     on_follower = TrustMirror(other, b, inline, leading=lambda: False, shared=True, clock=follower_clock)
     seen: list[apb.NodeAttestation] = []
@@ -74,6 +75,19 @@ def test_a_follower_answers_with_the_leaders_results_and_quarantines(
         loop.run_until_complete(on_follower.follow_once())
         assert on_follower.quarantine_reason("n1") == leader.quarantined["n1"].reason == "attestation.expired"
         assert on_follower.snapshot("n1") == leader.service.snapshot("n1")
+
+        # The leader steps down: it has read its own rows all along, and its Watch streams are
+        # told every node as the rows have it (the next leader's source), once.
+        told: list[apb.NodeAttestation] = []
+        on_leader.subscribe(told.append)
+        loop.run_until_complete(on_leader.load())
+        on_leader.switched()
+        assert told == []  # still leading: nothing switched
+        leads[0] = False
+        on_leader.switched()
+        assert told == [on_follower.snapshot("n1")]
+        on_leader.switched()
+        assert len(told) == 1
     finally:
         unsubscribe()
         node.responder.close()
@@ -82,20 +96,38 @@ def test_a_follower_answers_with_the_leaders_results_and_quarantines(
         loop.close()
 
 
-def test_a_replica_that_leads_answers_from_its_own_verifier(tmp_path: Path) -> None:
-    """On SQLite (one orchestrator) or while it leads, the mirror is the verifier: nothing is
-    written or read, and its answers are the verifier's own."""
+def test_one_orchestrator_answers_from_its_verifier_and_writes_nothing(tmp_path: Path) -> None:
+    """On SQLite (one orchestrator, ``shared=False``) the mirror is the verifier, whatever
+    ``leading`` says: its answers are the verifier's, nothing is written, rows in the store are not
+    what it answers from."""
+    loop = asyncio.new_event_loop()
     store = SqlStore(tmp_path / "orch")
-    verifier = inline_verifier(AttestationConfig(), Clock(), Fleet(), store, lambda *_: None)
+    node = Node("n1", tmp_path / "n1")
+    courier = Courier(node)
+    fleet = Fleet()
+    verifier = courier.verifier = inline_verifier(AttestationConfig(), Clock(), fleet, store, courier.publish)
     mirror = TrustMirror(verifier, store, inline, leading=lambda: False, shared=False)
     try:
-        assert mirror.snapshot("n1") is None
-        assert mirror.tier("n1") == verifier.tier("n1") == "none"
-        mirror.changed("n1")  # not shared: no rows
-        asyncio.run(mirror.publish_once())
-        assert store.attestations_since((0, "")) == []
+        store.put_attestations(
+            [AttestationRow("other", apb.NodeAttestation(node_id="other").SerializeToString())]
+        )
+        loop.run_until_complete(mirror.load())
+        assert mirror.snapshot("other") is None  # not the rows
+        fleet.apply(node.hello())
+        fleet.apply(node.status())
+        verifier.hello(node.id)
+        loop.run_until_complete(verifier.node_connected(node.id))
+        loop.run_until_complete(courier.deliver())
+        loop.run_until_complete(verifier.attest(node.id))
+        loop.run_until_complete(courier.deliver())
+        assert mirror.tier("n1") == verifier.tier("n1") == "software"
+        assert mirror.snapshot("n1") == verifier.service.snapshot("n1")
+        loop.run_until_complete(mirror.publish_once())
+        assert [row.node_id for _, row in store.attestations_since((0, ""))] == ["other"]  # nothing new
     finally:
+        node.responder.close()
         store.close()
+        loop.close()
 
 
 @pytest.mark.parametrize(
