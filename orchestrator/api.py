@@ -49,7 +49,7 @@ from .manifest import NAME_RE, SEMVER_RE, DeploymentManifest, parse_manifest
 from .phases import ACTIVE, Phase
 from .reconciler import Reconciler
 from .rollout import RolloutController, RolloutError
-from .store import DeploymentRecord, ReplicaChange, Store
+from .store import DeploymentRecord, ReplicaChange, ReplicaRecord, Store
 from .telemetry import TelemetryStore
 from .trust_mirror import TrustMirror
 from .verifier import FleetVerifier
@@ -741,10 +741,10 @@ class RolloutService(api_pb2_grpc.RolloutServiceServicer):
     async def Status(
         self, request: api_pb2.RolloutRequest, context: grpc.aio.ServicerContext
     ) -> api_pb2.RolloutStatus:
-        record = await self._db(self._store.get_deployment, request.deployment)
+        record, replicas = await self._deployment(request.deployment)
         if self._rollouts.get(record.name) is None:
             raise RolloutError("rollout.none", f"deployment {record.name} has no rollout")
-        return self._rollouts.status_pb(record)
+        return self._rollouts.status_pb(record, replicas=replicas)
 
     @_rpc
     async def Pause(
@@ -768,5 +768,10 @@ class RolloutService(api_pb2_grpc.RolloutServiceServicer):
         if not NAME_RE.fullmatch(request.deployment):
             raise InvalidArgument([("deployment", "must be a DNS-1123 label")])
         rollout = await self._rollouts.request(kind, request.deployment, request.reason[:500])
-        record = await self._db(self._store.get_deployment, request.deployment)
-        return self._rollouts.status_pb(record, rollout)
+        record, replicas = await self._deployment(request.deployment)
+        return self._rollouts.status_pb(record, rollout, replicas)
+
+    async def _deployment(self, name: str) -> tuple[DeploymentRecord, list[ReplicaRecord]]:
+        """The deployment and its replicas, read together (one snapshot)."""
+        store = self._store
+        return await self._db(lambda: (store.get_deployment(name), store.list_replicas(name)))

@@ -29,7 +29,7 @@ import logging
 import math
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
@@ -623,8 +623,7 @@ class RolloutController:
         strategy = dep.manifest.spec.strategy
         rec = self._records.get(dep.name)
         old = [r for r in reps if r.generation != dep.generation]
-        new_running = sum(r.phase == Phase.RUNNING and r.generation == dep.generation for r in reps)
-        self._counts[dep.name] = (new_running, len(old))
+        self._counts[dep.name] = live_counts(dep, reps)
         if rec is None or dep.generation not in (rec.to_generation, rec.rollback_generation):
             if strategy is not None and old:
                 await self._start(dep, rec, old)
@@ -766,7 +765,14 @@ class RolloutController:
 
     # ------------------------------------------------------------ views
 
-    def status_pb(self, deployment: DeploymentRecord, rec: Rollout | None = None) -> api_pb2.RolloutStatus:
+    def status_pb(
+        self,
+        deployment: DeploymentRecord,
+        rec: Rollout | None = None,
+        replicas: list[ReplicaRecord] | None = None,
+    ) -> api_pb2.RolloutStatus:
+        """``replicas``: the deployment's, as the store has them: its live counts are taken from them
+        (on any replica); without them, from this controller's last pass (the leader's only)."""
         rec = rec or self._records.get(deployment.name)
         if rec is None:
             return api_pb2.RolloutStatus(deployment=deployment.name)
@@ -774,7 +780,11 @@ class RolloutController:
         want = deployment.manifest.spec.replicas
         counts = step_counts(strategy, want) if strategy is not None else [want]
         step = min(rec.step, len(counts) - 1)
-        new_running, old_live = self._counts.get(deployment.name, (0, 0))
+        new_running, old_live = (
+            live_counts(deployment, replicas)
+            if replicas is not None
+            else self._counts.get(deployment.name, (0, 0))
+        )
         window = self._windows.get(deployment.name)
         return api_pb2.RolloutStatus(
             deployment=rec.deployment,
@@ -809,6 +819,17 @@ class RolloutController:
                 for h in rec.history
             ],
         )
+
+
+def live_counts(dep: DeploymentRecord, replicas: Iterable[ReplicaRecord]) -> tuple[int, int]:
+    """(replicas of the deployment's generation Running, replicas of other generations)."""
+    new_running = old = 0
+    for r in replicas:
+        if r.generation != dep.generation:
+            old += 1
+        elif r.phase == Phase.RUNNING:
+            new_running += 1
+    return new_running, old
 
 
 class _StepPass:

@@ -187,10 +187,13 @@ class ApiViews:
             self._add_rollout(record, pb)
         return out
 
-    def _add_rollout(self, record: DeploymentRecord, pb: api_pb2.Deployment) -> None:
-        """The deployment's latest rollout into its status (both views show it)."""
+    def _add_rollout(
+        self, record: DeploymentRecord, pb: api_pb2.Deployment, replicas: list[ReplicaRecord] | None = None
+    ) -> None:
+        """The deployment's latest rollout into its status (both views show it; the full view counts
+        its live replicas from ``replicas``, on any replica)."""
         if self._rollouts.get(record.name) is not None:
-            pb.status.rollout.CopyFrom(self._rollouts.status_pb(record))
+            pb.status.rollout.CopyFrom(self._rollouts.status_pb(record, replicas=replicas))
 
     def _deployments(
         self, rows: list[tuple[DeploymentRecord, list[ReplicaRecord]]]
@@ -210,12 +213,12 @@ class ApiViews:
                 for record, replicas in rows
             ]
         )
-        for (record, _), pb, slo in zip(rows, out, attained, strict=True):
+        for (record, replicas), pb, slo in zip(rows, out, attained, strict=True):
             if slo.measured:
                 pb.status.slo_replicas_measured = slo.measured
                 pb.status.slo_replicas_met = slo.met
                 pb.status.slo_attainment = slo.met / slo.measured
-            self._add_rollout(record, pb)
+            self._add_rollout(record, pb, replicas)
         return out
 
     async def nodes(self, after: str = "", limit: int = 0) -> tuple[list[api_pb2.Node], bool]:

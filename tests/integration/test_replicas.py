@@ -206,6 +206,13 @@ def test_the_leaders_kill9_mid_apply_and_mid_rollout(tmp_path, postgres_url, nat
                 paused = client.rollout("pause", "vib", "a look from a follower")
                 assert (paused.state, paused.step) == (api_pb2.ROLLOUT_STATE_PAUSED, 2)
                 assert status(leader.address).state == api_pb2.ROLLOUT_STATE_PAUSED, "the leader holds it"
+                # The follower counts the live replicas from the store, as the leader does from its
+                # passes (it used to say 0 and 0).
+                wait_for(
+                    lambda: counts(survivor) == counts(leader) == (2, 2),
+                    timeout=10,
+                    what="the follower's rollout counts",
+                )
                 assert client.rollout("resume", "vib").state == api_pb2.ROLLOUT_STATE_PROGRESSING
                 before = live(client)
                 recorded = status(survivor.address)
@@ -258,6 +265,11 @@ def test_the_leaders_kill9_mid_apply_and_mid_rollout(tmp_path, postgres_url, nat
             r.proc.stop()
 
 
+def counts(replica: Replica) -> tuple[int, int]:
+    got = status(replica.address)
+    return got.new_running, got.old_live
+
+
 def follower_reads_the_leaders_results(leader: Replica, follower: Replica, node_id: str) -> None:
     """The follower's AttestationService and node list answer with the leader's result (within the
     mirror's lag), not with its own verifier's (it challenges no node)."""
@@ -271,7 +283,7 @@ def follower_reads_the_leaders_results(leader: Replica, follower: Replica, node_
                 attestation_pb2.ListAttestationsRequest(), timeout=5
             )
             nodes = api_pb2_grpc.NodeServiceStub(channel).List(api_pb2.ListNodesRequest(), timeout=5).nodes
-        tier = next(n.attestation_tier for n in nodes if n.id == node_id)
+        tier = next((n.attestation_tier for n in nodes if n.id == node_id), None)  # None: not listed yet
         return (
             got.state,
             got.result.tier,
