@@ -461,7 +461,8 @@ for the replicas a poll saw Dispatched, into Apply -> dispatched (the leader pla
 command) and dispatched -> Running (the node fetched and loaded the model and its report reached
 the leader). "Steady" is {args.steady:g} s of the attested fleet's heartbeats before the first Apply.
 "Leader's loop" is the share of the apply (from the first Apply until every replica ran) that the
-leader's event loop spent on a CPU, and runnable but waiting for one (bench/_sched.py).
+leader's event loop spent on a CPU, and runnable but waiting for one (bench/_sched.py); the CPU
+seconds are over the same window, PostgreSQL's its postmaster's and every backend's (ended or not).
 One replica hears every node (`broker.ingest: all`); three share the ingest
 (`{args.ingest}`: {"Mosquitto's `$share`, each message to one replica, merged into the store" if args.ingest == "shared" else "every replica hears every node"}; docs/scale-out.md, "Ingest"). Apply calls are spread over
 the replicas; the leader alone places replicas and acts on the nodes' reports.
