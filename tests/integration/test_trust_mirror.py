@@ -146,3 +146,69 @@ def test_a_stored_result_reads_as_expired_past_its_expiry(state, expired) -> Non
     assert effective(view, 999).state == state
     assert effective(view, 1000).state == (apb.ATTESTATION_STATE_EXPIRED if expired else state)
     assert view.state == state  # the stored view is left as it was
+
+
+def test_a_new_leader_takes_on_the_last_terms_affirming_results(tmp_path: Path, postgres_url: str) -> None:
+    """At a takeover the new leader's verifier takes on the unexpired affirming results of the last
+    term from the store (signed by the verifier key the replicas share) and releases keys at once;
+    it takes on nothing signed by another key, expired, or of a quarantined node."""
+    loop = asyncio.new_event_loop()
+    clock = Clock()
+    a, b = SqlStore(tmp_path / "a", postgres_url), SqlStore(tmp_path / "b", postgres_url)
+    node = Node("n1", tmp_path / "n1")
+    courier = Courier(node)
+    att = AttestationConfig()
+    fleet = Fleet()
+    old = courier.verifier = inline_verifier(att, clock, fleet, a, courier.publish)
+    on_old = TrustMirror(old, a, inline, leading=lambda: True, shared=True)
+
+    def successor(signer) -> tuple:
+        verifier = inline_verifier(att, clock, Fleet(), b, courier.publish, signer=signer)
+        verifier.restore(b.list_enrollments(), [])  # as a new term starts: the enrollments
+        mirror = TrustMirror(
+            verifier, b, inline, leading=lambda: True, shared=True, clock=lambda: int(clock() * 1000)
+        )
+        return verifier, mirror
+
+    try:
+        fleet.apply(node.hello())
+        fleet.apply(node.status())
+        old.hello(node.id)
+        loop.run_until_complete(old.node_connected(node.id))
+        loop.run_until_complete(courier.deliver())
+        loop.run_until_complete(old.attest(node.id))
+        loop.run_until_complete(courier.deliver())
+        loop.run_until_complete(on_old.publish_once())
+
+        stranger, strangers = successor(None)  # another verifier key: its signature does not hold
+        assert loop.run_until_complete(strangers.adopt()) == 0
+        assert stranger.tier("n1") == "none"
+
+        new, on_new = successor(old.service.signer)
+        assert new.tier("n1") == "none"  # enrolled, not attested: no key before the adoption
+        assert loop.run_until_complete(on_new.adopt()) == 1
+        assert new.tier("n1") == "software"
+        assert new.service.snapshot("n1") == old.service.snapshot("n1")
+        assert new.release_key("n1", "vib-cnn", "1.0.0", bytes(32))  # at once, no challenge needed
+        assert loop.run_until_complete(on_new.adopt()) == 0  # not again: it has that result now
+
+        clock.now += att.verifier.result_ttl_s + 1  # the row's result expired: nothing to take on
+        late, on_late = successor(old.service.signer)
+        assert loop.run_until_complete(on_late.adopt()) == 0
+        assert late.tier("n1") == "none"
+
+        # Attested afresh, then quarantined by the old leader (here: a wipe it has not seen
+        # confirmed): left to its next challenge, affirming result or not.
+        loop.run_until_complete(old.attest(node.id))
+        loop.run_until_complete(courier.deliver())
+        assert old.tier("n1") == "software"
+        loop.run_until_complete(old.quarantine("n1", "model.wipe.unconfirmed", "no confirmation"))
+        loop.run_until_complete(on_old.publish_once())
+        held, on_held = successor(old.service.signer)
+        assert loop.run_until_complete(on_held.adopt()) == 0
+        assert held.tier("n1") == "none"
+    finally:
+        node.responder.close()
+        a.close()
+        b.close()
+        loop.close()
