@@ -51,14 +51,12 @@ from dataclasses import dataclass, field
 from typing import Annotated, cast
 
 from cryptography import x509
-from google.protobuf.message import DecodeError
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from edgeward.v1 import attestation_pb2 as pb
 
 from . import enrollment as enroll
 from .errors import (
-    AttestationError,
     EnrollmentError,
     EvidenceMalformed,
     EvidenceRejected,
@@ -69,7 +67,7 @@ from .errors import (
 from .eventlog import PcrLayout
 from .keyrelease import wrap_key
 from .reference import ReferenceValues
-from .results import ResultSigner, open_signed_result
+from .results import ResultSigner
 from .verifier import (
     MESSAGE_SCHEMA,
     PCR_BANK,
@@ -515,39 +513,6 @@ class AttestationVerifierService:
         if node is None or node.appraisal is None or self._effective(node, now) != AttestationState.AFFIRMING:
             return "none"
         return node.appraisal.result.tier
-
-    def adopt(self, node_id: str, signed: pb.SignedAttestationResult) -> bool:
-        """Take on an affirming result that this verifier's key signed for the node (another
-        process of the same verifier issued it: an orchestrator replica that led before this one),
-        until its expiry, if it is newer than what this verifier has of the node. Refused (False):
-        another key's signature, a bad one, another node's result, one not affirming, expired, or
-        appraised under other reference values, or a node this verifier does not know or revoked.
-        The node's next challenge appraises it afresh."""
-        if signed.verifier_key_id != self.signer.key_id:
-            return False
-        try:
-            result = open_signed_result(signed, self.signer.public_key)
-        except (AttestationError, DecodeError):
-            return False
-        if (
-            result.node_id != node_id
-            or result.status != pb.ATTESTATION_STATUS_AFFIRMING
-            or result.reference_version != self._appraiser.reference.version
-            or self.now_ms() >= result.expires_unix_ms
-        ):
-            return False
-        with self._lock:
-            node = self._nodes.get(node_id)
-            if node is None or node.known.revoked or node.state == AttestationState.REVOKED:
-                return False
-            if node.appraisal is not None and node.appraisal.result.issued_unix_ms >= result.issued_unix_ms:
-                return False
-            self._transition(node, AttestationState.AFFIRMING)
-            node.appraisal = Appraisal(result, self.signer)
-            node.updated_ms = result.issued_unix_ms
-            self._next_expiry_ms = min(self._next_expiry_ms, result.expires_unix_ms)
-        self._notify(node_id)
-        return True
 
     def expire(self) -> list[str]:
         """Record every result that ran out (state EXPIRED, listeners told); returns those node ids,

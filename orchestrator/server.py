@@ -590,9 +590,6 @@ class Orchestrator:
         A new term starts from the store: another replica may have led, and the API of every replica
         may have changed what the in-memory controllers hold."""
         await self._refresh_from_store(first=True)
-        if self.trust.shared:  # the last term's results, until each node's next challenge
-            adopted = await self.trust.adopt()
-            log.info("attestation: %d unexpired affirming results of the last term taken on", adopted)
         for node_id in list(self.fleet.nodes):  # resend every node its full set: nothing assumed
             self.reconciler.node_connected(node_id)
         await self.catalog.wipes.restore()  # after the reconciler and MQTT: it may quarantine

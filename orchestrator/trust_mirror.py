@@ -194,20 +194,6 @@ class TrustMirror:
             rows.append(AttestationRow(node_id, view.SerializeToString(), reason, message))
         return rows
 
-    async def adopt(self) -> int:
-        """At the start of a term: the rows as they are now, and every affirming result in them
-        (signed by the verifier's key, which every replica shares) taken on by this replica's
-        verifier until it expires, for a node not quarantined; how many. The verifier releases
-        model keys to those nodes at once instead of after their next challenge (at 10,000 nodes the
-        fleet's re-attestation takes tens of seconds); each is appraised afresh at that challenge."""
-        await self.load()
-        adopt = self._verifier.service.adopt
-        adopted = 0
-        for node_id, (view, quarantined) in self._views.items():
-            if view.state == apb.ATTESTATION_STATE_AFFIRMING and not quarantined:
-                adopted += adopt(node_id, view.signed_result)
-        return adopted
-
     # ------------------------------------------------------------ the others read
 
     async def load(self) -> None:

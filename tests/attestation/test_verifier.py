@@ -21,7 +21,7 @@ from attestation import keyrelease, tpm_wire
 from attestation.attesters.software import software_name
 from attestation.errors import EnrollmentError, EvidenceRejected, KeyReleaseError
 from attestation.responder import AttestationResponder
-from attestation.results import ResultSigner, open_signed_result
+from attestation.results import open_signed_result
 from attestation.service import AttestationState, AttestationVerifierService, VerifierConfig
 from edgeward.v1 import attestation_pb2 as pb
 
@@ -464,55 +464,3 @@ def test_listeners_hear_every_change_as_it_happens(make_node, verifier, clock):
         pb.ATTESTATION_STATE_CONTRAINDICATED,
         pb.ATTESTATION_STATE_EXPIRED,
     ]
-
-
-def test_a_result_is_taken_on_only_when_it_holds_up_on_its_own(make_node, verifier, clock: Clock):
-    """``adopt``: another process of the same verifier (an orchestrator replica that led before)
-    issued an affirming result; a verifier with the same key takes it on, until its expiry, and
-    nothing else: another key's, a tampered one, another node's, a non-affirming one, one under
-    other reference values, an expired one, one no newer than its own, or for a revoked node."""
-    node = make_node()
-    signed = verifier.result("node-a") if attest(verifier, node).result.status == AFFIRMING else None
-    assert signed is not None
-    result = open_signed_result(signed, verifier.signer.public_key)
-
-    def successor(**kwargs) -> AttestationVerifierService:
-        fresh = AttestationVerifierService(
-            VerifierConfig(),
-            kwargs.get("reference", reference_values()),
-            kwargs.get("signer", verifier.signer),
-            clock=clock,
-        )
-        for record in verifier.enrollments():
-            fresh.register(record)
-        return fresh
-
-    def signed_as(**changes) -> pb.SignedAttestationResult:
-        changed = pb.AttestationResult()
-        changed.CopyFrom(result)
-        for field, value in changes.items():
-            setattr(changed, field, value)
-        return verifier.signer.sign(changed)
-
-    assert not successor(signer=ResultSigner()).adopt("node-a", signed)  # another verifier's key
-    tampered = pb.SignedAttestationResult()
-    tampered.CopyFrom(signed)
-    tampered.signature = bytes(64)
-    assert not successor().adopt("node-a", tampered)
-    assert not successor().adopt("node-b", signed)  # the result names node-a
-    assert not successor().adopt("node-a", signed_as(status=WARNING))
-    assert not successor().adopt("node-a", signed_as(reference_version=result.reference_version + 1))
-    assert not successor(reference=reference_values(version=2)).adopt("node-a", signed)
-    revoked = successor()
-    revoked.revoke("node-a")
-    assert not revoked.adopt("node-a", signed)
-
-    taker = successor()
-    assert taker.tier("node-a") == "none"
-    assert taker.adopt("node-a", signed)
-    assert taker.tier("node-a") == verifier.tier("node-a") != "none"
-    assert taker.result("node-a") == signed
-    assert not taker.adopt("node-a", signed)  # no newer than what it has now
-    clock.now = result.expires_unix_ms / 1000
-    assert not successor().adopt("node-a", signed)  # expired
-    assert taker.tier("node-a") == "none"  # and the one taken on expires as its own would

@@ -40,7 +40,6 @@ from attestation.attesters import create as create_attester
 from attestation.attesters.software import SoftwareAttesterConfig
 from attestation.errors import AttestationError
 from attestation.responder import AttestationResponder
-from attestation.results import ResultSigner
 from attestation.service import AttestationVerifierService
 from edgeward.v1 import api_pb2, node_pb2
 from edgeward.wire import node_message
@@ -347,21 +346,14 @@ class Courier:
 
 
 def inline_verifier(
-    att: AttestationConfig,
-    clock: Clock,
-    fleet: Fleet,
-    store: SqlStore,
-    publish,
-    on_change=lambda: None,
-    signer: ResultSigner | None = None,
+    att: AttestationConfig, clock: Clock, fleet: Fleet, store: SqlStore, publish, on_change=lambda: None
 ) -> FleetVerifier:
-    """A FleetVerifier whose store calls run inline, on a verifier service with this clock (and
-    ``signer``'s key, default a new one)."""
+    """A FleetVerifier whose store calls run inline, on a verifier service with this clock."""
 
     async def db(fn, *args):
         return fn(*args)
 
-    service = AttestationVerifierService(att.verifier, builtin_reference(), signer, clock=clock)
+    service = AttestationVerifierService(att.verifier, builtin_reference(), clock=clock)
     return FleetVerifier(
         att,
         service,
