@@ -312,6 +312,8 @@ async def apply_run(
         print(f"{count} replica(s): {result['applies_per_s']:.1f} applies/s; {len(times)}/{want} running, "
               f"p50 {result['p50_s']:.2f} s, p99 {result['p99_s']:.2f} s (recorded Running: p50 "
               f"{result['recorded_p50_s']:.2f} s, p99 {result['recorded_p99_s']:.2f} s)", flush=True)  # fmt: skip
+        if count > 1 and args.after_takeover:
+            result["after_takeover"] = await after_takeover(args, replicas, replicas[leader])
     finally:
         for c in channels:
             await c.close()
@@ -325,6 +327,40 @@ async def apply_run(
         for r in replicas:
             r.stop()
     return result
+
+
+async def after_takeover(
+    args: argparse.Namespace, replicas: list[Replica], leader: Replica
+) -> tuple[float, float]:
+    """Kill -9 the leader of the attested fleet, wait for another replica to lead, apply one more
+    deployment (``--after-takeover`` replicas) through it, and time it until every replica of it
+    runs: (takeover s, Apply -> all Running s). The new leader releases a node its model key only
+    once it has attested the node in its own term."""
+    leader.kill9()
+    killed = time.monotonic()
+    new = await asyncio.to_thread(leader_of, [r for r in replicas if r.alive])
+    took = time.monotonic() - killed
+    want = args.after_takeover
+    manifest = (
+        "apiVersion: edgeward/v1\nkind: Deployment\nmetadata: {name: after-takeover}\n"
+        f"spec:\n  model: {{name: vib-cnn, version: 1.0.0}}\n  replicas: {want}\n"
+        "  requirements: {accelerators: [sim-hollow], memory: 1Mi}\n"
+    )
+    async with grpc.aio.insecure_channel(new.address) as channel:
+        api = api_pb2_grpc.DeploymentServiceStub(channel)
+        start = time.monotonic()
+        await api.Apply(api_pb2.ApplyRequest(manifest=manifest), timeout=120)
+        deadline = start + args.running_timeout
+        running = 0
+        while running < want and time.monotonic() < deadline:
+            await asyncio.sleep(POLL_S)
+            got = await api.Get(api_pb2.GetDeploymentRequest(name="after-takeover"), timeout=60)
+            running = sum(r.phase == RUNNING for r in got.status.replica_list)
+        ran = time.monotonic() - start if running == want else float("nan")
+    print(
+        f"after a kill -9 of the leader: takeover {took:.2f} s, {want} more replicas Running after {ran:.2f} s"
+    )
+    return took, ran
 
 
 def _loop(share: Share | None) -> str:
@@ -361,6 +397,13 @@ def main() -> None:
         action="store_true",
         help="run the hollow fleet on the first CPU and everything else (PostgreSQL, Mosquitto, the "
         "replicas) on the others: the nodes stand in for devices with CPUs of their own",
+    )
+    parser.add_argument(
+        "--after-takeover",
+        type=int,
+        default=0,
+        help="in each run of 3 replicas, after the apply: kill -9 the leader and time one more deployment "
+        "of this many replicas applied through the new one until all run (default 0: not done)",
     )
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
@@ -429,6 +472,19 @@ for a follower's next try (every {args.ttl / 6:.2f} s)."""
         else "**Leader takeover**: not measured (`--kills 0`)."
     )
     rate_title = f", {args.apply_rate:g} Apply calls a second" if args.apply_rate else ""
+    afters = [r["after_takeover"] for r in runs if "after_takeover" in r]
+    after_text = (
+        f"""
+**After a takeover** (`--after-takeover {args.after_takeover}`: in each run of 3 replicas, once every
+replica ran, kill -9 of the leader, then one more deployment of {args.after_takeover} replicas applied through the
+new leader): takeover after {", ".join(f"{t:.2f}" for t, _ in afters)} s; all of its replicas Running
+{", ".join(f"{x:.2f}" for _, x in afters)} s after its Apply. The new leader releases a node its model key
+only once it has attested the node in its own term (docs/scale-out.md, "Attestation results on every
+replica").
+"""
+        if afters
+        else ""
+    )
     rate_title += ", fleet on a core of its own" if args.pin_fleet else ""
     cores = (
         "the hollow fleet on one core, every replica, PostgreSQL and Mosquitto on the other (`--pin-fleet`)"
@@ -453,7 +509,7 @@ Runs in the order {", ".join(str(c) for c in order)} replicas (so that a drift o
 | run | replicas (ingest) | nodes attested after | steady: database transactions/s | steady: share of a core per replica | applies/s | apply -> Running p50 | p99 | recorded p50 | recorded p99 | recorded: dispatched after / then Running after (p50) | running | leader's loop: on a CPU / waiting for one | CPU s per replica (leader first if it was the first) | CPU s hollow fleet | CPU s PostgreSQL |
 |---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|
 {rows}
-
+{after_text}
 Medians, 3 / 1 replicas: apply throughput **x{ratio_tp:.2f}**, apply -> Running p99 **x{ratio_p99:.2f}**
 (recorded p99 x{ratio_recorded:.2f}; below 1 is faster). "apply -> Running" is when the bench's poll (every {POLL_S} s, from the first Apply on) first saw the replica
 Running; "recorded" is the replica's update time as the orchestrator stored it (no poll in it), split,

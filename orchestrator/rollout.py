@@ -822,9 +822,12 @@ class RolloutController:
 
 
 def live_counts(dep: DeploymentRecord, replicas: Iterable[ReplicaRecord]) -> tuple[int, int]:
-    """(replicas of the deployment's generation Running, replicas of other generations)."""
+    """(replicas of the deployment's generation Running, replicas of other generations), evicted
+    ones aside (they stay in the store until their node confirms the undeploy), as the passes count."""
     new_running = old = 0
     for r in replicas:
+        if r.phase == Phase.EVICTED:
+            continue
         if r.generation != dep.generation:
             old += 1
         elif r.phase == Phase.RUNNING:

@@ -15,9 +15,10 @@ from orchestrator.rollout import (
     Split,
     StepRecord,
     evaluate,
+    live_counts,
     step_counts,
 )
-from orchestrator.store import ReplicaChange, ReplicaRecord, SqlStore
+from orchestrator.store import DeploymentRecord, ReplicaChange, ReplicaRecord, SqlStore
 
 BASE = """apiVersion: edgeward/v1
 kind: Deployment
@@ -255,3 +256,24 @@ def test_roll_back_relabels_stable_replicas_in_one_transaction(tmp_path, store_u
             store.get_template("d1", 1)
     finally:
         store.close()
+
+
+def test_live_counts_leave_out_evicted_replicas():
+    """A rollout's live counts as any replica's API gives them from the store: the new generation's
+    Running replicas, and the other generations' replicas not evicted (an evicted one stays in the
+    store until its node confirms the undeploy), as the leader's passes count them."""
+    dep = DeploymentRecord("d1", 2, manifest("1.1.0"), 0, 0)
+
+    def rep(rid: str, generation: int, phase: Phase) -> ReplicaRecord:
+        return ReplicaRecord(rid, "d1", generation, "m", "1.1.0" if generation == 2 else "1.0.0", phase, 0)
+
+    replicas = [
+        rep("new-running", 2, Phase.RUNNING),
+        rep("new-pending", 2, Phase.PENDING),
+        rep("new-evicted", 2, Phase.EVICTED),
+        rep("old-running", 1, Phase.RUNNING),
+        rep("old-dispatched", 1, Phase.DISPATCHED),
+        rep("old-evicted", 1, Phase.EVICTED),
+    ]
+    assert live_counts(dep, replicas) == (1, 2)
+    assert live_counts(dep, []) == (0, 0)
