@@ -62,6 +62,8 @@ class NatsCluster:
             self.start_one(i, binary)
         for port in self.mqtt_ports:
             self._wait_port(port)
+        for port in self.mqtt_ports:
+            self._wait_mqtt(port)
 
     def start_one(self, i: int, binary: str | None = None) -> None:
         with (self.workdir / f"nats-{i}.log").open("ab") as log:
@@ -83,6 +85,33 @@ class NatsCluster:
             except OSError:
                 time.sleep(0.05)
         raise RuntimeError(f"nats-server did not listen on {port}")
+
+    def _wait_mqtt(self, port: int, timeout: float = 60.0) -> None:
+        """Until the server's MQTT gateway accepts a session: it listens before the cluster's
+        JetStream (where it keeps sessions) is ready, and closes the connections it gets meanwhile
+        (a client started then fails with "connection closed before CONNACK")."""
+        client_id = f"edgeward-ready-{port}".encode()
+        variable = b"\x00\x04MQTT\x04\x02\x00\x3c"  # MQTT 3.1.1, clean session, keepalive 60 s
+        payload = len(client_id).to_bytes(2, "big") + client_id
+        connect = bytes([0x10, len(variable) + len(payload)]) + variable + payload
+        deadline = time.monotonic() + timeout
+        last = "no answer"
+        while time.monotonic() < deadline:
+            if any(p is not None and p.poll() is not None for p in self.procs):
+                raise RuntimeError(f"a nats-server exited; see {self.workdir}/nats-*.log")
+            try:
+                with socket.create_connection((LOOPBACK, port), 2.0) as sock:
+                    sock.settimeout(5.0)
+                    sock.sendall(connect)
+                    connack = sock.recv(4)
+                    if connack == b"\x20\x02\x00\x00":  # CONNACK, accepted
+                        sock.sendall(b"\xe0\x00")  # DISCONNECT
+                        return
+                    last = f"answered {connack!r}"
+            except OSError as err:
+                last = str(err)
+            time.sleep(0.2)
+        raise RuntimeError(f"nats-server's MQTT gateway on {port} accepted no session ({last})")
 
     def stop(self) -> None:
         for proc in self.procs:
