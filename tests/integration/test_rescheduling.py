@@ -148,7 +148,9 @@ async def test_sustained_slo_violation_moves_the_replica_and_noise_does_not(thre
 
         # The corrected predictions say why: n1 is seen as slow, n2 a little, n3 not at all.
         scales = orch.reconciler.latency_scales
-        assert scales["n1"] * 1.0 > SLO_MS * 1.5 > scales["n2"] > 1.0
+        # (n1's delay alone is SLOW_MS; how much over the SLO its corrected prediction has come when
+        # the move happens depends on this machine's pace, so the bounds are the SLO's, not tighter.)
+        assert scales["n1"] > SLO_MS > scales["n2"] > 1.0
         # Keep the traffic flowing: nothing moves again (no flapping), nothing returns to n1.
         deadline = time.monotonic() + 4 * BREACH_WINDOWS * HEARTBEAT_S + 1.0
         while time.monotonic() < deadline:

@@ -55,9 +55,12 @@ class Fleet:
             client.connect(host, ports[i % len(ports)])
             client.loop_start()
             self.clients[node] = client
-        for node, client in self.clients.items():
-            hello = node_pb2.Hello(agent_version="sim", hardware_profile="sim", boot_unix_ms=EPOCH)
-            self._publish(client, node, "hello", qos=1, retain=True, hello=hello)
+        for node in self.ids:
+            self.hello(node)
+
+    def hello(self, node: str) -> None:
+        hello = node_pb2.Hello(agent_version="sim", hardware_profile="sim", boot_unix_ms=EPOCH)
+        self._publish(self.clients[node], node, "hello", qos=1, retain=True, hello=hello)
 
     def _publish(
         self, client: paho.Client, node: str, kind: str, qos: int, retain: bool = False, **body
@@ -157,9 +160,30 @@ def no_sample_twice(address: str, ids: list[str]) -> None:
             assert len(stamps) == len(set(stamps)), f"{node}: a telemetry sample applied twice"
 
 
+def known_everywhere(replicas: list[Replica], fleet: Fleet) -> None:
+    """Before the stream: every replica's view has every node's hello and a first status (online).
+    A NATS MQTT gateway acknowledges a QoS 1 subscription before the cluster's consumer behind it is
+    ready, and a retained hello published in between reaches that replica neither live nor as a
+    retained message; a node whose hello a replica lacks says hello again, as an agent does when it
+    reconnects (the states this test checks come from the shared stream, not from the hellos)."""
+    for node in fleet.ids:
+        fleet.status(node)
+    online = dict.fromkeys(fleet.ids, (ONLINE, -1))
+    for _ in range(12):
+        try:
+            wait_for(lambda: all(views_complete(r.address, online) for r in replicas), 5, "hellos")
+            return
+        except AssertionError:
+            missing = {n for r in replicas for n in MISMATCH.get(r.address, {}) if n in online}
+            for node in sorted(missing):
+                fleet.hello(node)
+    raise AssertionError(f"a replica lacks nodes after 60 s of hellos: {MISMATCH}")
+
+
 def run_fleet(replicas: list[Replica], fleet: Fleet) -> tuple[Replica, Replica]:
     """The rounds, the kill -9 of a follower at KILL_AT; (leader, surviving follower)."""
     leader = wait_for(lambda: next((r for r in replicas if r.leading()), None), 60, "a leader")
+    known_everywhere(replicas, fleet)
     followers = [r for r in replicas if r is not leader]
     for round_ in range(1, ROUNDS + 1):
         fleet.round(round_)
