@@ -23,7 +23,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from edgeward.grpc_standard import HealthServicer, enable_reflection
 from edgeward.mqtt.broker import EmbeddedBroker
-from edgeward.mqtt.session import RECONNECT_DELAY_S, BrokerURL, Message, MqttSession, SessionStats
+from edgeward.mqtt.session import (
+    RECONNECT_DELAY_S,
+    BrokerURL,
+    Message,
+    MqttConnectError,
+    MqttSession,
+    SessionStats,
+)
 from edgeward.mqtt.topics import (
     TopicError,
     TopicKind,
@@ -118,6 +125,10 @@ MAX_PENDING_CALLS = 20_000  # gRPC calls arrived and not yet taken by the loop (
 LIVENESS_TICK_S = 0.1
 INGEST_BATCH = 512  # MQTT messages taken from the inbox and worked on together
 ORCHESTRATOR_RECONNECT_S = (0.1, 1.0)
+# The first connection to an external broker: tried again this often, for this long, while the
+# broker is not up yet (the orchestrator and its broker started together).
+BROKER_RETRY_S = 1.0
+BROKER_START_WAIT_S = 30.0
 ENROLL_THREADS = 8  # first enrollments in progress at once (each ends with a directory sync)
 ORCHESTRATOR_INFLIGHT = 0  # QoS 1 commands awaiting their PUBACK on the wire at once: no limit
 ORCHESTRATOR_OUTBOUND = 50_000  # and kept in all (a few per node of a 10,000-node fleet)
@@ -353,28 +364,29 @@ class Orchestrator:
             await self._broker.__aenter__()
             self.broker_url = str(self._broker.url)
         b = cfg.broker
-        self._mqtt = MqttSession(
-            BrokerURL.parse(
-                self.broker_url,
-                ca_file=b.ca_file or (sec.ca_file if sec else None),
-                cert_file=b.cert_file or (sec.cert_file if sec else None),
-                key_file=b.key_file or (sec.key_file if sec else None),
-            ),
-            f"edgeward-orchestrator-{uuid.uuid4().hex[:8]}",
-            max_payload=b.max_payload,
-            max_queued=b.ingest_queue,
-            # One control-plane client comes back fast after a broker restart (the fleet backs off
-            # with jitter), so that it has re-subscribed before the nodes replay their backlog.
-            reconnect_delay=ORCHESTRATOR_RECONNECT_S,
-            # Commands to thousands of nodes: with paho's 20 in flight, each waiting behind the
-            # inbound stream for its PUBACK, a 10,000-node start-up sent a few hundred a second and
-            # the rest failed with a full queue; with a window, paho walks its whole queue on every
-            # PUBACK. No window: each command is written at once, the queue bound still holds.
-            max_inflight=ORCHESTRATOR_INFLIGHT,
-            max_outbound=ORCHESTRATOR_OUTBOUND,
-            read_batch=ORCHESTRATOR_READ_BATCH,
+        self._mqtt = await self._first_session(
+            lambda: MqttSession(
+                BrokerURL.parse(
+                    self.broker_url,
+                    ca_file=b.ca_file or (sec.ca_file if sec else None),
+                    cert_file=b.cert_file or (sec.cert_file if sec else None),
+                    key_file=b.key_file or (sec.key_file if sec else None),
+                ),
+                f"edgeward-orchestrator-{uuid.uuid4().hex[:8]}",
+                max_payload=b.max_payload,
+                max_queued=b.ingest_queue,
+                # One control-plane client comes back fast after a broker restart (the fleet backs off
+                # with jitter), so that it has re-subscribed before the nodes replay their backlog.
+                reconnect_delay=ORCHESTRATOR_RECONNECT_S,
+                # Commands to thousands of nodes: with paho's 20 in flight, each waiting behind the
+                # inbound stream for its PUBACK, a 10,000-node start-up sent a few hundred a second and
+                # the rest failed with a full queue; with a window, paho walks its whole queue on every
+                # PUBACK. No window: each command is written at once, the queue bound still holds.
+                max_inflight=ORCHESTRATOR_INFLIGHT,
+                max_outbound=ORCHESTRATOR_OUTBOUND,
+                read_batch=ORCHESTRATOR_READ_BATCH,
+            )
         )
-        await self._mqtt.__aenter__()
         await self._subscribe_ingest()
         self._server = self._grpc_server()
         if self.guard is None:
@@ -397,6 +409,24 @@ class Orchestrator:
                 self._metrics = MetricsServer.https(self.render_metrics, cfg.metrics_bind, cfg.security.tls)
             await self._metrics.start()
             self.metrics_port = self._metrics.port
+
+    @staticmethod
+    async def _first_session(make: Callable[[], MqttSession]) -> MqttSession:
+        """The first session with the broker, tried again every ``BROKER_RETRY_S`` for up to
+        ``BROKER_START_WAIT_S`` while the broker cannot be reached or closes the connection before
+        its CONNACK: one started alongside (a NATS server's MQTT gateway accepts connections seconds
+        before it can keep a session). A refusal (credentials, ACL) or a TLS failure ends it at once."""
+        deadline = time.monotonic() + BROKER_START_WAIT_S
+        while True:
+            session = make()
+            try:
+                await session.__aenter__()
+                return session
+            except MqttConnectError as err:
+                if not err.transient or time.monotonic() + BROKER_RETRY_S > deadline:
+                    raise
+                log.warning("%s; trying again in %g s", err, BROKER_RETRY_S)
+            await asyncio.sleep(BROKER_RETRY_S)
 
     async def _subscribe_ingest(self) -> None:
         """Every kind a replica hears: all of them with ``broker.ingest: all``; else statuses and

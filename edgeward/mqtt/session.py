@@ -107,10 +107,13 @@ class _PubackDeadline:
 class MqttConnectError(MqttError):
     """The broker could not be reached, refused the session, or did not answer in time."""
 
-    def __init__(self, url: BrokerURL | str, reason: str) -> None:
+    def __init__(self, url: BrokerURL | str, reason: str, *, transient: bool = True) -> None:
+        """``transient``: trying again later may succeed (unreachable, closed before CONNACK, no
+        CONNACK in time); False for a refusal (CONNACK's reason code) and for TLS failures."""
         super().__init__(f"cannot connect to {url}: {reason}")
         self.url = str(url)
         self.reason = reason
+        self.transient = transient
 
 
 class MqttPublishError(MqttError):
@@ -686,7 +689,8 @@ class MqttSession:
                     name=f"edgeward-mqtt-connect-{self.client_id}",
                 )
             except OSError as err:  # refused, unreachable, TLS handshake, socket timeout
-                raise MqttConnectError(self.url, f"{type(err).__name__}: {err}") from err
+                transient = not isinstance(err, ssl.SSLError)
+                raise MqttConnectError(self.url, f"{type(err).__name__}: {err}", transient=transient) from err
             try:
                 async with asyncio.timeout_at(deadline):
                     await self._connack
@@ -901,7 +905,7 @@ class MqttSession:
             if self.url.cert_file is not None:
                 context.load_cert_chain(self.url.cert_file, self.url.key_file)
         except OSError as err:  # missing or unreadable files, bad PEM (ssl.SSLError)
-            raise MqttConnectError(self.url, f"TLS setup failed: {err}") from err
+            raise MqttConnectError(self.url, f"TLS setup failed: {err}", transient=False) from err
         context.sslsocket_class = _ClosingSSLSocket
         return context
 
@@ -1029,7 +1033,9 @@ class MqttSession:
         self._link_changed.set()
         if connack is not None and not connack.done():
             if refused:
-                connack.set_exception(MqttConnectError(self.url, f"refused by the broker: {reason}"))
+                connack.set_exception(
+                    MqttConnectError(self.url, f"refused by the broker: {reason}", transient=False)
+                )
             else:
                 self._connected = True
                 self._connected_at = self._require_loop().time()
