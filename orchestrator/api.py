@@ -472,7 +472,7 @@ class ModelService(api_pb2_grpc.ModelServiceServicer):
         trust: TrustMirror | None = None,
     ) -> None:
         """``trust`` answers the trust columns of Placements and Compliance (the leader's
-        verifier, on any replica; default: ``verifier`` itself, for a single orchestrator)."""
+        verifier, on any replica; the server always gives it, tests of other calls need not)."""
         self._control = control
         self._publisher = publisher
         self._catalog = catalog
@@ -602,15 +602,11 @@ class ModelService(api_pb2_grpc.ModelServiceServicer):
             lambda: (store.list_models(), store.list_replicas(), store.list_nodes())
         )
         trust = self._trust
-        verifier = self._verifier
+        assert trust is not None, "the server gives every ModelService its replica's TrustMirror"
         placed = placements(
             catalog,
             replicas,
-            (
-                (lambda n: node_trust(trust.snapshot(n), trust.tier(n)))
-                if trust is not None
-                else (lambda n: node_trust(verifier.service.snapshot(n), verifier.tier(n)))
-            ),
+            lambda n: node_trust(trust.snapshot(n), trust.tier(n)),
             self._catalog.inferences,
             name=name,
             version=version,
