@@ -236,8 +236,9 @@ class NodeAgent:
         await self.run_blocking(self._measure_platform)
         faults = cfg.fault_injection
         serving: dict[str, Backend] = dict(self._backends)
-        if faults.inference_delay_ms or faults.inference_jitter_ms:
+        if faults != FaultInjection():
             log.warning("fault injection on: %s", faults.model_dump())
+        if faults.inference_delay_ms or faults.inference_jitter_ms:
             serving = {kind: FaultInjectedBackend(b, faults) for kind, b in serving.items()}
         self.runtime = Runtime(
             serving,
@@ -970,6 +971,8 @@ class NodeAgent:
             # With a node certificate, mutual TLS (the orchestrator only lets nodes download artifacts).
             tls = self.config.tls.tls if self.config.tls is not None else None
             channel = self._channels[spec.artifact_endpoint] = grpc_aio_channel(spec.artifact_endpoint, tls)
+        if delay_ms := self.config.fault_injection.download_delay_ms:
+            await asyncio.sleep(delay_ms / 1e3)
         return await download_artifact(api_pb2_grpc.ModelServiceStub(channel), spec)
 
 

@@ -62,7 +62,7 @@ class FaultInjection(_Strict):
     node measures and reports), not to the node's own model profiles: it stands for an accelerator
     that slowed down after the node was profiled (thermal throttling, a noisy neighbour). The
     answers' acknowledgement delay stands for a broker that acknowledges late (as an overloaded one
-    does).
+    does); the download delay for a slow link to the artifact server (a load that takes seconds).
     """
 
     inference_delay_ms: Annotated[float, Field(ge=0, le=60_000)] = Field(
@@ -75,6 +75,11 @@ class FaultInjection(_Strict):
         0.0,
         description="Fault injection: the node's answers to commands (evidence, events such as "
         "command acknowledgements) wait this much longer for the broker's PUBACK, milliseconds.",
+    )
+    download_delay_ms: Annotated[float, Field(ge=0, le=600_000)] = Field(
+        0.0,
+        description="Fault injection: each artifact download starts this much later (a slow link to "
+        "the artifact server), milliseconds.",
     )
     models: list[Annotated[str, Field(min_length=1, pattern=r"^[^:\s]+(:[^:\s]+)?$")]] = Field(
         default_factory=list,

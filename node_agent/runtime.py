@@ -54,6 +54,7 @@ class ReplicaState:
     backend: Backend | None = None
     handle: ModelHandle | None = None
     task: asyncio.Task | None = field(default=None, repr=False)
+    fetching: bool = False  # its load waits for the artifact's download
 
     def report(self) -> node_pb2.ReplicaReport:
         return node_pb2.ReplicaReport(
@@ -99,12 +100,18 @@ class Runtime:
     # ------------------------------------------------------------ desired state
 
     def deploy(self, spec: node_pb2.DeployReplica, fetch: Fetch) -> bool:
-        """Start loading ``spec`` unless already there; returns False when it was a no-op."""
+        """Start loading ``spec`` unless already there; returns False when it was a no-op.
+
+        A replica whose download is still in progress starts again when the command names another
+        artifact endpoint: with several orchestrator replicas each tells nodes its own, and a leader
+        that died after dispatching leaves downloads retrying an endpoint that is gone; the next
+        leader's command (its sync at takeover) brings one that answers."""
         current = self.replicas.get(spec.replica_id)
         if (
             current is not None
             and current.spec.sha256 == spec.sha256
             and current.phase != node_pb2.REPLICA_PHASE_FAILED
+            and not (current.fetching and current.spec.artifact_endpoint != spec.artifact_endpoint)
         ):
             return False
         if current is not None:
@@ -176,7 +183,11 @@ class Runtime:
                 else:
                     self.from_cache += 1
             if data is None:
-                sealed = await fetch(spec)
+                state.fetching = True
+                try:
+                    sealed = await fetch(spec)
+                finally:
+                    state.fetching = False
                 self.fetched += 1
                 data = await self._run_blocking(self._unlock, spec, sealed)
                 await self._run_blocking(self._write_cache, spec.sha256, sealed)

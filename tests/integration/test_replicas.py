@@ -1,5 +1,6 @@
 """Three orchestrator replicas on one PostgreSQL, a three-server NATS cluster (MQTT gateway), two
-real node agents: kill -9 of the leader in the middle of an apply burst, then of the next leader in
+real node agents: kill -9 of the leader in the middle of an apply burst (while the nodes still
+download what it dispatched), then of the next leader in
 the middle of a canary rollout (paused and resumed through a follower first). Another replica takes
 over each time (the takeover time is measured), no deployment is lost, no replica placed twice, the
 rollout resumes at its step, and a Watch held on the replica that survives both sees every change
@@ -29,6 +30,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.broker]
 TTL_S = 3.0
 RUNNING = node_pb2.REPLICA_PHASE_RUNNING
 BURST = [f"burst-{i}" for i in range(5)]
+DOWNLOAD_DELAY_MS = 5000
 
 
 class Replica:
@@ -121,6 +123,30 @@ def placed_once(client: EdgewardClient, names: list[str]) -> bool:
     return True
 
 
+def loading(client: EdgewardClient, name: str) -> int:
+    return sum(
+        r.phase == node_pb2.REPLICA_PHASE_LOADING for r in client.get_deployment(name).status.replica_list
+    )
+
+
+def placement_report(client: EdgewardClient, names: list[str], leader: Replica) -> str:
+    """What a failed wait for placements saw: each deployment's replicas, the nodes, and the warnings
+    in the leader's log (a flake met in CI must say where it stopped)."""
+    lines = []
+    for name in names:
+        dep = client.get_deployment(name)
+        reps = [
+            f"{r.id}@{r.node_id or '-'}:{node_pb2.ReplicaPhase.Name(r.phase)}({r.reason})"
+            for r in dep.status.replica_list
+        ]
+        lines.append(f"  {name} wants {dep.spec.replicas}: {', '.join(reps) or 'none'}")
+    for node in client.list_nodes():
+        state = node_pb2.NodeState.Name(node.state)
+        lines.append(f"  node {node.id}: {state}, tier {node.attestation_tier!r}, {node.quarantine_reason}")
+    warnings = [ln for ln in leader.proc.tail(200_000).splitlines() if "WARNING" in ln or "ERROR" in ln]
+    return "\n".join([*lines, f"  leader {leader.index} log, last warnings:", *warnings[-15:]])
+
+
 def test_the_leaders_kill9_mid_apply_and_mid_rollout(tmp_path, postgres_url, nats_cluster):
     publishers = trust_publisher(tmp_path / "publishers")
     urls = nats_cluster.mqtt_urls
@@ -141,6 +167,8 @@ def test_the_leaders_kill9_mid_apply_and_mid_rollout(tmp_path, postgres_url, nat
                         "heartbeat_s": 0.5,
                         "broker": {"url": urls[i]},
                         "state_dir": str(tmp_path / "agents"),
+                        # The leader is killed while the nodes load what it dispatched (below).
+                        "fault_injection": {"download_delay_ms": DOWNLOAD_DELAY_MS},
                     }
                 )
             )
@@ -161,9 +189,12 @@ def test_the_leaders_kill9_mid_apply_and_mid_rollout(tmp_path, postgres_url, nat
             client.push_model(
                 rebuilt(base, "vibration cnn, republished 1.1.0"), "vib-cnn", "1.1.0", key=PUBLISHER
             )
-            # The apply burst, through a follower; the leader dies after the second apply.
+            # The apply burst, through a follower; the leader dies after the second apply, while the
+            # nodes still load the first one's replicas from its artifact server (their downloads
+            # wait DOWNLOAD_DELAY_MS): they must load them from the next leader's.
             client.apply(manifest(replicas=4, extra=rollout))
             client.apply(manifest(BURST[0], replicas=1))
+            wait_for(lambda: loading(client, "vib") == 4, timeout=30, what="the nodes loading vib")
             killed, leader, took_1 = None, None, 0.0
             killer = threading.Thread(target=lambda: None)
             holder: dict = {}
@@ -180,7 +211,10 @@ def test_the_leaders_kill9_mid_apply_and_mid_rollout(tmp_path, postgres_url, nat
             assert killed is not api
             names = ["vib", *BURST]
             assert {d.name for d in client.list_deployments()} == set(names), "no deployment lost"
-            wait_for(lambda: placed_once(client, names), timeout=60, what="every replica running, once")
+            try:
+                wait_for(lambda: placed_once(client, names), timeout=60, what="every replica running, once")
+            except AssertionError as err:
+                raise AssertionError(f"{err}\n{placement_report(client, names, leader)}") from None
             endpoints = [n.inventory.inference_endpoint for n in client.list_nodes()]
         # The rollout, with traffic; the new leader dies at its second step.
         stop = threading.Event()

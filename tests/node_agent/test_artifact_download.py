@@ -1,15 +1,23 @@
 """An agent's artifact download against a real gRPC server that fails on purpose: transient failures
-(the server busy, restarting, or cutting streams) are tried again, other refusals fail at once."""
+(the server busy, restarting, or cutting streams) are tried again, other refusals fail at once; a
+download retrying an endpoint that is gone starts again at the one a newer command names."""
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import grpc
 import pytest
+from processes import listen_port
 
+from accelerators.cpu_litert import CpuLitertBackend
 from edgeward.v1 import api_pb2, api_pb2_grpc, node_pb2
 from node_agent.agent import download_artifact
+from node_agent.runtime import Runtime
+from usecases import model_path
 
 SEALED = bytes(range(256)) * 40  # 10 KiB: three chunks below
 SPEC = node_pb2.DeployReplica(replica_id="r1", model_name="m", model_version="1.0.0", size=len(SEALED) - 28)
@@ -18,8 +26,9 @@ SPEC = node_pb2.DeployReplica(replica_id="r1", model_name="m", model_version="1.
 class FlakyModels(api_pb2_grpc.ModelServiceServicer):
     """Fails the first downloads with the given codes, then serves ``SEALED`` in 4 KiB chunks."""
 
-    def __init__(self, failures: list[grpc.StatusCode]) -> None:
+    def __init__(self, failures: list[grpc.StatusCode], sealed: bytes = SEALED) -> None:
         self.failures = list(failures)
+        self.sealed = sealed
         self.calls = 0
 
     async def Download(
@@ -28,8 +37,9 @@ class FlakyModels(api_pb2_grpc.ModelServiceServicer):
         self.calls += 1
         if self.failures:
             await context.abort(self.failures.pop(0), "on purpose")
-        for offset in range(0, len(SEALED), 4096):
-            yield api_pb2.ModelChunk(data=SEALED[offset : offset + 4096], offset=offset, size=len(SEALED))
+        sealed = self.sealed
+        for offset in range(0, len(sealed), 4096):
+            yield api_pb2.ModelChunk(data=sealed[offset : offset + 4096], offset=offset, size=len(sealed))
 
 
 @pytest.fixture
@@ -44,7 +54,9 @@ async def serve() -> AsyncIterator:
         await server.start()
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
         started.append((server, channel))
-        return api_pb2_grpc.ModelServiceStub(channel)
+        stub = api_pb2_grpc.ModelServiceStub(channel)
+        stub.endpoint = f"127.0.0.1:{port}"  # type: ignore[attr-defined]
+        return stub
 
     yield start
     for server, channel in started:
@@ -78,3 +90,69 @@ async def test_retrying_is_bounded_in_time(serve) -> None:
         await download_artifact(stub, SPEC, retry_s=5.0, backoff_s=(0.05, 0.1))
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
     assert 2 <= models.calls < 1000  # until a pause would end past the time given: then it raises
+
+
+PAD = b"\0" * 28  # the "seal" of the test below: the model and 28 bytes, as AES-GCM adds
+
+
+async def test_a_download_from_an_endpoint_gone_starts_again_at_the_one_a_newer_command_names(
+    serve, tmp_path: Path
+) -> None:
+    """With several orchestrator replicas each names its own artifact endpoint. A leader killed after
+    dispatching leaves the node retrying its endpoint (connection refused: transient, for minutes);
+    the next leader's sync names its own, and the load starts again there. A command naming the same
+    endpoint, or one for a replica already loaded, changes nothing."""
+    model = model_path("industrial", "int8").read_bytes()
+    live = await serve(FlakyModels([], sealed=model + PAD))
+    gone_endpoint = f"127.0.0.1:{listen_port()}"  # nothing listens there
+    gone_channel = grpc.aio.insecure_channel(gone_endpoint)
+    stubs = {live.endpoint: live, gone_endpoint: api_pb2_grpc.ModelServiceStub(gone_channel)}
+    asked: list[str] = []
+
+    async def fetch(spec: node_pb2.DeployReplica) -> bytes:
+        asked.append(spec.artifact_endpoint)
+        return await download_artifact(
+            stubs[spec.artifact_endpoint], spec, retry_s=600, backoff_s=(0.05, 0.2)
+        )
+
+    async def run_blocking(fn, *args):
+        return fn(*args)
+
+    runtime = Runtime(
+        {"cpu-litert": CpuLitertBackend()},
+        tmp_path / "models",
+        run_blocking,
+        lambda: None,
+        lambda spec, sealed: sealed[: -len(PAD)],
+    )
+    spec = node_pb2.DeployReplica(
+        replica_id="r1",
+        deployment="d",
+        model_name="m",
+        model_version="1.0.0",
+        sha256=hashlib.sha256(model).hexdigest(),
+        size=len(model),
+        accelerator="cpu-litert",
+        artifact_endpoint=gone_endpoint,
+    )
+    try:
+        assert runtime.deploy(spec, fetch)
+        async with asyncio.timeout(30):
+            while not asked:  # the download has started (and retries: nothing listens)
+                await asyncio.sleep(0.01)
+        assert not runtime.deploy(spec, fetch), "the same endpoint again: the download goes on"
+        await asyncio.sleep(0.3)
+        assert runtime.replicas["r1"].phase == node_pb2.REPLICA_PHASE_LOADING  # still retrying
+        newer = node_pb2.DeployReplica()
+        newer.CopyFrom(spec)
+        newer.artifact_endpoint = live.endpoint
+        assert runtime.deploy(newer, fetch), "another endpoint while downloading: start again there"
+        async with asyncio.timeout(30):
+            while runtime.replicas["r1"].phase != node_pb2.REPLICA_PHASE_RUNNING:
+                await asyncio.sleep(0.01)
+        assert asked == [gone_endpoint, live.endpoint]
+        assert not runtime.deploy(spec, fetch), "loaded: a command naming another endpoint is a no-op"
+        assert runtime.replicas["r1"].phase == node_pb2.REPLICA_PHASE_RUNNING
+    finally:
+        await runtime.close()
+        await gone_channel.close()
