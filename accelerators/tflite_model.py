@@ -1,18 +1,23 @@
 """TFLite model files: finding the interpreter, opening untrusted bytes safely, inspecting them.
 
-The orchestrator calls ``inspect_tflite`` when a model is pushed; the cpu-litert backend opens
-models through the same ``open_interpreter`` so both judge a file the same way. Model bytes are
-untrusted: cheap container checks run first (size cap, the ``TFL3`` flatbuffer file identifier),
-then the interpreter's own flatbuffer verifier; whatever the native wrapper raises on a malformed
-file becomes ``InvalidModel``.
+The orchestrator calls ``inspect_tflite_isolated`` when a model is pushed; the cpu-litert backend
+opens models through the same ``open_interpreter`` so both judge a file the same way. Model bytes
+are untrusted: cheap container checks run first (size cap, the ``TFL3`` flatbuffer file
+identifier), then the interpreter's own flatbuffer verifier; whatever the native wrapper raises on a
+malformed file becomes ``InvalidModel``. The runtime is native code, and its verifier does not
+catch every malformed file: a crafted one can crash the process that opens it (a segmentation fault,
+found by tests/fuzz), so bytes from outside are first inspected in a child process.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
+import multiprocessing
 import re
+import signal
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +43,7 @@ __all__ = [
     "check_container",
     "describe",
     "inspect_tflite",
+    "inspect_tflite_isolated",
     "interpreter_runtime",
     "layer_costs",
     "model_work",
@@ -49,6 +55,8 @@ log = logging.getLogger(__name__)
 
 #: Larger files are refused before any parsing (edge models are a few MB at most).
 MAX_MODEL_BYTES = 256 * 2**20
+#: An isolated inspection still running after this long is ended and the model refused.
+INSPECT_TIMEOUT_S = 60.0
 
 # A flatbuffer starts with a 4-byte root offset followed by the schema's file identifier.
 _IDENTIFIER = b"TFL3"
@@ -225,6 +233,85 @@ def inspect_tflite(data: bytes, *, max_bytes: int = MAX_MODEL_BYTES) -> ModelInf
         sha256=hashlib.sha256(data).hexdigest(),
         work=work,
     )
+
+
+def inspect_tflite_isolated(
+    data: bytes, *, max_bytes: int = MAX_MODEL_BYTES, timeout_s: float = INSPECT_TIMEOUT_S
+) -> ModelInfo:
+    """:func:`inspect_tflite` in a child process, for bytes from outside (a push).
+
+    A model that crashes the TFLite runtime (a signal in native code) or holds it past ``timeout_s``
+    costs that child, not the caller: it is refused as ``malformed``. The child is forked from
+    multiprocessing's fork server, which has this module and the runtime loaded, so a call costs
+    about 20 ms (the first one in a process also starts the server, about 0.25 s). The container
+    checks run here first: an empty, oversized or foreign file never reaches a child.
+    """
+    check_container(data, max_bytes)
+    context = _isolation_context()
+    receive, send = context.Pipe(duplex=False)
+    try:
+        child = context.Process(
+            target=_inspect_in_child,
+            args=(send, bytes(data), max_bytes),
+            name="edgeward-inspect",
+            daemon=True,
+        )
+        try:
+            child.start()
+        finally:
+            send.close()  # the child's end: with it closed here, a dead child reads as EOF
+        outcome = _answer(receive, child, timeout_s)
+    finally:
+        receive.close()
+    kind, value = outcome
+    if kind == "ok":
+        return value
+    if kind == "invalid":
+        raise InvalidModel(*value)
+    raise RuntimeError(f"inspecting the model failed in its child process: {value}")
+
+
+def _answer(receive: Any, child: Any, timeout_s: float) -> tuple[str, Any]:
+    """The child's answer; the child is ended and reaped whatever happens."""
+    try:
+        if not receive.poll(timeout_s):
+            raise InvalidModel("malformed", f"inspecting the model took longer than {timeout_s:g} s")
+        with contextlib.suppress(EOFError):  # EOF: the child died before it answered
+            return receive.recv()
+    finally:
+        if child.is_alive():
+            child.kill()
+        child.join(5)
+    raise InvalidModel(
+        "malformed", f"the TFLite runtime crashed reading the model ({_ended(child.exitcode)})"
+    )
+
+
+@functools.cache
+def _isolation_context() -> Any:
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    return context
+
+
+def _inspect_in_child(send: Any, data: bytes, max_bytes: int) -> None:
+    try:
+        outcome: tuple[str, Any] = ("ok", inspect_tflite(data, max_bytes=max_bytes))
+    except InvalidModel as err:
+        outcome = ("invalid", (err.code, err.detail))
+    except Exception as err:  # a bug here, not the model's fault: the caller raises it
+        outcome = ("error", f"{type(err).__name__}: {err}")
+    send.send(outcome)
+    send.close()
+
+
+def _ended(exitcode: int | None) -> str:
+    if exitcode is not None and exitcode < 0:
+        try:
+            return f"signal {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"signal {-exitcode}"
+    return f"exit code {exitcode}"
 
 
 # ------------------------------------------------------------------------------------- work

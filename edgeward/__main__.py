@@ -2,4 +2,5 @@ import sys
 
 from edgeward.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # not when a multiprocessing child imports the main module again
+    sys.exit(main())

@@ -22,10 +22,12 @@ from nats_cluster import NatsCluster, find_nats_server
 from pg_server import PostgresServer, find_bindir
 from processes import listen_port
 
+from accelerators.tflite_model import inspect_tflite_isolated
 from edgeward.mqtt import BrokerURL
 from edgeward.mqtt.broker import EmbeddedBroker
 from edgeward.security.mqtt_acl import mosquitto_config
 from edgeward.security.pki import FleetCA, parse_subject
+from usecases import model_path
 
 LOOPBACK = "127.0.0.1"
 # How long threads, tasks and processes get to finish on their own after a test.
@@ -277,6 +279,17 @@ def _process_wide(thread: threading.Thread) -> bool:
     """grpc.aio's completion-queue poller lives as long as any gRPC object of the process does and
     is released by the garbage collector, not by the test; it is shared infrastructure, not a leak."""
     return thread.name.endswith("(_poll_wrapper)")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _model_inspection_server() -> None:
+    """multiprocessing's fork server and resource tracker, which the isolated model inspection
+    (accelerators/tflite_model.py, run on every push) starts once per process and keeps: started
+    here, so the leak check counts them as the session's, not as the first pushing test's."""
+    me = psutil.Process()
+    before = {child.pid for child in me.children(recursive=True)}
+    inspect_tflite_isolated(model_path("industrial", "int8").read_bytes())
+    _SESSION_PIDS.update(child.pid for child in me.children(recursive=True) if child.pid not in before)
 
 
 @pytest.fixture(autouse=True)

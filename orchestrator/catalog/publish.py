@@ -191,10 +191,10 @@ def seal_artifact(data: bytes, aad: bytes) -> tuple[bytes, SealedArtifact]:
 
 def _inspect(data: bytes) -> Any:
     from accelerators.base import InvalidModel as NotTflite
-    from accelerators.tflite_model import inspect_tflite
+    from accelerators.tflite_model import inspect_tflite_isolated
 
     try:
-        return inspect_tflite(data)
+        return inspect_tflite_isolated(data)  # in a child: a crafted file may crash the runtime
     except NotTflite as err:
         raise InvalidModel("model.push.not_tflite", str(err)) from err
 

@@ -78,6 +78,14 @@ async def test_refused_pushes_say_why(fleet):
     code, detail = await _refused(api.push(data=b"TFL3 but not really a flatbuffer" * 8))
     assert (code, detail.split(":")[0]) == (grpc.StatusCode.INVALID_ARGUMENT, "model.push.not_tflite")
 
+    # A signed artifact crafted to crash the TFLite runtime (one byte of the real model changed; found
+    # by the fuzz suite): refused, and this orchestrator, the test's own process, goes on.
+    crasher = bytearray(data)
+    crasher[8] = 0x08
+    code, detail = await _refused(api.push(data=bytes(crasher)))
+    assert (code, detail.split(":")[0]) == (grpc.StatusCode.INVALID_ARGUMENT, "model.push.not_tflite")
+    assert "the TFLite runtime crashed reading the model (signal SIGSEGV)" in detail
+
     # A lineage parent that does not exist.
     code, detail = await _refused(api.push(parent_version="0.9.0"))
     assert (code, detail.split(":")[0]) == (grpc.StatusCode.INVALID_ARGUMENT, "model.push.parent_not_found")
