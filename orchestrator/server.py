@@ -89,6 +89,7 @@ from .metrics import Family, LoopLag, MetricsServer, render
 from .multiexit import PipelineRouter
 from .node_states import NodeStates
 from .owners import StoreOwners
+from .periodic import every
 from .reconciler import Reconciler, command
 from .rollout import RolloutController
 from .scheduler import Scheduler
@@ -659,14 +660,7 @@ class Orchestrator:
             self.reconciler.set_cordoned(cordoned)
 
     async def _refresh_loop(self) -> None:
-        while True:
-            await asyncio.sleep(LEADER_REFRESH_S)
-            try:
-                await self._refresh_from_store()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("leader refresh from the store failed")
+        await every(LEADER_REFRESH_S, self._refresh_from_store, "refresh from the store", log, trace=True)
 
     async def _follow_changes(self) -> None:
         """Every replica reads the store's change feed (the deployments changed by any replica, in

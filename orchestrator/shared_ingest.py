@@ -22,7 +22,6 @@ read back through another replica's merge, is harmless.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
 import time
@@ -36,6 +35,7 @@ from edgeward.v1 import node_pb2
 
 from .fleet import Fleet
 from .node_states import Cursor, Merge, NodeStates
+from .periodic import every, on_event
 from .telemetry import TelemetryStore
 
 log = logging.getLogger(__name__)
@@ -176,44 +176,18 @@ class SharedIngest:
 
     async def run(self) -> None:
         await asyncio.gather(
-            self._every(FLUSH_S, self.flush, "merge into the store"),
-            self._on_event(
+            every(FLUSH_S, self.flush, "merge into the store", log),
+            on_event(
                 self._others_merged,
                 lambda: NOTIFIED_FOLLOW_S if self._notified() else STATUS_FOLLOW_S,
                 self._follow_statuses,
                 "read the statuses",
+                log,
                 gap=lambda: STATUS_FOLLOW_S if self._notified() else 0.0,
             ),
-            self._every(TELEMETRY_FOLLOW_S, partial(self._follow, "telemetry"), "read the telemetry"),
-            self._every(SEEN_S, self._follow_seen, "read the liveness"),
+            every(TELEMETRY_FOLLOW_S, partial(self._follow, "telemetry"), "read the telemetry", log),
+            every(SEEN_S, self._follow_seen, "read the liveness", log),
         )
-
-    @classmethod
-    async def _every(cls, period: float, step: Callable[[], Any], what: str) -> None:
-        await cls._on_event(asyncio.Event(), lambda: period, step, what)  # an event nobody sets
-
-    @staticmethod
-    async def _on_event(
-        event: asyncio.Event,
-        period: Callable[[], float],
-        step: Callable[[], Any],
-        what: str,
-        gap: Callable[[], float] = lambda: 0.0,
-    ) -> None:
-        """``step`` when ``event`` is set, but not within ``gap()`` of the last time (a burst of
-        wake-ups is one step), and at the latest ``period()`` after the last time."""
-        while True:
-            await asyncio.sleep(gap())
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(period()):
-                    await event.wait()
-            event.clear()
-            try:
-                await step()
-            except asyncio.CancelledError:
-                raise
-            except Exception as err:  # the database away: the next round retries
-                log.warning("shared ingest: cannot %s: %s", what, err)
 
     def merged_elsewhere(self, writer: str) -> None:
         """The store says a replica's merge changed a status (``writer`` its id, empty if unknown): read

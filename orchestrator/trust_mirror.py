@@ -22,7 +22,6 @@ transaction: every replica's writes take turns with them.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 from collections.abc import Callable
@@ -30,6 +29,7 @@ from collections.abc import Callable
 from edgeward.v1 import attestation_pb2 as apb
 from edgeward.wire import now_ms
 
+from .periodic import every
 from .reconciler import DbCall
 from .store import AttestationRow, Store
 from .verifier import FleetVerifier
@@ -160,14 +160,8 @@ class TrustMirror:
         the next round."""
         for view in self._verifier.service.snapshots():
             self.changed(view.node_id)
-        while True:
-            await asyncio.sleep(PUBLISH_S)
-            try:
-                await self.publish_once()
-            except asyncio.CancelledError:
-                raise
-            except Exception as err:  # the database away, or the term over: the next round retries
-                log.warning("attestation results not written for the other replicas: %s", err)
+        # The database away, or the term over: the next round retries.
+        await every(PUBLISH_S, self.publish_once, "write the attestation results for the other replicas", log)
 
     async def publish_once(self) -> None:
         with self._dirty_lock:
@@ -204,15 +198,14 @@ class TrustMirror:
     async def follow(self) -> None:
         """On every replica (shared store): read the rows written since the cursor every
         ``FOLLOW_S``, and tell the Watch listeners when this replica's answers change source."""
-        while True:
+
+        async def step() -> None:
             try:
                 await self.load()
-            except asyncio.CancelledError:
-                raise
-            except Exception as err:  # the database away: the next round retries
-                log.warning("attestation results of the leader not read: %s", err)
-            self.switched()
-            await asyncio.sleep(FOLLOW_S)
+            finally:  # the database away (the next round retries): the source may have changed
+                self.switched()
+
+        await every(FOLLOW_S, step, "read the attestation results of the leader", log, first=True)
 
     def switched(self) -> None:
         """If this replica began or ended leading since the last look, every node as the answers'

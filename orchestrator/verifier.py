@@ -64,6 +64,7 @@ from .attest_window import ExchangeWindow
 from .config import AttestationConfig
 from .events import WARNING, EventBus
 from .fleet import Fleet
+from .periodic import every
 from .reconciler import DbCall, Publish, command
 from .store import Store
 
@@ -423,15 +424,8 @@ class FleetVerifier:
 
     async def run(self) -> None:
         tick = min(TICK_S, self.config.challenge_interval_s / 2)
-        try:
-            while True:
-                await asyncio.sleep(tick)
-                try:
-                    await self.tick()
-                except asyncio.CancelledError:
-                    raise
-                except Exception:  # one bad pass must not stop re-attestation
-                    log.exception("attestation pass failed")
+        try:  # one bad pass must not stop re-attestation
+            await every(tick, self.tick, "run the attestation pass", log, trace=True)
         finally:
             for task in self._challenging:
                 task.cancel()
