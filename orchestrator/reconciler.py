@@ -216,6 +216,10 @@ class Reconciler:
         self._needs_sync: set[str] = set()  # nodes that (re)connected: send their full set
         self._cordoned: set[str] = set()
         self._models: dict[tuple[str, str], CatalogEntry] = {}
+        # (model, version, node) of the keys released: written to the store before the commands that
+        # carry them go out (a wipe on any replica, in any later term, orders those nodes too)
+        self._releases: list[tuple[str, str, str]] = []
+        self._recorded: set[tuple[str, str, str]] = set()
         resched = config.scheduler.rescheduling
         self._slo_policy = resched.slo_policy()
         self._slo: dict[str, SloState] = {}  # running replica id -> its SLO hysteresis
@@ -581,6 +585,9 @@ class Reconciler:
                 "attestation.key.no_data_key", f"{model.name}:{model.version} is not sealed"
             )
         wrapped = self._trust.release_key(rep.node_id, model.name, model.version, sealed.data_key)
+        release = (model.name, model.version, rep.node_id)
+        if release not in self._recorded:
+            self._releases.append(release)
         return node_pb2.DeployReplica(
             replica_id=rep.id,
             deployment=rep.deployment,
@@ -592,6 +599,19 @@ class Reconciler:
             artifact_endpoint=self._artifact_endpoint(),
             wrapped_key=wrapped,
         )
+
+    async def _record_releases(self) -> None:
+        """Write the key releases not written yet (before the commands carrying the keys go out)."""
+        releases, self._releases = self._releases, []
+        fresh = [r for r in dict.fromkeys(releases) if r not in self._recorded]
+        if not fresh:
+            return
+        try:
+            await self._db(self._store.record_key_releases, fresh, now_ms())
+        except BaseException:
+            self._releases[:0] = fresh  # written by a later flush, before its commands
+            raise
+        self._recorded.update(fresh)
 
     def _deploy_command(self, rep: ReplicaRecord, model: CatalogEntry) -> node_pb2.Command:
         assert rep.node_id is not None
@@ -1419,6 +1439,8 @@ class ReconcilePass:
         rec = self.rec
         if changes:
             await rec._db(rec._store.apply_replica_changes, changes)
+        if commands:
+            await rec._record_releases()
         if moves:
             moved = ", ".join(f"{n} {a} -> {b}" for (a, b), n in sorted(moves.items()))
             log.info("replicas saved: %s", moved)

@@ -770,9 +770,11 @@ class RolloutController:
         deployment: DeploymentRecord,
         rec: Rollout | None = None,
         replicas: list[ReplicaRecord] | None = None,
+        live: tuple[int, int] | None = None,
     ) -> api_pb2.RolloutStatus:
         """``replicas``: the deployment's, as the store has them: its live counts are taken from them
-        (on any replica); without them, from this controller's last pass (the leader's only)."""
+        (on any replica); or ``live``, those counts (``live_counts``) as the store counted them;
+        without either, from this controller's last pass (the leader's only)."""
         rec = rec or self._records.get(deployment.name)
         if rec is None:
             return api_pb2.RolloutStatus(deployment=deployment.name)
@@ -780,11 +782,13 @@ class RolloutController:
         want = deployment.manifest.spec.replicas
         counts = step_counts(strategy, want) if strategy is not None else [want]
         step = min(rec.step, len(counts) - 1)
-        new_running, old_live = (
-            live_counts(deployment, replicas)
-            if replicas is not None
-            else self._counts.get(deployment.name, (0, 0))
-        )
+        if live is None:
+            live = (
+                live_counts(deployment, replicas)
+                if replicas is not None
+                else self._counts.get(deployment.name, (0, 0))
+            )
+        new_running, old_live = live
         window = self._windows.get(deployment.name)
         return api_pb2.RolloutStatus(
             deployment=rec.deployment,

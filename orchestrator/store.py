@@ -196,7 +196,7 @@ class Store(Protocol):
     def list_deployments(self) -> list[DeploymentRecord]: ...
     def delete_deployment(self, name: str, now_ms: int) -> list[ReplicaRecord]: ...
     def list_replicas(self, deployment: str | None = None) -> list[ReplicaRecord]: ...
-    def running_counts(self, deployment: str | None = None) -> dict[tuple[str, int], int]: ...
+    def replica_counts(self, deployment: str | None = None) -> dict[tuple[str, int, Phase], int]: ...
     def apply_replica_changes(self, changes: Iterable[ReplicaChange]) -> None: ...
     def get_node(self, node_id: str) -> NodeRecord | None: ...
     def list_nodes(self) -> list[NodeRecord]: ...
@@ -209,6 +209,8 @@ class Store(Protocol):
     def attestations_since(
         self, after: tuple[int, str], limit: int = ...
     ) -> list[tuple[int, AttestationRow]]: ...
+    def record_key_releases(self, releases: Iterable[tuple[str, str, str]], now_ms: int) -> None: ...
+    def key_holders(self, name: str, versions: Iterable[str]) -> set[str]: ...
     def get_template(self, name: str, generation: int) -> DeploymentManifest: ...
     def list_rollouts(self) -> dict[str, str]: ...
     def put_rollout(self, deployment: str, record: str, now_ms: int) -> None: ...
@@ -970,12 +972,16 @@ class SqlStore:
                 self._replicas = replicas  # read under the lock: no write came in between
         return list(replicas)
 
-    def running_counts(self, deployment: str | None = None) -> dict[tuple[str, int], int]:
-        """(deployment, generation) -> how many of its replicas are Running, counted by the store
-        (of one deployment, or of all): what a view of counts needs, without reading every replica."""
-        query = _RUNNING if deployment is None else _RUNNING.where(t.replicas.c.deployment == deployment)
+    def replica_counts(self, deployment: str | None = None) -> dict[tuple[str, int, Phase], int]:
+        """(deployment, generation, phase) -> how many of its replicas are in that phase, evicted ones
+        aside, counted by the store (of one deployment, or of all): what a view of counts needs (the
+        running replicas, a rollout's live counts), without reading every replica."""
+        query = _COUNTS if deployment is None else _COUNTS.where(t.replicas.c.deployment == deployment)
         with self._read() as conn:
-            return {(name, int(gen)): int(count) for name, gen, count in conn.execute(query).all()}
+            return {
+                (name, int(gen), Phase(phase)): int(count)
+                for name, gen, phase, count in conn.execute(query).all()
+            }
 
     def apply_replica_changes(self, changes: Iterable[ReplicaChange]) -> None:
         """Insert, update or delete replicas in one transaction, checking every phase transition."""
@@ -1116,6 +1122,25 @@ class SqlStore:
         with self._read() as conn:
             rows = conn.execute(query).all()
         return [(int(r[0]), AttestationRow(r[1], bytes(r[2]), r[3], r[4])) for r in rows]
+
+    # ---------------------------------------------------------------- key releases
+
+    def record_key_releases(self, releases: Iterable[tuple[str, str, str]], now_ms: int) -> None:
+        """Keep that each (model name, version, node) had the version's data key released to it; a
+        release recorded before is kept as it was (the first time)."""
+        rows = [
+            {"model_name": name, "model_version": version, "node_id": node_id, "released_ms": now_ms}
+            for name, version, node_id in sorted(set(releases))  # rows locked in one order
+        ]
+        if rows:
+            self._write(lambda conn: conn.execute(self._statements.record_release, rows))
+
+    def key_holders(self, name: str, versions: Iterable[str]) -> set[str]:
+        """The nodes a key of these versions of model ``name`` was ever released to."""
+        k = t.key_releases.c
+        query = sa.select(k.node_id).where(k.model_name == name, k.model_version.in_(list(versions)))
+        with self._read() as conn:
+            return {r[0] for r in conn.execute(query)}
 
     # ---------------------------------------------------------------- rollouts
 
@@ -1278,6 +1303,9 @@ class _Statements:
         self.upsert_template = upsert(t.deployment_templates, ("deployment", "generation"), ("manifest",))
         self.put_artifact = insert(t.artifacts).on_conflict_do_nothing(index_elements=["sha256"])
         self.claim_owner = insert(t.owners).on_conflict_do_nothing(index_elements=["kind", "name"])
+        self.record_release = insert(t.key_releases).on_conflict_do_nothing(
+            index_elements=["model_name", "model_version", "node_id"]
+        )
 
 
 _MODELS = sa.select(
@@ -1329,10 +1357,10 @@ _LIST_REPLICAS_OF = _REPLICAS.where(t.replicas.c.deployment == sa.bindparam("dep
 _REPLICA_PHASES = sa.select(t.replicas.c.id, t.replicas.c.phase).where(
     t.replicas.c.id.in_(sa.bindparam("ids", expanding=True))
 )
-_RUNNING = (
-    sa.select(t.replicas.c.deployment, t.replicas.c.generation, sa.func.count())
-    .where(t.replicas.c.phase == Phase.RUNNING.value)
-    .group_by(t.replicas.c.deployment, t.replicas.c.generation)
+_COUNTS = (
+    sa.select(t.replicas.c.deployment, t.replicas.c.generation, t.replicas.c.phase, sa.func.count())
+    .where(t.replicas.c.phase != Phase.EVICTED.value)
+    .group_by(t.replicas.c.deployment, t.replicas.c.generation, t.replicas.c.phase)
 )
 _DELETE_REPLICAS = t.replicas.delete().where(t.replicas.c.id.in_(sa.bindparam("ids", expanding=True)))
 _GET_DEPLOYMENT = _DEPLOYMENTS.where(t.deployments.c.name == sa.bindparam("name"))

@@ -150,7 +150,7 @@ class ApiViews:
     async def deployment(self, name: str, view: int = FULL) -> api_pb2.Deployment:
         if view == BASIC:
             record, counts = await self._db(
-                lambda: (self._store.get_deployment(name), self._store.running_counts(name))
+                lambda: (self._store.get_deployment(name), self._store.replica_counts(name))
             )
             return self._basic([record], counts)[0]
         record, replicas = await self._db(
@@ -168,7 +168,7 @@ class ApiViews:
     async def deployments(self, view: int = FULL) -> list[api_pb2.Deployment]:
         if view == BASIC:
             records, counts = await self._db(
-                lambda: (self._store.list_deployments(), self._store.running_counts())
+                lambda: (self._store.list_deployments(), self._store.replica_counts())
             )
             return self._basic(records, counts)
         records, replicas = await self._db(
@@ -180,20 +180,35 @@ class ApiViews:
         return self._deployments([(r, by_dep.get(r.name, [])) for r in records])
 
     def _basic(
-        self, records: list[DeploymentRecord], running: dict[tuple[str, int], int]
+        self, records: list[DeploymentRecord], counts: dict[tuple[str, int, Phase], int]
     ) -> list[api_pb2.Deployment]:
-        out = [deployment_basic_pb(r, running.get((r.name, r.generation), 0)) for r in records]
+        """The counts' view: Running of the current generation, and a rollout's live counts (Running
+        of the current generation, live of the others), from the store's counts (on any replica)."""
+        live: dict[str, tuple[int, int]] = {}
+        current = {r.name: r.generation for r in records}
+        for (name, generation, phase), n in counts.items():
+            running, other = live.get(name, (0, 0))
+            if generation != current.get(name):
+                other += n
+            elif phase == Phase.RUNNING:
+                running += n
+            live[name] = (running, other)
+        out = [deployment_basic_pb(r, live.get(r.name, (0, 0))[0]) for r in records]
         for record, pb in zip(records, out, strict=True):
-            self._add_rollout(record, pb)
+            self._add_rollout(record, pb, live=live.get(record.name, (0, 0)))
         return out
 
     def _add_rollout(
-        self, record: DeploymentRecord, pb: api_pb2.Deployment, replicas: list[ReplicaRecord] | None = None
+        self,
+        record: DeploymentRecord,
+        pb: api_pb2.Deployment,
+        replicas: list[ReplicaRecord] | None = None,
+        live: tuple[int, int] | None = None,
     ) -> None:
-        """The deployment's latest rollout into its status (both views show it; the full view counts
-        its live replicas from ``replicas``, on any replica)."""
+        """The deployment's latest rollout into its status (both views show it, with its live
+        replicas counted from ``replicas`` or as ``live``, on any replica)."""
         if self._rollouts.get(record.name) is not None:
-            pb.status.rollout.CopyFrom(self._rollouts.status_pb(record, replicas=replicas))
+            pb.status.rollout.CopyFrom(self._rollouts.status_pb(record, replicas=replicas, live=live))
 
     def _deployments(
         self, rows: list[tuple[DeploymentRecord, list[ReplicaRecord]]]

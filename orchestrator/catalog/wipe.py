@@ -157,7 +157,10 @@ class WipeController:
         self._revoke_keys(request.name, versions)
         wanted = set(versions)
         holders = self._holders(request.name, wanted, await self._db(store.list_replicas))
+        # ... and every node a key of these versions was released to, by this process or by any
+        # replica in any term (the store's record; this process's own covers a write in flight).
         holders |= self._released_to(request.name, versions)
+        holders |= await self._db(store.key_holders, request.name, versions)
         targets = sorted(set(request.node_ids) if request.node_ids else holders)
         wall = now_ms()
         reason = request.reason or "operator request"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 
 # The newest revision under migrations/versions (checked by the tests against Alembic's own view).
-HEAD = "0008"
+HEAD = "0009"
 
 # Epoch milliseconds and byte sizes need 64 bits: BIGINT on PostgreSQL; on SQLite every INTEGER is
 # already 64-bit, and the stores written before Alembic spell it INTEGER.
@@ -170,6 +170,17 @@ attestations = sa.Table(
     sa.Column("quarantine_reason", sa.Text, nullable=False, server_default=EMPTY),
     sa.Column("quarantine_message", sa.Text, nullable=False, server_default=EMPTY),
     sa.Index("attestations_by_revision", "revision", "node_id"),
+)
+
+# Which nodes a model version's data key was ever released to (by any replica, in any term): a
+# wipe's targets include them, whatever the node runs or reports now.
+key_releases = sa.Table(
+    "key_releases",
+    metadata,
+    sa.Column("model_name", sa.Text, primary_key=True),
+    sa.Column("model_version", sa.Text, primary_key=True),
+    sa.Column("node_id", sa.Text, primary_key=True),
+    sa.Column("released_ms", Int64, nullable=False),
 )
 
 deployment_templates = sa.Table(

@@ -243,7 +243,7 @@ def test_the_leaders_kill9_mid_apply_and_mid_rollout(tmp_path, postgres_url, nat
                 # The follower counts the live replicas from the store, as the leader does from its
                 # passes (it used to say 0 and 0).
                 wait_for(
-                    lambda: counts(survivor) == counts(leader) == (2, 2),
+                    lambda: counts(survivor) == counts(leader) == basic_counts(survivor) == (2, 2),
                     timeout=10,
                     what="the follower's rollout counts",
                 )
@@ -299,9 +299,30 @@ def test_the_leaders_kill9_mid_apply_and_mid_rollout(tmp_path, postgres_url, nat
             r.proc.stop()
 
 
+def replicas_of(tmp_path, postgres_url: str, deployment: str) -> list:
+    store = SqlStore(tmp_path / "reader", postgres_url)
+    try:
+        return store.list_replicas(deployment)
+    finally:
+        store.close()
+
+
 def counts(replica: Replica) -> tuple[int, int]:
     got = status(replica.address)
     return got.new_running, got.old_live
+
+
+def basic_counts(replica: Replica) -> tuple[int, int]:
+    """The same counts in the basic list view (the store's counts; it used to be 0 and 0 on a
+    follower)."""
+    with grpc.insecure_channel(replica.address) as channel:
+        deployments = (
+            api_pb2_grpc.DeploymentServiceStub(channel)
+            .List(api_pb2.ListDeploymentsRequest(view=api_pb2.DEPLOYMENT_VIEW_BASIC), timeout=5)
+            .deployments
+        )
+    rollout = next(d.status.rollout for d in deployments if d.name == "vib")
+    return rollout.new_running, rollout.old_live
 
 
 def follower_reads_the_leaders_results(leader: Replica, follower: Replica, node_id: str) -> None:
@@ -341,9 +362,10 @@ def follower_reads_the_leaders_results(leader: Replica, follower: Replica, node_
 
 
 def test_a_wipe_asked_of_a_follower_is_confirmed_through_the_leader(tmp_path, postgres_url, nats_cluster):
-    """A follower starts the wipe (it revokes, evicts, orders the node); the node's confirmation is
-    handled by the leader, which takes the wipe on from the store (it used to drop the confirmation of
-    a wipe it did not know, and the wipe stayed pending for good). AttestNow, which only the leader
+    """A follower starts the wipe (it revokes, evicts, orders the node, known to hold the model only by
+    the leader's key release); the node's confirmation is handled by the leader, which takes the wipe
+    on from the store (it used to drop the confirmation of a wipe it did not know, and the wipe stayed
+    pending for good). AttestNow, which only the leader
     can do, is refused by the follower at once (it used to hang 10 s and answer an old view); the
     follower's other attestation answers are the leader's results (it used to know no node)."""
     publishers = trust_publisher(tmp_path / "publishers")
@@ -383,6 +405,21 @@ def test_a_wipe_asked_of_a_follower_is_confirmed_through_the_leader(tmp_path, po
             client.push_model(MODEL_INT8.read_bytes(), "vib-cnn", "1.0.0", key=PUBLISHER)
             client.apply(manifest(replicas=1))
             wait_for(lambda: placed_once(client, ["vib"]), timeout=60, what="the replica running")
+            # Deleted before the wipe: the node unloads it and the store forgets the replica; only
+            # the node's cached artifact is left, and only the leader released its key. The wipe
+            # asked of the follower orders the node from the store's record of the key releases (it
+            # used to order no node and be done at once, the artifact left on the node).
+            client.delete_deployment("vib")
+            wait_for(
+                lambda: (
+                    not replicas_of(tmp_path, postgres_url, "vib")
+                    and not any(n.replicas for n in client.list_nodes())
+                ),
+                timeout=60,
+                what="the replica unloaded and forgotten",
+            )
+            cache = tmp_path / "agents" / "node-1" / "models"
+            assert list(cache.iterdir()), "the node keeps the sealed artifact"
             started = client.wipe_model("vib-cnn", "1.0.0", reason="leaked")
             assert [n.node_id for n in started.nodes] == ["node-1"]
             wipe = wait_for(
@@ -391,6 +428,7 @@ def test_a_wipe_asked_of_a_follower_is_confirmed_through_the_leader(tmp_path, po
                 what="the node's confirmation recorded",
             )
             assert (wipe.confirmed, wipe.pending, wipe.quarantined) == (1, 0, 0)
+            assert not list(cache.iterdir()), "the artifact wiped from the node"
     finally:
         for proc in reversed(procs):
             proc.stop()

@@ -140,3 +140,24 @@ def test_put_inventories_is_one_transaction(store):
     with pytest.raises((sa.exc.StatementError, TypeError)):  # the driver refuses the object
         store.put_inventories([NodeRecord("n3"), NodeRecord("n4", inventory=object())])  # type: ignore[arg-type]
     assert [n.id for n in store.list_nodes()] == ["n0", "n1", "n2"]
+
+
+def test_key_releases_are_kept_once_and_read_by_model_and_versions(tmp_path, store_url):
+    """Which nodes got a version's key: what a wipe orders besides the nodes that run or report it
+    (a replica that led earlier, or another replica's process, released them)."""
+    store = SqlStore(tmp_path, store_url)
+    try:
+        store.record_key_releases([("m", "1.0.0", "n1"), ("m", "1.0.0", "n2"), ("m", "1.0.0", "n1")], 5)
+        store.record_key_releases([("m", "1.0.0", "n1"), ("m", "2.0.0", "n3"), ("other", "1.0.0", "n4")], 9)
+        store.record_key_releases([], 10)
+        assert store.key_holders("m", ["1.0.0"]) == {"n1", "n2"}
+        assert store.key_holders("m", ["1.0.0", "2.0.0"]) == {"n1", "n2", "n3"}
+        assert store.key_holders("m", ["3.0.0"]) == set()
+        assert store.key_holders("other", []) == set()
+    finally:
+        store.close()
+    reopened = SqlStore(tmp_path, store_url)  # kept across restarts (and by every replica)
+    try:
+        assert reopened.key_holders("m", ["2.0.0"]) == {"n3"}
+    finally:
+        reopened.close()

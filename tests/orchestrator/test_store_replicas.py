@@ -210,7 +210,7 @@ def test_a_store_knows_the_revisions_its_own_commits_wrote(pg_stores):
     assert [b.written_by_me(r) for r in (1, 2, 3)] == [False, True, True]
 
 
-def test_running_replicas_are_counted_per_deployment_and_generation(tmp_path, store_url):
+def test_replicas_are_counted_per_deployment_generation_and_phase(tmp_path, store_url):
     store = SqlStore(tmp_path, store_url)
     try:
         for name in ("d1", "d2"):
@@ -226,12 +226,15 @@ def test_running_replicas_are_counted_per_deployment_and_generation(tmp_path, st
                 rep("d1", "c", 2, Phase.RUNNING),
                 rep("d1", "d", 2, Phase.LOADING),
                 rep("d2", "e", 1, Phase.FAILED),
+                rep("d2", "f", 1, Phase.EVICTED),
             ]
         )
-        assert store.running_counts() == {("d1", 1): 2, ("d1", 2): 1}
-        assert store.running_counts("d1") == {("d1", 1): 2, ("d1", 2): 1}
-        assert store.running_counts("d2") == {}
-        assert store.running_counts("nope") == {}
+        d1 = {("d1", 1, Phase.RUNNING): 2, ("d1", 2, Phase.RUNNING): 1, ("d1", 2, Phase.LOADING): 1}
+        d2 = {("d2", 1, Phase.FAILED): 1}  # evicted ones aside
+        assert store.replica_counts() == d1 | d2
+        assert store.replica_counts("d1") == d1
+        assert store.replica_counts("d2") == d2
+        assert store.replica_counts("nope") == {}
     finally:
         store.close()
 
