@@ -5,7 +5,12 @@ DEB_PACKAGES := mosquitto swtpm swtpm-tools tpm2-tools libtss2-dev pkg-config tm
 
 .PHONY: up install test test-deps system-deps protos promtool lint
 
+# The gRPC runtime first, at its newest: the editable install generates the gRPC modules with the
+# newest grpcio-tools (build isolation), and generated code refuses an older grpcio runtime.
+GRPC_RUNTIME = grpcio grpcio-health-checking grpcio-reflection
+
 install:
+	$(PIP) install -q -U $(GRPC_RUNTIME)
 	$(PIP) install -q -e .
 
 protos:
@@ -33,6 +38,7 @@ promtool:
 	  || echo "NOTE: Debian's prometheus package could not be fetched: the promtool test will be skipped"; fi
 
 test-deps: system-deps promtool
+	$(PIP) install -q -U $(GRPC_RUNTIME)
 	$(PIP) install -q -e '.[dev,tpm,postgres,nats]'
 
 test: test-deps

@@ -282,9 +282,11 @@ def _answer(receive: Any, child: Any, timeout_s: float) -> tuple[str, Any]:
         if child.is_alive():
             child.kill()
         child.join(5)
-    raise InvalidModel(
-        "malformed", f"the TFLite runtime crashed reading the model ({_ended(child.exitcode)})"
-    )
+    if child.exitcode is not None and child.exitcode < 0:  # ended by a signal: the runtime crashed
+        raise InvalidModel(
+            "malformed", f"the TFLite runtime crashed reading the model ({_ended(child.exitcode)})"
+        )
+    raise RuntimeError(f"the model's inspection ended without an answer ({_ended(child.exitcode)})")
 
 
 @functools.cache
