@@ -157,10 +157,9 @@ class WipeController:
         self._revoke_keys(request.name, versions)
         wanted = set(versions)
         holders = self._holders(request.name, wanted, await self._db(store.list_replicas))
-        # ... and every node a key of these versions was released to, by this process or by any
-        # replica in any term (the store's record; this process's own covers a write in flight).
-        # Not covered: a leader that has not read this revocation yet (its refresh, every 2 s) may
-        # release a key after this read (docs/scale-out.md: revoke on the leader to close it).
+        # ... and every node a key of these versions went to, from any replica in any term (the
+        # store), or from this process (a write in flight). Not covered: a leader that has not read
+        # the revocation yet (2 s refresh) releasing a key after this read (docs/scale-out.md).
         holders |= self._released_to(request.name, versions)
         holders |= await self._db(store.key_holders, request.name, versions)
         targets = sorted(set(request.node_ids) if request.node_ids else holders)
