@@ -57,7 +57,7 @@ from edgeward import __version__
 from edgeward.grpc_standard import HealthServicer, enable_reflection
 from edgeward.oip import grpc_predict_v2_pb2 as pb
 from edgeward.oip import grpc_predict_v2_pb2_grpc as pb_grpc
-from edgeward.security.authz import RoleGuard
+from edgeward.security.authz import RoleGuard, caller, may_use
 from edgeward.security.boundary import RequestGuard
 from edgeward.security.errors import SecurityError
 from edgeward.security.identity import Role
@@ -165,6 +165,12 @@ class ModelHost(Protocol):
 
     async def infer(self, backend: Backend, handle: ModelHandle, inputs: Inputs) -> InferResult:
         """Run one inference off the event loop, accounting it in the host's statistics."""
+        ...
+
+    def teams(self, name: str, version: str = "") -> set[str]:
+        """The teams owning what the host holds under ``name`` ("" for what no team owns; empty when
+        it holds nothing or knows no owners): with mutual TLS, a team certificate sees and calls
+        only what its team owns (``edgeward.security.authz.may_use``)."""
         ...
 
     def index(self) -> list[ModelIndexEntry]:
@@ -306,6 +312,9 @@ class ModelTable:
 
     def loading(self, name: str, version: str = "") -> bool:
         return any(n == name and (not version or v == version) for n, v in self._loading)
+
+    def teams(self, name: str, version: str = "") -> set[str]:
+        return set()  # added by hand, no owners known: open to every caller
 
     def index(self) -> list[ModelIndexEntry]:
         ready = [ModelIndexEntry(n, v, READY) for n, versions in self._models.items() for v in versions]
@@ -509,6 +518,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self._host = host
         self._pipelines = pipelines
 
+    def _hidden(self, name: str, version: str = "") -> bool:
+        """Whether the caller may not see ``name``: with mutual TLS a team certificate sees only what
+        its team owns (and what no team owns); what it may not see is answered as if the node did
+        not hold it, so a team cannot even learn which models of other teams a node serves."""
+        teams = set(self._host.teams(name, version))
+        pipeline = self._pipelines.get(name) if self._pipelines is not None else None
+        if pipeline is not None:
+            teams.add(pipeline.owner_team)
+        return not may_use(caller(), teams)
+
     async def ServerLive(
         self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
     ) -> pb.ServerLiveResponse:
@@ -528,6 +547,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelReadyResponse:
         # As Triton: an unknown model is simply not ready (OK, ready=false), never an error.
+        if self._hidden(request.name, request.version):
+            return pb.ModelReadyResponse(ready=False)
         pipeline = self._pipelines.get(request.name) if self._pipelines is not None else None
         if pipeline is not None:
             return pb.ModelReadyResponse(ready=self._pipelines.ready(pipeline))  # type: ignore[union-attr]
@@ -551,6 +572,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 )
         response = pb.RepositoryIndexResponse()
         for e in sorted(entries, key=lambda e: (e.name, e.version, e.state)):
+            if self._hidden(e.name):
+                continue
             if not request.ready or e.state == READY:
                 response.models.add(name=e.name, version=e.version, state=e.state, reason=e.reason)
         return response
@@ -558,6 +581,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelMetadataResponse:
+        if self._hidden(request.name, request.version):
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(ModelNotFound(request.name, request.version)))
         pipeline = self._pipelines.get(request.name) if self._pipelines is not None else None
         if pipeline is not None and (not request.version or request.version == pipeline.version):
             try:
@@ -579,6 +604,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInferResponse:
+        if self._hidden(request.model_name, request.model_version):
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND, str(ModelNotFound(request.model_name, request.model_version))
+            )
         pipelines = self._pipelines
         pipeline = pipelines.get(request.model_name) if pipelines is not None else None
         if pipeline is not None:

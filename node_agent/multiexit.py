@@ -95,6 +95,7 @@ class Pipeline:
     name: str
     version: str
     stages: tuple[Stage, ...]
+    owner_team: str = ""  # the team owning the pipeline's name ("" none): who may call it with TLS
 
     @classmethod
     def from_pb(cls, msg: node_pb2.MultiExitPipeline) -> Pipeline:
@@ -104,6 +105,7 @@ class Pipeline:
             tuple(
                 Stage(s.model_name, s.model_version, s.threshold, s.endpoint, s.node_id) for s in msg.stages
             ),
+            msg.owner_team,
         )
 
 

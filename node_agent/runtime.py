@@ -285,6 +285,14 @@ class Runtime:
             for s in self.replicas.values()
         )
 
+    def teams(self, name: str, version: str = "") -> set[str]:
+        """The teams owning the replicas of ``name`` held here, in any phase ("" for one no team owns)."""
+        return {
+            s.spec.owner_team
+            for s in self.replicas.values()
+            if s.spec.model_name == name and (not version or s.spec.model_version == version)
+        }
+
     def index(self) -> list[ModelIndexEntry]:
         """One row per (model, version) held: READY if a replica runs it, else LOADING while one
         loads, else UNAVAILABLE with the replica's reason."""

@@ -21,10 +21,11 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from edgeward.security.authz import MODEL, team_of
 from edgeward.v1 import node_pb2
 
 from .fleet import Fleet
@@ -46,9 +47,13 @@ class _StageDep:
 
 
 def plan(
-    deployments: list[DeploymentRecord], replicas: list[ReplicaRecord], endpoints: dict[str, str]
+    deployments: list[DeploymentRecord],
+    replicas: list[ReplicaRecord],
+    endpoints: dict[str, str],
+    teams: Mapping[str, str] | None = None,
 ) -> tuple[dict[str, list[node_pb2.MultiExitPipeline]], dict[str, str]]:
-    """The multi-exit models each node should serve, and why any model is not wired."""
+    """The multi-exit models each node should serve, and why any model is not wired. ``teams``:
+    the team owning each pipeline's name (absent or "": none), which the nodes serve it to."""
     stages: dict[str, dict[int, list[_StageDep]]] = {}
     for dep in deployments:
         mx = dep.manifest.spec.multi_exit
@@ -72,7 +77,9 @@ def plan(
         chain = [by_stage[k][0] for k in range(1, len(by_stage) + 1)]
         nodes = sorted({n for s in chain for n in running[s.deployment]})
         for node in nodes:
-            msg = node_pb2.MultiExitPipeline(name=name, version=chain[0].model_version)
+            msg = node_pb2.MultiExitPipeline(
+                name=name, version=chain[0].model_version, owner_team=(teams or {}).get(name, "")
+            )
             for s in chain:
                 hosts = sorted(set(running[s.deployment]))
                 if node in hosts:
@@ -135,13 +142,15 @@ class PipelineRouter:
     def trigger(self) -> None:
         self._wake.set()
 
-    def _read(self) -> tuple[list[DeploymentRecord], list[ReplicaRecord]]:
-        """On the store's thread: the multi-exit stage deployments and their replicas only. Every
-        replica of the fleet, read twice a second, took the store's thread (and the interpreter)
+    def _read(self) -> tuple[list[DeploymentRecord], list[ReplicaRecord], dict[str, str]]:
+        """On the store's thread: the multi-exit stage deployments and their replicas only (every
+        replica of the fleet, read twice a second, took the store's thread and the interpreter
         for a tenth of a second each time at 10,000 replicas, mostly for deployments that are not
-        multi-exit at all."""
+        multi-exit at all), and the team owning each pipeline's name (claimed as a model name)."""
         stages = [d for d in self._store.list_deployments() if d.manifest.spec.multi_exit is not None]
-        return stages, [rep for dep in stages for rep in self._store.list_replicas(dep.name)]
+        names = {d.manifest.spec.multi_exit.pipeline for d in stages if d.manifest.spec.multi_exit}
+        teams = {name: team_of(self._store.owner_of(MODEL, name)) for name in names}
+        return stages, [rep for dep in stages for rep in self._store.list_replicas(dep.name)], teams
 
     async def run(self) -> None:
         while True:
@@ -159,14 +168,14 @@ class PipelineRouter:
             self._wake.clear()
 
     async def sync(self) -> None:
-        deployments, replicas = await self._db(self._read)
+        deployments, replicas, teams = await self._db(self._read)
         nodes = self._fleet.nodes
         endpoints = {}  # of the nodes running a stage (not every node of the fleet, twice a second)
         for node_id in {r.node_id for r in replicas if r.node_id}:
             view = nodes.get(node_id)
             if view is not None and view.hello is not None and view.hello.inference_endpoint:
                 endpoints[node_id] = view.hello.inference_endpoint
-        wanted, problems = plan(deployments, replicas, endpoints)
+        wanted, problems = plan(deployments, replicas, endpoints, teams)
         for name, why in problems.items():
             if self._problems.get(name) != why:
                 log.info("multi-exit model %s not served: %s", name, why)

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from attestation.errors import KeyReleaseError
+from edgeward.security.authz import MODEL, team_of
 from edgeward.v1 import api_pb2, node_pb2
 from edgeward.wire import SCHEMA_VERSION, now_ms
 
@@ -216,6 +217,9 @@ class Reconciler:
         self._needs_sync: set[str] = set()  # nodes that (re)connected: send their full set
         self._cordoned: set[str] = set()
         self._models: dict[tuple[str, str], CatalogEntry] = {}
+        # model name -> the team owning it ("" none): nodes serve a model to its team only (a
+        # model's owner is recorded before its first version and never changes)
+        self._teams: dict[str, str] = {}
         # (model, version, node) of the keys released: written to the store before the commands that
         # carry them go out (a wipe on any replica, in any later term, orders those nodes too)
         self._releases: list[tuple[str, str, str]] = []
@@ -573,6 +577,8 @@ class Reconciler:
                 sealed = None
             model = api_pb2.Model()
             model.ParseFromString(record.info)
+            if name not in self._teams:
+                self._teams[name] = team_of(await self._db(self._store.owner_of, MODEL, name))
             self._models[key] = (model, sealed)
         return self._models[key]
 
@@ -598,6 +604,7 @@ class Reconciler:
             accelerator=rep.accelerator or "",
             artifact_endpoint=self._artifact_endpoint(),
             wrapped_key=wrapped,
+            owner_team=self._teams.get(model.name, ""),
         )
 
     async def _record_releases(self) -> None:

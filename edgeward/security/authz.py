@@ -93,6 +93,22 @@ def legacy_owners(path: Path) -> list[tuple[str, str, str]]:
         db.close()
 
 
+def team_of(owner: str | None) -> str:
+    """The team in an owner record (``team/NAME`` -> NAME); "" for an operator's object or nobody's."""
+    return owner[len("team/") :] if owner is not None and owner.startswith("team/") else ""
+
+
+def may_use(identity: Identity | None, teams: Iterable[str]) -> bool:
+    """Whether ``identity`` may use what a node holds for ``teams`` (the owner teams of the replicas
+    behind one model name, "" for a replica no team owns): a team certificate only its own team's or
+    nobody's; operators and nodes (multi-exit hand-offs) everything, and so does a caller without TLS
+    (None). Nothing held (no teams) is no refusal: the lookup answers that the model is not there."""
+    if identity is None or identity.team is None:
+        return True
+    held = set(teams)
+    return not held or "" in held or identity.team in held
+
+
 # ---------------------------------------------------------------- rules
 
 

@@ -11,6 +11,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from security_support import Client, manifest
 
 from edgeward.security.audit import read_audit
+from edgeward.security.authz import may_use, team_of
+from edgeward.security.identity import Identity, Role
 from edgeward.security.pki import FleetCA, parse_subject
 from edgeward.security.tls import TlsFiles, grpc_aio_channel
 from edgeward.v1 import api_pb2
@@ -166,3 +168,18 @@ async def test_a_revoked_certificate_is_refused(
     assert await connect("operator", "alice").list() == []
     last = audit(secure_orchestrator)[-1]
     assert (last["who"], last["result"]) == ("operator:mallory", "UNAUTHENTICATED")
+
+
+def test_node_side_ownership_rule():
+    """What a node's inference API lets a caller use, from the owner teams of the replicas it holds."""
+    assert [team_of(o) for o in ("team/automotive", "operator", None, "teamless")] == [
+        "automotive",
+        "",
+        "",
+        "",
+    ]
+    auto = Identity(Role.TEAM, "ci", "automotive")
+    assert may_use(auto, {"automotive"}) and may_use(auto, {""}) and may_use(auto, set())
+    assert not may_use(auto, {"smart-home"})
+    for anyone in (None, Identity(Role.OPERATOR, "alice"), Identity(Role.NODE, "edge-1")):
+        assert may_use(anyone, {"smart-home"})

@@ -80,9 +80,9 @@ async def servers() -> AsyncIterator[list[grpc.aio.Server]]:
     gc.collect()  # grpc.aio objects sit in reference cycles; the poller thread ends with them
 
 
-def pipeline(endpoint: str, node_id: str) -> node_pb2.MultiExitPipeline:
+def pipeline(endpoint: str, node_id: str, owner_team: str = "") -> node_pb2.MultiExitPipeline:
     """As the orchestrator wires it for node-1: stage 1 here, stages 2-3 on the node behind endpoint."""
-    msg = node_pb2.MultiExitPipeline(name="sign", version="1.0.0")
+    msg = node_pb2.MultiExitPipeline(name="sign", version="1.0.0", owner_team=owner_team)
     msg.stages.add(model_name="sign-s1", model_version="1.0.0", threshold=1.0)  # never exits here
     for k in (2, 3):
         msg.stages.add(
@@ -180,6 +180,54 @@ async def test_multi_exit_hand_offs_use_mutual_tls_to_the_named_node(
         await infer(plain1, None)
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "stage 2" in (info.value.details() or "")
+    await host1.close()
+
+
+async def test_a_teams_multi_exit_model_is_invisible_to_other_teams(
+    fleet_ca: FleetCA, stages: Stages, servers: list
+):
+    """A node serves a team's model to that team (and operators and nodes) only: another team's
+    certificate gets the answers of a node that does not hold it, for every method."""
+    node1, node2 = (fleet_ca.issue(parse_subject("node", n)) for n in ("node-1", "node-2"))
+    owner, other, operator = (
+        tls_of(fleet_ca, fleet_ca.issue(parse_subject(role, name, team)))
+        for role, name, team in (
+            ("team", "ci", "automotive"),
+            ("team", "ci", "smart-home"),
+            ("operator", "alice", None),
+        )
+    )
+    _, endpoint2 = await start_node(stages, servers, "node-2", tls_of(fleet_ca, node2), pipeline("", ""))
+    host1, endpoint1 = await start_node(
+        stages, servers, "node-1", tls_of(fleet_ca, node1), pipeline(endpoint2, "node-2", "automotive")
+    )
+    for allowed in (owner, operator):  # stage 2 and 3 are called with node-1's node certificate
+        assert (await infer(endpoint1, allowed)).parameters["exit"].int64_param in (2, 3)
+
+    async def as_other(name: str) -> tuple[list[str], bool, list[tuple[grpc.StatusCode, str]]]:
+        """What the other team sees: the index, ModelReady, and how Metadata and Infer end."""
+        async with grpc_aio_channel(endpoint1, other, server_name="node-1") as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            index = await stub.RepositoryIndex(pb.RepositoryIndexRequest(), timeout=5)
+            ready = await stub.ModelReady(pb.ModelReadyRequest(name=name), timeout=5)
+            request = sign_request()
+            request.model_name = name
+            ends = []
+            for call in (stub.ModelMetadata(pb.ModelMetadataRequest(name=name)), stub.ModelInfer(request)):
+                try:
+                    await call
+                    ends.append((grpc.StatusCode.OK, ""))
+                except grpc.aio.AioRpcError as err:
+                    ends.append((err.code(), (err.details() or "").replace(name, "<name>")))
+        return [m.name for m in index.models], ready.ready, ends
+
+    names, ready, ends = await as_other("sign")
+    assert "sign" not in names and "sign-s1" in names and not ready  # stage 1 itself is nobody's here
+    assert ends[0][0] == grpc.StatusCode.NOT_FOUND
+    assert ends == (await as_other("no-such-model"))[2]  # word for word what a missing model gets
+    host1.configure([pipeline(endpoint2, "node-2", "smart-home")])  # the other team's now
+    names, ready, ends = await as_other("sign")
+    assert "sign" in names and ready and [code for code, _ in ends] == [grpc.StatusCode.OK] * 2
     await host1.close()
 
 

@@ -65,6 +65,19 @@ async def test_a_tls_fleet_deploys_a_model_end_to_end(
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await oip_grpc.GRPCInferenceServiceStub(channel).ModelMetadata(request, timeout=5)
             assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        # Another team's certificate: the node answers as if it did not hold the model.
+        connect("team", "ci", team="smart-home")
+        files = fleet_ca.files("team:smart-home:ci")
+        other_tls = TlsFiles(fleet_ca.ca_file, files.cert_file, files.key_file)
+        async with grpc_aio_channel(agent.inference_endpoint, other_tls, server_name="edge-1") as channel:
+            stub = oip_grpc.GRPCInferenceServiceStub(channel)
+            assert not (await stub.RepositoryIndex(oip.RepositoryIndexRequest(), timeout=10)).models
+            assert not (await stub.ModelReady(oip.ModelReadyRequest(name="vib-cnn"), timeout=10)).ready
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.ModelMetadata(request, timeout=10)
+            assert info.value.code() == grpc.StatusCode.NOT_FOUND, info.value.details()
+            assert info.value.details() == "unknown model 'vib-cnn'"
+        assert [r.spec.owner_team for r in agent.runtime.replicas.values()] == ["industrial"]
     methods = {
         (x["who"], x["method"].rsplit("/", 1)[-1], x["result"])
         for x in read_audit(secure_orchestrator.guard.audit.path)

@@ -10,6 +10,7 @@ import pytest
 
 from accelerators.base import ModelArtifact
 from accelerators.cpu_litert import CpuLitertBackend, CpuLitertConfig
+from edgeward.security.authz import MODEL
 from edgeward.v1 import node_pb2
 from node_agent.multiexit import dequantize, requantize, stage_outputs
 from orchestrator.fleet import Fleet
@@ -140,6 +141,7 @@ def test_the_wiring_pass_reads_only_the_stage_deployments_replicas(tmp_path):
             for i in range(50)
         ]
         store.apply_replica_changes(ReplicaChange(r) for r in reps + plain)
+        store.claim_owner(MODEL, "sign-classifier", "team/automotive")  # the first stage's Apply claims it
         fleet = Fleet()
         for node, port in (("a", 1001), ("b", 1002)):
             fleet.view(node).hello = node_pb2.Hello(inference_endpoint=f"127.0.0.1:{port}")
@@ -156,5 +158,6 @@ def test_the_wiring_pass_reads_only_the_stage_deployments_replicas(tmp_path):
         assert sorted(sent) == ["a", "b"]
         (pipeline,) = sent["a"].pipelines.pipelines
         assert [s.endpoint for s in pipeline.stages] == ["", "127.0.0.1:1002", "127.0.0.1:1002"]
+        assert pipeline.owner_team == "automotive"  # nodes serve it to that team only (and operators)
     finally:
         store.close()
