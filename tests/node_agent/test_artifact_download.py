@@ -153,6 +153,13 @@ async def test_a_download_from_an_endpoint_gone_starts_again_at_the_one_a_newer_
         assert asked == [gone_endpoint, live.endpoint]
         assert not runtime.deploy(spec, fetch), "loaded: a command naming another endpoint is a no-op"
         assert runtime.replicas["r1"].phase == node_pb2.REPLICA_PHASE_RUNNING
+        assert runtime.teams("m") == {""}  # no team owns it: open to every caller
+        owned = node_pb2.DeployReplica()
+        owned.CopyFrom(spec)
+        owned.owner_team = "industrial"
+        assert not runtime.deploy(owned, fetch), "a new owner is taken without a reload"
+        assert runtime.teams("m") == runtime.teams("m", "1.0.0") == {"industrial"}
+        assert runtime.teams("m", "2.0.0") == runtime.teams("other") == set()
     finally:
         await runtime.close()
         await gone_channel.close()
