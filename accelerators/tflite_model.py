@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import json
 import logging
 import multiprocessing
 import re
@@ -25,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from accelerators.base import (
+    NUMPY_DTYPES,
     BackendUnavailable,
     InvalidModel,
     ModelInfo,
@@ -260,7 +262,7 @@ def inspect_tflite_isolated(
             child.start()
         finally:
             send.close()  # the child's end: with it closed here, a dead child reads as EOF
-        outcome = _answer(receive, child, timeout_s)
+        outcome = _answer(receive, child, timeout_s, data)
     finally:
         receive.close()
     kind, value = outcome
@@ -271,13 +273,17 @@ def inspect_tflite_isolated(
     raise RuntimeError(f"inspecting the model failed in its child process: {value}")
 
 
-def _answer(receive: Any, child: Any, timeout_s: float) -> tuple[str, Any]:
+def _answer(receive: Any, child: Any, timeout_s: float, data: bytes) -> tuple[str, Any]:
     """The child's answer; the child is ended and reaped whatever happens."""
     try:
         if not receive.poll(timeout_s):
             raise InvalidModel("malformed", f"inspecting the model took longer than {timeout_s:g} s")
         with contextlib.suppress(EOFError):  # EOF: the child died before it answered
-            return receive.recv()
+            try:
+                blob = receive.recv_bytes(ANSWER_MAX_BYTES)
+            except OSError as err:  # longer than any honest answer
+                raise InvalidModel("malformed", "the model's inspection answered nonsense") from err
+            return _decode_answer(blob, data)
     finally:
         if child.is_alive():
             child.kill()
@@ -287,6 +293,116 @@ def _answer(receive: Any, child: Any, timeout_s: float) -> tuple[str, Any]:
             "malformed", f"the TFLite runtime crashed reading the model ({_ended(child.exitcode)})"
         )
     raise RuntimeError(f"the model's inspection ended without an answer ({_ended(child.exitcode)})")
+
+
+# ------------------------------------------------------------------ the child's answer, as data
+# The child runs native code on untrusted bytes: were a crafted model to take it over, what it sends
+# back must still be harmless. So the answer is JSON of plain values (never a pickle, which the
+# reader would execute), read up to ANSWER_MAX_BYTES and checked field by field; the size and digest
+# are the parent's own. A well-behaved child never sends anything else: a bad answer refuses the model.
+
+#: The longest answer read from the child (a model's signature, ops and work: a few kB).
+ANSWER_MAX_BYTES = 1 << 20
+_MAX_TENSORS = 1024
+_MAX_RANK = 16
+_MAX_TEXT = 1024
+_WORK_FIELDS = ("macs", "elements", "mac_layers", "element_layers", "weight_bytes", "io_bytes")
+
+
+def _encode_answer(kind: str, value: Any) -> bytes:
+    if kind == "ok":
+        info: ModelInfo = value
+
+        def tensor(t: TensorSpec) -> dict[str, Any]:
+            q = t.quantization
+            return {
+                "name": t.name,
+                "dtype": t.dtype,
+                "shape": list(t.shape),
+                "quantization": None if q is None else [q.scale, q.zero_point],
+            }
+
+        work = info.work
+        value = {
+            "inputs": [tensor(t) for t in info.inputs],
+            "outputs": [tensor(t) for t in info.outputs],
+            "ops": list(info.ops),
+            "dtypes": sorted(info.dtypes),
+            "work": None if work is None else {f: getattr(work, f) for f in _WORK_FIELDS},
+        }
+    return json.dumps([kind, value], allow_nan=False).encode()
+
+
+def _decode_answer(blob: bytes, data: bytes) -> tuple[str, Any]:
+    """The child's answer as ("ok", ModelInfo), ("invalid", (code, detail)) or ("error", text);
+    anything else refuses the model (InvalidModel)."""
+    try:
+        kind, value = json.loads(blob)
+        if kind == "ok":
+            return kind, _model_info(value, data)
+        if kind == "invalid":
+            code, detail = value
+            return kind, (_text(code), _text(detail))
+        if kind == "error":
+            return kind, _text(value)
+        raise ValueError(f"unknown answer {kind!r}")
+    except (ValueError, TypeError, KeyError, RecursionError) as err:
+        log.warning("a model's isolated inspection answered nonsense: %s", str(err)[:200])
+        raise InvalidModel("malformed", "the model's inspection answered nonsense") from None
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str) or len(value) > _MAX_TEXT:
+        raise ValueError("a text field is not a short string")
+    return value
+
+
+def _count(value: Any, low: int = 0) -> int:
+    if type(value) is not int or value < low:
+        raise ValueError(f"{value!r} is not an integer >= {low}")
+    return value
+
+
+def _items(value: Any, most: int) -> list[Any]:
+    if not isinstance(value, list) or len(value) > most:
+        raise ValueError(f"not a list of at most {most} items")
+    return value
+
+
+def _tensor(value: Any) -> TensorSpec:
+    if not isinstance(value, dict) or set(value) != {"name", "dtype", "shape", "quantization"}:
+        raise ValueError("a tensor is not {name, dtype, shape, quantization}")
+    dtype = _text(value["dtype"])
+    if dtype not in NUMPY_DTYPES:
+        raise ValueError(f"unknown datatype {dtype[:20]!r}")
+    shape = tuple(_count(d, -1) for d in _items(value["shape"], _MAX_RANK))
+    q = value["quantization"]
+    quantization = None
+    if q is not None:
+        scale, zero_point = _items(q, 2)
+        if type(scale) not in (int, float):
+            raise ValueError("a quantization scale is not a number")
+        quantization = Quantization(float(scale), _count(zero_point, -(2**31)))
+    return TensorSpec(_text(value["name"]), dtype, shape, quantization)
+
+
+def _model_info(value: Any, data: bytes) -> ModelInfo:
+    if not isinstance(value, dict) or set(value) != {"inputs", "outputs", "ops", "dtypes", "work"}:
+        raise ValueError("a model is not {inputs, outputs, ops, dtypes, work}")
+    work = value["work"]
+    if work is not None:
+        if not isinstance(work, dict) or set(work) != set(_WORK_FIELDS):
+            raise ValueError(f"the work is not {{{', '.join(_WORK_FIELDS)}}}")
+        work = ModelWork(*(_count(work[f]) for f in _WORK_FIELDS))
+    return ModelInfo(
+        inputs=tuple(_tensor(t) for t in _items(value["inputs"], _MAX_TENSORS)),
+        outputs=tuple(_tensor(t) for t in _items(value["outputs"], _MAX_TENSORS)),
+        ops=tuple(_text(o) for o in _items(value["ops"], _MAX_TENSORS * 16)),
+        dtypes=frozenset(_text(d) for d in _items(value["dtypes"], 64)),
+        size=len(data),
+        sha256=hashlib.sha256(data).hexdigest(),
+        work=work,
+    )
 
 
 @functools.cache
@@ -303,7 +419,7 @@ def _inspect_in_child(send: Any, data: bytes, max_bytes: int) -> None:
         outcome = ("invalid", (err.code, err.detail))
     except Exception as err:  # a bug here, not the model's fault: the caller raises it
         outcome = ("error", f"{type(err).__name__}: {err}")
-    send.send(outcome)
+    send.send_bytes(_encode_answer(*outcome))
     send.close()
 
 

@@ -3,12 +3,16 @@ with the real LiteRT interpreter."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import multiprocessing
+import os
+import pickle
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from signal import SIGSEGV
@@ -31,7 +35,15 @@ from accelerators.base import (
 )
 from accelerators.cpu_litert import CpuLitertBackend, CpuLitertConfig, RaplCounter
 from accelerators.registry import BackendRegistry
-from accelerators.tflite_model import inspect_tflite, inspect_tflite_isolated, interpreter_runtime
+from accelerators.tflite_model import (
+    ANSWER_MAX_BYTES,
+    _answer,
+    _decode_answer,
+    _encode_answer,
+    inspect_tflite,
+    inspect_tflite_isolated,
+    interpreter_runtime,
+)
 from usecases import model_path
 
 MODELS = Path(__file__).resolve().parents[2] / "usecases" / "industrial" / "models"
@@ -454,6 +466,56 @@ def test_isolated_inspection_ends_a_child_past_its_time(int8_bytes: bytes) -> No
     )
     assert not multiprocessing.active_children(), "the child was ended"
     assert inspect_tflite_isolated(int8_bytes).size == len(int8_bytes), "and the next one works"
+
+
+class _Payload:
+    """Unpickling this writes a file: what a child taken over by a crafted model might send."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (self.path.write_text, ("the parent ran the child's code",))
+
+
+def test_a_subverted_childs_answer_is_data_checked_not_code(int8_bytes: bytes, tmp_path: Path) -> None:
+    """The child reads untrusted bytes with native code; were it taken over, its answer must not run
+    in the parent (a pickle would) nor pass for a model's description unchecked."""
+    honest = _encode_answer("ok", inspect_tflite(int8_bytes))
+    assert _decode_answer(honest, int8_bytes) == ("ok", inspect_tflite(int8_bytes))
+    marker = tmp_path / "ran"
+    answers = {
+        "a pickle": pickle.dumps(("ok", _Payload(marker))),
+        "an unknown datatype": honest.replace(b'"INT8"', b'"EVIL"', 1),
+        "a field missing": b'["ok", {"inputs": []}]',
+        "a negative count": honest.replace(b'"macs": ', b'"macs": -', 1),
+        "another kind": b'["exec", "print(1)"]',
+        "deep nesting": b"[" * 200_000,
+        "longer than any answer": b" " * (ANSWER_MAX_BYTES + 1),
+    }
+    context = multiprocessing.get_context("spawn")
+    child = context.Process(target=os.getpid)  # a real child that has ended, as after an answer
+    child.start()
+    child.join(60)
+    for what, blob in answers.items():
+        receive, send = context.Pipe(duplex=False)
+
+        def write(blob: bytes = blob, send: Any = send) -> None:
+            with contextlib.suppress(BrokenPipeError):  # the reader stopped (an answer too long)
+                send.send_bytes(blob)
+
+        sender = threading.Thread(target=write)  # an answer past the pipe's buffer
+        sender.start()
+        with pytest.raises(InvalidModel) as caught:
+            _answer(receive, child, 5.0, int8_bytes)
+        receive.close()
+        sender.join(30)
+        send.close()
+        assert (caught.value.code, caught.value.detail) == (
+            "malformed",
+            "the model's inspection answered nonsense",
+        ), what
+    assert not marker.exists()
 
 
 def test_size_cap(f32_bytes: bytes) -> None:
