@@ -105,7 +105,8 @@ class Runtime:
         A replica whose download is still in progress starts again when the command names another
         artifact endpoint: with several orchestrator replicas each tells nodes its own, and a leader
         that died after dispatching leaves downloads retrying an endpoint that is gone; the next
-        leader's command (its sync at takeover) brings one that answers. The owner team a command
+        leader's command (its sync at takeover) brings one that answers; a load that has not begun
+        its download (reading the cache) downloads from the newer endpoint. The owner team a command
         names is taken at once, without a reload (a replica deployed before the orchestrator sent
         owners gets its owner from the next sync)."""
         current = self.replicas.get(spec.replica_id)
@@ -116,6 +117,8 @@ class Runtime:
             and not (current.fetching and current.spec.artifact_endpoint != spec.artifact_endpoint)
         ):
             current.spec.owner_team = spec.owner_team
+            if current.phase == node_pb2.REPLICA_PHASE_LOADING:  # not downloading yet: it will ask there
+                current.spec.artifact_endpoint = spec.artifact_endpoint
             return False
         if current is not None:
             self._drop(current)

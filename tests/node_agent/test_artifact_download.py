@@ -163,3 +163,58 @@ async def test_a_download_from_an_endpoint_gone_starts_again_at_the_one_a_newer_
     finally:
         await runtime.close()
         await gone_channel.close()
+
+
+async def test_a_load_still_reading_its_cache_downloads_from_the_newer_endpoint(
+    serve, tmp_path: Path
+) -> None:
+    """A command naming another endpoint while the load reads the node's cache (before any download)
+    does not start the load again, and the download that follows asks the newer endpoint."""
+    model = model_path("industrial", "int8").read_bytes()
+    live = await serve(FlakyModels([], sealed=model + PAD))
+    asked: list[str] = []
+    reading, go_on = asyncio.Event(), asyncio.Event()
+    runtime: Runtime
+
+    async def fetch(spec: node_pb2.DeployReplica) -> bytes:
+        asked.append(spec.artifact_endpoint)
+        return await download_artifact(live, spec, retry_s=5)
+
+    async def run_blocking(fn, *args):
+        if fn == runtime._read_cache:
+            reading.set()
+            await go_on.wait()
+        return fn(*args)
+
+    runtime = Runtime(
+        {"cpu-litert": CpuLitertBackend()},
+        tmp_path / "models",
+        run_blocking,
+        lambda: None,
+        lambda spec, sealed: sealed[: -len(PAD)],
+    )
+    gone = f"127.0.0.1:{listen_port()}"
+    spec = node_pb2.DeployReplica(
+        replica_id="r1",
+        deployment="d",
+        model_name="m",
+        model_version="1.0.0",
+        sha256=hashlib.sha256(model).hexdigest(),
+        size=len(model),
+        accelerator="cpu-litert",
+        artifact_endpoint=gone,
+    )
+    try:
+        assert runtime.deploy(spec, fetch)
+        await asyncio.wait_for(reading.wait(), 30)
+        newer = node_pb2.DeployReplica()
+        newer.CopyFrom(spec)
+        newer.artifact_endpoint = live.endpoint
+        assert not runtime.deploy(newer, fetch), "not downloading yet: no new load"
+        go_on.set()
+        async with asyncio.timeout(30):
+            while runtime.replicas["r1"].phase != node_pb2.REPLICA_PHASE_RUNNING:
+                await asyncio.sleep(0.01)
+        assert asked == [live.endpoint]
+    finally:
+        await runtime.close()
