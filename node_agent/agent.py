@@ -798,6 +798,8 @@ class NodeAgent:
             self.pipelines.configure(cmd.pipelines.pipelines)
         elif body == "mitigate" and self.pipelines is not None:
             self.pipelines.mitigate(cmd.mitigate.mitigations)
+        elif body == "hello":  # an orchestrator lacks it: published again, acknowledged at its PUBACK
+            return self._publish(TopicKind.HELLO, qos=1, retain=True, hello=self.hello())
         return None
 
     async def _ack(self, ack: node_pb2.CommandAck) -> None:

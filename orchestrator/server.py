@@ -141,6 +141,9 @@ ORCHESTRATOR_READ_BATCH = 2_048
 CHANGE_POLL_S = 0.1  # how often a replica reads the store's change feed (Watch across replicas)
 NOTIFIED_POLL_S = 1.0  # and while PostgreSQL notifies it of every change (orchestrator/sql/notify.py)
 LEADER_REFRESH_S = 2.0  # how often the leader re-reads what other replicas' APIs changed
+# A node heard this long without a hello (its retained hello lost on the way: NATS's MQTT gateway can
+# lose one) is asked to say hello again (a SayHello command), and again as long as it stays missing.
+HELLO_ASK_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -159,6 +162,8 @@ class Orchestrator:
         self.drops = DropCounter()
         self.rate_limit = NodeRateLimiter(config.broker.node_rate, config.broker.node_burst)
         self._pending_offline: dict[str, tuple[float, node_pb2.NodeMessage]] = {}
+        self._hello_missing: dict[str, float] = {}  # node -> when first heard without a hello, or asked
+        self.hello_requests = 0
         self.watch = WatchHub()
         self.events = EventBus()
         self._event_outbox: asyncio.Queue[events_pb2.Notification] = asyncio.Queue(1024)
@@ -828,6 +833,8 @@ class Orchestrator:
                 del self._pending_offline[node_id]  # it spoke after its will: it is back
             what = self.fleet.apply(msg, retained=message.retain)
             body = msg.WhichOneof("body")
+            if body != "hello" and not message.retain and (step := self._without_hello(node_id)):
+                waits.setdefault(node_id, []).append(step)
             if self.shared is not None and body == "status":
                 self.shared.received(msg, message.payload)
             if what == "hello":
@@ -865,6 +872,27 @@ class Orchestrator:
             self._wire_work.add(node_id, steps)
         if serial:
             self._wire_work.add("", serial)
+
+    def _without_hello(self, node_id: str) -> Callable[[], Awaitable[None]] | None:
+        """A step asking ``node_id`` for its hello, when this replica has heard it for ``HELLO_ASK_S``
+        without one (and not asked it within as long); None otherwise. Any replica may ask: the hello
+        is retained and reaches them all, and asking twice is harmless."""
+        node = self.fleet.nodes.get(node_id)
+        if node is None or node.hello is not None:
+            self._hello_missing.pop(node_id, None)
+            return None
+        now = time.monotonic()
+        since = self._hello_missing.setdefault(node_id, now)
+        if now - since < HELLO_ASK_S:
+            return None
+        self._hello_missing[node_id] = now
+        self.hello_requests += 1
+        log.log(
+            logging.INFO if self.hello_requests <= 100 else logging.DEBUG,  # not once per node of a fleet
+            "node %s is heard without a hello: asking it for one",
+            node_id,
+        )
+        return partial(self._publish_command, node_id, command(node_id, hello=node_pb2.SayHello()))
 
     def _back(self, msg: node_pb2.NodeMessage) -> bool:
         """Whether ``msg``, from a node whose OFFLINE is pending, says the node is back: a newer status
@@ -1157,6 +1185,12 @@ class Orchestrator:
                 "gauge",
                 "Messages waiting in the ingest inbox",
                 [({}, float(queued))],
+            ),
+            (
+                "edgeward_hello_requests_total",
+                "counter",
+                "SayHello commands sent to nodes this replica heard without a hello (a retained hello lost)",
+                [({}, float(self.hello_requests))],
             ),
             *self._shared_metrics(),
         ]
