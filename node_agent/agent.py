@@ -27,7 +27,7 @@ import random
 import re
 import tempfile
 import time
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Awaitable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -175,6 +175,7 @@ class NodeAgent:
         self._server: grpc.aio.Server | None = None
         self._own_channels = channels is None
         self._channels: dict[str, grpc.aio.Channel] = {} if channels is None else channels
+        self._downloading: Counter[str] = Counter()  # downloads in progress per artifact endpoint
         self._started = time.monotonic()
         # Telemetry taken while the broker is away: serialized NodeMessages (stamped when taken),
         # oldest first, bounded by telemetry_buffer; _replay sends them once the broker is back.
@@ -967,15 +968,25 @@ class NodeAgent:
     # ------------------------------------------------------------ artifacts
 
     async def _fetch(self, spec: node_pb2.DeployReplica) -> bytes:
-        """Download a sealed artifact from the orchestrator's ModelService."""
-        channel = self._channels.get(spec.artifact_endpoint)
+        """Download a sealed artifact from the orchestrator's ModelService. Once it is done, the
+        channels to other endpoints that no download uses are closed: each orchestrator replica that
+        led names its own, and a dead leader's would otherwise stay open for good."""
+        endpoint = spec.artifact_endpoint
+        channel = self._channels.get(endpoint)
         if channel is None:
             # With a node certificate, mutual TLS (the orchestrator only lets nodes download artifacts).
             tls = self.config.tls.tls if self.config.tls is not None else None
-            channel = self._channels[spec.artifact_endpoint] = grpc_aio_channel(spec.artifact_endpoint, tls)
-        if delay_ms := self.config.fault_injection.download_delay_ms:
-            await asyncio.sleep(delay_ms / 1e3)
-        return await download_artifact(api_pb2_grpc.ModelServiceStub(channel), spec)
+            channel = self._channels[endpoint] = grpc_aio_channel(endpoint, tls)
+        self._downloading[endpoint] += 1
+        try:
+            if delay_ms := self.config.fault_injection.download_delay_ms:
+                await asyncio.sleep(delay_ms / 1e3)
+            return await download_artifact(api_pb2_grpc.ModelServiceStub(channel), spec)
+        finally:
+            self._downloading[endpoint] -= 1
+            if self._own_channels:  # a pool shared with other agents (hollow nodes) is its owner's
+                for other in [e for e in self._channels if e != endpoint and not self._downloading[e]]:
+                    await self._channels.pop(other).close()
 
 
 async def download_artifact(

@@ -15,7 +15,8 @@ from processes import listen_port
 
 from accelerators.cpu_litert import CpuLitertBackend
 from edgeward.v1 import api_pb2, api_pb2_grpc, node_pb2
-from node_agent.agent import download_artifact
+from node_agent.agent import NodeAgent, download_artifact
+from node_agent.config import AgentConfig
 from node_agent.runtime import Runtime
 from usecases import model_path
 
@@ -218,3 +219,22 @@ async def test_a_load_still_reading_its_cache_downloads_from_the_newer_endpoint(
         assert asked == [live.endpoint]
     finally:
         await runtime.close()
+
+
+async def test_an_agent_closes_the_channels_of_endpoints_it_no_longer_downloads_from(
+    serve, tmp_path: Path
+) -> None:
+    """Each orchestrator replica that leads names its own artifact endpoint: once a download from a
+    new one is done, the agent's channels to the others (a dead leader's) are closed."""
+    first, second = await serve(FlakyModels([])), await serve(FlakyModels([]))
+    agent = NodeAgent(AgentConfig(node_id="n1", state_dir=tmp_path / "agent"))
+    try:
+        for stub in (first, first, second):
+            spec = node_pb2.DeployReplica()
+            spec.CopyFrom(SPEC)
+            spec.artifact_endpoint = stub.endpoint
+            assert await agent._fetch(spec) == SEALED
+            assert list(agent._channels) == [stub.endpoint]
+    finally:
+        for channel in agent._channels.values():
+            await channel.close()
