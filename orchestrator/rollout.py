@@ -828,14 +828,20 @@ class RolloutController:
 def live_counts(dep: DeploymentRecord, replicas: Iterable[ReplicaRecord]) -> tuple[int, int]:
     """(replicas of the deployment's generation Running, replicas of other generations), evicted
     ones aside (they stay in the store until their node confirms the undeploy), as the passes count."""
+    return counted_live(dep.generation, ((r.generation, r.phase, 1) for r in replicas))
+
+
+def counted_live(generation: int, counts: Iterable[tuple[int, Phase, int]]) -> tuple[int, int]:
+    """:func:`live_counts` of (generation, phase, how many) rows, as the store counts them: one rule
+    for the passes, the full views and the views of counts."""
     new_running = old = 0
-    for r in replicas:
-        if r.phase == Phase.EVICTED:
+    for gen, phase, n in counts:
+        if phase == Phase.EVICTED:
             continue
-        if r.generation != dep.generation:
-            old += 1
-        elif r.phase == Phase.RUNNING:
-            new_running += 1
+        if gen != generation:
+            old += n
+        elif phase == Phase.RUNNING:
+            new_running += n
     return new_running, old
 
 

@@ -14,7 +14,7 @@ from .catalog.lifecycle import ModelState
 from .errors import NotFound
 from .fleet import Fleet, NodeView
 from .phases import Phase, to_pb
-from .rollout import RolloutController
+from .rollout import RolloutController, counted_live
 from .store import DeploymentRecord, ModelRecord, NodeRecord, ReplicaRecord, Store
 from .telemetry import SloQuestion, TelemetryStore
 from .trust_mirror import TrustMirror
@@ -184,18 +184,13 @@ class ApiViews:
     ) -> list[api_pb2.Deployment]:
         """The counts' view: Running of the current generation, and a rollout's live counts (Running
         of the current generation, live of the others), from the store's counts (on any replica)."""
-        live: dict[str, tuple[int, int]] = {}
-        current = {r.name: r.generation for r in records}
+        rows: dict[str, list[tuple[int, Phase, int]]] = {}
         for (name, generation, phase), n in counts.items():
-            running, other = live.get(name, (0, 0))
-            if generation != current.get(name):
-                other += n
-            elif phase == Phase.RUNNING:
-                running += n
-            live[name] = (running, other)
-        out = [deployment_basic_pb(r, live.get(r.name, (0, 0))[0]) for r in records]
+            rows.setdefault(name, []).append((generation, phase, n))
+        live = {r.name: counted_live(r.generation, rows.get(r.name, ())) for r in records}
+        out = [deployment_basic_pb(r, live[r.name][0]) for r in records]
         for record, pb in zip(records, out, strict=True):
-            self._add_rollout(record, pb, live=live.get(record.name, (0, 0)))
+            self._add_rollout(record, pb, live=live[record.name])
         return out
 
     def _add_rollout(

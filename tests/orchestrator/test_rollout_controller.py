@@ -14,6 +14,7 @@ from orchestrator.rollout import (
     RolloutState,
     Split,
     StepRecord,
+    counted_live,
     evaluate,
     live_counts,
     step_counts,
@@ -277,3 +278,6 @@ def test_live_counts_leave_out_evicted_replicas():
     ]
     assert live_counts(dep, replicas) == (1, 2)
     assert live_counts(dep, []) == (0, 0)
+    # The same rule over the store's (generation, phase, count) rows: the views of counts.
+    rows = [(r.generation, r.phase, 1) for r in replicas] + [(dep.generation, Phase.RUNNING, 3)]
+    assert counted_live(dep.generation, rows) == (4, 2)
