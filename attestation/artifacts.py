@@ -69,6 +69,9 @@ AGENT_DEPENDENCIES: tuple[str, ...] = (
     "_cffi_backend",
     "_distutils_hack",
     "certifi",  # imported at every start by a site .pth file in some environments
+    # grpc imports grpcio-tools at its own import when it is installed (its `grpc.tools` shim): in a
+    # checkout that regenerates the protocol modules every agent loads it.
+    "grpc_tools",
 )
 AGENT_CODE = "agent.code"
 AGENT_DEPS = "agent.deps"
