@@ -800,8 +800,13 @@ class NodeAgent:
         elif body == "mitigate" and self.pipelines is not None:
             self.pipelines.mitigate(cmd.mitigate.mitigations)
         elif body == "hello":  # an orchestrator lacks it: published again, acknowledged at its PUBACK
-            return self._publish(TopicKind.HELLO, qos=1, retain=True, hello=self.hello())
+            return self._say_hello()
         return None
+
+    async def _say_hello(self) -> None:
+        # Built when it is sent, not when the command was read: a hello published in between (new
+        # profiles) is not overwritten by an older one.
+        await self._publish(TopicKind.HELLO, qos=1, retain=True, hello=self.hello())
 
     async def _ack(self, ack: node_pb2.CommandAck) -> None:
         event = node_pb2.Event(id="agent.command.ack", severity=node_pb2.SEVERITY_INFO, ack=ack)
@@ -985,8 +990,11 @@ class NodeAgent:
         finally:
             self._downloading[endpoint] -= 1
             if self._own_channels:  # a pool shared with other agents (hollow nodes) is its owner's
-                for other in [e for e in self._channels if e != endpoint and not self._downloading[e]]:
-                    await self._channels.pop(other).close()
+                # Taken out all at once, before the first await: a download that starts meanwhile
+                # opens a channel of its own rather than get one being closed.
+                idle = [e for e in self._channels if e != endpoint and not self._downloading[e]]
+                for channel in [self._channels.pop(e) for e in idle]:
+                    await channel.close()
 
 
 async def download_artifact(

@@ -161,6 +161,8 @@ async def test_a_download_from_an_endpoint_gone_starts_again_at_the_one_a_newer_
         assert not runtime.deploy(owned, fetch), "a new owner is taken without a reload"
         assert runtime.teams("m") == runtime.teams("m", "1.0.0") == {"industrial"}
         assert runtime.teams("m", "2.0.0") == runtime.teams("other") == set()
+        assert not runtime.deploy(spec, fetch)  # a command without an owner (an earlier release's)
+        assert runtime.teams("m") == {"industrial"}, "does not open the replica to every team"
     finally:
         await runtime.close()
         await gone_channel.close()
@@ -235,6 +237,16 @@ async def test_an_agent_closes_the_channels_of_endpoints_it_no_longer_downloads_
             spec.artifact_endpoint = stub.endpoint
             assert await agent._fetch(spec) == SEALED
             assert list(agent._channels) == [stub.endpoint]
+        # Downloads from several endpoints at once: none loses its channel to another's clean-up.
+        third = await serve(FlakyModels([]))
+        specs = []
+        for stub in (first, second, third) * 3:
+            spec = node_pb2.DeployReplica()
+            spec.CopyFrom(SPEC)
+            spec.artifact_endpoint = stub.endpoint
+            specs.append(spec)
+        assert await asyncio.gather(*(agent._fetch(s) for s in specs)) == [SEALED] * len(specs)
+        assert len(agent._channels) == 1
     finally:
         for channel in agent._channels.values():
             await channel.close()
