@@ -519,13 +519,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self._pipelines = pipelines
 
     def _hidden(self, name: str, version: str = "") -> bool:
-        """Whether the caller may not see ``name``: with mutual TLS a team certificate sees only what
-        its team owns (and what no team owns); what it may not see is answered as if the node did
-        not hold it, so a team cannot even learn which models of other teams a node serves."""
+        """Whether the caller may not see ``name``: with mutual TLS a team certificate sees a name only
+        if nothing behind it belongs to another team (``may_use``); what it may not see is answered
+        as if the node did not hold it, so a team cannot learn which models of other teams a node
+        serves."""
         teams = set(self._host.teams(name, version))
         pipeline = self._pipelines.get(name) if self._pipelines is not None else None
-        if pipeline is not None:
+        if pipeline is not None:  # an operator's pipeline of a team's stages is that team's too
             teams.add(pipeline.owner_team)
+            teams.update(stage.owner_team for stage in pipeline.stages)
         return not may_use(caller(), teams)
 
     async def ServerLive(

@@ -88,6 +88,7 @@ class Stage:
     threshold: float
     endpoint: str  # "" : on this node
     node_id: str = ""  # the node behind endpoint (a TLS hand-off checks its certificate names it)
+    owner_team: str = ""  # the team owning the stage's model ("" none)
 
 
 @dataclass(frozen=True)
@@ -103,7 +104,8 @@ class Pipeline:
             msg.name,
             msg.version,
             tuple(
-                Stage(s.model_name, s.model_version, s.threshold, s.endpoint, s.node_id) for s in msg.stages
+                Stage(s.model_name, s.model_version, s.threshold, s.endpoint, s.node_id, s.owner_team)
+                for s in msg.stages
             ),
             msg.owner_team,
         )

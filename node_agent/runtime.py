@@ -116,7 +116,9 @@ class Runtime:
             and current.phase != node_pb2.REPLICA_PHASE_FAILED
             and not (current.fetching and current.spec.artifact_endpoint != spec.artifact_endpoint)
         ):
-            current.spec.owner_team = spec.owner_team
+            # A model's owner never changes: a command without one (from an orchestrator of an
+            # earlier release, during an upgrade) does not open the replica to every team.
+            current.spec.owner_team = spec.owner_team or current.spec.owner_team
             if current.phase == node_pb2.REPLICA_PHASE_LOADING:  # not downloading yet: it will ask there
                 current.spec.artifact_endpoint = spec.artifact_endpoint
             return False

@@ -53,7 +53,8 @@ def plan(
     teams: Mapping[str, str] | None = None,
 ) -> tuple[dict[str, list[node_pb2.MultiExitPipeline]], dict[str, str]]:
     """The multi-exit models each node should serve, and why any model is not wired. ``teams``:
-    the team owning each pipeline's name (absent or "": none), which the nodes serve it to."""
+    the team owning each pipeline's name and each stage's model (absent or "": none): a team may
+    call a pipeline on a node only if neither it nor a stage belongs to another team."""
     stages: dict[str, dict[int, list[_StageDep]]] = {}
     for dep in deployments:
         mx = dep.manifest.spec.multi_exit
@@ -94,6 +95,7 @@ def plan(
                     threshold=s.threshold or 0.0,
                     endpoint=endpoint,
                     node_id=target,
+                    owner_team=(teams or {}).get(s.model_name, ""),
                 )
             out.setdefault(node, []).append(msg)
     return out, problems
@@ -146,9 +148,11 @@ class PipelineRouter:
         """On the store's thread: the multi-exit stage deployments and their replicas only (every
         replica of the fleet, read twice a second, took the store's thread and the interpreter
         for a tenth of a second each time at 10,000 replicas, mostly for deployments that are not
-        multi-exit at all), and the team owning each pipeline's name (claimed as a model name)."""
+        multi-exit at all), and the team owning each pipeline's name (claimed as a model name) and
+        each stage's model."""
         stages = [d for d in self._store.list_deployments() if d.manifest.spec.multi_exit is not None]
         names = {d.manifest.spec.multi_exit.pipeline for d in stages if d.manifest.spec.multi_exit}
+        names |= {d.manifest.spec.model.name for d in stages}
         teams = {name: team_of(self._store.owner_of(MODEL, name)) for name in names}
         return stages, [rep for dep in stages for rep in self._store.list_replicas(dep.name)], teams
 

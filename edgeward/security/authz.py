@@ -99,14 +99,14 @@ def team_of(owner: str | None) -> str:
 
 
 def may_use(identity: Identity | None, teams: Iterable[str]) -> bool:
-    """Whether ``identity`` may use what a node holds for ``teams`` (the owner teams of the replicas
-    behind one model name, "" for a replica no team owns): a team certificate only its own team's or
-    nobody's; operators and nodes (multi-exit hand-offs) everything, and so does a caller without TLS
-    (None). Nothing held (no teams) is no refusal: the lookup answers that the model is not there."""
+    """Whether ``identity`` may use what a node holds for ``teams`` (the owner teams of everything
+    behind one name: its replicas, and a multi-exit model's own owner and its stages'; "" for what no
+    team owns): a team certificate only if none of it belongs to another team; operators and nodes
+    (multi-exit hand-offs) everything, and so does a caller without TLS (None). Nothing held (no
+    teams) is no refusal: the lookup answers that the model is not there."""
     if identity is None or identity.team is None:
         return True
-    held = set(teams)
-    return not held or "" in held or identity.team in held
+    return set(teams) <= {"", identity.team}
 
 
 # ---------------------------------------------------------------- rules

@@ -180,6 +180,8 @@ def test_node_side_ownership_rule():
     ]
     auto = Identity(Role.TEAM, "ci", "automotive")
     assert may_use(auto, {"automotive"}) and may_use(auto, {""}) and may_use(auto, set())
-    assert not may_use(auto, {"smart-home"})
+    assert may_use(auto, {"", "automotive"})
+    assert not may_use(auto, {"smart-home"}) and not may_use(auto, {"", "smart-home"})
+    assert not may_use(auto, {"automotive", "smart-home"})  # e.g. a pipeline whose stages span teams
     for anyone in (None, Identity(Role.OPERATOR, "alice"), Identity(Role.NODE, "edge-1")):
         assert may_use(anyone, {"smart-home"})

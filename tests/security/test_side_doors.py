@@ -80,13 +80,21 @@ async def servers() -> AsyncIterator[list[grpc.aio.Server]]:
     gc.collect()  # grpc.aio objects sit in reference cycles; the poller thread ends with them
 
 
-def pipeline(endpoint: str, node_id: str, owner_team: str = "") -> node_pb2.MultiExitPipeline:
-    """As the orchestrator wires it for node-1: stage 1 here, stages 2-3 on the node behind endpoint."""
+def pipeline(
+    endpoint: str, node_id: str, owner_team: str = "", stage_team: str = ""
+) -> node_pb2.MultiExitPipeline:
+    """As the orchestrator wires it for node-1: stage 1 here, stages 2-3 on the node behind endpoint
+    (``stage_team`` owns stage 2's model)."""
     msg = node_pb2.MultiExitPipeline(name="sign", version="1.0.0", owner_team=owner_team)
     msg.stages.add(model_name="sign-s1", model_version="1.0.0", threshold=1.0)  # never exits here
     for k in (2, 3):
         msg.stages.add(
-            model_name=f"sign-s{k}", model_version="1.0.0", threshold=1.0, endpoint=endpoint, node_id=node_id
+            model_name=f"sign-s{k}",
+            model_version="1.0.0",
+            threshold=1.0,
+            endpoint=endpoint,
+            node_id=node_id,
+            owner_team=stage_team if k == 2 else "",
         )
     return msg
 
@@ -228,6 +236,11 @@ async def test_a_teams_multi_exit_model_is_invisible_to_other_teams(
     host1.configure([pipeline(endpoint2, "node-2", "smart-home")])  # the other team's now
     names, ready, ends = await as_other("sign")
     assert "sign" in names and ready and [code for code, _ in ends] == [grpc.StatusCode.OK] * 2
+    # An operator's pipeline (no owner) with a stage of the first team's: not the other team's either.
+    host1.configure([pipeline(endpoint2, "node-2", "", "automotive")])
+    names, ready, ends = await as_other("sign")
+    assert "sign" not in names and not ready and ends[0][0] == grpc.StatusCode.NOT_FOUND
+    assert (await infer(endpoint1, owner)).parameters["exit"].int64_param in (2, 3)
     await host1.close()
 
 

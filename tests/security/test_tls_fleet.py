@@ -77,6 +77,12 @@ async def test_a_tls_fleet_deploys_a_model_end_to_end(
                 await stub.ModelMetadata(request, timeout=10)
             assert info.value.code() == grpc.StatusCode.NOT_FOUND, info.value.details()
             assert info.value.details() == "unknown model 'vib-cnn'"
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.ModelInfer(oip.ModelInferRequest(model_name="vib-cnn"), timeout=10)
+            assert (info.value.code(), info.value.details()) == (
+                grpc.StatusCode.NOT_FOUND,
+                "unknown model 'vib-cnn'",
+            )
         assert [r.spec.owner_team for r in agent.runtime.replicas.values()] == ["industrial"]
     methods = {
         (x["who"], x["method"].rsplit("/", 1)[-1], x["result"])

@@ -142,6 +142,7 @@ def test_the_wiring_pass_reads_only_the_stage_deployments_replicas(tmp_path):
         ]
         store.apply_replica_changes(ReplicaChange(r) for r in reps + plain)
         store.claim_owner(MODEL, "sign-classifier", "team/automotive")  # the first stage's Apply claims it
+        store.claim_owner(MODEL, "sign-stage2", "team/automotive")
         fleet = Fleet()
         for node, port in (("a", 1001), ("b", 1002)):
             fleet.view(node).hello = node_pb2.Hello(inference_endpoint=f"127.0.0.1:{port}")
@@ -159,5 +160,6 @@ def test_the_wiring_pass_reads_only_the_stage_deployments_replicas(tmp_path):
         (pipeline,) = sent["a"].pipelines.pipelines
         assert [s.endpoint for s in pipeline.stages] == ["", "127.0.0.1:1002", "127.0.0.1:1002"]
         assert pipeline.owner_team == "automotive"  # nodes serve it to that team only (and operators)
+        assert [s.owner_team for s in pipeline.stages] == ["", "automotive", ""]
     finally:
         store.close()
