@@ -11,14 +11,17 @@ found by tests/fuzz), so bytes from outside are first inspected in a child proce
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import json
 import logging
 import multiprocessing
+import os
 import re
+import select
 import signal
+import struct
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -276,13 +279,8 @@ def inspect_tflite_isolated(
 def _answer(receive: Any, child: Any, timeout_s: float, data: bytes) -> tuple[str, Any]:
     """The child's answer; the child is ended and reaped whatever happens."""
     try:
-        if not receive.poll(timeout_s):
-            raise InvalidModel("malformed", f"inspecting the model took longer than {timeout_s:g} s")
-        with contextlib.suppress(EOFError):  # EOF: the child died before it answered
-            try:
-                blob = receive.recv_bytes(ANSWER_MAX_BYTES)
-            except OSError as err:  # longer than any honest answer
-                raise InvalidModel("malformed", "the model's inspection answered nonsense") from err
+        blob = _read_answer(receive.fileno(), time.monotonic() + timeout_s, timeout_s)
+        if blob is not None:  # None: the child died before it answered
             return _decode_answer(blob, data)
     finally:
         if child.is_alive():
@@ -293,6 +291,32 @@ def _answer(receive: Any, child: Any, timeout_s: float, data: bytes) -> tuple[st
             "malformed", f"the TFLite runtime crashed reading the model ({_ended(child.exitcode)})"
         )
     raise RuntimeError(f"the model's inspection ended without an answer ({_ended(child.exitcode)})")
+
+
+def _read_answer(fd: int, deadline: float, timeout_s: float) -> bytes | None:
+    """The one message the child sends (``Connection.send_bytes``: a 4-byte big-endian length, then
+    the bytes), read by ``deadline`` whatever the child does (a child that sends half a message and
+    stalls is not waited for); None at EOF. A length beyond ``ANSWER_MAX_BYTES`` refuses the model."""
+
+    def read(n: int) -> bytes | None:
+        out = bytearray()
+        while len(out) < n:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                raise InvalidModel("malformed", f"inspecting the model took longer than {timeout_s:g} s")
+            chunk = os.read(fd, n - len(out))
+            if not chunk:
+                return None
+            out += chunk
+        return bytes(out)
+
+    header = read(4)
+    if header is None:
+        return None
+    (size,) = struct.unpack("!i", header)
+    if not 0 <= size <= ANSWER_MAX_BYTES:
+        raise InvalidModel("malformed", "the model's inspection answered nonsense")
+    return read(size)
 
 
 # ------------------------------------------------------------------ the child's answer, as data
@@ -330,7 +354,7 @@ def _encode_answer(kind: str, value: Any) -> bytes:
             "dtypes": sorted(info.dtypes),
             "work": None if work is None else {f: getattr(work, f) for f in _WORK_FIELDS},
         }
-    return json.dumps([kind, value], allow_nan=False).encode()
+    return json.dumps([kind, value]).encode()  # a NaN scale is the model's, as in process
 
 
 def _decode_answer(blob: bytes, data: bytes) -> tuple[str, Any]:
@@ -346,7 +370,7 @@ def _decode_answer(blob: bytes, data: bytes) -> tuple[str, Any]:
         if kind == "error":
             return kind, _text(value)
         raise ValueError(f"unknown answer {kind!r}")
-    except (ValueError, TypeError, KeyError, RecursionError) as err:
+    except (ValueError, TypeError, KeyError, RecursionError, OverflowError) as err:
         log.warning("a model's isolated inspection answered nonsense: %s", str(err)[:200])
         raise InvalidModel("malformed", "the model's inspection answered nonsense") from None
 
@@ -357,9 +381,9 @@ def _text(value: Any) -> str:
     return value
 
 
-def _count(value: Any, low: int = 0) -> int:
-    if type(value) is not int or value < low:
-        raise ValueError(f"{value!r} is not an integer >= {low}")
+def _count(value: Any, low: int = 0, high: int = 2**63 - 1) -> int:
+    if type(value) is not int or not low <= value <= high:
+        raise ValueError(f"{str(value)[:40]} is not an integer in [{low}, {high}]")
     return value
 
 
@@ -382,7 +406,7 @@ def _tensor(value: Any) -> TensorSpec:
         scale, zero_point = _items(q, 2)
         if type(scale) not in (int, float):
             raise ValueError("a quantization scale is not a number")
-        quantization = Quantization(float(scale), _count(zero_point, -(2**31)))
+        quantization = Quantization(float(scale), _count(zero_point, -(2**31), 2**31 - 1))
     return TensorSpec(_text(value["name"]), dtype, shape, quantization)
 
 
@@ -419,7 +443,11 @@ def _inspect_in_child(send: Any, data: bytes, max_bytes: int) -> None:
         outcome = ("invalid", (err.code, err.detail))
     except Exception as err:  # a bug here, not the model's fault: the caller raises it
         outcome = ("error", f"{type(err).__name__}: {err}")
-    send.send_bytes(_encode_answer(*outcome))
+    try:
+        answer = _encode_answer(*outcome)
+    except Exception as err:  # a bug here, not the model's fault: the caller raises it
+        answer = _encode_answer("error", f"{type(err).__name__}: {err}")
+    send.send_bytes(answer)
     send.close()
 
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import math
 import multiprocessing
 import os
 import pickle
 import statistics
+import struct
 import subprocess
 import sys
 import threading
@@ -468,6 +470,13 @@ def test_isolated_inspection_ends_a_child_past_its_time(int8_bytes: bytes) -> No
     assert inspect_tflite_isolated(int8_bytes).size == len(int8_bytes), "and the next one works"
 
 
+def mutated(answer: bytes, change) -> bytes:
+    """An honest answer with ``change`` applied to its model description."""
+    kind, model = json.loads(answer)
+    change(model)
+    return json.dumps([kind, model]).encode()
+
+
 class _Payload:
     """Unpickling this writes a file: what a child taken over by a crafted model might send."""
 
@@ -486,7 +495,13 @@ def test_a_subverted_childs_answer_is_data_checked_not_code(int8_bytes: bytes, t
     marker = tmp_path / "ran"
     answers = {
         "a pickle": pickle.dumps(("ok", _Payload(marker))),
-        "an unknown datatype": honest.replace(b'"INT8"', b'"EVIL"', 1),
+        "an unknown datatype": honest.replace(b'"dtype": "INT8"', b'"dtype": "EVIL"', 1),
+        "a zero point past int32": mutated(
+            honest, lambda m: m["inputs"][0].update(quantization=[0.5, 2**31])
+        ),
+        "a scale past any float": mutated(honest, lambda m: m["inputs"][0].update(quantization=[10**400, 0])),
+        "a count past int64": mutated(honest, lambda m: m["work"].update(macs=2**63)),
+        "a negative dimension": mutated(honest, lambda m: m["outputs"][0].update(shape=[-2, 3])),
         "a field missing": b'["ok", {"inputs": []}]',
         "a negative count": honest.replace(b'"macs": ', b'"macs": -', 1),
         "another kind": b'["exec", "print(1)"]',
@@ -516,6 +531,14 @@ def test_a_subverted_childs_answer_is_data_checked_not_code(int8_bytes: bytes, t
             "the model's inspection answered nonsense",
         ), what
     assert not marker.exists()
+    # Half an answer, the pipe held open: refused at the deadline, not waited for.
+    receive, send = context.Pipe(duplex=False)
+    os.write(send.fileno(), struct.pack("!i", 100) + b"[" * 10)
+    with pytest.raises(InvalidModel) as caught:
+        _answer(receive, child, 0.5, int8_bytes)
+    assert caught.value.detail == "inspecting the model took longer than 0.5 s"
+    receive.close()
+    send.close()
 
 
 def test_size_cap(f32_bytes: bytes) -> None:
