@@ -142,8 +142,13 @@ CHANGE_POLL_S = 0.1  # how often a replica reads the store's change feed (Watch 
 NOTIFIED_POLL_S = 1.0  # and while PostgreSQL notifies it of every change (orchestrator/sql/notify.py)
 LEADER_REFRESH_S = 2.0  # how often the leader re-reads what other replicas' APIs changed
 # A node heard this long without a hello (its retained hello lost on the way: NATS's MQTT gateway can
-# lose one) is asked to say hello again (a SayHello command), and again as long as it stays missing.
+# lose one) is asked to say hello again (a SayHello command), and again after pauses that double up
+# to HELLO_ASK_MAX_S while it stays missing (an agent of an earlier release ignores the command; a
+# hello that fails validation keeps failing); a replica asks at most HELLO_ASKS_PER_S nodes a second
+# (a fleet replaying its retained hellos slowly is not asked all at once).
 HELLO_ASK_S = 10.0
+HELLO_ASK_MAX_S = 600.0
+HELLO_ASKS_PER_S = 50.0
 
 
 @dataclass(frozen=True)
@@ -162,7 +167,8 @@ class Orchestrator:
         self.drops = DropCounter()
         self.rate_limit = NodeRateLimiter(config.broker.node_rate, config.broker.node_burst)
         self._pending_offline: dict[str, tuple[float, node_pb2.NodeMessage]] = {}
-        self._hello_missing: dict[str, float] = {}  # node -> when first heard without a hello, or asked
+        self._hello_missing: dict[str, tuple[float, float]] = {}  # node -> (ask at, the pause after)
+        self._hello_asks = NodeRateLimiter(HELLO_ASKS_PER_S, HELLO_ASKS_PER_S, max_nodes=1)
         self.hello_requests = 0
         self.watch = WatchHub()
         self.events = EventBus()
@@ -875,17 +881,19 @@ class Orchestrator:
 
     def _without_hello(self, node_id: str) -> Callable[[], Awaitable[None]] | None:
         """A step asking ``node_id`` for its hello, when this replica has heard it for ``HELLO_ASK_S``
-        without one (and not asked it within as long); None otherwise. Any replica may ask: the hello
-        is retained and reaches them all, and asking twice is harmless."""
+        without one (then after doubling pauses, within a budget: ``HELLO_ASKS_PER_S``); None
+        otherwise. Any replica may ask: the hello is retained and reaches them all, and asking twice
+        is harmless."""
         node = self.fleet.nodes.get(node_id)
         if node is None or node.hello is not None:
             self._hello_missing.pop(node_id, None)
             return None
         now = time.monotonic()
-        since = self._hello_missing.setdefault(node_id, now)
-        if now - since < HELLO_ASK_S:
+        ask_at, pause = self._hello_missing.setdefault(node_id, (now + HELLO_ASK_S, HELLO_ASK_S))
+        if now < ask_at or not self._hello_asks.allow("", now):
             return None
-        self._hello_missing[node_id] = now
+        pause = min(2 * pause, HELLO_ASK_MAX_S)
+        self._hello_missing[node_id] = (now + pause, pause)
         self.hello_requests += 1
         log.log(
             logging.INFO if self.hello_requests <= 100 else logging.DEBUG,  # not once per node of a fleet
