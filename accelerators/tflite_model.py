@@ -11,13 +11,17 @@ found by tests/fuzz), so bytes from outside are first inspected in a child proce
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import functools
 import hashlib
 import json
 import logging
+import math
 import multiprocessing
 import os
 import re
+import resource
 import select
 import signal
 import struct
@@ -257,7 +261,7 @@ def inspect_tflite_isolated(
     try:
         child = context.Process(
             target=_inspect_in_child,
-            args=(send, bytes(data), max_bytes),
+            args=(send, bytes(data), max_bytes, timeout_s),
             name="edgeward-inspect",
             daemon=True,
         )
@@ -436,8 +440,31 @@ def _isolation_context() -> Any:
     return context
 
 
-def _inspect_in_child(send: Any, data: bytes, max_bytes: int) -> None:
+def confine(cpu_s: float) -> None:
+    """Narrow what this process can do before it reads untrusted bytes with native code: it writes
+    no file (RLIMIT_FSIZE 0; SIGXFSZ ignored, so a write fails with EFBIG instead of killing it;
+    stdout and stderr go to /dev/null, which the limit does not cover), leaves no core dump, gains
+    no privileges through exec (PR_SET_NO_NEW_PRIVS) and gets ``cpu_s`` of CPU. Not a sandbox: it
+    can still read what its user can, and open sockets."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.dup2(devnull, 2)
+    os.close(devnull)
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    cpu = max(1, math.ceil(cpu_s))
+    resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
+    with contextlib.suppress(OSError, AttributeError):  # Linux only
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+
+
+_PR_SET_NO_NEW_PRIVS = 38
+
+
+def _inspect_in_child(send: Any, data: bytes, max_bytes: int, cpu_s: float) -> None:
     try:
+        confine(cpu_s)
         outcome: tuple[str, Any] = ("ok", inspect_tflite(data, max_bytes=max_bytes))
     except InvalidModel as err:
         outcome = ("invalid", (err.code, err.detail))

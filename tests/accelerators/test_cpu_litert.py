@@ -541,6 +541,44 @@ def test_a_subverted_childs_answer_is_data_checked_not_code(int8_bytes: bytes, t
     send.close()
 
 
+def test_the_inspection_child_writes_no_file(tmp_path: Path, int8_bytes: bytes) -> None:
+    """What the child does before it reads the model: a write to a file fails (and does not kill it),
+    and the model is still read (in a throwaway interpreter: the limits are for good)."""
+    target = tmp_path / "written"
+    script = (
+        "import sys\n"
+        "from accelerators.tflite_model import confine, inspect_tflite\n"
+        "data = sys.stdin.buffer.read()\n"
+        "confine(30)\n"
+        "try:\n"
+        f"    open({str(target)!r}, 'wb', buffering=0).write(b'x')\n"
+        "    wrote = 'wrote'\n"
+        "except OSError as err:\n"
+        "    wrote = type(err).__name__\n"
+        "inputs = len(inspect_tflite(data).inputs)\n"
+        "import os\n"
+    )
+    read, write = os.pipe()
+    script += f"os.write({write}, f'{{wrote}} {{inputs}}'.encode())\n"
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", script],
+            input=int8_bytes,
+            pass_fds=(write,),
+            capture_output=True,
+            timeout=120,
+            check=False,
+        )
+        os.close(write)
+        answer = os.read(read, 100).decode()
+    finally:
+        os.close(read)
+    assert done.returncode == 0, done.stderr[-500:]
+    assert answer == "OSError 1", answer  # EFBIG: the file was not written
+    assert target.read_bytes() == b""  # opened (created) before the write failed, nothing in it
+    assert done.stdout == done.stderr == b""  # and its output went nowhere
+
+
 def test_size_cap(f32_bytes: bytes) -> None:
     with pytest.raises(InvalidModel) as caught:
         inspect_tflite(f32_bytes, max_bytes=1024)
