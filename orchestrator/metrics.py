@@ -15,6 +15,8 @@ team, a node or a broker.
 from __future__ import annotations
 
 import asyncio
+import bisect
+import itertools
 import logging
 import math
 import ssl
@@ -57,6 +59,31 @@ class Family:
         self.add(labels, float(count), "_count")
 
 
+class Histogram:
+    """Observations counted in buckets at ``bounds``: one series of a histogram family. ``record``
+    is a bisection and two additions (it runs once per status a replica takes in)."""
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self.bounds = tuple(bounds)
+        self._counts = [0] * (len(self.bounds) + 1)  # the last: above every bound
+        self.count = 0
+        self.total = 0.0
+
+    def record(self, value: float) -> None:
+        value = max(0.0, value)
+        self._counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.count += 1
+        self.total += value
+
+    @property
+    def cumulative(self) -> list[int]:
+        """How many observations were at or under each bound."""
+        return list(itertools.accumulate(self._counts[:-1]))
+
+    def add_to(self, family: Family, labels: Labels) -> None:
+        family.histogram(labels, self.bounds, self.cumulative, self.count, self.total)
+
+
 class LoopLag:
     """How late the event loop runs what is due: ``run()`` sleeps ``period`` over and over and
     records how much later than asked it woke, in a histogram over ``BOUNDS``. A loop busy with a
@@ -68,18 +95,19 @@ class LoopLag:
 
     def __init__(self, period: float = 0.25) -> None:
         self.period = period
-        self.cumulative = [0] * len(self.BOUNDS)
-        self.count = 0
-        self.total = 0.0
+        self.lags = Histogram(self.BOUNDS)
         self.worst = 0.0
 
+    @property
+    def cumulative(self) -> list[int]:
+        return self.lags.cumulative
+
+    @property
+    def count(self) -> int:
+        return self.lags.count
+
     def record(self, lag: float) -> None:
-        lag = max(0.0, lag)
-        for i, bound in enumerate(self.BOUNDS):
-            if lag <= bound:
-                self.cumulative[i] += 1
-        self.count += 1
-        self.total += lag
+        self.lags.record(lag)
         self.worst = max(self.worst, lag)
 
     async def run(self) -> None:
@@ -95,7 +123,7 @@ class LoopLag:
             "histogram",
             f"How much later than due the orchestrator's event loop woke a probe that sleeps {self.period:g} s",
         )
-        lag.histogram({}, self.BOUNDS, self.cumulative, self.count, self.total)
+        self.lags.add_to(lag, {})
         worst = Family(
             "edgeward_event_loop_lag_max_seconds", "gauge", "The largest event loop lag seen since the start"
         )
@@ -216,3 +244,30 @@ class MetricsServer:
             pass  # a broken or hostile request: close the connection, nothing else
         finally:
             writer.close()
+
+
+class StatusLag:
+    """How long a node's statuses took to reach this replica's view: from the node's send time
+    (its clock) to when this replica applied the status, by ``path``: ``received`` (from the broker,
+    heartbeats included) and ``merged`` (read back from another replica's merge of the shared ingest:
+    only statuses that changed what the node says). With several replicas the leader acts on the
+    merged ones late by that much. A clock difference between node and orchestrator shows in it."""
+
+    BOUNDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+    def __init__(self) -> None:
+        self.paths = {"received": Histogram(self.BOUNDS), "merged": Histogram(self.BOUNDS)}
+
+    def record(self, path: str, sent_unix_ms: int, now_unix_s: float) -> None:
+        self.paths[path].record(now_unix_s - sent_unix_ms / 1000.0)
+
+    def family(self) -> Family:
+        family = Family(
+            "edgeward_status_lag_seconds",
+            "histogram",
+            "From a node's send time to this replica applying its status: received from the broker, or "
+            "merged (read back from another replica's share of the ingest)",
+        )
+        for path, histogram in self.paths.items():
+            histogram.add_to(family, {"path": path})
+        return family

@@ -85,7 +85,7 @@ from .events import KIND_RE, EventBus, EventService
 from .fleet import Fleet
 from .jetstream import JetStreamIngest
 from .leader import CURRENT_LEASE, LeaderElection
-from .metrics import Family, LoopLag, MetricsServer, render
+from .metrics import Family, LoopLag, MetricsServer, StatusLag, render
 from .multiexit import PipelineRouter
 from .node_states import NodeStates
 from .owners import StoreOwners
@@ -182,6 +182,7 @@ class Orchestrator:
         self.grpc_port = 0
         self.artifact_port = 0
         self.loop_lag = LoopLag()
+        self.status_lag = StatusLag()
         self._artifacts: ArtifactServer | None = None
         self._db_pool = ThreadPoolExecutor(1, thread_name_prefix="edgeward-store")
         self._blocking_pool = ThreadPoolExecutor(2, thread_name_prefix="edgeward-blocking")
@@ -463,6 +464,7 @@ class Orchestrator:
             on_status=lambda: self.reconciler.trigger(),
             leading=lambda: self.leading,
             notified=self._notified,
+            lag=self.status_lag,
         )
         if b.jetstream is not None:
             self._jetstream = JetStreamIngest(
@@ -852,6 +854,8 @@ class Orchestrator:
                     waits.setdefault(node_id, []).append(step)
             elif what == "status":
                 changed = True
+                if not message.retain:  # a retained one is as old as the node's last word
+                    self.status_lag.record("received", msg.sent_unix_ms, time.time())
             elif body == "evidence":
                 if step := self._as_leader(self.verifier.evidence, node_id, msg.evidence.payload):
                     waits.setdefault(node_id, []).append(step)
@@ -1103,7 +1107,7 @@ class Orchestrator:
             Family(n, k, h, [("", lb, v) for lb, v in samples]) for n, k, h, samples in self._ingest_metrics()
         ]
         families = [up, watts, joules, served, latency, leader, terms, *self._control_metrics()]
-        families += self.loop_lag.families()
+        families += [*self.loop_lag.families(), self.status_lag.family()]
         return render([*families, dropped, ingested, *ingest])
 
     def _control_metrics(self) -> list[Family]:

@@ -34,6 +34,7 @@ from typing import Any
 from edgeward.v1 import node_pb2
 
 from .fleet import Fleet
+from .metrics import StatusLag
 from .node_states import Cursor, Merge, NodeStates
 from .periodic import every, on_event
 from .telemetry import TelemetryStore
@@ -76,9 +77,11 @@ class SharedIngest:
         on_status: Callable[[], None],
         leading: Callable[[], bool],
         notified: Callable[[], bool] = lambda: False,
+        lag: StatusLag | None = None,
     ) -> None:
         """``notified``: whether the store's notifications flow now (:meth:`merged_elsewhere` is
-        called for every other replica's merge that changed a status)."""
+        called for every other replica's merge that changed a status); ``lag``: where the statuses
+        read back from the others' merges are timed (path ``merged``)."""
         self._states = states
         self._fleet = fleet
         self._telemetry = telemetry
@@ -86,6 +89,8 @@ class SharedIngest:
         self._on_status = on_status
         self._leading = leading
         self._notified = notified
+        self._lag: StatusLag | None = None  # set once load() read what was merged before the start
+        self._lag_to = lag
         self._others_merged = asyncio.Event()  # another replica merged a changed status
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="edgeward-shared-ingest")
         self._statuses: dict[str, tuple[int, int, bytes, bytes]] = {}
@@ -173,6 +178,7 @@ class SharedIngest:
         while await self._follow("telemetry") >= READ_LIMIT:
             pass
         await self._follow_seen()
+        self._lag = self._lag_to
 
     async def run(self) -> None:
         await asyncio.gather(
@@ -215,7 +221,10 @@ class SharedIngest:
                 self.counts["unreadable"] += 1
                 continue
             if kind == "status":
-                changed |= self._fleet.apply(msg, retained=True) == "status"
+                applied = self._fleet.apply(msg, retained=True) == "status"
+                if applied and self._lag is not None:
+                    self._lag.record("merged", msg.sent_unix_ms, time.time())
+                changed |= applied
             elif not self.stale(msg):
                 self._fleet.apply(msg, retained=True)
                 self._telemetry.add(msg.node_id, msg.sent_unix_ms, msg.telemetry)

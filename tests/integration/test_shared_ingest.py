@@ -228,6 +228,9 @@ def check_views(leader: Replica, follower: Replica, fleet: Fleet) -> None:
         assert r.metric("edgeward_store_notified") == 1
     # and the followers' merges of the statuses they received were notified to the leader.
     assert leader.metric('edgeward_store_notifications_total{what="notifications"}') > 0
+    # The leader times the statuses it received and those it read back from the others' merges.
+    for path in ("received", "merged"):
+        assert leader.metric(f'edgeward_status_lag_seconds_count{{path="{path}"}}') > 0, path
 
 
 def test_shared_subscriptions_on_mosquitto(tmp_path, postgres_url, mosquitto, topic_prefix):

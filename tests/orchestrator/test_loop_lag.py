@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import time
 
-from orchestrator.metrics import LoopLag, render
+from orchestrator.metrics import LoopLag, StatusLag, render
 
 
 async def test_a_loop_held_up_shows_in_the_lag_histogram() -> None:
@@ -31,3 +31,17 @@ async def test_a_loop_held_up_shows_in_the_lag_histogram() -> None:
     assert "# TYPE edgeward_event_loop_lag_seconds histogram" in text
     assert f"edgeward_event_loop_lag_seconds_count {float(lag.count)!r}" in text
     assert f"edgeward_event_loop_lag_max_seconds {lag.worst!r}" in text
+
+
+def test_status_lag_counts_each_path_in_its_buckets() -> None:
+    lag = StatusLag()
+    sent_ms = 1_000_000
+    for seconds in (0.003, 0.01, 0.2, 30.0):  # 0.01 is at its bound: counted there ("le")
+        lag.record("received", sent_ms, sent_ms / 1000 + seconds)
+    lag.record("merged", sent_ms, sent_ms / 1000 - 1.0)  # a node's clock ahead: counted as 0
+    received = dict(zip(StatusLag.BOUNDS, lag.paths["received"].cumulative, strict=True))
+    assert (received[0.005], received[0.01], received[0.25], received[10.0]) == (1, 2, 3, 3)
+    assert lag.paths["received"].count == 4 and lag.paths["merged"].cumulative[0] == 1
+    text = render([lag.family()]).decode()
+    assert 'edgeward_status_lag_seconds_bucket{le="+Inf",path="received"} 4.0' in text
+    assert 'edgeward_status_lag_seconds_count{path="merged"} 1.0' in text
