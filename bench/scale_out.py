@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib.util
+import math
 import os
 import shutil
 import statistics
@@ -121,6 +122,30 @@ class Replica:
                 self.proc.wait(60)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+
+
+def status_lag(replica: Replica) -> dict[tuple[str, str], float]:
+    """``edgeward_status_lag_seconds`` of a replica: (path, "count" or "sum") -> value."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{replica.metrics_port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    out = {}
+    for line in text.splitlines():
+        for path in ("received", "merged"):
+            for part in ("count", "sum"):
+                prefix = f'edgeward_status_lag_seconds_{part}{{path="{path}"}} '
+                if line.startswith(prefix):
+                    out[(path, part)] = float(line[len(prefix) :])
+    return out
+
+
+def lag_means(before: dict, after: dict) -> dict[str, float]:
+    """Mean status lag per path between two scrapes (nan where nothing was timed)."""
+    means = {}
+    for path in ("received", "merged"):
+        n = after.get((path, "count"), 0.0) - before.get((path, "count"), 0.0)
+        total = after.get((path, "sum"), 0.0) - before.get((path, "sum"), 0.0)
+        means[path] = total / n if n else float("nan")
+    return means
 
 
 def wait(check, timeout: float, what: str, interval: float = 0.02):
@@ -283,6 +308,7 @@ async def apply_run(
                             first_running[r.id] = now - applied[d.name]
                             recorded[r.id] = r.updated_unix_ms / 1000 - applied_wall[d.name]
 
+        lag_before = status_lag(replicas[leader])
         cpu_before = cpu_used(replicas, fleet, postgres)
         leader_proc = replicas[leader].proc
         assert leader_proc is not None  # started above
@@ -295,6 +321,7 @@ async def apply_run(
         result["applies_per_s"] = args.deployments / result["apply_s"]
         await watcher
         cpu_after = cpu_used(replicas, fleet, postgres)
+        result["status_lag"] = lag_means(lag_before, status_lag(replicas[leader]))
         result["loop_share"] = loop_clock.stop()
         result["cpu_s"] = [round(b - a, 1) for a, b in zip(cpu_before, cpu_after, strict=True)]
         times = list(first_running.values())
@@ -361,6 +388,12 @@ async def after_takeover(
         f"after a kill -9 of the leader: takeover {took:.2f} s, {want} more replicas Running after {ran:.2f} s"
     )
     return took, ran
+
+
+def _lags(means: dict[str, float] | None) -> str:
+    if means is None:
+        return "n/a"
+    return " / ".join("-" if math.isnan(v) else f"{v * 1000:.0f} ms" for v in means.values())
 
 
 def _loop(share: Share | None) -> str:
@@ -458,7 +491,7 @@ def main() -> None:
         f"{' / '.join(f'{c:.0%}' for c in r['steady']['cpu_share'])} | {r['applies_per_s']:.1f} | "
         f"{r['p50_s']:.2f} s | {r['p99_s']:.2f} s | {r['recorded_p50_s']:.2f} s | {r['recorded_p99_s']:.2f} s | "
         f"{r['dispatched_p50_s']:.2f} s / {r['to_running_p50_s']:.2f} s | "
-        f"{r['running']} | {_loop(r.get('loop_share'))} | "
+        f"{r['running']} | {_lags(r.get('status_lag'))} | {_loop(r.get('loop_share'))} | "
         f"{' / '.join(f'{c:.1f}' for c in r['cpu_s'][:-2])} | {r['cpu_s'][-2]:.1f} | {r['cpu_s'][-1]:.1f} |"
         for k, r in enumerate(runs)
     )
@@ -506,8 +539,8 @@ hollow node, Apply calls spread over the replicas, {paced}):
 
 Runs in the order {", ".join(str(c) for c in order)} replicas (so that a drift of the machine's load cancels out):
 
-| run | replicas (ingest) | nodes attested after | steady: database transactions/s | steady: share of a core per replica | applies/s | apply -> Running p50 | p99 | recorded p50 | recorded p99 | recorded: dispatched after / then Running after (p50) | running | leader's loop: on a CPU / waiting for one | CPU s per replica (leader first if it was the first) | CPU s hollow fleet | CPU s PostgreSQL |
-|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|
+| run | replicas (ingest) | nodes attested after | steady: database transactions/s | steady: share of a core per replica | applies/s | apply -> Running p50 | p99 | recorded p50 | recorded p99 | recorded: dispatched after / then Running after (p50) | running | leader's status lag, mean: received / merged | leader's loop: on a CPU / waiting for one | CPU s per replica (leader first if it was the first) | CPU s hollow fleet | CPU s PostgreSQL |
+|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|
 {rows}
 {after_text}
 Medians, 3 / 1 replicas: apply throughput **x{ratio_tp:.2f}**, apply -> Running p99 **x{ratio_p99:.2f}**
@@ -516,6 +549,9 @@ Running; "recorded" is the replica's update time as the orchestrator stored it (
 for the replicas a poll saw Dispatched, into Apply -> dispatched (the leader placed it and sent the
 command) and dispatched -> Running (the node fetched and loaded the model and its report reached
 the leader). "Steady" is {args.steady:g} s of the attested fleet's heartbeats before the first Apply.
+"Leader's status lag" is the mean of `edgeward_status_lag_seconds` on the leader over the apply, from a node's send
+time to the leader applying its status: received from the broker, or merged (read back from a follower's share of the
+ingest; "-": none).
 "Leader's loop" is the share of the apply (from the first Apply until every replica ran) that the
 leader's event loop spent on a CPU, and runnable but waiting for one (bench/_sched.py); the CPU
 seconds are over the same window, PostgreSQL's its postmaster's and every backend's (ended or not).
