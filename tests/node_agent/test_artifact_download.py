@@ -96,6 +96,33 @@ async def test_retrying_is_bounded_in_time(serve) -> None:
 PAD = b"\0" * 28  # the "seal" of the test below: the model and 28 bytes, as AES-GCM adds
 
 
+def _runtime(tmp_path: Path, run_blocking) -> Runtime:
+    """A runtime on the real LiteRT backend whose "unseal" strips ``PAD``."""
+    return Runtime(
+        {"cpu-litert": CpuLitertBackend()},
+        tmp_path / "models",
+        run_blocking,
+        lambda: None,
+        lambda spec, sealed: sealed[: -len(PAD)],
+    )
+
+
+def _spec(model: bytes, endpoint: str, **changes) -> node_pb2.DeployReplica:
+    spec = node_pb2.DeployReplica(
+        replica_id="r1",
+        deployment="d",
+        model_name="m",
+        model_version="1.0.0",
+        sha256=hashlib.sha256(model).hexdigest(),
+        size=len(model),
+        accelerator="cpu-litert",
+        artifact_endpoint=endpoint,
+    )
+    for field, value in changes.items():
+        setattr(spec, field, value)
+    return spec
+
+
 async def test_a_download_from_an_endpoint_gone_starts_again_at_the_one_a_newer_command_names(
     serve, tmp_path: Path
 ) -> None:
@@ -119,23 +146,8 @@ async def test_a_download_from_an_endpoint_gone_starts_again_at_the_one_a_newer_
     async def run_blocking(fn, *args):
         return fn(*args)
 
-    runtime = Runtime(
-        {"cpu-litert": CpuLitertBackend()},
-        tmp_path / "models",
-        run_blocking,
-        lambda: None,
-        lambda spec, sealed: sealed[: -len(PAD)],
-    )
-    spec = node_pb2.DeployReplica(
-        replica_id="r1",
-        deployment="d",
-        model_name="m",
-        model_version="1.0.0",
-        sha256=hashlib.sha256(model).hexdigest(),
-        size=len(model),
-        accelerator="cpu-litert",
-        artifact_endpoint=gone_endpoint,
-    )
+    runtime = _runtime(tmp_path, run_blocking)
+    spec = _spec(model, gone_endpoint)
     try:
         assert runtime.deploy(spec, fetch)
         async with asyncio.timeout(30):
@@ -144,9 +156,7 @@ async def test_a_download_from_an_endpoint_gone_starts_again_at_the_one_a_newer_
         assert not runtime.deploy(spec, fetch), "the same endpoint again: the download goes on"
         await asyncio.sleep(0.3)
         assert runtime.replicas["r1"].phase == node_pb2.REPLICA_PHASE_LOADING  # still retrying
-        newer = node_pb2.DeployReplica()
-        newer.CopyFrom(spec)
-        newer.artifact_endpoint = live.endpoint
+        newer = _spec(model, live.endpoint)
         assert runtime.deploy(newer, fetch), "another endpoint while downloading: start again there"
         async with asyncio.timeout(30):
             while runtime.replicas["r1"].phase != node_pb2.REPLICA_PHASE_RUNNING:
@@ -155,9 +165,7 @@ async def test_a_download_from_an_endpoint_gone_starts_again_at_the_one_a_newer_
         assert not runtime.deploy(spec, fetch), "loaded: a command naming another endpoint is a no-op"
         assert runtime.replicas["r1"].phase == node_pb2.REPLICA_PHASE_RUNNING
         assert runtime.teams("m") == {""}  # no team owns it: open to every caller
-        owned = node_pb2.DeployReplica()
-        owned.CopyFrom(spec)
-        owned.owner_team = "industrial"
+        owned = _spec(model, gone_endpoint, owner_team="industrial")
         assert not runtime.deploy(owned, fetch), "a new owner is taken without a reload"
         assert runtime.teams("m") == runtime.teams("m", "1.0.0") == {"industrial"}
         assert runtime.teams("m", "2.0.0") == runtime.teams("other") == set()
@@ -189,31 +197,13 @@ async def test_a_load_still_reading_its_cache_downloads_from_the_newer_endpoint(
             await go_on.wait()
         return fn(*args)
 
-    runtime = Runtime(
-        {"cpu-litert": CpuLitertBackend()},
-        tmp_path / "models",
-        run_blocking,
-        lambda: None,
-        lambda spec, sealed: sealed[: -len(PAD)],
-    )
+    runtime = _runtime(tmp_path, run_blocking)
     gone = f"127.0.0.1:{listen_port()}"
-    spec = node_pb2.DeployReplica(
-        replica_id="r1",
-        deployment="d",
-        model_name="m",
-        model_version="1.0.0",
-        sha256=hashlib.sha256(model).hexdigest(),
-        size=len(model),
-        accelerator="cpu-litert",
-        artifact_endpoint=gone,
-    )
+    spec = _spec(model, gone)
     try:
         assert runtime.deploy(spec, fetch)
         await asyncio.wait_for(reading.wait(), 30)
-        newer = node_pb2.DeployReplica()
-        newer.CopyFrom(spec)
-        newer.artifact_endpoint = live.endpoint
-        assert not runtime.deploy(newer, fetch), "not downloading yet: no new load"
+        assert not runtime.deploy(_spec(model, live.endpoint), fetch), "not downloading yet: no new load"
         go_on.set()
         async with asyncio.timeout(30):
             while runtime.replicas["r1"].phase != node_pb2.REPLICA_PHASE_RUNNING:
