@@ -522,13 +522,17 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         """Whether the caller may not see ``name``: with mutual TLS a team certificate sees a name only
         if nothing behind it belongs to another team (``may_use``); what it may not see is answered
         as if the node did not hold it, so a team cannot learn which models of other teams a node
-        serves."""
+        serves. Only a team certificate is looked at: operators, nodes and callers without TLS
+        cost no look at the replicas on the way to every inference."""
+        who = caller()
+        if who is None or who.team is None:
+            return False
         teams = set(self._host.teams(name, version))
         pipeline = self._pipelines.get(name) if self._pipelines is not None else None
         if pipeline is not None:  # an operator's pipeline of a team's stages is that team's too
             teams.add(pipeline.owner_team)
             teams.update(stage.owner_team for stage in pipeline.stages)
-        return not may_use(caller(), teams)
+        return not may_use(who, teams)
 
     async def ServerLive(
         self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
