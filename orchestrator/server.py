@@ -837,7 +837,7 @@ class Orchestrator:
                 continue
             if self.shared is not None and self.shared.stale(msg):
                 continue  # telemetry older than what this replica applied: redelivered late
-            if not message.retain and node_id in self._pending_offline and self._back(msg):
+            if not message.retain and node_id in self._pending_offline and self._back(msg, message.qos):
                 del self._pending_offline[node_id]  # it spoke after its will: it is back
             what = self.fleet.apply(msg, retained=message.retain)
             body = msg.WhichOneof("body")
@@ -906,15 +906,17 @@ class Orchestrator:
         )
         return partial(self._publish_command, node_id, command(node_id, hello=node_pb2.SayHello()))
 
-    def _back(self, msg: node_pb2.NodeMessage) -> bool:
+    def _back(self, msg: node_pb2.NodeMessage, qos: int) -> bool:
         """Whether ``msg``, from a node whose OFFLINE is pending, says the node is back: a newer status
-        (by the node's own order), or, when this replica hears all of the node's messages in order
-        from one broker connection (``ingest: all``), any message after the OFFLINE. A shared ingest
+        (by the node's own order), or, when this replica hears all of the node's messages from one
+        broker connection (``ingest: all``), a QoS 1 message after the OFFLINE: those keep their
+        order. QoS 0 ones (telemetry) do not: the session hands ingest a batch's QoS 1 messages
+        first, so telemetry the node sent before it died can come after its will. A shared ingest
         may be handed an older message late (another replica died holding it)."""
         offline = self._pending_offline[msg.node_id][1].status
         if msg.HasField("status") and msg.status.epoch and offline.epoch:  # epoch 0: an older agent
             return (msg.status.epoch, msg.status.status_seq) > (offline.epoch, offline.status_seq)
-        return self.shared is None
+        return self.shared is None and qos > 0
 
     def _as_leader(
         self, fn: Callable[..., Awaitable[None]], *args: Any

@@ -838,8 +838,9 @@ class MqttSession:
         return _MessageIterator(self)
 
     async def next_batch(self, limit: int) -> list[Message]:
-        """Wait for at least one message, then take up to ``limit`` (oldest first); an empty list
-        once the session is closed and the inbox drained."""
+        """Wait for at least one message, then take up to ``limit``: the QoS 1 ones first, then the
+        QoS 0 ones, each kind oldest first (a QoS 0 message can come after a QoS 1 one received
+        later); an empty list once the session is closed and the inbox drained."""
         while not (self._inbox or self._inbox0):
             if self._state is _State.CLOSED:
                 return []
