@@ -607,18 +607,26 @@ class Reconciler:
             owner_team=self._teams.get(model.name, ""),
         )
 
-    async def _record_releases(self) -> None:
-        """Write the key releases not written yet (before the commands carrying the keys go out)."""
+    async def _record_releases(self) -> set[tuple[str, str]]:
+        """Write the key releases not written yet (before the commands carrying the keys go out).
+        Returns the (model name, version) whose key the store has destroyed since this process read
+        it (revoked through another replica, not refreshed here yet): their keys must not go out."""
         releases, self._releases = self._releases, []
         fresh = [r for r in dict.fromkeys(releases) if r not in self._recorded]
         if not fresh:
-            return
+            return set()
         try:
-            await self._db(self._store.record_key_releases, fresh, now_ms())
+            refused = await self._db(self._store.record_key_releases, fresh, now_ms())
         except BaseException:
             self._releases[:0] = fresh  # written by a later flush, before its commands
             raise
-        self._recorded.update(fresh)
+        self._recorded.update(r for r in fresh if r[:2] not in refused)
+        if refused:
+            log.warning(
+                "not sending the keys of %s: revoked in the store since this replica read them",
+                ", ".join(f"{n}:{v}" for n, v in sorted(refused)),
+            )
+        return refused
 
     def _deploy_command(self, rep: ReplicaRecord, model: CatalogEntry) -> node_pb2.Command:
         assert rep.node_id is not None
@@ -1446,8 +1454,8 @@ class ReconcilePass:
         rec = self.rec
         if changes:
             await rec._db(rec._store.apply_replica_changes, changes)
-        if commands:
-            await rec._record_releases()
+        if commands and (refused := await rec._record_releases()):
+            commands = without_keys(commands, refused)
         if moves:
             moved = ", ".join(f"{n} {a} -> {b}" for (a, b), n in sorted(moves.items()))
             log.info("replicas saved: %s", moved)
@@ -1569,6 +1577,27 @@ async def publish_all(
             raise failed
 
     await asyncio.gather(*(sender() for _ in range(min(PUBLISH_WINDOW, len(commands)))))
+
+
+def without_keys(
+    commands: list[tuple[str, node_pb2.Command]], refused: set[tuple[str, str]]
+) -> list[tuple[str, node_pb2.Command]]:
+    """``commands`` without the keys of the ``refused`` (model name, version): a deploy of one is
+    left out, a sync goes without it (the node unloads it)."""
+
+    def refused_body(body: node_pb2.DeployReplica) -> bool:
+        return (body.model_name, body.model_version) in refused
+
+    out = []
+    for node_id, cmd in commands:
+        if cmd.HasField("deploy") and refused_body(cmd.deploy):
+            continue
+        if cmd.HasField("sync") and any(refused_body(r) for r in cmd.sync.replicas):
+            kept = [r for r in cmd.sync.replicas if not refused_body(r)]
+            del cmd.sync.replicas[:]
+            cmd.sync.replicas.extend(kept)
+        out.append((node_id, cmd))
+    return out
 
 
 def command(node_id: str, **body: Any) -> node_pb2.Command:

@@ -91,7 +91,7 @@ class HistoryEntry:
 
 @dataclass(frozen=True)
 class WipeNode:
-    state: str  # pending | confirmed | quarantined
+    state: str  # WIPE_PENDING | confirmed | quarantined
     updated_ms: int
     message: str = ""
 
@@ -209,7 +209,9 @@ class Store(Protocol):
     def attestations_since(
         self, after: tuple[int, str], limit: int = ...
     ) -> list[tuple[int, AttestationRow]]: ...
-    def record_key_releases(self, releases: Iterable[tuple[str, str, str]], now_ms: int) -> None: ...
+    def record_key_releases(
+        self, releases: Iterable[tuple[str, str, str]], now_ms: int
+    ) -> set[tuple[str, str]]: ...
     def key_holders(self, name: str, versions: Iterable[str]) -> set[str]: ...
     def get_template(self, name: str, generation: int) -> DeploymentManifest: ...
     def list_rollouts(self) -> dict[str, str]: ...
@@ -229,7 +231,12 @@ class Store(Protocol):
     def model_history(self, name: str) -> tuple[list[ModelRecord], list[HistoryEntry]]: ...
     def revoked_keys(self) -> list[tuple[str, str]]: ...
     def start_wipe(
-        self, wipe: WipeRecord, replicas: Iterable[ReplicaChange], revoke_reason: str
+        self,
+        wipe: WipeRecord,
+        replicas: Iterable[ReplicaChange],
+        revoke_reason: str,
+        *,
+        key_holders: bool = False,
     ) -> WipeRecord: ...
     def set_wipe_node(self, wipe_id: str, node_id: str, node: WipeNode) -> None: ...
     def get_wipe(self, wipe_id: str) -> WipeRecord: ...
@@ -251,6 +258,7 @@ class Store(Protocol):
 DB_FILE = "edgeward.db"
 # Rollout actions asked of the leader (rollout_actions.state); an outcome nobody read is kept this long.
 ACTION_PENDING, ACTION_DONE, ACTION_REFUSED = "pending", "done", "refused"
+WIPE_PENDING = "pending"  # a node ordered to wipe that has not confirmed yet
 ACTIONS_KEPT_MS = 600_000
 # A write that keeps losing serialization races (PostgreSQL) is retried for this long before it fails:
 # a count of attempts ran out under load (8 attempts, half a second of back-off, while another
@@ -746,10 +754,18 @@ class SqlStore:
     # ---------------------------------------------------------------- wipes
 
     def start_wipe(
-        self, wipe: WipeRecord, replicas: Iterable[ReplicaChange], revoke_reason: str
+        self,
+        wipe: WipeRecord,
+        replicas: Iterable[ReplicaChange],
+        revoke_reason: str,
+        *,
+        key_holders: bool = False,
     ) -> WipeRecord:
         """One transaction: revoke every version of the wipe that is not revoked yet (destroying its
-        key), evict ``replicas``, record the wipe and its nodes as pending."""
+        key), evict ``replicas``, record the wipe and its nodes as pending. With ``key_holders``,
+        every node a key of these versions was released to is among them too, read after the keys
+        are destroyed: a release recorded before this transaction is found here, one after it is
+        refused (``record_key_releases``)."""
         from .catalog.lifecycle import ModelState
 
         changes = list(replicas)
@@ -775,6 +791,10 @@ class SqlStore:
                     _history(conn, wipe.name, version, wipe.created_ms, "revoked", revoke_reason)
                 _destroy_key(conn, wipe.name, version, wipe.created_ms)
                 _history(conn, wipe.name, version, wipe.created_ms, "wiped", f"wipe {wipe.id}: {wipe.reason}")
+            nodes = dict(wipe.nodes)
+            if key_holders:
+                for node_id in sorted(_key_holders(conn, wipe.name, wipe.versions) - set(nodes)):
+                    nodes[node_id] = WipeNode(WIPE_PENDING, wipe.created_ms)
             self._apply_changes(conn, changes)
             conn.execute(
                 t.wipes.insert(),
@@ -789,7 +809,7 @@ class SqlStore:
                     "replicas_evicted": len(changes),
                 },
             )
-            if wipe.nodes:
+            if nodes:
                 conn.execute(
                     t.wipe_nodes.insert(),
                     [
@@ -800,7 +820,7 @@ class SqlStore:
                             "updated_ms": node.updated_ms,
                             "message": _text(node.message),
                         }
-                        for node_id, node in wipe.nodes.items()
+                        for node_id, node in nodes.items()
                     ],
                 )
 
@@ -1125,22 +1145,35 @@ class SqlStore:
 
     # ---------------------------------------------------------------- key releases
 
-    def record_key_releases(self, releases: Iterable[tuple[str, str, str]], now_ms: int) -> None:
+    def record_key_releases(
+        self, releases: Iterable[tuple[str, str, str]], now_ms: int
+    ) -> set[tuple[str, str]]:
         """Keep that each (model name, version, node) had the version's data key released to it; a
-        release recorded before is kept as it was (the first time)."""
-        rows = [
-            {"model_name": name, "model_version": version, "node_id": node_id, "released_ms": now_ms}
-            for name, version, node_id in sorted(set(releases))  # rows locked in one order
-        ]
-        if rows:
-            self._write(lambda conn: conn.execute(self._statements.record_release, rows))
+        release recorded before is kept as it was (the first time). Returns the (name, version)
+        whose key is destroyed (revoked, through any replica): their releases are not recorded and
+        the caller must not send the key it wrapped from an older read. Writes run one at a time,
+        so a wipe's transaction either finds a release among its key holders or makes it refused."""
+        wanted = sorted(set(releases))  # rows locked in one order
+        if not wanted:
+            return set()
+
+        def tx(conn: sa.Connection) -> set[tuple[str, str]]:
+            refused = _revoked(conn, {(name, version) for name, version, _ in wanted})
+            rows = [
+                {"model_name": name, "model_version": version, "node_id": node_id, "released_ms": now_ms}
+                for name, version, node_id in wanted
+                if (name, version) not in refused
+            ]
+            if rows:
+                conn.execute(self._statements.record_release, rows)
+            return refused
+
+        return self._write(tx)
 
     def key_holders(self, name: str, versions: Iterable[str]) -> set[str]:
         """The nodes a key of these versions of model ``name`` was ever released to."""
-        k = t.key_releases.c
-        query = sa.select(k.node_id).where(k.model_name == name, k.model_version.in_(list(versions)))
         with self._read() as conn:
-            return {r[0] for r in conn.execute(query)}
+            return _key_holders(conn, name, versions)
 
     # ---------------------------------------------------------------- rollouts
 
@@ -1402,6 +1435,24 @@ def _history(conn: sa.Connection, name: str, version: str, at_ms: int, action: s
         t.model_history.insert(),
         {"name": name, "version": version, "at_ms": at_ms, "action": action, "reason": _text(reason)},
     )
+
+
+def _key_holders(conn: sa.Connection, name: str, versions: Iterable[str]) -> set[str]:
+    k = t.key_releases.c
+    query = sa.select(k.node_id).where(k.model_name == name, k.model_version.in_(list(versions)))
+    return {r[0] for r in conn.execute(query)}
+
+
+def _revoked(conn: sa.Connection, versions: set[tuple[str, str]]) -> set[tuple[str, str]]:
+    """Which of these (model name, version) have their data key destroyed."""
+    k = t.model_keys.c
+    out: set[tuple[str, str]] = set()
+    for name in {n for n, _ in versions}:
+        query = sa.select(k.version).where(
+            k.name == name, k.version.in_([v for n, v in versions if n == name]), k.revoked_ms > 0
+        )
+        out.update((name, r[0]) for r in conn.execute(query))
+    return out
 
 
 def _destroy_key(conn: sa.Connection, name: str, version: str, now_ms: int) -> None:

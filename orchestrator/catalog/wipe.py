@@ -32,13 +32,13 @@ from ..errors import InvalidModel, NotFound
 from ..events import ERROR, INFO, WARNING, EventBus
 from ..fleet import Fleet
 from ..phases import Phase
-from ..store import ReplicaChange, Store, WipeNode, WipeRecord
+from ..store import WIPE_PENDING, ReplicaChange, Store, WipeNode, WipeRecord
 from .config import CatalogConfig
 from .misuse import InvocationMonitor
 
 log = logging.getLogger(__name__)
 
-PENDING, CONFIRMED, QUARANTINED = "pending", "confirmed", "quarantined"
+PENDING, CONFIRMED, QUARANTINED = WIPE_PENDING, "confirmed", "quarantined"
 _PB_STATE = {
     PENDING: api_pb2.WIPE_NODE_STATE_PENDING,
     CONFIRMED: api_pb2.WIPE_NODE_STATE_CONFIRMED,
@@ -157,9 +157,9 @@ class WipeController:
         self._revoke_keys(request.name, versions)
         wanted = set(versions)
         holders = self._holders(request.name, wanted, await self._db(store.list_replicas))
-        # ... and every node a key of these versions went to, from any replica in any term (the
-        # store), or from this process (a write in flight). Not covered: a leader that has not read
-        # the revocation yet (2 s refresh) releasing a key after this read (docs/scale-out.md).
+        # ... and every node a key of these versions went to: from this process (a write in
+        # flight), and from any replica in any term, read again by the wipe's own transaction after
+        # it destroys the keys (a release written later is refused: record_key_releases).
         holders |= self._released_to(request.name, versions)
         holders |= await self._db(store.key_holders, request.name, versions)
         targets = sorted(set(request.node_ids) if request.node_ids else holders)
@@ -193,7 +193,7 @@ class WipeController:
                 and r.node_id in wipe.nodes
                 and r.phase != Phase.EVICTED
             ]
-            return store.start_wipe(wipe, evict, f"wiped: {reason}")
+            return store.start_wipe(wipe, evict, f"wiped: {reason}", key_holders=not request.node_ids)
 
         wipe = await self._db(begin)
         self._on_change()

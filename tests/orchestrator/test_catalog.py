@@ -16,7 +16,7 @@ from orchestrator.catalog.misuse import InvocationMonitor
 from orchestrator.catalog.views import NodeTrust, compliance, placements
 from orchestrator.phases import Phase
 from orchestrator.sql.migrate import LEGACY_SCHEMA
-from orchestrator.store import ModelRecord, ReplicaRecord, SealedArtifact, SqlStore
+from orchestrator.store import ModelRecord, ReplicaRecord, SealedArtifact, SqlStore, WipeNode, WipeRecord
 
 
 def _meta(**kw) -> api_pb2.ModelMetadata:
@@ -179,6 +179,50 @@ def test_revoking_destroys_the_key(tmp_path, store_url):
             ("1.0.0", "deprecated"),
             ("1.0.0", "revoked"),
         ]
+    finally:
+        store.close()
+
+
+def test_a_release_is_either_found_by_a_wipe_or_refused(tmp_path, store_url):
+    """A leader that wrapped a key from an earlier read, and a wipe through another replica: the
+    leader's release is written only while the key is not destroyed, and the wipe reads the
+    releases again after destroying the keys, in its own transaction (store writes run one at a
+    time). A release is therefore among the wipe's nodes or refused, never neither."""
+    store = SqlStore(tmp_path, store_url)
+    try:
+        _put(store)
+        _put(store, "1.1.0")
+        assert store.record_key_releases([("vib-cnn", "1.0.0", "n1")], 10) == set()
+        # The wipe read its holders ({n1}) here; then the leader's release to n2 is written.
+        assert store.record_key_releases([("vib-cnn", "1.0.0", "n2")], 11) == set()
+        wipe = WipeRecord(
+            "wipe-1",
+            "vib-cnn",
+            ("1.0.0",),
+            ("ab" * 32,),
+            "leaked",
+            20,
+            9_000,
+            0,
+            {"n1": WipeNode("pending", 20)},
+        )
+        started = store.start_wipe(wipe, [], "wiped: leaked", key_holders=True)
+        assert {n: w.state for n, w in started.nodes.items()} == {"n1": "pending", "n2": "pending"}
+        assert wipe.nodes.keys() == {"n1"}  # the caller's record is left as it was
+        # A release written after the wipe: refused for the wiped version, kept for the other.
+        late = [("vib-cnn", "1.0.0", "n3"), ("vib-cnn", "1.1.0", "n3")]
+        assert store.record_key_releases(late, 30) == {("vib-cnn", "1.0.0")}
+        assert store.key_holders("vib-cnn", ["1.0.0"]) == {"n1", "n2"}
+        assert store.key_holders("vib-cnn", ["1.1.0"]) == {"n3"}
+        # A revocation without a wipe refuses releases the same way.
+        store.set_model_state("vib-cnn", "1.1.0", "revoked", "leaked", 40)
+        assert store.record_key_releases([("vib-cnn", "1.1.0", "n4")], 41) == {("vib-cnn", "1.1.0")}
+        assert store.key_holders("vib-cnn", ["1.1.0"]) == {"n3"}
+        # Nodes named by the operator: exactly those.
+        named = WipeRecord(
+            "wipe-2", "vib-cnn", ("1.1.0",), ("ab" * 32,), "x", 50, 9_000, 0, {"n9": WipeNode("pending", 50)}
+        )
+        assert store.start_wipe(named, [], "wiped: x").nodes.keys() == {"n9"}
     finally:
         store.close()
 

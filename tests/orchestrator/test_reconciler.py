@@ -262,6 +262,41 @@ async def test_a_large_apply_is_saved_and_sent_in_slices(store, tmp_path, monkey
     assert len({r.node_id for r in store.list_replicas("vib")}) == 5
 
 
+async def test_a_key_revoked_since_the_leader_read_it_does_not_go_out(store, tmp_path) -> None:
+    """Another replica revokes the model (destroying its key in the store) after this one read the
+    key and before its trust refreshed: the releases are refused at their write, no deploy carrying
+    the key is sent, and a node's sync goes without it."""
+    fleet = five_nodes_and_five_replicas(store)
+    sent: list[node_pb2.Command] = []
+
+    async def db(fn, *args):
+        return fn(*args)
+
+    async def publish(node_id: str, cmd: node_pb2.Command) -> None:
+        sent.append(cmd)
+
+    rec = affirmed(store, tmp_path, fleet, db, publish)
+    entry = await rec._model("vib-cnn", "1.0.0")  # read (and cached) before the revocation
+    store.set_model_state("vib-cnn", "1.0.0", "revoked", "leaked", 2)
+    await rec.reconcile_once()
+    assert len(store.list_replicas("vib")) == 5  # bound and saved: only the keys stay home
+    assert [c for c in sent if c.HasField("deploy")] == []
+    assert [r for c in sent if c.HasField("sync") for r in c.sync.replicas] == []
+    assert store.key_holders("vib-cnn", ["1.0.0"]) == set()
+
+    assert entry is not None
+    placed = store.list_replicas("vib")[0]
+    sync = reconciler_module.command(
+        placed.node_id or "", sync=node_pb2.SyncReplicas(replicas=[rec._deploy_body(placed, entry)])
+    )
+    other = reconciler_module.command("node-0", undeploy=node_pb2.UndeployReplica(replica_id="x"))
+    kept = reconciler_module.without_keys([("n", sync), ("node-0", other)], {("vib-cnn", "1.0.0")})
+    assert [(n, c.WhichOneof("body"), len(c.sync.replicas)) for n, c in kept] == [
+        ("n", "sync", 0),
+        ("node-0", "undeploy", 0),
+    ]
+
+
 async def test_the_pass_binds_on_while_the_store_saves(store, tmp_path, monkeypatch) -> None:
     """The binding does not wait for each slice's save: at 10,000 nodes those waits held it up for
     a seventh of its time. The first save is held until every replica is bound (it would wait for
