@@ -11,17 +11,13 @@ found by tests/fuzz), so bytes from outside are first inspected in a child proce
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import functools
 import hashlib
 import json
 import logging
-import math
 import multiprocessing
 import os
 import re
-import resource
 import select
 import signal
 import struct
@@ -43,6 +39,7 @@ from accelerators.base import (
     TensorSpec,
     datatype_of,
 )
+from edgeward.security.confine import Confinement, confine_process, landlock_abi, seccomp_supported
 
 __all__ = [
     "MAX_MODEL_BYTES",
@@ -437,29 +434,25 @@ def _model_info(value: Any, data: bytes) -> ModelInfo:
 def _isolation_context() -> Any:
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload([__name__])
+    abi = landlock_abi()
+    log.log(
+        logging.INFO if abi and seccomp_supported() else logging.WARNING,
+        "model inspection children are confined with %s and %s%s",
+        f"Landlock ABI {abi}" if abi else "no Landlock (this kernel does not offer it)",
+        "seccomp" if seccomp_supported() else "no seccomp (not on this architecture)",
+        "" if abi else ": they can read what the orchestrator's user can (docs/security.md)",
+    )
     return context
 
 
-def confine(cpu_s: float) -> None:
-    """Narrow what this process can do before it reads untrusted bytes with native code: it writes
-    no file (RLIMIT_FSIZE 0; SIGXFSZ ignored, so a write fails with EFBIG instead of killing it;
-    stdout and stderr go to /dev/null, which the limit does not cover), leaves no core dump, gains
-    no privileges through exec (PR_SET_NO_NEW_PRIVS) and gets ``cpu_s`` of CPU. Not a sandbox: it
-    can still read what its user can, and open sockets."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 1)
-    os.dup2(devnull, 2)
-    os.close(devnull)
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    cpu = max(1, math.ceil(cpu_s))
-    resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
-    with contextlib.suppress(OSError, AttributeError):  # Linux only
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
-
-
-_PR_SET_NO_NEW_PRIVS = 38
+def confine(cpu_s: float) -> Confinement:
+    """Narrow what this process can do before it reads untrusted bytes with native code
+    (``edgeward.security.confine``): it opens no file, writes none, connects nowhere, opens no
+    socket, runs no program, signals no other process (where the kernel offers Landlock and
+    seccomp), leaves no core dump and gets ``cpu_s`` of CPU. The interpreter runtime is imported
+    first: the child could not read its files afterwards."""
+    interpreter_runtime()
+    return confine_process(cpu_s)
 
 
 def _inspect_in_child(send: Any, data: bytes, max_bytes: int, cpu_s: float) -> None:

@@ -46,6 +46,7 @@ from accelerators.tflite_model import (
     inspect_tflite_isolated,
     interpreter_runtime,
 )
+from edgeward.security.confine import landlock_abi, seccomp_supported
 from usecases import model_path
 
 MODELS = Path(__file__).resolve().parents[2] / "usecases" / "industrial" / "models"
@@ -541,28 +542,56 @@ def test_a_subverted_childs_answer_is_data_checked_not_code(int8_bytes: bytes, t
     send.close()
 
 
-def test_the_inspection_child_writes_no_file(tmp_path: Path, int8_bytes: bytes) -> None:
-    """What the child does before it reads the model: a write to a file fails (and does not kill it),
-    and the model is still read (in a throwaway interpreter: the limits are for good)."""
-    target = tmp_path / "written"
-    script = (
-        "import sys\n"
-        "from accelerators.tflite_model import confine, inspect_tflite\n"
-        "data = sys.stdin.buffer.read()\n"
-        "confine(30)\n"
-        "try:\n"
-        f"    open({str(target)!r}, 'wb', buffering=0).write(b'x')\n"
-        "    wrote = 'wrote'\n"
-        "except OSError as err:\n"
-        "    wrote = type(err).__name__\n"
-        "inputs = len(inspect_tflite(data).inputs)\n"
-        "import os\n"
-    )
+_CONFINED_CHILD = """
+import errno, json, os, socket, sys
+from accelerators.tflite_model import confine, inspect_tflite
+new, existing, answer = sys.argv[1], sys.argv[2], int(sys.argv[3])
+data = sys.stdin.buffer.read()
+confinement = confine(30)
+
+def attempt(fn):
+    try:
+        fn()
+        return "done"
+    except OSError as err:
+        return errno.errorcode.get(err.errno, str(err.errno))
+
+def write_new():
+    with open(new, "wb", buffering=0) as fh:
+        fh.write(b"x")
+
+def truncate():
+    with open(existing, "r+b") as fh:
+        fh.truncate(0)
+
+found = {
+    "landlock": confinement.landlock_abi,
+    "seccomp": confinement.seccomp,
+    "write_new": attempt(write_new),
+    "truncate": attempt(truncate),
+    "read": attempt(lambda: open(existing, "rb").read()),
+    "tcp": attempt(lambda: socket.socket().connect(("127.0.0.1", 9))),
+    "udp": attempt(lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM)),
+    "exec": attempt(lambda: os.execv(sys.executable, [sys.executable, "-c", "pass"])),
+    "signal": attempt(lambda: os.kill(os.getppid(), 0)),
+    "inputs": len(inspect_tflite(data).inputs),
+}
+os.write(answer, json.dumps(found).encode())
+"""
+
+
+def test_the_inspection_child_is_confined(tmp_path: Path, int8_bytes: bytes) -> None:
+    """What the child gives up before it reads the model (in a throwaway interpreter: it is for
+    good): with Landlock it opens no file to read or write (the orchestrator's keys stay out of
+    reach, no file is truncated), connects nowhere and signals no other process; with seccomp it
+    opens no socket and runs no program; without either, a write still fails (RLIMIT_FSIZE 0, and
+    does not kill it). The model is read all the same, and its output goes nowhere."""
+    new, existing = tmp_path / "written", tmp_path / "secret"
+    existing.write_bytes(b"the orchestrator's key")
     read, write = os.pipe()
-    script += f"os.write({write}, f'{{wrote}} {{inputs}}'.encode())\n"
     try:
         done = subprocess.run(
-            [sys.executable, "-c", script],
+            [sys.executable, "-c", _CONFINED_CHILD, str(new), str(existing), str(write)],
             input=int8_bytes,
             pass_fds=(write,),
             capture_output=True,
@@ -570,13 +599,27 @@ def test_the_inspection_child_writes_no_file(tmp_path: Path, int8_bytes: bytes) 
             check=False,
         )
         os.close(write)
-        answer = os.read(read, 100).decode()
+        found = json.loads(os.read(read, 10_000))
     finally:
         os.close(read)
     assert done.returncode == 0, done.stderr[-500:]
-    assert answer == "OSError 1", answer  # EFBIG: the file was not written
-    assert target.read_bytes() == b""  # opened (created) before the write failed, nothing in it
-    assert done.stdout == done.stderr == b""  # and its output went nowhere
+    assert done.stdout == done.stderr == b""
+    assert found["inputs"] == 1
+    assert existing.read_bytes() == b"the orchestrator's key"
+    assert found["landlock"] == landlock_abi()
+    assert found["seccomp"] == seccomp_supported()
+    if not found["landlock"]:
+        assert found["write_new"] == "EFBIG"
+        assert new.read_bytes() == b""  # created before the write failed, nothing in it
+        pytest.skip("this kernel offers no Landlock: reads, connects and signals stay open")
+    assert not new.exists()
+    assert (found["write_new"], found["truncate"], found["read"]) == ("EACCES", "EACCES", "EACCES")
+    if found["landlock"] >= 6:
+        assert found["signal"] == "EPERM"
+    if found["seccomp"]:
+        assert (found["tcp"], found["udp"], found["exec"]) == ("EPERM", "EPERM", "EPERM")
+    elif found["landlock"] >= 4:
+        assert found["tcp"] == "EACCES"
 
 
 def test_size_cap(f32_bytes: bytes) -> None:
