@@ -35,6 +35,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from edgeward.v1 import attestation_pb2 as pb
+from edgeward.validation import problems
 
 from .errors import ReferenceValuesError
 from .eventlog import MeasurementEvent, validate_component
@@ -164,10 +165,7 @@ class ReferenceValues(_Strict):
         try:
             return cls.model_validate(data)
         except ValidationError as err:
-            raise ReferenceValuesError(
-                detail=f"{source}: "
-                + "; ".join(".".join(map(str, e["loc"])) + ": " + e["msg"] for e in err.errors())
-            ) from err
+            raise ReferenceValuesError(detail=f"{source}: " + problems(err)) from err
 
     @classmethod
     def load(cls, path: Path) -> ReferenceValues:

@@ -29,14 +29,10 @@ def cmd_agent(args: argparse.Namespace) -> int:
     _logging(args.verbose)
     private_umask()  # the model cache and the attestation keys: 0600 whatever creates them
     try:
-        config = load_agent_config(Path(args.config))
+        config = load_agent_config(Path(args.config), broker_url=args.broker_url)
     except AgentConfigError as err:
         print(f"edgeward agent: {err}", file=sys.stderr)
         return 2
-    if args.broker_url:
-        config = config.model_copy(
-            update={"broker": config.broker.model_copy(update={"url": args.broker_url})}
-        )
     return asyncio.run(_run(config))
 
 

@@ -54,18 +54,13 @@ def _fail(err: Exception) -> int:
 def cmd_orchestrator(args: argparse.Namespace) -> int:
     setup_logging(max(args.verbose, 1))
     private_umask()  # the store, the ownership registry, the audit log: 0600 whatever creates them
-    from .config import BrokerConfig
-
-    overrides: dict[str, Any] = {"state_dir": args.state_dir, "grpc_bind": args.grpc_bind}
     try:
-        config = load_config(Path(args.config) if args.config else None, **overrides)
-        if args.broker_url or args.broker_port is not None:
-            broker = config.broker.model_dump()
-            if args.broker_url:
-                broker["url"] = args.broker_url
-            if args.broker_port is not None:
-                broker["embedded_port"] = args.broker_port
-            config = config.model_copy(update={"broker": BrokerConfig.model_validate(broker)})
+        config = load_config(
+            Path(args.config) if args.config else None,
+            broker={"url": args.broker_url or None, "embedded_port": args.broker_port},
+            state_dir=args.state_dir,
+            grpc_bind=args.grpc_bind,
+        )
     except (ConfigError, ValueError) as err:
         return _fail(err)
     return asyncio.run(_serve(config))

@@ -19,6 +19,7 @@ from pydantic import (
 from attestation.enrollment import EnrollmentPolicy
 from attestation.service import VerifierConfig
 from edgeward.security.config import SecurityConfig, is_loopback, with_broker_tls
+from edgeward.validation import problems
 
 from .catalog.config import CatalogConfig
 from .errors import OrchestratorError
@@ -385,7 +386,12 @@ class OrchestratorConfig(BaseModel):
         return self
 
 
-def load_config(path: Path | None, **overrides: object) -> OrchestratorConfig:
+def load_config(
+    path: Path | None, *, broker: dict[str, object] | None = None, **overrides: object
+) -> OrchestratorConfig:
+    """The config at ``path`` (or the defaults) with top-level ``overrides`` and ``broker`` fields
+    (command-line flags) applied before it is validated as a whole: a flag passes every check the
+    file does (an ``mqtt://`` URL with ``security`` set is refused either way)."""
     data: dict = {}
     if path is not None:
         try:
@@ -395,10 +401,11 @@ def load_config(path: Path | None, **overrides: object) -> OrchestratorConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: top level must be a mapping")
     data.update({k: v for k, v in overrides.items() if v is not None})
+    if broker := {k: v for k, v in (broker or {}).items() if v is not None}:
+        if not isinstance(data.get("broker", {}), dict):
+            raise ConfigError(f"{path}: broker must be a mapping")
+        data["broker"] = {**data.get("broker", {}), **broker}
     try:
         return OrchestratorConfig.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(
-            "invalid orchestrator config: "
-            + "; ".join(".".join(map(str, e["loc"])) + ": " + e["msg"] for e in err.errors())
-        ) from err
+        raise ConfigError("invalid orchestrator config: " + problems(err)) from err
