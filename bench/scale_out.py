@@ -43,7 +43,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from _models import push_vib_cnn
 from _report import command, machine, write_section
-from _sched import Share, ThreadClock, cpu_seconds, pin, tree_cpu_seconds
+from _sched import Share, ThreadClock, cpu_seconds, pin, renice, tree_cpu_seconds
 from fleet_scale import raise_fd_limit, start_fleet, start_mosquitto, wait_port
 
 POLL_S = 0.25  # how often the bench lists the deployments to see replicas Running
@@ -246,6 +246,9 @@ async def apply_run(
     channels = [grpc.aio.insecure_channel(r.address) for r in replicas]
     try:
         leader = replicas.index(leader_of(replicas))
+        for follower in (r for i, r in enumerate(replicas) if i != leader and r.proc is not None):
+            if args.follower_nice:
+                renice(follower.proc.pid, args.follower_nice)
         nodes_api = api_pb2_grpc.NodeServiceStub(channels[leader])
         fleet = start_fleet(work, broker_port, args.nodes, max(1, -(-args.nodes // 2500)), args.heartbeat)
         if args.pin_fleet:  # before the fleet's threads start: they inherit it
@@ -438,6 +441,13 @@ def main() -> None:
         help="in each run of 3 replicas, after the apply: kill -9 the leader and time one more deployment "
         "of this many replicas applied through the new one until all run (default 0: not done)",
     )
+    parser.add_argument(
+        "--follower-nice",
+        type=int,
+        default=0,
+        help="niceness of the followers' processes (default 0): on one machine they take CPU from the leader "
+        "and the fleet that replicas on machines of their own would not",
+    )
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     bindir = pg_server.find_bindir()
@@ -519,11 +529,17 @@ replica").
         else ""
     )
     rate_title += ", fleet on a core of its own" if args.pin_fleet else ""
+    rate_title += f", followers at nice {args.follower_nice}" if args.follower_nice else ""
     cores = (
         "the hollow fleet on one core, every replica, PostgreSQL and Mosquitto on the other (`--pin-fleet`)"
         if args.pin_fleet
         else "every replica, PostgreSQL, Mosquitto and the hollow fleet share its 2 cores"
     )
+    if args.follower_nice:
+        cores += (
+            f"; the followers run at nice {args.follower_nice} (`--follower-nice`), so that they take the "
+            "CPU only when the leader, the fleet, PostgreSQL and Mosquitto leave it"
+        )
     body = f"""## Scale-out: leader takeover, 1 vs 3 replicas on PostgreSQL, {args.nodes:,} hollow nodes{rate_title}
 
 `{command()}` ({machine()}; load average {load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the
@@ -562,7 +578,9 @@ the replicas; the leader alone places replicas and acts on the nodes' reports.
     print(body)
     if not args.no_write:
         name = "scale-out-rate" if args.apply_rate else "scale-out"
-        write_section(name + ("-pinned" if args.pin_fleet else ""), body)
+        write_section(
+            name + ("-pinned" if args.pin_fleet else "") + ("-nice" if args.follower_nice else ""), body
+        )
 
 
 if __name__ == "__main__":
