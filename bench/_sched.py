@@ -116,8 +116,10 @@ def pin(pid: int, cpus: set[int]) -> None:
             os.sched_setaffinity(int(task.name), cpus)
 
 
-def renice(pid: int, niceness: int) -> None:
-    """Set the niceness of every thread of the process (threads it starts later inherit it)."""
+def renice(pid: int, increment: int) -> None:
+    """Add ``increment`` to the niceness of every thread of the process (threads it starts later
+    inherit theirs), as ``renice -n`` does."""
     for task in Path(f"/proc/{pid}/task").iterdir():
         with contextlib.suppress(OSError):
-            os.setpriority(os.PRIO_PROCESS, int(task.name), niceness)
+            tid = int(task.name)
+            os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + increment))

@@ -445,7 +445,7 @@ def main() -> None:
         "--follower-nice",
         type=int,
         default=0,
-        help="niceness of the followers' processes (default 0): on one machine they take CPU from the leader "
+        help="added to the niceness of the followers' processes (default 0): on one machine they take CPU from the leader "
         "and the fleet that replicas on machines of their own would not",
     )
     parser.add_argument("--no-write", action="store_true")
@@ -529,7 +529,7 @@ replica").
         else ""
     )
     rate_title += ", fleet on a core of its own" if args.pin_fleet else ""
-    rate_title += f", followers at nice {args.follower_nice}" if args.follower_nice else ""
+    rate_title += f", followers at nice +{args.follower_nice}" if args.follower_nice else ""
     cores = (
         "the hollow fleet on one core, every replica, PostgreSQL and Mosquitto on the other (`--pin-fleet`)"
         if args.pin_fleet
@@ -537,7 +537,7 @@ replica").
     )
     if args.follower_nice:
         cores += (
-            f"; the followers run at nice {args.follower_nice} (`--follower-nice`), so that they take the "
+            f"; the followers run at {args.follower_nice} nice levels below the rest (`--follower-nice`), so that they take the "
             "CPU only when the leader, the fleet, PostgreSQL and Mosquitto leave it"
         )
     body = f"""## Scale-out: leader takeover, 1 vs 3 replicas on PostgreSQL, {args.nodes:,} hollow nodes{rate_title}
