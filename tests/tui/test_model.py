@@ -68,12 +68,12 @@ def test_first_list_reports_current_problems_only():
     stuck = deployment(
         "b",
         1,
-        ("r2", "", P.REPLICA_PHASE_PENDING, "scheduler.filter.no_capacity", ""),
-        ("r3", "", P.REPLICA_PHASE_PENDING, "scheduler.filter.no_capacity", ""),
+        ("r2", "", P.REPLICA_PHASE_PENDING, "scheduler.filter.capacity", ""),
+        ("r3", "", P.REPLICA_PHASE_PENDING, "scheduler.filter.capacity", ""),
     )
     out = state.set_deployments([stuck, ok])
     assert [(e.id, e.subject, e.message) for e in out] == [
-        ("replica.pending", "deployment/b", "2 replica(s) not placed: scheduler.filter.no_capacity")
+        ("replica.pending", "deployment/b", "2 replica(s) not placed: scheduler.filter.capacity")
     ]
     online = api_pb2.Node(id="n1", state=P.NODE_STATE_ONLINE)
     offline = api_pb2.Node(id="n2", state=P.NODE_STATE_OFFLINE)
