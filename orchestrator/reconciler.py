@@ -224,6 +224,8 @@ class Reconciler:
         # carry them go out (a wipe on any replica, in any later term, orders those nodes too)
         self._releases: list[tuple[str, str, str]] = []
         self._recorded: set[tuple[str, str, str]] = set()
+        # (model name, version) whose key the store refused to record a release of: revoked, for good.
+        self._refused_keys: set[tuple[str, str]] = set()
         resched = config.scheduler.rescheduling
         self._slo_policy = resched.slo_policy()
         self._slo: dict[str, SloState] = {}  # running replica id -> its SLO hysteresis
@@ -590,6 +592,11 @@ class Reconciler:
             raise KeyReleaseError(
                 "attestation.key.no_data_key", f"{model.name}:{model.version} is not sealed"
             )
+        if (model.name, model.version) in self._refused_keys:
+            raise KeyReleaseError(
+                "attestation.key.revoked",
+                f"{model.name}:{model.version} is revoked; its key is never released",
+            )
         wrapped = self._trust.release_key(rep.node_id, model.name, model.version, sealed.data_key)
         release = (model.name, model.version, rep.node_id)
         if release not in self._recorded:
@@ -610,7 +617,8 @@ class Reconciler:
     async def _record_releases(self) -> set[tuple[str, str]]:
         """Write the key releases not written yet (before the commands carrying the keys go out).
         Returns the (model name, version) whose key the store has destroyed since this process read
-        it (revoked through another replica, not refreshed here yet): their keys must not go out."""
+        it (revoked through another replica, not refreshed here yet), and keeps them in
+        ``_refused_keys``: no command carries their keys from then on."""
         releases, self._releases = self._releases, []
         fresh = [r for r in dict.fromkeys(releases) if r not in self._recorded]
         if not fresh:
@@ -621,6 +629,7 @@ class Reconciler:
             self._releases[:0] = fresh  # written by a later flush, before its commands
             raise
         self._recorded.update(r for r in fresh if r[:2] not in refused)
+        self._refused_keys |= refused
         if refused:
             log.warning(
                 "not sending the keys of %s: revoked in the store since this replica read them",
@@ -1454,8 +1463,10 @@ class ReconcilePass:
         rec = self.rec
         if changes:
             await rec._db(rec._store.apply_replica_changes, changes)
-        if commands and (refused := await rec._record_releases()):
-            commands = without_keys(commands, refused)
+        if commands:
+            await rec._record_releases()  # also those of commands of later slices, built meanwhile
+            if rec._refused_keys:
+                commands = without_keys(commands, rec._refused_keys)
         if moves:
             moved = ", ".join(f"{n} {a} -> {b}" for (a, b), n in sorted(moves.items()))
             log.info("replicas saved: %s", moved)

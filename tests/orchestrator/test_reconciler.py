@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from trust_stubs import Affirmed, NoTrust
 
+from attestation.errors import KeyReleaseError
 from edgeward.v1 import api_pb2, node_pb2
 from edgeward.wire import node_message
 from orchestrator import reconciler as reconciler_module
@@ -262,15 +263,18 @@ async def test_a_large_apply_is_saved_and_sent_in_slices(store, tmp_path, monkey
     assert len({r.node_id for r in store.list_replicas("vib")}) == 5
 
 
-async def test_a_key_revoked_since_the_leader_read_it_does_not_go_out(store, tmp_path) -> None:
+async def test_a_key_revoked_since_the_leader_read_it_does_not_go_out(store, tmp_path, monkeypatch) -> None:
     """Another replica revokes the model (destroying its key in the store) after this one read the
     key and before its trust refreshed: the releases are refused at their write, no deploy carrying
-    the key is sent, and a node's sync goes without it."""
+    the key is sent (also of a later slice, whose releases an earlier slice's save wrote), and a
+    node's sync goes without it."""
+    monkeypatch.setattr(reconciler_module, "COMMIT_SLICE", 2)
     fleet = five_nodes_and_five_replicas(store)
     sent: list[node_pb2.Command] = []
+    pool = ThreadPoolExecutor(1)  # the store's thread: the pass binds on while a slice is saved
 
     async def db(fn, *args):
-        return fn(*args)
+        return await asyncio.get_running_loop().run_in_executor(pool, partial(fn, *args))
 
     async def publish(node_id: str, cmd: node_pb2.Command) -> None:
         sent.append(cmd)
@@ -278,7 +282,10 @@ async def test_a_key_revoked_since_the_leader_read_it_does_not_go_out(store, tmp
     rec = affirmed(store, tmp_path, fleet, db, publish)
     entry = await rec._model("vib-cnn", "1.0.0")  # read (and cached) before the revocation
     store.set_model_state("vib-cnn", "1.0.0", "revoked", "leaked", 2)
-    await rec.reconcile_once()
+    try:
+        await rec.reconcile_once()
+    finally:
+        pool.shutdown()
     assert len(store.list_replicas("vib")) == 5  # bound and saved: only the keys stay home
     assert [c for c in sent if c.HasField("deploy")] == []
     assert [r for c in sent if c.HasField("sync") for r in c.sync.replicas] == []
@@ -286,10 +293,11 @@ async def test_a_key_revoked_since_the_leader_read_it_does_not_go_out(store, tmp
 
     assert entry is not None
     placed = store.list_replicas("vib")[0]
-    sync = reconciler_module.command(
-        placed.node_id or "", sync=node_pb2.SyncReplicas(replicas=[rec._deploy_body(placed, entry)])
-    )
+    body = node_pb2.DeployReplica(replica_id=placed.id, model_name="vib-cnn", model_version="1.0.0")
     other = reconciler_module.command("node-0", undeploy=node_pb2.UndeployReplica(replica_id="x"))
+    with pytest.raises(KeyReleaseError):  # what it now knows: revoked
+        rec._deploy_body(placed, entry)
+    sync = reconciler_module.command(placed.node_id or "", sync=node_pb2.SyncReplicas(replicas=[body]))
     kept = reconciler_module.without_keys([("n", sync), ("node-0", other)], {("vib-cnn", "1.0.0")})
     assert [(n, c.WhichOneof("body"), len(c.sync.replicas)) for n, c in kept] == [
         ("n", "sync", 0),
