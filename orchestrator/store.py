@@ -259,7 +259,6 @@ DB_FILE = "edgeward.db"
 # Rollout actions asked of the leader (rollout_actions.state); an outcome nobody read is kept this long.
 ACTION_PENDING, ACTION_DONE, ACTION_REFUSED = "pending", "done", "refused"
 WIPE_PENDING = "pending"  # a node ordered to wipe that has not confirmed yet
-WIPE_CONFIRMED = "confirmed"  # ... and one that confirmed
 ACTIONS_KEPT_MS = 600_000
 # A write that keeps losing serialization races (PostgreSQL) is retried for this long before it fails:
 # a count of attempts ran out under load (8 attempts, half a second of back-off, while another
@@ -830,31 +829,14 @@ class SqlStore:
         return self.get_wipe(wipe.id)
 
     def set_wipe_node(self, wipe_id: str, node_id: str, node: WipeNode) -> None:
-        """Record where a node of a wipe stands. Once it confirmed, the releases of the wipe's keys
-        to it are forgotten in the same transaction: the versions are revoked, so their keys never
-        go to it again, and a later wipe of them has nothing to order there."""
         w = t.wipe_nodes.c
-
-        def tx(conn: sa.Connection) -> None:
-            ordered = conn.execute(
+        self._write(
+            lambda conn: conn.execute(
                 t.wipe_nodes.update()
                 .where(w.wipe_id == wipe_id, w.node_id == node_id)
                 .values(state=node.state, updated_ms=node.updated_ms, message=_text(node.message))
-            ).rowcount
-            if node.state != WIPE_CONFIRMED or not ordered:
-                return
-            row = conn.execute(
-                sa.select(t.wipes.c.name, t.wipes.c.versions).where(t.wipes.c.id == wipe_id)
-            ).first()
-            if row is not None:
-                k = t.key_releases.c
-                conn.execute(
-                    t.key_releases.delete().where(
-                        k.model_name == row[0], k.model_version.in_(row[1].split(",")), k.node_id == node_id
-                    )
-                )
-
-        self._write(tx)
+            )
+        )
 
     def get_wipe(self, wipe_id: str) -> WipeRecord:
         with self._read() as conn:

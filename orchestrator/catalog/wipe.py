@@ -32,13 +32,13 @@ from ..errors import InvalidModel, NotFound
 from ..events import ERROR, INFO, WARNING, EventBus
 from ..fleet import Fleet
 from ..phases import Phase
-from ..store import WIPE_CONFIRMED, WIPE_PENDING, ReplicaChange, Store, WipeNode, WipeRecord
+from ..store import WIPE_PENDING, ReplicaChange, Store, WipeNode, WipeRecord
 from .config import CatalogConfig
 from .misuse import InvocationMonitor
 
 log = logging.getLogger(__name__)
 
-PENDING, CONFIRMED, QUARANTINED = WIPE_PENDING, WIPE_CONFIRMED, "quarantined"
+PENDING, CONFIRMED, QUARANTINED = WIPE_PENDING, "confirmed", "quarantined"
 _PB_STATE = {
     PENDING: api_pb2.WIPE_NODE_STATE_PENDING,
     CONFIRMED: api_pb2.WIPE_NODE_STATE_CONFIRMED,

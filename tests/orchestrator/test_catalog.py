@@ -223,14 +223,6 @@ def test_a_release_is_either_found_by_a_wipe_or_refused(tmp_path, store_url):
             "wipe-2", "vib-cnn", ("1.1.0",), ("ab" * 32,), "x", 50, 9_000, 0, {"n9": WipeNode("pending", 50)}
         )
         assert store.start_wipe(named, [], "wiped: x").nodes.keys() == {"n9"}
-        # A node that confirmed a wipe is no longer a holder of its versions (nor of any other's).
-        store.set_wipe_node("wipe-1", "n2", WipeNode("quarantined", 60, "late"))
-        assert store.key_holders("vib-cnn", ["1.0.0"]) == {"n1", "n2"}
-        store.set_wipe_node("wipe-1", "n2", WipeNode("confirmed", 61))
-        assert store.key_holders("vib-cnn", ["1.0.0"]) == {"n1"}
-        store.set_wipe_node("wipe-2", "n3", WipeNode("confirmed", 62))  # n3 was not ordered by wipe-2
-        assert store.key_holders("vib-cnn", ["1.1.0"]) == {"n3"}
-        assert store.get_wipe("wipe-1").nodes["n2"].state == "confirmed"
     finally:
         store.close()
 
