@@ -34,6 +34,7 @@ import time
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -614,17 +615,21 @@ class Reconciler:
             owner_team=self._teams.get(model.name, ""),
         )
 
-    async def _record_releases(self) -> set[tuple[str, str]]:
+    async def _record_releases(
+        self, carried: AbstractSet[tuple[str, str]] = frozenset()
+    ) -> set[tuple[str, str]]:
         """Write the key releases not written yet (before the commands carrying the keys go out).
-        Returns the (model name, version) whose key the store has destroyed since this process read
-        it (revoked through another replica, not refreshed here yet), and keeps them in
-        ``_refused_keys``: no command carries their keys from then on."""
+        Returns the (model name, version), of these and of the ``carried`` ones (the keys in the
+        commands about to go out, released before), whose key the store has destroyed since this
+        process read it (revoked through another replica, not refreshed here yet), and keeps them
+        in ``_refused_keys``: no command carries their keys from then on."""
         releases, self._releases = self._releases, []
         fresh = [r for r in dict.fromkeys(releases) if r not in self._recorded]
-        if not fresh:
+        carried = carried - self._refused_keys
+        if not fresh and not carried:
             return set()
         try:
-            refused = await self._db(self._store.record_key_releases, fresh, now_ms())
+            refused = await self._db(self._store.record_key_releases, fresh, now_ms(), carried)
         except BaseException:
             self._releases[:0] = fresh  # written by a later flush, before its commands
             raise
@@ -1464,7 +1469,8 @@ class ReconcilePass:
         if changes:
             await rec._db(rec._store.apply_replica_changes, changes)
         if commands:
-            await rec._record_releases()  # also those of commands of later slices, built meanwhile
+            # Also the releases of later slices' commands, built meanwhile.
+            await rec._record_releases(carried_keys(commands))
             if rec._refused_keys:
                 commands = without_keys(commands, rec._refused_keys)
         if moves:
@@ -1588,6 +1594,17 @@ async def publish_all(
             raise failed
 
     await asyncio.gather(*(sender() for _ in range(min(PUBLISH_WINDOW, len(commands)))))
+
+
+def carried_keys(commands: list[tuple[str, node_pb2.Command]]) -> set[tuple[str, str]]:
+    """The (model name, version) whose keys ``commands`` carry."""
+    out = set()
+    for _, cmd in commands:
+        if cmd.HasField("deploy"):
+            out.add((cmd.deploy.model_name, cmd.deploy.model_version))
+        elif cmd.HasField("sync"):
+            out.update((r.model_name, r.model_version) for r in cmd.sync.replicas)
+    return out
 
 
 def without_keys(

@@ -210,7 +210,10 @@ class Store(Protocol):
         self, after: tuple[int, str], limit: int = ...
     ) -> list[tuple[int, AttestationRow]]: ...
     def record_key_releases(
-        self, releases: Iterable[tuple[str, str, str]], now_ms: int
+        self,
+        releases: Iterable[tuple[str, str, str]],
+        now_ms: int,
+        carried: Iterable[tuple[str, str]] = ...,
     ) -> set[tuple[str, str]]: ...
     def key_holders(self, name: str, versions: Iterable[str]) -> set[str]: ...
     def get_template(self, name: str, generation: int) -> DeploymentManifest: ...
@@ -1146,19 +1149,28 @@ class SqlStore:
     # ---------------------------------------------------------------- key releases
 
     def record_key_releases(
-        self, releases: Iterable[tuple[str, str, str]], now_ms: int
+        self,
+        releases: Iterable[tuple[str, str, str]],
+        now_ms: int,
+        carried: Iterable[tuple[str, str]] = (),
     ) -> set[tuple[str, str]]:
         """Keep that each (model name, version, node) had the version's data key released to it; a
-        release recorded before is kept as it was (the first time). Returns the (name, version)
-        whose key is destroyed (revoked, through any replica): their releases are not recorded and
-        the caller must not send the key it wrapped from an older read. Writes run one at a time,
-        so a wipe's transaction either finds a release among its key holders or makes it refused."""
+        release recorded before is kept as it was (the first time). Returns the (name, version),
+        of these releases and of the ``carried`` ones (keys about to be sent again, released
+        before), whose key is destroyed (revoked, through any replica): their releases are not
+        recorded and the caller must not send the keys it wrapped from an older read. Writes run
+        one at a time, so a wipe's transaction either finds a release among its key holders or
+        makes it refused."""
         wanted = sorted(set(releases))  # rows locked in one order
+        versions = {(name, version) for name, version, _ in wanted} | set(carried)
         if not wanted:
-            return set()
+            if not versions:
+                return set()
+            with self._read() as conn:
+                return _revoked(conn, versions)
 
         def tx(conn: sa.Connection) -> set[tuple[str, str]]:
-            refused = _revoked(conn, {(name, version) for name, version, _ in wanted})
+            refused = _revoked(conn, versions)
             rows = [
                 {"model_name": name, "model_version": version, "node_id": node_id, "released_ms": now_ms}
                 for name, version, node_id in wanted

@@ -22,7 +22,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import replace
 
 from edgeward.v1 import api_pb2, node_pb2
@@ -176,8 +176,9 @@ class WipeController:
             nodes={n: WipeNode(PENDING, wall) for n in targets},
         )
 
-        def begin() -> WipeRecord:
-            evict = [
+        def evictions(nodes: Iterable[str]) -> list[ReplicaChange]:
+            on = set(nodes)
+            return [
                 ReplicaChange(
                     replace(
                         r,
@@ -190,10 +191,19 @@ class WipeController:
                 for r in store.list_replicas()
                 if r.model_name == wipe.name
                 and r.model_version in wanted
-                and r.node_id in wipe.nodes
+                and r.node_id in on
                 and r.phase != Phase.EVICTED
             ]
-            return store.start_wipe(wipe, evict, f"wiped: {reason}", key_holders=not request.node_ids)
+
+        def begin() -> WipeRecord:
+            started = store.start_wipe(
+                wipe, evictions(wipe.nodes), f"wiped: {reason}", key_holders=not request.node_ids
+            )
+            # Nodes the wipe's transaction found a release to since the holders were read: their
+            # replicas go too (the keys are destroyed by now, so no new one is placed with a key).
+            if added := started.nodes.keys() - wipe.nodes.keys():
+                store.apply_replica_changes(evictions(added))
+            return started
 
         wipe = await self._db(begin)
         self._on_change()

@@ -209,6 +209,10 @@ async def test_resends_of_one_replica_back_off_to_four_times_the_interval(store,
     assert len(commands) == before + 1
 
 
+async def _direct(fn, *args):
+    return fn(*args)
+
+
 def affirmed(store: SqlStore, tmp_path: Path, fleet: Fleet, db, publish) -> Reconciler:
     """A reconciler whose nodes all hold an affirming attestation, past the start-up grace."""
     rec = built(store, tmp_path, fleet, db, publish, Affirmed())
@@ -297,6 +301,13 @@ async def test_a_key_revoked_since_the_leader_read_it_does_not_go_out(store, tmp
     other = reconciler_module.command("node-0", undeploy=node_pb2.UndeployReplica(replica_id="x"))
     with pytest.raises(KeyReleaseError):  # what it now knows: revoked
         rec._deploy_body(placed, entry)
+    # A key released before (a node's earlier replica) and sent again is checked as well.
+    rec2 = affirmed(store, tmp_path, fleet, db, publish)
+    rec2._recorded.add(("vib-cnn", "1.0.0", "node-1"))
+    assert await rec2._record_releases(set()) == set()  # nothing to write or send: no store call
+    rec2._db = partial(_direct)
+    assert await rec2._record_releases({("vib-cnn", "1.0.0")}) == {("vib-cnn", "1.0.0")}
+    assert rec2._refused_keys == {("vib-cnn", "1.0.0")}
     sync = reconciler_module.command(placed.node_id or "", sync=node_pb2.SyncReplicas(replicas=[body]))
     kept = reconciler_module.without_keys([("n", sync), ("node-0", other)], {("vib-cnn", "1.0.0")})
     assert [(n, c.WhichOneof("body"), len(c.sync.replicas)) for n, c in kept] == [
