@@ -175,37 +175,7 @@ class WipeController:
             deadline_ms=wall + int(deadline_s * 1000),
             nodes={n: WipeNode(PENDING, wall) for n in targets},
         )
-
-        def evictions(nodes: Iterable[str]) -> list[ReplicaChange]:
-            on = set(nodes)
-            return [
-                ReplicaChange(
-                    replace(
-                        r,
-                        phase=Phase.EVICTED,
-                        reason="model.wiped",
-                        message=f"{wipe.id}: {reason}",
-                        updated_ms=wall,
-                    )
-                )
-                for r in store.list_replicas()
-                if r.model_name == wipe.name
-                and r.model_version in wanted
-                and r.node_id in on
-                and r.phase != Phase.EVICTED
-            ]
-
-        def begin() -> WipeRecord:
-            started = store.start_wipe(
-                wipe, evictions(wipe.nodes), f"wiped: {reason}", key_holders=not request.node_ids
-            )
-            # Nodes the wipe's transaction found a release to since the holders were read: their
-            # replicas go too (the keys are destroyed by now, so no new one is placed with a key).
-            if added := started.nodes.keys() - wipe.nodes.keys():
-                store.apply_replica_changes(evictions(added))
-            return started
-
-        wipe = await self._db(begin)
+        wipe = await self._db(self._begin, wipe, reason, not request.node_ids)
         self._on_change()
         after = time.monotonic() + self.config.misuse.window_s
         for node_id in wipe.nodes:
@@ -228,6 +198,37 @@ class WipeController:
         else:
             self._completed(wipe)
         return wipe
+
+    def _begin(self, wipe: WipeRecord, reason: str, by_holders: bool) -> WipeRecord:
+        """The wipe's transaction (in the store's thread), then the evictions on the nodes it found
+        a release to since the holders were read (``by_holders``: the wipe orders the holders)."""
+        store = self._store
+        started = store.start_wipe(
+            wipe, self._evictions(wipe, reason, wipe.nodes), f"wiped: {reason}", key_holders=by_holders
+        )
+        # The keys are destroyed by now: no replica of these versions is placed with a key again.
+        if added := started.nodes.keys() - wipe.nodes.keys():
+            store.apply_replica_changes(self._evictions(wipe, reason, added))
+        return started
+
+    def _evictions(self, wipe: WipeRecord, reason: str, nodes: Iterable[str]) -> list[ReplicaChange]:
+        on, wanted = set(nodes), set(wipe.versions)
+        return [
+            ReplicaChange(
+                replace(
+                    r,
+                    phase=Phase.EVICTED,
+                    reason="model.wiped",
+                    message=f"{wipe.id}: {reason}",
+                    updated_ms=wipe.created_ms,
+                )
+            )
+            for r in self._store.list_replicas()
+            if r.model_name == wipe.name
+            and r.model_version in wanted
+            and r.node_id in on
+            and r.phase != Phase.EVICTED
+        ]
 
     def _holders(self, name: str, versions: set[str], replicas: list) -> set[str]:
         """Every node known to hold the model: replicas in the store (evicted ones may still be
