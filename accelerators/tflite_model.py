@@ -439,18 +439,23 @@ def _isolation_context() -> Any:
         logging.INFO if abi and seccomp_supported() else logging.WARNING,
         "model inspection children are confined with %s and %s%s",
         f"Landlock ABI {abi}" if abi else "no Landlock (this kernel does not offer it)",
-        "seccomp" if seccomp_supported() else "no seccomp (not on this architecture)",
+        "seccomp" if seccomp_supported() else "no seccomp (not on this architecture or interpreter)",
         "" if abi else ": they can read what the orchestrator's user can (docs/security.md)",
     )
+    if not seccomp_supported():
+        log.warning(
+            "without seccomp, model inspection children can change the orchestrator user's files "
+            "(Landlock, where the kernel offers it, covers some of it) and signal its processes"
+        )
     return context
 
 
 def confine(cpu_s: float) -> Confinement:
     """Narrow what this process can do before it reads untrusted bytes with native code
-    (``edgeward.security.confine``): it opens no file, writes none, connects nowhere, opens no
-    socket, runs no program, signals no other process (where the kernel offers Landlock and
-    seccomp), leaves no core dump and gets ``cpu_s`` of CPU. The interpreter runtime is imported
-    first: the child could not read its files afterwards."""
+    (``edgeward.security.confine``): with seccomp it changes no file, opens no socket, runs no
+    program and signals no process but itself; with Landlock it reads no file either; in any case
+    it grows no file, leaves no core dump and gets ``cpu_s`` of CPU. The interpreter runtime is
+    imported first: the child could not read its files afterwards."""
     interpreter_runtime()
     return confine_process(cpu_s)
 

@@ -6,11 +6,18 @@ nothing more that the kernel lets us take away without privileges:
 
 * **Landlock** (Linux 5.13 and later, when the kernel enables it): no file or directory is opened
   for reading or writing, created, removed, renamed, truncated or executed (every filesystem access
-  right the kernel knows is handled and none is granted); from ABI 4 no TCP bind or connect; from
-  ABI 6 no signal to a process outside the child, no abstract unix socket.
-* **seccomp** (x86-64 and AArch64): ``socket``, ``socketpair``, ``execve``, ``execveat``, ``ptrace``
-  and ``process_vm_readv``/``writev`` fail with ``EPERM`` (so no UDP or unix socket either, which
-  Landlock does not cover); so does every x32 system call.
+  right of ABI 1 to 7 is handled and none is granted; rights of later ABIs are not handled); from
+  ABI 4 no TCP bind or connect; from ABI 6 no signal to a process outside the child, no abstract
+  unix socket.
+* **seccomp** (a 64-bit interpreter on x86-64 or AArch64), whatever Landlock does: no file is
+  opened for writing (``open``/``openat`` with a write, create, truncate or append flag), created,
+  linked, renamed, removed, truncated, re-permissioned (``chmod``, ``chown``), given extended
+  attributes or new times; no socket at all (``socket``, ``socketpair``, and ``io_uring``, which
+  can make one without them: so no UDP or unix socket, which Landlock does not cover); no program
+  run (``execve``, ``execveat``); no other process traced, read, written or signalled (``ptrace``,
+  ``process_vm_*``, ``pidfd_*``; ``kill``, ``tkill``, ``tgkill`` and the ``sigqueueinfo`` calls
+  only to the child itself, so ``abort`` still works). Each fails with ``EPERM``, as does every
+  x32 system call.
 * **rlimits and prctl**: no file grows (``RLIMIT_FSIZE`` 0), no core dump, a CPU limit, and no
   privileges gained through exec (``PR_SET_NO_NEW_PRIVS``, which Landlock and seccomp need).
 
@@ -27,6 +34,7 @@ import platform
 import resource
 import signal
 import struct
+import sys
 from dataclasses import dataclass
 
 _PR_SET_NO_NEW_PRIVS = 38
@@ -43,17 +51,114 @@ _FS_RIGHTS = {1: 13, 2: 14, 3: 15, 4: 15, 5: 16}
 _NET_TCP = 0b11  # BIND_TCP | CONNECT_TCP (ABI 4)
 _SCOPES = 0b11  # ABSTRACT_UNIX_SOCKET | SIGNAL (ABI 6)
 
-# seccomp: the architecture's audit id and the numbers of the calls refused.
+# seccomp: the architecture's audit id and its system call numbers (arch/x86/entry/syscalls,
+# include/uapi/asm-generic/unistd.h; AArch64 has no open, unlink, rename, chmod... of its own).
 _AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}
 _DENIED = {
-    # socket, socketpair, execve, execveat, ptrace, process_vm_readv, process_vm_writev
-    "x86_64": (41, 53, 59, 322, 101, 310, 311),
-    "aarch64": (198, 199, 221, 281, 117, 270, 271),
+    "x86_64": (
+        41,
+        53,
+        59,
+        322,
+        101,
+        310,
+        311,
+        425,
+        426,
+        427,
+        424,
+        434,
+        437,  # sockets, exec, other processes, openat2
+        85,
+        87,
+        263,
+        84,
+        82,
+        264,
+        316,
+        86,
+        265,
+        88,
+        266,
+        83,
+        258,
+        133,
+        259,  # create, remove, rename, link
+        76,
+        77,
+        90,
+        91,
+        268,
+        452,
+        92,
+        93,
+        94,
+        260,  # truncate, chmod, chown
+        188,
+        189,
+        190,
+        197,
+        198,
+        199,
+        463,
+        466,
+        132,
+        235,
+        280,
+        261,  # xattrs, times
+    ),
+    "aarch64": (
+        198,
+        199,
+        221,
+        281,
+        117,
+        270,
+        271,
+        425,
+        426,
+        427,
+        424,
+        434,
+        437,
+        35,
+        38,
+        276,
+        37,
+        36,
+        34,
+        33,
+        45,
+        46,
+        52,
+        53,
+        452,
+        54,
+        55,
+        5,
+        6,
+        7,
+        14,
+        15,
+        16,
+        463,
+        466,
+        88,
+    ),
 }
+#: Signal senders, allowed only with the child's own pid as their first argument: kill, tkill,
+#: tgkill, rt_sigqueueinfo, rt_tgsigqueueinfo.
+_SELF_ONLY = {"x86_64": (62, 200, 234, 129, 297), "aarch64": (129, 130, 131, 138, 240)}
+#: (call, index of its flags argument): open (x86-64 only) and openat.
+_OPENS = {"x86_64": ((2, 1), (257, 2)), "aarch64": ((56, 2),)}
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 _X32_SYSCALL_BIT = 0x40000000
 _EPERM = 1
 _SECCOMP_RET_ALLOW, _SECCOMP_RET_ERRNO = 0x7FFF0000, 0x00050000
-_BPF_LD_W_ABS, _BPF_JEQ_K, _BPF_JGE_K, _BPF_RET_K = 0x20, 0x15, 0x35, 0x06
+_BPF_LD_W_ABS, _BPF_RET_K = 0x20, 0x06
+_BPF_JEQ_K, _BPF_JGE_K, _BPF_JSET_K = 0x15, 0x35, 0x45
+# struct seccomp_data: int nr; u32 arch; u64 instruction_pointer; u64 args[6] (low word first).
+_NR, _ARCH, _ARGS = 0, 4, 16
 
 
 @dataclass(frozen=True)
@@ -93,8 +198,9 @@ def landlock_abi() -> int:
 
 
 def seccomp_supported() -> bool:
-    """Whether ``confine_process`` installs its seccomp filter on this architecture."""
-    return platform.machine() in _AUDIT_ARCH
+    """Whether ``confine_process`` installs its seccomp filter here: a 64-bit interpreter on x86-64
+    or AArch64 (a 32-bit one on a 64-bit kernel makes its calls under another architecture)."""
+    return platform.machine() in _AUDIT_ARCH and sys.maxsize > 2**32
 
 
 def _landlock(libc: ctypes.CDLL) -> int:
@@ -102,15 +208,17 @@ def _landlock(libc: ctypes.CDLL) -> int:
     if abi < 1:
         return 0
     fs = (1 << _FS_RIGHTS[min(abi, 5)]) - 1
+    attrs = [struct.pack("=Q", fs)]  # the last resort: a kernel without networking refuses the rest
+    if abi >= 4:
+        attrs.insert(0, struct.pack("=QQ", fs, _NET_TCP))
     if abi >= 6:
-        attr = struct.pack("=QQQ", fs, _NET_TCP, _SCOPES)
-    elif abi >= 4:
-        attr = struct.pack("=QQ", fs, _NET_TCP)
+        attrs.insert(0, struct.pack("=QQQ", fs, _NET_TCP, _SCOPES))
+    for attr in attrs:
+        buffer = ctypes.create_string_buffer(attr, len(attr))
+        ruleset = libc.syscall(_LANDLOCK_CREATE_RULESET, buffer, ctypes.c_size_t(len(attr)), 0)
+        if ruleset >= 0:
+            break
     else:
-        attr = struct.pack("=Q", fs)
-    buffer = ctypes.create_string_buffer(attr, len(attr))
-    ruleset = libc.syscall(_LANDLOCK_CREATE_RULESET, buffer, ctypes.c_size_t(len(attr)), 0)
-    if ruleset < 0:
         return 0
     try:
         if libc.syscall(_LANDLOCK_RESTRICT_SELF, ruleset, 0) != 0:
@@ -121,10 +229,12 @@ def _landlock(libc: ctypes.CDLL) -> int:
 
 
 def _seccomp(libc: ctypes.CDLL) -> bool:
-    machine = platform.machine()
-    if machine not in _AUDIT_ARCH:
+    if not seccomp_supported():
         return False
-    program = _filter(_AUDIT_ARCH[machine], _DENIED[machine])
+    machine = platform.machine()
+    program = _filter(
+        _AUDIT_ARCH[machine], _DENIED[machine], _SELF_ONLY[machine], _OPENS[machine], os.getpid()
+    )
     filters = (ctypes.c_uint64 * len(program))(*program)
 
     class SockFprog(ctypes.Structure):
@@ -134,25 +244,44 @@ def _seccomp(libc: ctypes.CDLL) -> bool:
     return bool(libc.prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0) == 0)
 
 
-def _filter(arch: int, denied: tuple[int, ...]) -> list[int]:
-    """A classic BPF program (each instruction packed as ``struct sock_filter``): calls of another
-    architecture (or x32) and the ``denied`` ones fail with EPERM, the rest are allowed."""
-    errno = _SECCOMP_RET_ERRNO | _EPERM
-    n = len(denied)
-    # 0: load arch; 1: arch? else -> deny; 2: load nr; 3: x32? -> deny; 4..4+n-1: nr == d? -> deny;
-    # 4+n: allow; 5+n: deny.
-    deny_at = 5 + n
-    program = [
-        _insn(_BPF_LD_W_ABS, 0, 0, 4),  # seccomp_data.arch
-        _insn(_BPF_JEQ_K, 0, deny_at - 2, arch),
-        _insn(_BPF_LD_W_ABS, 0, 0, 0),  # seccomp_data.nr
-        _insn(_BPF_JGE_K, deny_at - 4, 0, _X32_SYSCALL_BIT),
+def _filter(
+    arch: int,
+    denied: tuple[int, ...],
+    self_only: tuple[int, ...],
+    opens: tuple[tuple[int, int], ...],
+    pid: int,
+) -> list[int]:
+    """A classic BPF program (each instruction packed as ``struct sock_filter``, labels resolved to
+    the relative jumps BPF takes): calls of another architecture (or x32) and the ``denied`` ones
+    fail with EPERM; the ``self_only`` ones unless their first argument is ``pid``; the ``opens``
+    ones when their flags ask to write; the rest are allowed."""
+    code: list[tuple[int, str | int, str | int, int]] = [  # (op, jump if true, if false, k)
+        (_BPF_LD_W_ABS, 0, 0, _ARCH),
+        (_BPF_JEQ_K, 0, "deny", arch),
+        (_BPF_LD_W_ABS, 0, 0, _NR),
+        (_BPF_JGE_K, "deny", 0, _X32_SYSCALL_BIT),
+        *((_BPF_JEQ_K, "deny", 0, nr) for nr in denied),
+        *((_BPF_JEQ_K, "self", 0, nr) for nr in self_only),
+        *((_BPF_JEQ_K, f"open{arg}", 0, nr) for nr, arg in opens),
+        (_BPF_RET_K, 0, 0, _SECCOMP_RET_ALLOW),
     ]
-    for i, nr in enumerate(denied):
-        program.append(_insn(_BPF_JEQ_K, deny_at - (4 + i) - 1, 0, nr))
-    program.append(_insn(_BPF_RET_K, 0, 0, _SECCOMP_RET_ALLOW))
-    program.append(_insn(_BPF_RET_K, 0, 0, errno))
-    return program
+    labels = {"self": len(code)}
+    code += [(_BPF_LD_W_ABS, 0, 0, _ARGS), (_BPF_JEQ_K, "allow", "deny", pid)]
+    for arg in sorted({arg for _, arg in opens}):
+        labels[f"open{arg}"] = len(code)
+        code += [(_BPF_LD_W_ABS, 0, 0, _ARGS + 8 * arg), (_BPF_JSET_K, "deny", "allow", _WRITE_FLAGS)]
+    labels["allow"] = len(code)
+    code.append((_BPF_RET_K, 0, 0, _SECCOMP_RET_ALLOW))
+    labels["deny"] = len(code)
+    code.append((_BPF_RET_K, 0, 0, _SECCOMP_RET_ERRNO | _EPERM))
+
+    def offset(at: int, target: str | int) -> int:
+        jump = target if isinstance(target, int) else labels[target] - at - 1
+        if not 0 <= jump <= 255:
+            raise ValueError(f"a BPF jump of {jump} instructions")
+        return jump
+
+    return [_insn(op, offset(i, jt), offset(i, jf), k) for i, (op, jt, jf, k) in enumerate(code)]
 
 
 def _insn(code: int, jt: int, jf: int, k: int) -> int:

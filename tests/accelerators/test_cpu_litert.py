@@ -574,6 +574,11 @@ found = {
     "udp": attempt(lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM)),
     "exec": attempt(lambda: os.execv(sys.executable, [sys.executable, "-c", "pass"])),
     "signal": attempt(lambda: os.kill(os.getppid(), 0)),
+    "group": attempt(lambda: os.kill(0, 0)),
+    "itself": attempt(lambda: os.kill(os.getpid(), 0)),
+    "chmod": attempt(lambda: os.chmod(existing, 0o644)),
+    "truncate_path": attempt(lambda: os.truncate(existing, 0)),
+    "remove": attempt(lambda: os.unlink(existing)),
     "inputs": len(inspect_tflite(data).inputs),
 }
 os.write(answer, json.dumps(found).encode())
@@ -582,10 +587,10 @@ os.write(answer, json.dumps(found).encode())
 
 def test_the_inspection_child_is_confined(tmp_path: Path, int8_bytes: bytes) -> None:
     """What the child gives up before it reads the model (in a throwaway interpreter: it is for
-    good): with Landlock it opens no file to read or write (the orchestrator's keys stay out of
-    reach, no file is truncated), connects nowhere and signals no other process; with seccomp it
-    opens no socket and runs no program; without either, a write still fails (RLIMIT_FSIZE 0, and
-    does not kill it). The model is read all the same, and its output goes nowhere."""
+    good): with seccomp it writes, truncates, removes and re-permissions no file, opens no socket,
+    runs no program and signals no process but itself; with Landlock it reads no file either (the
+    orchestrator's keys stay out of reach); without either, a write still fails (RLIMIT_FSIZE 0,
+    and does not kill it). The model is read all the same, and its output goes nowhere."""
     new, existing = tmp_path / "written", tmp_path / "secret"
     existing.write_bytes(b"the orchestrator's key")
     read, write = os.pipe()
@@ -608,18 +613,25 @@ def test_the_inspection_child_is_confined(tmp_path: Path, int8_bytes: bytes) -> 
     assert existing.read_bytes() == b"the orchestrator's key"
     assert found["landlock"] == landlock_abi()
     assert found["seccomp"] == seccomp_supported()
+    assert found["itself"] == "done"  # a signal to itself stays possible (abort)
+    if found["seccomp"]:  # first at every call: EPERM, whatever Landlock would say
+        assert not new.exists()
+        for what in ("write_new", "truncate", "truncate_path", "chmod", "remove", "tcp", "udp", "exec"):
+            assert found[what] == "EPERM", (what, found)
+        assert (found["signal"], found["group"]) == ("EPERM", "EPERM")
     if not found["landlock"]:
-        assert found["write_new"] == "EFBIG"
-        assert new.read_bytes() == b""  # created before the write failed, nothing in it
-        pytest.skip("this kernel offers no Landlock: reads, connects and signals stay open")
-    assert not new.exists()
-    assert (found["write_new"], found["truncate"], found["read"]) == ("EACCES", "EACCES", "EACCES")
-    if found["landlock"] >= 6:
-        assert found["signal"] == "EPERM"
-    if found["seccomp"]:
-        assert (found["tcp"], found["udp"], found["exec"]) == ("EPERM", "EPERM", "EPERM")
-    elif found["landlock"] >= 4:
-        assert found["tcp"] == "EACCES"
+        assert found["read"] == "done"
+        if not found["seccomp"]:
+            assert found["write_new"] == "EFBIG"  # RLIMIT_FSIZE alone
+        pytest.skip("this kernel offers no Landlock: the child can read what its user can")
+    assert found["read"] == "EACCES"
+    if not found["seccomp"]:
+        assert not new.exists()
+        assert (found["write_new"], found["truncate"], found["remove"]) == ("EACCES", "EACCES", "EACCES")
+        if found["landlock"] >= 4:
+            assert found["tcp"] == "EACCES"
+        if found["landlock"] >= 6:
+            assert found["signal"] == "EPERM"
 
 
 def test_size_cap(f32_bytes: bytes) -> None:
