@@ -1170,7 +1170,7 @@ class SqlStore:
                 return _revoked(conn, versions)
 
         def tx(conn: sa.Connection) -> set[tuple[str, str]]:
-            refused = _revoked(conn, versions)
+            refused = _revoked(conn, versions, lock=True)
             rows = [
                 {"model_name": name, "model_version": version, "node_id": node_id, "released_ms": now_ms}
                 for name, version, node_id in wanted
@@ -1455,15 +1455,21 @@ def _key_holders(conn: sa.Connection, name: str, versions: Iterable[str]) -> set
     return {r[0] for r in conn.execute(query)}
 
 
-def _revoked(conn: sa.Connection, versions: set[tuple[str, str]]) -> set[tuple[str, str]]:
-    """Which of these (model name, version) have their data key destroyed."""
+def _revoked(
+    conn: sa.Connection, versions: set[tuple[str, str]], *, lock: bool = False
+) -> set[tuple[str, str]]:
+    """Which of these (model name, version) have their data key destroyed. ``lock``: the key rows
+    are share-locked until the transaction ends (PostgreSQL), so no revocation commits between
+    this read and the release written after it (besides the store's write lock)."""
     k = t.model_keys.c
     out: set[tuple[str, str]] = set()
-    for name in {n for n, _ in versions}:
-        query = sa.select(k.version).where(
-            k.name == name, k.version.in_([v for n, v in versions if n == name]), k.revoked_ms > 0
+    for name in sorted({n for n, _ in versions}):
+        query = sa.select(k.version, k.revoked_ms).where(
+            k.name == name, k.version.in_(sorted(v for n, v in versions if n == name))
         )
-        out.update((name, r[0]) for r in conn.execute(query))
+        if lock:
+            query = query.order_by(k.version).with_for_update(read=True)
+        out.update((name, version) for version, revoked_ms in conn.execute(query) if revoked_ms > 0)
     return out
 
 
