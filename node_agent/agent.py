@@ -257,6 +257,7 @@ class NodeAgent:
                 self.runtime, cfg.inference_bind, self.pipelines, tls
             )
         await self.run_blocking(self._finish_wipes)  # a wipe cut short by a crash ends before any load
+        self.runtime.wiped |= await self.run_blocking(self._read_wiped)
         await self._connect()
         await self._announce()
         self._tasks += [
@@ -882,6 +883,8 @@ class NodeAgent:
         delete every cache file named by the wiped digests, then drop the record. A crash in
         between is finished by ``_finish_wipes`` at the next start, before anything loads."""
         digests = [d for d in wipe.sha256 if _is_sha256(d)]
+        self.runtime.wiped.update(digests)  # no load of them starts from here on
+        await self.run_blocking(self._remember_wiped, digests)
         journal = await self.run_blocking(self._journal_wipe, wipe.wipe_id or "unnamed", digests)
         doomed = [
             rid
@@ -901,6 +904,32 @@ class NodeAgent:
     @property
     def _wipe_dir(self) -> Path:
         return self.config.state_dir / self.node_id / "wipes"
+
+    @property
+    def _wiped_file(self) -> Path:
+        return self.config.state_dir / self.node_id / "wiped"
+
+    def _read_wiped(self) -> set[str]:
+        """Blocking: the digests of the models wiped on this node (``Runtime.wiped``), kept across
+        restarts: a wiped model version is revoked for good."""
+        try:
+            return {d for d in self._wiped_file.read_text().split() if _is_sha256(d)}
+        except FileNotFoundError:
+            return set()
+
+    def _remember_wiped(self, digests: list[str]) -> None:
+        """Blocking: add ``digests`` to the wiped file (rewritten whole, synced, renamed into place)."""
+        known = self._read_wiped()
+        if known.issuperset(digests):
+            return
+        self._wiped_file.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self._wiped_file.parent, prefix=".wiped-")
+        with os.fdopen(fd, "w") as fh:
+            fh.write("\n".join(sorted(known.union(digests))) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self._wiped_file)
+        _fsync_dir(self._wiped_file.parent)
 
     def _journal_wipe(self, wipe_id: str, digests: list[str]) -> Path:
         """Blocking: write ``wipes/<id>`` (the digests to delete), synced, before deleting anything."""

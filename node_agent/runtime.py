@@ -84,6 +84,9 @@ class Runtime:
             stale.unlink(missing_ok=True)
         self.fetched = 0  # artifacts downloaded since start
         self.from_cache = 0  # artifacts served from the local cache since start
+        #: Plaintext digests of model versions wiped on this node: never loaded again (a deploy of
+        #: one from an orchestrator that had not heard of the wipe fails, ``agent.model.wiped``).
+        self.wiped: set[str] = set()
         self._run_blocking = run_blocking
         self._unlock = unlock
         self._on_change = on_change
@@ -176,9 +179,17 @@ class Runtime:
             await self._run_blocking(state.backend.unload, state.handle)
             state.handle = None
 
+    def _refuse_wiped(self, spec: node_pb2.DeployReplica) -> None:
+        if spec.sha256 in self.wiped:
+            raise ArtifactError(
+                "agent.model.wiped",
+                f"{spec.model_name}:{spec.model_version} was wiped on this node; it is never loaded again",
+            )
+
     async def _load(self, state: ReplicaState, fetch: Fetch) -> None:
         spec = state.spec
         try:
+            self._refuse_wiped(spec)
             backend = self.backends.get(spec.accelerator) or next(iter(self.backends.values()))
             data = None
             sealed = await self._run_blocking(self._read_cache, spec.sha256)
@@ -199,6 +210,7 @@ class Runtime:
                 self.fetched += 1
                 data = await self._run_blocking(self._unlock, spec, sealed)
                 await self._run_blocking(self._write_cache, spec.sha256, sealed)
+            self._refuse_wiped(spec)  # wiped while it was downloading
             # unlock checked the digest and the backend checks it again as it reads: no third hash.
             artifact = ModelArtifact(spec.model_name, spec.model_version, data, spec.sha256)
             handle = await self._run_blocking(backend.load, artifact)

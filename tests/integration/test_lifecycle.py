@@ -13,6 +13,7 @@ from conftest import MODEL_F32, MODEL_INT8, PUBLISHER, eventually, manifest, tru
 from test_cli import run_cli
 from test_fleet import _infer
 
+from attestation.artifacts import key_context
 from attestation.errors import KeyReleaseError
 from attestation.keyrelease import open_sealed
 from attestation.tokens import TokenStore
@@ -191,7 +192,7 @@ def _cache_files(agent: NodeAgent) -> list:
     return sorted(p for p in agent.runtime.cache_dir.iterdir() if p.is_file())
 
 
-async def test_wipe_every_holding_node_confirms_and_nothing_can_be_decrypted(fleet):
+async def test_wipe_every_holding_node_confirms_and_nothing_can_be_decrypted(fleet, monkeypatch):
     orch, agents, api = await fleet(nodes=2, max_replicas=1)
     model = await api.push()
     await api.apply(manifest(replicas=2))
@@ -253,6 +254,39 @@ async def test_wipe_every_holding_node_confirms_and_nothing_can_be_decrypted(fle
     await eventually(explained, what="pending replicas explain the revoked key")
     report = await api.models.Compliance(api_pb2.ComplianceRequest())
     assert report.compliant, report
+
+    # A deploy of the wiped version that was on its way (from a replica that led before it heard of
+    # the wipe, with the key it had released) is refused by the node itself, before any download.
+    agent = agents[0]
+    late = orch.verifier.service.release_key(
+        agent.node_id, data_key, key_context(agent.node_id, "vib-cnn", "1.0.0")
+    )
+    spec = node_pb2.DeployReplica(
+        replica_id="late-1",
+        deployment="vib",
+        model_name="vib-cnn",
+        model_version="1.0.0",
+        sha256=model.sha256,
+        size=model.size,
+        artifact_endpoint=orch.advertise,
+        wrapped_key=late,
+    )
+    fetched = agent.runtime.fetched
+    failures: list[tuple[str, str]] = []  # the orchestrator unloads the orphan soon after it fails
+    fail = agent.runtime._fail
+    monkeypatch.setattr(
+        agent.runtime,
+        "_fail",
+        lambda state, *why: failures.append((state.spec.replica_id, why[0])) or fail(state, *why),
+    )
+    assert agent.runtime.deploy(spec, agent._fetch)
+
+    async def refused() -> bool:
+        return ("late-1", "agent.model.wiped") in failures
+
+    await eventually(refused, what="the late deploy refused by the node")
+    assert agent.runtime.fetched == fetched and not _cache_files(agent)
+    assert agent._read_wiped() == {model.sha256}  # and so after a restart
 
 
 def _aad(model: api_pb2.Model) -> bytes:
