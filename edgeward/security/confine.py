@@ -14,10 +14,12 @@ nothing more that the kernel lets us take away without privileges:
   linked, renamed, removed, truncated, re-permissioned (``chmod``, ``chown``), given extended
   attributes or new times; no socket at all (``socket``, ``socketpair``, and ``io_uring``, which
   can make one without them: so no UDP or unix socket, which Landlock does not cover); no program
-  run (``execve``, ``execveat``); no other process traced, read, written or signalled (``ptrace``,
-  ``process_vm_*``, ``pidfd_*``; ``kill``, ``tkill``, ``tgkill`` and the ``sigqueueinfo`` calls
-  only to the child itself, so ``abort`` still works). Each fails with ``EPERM``, as does every
-  x32 system call.
+  run (``execve``, ``execveat``); no other process traced, read, written, signalled or limited
+  (``ptrace``, ``process_vm_*``, ``pidfd_*``, ``setpriority``, ``ioprio_set``, ``migrate_pages``,
+  ``move_pages``, ``process_madvise``; ``kill``, ``tkill``, ``tgkill`` and the ``sigqueueinfo``
+  calls only to the child itself, so ``abort`` still works; ``prlimit64`` and the ``sched_set*``
+  calls only on itself; ``fcntl`` sets no signal owner). Each fails with ``EPERM``, as does every
+  x32 system call. The filter covers every thread of the process (``SECCOMP_FILTER_FLAG_TSYNC``).
 * **rlimits and prctl**: no file grows (``RLIMIT_FSIZE`` 0), no core dump, a CPU limit, and no
   privileges gained through exec (``PR_SET_NO_NEW_PRIVS``, which Landlock and seccomp need).
 
@@ -54,103 +56,38 @@ _SCOPES = 0b11  # ABSTRACT_UNIX_SOCKET | SIGNAL (ABI 6)
 # seccomp: the architecture's audit id and its system call numbers (arch/x86/entry/syscalls,
 # include/uapi/asm-generic/unistd.h; AArch64 has no open, unlink, rename, chmod... of its own).
 _AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}
+# fmt: off
 _DENIED = {
     "x86_64": (
-        41,
-        53,
-        59,
-        322,
-        101,
-        310,
-        311,
-        425,
-        426,
-        427,
-        424,
-        434,
-        437,  # sockets, exec, other processes, openat2
-        85,
-        87,
-        263,
-        84,
-        82,
-        264,
-        316,
-        86,
-        265,
-        88,
-        266,
-        83,
-        258,
-        133,
-        259,  # create, remove, rename, link
-        76,
-        77,
-        90,
-        91,
-        268,
-        452,
-        92,
-        93,
-        94,
-        260,  # truncate, chmod, chown
-        188,
-        189,
-        190,
-        197,
-        198,
-        199,
-        463,
-        466,
-        132,
-        235,
-        280,
-        261,  # xattrs, times
+        41, 53, 59, 322, 101, 310, 311, 425, 426, 427, 424, 434, 437, 438,  # sockets, exec, io_uring, others, openat2
+        141, 251, 256, 279, 440,  # setpriority, ioprio_set, migrate_pages, move_pages, process_madvise
+        85, 87, 263, 84, 82, 264, 316, 86, 265, 88, 266, 83, 258, 133, 259,  # create, remove, rename, link
+        76, 77, 90, 91, 268, 452, 92, 93, 94, 260,  # truncate, chmod, chown
+        188, 189, 190, 197, 198, 199, 463, 466, 132, 235, 280, 261,  # xattrs, times
     ),
     "aarch64": (
-        198,
-        199,
-        221,
-        281,
-        117,
-        270,
-        271,
-        425,
-        426,
-        427,
-        424,
-        434,
-        437,
-        35,
-        38,
-        276,
-        37,
-        36,
-        34,
-        33,
-        45,
-        46,
-        52,
-        53,
-        452,
-        54,
-        55,
-        5,
-        6,
-        7,
-        14,
-        15,
-        16,
-        463,
-        466,
-        88,
+        198, 199, 221, 281, 117, 270, 271, 425, 426, 427, 424, 434, 437, 438,
+        140, 30, 238, 239, 440,
+        35, 38, 276, 37, 36, 34, 33,
+        45, 46, 52, 53, 452, 54, 55,
+        5, 6, 7, 14, 15, 16, 463, 466, 88,
     ),
 }
 #: Signal senders, allowed only with the child's own pid as their first argument: kill, tkill,
 #: tgkill, rt_sigqueueinfo, rt_tgsigqueueinfo.
 _SELF_ONLY = {"x86_64": (62, 200, 234, 129, 297), "aarch64": (129, 130, 131, 138, 240)}
+#: Calls on a process given by pid, where 0 is the caller: prlimit64, sched_setparam,
+#: sched_setscheduler, sched_setaffinity, sched_setattr (RLIMIT_CPU of 1 s would kill another).
+_SELF_OR_ZERO = {"x86_64": (302, 142, 144, 203, 314), "aarch64": (261, 118, 119, 122, 274)}
+# fmt: on
+#: fcntl, refused with F_SETOWN (8) or F_SETOWN_EX (15): SIGIO (or any F_SETSIG signal) to another.
+_FCNTL = {"x86_64": 72, "aarch64": 25}
+_FCNTL_SETOWN = (8, 15)
 #: (call, index of its flags argument): open (x86-64 only) and openat.
 _OPENS = {"x86_64": ((2, 1), (257, 2)), "aarch64": ((56, 2),)}
+#: seccomp(2), to install the filter on every thread of the process (SECCOMP_FILTER_FLAG_TSYNC).
+_SECCOMP_CALL = {"x86_64": 317, "aarch64": 277}
+_SECCOMP_SET_MODE_FILTER, _SECCOMP_FILTER_FLAG_TSYNC = 1, 1
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 _X32_SYSCALL_BIT = 0x40000000
 _EPERM = 1
@@ -204,16 +141,23 @@ def seccomp_supported() -> bool:
 
 
 def _landlock(libc: ctypes.CDLL) -> int:
+    """Restrict this process with the strongest ruleset the kernel takes; the ABI whose rules
+    applied (a kernel without networking refuses the network rights: then the scopes alone, then
+    the filesystem alone), 0 for none."""
     abi = libc.syscall(_LANDLOCK_CREATE_RULESET, None, 0, _LANDLOCK_CREATE_RULESET_VERSION)
     if abi < 1:
         return 0
     fs = (1 << _FS_RIGHTS[min(abi, 5)]) - 1
-    attrs = [struct.pack("=Q", fs)]  # the last resort: a kernel without networking refuses the rest
-    if abi >= 4:
-        attrs.insert(0, struct.pack("=QQ", fs, _NET_TCP))
+    attempts: list[tuple[bytes, int]] = []
     if abi >= 6:
-        attrs.insert(0, struct.pack("=QQQ", fs, _NET_TCP, _SCOPES))
-    for attr in attrs:
+        attempts += [
+            (struct.pack("=QQQ", fs, _NET_TCP, _SCOPES), abi),
+            (struct.pack("=QQQ", fs, 0, _SCOPES), 6),
+        ]
+    if abi >= 4:
+        attempts.append((struct.pack("=QQ", fs, _NET_TCP), min(abi, 5)))
+    attempts.append((struct.pack("=Q", fs), min(abi, 3)))
+    for attr, applied in attempts:  # noqa: B007 - the one that took is returned below
         buffer = ctypes.create_string_buffer(attr, len(attr))
         ruleset = libc.syscall(_LANDLOCK_CREATE_RULESET, buffer, ctypes.c_size_t(len(attr)), 0)
         if ruleset >= 0:
@@ -225,15 +169,15 @@ def _landlock(libc: ctypes.CDLL) -> int:
             return 0
     finally:
         os.close(ruleset)
-    return int(abi)
+    return int(applied)
 
 
 def _seccomp(libc: ctypes.CDLL) -> bool:
     if not seccomp_supported():
         return False
-    machine = platform.machine()
+    m = platform.machine()
     program = _filter(
-        _AUDIT_ARCH[machine], _DENIED[machine], _SELF_ONLY[machine], _OPENS[machine], os.getpid()
+        _AUDIT_ARCH[m], _DENIED[m], _SELF_ONLY[m], _SELF_OR_ZERO[m], _FCNTL[m], _OPENS[m], os.getpid()
     )
     filters = (ctypes.c_uint64 * len(program))(*program)
 
@@ -241,6 +185,11 @@ def _seccomp(libc: ctypes.CDLL) -> bool:
         _fields_ = (("len", ctypes.c_ushort), ("filter", ctypes.c_void_p))
 
     fprog = SockFprog(len(program), ctypes.addressof(filters))
+    every_thread = libc.syscall(
+        _SECCOMP_CALL[m], _SECCOMP_SET_MODE_FILTER, _SECCOMP_FILTER_FLAG_TSYNC, ctypes.byref(fprog)
+    )
+    if every_thread == 0:
+        return True
     return bool(libc.prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0) == 0)
 
 
@@ -248,13 +197,16 @@ def _filter(
     arch: int,
     denied: tuple[int, ...],
     self_only: tuple[int, ...],
+    self_or_zero: tuple[int, ...],
+    fcntl: int,
     opens: tuple[tuple[int, int], ...],
     pid: int,
 ) -> list[int]:
     """A classic BPF program (each instruction packed as ``struct sock_filter``, labels resolved to
     the relative jumps BPF takes): calls of another architecture (or x32) and the ``denied`` ones
-    fail with EPERM; the ``self_only`` ones unless their first argument is ``pid``; the ``opens``
-    ones when their flags ask to write; the rest are allowed."""
+    fail with EPERM; the ``self_only`` ones unless their first argument is ``pid``, the
+    ``self_or_zero`` ones unless it is ``pid`` or 0; ``fcntl`` when it sets an owner for signals;
+    the ``opens`` ones when their flags ask to write; the rest are allowed."""
     code: list[tuple[int, str | int, str | int, int]] = [  # (op, jump if true, if false, k)
         (_BPF_LD_W_ABS, 0, 0, _ARCH),
         (_BPF_JEQ_K, 0, "deny", arch),
@@ -262,11 +214,21 @@ def _filter(
         (_BPF_JGE_K, "deny", 0, _X32_SYSCALL_BIT),
         *((_BPF_JEQ_K, "deny", 0, nr) for nr in denied),
         *((_BPF_JEQ_K, "self", 0, nr) for nr in self_only),
+        *((_BPF_JEQ_K, "self0", 0, nr) for nr in self_or_zero),
+        (_BPF_JEQ_K, "fcntl", 0, fcntl),
         *((_BPF_JEQ_K, f"open{arg}", 0, nr) for nr, arg in opens),
         (_BPF_RET_K, 0, 0, _SECCOMP_RET_ALLOW),
     ]
-    labels = {"self": len(code)}
-    code += [(_BPF_LD_W_ABS, 0, 0, _ARGS), (_BPF_JEQ_K, "allow", "deny", pid)]
+    labels = {"self0": len(code)}
+    code += [(_BPF_LD_W_ABS, 0, 0, _ARGS), (_BPF_JEQ_K, "allow", "self_pid", 0)]
+    labels["self"] = len(code)
+    code.append((_BPF_LD_W_ABS, 0, 0, _ARGS))
+    labels["self_pid"] = len(code)
+    code.append((_BPF_JEQ_K, "allow", "deny", pid))
+    labels["fcntl"] = len(code)
+    code.append((_BPF_LD_W_ABS, 0, 0, _ARGS + 8))
+    code += [(_BPF_JEQ_K, "deny", 0, cmd) for cmd in _FCNTL_SETOWN]
+    code.append((_BPF_RET_K, 0, 0, _SECCOMP_RET_ALLOW))
     for arg in sorted({arg for _, arg in opens}):
         labels[f"open{arg}"] = len(code)
         code += [(_BPF_LD_W_ABS, 0, 0, _ARGS + 8 * arg), (_BPF_JSET_K, "deny", "allow", _WRITE_FLAGS)]
