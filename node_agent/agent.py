@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import itertools
+import json
 import logging
 import os
 import random
@@ -883,8 +884,9 @@ class NodeAgent:
         delete every cache file named by the wiped digests, then drop the record. A crash in
         between is finished by ``_finish_wipes`` at the next start, before anything loads."""
         digests = [d for d in wipe.sha256 if _is_sha256(d)]
-        self.runtime.wiped.update(digests)  # no load of them starts from here on
-        await self.run_blocking(self._remember_wiped, digests)
+        wiped = {(d, wipe.model_name, wipe.model_version or "*") for d in digests}
+        self.runtime.wiped |= wiped  # no load of them starts from here on
+        await self.run_blocking(self._remember_wiped, wiped)
         journal = await self.run_blocking(self._journal_wipe, wipe.wipe_id or "unnamed", digests)
         doomed = [
             rid
@@ -909,23 +911,35 @@ class NodeAgent:
     def _wiped_file(self) -> Path:
         return self.config.state_dir / self.node_id / "wiped"
 
-    def _read_wiped(self) -> set[str]:
-        """Blocking: the digests of the models wiped on this node (``Runtime.wiped``), kept across
-        restarts: a wiped model version is revoked for good."""
+    def _read_wiped(self) -> set[tuple[str, str, str]]:
+        """Blocking: the model versions wiped on this node (``Runtime.wiped``), kept across
+        restarts: a wiped model version is revoked for good. An unreadable file is reported and
+        read as empty (the orchestrator's revocation still holds); leftovers of an interrupted
+        write are removed."""
+        for tmp in self._wiped_file.parent.glob(".wiped-*"):
+            tmp.unlink(missing_ok=True)
         try:
-            return {d for d in self._wiped_file.read_text().split() if _is_sha256(d)}
+            rows = json.loads(self._wiped_file.read_bytes())
+            return {
+                (d, n, v) for d, n, v in rows if _is_sha256(d) and isinstance(n, str) and isinstance(v, str)
+            }
         except FileNotFoundError:
             return set()
+        except (OSError, ValueError, TypeError) as err:
+            log.error(
+                "%s is unreadable (%s): wiped models are not refused by this node", self._wiped_file, err
+            )
+            return set()
 
-    def _remember_wiped(self, digests: list[str]) -> None:
-        """Blocking: add ``digests`` to the wiped file (rewritten whole, synced, renamed into place)."""
+    def _remember_wiped(self, wiped: set[tuple[str, str, str]]) -> None:
+        """Blocking: add ``wiped`` to the wiped file (rewritten whole, synced, renamed into place)."""
         known = self._read_wiped()
-        if known.issuperset(digests):
+        if known >= wiped:
             return
         self._wiped_file.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self._wiped_file.parent, prefix=".wiped-")
         with os.fdopen(fd, "w") as fh:
-            fh.write("\n".join(sorted(known.union(digests))) + "\n")
+            json.dump(sorted(known | wiped), fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, self._wiped_file)

@@ -84,9 +84,10 @@ class Runtime:
             stale.unlink(missing_ok=True)
         self.fetched = 0  # artifacts downloaded since start
         self.from_cache = 0  # artifacts served from the local cache since start
-        #: Plaintext digests of model versions wiped on this node: never loaded again (a deploy of
-        #: one from an orchestrator that had not heard of the wipe fails, ``agent.model.wiped``).
-        self.wiped: set[str] = set()
+        #: (plaintext digest, model name, version or "*") of the model versions wiped on this node:
+        #: never loaded again (a deploy of one from an orchestrator that had not heard of the wipe
+        #: fails, ``agent.model.wiped``); the same bytes published as another version may load.
+        self.wiped: set[tuple[str, str, str]] = set()
         self._run_blocking = run_blocking
         self._unlock = unlock
         self._on_change = on_change
@@ -180,7 +181,11 @@ class Runtime:
             state.handle = None
 
     def _refuse_wiped(self, spec: node_pb2.DeployReplica) -> None:
-        if spec.sha256 in self.wiped:
+        if {
+            (spec.sha256, spec.model_name, spec.model_version),
+            (spec.sha256, spec.model_name, "*"),
+        } & self.wiped:
+            spec.wrapped_key = b""  # the failed replica keeps no key
             raise ArtifactError(
                 "agent.model.wiped",
                 f"{spec.model_name}:{spec.model_version} was wiped on this node; it is never loaded again",
@@ -208,9 +213,9 @@ class Runtime:
                 finally:
                     state.fetching = False
                 self.fetched += 1
+                self._refuse_wiped(spec)  # wiped while it was downloading: not cached again
                 data = await self._run_blocking(self._unlock, spec, sealed)
                 await self._run_blocking(self._write_cache, spec.sha256, sealed)
-            self._refuse_wiped(spec)  # wiped while it was downloading
             # unlock checked the digest and the backend checks it again as it reads: no third hash.
             artifact = ModelArtifact(spec.model_name, spec.model_version, data, spec.sha256)
             handle = await self._run_blocking(backend.load, artifact)

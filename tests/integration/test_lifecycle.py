@@ -286,7 +286,10 @@ async def test_wipe_every_holding_node_confirms_and_nothing_can_be_decrypted(fle
 
     await eventually(refused, what="the late deploy refused by the node")
     assert agent.runtime.fetched == fetched and not _cache_files(agent)
-    assert agent._read_wiped() == {model.sha256}  # and so after a restart
+    assert agent._read_wiped() == {(model.sha256, "vib-cnn", "1.0.0")}  # and so after a restart
+    assert not spec.wrapped_key  # the failed replica (its spec is this one) keeps no key
+    republished = node_pb2.DeployReplica(model_name="vib-cnn", model_version="1.0.1", sha256=model.sha256)
+    agent.runtime._refuse_wiped(republished)  # the same bytes as another version (a new key) may load
 
 
 def _aad(model: api_pb2.Model) -> bytes:
