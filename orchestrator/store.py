@@ -1170,7 +1170,7 @@ class SqlStore:
                 return _revoked(conn, versions)
 
         def tx(conn: sa.Connection) -> set[tuple[str, str]]:
-            refused = _revoked(conn, versions, lock=True)
+            refused = _revoked(conn, versions, lock={(name, version) for name, version, _ in wanted})
             rows = [
                 {"model_name": name, "model_version": version, "node_id": node_id, "released_ms": now_ms}
                 for name, version, node_id in wanted
@@ -1456,21 +1456,23 @@ def _key_holders(conn: sa.Connection, name: str, versions: Iterable[str]) -> set
 
 
 def _revoked(
-    conn: sa.Connection, versions: set[tuple[str, str]], *, lock: bool = False
+    conn: sa.Connection, versions: set[tuple[str, str]], *, lock: set[tuple[str, str]] | None = None
 ) -> set[tuple[str, str]]:
-    """Which of these (model name, version) have their data key destroyed. ``lock``: the key rows
-    are share-locked until the transaction ends (PostgreSQL), so no revocation commits between
-    this read and the release written after it (besides the store's write lock)."""
+    """Which of these (model name, version) have their data key destroyed, in one query. The key
+    rows of ``lock`` are share-locked first, until the transaction ends (PostgreSQL), so no
+    revocation commits between this read and the releases written after it (besides the store's
+    write lock)."""
     k = t.model_keys.c
-    out: set[tuple[str, str]] = set()
-    for name in sorted({n for n, _ in versions}):
-        query = sa.select(k.version, k.revoked_ms).where(
-            k.name == name, k.version.in_(sorted(v for n, v in versions if n == name))
-        )
-        if lock:
-            query = query.order_by(k.version).with_for_update(read=True)
-        out.update((name, version) for version, revoked_ms in conn.execute(query) if revoked_ms > 0)
-    return out
+    pair = sa.tuple_(k.name, k.version)
+    if lock:
+        conn.execute(
+            sa.select(k.name)
+            .where(pair.in_(sorted(lock)))
+            .order_by(k.name, k.version)
+            .with_for_update(read=True)
+        ).all()
+    query = sa.select(k.name, k.version).where(pair.in_(sorted(versions)), k.revoked_ms > 0)
+    return {(name, version) for name, version in conn.execute(query)}
 
 
 def _destroy_key(conn: sa.Connection, name: str, version: str, now_ms: int) -> None:
