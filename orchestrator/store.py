@@ -240,6 +240,7 @@ class Store(Protocol):
         revoke_reason: str,
         *,
         key_holders: bool = False,
+        evict: Callable[[ReplicaRecord, set[str]], ReplicaChange | None] | None = None,
     ) -> WipeRecord: ...
     def set_wipe_node(self, wipe_id: str, node_id: str, node: WipeNode) -> None: ...
     def get_wipe(self, wipe_id: str) -> WipeRecord: ...
@@ -763,41 +764,27 @@ class SqlStore:
         revoke_reason: str,
         *,
         key_holders: bool = False,
+        evict: Callable[[ReplicaRecord, set[str]], ReplicaChange | None] | None = None,
     ) -> WipeRecord:
         """One transaction: revoke every version of the wipe that is not revoked yet (destroying its
-        key), evict ``replicas``, record the wipe and its nodes as pending. With ``key_holders``,
+        key), evict ``replicas`` and, with ``evict``, the change it gives for each stored replica and
+        the wipe's final nodes, record the wipe and its nodes as pending. With ``key_holders``,
         every node a key of these versions was released to is among them too, read after the keys
         are destroyed: a release recorded before this transaction is found here, one after it is
         refused (``record_key_releases``)."""
-        from .catalog.lifecycle import ModelState
-
-        changes = list(replicas)
-        m = t.models.c
+        given = list(replicas)
 
         def tx(conn: sa.Connection) -> None:
-            for version in wipe.versions:
-                row = conn.execute(
-                    sa.select(m.state).where(m.name == wipe.name, m.version == version)
-                ).first()
-                if row is None:
-                    raise NotFound("model", f"{wipe.name}:{version}")
-                if row[0] != ModelState.REVOKED:
-                    conn.execute(
-                        t.models.update()
-                        .where(m.name == wipe.name, m.version == version)
-                        .values(
-                            state=ModelState.REVOKED.value,
-                            state_reason=_text(revoke_reason),
-                            updated_ms=wipe.created_ms,
-                        )
-                    )
-                    _history(conn, wipe.name, version, wipe.created_ms, "revoked", revoke_reason)
-                _destroy_key(conn, wipe.name, version, wipe.created_ms)
-                _history(conn, wipe.name, version, wipe.created_ms, "wiped", f"wipe {wipe.id}: {wipe.reason}")
+            _revoke_wiped(conn, wipe, revoke_reason)
             nodes = dict(wipe.nodes)
             if key_holders:
                 for node_id in sorted(_key_holders(conn, wipe.name, wipe.versions) - set(nodes)):
                     nodes[node_id] = WipeNode(WIPE_PENDING, wipe.created_ms)
+            changes = list(given)
+            if evict is not None:
+                on = set(nodes)
+                stored = (_replica(row) for row in conn.execute(_LIST_REPLICAS))
+                changes += [c for rep in stored if (c := evict(rep, on)) is not None]
             self._apply_changes(conn, changes)
             conn.execute(
                 t.wipes.insert(),
@@ -1447,6 +1434,30 @@ def _history(conn: sa.Connection, name: str, version: str, at_ms: int, action: s
         t.model_history.insert(),
         {"name": name, "version": version, "at_ms": at_ms, "action": action, "reason": _text(reason)},
     )
+
+
+def _revoke_wiped(conn: sa.Connection, wipe: WipeRecord, revoke_reason: str) -> None:
+    """Revoke every version of ``wipe`` not revoked yet, destroy its key, and note both."""
+    from .catalog.lifecycle import ModelState
+
+    m = t.models.c
+    for version in wipe.versions:
+        row = conn.execute(sa.select(m.state).where(m.name == wipe.name, m.version == version)).first()
+        if row is None:
+            raise NotFound("model", f"{wipe.name}:{version}")
+        if row[0] != ModelState.REVOKED:
+            conn.execute(
+                t.models.update()
+                .where(m.name == wipe.name, m.version == version)
+                .values(
+                    state=ModelState.REVOKED.value,
+                    state_reason=_text(revoke_reason),
+                    updated_ms=wipe.created_ms,
+                )
+            )
+            _history(conn, wipe.name, version, wipe.created_ms, "revoked", revoke_reason)
+        _destroy_key(conn, wipe.name, version, wipe.created_ms)
+        _history(conn, wipe.name, version, wipe.created_ms, "wiped", f"wipe {wipe.id}: {wipe.reason}")
 
 
 def _key_holders(conn: sa.Connection, name: str, versions: Iterable[str]) -> set[str]:

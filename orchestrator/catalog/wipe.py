@@ -22,7 +22,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 
 from edgeward.v1 import api_pb2, node_pb2
@@ -32,7 +32,7 @@ from ..errors import InvalidModel, NotFound
 from ..events import ERROR, INFO, WARNING, EventBus
 from ..fleet import Fleet
 from ..phases import Phase
-from ..store import WIPE_PENDING, ReplicaChange, Store, WipeNode, WipeRecord
+from ..store import WIPE_PENDING, ReplicaChange, ReplicaRecord, Store, WipeNode, WipeRecord
 from .config import CatalogConfig
 from .misuse import InvocationMonitor
 
@@ -200,35 +200,23 @@ class WipeController:
         return wipe
 
     def _begin(self, wipe: WipeRecord, reason: str, by_holders: bool) -> WipeRecord:
-        """The wipe's transaction (in the store's thread), then the evictions on the nodes it found
-        a release to since the holders were read (``by_holders``: the wipe orders the holders)."""
-        store = self._store
-        started = store.start_wipe(
-            wipe, self._evictions(wipe, reason, wipe.nodes), f"wiped: {reason}", key_holders=by_holders
-        )
-        # The keys are destroyed by now: no replica of these versions is placed with a key again.
-        if added := started.nodes.keys() - wipe.nodes.keys():
-            store.apply_replica_changes(self._evictions(wipe, reason, added))
-        return started
+        """The wipe's transaction (in the store's thread): the replicas of the wiped versions on
+        every node it orders (those its own read of the key releases adds included) are evicted in
+        it (``by_holders``: the wipe orders the holders)."""
+        wanted = set(wipe.versions)
 
-    def _evictions(self, wipe: WipeRecord, reason: str, nodes: Iterable[str]) -> list[ReplicaChange]:
-        on, wanted = set(nodes), set(wipe.versions)
-        return [
-            ReplicaChange(
-                replace(
-                    r,
-                    phase=Phase.EVICTED,
-                    reason="model.wiped",
-                    message=f"{wipe.id}: {reason}",
-                    updated_ms=wipe.created_ms,
-                )
+        def evict(r: ReplicaRecord, nodes: set[str]) -> ReplicaChange | None:
+            if not (r.model_name == wipe.name and r.model_version in wanted and r.node_id in nodes):
+                return None
+            if r.phase == Phase.EVICTED:
+                return None
+            message = f"{wipe.id}: {reason}"
+            evicted = replace(
+                r, phase=Phase.EVICTED, reason="model.wiped", message=message, updated_ms=wipe.created_ms
             )
-            for r in self._store.list_replicas()
-            if r.model_name == wipe.name
-            and r.model_version in wanted
-            and r.node_id in on
-            and r.phase != Phase.EVICTED
-        ]
+            return ReplicaChange(evicted)
+
+        return self._store.start_wipe(wipe, [], f"wiped: {reason}", key_holders=by_holders, evict=evict)
 
     def _holders(self, name: str, versions: set[str], replicas: list) -> set[str]:
         """Every node known to hold the model: replicas in the store (evicted ones may still be

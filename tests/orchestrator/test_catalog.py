@@ -16,7 +16,15 @@ from orchestrator.catalog.misuse import InvocationMonitor
 from orchestrator.catalog.views import NodeTrust, compliance, placements
 from orchestrator.phases import Phase
 from orchestrator.sql.migrate import LEGACY_SCHEMA
-from orchestrator.store import ModelRecord, ReplicaRecord, SealedArtifact, SqlStore, WipeNode, WipeRecord
+from orchestrator.store import (
+    ModelRecord,
+    ReplicaChange,
+    ReplicaRecord,
+    SealedArtifact,
+    SqlStore,
+    WipeNode,
+    WipeRecord,
+)
 
 
 def _meta(**kw) -> api_pb2.ModelMetadata:
@@ -206,8 +214,31 @@ def test_a_release_is_either_found_by_a_wipe_or_refused(tmp_path, store_url):
             0,
             {"n1": WipeNode("pending", 20)},
         )
-        started = store.start_wipe(wipe, [], "wiped: leaked", key_holders=True)
+        on = [_replica("r1", "n1", "1.0.0"), _replica("r2", "n2", "1.0.0"), _replica("r3", "n3", "1.0.0")]
+        store.apply_replica_changes([ReplicaChange(r) for r in [*on, _replica("r4", "n2", "1.1.0")]])
+
+        def evict(r: ReplicaRecord, nodes: set[str]) -> ReplicaChange | None:
+            if r.model_version != "1.0.0" or r.node_id not in nodes:
+                return None
+            return ReplicaChange(
+                ReplicaRecord(
+                    r.id,
+                    r.deployment,
+                    r.generation,
+                    r.model_name,
+                    r.model_version,
+                    Phase.EVICTED,
+                    20,
+                    node_id=r.node_id,
+                )
+            )
+
+        started = store.start_wipe(wipe, [], "wiped: leaked", key_holders=True, evict=evict)
         assert {n: w.state for n, w in started.nodes.items()} == {"n1": "pending", "n2": "pending"}
+        # The replicas on every node the wipe orders, n2's (found by its own read) included, in it.
+        phases = {r.id: r.phase for r in store.list_replicas()}
+        assert phases == {"r1": Phase.EVICTED, "r2": Phase.EVICTED, "r3": Phase.RUNNING, "r4": Phase.RUNNING}
+        assert started.replicas_evicted == 2
         assert wipe.nodes.keys() == {"n1"}  # the caller's record is left as it was
         # A release written after the wipe: refused for the wiped version, kept for the other.
         late = [("vib-cnn", "1.0.0", "n3"), ("vib-cnn", "1.1.0", "n3")]
