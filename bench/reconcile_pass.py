@@ -78,6 +78,9 @@ class WrappingTrust:
             data_key, kind, self.binding[node_id], key_context(node_id, name, version)
         ).SerializeToString()
 
+    def revoke_model_keys(self, name: str, versions: list[str]) -> None:
+        pass  # nothing is revoked in this bench
+
 
 def hello(i: int) -> node_pb2.Hello:
     return node_pb2.Hello(

@@ -175,6 +175,10 @@ class Trust(Protocol):
 
     def release_key(self, node_id: str, name: str, version: str, data_key: bytes) -> bytes: ...
 
+    def revoke_model_keys(self, name: str, versions: list[str]) -> None:
+        """Refuse these versions' keys from now on (``release_key`` raises)."""
+        ...
+
 
 def required_tier(dep: DeploymentRecord) -> str:
     asked = dep.manifest.spec.requirements.attestation
@@ -593,11 +597,6 @@ class Reconciler:
             raise KeyReleaseError(
                 "attestation.key.no_data_key", f"{model.name}:{model.version} is not sealed"
             )
-        if (model.name, model.version) in self._refused_keys:
-            raise KeyReleaseError(
-                "attestation.key.revoked",
-                f"{model.name}:{model.version} is revoked; its key is never released",
-            )
         wrapped = self._trust.release_key(rep.node_id, model.name, model.version, sealed.data_key)
         release = (model.name, model.version, rep.node_id)
         if release not in self._recorded:
@@ -634,7 +633,9 @@ class Reconciler:
             self._releases[:0] = fresh  # written by a later flush, before its commands
             raise
         self._recorded.update(r for r in fresh if r[:2] not in refused)
-        self._refused_keys |= refused
+        self._refused_keys |= refused  # for the commands built already
+        for name, version in refused:  # and the verifier refuses them for any built from now on
+            self._trust.revoke_model_keys(name, [version])
         if refused:
             log.warning(
                 "not sending the keys of %s: revoked in the store since this replica read them",
