@@ -108,7 +108,51 @@ def decode_node_message(
         raise WireError("wire.payload.wrong_body", f"{body!r} on topic kind {kind!r}")
     if body == "hello":
         _check_hello(msg.hello)
+    elif body == "status":
+        _check_count("status", "replicas", len(msg.status.replicas), MAX_REPLICA_REPORTS)
+    elif body == "telemetry":
+        _check_telemetry(msg.telemetry)
     return msg
+
+
+#: Bounds of the lists a node sends, far above what an agent sends (it runs at most 1,024 replicas,
+#: keeps its newest 64 profiles; exit streams are bounded per node where they are kept): every list the
+#: orchestrator keeps per node, or multiplies across the fleet (the scheduler's arrays are classes x
+#: accelerator kinds x models), stays bounded by the node's own share.
+MAX_HELLO_ACCELERATORS = 16
+MAX_HELLO_PROFILES = 64
+MAX_REPLICA_REPORTS = 1024
+MAX_MODEL_STATS = 1024
+#: The largest cumulative counter a node may report: exact in a float64 and an int64, where the
+#: orchestrator takes differences of them (2**64 - 1 broke the int64 arrays of every detector).
+MAX_COUNTER = 2**53
+
+
+def _check_count(body: str, field: str, count: int, limit: int) -> None:
+    if count > limit:
+        raise WireError("wire.payload.too_many", f"{body}.{field}: {count} entries, at most {limit}")
+
+
+def _check_counter(field: str, value: int) -> None:
+    if value > MAX_COUNTER:
+        raise WireError("wire.telemetry.invalid_value", f"{field}: {value}, above 2**53")
+
+
+def _check_telemetry(t: node_pb2.Telemetry) -> None:
+    """Refuse telemetry with more entries than any agent sends, or a counter beyond ``MAX_COUNTER``."""
+    _check_count("telemetry", "models", len(t.models), MAX_MODEL_STATS)
+    for i, m in enumerate(t.models):
+        for name in ("inferences", "errors", "scored", "confident"):
+            _check_counter(f"telemetry.models[{i}].{name}", getattr(m, name))
+        if m.latency_buckets and max(m.latency_buckets) > MAX_COUNTER:
+            _check_counter(f"telemetry.models[{i}].latency_buckets", max(m.latency_buckets))
+        for kind, n in m.inferences_by_accelerator.items():
+            _check_counter(f"telemetry.models[{i}].inferences_by_accelerator[{kind!r}]", n)
+    for i, e in enumerate(t.exits):
+        for name in ("requests", "forced", "refused"):
+            _check_counter(f"telemetry.exits[{i}].{name}", getattr(e, name))
+        if e.exits and max(e.exits) > MAX_COUNTER:
+            _check_counter(f"telemetry.exits[{i}].exits", max(e.exits))
 
 
 #: An accelerator's figures the scheduler computes with (watts, peak rate): finite and not negative.
@@ -119,7 +163,11 @@ def _check_hello(hello: node_pb2.Hello) -> None:
     """Refuse a hello whose accelerator figures are not finite and non-negative. The scheduler ranks
     nodes with them: one node's NaN watts made the energy score NaN for every node, and every
     placement in the fleet unschedulable; a negative one made that node win every placement. (Cost
-    models are checked where they are read: a bad one is dropped on its own, the hello kept.)"""
+    models are checked where they are read: a bad one is dropped on its own, the hello kept.) Also
+    refuse more accelerators or profiles than an agent offers: each new kind and model name widens
+    the scheduler's arrays for every node (3,000 of each took one snapshot 11 s and 3 GB)."""
+    _check_count("hello", "accelerators", len(hello.accelerators), MAX_HELLO_ACCELERATORS)
+    _check_count("hello", "profiles", len(hello.profiles), MAX_HELLO_PROFILES)
     for i, acc in enumerate(hello.accelerators):
         for name in _ACCELERATOR_FIGURES:
             value = getattr(acc, name)
@@ -150,6 +198,8 @@ def node_message(node_id: str, **body: Any) -> node_pb2.NodeMessage:
 
 
 RATE_EXCEEDED = "wire.rate.exceeded"
+# A payload that passed validation and still broke its handling: dropped alone, the ingest goes on.
+INGEST_FAILED = "wire.ingest.failed"
 
 
 class NodeRateLimiter:

@@ -61,7 +61,15 @@ from edgeward.mqtt.session import BrokerURL, MqttConnectError, MqttError, MqttSe
 from edgeward.mqtt.topics import TopicKind, node_topic
 from edgeward.security.tls import grpc_aio_channel
 from edgeward.v1 import api_pb2, api_pb2_grpc, attestation_pb2, node_pb2
-from edgeward.wire import FINAL_STATUS_SEQ, DropCounter, WireError, decode_command, node_message, now_ms
+from edgeward.wire import (
+    FINAL_STATUS_SEQ,
+    MAX_HELLO_PROFILES,
+    DropCounter,
+    WireError,
+    decode_command,
+    node_message,
+    now_ms,
+)
 
 from .config import AgentConfig, FaultInjection
 from .multiexit import MultiExitHost
@@ -103,7 +111,7 @@ REPLAY_SETTLE_S = 1.5
 LEASE_EXPIRED = "agent.attestation.expired"
 PROFILE_RUNS = 30  # inferences per model profile, after PROFILE_WARMUP
 PROFILE_WARMUP = 3
-MAX_PROFILES = 64  # newest kept in the hello: bounds its size
+MAX_PROFILES = MAX_HELLO_PROFILES  # newest kept in the hello: the orchestrator refuses more
 _ENERGY_SOURCE = {"measured": node_pb2.ENERGY_SOURCE_MEASURED, "modelled": node_pb2.ENERGY_SOURCE_MODELLED}
 
 

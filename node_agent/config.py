@@ -20,6 +20,7 @@ from attestation.attesters import AttesterConfig, SoftwareAttesterConfig
 from edgeward.mqtt.topics import validate_node_id
 from edgeward.security.config import AgentTlsConfig, is_loopback, with_broker_tls
 from edgeward.validation import problems
+from edgeward.wire import MAX_HELLO_ACCELERATORS
 
 
 class AgentConfigError(Exception):
@@ -101,7 +102,10 @@ class AgentConfig(_Strict):
     hardware_profile: str = Field("generic", description="Name of the board's hardware profile.")
     broker: AgentBrokerConfig = Field(default_factory=AgentBrokerConfig)
     accelerators: list[AcceleratorConfig] = Field(
-        default_factory=lambda: [AcceleratorConfig()], min_length=1, description="Backends to bring up."
+        default_factory=lambda: [AcceleratorConfig()],
+        min_length=1,
+        max_length=MAX_HELLO_ACCELERATORS,
+        description=f"Backends to bring up (at most {MAX_HELLO_ACCELERATORS}: the orchestrator refuses a hello with more).",
     )
     power: PowerProfile = Field(default_factory=PowerProfile)
     memory_bytes: Annotated[int, Field(ge=0)] = Field(512 * 1024**2, description="Memory offered to models.")

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -193,7 +193,13 @@ class SlowdownGuard:
         self._active: dict[str, dict[tuple[str, str], node_pb2.Mitigation]] = {}
         self.alerts = 0
 
-    def observe(self, windows: ExitWindows) -> GuardDecision:
+    def observe(
+        self, windows: ExitWindows, serving: Callable[[str, str], bool] = lambda node, model: True
+    ) -> GuardDecision:
+        """Update the detectors with one set of windows. A model's clean baseline is learned only
+        from the streams of nodes that ``serving(node, model)`` says serve it: any node may report
+        exit counts of any model name, and a node that serves none could otherwise teach the
+        detector a baseline that flags honest traffic, or hides a real attack."""
         decision = GuardDecision()
         self._forget(windows)
         if not self.config.enabled or not len(windows):
@@ -205,7 +211,8 @@ class SlowdownGuard:
             early, total = windows.early[sel], windows.total[sel]
             det = self.detectors.get(model)
             if det is None:
-                self._learn(model, early, total)
+                real = np.fromiter((serving(windows.streams[i][0], model) for i in sel), bool, len(sel))
+                self._learn(model, early[real], total[real])
                 continue
             streams = [windows.streams[i] for i in sel]
             for alert in det.update(streams, early, total):

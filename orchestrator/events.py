@@ -63,9 +63,12 @@ class EventBus:
         subject: str,
         message: str,
         severity: node_pb2.Severity = INFO,
+        /,
         **attributes: object,
     ) -> events_pb2.Notification:
-        """Record and fan out one event. ``kind`` is dotted lower case (``rollout.rollback``)."""
+        """Record and fan out one event. ``kind`` is dotted lower case (``rollout.rollback``). The
+        fixed parameters are positional-only, so an attribute may have any name (a node's own event
+        relays attributes it chose: ``kind`` or ``subject`` among them)."""
         if not KIND_RE.fullmatch(kind):
             raise ValueError(f"event kind {kind!r} must be dotted lower case, e.g. 'model.published'")
         self._seq += 1
@@ -98,7 +101,7 @@ class EventBus:
         self._loop = loop
 
     def publish_threadsafe(
-        self, kind: str, subject: str, message: str, severity: node_pb2.Severity = INFO, **attrs: object
+        self, kind: str, subject: str, message: str, severity: node_pb2.Severity = INFO, /, **attrs: object
     ) -> None:
         if self._loop is None:
             raise RuntimeError("EventBus.bind_loop was not called")

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from edgeward.v1 import api_pb2, node_pb2
+from edgeward.wire import MAX_MODEL_STATS
 
 from .scheduler.costs import AcceleratorCost, ModelWork
 
@@ -238,6 +239,8 @@ class Fleet:
             if not stats.inferences:
                 continue
             if windows is None:
+                if len(node.latency) >= MAX_MODEL_STATS:  # names a node made up, one report after the other
+                    del node.latency[next(iter(node.latency))]  # its oldest model goes
                 windows = node.latency[key] = deque(maxlen=WINDOWS_KEPT)
             windows.append(LatencyWindow(last.seq + 1 if last else 1, stats.latency_p95_ms, stats.inferences))
             self.windows_added += 1

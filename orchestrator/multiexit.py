@@ -140,6 +140,9 @@ class PipelineRouter:
         self._sent: dict[str, tuple[bytes, float, int]] = {}  # blob, when, node boot
         self._problems: dict[str, str] = {}
         self._wake = asyncio.Event()
+        #: (node, pipeline name) of every pipeline a node was last told to serve: the nodes whose
+        #: exit telemetry of that model is real traffic (the slowdown detector learns from them only)
+        self.serving: frozenset[tuple[str, str]] = frozenset()
 
     def trigger(self) -> None:
         self._wake.set()
@@ -180,6 +183,7 @@ class PipelineRouter:
             if view is not None and view.hello is not None and view.hello.inference_endpoint:
                 endpoints[node_id] = view.hello.inference_endpoint
         wanted, problems = plan(deployments, replicas, endpoints, teams)
+        self.serving = frozenset((node, p.name) for node, pipelines in wanted.items() for p in pipelines)
         for name, why in problems.items():
             if self._problems.get(name) != why:
                 log.info("multi-exit model %s not served: %s", name, why)

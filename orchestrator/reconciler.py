@@ -97,6 +97,9 @@ COMMIT_SLICE = 1000
 # (at its yields): a pass that binds 10,000 replicas for tens of seconds does not hold back the
 # first ones' Running until it ends.
 FOLLOW_BOUND_S = 1.0
+# More replicas than this that a node reports and no deployment has: it is sent its full set (one
+# command) instead of an undeploy for each (a status may name 1,024 made-up ids).
+MAX_ORPHAN_UNDEPLOYS = 16
 # The n-th resend of a replica's command waits resend_interval_s x RESEND_BACKOFF[n] after the
 # previous send: a node that is slow to report (a loaded fleet, a broker behind) is not sent the
 # same command, each with its key released again, every few seconds while it works through them.
@@ -141,12 +144,20 @@ class EventPublisher(Protocol):
     """Where the reconciler's notifications go: the event bus (orchestrator.events.EventBus)."""
 
     def publish(
-        self, kind: str, subject: str, message: str, severity: node_pb2.Severity = ..., **attributes: object
+        self,
+        kind: str,
+        subject: str,
+        message: str,
+        severity: node_pb2.Severity = ...,
+        /,
+        **attributes: object,
     ) -> Any: ...
 
 
 class _NoEvents:
-    def publish(self, kind: str, subject: str, message: str, severity: int = 0, **attributes: object) -> None:
+    def publish(
+        self, kind: str, subject: str, message: str, severity: int = 0, /, **attributes: object
+    ) -> None:
         """Nobody listens (a reconciler built without an event bus)."""
 
 
@@ -220,6 +231,10 @@ class Reconciler:
         self._last_sent: dict[str, float] = {}  # replica id -> monotonic time of the last command
         self._resent: dict[str, int] = {}  # replica id -> resends since its phase last moved
         self._needs_sync: set[str] = set()  # nodes that (re)connected: send their full set
+        # node -> replica id it reports that no deployment has -> monotonic time of its undeploy
+        # (kept for the node's current orphans only); node -> time its full set was sent instead
+        self._orphans_sent: dict[str, dict[str, float]] = {}
+        self._orphan_syncs: dict[str, float] = {}
         self._cordoned: set[str] = set()
         self._models: dict[tuple[str, str], CatalogEntry] = {}
         # model name -> the team owning it ("" none): nodes serve a model to its team only (a
@@ -378,7 +393,11 @@ class Reconciler:
                 works[model_key(name, version)] = work
         infos = self._snapshot(replicas, changes, deployments, now)
         snapshot = FleetSnapshot.from_node_infos(
-            infos, performance=class_estimates(infos.values()), works=works
+            infos,
+            performance=class_estimates(
+                i for i in infos.values() if i.online and i.attestation_tier != "none"
+            ),
+            works=works,
         )
         return self._scheduler.plan(snapshot)
 
@@ -1404,16 +1423,27 @@ class ReconcilePass:
         self.send(node_id, command(node_id, sync=sync))
 
     def _unload_orphans(self, final: dict[str, ReplicaRecord]) -> None:
+        """Unload the replicas a node reports that no deployment has. Each is undeployed (again
+        every ``resend_interval_s``); a node reporting more than ``MAX_ORPHAN_UNDEPLOYS`` is sent
+        its full set instead (one command, not one per id its status names), at most as often."""
         rec = self.rec
+        interval = rec._config.resend_interval_s
         for node in rec._fleet.nodes.values():
             if not node.online(self.now, self.timeout):
                 continue
-            for rid in node.reports:
-                if rid in final:
-                    continue
-                key = f"orphan:{node.id}:{rid}"
-                if self.now - rec._last_sent.get(key, 0.0) >= rec._config.resend_interval_s:
-                    rec._last_sent[key] = self.now
+            orphans = [rid for rid in node.reports if rid not in final]
+            sent = rec._orphans_sent.pop(node.id, {})
+            if not orphans:
+                continue
+            if len(orphans) > MAX_ORPHAN_UNDEPLOYS:
+                if self.now - rec._orphan_syncs.get(node.id, 0.0) >= interval:
+                    rec._orphan_syncs[node.id] = self.now
+                    rec._needs_sync.add(node.id)
+                continue
+            sent = rec._orphans_sent[node.id] = {rid: sent[rid] for rid in orphans if rid in sent}
+            for rid in orphans:
+                if self.now - sent.get(rid, 0.0) >= interval:
+                    sent[rid] = self.now
                     self.send(node.id, command(node.id, undeploy=node_pb2.UndeployReplica(replica_id=rid)))
 
     # ------------------------------------------------------------ 6. commit

@@ -14,7 +14,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -54,6 +54,7 @@ from edgeward.v1 import (
     node_pb2,
 )
 from edgeward.wire import (
+    INGEST_FAILED,
     LATENCY_BUCKETS_S,
     RATE_EXCEEDED,
     DropCounter,
@@ -151,6 +152,16 @@ HELLO_ASK_MAX_S = 600.0
 HELLO_ASKS_PER_S = 50.0
 
 
+@dataclass
+class _BatchWork:
+    """What one ingest batch leaves to do after its messages: store calls, wire steps, a pass."""
+
+    inventories: list[NodeRecord] = field(default_factory=list)
+    waits: dict[str, list[Callable[[], Awaitable[None]]]] = field(default_factory=dict)
+    serial: list[Callable[[], Awaitable[None]]] = field(default_factory=list)  # shared records' updates
+    changed: bool = False
+
+
 @dataclass(frozen=True)
 class ApiServices:
     deployments: DeploymentService
@@ -167,6 +178,7 @@ class Orchestrator:
         self.drops = DropCounter()
         self.rate_limit = NodeRateLimiter(config.broker.node_rate, config.broker.node_burst)
         self._pending_offline: dict[str, tuple[float, node_pb2.NodeMessage]] = {}
+        self._ingest_failures = 0  # messages whose handling raised (logged in full for the first 100)
         self._hello_missing: dict[str, tuple[float, float]] = {}  # node -> (ask at, the pause after)
         self._hello_asks = NodeRateLimiter(HELLO_ASKS_PER_S, HELLO_ASKS_PER_S, max_nodes=1)
         self.hello_requests = 0
@@ -647,7 +659,9 @@ class Orchestrator:
         ]
         if self.store.dialect != "sqlite":
             loops.append(self._refresh_loop())
-        await asyncio.gather(*loops)
+        async with asyncio.TaskGroup() as group:  # one loop failing ends the term with all the others
+            for loop in loops:
+                group.create_task(loop)
 
     async def _refresh_from_store(self, first: bool = False) -> None:
         """What other replicas' APIs may have changed behind this one's controllers: enrollments,
@@ -806,82 +820,94 @@ class Orchestrator:
             await self._jetstream.ack(batch)
 
     async def _ingest_batch(self, batch: list[Message]) -> None:
-        prefix = self.config.broker.topic_prefix
-        max_payload = self.config.broker.max_payload
-        inventories: list[NodeRecord] = []
-        waits: dict[str, list[Callable[[], Awaitable[None]]]] = {}
-        serial: list[Callable[[], Awaitable[None]]] = []  # read-modify-write of shared records
-        changed = False
+        work = _BatchWork()
         for message in batch:
             try:
-                node_id, kind = parse_node_topic(message.topic, prefix)
-                # Metered per node before the cost of decoding (a subscription's retained replay is
-                # two messages per node: well within a burst).
-                if not self.rate_limit.allow(node_id):
-                    self.drops.drop(WireError(RATE_EXCEEDED, node_id))
-                    continue
-                msg = decode_node_message(
-                    message.payload, node_id=node_id, kind=kind.value, max_payload=max_payload
+                self._ingest_message(message, work)
+            except Exception:  # a payload that passed validation and still broke its handling
+                self.drops.drop(WireError(INGEST_FAILED))
+                self._ingest_failures += 1
+                log.log(
+                    logging.ERROR if self._ingest_failures <= 100 else logging.DEBUG,
+                    "a message on %s was dropped: its handling failed",
+                    message.topic,
+                    exc_info=True,
                 )
-            except TopicError:
-                self.drops.drop(WireError("wire.topic.invalid"))
-                continue
-            except WireError as err:
-                if kind == TopicKind.STATUS and not message.payload:
-                    continue  # a cleared retained status
-                self.drops.drop(err)
-                log.debug("dropped payload on %s: %s", message.topic, err)
-                continue
-            if msg.WhichOneof("body") == "status" and msg.status.state == node_pb2.NODE_STATE_OFFLINE:
-                self._offline(node_id, msg, message.retain)
-                continue
-            if self.shared is not None and self.shared.stale(msg):
-                continue  # telemetry older than what this replica applied: redelivered late
-            if not message.retain and node_id in self._pending_offline and self._back(msg, message.qos):
-                del self._pending_offline[node_id]  # it spoke after its will: it is back
-            what = self.fleet.apply(msg, retained=message.retain)
-            body = msg.WhichOneof("body")
-            if body != "hello" and not message.retain and (step := self._without_hello(node_id)):
-                waits.setdefault(node_id, []).append(step)
-            if self.shared is not None and body == "status":
-                self.shared.received(msg, message.payload)
-            if what == "hello":
-                self.reconciler.node_connected(node_id)
-                if self.leading:
-                    self.verifier.hello(node_id)
-                inventories.append(self._node_record(node_id, msg))
-                if step := self._as_leader(self._node_connected, node_id):
-                    waits.setdefault(node_id, []).append(step)
-            elif what == "status":
-                changed = True
-                if not message.retain:  # a retained one is as old as the node's last word
-                    self.status_lag.record("received", msg.sent_unix_ms, time.time())
-            elif body == "evidence":
-                if step := self._as_leader(self.verifier.evidence, node_id, msg.evidence.payload):
-                    waits.setdefault(node_id, []).append(step)
-            elif body == "event" and msg.event.id == "agent.wipe.done":
-                self.verifier.wipe_confirmed(node_id, msg.event)
-                if step := self._as_leader(self.catalog.wipe_confirmed, node_id, msg.event):
-                    serial.append(step)
-                self._node_event(node_id, msg.event)
-            elif body == "telemetry" and not self.telemetry.add(node_id, msg.sent_unix_ms, msg.telemetry):
-                self.drops.drop(WireError("wire.telemetry.invalid_value"))
-            elif body == "telemetry" and self.shared is not None:
-                self.shared.received(msg, message.payload)
-            elif body == "event" and msg.event.ack.command_id and not msg.event.ack.ok:
-                log.warning(
-                    "node %s refused command %s: %s", node_id, msg.event.ack.command_id, msg.event.ack.reason
-                )
-            elif body == "event" and not msg.event.ack.command_id:
-                self._node_event(node_id, msg.event)
-        if changed:
+        if work.changed:
             self.reconciler.trigger()
-        if inventories:
-            await self.db(self.store.put_inventories, inventories)
-        for node_id, steps in waits.items():
+        if work.inventories:
+            await self.db(self.store.put_inventories, work.inventories)
+        for node_id, steps in work.waits.items():
             self._wire_work.add(node_id, steps)
-        if serial:
-            self._wire_work.add("", serial)
+        if work.serial:
+            self._wire_work.add("", work.serial)
+
+    def _ingest_message(self, message: Message, work: _BatchWork) -> None:
+        """Parse and apply one message of a batch; what waits on the wire or the store goes into
+        ``work``. An exception here drops this message alone (:meth:`_ingest_batch`)."""
+        prefix = self.config.broker.topic_prefix
+        max_payload = self.config.broker.max_payload
+        try:
+            node_id, kind = parse_node_topic(message.topic, prefix)
+            # Metered per node before the cost of decoding (a subscription's retained replay is
+            # two messages per node: well within a burst).
+            if not self.rate_limit.allow(node_id):
+                self.drops.drop(WireError(RATE_EXCEEDED, node_id))
+                return
+            msg = decode_node_message(
+                message.payload, node_id=node_id, kind=kind.value, max_payload=max_payload
+            )
+        except TopicError:
+            self.drops.drop(WireError("wire.topic.invalid"))
+            return
+        except WireError as err:
+            if kind == TopicKind.STATUS and not message.payload:
+                return  # a cleared retained status
+            self.drops.drop(err)
+            log.debug("dropped payload on %s: %s", message.topic, err)
+            return
+        if msg.WhichOneof("body") == "status" and msg.status.state == node_pb2.NODE_STATE_OFFLINE:
+            self._offline(node_id, msg, message.retain)
+            return
+        if self.shared is not None and self.shared.stale(msg):
+            return  # telemetry older than what this replica applied: redelivered late
+        if not message.retain and node_id in self._pending_offline and self._back(msg, message.qos):
+            del self._pending_offline[node_id]  # it spoke after its will: it is back
+        what = self.fleet.apply(msg, retained=message.retain)
+        body = msg.WhichOneof("body")
+        if body != "hello" and not message.retain and (step := self._without_hello(node_id)):
+            work.waits.setdefault(node_id, []).append(step)
+        if self.shared is not None and body == "status":
+            self.shared.received(msg, message.payload)
+        if what == "hello":
+            self.reconciler.node_connected(node_id)
+            if self.leading:
+                self.verifier.hello(node_id)
+            work.inventories.append(self._node_record(node_id, msg))
+            if step := self._as_leader(self._node_connected, node_id):
+                work.waits.setdefault(node_id, []).append(step)
+        elif what == "status":
+            work.changed = True
+            if not message.retain:  # a retained one is as old as the node's last word
+                self.status_lag.record("received", msg.sent_unix_ms, time.time())
+        elif body == "evidence":
+            if step := self._as_leader(self.verifier.evidence, node_id, msg.evidence.payload):
+                work.waits.setdefault(node_id, []).append(step)
+        elif body == "event" and msg.event.id == "agent.wipe.done":
+            self.verifier.wipe_confirmed(node_id, msg.event)
+            if step := self._as_leader(self.catalog.wipe_confirmed, node_id, msg.event):
+                work.serial.append(step)
+            self._node_event(node_id, msg.event)
+        elif body == "telemetry" and not self.telemetry.add(node_id, msg.sent_unix_ms, msg.telemetry):
+            self.drops.drop(WireError("wire.telemetry.invalid_value"))
+        elif body == "telemetry" and self.shared is not None:
+            self.shared.received(msg, message.payload)
+        elif body == "event" and msg.event.ack.command_id and not msg.event.ack.ok:
+            log.warning(
+                "node %s refused command %s: %s", node_id, msg.event.ack.command_id, msg.event.ack.reason
+            )
+        elif body == "event" and not msg.event.ack.command_id:
+            self._node_event(node_id, msg.event)
 
     def _without_hello(self, node_id: str) -> Callable[[], Awaitable[None]] | None:
         """A step asking ``node_id`` for its hello, when this replica has heard it for ``HELLO_ASK_S``
@@ -1029,19 +1055,19 @@ class Orchestrator:
                     node.last_seen = now
 
     async def _flush_telemetry(self) -> None:
-        while True:
-            await asyncio.sleep(0.2)
+        async def flush() -> None:
             self.telemetry.flush()
 
+        await every(0.2, flush, "telemetry flush", log, trace=True)
+
     async def _watch_exits_loop(self) -> None:
-        while True:
-            await asyncio.sleep(0.2)
-            await self._watch_exits()
+        await every(0.2, self._watch_exits, "slowdown watch", log, trace=True)
 
     async def _watch_exits(self) -> None:
         """Exit telemetry of multi-exit models -> slowdown detector -> events and mitigations."""
         windows = self.telemetry.exits.windows(self.config.slowdown.min_requests)
-        decision = self.slowdown.observe(windows)
+        serving = self.pipelines.serving
+        decision = self.slowdown.observe(windows, lambda node, model: (node, model) in serving)
         for n in decision.notices:
             self.events.publish(n.kind, n.subject, n.message, n.severity, **n.attributes)
         for node_id, mitigations in decision.mitigations.items():

@@ -159,9 +159,9 @@ class ExitCounters:
         if not self._pending:
             empty = np.zeros(0, np.int64)
             return ExitWindows([], empty, empty, empty, forgotten, models)
-        rows = np.fromiter(self._pending, np.int64, len(self._pending))
-        current = np.array(list(self._pending.values()), np.int64).reshape(-1, self._COLUMNS)
-        self._pending = {}
+        pending, self._pending = self._pending, {}  # taken first: a bad value cannot stay to fail every call
+        rows = np.fromiter(pending, np.int64, len(pending))
+        current = np.array(list(pending.values()), np.int64).reshape(-1, self._COLUMNS)
         delta = current - self._last[rows]
         # A counter that went down is a restarted agent: its whole count is new.
         restarted = (delta < 0).any(axis=1)

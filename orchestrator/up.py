@@ -312,11 +312,11 @@ async def _run(
 def _move(event: Any, traffic_started_ms: int) -> dict[str, Any]:
     """A rescheduling event for the report, timed from the start of the traffic."""
     return {
+        **dict(event.attributes),  # first: an attribute named like a field below does not hide it
         "kind": event.kind,
         "at_s": round((event.time_unix_ms - traffic_started_ms) / 1000, 1),
         "subject": event.subject,
         "message": event.message,
-        **dict(event.attributes),
     }
 
 

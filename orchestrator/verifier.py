@@ -224,17 +224,25 @@ class FleetVerifier:
 
     # ------------------------------------------------------------ relying party
 
+    # A quarantined node is trusted with nothing, whatever its attestation says: a node quarantined
+    # for not confirming a model wipe still attests affirming (it may well be ignoring the wipe).
+
     def tier(self, node_id: str) -> str:
-        return self.service.tier(node_id)
+        return "none" if node_id in self.quarantined else self.service.tier(node_id)
 
     def tiers(self, node_ids: Iterable[str]) -> dict[str, str]:
-        return self.service.tiers(node_ids)
+        tiers = self.service.tiers(node_ids)
+        for node_id in self.quarantined.keys() & tiers.keys():
+            tiers[node_id] = "none"
+        return tiers
 
     def why_not_trusted(self, node_id: str) -> tuple[str, str] | None:
         """(reason id, message) when the node may hold no model; None when it holds an affirming
         result, or has just connected and has not had the time to answer its first challenge."""
         state = self.service.state(node_id)
         if state == AttestationState.AFFIRMING:
+            if (held := self.quarantined.get(node_id)) is not None:
+                return held.reason, f"node {node_id} is quarantined: {held.message}"
             return None
         if state in (None, AttestationState.ENROLLED) and node_id not in self._refused:
             first = self._first_seen.get(node_id)
@@ -257,6 +265,10 @@ class FleetVerifier:
         if (name, version) in self._revoked_keys:
             raise KeyReleaseError(
                 "attestation.key.revoked", f"{name}:{version} is revoked; its key is never released"
+            )
+        if (held := self.quarantined.get(node_id)) is not None:
+            raise KeyReleaseError(
+                "attestation.key.quarantined", f"node {node_id!r} is quarantined ({held.reason})"
             )
         wrapped = self.service.release_key(node_id, data_key, key_context(node_id, name, version))
         self._released.setdefault((name, version), set()).add(node_id)

@@ -14,11 +14,13 @@ works on arrays: the window's rate, an exponential moving baseline per series, a
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Callable
 
 import numpy as np
 
 from edgeward.v1 import node_pb2
+from edgeward.wire import MAX_MODEL_STATS
 
 from ..events import ERROR, WARNING
 from .config import MisuseConfig
@@ -26,6 +28,9 @@ from .config import MisuseConfig
 log = logging.getLogger(__name__)
 
 Series = tuple[str, str, str]  # node, model, version
+#: Series a node's reports may open (a wipe always opens its own). Series are never forgotten, so
+#: without a bound a node naming new models in every report grew the monitor without end.
+MAX_SERIES_PER_NODE = MAX_MODEL_STATS
 Publish = Callable[..., object]
 
 
@@ -44,7 +49,9 @@ class InvocationMonitor:
         self._wiped_ref = np.zeros(0, np.int64)
         self._wiped_alerted = np.zeros(0, bool)
         self._last: float | None = None
+        self._of_node: Counter[str] = Counter()  # series per node, bounded by MAX_SERIES_PER_NODE
         self.alerts = 0
+        self.untracked = 0  # reported series beyond a node's bound, not tracked
 
     _ARRAYS = ("_count", "_baseline", "_windows", "_alerting", "_wiped_at", "_wiped_ref", "_wiped_alerted")
 
@@ -52,6 +59,7 @@ class InvocationMonitor:
         row = self._index.get(series)
         if row is None:
             row = self._index[series] = len(self._series)
+            self._of_node[series[0]] += 1
             self._series.append(series)
             if row >= len(self._count):  # grow every array by doubling: amortised O(1) per series
                 size = max(64, 2 * len(self._count))
@@ -88,7 +96,11 @@ class InvocationMonitor:
         counts = []
         for node_id, stats in reports.items():
             for s in stats:
-                rows.append(self._row((node_id, s.model_name, s.model_version)))
+                series = (node_id, s.model_name, s.model_version)
+                if series not in self._index and self._of_node[node_id] >= MAX_SERIES_PER_NODE:
+                    self.untracked += 1  # names a node made up, one report after the other
+                    continue
+                rows.append(self._row(series))
                 counts.append(s.inferences)
         if not rows:
             return

@@ -61,7 +61,9 @@ class NodeClass:
 
 def class_estimates(nodes: Iterable[NodeInfo]) -> dict[tuple[str, str, str], Prediction]:
     """A class-wide prediction per (hardware profile, kind, model): the median of the own profiles
-    of the nodes of that hardware profile. A node without a profile of its own gets its peers'."""
+    of the nodes of that hardware profile. A node without a profile of its own gets its peers'.
+    The reconciler passes the online, attested nodes only: a node names its hardware profile
+    itself, and an offline or untrusted one must not set its supposed peers' figures."""
     figures: dict[tuple[str, str, str], list[Prediction]] = {}
     for info in nodes:
         for (kind, model), pred in info.profiles.items():

@@ -101,3 +101,80 @@ def test_event_topics_are_one_level_or_one_level_per_dotted_part():
     assert events_topic("rollout.progress", "p/v1", levels=True) == "p/v1/events/rollout/progress"
     with pytest.raises(TopicError):
         events_topic("a/b", "p/v1", levels=True)
+
+
+def _decode(**body):
+    return decode_node_message(
+        node_message("n1", **body).SerializeToString(), node_id="n1", kind=next(iter(body))
+    )
+
+
+def _refused(reason: str, field: str, **body) -> None:
+    with pytest.raises(WireError) as info:
+        _decode(**body)
+    assert info.value.reason == reason
+    assert field in str(info.value)
+
+
+def test_lists_beyond_what_an_agent_sends_are_refused_with_their_field():
+    from edgeward.wire import MAX_HELLO_ACCELERATORS, MAX_HELLO_PROFILES, MAX_MODEL_STATS, MAX_REPLICA_REPORTS
+
+    accelerator = node_pb2.Accelerator(kind="cpu", peak_gops=1)
+    profile = node_pb2.ModelProfile(model_name="m", accelerator="cpu", latency_p95_ms=1)
+    _decode(hello=node_pb2.Hello(accelerators=[accelerator] * MAX_HELLO_ACCELERATORS))
+    _decode(hello=node_pb2.Hello(profiles=[profile] * MAX_HELLO_PROFILES))
+    _refused(
+        "wire.payload.too_many",
+        "hello.accelerators",
+        hello=node_pb2.Hello(accelerators=[accelerator] * (MAX_HELLO_ACCELERATORS + 1)),
+    )
+    _refused(
+        "wire.payload.too_many",
+        "hello.profiles",
+        hello=node_pb2.Hello(profiles=[profile] * (MAX_HELLO_PROFILES + 1)),
+    )
+    report = node_pb2.ReplicaReport(replica_id="r")
+    _decode(status=node_pb2.Status(replicas=[report] * MAX_REPLICA_REPORTS))
+    _refused(
+        "wire.payload.too_many",
+        "status.replicas",
+        status=node_pb2.Status(replicas=[report] * (MAX_REPLICA_REPORTS + 1)),
+    )
+    stats = node_pb2.ModelStats(model_name="m", inferences=1)
+    _decode(telemetry=node_pb2.Telemetry(models=[stats] * MAX_MODEL_STATS))
+    _refused(
+        "wire.payload.too_many",
+        "telemetry.models",
+        telemetry=node_pb2.Telemetry(models=[stats] * (MAX_MODEL_STATS + 1)),
+    )
+
+
+@pytest.mark.parametrize(
+    ("telemetry", "field"),
+    [
+        (
+            node_pb2.Telemetry(models=[node_pb2.ModelStats(inferences=2**64 - 1)]),
+            "telemetry.models[0].inferences",
+        ),
+        (node_pb2.Telemetry(models=[node_pb2.ModelStats(confident=2**63)]), "telemetry.models[0].confident"),
+        (
+            node_pb2.Telemetry(models=[node_pb2.ModelStats(latency_buckets=[1, 2**60])]),
+            "telemetry.models[0].latency_buckets",
+        ),
+        (
+            node_pb2.Telemetry(models=[node_pb2.ModelStats(inferences_by_accelerator={"cpu": 2**54})]),
+            "inferences_by_accelerator['cpu']",
+        ),
+        (
+            node_pb2.Telemetry(exits=[node_pb2.ExitStats(requests=1, exits=[1], refused=2**64 - 1)]),
+            "exits[0].refused",
+        ),
+        (node_pb2.Telemetry(exits=[node_pb2.ExitStats(requests=2**63, exits=[2**63])]), "exits[0].requests"),
+        (node_pb2.Telemetry(exits=[node_pb2.ExitStats(exits=[0, 2**62])]), "telemetry.exits[0].exits"),
+    ],
+)
+def test_a_counter_beyond_2_53_is_refused(telemetry, field):
+    """2**64 - 1 in one exit counter broke the slowdown detector's int64 arrays on every later call
+    (the leader gave its term up over and over); such a counter is no real count."""
+    _refused("wire.telemetry.invalid_value", field, telemetry=telemetry)
+    _decode(telemetry=node_pb2.Telemetry(models=[node_pb2.ModelStats(inferences=2**53)]))

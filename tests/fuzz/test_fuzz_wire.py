@@ -32,8 +32,19 @@ model_stats = st.builds(
     latency_p95_ms=floats,
     latency_p99_ms=floats,
 )
+exit_stats = st.lists(st.integers(0, 2**62), min_size=1, max_size=3).flatmap(
+    lambda exits: st.builds(
+        node_pb2.ExitStats,
+        model_name=names,
+        source=names,
+        requests=st.sampled_from([sum(exits), sum(exits) + 1]),  # consistent, or not
+        exits=st.just(exits),
+        refused=counts,
+    )
+)
 telemetry = st.builds(
     node_pb2.Telemetry,
+    exits=st.lists(exit_stats, max_size=3),
     power_w=floats,
     energy_j=floats,
     cpu_utilisation=floats,
@@ -125,19 +136,31 @@ def test_decode_command_raises_only_wire_errors(payload):
 )
 def test_orchestrator_handlers_survive_whatever_decodes(messages):
     """Decoded messages with hostile values (NaN, huge counters, odd ids) go through the fleet view
-    and the telemetry store: invalid samples are refused (False), nothing raises."""
+    and the telemetry store: refused at the boundary (a WireError with its reason) or, an invalid
+    sample, by the store (False); nothing else raises, the exit counters' windows included."""
     fleet, store = Fleet(), TelemetryStore(flush_every=4)
+    refused: list[str] = []
     for body, sent_ms, retained, node_id in messages:
         msg = node_pb2.NodeMessage(schema=1, node_id=node_id, sent_unix_ms=sent_ms, **body)
         kind = {"telemetry": "telemetry", "status": "status", "hello": "hello"}[msg.WhichOneof("body")]
-        decoded = decode_node_message(msg.SerializeToString(), node_id=node_id, kind=kind)
+        try:
+            decoded = decode_node_message(msg.SerializeToString(), node_id=node_id, kind=kind)
+        except WireError as err:
+            refused.append(err.reason)
+            continue
         fleet.apply(decoded, retained=retained)
         if kind == "telemetry":
             accepted = store.add(node_id, decoded.sent_unix_ms, decoded.telemetry)
             values = (msg.telemetry.power_w, msg.telemetry.energy_j, msg.telemetry.cpu_utilisation)
             if not all(math.isfinite(v) and v >= 0 for v in values):
                 assert not accepted
+    assert set(refused) <= {
+        "wire.telemetry.invalid_value",
+        "wire.hello.invalid_value",
+        "wire.payload.too_many",
+    }
     store.flush()
+    store.exits.windows()
     for node_id in ("n1", "n2"):
         store.query(node_id, 0, False)
         store.query(node_id, 0, True)

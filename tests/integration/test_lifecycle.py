@@ -341,6 +341,57 @@ async def test_a_silent_node_is_quarantined_after_the_wipe_deadline(fleet, mqtt_
     assert [e.subject for e in timeout] == ["node/n9"]
 
 
+async def test_a_node_that_ignores_a_wipe_is_trusted_with_nothing_while_it_attests_affirming(
+    fleet, mqtt_url, topic_prefix, tmp_path
+):
+    """A hostile agent answers its challenges (its attestation stays affirming) but ignores the wipe:
+    quarantined at the deadline, it is trusted with no replica (the scheduler reads tier "none" and
+    the reason) and gets no model key, whatever its attestation says."""
+    orch, agents, api = await fleet(nodes=1, max_replicas=1)
+    hostile = NodeAgent(
+        AgentConfig(
+            node_id="n9",
+            heartbeat_s=0.5,
+            max_replicas=1,
+            broker={"url": str(mqtt_url), "topic_prefix": topic_prefix},
+            state_dir=tmp_path / "hostile",
+            enrollment_token=TokenStore.in_state_dir(orch.config.state_dir).mint("n9").token,
+        )
+    )
+
+    async def ignore(wipe: node_pb2.Wipe) -> asyncio.Future[None]:
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
+
+    hostile._wipe = ignore  # type: ignore[method-assign]
+    await hostile.__aenter__()
+    try:
+        await eventually(lambda: _tier(orch, "n9"), what="n9 attested")
+        await api.push()
+        await api.apply(manifest(replicas=2))
+
+        async def both() -> bool:
+            return sorted(await _running(api)) == ["n1", "n9"]
+
+        await eventually(both, what="one replica on each node")
+        await api.models.Wipe(api_pb2.WipeRequest(name="vib-cnn", version="1.0.0", deadline_s=1))
+
+        async def quarantined() -> bool:
+            await asyncio.sleep(0)
+            return "n9" in orch.verifier.quarantined
+
+        await eventually(quarantined, what="n9 quarantined at the wipe's deadline")
+        assert orch.verifier.service.tier("n9") != "none", "its attestation is still affirming"
+        assert orch.verifier.tier("n9") == "none"
+        assert orch.verifier.why_not_trusted("n9")[0] == "model.wipe.unconfirmed"
+        with pytest.raises(KeyReleaseError) as refused:
+            orch.verifier.release_key("n9", "other-cnn", "1.0.0", b"k" * 32)
+        assert refused.value.reason == "attestation.key.quarantined"
+    finally:
+        await hostile.__aexit__(None, None, None)
+
+
 async def _tier(orch, node_id: str) -> bool:
     await asyncio.sleep(0)
     return orch.verifier.tier(node_id) != "none"

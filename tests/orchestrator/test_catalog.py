@@ -343,3 +343,22 @@ def test_a_wiped_series_alerts_when_it_counts_up_after_settling():
         ("alert.misuse.wiped_model", "node/n1", 3)
     ]
     assert monitor.counts("n1") == {("vib-cnn", "1.0.0"): 60}
+
+
+def test_a_node_naming_new_models_in_every_report_opens_at_most_its_bound_of_series():
+    """Series are never forgotten: a node inventing model names report after report grew the
+    monitor without end. A wipe's series and every other node's still open."""
+    from orchestrator.catalog.misuse import MAX_SERIES_PER_NODE
+
+    monitor = InvocationMonitor(MisuseConfig(window_s=1.0), lambda *a, **kw: None)
+    for rnd in range(3):
+        invented = [
+            node_pb2.ModelStats(model_name=f"m{rnd}-{i}", model_version="1", inferences=1)
+            for i in range(MAX_SERIES_PER_NODE // 2 + 1)
+        ]
+        monitor.tick(float(rnd), {"hostile": invented, "n1": _stats(rnd)})
+    assert sum(1 for node, _, _ in monitor._index if node == "hostile") == MAX_SERIES_PER_NODE
+    assert monitor.untracked == 3 * (MAX_SERIES_PER_NODE // 2 + 1) - MAX_SERIES_PER_NODE
+    assert monitor.counts("n1") == {("vib-cnn", "1.0.0"): 2}
+    monitor.wiped("hostile", "vib-cnn", "1.0.0", after=10.0)
+    assert ("hostile", "vib-cnn", "1.0.0") in monitor._index

@@ -227,3 +227,25 @@ def test_guard_alerts_without_mitigating_when_mitigation_is_off():
     feed(guard, counters, "n1", "sign", {"s": [190, 8, 2]})
     d = feed(guard, counters, "n1", "sign", {"s": [190, 8, 102]})
     assert [n.kind for n in d.notices] == ["alert.slowdown"] and d.mitigations == {}
+
+
+def test_only_nodes_serving_a_model_teach_its_clean_baseline():
+    """Any node may report exit counts under any model name: one that serves none must not arm the
+    detector with a baseline that flags honest traffic (or hides a real collapse)."""
+    guard = SlowdownGuard(SlowdownConfig(learn_requests=1000, min_requests=10))
+    counters = ExitCounters()
+    serving = {("honest", "sign")}
+
+    def observe():
+        return guard.observe(counters.windows(), lambda node, model: (node, model) in serving)
+
+    counters.add("hostile", [exit_stats("sign", "x", [999_000, 1000])])  # 99.9 % early: a false baseline
+    observe()
+    assert "sign" not in guard.detectors
+    counters.add("honest", [exit_stats("sign", "cam-1", [600, 400])])
+    observe()
+    counters.add("honest", [exit_stats("sign", "cam-1", [1200, 800])])
+    observe()
+    assert guard.detectors["sign"].baseline == pytest.approx(0.6)
+    counters.add("honest", [exit_stats("sign", "cam-1", [1800, 1200])])  # clean traffic: no alert
+    assert not [n for n in observe().notices if n.kind == "alert.slowdown"]

@@ -56,3 +56,19 @@ def test_statuses_without_an_epoch_keep_the_old_rules():
     fleet.apply(status(ONLINE, 0, 5, 1000))
     assert fleet.apply(status(ONLINE, 0, 4, 2000)) is None  # older sequence number
     assert fleet.apply(status(OFFLINE, 0, 0, 500)) == "status"  # a will without epoch: applies
+
+
+def test_a_node_naming_new_models_in_every_report_keeps_at_most_its_bound_of_latency_windows():
+    from edgeward.wire import MAX_MODEL_STATS
+
+    fleet = Fleet()
+    fleet.apply(status(ONLINE, 1000, 1, 1000))
+    for rnd in range(3):
+        stats = [
+            node_pb2.ModelStats(model_name=f"m{rnd}-{i}", inferences=1, latency_p95_ms=1.0)
+            for i in range(MAX_MODEL_STATS)
+        ]
+        fleet.apply(node_message("n1", telemetry=node_pb2.Telemetry(models=stats)))
+    latency = fleet.nodes["n1"].latency
+    assert len(latency) == MAX_MODEL_STATS
+    assert next(iter(latency)).startswith("m2-")  # the newest kept, the oldest gone

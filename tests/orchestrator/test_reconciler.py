@@ -597,3 +597,39 @@ async def test_binding_yields_to_the_loop_each_time_its_slice_of_time_is_used(
     binding = False
     await task
     assert seen - 1 == turns
+
+
+async def test_replicas_a_node_makes_up_are_unloaded_with_one_command_not_one_each(store, tmp_path) -> None:
+    """A status may name 1,024 replica ids no deployment has: each was sent an undeploy (thousands of
+    commands from a few statuses), and each id was remembered for good. A few orphans are still
+    undeployed one by one; many make one full set; what the node stops reporting is forgotten."""
+    fleet = Fleet()
+    acc = node_pb2.Accelerator(kind="cpu-litert", dtypes=["INT8"], peak_gops=1.0)
+    hello = node_pb2.Hello(accelerators=[acc], max_replicas=8, memory_bytes=2**30, boot_unix_ms=1)
+    fleet.apply(node_message("n1", hello=hello))
+    sent: list[node_pb2.Command] = []
+
+    async def publish(node_id: str, cmd: node_pb2.Command) -> None:
+        sent.append(cmd)
+
+    rec = affirmed(store, tmp_path, fleet, _direct, publish)
+
+    def report(seq: int, ids: list[str]) -> None:
+        replicas = [node_pb2.ReplicaReport(replica_id=i, phase=node_pb2.REPLICA_PHASE_RUNNING) for i in ids]
+        status = node_pb2.Status(state=node_pb2.NODE_STATE_ONLINE, epoch=1, status_seq=seq, replicas=replicas)
+        fleet.apply(node_message("n1", status=status))
+
+    report(1, ["a", "b"])
+    await rec.reconcile_once()
+    assert sorted(c.undeploy.replica_id for c in sent if c.HasField("undeploy")) == ["a", "b"]
+    sent.clear()
+    many = [f"made-up-{i}" for i in range(reconciler_module.MAX_ORPHAN_UNDEPLOYS + 1)]
+    report(2, many)
+    await rec.reconcile_once()
+    await rec.reconcile_once()  # the full set goes with the pass after (the node's sync)
+    assert [c for c in sent if c.HasField("undeploy")] == []
+    assert [len(c.sync.replicas) for c in sent if c.HasField("sync")] == [0]
+    assert set(rec._orphans_sent) == set()  # none undeployed one by one: nothing to remember
+    report(3, [])
+    await rec.reconcile_once()
+    assert rec._orphans_sent == {}
