@@ -22,7 +22,8 @@ from typing import Any
 
 import grpc
 
-from edgeward.security.authz import Checked, InvalidRequest, RequestCheck, caller, checked_value
+from edgeward.security.authz import DEPLOYMENT, Checked, InvalidRequest, RequestCheck, caller, checked_value
+from edgeward.security.identity import Role
 from edgeward.v1 import api_pb2, api_pb2_grpc, node_pb2
 from edgeward.wire import now_ms
 
@@ -33,6 +34,7 @@ from .catalog.publish import MAX_MODEL_BYTES, ModelPublisher, PushBudget
 from .catalog.service import Catalog
 from .catalog.views import compliance, node_trust, placements
 from .catalog.wipe import status_pb as wipe_status_pb
+from .config import TeamQuotaConfig
 from .errors import (
     AlreadyExists,
     Busy,
@@ -41,6 +43,7 @@ from .errors import (
     InvalidModel,
     NotFound,
     OrchestratorError,
+    QuotaExceeded,
     RevisionGone,
 )
 from .events import EventBus
@@ -66,6 +69,7 @@ __all__ = [  # the conversions live in .views; kept importable here
 
 DbCall = Callable[..., Awaitable[Any]]
 APPLY = "/edgeward.v1.DeploymentService/Apply"
+MAX_REASON_CHARS = 500  # the reason of a model state change or a rollout action
 
 
 def _status(err: Exception) -> tuple[grpc.StatusCode, str]:
@@ -79,7 +83,7 @@ def _status(err: Exception) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.NOT_FOUND, str(err)
     if isinstance(err, AlreadyExists):
         return grpc.StatusCode.ALREADY_EXISTS, str(err)
-    if isinstance(err, Busy):
+    if isinstance(err, Busy | QuotaExceeded):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(err)
     return grpc.StatusCode.INTERNAL, f"internal error: {type(err).__name__}"
 
@@ -140,11 +144,19 @@ class Control:
 
 
 class DeploymentService(api_pb2_grpc.DeploymentServiceServicer):
-    def __init__(self, control: Control, views: ApiViews, watch: WatchHub, run_blocking: DbCall) -> None:
+    def __init__(
+        self,
+        control: Control,
+        views: ApiViews,
+        watch: WatchHub,
+        run_blocking: DbCall,
+        quota: TeamQuotaConfig | None = None,
+    ) -> None:
         self._control = control
         self._views = views
         self._watch = watch
         self._run_blocking = run_blocking
+        self._quota = quota or TeamQuotaConfig()
 
     @_rpc
     async def Apply(
@@ -155,6 +167,9 @@ class DeploymentService(api_pb2_grpc.DeploymentServiceServicer):
             manifest = await self._run_blocking(parse_manifest, request.manifest)
         store = self._control.store
         model = manifest.spec.model
+        who = caller()
+        if who is not None and who.role is Role.TEAM:
+            await self._control.db(check_team_quota, store, who.owner, manifest, self._quota)
         found = await self._control.db(store.get_model, model.name, model.version)  # NotFound -> NOT_FOUND
         if found.state == ModelState.REVOKED:
             raise CatalogError(
@@ -222,7 +237,7 @@ class DeploymentService(api_pb2_grpc.DeploymentServiceServicer):
         reads them; a gap (this watcher fell behind and lost queued events, or the replica's
         reader is behind the replay) is filled from the store."""
         control = self._control
-        queue = self._watch.subscribe()
+        watcher = self._watch.subscribe()
         try:
             known: set[str] | None = None  # names seen, to tell ADDED from MODIFIED
             if request.after_revision:
@@ -244,7 +259,7 @@ class DeploymentService(api_pb2_grpc.DeploymentServiceServicer):
                             type=api_pb2.WATCH_EVENT_TYPE_ADDED, deployment=dep, revision=last
                         )
             while True:
-                event = await queue.get()
+                event = await self._watch.next(watcher)
                 if event.revision <= last:
                     continue
                 events = [event]
@@ -259,7 +274,7 @@ class DeploymentService(api_pb2_grpc.DeploymentServiceServicer):
                     if not request.name or e.deployment.name == request.name:
                         yield e
         finally:
-            self._watch.unsubscribe(queue)
+            self._watch.unsubscribe(watcher)
 
     async def _replay(
         self, after: int, until: int | None, known: set[str] | None
@@ -277,6 +292,29 @@ class DeploymentService(api_pb2_grpc.DeploymentServiceServicer):
                 _added_or_modified(event, known)
                 yield event
                 after = revision
+
+
+def check_team_quota(store: Store, owner: str, manifest: DeploymentManifest, quota: TeamQuotaConfig) -> None:
+    """On the store's thread: refuse an Apply that adds a deployment, or replicas, beyond the team's
+    quota (QuotaExceeded). One that keeps or lowers what the team holds passes, also over a quota
+    lowered since. Concurrent Applies of one team on several replicas may each pass: the quota
+    bounds what a team holds to about itself plus one Apply per replica."""
+    name, wanted = manifest.metadata.name, manifest.spec.replicas
+    owned = store.owned_by(DEPLOYMENT, owner)
+    held = {d.name: d.manifest.spec.replicas for d in store.list_deployments() if d.name in owned}
+    before = held.pop(name, None)
+    if before is None and len(held) + 1 > quota.deployments:
+        raise QuotaExceeded(
+            "quota.deployments",
+            f"the team holds {len(held)} deployments, its quota is {quota.deployments} (team_quota.deployments)",
+        )
+    total = sum(held.values()) + wanted
+    if wanted > (before or 0) and total > quota.replicas:
+        raise QuotaExceeded(
+            "quota.replicas",
+            f"spec.replicas: {wanted} would take the team's replicas to {total}, its quota is "
+            f"{quota.replicas} (team_quota.replicas)",
+        )
 
 
 def change_event(revision: int, name: str, pb: api_pb2.Deployment | None) -> api_pb2.DeploymentEvent:
@@ -299,30 +337,54 @@ def _added_or_modified(event: api_pb2.DeploymentEvent, known: set[str] | None) -
         event.type = api_pb2.WATCH_EVENT_TYPE_ADDED
 
 
+Change = tuple[int, str, "api_pb2.Deployment | None", int]  # revision, name, deployment, its bytes
+
+
+@dataclass(eq=False)  # hashed by identity: the hub's set of them
+class Watcher:
+    """One Watch stream's queue of changes, and the bytes of the deployments in it."""
+
+    queue: asyncio.Queue[Change]
+    queued_bytes: int = 0
+
+
 class WatchHub:
     """Fan-out of the store's deployment changes to this replica's Watch streams. A watcher that falls
-    more than ``depth`` changes behind loses queued events; its stream fills the gap from the store."""
+    more than ``depth`` changes, or ``max_bytes`` of deployments, behind loses its oldest queued
+    changes; its stream fills the gap from the store. Every queue holds the one deployment message
+    of a change (copied into an event as the stream sends it), not a copy each: stalled streams
+    held a copy of every change of a 10,000-replica deployment (780 KB) each."""
 
-    def __init__(self, depth: int = 1024) -> None:
-        self._subscribers: set[asyncio.Queue[api_pb2.DeploymentEvent]] = set()
+    def __init__(self, depth: int = 1024, max_bytes: int = 32 * 1024**2) -> None:
+        self._subscribers: set[Watcher] = set()
         self._depth = depth
+        self._max_bytes = max_bytes
         self.dropped = 0
         self.revision = 0
 
-    def subscribe(self) -> asyncio.Queue[api_pb2.DeploymentEvent]:
-        queue: asyncio.Queue[api_pb2.DeploymentEvent] = asyncio.Queue(self._depth)
-        self._subscribers.add(queue)
-        return queue
+    def subscribe(self) -> Watcher:
+        watcher = Watcher(asyncio.Queue(self._depth))
+        self._subscribers.add(watcher)
+        return watcher
 
-    def unsubscribe(self, queue: asyncio.Queue) -> None:
-        self._subscribers.discard(queue)
+    def unsubscribe(self, watcher: Watcher) -> None:
+        self._subscribers.discard(watcher)
+
+    @staticmethod
+    async def next(watcher: Watcher) -> api_pb2.DeploymentEvent:
+        revision, name, pb, size = await watcher.queue.get()
+        watcher.queued_bytes -= size
+        return change_event(revision, name, pb)  # a copy: streams retype it
 
     def publish_change(self, revision: int, name: str, pb: api_pb2.Deployment | None) -> None:
-        for queue in self._subscribers:
-            if queue.full():
-                queue.get_nowait()
+        size = pb.ByteSize() if pb is not None else 0
+        for watcher in self._subscribers:
+            queue = watcher.queue
+            while queue.full() or (watcher.queued_bytes + size > self._max_bytes and not queue.empty()):
+                watcher.queued_bytes -= queue.get_nowait()[3]
                 self.dropped += 1
-            queue.put_nowait(change_event(revision, name, pb))  # one copy each: streams retype it
+            queue.put_nowait((revision, name, pb, size))
+            watcher.queued_bytes += size
 
     @property
     def watchers(self) -> int:
@@ -520,6 +582,8 @@ class ModelService(api_pb2_grpc.ModelServiceServicer):
                         raise InvalidModel(
                             "model.push.too_large", f"more than the announced {meta.size} bytes"
                         )
+                else:  # what was authorized is the first message's name: nothing may come before it
+                    raise InvalidModel("model.push.empty_part", "a message with neither metadata nor a chunk")
             if meta is None:
                 raise InvalidModel("model.push.no_metadata", "empty push")
             return await self._publisher.publish(meta, bytes(data), publisher, _owner_team(meta))
@@ -558,6 +622,11 @@ class ModelService(api_pb2_grpc.ModelServiceServicer):
     async def _set_state(self, request: api_pb2.SetModelStateRequest, state: ModelState) -> api_pb2.Model:
         if not request.version:
             raise InvalidModel("model.state.no_version", "version is required: name one version")
+        if len(request.reason) > MAX_REASON_CHARS:  # stored, kept in the history and the event bus
+            raise InvalidModel(
+                "model.state.reason_too_long",
+                f"reason: {len(request.reason)} characters, at most {MAX_REASON_CHARS}",
+            )
         if state == ModelState.REVOKED:
             self._verifier.revoke_model_keys(request.name, [request.version])
         record = await self._control.db(
@@ -763,7 +832,7 @@ class RolloutService(api_pb2_grpc.RolloutServiceServicer):
     async def _act(self, kind: str, request: api_pb2.RolloutRequest) -> api_pb2.RolloutStatus:
         if not NAME_RE.fullmatch(request.deployment):
             raise InvalidArgument([("deployment", "must be a DNS-1123 label")])
-        rollout = await self._rollouts.request(kind, request.deployment, request.reason[:500])
+        rollout = await self._rollouts.request(kind, request.deployment, request.reason[:MAX_REASON_CHARS])
         record, replicas = await self._deployment(request.deployment)
         return self._rollouts.status_pb(record, rollout, replicas)
 

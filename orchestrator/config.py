@@ -252,6 +252,22 @@ class StateConfig(BaseModel):
         return url
 
 
+class TeamQuotaConfig(BaseModel):
+    """What one team (a team certificate's callers) may hold at once; operators are not limited."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    deployments: Annotated[int, Field(ge=0, le=1_000_000)] = Field(
+        200, description="Deployments a team may hold; an Apply that would create one more is refused."
+    )
+    replicas: Annotated[int, Field(ge=0, le=10_000_000)] = Field(
+        20_000,
+        description="Replicas the deployments of a team may ask for in all; an Apply that would take "
+        "the sum beyond it is refused (one team's three Applies made 30,000 replicas, and every "
+        "reconcile pass of the fleet slower).",
+    )
+
+
 class OrchestratorConfig(BaseModel):
     """Settings of one orchestrator process."""
 
@@ -319,6 +335,10 @@ class OrchestratorConfig(BaseModel):
     scheduler: SchedulerConfig = Field(
         default_factory=SchedulerConfig,
         description="Placement profile, operator-defined profiles, SLO rescheduling (docs/scheduler.md).",
+    )
+    team_quota: TeamQuotaConfig = Field(
+        default_factory=TeamQuotaConfig,
+        description='Deployments and replicas one team may hold (docs/security.md, "Limits on input").',
     )
     security: SecurityConfig | None = Field(
         None,

@@ -50,6 +50,14 @@ class Busy(OrchestratorError):
         self.reason = reason
 
 
+class QuotaExceeded(OrchestratorError):
+    """A team's request would take it beyond its quota (config team_quota): RESOURCE_EXHAUSTED."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
 class IllegalTransition(OrchestratorError):
     """A lifecycle moved along an edge its transition table does not have: a bug."""
 

@@ -27,9 +27,14 @@ from .strict_yaml import MAX_DEPTH, YamlRefused, load_yaml
 
 MAX_MANIFEST_BYTES = 64 * 1024
 NAME_RE = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
-SEMVER_RE = re.compile(r"(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:-[0-9A-Za-z.-]+)?")
+# Bounded parts, ASCII digits only (``\d`` also takes other scripts' digits, which int() reads): the
+# store orders versions by their numbers, and a version of 4,401 digits made that fail for its model.
+SEMVER_RE = re.compile(
+    r"(0|[1-9][0-9]{0,8})\.(0|[1-9][0-9]{0,8})\.(0|[1-9][0-9]{0,8})(?:-[0-9A-Za-z.-]{1,32})?"
+)
 LABEL_RE = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_./]{0,61}[A-Za-z0-9])?")
-_MEMORY_RE = re.compile(r"(\d+)(Ki|Mi|Gi)?")
+_MEMORY_RE = re.compile(r"([0-9]{1,16})(Ki|Mi|Gi)?")
+MAX_MEMORY_BYTES = 2**50  # 1 PiB: no edge node has it; a byte count far beyond broke uint64 fields
 _MEMORY_UNITS = {None: 1, "Ki": 1024, "Mi": 1024**2, "Gi": 1024**3}
 
 
@@ -94,8 +99,11 @@ class RequirementsSpec(_Strict):
     @field_validator("memory")
     @classmethod
     def _memory(cls, value: str) -> str:
-        if not _MEMORY_RE.fullmatch(str(value)):
+        match = _MEMORY_RE.fullmatch(str(value))
+        if not match:
             raise ValueError("must be a byte count with optional Ki/Mi/Gi suffix, e.g. 64Mi")
+        if int(match.group(1)) * _MEMORY_UNITS[match.group(2)] > MAX_MEMORY_BYTES:
+            raise ValueError(f"must be at most {MAX_MEMORY_BYTES} bytes (1 PiB)")
         return str(value)
 
     @property

@@ -548,7 +548,9 @@ class Orchestrator:
             on_change=self.reconciler.trigger,
         )
         return ApiServices(
-            deployments=DeploymentService(control, self.views, self.watch, self.run_blocking),
+            deployments=DeploymentService(
+                control, self.views, self.watch, self.run_blocking, self.config.team_quota
+            ),
             nodes=NodeService(control, self.views),
             models=ModelService(
                 control,

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -45,6 +46,8 @@ _ANY_ROLE = frozenset(Role)
 _IDENTITY_CACHE = 1024
 MAX_WATCHES = 16  # Watch streams one certificate may hold open at once
 MAX_NAME = 253  # the longest name a request may give for its target (object names are shorter still)
+CLOCK_SKEW_MS = 5_000  # how far the replicas' clocks may disagree (deployments' creation times)
+FIRST_MESSAGE_S = 30.0  # a request stream (a model push) sends its first message within this, or ends
 
 
 class Denied(Exception):
@@ -407,10 +410,14 @@ async def _filter_response(method: str, identity: Identity, authz: Authorizer, r
 
 
 class TeamWatch:
-    """Which events of a DeploymentService/Watch stream a team sees: its own deployments'. Whose a
-    name is, is read once per stream and again only for a name it has not classified yet, in a
-    later revision than it last read: a name changes hands only through its deletion, which the
-    stream sees (in revision order) before any event of the next owner."""
+    """Which events of a DeploymentService/Watch stream a team sees: its own deployments'.
+
+    Whose a name is, is read once per stream, and again for a name it has not classified yet in a
+    later revision than it last read, or for a deployment created since (less ``CLOCK_SKEW_MS``):
+    an event carries the deployment as it is when the event is built, not as it was at the event's
+    revision, so a name deleted and created again by another team reaches a stream that fell
+    behind as a MODIFIED event of the name it knew, with the new owner's deployment in it. The
+    owner of a deployment is recorded before it is created, so a read after its creation knows it."""
 
     def __init__(self, authz: Authorizer, identity: Identity) -> None:
         self._authz = authz
@@ -418,17 +425,22 @@ class TeamWatch:
         self._mine: set[str] = set()
         self._theirs: set[str] = set()
         self._read_at = -1  # the revision the owners were last read at (-1: never)
+        self._read_ms = 0  # and when (unix ms)
 
     async def shows(self, event: Any) -> bool:
         name = event.deployment.name
-        if name not in self._mine and name not in self._theirs:
-            if event.revision > self._read_at:
-                self._mine = await self._authz.owners.owned(DEPLOYMENT, self._identity.owner)
-                self._read_at = event.revision
-            if name not in self._mine:
-                self._theirs.add(name)
+        deleted = event.type == api_pb2.WATCH_EVENT_TYPE_DELETED
+        created_since = not deleted and event.deployment.created_unix_ms >= self._read_ms - CLOCK_SKEW_MS
+        unknown = name not in self._mine and name not in self._theirs and event.revision > self._read_at
+        if created_since or unknown:
+            self._read_ms = int(time.time() * 1000)
+            self._mine = await self._authz.owners.owned(DEPLOYMENT, self._identity.owner)
+            self._theirs = set()
+            self._read_at = max(self._read_at, event.revision)
+        if name not in self._mine:
+            self._theirs.add(name)
         shown = name in self._mine
-        if event.type == api_pb2.WATCH_EVENT_TYPE_DELETED:  # the name may change hands from now on
+        if deleted:  # the name may change hands from now on
             self._mine.discard(name)
             self._theirs.discard(name)
         return shown
@@ -484,7 +496,15 @@ class AuthzInterceptor(RequestGuard):
                         f"a name of {len(name)} characters, at most {MAX_NAME}",
                         grpc.StatusCode.INVALID_ARGUMENT,
                     )
-            if method == _M + "Push" and request is not None:
+            if method == _M + "Push" and (request is None or not request.metadata.name):
+                # The first message names the model that ownership is checked on: a push that leads
+                # with anything else (an empty message, a chunk) would be checked on no name at all.
+                raise Denied(
+                    "model.push.no_metadata",
+                    "the first message must carry the metadata, with the model's name",
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                )
+            if method == _M + "Push":
                 claimed = request.metadata.owner_team
                 if claimed not in ("", identity.team or ""):
                     raise Denied(
@@ -503,6 +523,20 @@ class AuthzInterceptor(RequestGuard):
             raise AssertionError("unreachable: abort raises") from denial
         _CALLER.set(identity)
         return identity, name, claims
+
+    async def _identified(self, method: str, rule: MethodRule, context: grpc.aio.ServicerContext) -> Identity:
+        """The caller, when its certificate is valid, not revoked, and of a role that may call
+        ``method``; else the call is audited and aborted (raises). What the request asks is checked
+        later, by :meth:`_admit`."""
+        identity: Identity | None = None
+        try:
+            identity = self.authz.identify(client_pem(context))
+            self.authz.check_revoked(identity)
+            self.authz.check_role(identity, method, rule)
+        except Denied as denial:
+            await self._refused(method, rule, identity, None, context, denial)
+            raise AssertionError("unreachable: abort raises") from denial
+        return identity
 
     async def _check(self, method: str, request: Any) -> Checked | None:
         check = self.checks.get(method)
@@ -661,8 +695,21 @@ class AuthzInterceptor(RequestGuard):
         rule = rule_for(method)
 
         async def call(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
-            # The first message (a model push's metadata) names the target; it is handed on unchanged.
-            first = await anext(aiter(requests), None)
+            # Who calls is settled before anything is read: a revoked or wrong-role certificate holds
+            # no stream open waiting for its first message, and nobody waits longer than FIRST_MESSAGE_S.
+            identity = await self._identified(method, rule, context)
+            try:
+                async with asyncio.timeout(FIRST_MESSAGE_S):
+                    # The first message (a model push's metadata) names the target; handed on unchanged.
+                    first = await anext(aiter(requests), None)
+            except TimeoutError:
+                denial = Denied(
+                    "request.first_message_late",
+                    f"no message within {FIRST_MESSAGE_S:g} s",
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                )
+                await self._refused(method, rule, identity, None, context, denial)
+                raise
             identity, name, claims = await self._admit(method, rule, first, context)
             rest = self.checked(method, requests, context)
 

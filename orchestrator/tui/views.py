@@ -337,7 +337,9 @@ class ModelsView(LiveView):
 
 def _semver(version: str) -> tuple[int, ...]:
     core = version.split("-", 1)[0].split("+", 1)[0]
-    return tuple(int(p) if p.isdigit() else 0 for p in core.split("."))
+    return tuple(
+        int(p) if p.isdigit() and len(p) <= 9 else 0 for p in core.split(".")
+    )  # the catalog refuses longer
 
 
 def _lineage(models: list[api_pb2.Model], model: api_pb2.Model) -> str:

@@ -44,7 +44,14 @@ class Client:
         self.nodes = api_pb2_grpc.NodeServiceStub(channel)
         self.models = api_pb2_grpc.ModelServiceStub(channel)
 
-    async def push(self, name: str, version: str = "1.0.0", owner_team: str = "") -> api_pb2.Model:
+    async def push(
+        self,
+        name: str,
+        version: str = "1.0.0",
+        owner_team: str = "",
+        lead: tuple[api_pb2.PushModelRequest, ...] = (),
+    ) -> api_pb2.Model:
+        """Push the test model; ``lead``: messages sent before its metadata (a hostile client's)."""
         data = MODEL.read_bytes()
         meta = api_pb2.ModelMetadata(
             name=name,
@@ -55,6 +62,8 @@ class Client:
         )
 
         async def parts():
+            for part in lead:
+                yield part
             yield api_pb2.PushModelRequest(metadata=meta)
             yield api_pb2.PushModelRequest(chunk=data)
 

@@ -11,9 +11,10 @@ from collections.abc import Callable
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from security_support import Client, manifest
+from security_support import Client, client_tls, manifest, secure_config
 
 from edgeward.security.audit import read_audit
+from edgeward.security.tls import grpc_aio_channel
 from edgeward.v1 import api_pb2
 from orchestrator.server import Orchestrator
 
@@ -177,3 +178,107 @@ async def test_owner_team_comes_from_the_certificate(connect: Callable[..., Clie
     err = await refused(operator.push("ops-model", owner_team="smart-home"))
     assert err.code() == DENIED and "security.authz.owner_team" in err.details()
     assert (await operator.push("ops-model")).owner_team == ""
+
+
+async def test_a_push_that_leads_with_anything_but_its_metadata_is_refused(
+    connect: Callable[..., Client], secure_orchestrator: Orchestrator
+):
+    """Ownership was checked on the first message's name: an empty first message (or a chunk) was
+    checked on no name at all, and the metadata after it published a version into another team's
+    model."""
+    home = connect("team", "ci", team="smart-home")
+    auto = connect("team", "ci", team="automotive")
+    await home.push("home-model")
+    for lead in (api_pb2.PushModelRequest(), api_pb2.PushModelRequest(chunk=b"x")):
+        err = await refused(auto.push("home-model", version="1.0.1", lead=(lead,)))
+        assert err.code() == INVALID and "model.push.no_metadata" in err.details(), err.details()
+    assert (await refused(auto.push("home-model", version="1.0.1"))).code() == DENIED
+    history = await home.models.History(api_pb2.GetModelRequest(name="home-model"), timeout=5)
+    assert [v.version for v in history.versions] == ["1.0.0"]
+    # The handler refuses a message with neither part wherever it comes (the operator has no owner check).
+    operator = connect("operator", "alice")
+    err = await refused(operator.push("ops-model", lead=(api_pb2.PushModelRequest(),)))
+    assert err.code() == INVALID
+
+
+async def test_numbers_beyond_what_the_store_and_the_wire_hold_are_refused_at_apply_and_push(
+    connect: Callable[..., Client], secure_orchestrator: Orchestrator
+):
+    """A memory of 5,000 digits passed the manifest's pattern and broke every reconcile pass, the
+    change feed and List for every tenant; a version of 4,401 digits broke its model's Get and
+    History. Both are refused with the field and the reason; the others' calls go on."""
+    auto = connect("team", "ci", team="automotive")
+    await auto.push("auto-model")
+    for memory in ("9" * 5000, "99999999999999999999999Gi", "1048577Gi"):
+        text = manifest("bomb", "auto-model").rstrip("\n") + f"\n  requirements: {{memory: '{memory}'}}\n"
+        err = await refused(auto.apply(text))
+        assert err.code() == INVALID and "memory" in err.details(), err.details()
+    ok = manifest("fine", "auto-model").rstrip("\n") + "\n  requirements: {memory: '1024Gi'}\n"
+    assert (await auto.apply(ok)).deployment.spec.requirements.memory_bytes == 1024**4
+    for version in ("1.0." + "9" * 4401, "1.0.1234567890", "1.0.0-" + "a" * 33, "1.0.\u0663"):
+        err = await refused(auto.push("auto-model", version=version))
+        assert err.code() == INVALID, (version[:20], err.code())
+    assert await auto.list() == ["fine"]
+
+
+async def test_a_model_state_reason_is_bounded(
+    connect: Callable[..., Client], secure_orchestrator: Orchestrator
+):
+    """Deprecate and Revoke stored their reason whole, and kept it in the event history: 4 MB reasons
+    filled it and made the operator's model List too large to send."""
+    auto = connect("team", "ci", team="automotive")
+    await auto.push("auto-model")
+    err = await refused(
+        auto.models.Deprecate(
+            api_pb2.SetModelStateRequest(name="auto-model", version="1.0.0", reason="x" * 501)
+        )
+    )
+    assert err.code() == INVALID and "model.state.reason_too_long" in err.details()
+    done = await auto.models.Deprecate(
+        api_pb2.SetModelStateRequest(name="auto-model", version="1.0.0", reason="x" * 500), timeout=5
+    )
+    assert done.state_reason == "x" * 500
+
+
+async def test_a_team_holds_at_most_its_quota_of_deployments_and_replicas(fleet_ca, tmp_path, topic_prefix):
+    """Three 200-byte Applies made 30,000 replicas, and every reconcile pass of the fleet slower: a
+    team's Applies stop at its quota (RESOURCE_EXHAUSTED, with the field and the setting), one that
+    keeps or lowers what it holds still passes, and operators are not limited."""
+    config = secure_config(
+        fleet_ca, tmp_path / "orch", topic_prefix, team_quota={"deployments": 2, "replicas": 5}
+    )
+    async with Orchestrator(config) as orch:
+        channels = []
+
+        def connect(role: str, name: str, team: str | None = None) -> Client:
+            channels.append(grpc_aio_channel(orch.address, client_tls(fleet_ca, role, name, team)))
+            return Client(channels[-1])
+
+        try:
+            auto, home = connect("team", "ci", "automotive"), connect("team", "ci", "smart-home")
+            operator = connect("operator", "alice")
+            await auto.push("auto-model")
+            await home.push("home-model")
+            await auto.apply(manifest("a", "auto-model", replicas=2))
+            await auto.apply(manifest("b", "auto-model", replicas=3))
+            err = await refused(auto.apply(manifest("c", "auto-model")))
+            assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "quota.deployments" in err.details()
+            err = await refused(auto.apply(manifest("b", "auto-model", replicas=4)))
+            assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "quota.replicas" in err.details()
+            assert "spec.replicas" in err.details() and "team_quota.replicas" in err.details()
+            await auto.apply(manifest("b", "auto-model", replicas=1))  # lower: passes
+            await auto.apply(manifest("b", "auto-model", replicas=3))  # back to 5 in all: within
+            await home.apply(manifest("h", "home-model", replicas=5))  # another team's own quota
+            await operator.apply(manifest("ops", "auto-model", replicas=50))
+            assert sorted(
+                d.name
+                for d in (await operator.deployments.List(api_pb2.ListDeploymentsRequest())).deployments
+            ) == [
+                "a",
+                "b",
+                "h",
+                "ops",
+            ]
+        finally:
+            for channel in channels:
+                await channel.close()

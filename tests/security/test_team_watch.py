@@ -1,0 +1,74 @@
+"""A team's Watch stream after a name changed hands, and the Watch hub's memory: unit tests of
+TeamWatch (with the owners in a dict) and WatchHub."""
+
+from __future__ import annotations
+
+import time
+
+from edgeward.security.authz import DEPLOYMENT, TeamWatch
+from edgeward.security.identity import Identity, Role
+from edgeward.v1 import api_pb2
+from orchestrator.api import WatchHub
+
+MODIFIED, DELETED = api_pb2.WATCH_EVENT_TYPE_MODIFIED, api_pb2.WATCH_EVENT_TYPE_DELETED
+
+
+class Owners:
+    def __init__(self) -> None:
+        self.of: dict[str, str] = {}
+        self.reads = 0
+
+    async def owned(self, kind: str, owner: str) -> set[str]:
+        assert kind == DEPLOYMENT
+        self.reads += 1
+        return {name for name, who in self.of.items() if who == owner}
+
+
+class Authz:
+    def __init__(self, owners: Owners) -> None:
+        self.owners = owners
+
+
+def event(
+    revision: int, name: str, created_ms: int, kind: int = MODIFIED, secret: str = ""
+) -> api_pb2.DeploymentEvent:
+    dep = api_pb2.Deployment(
+        name=name, created_unix_ms=created_ms, labels={"secret": secret} if secret else {}
+    )
+    return api_pb2.DeploymentEvent(type=kind, deployment=dep, revision=revision)
+
+
+async def test_a_name_deleted_and_created_by_another_team_is_not_shown_to_the_first():
+    """The stream fell behind while automotive's ``x`` was deleted and smart-home created ``x``: the
+    event of the deletion is built from what is stored by then, smart-home's ``x``, as MODIFIED."""
+    owners = Owners()
+    auto = Identity(Role.TEAM, "ci", "automotive")
+    watch = TeamWatch(Authz(owners), auto)  # type: ignore[arg-type]
+    owners.of["x"] = auto.owner
+    old = int(time.time() * 1000) - 60_000
+    assert await watch.shows(event(1, "x", old))
+    assert await watch.shows(event(2, "x", old))
+    assert owners.reads == 1  # a name known as the team's is not read again
+    owners.of["x"] = Identity(Role.TEAM, "ci", "smart-home").owner  # deleted and created again
+    recreated = int(time.time() * 1000)
+    assert not await watch.shows(event(3, "x", recreated, secret="smart-home's"))
+    assert not await watch.shows(event(4, "x", recreated, secret="smart-home's"))
+    assert not await watch.shows(event(5, "x", recreated, kind=DELETED))
+
+
+async def test_a_stalled_watcher_holds_a_bounded_number_of_bytes_and_one_copy_of_each_change():
+    hub = WatchHub(depth=1024, max_bytes=1_000_000)
+    stalled, reading = hub.subscribe(), hub.subscribe()
+    big = api_pb2.Deployment(name="big", labels={"pad": "x" * 100_000})
+    for revision in range(1, 51):
+        hub.publish_change(revision, "big", big)
+        if revision % 5 == 0:
+            for _ in range(reading.queue.qsize()):
+                await hub.next(reading)
+    assert stalled.queued_bytes <= 1_000_000
+    assert stalled.queue.qsize() == stalled.queued_bytes // big.ByteSize() == 9
+    assert reading.queued_bytes == 0
+    assert hub.dropped == 50 - 9
+    first = await hub.next(stalled)
+    assert first.revision == 42 and first.deployment == big  # the newest kept; the stream replays the gap
+    assert stalled.queue.get_nowait()[2] is big  # every queue refers to the one message
