@@ -156,14 +156,9 @@ def test_lists_beyond_what_an_agent_sends_are_refused_with_their_field():
             node_pb2.Telemetry(models=[node_pb2.ModelStats(inferences=2**64 - 1)]),
             "telemetry.models[0].inferences",
         ),
-        (node_pb2.Telemetry(models=[node_pb2.ModelStats(confident=2**63)]), "telemetry.models[0].confident"),
         (
-            node_pb2.Telemetry(models=[node_pb2.ModelStats(latency_buckets=[1, 2**60])]),
-            "telemetry.models[0].latency_buckets",
-        ),
-        (
-            node_pb2.Telemetry(models=[node_pb2.ModelStats(inferences_by_accelerator={"cpu": 2**54})]),
-            "inferences_by_accelerator['cpu']",
+            node_pb2.Telemetry(models=[node_pb2.ModelStats(), node_pb2.ModelStats(inferences=2**53 + 1)]),
+            "telemetry.models[1].inferences",
         ),
         (
             node_pb2.Telemetry(exits=[node_pb2.ExitStats(requests=1, exits=[1], refused=2**64 - 1)]),
@@ -178,3 +173,11 @@ def test_a_counter_beyond_2_53_is_refused(telemetry, field):
     (the leader gave its term up over and over); such a counter is no real count."""
     _refused("wire.telemetry.invalid_value", field, telemetry=telemetry)
     _decode(telemetry=node_pb2.Telemetry(models=[node_pb2.ModelStats(inferences=2**53)]))
+
+
+def test_counters_only_added_up_in_python_are_not_checked():
+    """Checking every counter made decoding a telemetry sample 8x slower; these reach no int64 array."""
+    big = node_pb2.ModelStats(
+        errors=2**63, scored=2**63, latency_buckets=[2**63], inferences_by_accelerator={"c": 2**63}
+    )
+    _decode(telemetry=node_pb2.Telemetry(models=[big]))
