@@ -171,6 +171,9 @@ class NodeAgent:
         self._serve_inference = serve_inference
         self._own_pool = pool is None
         self._pool = pool or ThreadPoolExecutor(2, thread_name_prefix=f"agent-{self.node_id}")
+        # Inference on threads of its own: a flood of requests must not hold up the node's control
+        # work (attestation answers, unlocks, wipes) until its attestation result expires.
+        self._infer_pool = pool or ThreadPoolExecutor(2, thread_name_prefix=f"agent-{self.node_id}-infer")
         self._backends: dict[str, Backend] = {}
         self._availability: dict[str, str] = {}
         self._seen: OrderedDict[str, asyncio.Future[node_pb2.CommandAck]] = OrderedDict()
@@ -208,6 +211,9 @@ class NodeAgent:
 
     async def run_blocking(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._pool, partial(fn, *args))
+
+    async def run_inference(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._infer_pool, partial(fn, *args))
 
     def _topic(self, kind: TopicKind) -> str:
         return node_topic(self.node_id, kind, self.config.broker.topic_prefix)
@@ -256,6 +262,7 @@ class NodeAgent:
             self.run_blocking,
             self._status_changed,
             self._unlock,
+            run_inference=self.run_inference,
         )
         tls = cfg.tls.tls if cfg.tls is not None else None
         self.pipelines = MultiExitHost(self.runtime, self.node_id, tls)
@@ -362,6 +369,7 @@ class NodeAgent:
             await self.run_blocking(self.responder.close)
             self.responder = None
         if self._own_pool:
+            self._infer_pool.shutdown(wait=True)
             self._pool.shutdown(wait=True)
 
     def drop_counts(self) -> dict[str, int]:

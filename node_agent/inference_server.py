@@ -132,6 +132,10 @@ class RateLimited(InferenceServerError):
     """The request's source is rate-limited on this model by a mitigation (RESOURCE_EXHAUSTED)."""
 
 
+class Overloaded(InferenceServerError):
+    """The node has as many inferences in flight as it takes (RESOURCE_EXHAUSTED: try again later)."""
+
+
 class HandoffFailed(InferenceServerError):
     """A multi-exit request could not continue on the node serving its next stage (UNAVAILABLE)."""
 
@@ -433,7 +437,7 @@ def _status_of(err: Exception) -> grpc.StatusCode:
         return grpc.StatusCode.NOT_FOUND
     if isinstance(err, ModelNotReady | ModelNotLoaded | HandoffFailed):
         return grpc.StatusCode.UNAVAILABLE
-    if isinstance(err, RateLimited):
+    if isinstance(err, RateLimited | Overloaded):
         return grpc.StatusCode.RESOURCE_EXHAUSTED
     if isinstance(err, HandoffOnly):
         return grpc.StatusCode.PERMISSION_DENIED

@@ -23,11 +23,11 @@ from typing import Any
 
 import numpy as np
 
-from accelerators.base import AcceleratorError, Backend, InferResult, ModelArtifact, ModelHandle
+from accelerators.base import AcceleratorError, Backend, InferResult, InvalidInput, ModelArtifact, ModelHandle
 from edgeward.security.files import private_dir
 from edgeward.v1 import node_pb2
 
-from .inference_server import LOADING, READY, UNAVAILABLE, LatencyStats, ModelIndexEntry
+from .inference_server import LOADING, READY, UNAVAILABLE, LatencyStats, ModelIndexEntry, Overloaded
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,10 @@ class ReplicaState:
         )
 
 
+#: Inferences a node takes at once, waiting for a thread or running; more are refused (RESOURCE_EXHAUSTED).
+MAX_IN_FLIGHT = 64
+
+
 class Runtime:
     def __init__(
         self,
@@ -77,7 +81,11 @@ class Runtime:
         run_blocking: RunBlocking,
         on_change: Callable[[], None],
         unlock: Unlock,
+        run_inference: RunBlocking | None = None,
+        max_in_flight: int = MAX_IN_FLIGHT,
     ) -> None:
+        """``run_blocking`` runs the node's control work (unlocks, loads, cache), ``run_inference``
+        (default: the same) the inferences: on a node, threads of their own."""
         self.backends = backends
         self.cache_dir = private_dir(cache_dir)
         for stale in self.cache_dir.glob(".tmp-*"):  # a write a crash interrupted before its rename
@@ -89,6 +97,8 @@ class Runtime:
         #: fails, ``agent.model.wiped``); the same bytes published as another version may load.
         self.wiped: set[tuple[str, str, str]] = set()
         self._run_blocking = run_blocking
+        self._run_inference = run_inference or run_blocking
+        self.max_in_flight = max_in_flight
         self._unlock = unlock
         self._on_change = on_change
         self.replicas: dict[str, ReplicaState] = {}
@@ -346,6 +356,16 @@ class Runtime:
         return state.backend, state.handle
 
     async def infer(self, backend: Backend, handle: ModelHandle, inputs: Any) -> InferResult:
+        """Run one inference on the inference threads (never on those of the node's control work:
+        attestation answers, unlocks, wipes; a flood of requests starved them until the node's
+        result expired and it was quarantined). Beyond ``max_in_flight`` waiting or running, a
+        request is refused at once (Overloaded). A request the model refuses (InvalidInput: shape,
+        dtype) is the caller's error, not the model's: it is not counted as one (rollout gates
+        read the error count; callers could fail a canary with wrong shapes)."""
+        if self.in_flight >= self.max_in_flight:
+            raise Overloaded(
+                f"{self.in_flight} inferences in flight on this node, at most {self.max_in_flight}"
+            )
         key = (handle.name, handle.version)
         stats = self.stats.get(key)
         if stats is None:
@@ -353,7 +373,9 @@ class Runtime:
         self.in_flight += 1
         started = time.perf_counter()
         try:
-            result: InferResult = await self._run_blocking(backend.infer, handle, inputs)
+            result: InferResult = await self._run_inference(backend.infer, handle, inputs)
+        except InvalidInput:
+            raise
         except Exception:
             stats.record_error()
             raise

@@ -22,7 +22,7 @@ from typing import Any
 
 import grpc
 
-from edgeward.security.authz import DEPLOYMENT, Checked, InvalidRequest, RequestCheck, caller, checked_value
+from edgeward.security.authz import Checked, InvalidRequest, RequestCheck, caller, checked_value
 from edgeward.security.identity import Role
 from edgeward.v1 import api_pb2, api_pb2_grpc, node_pb2
 from edgeward.wire import now_ms
@@ -48,7 +48,7 @@ from .errors import (
 )
 from .events import EventBus
 from .fleet import Fleet
-from .manifest import NAME_RE, SEMVER_RE, DeploymentManifest, parse_manifest
+from .manifest import NAME_RE, SEMVER_STORED_RE, DeploymentManifest, parse_manifest
 from .phases import ACTIVE, Phase
 from .reconciler import Reconciler
 from .rollout import RolloutController, RolloutError
@@ -168,8 +168,7 @@ class DeploymentService(api_pb2_grpc.DeploymentServiceServicer):
         store = self._control.store
         model = manifest.spec.model
         who = caller()
-        if who is not None and who.role is Role.TEAM:
-            await self._control.db(check_team_quota, store, who.owner, manifest, self._quota)
+        team = who.owner if who is not None and who.role is Role.TEAM else None
         found = await self._control.db(store.get_model, model.name, model.version)  # NotFound -> NOT_FOUND
         if found.state == ModelState.REVOKED:
             raise CatalogError(
@@ -177,12 +176,19 @@ class DeploymentService(api_pb2_grpc.DeploymentServiceServicer):
                 f"spec.model: {model.name}:{model.version} is revoked ({found.state_reason}); its key is destroyed",
             )
         if request.dry_run:
+            if team is not None:
+                await self._control.db(check_team_quota, store, team, manifest, self._quota)
             try:
                 record = await self._control.db(store.get_deployment, manifest.metadata.name)
             except NotFound:
                 record = DeploymentRecord(manifest.metadata.name, 0, manifest, now_ms(), now_ms())
             return api_pb2.ApplyResponse(deployment=deployment_to_pb(replace(record, manifest=manifest), []))
-        record, created, changed = await self._control.db(store.put_deployment, manifest, now_ms())
+        if team is None:
+            record, created, changed = await self._control.db(store.put_deployment, manifest, now_ms())
+        else:  # the check and the write in one call on the store's thread: no Apply between them
+            record, created, changed = await self._control.db(
+                put_within_quota, store, team, manifest, self._quota, now_ms()
+            )
         log.info(
             "deployment %s %s (generation %d)",
             record.name,
@@ -294,14 +300,22 @@ class DeploymentService(api_pb2_grpc.DeploymentServiceServicer):
                 after = revision
 
 
+def put_within_quota(
+    store: Store, owner: str, manifest: DeploymentManifest, quota: TeamQuotaConfig, now: int
+) -> tuple[DeploymentRecord, bool, bool]:
+    """On the store's thread: :func:`check_team_quota`, then the write. Applies through one replica
+    take turns on its store thread; Applies of one team through several replicas at once may each
+    pass, so a team may exceed its quota by one Apply per replica."""
+    check_team_quota(store, owner, manifest, quota)
+    return store.put_deployment(manifest, now)
+
+
 def check_team_quota(store: Store, owner: str, manifest: DeploymentManifest, quota: TeamQuotaConfig) -> None:
     """On the store's thread: refuse an Apply that adds a deployment, or replicas, beyond the team's
     quota (QuotaExceeded). One that keeps or lowers what the team holds passes, also over a quota
-    lowered since. Concurrent Applies of one team on several replicas may each pass: the quota
-    bounds what a team holds to about itself plus one Apply per replica."""
+    lowered since."""
     name, wanted = manifest.metadata.name, manifest.spec.replicas
-    owned = store.owned_by(DEPLOYMENT, owner)
-    held = {d.name: d.manifest.spec.replicas for d in store.list_deployments() if d.name in owned}
+    held = store.owned_replicas(owner)
     before = held.pop(name, None)
     if before is None and len(held) + 1 > quota.deployments:
         raise QuotaExceeded(
@@ -689,7 +703,9 @@ class ModelService(api_pb2_grpc.ModelServiceServicer):
     ) -> api_pb2.WipeStatus:
         if not NAME_RE.fullmatch(request.name):
             raise InvalidModel("wipe.bad_name", "name must be a DNS-1123 label")
-        if request.version and not SEMVER_RE.fullmatch(request.version):
+        if request.version and not SEMVER_STORED_RE.fullmatch(
+            request.version
+        ):  # a version stored before the bounds too
             raise InvalidModel("wipe.bad_version", "version must be a semantic version")
         return wipe_status_pb(await self._catalog.wipes.start(request))
 

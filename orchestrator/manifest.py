@@ -18,6 +18,7 @@ from pydantic import (
     Field,
     StrictStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -27,15 +28,32 @@ from .strict_yaml import MAX_DEPTH, YamlRefused, load_yaml
 
 MAX_MANIFEST_BYTES = 64 * 1024
 NAME_RE = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
-# Bounded parts, ASCII digits only (``\d`` also takes other scripts' digits, which int() reads): the
-# store orders versions by their numbers, and a version of 4,401 digits made that fail for its model.
+# What new input may say (a push, an Apply): bounded parts, ASCII digits only (``\d`` also takes
+# other scripts' digits, which int() reads); the store orders versions by their numbers, and a version
+# of 4,401 digits made that fail for its model. What was stored before these bounds (read back from
+# the store, named by a wipe) only has to match SEMVER_STORED_RE: a stored deployment the store
+# could not read back would stop every reconcile pass and List.
 SEMVER_RE = re.compile(
     r"(0|[1-9][0-9]{0,8})\.(0|[1-9][0-9]{0,8})\.(0|[1-9][0-9]{0,8})(?:-[0-9A-Za-z.-]{1,32})?"
 )
+SEMVER_STORED_RE = re.compile(r"(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:-[0-9A-Za-z.-]+)?")
+#: The validation context of new input (parse_manifest): the bounds above apply.
+INPUT = {"input": True}
 LABEL_RE = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_./]{0,61}[A-Za-z0-9])?")
-_MEMORY_RE = re.compile(r"([0-9]{1,16})(Ki|Mi|Gi)?")
+_MEMORY_RE = re.compile(r"([0-9]+)(Ki|Mi|Gi)?")
 MAX_MEMORY_BYTES = 2**50  # 1 PiB: no edge node has it; a byte count far beyond broke uint64 fields
 _MEMORY_UNITS = {None: 1, "Ki": 1024, "Mi": 1024**2, "Gi": 1024**3}
+
+
+def _is_input(info: ValidationInfo) -> bool:
+    return bool(info.context and info.context.get("input"))
+
+
+def _bytes(match: re.Match[str]) -> int:
+    digits = match.group(1).lstrip("0") or "0"
+    if len(digits) > 16:  # int() of thousands of digits is slow, and refused past 4,300
+        return MAX_MEMORY_BYTES + 1
+    return min(int(digits) * _MEMORY_UNITS[match.group(2)], MAX_MEMORY_BYTES + 1)
 
 
 class _Strict(BaseModel):
@@ -78,9 +96,12 @@ class ModelRefSpec(_Strict):
 
     @field_validator("version")
     @classmethod
-    def _version(cls, value: str) -> str:
-        if not SEMVER_RE.fullmatch(value):
-            raise ValueError("must be a semantic version such as 1.0.0")
+    def _version(cls, value: str, info: ValidationInfo) -> str:
+        if not (SEMVER_RE if _is_input(info) else SEMVER_STORED_RE).fullmatch(value):
+            raise ValueError(
+                "must be a semantic version such as 1.0.0 (parts of at most 9 digits, a pre-release of "
+                "at most 32 characters)"
+            )
         return value
 
 
@@ -98,19 +119,21 @@ class RequirementsSpec(_Strict):
 
     @field_validator("memory")
     @classmethod
-    def _memory(cls, value: str) -> str:
+    def _memory(cls, value: str, info: ValidationInfo) -> str:
         match = _MEMORY_RE.fullmatch(str(value))
         if not match:
             raise ValueError("must be a byte count with optional Ki/Mi/Gi suffix, e.g. 64Mi")
-        if int(match.group(1)) * _MEMORY_UNITS[match.group(2)] > MAX_MEMORY_BYTES:
+        if _is_input(info) and (len(match.group(1)) > 16 or _bytes(match) > MAX_MEMORY_BYTES):
             raise ValueError(f"must be at most {MAX_MEMORY_BYTES} bytes (1 PiB)")
         return str(value)
 
     @property
     def memory_bytes(self) -> int:
+        """The byte count, at most ``MAX_MEMORY_BYTES + 1`` (what a manifest stored before the bound
+        says beyond it: no node has it, and a uint64 field takes it)."""
         match = _MEMORY_RE.fullmatch(self.memory)
         assert match is not None
-        return int(match.group(1)) * _MEMORY_UNITS[match.group(2)]
+        return _bytes(match)
 
 
 class SelectorSpec(_Strict):
@@ -331,7 +354,7 @@ def parse_manifest(text: str | bytes) -> DeploymentManifest:
             [("(root)", "manifest must be a mapping with apiVersion, kind, metadata, spec")]
         )
     try:
-        return DeploymentManifest.model_validate(data)
+        return DeploymentManifest.model_validate(data, context=INPUT)
     except ValidationError as err:
         raise InvalidManifest([(_path(e["loc"]), e["msg"]) for e in err.errors()]) from err
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import logging
 import os
 import random
@@ -194,6 +195,7 @@ class Store(Protocol):
     ) -> tuple[DeploymentRecord, bool, bool]: ...
     def get_deployment(self, name: str) -> DeploymentRecord: ...
     def list_deployments(self) -> list[DeploymentRecord]: ...
+    def owned_replicas(self, owner: str) -> dict[str, int]: ...
     def delete_deployment(self, name: str, now_ms: int) -> list[ReplicaRecord]: ...
     def list_replicas(self, deployment: str | None = None) -> list[ReplicaRecord]: ...
     def replica_counts(self, deployment: str | None = None) -> dict[tuple[str, int, Phase], int]: ...
@@ -936,6 +938,20 @@ class SqlStore:
         with self._read() as conn:
             rows = conn.execute(_LIST_DEPLOYMENTS).all()
         return [_deployment(row) for row in rows]
+
+    def owned_replicas(self, owner: str) -> dict[str, int]:
+        """The deployments ``owner`` holds and the replicas each asks for (a quota's reading: one
+        query for the owner's rows, the count read from the stored JSON without validating all of
+        every tenant's manifests, which took 0.5 s at 10,000 deployments)."""
+        d, o = t.deployments.c, t.owners.c
+        query = (
+            sa.select(d.name, d.manifest)
+            .join_from(t.deployments, t.owners, sa.and_(o.kind == "deployment", o.name == d.name))
+            .where(o.owner == owner)
+        )
+        with self._read() as conn:
+            rows = conn.execute(query).all()
+        return {name: int(json.loads(text)["spec"]["replicas"]) for name, text in rows}
 
     def delete_deployment(self, name: str, now_ms: int) -> list[ReplicaRecord]:
         """Remove the deployment and mark its replicas Evicted, in one transaction."""

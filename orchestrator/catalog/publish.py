@@ -19,7 +19,7 @@ from edgeward.wire import now_ms
 from ..errors import AlreadyExists, Busy, InvalidModel, NotFound
 from ..events import EventBus
 from ..fleet import model_work_pb
-from ..manifest import LABEL_RE, NAME_RE, SEMVER_RE
+from ..manifest import LABEL_RE, NAME_RE, SEMVER_RE, SEMVER_STORED_RE
 from ..store import ModelRecord, SealedArtifact, Store
 from .errors import VersionExists
 from .signing import PublisherTrust
@@ -76,7 +76,7 @@ class ModelPublisher:
             raise VersionExists(meta.name, meta.version)
         if not meta.parent_version:
             return
-        if not SEMVER_RE.fullmatch(meta.parent_version):
+        if not SEMVER_STORED_RE.fullmatch(meta.parent_version):  # a version stored before the bounds too
             raise InvalidModel("model.push.bad_parent", "metadata.parent_version must be a semantic version")
         try:
             await self._db(self._store.get_model, meta.name, meta.parent_version)

@@ -81,3 +81,41 @@ def test_every_problem_is_reported_at_once():
     with pytest.raises(InvalidManifest) as info:
         parse_manifest(text)
     assert {p for p, _ in info.value.errors} == {"spec.replicas", "kind"}
+
+
+def test_bounds_of_new_input_do_not_make_a_stored_manifest_unreadable(tmp_path):
+    """Versions and memory are bounded for what comes in (Apply); a deployment stored before the
+    bounds must still read back, or every reconcile pass, List and Watch of every tenant fails."""
+    from orchestrator.manifest import MAX_MEMORY_BYTES, DeploymentManifest, manifest_to_json
+    from orchestrator.store import SqlStore
+
+    legacy = (
+        "apiVersion: edgeward/v1\nkind: Deployment\nmetadata: {name: old}\n"
+        "spec:\n  model: {name: m, version: 1.0.2026120601}\n  replicas: 1\n"
+        f"  requirements: {{memory: '{'9' * 5000}'}}\n"
+    )
+    with pytest.raises(InvalidManifest) as refused:
+        parse_manifest(legacy)
+    paths = {path for path, _ in refused.value.errors}
+    assert paths == {"spec.model.version", "spec.requirements.memory"}
+    stored = DeploymentManifest.model_validate(
+        {
+            "apiVersion": "edgeward/v1",
+            "kind": "Deployment",
+            "metadata": {"name": "old"},
+            "spec": {
+                "model": {"name": "m", "version": "1.0.2026120601"},
+                "replicas": 1,
+                "requirements": {"memory": "9" * 5000},
+            },
+        }
+    )
+    assert stored.spec.requirements.memory_bytes == MAX_MEMORY_BYTES + 1
+    store = SqlStore(tmp_path / "orch")
+    try:
+        store.put_deployment(stored, 1)
+        [record] = store.list_deployments()
+        assert record.manifest.spec.model.version == "1.0.2026120601"
+        assert DeploymentManifest.model_validate_json(manifest_to_json(stored)) == stored
+    finally:
+        store.close()

@@ -270,15 +270,19 @@ async def test_a_team_holds_at_most_its_quota_of_deployments_and_replicas(fleet_
             await auto.apply(manifest("b", "auto-model", replicas=3))  # back to 5 in all: within
             await home.apply(manifest("h", "home-model", replicas=5))  # another team's own quota
             await operator.apply(manifest("ops", "auto-model", replicas=50))
-            assert sorted(
-                d.name
-                for d in (await operator.deployments.List(api_pb2.ListDeploymentsRequest())).deployments
-            ) == [
-                "a",
-                "b",
-                "h",
-                "ops",
-            ]
+            # Applies at once through one replica take turns: exactly one new deployment fits.
+            await home.delete("h")
+            burst = await asyncio.gather(
+                *(home.apply(manifest(f"burst-{i}", "home-model", replicas=5)) for i in range(10)),
+                return_exceptions=True,
+            )
+            assert sum(not isinstance(b, BaseException) for b in burst) == 1
+            assert all(
+                b.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for b in burst if isinstance(b, BaseException)
+            )
+            listed = await operator.deployments.List(api_pb2.ListDeploymentsRequest())
+            names = sorted(d.name for d in listed.deployments)
+            assert names[:2] == ["a", "b"] and names[2].startswith("burst-") and names[3:] == ["ops"]
         finally:
             for channel in channels:
                 await channel.close()
