@@ -16,6 +16,7 @@ import logging
 import os
 import tempfile
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ import numpy as np
 from accelerators.base import AcceleratorError, Backend, InferResult, InvalidInput, ModelArtifact, ModelHandle
 from edgeward.security.files import private_dir
 from edgeward.v1 import node_pb2
+from edgeward.wire import MAX_MODEL_STATS
 
 from .inference_server import LOADING, READY, UNAVAILABLE, LatencyStats, ModelIndexEntry, Overloaded
 
@@ -102,7 +104,8 @@ class Runtime:
         self._unlock = unlock
         self._on_change = on_change
         self.replicas: dict[str, ReplicaState] = {}
-        self.stats: dict[tuple[str, str], LatencyStats] = {}
+        # Per model version served since start, least recently used first (at most MAX_MODEL_STATS).
+        self.stats: OrderedDict[tuple[str, str], LatencyStats] = OrderedDict()
         # Accuracy proxy for rollout gates: (outputs scored, of them confident) per model version.
         self.confidence: dict[tuple[str, str], list[int]] = {}
         self.energy_j = 0.0  # energy of inference work, from the backends
@@ -369,7 +372,15 @@ class Runtime:
         key = (handle.name, handle.version)
         stats = self.stats.get(key)
         if stats is None:
+            if (
+                len(self.stats) >= MAX_MODEL_STATS
+            ):  # telemetry carries at most that many: the least recent goes
+                gone = next(iter(self.stats))
+                del self.stats[gone]
+                self.confidence.pop(gone, None)
             stats = self.stats[key] = LatencyStats()
+        else:
+            self.stats.move_to_end(key)
         self.in_flight += 1
         started = time.perf_counter()
         try:

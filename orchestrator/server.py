@@ -116,6 +116,8 @@ INGEST_KINDS = (TopicKind.HELLO, TopicKind.STATUS, TopicKind.TELEMETRY, TopicKin
 # The heartbeat stream, which replicas share with broker.ingest 'shared' or 'jetstream'; hellos,
 # events and evidence (rare, retained or one-shot) reach every replica (docs/scale-out.md, "Ingest").
 SHARED_KINDS = (TopicKind.STATUS, TopicKind.TELEMETRY)
+# A message whose handling raised is logged with its traceback at most this often (all are counted).
+INGEST_FAILURE_LOG_S = 60.0
 SHARE_GROUP = "edgeward"
 # An OFFLINE status (a last will, or a node's goodbye) takes effect after this long unless our own
 # broker connection drops meanwhile: a broker that shuts down publishes every client's will first.
@@ -178,7 +180,8 @@ class Orchestrator:
         self.drops = DropCounter()
         self.rate_limit = NodeRateLimiter(config.broker.node_rate, config.broker.node_burst)
         self._pending_offline: dict[str, tuple[float, node_pb2.NodeMessage]] = {}
-        self._ingest_failures = 0  # messages whose handling raised (logged in full for the first 100)
+        self._ingest_failures = 0  # messages whose handling raised
+        self._ingest_failure_logged = -INGEST_FAILURE_LOG_S
         self._hello_missing: dict[str, tuple[float, float]] = {}  # node -> (ask at, the pause after)
         self._hello_asks = NodeRateLimiter(HELLO_ASKS_PER_S, HELLO_ASKS_PER_S, max_nodes=1)
         self.hello_requests = 0
@@ -829,12 +832,17 @@ class Orchestrator:
             except Exception:  # a payload that passed validation and still broke its handling
                 self.drops.drop(WireError(INGEST_FAILED))
                 self._ingest_failures += 1
-                log.log(
-                    logging.ERROR if self._ingest_failures <= 100 else logging.DEBUG,
-                    "a message on %s was dropped: its handling failed",
-                    message.topic,
-                    exc_info=True,
-                )
+                now = time.monotonic()
+                if now - self._ingest_failure_logged >= INGEST_FAILURE_LOG_S:  # at fleet scale: not each
+                    self._ingest_failure_logged = now
+                    log.error(
+                        "a message on %s was dropped: its handling failed (%d such since start, "
+                        "wire.ingest.failed; one logged every %g s)",
+                        message.topic,
+                        self._ingest_failures,
+                        INGEST_FAILURE_LOG_S,
+                        exc_info=True,
+                    )
         if work.changed:
             self.reconciler.trigger()
         if work.inventories:

@@ -116,8 +116,8 @@ class TrustMirror:
         if self._local:
             return self._verifier.tier(node_id)
         view = self.snapshot(node_id)
-        if view is None or view.state != apb.ATTESTATION_STATE_AFFIRMING:
-            return "none"
+        if view is None or view.state != apb.ATTESTATION_STATE_AFFIRMING or self.quarantine_reason(node_id):
+            return "none"  # a quarantined node is trusted with nothing, affirming or not (as on the leader)
         return view.result.tier
 
     def quarantine_reason(self, node_id: str) -> str:

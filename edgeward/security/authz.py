@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -46,7 +45,6 @@ _ANY_ROLE = frozenset(Role)
 _IDENTITY_CACHE = 1024
 MAX_WATCHES = 16  # Watch streams one certificate may hold open at once
 MAX_NAME = 253  # the longest name a request may give for its target (object names are shorter still)
-CLOCK_SKEW_MS = 5_000  # how far the replicas' clocks may disagree (deployments' creation times)
 FIRST_MESSAGE_S = 30.0  # a request stream (a model push) sends its first message within this, or ends
 
 
@@ -409,41 +407,57 @@ async def _filter_response(method: str, identity: Identity, authz: Authorizer, r
     return response
 
 
-class TeamWatch:
-    """Which events of a DeploymentService/Watch stream a team sees: its own deployments'.
+_UNSEEN = -1  # a name the team owned at the last read, not shown on this stream since
 
-    Whose a name is, is read once per stream, and again for a name it has not classified yet in a
-    later revision than it last read, or for a deployment created since (less ``CLOCK_SKEW_MS``):
-    an event carries the deployment as it is when the event is built, not as it was at the event's
-    revision, so a name deleted and created again by another team reaches a stream that fell
-    behind as a MODIFIED event of the name it knew, with the new owner's deployment in it. The
-    owner of a deployment is recorded before it is created, so a read after its creation knows it."""
+
+class TeamWatch:
+    """Which events of a DeploymentService/Watch stream a team sees: its own deployments', and for a
+    name of its own that another team holds now, a DELETED in place of the other's deployment.
+
+    An event carries the deployment as it is when the event is built, not as it was at the event's
+    revision: a stream that fell behind while its team's ``x`` was deleted and another team created
+    ``x`` hears both changes as MODIFIED, with the other team's ``x`` in them. So the owners are read
+    (once per stream, then) for an event newer than the last read whose name is not classified yet
+    or not shown on this stream yet, and for an event whose deployment was created at another time
+    than the one shown under that name. Left: a name that changed hands twice (back to the team)
+    within the stream's lag may show the other team's deployment of the moment in between."""
 
     def __init__(self, authz: Authorizer, identity: Identity) -> None:
         self._authz = authz
         self._identity = identity
-        self._mine: set[str] = set()
+        self._mine: dict[str, int] = {}  # name -> creation time of what this stream showed (or _UNSEEN)
         self._theirs: set[str] = set()
         self._read_at = -1  # the revision the owners were last read at (-1: never)
-        self._read_ms = 0  # and when (unix ms)
 
-    async def shows(self, event: Any) -> bool:
+    async def shows(self, event: Any) -> Any | None:
+        """The event to send (``event``, or a DELETED in its place), or None."""
         name = event.deployment.name
-        deleted = event.type == api_pb2.WATCH_EVENT_TYPE_DELETED
-        created_since = not deleted and event.deployment.created_unix_ms >= self._read_ms - CLOCK_SKEW_MS
-        unknown = name not in self._mine and name not in self._theirs and event.revision > self._read_at
-        if created_since or unknown:
-            self._read_ms = int(time.time() * 1000)
-            self._mine = await self._authz.owners.owned(DEPLOYMENT, self._identity.owner)
+        if event.type == api_pb2.WATCH_EVENT_TYPE_DELETED:  # the name may change hands from now on
+            self._theirs.discard(name)
+            return event if self._mine.pop(name, None) is not None else None
+        created = event.deployment.created_unix_ms
+        seen = self._mine.get(name)
+        newer = event.revision > self._read_at
+        if (
+            (seen is None and name not in self._theirs and newer)
+            or (seen == _UNSEEN and newer)
+            or (seen is not None and seen not in (_UNSEEN, created))
+        ):
+            owned = await self._authz.owners.owned(DEPLOYMENT, self._identity.owner)
+            self._mine = {n: self._mine.get(n, _UNSEEN) for n in owned}
             self._theirs = set()
             self._read_at = max(self._read_at, event.revision)
         if name not in self._mine:
             self._theirs.add(name)
-        shown = name in self._mine
-        if deleted:  # the name may change hands from now on
-            self._mine.discard(name)
-            self._theirs.discard(name)
-        return shown
+            if seen is not None and seen != _UNSEEN:  # shown as the team's: it is gone for the team
+                return api_pb2.DeploymentEvent(
+                    type=api_pb2.WATCH_EVENT_TYPE_DELETED,
+                    deployment=api_pb2.Deployment(name=name),
+                    revision=event.revision,
+                )
+            return None
+        self._mine[name] = created
+        return event
 
 
 class AuthzInterceptor(RequestGuard):
@@ -685,7 +699,7 @@ class AuthzInterceptor(RequestGuard):
         )
         try:
             async for item in self.authz.stream(identity, items):
-                if team_watch is not None and not await team_watch.shows(item):
+                if team_watch is not None and (item := await team_watch.shows(item)) is None:
                     continue
                 yield item
         except StreamCut:

@@ -30,7 +30,9 @@ log = logging.getLogger(__name__)
 Series = tuple[str, str, str]  # node, model, version
 #: Series a node's reports may open (a wipe always opens its own). Series are never forgotten, so
 #: without a bound a node naming new models in every report grew the monitor without end.
-MAX_SERIES_PER_NODE = MAX_MODEL_STATS
+#: A node reports at most MAX_MODEL_STATS at once; four times that leaves room for versions coming
+#: and going over a long uptime (series are not forgotten), none for names made up without end.
+MAX_SERIES_PER_NODE = 4 * MAX_MODEL_STATS
 Publish = Callable[..., object]
 
 

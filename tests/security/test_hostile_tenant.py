@@ -286,3 +286,29 @@ async def test_a_team_holds_at_most_its_quota_of_deployments_and_replicas(fleet_
         finally:
             for channel in channels:
                 await channel.close()
+
+
+async def test_a_push_is_authorized_before_its_first_message_and_waits_for_it_a_bounded_time(
+    connect: Callable[..., Client], secure_orchestrator: Orchestrator, monkeypatch
+):
+    """A push stream used to be identified only once its first message came: a certificate that may
+    not push (or a revoked one) held streams open for as long as it liked."""
+    from edgeward.security import authz
+
+    monkeypatch.setattr(authz, "FIRST_MESSAGE_S", 0.5)
+    never: asyncio.Event = asyncio.Event()
+
+    async def silent():
+        await never.wait()
+        yield api_pb2.PushModelRequest()  # never reached
+
+    node = connect("node", "node-1")
+    err = await refused(node.models.Push(silent(), timeout=5))
+    assert err.code() == DENIED  # before any message: the role may not push
+    team = connect("team", "ci", team="automotive")
+    err = await refused(team.models.Push(silent(), timeout=5))
+    assert err.code() == INVALID and "request.first_message_late" in err.details()
+    lines = [x for x in audit(secure_orchestrator) if x["method"].endswith("/Push")]
+    assert [x["result"] for x in lines] == ["PERMISSION_DENIED", "INVALID_ARGUMENT"]
+    never.set()  # the clients' request iterators end
+    await asyncio.sleep(0.1)

@@ -3,8 +3,6 @@ TeamWatch (with the owners in a dict) and WatchHub."""
 
 from __future__ import annotations
 
-import time
-
 from edgeward.security.authz import DEPLOYMENT, TeamWatch
 from edgeward.security.identity import Identity, Role
 from edgeward.v1 import api_pb2
@@ -40,20 +38,37 @@ def event(
 
 async def test_a_name_deleted_and_created_by_another_team_is_not_shown_to_the_first():
     """The stream fell behind while automotive's ``x`` was deleted and smart-home created ``x``: the
-    event of the deletion is built from what is stored by then, smart-home's ``x``, as MODIFIED."""
+    events of both changes are built from what is stored by then, smart-home's ``x``, as MODIFIED.
+    Automotive hears that its ``x`` is gone, and nothing of smart-home's; no clock is compared."""
+    owners = Owners()
+    auto = Identity(Role.TEAM, "ci", "automotive")
+    home = Identity(Role.TEAM, "ci", "smart-home")
+    watch = TeamWatch(Authz(owners), auto)  # type: ignore[arg-type]
+    owners.of["x"] = auto.owner
+    assert await watch.shows(event(1, "x", 1000)) is not None
+    assert await watch.shows(event(2, "x", 1000)) is not None
+    assert owners.reads == 1  # a name shown as the team's is not read again while it is the same
+    owners.of["x"] = home.owner  # deleted and created again, by smart-home
+    gone = await watch.shows(event(3, "x", 900, secret="smart-home's"))  # an earlier clock: no matter
+    assert gone is not None and gone.type == DELETED and gone.deployment == api_pb2.Deployment(name="x")
+    assert await watch.shows(event(4, "x", 900, secret="smart-home's")) is None
+    assert await watch.shows(event(5, "x", 900, kind=DELETED)) is None
+    owners.of["x"] = auto.owner  # automotive's again, a third deployment
+    shown = await watch.shows(event(6, "x", 2000))
+    assert shown is not None and shown.type == MODIFIED
+
+
+async def test_a_stream_that_starts_behind_a_change_of_hands_shows_nothing_of_the_other_team():
     owners = Owners()
     auto = Identity(Role.TEAM, "ci", "automotive")
     watch = TeamWatch(Authz(owners), auto)  # type: ignore[arg-type]
-    owners.of["x"] = auto.owner
-    old = int(time.time() * 1000) - 60_000
-    assert await watch.shows(event(1, "x", old))
-    assert await watch.shows(event(2, "x", old))
-    assert owners.reads == 1  # a name known as the team's is not read again
-    owners.of["x"] = Identity(Role.TEAM, "ci", "smart-home").owner  # deleted and created again
-    recreated = int(time.time() * 1000)
-    assert not await watch.shows(event(3, "x", recreated, secret="smart-home's"))
-    assert not await watch.shows(event(4, "x", recreated, secret="smart-home's"))
-    assert not await watch.shows(event(5, "x", recreated, kind=DELETED))
+    owners.of |= {"x": auto.owner, "y": auto.owner}
+    assert await watch.shows(event(1, "y", 1000)) is not None  # the owners are read: x and y are its
+    owners.of["x"] = "team/smart-home"  # x deleted and created by smart-home before its first event
+    assert await watch.shows(event(2, "x", 3000, secret="smart-home's")) is None
+    assert await watch.shows(event(3, "y", 1000)) is not None
+    # The team deleting and creating its own name again: the new deployment is shown.
+    assert await watch.shows(event(4, "y", 5000)) is not None
 
 
 async def test_a_stalled_watcher_holds_a_bounded_number_of_bytes_and_one_copy_of_each_change():
