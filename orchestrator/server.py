@@ -1322,12 +1322,15 @@ class Orchestrator:
         }
 
     async def _exists(self, kind: str, name: str) -> bool:
-        """Whether a deployment or model exists (asked before a team claims a name, docs/security.md)."""
+        """Whether a deployment or model exists (asked before a team claims a name, docs/security.md).
+        A multi-exit pipeline's name is a model name: one that deployments already serve (an
+        operator's, whose Apply records no owner) is taken, or a team pushing a model of that name
+        would own the pipeline, and splice its own stages into it."""
         getter = self.store.get_deployment if kind == DEPLOYMENT else self.store.get_model
         try:
             await self.db(getter, name)
         except NotFound:
-            return False
+            return kind != DEPLOYMENT and bool(await self._pipeline_stages(name))
         return True
 
 

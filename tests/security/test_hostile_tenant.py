@@ -312,3 +312,24 @@ async def test_a_push_is_authorized_before_its_first_message_and_waits_for_it_a_
     assert [x["result"] for x in lines] == ["PERMISSION_DENIED", "INVALID_ARGUMENT"]
     never.set()  # the clients' request iterators end
     await asyncio.sleep(0.1)
+
+
+async def test_a_team_cannot_take_an_operators_pipeline_by_pushing_a_model_of_its_name(
+    connect: Callable[..., Client], secure_orchestrator: Orchestrator
+):
+    """A pipeline's name is a model name; an operator's Apply records no owner for it, so a team's push
+    of a model of that name used to claim it: the nodes were told the pipeline was the team's, and
+    the team could then Apply its own stages into it."""
+
+    def stage(name: str, model: str, pipeline: str, k: int) -> str:
+        return manifest(name, model) + f"  multiExit: {{pipeline: {pipeline}, stage: {k}, threshold: 0.9}}\n"
+
+    operator = connect("operator", "alice")
+    auto = connect("team", "ci", team="automotive")
+    await operator.push("ops-s1")
+    await operator.apply(stage("ops-st1", "ops-s1", "ops-pipe", 1))
+    err = await refused(auto.push("ops-pipe"))
+    assert err.code() == DENIED and "security.authz.not_owner" in err.details(), err.details()
+    await auto.push("auto-model")
+    err = await refused(auto.apply(stage("auto-x", "auto-model", "ops-pipe", 2)))
+    assert err.code() == DENIED and "pipeline_not_owned" in err.details(), err.details()
