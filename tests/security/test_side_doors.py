@@ -312,3 +312,36 @@ async def test_metrics_are_for_operators_and_follow_the_crl(fleet_ca: FleetCA, h
     assert answer.startswith(b"HTTP/1.1 403 ") and b"security.authn.revoked" in answer, answer
     assert (await scrape(port, fleet_ca, operator)).endswith(b"edgeward_up 1\n")
     assert https_metrics.refused == 4
+
+
+async def test_a_team_calls_a_multi_exit_model_by_its_name_not_stage_by_stage(
+    fleet_ca: FleetCA, stages: Stages, servers: list
+):
+    """Calling the stage models one by one went past the pipeline's rate limit and its exit counts
+    (the slowdown defence): a team certificate is refused them; operators and nodes are not."""
+    node1, node2 = (fleet_ca.issue(parse_subject("node", n)) for n in ("node-1", "node-2"))
+    team, operator = (
+        tls_of(fleet_ca, fleet_ca.issue(parse_subject(role, name, t)))
+        for role, name, t in (("team", "ci", "automotive"), ("operator", "alice", None))
+    )
+    _, endpoint2 = await start_node(stages, servers, "node-2", tls_of(fleet_ca, node2), pipeline("", ""))
+    _, endpoint1 = await start_node(
+        stages, servers, "node-1", tls_of(fleet_ca, node1), pipeline(endpoint2, "node-2")
+    )
+    direct = sign_request()
+    direct.model_name = "sign-s1"
+    direct.inputs[0].name = stages.tables["node-1"].resolve("sign-s1")[1].inputs[0].name
+
+    async def call(tls: TlsFiles) -> tuple[grpc.StatusCode, str]:
+        async with grpc_aio_channel(endpoint1, tls, server_name="node-1") as channel:
+            try:
+                await pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(direct, timeout=10)
+            except grpc.aio.AioRpcError as err:
+                return err.code(), err.details() or ""
+        return grpc.StatusCode.OK, ""
+
+    code, details = await call(team)
+    assert code == grpc.StatusCode.PERMISSION_DENIED and "multi-exit model 'sign'" in details
+    assert await call(operator) == (grpc.StatusCode.OK, "")
+    assert await call(tls_of(fleet_ca, node2)) == (grpc.StatusCode.OK, "")
+    assert (await infer(endpoint1, team)).parameters["exit"].int64_param in (2, 3)  # by its name: served
