@@ -1314,12 +1314,8 @@ class Orchestrator:
     async def _pipeline_stages(self, pipeline: str) -> set[str]:
         """The deployments that are stages of the multi-exit model ``pipeline`` (asked before a team's
         stage joins it, docs/security.md)."""
-        deployments = await self.db(self.store.list_deployments)
-        return {
-            d.name
-            for d in deployments
-            if d.manifest.spec.multi_exit is not None and d.manifest.spec.multi_exit.pipeline == pipeline
-        }
+        stages: set[str] = await self.db(self.store.pipeline_stages, pipeline)
+        return stages
 
     async def _exists(self, kind: str, name: str) -> bool:
         """Whether a deployment or model exists (asked before a team claims a name, docs/security.md).

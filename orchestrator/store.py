@@ -196,6 +196,7 @@ class Store(Protocol):
     def get_deployment(self, name: str) -> DeploymentRecord: ...
     def list_deployments(self) -> list[DeploymentRecord]: ...
     def owned_replicas(self, owner: str) -> dict[str, int]: ...
+    def pipeline_stages(self, pipeline: str) -> set[str]: ...
     def delete_deployment(self, name: str, now_ms: int) -> list[ReplicaRecord]: ...
     def list_replicas(self, deployment: str | None = None) -> list[ReplicaRecord]: ...
     def replica_counts(self, deployment: str | None = None) -> dict[tuple[str, int, Phase], int]: ...
@@ -938,6 +939,19 @@ class SqlStore:
         with self._read() as conn:
             rows = conn.execute(_LIST_DEPLOYMENTS).all()
         return [_deployment(row) for row in rows]
+
+    def pipeline_stages(self, pipeline: str) -> set[str]:
+        """The deployments that are stages of the multi-exit model ``pipeline``: the rows whose stored
+        JSON names it are found by the database (every manifest validated took 0.5 s at 10,000
+        deployments, on each team push of a new name), then checked."""
+        text = f"%{json.dumps(pipeline)}%"  # the quoted name (a DNS label: no LIKE wildcards), anywhere
+        with self._read() as conn:
+            rows = conn.execute(_DEPLOYMENTS.where(t.deployments.c.manifest.like(text))).all()
+        return {
+            d.name
+            for d in map(_deployment, rows)
+            if d.manifest.spec.multi_exit is not None and d.manifest.spec.multi_exit.pipeline == pipeline
+        }
 
     def owned_replicas(self, owner: str) -> dict[str, int]:
         """The deployments ``owner`` holds and the replicas each asks for (a quota's reading: one

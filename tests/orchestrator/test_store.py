@@ -161,3 +161,21 @@ def test_key_releases_are_kept_once_and_read_by_model_and_versions(tmp_path, sto
         assert reopened.key_holders("m", ["2.0.0"]) == {"n3"}
     finally:
         reopened.close()
+
+
+def test_the_stages_of_a_pipeline_are_found_by_the_name_in_their_manifests(store):
+    stage = (
+        "apiVersion: edgeward/v1\nkind: Deployment\nmetadata: {{name: {name}}}\n"
+        "spec:\n  model: {{name: {model}, version: 1.0.0}}\n  replicas: 1\n"
+        "  multiExit: {{pipeline: {pipeline}, stage: {k}, threshold: 0.9}}\n"
+    )
+    for name, model, pipeline, k in (
+        ("a1", "sign-s1", "sign", 1),
+        ("a2", "sign-s2", "sign", 2),
+        ("b1", "sign", "other", 1),
+    ):
+        store.put_deployment(parse_manifest(stage.format(name=name, model=model, pipeline=pipeline, k=k)), 1)
+    store.put_deployment(manifest(), 1)  # no pipeline at all
+    assert store.pipeline_stages("sign") == {"a1", "a2"}  # b1's model is named sign: not a stage of it
+    assert store.pipeline_stages("other") == {"b1"}
+    assert store.pipeline_stages("nope") == set()
