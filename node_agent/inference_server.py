@@ -457,7 +457,7 @@ class PipelineHost(Protocol):
 
     def names(self) -> list[str]: ...
 
-    def pipeline_of_stage(self, model: str) -> str | None: ...
+    def pipeline_of_stage(self, model: str, version: str) -> str | None: ...
 
     def metadata(self, pipeline: Any) -> pb.ModelMetadataResponse: ...
 
@@ -540,11 +540,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             teams.update(stage.owner_team for stage in pipeline.stages)
         return not may_use(who, teams)
 
-    def _stage_refused(self, model: str) -> None:
+    def _stage_refused(self, model: str, version: str) -> None:
         """A team calls a multi-exit model by its pipeline's name, not its stages one by one: that
-        went past the pipeline's rate limit and exit counts (the slowdown defence), stage by stage."""
+        went past the pipeline's rate limit and exit counts (the slowdown defence), stage by stage.
+        (The same model version deployed on its own besides is refused too, on a node where it is a
+        stage.)"""
         who = caller()
-        pipeline = self._pipelines.pipeline_of_stage(model) if self._pipelines is not None else None
+        pipelines = self._pipelines
+        pipeline = pipelines.pipeline_of_stage(model, version) if pipelines is not None else None
         if pipeline is not None and who is not None and who.team is not None:
             raise HandoffOnly(f"model {model!r} is a stage of the multi-exit model {pipeline!r}: call that")
 
@@ -643,8 +646,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             await context.abort(_status_of(failure), str(failure))
             raise AssertionError("unreachable: abort raises")
         try:
-            self._stage_refused(request.model_name)
             backend, handle = lookup(self._host, request.model_name, request.model_version)
+            self._stage_refused(handle.name, handle.version)
             inputs = decode_inputs(request)
             wanted = _requested_outputs(request, handle)
             result = await self._host.infer(backend, handle, inputs)

@@ -196,7 +196,7 @@ class MultiExitHost:
         self.node_id = node_id
         self._tls = tls
         self._pipelines: dict[str, Pipeline] = {}
-        self._stage_models: dict[str, str] = {}  # stage model name -> its pipeline's
+        self._stage_models: dict[tuple[str, str], str] = {}  # stage (model, version) -> its pipeline
         self._counters: dict[tuple[str, str], _Counters] = {}
         self._sources: dict[str, set[str]] = {}
         self._mitigations: dict[tuple[str, str], node_pb2.Mitigation] = {}
@@ -214,11 +214,13 @@ class MultiExitHost:
         if wanted != self._pipelines:
             log.info("serving multi-exit models %s", sorted(wanted) or "none")
         self._pipelines = wanted
-        self._stage_models = {s.model_name: p.name for p in wanted.values() for s in p.stages}
+        self._stage_models = {
+            (s.model_name, s.model_version): p.name for p in wanted.values() for s in p.stages
+        }
 
-    def pipeline_of_stage(self, model: str) -> str | None:
-        """The multi-exit model that ``model`` is a stage of here, if any."""
-        return self._stage_models.get(model)
+    def pipeline_of_stage(self, model: str, version: str) -> str | None:
+        """The multi-exit model that version ``version`` of ``model`` is a stage of here, if any."""
+        return self._stage_models.get((model, version))
 
     def mitigate(self, mitigations: Iterable[node_pb2.Mitigation]) -> None:
         wanted = {(m.model_name, m.source): m for m in mitigations}

@@ -40,7 +40,7 @@ SEMVER_STORED_RE = re.compile(r"(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:-[0-9
 #: The validation context of new input (parse_manifest): the bounds above apply.
 INPUT = {"input": True}
 LABEL_RE = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_./]{0,61}[A-Za-z0-9])?")
-_MEMORY_RE = re.compile(r"([0-9]+)(Ki|Mi|Gi)?")
+_MEMORY_RE = re.compile(r"(\d+)(Ki|Mi|Gi)?")  # new input: ASCII digits only (checked apart)
 MAX_MEMORY_BYTES = 2**50  # 1 PiB: no edge node has it; a byte count far beyond broke uint64 fields
 _MEMORY_UNITS = {None: 1, "Ki": 1024, "Mi": 1024**2, "Gi": 1024**3}
 
@@ -123,6 +123,8 @@ class RequirementsSpec(_Strict):
         match = _MEMORY_RE.fullmatch(str(value))
         if not match:
             raise ValueError("must be a byte count with optional Ki/Mi/Gi suffix, e.g. 64Mi")
+        if _is_input(info) and not match.group(1).isascii():
+            raise ValueError("must be written with the digits 0-9")
         if _is_input(info) and (len(match.group(1)) > 16 or _bytes(match) > MAX_MEMORY_BYTES):
             raise ValueError(f"must be at most {MAX_MEMORY_BYTES} bytes (1 PiB)")
         return str(value)

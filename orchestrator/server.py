@@ -39,7 +39,7 @@ from edgeward.mqtt.topics import (
     nodes_filter,
     parse_node_topic,
 )
-from edgeward.security.authz import DEPLOYMENT
+from edgeward.security.authz import DEPLOYMENT, PIPELINE
 from edgeward.security.boundary import RequestGuard
 from edgeward.security.config import PLAINTEXT_WARNING, is_loopback
 from edgeward.security.guard import ApiGuard
@@ -1318,15 +1318,15 @@ class Orchestrator:
         return stages
 
     async def _exists(self, kind: str, name: str) -> bool:
-        """Whether a deployment or model exists (asked before a team claims a name, docs/security.md).
-        A multi-exit pipeline's name is a model name: one that deployments already serve (an
-        operator's, whose Apply records no owner) is taken, or a team pushing a model of that name
-        would own the pipeline, and splice its own stages into it."""
+        """Whether a deployment, a model, or a multi-exit model served by deployments (PIPELINE)
+        exists (asked before a team claims a name, docs/security.md)."""
+        if kind == PIPELINE:
+            return bool(await self._pipeline_stages(name))
         getter = self.store.get_deployment if kind == DEPLOYMENT else self.store.get_model
         try:
             await self.db(getter, name)
         except NotFound:
-            return kind != DEPLOYMENT and bool(await self._pipeline_stages(name))
+            return False
         return True
 
 

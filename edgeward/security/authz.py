@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 DEPLOYMENT = "deployment"
 MODEL = "model"
+PIPELINE = "pipeline"  # asked of `exists` only: whether deployments serve a multi-exit model of that name
 OPERATOR_OWNER = "operator"
 _ANY_ROLE = frozenset(Role)
 _IDENTITY_CACHE = 1024
@@ -333,7 +334,15 @@ class Authorizer(Authenticator):
         owner = await self.owners.owner(rule.kind, name)
         if owner == identity.owner:
             return False
-        if owner is None and rule.claims and not await self._exists_(rule.kind, name):
+        if (
+            owner is None
+            and rule.claims
+            and not await self._exists_(rule.kind, name)
+            # A multi-exit pipeline's name is a model name: one deployments serve already (an
+            # operator's, whose Apply records no owner) is taken, or a push of a model of that name
+            # would own the pipeline, and let the team splice its stages into it.
+            and not (rule.kind == MODEL and await self._exists_(PIPELINE, name))
+        ):
             owner = await self.owners.claim(rule.kind, name, identity.owner)  # one claim wins
             if owner == identity.owner:
                 return True
@@ -407,57 +416,55 @@ async def _filter_response(method: str, identity: Identity, authz: Authorizer, r
     return response
 
 
-_UNSEEN = -1  # a name the team owned at the last read, not shown on this stream since
-
-
 class TeamWatch:
     """Which events of a DeploymentService/Watch stream a team sees: its own deployments', and for a
-    name of its own that another team holds now, a DELETED in place of the other's deployment.
+    name the stream showed as the team's that another team holds now, a DELETED in its place.
 
     An event carries the deployment as it is when the event is built, not as it was at the event's
     revision: a stream that fell behind while its team's ``x`` was deleted and another team created
-    ``x`` hears both changes as MODIFIED, with the other team's ``x`` in them. So the owners are read
-    (once per stream, then) for an event newer than the last read whose name is not classified yet
-    or not shown on this stream yet, and for an event whose deployment was created at another time
-    than the one shown under that name. Left: a name that changed hands twice (back to the team)
-    within the stream's lag may show the other team's deployment of the moment in between."""
+    ``x`` hears both changes as MODIFIED, with the other team's ``x`` in them (and the other way
+    round). So the owners are read (once per stream, then) for an event newer than the last read
+    whose name is not classified yet, and for an event whose deployment was created at another time
+    than the one this stream classified under that name. What the stream showed is kept apart from
+    the owners read: a read after the team deleted a name must not hide that deletion. Left: a name
+    that changed hands twice (back to the team) within the stream's lag may show the other team's
+    deployment of the moment in between."""
 
     def __init__(self, authz: Authorizer, identity: Identity) -> None:
         self._authz = authz
         self._identity = identity
-        self._mine: dict[str, int] = {}  # name -> creation time of what this stream showed (or _UNSEEN)
-        self._theirs: set[str] = set()
+        self._owned: set[str] = set()  # the team's names at the last read
+        self._shown: dict[str, int] = {}  # name -> creation time of what this stream showed as the team's
+        self._theirs: dict[str, int] = {}  # name -> creation time of what it saw as another's
         self._read_at = -1  # the revision the owners were last read at (-1: never)
 
     async def shows(self, event: Any) -> Any | None:
         """The event to send (``event``, or a DELETED in its place), or None."""
         name = event.deployment.name
         if event.type == api_pb2.WATCH_EVENT_TYPE_DELETED:  # the name may change hands from now on
-            self._theirs.discard(name)
-            return event if self._mine.pop(name, None) is not None else None
+            self._theirs.pop(name, None)
+            return event if self._shown.pop(name, None) is not None else None
         created = event.deployment.created_unix_ms
-        seen = self._mine.get(name)
-        newer = event.revision > self._read_at
+        shown, theirs = self._shown.get(name), self._theirs.get(name)
         if (
-            (seen is None and name not in self._theirs and newer)
-            or (seen == _UNSEEN and newer)
-            or (seen is not None and seen not in (_UNSEEN, created))
+            (shown is None and theirs is None and event.revision > self._read_at)
+            or (shown is not None and shown != created)
+            or (theirs is not None and theirs != created)
         ):
-            owned = await self._authz.owners.owned(DEPLOYMENT, self._identity.owner)
-            self._mine = {n: self._mine.get(n, _UNSEEN) for n in owned}
-            self._theirs = set()
+            self._owned = await self._authz.owners.owned(DEPLOYMENT, self._identity.owner)
             self._read_at = max(self._read_at, event.revision)
-        if name not in self._mine:
-            self._theirs.add(name)
-            if seen is not None and seen != _UNSEEN:  # shown as the team's: it is gone for the team
-                return api_pb2.DeploymentEvent(
-                    type=api_pb2.WATCH_EVENT_TYPE_DELETED,
-                    deployment=api_pb2.Deployment(name=name),
-                    revision=event.revision,
-                )
-            return None
-        self._mine[name] = created
-        return event
+        if name in self._owned:
+            self._theirs.pop(name, None)
+            self._shown[name] = created
+            return event
+        self._theirs[name] = created
+        if self._shown.pop(name, None) is not None:  # shown as the team's: it is gone for the team
+            return api_pb2.DeploymentEvent(
+                type=api_pb2.WATCH_EVENT_TYPE_DELETED,
+                deployment=api_pb2.Deployment(name=name),
+                revision=event.revision,
+            )
+        return None
 
 
 class AuthzInterceptor(RequestGuard):

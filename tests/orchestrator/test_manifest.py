@@ -119,3 +119,21 @@ def test_bounds_of_new_input_do_not_make_a_stored_manifest_unreadable(tmp_path):
         assert DeploymentManifest.model_validate_json(manifest_to_json(stored)) == stored
     finally:
         store.close()
+
+
+def test_memory_in_other_scripts_digits_is_refused_as_input_and_read_back_when_stored():
+    from orchestrator.manifest import DeploymentManifest
+
+    text = (
+        "apiVersion: edgeward/v1\nkind: Deployment\nmetadata: {name: d}\n"
+        "spec:\n  model: {name: m, version: 1.0.0}\n  replicas: 1\n  requirements: {memory: '\u0666\u0664Mi'}\n"
+    )
+    with pytest.raises(InvalidManifest) as refused:
+        parse_manifest(text)
+    assert [path for path, _ in refused.value.errors] == ["spec.requirements.memory"]
+    stored = DeploymentManifest.model_validate_json(
+        parse_manifest(text.replace("\u0666\u0664", "64"))
+        .model_dump_json(by_alias=True)
+        .replace('"64Mi"', '"\u0666\u0664Mi"')
+    )
+    assert stored.spec.requirements.memory_bytes == 64 * 1024**2

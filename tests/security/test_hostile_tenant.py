@@ -333,3 +333,18 @@ async def test_a_team_cannot_take_an_operators_pipeline_by_pushing_a_model_of_it
     await auto.push("auto-model")
     err = await refused(auto.apply(stage("auto-x", "auto-model", "ops-pipe", 2)))
     assert err.code() == DENIED and "pipeline_not_owned" in err.details(), err.details()
+
+
+async def test_a_team_adds_stages_to_its_pipeline_whose_name_has_no_owner_row(
+    connect: Callable[..., Client], secure_orchestrator: Orchestrator
+):
+    """A pipeline made before pipeline names were recorded has no owner row: the team whose stages
+    are all of it still adds one (the check for a name that deployments serve is for pushes)."""
+    auto = connect("team", "ci", team="automotive")
+    for model in ("auto-s1", "auto-s2"):
+        await auto.push(model)
+    first = manifest("st1", "auto-s1") + "  multiExit: {pipeline: auto-pipe, stage: 1, threshold: 0.9}\n"
+    await auto.apply(first)
+    secure_orchestrator.store.forget_owner("model", "auto-pipe")  # as a release before recorded it
+    second = manifest("st2", "auto-s2") + "  multiExit: {pipeline: auto-pipe, stage: 2}\n"
+    assert (await auto.apply(second)).created

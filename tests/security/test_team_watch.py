@@ -87,3 +87,31 @@ async def test_a_stalled_watcher_holds_a_bounded_number_of_bytes_and_one_copy_of
     first = await hub.next(stalled)
     assert first.revision == 42 and first.deployment == big  # the newest kept; the stream replays the gap
     assert stalled.queue.get_nowait()[2] is big  # every queue refers to the one message
+
+
+async def test_a_name_seen_as_another_teams_then_the_teams_own_is_shown():
+    """Smart-home's ``x`` was in the snapshot; it deleted ``x`` and automotive created ``x`` while the
+    stream lagged: both changes arrive as MODIFIED with automotive's ``x``, and must be shown."""
+    owners = Owners()
+    auto = Identity(Role.TEAM, "ci", "automotive")
+    watch = TeamWatch(Authz(owners), auto)  # type: ignore[arg-type]
+    owners.of["x"] = "team/smart-home"
+    assert await watch.shows(event(1, "x", 1000)) is None
+    owners.of["x"] = auto.owner
+    assert await watch.shows(event(2, "x", 2000)) is not None
+    assert await watch.shows(event(3, "x", 2000)) is not None
+
+
+async def test_a_read_for_another_name_does_not_hide_the_teams_own_deletion():
+    """The owners were read again (for a new name of another team) after the team deleted ``x``,
+    before the stream reached the deletion: the deletion must still be sent."""
+    owners = Owners()
+    auto = Identity(Role.TEAM, "ci", "automotive")
+    watch = TeamWatch(Authz(owners), auto)  # type: ignore[arg-type]
+    owners.of["x"] = auto.owner
+    assert await watch.shows(event(1, "x", 1000)) is not None
+    del owners.of["x"]  # deleted: its owner forgotten
+    owners.of["z"] = "team/smart-home"
+    assert await watch.shows(event(2, "z", 3000)) is None  # a read
+    deleted = await watch.shows(event(3, "x", 0, kind=DELETED))
+    assert deleted is not None and deleted.type == DELETED
