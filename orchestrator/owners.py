@@ -33,6 +33,10 @@ class StoreOwners:
         names: set[str] = await self._db(self._store.owned_by, kind, owner)
         return names
 
+    async def owned_deployments(self, owner: str) -> dict[str, int]:
+        created: dict[str, int] = await self._db(self._store.owned_deployments, owner)
+        return created
+
     async def claim(self, kind: str, name: str, owner: str) -> str:
         held: str = await self._db(self._store.claim_owner, kind, name, owner)
         return held

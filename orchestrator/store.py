@@ -196,6 +196,7 @@ class Store(Protocol):
     def get_deployment(self, name: str) -> DeploymentRecord: ...
     def list_deployments(self) -> list[DeploymentRecord]: ...
     def owned_replicas(self, owner: str) -> dict[str, int]: ...
+    def owned_deployments(self, owner: str) -> dict[str, int]: ...
     def pipeline_stages(self, pipeline: str) -> set[str]: ...
     def delete_deployment(self, name: str, now_ms: int) -> list[ReplicaRecord]: ...
     def list_replicas(self, deployment: str | None = None) -> list[ReplicaRecord]: ...
@@ -952,6 +953,17 @@ class SqlStore:
             for d in map(_deployment, rows)
             if d.manifest.spec.multi_exit is not None and d.manifest.spec.multi_exit.pipeline == pipeline
         }
+
+    def owned_deployments(self, owner: str) -> dict[str, int]:
+        """The deployments ``owner`` holds, each with its creation time (one query)."""
+        d, o = t.deployments.c, t.owners.c
+        query = (
+            sa.select(d.name, d.created_ms)
+            .join_from(t.deployments, t.owners, sa.and_(o.kind == "deployment", o.name == d.name))
+            .where(o.owner == owner)
+        )
+        with self._read() as conn:
+            return {name: int(created) for name, created in conn.execute(query).all()}
 
     def owned_replicas(self, owner: str) -> dict[str, int]:
         """The deployments ``owner`` holds and the replicas each asks for (a quota's reading: one

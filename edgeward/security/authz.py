@@ -71,6 +71,11 @@ class Owners(Protocol):
 
     async def owned(self, kind: str, owner: str) -> set[str]: ...
 
+    async def owned_deployments(self, owner: str) -> dict[str, int]:
+        """The deployments ``owner`` holds now, each with its creation time (unix ms): which one of
+        the deployments a name has had is the owner's."""
+        ...
+
     async def claim(self, kind: str, name: str, owner: str) -> str:
         """Record ``owner`` for a name nobody holds yet (one claim wins, across replicas); returns the
         owner the name has now."""
@@ -418,45 +423,40 @@ async def _filter_response(method: str, identity: Identity, authz: Authorizer, r
 
 class TeamWatch:
     """Which events of a DeploymentService/Watch stream a team sees: its own deployments', and for a
-    name the stream showed as the team's that another team holds now, a DELETED in its place.
+    name the stream showed as the team's, a DELETED once the deployment under it is not the team's.
 
-    An event carries the deployment as it is when the event is built, not as it was at the event's
-    revision: a stream that fell behind while its team's ``x`` was deleted and another team created
-    ``x`` hears both changes as MODIFIED, with the other team's ``x`` in them (and the other way
-    round). So the owners are read (once per stream, then) for an event newer than the last read
-    whose name is not classified yet, and for an event whose deployment was created at another time
-    than the one this stream classified under that name. What the stream showed is kept apart from
-    the owners read: a read after the team deleted a name must not hide that deletion. Left: a name
-    that changed hands twice (back to the team) within the stream's lag may show the other team's
-    deployment of the moment in between."""
+    An event carries the deployment as it was when the event was built, which may be long before
+    the stream sends it, and a name may have changed hands since (deleted by one team, created by
+    another). So an event is the team's when its deployment, name and creation time, is one the team
+    holds (``Owners.owned_deployments``), read again whenever an event names a deployment the stream
+    has not classified. What the stream showed is kept apart from what it read: a name shown and no
+    longer the team's gets a DELETED (even when the stream's own DELETED was built as a MODIFIED of
+    the next owner's deployment); a deployment shown for the first time is sent as ADDED."""
 
     def __init__(self, authz: Authorizer, identity: Identity) -> None:
         self._authz = authz
         self._identity = identity
-        self._owned: set[str] = set()  # the team's names at the last read
-        self._shown: dict[str, int] = {}  # name -> creation time of what this stream showed as the team's
-        self._theirs: dict[str, int] = {}  # name -> creation time of what it saw as another's
-        self._read_at = -1  # the revision the owners were last read at (-1: never)
+        self._owned: dict[str, int] = {}  # the team's deployments at the last read: name -> created
+        self._shown: dict[str, int] = {}  # what this stream showed as the team's: name -> created
+        self._theirs: dict[str, int] = {}  # deployments it found another's: name -> created
 
     async def shows(self, event: Any) -> Any | None:
-        """The event to send (``event``, or a DELETED in its place), or None."""
+        """The event to send (``event``, a DELETED or an ADDED in its place), or None."""
         name = event.deployment.name
-        if event.type == api_pb2.WATCH_EVENT_TYPE_DELETED:  # the name may change hands from now on
+        if event.type == api_pb2.WATCH_EVENT_TYPE_DELETED:
             self._theirs.pop(name, None)
             return event if self._shown.pop(name, None) is not None else None
         created = event.deployment.created_unix_ms
-        shown, theirs = self._shown.get(name), self._theirs.get(name)
-        if (
-            (shown is None and theirs is None and event.revision > self._read_at)
-            or (shown is not None and shown != created)
-            or (theirs is not None and theirs != created)
-        ):
-            self._owned = await self._authz.owners.owned(DEPLOYMENT, self._identity.owner)
-            self._read_at = max(self._read_at, event.revision)
-        if name in self._owned:
+        if created not in (self._owned.get(name), self._theirs.get(name)):  # not classified yet
+            self._owned = await self._authz.owners.owned_deployments(self._identity.owner)
+        if self._owned.get(name) == created:
             self._theirs.pop(name, None)
-            self._shown[name] = created
-            return event
+            if self._shown.get(name) == created:
+                return event
+            self._shown[name] = created  # new to this stream as the team's: ADDED
+            return api_pb2.DeploymentEvent(
+                type=api_pb2.WATCH_EVENT_TYPE_ADDED, deployment=event.deployment, revision=event.revision
+            )
         self._theirs[name] = created
         if self._shown.pop(name, None) is not None:  # shown as the team's: it is gone for the team
             return api_pb2.DeploymentEvent(

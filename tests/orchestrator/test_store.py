@@ -179,3 +179,17 @@ def test_the_stages_of_a_pipeline_are_found_by_the_name_in_their_manifests(store
     assert store.pipeline_stages("sign") == {"a1", "a2"}  # b1's model is named sign: not a stage of it
     assert store.pipeline_stages("other") == {"b1"}
     assert store.pipeline_stages("nope") == set()
+
+
+def test_what_an_owner_holds_is_read_with_one_join(store):
+    for name, replicas in (("d1", 2), ("d2", 5)):
+        store.put_deployment(
+            parse_manifest(MANIFEST.replace("d1", name).replace("REPLICAS", str(replicas))), 7
+        )
+    store.claim_owner("deployment", "d1", "team/a")
+    store.claim_owner("deployment", "d2", "team/b")
+    store.claim_owner("deployment", "gone", "team/a")  # a claim without its deployment
+    store.claim_owner("model", "d2", "team/a")  # a model of the same name
+    assert store.owned_replicas("team/a") == {"d1": 2}
+    assert store.owned_deployments("team/a") == {"d1": store.get_deployment("d1").created_ms}
+    assert store.owned_deployments("team/c") == {}
