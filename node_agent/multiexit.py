@@ -365,7 +365,14 @@ class MultiExitHost:
             if wanted.name not in (EXIT_PROBS, EXIT):
                 raise InvalidRequest(f"output {wanted.name!r}", f"outputs are {[EXIT_PROBS, EXIT]}")
         value = next(iter(arrays.values()))
-        quant = self._handoff_quant(request)
+        # A hand-off's quantisation parameters come from nodes only (requantising a client's tensor
+        # cost tens of ms of the event loop a request). A node hands a request on with its client's
+        # source; one this pipeline is not wired to (any node certificate of the fleet) is counted,
+        # and rate-limited, as itself: it could have had another client's traffic counted and limited.
+        node = who is not None and who.role is Role.NODE
+        quant = self._handoff_quant(request) if who is None or node else None
+        if first == 1 and node and who is not None and who.name not in {s.node_id for s in pipeline.stages}:
+            source = _identity_source(who)
         key = (pipeline.name, source)
         mitigation = self._mitigations.get(key) if first == 1 else None
         if first == 1:

@@ -345,3 +345,22 @@ async def test_a_team_calls_a_multi_exit_model_by_its_name_not_stage_by_stage(
     assert await call(operator) == (grpc.StatusCode.OK, "")
     assert await call(tls_of(fleet_ca, node2)) == (grpc.StatusCode.OK, "")
     assert (await infer(endpoint1, team)).parameters["exit"].int64_param in (2, 3)  # by its name: served
+
+
+async def test_a_node_the_pipeline_is_not_wired_to_is_counted_as_itself(
+    fleet_ca: FleetCA, stages: Stages, servers: list
+):
+    """Any node certificate could enter at stage 1 under a client's source name and have that
+    client's traffic counted (and rate-limited); the nodes the pipeline is wired to still hand
+    requests on under their client's source."""
+    node1, node2, node9 = (fleet_ca.issue(parse_subject("node", n)) for n in ("node-1", "node-2", "node-9"))
+    _, endpoint2 = await start_node(stages, servers, "node-2", tls_of(fleet_ca, node2), pipeline("", ""))
+    host1, endpoint1 = await start_node(
+        stages, servers, "node-1", tls_of(fleet_ca, node1), pipeline(endpoint2, "node-2")
+    )
+    request = sign_request()
+    request.parameters["source"].string_param = "team:smart-home:alice"
+    for tls in (tls_of(fleet_ca, node9), tls_of(fleet_ca, node2)):
+        async with grpc_aio_channel(endpoint1, tls, server_name="node-1") as channel:
+            await pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=10)
+    assert sorted(s.source for s in host1.exit_stats()) == ["node-9", "team:smart-home:alice"]
