@@ -191,6 +191,14 @@ class SlowdownConfig(BaseModel):
     min_requests: Annotated[int, Field(ge=1, le=100_000)] = Field(
         5, description="Telemetry windows with fewer requests of a stream are not tested."
     )
+    baselines: dict[
+        Annotated[str, Field(min_length=1, max_length=253)], Annotated[float, Field(gt=0, lt=1)]
+    ] = Field(
+        default_factory=dict,
+        description="Clean early-exit rates the operator pins, per multi-exit model (its model card's, "
+        "e.g. {sign: 0.7}): the detector is armed with it at once instead of learning it from the "
+        "first learn_requests requests, which whoever sends them sets (docs/security.md).",
+    )
     mitigation: MitigationConfig = Field(default_factory=MitigationConfig)
 
 

@@ -239,11 +239,18 @@ class SlowdownGuard:
             self._learning.pop(model, None)
 
     def _learn(self, model: str, early: np.ndarray, total: np.ndarray) -> None:
+        cfg = self.config
+        pinned = cfg.baselines.get(model)
+        if pinned is not None:  # the operator's figure: nothing to learn, nobody to teach it
+            self.detectors[model] = SlowdownDetector(
+                baseline=pinned, collapse=cfg.collapse, threshold=cfg.threshold, min_requests=cfg.min_requests
+            )
+            log.info("slowdown detector on %s armed: clean early-exit rate %.3f (pinned)", model, pinned)
+            return
         seen = self._learning.setdefault(model, np.zeros(2, np.int64))
         seen += (int(early.sum()), int(total.sum()))
-        if seen[1] < self.config.learn_requests:
+        if seen[1] < cfg.learn_requests:
             return
-        cfg = self.config
         self.detectors[model] = SlowdownDetector.learn(
             [int(seen[0])],
             [int(seen[1])],

@@ -249,3 +249,25 @@ def test_only_nodes_serving_a_model_teach_its_clean_baseline():
     assert guard.detectors["sign"].baseline == pytest.approx(0.6)
     counters.add("honest", [exit_stats("sign", "cam-1", [1800, 1200])])  # clean traffic: no alert
     assert not [n for n in observe().notices if n.kind == "alert.slowdown"]
+
+
+def test_a_pinned_baseline_is_not_learned_from_whoever_sends_the_first_requests():
+    """The first requests after a start set a learned baseline, whoever sends them (all early exits:
+    honest traffic then alarms). A baseline the operator pins is used at once."""
+    guard = SlowdownGuard(SlowdownConfig(learn_requests=100, min_requests=10, baselines={"sign": 0.6}))
+    counters = ExitCounters()
+
+    def observe():
+        return guard.observe(counters.windows(), lambda node, model: True)
+
+    counters.add("n1", [exit_stats("sign", "poisoner", [1000, 0])])  # all early: would teach 0.999
+    observe()
+    assert guard.detectors["sign"].baseline == pytest.approx(0.6)
+    for k in range(1, 6):  # honest traffic at the model card's rate: no alert
+        counters.add("n1", [exit_stats("sign", "cam-1", [60 * k, 40 * k])])
+        assert not [n for n in observe().notices if n.kind == "alert.slowdown"]
+    alerts = 0
+    for k in range(1, 11):  # a slowdown attack: no early exits at all
+        counters.add("n1", [exit_stats("sign", "attacked", [0, 100 * k])])
+        alerts += len([n for n in observe().notices if n.kind == "alert.slowdown"])
+    assert alerts == 1
