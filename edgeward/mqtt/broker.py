@@ -182,6 +182,14 @@ class _Broker(Broker):
         except (AMQTTError, NoDataError) as err:
             raise AMQTTError(err) from err
         requested, session.client_id = session.client_id, _bound_client_id()
+        try:
+            self._admitted(session)
+        except (SecurityError, ValueError):
+            # Refused (revoked, a will on a topic it may not publish): _authenticate says so. Until
+            # then it must not touch the session of its client id: amqtt takes a live session over
+            # (closing its connection, which publishes the will now on it) before it authenticates,
+            # and a refused connection put a will of its own on another's session that way.
+            session.client_id = f"{UNAUTHENTICATED}{gen_client_id()}"
         if requested != session.client_id:
             log.debug(
                 "MQTT client id %r of %s:%s is %r", requested, remote_address, remote_port, session.client_id
@@ -210,29 +218,55 @@ class _Broker(Broker):
             session.keep_alive += delay
         return handler, session
 
+    async def _handle_client_session(
+        self,
+        reader: Any,
+        writer: Any,
+        client_session: Session,
+        handler: Any,
+        server: Any,
+        listener_name: str,
+    ) -> None:
+        """amqtt's (0.12.1, pinned), then a refused connection's throwaway session is forgotten:
+        amqtt keeps every session it refused, one more for each refused CONNECT."""
+        try:
+            await super()._handle_client_session(
+                reader, writer, client_session, handler, server, listener_name
+            )
+        finally:
+            client_id = client_session.client_id or ""
+            if self.tls is not None and client_id.startswith(UNAUTHENTICATED):
+                self._sessions.pop(client_id, None)
+
     async def _authenticate(self, session: Session, listener: ListenerConfig) -> bool:
         if self.tls is None:
             return bool(await super()._authenticate(session, listener))
         session.edgeward_identity = None  # never the identity of an earlier connection of this session
-        der = _PEER_CERT.get()
         try:
-            if der is None:
-                raise SecurityError("security.authn.no_certificate", "no client certificate")
-            identity = Identity.from_certificate(x509.load_der_x509_certificate(der))
-            if self.revocations is not None and self.revocations.is_revoked(identity.serial):
-                raise SecurityError("security.authn.revoked", f"certificate {identity.serial:x} is revoked")
-            if (
-                self.acl is not None
-                and session.will_flag
-                and not self.acl.may_publish(identity, session.will_topic)
-            ):
-                raise SecurityError("security.acl.will", f"will topic {session.will_topic!r} not allowed")
+            identity = self._admitted(session)
         except (SecurityError, ValueError) as err:
             self.refused_connects += 1
             log.warning("refused MQTT client %r: %s", session.client_id, err)
             return False
         session.edgeward_identity = identity
         return True
+
+    def _admitted(self, session: Session) -> Identity:
+        """The identity of the connection whose task is running, when its certificate is usable and
+        not revoked and its will (if any) on a topic it may publish; else SecurityError/ValueError."""
+        der = _PEER_CERT.get()
+        if der is None:
+            raise SecurityError("security.authn.no_certificate", "no client certificate")
+        identity = Identity.from_certificate(x509.load_der_x509_certificate(der))
+        if self.revocations is not None and self.revocations.is_revoked(identity.serial):
+            raise SecurityError("security.authn.revoked", f"certificate {identity.serial:x} is revoked")
+        if (
+            self.acl is not None
+            and session.will_flag
+            and not self.acl.may_publish(identity, session.will_topic)
+        ):
+            raise SecurityError("security.acl.will", f"will topic {session.will_topic!r} not allowed")
+        return identity
 
     async def _topic_filtering(self, session: Session, topic: str, action: Action) -> bool:
         if self.acl is None:
@@ -290,6 +324,9 @@ class _Broker(Broker):
             await super()._publish_retained_messages_for_subscription(subscription, session)
 
 
+UNAUTHENTICATED = "unauthenticated-"  # the client ids of connections that are refused
+
+
 def _bound_client_id() -> str:
     """The client id of the connection whose task is running: its certificate's CN."""
     der = _PEER_CERT.get()
@@ -298,7 +335,7 @@ def _bound_client_id() -> str:
             raise SecurityError("security.authn.no_certificate", "no client certificate")
         return Identity.from_certificate(x509.load_der_x509_certificate(der)).common_name
     except (SecurityError, ValueError):
-        return f"unauthenticated-{gen_client_id()}"
+        return f"{UNAUTHENTICATED}{gen_client_id()}"
 
 
 class EmbeddedBroker:

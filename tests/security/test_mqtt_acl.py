@@ -135,7 +135,7 @@ def _utf8(text: str) -> bytes:
 
 
 async def connect_and_vanish(
-    broker: SecureBroker, files: IssuedFiles, client_id: str, will_topic: str
+    broker: SecureBroker, files: IssuedFiles, client_id: str, will_topic: str, clean: bool = True
 ) -> int:
     """CONNECT with a retained QoS 1 will, then drop the TCP connection without DISCONNECT (as a
     crashed device would); the CONNACK return code."""
@@ -143,7 +143,7 @@ async def connect_and_vanish(
     context.load_cert_chain(str(files.cert_file), str(files.key_file))
     reader, writer = await asyncio.open_connection(LOOPBACK, broker.port, ssl=context)
     try:
-        flags = 0x02 | 0x04 | 0x08 | 0x20  # clean session, will, will QoS 1, will retain
+        flags = (0x02 if clean else 0) | 0x04 | 0x08 | 0x20  # clean session, will, will QoS 1, will retain
         body = _utf8("MQTT") + bytes([4, flags]) + (30).to_bytes(2, "big")
         body += _utf8(client_id) + _utf8(will_topic) + _utf8("OFFLINE")
         writer.write(bytes([0x10, len(body)]) + body)
@@ -210,3 +210,29 @@ async def test_a_connection_cannot_take_over_another_identitys_session(
         got = await collect_until(node2, f"{nodes}/node-2/cmd")
         assert [m.payload for m in got] == [b"for node-2"]
         assert node2.connected and node2.stats.reconnects == 0, "node-2's connection was taken over"
+
+
+async def test_a_refused_connect_leaves_the_live_session_of_its_identity_alone(
+    secure_broker: SecureBroker, topic_prefix: str
+):
+    """A CONNECT (persistent session) with the certificate of a live connection and a will on a node's
+    command topic is refused by the embedded broker; it used to take the live session over first,
+    closing its connection and leaving its own will on it, so the will went out: a forged command
+    from a team certificate (the same with a revoked certificate of the live identity). Mosquitto
+    accepts such a CONNECT from the same identity (a take-over is MQTT's) and drops the will."""
+    nodes = f"{topic_prefix}/nodes"
+    async with (
+        session(secure_broker, "orchestrator:main") as orch,
+        session(secure_broker, "node-2") as node2,
+        session(secure_broker, "team:smart-home:ci") as team,
+    ):
+        await node2.subscribe(f"{nodes}/node-2/cmd", qos=1)
+        files = secure_broker.ca.files("team:smart-home:ci")
+        code = await connect_and_vanish(secure_broker, files, "x", f"{nodes}/node-2/cmd", clean=False)
+        await asyncio.sleep(0.5)  # what the vanished connection would bring about, on its way
+        await orch.publish(f"{nodes}/node-2/cmd", b"sentinel", qos=1)
+        got = await collect_until(node2, f"{nodes}/node-2/cmd")
+        assert [m.payload for m in got] == [b"sentinel"]
+        if secure_broker.kind == "embedded":
+            assert code == 5
+            assert team.connected and team.stats.reconnects == 0, "the refused CONNECT took the session over"
