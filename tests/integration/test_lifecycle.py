@@ -300,26 +300,10 @@ def _aad(model: api_pb2.Model) -> bytes:
 
 async def test_a_silent_node_is_quarantined_after_the_wipe_deadline(fleet, mqtt_url, topic_prefix, tmp_path):
     orch, agents, api = await fleet(nodes=1, max_replicas=1)
-    silent = NodeAgent(
-        AgentConfig(
-            node_id="n9",
-            heartbeat_s=0.5,
-            max_replicas=1,
-            broker={"url": str(mqtt_url), "topic_prefix": topic_prefix},
-            state_dir=tmp_path / "silent",
-            enrollment_token=TokenStore.in_state_dir(orch.config.state_dir).mint("n9").token,
-        )
-    )
+    silent = _second_node(orch, mqtt_url, topic_prefix, tmp_path / "silent")
     await silent.__aenter__()
     try:
-        await eventually(lambda: _tier(orch, "n9"), what="n9 attested")
-        await api.push()
-        await api.apply(manifest(replicas=2))
-
-        async def both() -> bool:
-            return sorted(await _running(api)) == ["n1", "n9"]
-
-        await eventually(both, what="one replica on each node")
+        await _one_replica_on_each_node(orch, api)
     finally:
         await silent.__aexit__(None, None, None)  # the agent stops: it will never confirm
 
@@ -348,16 +332,7 @@ async def test_a_node_that_ignores_a_wipe_is_trusted_with_nothing_while_it_attes
     quarantined at the deadline, it is trusted with no replica (the scheduler reads tier "none" and
     the reason) and gets no model key, whatever its attestation says."""
     orch, agents, api = await fleet(nodes=1, max_replicas=1)
-    hostile = NodeAgent(
-        AgentConfig(
-            node_id="n9",
-            heartbeat_s=0.5,
-            max_replicas=1,
-            broker={"url": str(mqtt_url), "topic_prefix": topic_prefix},
-            state_dir=tmp_path / "hostile",
-            enrollment_token=TokenStore.in_state_dir(orch.config.state_dir).mint("n9").token,
-        )
-    )
+    hostile = _second_node(orch, mqtt_url, topic_prefix, tmp_path / "hostile")
 
     async def ignore(wipe: node_pb2.Wipe) -> asyncio.Future[None]:
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -367,14 +342,7 @@ async def test_a_node_that_ignores_a_wipe_is_trusted_with_nothing_while_it_attes
     hostile._wipe = ignore  # type: ignore[method-assign]
     await hostile.__aenter__()
     try:
-        await eventually(lambda: _tier(orch, "n9"), what="n9 attested")
-        await api.push()
-        await api.apply(manifest(replicas=2))
-
-        async def both() -> bool:
-            return sorted(await _running(api)) == ["n1", "n9"]
-
-        await eventually(both, what="one replica on each node")
+        await _one_replica_on_each_node(orch, api)
         await api.models.Wipe(api_pb2.WipeRequest(name="vib-cnn", version="1.0.0", deadline_s=1))
 
         async def quarantined() -> bool:
@@ -390,6 +358,32 @@ async def test_a_node_that_ignores_a_wipe_is_trusted_with_nothing_while_it_attes
         assert refused.value.reason == "attestation.key.quarantined"
     finally:
         await hostile.__aexit__(None, None, None)
+
+
+def _second_node(orch, mqtt_url, topic_prefix: str, state_dir) -> NodeAgent:
+    """Node n9 beside the fleet's n1, enrolled with a token of the orchestrator's (not started)."""
+    return NodeAgent(
+        AgentConfig(
+            node_id="n9",
+            heartbeat_s=0.5,
+            max_replicas=1,
+            broker={"url": str(mqtt_url), "topic_prefix": topic_prefix},
+            state_dir=state_dir,
+            enrollment_token=TokenStore.in_state_dir(orch.config.state_dir).mint("n9").token,
+        )
+    )
+
+
+async def _one_replica_on_each_node(orch, api) -> None:
+    """n9 attested, vib-cnn pushed and a deployment of 2 replicas running, one on n1 and one on n9."""
+    await eventually(lambda: _tier(orch, "n9"), what="n9 attested")
+    await api.push()
+    await api.apply(manifest(replicas=2))
+
+    async def both() -> bool:
+        return sorted(await _running(api)) == ["n1", "n9"]
+
+    await eventually(both, what="one replica on each node")
 
 
 async def _tier(orch, node_id: str) -> bool:
